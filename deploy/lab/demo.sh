@@ -1,0 +1,558 @@
+#!/usr/bin/env bash
+# The Weft local lab: two GPU workers, each behind its own home router's NAT, join an engineer's mesh;
+# the engineer then SSHes into both over the overlay and runs iperf3 across it.
+#
+#   sudo deploy/lab/demo.sh            # build, run the demo, tear everything down
+#   sudo deploy/lab/demo.sh --keep     # ... and keep the lab up until Ctrl-C, to poke at it
+#
+# Options:  --keep        keep the lab running until Ctrl-C (prints how to get in)
+#           --no-build    use the binaries already in target/release
+# Env:      WEFT_DEMO_WG=wireguard-go   run Debian's wireguard-go + wg instead of our `mesh` (a reference
+#                                       to compare against); the default is `mesh`
+#           WEFT_SKIP_APT=1             skip apt-get (the packages are already installed)
+#           RUST_LOG                    mesh's log level (default info); logs go to the lab's temp dir
+#
+# Topology (every process and address lives in a namespace this script creates; names start with
+# wft-demo-; the root namespace is never touched):
+#
+#                      wft-demo-inet: bridge "internet" 203.0.113.1/24
+#          ┌──────────────────────────────┼─────────────────────────────────┐
+#   wft-demo-eng                  wft-demo-home1 (NAT)               wft-demo-home2 (NAT)
+#   engineer 203.0.113.10         wan 203.0.113.21                   wan 203.0.113.22
+#   overlay 100.64.0.1            lan 192.0.2.1/27                   lan 192.0.2.33/27
+#                                        │                                  │
+#                                 wft-demo-gpu1                      wft-demo-gpu2
+#                                 192.0.2.2, overlay 100.64.0.11     192.0.2.34, overlay 100.64.0.12
+#                                 sshd on the overlay                sshd on the overlay
+#
+# The home routers masquerade (endpoint-independent "easy" NAT) and drop unsolicited inbound packets,
+# as real home routers do; nothing on the internet can reach a worker unless the worker dials out. The
+# workers' configs name the engineer as a peer with an Endpoint and PersistentKeepalive = 25, so they
+# dial out, the engineer learns their NATed address from the handshake, and the tunnel stays open.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+keep=0
+build=1
+for arg in "$@"; do
+    case $arg in
+        --keep) keep=1 ;;
+        --no-build) build=0 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *) die "unknown argument '$arg' (try --help)" ;;
+    esac
+done
+
+wg_impl=${WEFT_DEMO_WG:-mesh}
+case $wg_impl in
+    mesh | wireguard-go) ;;
+    *) die "WEFT_DEMO_WG must be 'mesh' or 'wireguard-go', not '$wg_impl'" ;;
+esac
+mesh_bin="$repo/target/release/mesh"
+
+# ---------------------------------------------------------------------------------------------------
+# The lab's names and addresses.
+P=wft-demo-
+NS_INET=${P}inet
+NS_ENG=${P}eng
+NS_R1=${P}home1
+NS_W1=${P}gpu1
+NS_R2=${P}home2
+NS_W2=${P}gpu2
+
+ULA=fd57:6566:7400 # a ULA /48 for the overlay ("Weft" in hex)
+ENG_PUB=203.0.113.10
+ENG_IP4=100.64.0.1
+ENG_IP6=$ULA::1
+W1_IP4=100.64.0.11
+W1_IP6=$ULA::11
+W2_IP4=100.64.0.12
+W2_IP6=$ULA::12
+WG_PORT=51820
+
+# Interface names double as UAPI socket names in the shared /var/run/wireguard, so they are unique to
+# this demo (two namespaces with one name would collide there).
+IF_ENG=wftd-eng
+IF_W1=wftd-gpu1
+IF_W2=wftd-gpu2
+
+lab=""                 # temp dir: keys, configs, sshd files, logs
+declare -a pids=()     # every process this script started, in start order
+declare -A pid_label=()
+declare -A pid_log=()
+declare -A pid_ns=()   # mesh pids: namespace and interface, to check `mesh up` cleaned up after itself
+declare -A pid_if=()
+declare -a teardown_warnings=()
+last_pid=""
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers.
+
+# `in_ns NS cmd...`: run a command inside a lab namespace.
+in_ns() {
+    local ns=$1
+    shift
+    ip netns exec "$ns" "$@"
+}
+
+# `show LABEL NS cmd...`: print a command as the person at that machine would type it, then run it there.
+show() {
+    local label=$1 ns=$2
+    shift 2
+    local arg line=""
+    for arg in "$@"; do
+        if [[ $arg =~ ^[][A-Za-z0-9@%+=:,./_-]+$ ]]; then
+            line+=" $arg"
+        else
+            line+=" '${arg//\'/\'\\\'\'}'"
+        fi
+    done
+    printf '\n\033[36m[%s]$%s\033[0m\n' "$label" "$line"
+    in_ns "$ns" "$@"
+}
+
+# `start LABEL NS cmd...`: start a long-running command in a namespace; its output goes to LABEL.log.
+# `ip netns exec` execs the command, so $! is the daemon's own pid.
+start() {
+    local label=$1 ns=$2
+    shift 2
+    local log="$lab/$label.log"
+    ip netns exec "$ns" "$@" >"$log" 2>&1 &
+    local pid=$!
+    pids+=("$pid")
+    pid_label[$pid]=$label
+    pid_log[$pid]=$log
+    note "started $label (pid $pid) in $ns; log: $log"
+    last_pid=$pid
+}
+
+# `wait_for WHAT SECONDS PID cmd...`: poll cmd until it succeeds; fail if PID died or time ran out.
+wait_for() {
+    local what=$1 secs=$2 pid=$3
+    shift 3
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 20 "${pid_log[$pid]}" >&2 || true
+            die "${pid_label[$pid]} exited while waiting for $what"
+        fi
+        ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what"
+        sleep 0.2
+    done
+}
+
+# Stop one started process: SIGTERM, up to 10 s, then SIGKILL. Prints the exit status.
+stop_pid() {
+    local pid=$1 label=${pid_label[$1]}
+    local rc
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            note "$label (pid $pid) ignored SIGTERM for 10 s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    rc=0
+    wait "$pid" 2>/dev/null || rc=$?
+    note "$label (pid $pid) exited with status $rc"
+    if [[ $label == mesh-* && $rc -ne 0 ]]; then
+        teardown_warnings+=("$label exited with status $rc after SIGTERM (expected 0)")
+    fi
+}
+
+teardown() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    banner "teardown"
+    if [[ $rc -ne 0 && -n $lab ]]; then
+        local log
+        for log in "$lab"/*.log; do
+            [[ -s $log ]] || continue
+            printf '\n--- last lines of %s ---\n' "$log"
+            tail -n 15 "$log"
+        done
+    fi
+    local i pid
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        pid=${pids[$i]}
+        stop_pid "$pid"
+        # `mesh up` must remove its interface on SIGTERM: check before the namespace goes away.
+        if [[ ${pid_label[$pid]} == mesh-* ]]; then
+            local ns=${pid_ns[$pid]} ifname=${pid_if[$pid]}
+            if ip -n "$ns" link show "$ifname" >/dev/null 2>&1; then
+                teardown_warnings+=("${pid_label[$pid]} left interface $ifname behind in $ns")
+            fi
+        fi
+    done
+    delete_weft_namespaces "$P"
+    local ifname
+    for ifname in "$IF_ENG" "$IF_W1" "$IF_W2"; do
+        rm -f "/var/run/wireguard/$ifname.sock"
+    done
+    [[ -n $lab ]] && rm -rf "$lab"
+    for w in "${teardown_warnings[@]}"; do
+        printf '\033[1;33mwarning:\033[0m %s\n' "$w" >&2
+    done
+    if [[ $rc -eq 0 ]]; then
+        banner "done: lab removed"
+    else
+        banner "demo FAILED (exit $rc); lab removed"
+    fi
+    exit "$rc"
+}
+
+# ---------------------------------------------------------------------------------------------------
+require_root
+
+banner "apt packages"
+apt_install_lab_packages
+
+if [[ $wg_impl == mesh ]]; then
+    if [[ $build == 1 ]]; then
+        banner "cargo build --locked --release --bins"
+        find_cargo
+        cargo build --locked --release --bins
+    fi
+    [[ -x $mesh_bin ]] || die "$mesh_bin not found: build it (cargo build --release --bins)"
+else
+    note "WEFT_DEMO_WG=wireguard-go: using Debian's wireguard-go + wg as the WireGuard peer, not mesh"
+fi
+
+banner "remove a previous demo's leftovers (${P}* namespaces)"
+delete_weft_namespaces "$P"
+for ifname in "$IF_ENG" "$IF_W1" "$IF_W2"; do
+    rm -f "/var/run/wireguard/$ifname.sock"
+done
+
+lab=$(mktemp -d /tmp/wft-demo.XXXXXX)
+chmod 700 "$lab"
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------------
+banner "network: an internet, an engineer, two home routers with NAT, two GPU workers behind them"
+
+for ns in "$NS_INET" "$NS_ENG" "$NS_R1" "$NS_W1" "$NS_R2" "$NS_W2"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+done
+
+# The internet: a bridge in its own namespace; every public host plugs a veth into it. Each veth pair
+# is created directly inside the two namespaces that own it.
+ip -n "$NS_INET" link add internet type bridge
+ip -n "$NS_INET" addr add 203.0.113.1/24 dev internet
+ip -n "$NS_INET" link set internet up
+plug_into_internet() { # NS PORT-NAME ADDRESS
+    local ns=$1 port=$2 addr=$3
+    ip link add wan netns "$ns" type veth peer name "$port" netns "$NS_INET"
+    ip -n "$NS_INET" link set "$port" master internet up
+    ip -n "$ns" addr add "$addr/24" dev wan
+    ip -n "$ns" link set wan up
+    ip -n "$ns" route add default via 203.0.113.1
+}
+plug_into_internet "$NS_ENG" eng "$ENG_PUB"
+note "engineer       $NS_ENG   wan $ENG_PUB (a public address)"
+
+# A home router: WAN on the internet, a /27 LAN slice of 192.0.2.0/24 behind it, masquerade NAT and the
+# usual home-router firewall (drop unsolicited inbound; see LAB.md for why that matters).
+home_router() { # ROUTER-NS WORKER-NS PORT-NAME WAN-ADDR LAN-GW LAN-HOST
+    local r=$1 w=$2 port=$3 wan=$4 gw=$5 host=$6
+    plug_into_internet "$r" "$port" "$wan"
+    ip link add lan netns "$r" type veth peer name lan netns "$w"
+    ip -n "$r" addr add "$gw/27" dev lan
+    ip -n "$r" link set lan up
+    ip -n "$w" addr add "$host/27" dev lan
+    ip -n "$w" link set lan up
+    ip -n "$w" route add default via "$gw"
+    in_ns "$r" sysctl -qw net.ipv4.ip_forward=1
+    in_ns "$r" nft -f - <<'NFT'
+table ip nat {
+    chain post {
+        type nat hook postrouting priority 100;
+        oifname "wan" masquerade
+    }
+}
+table inet fw {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        iifname "wan" ct state new drop
+    }
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        iifname "wan" ct state new drop
+    }
+}
+NFT
+}
+home_router "$NS_R1" "$NS_W1" home1 203.0.113.21 192.0.2.1 192.0.2.2
+note "home router 1  $NS_R1 wan 203.0.113.21, lan 192.0.2.0/27, NAT + firewall"
+note "gpu worker 1   $NS_W1  lan 192.0.2.2 (private, behind home router 1)"
+home_router "$NS_R2" "$NS_W2" home2 203.0.113.22 192.0.2.33 192.0.2.34
+note "home router 2  $NS_R2 wan 203.0.113.22, lan 192.0.2.32/27, NAT + firewall"
+note "gpu worker 2   $NS_W2  lan 192.0.2.34 (private, behind home router 2)"
+
+show engineer "$NS_ENG" ping -c 1 -W 1 192.0.2.2 ||
+    note "(as expected: a worker's private address is unreachable from the internet)"
+
+# ---------------------------------------------------------------------------------------------------
+banner "keys and wg-quick configs"
+
+if [[ $wg_impl == mesh ]]; then
+    genkey() { "$mesh_bin" genkey; }
+    pubkey() { "$mesh_bin" pubkey; }
+    note "keys from: mesh genkey | mesh pubkey"
+else
+    genkey() { wg genkey; }
+    pubkey() { wg pubkey; }
+    note "keys from: wg genkey | wg pubkey"
+fi
+umask 077
+for who in eng gpu1 gpu2; do
+    genkey >"$lab/$who.key"
+    pubkey <"$lab/$who.key" >"$lab/$who.pub"
+    for f in "$lab/$who.key" "$lab/$who.pub"; do
+        [[ $(<"$f") =~ ^[A-Za-z0-9+/]{43}=$ ]] || die "key generation wrote no base64 key to $f"
+    done
+done
+umask 022
+key() { cat "$lab/$1.key"; }
+pub() { cat "$lab/$1.pub"; }
+
+# The engineer listens on a public address; the workers are behind NAT and dial the engineer. The config
+# file's stem is the interface name (as with wg-quick).
+cat >"$lab/$IF_ENG.conf" <<EOF
+# The engineer's machine: public address $ENG_PUB.
+[Interface]
+PrivateKey = $(key eng)
+Address = $ENG_IP4/10, $ENG_IP6/48
+ListenPort = $WG_PORT
+MTU = 1420
+
+# gpu-worker-1, behind home router 1's NAT. No Endpoint: it dials us, and we answer the address its
+# packets came from (its router's public address and mapped port).
+[Peer]
+PublicKey = $(pub gpu1)
+AllowedIPs = $W1_IP4/32, $W1_IP6/128
+
+# gpu-worker-2, behind home router 2's NAT.
+[Peer]
+PublicKey = $(pub gpu2)
+AllowedIPs = $W2_IP4/32, $W2_IP6/128
+EOF
+
+worker_config() { # WHO IFACE IP4 IP6 LABEL
+    cat >"$lab/$2.conf" <<EOF
+# $5: a GPU worker behind a home router's NAT.
+[Interface]
+PrivateKey = $(key "$1")
+Address = $3/10, $4/48
+ListenPort = $WG_PORT
+MTU = 1420
+
+# The engineer. PersistentKeepalive keeps the NAT mapping (and so the path back to us) open.
+[Peer]
+PublicKey = $(pub eng)
+Endpoint = $ENG_PUB:$WG_PORT
+AllowedIPs = $ENG_IP4/32, $ENG_IP6/128
+PersistentKeepalive = 25
+EOF
+}
+worker_config gpu1 "$IF_W1" "$W1_IP4" "$W1_IP6" gpu-worker-1
+worker_config gpu2 "$IF_W2" "$W2_IP4" "$W2_IP6" gpu-worker-2
+note "$lab/$IF_ENG.conf:"
+sed 's/^\(PrivateKey = \).*/\1(secret)/; s/^/      /' "$lab/$IF_ENG.conf"
+note "$lab/$IF_W1.conf:"
+sed 's/^\(PrivateKey = \).*/\1(secret)/; s/^/      /' "$lab/$IF_W1.conf"
+
+# ---------------------------------------------------------------------------------------------------
+# Bring one node's WireGuard interface up from its wg-quick config, in its namespace.
+
+# wireguard-go: the daemon only does WireGuard; addresses, MTU and routes are ours to set (what wg-quick
+# would do), and `wg setconf` takes the config without the wg-quick-only fields.
+# Every value of FIELD in a wg-quick config, one per line: `conf_values AllowedIPs FILE`.
+conf_values() {
+    sed -n "s/^[[:space:]]*$1[[:space:]]*=[[:space:]]*//p" "$2" | tr ',' '\n' | tr -d ' '
+}
+
+up_wireguard_go() { # LABEL NS IFACE CONF
+    local label=$1 ns=$2 ifname=$3 conf=$4
+    start "$label" "$ns" env WG_PROCESS_FOREGROUND=1 wireguard-go -f "$ifname"
+    local pid=$last_pid
+    wait_for "$ifname's UAPI socket" 10 "$pid" test -S "/var/run/wireguard/$ifname.sock"
+    wait_for "$ifname to exist" 10 "$pid" ip -n "$ns" link show "$ifname"
+    grep -Ev '^[[:space:]]*(Address|MTU|DNS|Table|PreUp|PostUp|PreDown|PostDown|SaveConfig)[[:space:]]*=' \
+        "$conf" >"$conf.wg"
+    in_ns "$ns" wg setconf "$ifname" "$conf.wg"
+    local value
+    for value in $(conf_values Address "$conf"); do
+        ip -n "$ns" addr add "$value" dev "$ifname"
+    done
+    ip -n "$ns" link set "$ifname" mtu "$(conf_values MTU "$conf" | head -n 1)" up
+    for value in $(conf_values AllowedIPs "$conf"); do
+        ip -n "$ns" route replace "$value" dev "$ifname"
+    done
+}
+
+up_mesh() { # LABEL NS IFACE CONF
+    local label=$1 ns=$2 ifname=$3 conf=$4
+    start "$label" "$ns" env RUST_LOG="${RUST_LOG:-info}" "$mesh_bin" up --wg-config "$conf"
+    local pid=$last_pid
+    pid_ns[$pid]=$ns
+    pid_if[$pid]=$ifname
+    wait_for "$ifname's UAPI socket" 15 "$pid" test -S "/var/run/wireguard/$ifname.sock"
+}
+
+# Wait until a node's interface is up and carries its overlay address.
+wait_overlay_ready() { # NS IFACE IP4
+    local ns=$1 ifname=$2 ip4=$3
+    wait_for "$ifname to carry $ip4" 15 "$last_pid" \
+        sh -c "ip -n '$ns' -4 -o addr show dev '$ifname' | grep -q ' $ip4/'"
+}
+
+banner "WireGuard up in every node ($wg_impl)"
+for node in "eng:$NS_ENG:$IF_ENG:$ENG_IP4" "gpu1:$NS_W1:$IF_W1:$W1_IP4" "gpu2:$NS_W2:$IF_W2:$W2_IP4"; do
+    IFS=: read -r who ns ifname ip4 <<<"$node"
+    if [[ $wg_impl == mesh ]]; then
+        printf '\n\033[36m[%s]$ mesh up --wg-config %s &\033[0m\n' "$who" "$lab/$ifname.conf"
+        up_mesh "mesh-$who" "$ns" "$ifname" "$lab/$ifname.conf"
+    else
+        printf '\n\033[36m[%s]$ wireguard-go -f %s; wg setconf ...; ip addr/route ...\033[0m\n' "$who" "$ifname"
+        up_wireguard_go "wireguard-go-$who" "$ns" "$ifname" "$lab/$ifname.conf"
+    fi
+    wait_overlay_ready "$ns" "$ifname" "$ip4"
+    in_ns "$ns" ip -brief addr show dev "$ifname" | sed 's/^/    /'
+done
+
+# ---------------------------------------------------------------------------------------------------
+banner "the workers dial out through their NATs; wait for both handshakes at the engineer"
+
+# Unix time of the latest handshake with PEER-KEY on the engineer's interface (0: none yet). `wg` speaks
+# the UAPI, so this works against mesh and wireguard-go alike.
+handshake_time() {
+    in_ns "$NS_ENG" wg show "$IF_ENG" latest-handshakes 2>/dev/null |
+        awk -v k="$1" '$1 == k { print $2; found = 1 } END { if (!found) print 0 }'
+}
+deadline=$((SECONDS + 30))
+nudged=0
+nudge_pids=()
+while :; do
+    h1=$(handshake_time "$(pub gpu1)")
+    h2=$(handshake_time "$(pub gpu2)")
+    [[ ${h1:-0} != 0 && ${h2:-0} != 0 ]] && break
+    ((SECONDS < deadline)) || die "no handshake from both workers within 30 s (gpu1: $h1, gpu2: $h2)"
+    if ((nudged == 0 && SECONDS > deadline - 27)); then
+        # A keepalive may only be due 25 s after start. Any packet toward the engineer starts the
+        # handshake at once; a worker's agent would send one on start.
+        note "no handshake yet: each worker pings the engineer once (the first keepalive may be 25 s away)"
+        in_ns "$NS_W1" ping -c 1 -W 2 "$ENG_IP4" >/dev/null 2>&1 &
+        nudge_pids+=($!)
+        in_ns "$NS_W2" ping -c 1 -W 2 "$ENG_IP4" >/dev/null 2>&1 &
+        nudge_pids+=($!)
+        nudged=1
+    fi
+    sleep 0.5
+done
+for pid in "${nudge_pids[@]}"; do wait "$pid" || true; done
+note "handshakes done: gpu1 at $(date -d "@$h1" +%T), gpu2 at $(date -d "@$h2" +%T)"
+show engineer "$NS_ENG" wg show "$IF_ENG" endpoints
+note "(the workers appear at their home routers' public addresses: 203.0.113.21 and .22, i.e. via NAT)"
+
+# ---------------------------------------------------------------------------------------------------
+banner "sshd in each worker, listening on the worker's overlay addresses only"
+
+ssh-keygen -q -t ed25519 -N '' -C engineer@weft-demo -f "$lab/engineer_id"
+# sshd's privilege-separation directory (the openssh-server package normally creates it at boot).
+[[ -d /run/sshd ]] || install -d -m 0755 /run/sshd
+# Without PAM, sshd refuses a locked account ("!" password); with PAM it asks PAM instead.
+use_pam=no
+[[ $(getent shadow root | cut -d: -f2) == '!'* ]] && use_pam=yes
+
+start_sshd() { # LABEL NS HOSTNAME IP4 IP6
+    local label=$1 ns=$2 host=$3 ip4=$4 ip6=$5
+    local d="$lab/sshd-$label"
+    mkdir -m 700 "$d"
+    ssh-keygen -q -t ed25519 -N '' -C "$host" -f "$d/ssh_host_ed25519_key"
+    install -m 600 "$lab/engineer_id.pub" "$d/authorized_keys"
+    cat >"$d/sshd_config" <<EOF
+ListenAddress $ip4:22
+ListenAddress [$ip6]:22
+HostKey $d/ssh_host_ed25519_key
+PidFile $d/sshd.pid
+AuthorizedKeysFile $d/authorized_keys
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM $use_pam
+StrictModes no
+PrintMotd no
+Subsystem sftp internal-sftp
+EOF
+    # Its own UTS namespace, so `hostname` over SSH names the worker, not this machine.
+    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's arguments
+    start "sshd-$label" "$ns" unshare --uts /bin/sh -c 'hostname "$1" && exec /usr/sbin/sshd -D -e -f "$2"' \
+        sh "$host" "$d/sshd_config"
+    wait_for "sshd on $ip4:22" 10 "$last_pid" sh -c "ip netns exec '$ns' ss -Hltn 'sport = :22' | grep -q '$ip4:22'"
+}
+start_sshd gpu1 "$NS_W1" gpu-worker-1 "$W1_IP4" "$W1_IP6"
+start_sshd gpu2 "$NS_W2" gpu-worker-2 "$W2_IP4" "$W2_IP6"
+
+# ---------------------------------------------------------------------------------------------------
+banner "the engineer SSHes into each worker over the mesh, through both NATs"
+
+ssh_opts=(-i "$lab/engineer_id" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+    -o LogLevel=ERROR -o BatchMode=yes -o ConnectTimeout=10)
+show engineer "$NS_ENG" ssh "${ssh_opts[@]}" "root@$W1_IP4" 'hostname; uname -a'
+show engineer "$NS_ENG" ssh "${ssh_opts[@]}" "root@$W2_IP4" 'hostname; uname -a'
+# shellcheck disable=SC2016 # expanded by the worker's shell
+show engineer "$NS_ENG" ssh "${ssh_opts[@]}" "root@$W1_IP6" 'echo "$(hostname) over IPv6: $SSH_CONNECTION"'
+
+# ---------------------------------------------------------------------------------------------------
+banner "the engineer's view of the mesh"
+if [[ $wg_impl == mesh ]]; then
+    show engineer "$NS_ENG" "$mesh_bin" status --interface "$IF_ENG"
+fi
+show engineer "$NS_ENG" wg show "$IF_ENG"
+
+# ---------------------------------------------------------------------------------------------------
+banner "iperf3 over the overlay: engineer -> gpu-worker-1 (3 s; 2 shared cores, so a smoke test, not a benchmark)"
+start iperf3-gpu1 "$NS_W1" iperf3 -s -1 -B "$W1_IP4"
+wait_for "iperf3 server on $W1_IP4:5201" 10 "$last_pid" \
+    sh -c "ip netns exec '$NS_W1' ss -Hltn 'sport = :5201' | grep -q 5201"
+show engineer "$NS_ENG" iperf3 -c "$W1_IP4" -t 3 -f m
+
+# ---------------------------------------------------------------------------------------------------
+if [[ $keep == 1 ]]; then
+    banner "the lab is up; Ctrl-C tears it down"
+    cat <<EOF
+    Get in (another terminal, as root):
+      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@$W1_IP4
+      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@$W2_IP4
+      ip netns exec $NS_ENG wg show $IF_ENG
+EOF
+    if [[ $wg_impl == mesh ]]; then
+        echo "      ip netns exec $NS_ENG $mesh_bin status --interface $IF_ENG"
+    fi
+    echo "    Logs: $lab/*.log"
+    trap 'exit 0' INT TERM # Ctrl-C is how this mode ends
+    while :; do
+        for pid in "${pids[@]}"; do
+            if [[ ${pid_label[$pid]} != iperf3-* ]] && ! kill -0 "$pid" 2>/dev/null; then
+                die "${pid_label[$pid]} (pid $pid) exited on its own"
+            fi
+        done
+        sleep 1
+    done
+fi

@@ -1,0 +1,216 @@
+//! Cryptokey routing table: longest-prefix match from an IP address to a value
+//! (a peer), for IPv4 and IPv6.
+//!
+//! One hash map per prefix length present, probed from the longest length
+//! down: a lookup costs at most as many hash probes as there are distinct
+//! prefix lengths (a handful in practice), with no allocation.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// Longest-prefix-match table over IPv4 and IPv6 networks.
+#[derive(Debug, Clone)]
+pub struct AllowedIps<T> {
+    v4: Family<u32, T>,
+    v6: Family<u128, T>,
+}
+
+#[derive(Debug, Clone)]
+struct Family<K, T> {
+    /// Prefix lengths present, longest first.
+    lengths: Vec<u8>,
+    maps: HashMap<(u8, K), T>,
+}
+
+impl<K, T> Default for Family<K, T> {
+    fn default() -> Self {
+        Family {
+            lengths: Vec::new(),
+            maps: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Default for AllowedIps<T> {
+    fn default() -> Self {
+        AllowedIps {
+            v4: Family::default(),
+            v6: Family::default(),
+        }
+    }
+}
+
+fn mask4(addr: u32, len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        addr & (u32::MAX << (32 - u32::from(len)))
+    }
+}
+
+fn mask6(addr: u128, len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        addr & (u128::MAX << (128 - u32::from(len)))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy, T> Family<K, T> {
+    fn insert(&mut self, key: K, len: u8, value: T) -> Option<T> {
+        if !self.lengths.contains(&len) {
+            self.lengths.push(len);
+            self.lengths.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        self.maps.insert((len, key), value)
+    }
+
+    fn remove(&mut self, key: K, len: u8) -> Option<T> {
+        let old = self.maps.remove(&(len, key));
+        if old.is_some() && !self.maps.keys().any(|(l, _)| *l == len) {
+            self.lengths.retain(|l| *l != len);
+        }
+        old
+    }
+
+    fn lookup(&self, addr: K, mask: impl Fn(K, u8) -> K) -> Option<&T> {
+        self.lengths
+            .iter()
+            .find_map(|&len| self.maps.get(&(len, mask(addr, len))))
+    }
+}
+
+impl<T> AllowedIps<T> {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Inserts `net` (host bits are ignored) and returns the value it replaced.
+    pub fn insert(&mut self, net: IpNet, value: T) -> Option<T> {
+        match net.trunc() {
+            IpNet::V4(n) => self
+                .v4
+                .insert(u32::from(n.network()), n.prefix_len(), value),
+            IpNet::V6(n) => self
+                .v6
+                .insert(u128::from(n.network()), n.prefix_len(), value),
+        }
+    }
+
+    /// Removes exactly `net` and returns its value.
+    pub fn remove(&mut self, net: IpNet) -> Option<T> {
+        match net.trunc() {
+            IpNet::V4(n) => self.v4.remove(u32::from(n.network()), n.prefix_len()),
+            IpNet::V6(n) => self.v6.remove(u128::from(n.network()), n.prefix_len()),
+        }
+    }
+
+    /// The value of the longest prefix containing `addr`.
+    pub fn lookup(&self, addr: IpAddr) -> Option<&T> {
+        match addr {
+            IpAddr::V4(a) => self.v4.lookup(u32::from(a), mask4),
+            IpAddr::V6(a) => self.v6.lookup(u128::from(a), mask6),
+        }
+    }
+
+    /// Removes every entry whose value matches `pred`.
+    pub fn retain(&mut self, mut pred: impl FnMut(&T) -> bool) {
+        self.v4.maps.retain(|_, v| pred(v));
+        self.v6.maps.retain(|_, v| pred(v));
+        let v4: Vec<u8> = self.v4.maps.keys().map(|(l, _)| *l).collect();
+        self.v4.lengths.retain(|l| v4.contains(l));
+        let v6: Vec<u8> = self.v6.maps.keys().map(|(l, _)| *l).collect();
+        self.v6.lengths.retain(|l| v6.contains(l));
+    }
+
+    /// Number of networks in the table.
+    pub fn len(&self) -> usize {
+        self.v4.maps.len() + self.v6.maps.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let mut t = AllowedIps::new();
+        t.insert(net("0.0.0.0/0"), 0);
+        t.insert(net("100.64.0.0/10"), 1);
+        t.insert(net("100.64.0.2/32"), 2);
+        t.insert(net("fd00::/48"), 3);
+        t.insert(net("fd00::2/128"), 4);
+        assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(&2));
+        assert_eq!(t.lookup("100.64.0.3".parse().unwrap()), Some(&1));
+        assert_eq!(t.lookup("8.8.8.8".parse().unwrap()), Some(&0));
+        assert_eq!(t.lookup("fd00::2".parse().unwrap()), Some(&4));
+        assert_eq!(t.lookup("fd00::3".parse().unwrap()), Some(&3));
+        assert_eq!(t.lookup("fd01::3".parse().unwrap()), None);
+        assert_eq!(t.remove(net("100.64.0.2/32")), Some(2));
+        assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(&1));
+        t.retain(|v| *v != 1);
+        assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(&0));
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn host_bits_are_ignored() {
+        let mut t = AllowedIps::new();
+        t.insert(net("10.1.2.3/8"), 7);
+        assert_eq!(t.lookup("10.200.0.1".parse().unwrap()), Some(&7));
+        assert_eq!(t.remove(net("10.0.0.0/8")), Some(7));
+        assert!(t.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn matches_naive_v4(nets in proptest::collection::vec((any::<u32>(), 0u8..=32), 0..20), probes in proptest::collection::vec(any::<u32>(), 1..50)) {
+            let mut t = AllowedIps::new();
+            let mut naive: Vec<(ipnet::Ipv4Net, usize)> = Vec::new();
+            for (i, (a, l)) in nets.iter().enumerate() {
+                let n = ipnet::Ipv4Net::new(Ipv4Addr::from(*a), *l).unwrap().trunc();
+                t.insert(IpNet::V4(n), i);
+                naive.retain(|(m, _)| *m != n);
+                naive.push((n, i));
+            }
+            for p in probes {
+                let addr = Ipv4Addr::from(p);
+                let want = naive.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| *v);
+                prop_assert_eq!(t.lookup(IpAddr::V4(addr)).copied(), want);
+            }
+        }
+
+        #[test]
+        fn matches_naive_v6(nets in proptest::collection::vec((any::<u128>(), 0u8..=128), 0..20), probes in proptest::collection::vec(any::<u128>(), 1..50)) {
+            let mut t = AllowedIps::new();
+            let mut naive: Vec<(ipnet::Ipv6Net, usize)> = Vec::new();
+            for (i, (a, l)) in nets.iter().enumerate() {
+                let n = ipnet::Ipv6Net::new(Ipv6Addr::from(*a), *l).unwrap().trunc();
+                t.insert(IpNet::V6(n), i);
+                naive.retain(|(m, _)| *m != n);
+                naive.push((n, i));
+            }
+            for p in probes {
+                let addr = Ipv6Addr::from(p);
+                let want = naive.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| *v);
+                prop_assert_eq!(t.lookup(IpAddr::V6(addr)).copied(), want);
+            }
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! WireGuard keys: Curve25519 private/public keys and preshared keys.
+//!
+//! Keys are 32 bytes. Configuration files carry them as standard base64
+//! (44 characters with one `=` of padding); the UAPI carries them as
+//! lowercase hex (64 characters). Secret keys never print their bytes in
+//! `Debug` output.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use rand::RngCore as _;
+
+/// Length in bytes of every WireGuard key.
+pub const KEY_LEN: usize = 32;
+
+/// Why a key string could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The string is not valid standard base64.
+    #[error("invalid base64 key: {0} (expected 44 characters of standard base64)")]
+    Base64(String),
+    /// The string is not valid hex.
+    #[error("invalid hex key: {0} (expected 64 lowercase hex digits)")]
+    Hex(String),
+    /// The string decoded, but not to 32 bytes.
+    #[error("key must be exactly 32 bytes, got {0} bytes")]
+    Length(usize),
+}
+
+fn decode_base64(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
+    let bytes = STANDARD
+        .decode(s.trim())
+        .map_err(|e| KeyError::Base64(e.to_string()))?;
+    <[u8; KEY_LEN]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
+}
+
+fn decode_hex(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
+    let s = s.trim();
+    if s.len() != 2 * KEY_LEN && s.len() % 2 == 0 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(KeyError::Length(s.len() / 2));
+    }
+    let mut out = [0u8; KEY_LEN];
+    hex::decode_to_slice(s, &mut out).map_err(|e| KeyError::Hex(e.to_string()))?;
+    Ok(out)
+}
+
+macro_rules! key_common {
+    ($name:ident) => {
+        impl $name {
+            /// Builds the key from raw bytes.
+            pub const fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+                Self(bytes)
+            }
+
+            /// Decodes standard base64 (as in wg-quick configuration files).
+            pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+                decode_base64(s).map(Self)
+            }
+
+            /// Encodes as standard base64 (44 characters).
+            pub fn to_base64(&self) -> String {
+                STANDARD.encode(self.0)
+            }
+
+            /// Decodes hex (as in the UAPI; upper case is accepted too).
+            pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+                decode_hex(s).map(Self)
+            }
+
+            /// Encodes as lowercase hex (64 characters), as the UAPI expects.
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+
+            /// The raw key bytes.
+            pub const fn as_bytes(&self) -> &[u8; KEY_LEN] {
+                &self.0
+            }
+
+            /// Whether every byte is zero (the UAPI's "remove this key").
+            pub fn is_zero(&self) -> bool {
+                self.0 == [0u8; KEY_LEN]
+            }
+        }
+    };
+}
+
+/// A Curve25519 private key. `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey([u8; KEY_LEN]);
+key_common!(PrivateKey);
+
+impl PrivateKey {
+    /// Generates a fresh, clamped private key from the OS RNG.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        bytes[0] &= 248;
+        bytes[31] &= 127;
+        bytes[31] |= 64;
+        Self(bytes)
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> PublicKey {
+        let public = boringtun::x25519::PublicKey::from(&self.to_static_secret());
+        PublicKey(public.to_bytes())
+    }
+
+    /// The key as boringtun's x25519 secret.
+    pub fn to_static_secret(&self) -> boringtun::x25519::StaticSecret {
+        boringtun::x25519::StaticSecret::from(self.0)
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// A Curve25519 public key. `Debug` and `Display` show base64.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; KEY_LEN]);
+key_common!(PublicKey);
+
+impl PublicKey {
+    /// The key as boringtun's x25519 public key.
+    pub fn to_x25519(&self) -> boringtun::x25519::PublicKey {
+        boringtun::x25519::PublicKey::from(self.0)
+    }
+
+    /// The first 8 characters of the base64 form, for logs.
+    pub fn short(&self) -> String {
+        let mut s = self.to_base64();
+        s.truncate(8);
+        s
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+/// A symmetric preshared key. `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey([u8; KEY_LEN]);
+key_common!(PresharedKey);
+
+impl PresharedKey {
+    /// Generates a fresh random preshared key from the OS RNG.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    // RFC 7748 section 6.1 test vector (Alice).
+    const ALICE_PRIV_HEX: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+    const ALICE_PUB_HEX: &str = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a";
+
+    #[test]
+    fn public_key_matches_rfc7748() {
+        let k = PrivateKey::from_hex(ALICE_PRIV_HEX).unwrap();
+        assert_eq!(k.public_key().to_hex(), ALICE_PUB_HEX);
+    }
+
+    #[test]
+    fn base64_roundtrip() {
+        let k = PrivateKey::generate();
+        let b = k.to_base64();
+        assert_eq!(b.len(), 44);
+        assert_eq!(PrivateKey::from_base64(&b).unwrap(), k);
+        let p = k.public_key();
+        assert_eq!(PublicKey::from_base64(&p.to_base64()).unwrap(), p);
+        let psk = PresharedKey::generate();
+        assert_eq!(PresharedKey::from_base64(&psk.to_base64()).unwrap(), psk);
+    }
+
+    #[test]
+    fn hex_roundtrip_lowercase() {
+        let p = PrivateKey::generate().public_key();
+        let h = p.to_hex();
+        assert_eq!(h.len(), 64);
+        assert_eq!(h, h.to_lowercase());
+        assert_eq!(PublicKey::from_hex(&h).unwrap(), p);
+        assert_eq!(PublicKey::from_hex(&h.to_uppercase()).unwrap(), p);
+    }
+
+    #[test]
+    fn bad_base64() {
+        let e = PublicKey::from_base64("not base64!!").unwrap_err();
+        assert!(matches!(e, KeyError::Base64(_)), "{e}");
+        assert!(e.to_string().contains("invalid base64"));
+    }
+
+    #[test]
+    fn wrong_length_base64() {
+        let e = PublicKey::from_base64("AAAA").unwrap_err();
+        assert_eq!(e, KeyError::Length(3));
+        assert_eq!(e.to_string(), "key must be exactly 32 bytes, got 3 bytes");
+    }
+
+    #[test]
+    fn wrong_length_hex() {
+        assert_eq!(
+            PublicKey::from_hex("abcd").unwrap_err(),
+            KeyError::Length(2)
+        );
+        assert!(matches!(
+            PublicKey::from_hex(&"g".repeat(64)).unwrap_err(),
+            KeyError::Hex(_)
+        ));
+        assert!(matches!(
+            PublicKey::from_hex("abc").unwrap_err(),
+            KeyError::Hex(_)
+        ));
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let k = PrivateKey::generate();
+        let d = format!("{k:?}");
+        assert_eq!(d, "PrivateKey(<redacted>)");
+        assert!(!d.contains(&k.to_base64()));
+        let psk = PresharedKey::generate();
+        assert_eq!(format!("{psk:?}"), "PresharedKey(<redacted>)");
+    }
+
+    #[test]
+    fn public_display_and_short() {
+        let p = PrivateKey::generate().public_key();
+        assert_eq!(p.to_string(), p.to_base64());
+        assert_eq!(format!("{p:?}"), p.to_base64());
+        assert_eq!(p.short(), p.to_base64()[..8]);
+    }
+
+    #[test]
+    fn generate_is_clamped_and_distinct() {
+        let a = PrivateKey::generate();
+        let b = PrivateKey::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_bytes()[0] & 7, 0);
+        assert_eq!(a.as_bytes()[31] & 0xc0, 0x40);
+    }
+
+    #[test]
+    fn x25519_conversions() {
+        let k = PrivateKey::generate();
+        let p = k.public_key();
+        assert_eq!(p.to_x25519().as_bytes(), p.as_bytes());
+        assert_eq!(
+            boringtun::x25519::PublicKey::from(&k.to_static_secret()).to_bytes(),
+            *p.as_bytes()
+        );
+    }
+}

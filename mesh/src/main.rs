@@ -1,0 +1,186 @@
+//! `mesh`: the Weft mesh node command line.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh::key::PrivateKey;
+use mesh::node::{self, UpOptions};
+
+/// Weft mesh node: userspace WireGuard over TUN.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node in the foreground from a wg-quick config file.
+    Up {
+        /// wg-quick format config ([Interface] and [Peer] sections).
+        #[arg(long, env = "WEFT_WG_CONFIG")]
+        wg_config: PathBuf,
+        /// Interface name (default: the config file's stem, as wg-quick does).
+        #[arg(long, env = "WEFT_INTERFACE")]
+        interface: Option<String>,
+        /// Directory of UAPI sockets, where `wg` looks for them.
+        #[arg(long, env = "WEFT_UAPI_DIR", default_value = "/var/run/wireguard")]
+        uapi_dir: PathBuf,
+    },
+    /// Show interfaces and peers (like `wg show`).
+    Status {
+        /// Interface to show (default: every interface with a UAPI socket).
+        #[arg(long, env = "WEFT_INTERFACE")]
+        interface: Option<String>,
+        /// Print the documented JSON format instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Directory of UAPI sockets.
+        #[arg(long, env = "WEFT_UAPI_DIR", default_value = "/var/run/wireguard")]
+        uapi_dir: PathBuf,
+    },
+    /// Print a new private key (base64), like `wg genkey`.
+    Genkey,
+    /// Read a private key on stdin, print its public key, like `wg pubkey`.
+    Pubkey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    // netlink-packet-route warns about every newer-kernel attribute it does not know.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up {
+            wg_config,
+            interface,
+            uapi_dir,
+        } => {
+            let config = mesh::config::load(&wg_config)?;
+            let interface = match interface {
+                Some(i) => i,
+                None => wg_config
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .map(str::to_string)
+                    .context("cannot derive an interface name from the config file name; pass --interface")?,
+            };
+            init_logging();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(node::run(
+                config,
+                UpOptions {
+                    interface,
+                    uapi_dir,
+                },
+                shutdown_signal(),
+            ))
+        }
+        Command::Status {
+            interface,
+            json,
+            uapi_dir,
+        } => status(interface, json, &uapi_dir),
+        Command::Genkey => {
+            println!("{}", PrivateKey::generate().to_base64());
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading stdin")?;
+            let key = PrivateKey::from_base64(s.trim()).context("stdin is not a private key")?;
+            println!("{}", key.public_key().to_base64());
+            Ok(())
+        }
+    }
+}
+
+fn status(interface: Option<String>, json: bool, uapi_dir: &std::path::Path) -> anyhow::Result<()> {
+    let names = match interface {
+        Some(i) => vec![i],
+        None => {
+            let mut v: Vec<String> = std::fs::read_dir(uapi_dir)
+                .with_context(|| format!("listing {}", uapi_dir.display()))?
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_suffix(".sock")
+                        .map(str::to_string)
+                })
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let now = SystemTime::now();
+    let mut out = std::io::stdout().lock();
+    let mut all = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let info = mesh::status::query(&mesh::uapi::socket_path(uapi_dir, name))?;
+        if json {
+            all.push(mesh::status::render_json(name, &info, now));
+        } else {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            write!(out, "{}", mesh::status::render_human(name, &info, now))?;
+        }
+    }
+    if json {
+        // One interface asked: its object; otherwise an array of them.
+        let v = if all.len() == 1 {
+            all.remove(0)
+        } else {
+            serde_json::Value::Array(all)
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

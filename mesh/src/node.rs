@@ -1,0 +1,380 @@
+//! `mesh up`: the I/O shell around [`Device`]. Creates the TUN device, the
+//! UDP socket and the UAPI socket, configures the interface through netlink,
+//! runs the data-path loops and removes everything on shutdown.
+//!
+//! Tasks (on a multi-threaded tokio runtime, so both cores work):
+//! 1. TUN → UDP: read a TSO super-packet (or a batch), split, encrypt each
+//!    segment, send runs of equal-size datagrams to one peer with UDP GSO.
+//! 2. UDP → TUN: recvmmsg with UDP GRO, decrypt every segment, coalesce TCP
+//!    segments again (GRO) and write few large packets to the TUN device.
+//! 3. Timers: every 100 ms drive each peer's rekey/keepalive timers; every
+//!    second reset the node-wide handshake rate limiter.
+//! 4. The UAPI server (`wg show`/`wg set`).
+
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use quinn_udp::RecvMeta;
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use crate::config::WgConfig;
+use crate::device::{packet_destination, Device, Outgoing};
+use crate::netlink::{installs_route, Link};
+use crate::peer::{Encap, DATA_OVERHEAD};
+use crate::uapi;
+use crate::udp::UdpIo;
+
+/// Default MTU, as wg-quick picks for an IPv6 underlay: 1500 - 80.
+pub const DEFAULT_MTU: u16 = 1420;
+
+/// Largest UDP payload sum we put in one GSO send.
+const GSO_MAX_BYTES: usize = 60_000;
+/// Datagram buffers per recvmmsg.
+const RECV_BATCH: usize = 8;
+/// Plaintext room per decrypted packet kept in each TUN buffer.
+const TUN_BUF: usize = 2048;
+/// Capacity of each TUN write buffer: GRO coalesces segments into the first
+/// buffer of a flow, in place, and only when it has room for a 64 KiB packet.
+const TUN_BUF_CAPACITY: usize = 65535 + 2 * VIRTIO_NET_HDR_LEN;
+/// Packets one TUN read batch may hold.
+const TUN_READ_BATCH: usize = 4 * IDEAL_BATCH_SIZE;
+/// Most segments one TSO super-packet splits into (64 KiB / a small MSS).
+const TUN_SPLIT_MAX: usize = 128;
+
+/// Options of `mesh up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub interface: String,
+    /// Directory of UAPI sockets (`/var/run/wireguard`).
+    pub uapi_dir: PathBuf,
+}
+
+/// Runs a node until `shutdown` resolves, then removes what it created.
+pub async fn run(
+    config: WgConfig,
+    opts: UpOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let iface = opts.interface.clone();
+    if iface.is_empty() || iface.len() > 15 || iface.contains('/') {
+        bail!("interface name {iface:?} is invalid: use 1 to 15 characters, no '/'");
+    }
+    // Resolve endpoints first: a typo in a hostname must fail before anything exists.
+    let mut endpoints = Vec::new();
+    for p in &config.peers {
+        if let Some(ep) = &p.endpoint {
+            let addr = ep
+                .resolve()
+                .with_context(|| format!("resolving Endpoint {ep:?} of peer {}", p.public_key))?;
+            endpoints.push((p.public_key, addr));
+        }
+    }
+    let uapi_listener = uapi::Listener::bind(&opts.uapi_dir, &iface)?;
+    let udp = UdpIo::bind(
+        config.interface.listen_port.unwrap_or(0),
+        config.interface.fwmark,
+    )?;
+    let port = udp.local_port().context("reading the bound UDP port")?;
+    let device = Arc::new(Device::new(&config, port)?);
+    for (key, addr) in endpoints {
+        device.set_endpoint(&key, addr);
+    }
+
+    let tun = DeviceBuilder::new()
+        .name(&iface)
+        .offload(true)
+        .build_async()
+        .with_context(|| format!("creating TUN device {iface} (is /dev/net/tun there, and do we have CAP_NET_ADMIN?)"))?;
+    let link = match Link::open(&iface).await {
+        Ok(l) => l,
+        Err(e) => {
+            drop(tun);
+            return Err(e).context("configuring the new TUN device");
+        }
+    };
+    // From here on, any error removes the link again.
+    let result = serve(
+        &config,
+        &link,
+        Arc::new(tun),
+        Arc::new(udp),
+        device,
+        uapi_listener,
+        shutdown,
+    )
+    .await;
+    if let Err(e) = link.delete().await {
+        tracing::warn!(interface = %iface, error = %e, "could not delete the interface");
+    }
+    result
+}
+
+async fn serve(
+    config: &WgConfig,
+    link: &Link,
+    tun: Arc<AsyncDevice>,
+    udp: Arc<UdpIo>,
+    device: Arc<Device>,
+    uapi_listener: uapi::Listener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mtu = config.interface.mtu.unwrap_or(DEFAULT_MTU);
+    link.set_mtu(mtu).await?;
+    for addr in &config.interface.addresses {
+        link.add_address(*addr).await?;
+    }
+    link.set_up().await?;
+    for p in &config.peers {
+        for net in p.allowed_ips.iter().filter(|n| installs_route(n)) {
+            link.add_route(*net).await?;
+        }
+    }
+    if config
+        .peers
+        .iter()
+        .any(|p| p.allowed_ips.iter().any(|n| !installs_route(n)))
+    {
+        tracing::warn!("AllowedIPs with a /0 prefix: no default route installed (full-tunnel mode is not supported yet)");
+    }
+    tracing::info!(
+        interface = %link.name,
+        public_key = %config.interface.private_key.public_key(),
+        listen_port = device.listen_port,
+        peers = config.peers.len(),
+        tcp_offload = tun.tcp_gso(),
+        udp_gso_segments = udp.max_gso_segments(),
+        udp_gro_segments = udp.gro_segments(),
+        "interface up"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(tun_to_udp(device.clone(), tun.clone(), udp.clone()));
+    tasks.spawn(udp_to_tun(device.clone(), tun.clone(), udp.clone()));
+    tasks.spawn(timers(device.clone(), udp.clone()));
+    tasks.spawn(uapi::serve(uapi_listener, device.clone(), link.clone()));
+
+    let result = tokio::select! {
+        _ = shutdown => {
+            tracing::info!(interface = %link.name, "shutting down");
+            Ok(())
+        }
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a data-path task stopped unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("a data-path task panicked: {e}")),
+        },
+    };
+    tasks.abort_all();
+    result
+}
+
+/// A run of equal-size encrypted datagrams to one endpoint, sent with one GSO call.
+struct GsoRun {
+    to: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    used: usize,
+    /// The last datagram was shorter than `segment`: the run is closed.
+    closed: bool,
+}
+
+impl GsoRun {
+    fn new() -> GsoRun {
+        GsoRun {
+            to: None,
+            segment: 0,
+            count: 0,
+            used: 0,
+            closed: false,
+        }
+    }
+
+    /// Whether a datagram of `len` bytes to `to` can extend this run.
+    fn accepts(&self, to: SocketAddr, len: usize, max_segments: usize) -> bool {
+        self.count == 0
+            || (self.to == Some(to)
+                && !self.closed
+                && len <= self.segment
+                && self.count < max_segments
+                && self.used + len <= GSO_MAX_BYTES)
+    }
+
+    fn push(&mut self, to: SocketAddr, len: usize) {
+        if self.count == 0 {
+            self.to = Some(to);
+            self.segment = len;
+        } else if len < self.segment {
+            self.closed = true;
+        }
+        self.count += 1;
+        self.used += len;
+    }
+
+    async fn flush(&mut self, udp: &UdpIo, buf: &[u8]) {
+        if let Some(to) = self.to.filter(|_| self.count > 0) {
+            let segment = (self.count > 1).then_some(self.segment);
+            if let Err(e) = udp.send(to, &buf[..self.used], segment).await {
+                tracing::debug!(%to, error = %e, "send failed");
+            }
+        }
+        *self = GsoRun::new();
+    }
+}
+
+async fn tun_to_udp(
+    device: Arc<Device>,
+    tun: Arc<AsyncDevice>,
+    udp: Arc<UdpIo>,
+) -> anyhow::Result<()> {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    let mut bufs = vec![vec![0u8; 65535]; TUN_READ_BATCH];
+    let mut sizes = vec![0usize; TUN_READ_BATCH];
+    // Room for one full GSO run plus the packet that did not fit it.
+    let mut out = vec![0u8; GSO_MAX_BYTES + 65535 + 2 * DATA_OVERHEAD + 256];
+    let mut handshake = vec![0u8; 256];
+    loop {
+        let mut n = tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+            .await
+            .context("reading from the TUN device")?;
+        // Drain what else is queued (ACK trains, more super-packets) so one
+        // GSO send carries many datagrams; stop while room for a full split remains.
+        while bufs.len() - n >= TUN_SPLIT_MAX {
+            match tun.try_recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], 0) {
+                Ok(more) => n += more,
+                Err(_) => break, // WouldBlock, or an error the next await reports
+            }
+        }
+        let snap = device.snapshot();
+        let max_segments = udp.max_gso_segments().max(1);
+        let mut run = GsoRun::new();
+        for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+            let packet = &buf[..size];
+            let Some(peer) = packet_destination(packet).and_then(|d| snap.route(d)) else {
+                device
+                    .counters
+                    .tx_no_route
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            };
+            // Encrypted size: padded to 16, plus header and tag; at least 148 for a handshake.
+            let need = size.div_ceil(16) * 16 + DATA_OVERHEAD;
+            if run.used + need.max(148) > out.len() {
+                run.flush(&udp, &out).await;
+            }
+            let start = run.used;
+            match device.encapsulate(peer, packet, &mut out[start..start + need.max(148)]) {
+                Some((to, Encap::Data(len))) => {
+                    if !run.accepts(to, len, max_segments) {
+                        run.flush(&udp, &out).await;
+                        out.copy_within(start..start + len, 0);
+                    }
+                    run.push(to, len);
+                }
+                Some((to, Encap::Handshake(len))) => {
+                    handshake[..len].copy_from_slice(&out[start..start + len]);
+                    if let Err(e) = udp.send(to, &handshake[..len], None).await {
+                        tracing::debug!(%to, error = %e, "handshake send failed");
+                    }
+                }
+                Some((_, Encap::Queued)) | None => {}
+            }
+        }
+        run.flush(&udp, &out).await;
+    }
+}
+
+async fn udp_to_tun(
+    device: Arc<Device>,
+    tun: Arc<AsyncDevice>,
+    udp: Arc<UdpIo>,
+) -> anyhow::Result<()> {
+    let mut rbufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| vec![0u8; 65535]);
+    let mut meta = [RecvMeta::default(); RECV_BATCH];
+    let mut tunbufs: Vec<Vec<u8>> = Vec::new();
+    let mut lens: Vec<usize> = Vec::new();
+    let mut gro = GROTable::default();
+    let mut outq: Vec<Outgoing> = Vec::new();
+    loop {
+        let n = {
+            let mut iovs = rbufs.each_mut().map(|b| IoSliceMut::new(b.as_mut_slice()));
+            udp.recv(&mut iovs, &mut meta)
+                .await
+                .context("receiving from the UDP socket")?
+        };
+        let snap = device.snapshot();
+        let mut k = 0;
+        for (m, buf) in meta.iter().zip(&rbufs).take(n) {
+            let stride = m.stride.max(1);
+            for seg in buf[..m.len].chunks(stride) {
+                if k == tunbufs.len() {
+                    let mut b = Vec::with_capacity(TUN_BUF_CAPACITY);
+                    b.resize(VIRTIO_NET_HDR_LEN + TUN_BUF, 0);
+                    tunbufs.push(b);
+                    lens.push(0);
+                }
+                let tb = &mut tunbufs[k];
+                if tb.len() < VIRTIO_NET_HDR_LEN + seg.len() {
+                    tb.resize(VIRTIO_NET_HDR_LEN + seg.len(), 0);
+                }
+                if let Some(len) = device.handle_datagram(
+                    &snap,
+                    m.addr,
+                    seg,
+                    &mut tb[VIRTIO_NET_HDR_LEN..],
+                    &mut outq,
+                ) {
+                    lens[k] = len;
+                    k += 1;
+                }
+            }
+        }
+        if k > 0 {
+            for (tb, len) in tunbufs.iter_mut().zip(&lens).take(k) {
+                tb.truncate(VIRTIO_NET_HDR_LEN + len);
+            }
+            if let Err(e) = tun
+                .send_multiple(&mut gro, &mut tunbufs[..k], VIRTIO_NET_HDR_LEN)
+                .await
+            {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+            for tb in tunbufs.iter_mut().take(k) {
+                tb.resize(VIRTIO_NET_HDR_LEN + TUN_BUF, 0);
+            }
+        }
+        for o in outq.drain(..) {
+            if let Err(e) = udp.send(o.to, &o.bytes, None).await {
+                tracing::debug!(to = %o.to, error = %e, "send failed");
+            }
+        }
+    }
+}
+
+async fn timers(device: Arc<Device>, udp: Arc<UdpIo>) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 256];
+    for o in device.initiate_keepalive_peers(&mut buf) {
+        if let Err(e) = udp.send(o.to, &o.bytes, None).await {
+            tracing::debug!(to = %o.to, error = %e, "send failed");
+        }
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        if n % 10 == 0 {
+            device.reset_rate_limiter();
+        }
+        for o in device.tick(&mut buf) {
+            if let Err(e) = udp.send(o.to, &o.bytes, None).await {
+                tracing::debug!(to = %o.to, error = %e, "send failed");
+            }
+        }
+    }
+}

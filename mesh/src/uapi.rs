@@ -1,0 +1,141 @@
+//! The WireGuard cross-platform userspace API (UAPI) on
+//! `/var/run/wireguard/NAME.sock`, so `wg show`, `wg showconf` and `wg set`
+//! work on our interface as on wireguard-go. The codec is pure
+//! ([`codec`]); this module is the socket shell.
+
+pub mod codec;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::device::Device;
+use crate::netlink::{installs_route, Link};
+
+/// Largest request accepted on the UAPI socket.
+const MAX_REQUEST: usize = 4 << 20;
+
+/// The bound UAPI socket; removes its file when dropped.
+pub struct Listener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// The UAPI socket path of an interface.
+pub fn socket_path(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("{interface}.sock"))
+}
+
+impl Listener {
+    /// Binds `DIR/NAME.sock` (mode 0600: `get` reveals the private key).
+    /// Fails if another process answers on it; removes a stale file.
+    pub fn bind(dir: &Path, interface: &str) -> anyhow::Result<Listener> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = socket_path(dir, interface);
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                anyhow::bail!(
+                    "interface {interface} is already in use: {} answers (another `mesh up` or wireguard-go?)",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing stale {}", path.display()))?;
+        }
+        let listener =
+            UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        Ok(Listener { listener, path })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves UAPI clients until cancelled.
+pub async fn serve(listener: Listener, device: Arc<Device>, link: Link) -> anyhow::Result<()> {
+    loop {
+        let (stream, _) = listener
+            .listener
+            .accept()
+            .await
+            .context("accepting on the UAPI socket")?;
+        let device = device.clone();
+        let link = link.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &device, &link).await {
+                tracing::debug!(error = %e, "UAPI client error");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, device: &Device, link: &Link) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut request = String::new();
+    while let Some(line) = lines.next_line().await? {
+        if !line.is_empty() {
+            if request.len() + line.len() > MAX_REQUEST {
+                write
+                    .write_all(codec::format_errno(libc::ENOMEM).as_bytes())
+                    .await?;
+                return Ok(());
+            }
+            request.push_str(&line);
+            request.push('\n');
+            continue;
+        }
+        if request.is_empty() {
+            continue;
+        }
+        let response = respond(&request, device, link).await;
+        write.write_all(response.as_bytes()).await?;
+        request.clear();
+    }
+    Ok(())
+}
+
+async fn respond(request: &str, device: &Device, link: &Link) -> String {
+    match codec::parse_request(request) {
+        Ok(codec::Request::Get) => codec::format_get_response(&device.info(SystemTime::now())),
+        Ok(codec::Request::Set(set)) => match device.apply(set) {
+            Ok(diff) => {
+                // Like wg-quick at start, keep a kernel route for every AllowedIP.
+                for net in diff.removed.iter().filter(|n| installs_route(n)) {
+                    if let Err(e) = link.del_route(*net).await {
+                        tracing::debug!(%net, error = %e, "route removal failed");
+                    }
+                }
+                for net in diff.added.iter().filter(|n| installs_route(n)) {
+                    if let Err(e) = link.add_route(*net).await {
+                        tracing::warn!(%net, error = %e, "route add failed");
+                    }
+                }
+                codec::format_errno(0)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "UAPI set rejected");
+                codec::format_errno(libc::EINVAL)
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "bad UAPI request");
+            codec::format_errno(e.errno())
+        }
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Every test of the project, as CI runs it (.ci/run execs this):
+#   apt packages -> stale lab namespaces -> fmt -> clippy -> release build -> all tests (unit + namespace
+#   end-to-end tests, which find the binaries in target/release) -> stale lab namespaces again.
+#
+# Run as root on a Debian machine with a Rust toolchain (rustfmt, clippy):
+#   sudo scripts/test-all.sh                 # everything
+#   sudo scripts/test-all.sh -- --nocapture  # arguments after `--` go to the test binaries
+#
+# Environment: WEFT_SKIP_APT=1 skips apt-get (an offline box that already has the packages).
+# Note: the stale-namespace cleanup removes every namespace named wft-*; do not run two of these at once.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+require_root
+find_cargo
+
+test_args=()
+if [[ ${1:-} == -- ]]; then
+    shift
+    test_args=("$@")
+elif [[ $# -gt 0 ]]; then
+    die "usage: $0 [-- TEST-BINARY-ARGS...]"
+fi
+
+on_exit() {
+    local rc=$?
+    banner "cleanup: stale ${WEFT_NS_PREFIX}* network namespaces"
+    delete_weft_namespaces "$WEFT_NS_PREFIX"
+    if [[ $rc -eq 0 ]]; then
+        banner "all checks passed"
+    else
+        banner "FAILED (exit $rc)"
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+
+banner "apt packages"
+apt_install_lab_packages
+
+banner "stale ${WEFT_NS_PREFIX}* network namespaces from earlier runs"
+delete_weft_namespaces "$WEFT_NS_PREFIX"
+
+banner "toolchain"
+note "$(cargo --version)"
+note "$(rustc --version)"
+
+banner "cargo fmt --all --check"
+cargo fmt --all --check
+
+banner "cargo clippy --locked --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+banner "cargo build --locked --release --bins"
+cargo build --locked --release --bins
+
+banner "cargo test --locked --release --workspace (unit + network-namespace end-to-end; the rekey soak takes ~7 min)"
+cargo test --locked --release --workspace -- "${test_args[@]}"
