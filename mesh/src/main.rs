@@ -126,6 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn status(interface: Option<String>, json: bool, uapi_dir: &std::path::Path) -> anyhow::Result<()> {
+    let explicit = interface.is_some();
     let names = match interface {
         Some(i) => vec![i],
         None => {
@@ -146,14 +147,25 @@ fn status(interface: Option<String>, json: bool, uapi_dir: &std::path::Path) -> 
     let now = SystemTime::now();
     let mut out = std::io::stdout().lock();
     let mut all = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let info = mesh::status::query(&mesh::uapi::socket_path(uapi_dir, name))?;
+    let mut shown = 0;
+    for name in &names {
+        let info = match mesh::status::query(&mesh::uapi::socket_path(uapi_dir, name)) {
+            Ok(info) => info,
+            // The error's text already carries its cause; no chain to print.
+            Err(e) if explicit => anyhow::bail!("{e}"),
+            Err(e) => {
+                // A stale socket of a stopped node must not hide the others.
+                tracing::debug!(interface = %name, error = %e, "skipping");
+                continue;
+            }
+        };
         if json {
             all.push(mesh::status::render_json(name, &info, now));
         } else {
-            if i > 0 {
+            if shown > 0 {
                 writeln!(out)?;
             }
+            shown += 1;
             write!(out, "{}", mesh::status::render_human(name, &info, now))?;
         }
     }

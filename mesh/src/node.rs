@@ -2,11 +2,15 @@
 //! UDP socket and the UAPI socket, configures the interface through netlink,
 //! runs the data-path loops and removes everything on shutdown.
 //!
-//! Tasks (on a multi-threaded tokio runtime, so both cores work):
+//! Two data-path threads (one per direction, so both cores work), each
+//! waiting on its own file descriptor with `poll(2)` so a packet wakes the
+//! thread that handles it directly:
 //! 1. TUN → UDP: read a TSO super-packet (or a batch), split, encrypt each
 //!    segment, send runs of equal-size datagrams to one peer with UDP GSO.
 //! 2. UDP → TUN: recvmmsg with UDP GRO, decrypt every segment, coalesce TCP
 //!    segments again (GRO) and write few large packets to the TUN device.
+//!
+//! And two tasks on a small tokio runtime:
 //! 3. Timers: every 100 ms drive each peer's rekey/keepalive timers; every
 //!    second reset the node-wide handshake rate limiter.
 //! 4. The UAPI server (`wg show`/`wg set`).
@@ -19,7 +23,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use quinn_udp::RecvMeta;
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::config::WgConfig;
 use crate::device::{packet_destination, Device, Outgoing};
@@ -87,8 +94,12 @@ pub async fn run(
     let tun = DeviceBuilder::new()
         .name(&iface)
         .offload(true)
-        .build_async()
+        .build_sync()
         .with_context(|| format!("creating TUN device {iface} (is /dev/net/tun there, and do we have CAP_NET_ADMIN?)"))?;
+    if let Err(e) = tun.set_nonblocking(true) {
+        drop(tun);
+        return Err(e).context("setting the TUN device non-blocking");
+    }
     let link = match Link::open(&iface).await {
         Ok(l) => l,
         Err(e) => {
@@ -116,7 +127,7 @@ pub async fn run(
 async fn serve(
     config: &WgConfig,
     link: &Link,
-    tun: Arc<AsyncDevice>,
+    tun: Arc<SyncDevice>,
     udp: Arc<UdpIo>,
     device: Arc<Device>,
     uapi_listener: uapi::Listener,
@@ -151,9 +162,30 @@ async fn serve(
         "interface up"
     );
 
+    let stop = Arc::new(AtomicBool::new(false));
+    let (exited_tx, mut exited) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let mut threads = Vec::new();
+    for (name, f) in [
+        ("tun-to-udp", tun_to_udp as DataPath),
+        ("udp-to-tun", udp_to_tun as DataPath),
+    ] {
+        let (device, tun, udp, stop, tx) = (
+            device.clone(),
+            tun.clone(),
+            udp.clone(),
+            stop.clone(),
+            exited_tx.clone(),
+        );
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let r = f(&device, &tun, &udp, &stop);
+                let _ = tx.send(r.with_context(|| format!("data path {name}")));
+            })
+            .context("starting a data-path thread")?;
+        threads.push(handle);
+    }
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(tun_to_udp(device.clone(), tun.clone(), udp.clone()));
-    tasks.spawn(udp_to_tun(device.clone(), tun.clone(), udp.clone()));
     tasks.spawn(timers(device.clone(), udp.clone()));
     tasks.spawn(uapi::serve(uapi_listener, device.clone(), link.clone()));
 
@@ -162,15 +194,29 @@ async fn serve(
             tracing::info!(interface = %link.name, "shutting down");
             Ok(())
         }
+        Some(r) = exited.recv() => match r {
+            Ok(()) => Err(anyhow::anyhow!("a data-path thread stopped unexpectedly")),
+            Err(e) => Err(e),
+        },
         Some(done) = tasks.join_next() => match done {
-            Ok(Ok(())) => Err(anyhow::anyhow!("a data-path task stopped unexpectedly")),
+            Ok(Ok(())) => Err(anyhow::anyhow!("a control task stopped unexpectedly")),
             Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("a data-path task panicked: {e}")),
+            Err(e) => Err(anyhow::anyhow!("a control task panicked: {e}")),
         },
     };
     tasks.abort_all();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        // They notice `stop` within one poll timeout.
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     result
 }
+
+/// How long a data-path thread waits before re-checking the stop flag.
+const POLL_MS: i32 = 200;
+
+type DataPath = fn(&Device, &SyncDevice, &UdpIo, &AtomicBool) -> anyhow::Result<()>;
 
 /// A run of equal-size encrypted datagrams to one endpoint, sent with one GSO call.
 struct GsoRun {
@@ -214,10 +260,10 @@ impl GsoRun {
         self.used += len;
     }
 
-    async fn flush(&mut self, udp: &UdpIo, buf: &[u8]) {
+    fn flush(&mut self, udp: &UdpIo, buf: &[u8]) {
         if let Some(to) = self.to.filter(|_| self.count > 0) {
             let segment = (self.count > 1).then_some(self.segment);
-            if let Err(e) = udp.send(to, &buf[..self.used], segment).await {
+            if let Err(e) = udp.send(to, &buf[..self.used], segment) {
                 tracing::debug!(%to, error = %e, "send failed");
             }
         }
@@ -225,10 +271,11 @@ impl GsoRun {
     }
 }
 
-async fn tun_to_udp(
-    device: Arc<Device>,
-    tun: Arc<AsyncDevice>,
-    udp: Arc<UdpIo>,
+fn tun_to_udp(
+    device: &Device,
+    tun: &SyncDevice,
+    udp: &UdpIo,
+    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs = vec![vec![0u8; 65535]; TUN_READ_BATCH];
@@ -236,17 +283,20 @@ async fn tun_to_udp(
     // Room for one full GSO run plus the packet that did not fit it.
     let mut out = vec![0u8; GSO_MAX_BYTES + 65535 + 2 * DATA_OVERHEAD + 256];
     let mut handshake = vec![0u8; 256];
-    loop {
-        let mut n = tun
-            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-            .await
-            .context("reading from the TUN device")?;
-        // Drain what else is queued (ACK trains, more super-packets) so one
-        // GSO send carries many datagrams; stop while room for a full split remains.
+    let fd = tun.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        if !crate::udp::wait(fd, libc::POLLIN, POLL_MS).context("waiting on the TUN device")? {
+            continue;
+        }
+        // Read everything queued (ACK trains, more super-packets) so one GSO
+        // send carries many datagrams; stop while room for a full split remains.
+        let mut n = 0;
         while bufs.len() - n >= TUN_SPLIT_MAX {
-            match tun.try_recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], 0) {
+            match tun.recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], 0) {
                 Ok(more) => n += more,
-                Err(_) => break, // WouldBlock, or an error the next await reports
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("reading from the TUN device"),
             }
         }
         let snap = device.snapshot();
@@ -255,43 +305,42 @@ async fn tun_to_udp(
         for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
             let packet = &buf[..size];
             let Some(peer) = packet_destination(packet).and_then(|d| snap.route(d)) else {
-                device
-                    .counters
-                    .tx_no_route
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                device.counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             // Encrypted size: padded to 16, plus header and tag; at least 148 for a handshake.
             let need = size.div_ceil(16) * 16 + DATA_OVERHEAD;
             if run.used + need.max(148) > out.len() {
-                run.flush(&udp, &out).await;
+                run.flush(udp, &out);
             }
             let start = run.used;
             match device.encapsulate(peer, packet, &mut out[start..start + need.max(148)]) {
                 Some((to, Encap::Data(len))) => {
                     if !run.accepts(to, len, max_segments) {
-                        run.flush(&udp, &out).await;
+                        run.flush(udp, &out);
                         out.copy_within(start..start + len, 0);
                     }
                     run.push(to, len);
                 }
                 Some((to, Encap::Handshake(len))) => {
                     handshake[..len].copy_from_slice(&out[start..start + len]);
-                    if let Err(e) = udp.send(to, &handshake[..len], None).await {
+                    if let Err(e) = udp.send(to, &handshake[..len], None) {
                         tracing::debug!(%to, error = %e, "handshake send failed");
                     }
                 }
                 Some((_, Encap::Queued)) | None => {}
             }
         }
-        run.flush(&udp, &out).await;
+        run.flush(udp, &out);
     }
+    Ok(())
 }
 
-async fn udp_to_tun(
-    device: Arc<Device>,
-    tun: Arc<AsyncDevice>,
-    udp: Arc<UdpIo>,
+fn udp_to_tun(
+    device: &Device,
+    tun: &SyncDevice,
+    udp: &UdpIo,
+    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let mut rbufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| vec![0u8; 65535]);
     let mut meta = [RecvMeta::default(); RECV_BATCH];
@@ -299,13 +348,15 @@ async fn udp_to_tun(
     let mut lens: Vec<usize> = Vec::new();
     let mut gro = GROTable::default();
     let mut outq: Vec<Outgoing> = Vec::new();
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let n = {
             let mut iovs = rbufs.each_mut().map(|b| IoSliceMut::new(b.as_mut_slice()));
-            udp.recv(&mut iovs, &mut meta)
-                .await
+            udp.recv(&mut iovs, &mut meta, POLL_MS)
                 .context("receiving from the UDP socket")?
         };
+        if n == 0 {
+            continue;
+        }
         let snap = device.snapshot();
         let mut k = 0;
         for (m, buf) in meta.iter().zip(&rbufs).take(n) {
@@ -337,10 +388,7 @@ async fn udp_to_tun(
             for (tb, len) in tunbufs.iter_mut().zip(&lens).take(k) {
                 tb.truncate(VIRTIO_NET_HDR_LEN + len);
             }
-            if let Err(e) = tun
-                .send_multiple(&mut gro, &mut tunbufs[..k], VIRTIO_NET_HDR_LEN)
-                .await
-            {
+            if let Err(e) = tun.send_multiple(&mut gro, &mut tunbufs[..k], VIRTIO_NET_HDR_LEN) {
                 tracing::debug!(error = %e, "TUN write failed");
             }
             for tb in tunbufs.iter_mut().take(k) {
@@ -348,17 +396,18 @@ async fn udp_to_tun(
             }
         }
         for o in outq.drain(..) {
-            if let Err(e) = udp.send(o.to, &o.bytes, None).await {
+            if let Err(e) = udp.send(o.to, &o.bytes, None) {
                 tracing::debug!(to = %o.to, error = %e, "send failed");
             }
         }
     }
+    Ok(())
 }
 
 async fn timers(device: Arc<Device>, udp: Arc<UdpIo>) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 256];
     for o in device.initiate_keepalive_peers(&mut buf) {
-        if let Err(e) = udp.send(o.to, &o.bytes, None).await {
+        if let Err(e) = udp.try_send(o.to, &o.bytes) {
             tracing::debug!(to = %o.to, error = %e, "send failed");
         }
     }
@@ -372,7 +421,7 @@ async fn timers(device: Arc<Device>, udp: Arc<UdpIo>) -> anyhow::Result<()> {
             device.reset_rate_limiter();
         }
         for o in device.tick(&mut buf) {
-            if let Err(e) = udp.send(o.to, &o.bytes, None).await {
+            if let Err(e) = udp.try_send(o.to, &o.bytes) {
                 tracing::debug!(to = %o.to, error = %e, "send failed");
             }
         }

@@ -1,19 +1,22 @@
 //! The node's one UDP socket (IPv6 dual-stack, IPv4 fallback) with UDP GSO
 //! on send and GRO + recvmmsg on receive, through quinn-udp.
+#![allow(unsafe_code)]
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
+use std::os::fd::AsRawFd;
 
 /// Socket buffer size asked of the kernel (it may cap it at rmem_max).
 const SOCKET_BUFFER: usize = 8 << 20;
 
-/// The WireGuard UDP socket.
+/// The WireGuard UDP socket, non-blocking; the data-path threads wait for
+/// readiness with `poll(2)` themselves, so a packet wakes exactly the
+/// thread that handles it (no async runtime hop on the data path).
 pub struct UdpIo {
-    socket: tokio::net::UdpSocket,
+    socket: std::net::UdpSocket,
     state: UdpSocketState,
     /// The socket is AF_INET6 with IPV6_V6ONLY off: IPv4 peers appear as
     /// v4-mapped addresses and must be sent to as such.
@@ -35,7 +38,6 @@ pub enum BindError {
 
 impl UdpIo {
     /// Binds `[::]:port` (dual-stack), or `0.0.0.0:port` where IPv6 is off.
-    /// Must be called inside a tokio runtime.
     pub fn bind(port: u16, fwmark: Option<u32>) -> Result<UdpIo, BindError> {
         let bind_err = |source| BindError::Bind { port, source };
         let (socket, dual_stack) = match bind_v6(port) {
@@ -57,9 +59,8 @@ impl UdpIo {
         }
         socket.set_nonblocking(true).map_err(BindError::Setup)?;
         let state = UdpSocketState::new((&socket).into()).map_err(BindError::Setup)?;
-        let socket = tokio::net::UdpSocket::from_std(socket.into()).map_err(BindError::Setup)?;
         Ok(UdpIo {
-            socket,
+            socket: socket.into(),
             state,
             dual_stack,
         })
@@ -80,47 +81,92 @@ impl UdpIo {
         self.state.gro_segments()
     }
 
+    fn transmit<'a>(
+        &self,
+        to: SocketAddr,
+        contents: &'a [u8],
+        segment_size: Option<usize>,
+    ) -> Transmit<'a> {
+        Transmit {
+            destination: if self.dual_stack { map_v6(to) } else { to },
+            ecn: None,
+            contents,
+            segment_size: segment_size.filter(|s| *s < contents.len()),
+            src_ip: None,
+        }
+    }
+
     /// Sends `contents` to `to`; with `segment_size`, as several datagrams of
-    /// that size (the last may be shorter) in one GSO send. Errors other than
-    /// a full socket buffer are returned (the caller counts and drops).
-    pub async fn send(
+    /// that size (the last may be shorter) in one GSO send. Waits while the
+    /// socket buffer is full (backpressure for the data path).
+    pub fn send(
         &self,
         to: SocketAddr,
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
-        let destination = if self.dual_stack { map_v6(to) } else { to };
-        let transmit = Transmit {
-            destination,
-            ecn: None,
-            contents,
-            segment_size: segment_size.filter(|s| *s < contents.len()),
-            src_ip: None,
-        };
-        self.socket
-            .async_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.socket).into(), &transmit)
-            })
-            .await
+        let transmit = self.transmit(to, contents, segment_size);
+        loop {
+            match self.state.try_send((&self.socket).into(), &transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(self.socket.as_raw_fd(), libc::POLLOUT, 100)?;
+                }
+                r => return r,
+            }
+        }
     }
 
-    /// Receives a batch of (possibly GRO-coalesced) datagrams. Source
+    /// Sends one datagram without waiting; a full buffer drops it (for
+    /// handshakes and keepalives from the timer task, which retries).
+    pub fn try_send(&self, to: SocketAddr, contents: &[u8]) -> io::Result<()> {
+        self.state
+            .try_send((&self.socket).into(), &self.transmit(to, contents, None))
+    }
+
+    /// Waits up to `timeout_ms` for datagrams, then receives a batch of
+    /// (possibly GRO-coalesced) datagrams; `Ok(0)` on timeout. Source
     /// addresses in `meta` are canonical (IPv4, not v4-mapped).
-    pub async fn recv(
+    pub fn recv(
         &self,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
+        timeout_ms: i32,
     ) -> io::Result<usize> {
-        let n = self
-            .socket
-            .async_io(Interest::READABLE, || {
-                self.state.recv((&self.socket).into(), bufs, meta)
-            })
-            .await?;
+        let n = loop {
+            match self.state.recv((&self.socket).into(), bufs, meta) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !wait(self.socket.as_raw_fd(), libc::POLLIN, timeout_ms)? {
+                        return Ok(0);
+                    }
+                }
+                r => break r?,
+            }
+        };
         for m in meta.iter_mut().take(n) {
             m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
         }
         Ok(n)
+    }
+}
+
+/// Waits until `fd` is ready for `events` or `timeout_ms` passes; returns
+/// whether it is ready.
+pub fn wait(fd: std::os::fd::RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, count 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if r >= 0 {
+            return Ok(r > 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
