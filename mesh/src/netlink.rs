@@ -133,13 +133,17 @@ impl Link {
     }
 
     /// Deletes the link (the kernel drops its addresses and routes with it).
+    /// A link already gone (a TUN device disappears when its last file
+    /// descriptor closes) is not an error.
     pub async fn delete(&self) -> Result<(), NetlinkError> {
-        self.handle
-            .link()
-            .del(self.index)
-            .execute()
-            .await
-            .map_err(self.err("deleting the link"))
+        match self.handle.link().del(self.index).execute().await {
+            Err(rtnetlink::Error::NetlinkError(m))
+                if m.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
+            {
+                Ok(())
+            }
+            r => r.map_err(self.err("deleting the link")),
+        }
     }
 }
 

@@ -1,0 +1,69 @@
+//! Weft's lab harness: network namespaces, veth links, a simulated internet,
+//! NAT routers, our `mesh` node and the `wireguard-go` reference peer, and
+//! traffic probes (ping, checksummed TCP transfers, iperf3, gap monitors).
+//!
+//! Every lab object lives in a namespace named `wft-*` and is torn down by a
+//! drop guard, so tests can run in parallel and a panic leaves nothing behind.
+//! See `/work/shared/LAB.md` for the machine facts this relies on.
+
+pub mod cleanup;
+pub mod netns;
+pub mod node;
+pub mod proc;
+pub mod router;
+pub mod traffic;
+pub mod wgconf;
+pub mod wggo;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use cleanup::cleanup_stale;
+pub use netns::{link, Netns};
+pub use node::MeshNode;
+pub use proc::Proc;
+pub use router::{Internet, Nat, Router};
+pub use wgconf::{
+    connect_full_mesh, endpoint, overlay_node, overlay_v4, overlay_v6, Interface, Keypair, Peer,
+};
+pub use wggo::WgGo;
+
+/// Every namespace the lab creates starts with this; cleanup touches nothing else.
+pub const NETNS_PREFIX: &str = "wft-";
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+/// Path of a project binary: `$WEFT_BIN_DIR/NAME` if set, else
+/// `<workspace>/target/release/NAME`. Panics if it does not exist.
+pub fn bin(name: &str) -> PathBuf {
+    let path = match std::env::var_os("WEFT_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => workspace_root().join("target/release").join(name),
+    };
+    assert!(
+        path.is_file(),
+        "{} not found: build it first: cargo build --release --bins",
+        path.display()
+    );
+    path
+}
+
+/// A WireGuard interface name unique across concurrently running tests (the
+/// UAPI socket directory `/var/run/wireguard` is shared by all namespaces):
+/// `wf<pid hex>x<counter>`, at most 15 characters.
+pub fn unique_ifname() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let name = format!("wf{:x}x{n}", std::process::id());
+    assert!(name.len() <= 15, "interface name {name} too long");
+    name
+}
+
+/// The UAPI socket path of an interface.
+pub fn uapi_socket(ifname: &str) -> PathBuf {
+    PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"))
+}

@@ -1,0 +1,148 @@
+//! The simulated internet (one bridge, two documentation /24s) and home NAT routers.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::netns::{link, Netns};
+
+/// Gateway of the 203.0.113.0/24 "internet" segment.
+pub const NET_A_GW: &str = "203.0.113.1";
+/// Gateway of the 198.51.100.0/24 "internet" segment.
+pub const NET_B_GW: &str = "198.51.100.1";
+
+/// The simulated internet: a namespace with bridge `br0` carrying
+/// 203.0.113.0/24 and 198.51.100.0/24 (gateways `.1`), routing between them.
+/// Hosts attach with a veth whose far end joins the bridge.
+pub struct Internet {
+    ns: Netns,
+    ports: AtomicU32,
+}
+
+impl Internet {
+    pub fn new(tag: &str) -> Internet {
+        let ns = Netns::new(&format!("{tag}-net"));
+        ns.exec("ip link add name br0 type bridge && ip link set br0 up");
+        ns.add_addr("br0", &format!("{NET_A_GW}/24"));
+        ns.add_addr("br0", &format!("{NET_B_GW}/24"));
+        ns.enable_forwarding();
+        Internet {
+            ns,
+            ports: AtomicU32::new(0),
+        }
+    }
+
+    /// The internet's own namespace (bridge, gateways).
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// A new namespace `tag` plugged in as `eth0` with `ip`/24 (see `attach`).
+    pub fn host(&self, tag: &str, ip: &str) -> Netns {
+        let ns = Netns::new(tag);
+        self.attach(&ns, "eth0", &format!("{ip}/24"));
+        ns
+    }
+
+    /// Plugs `ns` in: veth `ifname` in `ns` with address `cidr` (a /24 of
+    /// 203.0.113.0 or 198.51.100.0) and a default route via that segment's `.1`.
+    pub fn attach(&self, ns: &Netns, ifname: &str, cidr: &str) {
+        let n = self.ports.fetch_add(1, Ordering::Relaxed);
+        let port = format!("p{n}");
+        link(ns, ifname, Some(cidr), &self.ns, &port, None);
+        self.ns.exec(&format!("ip link set {port} master br0"));
+        ns.route(&format!("default via {}", gateway_for(cidr)));
+    }
+}
+
+/// The `.1` gateway of the internet segment an address is in.
+pub fn gateway_for(addr: &str) -> &'static str {
+    if addr.starts_with("198.51.100.") {
+        NET_B_GW
+    } else {
+        NET_A_GW
+    }
+}
+
+/// NAT behaviour of a [`Router`] (measured in LAB.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nat {
+    /// `masquerade`: endpoint-independent mapping, source port kept.
+    Easy,
+    /// `masquerade random`: a new random port per destination (symmetric).
+    Hard,
+}
+
+/// A home router: namespace with `wan` on the internet, a LAN bridge `lan`
+/// with the LAN's first address, NAT on `wan`, and the home firewall (drop
+/// `ct state new` arriving from `wan`, for input and forward).
+pub struct Router {
+    ns: Netns,
+    wan_ip: String,
+    lan_prefix: String,
+    lan_len: u8,
+    hosts: AtomicU32,
+}
+
+impl Router {
+    /// `wan_cidr` on the internet (e.g. `203.0.113.10/24`); `lan` a slice of
+    /// 192.0.2.0/24 (e.g. `192.0.2.32/27`); the router takes the LAN's `.1`.
+    pub fn new(internet: &Internet, tag: &str, nat: Nat, wan_cidr: &str, lan: &str) -> Router {
+        let ns = Netns::new(&format!("{tag}-rt"));
+        internet.attach(&ns, "wan", wan_cidr);
+        let (net, len) = lan.split_once('/').expect("lan as a.b.c.d/len");
+        let len: u8 = len.parse().expect("lan prefix length");
+        let base: std::net::Ipv4Addr = net.parse().expect("lan network address");
+        let base = u32::from(base);
+        let gw = std::net::Ipv4Addr::from(base + 1);
+        ns.exec("ip link add name lan type bridge && ip link set lan up");
+        ns.add_addr("lan", &format!("{gw}/{len}"));
+        ns.enable_forwarding();
+        let random = if nat == Nat::Hard { " random" } else { "" };
+        ns.exec(&format!(
+            "nft add table ip nat && \
+             nft add chain ip nat post '{{ type nat hook postrouting priority 100; }}' && \
+             nft add rule ip nat post oifname wan masquerade{random} && \
+             nft add table inet fw && \
+             nft add chain inet fw input '{{ type filter hook input priority 0; policy accept; }}' && \
+             nft add rule inet fw input iifname wan ct state new drop && \
+             nft add chain inet fw forward '{{ type filter hook forward priority 0; policy accept; }}' && \
+             nft add rule inet fw forward iifname wan ct state new drop"
+        ));
+        Router {
+            ns,
+            wan_ip: wan_cidr.split('/').next().unwrap_or(wan_cidr).to_string(),
+            lan_prefix: net.to_string(),
+            lan_len: len,
+            hosts: AtomicU32::new(10),
+        }
+    }
+
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The router's public (WAN) address.
+    pub fn wan_ip(&self) -> &str {
+        &self.wan_ip
+    }
+
+    /// Puts `ns` on the LAN as `ifname` with the next free address (from `.10`),
+    /// default route via the router. Returns the host's address (no prefix).
+    pub fn attach(&self, ns: &Netns, ifname: &str) -> String {
+        let n = self.hosts.fetch_add(1, Ordering::Relaxed);
+        let base: std::net::Ipv4Addr = self.lan_prefix.parse().expect("lan network address");
+        let ip = std::net::Ipv4Addr::from(u32::from(base) + n);
+        let gw = std::net::Ipv4Addr::from(u32::from(base) + 1);
+        let port = format!("h{n}");
+        link(
+            ns,
+            ifname,
+            Some(&format!("{ip}/{}", self.lan_len)),
+            &self.ns,
+            &port,
+            None,
+        );
+        self.ns.exec(&format!("ip link set {port} master lan"));
+        ns.route(&format!("default via {gw}"));
+        ip.to_string()
+    }
+}

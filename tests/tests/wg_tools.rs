@@ -1,0 +1,230 @@
+//! The stock `wg` tool works against our node like against wireguard-go:
+//! `wg show`, `wg show dump`, `wg showconf` report the configuration; `wg set`
+//! adds and removes a peer at runtime with traffic following; `mesh status
+//! --json` reports endpoint, handshake and byte counters.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use weft_tests::traffic;
+use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode, Netns, WgGo};
+
+struct Lab {
+    net: Internet,
+    a: Netns,
+    b: Netns,
+    na: MeshNode,
+    nb: MeshNode,
+}
+
+/// Two of our nodes, A (203.0.113.10) and B (203.0.113.20), peers of each other.
+fn lab(tag: &str) -> Lab {
+    let net = Internet::new(tag);
+    let a = net.host(tag, "203.0.113.10");
+    let b = net.host(tag, "203.0.113.20");
+    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51821)];
+    connect_full_mesh(
+        &mut ifs,
+        &["203.0.113.10:51820".into(), "203.0.113.20:51821".into()],
+    );
+    let na = MeshNode::start(&a, &ifs[0]);
+    let nb = MeshNode::start(&b, &ifs[1]);
+    Lab { net, a, b, na, nb }
+}
+
+fn set_of(csv: &str) -> BTreeSet<String> {
+    csv.split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn show_dump_and_showconf_report_the_config() {
+    let l = lab("wgs");
+    let ifn = l.na.ifname();
+    let (me, peer) = (&l.na.iface, &l.nb.iface);
+    let want_ips = set_of(&peer.host_ips().join(","));
+
+    let show = l.na.wg(&format!("show {ifn}"));
+    for want in [
+        format!("interface: {ifn}"),
+        format!("public key: {}", me.keys.public),
+        "private key: (hidden)".to_string(),
+        "listening port: 51820".to_string(),
+        format!("peer: {}", peer.keys.public),
+        "endpoint: 203.0.113.20:51821".to_string(),
+    ] {
+        assert!(show.contains(&want), "`wg show` lacks {want:?}:\n{show}");
+    }
+    let ips_line = show
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("allowed ips: "))
+        .unwrap_or_else(|| panic!("no allowed ips in `wg show`:\n{show}"));
+    assert_eq!(set_of(ips_line), want_ips, "`wg show` allowed ips");
+
+    let dump = l.na.wg(&format!("show {ifn} dump"));
+    let lines: Vec<Vec<&str>> = dump.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "dump: one interface line, one peer line:\n{dump}"
+    );
+    assert_eq!(
+        lines[0][..3],
+        [me.keys.private.as_str(), me.keys.public.as_str(), "51820"],
+        "dump interface line"
+    );
+    let p = &lines[1];
+    assert_eq!(p.len(), 8, "dump peer line has 8 fields: {p:?}");
+    assert_eq!(p[0], peer.keys.public);
+    assert_eq!(p[1], "(none)", "preshared key");
+    assert_eq!(p[2], "203.0.113.20:51821");
+    assert_eq!(set_of(p[3]), want_ips);
+    assert_eq!(p[4], "0", "handshake before any traffic");
+    assert_eq!(p[7], "off", "persistent keepalive");
+
+    let conf = l.na.wg(&format!("showconf {ifn}"));
+    for want in [
+        "[Interface]".to_string(),
+        "ListenPort = 51820".to_string(),
+        format!("PrivateKey = {}", me.keys.private),
+        "[Peer]".to_string(),
+        format!("PublicKey = {}", peer.keys.public),
+        "Endpoint = 203.0.113.20:51821".to_string(),
+    ] {
+        assert!(
+            conf.contains(&want),
+            "`wg showconf` lacks {want:?}:\n{conf}"
+        );
+    }
+    let conf_ips = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("AllowedIPs = "))
+        .unwrap_or_else(|| panic!("no AllowedIPs in showconf:\n{conf}"));
+    assert_eq!(set_of(conf_ips), want_ips);
+}
+
+#[test]
+fn status_json_reports_endpoint_handshake_and_counters() {
+    let l = lab("wgj");
+    let b_ip = l.nb.iface.ip(false);
+    let before = l.na.status();
+    assert_eq!(before.interface, l.na.ifname());
+    assert_eq!(before.public_key, l.na.public_key());
+    assert_eq!(before.listen_port, 51820);
+    let p = before.peer(l.nb.public_key()).expect("peer B listed");
+    assert_eq!(
+        p.latest_handshake_unix, None,
+        "handshake before traffic: {p:?}"
+    );
+    assert_eq!(p.endpoint.as_deref(), Some("203.0.113.20:51821"));
+    assert_eq!(
+        p.allowed_ips.iter().cloned().collect::<BTreeSet<_>>(),
+        l.nb.iface.host_ips().into_iter().collect::<BTreeSet<_>>()
+    );
+
+    assert!(
+        traffic::wait_ping(&l.a, &b_ip, Duration::from_secs(10)),
+        "no tunnel:\n{}",
+        l.na.log_tail(30)
+    );
+    assert!(traffic::ping(&l.a, &b_ip, 5, 0.05, 1).all_ok());
+    let after = l.na.status();
+    let p = after.peer(l.nb.public_key()).expect("peer B listed");
+    assert_eq!(p.endpoint.as_deref(), Some("203.0.113.20:51821"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hs = p.latest_handshake_unix.expect("a handshake after traffic");
+    assert!(
+        hs <= now + 1 && hs + 30 >= now,
+        "handshake time {hs} vs now {now}"
+    );
+    assert!(p.latest_handshake_age_s.is_some_and(|a| a < 30), "{p:?}");
+    assert!(p.rx_bytes > 0 && p.tx_bytes > 0, "counters: {p:?}");
+    // B's view agrees.
+    let pb = l.nb.status();
+    let pb = pb.peer(l.na.public_key()).expect("peer A listed at B");
+    assert!(pb.rx_bytes > 0 && pb.tx_bytes > 0, "B counters: {pb:?}");
+    assert!(traffic::ping(&l.b, &l.na.iface.ip(true), 2, 0.05, 1).all_ok());
+}
+
+#[test]
+fn wg_set_adds_and_removes_a_peer_at_runtime() {
+    let l = lab("wga");
+    let ifn = l.na.ifname().to_string();
+    // A wireguard-go peer C that already knows A; A learns C only through `wg set`.
+    let c = Netns::new("wga-c");
+    l.net.attach(&c, "eth0", "203.0.113.30/24");
+    let mut ci = overlay_node(3, 51822);
+    ci.peers
+        .push(l.na.iface.as_peer(Some("203.0.113.10:51820")));
+    let wc = WgGo::start(&c, &ci);
+    let c_ip = ci.ip(false);
+    // C's address is not in A's routes yet: route it into A's interface, as a user would.
+    l.a.exec(&format!("ip route add {c_ip}/32 dev {ifn}"));
+    assert!(
+        !traffic::ping(&l.a, &c_ip, 2, 0.2, 1).any_ok(),
+        "C reachable before it was added"
+    );
+
+    l.na.wg(&format!(
+        "set {ifn} peer {} allowed-ips {c_ip}/32 endpoint 203.0.113.30:51822",
+        wc.public_key()
+    ));
+    let peers = l.na.wg(&format!("show {ifn} peers"));
+    assert!(
+        peers.contains(wc.public_key()),
+        "added peer not listed:\n{peers}"
+    );
+    assert!(
+        traffic::wait_ping(&l.a, &c_ip, Duration::from_secs(10)),
+        "no traffic to the peer added at runtime:\nour log:\n{}",
+        l.na.log_tail(30)
+    );
+    assert!(
+        traffic::ping(&c, &l.na.iface.ip(false), 3, 0.05, 1).all_ok(),
+        "C -> A"
+    );
+    traffic::tcp_transfer(&l.a, &c, &c_ip, 7001, 2).assert_intact("A -> runtime peer C");
+    let st = l.na.status();
+    let pc = st.peer(wc.public_key()).expect("C in mesh status");
+    assert_eq!(pc.allowed_ips, vec![format!("{c_ip}/32")]);
+    assert!(pc.rx_bytes > 0 && pc.tx_bytes > 0, "{pc:?}");
+    // The original peer is untouched.
+    assert!(traffic::ping(&l.a, &l.nb.iface.ip(false), 2, 0.05, 1).all_ok());
+
+    l.na.wg(&format!("set {ifn} peer {} remove", wc.public_key()));
+    let show = l.na.wg(&format!("show {ifn}"));
+    assert!(
+        !show.contains(wc.public_key()),
+        "removed peer still listed:\n{show}"
+    );
+    assert!(
+        show.contains(l.nb.public_key()),
+        "other peer vanished:\n{show}"
+    );
+    assert!(
+        l.na.status().peer(wc.public_key()).is_none(),
+        "removed peer in mesh status"
+    );
+    let p = traffic::ping(&l.a, &c_ip, 3, 0.2, 1);
+    assert!(
+        !p.any_ok(),
+        "traffic still flows to the removed peer:\n{}",
+        p.output
+    );
+    let p = traffic::ping(&c, &l.na.iface.ip(false), 3, 0.2, 1);
+    assert!(
+        !p.any_ok(),
+        "removed peer still gets answers:\n{}",
+        p.output
+    );
+    assert!(
+        traffic::ping(&l.a, &l.nb.iface.ip(false), 2, 0.05, 1).all_ok(),
+        "B lost after removing C"
+    );
+}
