@@ -75,7 +75,7 @@ weft_namespaces() {
     ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${prefix}" || true
 }
 
-# Delete every network namespace whose name starts with PREFIX (default `wft-`; a caller may narrow it,
+# Delete every stale network namespace whose name starts with PREFIX (default `wft-`; a caller may narrow it,
 # e.g. `wft-demo-`, never widen it). Processes still inside one (a lab daemon a crashed test left behind,
 # which would otherwise keep its UAPI socket busy) get SIGTERM, then SIGKILL; they are found by pid
 # with `ip netns pids`, so nothing outside those namespaces is ever signalled.
@@ -86,6 +86,18 @@ delete_weft_namespaces() {
     while read -r ns; do
         [[ -n $ns ]] || continue
         pids=$(ip netns pids "$ns" 2>/dev/null || true)
+        # Only stale ones: a namespace whose name carries its creator's pid
+        # (wft-<tag>-<pid>-<n>) is live while that pid runs; one without a pid
+        # (the demo's) is live while processes run inside it. Another
+        # developer's or test run's lab on this machine is left alone.
+        local owner
+        owner=$(sed -nE 's/^[a-z]+-[a-z-]*-([0-9]+)(-.*)?$/\1/p' <<<"$ns")
+        if [[ -n $owner ]] && kill -0 "$owner" 2>/dev/null; then
+            continue
+        fi
+        if [[ -z $owner && -n $pids ]]; then
+            continue
+        fi
         if [[ -n $pids ]]; then
             # shellcheck disable=SC2086 # one pid per word
             kill -TERM $pids 2>/dev/null || true
