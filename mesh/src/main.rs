@@ -90,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("cannot derive an interface name from the config file name; pass --interface")?,
             };
             init_logging();
+            warn_if_readable_by_others(&wg_config);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -179,6 +180,22 @@ fn status(interface: Option<String>, json: bool, uapi_dir: &std::path::Path) -> 
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// The config holds the private key: say so when others can read it, as
+/// wg-quick does (not an error: the operator may have reasons).
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "config file holding the private key is accessible to other users; chmod 600 it"
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {
