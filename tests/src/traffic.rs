@@ -69,17 +69,7 @@ pub fn ping(ns: &Netns, dst: &str, count: u32, interval_s: f64, timeout_s: u32) 
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|t| t.split_whitespace().next()?.parse().ok())
         .collect();
-    let (mut transmitted, mut received) = (0, 0);
-    for l in output.lines().filter(|l| l.contains("packets transmitted")) {
-        let nums: Vec<u32> = l
-            .split(',')
-            .filter_map(|p| p.split_whitespace().next()?.parse().ok())
-            .collect();
-        if nums.len() >= 2 {
-            transmitted = nums[0];
-            received = nums[1];
-        }
-    }
+    let (transmitted, received) = ping_summary(&output).unwrap_or((0, 0));
     Ping {
         transmitted,
         received,
@@ -465,17 +455,7 @@ impl GapMonitor {
             .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
             .collect();
         let (max_gap, max_end) = longest_gap(self.started, &stamps, stopped);
-        let (mut transmitted, mut received) = (0, stamps.len() as u32);
-        for l in log.lines().filter(|l| l.contains("packets transmitted")) {
-            let nums: Vec<u32> = l
-                .split(',')
-                .filter_map(|p| p.split_whitespace().next()?.parse().ok())
-                .collect();
-            if nums.len() >= 2 {
-                transmitted = nums[0];
-                received = nums[1];
-            }
-        }
+        let (transmitted, received) = ping_summary(&log).unwrap_or((0, stamps.len() as u32));
         GapReport {
             dst: self.dst,
             transmitted,
@@ -512,4 +492,19 @@ mod tests {
         assert!(parse_iperf3(r#"{"error":"unable to connect"}"#).is_err());
         assert!(parse_iperf3("not json").is_err());
     }
+}
+
+/// (transmitted, received) from ping's "N packets transmitted, M received" line.
+fn ping_summary(output: &str) -> Option<(u32, u32)> {
+    output
+        .lines()
+        .filter(|l| l.contains("packets transmitted"))
+        .filter_map(|l| {
+            let nums: Vec<u32> = l
+                .split(',')
+                .filter_map(|p| p.split_whitespace().next()?.parse().ok())
+                .collect();
+            Some((*nums.first()?, *nums.get(1)?))
+        })
+        .last()
 }
