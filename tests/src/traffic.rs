@@ -467,6 +467,21 @@ impl GapMonitor {
     }
 }
 
+/// (transmitted, received) from ping's "N packets transmitted, M received" line.
+fn ping_summary(output: &str) -> Option<(u32, u32)> {
+    output
+        .lines()
+        .filter(|l| l.contains("packets transmitted"))
+        .filter_map(|l| {
+            let nums: Vec<u32> = l
+                .split(',')
+                .filter_map(|p| p.split_whitespace().next()?.parse().ok())
+                .collect();
+            Some((*nums.first()?, *nums.get(1)?))
+        })
+        .next_back()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -492,19 +507,4 @@ mod tests {
         assert!(parse_iperf3(r#"{"error":"unable to connect"}"#).is_err());
         assert!(parse_iperf3("not json").is_err());
     }
-}
-
-/// (transmitted, received) from ping's "N packets transmitted, M received" line.
-fn ping_summary(output: &str) -> Option<(u32, u32)> {
-    output
-        .lines()
-        .filter(|l| l.contains("packets transmitted"))
-        .filter_map(|l| {
-            let nums: Vec<u32> = l
-                .split(',')
-                .filter_map(|p| p.split_whitespace().next()?.parse().ok())
-                .collect();
-            Some((*nums.first()?, *nums.get(1)?))
-        })
-        .last()
 }
