@@ -24,6 +24,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use quinn_udp::RecvMeta;
 use std::os::fd::AsRawFd;
+
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -163,6 +165,7 @@ async fn serve(
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    let outbound = Arc::new(Mutex::new(Outbound::new()));
     let (exited_tx, mut exited) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
     let mut threads = Vec::new();
     for (name, f) in [
@@ -176,10 +179,11 @@ async fn serve(
             stop.clone(),
             exited_tx.clone(),
         );
+        let outbound = outbound.clone();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let r = f(&device, &tun, &udp, &stop);
+                let r = f(&device, &tun, &udp, &stop, &outbound);
                 let _ = tx.send(r.with_context(|| format!("data path {name}")));
             })
             .context("starting a data-path thread")?;
@@ -216,7 +220,8 @@ async fn serve(
 /// How long a data-path thread waits before re-checking the stop flag.
 const POLL_MS: i32 = 200;
 
-type DataPath = fn(&Device, &SyncDevice, &UdpIo, &AtomicBool) -> anyhow::Result<()>;
+type DataPath =
+    fn(&Device, &SyncDevice, &UdpIo, &AtomicBool, &Mutex<Outbound>) -> anyhow::Result<()>;
 
 /// A run of equal-size encrypted datagrams to one endpoint, sent with one GSO call.
 struct GsoRun {
@@ -271,38 +276,62 @@ impl GsoRun {
     }
 }
 
-fn tun_to_udp(
-    device: &Device,
-    tun: &SyncDevice,
-    udp: &UdpIo,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
-    let mut bufs = vec![vec![0u8; 65535]; TUN_READ_BATCH];
-    let mut sizes = vec![0usize; TUN_READ_BATCH];
-    // Room for one full GSO run plus the packet that did not fit it.
-    let mut out = vec![0u8; GSO_MAX_BYTES + 65535 + 2 * DATA_OVERHEAD + 256];
-    let mut handshake = vec![0u8; 256];
-    let fd = tun.as_raw_fd();
-    while !stop.load(Ordering::Relaxed) {
-        if !crate::udp::wait(fd, libc::POLLIN, POLL_MS).context("waiting on the TUN device")? {
-            continue;
+/// The outbound half of the data path: TUN read buffers, the GSO output
+/// buffer and the logic that drains the TUN queue into encrypted datagrams.
+/// Behind a mutex shared by both threads: `tun-to-udp` pumps it when the TUN
+/// device becomes readable, and `udp-to-tun` pumps it right after writing to
+/// the TUN device, because the kernel answers a delivered packet (TCP ACK,
+/// ICMP echo reply) during that write: sending the answer from the thread
+/// that is already awake saves a thread wake-up per round trip. Holding the
+/// lock while reading and sending keeps each flow's packets in order.
+pub(crate) struct Outbound {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Room for one full GSO run plus the packet that did not fit it.
+    out: Vec<u8>,
+    handshake: Vec<u8>,
+}
+
+impl Outbound {
+    fn new() -> Outbound {
+        Outbound {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
+            bufs: vec![vec![0u8; 65535]; TUN_READ_BATCH],
+            sizes: vec![0usize; TUN_READ_BATCH],
+            out: vec![0u8; GSO_MAX_BYTES + 65535 + 2 * DATA_OVERHEAD + 256],
+            handshake: vec![0u8; 256],
         }
+    }
+
+    /// Reads what the TUN device has queued (without waiting), encrypts it
+    /// and sends it. Returns how many packets were read.
+    fn pump(&mut self, device: &Device, tun: &SyncDevice, udp: &UdpIo) -> anyhow::Result<usize> {
+        let Outbound {
+            original,
+            bufs,
+            sizes,
+            out,
+            handshake,
+        } = self;
         // Read everything queued (ACK trains, more super-packets) so one GSO
         // send carries many datagrams; stop while room for a full split remains.
         let mut n = 0;
         while bufs.len() - n >= TUN_SPLIT_MAX {
-            match tun.recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], 0) {
+            match tun.recv_multiple(original, &mut bufs[n..], &mut sizes[n..], 0) {
                 Ok(more) => n += more,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("reading from the TUN device"),
             }
         }
+        if n == 0 {
+            return Ok(0);
+        }
         let snap = device.snapshot();
         let max_segments = udp.max_gso_segments().max(1);
         let mut run = GsoRun::new();
-        for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+        for (buf, &size) in bufs.iter().zip(sizes.iter()).take(n) {
             let packet = &buf[..size];
             let Some(peer) = packet_destination(packet).and_then(|d| snap.route(d)) else {
                 device.counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
@@ -311,13 +340,13 @@ fn tun_to_udp(
             // Encrypted size: padded to 16, plus header and tag; at least 148 for a handshake.
             let need = size.div_ceil(16) * 16 + DATA_OVERHEAD;
             if run.used + need.max(148) > out.len() {
-                run.flush(udp, &out);
+                run.flush(udp, out);
             }
             let start = run.used;
             match device.encapsulate(peer, packet, &mut out[start..start + need.max(148)]) {
                 Some((to, Encap::Data(len))) => {
                     if !run.accepts(to, len, max_segments) {
-                        run.flush(udp, &out);
+                        run.flush(udp, out);
                         out.copy_within(start..start + len, 0);
                     }
                     run.push(to, len);
@@ -331,7 +360,23 @@ fn tun_to_udp(
                 Some((_, Encap::Queued)) | None => {}
             }
         }
-        run.flush(udp, &out);
+        run.flush(udp, out);
+        Ok(n)
+    }
+}
+
+fn tun_to_udp(
+    device: &Device,
+    tun: &SyncDevice,
+    udp: &UdpIo,
+    stop: &AtomicBool,
+    outbound: &Mutex<Outbound>,
+) -> anyhow::Result<()> {
+    let fd = tun.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        if crate::udp::wait(fd, libc::POLLIN, POLL_MS).context("waiting on the TUN device")? {
+            outbound.lock().pump(device, tun, udp)?;
+        }
     }
     Ok(())
 }
@@ -341,6 +386,7 @@ fn udp_to_tun(
     tun: &SyncDevice,
     udp: &UdpIo,
     stop: &AtomicBool,
+    outbound: &Mutex<Outbound>,
 ) -> anyhow::Result<()> {
     let mut rbufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| vec![0u8; 65535]);
     let mut meta = [RecvMeta::default(); RECV_BATCH];
@@ -393,6 +439,11 @@ fn udp_to_tun(
             }
             for tb in tunbufs.iter_mut().take(k) {
                 tb.resize(VIRTIO_NET_HDR_LEN + TUN_BUF, 0);
+            }
+            // Send what the kernel answered during those writes, unless the
+            // other thread is already at it.
+            if let Some(mut ob) = outbound.try_lock() {
+                ob.pump(device, tun, udp)?;
             }
         }
         for o in outq.drain(..) {
