@@ -191,7 +191,12 @@ async fn serve(
     }
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(timers(device.clone(), udp.clone()));
-    tasks.spawn(uapi::serve(uapi_listener, device.clone(), link.clone()));
+    tasks.spawn(uapi::serve(
+        uapi_listener,
+        device.clone(),
+        link.clone(),
+        udp.clone(),
+    ));
 
     let result = tokio::select! {
         _ = shutdown => {

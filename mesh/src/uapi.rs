@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::device::Device;
 use crate::netlink::{installs_route, Link};
+use crate::udp::UdpIo;
 
 /// Largest request accepted on the UAPI socket.
 const MAX_REQUEST: usize = 4 << 20;
@@ -67,7 +68,12 @@ impl Drop for Listener {
 }
 
 /// Serves UAPI clients until cancelled.
-pub async fn serve(listener: Listener, device: Arc<Device>, link: Link) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: Listener,
+    device: Arc<Device>,
+    link: Link,
+    udp: Arc<UdpIo>,
+) -> anyhow::Result<()> {
     loop {
         let (stream, _) = listener
             .listener
@@ -76,15 +82,21 @@ pub async fn serve(listener: Listener, device: Arc<Device>, link: Link) -> anyho
             .context("accepting on the UAPI socket")?;
         let device = device.clone();
         let link = link.clone();
+        let udp = udp.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &device, &link).await {
+            if let Err(e) = handle(stream, &device, &link, &udp).await {
                 tracing::debug!(error = %e, "UAPI client error");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, device: &Device, link: &Link) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    device: &Device,
+    link: &Link,
+    udp: &UdpIo,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     let mut request = String::new();
@@ -103,18 +115,28 @@ async fn handle(stream: UnixStream, device: &Device, link: &Link) -> std::io::Re
         if request.is_empty() {
             continue;
         }
-        let response = respond(&request, device, link).await;
+        let response = respond(&request, device, link, udp).await;
         write.write_all(response.as_bytes()).await?;
         request.clear();
     }
     Ok(())
 }
 
-async fn respond(request: &str, device: &Device, link: &Link) -> String {
+async fn respond(request: &str, device: &Device, link: &Link, udp: &UdpIo) -> String {
     match codec::parse_request(request) {
         Ok(codec::Request::Get) => codec::format_get_response(&device.info(SystemTime::now())),
-        Ok(codec::Request::Set(set)) => match device.apply(set) {
-            Ok(diff) => {
+        Ok(codec::Request::Set(set)) => match (set.fwmark, device.apply(set)) {
+            (_, Err(e)) => {
+                tracing::warn!(error = %e, "UAPI set rejected");
+                codec::format_errno(libc::EINVAL)
+            }
+            (mark, Ok(diff)) => {
+                if let Some(mark) = mark {
+                    if let Err(e) = udp.set_mark(mark) {
+                        tracing::warn!(mark, error = %e, "setting the socket's fwmark failed");
+                        return codec::format_errno(libc::EPERM);
+                    }
+                }
                 // Like wg-quick at start, keep a kernel route for every AllowedIP.
                 for net in diff.removed.iter().filter(|n| installs_route(n)) {
                     if let Err(e) = link.del_route(*net).await {
@@ -127,10 +149,6 @@ async fn respond(request: &str, device: &Device, link: &Link) -> String {
                     }
                 }
                 codec::format_errno(0)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "UAPI set rejected");
-                codec::format_errno(libc::EINVAL)
             }
         },
         Err(e) => {

@@ -71,6 +71,11 @@ impl UdpIo {
         self.socket.local_addr().map(|a| a.port())
     }
 
+    /// Sets SO_MARK on the socket (0 clears it), as `wg set NAME fwmark` asks.
+    pub fn set_mark(&self, mark: u32) -> io::Result<()> {
+        socket2::SockRef::from(&self.socket).set_mark(mark)
+    }
+
     /// Most datagrams one GSO send may carry (1 without GSO).
     pub fn max_gso_segments(&self) -> usize {
         self.state.max_gso_segments()

@@ -104,6 +104,17 @@ fn show_dump_and_showconf_report_the_config() {
         .find_map(|l| l.strip_prefix("AllowedIPs = "))
         .unwrap_or_else(|| panic!("no AllowedIPs in showconf:\n{conf}"));
     assert_eq!(set_of(conf_ips), want_ips);
+
+    // `wg set fwmark` reaches the socket: what wg-quick relies on for policy routing.
+    l.na.wg(&format!("set {ifn} fwmark 0x1234"));
+    assert_eq!(l.na.wg(&format!("show {ifn} fwmark")).trim(), "0x1234");
+    let sockets = l.a.exec("ss -uaen 2>/dev/null");
+    assert!(
+        sockets
+            .lines()
+            .any(|s| s.contains(":51820 ") && s.contains("fwmark:0x1234")),
+        "the UDP socket does not carry the mark:\n{sockets}"
+    );
 }
 
 #[test]
