@@ -56,3 +56,43 @@ fn three_nodes_full_mesh_v4_and_v6() {
         }
     }
 }
+
+/// Two nodes whose underlay is IPv6 only (endpoints written `[addr]:port`):
+/// the dual-stack socket carries the tunnel, overlay v4 and v6 both work.
+#[test]
+fn ipv6_underlay_endpoints() {
+    let a = weft_tests::Netns::new("m6a");
+    let b = weft_tests::Netns::new("m6b");
+    weft_tests::link(
+        &a,
+        "u6a",
+        Some("2001:db8:6::1/64"),
+        &b,
+        "u6b",
+        Some("2001:db8:6::2/64"),
+    );
+    let mut ifaces = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
+    connect_full_mesh(
+        &mut ifaces,
+        &[
+            "[2001:db8:6::1]:51820".into(),
+            "[2001:db8:6::2]:51820".into(),
+        ],
+    );
+    let na = MeshNode::start(&a, &ifaces[0]);
+    let nb = MeshNode::start(&b, &ifaces[1]);
+    for v6 in [false, true] {
+        let dst = ifaces[1].ip(v6);
+        assert!(
+            traffic::wait_ping(&a, &dst, Duration::from_secs(10)),
+            "no reply from {dst} over an IPv6 underlay\n{}\n{}",
+            na.log_tail(30),
+            nb.log_tail(30)
+        );
+        traffic::tcp_transfer(&a, &b, &dst, if v6 { 6101 } else { 6100 }, 4)
+            .assert_intact(&format!("a -> b ({dst}) over IPv6 underlay"));
+    }
+    let st = nb.status();
+    let peer = st.peer(na.public_key()).expect("A in B's status");
+    assert_eq!(peer.endpoint.as_deref(), Some("[2001:db8:6::1]:51820"));
+}
