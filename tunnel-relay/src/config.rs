@@ -1,0 +1,231 @@
+//! The relay's configuration file (TOML). Every field is optional; the
+//! defaults are documented on each field and in [`RelayConfig::default`].
+//!
+//! ```toml
+//! # Addresses written into new join tokens (host:port). Default: none, then
+//! # `token create --relay-addr` or the address `serve` listens on is used.
+//! public_addrs = ["203.0.113.2:4433"]
+//!
+//! # Prometheus metrics (GET /metrics). Default: off.
+//! metrics_listen = "127.0.0.1:9464"
+//!
+//! [limits]
+//! max_streams_per_node = 1024          # concurrent tunnels per node
+//! new_connections_per_ip_per_sec = 20  # also the burst size
+//! handshake_timeout_ms = 10000         # QUIC + Noise admission
+//! idle_timeout_ms = 30000              # QUIC idle timeout (keepalives keep clients up)
+//!
+//! # Who may open whose services. Default: exactly this one rule.
+//! [[policy.allow]]
+//! from = "engineer"    # tag of the node opening the tunnel
+//! to = "worker"        # tag of the node exposing the service
+//! services = ["*"]     # service names, "*" = all (default)
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// The relay configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Addresses put into new tokens. Default: empty.
+    pub public_addrs: Vec<String>,
+    /// Where to serve Prometheus metrics (`GET /metrics`). Default: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Limits.
+    pub limits: Limits,
+    /// Authorization policy.
+    pub policy: Policy,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent tunnels one node may have open (as opener or as target). Default 1024.
+    pub max_streams_per_node: u32,
+    /// New QUIC connections accepted per source IP per second (and burst). Default 20.
+    pub new_connections_per_ip_per_sec: u32,
+    /// Time for QUIC + Noise admission, in ms. Default 10000.
+    pub handshake_timeout_ms: u64,
+    /// QUIC idle timeout, in ms. Default 30000.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_streams_per_node: 1024,
+            new_connections_per_ip_per_sec: 20,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The handshake timeout.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+/// Tag-based authorization.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Allow rules; anything not allowed is denied. Default: `engineer` → `worker`, all services.
+    pub allow: Vec<AllowRule>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allow: vec![AllowRule {
+                from: "engineer".into(),
+                to: "worker".into(),
+                services: vec!["*".into()],
+            }],
+        }
+    }
+}
+
+/// One allow rule.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRule {
+    /// Tag of the opening node.
+    pub from: String,
+    /// Tag of the target node.
+    pub to: String,
+    /// Services allowed; `"*"` means all. Default `["*"]`.
+    #[serde(default = "all_services")]
+    pub services: Vec<String>,
+}
+
+fn all_services() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl Policy {
+    /// Whether a node tagged `from` may open `service` on a node tagged `to`.
+    pub fn allows(&self, from: &[String], to: &[String], service: &str) -> bool {
+        self.allow.iter().any(|r| {
+            from.contains(&r.from)
+                && to.contains(&r.to)
+                && r.services.iter().any(|s| s == "*" || s == service)
+        })
+    }
+}
+
+impl RelayConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<RelayConfig, ConfigError> {
+        let cfg: RelayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let invalid = |message: &str| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message: message.to_string(),
+        };
+        if cfg.limits.max_streams_per_node == 0 {
+            return Err(invalid("limits.max_streams_per_node must be at least 1"));
+        }
+        if cfg.limits.new_connections_per_ip_per_sec == 0 {
+            return Err(invalid(
+                "limits.new_connections_per_ip_per_sec must be at least 1",
+            ));
+        }
+        if cfg.limits.handshake_timeout_ms < 100 || cfg.limits.idle_timeout_ms < 1000 {
+            return Err(invalid(
+                "limits.handshake_timeout_ms must be >= 100 and limits.idle_timeout_ms >= 1000",
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        RelayConfig::parse(&text, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = RelayConfig::parse("", "t").map_err(|e| e.to_string());
+        assert_eq!(c, Ok(RelayConfig::default()));
+        let d = RelayConfig::default();
+        assert_eq!(d.limits.max_streams_per_node, 1024);
+        assert_eq!(d.limits.new_connections_per_ip_per_sec, 20);
+        assert_eq!(d.limits.handshake_timeout(), Duration::from_secs(10));
+        assert_eq!(d.limits.idle_timeout(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn default_policy_engineer_to_worker_only() {
+        let p = Policy::default();
+        assert!(p.allows(&tags(&["engineer"]), &tags(&["worker"]), "ssh"));
+        assert!(!p.allows(&tags(&["worker"]), &tags(&["worker"]), "ssh"));
+        assert!(!p.allows(&tags(&["worker"]), &tags(&["engineer"]), "ssh"));
+        assert!(!p.allows(&tags(&["engineer"]), &tags(&["engineer"]), "ssh"));
+        assert!(!p.allows(&tags(&["guest"]), &tags(&["worker"]), "ssh"));
+    }
+
+    #[test]
+    fn service_restricted_rule() {
+        let c = RelayConfig::parse(
+            "[[policy.allow]]\nfrom = \"ops\"\nto = \"worker\"\nservices = [\"metrics\"]\n",
+            "t",
+        );
+        let Ok(c) = c else { panic!("parse") };
+        assert!(c
+            .policy
+            .allows(&tags(&["ops"]), &tags(&["worker"]), "metrics"));
+        assert!(!c.policy.allows(&tags(&["ops"]), &tags(&["worker"]), "ssh"));
+        // Replacing the rules drops the default rule.
+        assert!(!c
+            .policy
+            .allows(&tags(&["engineer"]), &tags(&["worker"]), "ssh"));
+    }
+
+    #[test]
+    fn unknown_field_names_line() {
+        let e = RelayConfig::parse("[limits]\nmax_streams = 3\n", "relay.toml");
+        let msg = e
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .err()
+            .unwrap_or_default();
+        assert!(
+            msg.contains("relay.toml") && msg.contains("max_streams") && msg.contains("line 2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn zero_limits_rejected() {
+        assert!(RelayConfig::parse("[limits]\nmax_streams_per_node = 0\n", "t").is_err());
+    }
+}

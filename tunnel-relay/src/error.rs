@@ -1,0 +1,176 @@
+//! Library error types (one enum per concern, a message on every variant).
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::wire::{FrameError, Rejection};
+
+/// Reading or writing the state directory (keys, certificates, SQLite).
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A key file does not hold a base64 32-byte key.
+    #[error("{}: not a base64 X25519 private key (32 bytes); delete it to create a new identity", .0.display())]
+    BadKeyFile(PathBuf),
+    /// A state file is malformed.
+    #[error("{}: {msg}", path.display())]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The SQLite registry failed.
+    #[error("registry database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// No such token or node.
+    #[error("{0}")]
+    NotFound(String),
+    /// The client state has no relay yet.
+    #[error("no relay known in {}: run with --token first (tunnel-relay login --token ... or expose --token ...)", .0.display())]
+    NotJoined(PathBuf),
+    /// Certificate generation failed.
+    #[error("certificate: {0}")]
+    Cert(String),
+}
+
+impl StateError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> StateError {
+        StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// A join token string that cannot be parsed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Wrong prefix: not a Weft relay token or a version this build cannot read.
+    #[error("not a Weft relay token (expected it to start with `wft1_`)")]
+    BadPrefix,
+    /// The base64 part is damaged.
+    #[error("token is damaged (bad base64): copy it again")]
+    BadBase64,
+    /// The decoded body is malformed.
+    #[error("token is damaged ({0}): copy it again")]
+    BadBody(&'static str),
+}
+
+/// A relay configuration file that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid (message carries line and column).
+    #[error("{origin}: {message}")]
+    Parse {
+        /// File name or `<string>`.
+        origin: String,
+        /// toml's message with position.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// File name or `<string>`.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Failures of the tunnel protocol on one connection or stream.
+#[derive(Debug, Error)]
+pub enum ProtoError {
+    /// Framing or decoding.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The Noise handshake failed (wrong key, tampered or unbound connection).
+    #[error("noise handshake failed: {0}")]
+    Noise(#[from] snow::Error),
+    /// The QUIC connection failed.
+    #[error("quic connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The TLS exporter value could not be derived.
+    #[error("tls exporter unavailable")]
+    Exporter,
+    /// The peer sent a message that does not belong here.
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+    /// The peer refused.
+    #[error("refused: {0}")]
+    Rejected(Rejection),
+    /// A step took too long.
+    #[error("timed out during {0}")]
+    Timeout(&'static str),
+}
+
+/// Errors of the relay server shell.
+#[derive(Debug, Error)]
+pub enum RelayError {
+    /// State directory.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Binding the UDP socket.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS configuration.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// Errors of the client side (login, expose, connect, forward).
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// State directory.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The relay (or the worker) refused; the reason is for the user.
+    #[error("relay refused: {0}")]
+    Rejected(Rejection),
+    /// No relay address worked.
+    #[error("cannot reach the relay at {addrs}: {last}")]
+    Unreachable {
+        /// The addresses tried.
+        addrs: String,
+        /// The last error.
+        last: String,
+    },
+    /// Protocol failure.
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    /// Local I/O (binding a socket, stdio).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS configuration.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// A bad argument.
+    #[error("{0}")]
+    Usage(String),
+}

@@ -1,0 +1,168 @@
+//! X25519 static identities (Noise IK keys), kept in a 0600 file.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use base64::Engine;
+use x25519_dalek::{PublicKey as XPublic, StaticSecret};
+
+use crate::error::StateError;
+
+/// A node's or the relay's public X25519 key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// Standard base64, as `wg` prints keys.
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+
+    /// The first 8 hex digits: for logs and default names.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..4])
+    }
+
+    /// From a byte slice of length 32.
+    pub fn from_slice(b: &[u8]) -> Option<PublicKey> {
+        <[u8; 32]>::try_from(b).ok().map(PublicKey)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.short())
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.short())
+    }
+}
+
+/// A static private key. `Debug` prints only the public half.
+#[derive(Clone)]
+pub struct StaticKey {
+    private: [u8; 32],
+    public: PublicKey,
+}
+
+impl StaticKey {
+    /// A fresh random key.
+    pub fn generate() -> StaticKey {
+        StaticKey::from_private(rand::random())
+    }
+
+    /// From private key bytes.
+    pub fn from_private(private: [u8; 32]) -> StaticKey {
+        let s = StaticSecret::from(private);
+        let public = PublicKey(XPublic::from(&s).to_bytes());
+        StaticKey {
+            private: s.to_bytes(),
+            public,
+        }
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+
+    /// The private bytes, for the Noise handshake only.
+    pub(crate) fn private_bytes(&self) -> &[u8; 32] {
+        &self.private
+    }
+
+    /// Loads the key from `path` (base64 of the private key), or creates it
+    /// with mode 0600 if the file does not exist.
+    pub fn load_or_create(path: &Path) -> Result<StaticKey, StateError> {
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .map_err(|_| StateError::BadKeyFile(path.to_path_buf()))?;
+                let private = <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| StateError::BadKeyFile(path.to_path_buf()))?;
+                let mode = fs::metadata(path)
+                    .map_err(|e| StateError::io(path, e))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "key file readable by others; chmod 600 it");
+                }
+                Ok(StaticKey::from_private(private))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = StaticKey::generate();
+                write_private(
+                    path,
+                    &base64::engine::general_purpose::STANDARD.encode(key.private),
+                )?;
+                Ok(key)
+            }
+            Err(e) => Err(StateError::io(path, e)),
+        }
+    }
+
+    /// Loads an existing key; `Ok(None)` if the file does not exist.
+    pub fn load(path: &Path) -> Result<Option<StaticKey>, StateError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        StaticKey::load_or_create(path).map(Some)
+    }
+}
+
+impl fmt::Debug for StaticKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StaticKey(public {}, private ***)", self.public.short())
+    }
+}
+
+/// Writes a file readable only by its owner (created 0600, written via a temp file).
+pub fn write_private(path: &Path, contents: &str) -> Result<(), StateError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| StateError::io(&tmp, e))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| StateError::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| StateError::io(path, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_is_0600_and_reloads() {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("tempdir") };
+        let p = dir.path().join("identity.key");
+        let k1 = StaticKey::load_or_create(&p).map_err(|e| e.to_string());
+        let k2 = StaticKey::load_or_create(&p).map_err(|e| e.to_string());
+        assert_eq!(k1.map(|k| k.public()), k2.map(|k| k.public()));
+        let mode = fs::metadata(&p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode.ok(), Some(0o600));
+    }
+
+    #[test]
+    fn debug_hides_private() {
+        let k = StaticKey::from_private([7; 32]);
+        let d = format!("{k:?}");
+        assert!(d.contains("***") && !d.contains("0707"), "{d}");
+    }
+}

@@ -1,0 +1,33 @@
+//! Weft tunnel relay: QUIC reverse tunnels so engineers reach workers behind NAT.
+//!
+//! Workers (`expose`) dial out to the relay and keep one QUIC connection up;
+//! engineers (`connect`, `forward`) open one QUIC stream per tunnel; the relay
+//! authenticates both with Noise IK bound to the QUIC connection, authorizes
+//! by tags, and splices the engineer's stream onto a stream it opens to the
+//! worker, which connects it to a local service (sshd).
+//!
+//! Pure parts: [`wire`] (codec), [`admission`] (token checks, rate limits),
+//! [`config`] (policy). Shells: [`server`], [`client`], [`registry`] (SQLite).
+
+pub mod admission;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod noise;
+pub mod registry;
+pub mod secret;
+pub mod server;
+pub mod splice;
+pub mod tls;
+pub mod token;
+pub mod wire;
+
+pub use client::{ClientState, ExposeOptions, Session};
+pub use config::RelayConfig;
+pub use error::{ClientError, RelayError, StateError};
+pub use keys::{PublicKey, StaticKey};
+pub use server::{Relay, ServeOptions};
+pub use token::Token;
+pub use wire::{Reason, Rejection};

@@ -1,0 +1,493 @@
+//! `tunnel-relay`: one binary for the operator (serve, token, nodes), the
+//! provider (expose) and the engineer (login, connect, forward, ssh-config).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tunnel_relay::client::{self, ExposeOptions};
+use tunnel_relay::keys::StaticKey;
+use tunnel_relay::registry::{unix_now, Registry};
+use tunnel_relay::server::files;
+use tunnel_relay::{Relay, RelayConfig, ServeOptions, Token};
+
+#[derive(Parser)]
+#[command(
+    name = "tunnel-relay",
+    version,
+    about = "Weft tunnel relay: QUIC reverse tunnels to workers behind NAT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Operator: run the relay (QUIC over UDP).
+    Serve {
+        /// UDP address to listen on.
+        #[arg(long, env = "WEFT_RELAY_LISTEN")]
+        listen: SocketAddr,
+        /// State directory: identity.key (0600), cert.der/cert.key, registry.sqlite.
+        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Relay configuration (TOML); defaults apply without it.
+        #[arg(long, env = "WEFT_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Serve Prometheus metrics on this address (overrides metrics_listen).
+        #[arg(long, env = "WEFT_RELAY_METRICS")]
+        metrics: Option<SocketAddr>,
+    },
+    /// Operator: join tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Operator: registered nodes.
+    Nodes {
+        #[command(subcommand)]
+        cmd: NodesCmd,
+    },
+    /// Provider: expose local services through the relay (keeps reconnecting).
+    Expose {
+        /// Join token (first run only; later runs use the identity in --state-dir).
+        #[arg(long, env = "WEFT_RELAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// State directory of this worker's identity.
+        #[arg(long, env = "WEFT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Name engineers use to reach this worker.
+        #[arg(long, env = "WEFT_NAME")]
+        name: String,
+        /// A service: NAME=HOST:PORT (repeatable), e.g. ssh=127.0.0.1:22.
+        #[arg(long = "service", required = true)]
+        services: Vec<String>,
+    },
+    /// Engineer: join the relay with a token and keep the identity.
+    Login {
+        /// Join token.
+        #[arg(long, env = "WEFT_RELAY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Identity directory (default: $XDG_CONFIG_HOME/weft or ~/.config/weft).
+        #[arg(long, env = "WEFT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Name to register (default: $USER-<key prefix>).
+        #[arg(long, env = "WEFT_NAME")]
+        name: Option<String>,
+    },
+    /// Engineer: splice stdin/stdout to a service (ssh ProxyCommand: `connect %h %p`).
+    Connect {
+        /// Worker name.
+        host: String,
+        /// Port (22 means the `ssh` service) or a service name.
+        port: String,
+        /// Identity directory.
+        #[arg(long, env = "WEFT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Engineer: like `ssh -L`: LOCALPORT:NAME:SERVICE (listens on 127.0.0.1).
+    Forward {
+        /// LOCALPORT:NAME:SERVICE.
+        spec: String,
+        /// Identity directory.
+        #[arg(long, env = "WEFT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Engineer: print ssh_config Host stanzas for every reachable worker.
+    SshConfig {
+        /// Identity directory.
+        #[arg(long, env = "WEFT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token; prints it once (the relay keeps only a hash).
+    Create {
+        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Tag given to nodes that join with it (e.g. worker, engineer).
+        #[arg(long)]
+        tag: String,
+        /// Lifetime, e.g. 30m, 24h, 7d (default: no expiry).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// How many nodes may join with it (default: unlimited).
+        #[arg(long)]
+        uses: Option<u64>,
+        /// Relay address(es) clients dial, host:port (default: config
+        /// public_addrs, else the address serve bound).
+        #[arg(long = "relay-addr")]
+        relay_addrs: Vec<String>,
+        /// Relay configuration (for public_addrs).
+        #[arg(long, env = "WEFT_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
+        state_dir: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id (or unique id prefix).
+    Revoke {
+        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
+        state_dir: PathBuf,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    /// List registered nodes.
+    List {
+        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
+        state_dir: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a node: refused from its next connection or tunnel on.
+    Revoke {
+        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
+        state_dir: PathBuf,
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match rt.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    // stdin is read on a blocking thread that cannot be cancelled: exit now.
+    std::process::exit(code);
+}
+
+/// SIGINT or SIGTERM.
+async fn signalled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn default_client_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("weft"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_CONFIG_HOME nor HOME is set; pass --state-dir")?;
+    Ok(PathBuf::from(home).join(".config/weft"))
+}
+
+fn client_dir(d: Option<PathBuf>) -> Result<PathBuf> {
+    match d {
+        Some(d) => Ok(d),
+        None => default_client_dir(),
+    }
+}
+
+/// Parses `90s`, `30m`, `24h`, `7d` (or plain seconds).
+fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("--ttl {s:?}: expected a number with s, m, h or d (e.g. 24h)"))?;
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+fn load_config(path: Option<&Path>) -> Result<RelayConfig> {
+    Ok(match path {
+        Some(p) => RelayConfig::load(p)?,
+        None => RelayConfig::default(),
+    })
+}
+
+fn fmt_time(t: Option<u64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let now = unix_now();
+            if t <= now {
+                format!("expired {}s ago", now - t)
+            } else {
+                format!("in {}s", t - now)
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            listen,
+            state_dir,
+            config,
+            metrics,
+        } => {
+            let mut config = load_config(config.as_deref())?;
+            if metrics.is_some() {
+                config.metrics_listen = metrics;
+            }
+            let relay = Relay::bind(ServeOptions {
+                listen,
+                state_dir: state_dir.clone(),
+                config,
+            })
+            .with_context(|| format!("start relay in {}", state_dir.display()))?;
+            eprintln!(
+                "relay {} listening on {}",
+                relay.public_key().to_base64(),
+                relay
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            );
+            relay.run(signalled()).await?;
+        }
+        Cmd::Token { cmd } => token_cmd(cmd)?,
+        Cmd::Nodes { cmd } => nodes_cmd(cmd)?,
+        Cmd::Expose {
+            token,
+            state_dir,
+            name,
+            services,
+        } => {
+            let mut svcs = Vec::new();
+            for s in &services {
+                let (n, a) = s.split_once('=').with_context(|| {
+                    format!("--service {s:?}: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22")
+                })?;
+                if n.is_empty() || a.is_empty() {
+                    bail!("--service {s:?}: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22");
+                }
+                svcs.push((n.to_string(), a.to_string()));
+            }
+            let mut opts = ExposeOptions::new(state_dir, name, svcs);
+            opts.token = token
+                .as_deref()
+                .map(Token::parse)
+                .transpose()
+                .context("--token")?;
+            client::expose(opts, signalled()).await?;
+        }
+        Cmd::Login {
+            token,
+            state_dir,
+            name,
+        } => {
+            let dir = client_dir(state_dir)?;
+            let token = Token::parse(&token).context("--token")?;
+            let name = match name {
+                Some(n) => n,
+                None => {
+                    let key = StaticKey::load_or_create(&dir.join("identity.key"))?;
+                    let user = std::env::var("USER").unwrap_or_else(|_| "engineer".into());
+                    format!("{user}-{}", key.public().short())
+                }
+            };
+            let (name, tags) = client::login(&dir, &token, &name).await?;
+            println!(
+                "logged in as {name} (tags: {}); identity in {}",
+                tags.join(","),
+                dir.display()
+            );
+        }
+        Cmd::Connect {
+            host,
+            port,
+            state_dir,
+        } => {
+            let dir = client_dir(state_dir)?;
+            let service = client::service_for_port(&port);
+            client::connect_stdio(&dir, &host, &service).await?;
+        }
+        Cmd::Forward { spec, state_dir } => {
+            let dir = client_dir(state_dir)?;
+            let mut parts = spec.splitn(3, ':');
+            let (Some(port), Some(name), Some(service)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                bail!("forward {spec:?}: expected LOCALPORT:NAME:SERVICE, e.g. 2222:gpu1:ssh");
+            };
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("forward {spec:?}: {port:?} is not a port number"))?;
+            let listen = SocketAddr::from(([127, 0, 0, 1], port));
+            eprintln!("forwarding 127.0.0.1:{port} to {name}/{service}");
+            client::forward(&dir, listen, name, service, signalled()).await?;
+        }
+        Cmd::SshConfig { state_dir } => {
+            let dir = client_dir(state_dir)?;
+            let s = client::session(&dir).await?;
+            let targets = s.list_targets().await?;
+            s.close().await;
+            let exe = std::env::current_exe().context("locate this executable")?;
+            for t in targets
+                .iter()
+                .filter(|t| t.services.iter().any(|s| s == "ssh"))
+            {
+                println!("Host {}", t.name);
+                println!(
+                    "    ProxyCommand \"{}\" connect --state-dir \"{}\" %h %p",
+                    exe.display(),
+                    dir.display()
+                );
+                println!();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn token_cmd(cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            state_dir,
+            tag,
+            ttl,
+            uses,
+            relay_addrs,
+            config,
+        } => {
+            if tag.is_empty() || tag.contains(',') {
+                bail!("--tag {tag:?}: one non-empty tag without commas");
+            }
+            let ttl = ttl.as_deref().map(parse_duration).transpose()?;
+            let config = load_config(config.as_deref())?;
+            let key = StaticKey::load_or_create(&state_dir.join(files::IDENTITY))?;
+            let mut addrs = relay_addrs;
+            if addrs.is_empty() {
+                addrs = config.public_addrs.clone();
+            }
+            if addrs.is_empty() {
+                let p = state_dir.join(files::LISTEN_ADDR);
+                if let Ok(a) = std::fs::read_to_string(&p) {
+                    let a = a.trim().to_string();
+                    if a.parse::<SocketAddr>()
+                        .is_ok_and(|s| !s.ip().is_unspecified())
+                    {
+                        addrs.push(a);
+                    }
+                }
+            }
+            if addrs.is_empty() {
+                bail!("no relay address for the token: pass --relay-addr HOST:PORT or set public_addrs in the config");
+            }
+            let mut reg = Registry::open(&state_dir)?;
+            let (secret, id) = reg.create_token(&tag, ttl, uses, unix_now())?;
+            let token = Token {
+                relay_addrs: addrs,
+                relay_key: key.public(),
+                secret,
+            };
+            eprintln!(
+                "token {id} (tag {tag}, expires {}, uses {})",
+                fmt_time(ttl.map(|t| unix_now() + t.as_secs())),
+                uses.map(|u| u.to_string())
+                    .unwrap_or_else(|| "unlimited".into())
+            );
+            println!("{}", token.encode());
+        }
+        TokenCmd::List { state_dir, json } => {
+            let toks = Registry::open(&state_dir)?.list_tokens()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&toks)?);
+            } else {
+                println!(
+                    "{:<14} {:<10} {:<22} {:<10} REVOKED",
+                    "ID", "TAG", "EXPIRES", "USES LEFT"
+                );
+                for t in toks {
+                    println!(
+                        "{:<14} {:<10} {:<22} {:<10} {}",
+                        t.id,
+                        t.tag,
+                        fmt_time(t.expires_at),
+                        t.uses_left
+                            .map(|u| u.to_string())
+                            .unwrap_or_else(|| "unlimited".into()),
+                        t.revoked
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { state_dir, id } => {
+            let id = Registry::open(&state_dir)?.revoke_token(&id)?;
+            println!("revoked token {id}");
+        }
+    }
+    Ok(())
+}
+
+fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
+    match cmd {
+        NodesCmd::List { state_dir, json } => {
+            let nodes = Registry::open(&state_dir)?.list_nodes()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!(
+                    "{:<24} {:<16} {:<46} {:<12} REVOKED",
+                    "NAME", "TAGS", "KEY", "LAST SEEN"
+                );
+                for n in nodes {
+                    println!(
+                        "{:<24} {:<16} {:<46} {:<12} {}",
+                        n.name,
+                        n.tags.join(","),
+                        n.key,
+                        format!("{}s ago", unix_now().saturating_sub(n.last_seen)),
+                        n.revoked
+                    );
+                }
+            }
+        }
+        NodesCmd::Revoke { state_dir, name } => {
+            Registry::open(&state_dir)?.revoke_node(&name)?;
+            println!("revoked node {name}; it is refused from its next connection or tunnel on");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! Prometheus metrics of the relay (text format on `GET /metrics` at the
+//! configured `metrics_listen` address; off by default).
+//!
+//! - `weft_relay_connected_nodes` (gauge): admitted connections open now.
+//! - `weft_relay_open_tunnels` (gauge): tunnels being spliced now.
+//! - `weft_relay_bytes_relayed_total{direction="to_worker"|"to_engineer"}` (counter).
+//! - `weft_relay_refusals_total{reason=...}` (counter): refused admissions and
+//!   tunnel opens, by [`Reason`] name (e.g. `token_expired`, `not_allowed`).
+//! - `weft_relay_connections_rate_limited_total` (counter).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::wire::Reason;
+
+type Labels = Vec<(String, String)>;
+
+/// The relay's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Admitted connections open now.
+    pub connected: Gauge,
+    /// Tunnels open now.
+    pub tunnels: Gauge,
+    /// Bytes towards the worker.
+    pub to_worker: Counter,
+    /// Bytes towards the engineer.
+    pub to_engineer: Counter,
+    /// Connections refused by the per-IP rate limit.
+    pub rate_limited: Counter,
+    refusals: Family<Labels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("weft_relay");
+        let connected = Gauge::default();
+        let tunnels = Gauge::default();
+        let bytes: Family<Labels, Counter> = Family::default();
+        let refusals: Family<Labels, Counter> = Family::default();
+        let rate_limited = Counter::default();
+        registry.register(
+            "connected_nodes",
+            "Admitted connections open now",
+            connected.clone(),
+        );
+        registry.register("open_tunnels", "Tunnels being spliced now", tunnels.clone());
+        registry.register(
+            "bytes_relayed",
+            "Bytes relayed through tunnels",
+            bytes.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Refused admissions and tunnel opens by reason",
+            refusals.clone(),
+        );
+        registry.register(
+            "connections_rate_limited",
+            "New connections refused by the per-IP rate limit",
+            rate_limited.clone(),
+        );
+        let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
+        let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
+        let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
+        Metrics {
+            registry,
+            connected,
+            tunnels,
+            to_worker,
+            to_engineer,
+            rate_limited,
+            refusals,
+        }
+    }
+
+    /// Counts one refusal.
+    pub fn refused(&self, reason: Reason) {
+        self.refusals
+            .get_or_create(&vec![("reason".to_string(), reason.as_str().to_string())])
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    use axum::http::header::CONTENT_TYPE;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+/// Binds the metrics listener (std socket, so binding errors surface early).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}

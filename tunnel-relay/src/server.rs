@@ -1,0 +1,629 @@
+//! The relay server shell: QUIC endpoint, admission (Noise + registry), the
+//! routing table of connected workers, and tunnel splicing.
+//!
+//! Admission of one connection: rate limit per source IP → QUIC/TLS →
+//! first bidi stream → Noise IK message 1 (client key + [`Hello`]) →
+//! registry (known key, or a valid token that is then used once) → Noise
+//! message 2 (Accepted / Rejected with reason), all within the handshake
+//! timeout. A tunnel: the engineer opens a bidi stream with [`Message::Open`];
+//! the relay re-checks revocation, policy, services and stream limits, opens
+//! a bidi stream to the worker with [`Message::Incoming`], relays the
+//! worker's answer, then splices the two streams.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use sha2::{Digest, Sha256};
+use tokio::time::timeout;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::admission::RateLimiter;
+use crate::config::RelayConfig;
+use crate::error::{ProtoError, RelayError, StateError};
+use crate::keys::{PublicKey, StaticKey};
+use crate::metrics::{self, Metrics};
+use crate::noise;
+use crate::registry::{unix_now, Registry};
+use crate::splice::quic_to_quic;
+use crate::tls;
+use crate::wire::{
+    read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
+};
+
+/// Close code: the relay is shutting down or restarting; reconnect promptly.
+pub const CLOSE_RESTARTING: u32 = 0x10;
+/// Close code: this node was revoked.
+pub const CLOSE_REVOKED: u32 = 0x11;
+/// Close code: the same node connected again elsewhere.
+pub const CLOSE_REPLACED: u32 = 0x12;
+/// Close code: admission refused (reason sent in Noise message 2).
+pub const CLOSE_REJECTED: u32 = 0x13;
+
+/// Bidirectional streams a connection may open before admission (the
+/// control stream and a little slack).
+const PRE_ADMISSION_STREAMS: u32 = 4;
+/// Streams an engineer may open beyond the per-node limit, so the relay can
+/// refuse with `limit exceeded` instead of QUIC silently blocking the opener.
+const STREAM_HEADROOM: u32 = 16;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// State directory (identity key, certificate, registry).
+    pub state_dir: PathBuf,
+    /// Configuration.
+    pub config: RelayConfig,
+}
+
+/// File names inside the relay's state directory.
+pub mod files {
+    /// The relay's X25519 private key (0600).
+    pub const IDENTITY: &str = "identity.key";
+    /// The address `serve` last bound (used by `token create` as a fallback).
+    pub const LISTEN_ADDR: &str = "listen.addr";
+}
+
+#[derive(Clone)]
+struct WorkerEntry {
+    id: u64,
+    key: PublicKey,
+    conn: Connection,
+    tags: Vec<String>,
+    services: Vec<String>,
+}
+
+#[derive(Clone)]
+struct NodeCtx {
+    id: u64,
+    key: PublicKey,
+    name: String,
+    tags: Vec<String>,
+    conn: Connection,
+}
+
+struct Shared {
+    key: StaticKey,
+    config: RelayConfig,
+    registry: Mutex<Registry>,
+    workers: Mutex<HashMap<String, WorkerEntry>>,
+    streams: Mutex<HashMap<PublicKey, u32>>,
+    rate: Mutex<RateLimiter>,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Holds one stream slot of a node; released on drop.
+struct StreamSlot {
+    shared: Arc<Shared>,
+    key: PublicKey,
+}
+
+impl StreamSlot {
+    fn take(shared: &Arc<Shared>, key: PublicKey) -> Option<StreamSlot> {
+        let mut s = lock(&shared.streams);
+        let n = s.entry(key).or_insert(0);
+        if *n >= shared.config.limits.max_streams_per_node {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            shared: shared.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut s = lock(&self.shared.streams);
+        if let Some(n) = s.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A bound relay, ready to [`Relay::run`].
+pub struct Relay {
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+}
+
+/// A stateless-reset key derived from the identity, so a restarted relay can
+/// reset its previous connections at once (clients then reconnect instead of
+/// waiting for their idle timeout).
+struct ResetKey(ring::hmac::Key);
+
+fn reset_key(key: &StaticKey) -> ResetKey {
+    let mut h = Sha256::new();
+    h.update(b"weft-relay stateless reset key v1");
+    h.update(key.private_bytes());
+    ResetKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &h.finalize()))
+}
+
+/// Random 8-byte connection IDs that every relay process accepts as its
+/// own (quinn's default generator keys them per process), so a restarted
+/// relay answers packets of its previous life with a stateless reset (same
+/// reset key, derived from the identity) and workers reconnect at once
+/// instead of waiting for their idle timeout.
+struct PortableCids;
+
+impl quinn::ConnectionIdGenerator for PortableCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+impl Relay {
+    /// Loads (or creates) identity, certificate and registry, binds the socket.
+    pub fn bind(opts: ServeOptions) -> Result<Relay, RelayError> {
+        let dir = &opts.state_dir;
+        std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+        let key = StaticKey::load_or_create(&dir.join(files::IDENTITY))?;
+        let (cert, cert_key) = tls::load_or_create_cert(dir)?;
+        let registry = Registry::open(dir)?;
+        let limits = &opts.config.limits;
+        // Few streams until admitted: quinn keeps per-stream state for every
+        // stream a peer may open, so a large initial limit costs every idle
+        // worker hundreds of KiB. Engineers get theirs raised after admission.
+        let transport = tls::transport(limits.idle_timeout(), None, PRE_ADMISSION_STREAMS);
+        let server = tls::server_config(cert, cert_key, transport).map_err(RelayError::Tls)?;
+        let socket = tls::udp_socket(opts.listen).map_err(|source| RelayError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let ResetKey(reset) = reset_key(&key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset));
+        endpoint_config.cid_generator(|| Box::new(PortableCids));
+        let endpoint = Endpoint::new(
+            endpoint_config,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| RelayError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let local = endpoint.local_addr().map_err(|source| RelayError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let la = dir.join(files::LISTEN_ADDR);
+        std::fs::write(&la, local.to_string()).map_err(|e| StateError::io(&la, e))?;
+        let rate = RateLimiter::new(limits.new_connections_per_ip_per_sec);
+        let metrics_listener = match opts.config.metrics_listen {
+            Some(addr) => {
+                Some(metrics::bind(addr).map_err(|source| RelayError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        Ok(Relay {
+            endpoint,
+            metrics_listener,
+            shared: Arc::new(Shared {
+                key,
+                config: opts.config,
+                registry: Mutex::new(registry),
+                workers: Mutex::new(HashMap::new()),
+                streams: Mutex::new(HashMap::new()),
+                rate: Mutex::new(rate),
+                next_id: AtomicU64::new(1),
+                metrics: Arc::new(Metrics::new()),
+            }),
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Where `GET /metrics` is served, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The relay's public key (what tokens pin).
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.key.public()
+    }
+
+    /// Serves until `shutdown` completes, then tells every client the relay
+    /// is restarting and closes.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+        let me = self.shared.key.public().short();
+        let metrics_task = self.metrics_listener.take().map(|l| {
+            info!(addr = ?l.local_addr().ok(), "metrics on /metrics");
+            tokio::spawn(metrics::serve(l, self.shared.metrics.clone()))
+        });
+        info!(me = %me, addr = ?self.local_addr(), "relay listening");
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let incoming = tokio::select! {
+                i = self.endpoint.accept() => i,
+                _ = &mut shutdown => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let remote = incoming.remote_address();
+            if !lock(&self.shared.rate).allow(remote.ip(), Instant::now()) {
+                debug!(%remote, "connection rate limit hit; refused");
+                self.shared.metrics.rate_limited.inc();
+                incoming.refuse();
+                continue;
+            }
+            let shared = self.shared.clone();
+            tokio::spawn(
+                async move { handle_connection(shared, incoming).await }
+                    .instrument(tracing::info_span!("conn", me = %me, %remote)),
+            );
+        }
+        info!("relay shutting down; telling clients to reconnect");
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_RESTARTING), b"relay restarting");
+        let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        Ok(())
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let hs_timeout = shared.config.limits.handshake_timeout();
+    let admitted = match timeout(hs_timeout, admit(&shared, incoming)).await {
+        Err(_) => {
+            debug!("handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(a))) => a,
+    };
+    let (ctx, hello, control) = admitted;
+    let span = tracing::info_span!("node", name = %ctx.name, key = %ctx.key.short());
+    serve_node(shared, ctx, hello, control)
+        .instrument(span)
+        .await;
+}
+
+type Admitted = (NodeCtx, Hello, (SendStream, RecvStream));
+
+async fn admit(
+    shared: &Arc<Shared>,
+    incoming: quinn::Incoming,
+) -> Result<Option<Admitted>, ProtoError> {
+    let conn = incoming.await?;
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let prologue = noise::prologue(&conn)?;
+    let (key, msg, hs) = noise::respond_read(&shared.key, &prologue, &mut recv).await?;
+    let Message::Hello(hello) = msg else {
+        return Err(ProtoError::Unexpected("first message is not Hello".into()));
+    };
+    let verdict = if hello.version != PROTOCOL_VERSION {
+        Err(Rejection::new(
+            Reason::UnsupportedVersion,
+            format!("client speaks {}, relay {PROTOCOL_VERSION}", hello.version),
+        ))
+    } else {
+        let r =
+            lock(&shared.registry).admit(&key, &hello.name, hello.join_secret.as_ref(), unix_now());
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "registry failed during admission");
+                Err(Rejection::new(Reason::Internal, ""))
+            }
+        }
+    };
+    match verdict {
+        Ok((name, tags)) => {
+            noise::respond_write(
+                hs,
+                &mut send,
+                &Message::Accepted {
+                    name: name.clone(),
+                    tags: tags.clone(),
+                },
+            )
+            .await?;
+            let ctx = NodeCtx {
+                id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+                key,
+                name,
+                tags,
+                conn,
+            };
+            Ok(Some((ctx, hello, (send, recv))))
+        }
+        Err(rej) => {
+            info!(key = %key.short(), name = %hello.name, reason = rej.reason.as_str(), "admission refused");
+            shared.metrics.refused(rej.reason);
+            noise::respond_write(hs, &mut send, &Message::Rejected(rej)).await?;
+            let _ = send.finish();
+            let _ = timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(VarInt::from_u32(CLOSE_REJECTED), b"refused");
+            Ok(None)
+        }
+    }
+}
+
+async fn serve_node(
+    shared: Arc<Shared>,
+    ctx: NodeCtx,
+    hello: Hello,
+    control: (SendStream, RecvStream),
+) {
+    let is_worker = !hello.services.is_empty();
+    if is_worker {
+        let entry = WorkerEntry {
+            id: ctx.id,
+            key: ctx.key,
+            conn: ctx.conn.clone(),
+            tags: ctx.tags.clone(),
+            services: hello.services.clone(),
+        };
+        if let Some(old) = lock(&shared.workers).insert(ctx.name.clone(), entry) {
+            old.conn.close(
+                VarInt::from_u32(CLOSE_REPLACED),
+                b"replaced by a newer connection",
+            );
+        }
+    }
+    if !is_worker {
+        let n = shared
+            .config
+            .limits
+            .max_streams_per_node
+            .saturating_add(STREAM_HEADROOM);
+        ctx.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
+    }
+    info!(node = %ctx.name, key = %ctx.key.short(), tags = ?ctx.tags, services = ?hello.services, "node connected");
+    shared.metrics.connected.inc();
+    let control_task = tokio::spawn(control_loop(shared.clone(), ctx.clone(), control));
+    let err = loop {
+        match ctx.conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let shared = shared.clone();
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle_tunnel(shared, ctx, send, recv).await });
+            }
+            Err(e) => break e,
+        }
+    };
+    control_task.abort();
+    shared.metrics.connected.dec();
+    if is_worker {
+        let mut w = lock(&shared.workers);
+        if w.get(&ctx.name).is_some_and(|e| e.id == ctx.id) {
+            w.remove(&ctx.name);
+        }
+    }
+    info!(node = %ctx.name, reason = %err, "node disconnected");
+}
+
+async fn control_loop(
+    shared: Arc<Shared>,
+    ctx: NodeCtx,
+    (mut send, mut recv): (SendStream, RecvStream),
+) {
+    loop {
+        match read_message(&mut recv).await {
+            Ok(Message::ListTargets) => {
+                let targets = targets_for(&shared, &ctx);
+                if write_message(&mut send, &Message::Targets(targets))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(other) => {
+                debug!(msg = ?other, "unexpected control message");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn targets_for(shared: &Shared, ctx: &NodeCtx) -> Vec<Target> {
+    let policy = &shared.config.policy;
+    let mut out: Vec<Target> = lock(&shared.workers)
+        .iter()
+        .filter(|(_, w)| w.id != ctx.id)
+        .filter_map(|(name, w)| {
+            let services: Vec<String> = w
+                .services
+                .iter()
+                .filter(|s| policy.allows(&ctx.tags, &w.tags, s))
+                .cloned()
+                .collect();
+            (!services.is_empty()).then(|| Target {
+                name: name.clone(),
+                services,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn revoked(shared: &Shared, key: &PublicKey) -> bool {
+    match lock(&shared.registry).is_revoked(key) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "registry failed during revocation check; refusing");
+            true
+        }
+    }
+}
+
+async fn handle_tunnel(
+    shared: Arc<Shared>,
+    ctx: NodeCtx,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let hs_timeout = shared.config.limits.handshake_timeout();
+    let (target, service) = match timeout(hs_timeout, read_message(&mut recv)).await {
+        Ok(Ok(Message::Open { target, service })) => (target, service),
+        Ok(Ok(other)) => {
+            debug!(node = %ctx.name, msg = ?other, "tunnel stream did not start with Open");
+            let _ = send.reset(VarInt::from_u32(1));
+            return;
+        }
+        _ => {
+            let _ = send.reset(VarInt::from_u32(1));
+            return;
+        }
+    };
+    match route(&shared, &ctx, &target, &service).await {
+        Err(rej) => {
+            info!(node = %ctx.name, %target, %service, reason = rej.reason.as_str(), "tunnel refused");
+            shared.metrics.refused(rej.reason);
+            let _ = write_message(&mut send, &Message::Rejected(rej.clone())).await;
+            let _ = send.finish();
+            if rej.reason == Reason::NodeRevoked {
+                let _ = timeout(Duration::from_secs(2), send.stopped()).await;
+                ctx.conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+            }
+        }
+        Ok((mut wsend, wrecv, slots)) => {
+            if write_message(&mut send, &Message::OpenOk).await.is_err() {
+                let _ = wsend.reset(VarInt::from_u32(1));
+                return;
+            }
+            debug!(node = %ctx.name, %target, %service, "tunnel open");
+            let m = &shared.metrics;
+            m.tunnels.inc();
+            let (up, down) = tokio::join!(
+                quic_to_quic(recv, wsend, |n| {
+                    m.to_worker.inc_by(n);
+                }),
+                quic_to_quic(wrecv, send, |n| {
+                    m.to_engineer.inc_by(n);
+                })
+            );
+            m.tunnels.dec();
+            drop(slots);
+            debug!(node = %ctx.name, %target, %service, up = up.0, down = down.0, up_end = ?up.1, down_end = ?down.1, "tunnel closed");
+        }
+    }
+}
+
+type Routed = (SendStream, RecvStream, (StreamSlot, StreamSlot));
+
+async fn route(
+    shared: &Arc<Shared>,
+    ctx: &NodeCtx,
+    target: &str,
+    service: &str,
+) -> Result<Routed, Rejection> {
+    if revoked(shared, &ctx.key) {
+        return Err(Rejection::new(
+            Reason::NodeRevoked,
+            format!("node {:?}", ctx.name),
+        ));
+    }
+    let policy = &shared.config.policy;
+    if !policy.allow.iter().any(|r| ctx.tags.contains(&r.from)) {
+        return Err(Rejection::new(
+            Reason::NotAllowed,
+            format!("tags {:?} may not open tunnels", ctx.tags),
+        ));
+    }
+    let worker = lock(&shared.workers).get(target).cloned();
+    let Some(worker) = worker else {
+        return Err(Rejection::new(Reason::NoSuchNode, format!("{target:?}")));
+    };
+    if revoked(shared, &worker.key) {
+        worker
+            .conn
+            .close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+        return Err(Rejection::new(Reason::NoSuchNode, format!("{target:?}")));
+    }
+    if !policy.allows(&ctx.tags, &worker.tags, service) {
+        return Err(Rejection::new(
+            Reason::NotAllowed,
+            format!("tags {:?} may not open {service:?} on {target:?}", ctx.tags),
+        ));
+    }
+    if !worker.services.iter().any(|s| s == service) {
+        return Err(Rejection::new(
+            Reason::NoSuchService,
+            format!("{target:?} exposes {:?}", worker.services),
+        ));
+    }
+    let limit = shared.config.limits.max_streams_per_node;
+    let Some(a) = StreamSlot::take(shared, ctx.key) else {
+        return Err(Rejection::new(
+            Reason::LimitExceeded,
+            format!("{limit} tunnels per node"),
+        ));
+    };
+    let Some(b) = StreamSlot::take(shared, worker.key) else {
+        return Err(Rejection::new(
+            Reason::LimitExceeded,
+            format!("{target:?} has {limit} tunnels open"),
+        ));
+    };
+    let unavailable = |e: &dyn std::fmt::Display| {
+        debug!(%target, error = %e, "worker stream failed");
+        Rejection::new(Reason::NoSuchNode, format!("{target:?} went away"))
+    };
+    let (mut wsend, mut wrecv) = worker.conn.open_bi().await.map_err(|e| unavailable(&e))?;
+    let incoming = Message::Incoming {
+        from: ctx.name.clone(),
+        service: service.to_string(),
+    };
+    write_message(&mut wsend, &incoming)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let answer = timeout(
+        shared.config.limits.handshake_timeout(),
+        read_message(&mut wrecv),
+    )
+    .await
+    .map_err(|_| Rejection::new(Reason::ServiceUnavailable, "worker did not answer in time"))?;
+    match answer {
+        Ok(Message::OpenOk) => Ok((wsend, wrecv, (a, b))),
+        Ok(Message::Rejected(r)) => Err(r),
+        Ok(other) => Err(unavailable(&format!("unexpected {other:?}"))),
+        Err(e) => {
+            debug!(%target, error = %e, "worker answer failed");
+            Err(Rejection::new(
+                Reason::ServiceUnavailable,
+                format!("{service}: worker stream failed"),
+            ))
+        }
+    }
+}

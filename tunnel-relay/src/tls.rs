@@ -1,0 +1,189 @@
+//! QUIC/TLS plumbing. The relay's certificate is self-signed and clients do
+//! not verify it against any CA: authentication is the Noise IK handshake
+//! that follows, bound to this TLS session through an exporter value (see
+//! [`crate::noise`]). Clients still check the TLS 1.3 handshake signature so
+//! the exporter really belongs to the session the relay signed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::error::StateError;
+
+/// ALPN of protocol version 1.
+pub const ALPN: &[u8] = b"weft-relay/1";
+/// TLS server name clients send (the certificate's only name).
+pub const SERVER_NAME: &str = "weft-relay";
+
+/// Flow-control windows: large enough for multi-Gbit/s on one stream.
+const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+const CONN_WINDOW: u32 = 64 * 1024 * 1024;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Socket buffer size asked for (the kernel caps it at net.core.{r,w}mem_max):
+/// room for bursts at multi-Gbit/s so the kernel does not drop datagrams.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A UDP socket for a QUIC endpoint, with large buffers.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// A client endpoint on `bind` (port 0) with large socket buffers.
+pub fn client_endpoint(bind: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        udp_socket(bind)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// Transport parameters shared by relay and clients.
+pub fn transport(idle: Duration, keepalive: Option<Duration>, max_streams: u32) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONN_WINDOW))
+        .send_window(u64::from(CONN_WINDOW))
+        .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(keepalive)
+        .max_idle_timeout(IdleTimeout::try_from(idle).ok());
+    t
+}
+
+/// Loads `cert.der`/`cert.key` from the state dir or creates a self-signed pair.
+pub fn load_or_create_cert(
+    state_dir: &Path,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), StateError> {
+    let cert_path = state_dir.join("cert.der");
+    let key_path = state_dir.join("cert.key");
+    if let (Ok(cert), Ok(key)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
+        return Ok((
+            CertificateDer::from(cert),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        ));
+    }
+    let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
+        .map_err(|e| StateError::Cert(e.to_string()))?;
+    let key = ck.key_pair.serialize_der();
+    std::fs::write(&cert_path, ck.cert.der()).map_err(|e| StateError::io(&cert_path, e))?;
+    // The key file is binary DER; write_private takes text, so write bytes 0600 here.
+    write_private_bytes(&key_path, &key)?;
+    Ok((
+        ck.cert.der().clone(),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+    ))
+}
+
+fn write_private_bytes(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StateError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| StateError::io(path, e))
+}
+
+/// The relay's QUIC server config.
+pub fn server_config(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    transport: TransportConfig,
+) -> Result<quinn::ServerConfig, String> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| e.to_string())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// A client config that accepts the relay's self-signed certificate.
+pub fn client_config(transport: TransportConfig) -> Result<quinn::ClientConfig, String> {
+    let p = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoiseAuthenticated(p)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// Accepts any certificate (identity is proven by Noise), checks signatures.
+#[derive(Debug)]
+struct NoiseAuthenticated(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoiseAuthenticated {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,692 @@
+//! The relay's wire protocol: a pure codec, no I/O.
+//!
+//! Every message travels in a frame: a 4-byte big-endian length, then that
+//! many bytes (at most [`MAX_FRAME`]). A message is a tag byte followed by its
+//! fields; strings are a u16 length plus UTF-8, lists a u16 count plus items.
+//! Decoding rejects trailing bytes, over-long fields and unknown tags and never
+//! panics on any input.
+//!
+//! Where messages flow:
+//! - Control stream (the first bidirectional stream a client opens): Noise IK
+//!   message 1 carries [`Message::Hello`], message 2 carries
+//!   [`Message::Accepted`] or [`Message::Rejected`]. Afterwards plain frames:
+//!   [`Message::ListTargets`] → [`Message::Targets`].
+//! - Tunnel stream engineer → relay: first frame [`Message::Open`], answered by
+//!   [`Message::OpenOk`] or [`Message::Rejected`], then raw bytes.
+//! - Tunnel stream relay → worker: first frame [`Message::Incoming`], answered
+//!   by [`Message::OpenOk`] or [`Message::Rejected`], then raw bytes.
+
+use std::fmt;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::secret::Secret;
+
+/// Protocol version carried in [`Hello`]; a relay refuses other versions.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Largest frame payload (Noise messages are at most 65535 bytes).
+pub const MAX_FRAME: usize = 65535;
+/// Most items in a list field.
+pub const MAX_LIST: usize = 1024;
+
+/// A codec error: what was malformed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    /// The input ended inside a field.
+    #[error("message truncated")]
+    Truncated,
+    /// Bytes were left after a complete message.
+    #[error("{0} trailing bytes after message")]
+    Trailing(usize),
+    /// The tag byte names no message.
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    /// A reason code names no rejection reason.
+    #[error("unknown rejection reason {0}")]
+    UnknownReason(u8),
+    /// A string field is not UTF-8.
+    #[error("string field is not UTF-8")]
+    BadUtf8,
+    /// A field or frame is longer than allowed.
+    #[error("{what} too long ({len} > {max})")]
+    TooLong {
+        /// Which field.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A boolean/option flag byte was not 0 or 1.
+    #[error("bad flag byte {0}")]
+    BadFlag(u8),
+}
+
+/// Why the relay (or a worker) refused something. Every reason has a stable
+/// code on the wire and a sentence the client prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The join token's expiry has passed.
+    TokenExpired,
+    /// The join token has no uses left.
+    TokenUsedUp,
+    /// The operator revoked the join token.
+    TokenRevoked,
+    /// The relay knows no token with this secret.
+    TokenUnknown,
+    /// No token was given and the relay does not know this node's key.
+    KeyUnknown,
+    /// The operator revoked this node.
+    NodeRevoked,
+    /// The relay's policy does not allow this.
+    NotAllowed,
+    /// No node of that name is connected.
+    NoSuchNode,
+    /// The node does not expose that service.
+    NoSuchService,
+    /// The worker could not reach its local service.
+    ServiceUnavailable,
+    /// Another key already registered that name.
+    NameTaken,
+    /// A configured limit was reached.
+    LimitExceeded,
+    /// The request was malformed.
+    BadRequest,
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// Something failed inside the relay.
+    Internal,
+}
+
+impl Reason {
+    const ALL: [Reason; 15] = [
+        Reason::TokenExpired,
+        Reason::TokenUsedUp,
+        Reason::TokenRevoked,
+        Reason::TokenUnknown,
+        Reason::KeyUnknown,
+        Reason::NodeRevoked,
+        Reason::NotAllowed,
+        Reason::NoSuchNode,
+        Reason::NoSuchService,
+        Reason::ServiceUnavailable,
+        Reason::NameTaken,
+        Reason::LimitExceeded,
+        Reason::BadRequest,
+        Reason::UnsupportedVersion,
+        Reason::Internal,
+    ];
+
+    /// The wire code (1-based, stable).
+    pub fn code(self) -> u8 {
+        Reason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .map(|i| i as u8 + 1)
+            .unwrap_or(0)
+    }
+
+    /// The reason for a wire code.
+    pub fn from_code(code: u8) -> Result<Reason, WireError> {
+        (code as usize)
+            .checked_sub(1)
+            .and_then(|i| Reason::ALL.get(i).copied())
+            .ok_or(WireError::UnknownReason(code))
+    }
+
+    /// A short machine-friendly name (used in logs and metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TokenExpired => "token_expired",
+            Reason::TokenUsedUp => "token_used_up",
+            Reason::TokenRevoked => "token_revoked",
+            Reason::TokenUnknown => "token_unknown",
+            Reason::KeyUnknown => "key_unknown",
+            Reason::NodeRevoked => "node_revoked",
+            Reason::NotAllowed => "not_allowed",
+            Reason::NoSuchNode => "no_such_node",
+            Reason::NoSuchService => "no_such_service",
+            Reason::ServiceUnavailable => "service_unavailable",
+            Reason::NameTaken => "name_taken",
+            Reason::LimitExceeded => "limit_exceeded",
+            Reason::BadRequest => "bad_request",
+            Reason::UnsupportedVersion => "unsupported_version",
+            Reason::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Reason::TokenExpired => "token expired",
+            Reason::TokenUsedUp => "token used up",
+            Reason::TokenRevoked => "token revoked",
+            Reason::TokenUnknown => "token unknown",
+            Reason::KeyUnknown => "key unknown (join with a token first)",
+            Reason::NodeRevoked => "node revoked",
+            Reason::NotAllowed => "not allowed by policy",
+            Reason::NoSuchNode => "no such node connected",
+            Reason::NoSuchService => "no such service",
+            Reason::ServiceUnavailable => "service unavailable on the worker",
+            Reason::NameTaken => "name already taken by another key",
+            Reason::LimitExceeded => "limit exceeded",
+            Reason::BadRequest => "bad request",
+            Reason::UnsupportedVersion => "unsupported protocol version",
+            Reason::Internal => "internal relay error",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A refusal: the reason and a human detail (may be empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Why.
+    pub reason: Reason,
+    /// Extra context for the user (never secret).
+    pub detail: String,
+}
+
+impl Rejection {
+    /// A rejection with a detail.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Rejection {
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.detail.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.reason, self.detail)
+        }
+    }
+}
+
+/// A node's first words (inside Noise message 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u8,
+    /// The name the node wants (workers: the name engineers use).
+    pub name: String,
+    /// The join token's secret, on the first join only.
+    pub join_secret: Option<Secret>,
+    /// Services this node exposes (empty for engineers).
+    pub services: Vec<String>,
+}
+
+/// A reachable worker, as listed to an engineer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The worker's name.
+    pub name: String,
+    /// Services the asking node may open on it.
+    pub services: Vec<String>,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Client → relay, in Noise message 1.
+    Hello(Hello),
+    /// Relay → client, in Noise message 2: admitted as `name` with `tags`.
+    Accepted {
+        /// The registered name.
+        name: String,
+        /// The node's tags.
+        tags: Vec<String>,
+    },
+    /// A refusal (admission, open, or a worker's local connect).
+    Rejected(Rejection),
+    /// Engineer → relay on the control stream.
+    ListTargets,
+    /// Relay → engineer: the workers it may open.
+    Targets(Vec<Target>),
+    /// Engineer → relay, first frame of a tunnel stream.
+    Open {
+        /// The worker's name.
+        target: String,
+        /// The service name on it.
+        service: String,
+    },
+    /// Relay → worker, first frame of a tunnel stream.
+    Incoming {
+        /// The name of the engineer node.
+        from: String,
+        /// The service to connect to.
+        service: String,
+    },
+    /// The tunnel is connected; raw bytes follow.
+    OpenOk,
+}
+
+const T_HELLO: u8 = 1;
+const T_ACCEPTED: u8 = 2;
+const T_REJECTED: u8 = 3;
+const T_LIST: u8 = 4;
+const T_TARGETS: u8 = 5;
+const T_OPEN: u8 = 6;
+const T_INCOMING: u8 = 7;
+const T_OPEN_OK: u8 = 8;
+
+/// Appends wire fields to a buffer.
+#[derive(Default)]
+struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    fn str(&mut self, s: &str) {
+        // Strings over the limit are cut at a char boundary: encoding never fails.
+        let mut end = s.len().min(u16::MAX as usize);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.buf.extend_from_slice(&(end as u16).to_be_bytes());
+        self.buf.extend_from_slice(&s.as_bytes()[..end]);
+    }
+    fn strs(&mut self, v: &[String]) {
+        let n = v.len().min(MAX_LIST);
+        self.buf.extend_from_slice(&(n as u16).to_be_bytes());
+        for s in &v[..n] {
+            self.str(s);
+        }
+    }
+}
+
+/// Reads wire fields from a slice.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn str(&mut self) -> Result<String, WireError> {
+        let n = self.u16()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| WireError::BadUtf8)
+    }
+    fn strs(&mut self, what: &'static str) -> Result<Vec<String>, WireError> {
+        let n = self.u16()? as usize;
+        if n > MAX_LIST {
+            return Err(WireError::TooLong {
+                what,
+                len: n,
+                max: MAX_LIST,
+            });
+        }
+        (0..n).map(|_| self.str()).collect()
+    }
+    fn finish(self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing(self.buf.len()))
+        }
+    }
+}
+
+impl Message {
+    /// Encodes the message (without frame header).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Message::Hello(h) => {
+                w.u8(T_HELLO);
+                w.u8(h.version);
+                w.str(&h.name);
+                match &h.join_secret {
+                    Some(s) => {
+                        w.u8(1);
+                        w.buf.extend_from_slice(s.expose());
+                    }
+                    None => w.u8(0),
+                }
+                w.strs(&h.services);
+            }
+            Message::Accepted { name, tags } => {
+                w.u8(T_ACCEPTED);
+                w.str(name);
+                w.strs(tags);
+            }
+            Message::Rejected(r) => {
+                w.u8(T_REJECTED);
+                w.u8(r.reason.code());
+                w.str(&r.detail);
+            }
+            Message::ListTargets => w.u8(T_LIST),
+            Message::Targets(ts) => {
+                w.u8(T_TARGETS);
+                let n = ts.len().min(MAX_LIST);
+                w.buf.extend_from_slice(&(n as u16).to_be_bytes());
+                for t in &ts[..n] {
+                    w.str(&t.name);
+                    w.strs(&t.services);
+                }
+            }
+            Message::Open { target, service } => {
+                w.u8(T_OPEN);
+                w.str(target);
+                w.str(service);
+            }
+            Message::Incoming { from, service } => {
+                w.u8(T_INCOMING);
+                w.str(from);
+                w.str(service);
+            }
+            Message::OpenOk => w.u8(T_OPEN_OK),
+        }
+        w.buf
+    }
+
+    /// Decodes one message; the whole slice must be the message.
+    pub fn decode(buf: &[u8]) -> Result<Message, WireError> {
+        let mut r = Reader { buf };
+        let msg = match r.u8()? {
+            T_HELLO => {
+                let version = r.u8()?;
+                let name = r.str()?;
+                let join_secret = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let b = r.take(32)?;
+                        let mut s = [0u8; 32];
+                        s.copy_from_slice(b);
+                        Some(Secret::new(s))
+                    }
+                    f => return Err(WireError::BadFlag(f)),
+                };
+                let services = r.strs("services")?;
+                Message::Hello(Hello {
+                    version,
+                    name,
+                    join_secret,
+                    services,
+                })
+            }
+            T_ACCEPTED => Message::Accepted {
+                name: r.str()?,
+                tags: r.strs("tags")?,
+            },
+            T_REJECTED => {
+                let reason = Reason::from_code(r.u8()?)?;
+                Message::Rejected(Rejection {
+                    reason,
+                    detail: r.str()?,
+                })
+            }
+            T_LIST => Message::ListTargets,
+            T_TARGETS => {
+                let n = r.u16()? as usize;
+                if n > MAX_LIST {
+                    return Err(WireError::TooLong {
+                        what: "targets",
+                        len: n,
+                        max: MAX_LIST,
+                    });
+                }
+                let mut ts = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    ts.push(Target {
+                        name: r.str()?,
+                        services: r.strs("services")?,
+                    });
+                }
+                Message::Targets(ts)
+            }
+            T_OPEN => Message::Open {
+                target: r.str()?,
+                service: r.str()?,
+            },
+            T_INCOMING => Message::Incoming {
+                from: r.str()?,
+                service: r.str()?,
+            },
+            T_OPEN_OK => Message::OpenOk,
+            t => return Err(WireError::UnknownTag(t)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// Frames a payload: 4-byte big-endian length, then the payload.
+pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>, WireError> {
+    if payload.len() > MAX_FRAME {
+        return Err(WireError::TooLong {
+            what: "frame",
+            len: payload.len(),
+            max: MAX_FRAME,
+        });
+    }
+    let mut out = Vec::with_capacity(4 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Splits one frame off the front of `buf`: `Ok(None)` if more bytes are
+/// needed, else the payload and how many bytes it consumed.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
+    let Some(head) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLong {
+            what: "frame",
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    Ok(buf.get(4..4 + len).map(|p| (p, 4 + len)))
+}
+
+/// An I/O or codec failure while reading or writing frames.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The stream failed or ended inside a frame.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes were not a valid frame/message.
+    #[error("protocol: {0}")]
+    Wire(#[from] WireError),
+    /// The stream ended before a frame began.
+    #[error("stream ended before the expected message")]
+    Eof,
+}
+
+/// Reads one frame's payload; reads exactly the frame, nothing after it.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut head[got..]).await?;
+        if n == 0 {
+            return Err(if got == 0 {
+                FrameError::Eof
+            } else {
+                FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())
+            });
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(head) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLong {
+            what: "frame",
+            len,
+            max: MAX_FRAME,
+        }
+        .into());
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+) -> Result<(), FrameError> {
+    let frame = encode_frame(payload)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one frame and decodes it as a message.
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, FrameError> {
+    let payload = read_frame(r).await?;
+    Ok(Message::decode(&payload)?)
+}
+
+/// Encodes and writes one message as a frame.
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &Message,
+) -> Result<(), FrameError> {
+    write_frame(w, &msg.encode()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        ".{0,24}"
+    }
+
+    fn names() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(name(), 0..6)
+    }
+
+    fn reason() -> impl Strategy<Value = Reason> {
+        prop::sample::select(Reason::ALL.to_vec())
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<u8>(), name(), any::<Option<[u8; 32]>>(), names()).prop_map(
+                |(version, name, s, services)| Message::Hello(Hello {
+                    version,
+                    name,
+                    join_secret: s.map(Secret::new),
+                    services
+                })
+            ),
+            (name(), names()).prop_map(|(name, tags)| Message::Accepted { name, tags }),
+            (reason(), name())
+                .prop_map(|(reason, detail)| Message::Rejected(Rejection { reason, detail })),
+            Just(Message::ListTargets),
+            prop::collection::vec(
+                (name(), names()).prop_map(|(name, services)| Target { name, services }),
+                0..5
+            )
+            .prop_map(Message::Targets),
+            (name(), name()).prop_map(|(target, service)| Message::Open { target, service }),
+            (name(), name()).prop_map(|(from, service)| Message::Incoming { from, service }),
+            Just(Message::OpenOk),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(m in message()) {
+            let enc = m.encode();
+            prop_assert_eq!(Message::decode(&enc), Ok(m.clone()));
+            let frame = encode_frame(&enc).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(frame.len(), enc.len() + 4);
+            let got = decode_frame(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(got, Some((&enc[..], frame.len())));
+        }
+
+        #[test]
+        fn truncated_never_panics_and_fails(m in message(), cut in any::<prop::sample::Index>()) {
+            let enc = m.encode();
+            let n = cut.index(enc.len());
+            // Every strict prefix is an error (never a different message).
+            prop_assert!(Message::decode(&enc[..n]).is_err());
+            let frame = encode_frame(&enc).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let fc = cut.index(frame.len());
+            prop_assert_eq!(decode_frame(&frame[..fc]), Ok(None));
+        }
+
+        #[test]
+        fn flipped_never_panics(m in message(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut enc = m.encode();
+            let i = at.index(enc.len());
+            enc[i] ^= 1 << bit;
+            let _ = Message::decode(&enc);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Message::decode(&bytes);
+            let _ = decode_frame(&bytes);
+        }
+
+        #[test]
+        fn trailing_bytes_rejected(m in message(), extra in prop::collection::vec(any::<u8>(), 1..8)) {
+            let mut enc = m.encode();
+            enc.extend_from_slice(&extra);
+            prop_assert!(Message::decode(&enc).is_err());
+        }
+    }
+
+    #[test]
+    fn reason_codes_are_stable_and_distinct() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(r.code() as usize, i + 1);
+            assert_eq!(Reason::from_code(r.code()), Ok(*r));
+        }
+        assert!(Reason::from_code(0).is_err());
+        assert!(Reason::from_code(200).is_err());
+    }
+
+    #[test]
+    fn oversized_frame_rejected() {
+        let big = vec![0u8; MAX_FRAME + 1];
+        assert!(encode_frame(&big).is_err());
+        let head = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert!(decode_frame(&head).is_err());
+    }
+
+    #[tokio::test]
+    async fn async_frames_read_exactly_one_message() {
+        let mut buf = Vec::new();
+        write_message(&mut buf, &Message::OpenOk).await.ok();
+        buf.extend_from_slice(b"raw bytes");
+        let mut cur = std::io::Cursor::new(buf);
+        let m = read_message(&mut cur).await;
+        assert!(matches!(m, Ok(Message::OpenOk)));
+        let mut rest = Vec::new();
+        cur.read_to_end(&mut rest).await.ok();
+        assert_eq!(rest, b"raw bytes");
+    }
+}

@@ -1,0 +1,803 @@
+//! In-process end-to-end tests on loopback: a real relay, workers and
+//! engineers (the library's `Relay::run`, `client::expose`, `Session`), real
+//! TCP services. They check what users rely on: bytes arrive intact, FIN and
+//! reset semantics hold, and every refusal carries its reason.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tunnel_relay::client::{self, ExposeOptions};
+use tunnel_relay::registry::{unix_now, Registry};
+use tunnel_relay::ClientError;
+use tunnel_relay::{PublicKey, Reason, Relay, RelayConfig, ServeOptions, Token};
+
+struct RelayLab {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    metrics: Option<SocketAddr>,
+    key: PublicKey,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
+}
+
+async fn start_relay_in(
+    dir: tempfile::TempDir,
+    listen: SocketAddr,
+    config: RelayConfig,
+) -> RelayLab {
+    let relay = Relay::bind(ServeOptions {
+        listen,
+        state_dir: dir.path().to_path_buf(),
+        config,
+    })
+    .unwrap_or_else(|e| panic!("bind relay: {e}"));
+    let addr = relay
+        .local_addr()
+        .unwrap_or_else(|| panic!("relay address"));
+    let key = relay.public_key();
+    let metrics = relay.metrics_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = relay
+            .run(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    RelayLab {
+        dir,
+        addr,
+        metrics,
+        key,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+async fn start_relay(config: RelayConfig) -> RelayLab {
+    start_relay_in(
+        tmp(),
+        "127.0.0.1:0".parse().unwrap_or_else(|_| panic!()),
+        config,
+    )
+    .await
+}
+
+impl RelayLab {
+    fn token(&self, tag: &str, ttl: Option<Duration>, uses: Option<u64>) -> Token {
+        let mut reg = Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"));
+        let (secret, _id) = reg
+            .create_token(tag, ttl, uses, unix_now())
+            .unwrap_or_else(|e| panic!("create token: {e}"));
+        Token {
+            relay_addrs: vec![self.addr.to_string()],
+            relay_key: self.key,
+            secret,
+        }
+    }
+
+    fn registry(&self) -> Registry {
+        Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"))
+    }
+
+    /// Graceful stop (announces a restart to clients); returns the state dir.
+    async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        let dir = tmp();
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+impl Drop for RelayLab {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// TCP echo until EOF, then FIN.
+async fn echo_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind echo: {e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes a banner and FINs at once, then counts what arrives until EOF and
+/// reports the count on the channel.
+async fn banner_then_count_service() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = w.write_all(b"banner\n").await;
+                let _ = w.shutdown().await;
+                let mut buf = vec![0u8; 65536];
+                let mut n = 0u64;
+                while let Ok(k) = r.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                let _ = tx.send(n);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+struct Worker {
+    _dir: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ClientError>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.abort();
+    }
+}
+
+fn start_worker(
+    token: Option<Token>,
+    dir: tempfile::TempDir,
+    name: &str,
+    services: &[(&str, String)],
+) -> Worker {
+    let mut w = start_worker_in(token, dir.path(), name, services);
+    w._dir = Some(dir);
+    w
+}
+
+fn start_worker_in(
+    token: Option<Token>,
+    dir: &Path,
+    name: &str,
+    services: &[(&str, String)],
+) -> Worker {
+    let mut opts = ExposeOptions::new(
+        dir.to_path_buf(),
+        name.to_string(),
+        services
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.clone()))
+            .collect(),
+    );
+    opts.token = token;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(client::expose(opts, async {
+        let _ = rx.await;
+    }));
+    Worker {
+        _dir: None,
+        stop: Some(tx),
+        task,
+    }
+}
+
+async fn engineer(lab: &RelayLab, name: &str) -> tempfile::TempDir {
+    let dir = tmp();
+    let tok = lab.token("engineer", Some(Duration::from_secs(600)), Some(1));
+    client::login(dir.path(), &tok, name)
+        .await
+        .unwrap_or_else(|e| panic!("login: {e}"));
+    dir
+}
+
+/// Waits until `target` is listed to the engineer (worker connected).
+async fn wait_target(eng: &Path, target: &str, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = client::session(eng).await {
+            let listed = s.list_targets().await.unwrap_or_default();
+            s.close().await;
+            if listed.iter().any(|t| t.name == target) {
+                return t0.elapsed();
+            }
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{target} not connected within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
+/// Sends `data` through a tunnel, FINs, reads everything back.
+async fn echo_through(s: &client::Session, target: &str, data: &[u8]) -> Vec<u8> {
+    let (mut send, mut recv) = s
+        .open(target, "echo")
+        .await
+        .unwrap_or_else(|e| panic!("open: {e}"));
+    let data2 = data.to_vec();
+    let writer = tokio::spawn(async move {
+        send.write_all(&data2)
+            .await
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let _ = send.finish();
+        send
+    });
+    let mut got = Vec::with_capacity(data.len());
+    AsyncReadExt::read_to_end(&mut recv, &mut got)
+        .await
+        .unwrap_or_else(|e| panic!("read: {e}"));
+    let _send = writer.await;
+    got
+}
+
+fn reason_of(e: &ClientError) -> Option<Reason> {
+    match e {
+        ClientError::Rejected(r) => Some(r.reason),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_carries_bytes_and_half_close_both_ways() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let echo = echo_service().await;
+    let (banner, mut counts) = banner_then_count_service().await;
+    let wtok = lab.token("worker", None, Some(1));
+    let _w = start_worker(
+        Some(wtok),
+        tmp(),
+        "w1",
+        &[("echo", echo.to_string()), ("banner", banner.to_string())],
+    );
+    let eng = engineer(&lab, "alice").await;
+    wait_target(eng.path(), "w1", Duration::from_secs(5)).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // 4 MiB of random bytes out and back, byte for byte.
+    let data = random_bytes(4 << 20);
+    let got = echo_through(&s, "w1", &data).await;
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echoed bytes differ");
+
+    // Worker side FINs first: the engineer reads the banner and EOF while its
+    // own direction is still open, then sends and FINs; the service sees all.
+    let (mut send, mut recv) = s
+        .open("w1", "banner")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        AsyncReadExt::read_to_end(&mut recv, &mut got),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no FIN from the worker side"))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got, b"banner\n");
+    let payload = random_bytes(300_000);
+    send.write_all(&payload)
+        .await
+        .unwrap_or_else(|e| panic!("write after peer FIN: {e}"));
+    let _ = send.finish();
+    let n = tokio::time::timeout(Duration::from_secs(5), counts.recv())
+        .await
+        .unwrap_or_else(|_| panic!("service never saw EOF"));
+    assert_eq!(
+        n,
+        Some(payload.len() as u64),
+        "service received every byte, then EOF"
+    );
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_propagates_to_the_other_side() {
+    let lab = start_relay(RelayConfig::default()).await;
+    // A service that accepts and then aborts the connection (RST) at once.
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut hello = [0u8; 5];
+            let _ = s.read_exact(&mut hello).await;
+            // Linger 0 makes close send RST.
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let _w = start_worker(
+        Some(lab.token("worker", None, None)),
+        tmp(),
+        "w",
+        &[("rst", addr.to_string())],
+    );
+    let eng = engineer(&lab, "eng").await;
+    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut send, mut recv) = s.open("w", "rst").await.unwrap_or_else(|e| panic!("{e}"));
+    let _ = send.write_all(b"hello").await;
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        AsyncReadExt::read_to_end(&mut recv, &mut buf),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("reset never arrived"));
+    assert!(
+        r.is_err(),
+        "a reset service must surface as a stream error, got clean EOF"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_carry_their_reason() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let echo = echo_service().await;
+
+    // Expired token.
+    let expired = lab.token("engineer", Some(Duration::ZERO), None);
+    let e = client::login(tmp().path(), &expired, "x1").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::TokenExpired),
+        "{e:?}"
+    );
+    assert!(e
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+        .contains("token expired"));
+
+    // Used up: one use, second key refused.
+    let once = lab.token("engineer", None, Some(1));
+    assert!(client::login(tmp().path(), &once, "x2").await.is_ok());
+    let e = client::login(tmp().path(), &once, "x3").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::TokenUsedUp),
+        "{e:?}"
+    );
+
+    // Revoked.
+    let rv = lab.token("engineer", None, None);
+    let id = Registry::token_id(&rv.secret);
+    lab.registry()
+        .revoke_token(&id)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = client::login(tmp().path(), &rv, "x4").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::TokenRevoked),
+        "{e:?}"
+    );
+
+    // Unknown token (right relay, secret never issued).
+    let unknown = Token {
+        secret: tunnel_relay::secret::Secret::random(),
+        ..once.clone()
+    };
+    let e = client::login(tmp().path(), &unknown, "x5").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::TokenUnknown),
+        "{e:?}"
+    );
+
+    // Unknown key: a fresh identity that knows the relay but never joined.
+    let known = engineer(&lab, "known").await;
+    let stranger = tmp();
+    std::fs::copy(
+        known.path().join("relay.json"),
+        stranger.path().join("relay.json"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let e = client::session(stranger.path()).await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::KeyUnknown),
+        "{e:?}"
+    );
+
+    // Policy: a worker may open nothing, not even another worker.
+    let _w1 = start_worker(
+        Some(lab.token("worker", None, None)),
+        tmp(),
+        "w1",
+        &[("echo", echo.to_string())],
+    );
+    let w2dir = tmp();
+    let w2tok = lab.token("worker", None, None);
+    let mut w2state = client::ClientState::open(w2dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let w2 = client::connect(
+        &mut w2state,
+        Some(&w2tok),
+        "w2",
+        vec!["echo".into()],
+        &client::ClientTiming::worker(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_target(known.path(), "w1", Duration::from_secs(5)).await;
+    let e = w2.open("w1", "echo").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::NotAllowed),
+        "{e:?}"
+    );
+    assert!(e
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+        .contains("not allowed by policy"));
+
+    // Policy: a tag without a rule.
+    let guest = tmp();
+    client::login(guest.path(), &lab.token("guest", None, None), "guest")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let g = client::session(guest.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = g.open("w1", "echo").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::NotAllowed),
+        "{e:?}"
+    );
+
+    // Engineer: wrong node, wrong service, service down.
+    let s = client::session(known.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = s.open("nope", "echo").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::NoSuchNode),
+        "{e:?}"
+    );
+    let e = s.open("w1", "ftp").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::NoSuchService),
+        "{e:?}"
+    );
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dead = closed.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    drop(closed);
+    let _w3 = start_worker(
+        Some(lab.token("worker", None, None)),
+        tmp(),
+        "w3",
+        &[("down", dead.to_string())],
+    );
+    wait_target(known.path(), "w3", Duration::from_secs(5)).await;
+    let e = s.open("w3", "down").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::ServiceUnavailable),
+        "{e:?}"
+    );
+
+    // The same session still works, then revocation applies to the next tunnel.
+    assert_eq!(echo_through(&s, "w1", b"still fine").await, b"still fine");
+    lab.registry()
+        .revoke_node("known")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = s.open("w1", "echo").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::NodeRevoked),
+        "{e:?}"
+    );
+    let e = client::session(known.path()).await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::NodeRevoked),
+        "{e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_relay_with_another_key() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let mut tok = lab.token("engineer", None, None);
+    tok.relay_key = tunnel_relay::StaticKey::generate().public();
+    let dir = tmp();
+    let e = client::login(dir.path(), &tok, "e").await.err();
+    assert!(
+        matches!(e, Some(ClientError::Unreachable { .. })),
+        "a relay that cannot prove the pinned key must not admit us: {e:?}"
+    );
+    assert!(
+        !dir.path().join("relay.json").exists(),
+        "nothing remembered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_tunnels_echo_every_byte() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let echo = echo_service().await;
+    let _w = start_worker(
+        Some(lab.token("worker", None, None)),
+        tmp(),
+        "w",
+        &[("echo", echo.to_string())],
+    );
+    let eng = engineer(&lab, "e").await;
+    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let s = std::sync::Arc::new(
+        client::session(eng.path())
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let mut tasks = Vec::new();
+    for i in 0..500usize {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            // Sizes vary so tunnels end at different times.
+            let data = random_bytes(16 * 1024 + (i * 997) % (48 * 1024));
+            let got = echo_through(&s, "w", &data).await;
+            got == data
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            == Some(true)
+        {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 500, "tunnels with every byte intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_returns_after_relay_restart_and_needs_no_token() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let addr = lab.addr;
+    let echo = echo_service().await;
+    let wdir = tmp();
+    let wpath = wdir.path().to_path_buf();
+    let tok = lab.token("worker", None, Some(1));
+    let _w = start_worker_in(Some(tok), &wpath, "w", &[("echo", echo.to_string())]);
+    let eng = engineer(&lab, "e").await;
+    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    assert!(
+        wpath.join("relay.json").exists(),
+        "worker remembered its relay"
+    );
+
+    let state = lab.stop().await;
+    let lab = start_relay_in(state, addr, RelayConfig::default()).await;
+    let took = wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        echo_through(&s, "w", b"after restart").await,
+        b"after restart"
+    );
+    eprintln!("worker back {took:?} after the relay restarted");
+
+    // A second worker process from the same state dir, with no token: the
+    // token was single-use and is spent, the key alone admits it.
+    drop(_w);
+    let mut st = client::ClientState::open(&wpath).unwrap_or_else(|e| panic!("{e}"));
+    let again = client::connect(
+        &mut st,
+        None,
+        "w",
+        vec!["echo".into()],
+        &client::ClientTiming::worker(),
+    )
+    .await;
+    assert!(
+        again.is_ok(),
+        "known key admitted without a token: {:?}",
+        again.err()
+    );
+    drop(lab);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
+    let mut config = RelayConfig::default();
+    config.limits.max_streams_per_node = 2;
+    let lab = start_relay(config).await;
+    let echo = echo_service().await;
+    let _w = start_worker(
+        Some(lab.token("worker", None, None)),
+        tmp(),
+        "w",
+        &[("echo", echo.to_string())],
+    );
+    let eng = engineer(&lab, "e").await;
+    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let a = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
+    let _b = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
+    let e = s.open("w", "echo").await.err();
+    assert_eq!(
+        e.as_ref().and_then(reason_of),
+        Some(Reason::LimitExceeded),
+        "{e:?}"
+    );
+    // Closing one tunnel (both directions) frees its slot.
+    let (mut send, mut recv) = a;
+    let _ = send.finish();
+    let mut sink = Vec::new();
+    let _ = AsyncReadExt::read_to_end(&mut recv, &mut sink).await;
+    let t0 = Instant::now();
+    loop {
+        match s.open("w", "echo").await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(reason_of(&e), Some(Reason::LimitExceeded));
+                assert!(t0.elapsed() < Duration::from_secs(5), "slot never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let mut config = RelayConfig::default();
+    config.limits.handshake_timeout_ms = 300;
+    let lab = start_relay(config).await;
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap_or_else(|_| panic!()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t = tunnel_relay::tls::transport(Duration::from_secs(30), None, 16);
+    ep.set_default_client_config(
+        tunnel_relay::tls::client_config(t).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let conn = ep
+        .connect(lab.addr, tunnel_relay::tls::SERVER_NAME)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "relay kept a silent connection open");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(200),
+        "closed before the timeout: {:?}",
+        t0.elapsed()
+    );
+}
+
+/// `GET /metrics` over a plain TCP connection; the body.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("metrics connect: {e}"));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    out
+}
+
+/// The value of the sample whose line starts with `series ` (0 if absent).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
+    let config = RelayConfig {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
+        ..RelayConfig::default()
+    };
+    let lab = start_relay(config).await;
+    let maddr = lab.metrics.unwrap_or_else(|| panic!("metrics enabled"));
+    let echo = echo_service().await;
+    let _w = start_worker(
+        Some(lab.token("worker", None, None)),
+        tmp(),
+        "w",
+        &[("echo", echo.to_string())],
+    );
+    let eng = engineer(&lab, "e").await;
+    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let data = random_bytes(1 << 20);
+    assert!(echo_through(&s, "w", &data).await == data);
+    let e = client::login(
+        tmp().path(),
+        &lab.token("engineer", Some(Duration::ZERO), None),
+        "x",
+    )
+    .await;
+    assert!(e.is_err());
+    let _ = s.open("w", "nope").await;
+
+    let text = scrape(maddr).await;
+    assert!(text.contains("200 OK"), "{text}");
+    assert!(sample(&text, "weft_relay_connected_nodes") >= 2.0, "{text}");
+    assert!(
+        sample(
+            &text,
+            "weft_relay_bytes_relayed_total{direction=\"to_worker\"}"
+        ) >= data.len() as f64,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "weft_relay_bytes_relayed_total{direction=\"to_engineer\"}"
+        ) >= data.len() as f64,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "weft_relay_refusals_total{reason=\"token_expired\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "weft_relay_refusals_total{reason=\"no_such_service\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+}
