@@ -1,34 +1,47 @@
 #!/usr/bin/env bash
-# The Weft local lab: two GPU workers, each behind its own home router's NAT, join an engineer's mesh;
-# the engineer then SSHes into both over the overlay and runs iperf3 across it.
+# The Weft local lab: a relay, two GPU workers each behind its own home router's NAT, and an engineer
+# who SSHes into both, first over the WireGuard mesh overlay (`mesh`), then through reverse tunnels on
+# the relay (`tunnel-relay`). Nothing on the internet can reach a worker; in both paths the worker dials out.
 #
 #   sudo deploy/lab/demo.sh            # build, run the demo, tear everything down
 #   sudo deploy/lab/demo.sh --keep     # ... and keep the lab up until Ctrl-C, to poke at it
 #
 # Options:  --keep        keep the lab running until Ctrl-C (prints how to get in)
 #           --no-build    use the binaries already in target/release
-# Env:      WEFT_DEMO_WG=wireguard-go   run Debian's wireguard-go + wg instead of our `mesh` (a reference
-#                                       to compare against); the default is `mesh`
+# Env:      WEFT_DEMO_WG=wireguard-go   run Debian's wireguard-go + wg instead of our `mesh` for the mesh
+#                                       path (a reference to compare against); the default is `mesh`
 #           WEFT_SKIP_APT=1             skip apt-get (the packages are already installed)
-#           RUST_LOG                    mesh's log level (default info); logs go to the lab's temp dir
+#           RUST_LOG                    mesh's log level (default info)
+#           WEFT_LOG                    tunnel-relay's log level (default info)
+#           (logs go to the lab's temp dir)
 #
 # Topology (every process and address lives in a namespace this script creates; names start with
 # wft-demo-; the root namespace is never touched):
 #
-#                      wft-demo-inet: bridge "internet" 203.0.113.1/24
-#          ┌──────────────────────────────┼─────────────────────────────────┐
-#   wft-demo-eng                  wft-demo-home1 (NAT)               wft-demo-home2 (NAT)
-#   engineer 203.0.113.10         wan 203.0.113.21                   wan 203.0.113.22
-#   overlay 100.64.0.1            lan 192.0.2.1/27                   lan 192.0.2.33/27
-#                                        │                                  │
-#                                 wft-demo-gpu1                      wft-demo-gpu2
-#                                 192.0.2.2, overlay 100.64.0.11     192.0.2.34, overlay 100.64.0.12
-#                                 sshd on the overlay                sshd on the overlay
+#                          wft-demo-inet: bridge "internet" 203.0.113.1/24
+#     ┌───────────────────┬─────────────┴───────────┬────────────────────────────────┐
+#   wft-demo-relay      wft-demo-eng              wft-demo-home1 (NAT)             wft-demo-home2 (NAT)
+#   relay 203.0.113.2   engineer 203.0.113.10     wan 203.0.113.21                 wan 203.0.113.22
+#   tunnel-relay serve  overlay 100.64.0.1        lan 192.0.2.1/27                 lan 192.0.2.33/27
+#   on UDP 4433                                     │                                │
+#                                                 wft-demo-gpu1                    wft-demo-gpu2
+#                                                 192.0.2.2                        192.0.2.34
+#                                                 overlay 100.64.0.11              overlay 100.64.0.12
+#                                                 sshd on the overlay and          sshd on the overlay and
+#                                                 on 127.0.0.1 (for expose)        on 127.0.0.1 (for expose)
 #
 # The home routers masquerade (endpoint-independent "easy" NAT) and drop unsolicited inbound packets,
-# as real home routers do; nothing on the internet can reach a worker unless the worker dials out. The
-# workers' configs name the engineer as a peer with an Endpoint and PersistentKeepalive = 25, so they
-# dial out, the engineer learns their NATed address from the handshake, and the tunnel stays open.
+# as real home routers do; nothing on the internet can reach a worker unless the worker dials out.
+#
+# Mesh overlay path: the workers' wg-quick configs name the engineer as a peer with an Endpoint and
+# PersistentKeepalive = 25, so they dial out, the engineer learns their NATed address from the handshake,
+# and the tunnel stays open; the engineer runs `ssh root@100.64.0.11`.
+#
+# Relay tunnel path: the operator runs `tunnel-relay serve` on 203.0.113.2:4433 and creates join tokens;
+# each worker runs `tunnel-relay expose --service ssh=127.0.0.1:22`, which keeps a QUIC connection out to
+# the relay; the engineer logs in with a token and runs
+# `ssh -o ProxyCommand='tunnel-relay connect %h %p' root@gpu-worker-1`. The relay only splices streams
+# that its policy allows (default: tag engineer -> tag worker); a worker opening another worker is refused.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -56,6 +69,7 @@ case $wg_impl in
     *) die "WEFT_DEMO_WG must be 'mesh' or 'wireguard-go', not '$wg_impl'" ;;
 esac
 mesh_bin="$repo/target/release/mesh"
+relay_bin="$repo/target/release/tunnel-relay"
 
 # ---------------------------------------------------------------------------------------------------
 # The lab's names and addresses.
@@ -66,6 +80,7 @@ NS_R1=${P}home1
 NS_W1=${P}gpu1
 NS_R2=${P}home2
 NS_W2=${P}gpu2
+NS_RELAY=${P}relay
 
 ULA=fd57:6566:7400 # a ULA /48 for the overlay ("Weft" in hex)
 ENG_PUB=203.0.113.10
@@ -76,6 +91,8 @@ W1_IP6=$ULA::11
 W2_IP4=100.64.0.12
 W2_IP6=$ULA::12
 WG_PORT=51820
+RELAY_IP=203.0.113.2
+RELAY_ADDR=$RELAY_IP:4433
 
 # Interface names double as UAPI socket names in the shared /var/run/wireguard, so they are unique to
 # this demo (two namespaces with one name would collide there).
@@ -83,7 +100,7 @@ IF_ENG=wftd-eng
 IF_W1=wftd-gpu1
 IF_W2=wftd-gpu2
 
-lab=""                 # temp dir: keys, configs, sshd files, logs
+lab=""                 # temp dir: keys, configs, sshd files, tunnel-relay state dirs, logs
 declare -a pids=()     # every process this script started, in start order
 declare -A pid_label=()
 declare -A pid_log=()
@@ -102,19 +119,27 @@ in_ns() {
     ip netns exec "$ns" "$@"
 }
 
-# `show LABEL NS cmd...`: print a command as the person at that machine would type it, then run it there.
-show() {
-    local label=$1 ns=$2
-    shift 2
+# `print_cmd LABEL cmd...`: print a command as the person at that machine would type it (a last
+# argument `&` marks one that keeps running in the background).
+print_cmd() {
+    local label=$1
+    shift
     local arg line=""
     for arg in "$@"; do
-        if [[ $arg =~ ^[][A-Za-z0-9@%+=:,./_-]+$ ]]; then
+        if [[ $arg =~ ^[][A-Za-z0-9@%+=:,./_-]+$ || $arg == '&' ]]; then
             line+=" $arg"
         else
             line+=" '${arg//\'/\'\\\'\'}'"
         fi
     done
     printf '\n\033[36m[%s]$%s\033[0m\n' "$label" "$line"
+}
+
+# `show LABEL NS cmd...`: print a command as the person at that machine would type it, then run it there.
+show() {
+    local label=$1 ns=$2
+    shift 2
+    print_cmd "$label" "$@"
     in_ns "$ns" "$@"
 }
 
@@ -166,14 +191,16 @@ stop_pid() {
     rc=0
     wait "$pid" 2>/dev/null || rc=$?
     note "$label (pid $pid) exited with status $rc"
-    if [[ $label == mesh-* && $rc -ne 0 ]]; then
+    if [[ ($label == mesh-* || $label == tunnel-relay-*) && $rc -ne 0 ]]; then
         teardown_warnings+=("$label exited with status $rc after SIGTERM (expected 0)")
     fi
 }
 
 teardown() {
     local rc=$?
-    trap - EXIT INT TERM
+    # A second Ctrl-C (or SIGTERM) must not cut the teardown short and leave the lab running.
+    trap - EXIT
+    trap '' INT TERM
     set +e
     banner "teardown"
     if [[ $rc -ne 0 && -n $lab ]]; then
@@ -219,16 +246,17 @@ require_root
 banner "apt packages"
 apt_install_lab_packages
 
+if [[ $build == 1 ]]; then
+    banner "cargo build --locked --release --bins"
+    find_cargo
+    cargo build --locked --release --bins
+fi
 if [[ $wg_impl == mesh ]]; then
-    if [[ $build == 1 ]]; then
-        banner "cargo build --locked --release --bins"
-        find_cargo
-        cargo build --locked --release --bins
-    fi
     [[ -x $mesh_bin ]] || die "$mesh_bin not found: build it (cargo build --release --bins)"
 else
     note "WEFT_DEMO_WG=wireguard-go: using Debian's wireguard-go + wg as the WireGuard peer, not mesh"
 fi
+[[ -x $relay_bin ]] || die "$relay_bin not found: build it (cargo build --release --bins)"
 
 banner "remove a previous demo's leftovers (${P}* namespaces)"
 delete_weft_namespaces "$P"
@@ -240,11 +268,16 @@ lab=$(mktemp -d /tmp/wft-demo.XXXXXX)
 chmod 700 "$lab"
 trap teardown EXIT
 trap 'exit 130' INT TERM
+# `tunnel-relay` on PATH, as after `install target/release/tunnel-relay /usr/local/bin/`: the commands
+# below (and ssh's ProxyCommand) read as a person would type them.
+mkdir -m 755 "$lab/bin"
+ln -s "$relay_bin" "$lab/bin/tunnel-relay"
+export PATH="$lab/bin:$PATH"
 
 # ---------------------------------------------------------------------------------------------------
-banner "network: an internet, an engineer, two home routers with NAT, two GPU workers behind them"
+banner "network: an internet, a relay, an engineer, two home routers with NAT, two GPU workers behind them"
 
-for ns in "$NS_INET" "$NS_ENG" "$NS_R1" "$NS_W1" "$NS_R2" "$NS_W2"; do
+for ns in "$NS_INET" "$NS_RELAY" "$NS_ENG" "$NS_R1" "$NS_W1" "$NS_R2" "$NS_W2"; do
     ip netns add "$ns"
     ip -n "$ns" link set lo up
 done
@@ -262,6 +295,8 @@ plug_into_internet() { # NS PORT-NAME ADDRESS
     ip -n "$ns" link set wan up
     ip -n "$ns" route add default via 203.0.113.1
 }
+plug_into_internet "$NS_RELAY" relay "$RELAY_IP"
+note "relay          $NS_RELAY wan $RELAY_IP (the operator's public relay)"
 plug_into_internet "$NS_ENG" eng "$ENG_PUB"
 note "engineer       $NS_ENG   wan $ENG_PUB (a public address)"
 
@@ -307,7 +342,7 @@ show engineer "$NS_ENG" ping -c 1 -W 1 192.0.2.2 ||
     note "(as expected: a worker's private address is unreachable from the internet)"
 
 # ---------------------------------------------------------------------------------------------------
-banner "keys and wg-quick configs"
+banner "mesh overlay path (1/6): keys and wg-quick configs"
 
 if [[ $wg_impl == mesh ]]; then
     genkey() { "$mesh_bin" genkey; }
@@ -326,7 +361,6 @@ for who in eng gpu1 gpu2; do
         [[ $(<"$f") =~ ^[A-Za-z0-9+/]{43}=$ ]] || die "key generation wrote no base64 key to $f"
     done
 done
-umask 022
 key() { cat "$lab/$1.key"; }
 pub() { cat "$lab/$1.pub"; }
 
@@ -371,6 +405,7 @@ EOF
 }
 worker_config gpu1 "$IF_W1" "$W1_IP4" "$W1_IP6" gpu-worker-1
 worker_config gpu2 "$IF_W2" "$W2_IP4" "$W2_IP6" gpu-worker-2
+umask 022 # the configs hold private keys: 0600, as mesh asks (it warns about a config others can read)
 note "$lab/$IF_ENG.conf:"
 sed 's/^\(PrivateKey = \).*/\1(secret)/; s/^/      /' "$lab/$IF_ENG.conf"
 note "$lab/$IF_W1.conf:"
@@ -421,7 +456,7 @@ wait_overlay_ready() { # NS IFACE IP4
         sh -c "ip -n '$ns' -4 -o addr show dev '$ifname' | grep -q ' $ip4/'"
 }
 
-banner "WireGuard up in every node ($wg_impl)"
+banner "mesh overlay path (2/6): WireGuard up in every node ($wg_impl)"
 for node in "eng:$NS_ENG:$IF_ENG:$ENG_IP4" "gpu1:$NS_W1:$IF_W1:$W1_IP4" "gpu2:$NS_W2:$IF_W2:$W2_IP4"; do
     IFS=: read -r who ns ifname ip4 <<<"$node"
     if [[ $wg_impl == mesh ]]; then
@@ -436,7 +471,7 @@ for node in "eng:$NS_ENG:$IF_ENG:$ENG_IP4" "gpu1:$NS_W1:$IF_W1:$W1_IP4" "gpu2:$N
 done
 
 # ---------------------------------------------------------------------------------------------------
-banner "the workers dial out through their NATs; wait for both handshakes at the engineer"
+banner "mesh overlay path (3/6): the workers dial out through their NATs; both handshakes reach the engineer"
 
 # Unix time of the latest handshake with PEER-KEY on the engineer's interface (0: none yet). `wg` speaks
 # the UAPI, so this works against mesh and wireguard-go alike.
@@ -470,7 +505,7 @@ show engineer "$NS_ENG" wg show "$IF_ENG" endpoints
 note "(the workers appear at their home routers' public addresses: 203.0.113.21 and .22, i.e. via NAT)"
 
 # ---------------------------------------------------------------------------------------------------
-banner "sshd in each worker, listening on the worker's overlay addresses only"
+banner "both paths: sshd in each worker, on the overlay addresses (mesh path) and 127.0.0.1 (relay path)"
 
 ssh-keygen -q -t ed25519 -N '' -C engineer@weft-demo -f "$lab/engineer_id"
 # sshd's privilege-separation directory (the openssh-server package normally creates it at boot).
@@ -486,8 +521,11 @@ start_sshd() { # LABEL NS HOSTNAME IP4 IP6
     ssh-keygen -q -t ed25519 -N '' -C "$host" -f "$d/ssh_host_ed25519_key"
     install -m 600 "$lab/engineer_id.pub" "$d/authorized_keys"
     cat >"$d/sshd_config" <<EOF
+# The overlay addresses, for the mesh path; loopback, for the relay path (tunnel-relay expose connects
+# to 127.0.0.1:22 from inside the worker, so sshd need not listen on any LAN or public address).
 ListenAddress $ip4:22
 ListenAddress [$ip6]:22
+ListenAddress 127.0.0.1:22
 HostKey $d/ssh_host_ed25519_key
 PidFile $d/sshd.pid
 AuthorizedKeysFile $d/authorized_keys
@@ -504,13 +542,15 @@ EOF
     # shellcheck disable=SC2016 # $1 and $2 are the inner shell's arguments
     start "sshd-$label" "$ns" unshare --uts /bin/sh -c 'hostname "$1" && exec /usr/sbin/sshd -D -e -f "$2"' \
         sh "$host" "$d/sshd_config"
-    wait_for "sshd on $ip4:22" 10 "$last_pid" sh -c "ip netns exec '$ns' ss -Hltn 'sport = :22' | grep -q '$ip4:22'"
+    wait_for "sshd on $ip4:22 and 127.0.0.1:22" 10 "$last_pid" sh -c \
+        "ip netns exec '$ns' ss -Hltn 'sport = :22' | grep -q '$ip4:22' &&
+         ip netns exec '$ns' ss -Hltn 'sport = :22' | grep -q '127.0.0.1:22'"
 }
 start_sshd gpu1 "$NS_W1" gpu-worker-1 "$W1_IP4" "$W1_IP6"
 start_sshd gpu2 "$NS_W2" gpu-worker-2 "$W2_IP4" "$W2_IP6"
 
 # ---------------------------------------------------------------------------------------------------
-banner "the engineer SSHes into each worker over the mesh, through both NATs"
+banner "mesh overlay path (4/6): the engineer SSHes into each worker over the overlay, through both NATs"
 
 ssh_opts=(-i "$lab/engineer_id" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
     -o LogLevel=ERROR -o BatchMode=yes -o ConnectTimeout=10)
@@ -520,18 +560,129 @@ show engineer "$NS_ENG" ssh "${ssh_opts[@]}" "root@$W2_IP4" 'hostname; uname -a'
 show engineer "$NS_ENG" ssh "${ssh_opts[@]}" "root@$W1_IP6" 'echo "$(hostname) over IPv6: $SSH_CONNECTION"'
 
 # ---------------------------------------------------------------------------------------------------
-banner "the engineer's view of the mesh"
+banner "mesh overlay path (5/6): the engineer's view of the mesh"
 if [[ $wg_impl == mesh ]]; then
     show engineer "$NS_ENG" "$mesh_bin" status --interface "$IF_ENG"
 fi
 show engineer "$NS_ENG" wg show "$IF_ENG"
 
 # ---------------------------------------------------------------------------------------------------
-banner "iperf3 over the overlay: engineer -> gpu-worker-1 (3 s; 2 shared cores, so a smoke test, not a benchmark)"
+banner "mesh overlay path (6/6): iperf3 engineer -> gpu-worker-1 over the overlay (3 s; 2 shared cores: a smoke test)"
 start iperf3-gpu1 "$NS_W1" iperf3 -s -1 -B "$W1_IP4"
 wait_for "iperf3 server on $W1_IP4:5201" 10 "$last_pid" \
     sh -c "ip netns exec '$NS_W1' ss -Hltn 'sport = :5201' | grep -q 5201"
 show engineer "$NS_ENG" iperf3 -c "$W1_IP4" -t 3 -f m
+
+# ---------------------------------------------------------------------------------------------------
+# The relay tunnel path. The same workers, NATs and sshds; nothing here uses the overlay. Every
+# tunnel-relay state dir lives in the lab's temp dir: on real machines these are /var/lib/weft-relay
+# (operator), /var/lib/weft-expose/NAME (provider) and ~/.config/weft (engineer).
+RELAY_STATE=$lab/relay-state
+W1_STATE=$lab/gpu1-expose-state
+W2_STATE=$lab/gpu2-expose-state
+ENG_STATE=$lab/engineer-weft
+METRICS_ADDR=127.0.0.1:9464
+
+# Whether the engineer's `tunnel-relay ssh-config` lists every NAME given (i.e. the relay has them
+# connected and the policy lets the engineer open their ssh service).
+engineer_sees() {
+    local cfg name
+    cfg=$(in_ns "$NS_ENG" tunnel-relay ssh-config --state-dir "$ENG_STATE" 2>/dev/null) || return 1
+    for name in "$@"; do
+        grep -qx "Host $name" <<<"$cfg" || return 1
+    done
+}
+
+# ---------------------------------------------------------------------------------------------------
+banner "relay tunnel path (1/7): the operator starts the relay on $RELAY_ADDR (UDP, QUIC)"
+
+print_cmd operator tunnel-relay serve --listen "$RELAY_ADDR" --state-dir "$RELAY_STATE" --metrics "$METRICS_ADDR" '&'
+start tunnel-relay-serve "$NS_RELAY" env WEFT_LOG="${WEFT_LOG:-info}" \
+    tunnel-relay serve --listen "$RELAY_ADDR" --state-dir "$RELAY_STATE" --metrics "$METRICS_ADDR"
+relay_pid=$last_pid
+wait_for "the relay on UDP $RELAY_ADDR" 10 "$relay_pid" \
+    sh -c "ip netns exec '$NS_RELAY' ss -Hlun 'sport = :4433' | grep -q '$RELAY_ADDR'"
+sed -n 's/^relay /    relay /p' "${pid_log[$relay_pid]}"
+note "state: identity.key (0600), cert.der/cert.key, registry.sqlite, listen.addr:"
+in_ns "$NS_RELAY" ls -l "$RELAY_STATE" | sed 's/^/      /'
+
+# ---------------------------------------------------------------------------------------------------
+banner "relay tunnel path (2/7): the operator creates join tokens: tag worker for providers, tag engineer"
+
+token_create() { # TAG USES: print the command, run it at the relay; the token on stdout (stderr shown)
+    local cmd=(tunnel-relay token create --state-dir "$RELAY_STATE" --tag "$1" --uses "$2" --ttl 1h
+        --relay-addr "$RELAY_ADDR")
+    print_cmd operator "${cmd[@]}" >&2
+    in_ns "$NS_RELAY" "${cmd[@]}"
+}
+worker_token=$(token_create worker 2)
+[[ $worker_token == wft1_* ]] || die "token create printed no wft1_ token"
+note "-> a wft1_ token (${#worker_token} characters, printed once) for the providers: it names the relay,"
+note "   pins the relay's key and carries the join secret (the relay keeps only its hash)"
+engineer_token=$(token_create engineer 1)
+[[ $engineer_token == wft1_* ]] || die "token create printed no wft1_ token"
+note "-> a wft1_ token (${#engineer_token} characters) for the engineer"
+show operator "$NS_RELAY" tunnel-relay token list --state-dir "$RELAY_STATE"
+
+# ---------------------------------------------------------------------------------------------------
+banner "relay tunnel path (3/7): each provider runs expose; the worker dials out through its NAT to the relay"
+
+expose() { # NS STATE NAME LABEL
+    local ns=$1 state=$2 name=$3 label=$4
+    print_cmd "$name" tunnel-relay expose --token "${worker_token:0:12}..." --state-dir "$state" --name "$name" \
+        --service ssh=127.0.0.1:22 '&'
+    start "tunnel-relay-expose-$label" "$ns" env WEFT_LOG="${WEFT_LOG:-info}" \
+        tunnel-relay expose --token "$worker_token" --state-dir "$state" --name "$name" --service ssh=127.0.0.1:22
+    local pid=$last_pid
+    wait_for "$name to be exposed via the relay" 15 "$pid" grep -q "exposed via relay" "${pid_log[$pid]}"
+    note "$name: $(grep -m1 -o 'exposed via relay.*' "${pid_log[$pid]}" | sed 's/\x1b\[[0-9;]*m//g')"
+}
+expose "$NS_W1" "$W1_STATE" gpu-worker-1 gpu1
+expose "$NS_W2" "$W2_STATE" gpu-worker-2 gpu2
+note "(later runs need no token: the worker's identity.key and relay.json stay in --state-dir)"
+
+# ---------------------------------------------------------------------------------------------------
+banner "relay tunnel path (4/7): the engineer logs in and lists the workers it may reach"
+
+show engineer "$NS_ENG" tunnel-relay login --token "$engineer_token" --state-dir "$ENG_STATE" --name alice |
+    sed "s/${engineer_token}/${engineer_token:0:12}.../g"
+wait_for "the engineer to see both workers" 15 "$relay_pid" engineer_sees gpu-worker-1 gpu-worker-2
+print_cmd engineer tunnel-relay ssh-config --state-dir "$ENG_STATE"
+in_ns "$NS_ENG" tunnel-relay ssh-config --state-dir "$ENG_STATE" >"$lab/engineer_ssh_config"
+cat "$lab/engineer_ssh_config"
+
+# ---------------------------------------------------------------------------------------------------
+banner "relay tunnel path (5/7): the engineer SSHes into each worker through the relay, not the overlay"
+
+proxy="tunnel-relay connect --state-dir $ENG_STATE %h %p"
+show engineer "$NS_ENG" ssh "${ssh_opts[@]}" -o ProxyCommand="$proxy" root@gpu-worker-1 'hostname; uname -a'
+show engineer "$NS_ENG" ssh "${ssh_opts[@]}" -o ProxyCommand="$proxy" root@gpu-worker-2 'hostname; uname -a'
+note "the same through the ssh-config output saved as a file; sshd sees expose's connection from loopback:"
+# shellcheck disable=SC2016 # expanded by the worker's shell
+show engineer "$NS_ENG" ssh -F "$lab/engineer_ssh_config" "${ssh_opts[@]}" root@gpu-worker-2 \
+    'echo "$(hostname) via the relay: SSH_CONNECTION=$SSH_CONNECTION"'
+
+# ---------------------------------------------------------------------------------------------------
+banner "relay tunnel path (6/7): policy: a worker may not open a tunnel to another worker (only engineer -> worker)"
+
+print_cmd gpu-worker-1 tunnel-relay connect --state-dir "$W1_STATE" gpu-worker-2 22
+if refusal=$(in_ns "$NS_W1" tunnel-relay connect --state-dir "$W1_STATE" gpu-worker-2 22 </dev/null 2>&1); then
+    die "the relay let gpu-worker-1 (tag worker) open gpu-worker-2's ssh: the policy should refuse it"
+fi
+printf '%s\n' "$refusal"
+[[ $refusal == *"not allowed"* ]] || die "expected a 'not allowed' refusal from the relay, got: $refusal"
+note "(refused by the relay's policy, with the reason; the worker's own exposure stays up)"
+
+# ---------------------------------------------------------------------------------------------------
+banner "relay tunnel path (7/7): the operator's view: registered nodes and metrics"
+
+show operator "$NS_RELAY" tunnel-relay nodes list --state-dir "$RELAY_STATE"
+print_cmd operator curl -s "http://$METRICS_ADDR/metrics"
+note "(curl is not on a fresh machine: the demo does this GET with bash's /dev/tcp; comment lines left out)"
+# shellcheck disable=SC2016 # expanded by the inner bash
+in_ns "$NS_RELAY" timeout 5 bash -c 'exec 3<>"/dev/tcp/${1%:*}/${1#*:}" &&
+    printf "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n" "$1" >&3 && cat <&3' sh "$METRICS_ADDR" |
+    tr -d '\r' | grep '^weft_relay' || die "no metrics from the relay on $METRICS_ADDR"
 
 # ---------------------------------------------------------------------------------------------------
 if [[ $keep == 1 ]]; then
@@ -545,6 +696,12 @@ EOF
     if [[ $wg_impl == mesh ]]; then
         echo "      ip netns exec $NS_ENG $mesh_bin status --interface $IF_ENG"
     fi
+    cat <<EOF
+    Relay tunnel path:
+      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ProxyCommand='$relay_bin connect --state-dir $ENG_STATE %h %p' root@gpu-worker-1
+      ip netns exec $NS_ENG ssh -F $lab/engineer_ssh_config -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu-worker-2
+      ip netns exec $NS_RELAY $relay_bin nodes list --state-dir $RELAY_STATE
+EOF
     echo "    Logs: $lab/*.log"
     trap 'exit 0' INT TERM # Ctrl-C is how this mode ends
     while :; do
