@@ -48,7 +48,7 @@ pub struct ClientState {
 impl ClientState {
     /// Opens the state directory, creating the identity if needed.
     pub fn open(dir: &Path) -> Result<ClientState, StateError> {
-        std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+        crate::keys::create_private_dir(dir)?;
         let key = StaticKey::load_or_create(&dir.join("identity.key"))?;
         let rp = dir.join("relay.json");
         let relay = match std::fs::read_to_string(&rp) {
@@ -553,7 +553,26 @@ pub async fn connect_stdio(
     let s = session(state_dir).await?;
     let (send, recv) = s.open(target, service).await?;
     let mut up = tokio::spawn(local_to_quic(tokio::io::stdin(), send));
-    let down = quic_to_local(recv, tokio::io::stdout()).await;
+    // ssh ends its ProxyCommand with SIGHUP: close the connection politely
+    // then, or the relay would count it (and its tunnel) until the idle timeout.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let hungup = async {
+        match hangup.as_mut() {
+            Some(h) => {
+                h.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(hungup);
+    let down = tokio::select! {
+        d = quic_to_local(recv, tokio::io::stdout()) => d,
+        _ = &mut hungup => {
+            up.abort();
+            s.close().await;
+            return Ok(());
+        }
+    };
     if down.1 == End::Reset {
         up.abort();
         s.close().await;
@@ -565,7 +584,10 @@ pub async fn connect_stdio(
             ),
         });
     }
-    let _ = (&mut up).await;
+    tokio::select! {
+        _ = &mut up => {}
+        _ = &mut hungup => up.abort(),
+    }
     s.close().await;
     Ok(())
 }

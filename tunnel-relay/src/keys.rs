@@ -126,7 +126,7 @@ impl fmt::Debug for StaticKey {
 /// Writes a file readable only by its owner (created 0600, written via a temp file).
 pub fn write_private(path: &Path, contents: &str) -> Result<(), StateError> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+        create_private_dir(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
@@ -141,6 +141,20 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), StateError> {
         .map_err(|e| StateError::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| StateError::io(path, e))?;
     Ok(())
+}
+
+/// Creates a state directory (and its parents) readable by its owner only:
+/// it holds identity keys and, on the relay, the token registry.
+pub fn create_private_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StateError::io(dir, e))
 }
 
 #[cfg(test)]

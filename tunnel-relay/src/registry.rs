@@ -80,8 +80,16 @@ fn opt_u64(v: Option<i64>) -> Option<u64> {
 impl Registry {
     /// Opens (creating) `DIR/registry.sqlite`.
     pub fn open(state_dir: &Path) -> Result<Registry, StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| StateError::io(state_dir, e))?;
-        let db = Connection::open(state_dir.join("registry.sqlite"))?;
+        crate::keys::create_private_dir(state_dir)?;
+        let path = state_dir.join("registry.sqlite");
+        let db = Connection::open(&path)?;
+        // Token hashes and the node list are the operator's: owner only
+        // (SQLite gives the -wal and -shm files the database's mode).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StateError::io(&path, e))?;
+        }
         db.busy_timeout(Duration::from_secs(5))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.execute_batch(

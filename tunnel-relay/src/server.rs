@@ -181,7 +181,7 @@ impl Relay {
     /// Loads (or creates) identity, certificate and registry, binds the socket.
     pub fn bind(opts: ServeOptions) -> Result<Relay, RelayError> {
         let dir = &opts.state_dir;
-        std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+        crate::keys::create_private_dir(dir)?;
         let key = StaticKey::load_or_create(&dir.join(files::IDENTITY))?;
         let (cert, cert_key) = tls::load_or_create_cert(dir)?;
         let registry = Registry::open(dir)?;
