@@ -1,0 +1,265 @@
+//! HTTP/JSON API (axum) and `/metrics`. Binds loopback only; the relay will splice in front.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::agent::{AgentError, Engine};
+use crate::job::{Job, JobSpec};
+use crate::sampler::{SharedSnapshot, Snapshot};
+
+/// Header the relay splice sets to the authenticated caller.
+pub const CALLER_HEADER: &str = "x-weft-caller";
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub snapshot: SharedSnapshot,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+fn err(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        err(code, self.to_string())
+    }
+}
+
+/// `/v1/status`: the last GPU snapshot plus job counts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+    /// GPU UUID → job id holding it.
+    pub gpu_holders: BTreeMap<String, u64>,
+    pub jobs_running: Vec<u64>,
+    pub jobs_queued: Vec<u64>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(show))
+        .route("/v1/jobs/{id}/logs", get(logs))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            err(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /v1/jobs, /v1/status, /metrics",
+            )
+        })
+        .with_state(state)
+}
+
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn parse_id(s: &str) -> Result<u64, Box<Response>> {
+    s.parse().map_err(|_| {
+        Box::new(err(
+            StatusCode::BAD_REQUEST,
+            format!("job id {s:?} is not a number"),
+        ))
+    })
+}
+
+async fn submit(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<JobSpec>, JsonRejection>,
+) -> Response {
+    let spec = match body {
+        Ok(Json(s)) => s,
+        Err(e) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("malformed job: {}", e.body_text()),
+            )
+        }
+    };
+    let caller = headers
+        .get(CALLER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("local")
+        .to_string();
+    match st.engine.submit(caller, spec) {
+        Ok(job) => (StatusCode::CREATED, Json(job)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list(State(st): State<AppState>) -> Json<Vec<Job>> {
+    Json(st.engine.list())
+}
+
+async fn show(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    match st.engine.get(id) {
+        Some(j) => Json(j).into_response(),
+        None => AgentError::NotFound(id).into_response(),
+    }
+}
+
+async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    match parse_id(&id) {
+        Ok(id) => match st.engine.cancel(id) {
+            Ok(j) => Json(j).into_response(),
+            Err(e) => e.into_response(),
+        },
+        Err(r) => *r,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    let Ok(Query(q)) = q else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "query must be `follow=true` or `follow=false`",
+        );
+    };
+    let Some(job) = st.engine.get(id) else {
+        return AgentError::NotFound(id).into_response();
+    };
+    let path = std::path::PathBuf::from(&job.log_path);
+    if !q.follow {
+        return match tokio::fs::read(&path).await {
+            Ok(b) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], b).into_response(),
+            Err(_) => (
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                Vec::new(),
+            )
+                .into_response(),
+        };
+    }
+    // Follow: send what is there, then new bytes, until the job is finished and drained.
+    let engine = st.engine.clone();
+    let stream = futures::stream::unfold((0u64, false), move |(pos, done)| {
+        let engine = engine.clone();
+        let path = path.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let finished = engine.get(id).is_none_or(|j| j.state.is_terminal());
+                let mut buf = Vec::new();
+                if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                    if f.seek(std::io::SeekFrom::Start(pos)).await.is_ok() {
+                        // at most 64 KiB per chunk: a large log streams instead of loading whole
+                        let _ = f.take(64 * 1024).read_to_end(&mut buf).await;
+                    }
+                }
+                if !buf.is_empty() {
+                    let n = buf.len() as u64;
+                    return Some((Ok::<_, std::io::Error>(buf), (pos + n, false)));
+                }
+                if finished {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+fn status_of(st: &AppState) -> Status {
+    let snapshot = st.snapshot.read().clone();
+    let jobs = st.engine.list();
+    Status {
+        snapshot,
+        gpu_holders: st.engine.holders(),
+        jobs_running: jobs
+            .iter()
+            .filter(|j| j.state.name() == "running")
+            .map(|j| j.id)
+            .collect(),
+        jobs_queued: jobs
+            .iter()
+            .filter(|j| j.state.name() == "queued")
+            .map(|j| j.id)
+            .collect(),
+    }
+}
+
+async fn status(State(st): State<AppState>) -> Json<Status> {
+    Json(status_of(&st))
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let snap = st.snapshot.read().clone();
+    let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for j in st.engine.list() {
+        *by_state.entry(j.state.name()).or_default() += 1;
+    }
+    let body = crate::metrics::render(&snap, &st.engine.holders(), &by_state);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Refuses non-loopback addresses: the jobs API is reached through the relay, never directly.
+pub fn check_loopback(addr: SocketAddr, flag: &str) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{flag} {addr}: only loopback addresses are allowed (the relay exposes the API)"
+        ))
+    }
+}

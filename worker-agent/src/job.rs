@@ -1,0 +1,406 @@
+//! The job record and its state machine. Pure: every transition takes `now` (unix ms).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What a caller submits (`POST /v1/jobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// CPU limit in cores (cgroup v2 `cpu.max`); refused where cgroups are not available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes (cgroup v2 `memory.max`); refused where cgroups are not available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed { exit_code: i32 },
+    Cancelled,
+    TimedOut,
+    Killed { signal: i32, oom: bool },
+    Lost { reason: String },
+}
+
+impl JobState {
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed { .. } => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Killed { .. } => "killed",
+            JobState::Lost { .. } => "lost",
+        }
+    }
+}
+
+/// How the job's main process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// Why the agent is stopping a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Cancel,
+    Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub caller: String,
+    pub spec: JobSpec,
+    #[serde(flatten)]
+    pub state: JobState,
+    pub gpu_uuids: Vec<String>,
+    pub submitted_ms: u64,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    pub pid: Option<u32>,
+    /// Start time of `pid` (clock ticks since boot, /proc/PID/stat field 22), to tell the
+    /// job's process from a later process that reused the pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
+    /// Set when the agent decided to stop it; the exit that follows is attributed to this.
+    pub stopping: Option<StopReason>,
+    /// Log file path (stdout and stderr interleaved).
+    pub log_path: String,
+    /// The job's cgroup v2 directory, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+/// A transition that does not apply to the current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("job {id} is {state}; cannot {action}")]
+pub struct InvalidTransition {
+    pub id: u64,
+    pub state: &'static str,
+    pub action: &'static str,
+}
+
+/// What the shell must do after a cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelAction {
+    /// Job was queued: it is now cancelled, nothing to kill.
+    Dequeued,
+    /// Job is running: terminate its process group.
+    Terminate,
+    /// Already finished or already stopping: nothing to do.
+    Nothing,
+}
+
+impl Job {
+    pub fn new(id: u64, caller: String, spec: JobSpec, now: u64, log_path: String) -> Self {
+        Self {
+            id,
+            caller,
+            spec,
+            state: JobState::Queued,
+            gpu_uuids: Vec::new(),
+            submitted_ms: now,
+            started_ms: None,
+            ended_ms: None,
+            pid: None,
+            pid_start: None,
+            stopping: None,
+            log_path,
+            cgroup: None,
+        }
+    }
+
+    fn invalid(&self, action: &'static str) -> InvalidTransition {
+        InvalidTransition {
+            id: self.id,
+            state: self.state.name(),
+            action,
+        }
+    }
+
+    pub fn start(
+        &mut self,
+        now: u64,
+        pid: u32,
+        gpus: Vec<String>,
+    ) -> Result<(), InvalidTransition> {
+        if self.state != JobState::Queued {
+            return Err(self.invalid("start"));
+        }
+        self.state = JobState::Running;
+        self.started_ms = Some(now);
+        self.pid = Some(pid);
+        self.gpu_uuids = gpus;
+        Ok(())
+    }
+
+    /// The process could not be started at all.
+    pub fn fail_to_start(&mut self, now: u64, why: &str) {
+        self.state = JobState::Lost {
+            reason: format!("could not start: {why}"),
+        };
+        self.ended_ms = Some(now);
+    }
+
+    pub fn cancel(&mut self, now: u64) -> CancelAction {
+        match self.state {
+            JobState::Queued => {
+                self.state = JobState::Cancelled;
+                self.ended_ms = Some(now);
+                CancelAction::Dequeued
+            }
+            JobState::Running if self.stopping.is_none() => {
+                self.stopping = Some(StopReason::Cancel);
+                CancelAction::Terminate
+            }
+            _ => CancelAction::Nothing,
+        }
+    }
+
+    /// When a running job must be stopped for exceeding its timeout (unix ms).
+    pub fn deadline_ms(&self) -> Option<u64> {
+        match (&self.state, self.started_ms, self.spec.timeout_s) {
+            (JobState::Running, Some(s), Some(t)) => Some(s.saturating_add(t.saturating_mul(1000))),
+            _ => None,
+        }
+    }
+
+    /// Returns true when the shell must now terminate the job.
+    pub fn handle_timeout(&mut self, now: u64) -> bool {
+        match self.deadline_ms() {
+            Some(d) if now >= d && self.stopping.is_none() => {
+                self.stopping = Some(StopReason::Timeout);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The main process ended. `oom` is true when the cgroup reported an OOM kill.
+    pub fn exited(&mut self, now: u64, exit: ExitInfo, oom: bool) -> Result<(), InvalidTransition> {
+        if self.state != JobState::Running {
+            return Err(self.invalid("record an exit"));
+        }
+        self.ended_ms = Some(now);
+        self.state = match (self.stopping, exit) {
+            (Some(StopReason::Cancel), _) => JobState::Cancelled,
+            (Some(StopReason::Timeout), _) => JobState::TimedOut,
+            (None, ExitInfo { code: Some(0), .. }) => JobState::Succeeded,
+            (
+                None,
+                ExitInfo {
+                    signal: Some(sig), ..
+                },
+            ) => JobState::Killed { signal: sig, oom },
+            (None, ExitInfo { code: Some(c), .. }) => JobState::Failed { exit_code: c },
+            (
+                None,
+                ExitInfo {
+                    code: None,
+                    signal: None,
+                },
+            ) => JobState::Lost {
+                reason: "exit status unknown".into(),
+            },
+        };
+        Ok(())
+    }
+
+    pub fn lost(&mut self, now: u64, reason: String) {
+        self.state = JobState::Lost { reason };
+        self.ended_ms.get_or_insert(now);
+    }
+
+    /// GPU-seconds consumed: GPUs held × wall time between start and end.
+    pub fn gpu_seconds(&self) -> f64 {
+        match (self.started_ms, self.ended_ms) {
+            (Some(s), Some(e)) => {
+                self.gpu_uuids.len() as f64 * (e.saturating_sub(s) as f64 / 1000.0)
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Which queued jobs start now, and on which GPUs. `queued` is (id, GPUs wanted) in FIFO order;
+/// `free` are healthy unassigned GPU UUIDs in index order. The first GPU job that does not fit
+/// blocks the GPU jobs behind it (no starvation of big jobs); CPU-only jobs always start.
+pub fn pick(queued: &[(u64, u32)], free: &[String]) -> Vec<(u64, Vec<String>)> {
+    let mut free = free.iter();
+    let mut left = free.len();
+    let mut blocked = false;
+    let mut out = Vec::new();
+    for &(id, want) in queued {
+        let want = want as usize;
+        if want == 0 {
+            out.push((id, Vec::new()));
+        } else if !blocked && want <= left {
+            out.push((id, free.by_ref().take(want).cloned().collect()));
+            left -= want;
+        } else {
+            blocked = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+
+    #[test]
+    fn pick_is_fifo_for_gpu_jobs_and_lets_cpu_jobs_through() {
+        let free = vec!["A".to_string(), "B".to_string()];
+        let q = [(1, 1), (2, 2), (3, 1), (4, 0)];
+        // job 1 takes A; job 2 needs 2 and blocks job 3 (which would fit); CPU job 4 starts
+        assert_eq!(
+            pick(&q, &free),
+            vec![(1, vec!["A".to_string()]), (4, vec![])]
+        );
+        assert_eq!(
+            pick(&[(2, 2), (3, 1)], &free),
+            vec![(2, vec!["A".to_string(), "B".to_string()])]
+        );
+        assert!(pick(&[(5, 1)], &[]).is_empty());
+    }
+    use super::*;
+
+    fn job(timeout: Option<u64>) -> Job {
+        let spec = JobSpec {
+            command: vec!["true".into()],
+            env: BTreeMap::new(),
+            workdir: None,
+            gpus: 1,
+            timeout_s: timeout,
+            labels: BTreeMap::new(),
+            cpus: None,
+            memory_bytes: None,
+        };
+        Job::new(1, "local".into(), spec, 1000, "x.log".into())
+    }
+
+    #[test]
+    fn success_and_failure() {
+        let mut j = job(None);
+        j.start(2000, 10, vec!["GPU-a".into()]).unwrap();
+        j.exited(
+            5000,
+            ExitInfo {
+                code: Some(0),
+                signal: None,
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(j.state, JobState::Succeeded);
+        assert_eq!(j.gpu_seconds(), 3.0);
+        let mut j = job(None);
+        j.start(2000, 10, vec![]).unwrap();
+        j.exited(
+            3000,
+            ExitInfo {
+                code: Some(3),
+                signal: None,
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(j.state, JobState::Failed { exit_code: 3 });
+        let mut j = job(None);
+        j.start(2000, 10, vec![]).unwrap();
+        j.exited(
+            3000,
+            ExitInfo {
+                code: None,
+                signal: Some(9),
+            },
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            j.state,
+            JobState::Killed {
+                signal: 9,
+                oom: true
+            }
+        );
+    }
+
+    #[test]
+    fn cancel_queued_and_running() {
+        let mut j = job(None);
+        assert_eq!(j.cancel(1500), CancelAction::Dequeued);
+        assert_eq!(j.state, JobState::Cancelled);
+        assert!(j.start(1600, 1, vec![]).is_err());
+        let mut j = job(None);
+        j.start(2000, 10, vec![]).unwrap();
+        assert_eq!(j.cancel(2100), CancelAction::Terminate);
+        assert_eq!(j.cancel(2200), CancelAction::Nothing);
+        j.exited(
+            2300,
+            ExitInfo {
+                code: None,
+                signal: Some(15),
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(j.state, JobState::Cancelled);
+    }
+
+    #[test]
+    fn timeout() {
+        let mut j = job(Some(2));
+        j.start(10_000, 10, vec![]).unwrap();
+        assert_eq!(j.deadline_ms(), Some(12_000));
+        assert!(!j.handle_timeout(11_999));
+        assert!(j.handle_timeout(12_000));
+        assert!(!j.handle_timeout(12_500));
+        j.exited(
+            12_600,
+            ExitInfo {
+                code: None,
+                signal: Some(15),
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(j.state, JobState::TimedOut);
+    }
+
+    #[test]
+    fn serde_roundtrip() {
+        let mut j = job(None);
+        j.lost(5, "agent restarted".into());
+        let s = serde_json::to_string(&j).unwrap();
+        let back: Job = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, j);
+    }
+}

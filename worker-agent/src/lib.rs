@@ -1,0 +1,157 @@
+//! Weft worker agent: GPU inventory, telemetry and health (NVML, sampled off the async
+//! runtime), and a job engine (GPU assignment, process groups, SQLite state) exposed over a
+//! loopback HTTP/JSON API and Prometheus `/metrics`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing::info;
+
+pub mod agent;
+pub mod api;
+pub mod cgroup;
+pub mod client;
+pub mod gpu;
+pub mod health;
+pub mod history;
+pub mod job;
+pub mod metrics;
+pub mod sampler;
+pub mod store;
+
+/// File in the state dir holding the API base URL (`http://127.0.0.1:PORT`).
+pub const API_ADDR_FILE: &str = "api.url";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// Loopback address of the jobs API. Default `127.0.0.1:0` (ephemeral, written to `api.url`).
+    pub api_listen: SocketAddr,
+    /// Loopback address for `/metrics` alone; `/metrics` is also served on the API address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Path of `libnvidia-ml.so`; default: the loader's search (`libnvidia-ml.so.1`).
+    pub nvml_lib: Option<PathBuf>,
+    pub sampler: sampler::SamplerConfig,
+    pub kill_grace: Duration,
+    pub shim: Option<PathBuf>,
+    /// Try per-job cgroup v2 (limits, OOM, `cgroup.kill`) where writable. Default true.
+    pub cgroups: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the GPU sampler thread: {0}")]
+    Sampler(std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] agent::AgentError),
+    #[error("{0}")]
+    NotLoopback(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    WriteAddr {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    api::check_loopback(cfg.api_listen, "--api-listen").map_err(RunError::NotLoopback)?;
+    if let Some(m) = cfg.metrics_listen {
+        api::check_loopback(m, "--metrics-listen").map_err(RunError::NotLoopback)?;
+    }
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| RunError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let backend = gpu::nvml::open(cfg.nvml_lib.as_deref().map(|p| p.as_os_str()));
+    let sampler = sampler::start(backend, cfg.sampler).map_err(RunError::Sampler)?;
+    let snapshot = sampler.snapshot.clone();
+    let engine = agent::Engine::start(
+        agent::EngineConfig {
+            state_dir: cfg.state_dir.clone(),
+            kill_grace: cfg.kill_grace,
+            shim: cfg.shim.clone(),
+            cgroups: cfg.cgroups,
+        },
+        snapshot.clone(),
+    )?;
+    // Re-run the scheduler periodically so a GPU that becomes healthy again gets work.
+    let eng2 = engine.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            eng2.schedule();
+        }
+    });
+    let state = api::AppState { engine, snapshot };
+    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: cfg.api_listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: cfg.api_listen,
+        source,
+    })?;
+    info!(api = %addr, "jobs API listening");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let mut metrics_task = None;
+    if let Some(m) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .map_err(|source| RunError::Bind { addr: m, source })?;
+        info!(metrics = %l.local_addr().unwrap_or(m), "metrics listening");
+        let app = api::metrics_router(state.clone());
+        let mut rx2 = rx.clone();
+        metrics_task = Some(tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx2.wait_for(|v| *v).await;
+                })
+                .await
+        }));
+    }
+    // Written last, once every listener is bound: clients may connect as soon as it exists.
+    let url_path = cfg.state_dir.join(API_ADDR_FILE);
+    let tmp = cfg.state_dir.join(format!("{API_ADDR_FILE}.tmp"));
+    std::fs::write(&tmp, format!("http://{addr}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &url_path))
+        .map_err(|source| RunError::WriteAddr {
+            path: url_path.clone(),
+            source,
+        })?;
+    let mut rx1 = rx.clone();
+    let res = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async move {
+            let _ = rx1.wait_for(|v| *v).await;
+        })
+        .await;
+    ticker.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    drop(sampler);
+    res.map_err(RunError::Serve)
+}

@@ -1,0 +1,427 @@
+//! `worker-agent`: thin CLI over the `worker_agent` library.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use worker_agent::job::{Job, JobSpec};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "worker-agent",
+    version,
+    about = "Weft worker agent: GPU telemetry, health and jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct ApiArgs {
+    /// Agent API base URL; default: read from STATE_DIR/api.url.
+    #[arg(long, env = "WEFT_AGENT_API", global = true)]
+    api: Option<String>,
+    /// Agent state directory (to find api.url).
+    #[arg(
+        long,
+        env = "WEFT_STATE_DIR",
+        default_value = "/var/lib/weft-agent",
+        global = true
+    )]
+    state_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the agent.
+    Run(RunArgs),
+    /// GPUs, their health, running and queued jobs.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Submit and manage jobs.
+    Jobs {
+        #[command(subcommand)]
+        cmd: JobsCmd,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Finished jobs with submitter, GPUs, times, result and GPU-seconds, plus totals.
+    History {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Internal: wraps a job's command and records its exit status.
+    #[command(hide = true)]
+    ExecShim {
+        #[arg(long)]
+        status_file: PathBuf,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        argv: Vec<OsString>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Where the job database, logs and api.url live.
+    #[arg(long, env = "WEFT_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Jobs API address (loopback only).
+    #[arg(long, env = "WEFT_API_LISTEN", default_value = "127.0.0.1:0")]
+    api_listen: SocketAddr,
+    /// Separate /metrics address (loopback only); /metrics is also on the API address.
+    #[arg(long, env = "WEFT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Path of libnvidia-ml.so (default: the dynamic loader finds libnvidia-ml.so.1).
+    #[arg(long, env = "WEFT_NVML_LIB")]
+    nvml_lib: Option<PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when cancelling or timing out a job.
+    #[arg(long, env = "WEFT_KILL_GRACE_S", default_value_t = 10.0)]
+    kill_grace_s: f64,
+    /// Fast telemetry interval in milliseconds.
+    #[arg(long, env = "WEFT_SAMPLE_MS", default_value_t = 1000)]
+    sample_ms: u64,
+    /// Energy counter interval in seconds (the call costs ~4 ms on an H100).
+    #[arg(long, env = "WEFT_ENERGY_S", default_value_t = 10.0)]
+    energy_s: f64,
+    /// How long an XID keeps a GPU degraded/unhealthy, in seconds.
+    #[arg(long, env = "WEFT_XID_WINDOW_S", default_value_t = 300.0)]
+    xid_window_s: f64,
+    /// Do not use per-job cgroup v2 even where it is writable.
+    #[arg(long, env = "WEFT_NO_CGROUPS")]
+    no_cgroups: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCmd {
+    /// Submit a job: `jobs submit --gpus 1 -- python train.py`.
+    Submit {
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        /// Timeout in seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        #[arg(long = "label", value_name = "K=V")]
+        labels: Vec<String>,
+        #[arg(long)]
+        workdir: Option<String>,
+        /// CPU limit in cores (needs cgroup v2 on the worker).
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Memory limit in bytes (needs cgroup v2 on the worker).
+        #[arg(long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    Logs {
+        id: u64,
+        #[arg(long)]
+        follow: bool,
+    },
+    Cancel {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn secs(v: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .with_context(|| format!("{flag} {v}: must be a non-negative number of seconds"))
+}
+
+fn api_url(a: &ApiArgs) -> Result<String> {
+    if let Some(u) = &a.api {
+        return Ok(u.trim_end_matches('/').to_string());
+    }
+    let p = a.state_dir.join(worker_agent::API_ADDR_FILE);
+    let s = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "cannot read {} (is the agent running? or pass --api URL)",
+            p.display()
+        )
+    })?;
+    Ok(s.trim().to_string())
+}
+
+fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec<u8>> {
+    let base = api_url(a)?;
+    let (code, body) = worker_agent::client::request(&base, method, path, body, &[])?;
+    if !(200..300).contains(&code) {
+        let msg = serde_json::from_slice::<worker_agent::api::ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        bail!("agent answered {code}: {msg}");
+    }
+    Ok(body)
+}
+
+fn kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{flag} {s:?}: expected K=V"))
+        })
+        .collect()
+}
+
+fn fmt_ms(ms: Option<u64>) -> String {
+    ms.map_or("-".into(), |m| format!("{}.{:03}", m / 1000, m % 1000))
+}
+
+fn print_job(j: &Job) {
+    let result = match &j.state {
+        worker_agent::job::JobState::Failed { exit_code } => format!("failed({exit_code})"),
+        worker_agent::job::JobState::Killed { signal, oom } => {
+            format!("killed(signal {signal}{})", if *oom { ", OOM" } else { "" })
+        }
+        worker_agent::job::JobState::Lost { reason } => format!("lost({reason})"),
+        s => s.name().to_string(),
+    };
+    println!(
+        "{:>5}  {:<22} {:<12} gpus={:<3} start={} end={}  {}",
+        j.id,
+        result,
+        j.caller,
+        j.gpu_uuids.len(),
+        fmt_ms(j.started_ms),
+        fmt_ms(j.ended_ms),
+        j.spec.command.join(" ")
+    );
+}
+
+fn run_agent(a: RunArgs) -> Result<()> {
+    let cfg = worker_agent::Config {
+        state_dir: a.state_dir,
+        api_listen: a.api_listen,
+        metrics_listen: a.metrics_listen,
+        nvml_lib: a.nvml_lib,
+        sampler: worker_agent::sampler::SamplerConfig {
+            fast_interval: Duration::from_millis(a.sample_ms.max(10)),
+            energy_interval: secs(a.energy_s, "--energy-s")?,
+            xid_window: secs(a.xid_window_s, "--xid-window-s")?,
+        },
+        kill_grace: secs(a.kill_grace_s, "--kill-grace-s")?,
+        shim: std::env::current_exe().ok(),
+        cgroups: !a.no_cgroups,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        worker_agent::run(cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+fn main_inner(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run(a) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            run_agent(a)
+        }
+        Cmd::ExecShim {
+            status_file,
+            cgroup,
+            argv,
+        } => {
+            let code = worker_agent::agent::run_shim(&status_file, cgroup.as_deref(), &argv);
+            std::process::exit(code);
+        }
+        Cmd::Status { json, api } => {
+            let body = call(&api, "GET", "/v1/status", None)?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+                return Ok(());
+            }
+            let st: worker_agent::api::Status =
+                serde_json::from_slice(&body).context("status JSON")?;
+            println!("NVML: {:?}", st.snapshot.backend);
+            for g in &st.snapshot.gpus {
+                let s = &g.sample;
+                let opt = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
+                println!(
+                    "GPU {} {} {} [{}] util={}% mem={}/{} MiB temp={}C power={}/{} W  {}{}",
+                    s.index,
+                    s.name.as_deref().unwrap_or("?"),
+                    s.uuid,
+                    opt(s.pci_bus_id.clone()),
+                    opt(s.utilization_gpu_percent.map(|v| v.to_string())),
+                    opt(s.memory_used_bytes.map(|v| (v >> 20).to_string())),
+                    opt(s.memory_total_bytes.map(|v| (v >> 20).to_string())),
+                    opt(s.temperature_celsius.map(|v| v.to_string())),
+                    opt(s.power_draw_milliwatts.map(|v| (v / 1000).to_string())),
+                    opt(s.power_limit_milliwatts.map(|v| (v / 1000).to_string())),
+                    g.health.state.as_str(),
+                    if g.health.reasons.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", g.health.reasons.join("; "))
+                    },
+                );
+            }
+            println!(
+                "running: {:?}  queued: {:?}",
+                st.jobs_running, st.jobs_queued
+            );
+            Ok(())
+        }
+        Cmd::History { json, api } => {
+            let jobs: Vec<Job> = serde_json::from_slice(&call(&api, "GET", "/v1/jobs", None)?)
+                .context("jobs JSON")?;
+            let h = worker_agent::history::summarize(&jobs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+                return Ok(());
+            }
+            for e in &h.jobs {
+                println!(
+                    "{:>5} {:<12} {:<10} gpus={} start={} end={} gpu_s={:.1}",
+                    e.id,
+                    e.caller,
+                    e.result.name(),
+                    e.gpus.len(),
+                    fmt_ms(e.started_ms),
+                    fmt_ms(e.ended_ms),
+                    e.gpu_seconds
+                );
+            }
+            println!(
+                "total: {} jobs, {} succeeded, {:.1} GPU-seconds",
+                h.total_jobs, h.succeeded, h.total_gpu_seconds
+            );
+            Ok(())
+        }
+        Cmd::Jobs { cmd, api } => jobs(cmd, &api),
+    }
+}
+
+fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
+    match cmd {
+        JobsCmd::Submit {
+            gpus,
+            timeout,
+            env,
+            labels,
+            workdir,
+            cpus,
+            memory,
+            json,
+            command,
+        } => {
+            let spec = JobSpec {
+                command,
+                env: kv(&env, "--env")?,
+                workdir,
+                gpus,
+                timeout_s: timeout,
+                labels: kv(&labels, "--label")?,
+                cpus,
+                memory_bytes: memory,
+            };
+            let body = serde_json::to_string(&spec)?;
+            let out = call(api, "POST", "/v1/jobs", Some(&body))?;
+            let j: Job = serde_json::from_slice(&out).context("job JSON")?;
+            if json {
+                println!("{}", serde_json::to_string(&j)?);
+            } else {
+                println!("{}", j.id);
+            }
+        }
+        JobsCmd::List { json } => {
+            let out = call(api, "GET", "/v1/jobs", None)?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                let jobs: Vec<Job> = serde_json::from_slice(&out).context("jobs JSON")?;
+                jobs.iter().for_each(print_job);
+            }
+        }
+        JobsCmd::Show { id, json } => {
+            let out = call(api, "GET", &format!("/v1/jobs/{id}"), None)?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                print_job(&serde_json::from_slice(&out).context("job JSON")?);
+            }
+        }
+        JobsCmd::Cancel { id, json } => {
+            let out = call(api, "POST", &format!("/v1/jobs/{id}/cancel"), Some(""))?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&out));
+            } else {
+                print_job(&serde_json::from_slice(&out).context("job JSON")?);
+            }
+        }
+        JobsCmd::Logs { id, follow } => {
+            let base = api_url(api)?;
+            let mut stdout = std::io::stdout();
+            let path = format!("/v1/jobs/{id}/logs?follow={follow}");
+            let code =
+                worker_agent::client::request_to(&base, "GET", &path, None, &[], &mut stdout)?;
+            if code != 200 {
+                bail!("agent answered {code}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match main_inner(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
