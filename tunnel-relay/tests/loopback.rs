@@ -239,6 +239,21 @@ async fn wait_target(eng: &Path, target: &str, within: Duration) -> Duration {
     }
 }
 
+/// Worker `w` exposing a local echo service as `echo`, and engineer `e`
+/// logged in, once `w` is reachable.
+async fn echo_worker_and_engineer(lab: &RelayLab) -> (Worker, tempfile::TempDir) {
+    let echo = echo_service().await;
+    let w = start_worker(
+        Some(lab.token("worker", None, None)),
+        tmp(),
+        "w",
+        &[("echo", echo.to_string())],
+    );
+    let eng = engineer(lab, "e").await;
+    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    (w, eng)
+}
+
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::thread_rng().fill_bytes(&mut v);
@@ -560,15 +575,7 @@ async fn client_refuses_a_relay_with_another_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_tunnels_echo_every_byte() {
     let lab = start_relay(RelayConfig::default()).await;
-    let echo = echo_service().await;
-    let _w = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w",
-        &[("echo", echo.to_string())],
-    );
-    let eng = engineer(&lab, "e").await;
-    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let (_w, eng) = echo_worker_and_engineer(&lab).await;
     let s = std::sync::Arc::new(
         client::session(eng.path())
             .await
@@ -651,15 +658,7 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
     let mut config = RelayConfig::default();
     config.limits.max_streams_per_node = 2;
     let lab = start_relay(config).await;
-    let echo = echo_service().await;
-    let _w = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w",
-        &[("echo", echo.to_string())],
-    );
-    let eng = engineer(&lab, "e").await;
-    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let (_w, eng) = echo_worker_and_engineer(&lab).await;
     let s = client::session(eng.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -747,15 +746,7 @@ async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
     };
     let lab = start_relay(config).await;
     let maddr = lab.metrics.unwrap_or_else(|| panic!("metrics enabled"));
-    let echo = echo_service().await;
-    let _w = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w",
-        &[("echo", echo.to_string())],
-    );
-    let eng = engineer(&lab, "e").await;
-    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let (_w, eng) = echo_worker_and_engineer(&lab).await;
     let s = client::session(eng.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
