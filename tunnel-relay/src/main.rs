@@ -171,7 +171,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    // The relay serves many connections on every core; a client role
+    // (expose, connect, forward, ...) splices a few streams, where one
+    // thread avoids cross-thread wake-ups on every chunk.
+    let mut builder = if matches!(cli.cmd, Cmd::Serve { .. }) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: tokio runtime: {e}");

@@ -35,12 +35,20 @@ async fn start_relay_in(
     listen: SocketAddr,
     config: RelayConfig,
 ) -> RelayLab {
-    let relay = Relay::bind(ServeOptions {
-        listen,
-        state_dir: dir.path().to_path_buf(),
-        config,
-    })
-    .unwrap_or_else(|e| panic!("bind relay: {e}"));
+    // A relay restarted in-process on its old port may find the previous
+    // endpoint's socket still draining for a moment: retry the bind briefly.
+    let t0 = std::time::Instant::now();
+    let relay = loop {
+        match Relay::bind(ServeOptions {
+            listen,
+            state_dir: dir.path().to_path_buf(),
+            config: config.clone(),
+        }) {
+            Ok(r) => break r,
+            Err(e) if t0.elapsed() > Duration::from_secs(5) => panic!("bind relay: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     let addr = relay
         .local_addr()
         .unwrap_or_else(|| panic!("relay address"));
