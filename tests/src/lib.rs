@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use cleanup::cleanup_stale;
 pub use netns::{link, Netns};
-pub use node::MeshNode;
+pub use node::{MeshNode, MeshPair};
 pub use proc::Proc;
 pub use router::{Internet, Nat, Router};
 pub use wgconf::{

@@ -6,21 +6,19 @@
 use std::time::Duration;
 
 use weft_tests::traffic;
-use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode};
+use weft_tests::{Internet, MeshPair};
 
 #[test]
 fn node_survives_flood_during_transfer() {
     let net = Internet::new("ho");
-    let a = net.host("ho-a", "203.0.113.10");
-    let b = net.host("ho-b", "203.0.113.20");
+    let MeshPair {
+        mut na,
+        mut nb,
+        a,
+        b,
+        ifs,
+    } = MeshPair::start(&net, "ho");
     let attacker = net.host("ho-x", "203.0.113.66");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
-    let mut na = MeshNode::start(&a, &ifs[0]);
-    let mut nb = MeshNode::start(&b, &ifs[1]);
     let b_ip = ifs[1].ip(false);
     assert!(
         traffic::wait_ping(&a, &b_ip, Duration::from_secs(10)),

@@ -7,20 +7,18 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::traffic::{self, GapMonitor, Pace};
-use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode};
+use weft_tests::{Internet, MeshPair};
 
 #[test]
 fn transfer_survives_peer_address_change() {
     let net = Internet::new("ro");
-    let a = net.host("ro-a", "203.0.113.10");
-    let b = net.host("ro-b", "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
-    let mut na = MeshNode::start(&a, &ifs[0]);
-    let mut nb = MeshNode::start(&b, &ifs[1]);
+    let MeshPair {
+        mut na,
+        mut nb,
+        a,
+        b,
+        ifs,
+    } = MeshPair::start(&net, "ro");
     let (a_ip, b_ip) = (ifs[0].ip(false), ifs[1].ip(false));
     assert!(
         traffic::wait_ping(&a, &b_ip, Duration::from_secs(10)),
