@@ -9,6 +9,13 @@
 //! # Prometheus metrics (GET /metrics). Default: off.
 //! metrics_listen = "127.0.0.1:9464"
 //!
+//! # An operator-provided TLS certificate chain and key (PEM). Default: a
+//! # self-signed certificate created in the state dir. Clients authenticate the
+//! # relay by its Noise key either way; relative paths are relative to this file.
+//! [tls]
+//! cert_file = "/etc/weft/relay.crt"
+//! key_file = "/etc/weft/relay.key"
+//!
 //! [limits]
 //! max_streams_per_node = 1024          # concurrent tunnels per node
 //! new_connections_per_ip_per_sec = 20  # also the burst size
@@ -37,10 +44,22 @@ pub struct RelayConfig {
     pub public_addrs: Vec<String>,
     /// Where to serve Prometheus metrics (`GET /metrics`). Default: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Operator-provided certificate. Default: self-signed, in the state dir.
+    pub tls: TlsFiles,
     /// Limits.
     pub limits: Limits,
     /// Authorization policy.
     pub policy: Policy,
+}
+
+/// An operator-provided certificate chain and private key, both PEM.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// Resource limits.
@@ -151,6 +170,11 @@ impl RelayConfig {
                 "limits.handshake_timeout_ms must be >= 100 and limits.idle_timeout_ms >= 1000",
             ));
         }
+        if cfg.tls.cert_file.is_some() != cfg.tls.key_file.is_some() {
+            return Err(invalid(
+                "tls.cert_file and tls.key_file must be given together",
+            ));
+        }
         Ok(cfg)
     }
 
@@ -160,7 +184,17 @@ impl RelayConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        RelayConfig::parse(&text, &path.display().to_string())
+        let mut cfg = RelayConfig::parse(&text, &path.display().to_string())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for f in [&mut cfg.tls.cert_file, &mut cfg.tls.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+        Ok(cfg)
     }
 }
 
@@ -222,6 +256,30 @@ mod tests {
             msg.contains("relay.toml") && msg.contains("max_streams") && msg.contains("line 2"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn tls_files_go_together() {
+        let e = RelayConfig::parse("[tls]\ncert_file = \"a.pem\"\n", "relay.toml");
+        let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains("relay.toml") && msg.contains("key_file"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn tls_paths_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("relay.toml");
+        std::fs::write(
+            &p,
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"/abs/k.pem\"\n",
+        )
+        .expect("write");
+        let c = RelayConfig::load(&p).expect("load");
+        assert_eq!(c.tls.cert_file, Some(dir.path().join("c.pem")));
+        assert_eq!(c.tls.key_file, Some("/abs/k.pem".into()));
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! - `weft_relay_refusals_total{reason=...}` (counter): refused admissions and
 //!   tunnel opens, by [`Reason`] name (e.g. `token_expired`, `not_allowed`).
 //! - `weft_relay_connections_rate_limited_total` (counter).
+//! - `weft_relay_handshake_failures_total{cause="timeout"|"error"}` (counter):
+//!   connections that never finished QUIC + Noise admission (no reason could
+//!   be sent: scanners, wrong keys, dead links).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +37,10 @@ pub struct Metrics {
     pub to_engineer: Counter,
     /// Connections refused by the per-IP rate limit.
     pub rate_limited: Counter,
+    /// Admissions that timed out.
+    pub handshake_timeouts: Counter,
+    /// Admissions that failed (QUIC/TLS/Noise error, wrong relay key).
+    pub handshake_errors: Counter,
     refusals: Family<Labels, Counter>,
 }
 
@@ -58,6 +65,18 @@ impl Metrics {
         let bytes: Family<Labels, Counter> = Family::default();
         let refusals: Family<Labels, Counter> = Family::default();
         let rate_limited = Counter::default();
+        let hs: Family<Labels, Counter> = Family::default();
+        let handshake_timeouts = hs
+            .get_or_create(&vec![("cause".into(), "timeout".into())])
+            .clone();
+        let handshake_errors = hs
+            .get_or_create(&vec![("cause".into(), "error".into())])
+            .clone();
+        registry.register(
+            "handshake_failures",
+            "Connections that did not finish admission",
+            hs,
+        );
         registry.register(
             "connected_nodes",
             "Admitted connections open now",
@@ -89,6 +108,8 @@ impl Metrics {
             to_worker,
             to_engineer,
             rate_limited,
+            handshake_timeouts,
+            handshake_errors,
             refusals,
         }
     }

@@ -215,6 +215,25 @@ impl Registry {
         Ok(())
     }
 
+    /// Changes whenever another connection (e.g. `nodes revoke` in another
+    /// process) commits to the database (SQLite's `PRAGMA data_version`).
+    pub fn data_version(&self) -> Result<i64, StateError> {
+        Ok(self.db.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Keys of every revoked node.
+    pub fn revoked_keys(&self) -> Result<std::collections::HashSet<PublicKey>, StateError> {
+        let mut st = self.db.prepare("SELECT key FROM nodes WHERE revoked = 1")?;
+        let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = std::collections::HashSet::new();
+        for k in rows {
+            if let Ok(k) = <[u8; 32]>::try_from(k?.as_slice()) {
+                out.insert(PublicKey(k));
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the node with this key is revoked (or unknown).
     pub fn is_revoked(&self, key: &PublicKey) -> Result<bool, StateError> {
         let r: Option<i64> = self

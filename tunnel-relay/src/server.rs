@@ -10,7 +10,7 @@
 //! a bidi stream to the worker with [`Message::Incoming`], relays the
 //! worker's answer, then splices the two streams.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +30,7 @@ use crate::keys::{PublicKey, StaticKey};
 use crate::metrics::{self, Metrics};
 use crate::noise;
 use crate::registry::{unix_now, Registry};
+use crate::routes::{Opener, Routes, WorkerRoute};
 use crate::splice::quic_to_quic;
 use crate::tls;
 use crate::wire::{
@@ -72,15 +73,6 @@ pub mod files {
 }
 
 #[derive(Clone)]
-struct WorkerEntry {
-    id: u64,
-    key: PublicKey,
-    conn: Connection,
-    tags: Vec<String>,
-    services: Vec<String>,
-}
-
-#[derive(Clone)]
 struct NodeCtx {
     id: u64,
     key: PublicKey,
@@ -93,8 +85,7 @@ struct Shared {
     key: StaticKey,
     config: RelayConfig,
     registry: Mutex<Registry>,
-    workers: Mutex<HashMap<String, WorkerEntry>>,
-    streams: Mutex<HashMap<PublicKey, u32>>,
+    routes: Mutex<Routes<Connection>>,
     rate: Mutex<RateLimiter>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
@@ -104,36 +95,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Holds one stream slot of a node; released on drop.
-struct StreamSlot {
+/// Holds the stream slots of one granted tunnel; released on drop.
+struct StreamSlots {
     shared: Arc<Shared>,
-    key: PublicKey,
+    keys: (PublicKey, PublicKey),
 }
 
-impl StreamSlot {
-    fn take(shared: &Arc<Shared>, key: PublicKey) -> Option<StreamSlot> {
-        let mut s = lock(&shared.streams);
-        let n = s.entry(key).or_insert(0);
-        if *n >= shared.config.limits.max_streams_per_node {
-            return None;
-        }
-        *n += 1;
-        Some(StreamSlot {
-            shared: shared.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for StreamSlot {
+impl Drop for StreamSlots {
     fn drop(&mut self) {
-        let mut s = lock(&self.shared.streams);
-        if let Some(n) = s.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                s.remove(&self.key);
-            }
-        }
+        lock(&self.shared.routes).release(self.keys);
     }
 }
 
@@ -183,7 +153,7 @@ impl Relay {
         let dir = &opts.state_dir;
         crate::keys::create_private_dir(dir)?;
         let key = StaticKey::load_or_create(&dir.join(files::IDENTITY))?;
-        let (cert, cert_key) = tls::load_or_create_cert(dir)?;
+        let (cert, cert_key) = tls::server_cert(dir, &opts.config.tls)?;
         let registry = Registry::open(dir)?;
         let limits = &opts.config.limits;
         // Few streams until admitted: quinn keeps per-stream state for every
@@ -226,10 +196,9 @@ impl Relay {
             metrics_listener,
             shared: Arc::new(Shared {
                 key,
-                config: opts.config,
+                config: opts.config.clone(),
                 registry: Mutex::new(registry),
-                workers: Mutex::new(HashMap::new()),
-                streams: Mutex::new(HashMap::new()),
+                routes: Mutex::new(Routes::new(limits.max_streams_per_node)),
                 rate: Mutex::new(rate),
                 next_id: AtomicU64::new(1),
                 metrics: Arc::new(Metrics::new()),
@@ -262,6 +231,7 @@ impl Relay {
             info!(addr = ?l.local_addr().ok(), "metrics on /metrics");
             tokio::spawn(metrics::serve(l, self.shared.metrics.clone()))
         });
+        let revocations = tokio::spawn(watch_revocations(self.shared.clone()));
         info!(me = %me, addr = ?self.local_addr(), "relay listening");
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -287,10 +257,46 @@ impl Relay {
         self.endpoint
             .close(VarInt::from_u32(CLOSE_RESTARTING), b"relay restarting");
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        revocations.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }
         Ok(())
+    }
+}
+
+/// How often the relay looks for revocations made by `nodes revoke` (another
+/// process writing the registry): one `PRAGMA data_version` per tick.
+const REVOCATION_POLL: Duration = Duration::from_millis(500);
+
+/// Closes the connections of nodes revoked while connected, within
+/// [`REVOCATION_POLL`] of the `nodes revoke` command.
+async fn watch_revocations(shared: Arc<Shared>) {
+    let mut seen = None;
+    let mut tick = tokio::time::interval(REVOCATION_POLL);
+    loop {
+        tick.tick().await;
+        let revoked: Option<HashSet<PublicKey>> = {
+            let reg = lock(&shared.registry);
+            match reg.data_version() {
+                Ok(v) if Some(v) == seen => None,
+                Ok(v) => {
+                    seen = Some(v);
+                    reg.revoked_keys()
+                        .map_err(|e| warn!(error = %e, "registry read failed"))
+                        .ok()
+                }
+                Err(e) => {
+                    warn!(error = %e, "registry read failed");
+                    None
+                }
+            }
+        };
+        let Some(revoked) = revoked else { continue };
+        for conn in lock(&shared.routes).revoked(&revoked) {
+            info!(remote = %conn.remote_address(), "closing a revoked node's connection");
+            conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+        }
     }
 }
 
@@ -299,10 +305,12 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let admitted = match timeout(hs_timeout, admit(&shared, incoming)).await {
         Err(_) => {
             debug!("handshake timed out");
+            shared.metrics.handshake_timeouts.inc();
             return;
         }
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
+            shared.metrics.handshake_errors.inc();
             return;
         }
         Ok(Ok(None)) => return,
@@ -383,20 +391,27 @@ async fn serve_node(
     control: (SendStream, RecvStream),
 ) {
     let is_worker = !hello.services.is_empty();
-    if is_worker {
-        let entry = WorkerEntry {
+    let worker = is_worker.then(|| {
+        let route = WorkerRoute {
             id: ctx.id,
             key: ctx.key,
             conn: ctx.conn.clone(),
             tags: ctx.tags.clone(),
             services: hello.services.clone(),
         };
-        if let Some(old) = lock(&shared.workers).insert(ctx.name.clone(), entry) {
-            old.conn.close(
-                VarInt::from_u32(CLOSE_REPLACED),
-                b"replaced by a newer connection",
-            );
-        }
+        (ctx.name.clone(), route)
+    });
+    let replaced = lock(&shared.routes).connect(ctx.id, ctx.key, ctx.conn.clone(), worker);
+    if let Some(old) = replaced {
+        old.close(
+            VarInt::from_u32(CLOSE_REPLACED),
+            b"replaced by a newer connection",
+        );
+    }
+    // Revoked between admission and registration in the table: the watcher
+    // may have looked already.
+    if revoked(&shared, &ctx.key) {
+        ctx.conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
     }
     if !is_worker {
         let n = shared
@@ -421,12 +436,7 @@ async fn serve_node(
     };
     control_task.abort();
     shared.metrics.connected.dec();
-    if is_worker {
-        let mut w = lock(&shared.workers);
-        if w.get(&ctx.name).is_some_and(|e| e.id == ctx.id) {
-            w.remove(&ctx.name);
-        }
-    }
+    lock(&shared.routes).disconnect(ctx.id, &ctx.name);
     info!(node = %ctx.name, reason = %err, "node disconnected");
 }
 
@@ -456,25 +466,16 @@ async fn control_loop(
 }
 
 fn targets_for(shared: &Shared, ctx: &NodeCtx) -> Vec<Target> {
-    let policy = &shared.config.policy;
-    let mut out: Vec<Target> = lock(&shared.workers)
-        .iter()
-        .filter(|(_, w)| w.id != ctx.id)
-        .filter_map(|(name, w)| {
-            let services: Vec<String> = w
-                .services
-                .iter()
-                .filter(|s| policy.allows(&ctx.tags, &w.tags, s))
-                .cloned()
-                .collect();
-            (!services.is_empty()).then(|| Target {
-                name: name.clone(),
-                services,
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
+    lock(&shared.routes).targets_for(opener(ctx), &shared.config.policy)
+}
+
+fn opener(ctx: &NodeCtx) -> Opener<'_> {
+    Opener {
+        id: ctx.id,
+        key: &ctx.key,
+        name: &ctx.name,
+        tags: &ctx.tags,
+    }
 }
 
 fn revoked(shared: &Shared, key: &PublicKey) -> bool {
@@ -540,7 +541,7 @@ async fn handle_tunnel(
     }
 }
 
-type Routed = (SendStream, RecvStream, (StreamSlot, StreamSlot));
+type Routed = (SendStream, RecvStream, StreamSlots);
 
 async fn route(
     shared: &Arc<Shared>,
@@ -548,59 +549,38 @@ async fn route(
     target: &str,
     service: &str,
 ) -> Result<Routed, Rejection> {
-    if revoked(shared, &ctx.key) {
-        return Err(Rejection::new(
-            Reason::NodeRevoked,
-            format!("node {:?}", ctx.name),
-        ));
-    }
-    let policy = &shared.config.policy;
-    if !policy.allow.iter().any(|r| ctx.tags.contains(&r.from)) {
-        return Err(Rejection::new(
-            Reason::NotAllowed,
-            format!("tags {:?} may not open tunnels", ctx.tags),
-        ));
-    }
-    let worker = lock(&shared.workers).get(target).cloned();
-    let Some(worker) = worker else {
-        return Err(Rejection::new(Reason::NoSuchNode, format!("{target:?}")));
+    // The registry answers revocation (SQLite, outside the routes lock).
+    let revoked_now: HashSet<PublicKey> = {
+        let w = lock(&shared.routes).worker_key(target);
+        [Some(ctx.key), w]
+            .into_iter()
+            .flatten()
+            .filter(|k| revoked(shared, k))
+            .collect()
     };
-    if revoked(shared, &worker.key) {
-        worker
-            .conn
-            .close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
-        return Err(Rejection::new(Reason::NoSuchNode, format!("{target:?}")));
-    }
-    if !policy.allows(&ctx.tags, &worker.tags, service) {
-        return Err(Rejection::new(
-            Reason::NotAllowed,
-            format!("tags {:?} may not open {service:?} on {target:?}", ctx.tags),
-        ));
-    }
-    if !worker.services.iter().any(|s| s == service) {
-        return Err(Rejection::new(
-            Reason::NoSuchService,
-            format!("{target:?} exposes {:?}", worker.services),
-        ));
-    }
-    let limit = shared.config.limits.max_streams_per_node;
-    let Some(a) = StreamSlot::take(shared, ctx.key) else {
-        return Err(Rejection::new(
-            Reason::LimitExceeded,
-            format!("{limit} tunnels per node"),
-        ));
+    let decision =
+        lock(&shared.routes).decide(opener(ctx), target, service, &shared.config.policy, |k| {
+            revoked_now.contains(k)
+        });
+    let grant = match decision {
+        Ok(g) => g,
+        Err((rej, close)) => {
+            if let Some(conn) = close {
+                conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+            }
+            return Err(rej);
+        }
     };
-    let Some(b) = StreamSlot::take(shared, worker.key) else {
-        return Err(Rejection::new(
-            Reason::LimitExceeded,
-            format!("{target:?} has {limit} tunnels open"),
-        ));
+    let slots = StreamSlots {
+        shared: shared.clone(),
+        keys: grant.keys,
     };
+    let worker_conn = grant.conn;
     let unavailable = |e: &dyn std::fmt::Display| {
         debug!(%target, error = %e, "worker stream failed");
         Rejection::new(Reason::NoSuchNode, format!("{target:?} went away"))
     };
-    let (mut wsend, mut wrecv) = worker.conn.open_bi().await.map_err(|e| unavailable(&e))?;
+    let (mut wsend, mut wrecv) = worker_conn.open_bi().await.map_err(|e| unavailable(&e))?;
     let incoming = Message::Incoming {
         from: ctx.name.clone(),
         service: service.to_string(),
@@ -615,7 +595,7 @@ async fn route(
     .await
     .map_err(|_| Rejection::new(Reason::ServiceUnavailable, "worker did not answer in time"))?;
     match answer {
-        Ok(Message::OpenOk) => Ok((wsend, wrecv, (a, b))),
+        Ok(Message::OpenOk) => Ok((wsend, wrecv, slots)),
         Ok(Message::Rejected(r)) => Err(r),
         Ok(other) => Err(unavailable(&format!("unexpected {other:?}"))),
         Err(e) => {

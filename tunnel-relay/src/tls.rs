@@ -69,6 +69,44 @@ pub fn transport(idle: Duration, keepalive: Option<Duration>, max_streams: u32) 
     t
 }
 
+/// A certificate chain (leaf first) and its key.
+pub type CertChain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// The certificate `serve` uses: the operator's PEM files when configured,
+/// else the self-signed pair in the state dir (created on first start).
+pub fn server_cert(
+    state_dir: &Path,
+    files: &crate::config::TlsFiles,
+) -> Result<CertChain, StateError> {
+    match (&files.cert_file, &files.key_file) {
+        (Some(c), Some(k)) => load_pem(c, k),
+        _ => load_or_create_cert(state_dir).map(|(c, k)| (vec![c], k)),
+    }
+}
+
+/// Reads an operator-provided PEM chain and key; errors name the file.
+pub fn load_pem(cert: &Path, key: &Path) -> Result<CertChain, StateError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |p: &Path, what: String| StateError::Cert(format!("{}: {what}", p.display()));
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "no CERTIFICATE block".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+    // The key must sign for the leaf, or every handshake would fail later.
+    let signing = provider()
+        .key_provider
+        .load_private_key(key_der.clone_key())
+        .map_err(|e| bad(key, e.to_string()))?;
+    let ck = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+    ck.keys_match()
+        .map_err(|e| bad(key, format!("does not match {}: {e}", cert.display())))?;
+    Ok((chain, key_der))
+}
+
 /// Loads `cert.der`/`cert.key` from the state dir or creates a self-signed pair.
 pub fn load_or_create_cert(
     state_dir: &Path,
@@ -108,7 +146,7 @@ fn write_private_bytes(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 
 /// The relay's QUIC server config.
 pub fn server_config(
-    cert: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     transport: TransportConfig,
 ) -> Result<quinn::ServerConfig, String> {
@@ -116,7 +154,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
+        .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;

@@ -700,6 +700,7 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
 async fn silent_client_is_dropped_after_the_handshake_timeout() {
     let mut config = RelayConfig::default();
     config.limits.handshake_timeout_ms = 300;
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!()));
     let lab = start_relay(config).await;
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap_or_else(|_| panic!()))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -719,6 +720,15 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
         t0.elapsed() >= Duration::from_millis(200),
         "closed before the timeout: {:?}",
         t0.elapsed()
+    );
+    let text = scrape(lab.metrics.unwrap_or_else(|| panic!("metrics"))).await;
+    assert_eq!(
+        sample(
+            &text,
+            "weft_relay_handshake_failures_total{cause=\"timeout\"}"
+        ),
+        1.0,
+        "{text}"
     );
 }
 
@@ -799,4 +809,117 @@ async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
         1.0,
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_connected_nodes_closes_them_without_waiting_for_an_open() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let (mut w, eng) = echo_worker_and_engineer(&lab).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A tunnel open through the worker while it is revoked.
+    let (mut send, mut recv) = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
+    send.write_all(b"before")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = [0u8; 6];
+    recv.read_exact(&mut buf)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&buf, b"before");
+
+    // `nodes revoke w` from another process: another registry connection.
+    let t0 = Instant::now();
+    lab.registry()
+        .revoke_node("w")
+        .unwrap_or_else(|e| panic!("revoke: {e}"));
+    let ended = tokio::time::timeout(Duration::from_secs(3), &mut w.task)
+        .await
+        .unwrap_or_else(|_| panic!("revoked worker still connected after 3 s"));
+    let err = ended
+        .unwrap_or_else(|e| panic!("join: {e}"))
+        .err()
+        .unwrap_or_else(|| panic!("expose returned Ok for a revoked worker"));
+    assert_eq!(reason_of(&err), Some(Reason::NodeRevoked), "{err}");
+    // The tunnel through it is gone too, and the worker is no longer listed.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        AsyncReadExt::read_to_end(&mut recv, &mut rest),
+    )
+    .await;
+    assert!(r.is_ok(), "tunnel to a revoked worker stayed open");
+    assert!(s.list_targets().await.unwrap_or_default().is_empty());
+    eprintln!("worker closed {:?} after revocation", t0.elapsed());
+
+    // Revoking the engineer closes its session too.
+    lab.registry()
+        .revoke_node("e")
+        .unwrap_or_else(|e| panic!("revoke: {e}"));
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.closed()).await;
+    let closed = closed.unwrap_or_else(|_| panic!("revoked engineer still connected"));
+    assert!(
+        closed.to_string().contains("revoked"),
+        "closed for another reason: {closed}"
+    );
+}
+
+fn write_pem(path: &Path, label: &str, der: &[u8]) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    std::fs::write(path, s).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_certificate_is_served_and_a_wrong_key_is_refused() {
+    let dir = tmp();
+    let op = rcgen::generate_simple_self_signed(vec!["relay.example.net".to_string()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let other = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let cert = dir.path().join("relay.crt");
+    let key = dir.path().join("relay.key");
+    let wrong = dir.path().join("wrong.key");
+    write_pem(&cert, "CERTIFICATE", op.cert.der());
+    write_pem(&key, "PRIVATE KEY", &op.key_pair.serialize_der());
+    write_pem(&wrong, "PRIVATE KEY", &other.serialize_der());
+
+    let mut config = RelayConfig::default();
+    config.tls.cert_file = Some(cert.clone());
+    config.tls.key_file = Some(wrong.clone());
+    let e = Relay::bind(ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap_or_else(|_| panic!()),
+        state_dir: tmp().path().join("s"),
+        config: config.clone(),
+    })
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains("wrong.key") && e.contains("relay.crt"), "{e}");
+
+    config.tls.key_file = Some(key);
+    let lab = start_relay(config).await;
+    let (_w, eng) = echo_worker_and_engineer(&lab).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let data = random_bytes(64 << 10);
+    assert!(echo_through(&s, "w", &data).await == data);
+    // The relay presented the operator's certificate, not a self-signed one.
+    let chain = s
+        .connection()
+        .peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no peer certificate"));
+    assert_eq!(chain[0].as_ref(), op.cert.der().as_ref());
+    assert!(!lab.dir.path().join("cert.der").exists());
 }

@@ -1,0 +1,391 @@
+//! The relay's routing table as a pure core: who is connected, which workers
+//! expose which services, how many tunnels each node holds, and the decision
+//! for one `Open` (revocation, policy, service, stream limits). No sockets, no
+//! clocks, no locks: the server shell keeps one [`Routes`] behind a mutex and
+//! `C` is its connection handle (a `quinn::Connection` there, a plain value
+//! in the tests below).
+//!
+//! Invariants: a worker name maps to at most one connection (a newer
+//! connection of the same name replaces the older, which the shell closes);
+//! a node's stream count equals the grants not yet released; a decision that
+//! refuses takes no stream slot.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::config::Policy;
+use crate::keys::PublicKey;
+use crate::wire::{Reason, Rejection, Target};
+
+/// A connected worker.
+#[derive(Debug, Clone)]
+pub struct WorkerRoute<C> {
+    /// Connection id (unique per relay process).
+    pub id: u64,
+    /// The worker's key.
+    pub key: PublicKey,
+    /// Its connection.
+    pub conn: C,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Services it exposes.
+    pub services: Vec<String>,
+}
+
+/// The node asking to open a tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct Opener<'a> {
+    /// Connection id.
+    pub id: u64,
+    /// Key.
+    pub key: &'a PublicKey,
+    /// Registered name.
+    pub name: &'a str,
+    /// Tags.
+    pub tags: &'a [String],
+}
+
+/// A granted tunnel: the worker to open a stream to; one stream slot is held
+/// for each of `keys` until [`Routes::release`].
+#[derive(Debug, Clone)]
+pub struct Grant<C> {
+    /// The worker's connection.
+    pub conn: C,
+    /// Opener and worker keys (their slots).
+    pub keys: (PublicKey, PublicKey),
+}
+
+/// The routing table.
+#[derive(Debug)]
+pub struct Routes<C> {
+    workers: HashMap<String, WorkerRoute<C>>,
+    nodes: HashMap<u64, (PublicKey, C)>,
+    streams: HashMap<PublicKey, u32>,
+    max_streams: u32,
+}
+
+impl<C: Clone> Routes<C> {
+    /// An empty table; each node may hold `max_streams` tunnels.
+    pub fn new(max_streams: u32) -> Routes<C> {
+        Routes {
+            workers: HashMap::new(),
+            nodes: HashMap::new(),
+            streams: HashMap::new(),
+            max_streams,
+        }
+    }
+
+    /// Records an admitted connection. For a worker (`Some(name, route)`),
+    /// returns the connection it replaces, which the caller closes.
+    pub fn connect(
+        &mut self,
+        id: u64,
+        key: PublicKey,
+        conn: C,
+        worker: Option<(String, WorkerRoute<C>)>,
+    ) -> Option<C> {
+        self.nodes.insert(id, (key, conn));
+        let (name, route) = worker?;
+        self.workers.insert(name, route).map(|old| old.conn)
+    }
+
+    /// Forgets a connection (and its worker name, if it still holds it).
+    pub fn disconnect(&mut self, id: u64, name: &str) {
+        self.nodes.remove(&id);
+        if self.workers.get(name).is_some_and(|w| w.id == id) {
+            self.workers.remove(name);
+        }
+    }
+
+    /// Connected nodes.
+    pub fn connected(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The connections of nodes whose key is in `revoked` (to close now).
+    pub fn revoked(&self, revoked: &HashSet<PublicKey>) -> Vec<C> {
+        self.nodes
+            .values()
+            .filter(|(k, _)| revoked.contains(k))
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// The workers (and their services) `opener` may open, sorted by name.
+    pub fn targets_for(&self, opener: Opener<'_>, policy: &Policy) -> Vec<Target> {
+        let mut out: Vec<Target> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.id != opener.id)
+            .filter_map(|(name, w)| {
+                let services: Vec<String> = w
+                    .services
+                    .iter()
+                    .filter(|s| policy.allows(opener.tags, &w.tags, s))
+                    .cloned()
+                    .collect();
+                (!services.is_empty()).then(|| Target {
+                    name: name.clone(),
+                    services,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Decides one `Open`. `is_revoked` answers from the registry (unknown
+    /// keys count as revoked). On success a stream slot is held for opener
+    /// and worker. A revoked worker is reported as absent (the opener learns
+    /// nothing about it); its connection comes back in `Err((_, Some(conn)))`
+    /// so the shell can close it.
+    pub fn decide(
+        &mut self,
+        opener: Opener<'_>,
+        target: &str,
+        service: &str,
+        policy: &Policy,
+        is_revoked: impl Fn(&PublicKey) -> bool,
+    ) -> Result<Grant<C>, (Rejection, Option<C>)> {
+        let refuse = |reason, detail: String| Err((Rejection::new(reason, detail), None));
+        if is_revoked(opener.key) {
+            return refuse(Reason::NodeRevoked, format!("node {:?}", opener.name));
+        }
+        if !policy.allow.iter().any(|r| opener.tags.contains(&r.from)) {
+            return refuse(
+                Reason::NotAllowed,
+                format!("tags {:?} may not open tunnels", opener.tags),
+            );
+        }
+        let Some(worker) = self.workers.get(target) else {
+            return refuse(Reason::NoSuchNode, format!("{target:?}"));
+        };
+        if is_revoked(&worker.key) {
+            return Err((
+                Rejection::new(Reason::NoSuchNode, format!("{target:?}")),
+                Some(worker.conn.clone()),
+            ));
+        }
+        if !policy.allows(opener.tags, &worker.tags, service) {
+            return refuse(
+                Reason::NotAllowed,
+                format!(
+                    "tags {:?} may not open {service:?} on {target:?}",
+                    opener.tags
+                ),
+            );
+        }
+        if !worker.services.iter().any(|s| s == service) {
+            return refuse(
+                Reason::NoSuchService,
+                format!("{target:?} exposes {:?}", worker.services),
+            );
+        }
+        let limit = self.max_streams;
+        let used = |k: &PublicKey| self.streams.get(k).copied().unwrap_or(0);
+        if used(opener.key) >= limit {
+            return refuse(Reason::LimitExceeded, format!("{limit} tunnels per node"));
+        }
+        if used(&worker.key) >= limit {
+            return refuse(
+                Reason::LimitExceeded,
+                format!("{target:?} has {limit} tunnels open"),
+            );
+        }
+        let grant = Grant {
+            conn: worker.conn.clone(),
+            keys: (*opener.key, worker.key),
+        };
+        *self.streams.entry(grant.keys.0).or_insert(0) += 1;
+        *self.streams.entry(grant.keys.1).or_insert(0) += 1;
+        Ok(grant)
+    }
+
+    /// Releases the slots of a grant.
+    pub fn release(&mut self, keys: (PublicKey, PublicKey)) {
+        for k in [keys.0, keys.1] {
+            if let Some(n) = self.streams.get_mut(&k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.streams.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// The key of the worker connected as `name`.
+    pub fn worker_key(&self, name: &str) -> Option<PublicKey> {
+        self.workers.get(name).map(|w| w.key)
+    }
+
+    /// Tunnels a node holds now.
+    pub fn streams_of(&self, key: &PublicKey) -> u32 {
+        self.streams.get(key).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::StaticKey;
+
+    fn tags(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
+    struct Fixture {
+        routes: Routes<&'static str>,
+        eng: PublicKey,
+        eng_tags: Vec<String>,
+        w1: PublicKey,
+    }
+
+    fn fixture(max: u32) -> Fixture {
+        let mut routes = Routes::new(max);
+        let eng = StaticKey::generate().public();
+        let w1 = StaticKey::generate().public();
+        routes.connect(1, eng, "eng-conn", None);
+        let w = WorkerRoute {
+            id: 2,
+            key: w1,
+            conn: "w1-conn",
+            tags: tags(&["worker"]),
+            services: tags(&["ssh", "agent"]),
+        };
+        assert!(routes
+            .connect(2, w1, "w1-conn", Some(("w1".into(), w)))
+            .is_none());
+        Fixture {
+            routes,
+            eng,
+            eng_tags: tags(&["engineer"]),
+            w1,
+        }
+    }
+
+    fn opener<'a>(f: &'a Fixture) -> Opener<'a> {
+        Opener {
+            id: 1,
+            key: &f.eng,
+            name: "eng",
+            tags: &f.eng_tags,
+        }
+    }
+
+    fn reason<C>(r: Result<Grant<C>, (Rejection, Option<C>)>) -> Option<Reason> {
+        r.err().map(|(rej, _)| rej.reason)
+    }
+
+    #[test]
+    fn engineer_opens_worker_service_and_slots_are_counted() {
+        let mut f = fixture(2);
+        let p = Policy::default();
+        let (eng, tags) = (f.eng, f.eng_tags.clone());
+        let o = Opener {
+            id: 1,
+            key: &eng,
+            name: "eng",
+            tags: &tags,
+        };
+        let g = f.routes.decide(o, "w1", "ssh", &p, |_| false);
+        let Ok(g) = g else { panic!("refused") };
+        assert_eq!(g.conn, "w1-conn");
+        assert_eq!(f.routes.streams_of(&f.eng), 1);
+        assert_eq!(f.routes.streams_of(&f.w1), 1);
+        assert!(f.routes.decide(o, "w1", "agent", &p, |_| false).is_ok());
+        assert_eq!(
+            reason(f.routes.decide(o, "w1", "ssh", &p, |_| false)),
+            Some(Reason::LimitExceeded)
+        );
+        f.routes.release(g.keys);
+        assert_eq!(f.routes.streams_of(&f.eng), 1);
+        assert!(f.routes.decide(o, "w1", "ssh", &p, |_| false).is_ok());
+    }
+
+    #[test]
+    fn refusals_take_no_slot_and_say_why() {
+        let f = fixture(8);
+        let p = Policy::default();
+        let (eng, w1, eng_tags) = (f.eng, f.w1, f.eng_tags);
+        let mut r = f.routes;
+        let o = Opener {
+            id: 1,
+            key: &eng,
+            name: "eng",
+            tags: &eng_tags,
+        };
+        assert_eq!(
+            reason(r.decide(o, "nope", "ssh", &p, |_| false)),
+            Some(Reason::NoSuchNode)
+        );
+        assert_eq!(
+            reason(r.decide(o, "w1", "http", &p, |_| false)),
+            Some(Reason::NoSuchService)
+        );
+        assert_eq!(
+            reason(r.decide(o, "w1", "ssh", &p, |k| *k == eng)),
+            Some(Reason::NodeRevoked)
+        );
+        // A revoked worker looks absent, and its connection comes back to close.
+        let e = r.decide(o, "w1", "ssh", &p, |k| *k == w1).err();
+        assert!(matches!(e, Some((ref rej, Some("w1-conn"))) if rej.reason == Reason::NoSuchNode));
+        let guest = tags(&["guest"]);
+        let g = Opener { tags: &guest, ..o };
+        assert_eq!(
+            reason(r.decide(g, "w1", "ssh", &p, |_| false)),
+            Some(Reason::NotAllowed)
+        );
+        assert_eq!(r.streams_of(&eng), 0);
+        assert_eq!(r.streams_of(&w1), 0);
+    }
+
+    #[test]
+    fn worker_may_not_open_another_worker() {
+        let mut f = fixture(8);
+        let p = Policy::default();
+        let w2 = StaticKey::generate().public();
+        let wt = tags(&["worker"]);
+        let o = Opener {
+            id: 3,
+            key: &w2,
+            name: "w2",
+            tags: &wt,
+        };
+        assert_eq!(
+            reason(f.routes.decide(o, "w1", "ssh", &p, |_| false)),
+            Some(Reason::NotAllowed)
+        );
+        assert!(f.routes.targets_for(o, &p).is_empty());
+    }
+
+    #[test]
+    fn newer_connection_replaces_and_old_disconnect_keeps_new() {
+        let mut f = fixture(8);
+        let w = WorkerRoute {
+            id: 9,
+            key: f.w1,
+            conn: "w1-new",
+            tags: tags(&["worker"]),
+            services: tags(&["ssh"]),
+        };
+        let old = f.routes.connect(9, f.w1, "w1-new", Some(("w1".into(), w)));
+        assert_eq!(old, Some("w1-conn"));
+        f.routes.disconnect(2, "w1"); // the old connection's own teardown
+        let t = f.routes.targets_for(opener(&f), &Policy::default());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].services, tags(&["ssh"]));
+        f.routes.disconnect(9, "w1");
+        assert!(f
+            .routes
+            .targets_for(opener(&f), &Policy::default())
+            .is_empty());
+        assert_eq!(f.routes.connected(), 1);
+    }
+
+    #[test]
+    fn revoked_lists_every_connection_of_the_key() {
+        let f = fixture(8);
+        let set: HashSet<PublicKey> = [f.w1].into_iter().collect();
+        assert_eq!(f.routes.revoked(&set), vec!["w1-conn"]);
+        assert!(f.routes.revoked(&HashSet::new()).is_empty());
+    }
+}
