@@ -259,6 +259,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_parses_to_the_defaults() {
+        let text = include_str!("../../deploy/examples/relay.toml");
+        let c = RelayConfig::parse(text, "deploy/examples/relay.toml").map_err(|e| e.to_string());
+        assert_eq!(c, Ok(RelayConfig::default()));
+    }
+
+    #[test]
     fn tls_files_go_together() {
         let e = RelayConfig::parse("[tls]\ncert_file = \"a.pem\"\n", "relay.toml");
         let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
