@@ -136,6 +136,14 @@ fn all_services() -> Vec<String> {
 }
 
 impl Policy {
+    /// Whether nodes tagged `a` and `b` may exchange packets at all: either
+    /// may open some service on the other (replies flow both ways).
+    pub fn may_talk(&self, a: &[String], b: &[String]) -> bool {
+        self.allow.iter().any(|r| {
+            (a.contains(&r.from) && b.contains(&r.to)) || (b.contains(&r.from) && a.contains(&r.to))
+        })
+    }
+
     /// Whether a node tagged `from` may open `service` on a node tagged `to`.
     pub fn allows(&self, from: &[String], to: &[String], service: &str) -> bool {
         self.allow.iter().any(|r| {

@@ -17,6 +17,7 @@ pub mod keys;
 pub mod metrics;
 pub mod noise;
 pub mod registry;
+pub mod relay_path;
 pub mod routes;
 pub mod secret;
 pub mod server;

@@ -7,6 +7,10 @@
 //! - `weft_relay_refusals_total{reason=...}` (counter): refused admissions and
 //!   tunnel opens, by [`Reason`] name (e.g. `token_expired`, `not_allowed`).
 //! - `weft_relay_connections_rate_limited_total` (counter).
+//! - `weft_relay_datagrams_relayed_total`, `weft_relay_datagram_bytes_total`,
+//!   `weft_relay_datagrams_dropped_total` (counters): the mesh's relay path
+//!   (WireGuard packets as QUIC datagrams); dropped = malformed, peer not
+//!   connected, not allowed by policy, or too large for the peer's path.
 //! - `weft_relay_handshake_failures_total{cause="timeout"|"error"}` (counter):
 //!   connections that never finished QUIC + Noise admission (no reason could
 //!   be sent: scanners, wrong keys, dead links).
@@ -37,6 +41,12 @@ pub struct Metrics {
     pub to_engineer: Counter,
     /// Connections refused by the per-IP rate limit.
     pub rate_limited: Counter,
+    /// Relay-path datagrams forwarded.
+    pub datagrams_relayed: Counter,
+    /// Packet bytes in forwarded datagrams.
+    pub datagram_bytes: Counter,
+    /// Relay-path datagrams dropped.
+    pub datagrams_dropped: Counter,
     /// Admissions that timed out.
     pub handshake_timeouts: Counter,
     /// Admissions that failed (QUIC/TLS/Noise error, wrong relay key).
@@ -65,6 +75,24 @@ impl Metrics {
         let bytes: Family<Labels, Counter> = Family::default();
         let refusals: Family<Labels, Counter> = Family::default();
         let rate_limited = Counter::default();
+        let datagrams_relayed = Counter::default();
+        let datagram_bytes = Counter::default();
+        let datagrams_dropped = Counter::default();
+        registry.register(
+            "datagrams_relayed",
+            "Mesh packets forwarded on the relay path",
+            datagrams_relayed.clone(),
+        );
+        registry.register(
+            "datagram_bytes",
+            "Mesh packet bytes forwarded on the relay path",
+            datagram_bytes.clone(),
+        );
+        registry.register(
+            "datagrams_dropped",
+            "Mesh packets dropped on the relay path",
+            datagrams_dropped.clone(),
+        );
         let hs: Family<Labels, Counter> = Family::default();
         let handshake_timeouts = hs
             .get_or_create(&vec![("cause".into(), "timeout".into())])
@@ -110,6 +138,9 @@ impl Metrics {
             rate_limited,
             handshake_timeouts,
             handshake_errors,
+            datagrams_relayed,
+            datagram_bytes,
+            datagrams_dropped,
             refusals,
         }
     }

@@ -5,8 +5,13 @@
 //! `C` is its connection handle (a `quinn::Connection` there, a plain value
 //! in the tests below).
 //!
+//! It also routes relayed WireGuard datagrams (issue 5's relay path): a node
+//! addresses a peer by key, the relay forwards to that key's newest
+//! connection if the policy lets the two talk ([`Routes::datagram_route`]).
+//!
 //! Invariants: a worker name maps to at most one connection (a newer
 //! connection of the same name replaces the older, which the shell closes);
+//! a key maps to its newest connection;
 //! a node's stream count equals the grants not yet released; a decision that
 //! refuses takes no stream slot.
 
@@ -59,6 +64,8 @@ pub struct Grant<C> {
 pub struct Routes<C> {
     workers: HashMap<String, WorkerRoute<C>>,
     nodes: HashMap<u64, (PublicKey, C)>,
+    /// Newest connection of each key, with its tags (datagram routing).
+    by_key: HashMap<PublicKey, (u64, C, Vec<String>)>,
     streams: HashMap<PublicKey, u32>,
     max_streams: u32,
 }
@@ -69,20 +76,24 @@ impl<C: Clone> Routes<C> {
         Routes {
             workers: HashMap::new(),
             nodes: HashMap::new(),
+            by_key: HashMap::new(),
             streams: HashMap::new(),
             max_streams,
         }
     }
 
-    /// Records an admitted connection. For a worker (`Some(name, route)`),
-    /// returns the connection it replaces, which the caller closes.
+    /// Records an admitted connection with the node's tags. For a worker
+    /// (`Some(name, route)`), returns the connection it replaces, which the
+    /// caller closes.
     pub fn connect(
         &mut self,
         id: u64,
         key: PublicKey,
         conn: C,
+        tags: Vec<String>,
         worker: Option<(String, WorkerRoute<C>)>,
     ) -> Option<C> {
+        self.by_key.insert(key, (id, conn.clone(), tags));
         self.nodes.insert(id, (key, conn));
         let (name, route) = worker?;
         self.workers.insert(name, route).map(|old| old.conn)
@@ -90,10 +101,27 @@ impl<C: Clone> Routes<C> {
 
     /// Forgets a connection (and its worker name, if it still holds it).
     pub fn disconnect(&mut self, id: u64, name: &str) {
-        self.nodes.remove(&id);
+        if let Some((key, _)) = self.nodes.remove(&id) {
+            if self.by_key.get(&key).is_some_and(|(i, _, _)| *i == id) {
+                self.by_key.remove(&key);
+            }
+        }
         if self.workers.get(name).is_some_and(|w| w.id == id) {
             self.workers.remove(name);
         }
+    }
+
+    /// Where a datagram from `src_tags` to the node with key `dst` goes: its
+    /// newest connection, if connected and the policy lets the two talk
+    /// (either may open something on the other: replies flow both ways).
+    pub fn datagram_route(
+        &self,
+        src_tags: &[String],
+        dst: &PublicKey,
+        policy: &Policy,
+    ) -> Option<C> {
+        let (_, conn, dst_tags) = self.by_key.get(dst)?;
+        policy.may_talk(src_tags, dst_tags).then(|| conn.clone())
     }
 
     /// Connected nodes.
@@ -243,7 +271,7 @@ mod tests {
         let mut routes = Routes::new(max);
         let eng = StaticKey::generate().public();
         let w1 = StaticKey::generate().public();
-        routes.connect(1, eng, "eng-conn", None);
+        routes.connect(1, eng, "eng-conn", tags(&["engineer"]), None);
         let w = WorkerRoute {
             id: 2,
             key: w1,
@@ -252,7 +280,7 @@ mod tests {
             services: tags(&["ssh", "agent"]),
         };
         assert!(routes
-            .connect(2, w1, "w1-conn", Some(("w1".into(), w)))
+            .connect(2, w1, "w1-conn", tags(&["worker"]), Some(("w1".into(), w)))
             .is_none());
         Fixture {
             routes,
@@ -367,7 +395,9 @@ mod tests {
             tags: tags(&["worker"]),
             services: tags(&["ssh"]),
         };
-        let old = f.routes.connect(9, f.w1, "w1-new", Some(("w1".into(), w)));
+        let old = f
+            .routes
+            .connect(9, f.w1, "w1-new", tags(&["worker"]), Some(("w1".into(), w)));
         assert_eq!(old, Some("w1-conn"));
         f.routes.disconnect(2, "w1"); // the old connection's own teardown
         let t = f.routes.targets_for(opener(&f), &Policy::default());
@@ -379,6 +409,33 @@ mod tests {
             .targets_for(opener(&f), &Policy::default())
             .is_empty());
         assert_eq!(f.routes.connected(), 1);
+    }
+
+    #[test]
+    fn datagrams_follow_policy_both_ways_and_the_newest_connection() {
+        let mut f = fixture(8);
+        let p = Policy::default();
+        let (eng, w1) = (f.eng, f.w1);
+        let worker = tags(&["worker"]);
+        assert_eq!(
+            f.routes.datagram_route(&f.eng_tags, &w1, &p),
+            Some("w1-conn")
+        );
+        // Replies: the worker may send to the engineer (it may not open tunnels).
+        assert_eq!(f.routes.datagram_route(&worker, &eng, &p), Some("eng-conn"));
+        // Worker to worker: nothing.
+        let w2 = StaticKey::generate().public();
+        f.routes.connect(5, w2, "w2-conn", worker.clone(), None);
+        assert_eq!(f.routes.datagram_route(&worker, &w2, &p), None);
+        // A reconnect takes over; the old connection's teardown leaves it.
+        f.routes.connect(6, w1, "w1-new", worker.clone(), None);
+        f.routes.disconnect(2, "w1");
+        assert_eq!(
+            f.routes.datagram_route(&f.eng_tags, &w1, &p),
+            Some("w1-new")
+        );
+        f.routes.disconnect(6, "w1");
+        assert_eq!(f.routes.datagram_route(&f.eng_tags, &w1, &p), None);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::keys::{PublicKey, StaticKey};
 use crate::metrics::{self, Metrics};
 use crate::noise;
 use crate::registry::{unix_now, Registry};
+use crate::relay_path;
 use crate::routes::{Opener, Routes, WorkerRoute};
 use crate::splice::quic_to_quic;
 use crate::tls;
@@ -401,7 +402,8 @@ async fn serve_node(
         };
         (ctx.name.clone(), route)
     });
-    let replaced = lock(&shared.routes).connect(ctx.id, ctx.key, ctx.conn.clone(), worker);
+    let replaced =
+        lock(&shared.routes).connect(ctx.id, ctx.key, ctx.conn.clone(), ctx.tags.clone(), worker);
     if let Some(old) = replaced {
         old.close(
             VarInt::from_u32(CLOSE_REPLACED),
@@ -424,6 +426,7 @@ async fn serve_node(
     info!(node = %ctx.name, key = %ctx.key.short(), tags = ?ctx.tags, services = ?hello.services, "node connected");
     shared.metrics.connected.inc();
     let control_task = tokio::spawn(control_loop(shared.clone(), ctx.clone(), control));
+    let datagram_task = tokio::spawn(forward_datagrams(shared.clone(), ctx.clone()));
     let err = loop {
         match ctx.conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -435,9 +438,37 @@ async fn serve_node(
         }
     };
     control_task.abort();
+    datagram_task.abort();
     shared.metrics.connected.dec();
     lock(&shared.routes).disconnect(ctx.id, &ctx.name);
     info!(node = %ctx.name, reason = %err, "node disconnected");
+}
+
+/// The relay path: forwards this node's WireGuard datagrams to the peers
+/// the policy lets it talk to, with the source key rewritten to the sender's
+/// authenticated key. Anything else is dropped (and counted).
+async fn forward_datagrams(shared: Arc<Shared>, ctx: NodeCtx) {
+    let m = &shared.metrics;
+    while let Ok(d) = ctx.conn.read_datagram().await {
+        let Ok((dst, packet)) = relay_path::decode(&d) else {
+            m.datagrams_dropped.inc();
+            continue;
+        };
+        let route = lock(&shared.routes).datagram_route(&ctx.tags, &dst, &shared.config.policy);
+        let Some(conn) = route else {
+            m.datagrams_dropped.inc();
+            continue;
+        };
+        match conn.send_datagram(relay_path::encode(&ctx.key, &packet)) {
+            Ok(()) => {
+                m.datagrams_relayed.inc();
+                m.datagram_bytes.inc_by(packet.len() as u64);
+            }
+            Err(_) => {
+                m.datagrams_dropped.inc();
+            }
+        }
+    }
 }
 
 async fn control_loop(

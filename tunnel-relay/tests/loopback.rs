@@ -923,3 +923,86 @@ async fn operator_certificate_is_served_and_a_wrong_key_is_refused() {
     assert_eq!(chain[0].as_ref(), op.cert.der().as_ref());
     assert!(!lab.dir.path().join("cert.der").exists());
 }
+
+/// A node logged in with a token of `tag` (no services): its session and key.
+async fn node_session(
+    lab: &RelayLab,
+    tag: &str,
+    name: &str,
+) -> (client::Session, PublicKey, tempfile::TempDir) {
+    let dir = tmp();
+    let tok = lab.token(tag, None, Some(1));
+    client::login(dir.path(), &tok, name)
+        .await
+        .unwrap_or_else(|e| panic!("login {name}: {e}"));
+    let key = client::ClientState::open(dir.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .public_key();
+    let s = client::session(dir.path())
+        .await
+        .unwrap_or_else(|e| panic!("session {name}: {e}"));
+    (s, key, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
+    use tunnel_relay::relay_path::RelayPath;
+    let lab = start_relay(RelayConfig::default()).await;
+    let (e, ek, _ed) = node_session(&lab, "engineer", "e").await;
+    let (w1, w1k, _w1d) = node_session(&lab, "worker", "w1").await;
+    let (w2, w2k, _w2d) = node_session(&lab, "worker", "w2").await;
+    let (pe, pw1, pw2) = (
+        RelayPath::new(e.connection().clone()),
+        RelayPath::new(w1.connection().clone()),
+        RelayPath::new(w2.connection().clone()),
+    );
+    let max = pe.max_packet().unwrap_or_else(|| panic!("datagrams off"));
+    assert!(max >= 1100, "only {max} bytes per relayed packet");
+
+    // Engineer -> worker: every packet that arrives is intact and from the engineer's key.
+    let packets: Vec<Vec<u8>> = (0..100).map(|_| random_bytes(1100)).collect();
+    let recv = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Ok(Ok((from, p))) =
+            tokio::time::timeout(Duration::from_millis(1000), pw1.recv()).await
+        {
+            got.push((from, p.to_vec()));
+            if got.len() == 100 {
+                break;
+            }
+        }
+        (pw1, got)
+    });
+    for p in &packets {
+        pe.send(&w1k, p).unwrap_or_else(|e| panic!("send: {e}"));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (pw1, got) = recv.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(got.len() >= 90, "{} of 100 packets arrived", got.len());
+    for (from, p) in &got {
+        assert_eq!(*from, ek);
+        assert!(packets.contains(p), "a packet arrived altered");
+    }
+
+    // Replies flow back (the worker may not open tunnels, but may answer).
+    pw1.send(&ek, b"reply").unwrap_or_else(|e| panic!("{e}"));
+    let (from, p) = tokio::time::timeout(Duration::from_secs(3), pe.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no reply through the relay"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((from, &p[..]), (w1k, &b"reply"[..]));
+
+    // Worker -> worker is dropped by the relay; unknown keys too.
+    pw1.send(&w2k, b"lateral").unwrap_or_else(|e| panic!("{e}"));
+    pw1.send(&PublicKey([7; 32]), b"nobody")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = tokio::time::timeout(Duration::from_millis(500), pw2.recv()).await;
+    assert!(r.is_err(), "a worker reached another worker: {r:?}");
+    // ... while the engineer still reaches w2.
+    pe.send(&w2k, b"hi w2").unwrap_or_else(|e| panic!("{e}"));
+    let (from, p) = tokio::time::timeout(Duration::from_secs(3), pw2.recv())
+        .await
+        .unwrap_or_else(|_| panic!("engineer did not reach w2"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((from, &p[..]), (ek, &b"hi w2"[..]));
+}
