@@ -6,8 +6,8 @@
 //! swaps it in, so configuration changes never stall the data path.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -26,6 +26,30 @@ use crate::uapi::codec::{DeviceInfo, PeerChange, PeerInfo, SetRequest};
 /// Handshake initiations per second, node-wide, before peers get cookie
 /// replies instead of handshakes (wireguard-go and boringtun use the same).
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// The relay path as an endpoint. A peer reached through the relay gets
+/// the synthetic endpoint `[100::INDEX]:0` (INDEX = our 24-bit session index
+/// of that peer), in RFC 6666's discard-only prefix `100::/64` with port 0, so
+/// it can never be a real UDP destination. This keeps the data path's one
+/// endpoint type (`SocketAddr`): the shell sends datagrams addressed to such
+/// an endpoint through the relay to the peer's key ([`Device::relay_peer`]),
+/// and packets that arrive through the relay enter [`Device::handle_datagram`]
+/// with that endpoint as their source ([`Device::relay_source`]).
+pub fn relay_endpoint(index: u32) -> SocketAddr {
+    let ip = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, (index >> 16) as u16, index as u16);
+    SocketAddr::new(IpAddr::V6(ip), 0)
+}
+
+/// The peer index of a relay endpoint, or `None` for a real UDP address.
+pub fn relay_index(addr: &SocketAddr) -> Option<u32> {
+    match addr {
+        SocketAddr::V6(a) if a.port() == 0 => {
+            let s = a.ip().segments();
+            (s[..6] == [0x100, 0, 0, 0, 0, 0]).then(|| (u32::from(s[6]) << 16) | u32::from(s[7]))
+        }
+        _ => None,
+    }
+}
 
 /// Node identity: our static key pair and the rate limiter bound to it.
 pub struct Identity {
@@ -144,6 +168,10 @@ pub struct Device {
     pub listen_port: u16,
     pub fwmark: AtomicU32,
     pub counters: Counters,
+    /// WireGuard's endpoint learning (an authenticated packet from a new
+    /// address moves the peer's endpoint there). On for static configs; off
+    /// in managed mode, where path selection owns every endpoint.
+    roaming: AtomicBool,
 }
 
 impl Device {
@@ -157,6 +185,7 @@ impl Device {
             listen_port,
             fwmark: AtomicU32::new(config.interface.fwmark.unwrap_or(0)),
             counters: Counters::default(),
+            roaming: AtomicBool::new(true),
         };
         let request = SetRequest {
             private_key: Some(Some(config.interface.private_key.clone())),
@@ -194,6 +223,30 @@ impl Device {
                 return i;
             }
         }
+    }
+
+    /// Turns WireGuard endpoint learning on or off (see the field).
+    pub fn set_roaming(&self, on: bool) {
+        self.roaming.store(on, Ordering::Relaxed);
+    }
+
+    /// Sends this peer's traffic through the relay from now on.
+    pub fn set_relay_path(&self, key: &PublicKey) {
+        if let Some(p) = self.snapshot().peer(key) {
+            p.lock().endpoint = Some(relay_endpoint(p.index));
+        }
+    }
+
+    /// The source endpoint to hand to [`Device::handle_datagram`] for a
+    /// packet the relay delivered from `key`; `None` for an unknown peer.
+    pub fn relay_source(&self, key: &PublicKey) -> Option<SocketAddr> {
+        self.snapshot().peer(key).map(|p| relay_endpoint(p.index))
+    }
+
+    /// The peer a relay endpoint stands for (where the shell sends it).
+    pub fn relay_peer(&self, addr: &SocketAddr) -> Option<PublicKey> {
+        let i = relay_index(addr)?;
+        self.snapshot().by_index.get(&i).map(|p| p.public_key)
     }
 
     /// Sets a peer's endpoint (from the config's resolved Endpoint, or `wg set`).
@@ -430,12 +483,12 @@ impl Device {
                     self.counters.rx_bad_source.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
-                roam(&mut st.endpoint, src, &peer);
+                self.roam(&mut st.endpoint, src, &peer);
                 Some(len)
             }
             Decap::Network(len) => {
                 if datagram.first() != Some(&3) {
-                    roam(&mut st.endpoint, src, &peer);
+                    self.roam(&mut st.endpoint, src, &peer);
                 }
                 let to = st.endpoint.unwrap_or(src);
                 out.push(Outgoing {
@@ -453,7 +506,7 @@ impl Device {
             }
             Decap::Done => {
                 if datagram.first() == Some(&4) {
-                    roam(&mut st.endpoint, src, &peer); // authenticated keepalive
+                    self.roam(&mut st.endpoint, src, &peer); // authenticated keepalive
                 }
                 None
             }
@@ -566,10 +619,12 @@ impl Device {
     }
 }
 
-fn roam(endpoint: &mut Option<SocketAddr>, src: SocketAddr, peer: &Peer) {
-    if *endpoint != Some(src) {
-        tracing::info!(peer = %peer.public_key.short(), from = ?endpoint, to = %src, "peer endpoint changed");
-        *endpoint = Some(src);
+impl Device {
+    fn roam(&self, endpoint: &mut Option<SocketAddr>, src: SocketAddr, peer: &Peer) {
+        if *endpoint != Some(src) && (endpoint.is_none() || self.roaming.load(Ordering::Relaxed)) {
+            tracing::info!(peer = %peer.public_key.short(), from = ?endpoint, to = %src, "peer endpoint changed");
+            *endpoint = Some(src);
+        }
     }
 }
 
@@ -708,6 +763,102 @@ mod tests {
         let info = a.dev.info(SystemTime::now());
         assert!(info.peers[0].last_handshake.is_some());
         assert!(info.peers[0].tx_bytes > 0 && info.peers[0].rx_bytes > 0);
+    }
+
+    #[test]
+    fn relay_endpoints_are_synthetic_and_round_trip() {
+        for i in [0u32, 1, 0x00ab_cdef, 0x00ff_ffff] {
+            let e = relay_endpoint(i);
+            assert_eq!(relay_index(&e), Some(i));
+            assert_eq!(e.port(), 0);
+        }
+        for real in [
+            "203.0.113.1:51820",
+            "[fd00::1]:51820",
+            "[100::5]:51820",
+            "[101::5]:0",
+        ] {
+            assert_eq!(relay_index(&real.parse().unwrap()), None, "{real}");
+        }
+    }
+
+    /// Runs `packet` from `from` to `to` with both sides' endpoints on the
+    /// relay: what `from` sends to a relay endpoint is delivered to `to` as
+    /// coming from `to`'s relay endpoint for `from` (what the shell does with
+    /// the relay's QUIC datagrams). Returns what reached `to`'s TUN.
+    fn deliver_via_relay(from: &Node, to: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
+        let key = |n: &Node| n.dev.snapshot().identity.as_ref().unwrap().public_key;
+        let snap = from.dev.snapshot();
+        let peer = snap
+            .route(packet_destination(packet).unwrap())
+            .unwrap()
+            .clone();
+        let mut buf = vec![0u8; 2048];
+        // (receiver is `to`?, bytes): every hop goes through the relay.
+        let mut wire: Vec<(bool, Vec<u8>)> = Vec::new();
+        match from.dev.encapsulate(&peer, packet, &mut buf) {
+            Some((ep, Encap::Data(l) | Encap::Handshake(l))) => {
+                assert_eq!(
+                    from.dev.relay_peer(&ep),
+                    Some(key(to)),
+                    "not sent via relay"
+                );
+                wire.push((true, buf[..l].to_vec()));
+            }
+            other => panic!("nothing sent: {other:?}"),
+        }
+        let mut delivered = Vec::new();
+        while let Some((to_dst, bytes)) = wire.pop() {
+            let (node, sender) = if to_dst { (to, from) } else { (from, to) };
+            let src = node.dev.relay_source(&key(sender)).unwrap();
+            let snap = node.dev.snapshot();
+            let mut out = Vec::new();
+            let mut dst = vec![0u8; 2048];
+            if let Some(len) = node
+                .dev
+                .handle_datagram(&snap, src, &bytes, &mut dst, &mut out)
+            {
+                assert!(to_dst);
+                delivered.push(dst[..len].to_vec());
+            }
+            for o in out {
+                assert_eq!(
+                    node.dev.relay_peer(&o.to),
+                    Some(key(sender)),
+                    "reply not via relay"
+                );
+                wire.push((!to_dst, o.bytes));
+            }
+        }
+        delivered
+    }
+
+    #[test]
+    fn relay_path_carries_handshake_and_data_and_path_is_owned_in_managed_mode() {
+        let (a, b) = pair();
+        let ka = a.dev.snapshot().identity.as_ref().unwrap().public_key;
+        let kb = b.dev.snapshot().identity.as_ref().unwrap().public_key;
+        for n in [&a, &b] {
+            n.dev.set_roaming(false);
+        }
+        a.dev.set_relay_path(&kb);
+        b.dev.set_relay_path(&ka);
+        let p = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"via relay");
+        assert_eq!(deliver_via_relay(&a, &b, &p), vec![p.clone()]);
+        let q = ipv4([100, 64, 0, 2], [100, 64, 0, 1], b"back");
+        assert_eq!(deliver_via_relay(&b, &a, &q), vec![q.clone()]);
+
+        // Path selection moves b -> a to a direct path; a packet a receives
+        // through the relay afterwards does not move it back (no roaming).
+        b.dev.set_endpoint(&ka, a.addr);
+        assert_eq!(deliver_via_relay(&a, &b, &p).len(), 1);
+        let ep = b.dev.snapshot().peer(&ka).unwrap().lock().endpoint;
+        assert_eq!(ep, Some(a.addr));
+        // With roaming on (static configs), the relay source would have won.
+        b.dev.set_roaming(true);
+        assert_eq!(deliver_via_relay(&a, &b, &p).len(), 1);
+        let ep = b.dev.snapshot().peer(&ka).unwrap().lock().endpoint;
+        assert_eq!(ep.and_then(|e| relay_index(&e)).is_some(), true);
     }
 
     #[test]

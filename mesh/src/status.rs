@@ -106,7 +106,7 @@ pub fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> Stri
             out += "  preshared key: (hidden)\n";
         }
         if let Some(ep) = p.endpoint {
-            out += &format!("  endpoint: {ep}\n");
+            out += &format!("  endpoint: {}\n", endpoint_text(&ep));
         }
         let ips = if p.allowed_ips.is_empty() {
             "(none)".to_owned()
@@ -149,7 +149,7 @@ pub fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> Stri
 ///   "peers": [                          // sorted by latest handshake, newest first
 ///     {
 ///       "public_key": "base64…",
-///       "endpoint": "1.2.3.4:51820" | "[fd00::1]:51820" | null,
+///       "endpoint": "1.2.3.4:51820" | "[fd00::1]:51820" | "relay" | null,
 ///       "allowed_ips": ["10.0.0.2/32", "fd00::/64"],
 ///       "latest_handshake_unix": 1700000000 | null,  // whole seconds since the epoch
 ///       "latest_handshake_age_s": 65 | null,         // seconds before `now` (0 if in the future)
@@ -162,6 +162,15 @@ pub fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> Stri
 /// ```
 ///
 /// Private and preshared keys are never included.
+/// An endpoint as users read it: `relay` for the relay path.
+fn endpoint_text(ep: &std::net::SocketAddr) -> String {
+    if crate::device::relay_index(ep).is_some() {
+        "relay".to_owned()
+    } else {
+        ep.to_string()
+    }
+}
+
 pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value {
     let now = since_epoch(now);
     let peers: Vec<Value> = sorted_peers(info)
@@ -169,7 +178,7 @@ pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value
         .map(|p| {
             json!({
                 "public_key": p.public_key.to_base64(),
-                "endpoint": p.endpoint.map(|e| e.to_string()),
+                "endpoint": p.endpoint.map(|e| endpoint_text(&e)),
                 "allowed_ips": p.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "latest_handshake_unix": p.last_handshake.map(|h| h.as_secs()),
                 "latest_handshake_age_s": p.last_handshake.map(|h| now.as_secs().saturating_sub(h.as_secs())),
