@@ -858,7 +858,7 @@ mod tests {
         b.dev.set_roaming(true);
         assert_eq!(deliver_via_relay(&a, &b, &p).len(), 1);
         let ep = b.dev.snapshot().peer(&ka).unwrap().lock().endpoint;
-        assert_eq!(ep.and_then(|e| relay_index(&e)).is_some(), true);
+        assert!(ep.and_then(|e| relay_index(&e)).is_some());
     }
 
     #[test]
