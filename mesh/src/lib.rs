@@ -10,6 +10,7 @@ pub mod uapi;
 
 pub mod allowed_ips;
 pub mod device;
+pub mod dns;
 pub mod netlink;
 pub mod node;
 pub mod peer;
