@@ -1,6 +1,11 @@
 //! The client side: node identity in a state directory, joining with a token,
 //! sessions to the relay, and the provider (`expose`) and engineer
 //! (`connect`, `forward`, `ssh-config`) roles.
+//!
+//! A provider exposes TCP services (`host:port`, spliced by `expose`) and
+//! in-process services ([`ExposeOptions::handlers`]): for those, `expose`
+//! hands the accepted stream, with the caller's relay-authenticated name, to
+//! the embedding program (the worker agent serves its jobs API this way).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +17,7 @@ use std::time::Duration;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, watch, Mutex};
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
@@ -320,6 +325,54 @@ impl Session {
     }
 }
 
+/// A tunnel stream for an in-process service, handed over after `OpenOk`
+/// was sent: the engineer's bytes arrive on `recv`, the answer goes to `send`.
+#[derive(Debug)]
+pub struct IncomingStream {
+    /// The opener's registered name, authenticated by the relay (Noise IK
+    /// admission of the opener; this worker pins the relay's key).
+    pub from: String,
+    /// The service opened (a key of [`ExposeOptions::handlers`]).
+    pub service: String,
+    /// Towards the engineer.
+    pub send: SendStream,
+    /// From the engineer.
+    pub recv: RecvStream,
+}
+
+/// The provider's link to the relay, as `expose` sees it (published through
+/// [`ExposeOptions::link`]; JSON: `{"state": "connected", ...}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum LinkState {
+    /// The first attempt is under way.
+    Connecting,
+    /// Admitted and serving tunnels.
+    Connected {
+        /// The registered name.
+        name: String,
+        /// The node's tags.
+        tags: Vec<String>,
+        /// The relay's address.
+        relay: String,
+    },
+    /// The relay is unreachable or the connection was lost; retrying.
+    Reconnecting {
+        /// Why the last attempt or connection failed.
+        error: String,
+        /// Delay before the next attempt.
+        retry_in_ms: u64,
+    },
+    /// The relay refused this node for good (or the state directory is
+    /// unusable); `expose` has returned.
+    Refused {
+        /// The reason, as the relay gave it.
+        reason: String,
+    },
+    /// `expose` stopped on shutdown.
+    Stopped,
+}
+
 /// Options of the provider role.
 #[derive(Debug, Clone)]
 pub struct ExposeOptions {
@@ -337,6 +390,13 @@ pub struct ExposeOptions {
     pub backoff_base: Duration,
     /// Largest reconnect delay.
     pub backoff_cap: Duration,
+    /// In-process services: name → where accepted streams go (after `OpenOk`).
+    /// A name here takes precedence over the same name in `services`. When the
+    /// receiver is gone or does not take the stream within 5 s, the opener is
+    /// refused with `service unavailable`.
+    pub handlers: HashMap<String, mpsc::Sender<IncomingStream>>,
+    /// Where `expose` publishes its link state (none by default).
+    pub link: Option<watch::Sender<LinkState>>,
 }
 
 impl ExposeOptions {
@@ -350,6 +410,8 @@ impl ExposeOptions {
             timing: ClientTiming::worker(),
             backoff_base: Duration::from_millis(250),
             backoff_cap: Duration::from_secs(4),
+            handlers: HashMap::new(),
+            link: None,
         }
     }
 }
@@ -377,10 +439,43 @@ pub async fn expose(
     opts: ExposeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
+    let publish = |l: LinkState| {
+        if let Some(tx) = &opts.link {
+            tx.send_replace(l);
+        }
+    };
+    let result = expose_inner(&opts, &publish, shutdown).await;
+    publish(match &result {
+        Ok(()) => LinkState::Stopped,
+        Err(ClientError::Rejected(r)) => LinkState::Refused {
+            reason: r.to_string(),
+        },
+        Err(e) => LinkState::Refused {
+            reason: e.to_string(),
+        },
+    });
+    result
+}
+
+async fn expose_inner(
+    opts: &ExposeOptions,
+    publish: &impl Fn(LinkState),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ClientError> {
+    publish(LinkState::Connecting);
     let mut state = ClientState::open(&opts.state_dir)?;
     let me = state.public_key().short();
-    let services: Arc<HashMap<String, String>> = Arc::new(opts.services.iter().cloned().collect());
-    let names: Vec<String> = opts.services.iter().map(|(n, _)| n.clone()).collect();
+    let mut targets: HashMap<String, Local> = opts
+        .services
+        .iter()
+        .map(|(n, a)| (n.clone(), Local::Tcp(a.clone())))
+        .collect();
+    for (n, tx) in &opts.handlers {
+        targets.insert(n.clone(), Local::InProcess(tx.clone()));
+    }
+    let mut names: Vec<String> = targets.keys().cloned().collect();
+    names.sort();
+    let services = Arc::new(targets);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = opts.backoff_base;
     loop {
@@ -398,6 +493,11 @@ pub async fn expose(
         let delay = match result {
             Ok(session) => {
                 info!(me = %me, name = %session.name, services = ?names, relay = %session.conn.remote_address(), "exposed via relay");
+                publish(LinkState::Connected {
+                    name: session.name.clone(),
+                    tags: session.tags.clone(),
+                    relay: session.conn.remote_address().to_string(),
+                });
                 backoff = opts.backoff_base;
                 let session = Arc::new(session);
                 let err = tokio::select! {
@@ -422,11 +522,21 @@ pub async fn expose(
                             || c.error_code == VarInt::from_u32(CLOSE_REPLACED) =>
                     {
                         info!(me = %me, reason = %err, "relay restarting; reconnecting now");
-                        jitter(Duration::from_millis(200))
+                        let d = jitter(Duration::from_millis(200));
+                        publish(LinkState::Reconnecting {
+                            error: err.to_string(),
+                            retry_in_ms: d.as_millis() as u64,
+                        });
+                        d
                     }
                     _ => {
                         warn!(me = %me, reason = %err, "lost the relay; reconnecting");
-                        jitter(Duration::from_millis(100))
+                        let d = jitter(Duration::from_millis(100));
+                        publish(LinkState::Reconnecting {
+                            error: err.to_string(),
+                            retry_in_ms: d.as_millis() as u64,
+                        });
+                        d
                     }
                 }
             }
@@ -435,6 +545,10 @@ pub async fn expose(
             Err(e) => {
                 let d = jitter(backoff);
                 warn!(me = %me, error = %e, retry_in_ms = d.as_millis() as u64, "relay unreachable");
+                publish(LinkState::Reconnecting {
+                    error: e.to_string(),
+                    retry_in_ms: d.as_millis() as u64,
+                });
                 backoff = (backoff * 2).min(opts.backoff_cap);
                 d
             }
@@ -446,9 +560,18 @@ pub async fn expose(
     }
 }
 
+/// Where a worker's service lives.
+#[derive(Debug)]
+enum Local {
+    /// A TCP `host:port`, spliced.
+    Tcp(String),
+    /// An in-process handler.
+    InProcess(mpsc::Sender<IncomingStream>),
+}
+
 async fn serve_worker(
     session: Arc<Session>,
-    services: Arc<HashMap<String, String>>,
+    services: Arc<HashMap<String, Local>>,
 ) -> ConnectionError {
     loop {
         match session.conn.accept_bi().await {
@@ -466,7 +589,7 @@ async fn serve_worker(
 async fn worker_tunnel(
     mut send: SendStream,
     mut recv: RecvStream,
-    services: Arc<HashMap<String, String>>,
+    services: Arc<HashMap<String, Local>>,
 ) {
     let (from, service) = match timeout(Duration::from_secs(10), read_message(&mut recv)).await {
         Ok(Ok(Message::Incoming { from, service })) => (from, service),
@@ -475,11 +598,17 @@ async fn worker_tunnel(
             return;
         }
     };
-    let Some(addr) = services.get(&service) else {
-        let rej = Rejection::new(Reason::NoSuchService, format!("{service:?}"));
-        let _ = write_message(&mut send, &Message::Rejected(rej)).await;
-        let _ = send.finish();
-        return;
+    let addr = match services.get(&service) {
+        None => {
+            let rej = Rejection::new(Reason::NoSuchService, format!("{service:?}"));
+            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
+            let _ = send.finish();
+            return;
+        }
+        Some(Local::InProcess(tx)) => {
+            return hand_over(tx, from, service, send, recv).await;
+        }
+        Some(Local::Tcp(addr)) => addr,
     };
     let tcp = match timeout(Duration::from_secs(5), TcpStream::connect(addr.as_str())).await {
         Ok(Ok(t)) => t,
@@ -507,6 +636,52 @@ async fn worker_tunnel(
     debug!(%from, %service, "tunnel to local service open");
     let (up, down) = quic_tcp(send, recv, tcp).await;
     debug!(%from, %service, to_engineer = up, to_service = down, "tunnel closed");
+}
+
+/// Gives an accepted stream to an in-process service: reserves a slot in its
+/// queue first, so `OpenOk` is only sent when the service takes the stream.
+async fn hand_over(
+    tx: &mpsc::Sender<IncomingStream>,
+    from: String,
+    service: String,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
+    let permit = match timeout(Duration::from_secs(5), tx.reserve()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) | Err(_) => {
+            debug!(%service, "in-process service not accepting");
+            let rej = Rejection::new(
+                Reason::ServiceUnavailable,
+                format!("{service}: not accepting connections"),
+            );
+            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if write_message(&mut send, &Message::OpenOk).await.is_err() {
+        return;
+    }
+    debug!(%from, %service, "tunnel to in-process service open");
+    permit.send(IncomingStream {
+        from,
+        service,
+        send,
+        recv,
+    });
+}
+
+/// The engineer's default identity directory: `$XDG_CONFIG_HOME/weft`, else
+/// `~/.config/weft` (what `tunnel-relay login` uses without `--state-dir`).
+pub fn default_state_dir() -> Result<PathBuf, ClientError> {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("weft"));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| {
+        ClientError::Usage("neither XDG_CONFIG_HOME nor HOME is set; pass --state-dir".into())
+    })?;
+    Ok(PathBuf::from(home).join(".config/weft"))
 }
 
 /// Engineer: logs in with a token (first join) and remembers the relay.

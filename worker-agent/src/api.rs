@@ -1,4 +1,7 @@
-//! HTTP/JSON API (axum) and `/metrics`. Binds loopback only; the relay will splice in front.
+//! HTTP/JSON API (axum) and `/metrics`. Served on two entry points: a loopback listener
+//! (callers recorded as [`LOCAL_CALLER`]) and the relay's `agent` service (callers recorded by
+//! their relay-authenticated node name, see `relay.rs`). The caller is a request extension set by
+//! the entry point, never read from the request.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,24 +11,40 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tunnel_relay::client::LinkState;
 
 use crate::agent::{AgentError, Engine};
 use crate::job::{Job, JobSpec};
 use crate::sampler::{SharedSnapshot, Snapshot};
 
-/// Header the relay splice sets to the authenticated caller.
-pub const CALLER_HEADER: &str = "x-weft-caller";
+/// The caller recorded for requests on the loopback listener. `@` cannot appear in a relay
+/// node name, so a local caller is never mistaken for an engineer of the same name.
+pub const LOCAL_CALLER: &str = "@local";
+
+/// Who made a request: inserted by the entry point (loopback listener or relay stream) as a
+/// request extension. A route reached without one answers 500 (fail closed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller(pub String);
+
+impl Caller {
+    /// The fixed identity of loopback callers.
+    pub fn local() -> Caller {
+        Caller(LOCAL_CALLER.to_string())
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub snapshot: SharedSnapshot,
+    /// The relay link as `expose` publishes it; `None` when the agent runs without a relay.
+    pub relay: Option<tokio::sync::watch::Receiver<LinkState>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,6 +76,10 @@ pub struct Status {
     pub gpu_holders: BTreeMap<String, u64>,
     pub jobs_running: Vec<u64>,
     pub jobs_queued: Vec<u64>,
+    /// The relay connection (`{"state": "connected" | "connecting" | "reconnecting" | "refused"
+    /// | "stopped", ...}`); `null` when the agent has not joined a relay.
+    #[serde(default)]
+    pub relay: Option<LinkState>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -76,6 +99,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The API for the loopback listener: every caller is [`LOCAL_CALLER`].
+pub fn local_router(state: AppState) -> Router {
+    router(state).layer(Extension(Caller::local()))
+}
+
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -93,7 +121,7 @@ fn parse_id(s: &str) -> Result<u64, Box<Response>> {
 
 async fn submit(
     State(st): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<JobSpec>, JsonRejection>,
 ) -> Response {
     let spec = match body {
@@ -105,13 +133,7 @@ async fn submit(
             )
         }
     };
-    let caller = headers
-        .get(CALLER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("local")
-        .to_string();
-    match st.engine.submit(caller, spec) {
+    match st.engine.submit(caller.0, spec) {
         Ok(job) => (StatusCode::CREATED, Json(job)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -229,6 +251,7 @@ fn status_of(st: &AppState) -> Status {
             .filter(|j| j.state.name() == "queued")
             .map(|j| j.id)
             .collect(),
+        relay: st.relay.as_ref().map(|r| r.borrow().clone()),
     }
 }
 

@@ -1,7 +1,15 @@
-//! A small blocking HTTP/1.1 client for the local API (CLI and tests). Loopback only, no TLS.
+//! A small HTTP/1.1 client for the agent API (CLI and tests), over any byte stream: a loopback
+//! TCP connection (`http://127.0.0.1:PORT`, the provider's own CLI) or a tunnel stream to a
+//! worker's `agent` service through the relay (the engineer's CLI, with the identity of
+//! `tunnel-relay login`). No TLS: the relay path is encrypted by QUIC, the local one never leaves
+//! the host.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::relay::AGENT_SERVICE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -12,8 +20,35 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("malformed HTTP response from the agent: {0}")]
-    Protocol(String),
+    #[error("malformed HTTP response from the agent at {addr}: {msg}")]
+    Protocol { addr: String, msg: String },
+    #[error("worker {worker:?} through the relay (identity {}): {source}", state_dir.display())]
+    Relay {
+        worker: String,
+        state_dir: PathBuf,
+        source: tunnel_relay::ClientError,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Where the API is.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// The local agent: `http://127.0.0.1:PORT`.
+    Local(String),
+    /// A worker's `agent` service through the relay, as the engineer whose identity
+    /// (`tunnel-relay login`) is in `state_dir`.
+    Relay { state_dir: PathBuf, worker: String },
+}
+
+impl Endpoint {
+    fn label(&self) -> String {
+        match self {
+            Endpoint::Local(b) => b.clone(),
+            Endpoint::Relay { worker, .. } => format!("{worker}/{AGENT_SERVICE}"),
+        }
+    }
 }
 
 fn host_of(base: &str) -> Result<String, ClientError> {
@@ -27,27 +62,31 @@ fn host_of(base: &str) -> Result<String, ClientError> {
     Ok(host.to_string())
 }
 
-/// Sends one request; the response body is written to `sink` as it arrives (chunked or not).
-/// Returns the status code.
-pub fn request_to(
-    base: &str,
+/// Sends one request on `stream`. A 2xx answer's body is written to `sink` as it arrives
+/// (chunked or not); any other answer's body is returned instead, for the error message.
+/// `addr` names the far end in errors.
+pub async fn request_on<S>(
+    stream: S,
+    addr: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
-    extra_headers: &[(&str, &str)],
     sink: &mut dyn Write,
-) -> Result<u16, ClientError> {
-    let host = host_of(base)?;
+) -> Result<(u16, Vec<u8>), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let io = |source| ClientError::Io {
-        addr: host.clone(),
+        addr: addr.to_string(),
         source,
     };
-    let mut s = TcpStream::connect(&host).map_err(io)?;
+    let proto = |msg: String| ClientError::Protocol {
+        addr: addr.to_string(),
+        msg,
+    };
+    let mut s = BufReader::new(stream);
     let body = body.unwrap_or("");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    for (k, v) in extra_headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if !body.is_empty() || method == "POST" {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -56,20 +95,22 @@ pub fn request_to(
     }
     req.push_str("\r\n");
     req.push_str(body);
-    s.write_all(req.as_bytes()).map_err(io)?;
-    let mut r = BufReader::new(s);
+    s.get_mut().write_all(req.as_bytes()).await.map_err(io)?;
+    s.get_mut().flush().await.map_err(io)?;
     let mut line = String::new();
-    r.read_line(&mut line).map_err(io)?;
+    s.read_line(&mut line).await.map_err(io)?;
     let code: u16 = line
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| ClientError::Protocol(format!("status line {line:?}")))?;
+        .ok_or_else(|| proto(format!("status line {line:?}")))?;
     let mut chunked = false;
     let mut len: Option<usize> = None;
     loop {
         line.clear();
-        r.read_line(&mut line).map_err(io)?;
+        if s.read_line(&mut line).await.map_err(io)? == 0 {
+            return Err(proto("connection closed inside the headers".into()));
+        }
         let l = line.trim_end();
         if l.is_empty() {
             break;
@@ -79,47 +120,227 @@ pub fn request_to(
             if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
                 chunked = true;
             } else if k == "content-length" {
-                len = v.parse().ok();
+                len = Some(
+                    v.parse()
+                        .map_err(|_| proto(format!("content-length {v:?}")))?,
+                );
             }
         }
     }
+    let mut failed = Vec::new();
+    let sink: &mut dyn Write = if (200..300).contains(&code) {
+        sink
+    } else {
+        &mut failed
+    };
+    let out = |sink: &mut dyn Write, b: &[u8]| {
+        sink.write_all(b).and_then(|()| sink.flush()).map_err(|e| {
+            proto(format!(
+                "cannot write the response to the output ({e}); {} bytes lost",
+                b.len()
+            ))
+        })
+    };
     if chunked {
         loop {
             line.clear();
-            r.read_line(&mut line).map_err(io)?;
+            s.read_line(&mut line).await.map_err(io)?;
             let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| ClientError::Protocol(format!("chunk size {line:?}")))?;
+                .map_err(|_| proto(format!("chunk size {line:?}")))?;
             if size == 0 {
                 break;
             }
             let mut buf = vec![0u8; size];
-            r.read_exact(&mut buf).map_err(io)?;
-            sink.write_all(&buf).map_err(io)?;
-            let _ = sink.flush();
+            s.read_exact(&mut buf).await.map_err(io)?;
+            out(sink, &buf)?;
             let mut crlf = [0u8; 2];
-            r.read_exact(&mut crlf).map_err(io)?;
+            s.read_exact(&mut crlf).await.map_err(io)?;
         }
     } else if let Some(n) = len {
         let mut buf = vec![0u8; n];
-        r.read_exact(&mut buf).map_err(io)?;
-        sink.write_all(&buf).map_err(io)?;
+        s.read_exact(&mut buf).await.map_err(io)?;
+        out(sink, &buf)?;
     } else {
         let mut buf = Vec::new();
-        r.read_to_end(&mut buf).map_err(io)?;
-        sink.write_all(&buf).map_err(io)?;
+        s.read_to_end(&mut buf).await.map_err(io)?;
+        out(sink, &buf)?;
     }
+    Ok((code, failed))
+}
+
+/// One request to `endpoint` (async): opens a connection (or a relay session and a tunnel
+/// stream), sends the request, streams a 2xx body to `sink`, closes. Returns the status code
+/// and the body of a non-2xx answer.
+pub async fn call_async(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    sink: &mut dyn Write,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    match endpoint {
+        Endpoint::Local(base) => {
+            let host = host_of(base)?;
+            let tcp = tokio::net::TcpStream::connect(&host)
+                .await
+                .map_err(|source| ClientError::Io {
+                    addr: host.clone(),
+                    source,
+                })?;
+            request_on(tcp, &host, method, path, body, sink).await
+        }
+        Endpoint::Relay { state_dir, worker } => {
+            let relay_err = |source| ClientError::Relay {
+                worker: worker.clone(),
+                state_dir: state_dir.clone(),
+                source,
+            };
+            let session = tunnel_relay::client::session(state_dir)
+                .await
+                .map_err(relay_err)?;
+            let res = match session.open(worker, AGENT_SERVICE).await {
+                Ok((send, recv)) => {
+                    request_on(
+                        tokio::io::join(recv, send),
+                        &endpoint.label(),
+                        method,
+                        path,
+                        body,
+                        sink,
+                    )
+                    .await
+                }
+                Err(e) => Err(relay_err(e)),
+            };
+            session.close().await;
+            res
+        }
+    }
+}
+
+/// [`call_async`] on a private current-thread runtime (not from inside a runtime).
+pub fn call(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    sink: &mut dyn Write,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)?;
+    rt.block_on(call_async(endpoint, method, path, body, sink))
+}
+
+/// Blocking: one request to the local API at `base`; the response body is written to `sink` as
+/// it arrives. Returns the status code.
+pub fn request_to(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    sink: &mut dyn Write,
+) -> Result<u16, ClientError> {
+    let (code, failed) = call(&Endpoint::Local(base.to_string()), method, path, body, sink)?;
+    sink.write_all(&failed).map_err(|source| ClientError::Io {
+        addr: base.to_string(),
+        source,
+    })?;
     Ok(code)
 }
 
-/// One request, whole body returned.
+/// Blocking: one request to the local API at `base`, whole body returned.
 pub fn request(
     base: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
-    extra_headers: &[(&str, &str)],
 ) -> Result<(u16, Vec<u8>), ClientError> {
     let mut out = Vec::new();
-    let code = request_to(base, method, path, body, extra_headers, &mut out)?;
+    let code = request_to(base, method, path, body, &mut out)?;
     Ok((code, out))
+}
+
+/// The engineer identity directory: `dir`, else `tunnel-relay login`'s default.
+pub fn engineer_dir(dir: Option<&Path>) -> Result<PathBuf, tunnel_relay::ClientError> {
+    match dir {
+        Some(d) => Ok(d.to_path_buf()),
+        None => tunnel_relay::client::default_state_dir(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Runs `request_on` against a canned response; returns (code, error body, sink, request).
+    async fn exchange(response: &'static [u8]) -> (u16, Vec<u8>, Vec<u8>, String) {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(async move {
+            let mut req = vec![0u8; 4096];
+            let n = server.read(&mut req).await.unwrap();
+            server.write_all(response).await.unwrap();
+            server.shutdown().await.unwrap();
+            String::from_utf8(req[..n].to_vec()).unwrap()
+        });
+        let mut sink = Vec::new();
+        let (code, failed) = request_on(
+            client,
+            "w1/agent",
+            "POST",
+            "/v1/jobs",
+            Some("{}"),
+            &mut sink,
+        )
+        .await
+        .unwrap();
+        (code, failed, sink, srv.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn chunked_and_sized_bodies_reach_the_sink() {
+        let (code, failed, sink, req) = exchange(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabc\n\r\n3\r\ndef\r\n0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            (code, failed, sink),
+            (200, Vec::new(), b"abc\ndef".to_vec())
+        );
+        assert!(
+            req.starts_with("POST /v1/jobs HTTP/1.1\r\nHost: w1/agent\r\n")
+                && req.contains("Content-Length: 2\r\n")
+                && req.ends_with("\r\n\r\n{}"),
+            "{req:?}"
+        );
+        let (code, _, sink, _) =
+            exchange(b"HTTP/1.1 201 Created\r\ncontent-length: 5\r\n\r\nhello").await;
+        assert_eq!((code, sink), (201, b"hello".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn an_error_body_is_returned_not_written() {
+        let (code, failed, sink, _) =
+            exchange(b"HTTP/1.1 404 Not Found\r\ncontent-length: 13\r\n\r\n{\"error\":\"x\"}")
+                .await;
+        assert_eq!(code, 404);
+        assert_eq!(failed, b"{\"error\":\"x\"}");
+        assert!(sink.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_truncated_answer_is_an_error() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut req = vec![0u8; 4096];
+            let _ = server.read(&mut req).await;
+            let _ = server.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
+        });
+        let err = request_on(client, "w1/agent", "GET", "/v1/jobs", None, &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("w1/agent"), "{err}");
+    }
 }

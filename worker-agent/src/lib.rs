@@ -1,13 +1,14 @@
 //! Weft worker agent: GPU inventory, telemetry and health (NVML, sampled off the async
 //! runtime), and a job engine (GPU assignment, process groups, SQLite state) exposed over a
-//! loopback HTTP/JSON API and Prometheus `/metrics`.
+//! loopback HTTP/JSON API and Prometheus `/metrics`, and through the tunnel relay as the
+//! service `agent` (plus `ssh` and other TCP services), in-process (`relay.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 pub mod agent;
 pub mod api;
@@ -18,6 +19,7 @@ pub mod health;
 pub mod history;
 pub mod job;
 pub mod metrics;
+pub mod relay;
 pub mod sampler;
 pub mod store;
 
@@ -38,6 +40,9 @@ pub struct Config {
     pub shim: Option<PathBuf>,
     /// Try per-job cgroup v2 (limits, OOM, `cgroup.kill`) where writable. Default true.
     pub cgroups: bool,
+    /// Join the relay and expose `agent` and the TCP services through it. `None`, or a state
+    /// dir that never joined and no token: the API is reachable on loopback only.
+    pub relay: Option<relay::RelayOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,8 @@ pub enum RunError {
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Relay(#[from] relay::RelayError),
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -100,7 +107,37 @@ pub async fn run(
             eng2.schedule();
         }
     });
-    let state = api::AppState { engine, snapshot };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let mut state = api::AppState {
+        engine,
+        snapshot,
+        relay: None,
+    };
+    let mut exposed = None;
+    if let Some(opts) = cfg.relay.clone() {
+        if relay::joined(&cfg.state_dir, &opts)? {
+            let mut rx3 = rx.clone();
+            let e = relay::start(
+                cfg.state_dir.clone(),
+                opts,
+                api::router(state.clone()),
+                async move {
+                    let _ = rx3.wait_for(|v| *v).await;
+                },
+            )?;
+            state.relay = Some(e.link.clone());
+            exposed = Some(e);
+        } else {
+            warn!(
+                state_dir = %cfg.state_dir.display(),
+                "not joined to a relay: the jobs API is on loopback only; run once with --token to join"
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -112,11 +149,6 @@ pub async fn run(
         source,
     })?;
     info!(api = %addr, "jobs API listening");
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
     let mut metrics_task = None;
     if let Some(m) = cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(m)
@@ -143,7 +175,7 @@ pub async fn run(
             source,
         })?;
     let mut rx1 = rx.clone();
-    let res = axum::serve(listener, api::router(state))
+    let res = axum::serve(listener, api::local_router(state))
         .with_graceful_shutdown(async move {
             let _ = rx1.wait_for(|v| *v).await;
         })
@@ -151,6 +183,9 @@ pub async fn run(
     ticker.abort();
     if let Some(t) = metrics_task {
         t.abort();
+    }
+    if let Some(e) = exposed {
+        e.finish().await;
     }
     drop(sampler);
     res.map_err(RunError::Serve)

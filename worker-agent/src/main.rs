@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use tunnel_relay::client::LinkState;
+use worker_agent::client;
 use worker_agent::job::{Job, JobSpec};
 
 #[derive(Parser, Debug)]
@@ -24,18 +26,22 @@ struct Cli {
 
 #[derive(clap::Args, Debug, Clone)]
 struct ApiArgs {
-    /// Agent API base URL; default: read from STATE_DIR/api.url.
-    #[arg(long, env = "WEFT_AGENT_API", global = true)]
+    /// Engineer: reach this worker's agent through the relay (its `agent` service), as the
+    /// identity of `tunnel-relay login` in --state-dir. Without it: the local agent.
+    #[arg(long, env = "WEFT_WORKER", global = true)]
+    worker: Option<String>,
+    /// Local agent API base URL; default: read from STATE_DIR/api.url. Not with --worker.
+    #[arg(long, env = "WEFT_AGENT_API", global = true, conflicts_with = "worker")]
     api: Option<String>,
-    /// Agent state directory (to find api.url).
-    #[arg(
-        long,
-        env = "WEFT_STATE_DIR",
-        default_value = "/var/lib/weft-agent",
-        global = true
-    )]
-    state_dir: PathBuf,
+    /// With --worker: the engineer's identity directory (default: $XDG_CONFIG_HOME/weft or
+    /// ~/.config/weft, as for `tunnel-relay login`). Without: the local agent's state directory,
+    /// to find api.url (default: /var/lib/weft-agent).
+    #[arg(long, env = "WEFT_STATE_DIR", global = true)]
+    state_dir: Option<PathBuf>,
 }
+
+/// Default state directory of a local agent.
+const DEFAULT_AGENT_DIR: &str = "/var/lib/weft-agent";
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -103,6 +109,19 @@ struct RunArgs {
     /// Do not use per-job cgroup v2 even where it is writable.
     #[arg(long, env = "WEFT_NO_CGROUPS")]
     no_cgroups: bool,
+    /// Join token from the relay operator (tag worker); first run only: the identity
+    /// (identity.key, 0600) and the relay (relay.json) are then kept in --state-dir.
+    /// Without a token and without a joined state dir the agent runs on loopback only.
+    #[arg(long, env = "WEFT_RELAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Name engineers use to reach this worker (default: the host name).
+    #[arg(long, env = "WEFT_NAME")]
+    name: Option<String>,
+    /// A TCP service to expose through the relay: NAME=HOST:PORT (repeatable). Default
+    /// ssh=127.0.0.1:22; `--service ssh=...` replaces it. The jobs API is always exposed as
+    /// `agent`.
+    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
+    services: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,9 +130,9 @@ enum JobsCmd {
     Submit {
         #[arg(long, default_value_t = 0)]
         gpus: u32,
-        /// Timeout in seconds.
-        #[arg(long)]
-        timeout: Option<u64>,
+        /// Timeout: 90s, 30m, 2h, 1d, or plain seconds.
+        #[arg(long, value_name = "DUR")]
+        timeout: Option<String>,
         #[arg(long = "env", value_name = "K=V")]
         env: Vec<String>,
         #[arg(long = "label", value_name = "K=V")]
@@ -157,30 +176,96 @@ fn secs(v: f64, flag: &str) -> Result<Duration> {
         .with_context(|| format!("{flag} {v}: must be a non-negative number of seconds"))
 }
 
-fn api_url(a: &ApiArgs) -> Result<String> {
-    if let Some(u) = &a.api {
-        return Ok(u.trim_end_matches('/').to_string());
+/// Parses `90s`, `30m`, `2h`, `1d` or plain seconds.
+fn parse_duration(flag: &str, s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86_400),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().with_context(|| {
+        format!("{flag} {s:?}: expected a number with s, m, h or d (e.g. 90s, 2h)")
+    })?;
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+fn endpoint(a: &ApiArgs) -> Result<client::Endpoint> {
+    if let Some(worker) = &a.worker {
+        let state_dir = client::engineer_dir(a.state_dir.as_deref())?;
+        return Ok(client::Endpoint::Relay {
+            state_dir,
+            worker: worker.clone(),
+        });
     }
-    let p = a.state_dir.join(worker_agent::API_ADDR_FILE);
+    if let Some(u) = &a.api {
+        return Ok(client::Endpoint::Local(u.trim_end_matches('/').to_string()));
+    }
+    let dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_DIR));
+    let p = dir.join(worker_agent::API_ADDR_FILE);
     let s = std::fs::read_to_string(&p).with_context(|| {
         format!(
-            "cannot read {} (is the agent running? or pass --api URL)",
+            "cannot read {} (is the agent running? or pass --api URL, or --worker NAME to go through the relay)",
             p.display()
         )
     })?;
-    Ok(s.trim().to_string())
+    Ok(client::Endpoint::Local(s.trim().to_string()))
 }
 
 fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec<u8>> {
-    let base = api_url(a)?;
-    let (code, body) = worker_agent::client::request(&base, method, path, body, &[])?;
+    let ep = endpoint(a)?;
+    let mut body_out = Vec::new();
+    let (code, failed) = client::call(&ep, method, path, body, &mut body_out)?;
+    check(code, &failed)?;
+    Ok(body_out)
+}
+
+fn check(code: u16, body: &[u8]) -> Result<()> {
     if !(200..300).contains(&code) {
-        let msg = serde_json::from_slice::<worker_agent::api::ErrorBody>(&body)
+        let msg = serde_json::from_slice::<worker_agent::api::ErrorBody>(body)
             .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
         bail!("agent answered {code}: {msg}");
     }
-    Ok(body)
+    Ok(())
+}
+
+fn services(specs: &[String]) -> Result<Vec<(String, String)>> {
+    let mut out = vec![("ssh".to_string(), "127.0.0.1:22".to_string())];
+    for s in specs {
+        let (n, a) = s
+            .split_once('=')
+            .filter(|(n, a)| !n.is_empty() && !a.is_empty())
+            .with_context(|| {
+                format!("--service {s:?}: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22")
+            })?;
+        out.retain(|(m, _)| m != n);
+        out.push((n.to_string(), a.to_string()));
+    }
+    Ok(out)
+}
+
+fn hostname() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        bail!(
+            "cannot read the host name ({}); pass --name",
+            std::io::Error::last_os_error()
+        );
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    if name.is_empty() {
+        bail!("the host name is empty; pass --name");
+    }
+    Ok(name)
 }
 
 fn kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
@@ -233,6 +318,19 @@ fn run_agent(a: RunArgs) -> Result<()> {
         kill_grace: secs(a.kill_grace_s, "--kill-grace-s")?,
         shim: std::env::current_exe().ok(),
         cgroups: !a.no_cgroups,
+        relay: Some(worker_agent::relay::RelayOptions {
+            token: a
+                .token
+                .as_deref()
+                .map(tunnel_relay::Token::parse)
+                .transpose()
+                .context("--token")?,
+            name: match a.name {
+                Some(n) => n,
+                None => hostname()?,
+            },
+            services: services(&a.services)?,
+        }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -261,7 +359,7 @@ fn main_inner(cli: Cli) -> Result<()> {
         Cmd::Run(a) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
+                    tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
@@ -312,6 +410,7 @@ fn main_inner(cli: Cli) -> Result<()> {
                 "running: {:?}  queued: {:?}",
                 st.jobs_running, st.jobs_queued
             );
+            println!("relay: {}", relay_line(st.relay.as_ref()));
             Ok(())
         }
         Cmd::History { json, api } => {
@@ -344,6 +443,23 @@ fn main_inner(cli: Cli) -> Result<()> {
     }
 }
 
+fn relay_line(l: Option<&LinkState>) -> String {
+    match l {
+        None => {
+            "not joined (jobs API on loopback only; `worker-agent run --token TOKEN` joins)".into()
+        }
+        Some(LinkState::Connecting) => "connecting".into(),
+        Some(LinkState::Connected { name, tags, relay }) => {
+            format!("connected to {relay} as {name} (tags: {})", tags.join(","))
+        }
+        Some(LinkState::Reconnecting { error, retry_in_ms }) => {
+            format!("reconnecting in {retry_in_ms} ms (last error: {error})")
+        }
+        Some(LinkState::Refused { reason }) => format!("refused: {reason}"),
+        Some(LinkState::Stopped) => "stopped".into(),
+    }
+}
+
 fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
     match cmd {
         JobsCmd::Submit {
@@ -362,7 +478,10 @@ fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
                 env: kv(&env, "--env")?,
                 workdir,
                 gpus,
-                timeout_s: timeout,
+                timeout_s: timeout
+                    .as_deref()
+                    .map(|t| parse_duration("--timeout", t).map(|d| d.as_secs()))
+                    .transpose()?,
                 labels: kv(&labels, "--label")?,
                 cpus,
                 memory_bytes: memory,
@@ -402,17 +521,32 @@ fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
             }
         }
         JobsCmd::Logs { id, follow } => {
-            let base = api_url(api)?;
-            let mut stdout = std::io::stdout();
+            let ep = endpoint(api)?;
             let path = format!("/v1/jobs/{id}/logs?follow={follow}");
-            let code =
-                worker_agent::client::request_to(&base, "GET", &path, None, &[], &mut stdout)?;
-            if code != 200 {
-                bail!("agent answered {code}");
-            }
+            // The log streams to stdout as it arrives; an error answer becomes the message.
+            let mut stdout = std::io::stdout();
+            let (code, failed) = client::call(&ep, "GET", &path, None, &mut stdout)?;
+            check(code, &failed)?;
         }
     }
     Ok(())
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause that the message before it
+/// already ends with (library errors quote their source in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if out.ends_with(&m) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&m);
+    }
+    out
 }
 
 fn main() -> ExitCode {
@@ -420,7 +554,7 @@ fn main() -> ExitCode {
     match main_inner(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("worker-agent: {e:#}");
+            eprintln!("worker-agent: {}", chain(&e));
             ExitCode::FAILURE
         }
     }

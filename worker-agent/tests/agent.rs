@@ -125,7 +125,7 @@ impl Agent {
 
     fn req(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         let b = body.map(|v| v.to_string());
-        let (code, out) = client::request(&self.url, method, path, b.as_deref(), &[]).unwrap();
+        let (code, out) = client::request(&self.url, method, path, b.as_deref()).unwrap();
         (
             code,
             serde_json::from_slice(&out)
@@ -157,7 +157,7 @@ impl Agent {
     }
 
     fn metrics(&self) -> String {
-        let (_, out) = client::request(&self.url, "GET", "/metrics", None, &[]).unwrap();
+        let (_, out) = client::request(&self.url, "GET", "/metrics", None).unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -218,6 +218,25 @@ fn waiter(a: &Agent, name: &str) -> Value {
     ])
 }
 
+/// A raw HTTP/1.1 POST with one extra header line (the client has no way to add headers).
+fn post_with_header(url: &str, path: &str, body: &str, header: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = url.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{header}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (code, body)
+}
+
 #[test]
 fn gpu_job_sees_exactly_its_uuid_logs_stream_and_history() {
     let a = Agent::start(None);
@@ -225,17 +244,13 @@ fn gpu_job_sees_exactly_its_uuid_logs_stream_and_history() {
         "command": ["sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES; echo NVD=$NVIDIA_VISIBLE_DEVICES; echo FOO=$FOO; sleep 0.5; echo last-line"],
         "env": {"FOO": "bar"}, "gpus": 1, "labels": {"team": "x"}
     });
+    // A caller cannot claim an identity: the old interim `X-Weft-Caller` header is ignored and
+    // loopback callers are recorded as `@local` (through the relay: the engineer's relay name,
+    // see tests/tests/agent_relay.rs).
     let body = spec.to_string();
-    let (code, out) = client::request(
-        &a.url,
-        "POST",
-        "/v1/jobs",
-        Some(&body),
-        &[("X-Weft-Caller", "alice@example")],
-    )
-    .unwrap();
-    assert_eq!(code, 201);
-    let id = serde_json::from_slice::<Value>(&out).unwrap()["id"]
+    let (code, out) = post_with_header(&a.url, "/v1/jobs", &body, "X-Weft-Caller: alice");
+    assert_eq!(code, 201, "{out}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
         .as_u64()
         .unwrap();
     // Follow the log: the stream ends once the job has finished and everything was sent.
@@ -245,7 +260,6 @@ fn gpu_job_sees_exactly_its_uuid_logs_stream_and_history() {
         "GET",
         &format!("/v1/jobs/{id}/logs?follow=true"),
         None,
-        &[],
         &mut streamed,
     )
     .unwrap();
@@ -261,16 +275,15 @@ fn gpu_job_sees_exactly_its_uuid_logs_stream_and_history() {
         log.contains("FOO=bar\n") && log.ends_with("last-line\n"),
         "log: {log}"
     );
-    assert_eq!(job["caller"], "alice@example");
+    assert_eq!(job["caller"], "@local");
 
     // A CPU job sees no GPU.
     let cpu =
         a.submit(json!({"command": ["sh", "-c", "echo CVD=[$CUDA_VISIBLE_DEVICES]; exit 3"]}));
     let j = a.wait_state(cpu, "failed");
     assert_eq!(j["exit_code"], 3);
-    assert_eq!(j["caller"], "local");
-    let (_, logs) =
-        client::request(&a.url, "GET", &format!("/v1/jobs/{cpu}/logs"), None, &[]).unwrap();
+    assert_eq!(j["caller"], "@local");
+    let (_, logs) = client::request(&a.url, "GET", &format!("/v1/jobs/{cpu}/logs"), None).unwrap();
     assert_eq!(String::from_utf8(logs).unwrap(), "CVD=[]\n");
 
     let hist: Value = serde_json::from_str(&a.cli(&["history", "--json"])).unwrap();
@@ -426,8 +439,7 @@ fn kill9_and_restart_accounts_for_every_record() {
     );
     assert_eq!(a.job(j2)["state"], "running");
     a.wait_state(j3, "succeeded");
-    let (_, log3) =
-        client::request(&a.url, "GET", &format!("/v1/jobs/{j3}/logs"), None, &[]).unwrap();
+    let (_, log3) = client::request(&a.url, "GET", &format!("/v1/jobs/{j3}/logs"), None).unwrap();
     assert_eq!(String::from_utf8(log3).unwrap(), "ran-after-restart\n");
     std::fs::write(a.file("go2"), "").unwrap();
     a.wait_state(j2, "succeeded");
@@ -444,14 +456,8 @@ fn stub_telemetry_in_metrics_and_status_unsupported_fields_absent() {
         .port();
     let a = Agent::start_with(None, &[format!("--metrics-listen=127.0.0.1:{port}")]);
     let m = a.metrics();
-    let (code, separate) = client::request(
-        &format!("http://127.0.0.1:{port}"),
-        "GET",
-        "/metrics",
-        None,
-        &[],
-    )
-    .unwrap();
+    let (code, separate) =
+        client::request(&format!("http://127.0.0.1:{port}"), "GET", "/metrics", None).unwrap();
     assert_eq!(code, 200);
     assert!(String::from_utf8(separate)
         .unwrap()
@@ -490,11 +496,14 @@ fn stub_telemetry_in_metrics_and_status_unsupported_fields_absent() {
         st["gpus"][1]["processes"],
         json!([{"pid": 436, "used_memory_bytes": 1184890880u64}])
     );
+    // Never joined a relay (no token, no relay.json): loopback only, and status says so.
+    assert_eq!(st["relay"], Value::Null);
     let text = a.cli(&["status"]);
     assert!(
         text.contains(GPU1) && text.contains("power=698/700 W"),
         "{text}"
     );
+    assert!(text.contains("relay: not joined"), "{text}");
 }
 
 #[test]

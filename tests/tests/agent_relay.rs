@@ -1,0 +1,355 @@
+//! The worker agent through the relay, in network namespaces: the relay on the simulated
+//! internet (203.0.113.0/24); `worker-agent run --token` on a worker behind a home NAT router,
+//! with the stub NVML library (two fake H100s; `worker-agent/tests/stub/nvml_stub.c`, a test
+//! double); engineers on another segment (198.51.100.0/24) using `worker-agent jobs ... --worker`
+//! with their `tunnel-relay login` identities.
+//!
+//! What users rely on: a job submitted through the relay sees exactly its GPU, its record names
+//! the engineer's relay identity as the submitter (not a header, not "local"), its log streams
+//! with `--follow`, cancel works; policy refusals arrive with their reason (a `guest` may reach
+//! `ssh` but not `agent`; a worker may not open another worker's agent); the jobs API never
+//! listens on a non-loopback address; a restart needs no token.
+//!
+//! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
+
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_tests::{bin, workspace_root, Internet, Nat, Netns, Proc, Router};
+
+const RELAY_IP: &str = "203.0.113.2";
+const RELAY_ADDR: &str = "203.0.113.2:4433";
+const GPU0: &str = "GPU-977652fe-01d3-44cc-d3b3-996721563657";
+const GPU1: &str = "GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000b1";
+
+/// The relay policy: engineers reach every worker service, guests only `ssh`.
+const RELAY_TOML: &str = r#"
+[[policy.allow]]
+from = "engineer"
+to = "worker"
+services = ["*"]
+
+[[policy.allow]]
+from = "guest"
+to = "worker"
+services = ["ssh"]
+"#;
+
+fn relay_bin() -> String {
+    bin("tunnel-relay").display().to_string()
+}
+
+fn agent_bin() -> String {
+    bin("worker-agent").display().to_string()
+}
+
+/// Builds the stub `libnvidia-ml.so` (a test double) into `dir`.
+fn build_stub(dir: &Path) -> PathBuf {
+    let src = workspace_root().join("worker-agent/tests/stub/nvml_stub.c");
+    let out = dir.join("libnvml-stub.so");
+    let st = std::process::Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("gcc is needed to build the stub NVML library: {e}"));
+    assert!(st.success(), "building {} failed", src.display());
+    out
+}
+
+fn start_relay(ns: &Netns, state: &str, config: &str) -> Proc {
+    let p = ns.spawn_named(
+        "relay",
+        &format!(
+            "env WEFT_LOG=info,tunnel_relay=debug {} serve --listen {RELAY_ADDR} --state-dir {state} --config {config}",
+            relay_bin()
+        ),
+    );
+    assert!(
+        ns.wait_listen('u', 4433, Duration::from_secs(5)),
+        "relay did not listen:\n{}",
+        p.log_tail(20)
+    );
+    p
+}
+
+fn token(relay_ns: &Netns, rstate: &str, tag: &str) -> String {
+    let t = relay_ns
+        .exec(&format!(
+            "{} token create --state-dir {rstate} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
+            relay_bin()
+        ))
+        .trim()
+        .to_string();
+    assert!(t.starts_with("wft1_"), "token: {t}");
+    t
+}
+
+/// `worker-agent status --json` on the worker (local API) until the relay link is
+/// `connected`; returns that status.
+fn wait_connected(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < Duration::from_secs(15) {
+        let out = worker.output(&format!(
+            "{} status --json --state-dir {wstate}",
+            agent_bin()
+        ));
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Ok(v) = serde_json::from_str::<Value>(&last) {
+            if v["relay"]["state"] == "connected" {
+                return v;
+            }
+        }
+        sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "agent never connected to the relay; last status: {last}\nagent log:\n{}",
+        agent.log_tail(30)
+    );
+}
+
+/// Runs `worker-agent ARGS` in `ns`; (success, stdout, stderr).
+fn agent_cli(ns: &Netns, args: &str) -> (bool, String, String) {
+    let out = ns.output(&format!("{} {args}", agent_bin()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn agent_ok(ns: &Netns, args: &str) -> String {
+    let (ok, out, err) = agent_cli(ns, args);
+    assert!(ok, "worker-agent {args} failed: {err}{out}");
+    out
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn jobs_through_the_relay_carry_the_engineers_identity() {
+    let net = Internet::new("war");
+    let relay_ns = net.host("war-relay", RELAY_IP);
+    let router = Router::new(&net, "war-w", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27");
+    let worker = Netns::new("war-wk");
+    router.attach(&worker, "eth0");
+    let eng = net.host("war-eng", "198.51.100.5");
+
+    let config = relay_ns.file("relay.toml");
+    std::fs::write(&config, RELAY_TOML).unwrap_or_else(|e| panic!("write relay.toml: {e}"));
+    let rstate = relay_ns.file("state").display().to_string();
+    let mut relay = start_relay(&relay_ns, &rstate, &config.display().to_string());
+    let wtoken = token(&relay_ns, &rstate, "worker");
+
+    // The worker: the agent joins with the token and exposes `ssh` and `agent`.
+    let stub = build_stub(worker.dir());
+    let stub_dir = worker.file("stub");
+    std::fs::create_dir_all(&stub_dir).unwrap_or_else(|e| panic!("{e}"));
+    let wstate = worker.file("agent").display().to_string();
+    let run_line = |token: Option<&str>| {
+        format!(
+            "env WEFT_LOG=info,worker_agent=debug,tunnel_relay=debug WEFT_NVML_STUB_DIR={} {} run \
+             --state-dir {wstate} --name w1 --nvml-lib {} --kill-grace-s 1 --sample-ms 100 {}",
+            stub_dir.display(),
+            agent_bin(),
+            stub.display(),
+            token.map(|t| format!("--token {t}")).unwrap_or_default()
+        )
+    };
+    let mut agent = worker.spawn_named("agent", &run_line(Some(&wtoken)));
+    let st = wait_connected(&worker, &wstate, &agent);
+    assert_eq!(st["relay"]["name"], "w1", "{st}");
+    assert_eq!(st["relay"]["relay"], RELAY_ADDR, "{st}");
+    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    assert!(
+        text.contains(&format!("relay: connected to {RELAY_ADDR} as w1")),
+        "{text}"
+    );
+    // The secret never reaches the agent's log.
+    assert!(!agent.log().contains(&wtoken[wtoken.len() - 20..]));
+
+    // The jobs API listens on loopback only: every TCP listener of the worker is on 127.0.0.1.
+    let url = std::fs::read_to_string(worker.file("agent/api.url"))
+        .unwrap_or_else(|e| panic!("api.url: {e}"));
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let listeners = worker.exec("ss -Htln | awk '{print $4}'");
+    for l in listeners.lines() {
+        assert!(
+            l.starts_with("127.0.0.1:"),
+            "non-loopback listener {l} on the worker:\n{listeners}"
+        );
+    }
+
+    // Engineers: alice (engineer), gina (guest), and a second worker's identity.
+    let login = |name: &str, tag: &str| -> String {
+        let t = token(&relay_ns, &rstate, tag);
+        let dir = eng.file(name).display().to_string();
+        let out = eng.exec(&format!(
+            "{} login --token {t} --state-dir {dir} --name {name}",
+            relay_bin()
+        ));
+        assert!(out.contains(name) && out.contains(tag), "{out}");
+        dir
+    };
+    let alice = login("alice", "engineer");
+    let gina = login("gina", "guest");
+    let w2 = login("w2", "worker");
+    let via = |dir: &str| format!("--worker w1 --state-dir {dir}");
+
+    // A GPU job that prints its environment; the log is followed through the relay.
+    let submitted = json(&agent_ok(
+        &eng,
+        &format!(
+            "jobs submit {} --gpus 1 --timeout 2m --env FOO=bar --json -- \
+             sh -c 'echo CVD=$CUDA_VISIBLE_DEVICES; echo NVD=$NVIDIA_VISIBLE_DEVICES; echo FOO=$FOO; sleep 1; echo last-line'",
+            via(&alice)
+        ),
+    ));
+    assert_eq!(submitted["caller"], "alice", "{submitted}");
+    assert_eq!(submitted["spec"]["timeout_s"], 120, "{submitted}");
+    let id = submitted["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no id: {submitted}"));
+    let log = agent_ok(&eng, &format!("jobs logs {id} --follow {}", via(&alice)));
+    let job = json(&agent_ok(
+        &eng,
+        &format!("jobs show {id} --json {}", via(&alice)),
+    ));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["caller"], "alice", "{job}");
+    let uuids = job["gpu_uuids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{job}"));
+    assert_eq!(uuids.len(), 1, "{job}");
+    let uuid = uuids[0].as_str().unwrap_or_default();
+    assert!(uuid == GPU0 || uuid == GPU1, "{job}");
+    assert_eq!(
+        log,
+        format!("CVD={uuid}\nNVD={uuid}\nFOO=bar\nlast-line\n"),
+        "followed log"
+    );
+
+    // list, history and cancel through the relay.
+    let list = json(&agent_ok(
+        &eng,
+        &format!("jobs list --json {}", via(&alice)),
+    ));
+    assert!(
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|j| j["id"] == id && j["caller"] == "alice")),
+        "{list}"
+    );
+    let long = json(&agent_ok(
+        &eng,
+        &format!("jobs submit {} --json -- sleep 300", via(&alice)),
+    ));
+    let long_id = long["id"].as_u64().unwrap_or_else(|| panic!("{long}"));
+    let t0 = Instant::now();
+    loop {
+        let j = json(&agent_ok(
+            &eng,
+            &format!("jobs show {long_id} --json {}", via(&alice)),
+        ));
+        if j["state"] == "running" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "never ran: {j}");
+        sleep(Duration::from_millis(100));
+    }
+    agent_ok(
+        &eng,
+        &format!("jobs cancel {long_id} --json {}", via(&alice)),
+    );
+    let t0 = Instant::now();
+    loop {
+        let j = json(&agent_ok(
+            &eng,
+            &format!("jobs show {long_id} --json {}", via(&alice)),
+        ));
+        if j["state"] == "cancelled" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "not cancelled: {j}");
+        sleep(Duration::from_millis(100));
+    }
+    let hist = json(&agent_ok(&eng, &format!("history --json {}", via(&alice))));
+    assert!(
+        hist["jobs"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|e| e["id"] == id && e["caller"] == "alice")),
+        "{hist}"
+    );
+
+    // A local caller on the worker is `@local`, whatever it claims.
+    let local = json(&agent_ok(
+        &worker,
+        &format!("jobs submit --state-dir {wstate} --json -- true"),
+    ));
+    assert_eq!(local["caller"], "@local", "{local}");
+
+    // Refusals, with the relay's reason: a guest may not open `agent` (policy allows it `ssh`
+    // only); a worker may not open another worker's agent; an unknown worker does not exist.
+    for (who, dir) in [("guest", &gina), ("worker", &w2)] {
+        let (ok, out, err) = agent_cli(&eng, &format!("jobs list --json {}", via(dir)));
+        assert!(!ok, "{who} reached the agent: {out}");
+        assert!(
+            err.contains("not allowed by policy") && err.contains("w1"),
+            "{who}: {err}"
+        );
+    }
+    let (ok, _, err) = agent_cli(
+        &eng,
+        &format!("jobs list --worker nope --state-dir {alice}"),
+    );
+    assert!(!ok && err.contains("nope"), "{err}");
+
+    // The relay dies hard: `status` shows the agent reconnecting, with why; once the relay is
+    // back, connected again, and engineers reach it.
+    relay.signal(libc::SIGKILL);
+    relay.wait_timeout(Duration::from_secs(5));
+    let t0 = Instant::now();
+    let st = loop {
+        let st = json(&agent_ok(
+            &worker,
+            &format!("status --json --state-dir {wstate}"),
+        ));
+        if st["relay"]["state"] == "reconnecting" {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "agent never noticed the relay was gone: {st}"
+        );
+        sleep(Duration::from_millis(100));
+    };
+    assert!(
+        st["relay"]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{st}"
+    );
+    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    assert!(text.contains("relay: reconnecting in"), "{text}");
+    let mut relay = start_relay(&relay_ns, &rstate, &config.display().to_string());
+    wait_connected(&worker, &wstate, &agent);
+    let job = json(&agent_ok(
+        &eng,
+        &format!("jobs show {id} --json {}", via(&alice)),
+    ));
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    // The agent restarts without a token: the identity in its state dir is enough, and the
+    // records are still there.
+    agent.kill_term();
+    let agent = worker.spawn_named("agent2", &run_line(None));
+    wait_connected(&worker, &wstate, &agent);
+    let job = json(&agent_ok(
+        &eng,
+        &format!("jobs show {id} --json {}", via(&alice)),
+    ));
+    assert_eq!(job["caller"], "alice", "{job}");
+    relay.kill_term();
+}

@@ -1,0 +1,132 @@
+//! The agent's side of the relay: `tunnel_relay::client::expose` in-process, exposing the TCP
+//! services (`ssh`, ...) and the jobs API as the in-process service [`AGENT_SERVICE`]. Each
+//! `agent` tunnel stream is one HTTP/1.1 connection served by the API router, with the caller set
+//! to the opener's relay name (authenticated by the relay's Noise IK admission; this worker pins
+//! the relay's key). The API itself never listens on a non-loopback address.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::{Extension, Router};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info};
+use tunnel_relay::client::{self, ClientState, ExposeOptions, IncomingStream, LinkState};
+use tunnel_relay::Token;
+
+use crate::api::Caller;
+
+/// The service name of the jobs API on the relay.
+pub const AGENT_SERVICE: &str = "agent";
+
+/// How the agent joins the relay.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Join token (first run only; the identity and relay are then kept in the state dir).
+    pub token: Option<Token>,
+    /// The worker's name on the relay.
+    pub name: String,
+    /// TCP services: name → `host:port` (e.g. `ssh` → `127.0.0.1:22`).
+    pub services: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("--service {0}: the name `agent` is the jobs API's own service")]
+    Reserved(String),
+    #[error("relay identity in {}: {source}", dir.display())]
+    State {
+        dir: PathBuf,
+        source: tunnel_relay::StateError,
+    },
+}
+
+/// The running relay side: the link state for `status`, and the tasks to await on shutdown.
+#[derive(Debug)]
+pub struct Exposed {
+    pub link: watch::Receiver<LinkState>,
+    expose: JoinHandle<()>,
+    serve: JoinHandle<()>,
+}
+
+impl Exposed {
+    /// Waits (bounded) for `expose` to close the relay connection after shutdown was signalled.
+    pub async fn finish(self) {
+        if tokio::time::timeout(Duration::from_secs(2), self.expose)
+            .await
+            .is_err()
+        {
+            debug!("relay link did not close within 2 s");
+        }
+        self.serve.abort();
+    }
+}
+
+/// Whether this state dir has joined a relay (or a token is given): otherwise the agent runs
+/// with its loopback API only.
+pub fn joined(state_dir: &std::path::Path, opts: &RelayOptions) -> Result<bool, RelayError> {
+    if opts.token.is_some() {
+        return Ok(true);
+    }
+    let st = ClientState::open(state_dir).map_err(|source| RelayError::State {
+        dir: state_dir.to_path_buf(),
+        source,
+    })?;
+    Ok(st.relay().is_some())
+}
+
+/// Starts `expose` and the server of `agent` streams. `shutdown` ends both.
+pub fn start(
+    state_dir: PathBuf,
+    opts: RelayOptions,
+    api: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Exposed, RelayError> {
+    if let Some((n, a)) = opts.services.iter().find(|(n, _)| n == AGENT_SERVICE) {
+        return Err(RelayError::Reserved(format!("{n}={a}")));
+    }
+    let (in_tx, mut in_rx) = mpsc::channel::<IncomingStream>(64);
+    let (link_tx, link_rx) = watch::channel(LinkState::Connecting);
+    let mut eo = ExposeOptions::new(state_dir, opts.name, opts.services);
+    eo.token = opts.token;
+    eo.handlers.insert(AGENT_SERVICE.to_string(), in_tx);
+    eo.link = Some(link_tx);
+    let expose = tokio::spawn(async move {
+        match client::expose(eo, shutdown).await {
+            Ok(()) => info!("relay link closed"),
+            Err(e) => error!(
+                error = %e,
+                "the relay refused this worker; jobs API stays local until the agent is restarted"
+            ),
+        }
+    });
+    let serve = tokio::spawn(async move {
+        while let Some(inc) = in_rx.recv().await {
+            tokio::spawn(serve_stream(api.clone(), inc));
+        }
+    });
+    Ok(Exposed {
+        link: link_rx,
+        expose,
+        serve,
+    })
+}
+
+/// One `agent` tunnel stream = one HTTP/1.1 connection, caller = the opener's relay name.
+async fn serve_stream(api: Router, inc: IncomingStream) {
+    let IncomingStream {
+        from, send, recv, ..
+    } = inc;
+    debug!(caller = %from, "agent API stream");
+    let svc = TowerToHyperService::new(api.layer(Extension(Caller(from.clone()))));
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, svc)
+        .await
+    {
+        // An engineer hanging up mid-response (Ctrl-C on `logs --follow`) ends up here too.
+        debug!(caller = %from, error = %e, "agent API stream ended with an error");
+    }
+}
