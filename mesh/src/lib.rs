@@ -4,6 +4,7 @@
 //! separate from the I/O shell (TUN, UDP, netlink, the UAPI socket).
 
 pub mod config;
+pub mod disco;
 pub mod key;
 pub mod status;
 pub mod uapi;
@@ -13,5 +14,6 @@ pub mod device;
 pub mod dns;
 pub mod netlink;
 pub mod node;
+pub mod path;
 pub mod peer;
 pub mod udp;

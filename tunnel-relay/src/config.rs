@@ -9,6 +9,12 @@
 //! # Prometheus metrics (GET /metrics). Default: off.
 //! metrics_listen = "127.0.0.1:9464"
 //!
+//! # STUN binding responder (UDP) for the mesh's endpoint discovery. Default:
+//! # the listen address's IP, port 3478 (an ephemeral port when `serve
+//! # --listen` has port 0). `stun = false` turns it off.
+//! stun = true
+//! stun_listen = "0.0.0.0:3478"
+//!
 //! # An operator-provided TLS certificate chain and key (PEM). Default: a
 //! # self-signed certificate created in the state dir. Clients authenticate the
 //! # relay by its Noise key either way; relative paths are relative to this file.
@@ -37,19 +43,54 @@ use serde::Deserialize;
 use crate::error::ConfigError;
 
 /// The relay configuration.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     /// Addresses put into new tokens. Default: empty.
     pub public_addrs: Vec<String>,
     /// Where to serve Prometheus metrics (`GET /metrics`). Default: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Answer STUN binding requests. Default: true.
+    pub stun: bool,
+    /// Where to answer them. Default: the listen IP, port 3478 (ephemeral
+    /// when the listen port is 0).
+    pub stun_listen: Option<std::net::SocketAddr>,
     /// Operator-provided certificate. Default: self-signed, in the state dir.
     pub tls: TlsFiles,
     /// Limits.
     pub limits: Limits,
     /// Authorization policy.
     pub policy: Policy,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            public_addrs: Vec::new(),
+            metrics_listen: None,
+            stun: true,
+            stun_listen: None,
+            tls: TlsFiles::default(),
+            limits: Limits::default(),
+            policy: Policy::default(),
+        }
+    }
+}
+
+/// The default STUN port (RFC 5389).
+pub const STUN_PORT: u16 = 3478;
+
+impl RelayConfig {
+    /// Where the STUN responder binds for a relay listening on `listen`.
+    pub fn stun_addr(&self, listen: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+        if !self.stun {
+            return None;
+        }
+        Some(self.stun_listen.unwrap_or_else(|| {
+            let port = if listen.port() == 0 { 0 } else { STUN_PORT };
+            std::net::SocketAddr::new(listen.ip(), port)
+        }))
+    }
 }
 
 /// An operator-provided certificate chain and private key, both PEM.
@@ -271,6 +312,22 @@ mod tests {
         let text = include_str!("../../deploy/examples/relay.toml");
         let c = RelayConfig::parse(text, "deploy/examples/relay.toml").map_err(|e| e.to_string());
         assert_eq!(c, Ok(RelayConfig::default()));
+    }
+
+    #[test]
+    fn stun_follows_the_listen_address_unless_set() {
+        let c = RelayConfig::default();
+        let l: std::net::SocketAddr = "203.0.113.2:4433".parse().expect("addr");
+        assert_eq!(
+            c.stun_addr(l),
+            Some("203.0.113.2:3478".parse().expect("addr"))
+        );
+        let eph: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        assert_eq!(c.stun_addr(eph), Some(eph));
+        let c = RelayConfig::parse("stun_listen = \"0.0.0.0:13478\"\n", "t").expect("parse");
+        assert_eq!(c.stun_addr(l), Some("0.0.0.0:13478".parse().expect("addr")));
+        let c = RelayConfig::parse("stun = false\n", "t").expect("parse");
+        assert_eq!(c.stun_addr(l), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod client;
 pub mod config;
+pub mod coord;
 pub mod error;
 pub mod keys;
 pub mod metrics;
@@ -22,6 +23,7 @@ pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod splice;
+pub mod stun;
 pub mod tls;
 pub mod token;
 pub mod wire;

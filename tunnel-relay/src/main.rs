@@ -285,11 +285,15 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .with_context(|| format!("start relay in {}", state_dir.display()))?;
             eprintln!(
-                "relay {} listening on {}",
+                "relay {} listening on {}{}",
                 relay.public_key().to_base64(),
                 relay
                     .local_addr()
                     .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                relay
+                    .stun_addr()
+                    .map(|a| format!(" (STUN on udp {a})"))
                     .unwrap_or_default()
             );
             relay.run(signalled()).await?;

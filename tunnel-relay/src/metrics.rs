@@ -11,6 +11,8 @@
 //!   `weft_relay_datagrams_dropped_total` (counters): the mesh's relay path
 //!   (WireGuard packets as QUIC datagrams); dropped = malformed, peer not
 //!   connected, not allowed by policy, or too large for the peer's path.
+//! - `weft_relay_stun_answered_total`, `weft_relay_stun_dropped_total`
+//!   (counters): STUN binding requests answered / datagrams ignored.
 //! - `weft_relay_handshake_failures_total{cause="timeout"|"error"}` (counter):
 //!   connections that never finished QUIC + Noise admission (no reason could
 //!   be sent: scanners, wrong keys, dead links).
@@ -47,6 +49,10 @@ pub struct Metrics {
     pub datagram_bytes: Counter,
     /// Relay-path datagrams dropped.
     pub datagrams_dropped: Counter,
+    /// STUN binding requests answered.
+    pub stun_answered: Counter,
+    /// Datagrams on the STUN port that were not binding requests.
+    pub stun_dropped: Counter,
     /// Admissions that timed out.
     pub handshake_timeouts: Counter,
     /// Admissions that failed (QUIC/TLS/Noise error, wrong relay key).
@@ -92,6 +98,18 @@ impl Metrics {
             "datagrams_dropped",
             "Mesh packets dropped on the relay path",
             datagrams_dropped.clone(),
+        );
+        let stun_answered = Counter::default();
+        let stun_dropped = Counter::default();
+        registry.register(
+            "stun_answered",
+            "STUN binding requests answered",
+            stun_answered.clone(),
+        );
+        registry.register(
+            "stun_dropped",
+            "Datagrams on the STUN port that were not binding requests",
+            stun_dropped.clone(),
         );
         let hs: Family<Labels, Counter> = Family::default();
         let handshake_timeouts = hs
@@ -141,6 +159,8 @@ impl Metrics {
             datagrams_relayed,
             datagram_bytes,
             datagrams_dropped,
+            stun_answered,
+            stun_dropped,
             refusals,
         }
     }

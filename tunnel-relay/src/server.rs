@@ -71,6 +71,8 @@ pub mod files {
     pub const IDENTITY: &str = "identity.key";
     /// The address `serve` last bound (used by `token create` as a fallback).
     pub const LISTEN_ADDR: &str = "listen.addr";
+    /// The address the STUN responder bound.
+    pub const STUN_ADDR: &str = "stun.addr";
 }
 
 #[derive(Clone)]
@@ -111,6 +113,7 @@ impl Drop for StreamSlots {
 /// A bound relay, ready to [`Relay::run`].
 pub struct Relay {
     endpoint: Endpoint,
+    stun: Option<std::net::UdpSocket>,
     shared: Arc<Shared>,
     metrics_listener: Option<tokio::net::TcpListener>,
 }
@@ -185,6 +188,20 @@ impl Relay {
         })?;
         let la = dir.join(files::LISTEN_ADDR);
         std::fs::write(&la, local.to_string()).map_err(|e| StateError::io(&la, e))?;
+        let stun = match opts.config.stun_addr(opts.listen) {
+            Some(addr) => {
+                let sock = std::net::UdpSocket::bind(addr)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(|source| RelayError::Bind { addr, source })?;
+                let bound = sock
+                    .local_addr()
+                    .map_err(|source| RelayError::Bind { addr, source })?;
+                let sa = dir.join(files::STUN_ADDR);
+                std::fs::write(&sa, bound.to_string()).map_err(|e| StateError::io(&sa, e))?;
+                Some(sock)
+            }
+            None => None,
+        };
         let rate = RateLimiter::new(limits.new_connections_per_ip_per_sec);
         let metrics_listener = match opts.config.metrics_listen {
             Some(addr) => {
@@ -194,6 +211,7 @@ impl Relay {
         };
         Ok(Relay {
             endpoint,
+            stun,
             metrics_listener,
             shared: Arc::new(Shared {
                 key,
@@ -210,6 +228,11 @@ impl Relay {
     /// The bound UDP address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.endpoint.local_addr().ok()
+    }
+
+    /// Where STUN binding requests are answered, if enabled.
+    pub fn stun_addr(&self) -> Option<SocketAddr> {
+        self.stun.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     /// Where `GET /metrics` is served, if enabled.
@@ -233,6 +256,18 @@ impl Relay {
             tokio::spawn(metrics::serve(l, self.shared.metrics.clone()))
         });
         let revocations = tokio::spawn(watch_revocations(self.shared.clone()));
+        let stun_addr = self.stun_addr();
+        let stun_task = match (
+            self.stun.take().map(tokio::net::UdpSocket::from_std),
+            stun_addr,
+        ) {
+            (Some(Ok(sock)), _) => {
+                info!(addr = ?stun_addr, "STUN responder listening");
+                Some(tokio::spawn(answer_stun(sock, self.shared.metrics.clone())))
+            }
+            (Some(Err(source)), Some(addr)) => return Err(RelayError::Bind { addr, source }),
+            _ => None,
+        };
         info!(me = %me, addr = ?self.local_addr(), "relay listening");
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -259,10 +294,38 @@ impl Relay {
             .close(VarInt::from_u32(CLOSE_RESTARTING), b"relay restarting");
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
+        if let Some(t) = stun_task {
+            t.abort();
+        }
         if let Some(t) = metrics_task {
             t.abort();
         }
         Ok(())
+    }
+}
+
+/// Answers STUN binding requests (endpoint discovery for the mesh) with the
+/// source address they came from; anything else is dropped.
+async fn answer_stun(sock: tokio::net::UdpSocket, metrics: Arc<Metrics>) {
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here; keep serving.
+                debug!(error = %e, "STUN receive failed");
+                continue;
+            }
+        };
+        match crate::stun::answer(&buf[..n], from) {
+            Some(resp) => {
+                metrics.stun_answered.inc();
+                let _ = sock.send_to(&resp, from).await;
+            }
+            None => {
+                metrics.stun_dropped.inc();
+            }
+        }
     }
 }
 

@@ -21,6 +21,7 @@ struct RelayLab {
     dir: tempfile::TempDir,
     addr: SocketAddr,
     metrics: Option<SocketAddr>,
+    stun: Option<SocketAddr>,
     key: PublicKey,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -54,6 +55,7 @@ async fn start_relay_in(
         .unwrap_or_else(|| panic!("relay address"));
     let key = relay.public_key();
     let metrics = relay.metrics_addr();
+    let stun = relay.stun_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let _ = relay
@@ -66,6 +68,7 @@ async fn start_relay_in(
         dir,
         addr,
         metrics,
+        stun,
         key,
         stop: Some(tx),
         task: Some(task),
@@ -1005,4 +1008,41 @@ async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
         .unwrap_or_else(|_| panic!("engineer did not reach w2"))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((from, &p[..]), (ek, &b"hi w2"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_binding_requests_get_the_observed_address() {
+    use tunnel_relay::stun;
+    let lab = start_relay(RelayConfig::default()).await;
+    let stun_addr = lab.stun.unwrap_or_else(|| panic!("STUN is on by default"));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let me = sock.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    // Garbage first: no answer, and the responder keeps serving.
+    sock.send_to(b"not stun at all", stun_addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tx = [9u8; 12];
+    sock.send_to(&stun::binding_request(tx), stun_addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = [0u8; 1500];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no STUN answer"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(from, stun_addr);
+    let (got_tx, reflexive) =
+        stun::parse_binding_response(&buf[..n]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got_tx, tx);
+    assert_eq!(reflexive, me);
+
+    // Off when configured off.
+    let off = RelayConfig {
+        stun: false,
+        ..RelayConfig::default()
+    };
+    let lab2 = start_relay(off).await;
+    assert!(lab2.stun.is_none());
 }

@@ -1,0 +1,1072 @@
+//! The coordinator core: node registry, overlay addresses, ACL-filtered peer
+//! maps and their versioned deltas. Pure: no sockets, no clock, no SQLite.
+//!
+//! # What it does
+//! Nodes join with their X25519 key, a name, tags (from the join token) and
+//! endpoint candidates. Each node receives a **peer map**: first a
+//! [`Snapshot`] of exactly the peers the ACL lets it talk to
+//! ([`AclPolicy::may_talk`]), then [`Delta`]s, each one [`PeerChange`]
+//! (upsert, remove, or a new inbound filter). Every call that changes state
+//! returns an [`Outbox`]: the `(recipient, update)` pairs the shell sends.
+//!
+//! # Cost model (why it scales)
+//! Nodes are grouped by identical (sorted) tag set. The policy is evaluated
+//! once per pair of tag sets (`talk` matrix) and once per tag set for its
+//! inbound filter; a join touches only the tag sets its own may talk to and
+//! their members, so one join costs O(T + peers it may talk to), where T is the
+//! number of distinct tag sets (2 under the default policy). A policy change
+//! costs O(T² · rules) plus one message per node pair whose visibility flipped.
+//!
+//! # Versions
+//! Each recipient has its own sequence number, incremented per delta logged
+//! for it; deltas are logged for offline nodes too (bounded by
+//! [`CoordConfig::delta_log_len`], shared `Arc`s so a change sent to 5,000
+//! peers is stored once). A [`Version`] also carries the coordinator's
+//! `epoch` (chosen by the shell at start, e.g. the start time in ms), so after
+//! a coordinator restart no old sequence number is mistaken for a new one. A
+//! reconnecting node says "I have version V" ([`JoinRequest::since`] or an
+//! `Ack`); [`Coordinator::sync`] answers with the missing deltas or, if they
+//! left the log or the epoch differs, a fresh snapshot. A node applies deltas
+//! only in order ([`PeerMap::apply`]); a gap means "ask again with my version".
+//!
+//! # Invariants (checked by the tests after random operation sequences)
+//! - A node's peer map, built by applying its snapshot and deltas, equals
+//!   [`Coordinator::snapshot_for`] at every moment: it holds exactly the
+//!   nodes it may talk to, never itself.
+//! - Names and keys are unique; overlay addresses are unique and stable.
+//!
+//! # Persistence (the shell's job)
+//! [`NodeRecord`] is all that needs to survive a restart (serde, one row per
+//! node); [`Coordinator::restore`] rebuilds the core from the records, every
+//! node offline until it reconnects.
+
+pub mod addr;
+pub mod names;
+pub mod policy;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::keys::PublicKey;
+
+pub use addr::{AddrError, AddressPool};
+pub use names::{sanitize_name, unique_name, validate_name, validate_tag, NameError};
+pub use policy::{
+    AclPolicy, FilterRules, InboundRule, PolicyError, PortRange, Proto, Rule, AGENT_API_PORT,
+};
+
+/// Most endpoint candidates kept per node.
+pub const MAX_CANDIDATES: usize = 16;
+/// Most tags per node.
+pub const MAX_TAGS: usize = 32;
+
+/// A node's identifier inside the coordinator (and its SQLite row id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+/// How a candidate address was learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CandidateKind {
+    /// An address of one of the node's interfaces (LAN).
+    Local,
+    /// The address a STUN server saw (the NAT's public mapping).
+    Reflexive,
+}
+
+/// One address a peer may reach the node's WireGuard socket at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// Where it came from.
+    pub kind: CandidateKind,
+}
+
+/// A peer-map version: the coordinator's epoch and the recipient's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Version {
+    /// Coordinator life (changes on restart).
+    pub epoch: u64,
+    /// Deltas delivered to this recipient in this epoch.
+    pub seq: u64,
+}
+
+/// What survives a restart: one row per node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Row id.
+    pub id: NodeId,
+    /// X25519 public key (WireGuard and Noise), base64 in serde.
+    #[serde(with = "key_b64")]
+    pub key: PublicKey,
+    /// Unique DNS label.
+    pub name: String,
+    /// Sorted, deduplicated tags.
+    pub tags: Vec<String>,
+    /// Overlay IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// Last reported candidates.
+    pub endpoints: Vec<Candidate>,
+}
+
+mod key_b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::keys::PublicKey;
+
+    pub(super) fn serialize<S: Serializer>(k: &PublicKey, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&k.to_base64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .ok()
+            .and_then(|b| PublicKey::from_slice(&b))
+            .ok_or_else(|| serde::de::Error::custom("bad public key (expected 32 bytes of base64)"))
+    }
+}
+
+/// A peer as another node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its key (WireGuard peer key, disco key).
+    pub key: PublicKey,
+    /// Its name (MagicDNS).
+    pub name: String,
+    /// Its tags (the receiving node's filter matches on them).
+    pub tags: Vec<String>,
+    /// Overlay IPv4 (AllowedIPs /32).
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6 (AllowedIPs /128).
+    pub ipv6: Ipv6Addr,
+    /// Where to probe it directly.
+    pub endpoints: Vec<Candidate>,
+    /// Whether it holds a control session now.
+    pub online: bool,
+}
+
+/// The receiving node's own identity, as assigned by the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfInfo {
+    /// Its name.
+    pub name: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Overlay IPv4.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6.
+    pub ipv6: Ipv6Addr,
+}
+
+/// A full peer map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The version this snapshot is at; deltas continue from `seq + 1`.
+    pub version: Version,
+    /// The recipient itself.
+    pub me: SelfInfo,
+    /// What the recipient enforces on receive.
+    pub filter: FilterRules,
+    /// Every peer it may talk to (in no particular order). Entries are
+    /// shared with the coordinator's cache: a snapshot costs a pointer per peer.
+    pub peers: Vec<Arc<Peer>>,
+}
+
+/// One change to a node's peer map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    /// Add or replace this peer.
+    Upsert(Arc<Peer>),
+    /// Forget this peer.
+    Remove(PublicKey),
+    /// Replace the inbound filter.
+    Filter(FilterRules),
+}
+
+/// One change at one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The version after applying it (`seq` = previous + 1).
+    pub version: Version,
+    /// The change (shared between recipients).
+    pub change: Arc<PeerChange>,
+}
+
+/// What the coordinator sends a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMapUpdate {
+    /// Replace everything.
+    Snapshot(Snapshot),
+    /// Apply one change.
+    Delta(Delta),
+}
+
+/// Updates to send: `(recipient, update)`, in order.
+pub type Outbox = Vec<(NodeId, PeerMapUpdate)>;
+
+/// A node's (re)join, after admission by the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// Its key.
+    pub key: PublicKey,
+    /// Wanted name (a valid label; see [`Coordinator::suggest_name`]).
+    pub name: String,
+    /// Its tags (from the token / registry).
+    pub tags: Vec<String>,
+    /// Its current candidates.
+    pub endpoints: Vec<Candidate>,
+    /// The peer-map version it already holds (reconnect), if any.
+    pub since: Option<Version>,
+}
+
+/// Coordinator settings (TOML section of the relay config).
+///
+/// ```toml
+/// ipv4_pool = "100.64.0.0/10"          # default
+/// ipv6_prefix = "fd7a:7765:6674::/48"  # default
+/// delta_log_len = 64                   # default: deltas kept per node for resync
+/// [[acl.rule]]                         # default: see AclPolicy::default
+/// from = "engineer"
+/// to = "worker"
+/// proto = "tcp"
+/// ports = [22, 7070]
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordConfig {
+    /// Overlay IPv4 pool. Default `100.64.0.0/10`.
+    pub ipv4_pool: Ipv4Net,
+    /// Overlay IPv6 ULA prefix. Default `fd7a:7765:6674::/48`.
+    pub ipv6_prefix: Ipv6Net,
+    /// Deltas kept per node; older ones force a snapshot on resync. Default 64.
+    pub delta_log_len: usize,
+    /// The ACL. Default: [`AclPolicy::default`].
+    pub acl: AclPolicy,
+}
+
+impl Default for CoordConfig {
+    fn default() -> Self {
+        CoordConfig {
+            ipv4_pool: Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default(),
+            ipv6_prefix: Ipv6Net::new(Ipv6Addr::new(0xfd7a, 0x7765, 0x6674, 0, 0, 0, 0, 0), 48)
+                .unwrap_or_default(),
+            delta_log_len: 64,
+            acl: AclPolicy::default(),
+        }
+    }
+}
+
+impl CoordConfig {
+    /// Parses the TOML text of a coordinator section; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<CoordConfig, CoordError> {
+        let c: CoordConfig = toml::from_str(text).map_err(|e| {
+            CoordError::Policy(PolicyError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })
+        })?;
+        c.validate(origin)?;
+        Ok(c)
+    }
+
+    /// Checks the ACL and the pools (also for a config embedded elsewhere).
+    pub fn validate(&self, origin: &str) -> Result<(), CoordError> {
+        self.acl.validate(origin)?;
+        AddressPool::new(self.ipv4_pool, self.ipv6_prefix)?;
+        Ok(())
+    }
+}
+
+/// Why a coordinator call was refused. Nothing changed when it is returned.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CoordError {
+    /// The name is not a valid label.
+    #[error("node name {name:?} {source}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// Why.
+        source: NameError,
+    },
+    /// A tag is not a valid label.
+    #[error("tag {tag:?} {source}")]
+    BadTag {
+        /// The tag.
+        tag: String,
+        /// Why.
+        source: NameError,
+    },
+    /// Too many tags.
+    #[error("{0} tags; at most {MAX_TAGS} allowed")]
+    TooManyTags(usize),
+    /// Another key holds the name.
+    #[error("name {0:?} is taken by another node")]
+    NameTaken(String),
+    /// Address allocation failed.
+    #[error(transparent)]
+    Addr(#[from] AddrError),
+    /// The policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// No such node.
+    #[error("unknown node {0:?}")]
+    UnknownNode(NodeId),
+    /// Two restored records share a key, a name or an id.
+    #[error("restored records conflict: {0}")]
+    Conflict(String),
+}
+
+/// Node ids are small sequential integers: a multiplicative hash is enough
+/// (cheaper than SipHash on the per-recipient path of every change).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<NodeId, V, BuildHasherDefault<IdHasher>>;
+
+/// Per-node state.
+#[derive(Debug)]
+struct Node {
+    rec: NodeRecord,
+    online: bool,
+    tagset: usize,
+    seq: u64,
+    log: VecDeque<(u64, Arc<PeerChange>)>,
+    /// The entry peers see, rebuilt by `refresh` after every change.
+    entry: Arc<Peer>,
+}
+
+impl Node {
+    fn new(rec: NodeRecord, online: bool, tagset: usize) -> Node {
+        let mut n = Node {
+            rec,
+            online,
+            tagset,
+            seq: 0,
+            log: VecDeque::new(),
+            entry: Arc::new(Peer {
+                key: PublicKey([0; 32]),
+                name: String::new(),
+                tags: Vec::new(),
+                ipv4: Ipv4Addr::UNSPECIFIED,
+                ipv6: Ipv6Addr::UNSPECIFIED,
+                endpoints: Vec::new(),
+                online: false,
+            }),
+        };
+        n.refresh();
+        n
+    }
+
+    fn peer(&self) -> Arc<Peer> {
+        Arc::clone(&self.entry)
+    }
+
+    fn refresh(&mut self) {
+        self.entry = Arc::new(Peer {
+            key: self.rec.key,
+            name: self.rec.name.clone(),
+            tags: self.rec.tags.clone(),
+            ipv4: self.rec.ipv4,
+            ipv6: self.rec.ipv6,
+            endpoints: self.rec.endpoints.clone(),
+            online: self.online,
+        });
+    }
+}
+
+/// Nodes sharing one tag set, and what the policy says for that set.
+#[derive(Debug)]
+struct TagSet {
+    tags: Vec<String>,
+    members: BTreeSet<NodeId>,
+    filter: FilterRules,
+}
+
+/// The coordinator core. See the module docs.
+#[derive(Debug)]
+pub struct Coordinator {
+    epoch: u64,
+    delta_log_len: usize,
+    policy: AclPolicy,
+    pool: AddressPool,
+    nodes: IdMap<Node>,
+    by_key: HashMap<PublicKey, NodeId>,
+    by_name: HashMap<String, NodeId>,
+    tagsets: Vec<TagSet>,
+    tagset_ix: HashMap<Vec<String>, usize>,
+    /// `talk[i][j]`: members of tag set i may talk to members of j (symmetric).
+    talk: Vec<Vec<bool>>,
+    next_id: u64,
+}
+
+fn normalize_tags(tags: &[String]) -> Result<Vec<String>, CoordError> {
+    let mut v: Vec<String> = tags.to_vec();
+    v.sort();
+    v.dedup();
+    if v.len() > MAX_TAGS {
+        return Err(CoordError::TooManyTags(v.len()));
+    }
+    for t in &v {
+        validate_tag(t).map_err(|source| CoordError::BadTag {
+            tag: t.clone(),
+            source,
+        })?;
+    }
+    Ok(v)
+}
+
+/// Keeps usable candidates: no unspecified/multicast address, no port 0, no
+/// IPv6 link-local (needs a scope), no duplicates; at most [`MAX_CANDIDATES`],
+/// in the order given (nodes list their preferred ones first).
+pub fn clean_candidates(c: &[Candidate]) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    for cand in c {
+        let ip = cand.addr.ip();
+        let bad = cand.addr.port() == 0
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if !bad && !out.iter().any(|o| o.addr == cand.addr) {
+            out.push(*cand);
+            if out.len() == MAX_CANDIDATES {
+                break;
+            }
+        }
+    }
+    out
+}
+
+impl Coordinator {
+    /// An empty coordinator. `epoch` must differ between lives of the
+    /// coordinator (the shell passes e.g. the start time in ms).
+    pub fn new(config: CoordConfig, epoch: u64) -> Result<Coordinator, CoordError> {
+        config.acl.validate("acl")?;
+        Ok(Coordinator {
+            epoch,
+            delta_log_len: config.delta_log_len,
+            policy: config.acl,
+            pool: AddressPool::new(config.ipv4_pool, config.ipv6_prefix)?,
+            nodes: IdMap::default(),
+            by_key: HashMap::new(),
+            by_name: HashMap::new(),
+            tagsets: Vec::new(),
+            tagset_ix: HashMap::new(),
+            talk: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Rebuilds the core from persisted records; every node starts offline.
+    pub fn restore(
+        config: CoordConfig,
+        epoch: u64,
+        records: impl IntoIterator<Item = NodeRecord>,
+    ) -> Result<Coordinator, CoordError> {
+        let mut c = Coordinator::new(config, epoch)?;
+        for mut rec in records {
+            rec.tags = normalize_tags(&rec.tags)?;
+            validate_name(&rec.name).map_err(|source| CoordError::BadName {
+                name: rec.name.clone(),
+                source,
+            })?;
+            if c.nodes.contains_key(&rec.id)
+                || c.by_key.contains_key(&rec.key)
+                || c.by_name.contains_key(&rec.name)
+            {
+                return Err(CoordError::Conflict(format!(
+                    "node {} ({}) duplicates an id, key or name",
+                    rec.name, rec.key
+                )));
+            }
+            c.pool.claim(rec.ipv4)?;
+            rec.ipv6 = c.pool.v6_for(rec.ipv4);
+            rec.endpoints = clean_candidates(&rec.endpoints);
+            let ts = c.tagset_for(&rec.tags);
+            c.tagsets[ts].members.insert(rec.id);
+            c.next_id = c.next_id.max(rec.id.0 + 1);
+            c.by_key.insert(rec.key, rec.id);
+            c.by_name.insert(rec.name.clone(), rec.id);
+            c.nodes.insert(rec.id, Node::new(rec, false, ts));
+        }
+        Ok(c)
+    }
+
+    /// This coordinator life's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &AclPolicy {
+        &self.policy
+    }
+
+    /// The address pool (for the MagicDNS address and prefixes).
+    pub fn pool(&self) -> &AddressPool {
+        &self.pool
+    }
+
+    /// Number of registered nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no node is registered.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// A node's persistent record (to store after any call that returned `Ok`).
+    pub fn record(&self, id: NodeId) -> Option<&NodeRecord> {
+        self.nodes.get(&id).map(|n| &n.rec)
+    }
+
+    /// All records.
+    pub fn records(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values().map(|n| &n.rec)
+    }
+
+    /// The node with this key.
+    pub fn id_of(&self, key: &PublicKey) -> Option<NodeId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The node with this name.
+    pub fn id_by_name(&self, name: &str) -> Option<NodeId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Whether the node holds a control session.
+    pub fn is_online(&self, id: NodeId) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.online)
+    }
+
+    /// A free, valid name for `key` from a hostname or user input: the key's
+    /// current name if it has one and `raw` sanitizes to it; otherwise the
+    /// sanitized input (or `node-<key short>`) made unique with `-2`, `-3`, ...
+    pub fn suggest_name(&self, raw: &str, key: &PublicKey) -> String {
+        let base = sanitize_name(raw).unwrap_or_else(|| format!("node-{}", key.short()));
+        let mine = self.by_key.get(key);
+        unique_name(&base, |n| {
+            self.by_name.get(n).is_some_and(|id| Some(id) != mine)
+        })
+    }
+
+    /// Whether nodes `a` and `b` may talk (peer visibility).
+    pub fn may_talk(&self, a: NodeId, b: NodeId) -> bool {
+        match (self.nodes.get(&a), self.nodes.get(&b)) {
+            (Some(x), Some(y)) => a != b && self.talk[x.tagset][y.tagset],
+            _ => false,
+        }
+    }
+
+    /// Whether a packet from `src` to `dst` may start a flow (e.g. to
+    /// authorize a relay tunnel to a port).
+    pub fn packet_allowed(&self, src: NodeId, dst: NodeId, proto: Proto, dst_port: u16) -> bool {
+        match (self.nodes.get(&src), self.nodes.get(&dst)) {
+            (Some(s), Some(d)) => {
+                self.policy
+                    .packet_allowed(&s.rec.tags, &d.rec.tags, proto, dst_port)
+            }
+            _ => false,
+        }
+    }
+
+    /// The tag-set index for `tags` (normalized), creating it (and its row
+    /// and column of the talk matrix, and its filter) on first use.
+    fn tagset_for(&mut self, tags: &[String]) -> usize {
+        if let Some(&i) = self.tagset_ix.get(tags) {
+            return i;
+        }
+        let i = self.tagsets.len();
+        self.tagsets.push(TagSet {
+            tags: tags.to_vec(),
+            members: BTreeSet::new(),
+            filter: self.policy.inbound_filter(tags),
+        });
+        self.tagset_ix.insert(tags.to_vec(), i);
+        let row: Vec<bool> = self
+            .tagsets
+            .iter()
+            .map(|t| self.policy.may_talk(tags, &t.tags))
+            .collect();
+        for (j, r) in self.talk.iter_mut().enumerate() {
+            r.push(row[j]);
+        }
+        self.talk.push(row);
+        i
+    }
+
+    /// Logs `change` for `to` and, if online, queues it.
+    fn push(&mut self, to: NodeId, change: &Arc<PeerChange>, out: &mut Outbox) {
+        let epoch = self.epoch;
+        let cap = self.delta_log_len;
+        let Some(n) = self.nodes.get_mut(&to) else {
+            return;
+        };
+        n.seq += 1;
+        if cap > 0 {
+            if n.log.len() == cap {
+                n.log.pop_front();
+            }
+            n.log.push_back((n.seq, Arc::clone(change)));
+        }
+        if n.online {
+            out.push((
+                to,
+                PeerMapUpdate::Delta(Delta {
+                    version: Version { epoch, seq: n.seq },
+                    change: Arc::clone(change),
+                }),
+            ));
+        }
+    }
+
+    /// Nodes that may talk to a member of tag set `ts`, except `except`.
+    fn visible_from(&self, ts: usize, except: NodeId) -> Vec<NodeId> {
+        let mut v = Vec::new();
+        for (j, set) in self.tagsets.iter().enumerate() {
+            if self.talk[ts][j] {
+                v.extend(set.members.iter().copied().filter(|m| *m != except));
+            }
+        }
+        v
+    }
+
+    /// Sends `id`'s current peer entry to everyone who sees it.
+    fn broadcast_upsert(&mut self, id: NodeId, out: &mut Outbox) {
+        let Some(n) = self.nodes.get(&id) else {
+            return;
+        };
+        let change = Arc::new(PeerChange::Upsert(n.peer()));
+        for m in self.visible_from(n.tagset, id) {
+            self.push(m, &change, out);
+        }
+    }
+
+    /// Joins a new node or re-joins a known key (reconnect: marks it online,
+    /// applies a changed name, tags or endpoints). Returns its id and the
+    /// updates to send: to every peer that sees it, and to the node itself
+    /// (a snapshot, or the deltas since `req.since`).
+    pub fn join(&mut self, req: JoinRequest) -> Result<(NodeId, Outbox), CoordError> {
+        validate_name(&req.name).map_err(|source| CoordError::BadName {
+            name: req.name.clone(),
+            source,
+        })?;
+        let tags = normalize_tags(&req.tags)?;
+        if let Some(other) = self.by_name.get(&req.name) {
+            if self.by_key.get(&req.key) != Some(other) {
+                return Err(CoordError::NameTaken(req.name));
+            }
+        }
+        let endpoints = clean_candidates(&req.endpoints);
+        let mut out = Outbox::new();
+        let mut since = req.since;
+        let id = match self.by_key.get(&req.key).copied() {
+            Some(id) => {
+                if self.rejoin(id, req.name, tags, endpoints, &mut out) {
+                    // Its own name or tags changed: deltas cannot say that.
+                    since = None;
+                }
+                id
+            }
+            None => {
+                let ipv4 = self.pool.allocate(&req.key)?;
+                let id = NodeId(self.next_id);
+                self.next_id += 1;
+                let ts = self.tagset_for(&tags);
+                self.tagsets[ts].members.insert(id);
+                self.by_key.insert(req.key, id);
+                self.by_name.insert(req.name.clone(), id);
+                let rec = NodeRecord {
+                    id,
+                    key: req.key,
+                    name: req.name,
+                    tags,
+                    ipv4,
+                    ipv6: self.pool.v6_for(ipv4),
+                    endpoints,
+                };
+                self.nodes.insert(id, Node::new(rec, true, ts));
+                self.broadcast_upsert(id, &mut out);
+                id
+            }
+        };
+        // Deltas to the node itself are in its log; `sync` picks them up.
+        out.retain(|(to, _)| *to != id);
+        for u in self.sync(id, since)? {
+            out.push((id, u));
+        }
+        Ok((id, out))
+    }
+
+    fn rejoin(
+        &mut self,
+        id: NodeId,
+        name: String,
+        tags: Vec<String>,
+        endpoints: Vec<Candidate>,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return false;
+        };
+        let self_changed = n.rec.name != name || n.rec.tags != tags;
+        let mut changed = !n.online || n.rec.endpoints != endpoints || n.rec.name != name;
+        n.online = true;
+        n.rec.endpoints = endpoints;
+        if n.rec.name != name {
+            let old = std::mem::replace(&mut n.rec.name, name.clone());
+            self.by_name.remove(&old);
+            self.by_name.insert(name, id);
+        }
+        n.refresh();
+        let old_ts = n.tagset;
+        if n.rec.tags != tags {
+            self.retag(id, old_ts, tags, out);
+            changed = false; // retag already sent the new entry to everyone who sees it
+        }
+        if changed {
+            self.broadcast_upsert(id, out);
+        }
+        self_changed
+    }
+
+    /// Moves `id` from tag set `a` to the set of `tags`, telling both sides
+    /// (the node's own deltas are logged; `join` sends it a snapshot).
+    fn retag(&mut self, id: NodeId, a: usize, tags: Vec<String>, out: &mut Outbox) {
+        let b = self.tagset_for(&tags);
+        self.tagsets[a].members.remove(&id);
+        self.tagsets[b].members.insert(id);
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        n.rec.tags = tags;
+        n.tagset = b;
+        n.refresh();
+        let me = n.peer();
+        let my_key = me.key;
+        let upsert_me = Arc::new(PeerChange::Upsert(me));
+        let remove_me = Arc::new(PeerChange::Remove(my_key));
+        for j in 0..self.tagsets.len() {
+            let (was, is) = (self.talk[a][j], self.talk[b][j]);
+            if !was && !is {
+                continue;
+            }
+            let members: Vec<NodeId> = self.tagsets[j]
+                .members
+                .iter()
+                .copied()
+                .filter(|m| *m != id)
+                .collect();
+            for m in members {
+                if is {
+                    self.push(m, &upsert_me, out);
+                } else {
+                    self.push(m, &remove_me, out);
+                }
+                if was != is {
+                    let Some(peer) = self.nodes.get(&m) else {
+                        continue;
+                    };
+                    let change = Arc::new(if is {
+                        PeerChange::Upsert(peer.peer())
+                    } else {
+                        PeerChange::Remove(peer.rec.key)
+                    });
+                    self.push(id, &change, out);
+                }
+            }
+        }
+        if self.tagsets[a].filter != self.tagsets[b].filter {
+            let f = Arc::new(PeerChange::Filter(self.tagsets[b].filter.clone()));
+            self.push(id, &f, out);
+        }
+    }
+
+    /// New candidates from a node (endpoint report). No-op if unchanged.
+    pub fn update_endpoints(
+        &mut self,
+        id: NodeId,
+        endpoints: &[Candidate],
+    ) -> Result<Outbox, CoordError> {
+        let endpoints = clean_candidates(endpoints);
+        let n = self.nodes.get_mut(&id).ok_or(CoordError::UnknownNode(id))?;
+        let mut out = Outbox::new();
+        if n.rec.endpoints != endpoints {
+            n.rec.endpoints = endpoints;
+            n.refresh();
+            self.broadcast_upsert(id, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// The node's control session came up or went down. No-op if unchanged.
+    pub fn set_online(&mut self, id: NodeId, online: bool) -> Result<Outbox, CoordError> {
+        let n = self.nodes.get_mut(&id).ok_or(CoordError::UnknownNode(id))?;
+        let mut out = Outbox::new();
+        if n.online != online {
+            n.online = online;
+            n.refresh();
+            self.broadcast_upsert(id, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Removes a node (left, or revoked): every peer that saw it forgets it;
+    /// its address and name become free. Returns its last record too.
+    pub fn remove(&mut self, id: NodeId) -> Result<(NodeRecord, Outbox), CoordError> {
+        let n = self.nodes.get(&id).ok_or(CoordError::UnknownNode(id))?;
+        let ts = n.tagset;
+        let change = Arc::new(PeerChange::Remove(n.rec.key));
+        let mut out = Outbox::new();
+        for m in self.visible_from(ts, id) {
+            self.push(m, &change, &mut out);
+        }
+        let n = self.nodes.remove(&id).ok_or(CoordError::UnknownNode(id))?;
+        self.tagsets[ts].members.remove(&id);
+        self.by_key.remove(&n.rec.key);
+        self.by_name.remove(&n.rec.name);
+        self.pool.release(n.rec.ipv4);
+        Ok((n.rec, out))
+    }
+
+    /// Replaces the ACL: sends upserts/removes for every node pair whose
+    /// visibility flipped and the new filter to nodes whose filter changed.
+    pub fn set_policy(&mut self, policy: AclPolicy) -> Result<Outbox, CoordError> {
+        policy.validate("acl")?;
+        let t = self.tagsets.len();
+        let new_talk: Vec<Vec<bool>> = (0..t)
+            .map(|i| {
+                (0..t)
+                    .map(|j| policy.may_talk(&self.tagsets[i].tags, &self.tagsets[j].tags))
+                    .collect()
+            })
+            .collect();
+        let new_filters: Vec<FilterRules> = self
+            .tagsets
+            .iter()
+            .map(|s| policy.inbound_filter(&s.tags))
+            .collect();
+        self.policy = policy;
+        let old_talk = std::mem::replace(&mut self.talk, new_talk);
+        let mut out = Outbox::new();
+        // Peer entries are built once per node and shared by every recipient.
+        let mut upserts: HashMap<NodeId, Arc<PeerChange>> = HashMap::new();
+        let mut removes: HashMap<NodeId, Arc<PeerChange>> = HashMap::new();
+        let flipped: Vec<(usize, usize, bool)> = old_talk
+            .iter()
+            .zip(&self.talk)
+            .enumerate()
+            .flat_map(|(i, (old, new))| {
+                old.iter()
+                    .zip(new)
+                    .enumerate()
+                    .filter(|(_, (o, n))| o != n)
+                    .map(move |(j, (_, n))| (i, j, *n))
+            })
+            .collect();
+        for (i, j, now) in flipped {
+            let recipients: Vec<NodeId> = self.tagsets[i].members.iter().copied().collect();
+            let subjects: Vec<NodeId> = self.tagsets[j].members.iter().copied().collect();
+            for &r in &recipients {
+                for &s in &subjects {
+                    if r == s {
+                        continue;
+                    }
+                    let Some(sn) = self.nodes.get(&s) else {
+                        continue;
+                    };
+                    let change = if now {
+                        Arc::clone(
+                            upserts
+                                .entry(s)
+                                .or_insert_with(|| Arc::new(PeerChange::Upsert(sn.peer()))),
+                        )
+                    } else {
+                        Arc::clone(
+                            removes
+                                .entry(s)
+                                .or_insert_with(|| Arc::new(PeerChange::Remove(sn.rec.key))),
+                        )
+                    };
+                    self.push(r, &change, &mut out);
+                }
+            }
+        }
+        for (i, f) in new_filters.into_iter().enumerate() {
+            if self.tagsets[i].filter != f {
+                self.tagsets[i].filter = f.clone();
+                let change = Arc::new(PeerChange::Filter(f));
+                let members: Vec<NodeId> = self.tagsets[i].members.iter().copied().collect();
+                for m in members {
+                    self.push(m, &change, &mut out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The full peer map of `id` now.
+    pub fn snapshot_for(&self, id: NodeId) -> Result<Snapshot, CoordError> {
+        let n = self.nodes.get(&id).ok_or(CoordError::UnknownNode(id))?;
+        let peers: Vec<Arc<Peer>> = self
+            .visible_from(n.tagset, id)
+            .into_iter()
+            .filter_map(|m| self.nodes.get(&m).map(Node::peer))
+            .collect();
+        Ok(Snapshot {
+            version: Version {
+                epoch: self.epoch,
+                seq: n.seq,
+            },
+            me: SelfInfo {
+                name: n.rec.name.clone(),
+                tags: n.rec.tags.clone(),
+                ipv4: n.rec.ipv4,
+                ipv6: n.rec.ipv6,
+            },
+            filter: self.tagsets[n.tagset].filter.clone(),
+            peers,
+        })
+    }
+
+    /// What a node holding `since` needs: nothing if current, the missing
+    /// deltas if the log still has them, else a snapshot.
+    pub fn sync(
+        &self,
+        id: NodeId,
+        since: Option<Version>,
+    ) -> Result<Vec<PeerMapUpdate>, CoordError> {
+        let n = self.nodes.get(&id).ok_or(CoordError::UnknownNode(id))?;
+        if let Some(v) = since {
+            if v.epoch == self.epoch && v.seq <= n.seq {
+                if v.seq == n.seq {
+                    return Ok(Vec::new());
+                }
+                let first = n.log.front().map(|(s, _)| *s);
+                if first.is_some_and(|f| f <= v.seq + 1) {
+                    return Ok(n
+                        .log
+                        .iter()
+                        .filter(|(s, _)| *s > v.seq)
+                        .map(|(s, c)| {
+                            PeerMapUpdate::Delta(Delta {
+                                version: Version {
+                                    epoch: self.epoch,
+                                    seq: *s,
+                                },
+                                change: Arc::clone(c),
+                            })
+                        })
+                        .collect());
+                }
+            }
+        }
+        Ok(vec![PeerMapUpdate::Snapshot(self.snapshot_for(id)?)])
+    }
+
+    /// Authorizes a call-me-maybe from `from` to the peer with `to`: the
+    /// recipient's id if both exist and may talk.
+    pub fn call_me_maybe_target(&self, from: NodeId, to: &PublicKey) -> Option<NodeId> {
+        let t = self.id_of(to)?;
+        self.may_talk(from, t).then_some(t)
+    }
+}
+
+/// Why a node could not apply an update.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ApplyError {
+    /// A delta arrived out of order (or from another epoch): resync from
+    /// the version the map holds.
+    #[error("delta {got:?} does not follow {have:?}; resync needed")]
+    Gap {
+        /// The map's version.
+        have: Option<Version>,
+        /// The delta's version.
+        got: Version,
+    },
+}
+
+/// The node side of a peer map: applies snapshots and deltas in order.
+/// Pure; the mesh node turns its contents into WireGuard peers, the filter
+/// and MagicDNS records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerMap {
+    /// Version held (`None` before the first snapshot).
+    pub version: Option<Version>,
+    /// The node itself.
+    pub me: Option<SelfInfo>,
+    /// Its inbound filter.
+    pub filter: FilterRules,
+    /// Peers by key.
+    pub peers: BTreeMap<PublicKey, Arc<Peer>>,
+}
+
+impl PeerMap {
+    /// Applies one update. A snapshot always applies; a delta only if its
+    /// `seq` is exactly one past the held version in the same epoch.
+    pub fn apply(&mut self, u: &PeerMapUpdate) -> Result<(), ApplyError> {
+        match u {
+            PeerMapUpdate::Snapshot(s) => {
+                self.version = Some(s.version);
+                self.me = Some(s.me.clone());
+                self.filter = s.filter.clone();
+                self.peers = s.peers.iter().map(|p| (p.key, p.clone())).collect();
+            }
+            PeerMapUpdate::Delta(d) => {
+                let ok = self
+                    .version
+                    .is_some_and(|v| v.epoch == d.version.epoch && v.seq + 1 == d.version.seq);
+                if !ok {
+                    return Err(ApplyError::Gap {
+                        have: self.version,
+                        got: d.version,
+                    });
+                }
+                self.version = Some(d.version);
+                match &*d.change {
+                    PeerChange::Upsert(p) => {
+                        self.peers.insert(p.key, p.clone());
+                    }
+                    PeerChange::Remove(k) => {
+                        self.peers.remove(k);
+                    }
+                    PeerChange::Filter(f) => self.filter = f.clone(),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
