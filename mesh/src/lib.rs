@@ -12,6 +12,7 @@ pub mod uapi;
 pub mod allowed_ips;
 pub mod device;
 pub mod dns;
+pub mod filter;
 pub mod netlink;
 pub mod node;
 pub mod path;
