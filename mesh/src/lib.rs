@@ -13,6 +13,7 @@ pub mod allowed_ips;
 pub mod device;
 pub mod dns;
 pub mod filter;
+pub mod managed;
 pub mod netlink;
 pub mod node;
 pub mod path;
