@@ -4,6 +4,7 @@
 //! separate from the I/O shell (TUN, UDP, netlink, the UAPI socket).
 
 pub mod config;
+pub mod control;
 pub mod disco;
 pub mod key;
 pub mod status;

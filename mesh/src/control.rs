@@ -1,0 +1,610 @@
+//! The managed node's control state machine: one place that reacts to the
+//! coordinator's peer map, disco packets (from the UDP socket or through the
+//! relay), STUN responses and time, and says what the shell must do.
+//!
+//! ```text
+//!  peer map ─┐                       ┌─▶ Device(SetRequest)   peers / AllowedIPs
+//!  disco ────┤                       ├─▶ Path{peer, Relay|Direct(addr)}
+//!  STUN ─────┼─▶ Controller (pure) ──┼─▶ Udp{to, bytes}       disco pings/pongs, STUN
+//!  tick(now) ┤                       ├─▶ Relay{to, bytes}     call-me-maybe via the relay
+//!  on_tx ────┘                       ├─▶ ReportEndpoints      local + reflexive candidates
+//!                                    └─▶ Overlay(Arc)         filter + MagicDNS input
+//! ```
+//!
+//! Per peer it keeps a [`PeerPath`] (relay first, direct when a disco ping
+//! is answered, back to the relay when the direct path goes quiet) and the
+//! disco [`SharedKey`] derived from both node keys. Call-me-maybe travels
+//! as a sealed disco message inside a relay datagram (the relay forwards
+//! node-to-node datagrams only between nodes its policy lets talk), so both
+//! sides probe at the same moment and open their NATs for each other.
+//!
+//! Pure and time-injected: the shell owns sockets, the device, the clock.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tunnel_relay::coord::{Candidate, CandidateKind, PeerMap};
+use tunnel_relay::stun::StunProbe;
+
+use crate::disco::{self, Message, SharedKey, TxId};
+use crate::key::{PrivateKey, PublicKey};
+use crate::managed::Overlay;
+use crate::path::{Action, Path, PathConfig, PeerPath};
+use crate::uapi::codec::SetRequest;
+
+/// STUN refresh while we have no reflexive address yet.
+pub const STUN_RETRY: Duration = Duration::from_secs(1);
+/// STUN refresh once we have one (NAT mappings change rarely; a change is
+/// also noticed by peers' pongs).
+pub const STUN_REFRESH: Duration = Duration::from_secs(20);
+
+/// Where a disco packet came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The WireGuard UDP socket, from this address.
+    Udp(SocketAddr),
+    /// The relay, from this node.
+    Relay(PublicKey),
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone)]
+pub enum Out {
+    /// Send from the WireGuard UDP socket.
+    Udp {
+        /// Destination.
+        to: SocketAddr,
+        /// Datagram.
+        bytes: Vec<u8>,
+    },
+    /// Send through the relay to a peer.
+    Relay {
+        /// Destination node.
+        to: PublicKey,
+        /// Datagram.
+        bytes: Vec<u8>,
+    },
+    /// Apply to the WireGuard device.
+    Device(SetRequest),
+    /// Point a peer's WireGuard endpoint (`Relay`: the relay path).
+    Path {
+        /// The peer.
+        peer: PublicKey,
+        /// Where its packets go now.
+        path: Path,
+    },
+    /// Our candidates changed: report them to the coordinator.
+    ReportEndpoints(Vec<Candidate>),
+    /// The overlay changed (addresses, peers, filter, names).
+    Overlay(Arc<Overlay>),
+}
+
+struct PeerCtl {
+    path: PeerPath,
+    key: SharedKey,
+}
+
+/// The controller.
+pub struct Controller {
+    me: PrivateKey,
+    public: PublicKey,
+    cfg: PathConfig,
+    overlay: Option<Arc<Overlay>>,
+    peers: HashMap<PublicKey, PeerCtl>,
+    device_peers: Vec<PublicKey>,
+    stun: StunProbe,
+    stun_server: Option<SocketAddr>,
+    next_stun: Option<Instant>,
+    local: Vec<SocketAddr>,
+    reflexive: Option<SocketAddr>,
+    reported: Option<Vec<Candidate>>,
+    rng: u64,
+}
+
+fn seed(rng: &mut u64) -> [u8; 4] {
+    // xorshift: transaction ids need uniqueness per peer, not secrecy
+    // (pongs are authenticated by the disco key).
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    (*rng as u32).to_le_bytes()
+}
+
+impl Controller {
+    /// A controller for the node with key `me`; `rng_seed` seeds transaction
+    /// ids (pass random bytes; tests pass constants).
+    pub fn new(me: PrivateKey, cfg: PathConfig, rng_seed: u64) -> Controller {
+        let public = me.public_key();
+        Controller {
+            me,
+            public,
+            cfg,
+            overlay: None,
+            peers: HashMap::new(),
+            device_peers: Vec::new(),
+            stun: StunProbe::new(),
+            stun_server: None,
+            next_stun: None,
+            local: Vec::new(),
+            reflexive: None,
+            reported: None,
+            rng: rng_seed | 1,
+        }
+    }
+
+    /// The overlay as of the last peer map.
+    pub fn overlay(&self) -> Option<&Arc<Overlay>> {
+        self.overlay.as_ref()
+    }
+
+    /// A peer's current path.
+    pub fn path(&self, peer: &PublicKey) -> Option<Path> {
+        self.peers.get(peer).map(|p| p.path.current())
+    }
+
+    /// A peer's last measured direct RTT.
+    pub fn rtt(&self, peer: &PublicKey) -> Option<Duration> {
+        self.peers.get(peer).and_then(|p| p.path.last_rtt())
+    }
+
+    /// Our candidates: interface addresses, then the reflexive one.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let mut c: Vec<Candidate> = self
+            .local
+            .iter()
+            .map(|a| Candidate {
+                addr: *a,
+                kind: CandidateKind::Local,
+            })
+            .collect();
+        if let Some(r) = self.reflexive.filter(|r| !self.local.contains(r)) {
+            c.push(Candidate {
+                addr: r,
+                kind: CandidateKind::Reflexive,
+            });
+        }
+        c
+    }
+
+    fn report_if_changed(&mut self, out: &mut Vec<Out>) {
+        let c = self.candidates();
+        if self.reported.as_ref() != Some(&c) {
+            self.reported = Some(c.clone());
+            out.push(Out::ReportEndpoints(c));
+        }
+    }
+
+    /// The WireGuard socket's addresses on local interfaces (LAN candidates).
+    pub fn set_local_addrs(&mut self, addrs: Vec<SocketAddr>) -> Vec<Out> {
+        self.local = addrs;
+        let mut out = Vec::new();
+        self.report_if_changed(&mut out);
+        out
+    }
+
+    /// The relay's STUN address (where to learn our reflexive address).
+    pub fn set_stun_server(&mut self, now: Instant, server: Option<SocketAddr>) {
+        self.stun_server = server;
+        self.next_stun = server.map(|_| now);
+    }
+
+    /// A new peer map (snapshot or after deltas).
+    pub fn on_peer_map(&mut self, now: Instant, map: &PeerMap) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(overlay) = Overlay::from_map(map) else {
+            return out;
+        };
+        let overlay = Arc::new(overlay);
+        out.push(Out::Device(overlay.device_request(&self.device_peers)));
+        self.device_peers = overlay.peers.keys().copied().collect();
+        self.peers.retain(|k, _| overlay.peers.contains_key(k));
+        for k in overlay.peers.keys() {
+            if !self.peers.contains_key(k) {
+                let Ok(key) = SharedKey::derive(&self.me, k) else {
+                    tracing::warn!(peer = %k.short(), "peer key gives no disco key; relay only");
+                    continue;
+                };
+                let s = seed(&mut self.rng);
+                self.peers.insert(
+                    *k,
+                    PeerCtl {
+                        path: PeerPath::new(self.cfg, s),
+                        key,
+                    },
+                );
+                out.push(Out::Path {
+                    peer: *k,
+                    path: Path::Relay,
+                });
+            }
+            if let Some(p) = self.peers.get_mut(k) {
+                p.path.on_candidates(now, &overlay.candidates(k));
+            }
+        }
+        out.push(Out::Overlay(overlay.clone()));
+        self.overlay = Some(overlay);
+        let keys: Vec<PublicKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.drive(now, &k, &mut out);
+        }
+        out
+    }
+
+    /// Traffic for `peer` left through the tunnel (starts the direct path's
+    /// liveness clock).
+    pub fn on_tx(&mut self, now: Instant, peer: &PublicKey) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.path.on_tx(now);
+        }
+    }
+
+    /// Authenticated WireGuard traffic from `peer` arrived directly from `from`.
+    pub fn on_rx_direct(&mut self, now: Instant, peer: &PublicKey, from: SocketAddr) -> Vec<Out> {
+        let mut out = Vec::new();
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.path.on_rx_direct(now, from);
+            self.drive(now, peer, &mut out);
+        }
+        out
+    }
+
+    /// A datagram classified as disco.
+    pub fn on_disco(&mut self, now: Instant, via: Via, packet: &[u8]) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(sender) = disco::sender(packet) else {
+            return out;
+        };
+        if let Via::Relay(k) = via {
+            if k != sender {
+                return out; // the relay vouches for the sender's key
+            }
+        }
+        let Some(p) = self.peers.get_mut(&sender) else {
+            return out;
+        };
+        let Ok(msg) = p.key.open(packet) else {
+            return out;
+        };
+        match (msg, via) {
+            (Message::Ping { tx, .. }, Via::Udp(from)) => {
+                let pong = p
+                    .key
+                    .seal_random(&self.public, &Message::Pong { tx, src: from });
+                out.push(Out::Udp {
+                    to: from,
+                    bytes: pong,
+                });
+                p.path.on_ping_received(now, from);
+            }
+            (Message::Pong { tx, src }, Via::Udp(from)) => {
+                p.path.on_pong(now, from, tx);
+                // The pong also tells us how the peer sees us (a reflexive
+                // address for NATs that map per destination is not useful
+                // to others, so it is not reported).
+                let _ = src;
+            }
+            (Message::CallMeMaybe { endpoints }, _) => {
+                p.path.on_call_me_maybe(now, &endpoints);
+            }
+            // Pings and pongs through the relay prove nothing about a direct path.
+            _ => {}
+        }
+        self.drive(now, &sender, &mut out);
+        out
+    }
+
+    /// A datagram classified as STUN (from the relay's STUN server).
+    pub fn on_stun(&mut self, now: Instant, packet: &[u8]) -> Vec<Out> {
+        let mut out = Vec::new();
+        if let Ok(r) = self.stun.on_response(now, packet) {
+            self.reflexive = Some(r.addr);
+            self.next_stun = Some(now + STUN_REFRESH);
+            self.report_if_changed(&mut out);
+        }
+        out
+    }
+
+    /// Timers: paths, STUN refresh.
+    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        if let (Some(server), Some(at)) = (self.stun_server, self.next_stun) {
+            if now >= at {
+                let mut tx = [0u8; 12];
+                for c in tx.chunks_mut(4) {
+                    c.copy_from_slice(&seed(&mut self.rng));
+                }
+                let bytes = self.stun.request(now, tx);
+                out.push(Out::Udp { to: server, bytes });
+                let wait = if self.reflexive.is_some() {
+                    STUN_REFRESH
+                } else {
+                    STUN_RETRY
+                };
+                self.next_stun = Some(now + wait);
+            }
+        }
+        let keys: Vec<PublicKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.drive(now, &k, &mut out);
+        }
+        out
+    }
+
+    /// When [`Controller::tick`] must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter_map(|p| p.path.poll_timeout())
+            .chain(self.next_stun)
+            .min()
+    }
+
+    fn drive(&mut self, now: Instant, peer: &PublicKey, out: &mut Vec<Out>) {
+        let cands: Vec<std::net::SocketAddr> = self.candidates().iter().map(|c| c.addr).collect();
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        for a in p.path.tick(now) {
+            match a {
+                Action::SendPing { to, tx } => out.push(Out::Udp {
+                    to,
+                    bytes: ping(&p.key, &self.public, tx),
+                }),
+                Action::SendCallMeMaybe => out.push(Out::Relay {
+                    to: *peer,
+                    bytes: p.key.seal_random(
+                        &self.public,
+                        &Message::CallMeMaybe {
+                            endpoints: cands.clone(),
+                        },
+                    ),
+                }),
+                Action::PathChanged { from, to } => {
+                    tracing::info!(peer = %peer.short(), ?from, ?to, "path changed");
+                    out.push(Out::Path {
+                        peer: *peer,
+                        path: to,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn ping(key: &SharedKey, me: &PublicKey, tx: TxId) -> Vec<u8> {
+    key.seal_random(me, &Message::Ping { tx, node_key: *me })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! Two controllers over a simulated network: the relay always delivers,
+    //! the direct path can be cut. Checks the path life cycle end to end.
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use tunnel_relay::coord::{AclPolicy, PeerMapUpdate, SelfInfo, Snapshot, Version};
+
+    struct Side {
+        ctl: Controller,
+        key: PublicKey,
+        addr: SocketAddr,
+        paths: HashMap<PublicKey, Path>,
+        reported: Vec<Candidate>,
+    }
+
+    fn tk(k: &PublicKey) -> tunnel_relay::PublicKey {
+        tunnel_relay::PublicKey(*k.as_bytes())
+    }
+
+    fn map_for(_me: &Side, other: &Side, n: u8, m: u8, tags: &str) -> PeerMap {
+        let peer = Arc::new(tunnel_relay::coord::Peer {
+            key: tk(&other.key),
+            name: format!("n{m}"),
+            tags: vec!["engineer".into()],
+            ipv4: Ipv4Addr::new(100, 64, 0, m),
+            ipv6: Ipv6Addr::new(0xfd7a, 0x7765, 0x6674, 0, 0, 0, 0x6440, u16::from(m)),
+            endpoints: other.reported.clone(),
+            online: true,
+        });
+        let snap = Snapshot {
+            version: Version { epoch: 1, seq: 0 },
+            me: SelfInfo {
+                name: format!("n{n}"),
+                tags: vec![tags.into()],
+                ipv4: Ipv4Addr::new(100, 64, 0, n),
+                ipv6: Ipv6Addr::new(0xfd7a, 0x7765, 0x6674, 0, 0, 0, 0x6440, u16::from(n)),
+            },
+            filter: AclPolicy::default().inbound_filter(&[tags.into()]),
+            peers: vec![peer],
+        };
+        let mut map = PeerMap::default();
+        map.apply(&PeerMapUpdate::Snapshot(snap)).unwrap();
+        map
+    }
+
+    fn side(n: u8) -> Side {
+        let k = PrivateKey::generate();
+        let key = k.public_key();
+        Side {
+            ctl: Controller::new(k, PathConfig::default(), u64::from(n) * 7919),
+            key,
+            addr: SocketAddr::from(([198, 51, 100, n], 41641)),
+            paths: HashMap::new(),
+            reported: Vec::new(),
+        }
+    }
+
+    /// Delivers `outs` from `from` (to `to` when the network allows),
+    /// recursively, recording path changes.
+    fn run(a: &mut Side, b: &mut Side, now: Instant, outs: Vec<Out>, a_sends: bool, direct: bool) {
+        // In order, as the shell applies them.
+        let mut queue: std::collections::VecDeque<(bool, Out)> =
+            outs.into_iter().map(|o| (a_sends, o)).collect();
+        while let Some((from_a, o)) = queue.pop_front() {
+            let (src, dst) = if from_a {
+                (&mut *a, &mut *b)
+            } else {
+                (&mut *b, &mut *a)
+            };
+            let more = match o {
+                Out::Udp { to, bytes } if to == dst.addr && direct => {
+                    dst.ctl.on_disco(now, Via::Udp(src.addr), &bytes)
+                }
+                Out::Udp { .. } => Vec::new(),
+                Out::Relay { to, bytes } if to == dst.key => {
+                    dst.ctl.on_disco(now, Via::Relay(src.key), &bytes)
+                }
+                Out::Path { peer, path } => {
+                    src.paths.insert(peer, path);
+                    Vec::new()
+                }
+                Out::ReportEndpoints(c) => {
+                    src.reported = c;
+                    Vec::new()
+                }
+                _ => Vec::new(),
+            };
+            queue.extend(more.into_iter().map(|o| (!from_a, o)));
+        }
+    }
+
+    #[test]
+    fn relay_first_then_direct_then_back_to_relay_when_cut() {
+        let mut a = side(1);
+        let mut b = side(2);
+        let t0 = Instant::now();
+        let oa = a.ctl.set_local_addrs(vec![a.addr]);
+        run(&mut a, &mut b, t0, oa, true, true);
+        let ob = b.ctl.set_local_addrs(vec![b.addr]);
+        run(&mut a, &mut b, t0, ob, false, true);
+        assert_eq!(a.reported.len(), 1);
+
+        // Peer maps arrive: both start on the relay at once.
+        let ma = map_for(&a, &b, 1, 2, "engineer");
+        let mb = map_for(&b, &a, 2, 1, "worker");
+        let oa = a.ctl.on_peer_map(t0, &ma);
+        assert!(oa
+            .iter()
+            .any(|o| matches!(o, Out::Device(r) if r.peers.len() == 1)));
+        run(&mut a, &mut b, t0, oa, true, true);
+        let ob = b.ctl.on_peer_map(t0, &mb);
+        run(&mut a, &mut b, t0, ob, false, true);
+        // Probes answered within the same instant: direct both ways.
+        let mut now = t0;
+        for _ in 0..20 {
+            now += Duration::from_millis(100);
+            let oa = a.ctl.tick(now);
+            run(&mut a, &mut b, now, oa, true, true);
+            let ob = b.ctl.tick(now);
+            run(&mut a, &mut b, now, ob, false, true);
+        }
+        assert_eq!(a.paths.get(&b.key), Some(&Path::Direct(b.addr)));
+        assert_eq!(b.paths.get(&a.key), Some(&Path::Direct(a.addr)));
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
+        assert!(a.ctl.rtt(&b.key).is_some());
+
+        // The direct path is cut while traffic flows: back on the relay within 3 s (+ a tick).
+        let cut = now;
+        let mut back = None;
+        for _ in 0..60 {
+            now += Duration::from_millis(100);
+            a.ctl.on_tx(now, &b.key);
+            let oa = a.ctl.tick(now);
+            run(&mut a, &mut b, now, oa, true, false);
+            let ob = b.ctl.tick(now);
+            run(&mut a, &mut b, now, ob, false, false);
+            if back.is_none() && a.paths.get(&b.key) == Some(&Path::Relay) {
+                back = Some(now - cut);
+            }
+        }
+        let back = back.expect("never fell back to the relay");
+        assert!(
+            back <= Duration::from_millis(3200),
+            "fell back after {back:?}"
+        );
+
+        // The path heals: the periodic re-probe (or call-me-maybe) brings direct back.
+        let mut healed = false;
+        for _ in 0..400 {
+            now += Duration::from_millis(100);
+            let oa = a.ctl.tick(now);
+            run(&mut a, &mut b, now, oa, true, true);
+            let ob = b.ctl.tick(now);
+            run(&mut a, &mut b, now, ob, false, true);
+            if a.paths.get(&b.key) == Some(&Path::Direct(b.addr)) {
+                healed = true;
+                break;
+            }
+        }
+        assert!(healed, "direct path never came back");
+    }
+
+    #[test]
+    fn no_direct_path_stays_on_relay_and_peers_leave() {
+        let mut a = side(1);
+        let mut b = side(2);
+        let t0 = Instant::now();
+        let oa = a.ctl.set_local_addrs(vec![a.addr]);
+        run(&mut a, &mut b, t0, oa, true, false);
+        let ob = b.ctl.set_local_addrs(vec![b.addr]);
+        run(&mut a, &mut b, t0, ob, false, false);
+        let ma = map_for(&a, &b, 1, 2, "engineer");
+        let oa = a.ctl.on_peer_map(t0, &ma);
+        run(&mut a, &mut b, t0, oa, true, false);
+        let mb = map_for(&b, &a, 2, 1, "worker");
+        let ob = b.ctl.on_peer_map(t0, &mb);
+        run(&mut a, &mut b, t0, ob, false, false);
+        let mut now = t0;
+        for _ in 0..100 {
+            now += Duration::from_millis(100);
+            let oa = a.ctl.tick(now);
+            run(&mut a, &mut b, now, oa, true, false);
+        }
+        assert_eq!(a.paths.get(&b.key), Some(&Path::Relay));
+        // The peer leaves the map: the device drops it.
+        let mut empty = ma.clone();
+        empty.peers.clear();
+        let o = a.ctl.on_peer_map(now, &empty);
+        let req = o.iter().find_map(|o| match o {
+            Out::Device(r) => Some(r.clone()),
+            _ => None,
+        });
+        let req = req.unwrap();
+        assert!(req.peers.iter().all(|p| p.remove));
+        assert_eq!(a.ctl.path(&b.key), None);
+    }
+
+    #[test]
+    fn stun_learns_and_reports_the_reflexive_address() {
+        let mut a = side(1);
+        let t0 = Instant::now();
+        let _ = a.ctl.set_local_addrs(vec![a.addr]);
+        let server: SocketAddr = "203.0.113.2:3478".parse().unwrap();
+        a.ctl.set_stun_server(t0, Some(server));
+        let out = a.ctl.tick(t0);
+        let req = out
+            .iter()
+            .find_map(|o| match o {
+                Out::Udp { to, bytes } if *to == server => Some(bytes.clone()),
+                _ => None,
+            })
+            .expect("a binding request");
+        let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
+        let resp = tunnel_relay::stun::answer(&req, seen).unwrap();
+        let out = a.ctl.on_stun(t0 + Duration::from_millis(5), &resp);
+        let rep = out
+            .iter()
+            .find_map(|o| match o {
+                Out::ReportEndpoints(c) => Some(c.clone()),
+                _ => None,
+            })
+            .expect("endpoints reported");
+        assert_eq!(rep.len(), 2);
+        assert_eq!(rep[1].addr, seen);
+        assert_eq!(rep[1].kind, CandidateKind::Reflexive);
+        // Next refresh is the slow one; a repeat answer reports nothing new.
+        assert!(a.ctl.poll_timeout().unwrap() >= t0 + STUN_REFRESH);
+    }
+}
