@@ -13,6 +13,7 @@ pub mod uapi;
 pub mod allowed_ips;
 pub mod device;
 pub mod dns;
+pub mod egress;
 pub mod filter;
 pub mod managed;
 pub mod netlink;

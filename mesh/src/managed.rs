@@ -92,6 +92,17 @@ impl Overlay {
         req
     }
 
+    /// Whether `other` has the same inbound rules and peer tags (what the
+    /// filter's decisions depend on).
+    pub fn same_rules(&self, other: &Overlay) -> bool {
+        self.filter == other.filter
+            && self.peers.len() == other.peers.len()
+            && self
+                .peers
+                .iter()
+                .all(|(k, p)| other.peers.get(k).is_some_and(|q| q.tags == p.tags))
+    }
+
     /// The peer that owns overlay address `ip`.
     pub fn peer_by_ip(&self, ip: IpAddr) -> Option<&Arc<coord::Peer>> {
         self.by_ip.get(&ip)

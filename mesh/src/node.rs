@@ -32,6 +32,7 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 
 use crate::config::WgConfig;
 use crate::device::{packet_destination, Device, Outgoing};
+use crate::egress::{CtlPacket, ManagedIo, Net};
 use crate::netlink::{installs_route, Link};
 use crate::peer::{Encap, DATA_OVERHEAD};
 use crate::uapi;
@@ -62,10 +63,48 @@ pub struct UpOptions {
     pub uapi_dir: PathBuf,
 }
 
+/// What the managed node's extra tasks get once the interface is up.
+#[derive(Clone)]
+pub struct Handles {
+    /// The device.
+    pub device: Arc<Device>,
+    /// The TUN device (writes need a zeroed virtio header in front).
+    pub tun: Arc<SyncDevice>,
+    /// The way out.
+    pub net: Arc<Net>,
+    /// The interface, for address and route changes.
+    pub link: Link,
+}
+
+/// A managed node's additions: its data-path parts and a task to start once
+/// the interface is up (the control loop; it runs until shutdown).
+pub struct ManagedParts {
+    /// Filter, control channel, relay slot.
+    pub io: Arc<ManagedIo>,
+    /// Started with the handles; an error stops the node.
+    pub start: StartTask,
+}
+
+/// The managed node's control task, started once the interface is up.
+pub type StartTask = Box<dyn FnOnce(Handles) -> ControlTask + Send>;
+/// The future of [`StartTask`].
+pub type ControlTask =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
 /// Runs a node until `shutdown` resolves, then removes what it created.
 pub async fn run(
     config: WgConfig,
     opts: UpOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(config, opts, None, shutdown).await
+}
+
+/// [`run`], optionally in managed mode.
+pub async fn run_with(
+    config: WgConfig,
+    opts: UpOptions,
+    managed: Option<ManagedParts>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let iface = opts.interface.clone();
@@ -117,6 +156,7 @@ pub async fn run(
         Arc::new(udp),
         device,
         uapi_listener,
+        managed,
         shutdown,
     )
     .await;
@@ -126,6 +166,7 @@ pub async fn run(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &WgConfig,
     link: &Link,
@@ -133,8 +174,17 @@ async fn serve(
     udp: Arc<UdpIo>,
     device: Arc<Device>,
     uapi_listener: uapi::Listener,
+    managed: Option<ManagedParts>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let (managed_io, managed_start) = match managed {
+        Some(m) => (Some(m.io), Some(m.start)),
+        None => (None, None),
+    };
+    let net = Arc::new(Net {
+        udp: udp.clone(),
+        managed: managed_io,
+    });
     let mtu = config.interface.mtu.unwrap_or(DEFAULT_MTU);
     link.set_mtu(mtu).await?;
     for addr in &config.interface.addresses {
@@ -172,10 +222,10 @@ async fn serve(
         ("tun-to-udp", tun_to_udp as DataPath),
         ("udp-to-tun", udp_to_tun as DataPath),
     ] {
-        let (device, tun, udp, stop, tx) = (
+        let (device, tun, net, stop, tx) = (
             device.clone(),
             tun.clone(),
-            udp.clone(),
+            net.clone(),
             stop.clone(),
             exited_tx.clone(),
         );
@@ -183,14 +233,22 @@ async fn serve(
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let r = f(&device, &tun, &udp, &stop, &outbound);
+                let r = f(&device, &tun, &net, &stop, &outbound);
                 let _ = tx.send(r.with_context(|| format!("data path {name}")));
             })
             .context("starting a data-path thread")?;
         threads.push(handle);
     }
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(timers(device.clone(), udp.clone()));
+    tasks.spawn(timers(device.clone(), net.clone()));
+    if let Some(start) = managed_start {
+        tasks.spawn(start(Handles {
+            device: device.clone(),
+            tun: tun.clone(),
+            net: net.clone(),
+            link: link.clone(),
+        }));
+    }
     tasks.spawn(uapi::serve(
         uapi_listener,
         device.clone(),
@@ -225,8 +283,7 @@ async fn serve(
 /// How long a data-path thread waits before re-checking the stop flag.
 const POLL_MS: i32 = 200;
 
-type DataPath =
-    fn(&Device, &SyncDevice, &UdpIo, &AtomicBool, &Mutex<Outbound>) -> anyhow::Result<()>;
+type DataPath = fn(&Device, &SyncDevice, &Net, &AtomicBool, &Mutex<Outbound>) -> anyhow::Result<()>;
 
 /// A run of equal-size encrypted datagrams to one endpoint, sent with one GSO call.
 struct GsoRun {
@@ -270,10 +327,10 @@ impl GsoRun {
         self.used += len;
     }
 
-    fn flush(&mut self, udp: &UdpIo, buf: &[u8]) {
+    fn flush(&mut self, device: &Device, net: &Net, buf: &[u8]) {
         if let Some(to) = self.to.filter(|_| self.count > 0) {
             let segment = (self.count > 1).then_some(self.segment);
-            if let Err(e) = udp.send(to, &buf[..self.used], segment) {
+            if let Err(e) = net.send(device, to, &buf[..self.used], segment) {
                 tracing::debug!(%to, error = %e, "send failed");
             }
         }
@@ -311,7 +368,9 @@ impl Outbound {
 
     /// Reads what the TUN device has queued (without waiting), encrypts it
     /// and sends it. Returns how many packets were read.
-    fn pump(&mut self, device: &Device, tun: &SyncDevice, udp: &UdpIo) -> anyhow::Result<usize> {
+    fn pump(&mut self, device: &Device, tun: &SyncDevice, net: &Net) -> anyhow::Result<usize> {
+        let udp = &*net.udp;
+        let filter = net.managed.as_ref().map(|m| &m.filter);
         let Outbound {
             original,
             bufs,
@@ -342,30 +401,33 @@ impl Outbound {
                 device.counters.tx_no_route.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if let Some(f) = filter {
+                f.outbound(packet);
+            }
             // Encrypted size: padded to 16, plus header and tag; at least 148 for a handshake.
             let need = size.div_ceil(16) * 16 + DATA_OVERHEAD;
             if run.used + need.max(148) > out.len() {
-                run.flush(udp, out);
+                run.flush(device, net, out);
             }
             let start = run.used;
             match device.encapsulate(peer, packet, &mut out[start..start + need.max(148)]) {
                 Some((to, Encap::Data(len))) => {
                     if !run.accepts(to, len, max_segments) {
-                        run.flush(udp, out);
+                        run.flush(device, net, out);
                         out.copy_within(start..start + len, 0);
                     }
                     run.push(to, len);
                 }
                 Some((to, Encap::Handshake(len))) => {
                     handshake[..len].copy_from_slice(&out[start..start + len]);
-                    if let Err(e) = udp.send(to, &handshake[..len], None) {
+                    if let Err(e) = net.send(device, to, &handshake[..len], None) {
                         tracing::debug!(%to, error = %e, "handshake send failed");
                     }
                 }
                 Some((_, Encap::Queued)) | None => {}
             }
         }
-        run.flush(udp, out);
+        run.flush(device, net, out);
         Ok(n)
     }
 }
@@ -373,14 +435,14 @@ impl Outbound {
 fn tun_to_udp(
     device: &Device,
     tun: &SyncDevice,
-    udp: &UdpIo,
+    net: &Net,
     stop: &AtomicBool,
     outbound: &Mutex<Outbound>,
 ) -> anyhow::Result<()> {
     let fd = tun.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
         if crate::udp::wait(fd, libc::POLLIN, POLL_MS).context("waiting on the TUN device")? {
-            outbound.lock().pump(device, tun, udp)?;
+            outbound.lock().pump(device, tun, net)?;
         }
     }
     Ok(())
@@ -389,7 +451,7 @@ fn tun_to_udp(
 fn udp_to_tun(
     device: &Device,
     tun: &SyncDevice,
-    udp: &UdpIo,
+    net: &Net,
     stop: &AtomicBool,
     outbound: &Mutex<Outbound>,
 ) -> anyhow::Result<()> {
@@ -399,6 +461,8 @@ fn udp_to_tun(
     let mut lens: Vec<usize> = Vec::new();
     let mut gro = GROTable::default();
     let mut outq: Vec<Outgoing> = Vec::new();
+    let udp = &*net.udp;
+    let managed = net.managed.as_deref();
     while !stop.load(Ordering::Relaxed) {
         let n = {
             let mut iovs = rbufs.each_mut().map(|b| IoSliceMut::new(b.as_mut_slice()));
@@ -419,6 +483,20 @@ fn udp_to_tun(
                     tunbufs.push(b);
                     lens.push(0);
                 }
+                if let Some(mio) = managed {
+                    // One socket carries WireGuard, STUN and disco.
+                    match crate::disco::classify(seg) {
+                        crate::disco::Kind::WireGuard => {}
+                        crate::disco::Kind::Stun | crate::disco::Kind::Disco => {
+                            let _ = mio.ctl.try_send(CtlPacket::Udp(m.addr, seg.to_vec()));
+                            continue;
+                        }
+                        crate::disco::Kind::Unknown => {
+                            device.counters.rx_invalid.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                }
                 let tb = &mut tunbufs[k];
                 if tb.len() < VIRTIO_NET_HDR_LEN + seg.len() {
                     tb.resize(VIRTIO_NET_HDR_LEN + seg.len(), 0);
@@ -430,6 +508,10 @@ fn udp_to_tun(
                     &mut tb[VIRTIO_NET_HDR_LEN..],
                     &mut outq,
                 ) {
+                    let pkt = &tb[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len];
+                    if managed.is_some_and(|mio| !mio.filter.inbound(pkt)) {
+                        continue;
+                    }
                     lens[k] = len;
                     k += 1;
                 }
@@ -448,11 +530,11 @@ fn udp_to_tun(
             // Send what the kernel answered during those writes, unless the
             // other thread is already at it.
             if let Some(mut ob) = outbound.try_lock() {
-                ob.pump(device, tun, udp)?;
+                ob.pump(device, tun, net)?;
             }
         }
         for o in outq.drain(..) {
-            if let Err(e) = udp.send(o.to, &o.bytes, None) {
+            if let Err(e) = net.send(device, o.to, &o.bytes, None) {
                 tracing::debug!(to = %o.to, error = %e, "send failed");
             }
         }
@@ -460,10 +542,10 @@ fn udp_to_tun(
     Ok(())
 }
 
-async fn timers(device: Arc<Device>, udp: Arc<UdpIo>) -> anyhow::Result<()> {
+async fn timers(device: Arc<Device>, net: Arc<Net>) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 256];
     for o in device.initiate_keepalive_peers(&mut buf) {
-        if let Err(e) = udp.try_send(o.to, &o.bytes) {
+        if let Err(e) = net.try_send(&device, o.to, &o.bytes) {
             tracing::debug!(to = %o.to, error = %e, "send failed");
         }
     }
@@ -477,7 +559,7 @@ async fn timers(device: Arc<Device>, udp: Arc<UdpIo>) -> anyhow::Result<()> {
             device.reset_rate_limiter();
         }
         for o in device.tick(&mut buf) {
-            if let Err(e) = udp.try_send(o.to, &o.bytes) {
+            if let Err(e) = net.try_send(&device, o.to, &o.bytes) {
                 tracing::debug!(to = %o.to, error = %e, "send failed");
             }
         }
