@@ -16,6 +16,7 @@ pub mod dns;
 pub mod egress;
 pub mod filter;
 pub mod managed;
+pub mod managed_node;
 pub mod netlink;
 pub mod node;
 pub mod path;

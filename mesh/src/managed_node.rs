@@ -1,0 +1,324 @@
+//! The managed node's I/O shell (`mesh up --token`): the control loop that
+//! feeds the [`Controller`] and applies what it says, the relay receive
+//! loop, MagicDNS, and the pool routes. The data-path threads are the same
+//! as a static node's (see `node`), with [`ManagedIo`] plugged in.
+//!
+//! The control session to the coordinator is behind [`Session`], so this
+//! loop does not care how the session reconnects; the data plane keeps its
+//! peers and paths while the session is down (only new peer-map changes
+//! wait for it).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ipnet::IpNet;
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tun_rs::VIRTIO_NET_HDR_LEN;
+use tunnel_relay::coord::{Candidate, PeerMap};
+use tunnel_relay::relay_path::RelayPath;
+
+use crate::control::{Controller, Out, Via};
+use crate::device::{relay_index, Outgoing};
+use crate::dns::Names;
+use crate::egress::{CtlPacket, ManagedIo};
+use crate::key::PublicKey;
+use crate::node::Handles;
+use crate::path::Path;
+
+/// The overlay's IPv4 pool (routed to the interface as a whole).
+pub const IPV4_POOL: &str = "100.64.0.0/10";
+/// The overlay's IPv6 prefix.
+pub const IPV6_POOL: &str = "fd7a:7765:6674::/48";
+/// Where MagicDNS answers on every node (the pool's first host, which the
+/// coordinator never assigns).
+pub const DNS_V4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 1));
+/// Overlay MTU: the IPv6 minimum, so a packet fits a relay datagram (QUIC
+/// over a 1500-byte path) and every direct path without fragmentation.
+pub const MTU: u16 = 1280;
+
+/// What the control loop needs from the coordinator session.
+pub trait Session: Send + 'static {
+    /// Waits for a change (peer map, relay connection); `false` when the
+    /// session ended for good (revoked, shutdown).
+    fn changed(&mut self) -> impl std::future::Future<Output = bool> + Send;
+    /// The current peer map.
+    fn peer_map(&self) -> PeerMap;
+    /// The relay path of the current connection (none while reconnecting).
+    fn relay_path(&self) -> Option<RelayPath>;
+    /// The relay's STUN address.
+    fn stun_addr(&self) -> Option<SocketAddr>;
+    /// Reports our direct-path candidates.
+    fn report_endpoints(&self, endpoints: Vec<Candidate>);
+}
+
+/// IP addresses of this host's interfaces that peers might reach directly:
+/// not loopback, not link-local, not the overlay's own.
+pub fn local_ips(skip_interface: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let pools: Vec<IpNet> = [IPV4_POOL, IPV6_POOL]
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a linked list we free below; we only read it.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name from getifaddrs.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        if name == skip_interface {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr of the family it states.
+        let ip = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    Some(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    Some(IpAddr::from(sa.sin6_addr.s6_addr))
+                }
+                _ => None,
+            }
+        };
+        let Some(ip) = ip else { continue };
+        let link_local = match ip {
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+            IpAddr::V4(v4) => v4.is_link_local(),
+        };
+        if ip.is_loopback() || link_local || pools.iter().any(|p| p.contains(&ip)) {
+            continue;
+        }
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+fn relay_key(k: &PublicKey) -> tunnel_relay::PublicKey {
+    tunnel_relay::PublicKey(*k.as_bytes())
+}
+
+/// Everything the control loop owns.
+pub struct ControlLoop<S: Session> {
+    /// The coordinator session.
+    pub session: S,
+    /// The state machine.
+    pub ctl: Controller,
+    /// Data-path parts.
+    pub io: Arc<ManagedIo>,
+    /// Disco/STUN datagrams from the data path.
+    pub rx: mpsc::Receiver<CtlPacket>,
+    /// The MagicDNS table.
+    pub names: Arc<RwLock<Names>>,
+    /// Interface name (skipped when listing local addresses).
+    pub interface: String,
+}
+
+impl<S: Session> ControlLoop<S> {
+    /// Runs until the session ends for good.
+    pub async fn run(mut self, h: Handles) -> anyhow::Result<()> {
+        for pool in [IPV4_POOL, IPV6_POOL] {
+            let net: IpNet = pool.parse().context("overlay pool")?;
+            h.link.add_route(net).await?;
+        }
+        let _dns = serve_dns(&h, self.names.clone()).await?;
+        let relay_task = tokio::spawn(relay_rx(h.clone(), self.io.clone()));
+        let port = h.device.listen_port;
+        let locals: Vec<SocketAddr> = local_ips(&self.interface)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect();
+        let outs = self.ctl.set_local_addrs(locals);
+        self.apply(&h, outs);
+        self.io.relay.set(self.session.relay_path());
+        let mut stun = self.session.stun_addr();
+        self.ctl.set_stun_server(Instant::now(), stun);
+        let outs = self
+            .ctl
+            .on_peer_map(Instant::now(), &self.session.peer_map());
+        self.apply(&h, outs);
+        let mut stats = tokio::time::interval(Duration::from_millis(200));
+        let mut last: std::collections::HashMap<PublicKey, (u64, u64)> = Default::default();
+        let result = loop {
+            let wake = self
+                .ctl
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                alive = self.session.changed() => {
+                    if !alive {
+                        break Ok(());
+                    }
+                    self.io.relay.set(self.session.relay_path());
+                    let s = self.session.stun_addr();
+                    if s != stun {
+                        stun = s;
+                        self.ctl.set_stun_server(Instant::now(), s);
+                    }
+                    let outs = self.ctl.on_peer_map(Instant::now(), &self.session.peer_map());
+                    self.apply(&h, outs);
+                }
+                Some(p) = self.rx.recv() => {
+                    let now = Instant::now();
+                    let outs = match p {
+                        CtlPacket::Udp(from, b) => match crate::disco::classify(&b) {
+                            crate::disco::Kind::Stun => self.ctl.on_stun(now, &b),
+                            _ => self.ctl.on_disco(now, Via::Udp(from), &b),
+                        },
+                        CtlPacket::Relay(k, b) => self.ctl.on_disco(now, Via::Relay(k), &b),
+                    };
+                    self.apply(&h, outs);
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let outs = self.ctl.tick(Instant::now());
+                    self.apply(&h, outs);
+                }
+                _ = stats.tick() => {
+                    // Liveness of direct paths from the data path's counters.
+                    let now = Instant::now();
+                    let info = h.device.info(std::time::SystemTime::now());
+                    let mut outs = Vec::new();
+                    for p in &info.peers {
+                        let prev = last.insert(p.public_key, (p.tx_bytes, p.rx_bytes)).unwrap_or((p.tx_bytes, p.rx_bytes));
+                        if p.tx_bytes > prev.0 {
+                            self.ctl.on_tx(now, &p.public_key);
+                        }
+                        if let Some(ep) = p.endpoint.filter(|e| relay_index(e).is_none()) {
+                            if p.rx_bytes > prev.1 {
+                                outs.extend(self.ctl.on_rx_direct(now, &p.public_key, ep));
+                            }
+                        }
+                    }
+                    self.apply(&h, outs);
+                }
+            }
+        };
+        relay_task.abort();
+        result
+    }
+
+    fn apply(&mut self, h: &Handles, outs: Vec<Out>) {
+        for o in outs {
+            match o {
+                Out::Udp { to, bytes } => {
+                    if let Err(e) = h.net.udp.try_send(to, &bytes) {
+                        tracing::debug!(%to, error = %e, "control send failed");
+                    }
+                }
+                Out::Relay { to, bytes } => {
+                    if let Some(rp) = self.io.relay.get() {
+                        let _ = rp.send(&relay_key(&to), &bytes);
+                    }
+                }
+                Out::Device(req) => {
+                    if let Err(e) = h.device.apply(req) {
+                        tracing::warn!(error = %e, "applying the peer map to the device failed");
+                    }
+                }
+                Out::Path { peer, path } => match path {
+                    Path::Relay => h.device.set_relay_path(&peer),
+                    Path::Direct(a) => h.device.set_endpoint(&peer, a),
+                },
+                Out::ReportEndpoints(c) => self.session.report_endpoints(c),
+                Out::Overlay(o) => {
+                    let mut names = self.names.write();
+                    let mut fresh = Names::new(names.domain()).unwrap_or_else(|_| names.clone());
+                    for (n, ips) in o.dns_entries() {
+                        if let Err(e) = fresh.set(&n, ips) {
+                            tracing::debug!(error = %e, "name not served by MagicDNS");
+                        }
+                    }
+                    *names = fresh;
+                    drop(names);
+                    self.io.filter.set_overlay(o);
+                }
+            }
+        }
+    }
+}
+
+/// Packets from the relay: disco to the control loop, WireGuard through the
+/// device to the TUN device (after the filter), replies back out.
+async fn relay_rx(h: Handles, io: Arc<ManagedIo>) {
+    let mut buf = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    let mut out: Vec<Outgoing> = Vec::new();
+    loop {
+        let Some(rp) = io.relay.get() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (from, bytes) = match rp.recv().await {
+            Ok(x) => x,
+            Err(_) => {
+                // The connection closed; the session installs the next one.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let peer = PublicKey::from_bytes(from.0);
+        match crate::disco::classify(&bytes) {
+            crate::disco::Kind::Disco => {
+                let _ = io.ctl.try_send(CtlPacket::Relay(peer, bytes.to_vec()));
+            }
+            crate::disco::Kind::WireGuard => {
+                let Some(src) = h.device.relay_source(&peer) else {
+                    continue;
+                };
+                let snap = h.device.snapshot();
+                buf[..VIRTIO_NET_HDR_LEN].fill(0);
+                let got = h.device.handle_datagram(
+                    &snap,
+                    src,
+                    &bytes,
+                    &mut buf[VIRTIO_NET_HDR_LEN..],
+                    &mut out,
+                );
+                if let Some(len) = got {
+                    let pkt = &buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len];
+                    if io.filter.inbound(pkt) {
+                        if let Err(e) = h.tun.send(&buf[..VIRTIO_NET_HDR_LEN + len]) {
+                            tracing::debug!(error = %e, "TUN write failed");
+                        }
+                    }
+                }
+                for o in out.drain(..) {
+                    let _ = h.net.try_send(&h.device, o.to, &o.bytes);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Serves MagicDNS on [`DNS_V4`]:53 (the address is added to the interface),
+/// forwarding other names to the resolvers in /etc/resolv.conf.
+pub async fn serve_dns(
+    h: &Handles,
+    names: Arc<RwLock<Names>>,
+) -> anyhow::Result<hickory_server::Server<crate::dns::MagicDns>> {
+    h.link.add_address(IpNet::from(DNS_V4)).await?;
+    let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let upstreams = crate::dns::upstreams_from_resolv_conf(&conf, &[DNS_V4]);
+    let (server, _) = crate::dns::MagicDns::new(names, upstreams)
+        .serve(SocketAddr::new(DNS_V4, 53))
+        .await
+        .context("MagicDNS on 100.64.0.1:53")?;
+    Ok(server)
+}
