@@ -110,7 +110,8 @@ impl Overlay {
 
     /// Whether a *new* inbound flow from overlay address `src` of `proto`
     /// to our `dst_port` is allowed (replies are the conntrack's business).
-    /// Unknown sources are refused.
+    /// Unknown sources are refused. ICMP (ping) is allowed from a peer that
+    /// may open anything on this node.
     pub fn allows_new(&self, src: IpAddr, proto: Proto, dst_port: u16) -> bool {
         let Some(peer) = self.by_ip.get(&src) else {
             return false;
@@ -118,7 +119,15 @@ impl Overlay {
         let p = match proto {
             Proto::Tcp => coord::Proto::Tcp,
             Proto::Udp => coord::Proto::Udp,
-            Proto::Icmp => coord::Proto::Icmp,
+            // Ping: from any peer that may open something here at all (an
+            // engineer expects `ping gpu1` to answer when ssh would work).
+            Proto::Icmp => {
+                return self
+                    .filter
+                    .rules
+                    .iter()
+                    .any(|r| r.from == "*" || peer.tags.contains(&r.from))
+            }
             // Other protocols only under an `any` rule without ports.
             Proto::Other(_) => {
                 return self.filter.rules.iter().any(|r| {
@@ -249,6 +258,7 @@ mod tests {
         assert!(o.allows_new(IpAddr::V6(eng.ipv6), Proto::Tcp, coord::AGENT_API_PORT));
         assert!(!o.allows_new(from_eng, Proto::Tcp, 80));
         assert!(!o.allows_new(from_eng, Proto::Udp, 22));
+        assert!(o.allows_new(from_eng, Proto::Icmp, 0));
         assert!(!o.allows_new(from_eng, Proto::Other(47), 0));
         // An address no peer owns.
         assert!(!o.allows_new("100.64.0.99".parse().unwrap(), Proto::Tcp, 22));
