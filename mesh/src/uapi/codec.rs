@@ -356,11 +356,9 @@ pub fn format_get_response(info: &DeviceInfo) -> String {
             None => put(format_args!("preshared_key={ZERO_KEY_HEX}\n")),
         }
         put(format_args!("protocol_version=1\n"));
-        // The relay path's synthetic endpoint is not an address `wg` could use.
-        if let Some(ep) = p
-            .endpoint
-            .filter(|e| crate::device::relay_index(e).is_none())
-        {
+        // The relay path shows as its synthetic endpoint ([100::INDEX]:0, in the
+        // discard-only prefix); `mesh status` prints it as "relay".
+        if let Some(ep) = p.endpoint {
             put(format_args!("endpoint={ep}\n"));
         }
         let hs = p.last_handshake.unwrap_or_default();
