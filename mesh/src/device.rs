@@ -249,6 +249,11 @@ impl Device {
         self.snapshot().by_index.get(&i).map(|p| p.public_key)
     }
 
+    /// Where the last authenticated packet of `key` came from.
+    pub fn last_source(&self, key: &PublicKey) -> Option<SocketAddr> {
+        self.snapshot().peer(key).and_then(|p| p.lock().last_src)
+    }
+
     /// Sets a peer's endpoint (from the config's resolved Endpoint, or `wg set`).
     pub fn set_endpoint(&self, key: &PublicKey, endpoint: SocketAddr) {
         if let Some(p) = self.snapshot().peer(key) {
@@ -483,11 +488,13 @@ impl Device {
                     self.counters.rx_bad_source.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
+                st.last_src = Some(src);
                 self.roam(&mut st.endpoint, src, &peer);
                 Some(len)
             }
             Decap::Network(len) => {
                 if datagram.first() != Some(&3) {
+                    st.last_src = Some(src);
                     self.roam(&mut st.endpoint, src, &peer);
                 }
                 let to = st.endpoint.unwrap_or(src);
@@ -506,6 +513,7 @@ impl Device {
             }
             Decap::Done => {
                 if datagram.first() == Some(&4) {
+                    st.last_src = Some(src);
                     self.roam(&mut st.endpoint, src, &peer); // authenticated keepalive
                 }
                 None

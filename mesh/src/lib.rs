@@ -15,6 +15,7 @@ pub mod device;
 pub mod dns;
 pub mod egress;
 pub mod filter;
+pub mod join;
 pub mod managed;
 pub mod managed_node;
 pub mod netlink;

@@ -20,12 +20,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the node in the foreground from a wg-quick config file.
+    /// Run the node in the foreground: from a wg-quick config file
+    /// (`--wg-config`), or joined to the mesh through a relay (`--state-dir`,
+    /// with `--token` on the first run).
     Up {
         /// wg-quick format config ([Interface] and [Peer] sections).
-        #[arg(long, env = "WEFT_WG_CONFIG")]
-        wg_config: PathBuf,
-        /// Interface name (default: the config file's stem, as wg-quick does).
+        #[arg(long, env = "WEFT_WG_CONFIG", conflicts_with_all = ["token", "state_dir", "name"])]
+        wg_config: Option<PathBuf>,
+        /// Managed mode: the node's identity and relay state (created if missing).
+        #[arg(long, env = "WEFT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Managed mode: join token from `tunnel-relay token create` (first run only).
+        #[arg(long, env = "WEFT_TOKEN", requires = "state_dir")]
+        token: Option<String>,
+        /// Managed mode: node name (default: the host name).
+        #[arg(long, requires = "state_dir")]
+        name: Option<String>,
+        /// Managed mode: WireGuard UDP port (default: random).
+        #[arg(long, requires = "state_dir")]
+        listen_port: Option<u16>,
+        /// Interface name (default: the config file's stem, as wg-quick does;
+        /// `weft0` in managed mode).
         #[arg(long, env = "WEFT_INTERFACE")]
         interface: Option<String>,
         /// Directory of UAPI sockets, where `wg` looks for them.
@@ -76,9 +91,46 @@ fn init_logging() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up {
-            wg_config,
+            wg_config: None,
+            state_dir: Some(state_dir),
+            token,
+            name,
+            listen_port,
             interface,
             uapi_dir,
+        } => {
+            let token = token
+                .map(|t| tunnel_relay::Token::parse(t.trim()))
+                .transpose()
+                .context("--token")?;
+            init_logging();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(mesh::join::run(
+                mesh::join::JoinOptions {
+                    state_dir,
+                    token,
+                    name,
+                    up: UpOptions {
+                        interface: interface.unwrap_or_else(|| "weft0".to_string()),
+                        uapi_dir,
+                    },
+                    listen_port,
+                },
+                shutdown_signal(),
+            ))
+        }
+        Command::Up {
+            wg_config: None, ..
+        } => anyhow::bail!("mesh up needs --wg-config FILE, or --state-dir DIR (with --token TOKEN on the first run)"),
+        Command::Up {
+            wg_config: Some(wg_config),
+            interface,
+            uapi_dir,
+            ..
         } => {
             let config = mesh::config::load(&wg_config)?;
             let interface = match interface {

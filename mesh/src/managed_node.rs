@@ -155,6 +155,8 @@ impl<S: Session> ControlLoop<S> {
             .on_peer_map(Instant::now(), &self.session.peer_map());
         self.apply(&h, outs);
         let mut stats = tokio::time::interval(Duration::from_millis(200));
+        let mut ticks: u64 = 0;
+        let mut local_now = local_ips(&self.interface);
         let mut last: std::collections::HashMap<PublicKey, (u64, u64)> = Default::default();
         let result = loop {
             let wake = self
@@ -193,6 +195,20 @@ impl<S: Session> ControlLoop<S> {
                 _ = stats.tick() => {
                     // Liveness of direct paths from the data path's counters.
                     let now = Instant::now();
+                    ticks += 1;
+                    if ticks % 10 == 0 {
+                        // Every 2 s: did this host move to another network?
+                        let ips = local_ips(&self.interface);
+                        if ips != local_now {
+                            tracing::info!(from = ?local_now, to = ?ips, "local addresses changed");
+                            local_now = ips;
+                            let locals = local_now.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+                            let outs = self.ctl.set_local_addrs(locals);
+                            self.apply(&h, outs);
+                            // Learn the new reflexive address now.
+                            self.ctl.set_stun_server(now, stun);
+                        }
+                    }
                     let info = h.device.info(std::time::SystemTime::now());
                     let mut outs = Vec::new();
                     for p in &info.peers {
@@ -200,9 +216,13 @@ impl<S: Session> ControlLoop<S> {
                         if p.tx_bytes > prev.0 {
                             self.ctl.on_tx(now, &p.public_key);
                         }
-                        if let Some(ep) = p.endpoint.filter(|e| relay_index(e).is_none()) {
+                        // Where the peer's packets really come from: a
+                        // direct source other than the current path (the
+                        // peer moved) gets pinged and can take over.
+                        let src = h.device.last_source(&p.public_key);
+                        if let Some(src) = src.filter(|e| relay_index(e).is_none()) {
                             if p.rx_bytes > prev.1 {
-                                outs.extend(self.ctl.on_rx_direct(now, &p.public_key, ep));
+                                outs.extend(self.ctl.on_rx_direct(now, &p.public_key, src));
                             }
                         }
                     }

@@ -32,6 +32,9 @@ pub struct Peer {
 pub struct PeerState {
     tunn: Tunn,
     pub endpoint: Option<SocketAddr>,
+    /// Source of the last authenticated packet (also when roaming is off:
+    /// path selection reads it to notice a peer that moved).
+    pub last_src: Option<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
     pub preshared_key: Option<PresharedKey>,
     pub keepalive: Option<u16>,
@@ -85,6 +88,7 @@ impl Peer {
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint: None,
+                last_src: None,
                 allowed_ips: Vec::new(),
                 preshared_key,
                 keepalive,

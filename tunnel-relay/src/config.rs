@@ -33,13 +33,35 @@
 //! from = "engineer"    # tag of the node opening the tunnel
 //! to = "worker"        # tag of the node exposing the service
 //! services = ["*"]     # service names, "*" = all (default)
+//!
+//! # The mesh coordinator (nodes that open a mesh control stream).
+//! [mesh]
+//! ipv4_pool = "100.64.0.0/10"          # overlay IPv4 addresses (default)
+//! ipv6_prefix = "fd7a:7765:6674::/48"  # overlay IPv6 ULA prefix (default)
+//! delta_log_len = 64                   # peer-map deltas kept per node for resync (default)
+//!
+//! # The mesh ACL: who may start flows to whom, by tags, protocol and port.
+//! # It decides peer visibility (a node learns a peer only if one of them may
+//! # start a flow to the other), the filter each node enforces on receive, and
+//! # which relay-path datagrams the relay forwards. Default: exactly this rule.
+//! [[mesh.acl.rule]]
+//! from = "engineer"    # one tag or a list; "*" = any node
+//! to = "worker"
+//! proto = "tcp"        # tcp | udp | icmp | any (default any)
+//! ports = [22, 7070]   # numbers or "lo-hi" strings (default: all)
 //! ```
+//!
+//! `policy` authorizes relay *tunnel streams* by service name (`Open`);
+//! `mesh.acl` authorizes *mesh traffic* by protocol and port, including
+//! WireGuard packets relayed as datagrams. Both defaults let engineers reach
+//! workers and nothing else.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::coord::CoordConfig;
 use crate::error::ConfigError;
 
 /// The relay configuration.
@@ -59,8 +81,11 @@ pub struct RelayConfig {
     pub tls: TlsFiles,
     /// Limits.
     pub limits: Limits,
-    /// Authorization policy.
+    /// Authorization policy of tunnel streams.
     pub policy: Policy,
+    /// The mesh coordinator: overlay pools, delta log, ACL. Default:
+    /// [`CoordConfig::default`].
+    pub mesh: CoordConfig,
 }
 
 impl Default for RelayConfig {
@@ -73,6 +98,7 @@ impl Default for RelayConfig {
             tls: TlsFiles::default(),
             limits: Limits::default(),
             policy: Policy::default(),
+            mesh: CoordConfig::default(),
         }
     }
 }
@@ -224,6 +250,12 @@ impl RelayConfig {
                 "tls.cert_file and tls.key_file must be given together",
             ));
         }
+        cfg.mesh
+            .validate("[mesh.acl]")
+            .map_err(|e| ConfigError::Invalid {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
         Ok(cfg)
     }
 
@@ -352,6 +384,45 @@ mod tests {
         let c = RelayConfig::load(&p).expect("load");
         assert_eq!(c.tls.cert_file, Some(dir.path().join("c.pem")));
         assert_eq!(c.tls.key_file, Some("/abs/k.pem".into()));
+    }
+
+    #[test]
+    fn mesh_section_parses_and_is_validated() {
+        use crate::coord::Proto;
+        let c = RelayConfig::parse(
+            "[mesh]\nipv4_pool = \"100.100.0.0/16\"\n[[mesh.acl.rule]]\nfrom = \"ops\"\nto = \"*\"\nproto = \"icmp\"\n",
+            "relay.toml",
+        )
+        .expect("parse");
+        assert_eq!(c.mesh.ipv4_pool.to_string(), "100.100.0.0/16");
+        assert_eq!(c.mesh.delta_log_len, 64);
+        assert_eq!(c.mesh.acl.rules.len(), 1);
+        assert_eq!(c.mesh.acl.rules[0].proto, Proto::Icmp);
+        // Listing rules replaces the default: engineers no longer see workers.
+        assert!(!c
+            .mesh
+            .acl
+            .may_talk(&tags(&["engineer"]), &tags(&["worker"])));
+        for (text, want) in [
+            ("[mesh]\npool = 1\n", "unknown field"),
+            (
+                "[[mesh.acl.rule]]\nfrom = \"Bad Tag\"\nto = \"x\"\n",
+                "rule 1: tag",
+            ),
+            (
+                "[[mesh.acl.rule]]\nfrom = \"a\"\nto = \"b\"\nproto = \"icmp\"\nports = [1]\n",
+                "icmp has no ports",
+            ),
+        ] {
+            let msg = RelayConfig::parse(text, "relay.toml")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                msg.contains("relay.toml") && msg.contains(want),
+                "{text:?}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -137,6 +137,12 @@ pub enum RelayError {
     /// TLS configuration.
     #[error("tls: {0}")]
     Tls(String),
+    /// The persisted mesh records do not fit the `[mesh]` configuration.
+    #[error("mesh node records in registry.sqlite do not fit the [mesh] config: {source}; restore the previous [mesh] pools, or delete the mesh_nodes table to renumber every node")]
+    MeshRestore {
+        /// What the coordinator refused.
+        source: crate::coord::CoordError,
+    },
 }
 
 /// Errors of the client side (login, expose, connect, forward).

@@ -72,8 +72,10 @@ impl StaticKey {
         self.public
     }
 
-    /// The private bytes, for the Noise handshake only.
-    pub(crate) fn private_bytes(&self) -> &[u8; 32] {
+    /// The private bytes: for the Noise handshake, and for the mesh node,
+    /// whose WireGuard and disco key is this same identity (one key per node,
+    /// so the coordinator's node key is the WireGuard peer key).
+    pub fn private_bytes(&self) -> &[u8; 32] {
         &self.private
     }
 

@@ -6,8 +6,12 @@
 //! by tags, and splices the engineer's stream onto a stream it opens to the
 //! worker, which connects it to a local service (sshd).
 //!
+//! The relay also hosts the mesh coordinator ([`coord`], wired in
+//! `server/mesh.rs`); [`mesh_client`] is the node's side of that session.
+//!
 //! Pure parts: [`wire`] (codec), [`admission`] (token checks, rate limits),
-//! [`config`] (policy). Shells: [`server`], [`client`], [`registry`] (SQLite).
+//! [`config`] (policy), [`coord`] (coordinator core), [`routes`]. Shells:
+//! [`server`], [`client`], [`mesh_client`], [`registry`] (SQLite).
 
 pub mod admission;
 pub mod client;
@@ -15,6 +19,7 @@ pub mod config;
 pub mod coord;
 pub mod error;
 pub mod keys;
+pub mod mesh_client;
 pub mod metrics;
 pub mod noise;
 pub mod registry;
@@ -32,6 +37,7 @@ pub use client::{ClientState, ExposeOptions, Session};
 pub use config::RelayConfig;
 pub use error::{ClientError, RelayError, StateError};
 pub use keys::{PublicKey, StaticKey};
+pub use mesh_client::{MeshEvent, MeshLink, MeshOptions, MeshSession};
 pub use server::{Relay, ServeOptions};
 pub use token::Token;
 pub use wire::{Reason, Rejection};

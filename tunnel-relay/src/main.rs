@@ -481,15 +481,17 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
                 println!(
-                    "{:<24} {:<16} {:<46} {:<12} REVOKED",
-                    "NAME", "TAGS", "KEY", "LAST SEEN"
+                    "{:<24} {:<16} {:<46} {:<16} {:<12} REVOKED",
+                    "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN"
                 );
                 for n in nodes {
                     println!(
-                        "{:<24} {:<16} {:<46} {:<12} {}",
+                        "{:<24} {:<16} {:<46} {:<16} {:<12} {}",
                         n.name,
                         n.tags.join(","),
                         n.key,
+                        n.mesh_ipv4
+                            .map_or_else(|| "-".to_string(), |a| a.to_string()),
                         format!("{}s ago", unix_now().saturating_sub(n.last_seen)),
                         n.revoked
                     );
@@ -498,7 +500,7 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
         }
         NodesCmd::Revoke { state_dir, name } => {
             Registry::open(&state_dir)?.revoke_node(&name)?;
-            println!("revoked node {name}; it is refused from its next connection or tunnel on");
+            println!("revoked node {name}: its connections close within a second, it leaves every mesh peer map, and it is refused from then on");
         }
     }
     Ok(())

@@ -13,6 +13,14 @@
 //!   connected, not allowed by policy, or too large for the peer's path.
 //! - `weft_relay_stun_answered_total`, `weft_relay_stun_dropped_total`
 //!   (counters): STUN binding requests answered / datagrams ignored.
+//! - `weft_relay_mesh_nodes` (gauge): nodes registered in the mesh
+//!   coordinator (online or not); `weft_relay_mesh_sessions` (gauge): mesh
+//!   control sessions open now.
+//! - `weft_relay_mesh_sessions_dropped_total` (counter): control sessions
+//!   dropped because the node read too slowly (it reconnects and resyncs).
+//! - `weft_relay_mesh_call_me_maybe_total{result="forwarded"|"offline"|"refused"}`
+//!   (counter): call-me-maybe requests, by outcome (refused = the ACL does
+//!   not let the two nodes talk, or no such peer).
 //! - `weft_relay_handshake_failures_total{cause="timeout"|"error"}` (counter):
 //!   connections that never finished QUIC + Noise admission (no reason could
 //!   be sent: scanners, wrong keys, dead links).
@@ -57,6 +65,13 @@ pub struct Metrics {
     pub handshake_timeouts: Counter,
     /// Admissions that failed (QUIC/TLS/Noise error, wrong relay key).
     pub handshake_errors: Counter,
+    /// Nodes in the mesh coordinator.
+    pub mesh_nodes: Gauge,
+    /// Mesh control sessions open now.
+    pub mesh_sessions: Gauge,
+    /// Mesh control sessions dropped as too slow.
+    pub mesh_sessions_dropped: Counter,
+    call_me_maybe: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
 }
 
@@ -144,6 +159,30 @@ impl Metrics {
             "New connections refused by the per-IP rate limit",
             rate_limited.clone(),
         );
+        let mesh_nodes = Gauge::default();
+        let mesh_sessions = Gauge::default();
+        let mesh_sessions_dropped = Counter::default();
+        let call_me_maybe: Family<Labels, Counter> = Family::default();
+        registry.register(
+            "mesh_nodes",
+            "Nodes registered in the mesh coordinator",
+            mesh_nodes.clone(),
+        );
+        registry.register(
+            "mesh_sessions",
+            "Mesh control sessions open now",
+            mesh_sessions.clone(),
+        );
+        registry.register(
+            "mesh_sessions_dropped",
+            "Mesh control sessions dropped because the node read too slowly",
+            mesh_sessions_dropped.clone(),
+        );
+        registry.register(
+            "mesh_call_me_maybe",
+            "Call-me-maybe requests by outcome",
+            call_me_maybe.clone(),
+        );
         let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
         let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
         let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
@@ -161,8 +200,19 @@ impl Metrics {
             datagrams_dropped,
             stun_answered,
             stun_dropped,
+            mesh_nodes,
+            mesh_sessions,
+            mesh_sessions_dropped,
+            call_me_maybe,
             refusals,
         }
+    }
+
+    /// Counts one call-me-maybe by outcome.
+    pub fn mesh_call_me_maybe(&self, result: &str) {
+        self.call_me_maybe
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .inc();
     }
 
     /// Counts one refusal.

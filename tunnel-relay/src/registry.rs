@@ -1,13 +1,20 @@
 //! The node and token registry: SQLite in the state directory (WAL mode, so
 //! the operator's `token`/`nodes` commands work while `serve` runs).
+//!
+//! Tables: `nodes` (admitted identities: key, name, tags from the token,
+//! revoked), `tokens` (hashes only), and `mesh_nodes`: the coordinator's
+//! [`crate::coord::NodeRecord`] of every mesh node (overlay addresses, last
+//! endpoints) as JSON, one row per node id, so a restarted relay gives every
+//! node the same addresses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::admission::{check_token, TokenState};
+use crate::coord::{self, NodeId};
 use crate::error::StateError;
 use crate::keys::PublicKey;
 use crate::secret::Secret;
@@ -36,6 +43,10 @@ pub struct NodeRecord {
     pub last_seen: u64,
     /// Revoked by the operator.
     pub revoked: bool,
+    /// Overlay IPv4 address, if the node joined the mesh.
+    pub mesh_ipv4: Option<std::net::Ipv4Addr>,
+    /// Overlay IPv6 address, if the node joined the mesh.
+    pub mesh_ipv6: Option<std::net::Ipv6Addr>,
 }
 
 /// A token as listed (never the secret).
@@ -58,6 +69,16 @@ pub struct TokenRecord {
 /// The registry database.
 pub struct Registry {
     db: Connection,
+    path: PathBuf,
+}
+
+/// One change to the persisted mesh records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshWrite {
+    /// Insert or replace this node's record.
+    Upsert(coord::NodeRecord),
+    /// Forget this node (removed from the mesh).
+    Delete(NodeId),
 }
 
 impl std::fmt::Debug for Registry {
@@ -102,6 +123,11 @@ impl Registry {
                 revoked INTEGER NOT NULL DEFAULT 0,
                 token_id TEXT
              );
+             CREATE TABLE IF NOT EXISTS mesh_nodes (
+                id INTEGER PRIMARY KEY,
+                key BLOB NOT NULL UNIQUE,
+                record TEXT NOT NULL
+             );
              CREATE TABLE IF NOT EXISTS tokens (
                 id TEXT PRIMARY KEY,
                 hash BLOB NOT NULL UNIQUE,
@@ -112,7 +138,57 @@ impl Registry {
                 revoked INTEGER NOT NULL DEFAULT 0
              );",
         )?;
-        Ok(Registry { db })
+        Ok(Registry { db, path })
+    }
+
+    /// Every persisted mesh node record, by id.
+    pub fn mesh_records(&self) -> Result<Vec<coord::NodeRecord>, StateError> {
+        let mut st = self
+            .db
+            .prepare("SELECT id, record FROM mesh_nodes ORDER BY id")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, text) = row?;
+            let rec: coord::NodeRecord =
+                serde_json::from_str(&text).map_err(|e| StateError::BadFile {
+                    path: self.path.clone(),
+                    msg: format!("mesh_nodes row {id}: {e}"),
+                })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Applies mesh record changes in order, in one transaction.
+    pub fn save_mesh(&mut self, writes: &[MeshWrite]) -> Result<(), StateError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for w in writes {
+            match w {
+                MeshWrite::Upsert(rec) => {
+                    let text = serde_json::to_string(rec).map_err(|e| StateError::BadFile {
+                        path: self.path.clone(),
+                        msg: format!("mesh record of {}: {e}", rec.name),
+                    })?;
+                    // The key is unique: a row of an older id for it goes.
+                    tx.execute(
+                        "DELETE FROM mesh_nodes WHERE key = ?1 AND id != ?2",
+                        params![&rec.key.0[..], rec.id.0 as i64],
+                    )?;
+                    tx.execute(
+                        "INSERT OR REPLACE INTO mesh_nodes (id, key, record) VALUES (?1, ?2, ?3)",
+                        params![rec.id.0 as i64, &rec.key.0[..], text],
+                    )?;
+                }
+                MeshWrite::Delete(id) => {
+                    tx.execute("DELETE FROM mesh_nodes WHERE id = ?1", params![id.0 as i64])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Stores a new token's hash; returns the secret (shown once) and its id.
@@ -196,9 +272,23 @@ impl Registry {
                 first_seen: r.get::<_, i64>(3)?.max(0) as u64,
                 last_seen: r.get::<_, i64>(4)?.max(0) as u64,
                 revoked: r.get::<_, i64>(5)? != 0,
+                mesh_ipv4: None,
+                mesh_ipv6: None,
             })
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut nodes: Vec<NodeRecord> = rows.collect::<Result<_, _>>()?;
+        let mesh: std::collections::HashMap<String, coord::NodeRecord> = self
+            .mesh_records()?
+            .into_iter()
+            .map(|m| (m.key.to_base64(), m))
+            .collect();
+        for n in &mut nodes {
+            if let Some(m) = mesh.get(&n.key) {
+                n.mesh_ipv4 = Some(m.ipv4);
+                n.mesh_ipv6 = Some(m.ipv6);
+            }
+        }
+        Ok(nodes)
     }
 
     /// Revokes a node by name.
@@ -267,7 +357,9 @@ impl Registry {
         secret: Option<&Secret>,
         now: u64,
     ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
-        let tx = self.db.transaction()?;
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let known: Option<(String, String, i64)> = tx
             .query_row(
                 "SELECT name, tags, revoked FROM nodes WHERE key = ?1",
@@ -456,6 +548,43 @@ mod tests {
         let nodes = r.list_nodes().unwrap_or_default();
         assert_eq!(nodes.len(), 2);
         assert!(nodes.iter().all(|n| !n.key.is_empty()));
+    }
+
+    #[test]
+    fn mesh_records_survive_reopen_and_follow_writes() {
+        use crate::coord::{Candidate, CandidateKind};
+        let (d, mut r) = reg();
+        let rec = |id: u64, k: &StaticKey, name: &str| coord::NodeRecord {
+            id: NodeId(id),
+            key: k.public(),
+            name: name.into(),
+            tags: vec!["worker".into()],
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, id as u8 + 1),
+            ipv6: "fd7a:7765:6674::1"
+                .parse()
+                .unwrap_or(std::net::Ipv6Addr::LOCALHOST),
+            endpoints: vec![Candidate {
+                addr: "192.0.2.1:51820"
+                    .parse()
+                    .unwrap_or(([0, 0, 0, 0], 1).into()),
+                kind: CandidateKind::Local,
+            }],
+        };
+        let (a, b) = (StaticKey::generate(), StaticKey::generate());
+        let (ra, rb) = (rec(1, &a, "a"), rec(2, &b, "b"));
+        assert!(r
+            .save_mesh(&[MeshWrite::Upsert(ra.clone()), MeshWrite::Upsert(rb.clone())])
+            .is_ok());
+        let mut ra2 = ra.clone();
+        ra2.endpoints.clear();
+        assert!(r
+            .save_mesh(&[MeshWrite::Upsert(ra2.clone()), MeshWrite::Delete(NodeId(2))])
+            .is_ok());
+        drop(r);
+        let Ok(r) = Registry::open(d.path()) else {
+            panic!("reopen")
+        };
+        assert_eq!(r.mesh_records().ok(), Some(vec![ra2]));
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! in the tests below).
 //!
 //! It also routes relayed WireGuard datagrams (issue 5's relay path): a node
-//! addresses a peer by key, the relay forwards to that key's newest
-//! connection if the policy lets the two talk ([`Routes::datagram_route`]).
+//! addresses a peer by key, the relay forwards to that key's mesh connection
+//! (the one holding its coordinator session; else its newest connection) if
+//! the mesh ACL lets the two talk ([`Routes::datagram_route`]).
 //!
 //! Invariants: a worker name maps to at most one connection (a newer
 //! connection of the same name replaces the older, which the shell closes);
@@ -18,6 +19,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::config::Policy;
+use crate::coord::AclPolicy;
 use crate::keys::PublicKey;
 use crate::wire::{Reason, Rejection, Target};
 
@@ -66,6 +68,9 @@ pub struct Routes<C> {
     nodes: HashMap<u64, (PublicKey, C)>,
     /// Newest connection of each key, with its tags (datagram routing).
     by_key: HashMap<PublicKey, (u64, C, Vec<String>)>,
+    /// The connection holding each key's mesh (coordinator) session, with
+    /// the node's tags (it outlives a newer connection of the same key).
+    mesh: HashMap<PublicKey, (u64, C, Vec<String>)>,
     streams: HashMap<PublicKey, u32>,
     max_streams: u32,
 }
@@ -77,6 +82,7 @@ impl<C: Clone> Routes<C> {
             workers: HashMap::new(),
             nodes: HashMap::new(),
             by_key: HashMap::new(),
+            mesh: HashMap::new(),
             streams: HashMap::new(),
             max_streams,
         }
@@ -105,23 +111,37 @@ impl<C: Clone> Routes<C> {
             if self.by_key.get(&key).is_some_and(|(i, _, _)| *i == id) {
                 self.by_key.remove(&key);
             }
+            if self.mesh.get(&key).is_some_and(|(i, _, _)| *i == id) {
+                self.mesh.remove(&key);
+            }
         }
         if self.workers.get(name).is_some_and(|w| w.id == id) {
             self.workers.remove(name);
         }
     }
 
+    /// Marks connection `id` as the one holding its node's mesh session:
+    /// relay-path datagrams for the node go there from now on (a worker may
+    /// keep a tunnel connection and a mesh connection under one key).
+    /// Ignored if `id` is not connected.
+    pub fn set_mesh_conn(&mut self, id: u64, tags: Vec<String>) {
+        if let Some((key, conn)) = self.nodes.get(&id) {
+            self.mesh.insert(*key, (id, conn.clone(), tags));
+        }
+    }
+
     /// Where a datagram from `src_tags` to the node with key `dst` goes: its
-    /// newest connection, if connected and the policy lets the two talk
-    /// (either may open something on the other: replies flow both ways).
+    /// mesh connection (else its newest), if connected and the mesh ACL lets
+    /// the two talk (either may start a flow to the other: replies flow both
+    /// ways), exactly the pairs that see each other in their peer maps.
     pub fn datagram_route(
         &self,
         src_tags: &[String],
         dst: &PublicKey,
-        policy: &Policy,
+        acl: &AclPolicy,
     ) -> Option<C> {
-        let (_, conn, dst_tags) = self.by_key.get(dst)?;
-        policy.may_talk(src_tags, dst_tags).then(|| conn.clone())
+        let (_, conn, dst_tags) = self.mesh.get(dst).or_else(|| self.by_key.get(dst))?;
+        acl.may_talk(src_tags, dst_tags).then(|| conn.clone())
     }
 
     /// Connected nodes.
@@ -414,7 +434,7 @@ mod tests {
     #[test]
     fn datagrams_follow_policy_both_ways_and_the_newest_connection() {
         let mut f = fixture(8);
-        let p = Policy::default();
+        let p = AclPolicy::default();
         let (eng, w1) = (f.eng, f.w1);
         let worker = tags(&["worker"]);
         assert_eq!(
@@ -436,6 +456,51 @@ mod tests {
         );
         f.routes.disconnect(6, "w1");
         assert_eq!(f.routes.datagram_route(&f.eng_tags, &w1, &p), None);
+    }
+
+    #[test]
+    fn datagrams_prefer_the_mesh_connection_of_a_key() {
+        let mut f = fixture(8);
+        let p = AclPolicy::default();
+        let worker = tags(&["worker"]);
+        // w1's tunnel connection is 2; its mesh session runs on 7, then a
+        // newer tunnel connection 8 appears: datagrams stay on 7.
+        f.routes.connect(7, f.w1, "w1-mesh", worker.clone(), None);
+        f.routes.set_mesh_conn(7, worker.clone());
+        f.routes
+            .connect(8, f.w1, "w1-tunnel-2", worker.clone(), None);
+        assert_eq!(
+            f.routes.datagram_route(&f.eng_tags, &f.w1, &p),
+            Some("w1-mesh")
+        );
+        // The mesh connection goes: back to the newest.
+        f.routes.disconnect(7, "w1");
+        assert_eq!(
+            f.routes.datagram_route(&f.eng_tags, &f.w1, &p),
+            Some("w1-tunnel-2")
+        );
+        // The mesh session moves to 8; a newer connection that comes and
+        // goes does not take the mesh route along.
+        f.routes.set_mesh_conn(8, worker.clone());
+        f.routes
+            .connect(9, f.w1, "w1-tunnel-3", worker.clone(), None);
+        f.routes.disconnect(9, "w1");
+        assert_eq!(
+            f.routes.datagram_route(&f.eng_tags, &f.w1, &p),
+            Some("w1-tunnel-2")
+        );
+        // A custom ACL: ops may ping everyone; worker-worker still nothing.
+        let acl = AclPolicy::parse(
+            "[[rule]]\nfrom = \"ops\"\nto = \"*\"\nproto = \"icmp\"\n",
+            "t",
+        )
+        .unwrap_or_default();
+        assert_eq!(
+            f.routes.datagram_route(&tags(&["ops"]), &f.w1, &acl),
+            Some("w1-tunnel-2")
+        );
+        assert_eq!(f.routes.datagram_route(&worker, &f.w1, &acl), None);
+        assert_eq!(f.routes.datagram_route(&f.eng_tags, &f.w1, &acl), None);
     }
 
     #[test]

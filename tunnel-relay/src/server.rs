@@ -8,7 +8,8 @@
 //! timeout. A tunnel: the engineer opens a bidi stream with [`Message::Open`];
 //! the relay re-checks revocation, policy, services and stream limits, opens
 //! a bidi stream to the worker with [`Message::Incoming`], relays the
-//! worker's answer, then splices the two streams.
+//! worker's answer, then splices the two streams. A stream that starts with
+//! [`Message::MeshJoin`] is a mesh control session instead (`server/mesh.rs`).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -36,6 +37,12 @@ use crate::splice::quic_to_quic;
 use crate::tls;
 use crate::wire::{
     read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
+};
+
+mod mesh;
+
+pub use mesh::{
+    MAX_NODE_FRAME, RESET_ENDED, RESET_PROTOCOL, RESET_SLOW, RESET_SUPERSEDED, SESSION_QUEUE,
 };
 
 /// Close code: the relay is shutting down or restarting; reconnect promptly.
@@ -92,6 +99,7 @@ struct Shared {
     rate: Mutex<RateLimiter>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
+    mesh: mesh::Mesh,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +210,8 @@ impl Relay {
             }
             None => None,
         };
+        let stun_bound = stun.as_ref().and_then(|s| s.local_addr().ok());
+        let mesh = mesh::Mesh::open(dir, &registry, &opts.config, stun_bound)?;
         let rate = RateLimiter::new(limits.new_connections_per_ip_per_sec);
         let metrics_listener = match opts.config.metrics_listen {
             Some(addr) => {
@@ -221,6 +231,7 @@ impl Relay {
                 rate: Mutex::new(rate),
                 next_id: AtomicU64::new(1),
                 metrics: Arc::new(Metrics::new()),
+                mesh,
             }),
         })
     }
@@ -294,6 +305,7 @@ impl Relay {
             .close(VarInt::from_u32(CLOSE_RESTARTING), b"relay restarting");
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
+        self.shared.mesh.flush().await;
         if let Some(t) = stun_task {
             t.abort();
         }
@@ -357,6 +369,7 @@ async fn watch_revocations(shared: Arc<Shared>) {
             }
         };
         let Some(revoked) = revoked else { continue };
+        shared.mesh.remove_keys(&revoked, &shared.metrics);
         for conn in lock(&shared.routes).revoked(&revoked) {
             info!(remote = %conn.remote_address(), "closing a revoked node's connection");
             conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
@@ -439,6 +452,11 @@ async fn admit(
         Err(rej) => {
             info!(key = %key.short(), name = %hello.name, reason = rej.reason.as_str(), "admission refused");
             shared.metrics.refused(rej.reason);
+            if rej.reason == Reason::NodeRevoked {
+                shared
+                    .mesh
+                    .remove_keys(&HashSet::from([key]), &shared.metrics);
+            }
             noise::respond_write(hs, &mut send, &Message::Rejected(rej)).await?;
             let _ = send.finish();
             let _ = timeout(Duration::from_secs(2), send.stopped()).await;
@@ -517,7 +535,7 @@ async fn forward_datagrams(shared: Arc<Shared>, ctx: NodeCtx) {
             m.datagrams_dropped.inc();
             continue;
         };
-        let route = lock(&shared.routes).datagram_route(&ctx.tags, &dst, &shared.config.policy);
+        let route = lock(&shared.routes).datagram_route(&ctx.tags, &dst, &shared.config.mesh.acl);
         let Some(conn) = route else {
             m.datagrams_dropped.inc();
             continue;
@@ -591,6 +609,9 @@ async fn handle_tunnel(
     let hs_timeout = shared.config.limits.handshake_timeout();
     let (target, service) = match timeout(hs_timeout, read_message(&mut recv)).await {
         Ok(Ok(Message::Open { target, service })) => (target, service),
+        Ok(Ok(Message::MeshJoin { since, endpoints })) => {
+            return mesh::serve_session(shared, ctx, send, recv, since, endpoints).await;
+        }
         Ok(Ok(other)) => {
             debug!(node = %ctx.name, msg = ?other, "tunnel stream did not start with Open");
             let _ = send.reset(VarInt::from_u32(1));

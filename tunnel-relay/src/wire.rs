@@ -15,12 +15,18 @@
 //!   [`Message::OpenOk`] or [`Message::Rejected`], then raw bytes.
 //! - Tunnel stream relay → worker: first frame [`Message::Incoming`], answered
 //!   by [`Message::OpenOk`] or [`Message::Rejected`], then raw bytes.
+//! - Mesh control stream node → relay: first frame [`Message::MeshJoin`],
+//!   answered by [`Message::MeshAccepted`] or [`Message::Rejected`]; from then
+//!   on both directions carry [`crate::coord::wire::ControlMsg`] frames.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use ipnet::{Ipv4Net, Ipv6Net};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::coord::{Candidate, CandidateKind, Version, MAX_CANDIDATES};
 use crate::secret::Secret;
 
 /// Protocol version carried in [`Hello`]; a relay refuses other versions.
@@ -61,6 +67,14 @@ pub enum WireError {
     /// A boolean/option flag byte was not 0 or 1.
     #[error("bad flag byte {0}")]
     BadFlag(u8),
+    /// An enumerated or bounded field holds a value outside its range.
+    #[error("bad {what} value {value}")]
+    BadValue {
+        /// Which field.
+        what: &'static str,
+        /// The value found.
+        value: u8,
+    },
 }
 
 /// Why the relay (or a worker) refused something. Every reason has a stable
@@ -265,6 +279,24 @@ pub enum Message {
     },
     /// The tunnel is connected; raw bytes follow.
     OpenOk,
+    /// Node → relay, first frame of the mesh control stream: join the mesh
+    /// (the coordinator) as the admitted identity.
+    MeshJoin {
+        /// The peer-map version the node already holds (reconnect), if any.
+        since: Option<Version>,
+        /// The node's current endpoint candidates (at most [`MAX_CANDIDATES`]).
+        endpoints: Vec<Candidate>,
+    },
+    /// Relay → node: joined; coordinator control frames follow.
+    MeshAccepted {
+        /// Where the relay answers STUN binding requests, as it bound it (an
+        /// unspecified IP means "the address you reached the relay at").
+        stun: Option<SocketAddr>,
+        /// The overlay IPv4 pool (the node routes it through the mesh).
+        ipv4_pool: Ipv4Net,
+        /// The overlay IPv6 prefix.
+        ipv6_prefix: Ipv6Net,
+    },
 }
 
 const T_HELLO: u8 = 1;
@@ -275,6 +307,8 @@ const T_TARGETS: u8 = 5;
 const T_OPEN: u8 = 6;
 const T_INCOMING: u8 = 7;
 const T_OPEN_OK: u8 = 8;
+const T_MESH_JOIN: u8 = 9;
+const T_MESH_ACCEPTED: u8 = 10;
 
 /// Appends wire fields to a buffer.
 #[derive(Default)]
@@ -301,6 +335,25 @@ impl Writer {
         for s in &v[..n] {
             self.str(s);
         }
+    }
+    fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    fn ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => {
+                self.u8(4);
+                self.buf.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                self.u8(6);
+                self.buf.extend_from_slice(&a.octets());
+            }
+        }
+    }
+    fn addr(&mut self, a: SocketAddr) {
+        self.ip(a.ip());
+        self.buf.extend_from_slice(&a.port().to_be_bytes());
     }
 }
 
@@ -329,6 +382,35 @@ impl<'a> Reader<'a> {
         let n = self.u16()? as usize;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::BadUtf8)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.arr()?))
+    }
+    fn flag(&mut self) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            f => Err(WireError::BadFlag(f)),
+        }
+    }
+    fn ip(&mut self) -> Result<IpAddr, WireError> {
+        match self.u8()? {
+            4 => Ok(IpAddr::V4(Ipv4Addr::from(self.arr::<4>()?))),
+            6 => Ok(IpAddr::V6(Ipv6Addr::from(self.arr::<16>()?))),
+            value => Err(WireError::BadValue {
+                what: "address family",
+                value,
+            }),
+        }
+    }
+    fn addr(&mut self) -> Result<SocketAddr, WireError> {
+        let ip = self.ip()?;
+        Ok(SocketAddr::new(ip, self.u16()?))
     }
     fn strs(&mut self, what: &'static str) -> Result<Vec<String>, WireError> {
         let n = self.u16()? as usize;
@@ -399,6 +481,44 @@ impl Message {
                 w.str(service);
             }
             Message::OpenOk => w.u8(T_OPEN_OK),
+            Message::MeshJoin { since, endpoints } => {
+                w.u8(T_MESH_JOIN);
+                match since {
+                    Some(v) => {
+                        w.u8(1);
+                        w.u64(v.epoch);
+                        w.u64(v.seq);
+                    }
+                    None => w.u8(0),
+                }
+                let n = endpoints.len().min(MAX_CANDIDATES);
+                w.buf.extend_from_slice(&(n as u16).to_be_bytes());
+                for c in &endpoints[..n] {
+                    w.u8(match c.kind {
+                        CandidateKind::Local => 1,
+                        CandidateKind::Reflexive => 2,
+                    });
+                    w.addr(c.addr);
+                }
+            }
+            Message::MeshAccepted {
+                stun,
+                ipv4_pool,
+                ipv6_prefix,
+            } => {
+                w.u8(T_MESH_ACCEPTED);
+                match stun {
+                    Some(a) => {
+                        w.u8(1);
+                        w.addr(*a);
+                    }
+                    None => w.u8(0),
+                }
+                w.buf.extend_from_slice(&ipv4_pool.addr().octets());
+                w.u8(ipv4_pool.prefix_len());
+                w.buf.extend_from_slice(&ipv6_prefix.addr().octets());
+                w.u8(ipv6_prefix.prefix_len());
+            }
         }
         w.buf
     }
@@ -467,6 +587,62 @@ impl Message {
                 service: r.str()?,
             },
             T_OPEN_OK => Message::OpenOk,
+            T_MESH_JOIN => {
+                let since = if r.flag()? {
+                    Some(Version {
+                        epoch: r.u64()?,
+                        seq: r.u64()?,
+                    })
+                } else {
+                    None
+                };
+                let n = r.u16()? as usize;
+                if n > MAX_CANDIDATES {
+                    return Err(WireError::TooLong {
+                        what: "endpoints",
+                        len: n,
+                        max: MAX_CANDIDATES,
+                    });
+                }
+                let mut endpoints = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let kind = match r.u8()? {
+                        1 => CandidateKind::Local,
+                        2 => CandidateKind::Reflexive,
+                        value => {
+                            return Err(WireError::BadValue {
+                                what: "candidate kind",
+                                value,
+                            })
+                        }
+                    };
+                    endpoints.push(Candidate {
+                        addr: r.addr()?,
+                        kind,
+                    });
+                }
+                Message::MeshJoin { since, endpoints }
+            }
+            T_MESH_ACCEPTED => {
+                let stun = if r.flag()? { Some(r.addr()?) } else { None };
+                let v4 = Ipv4Addr::from(r.arr::<4>()?);
+                let l4 = r.u8()?;
+                let ipv4_pool = Ipv4Net::new(v4, l4).map_err(|_| WireError::BadValue {
+                    what: "IPv4 prefix length",
+                    value: l4,
+                })?;
+                let v6 = Ipv6Addr::from(r.arr::<16>()?);
+                let l6 = r.u8()?;
+                let ipv6_prefix = Ipv6Net::new(v6, l6).map_err(|_| WireError::BadValue {
+                    what: "IPv6 prefix length",
+                    value: l6,
+                })?;
+                Message::MeshAccepted {
+                    stun,
+                    ipv4_pool,
+                    ipv6_prefix,
+                }
+            }
             t => return Err(WireError::UnknownTag(t)),
         };
         r.finish()?;
@@ -612,7 +788,47 @@ mod tests {
             (name(), name()).prop_map(|(target, service)| Message::Open { target, service }),
             (name(), name()).prop_map(|(from, service)| Message::Incoming { from, service }),
             Just(Message::OpenOk),
+            (
+                any::<Option<(u64, u64)>>(),
+                prop::collection::vec(candidate(), 0..=MAX_CANDIDATES)
+            )
+                .prop_map(|(since, endpoints)| Message::MeshJoin {
+                    since: since.map(|(epoch, seq)| Version { epoch, seq }),
+                    endpoints
+                }),
+            (
+                prop::option::of(addr()),
+                any::<[u8; 4]>(),
+                0u8..=32,
+                any::<[u8; 16]>(),
+                0u8..=128
+            )
+                .prop_map(|(stun, a4, l4, a6, l6)| Message::MeshAccepted {
+                    stun,
+                    ipv4_pool: Ipv4Net::new(a4.into(), l4).unwrap_or_default(),
+                    ipv6_prefix: Ipv6Net::new(a6.into(), l6).unwrap_or_default(),
+                }),
         ]
+    }
+
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V4(a.into()), p)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V6(a.into()), p)),
+        ]
+    }
+
+    fn candidate() -> impl Strategy<Value = Candidate> {
+        (addr(), any::<bool>()).prop_map(|(addr, r)| Candidate {
+            addr,
+            kind: if r {
+                CandidateKind::Reflexive
+            } else {
+                CandidateKind::Local
+            },
+        })
     }
 
     proptest! {
@@ -667,6 +883,37 @@ mod tests {
         }
         assert!(Reason::from_code(0).is_err());
         assert!(Reason::from_code(200).is_err());
+    }
+
+    #[test]
+    fn mesh_join_limits_are_checked() {
+        // 17 candidates claimed: refused before reading them.
+        let mut m = Message::MeshJoin {
+            since: None,
+            endpoints: vec![],
+        }
+        .encode();
+        let n = m.len();
+        m[n - 2..].copy_from_slice(&((MAX_CANDIDATES + 1) as u16).to_be_bytes());
+        assert!(matches!(
+            Message::decode(&m),
+            Err(WireError::TooLong { .. })
+        ));
+        // A prefix length over 32 is refused.
+        let mut a = Message::MeshAccepted {
+            stun: None,
+            ipv4_pool: Ipv4Net::default(),
+            ipv6_prefix: Ipv6Net::default(),
+        }
+        .encode();
+        a[6] = 33;
+        assert_eq!(
+            Message::decode(&a),
+            Err(WireError::BadValue {
+                what: "IPv4 prefix length",
+                value: 33
+            })
+        );
     }
 
     #[test]

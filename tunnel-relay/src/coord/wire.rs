@@ -14,11 +14,16 @@
 //! coordinator [`ControlMsg::EndpointReport`], [`ControlMsg::CallMeMaybe`]
 //! (`peer` = the target), [`ControlMsg::Ack`] (the version it holds; also the
 //! resync request after a gap or a reconnect).
+//!
+//! [`read_control`] / [`write_control`] move one frame over any tokio stream
+//! (generic, like [`crate::wire::read_message`]); the reader takes a size
+//! limit, so the relay accepts only small frames from nodes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::policy::{FilterRules, InboundRule, PortRange, Proto};
 use super::{
@@ -484,6 +489,63 @@ pub fn decode_control_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>> {
     Ok(buf.get(4..4 + len).map(|p| (p, 4 + len)))
 }
 
+/// Reading or writing one control frame failed.
+#[derive(Debug, Error)]
+pub enum ControlIoError {
+    /// The stream failed or ended inside a frame.
+    #[error("control stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The frame is not a valid control message (or over the size limit).
+    #[error("control stream: {0}")]
+    Wire(#[from] ControlWireError),
+    /// The stream ended cleanly between frames.
+    #[error("control stream ended")]
+    Eof,
+}
+
+/// Reads one control frame of at most `max` payload bytes and decodes it.
+pub async fn read_control<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::result::Result<ControlMsg, ControlIoError> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut head[got..]).await?;
+        if n == 0 {
+            return Err(if got == 0 {
+                ControlIoError::Eof
+            } else {
+                ControlIoError::Io(std::io::ErrorKind::UnexpectedEof.into())
+            });
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(head) as usize;
+    let max = max.min(MAX_CONTROL_FRAME);
+    if len > max {
+        return Err(ControlWireError::TooLong {
+            what: "control frame",
+            len,
+            max,
+        }
+        .into());
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(ControlMsg::decode(&payload)?)
+}
+
+/// Encodes and writes one control frame.
+pub async fn write_control<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &ControlMsg,
+) -> std::result::Result<(), ControlIoError> {
+    let frame = msg.encode_frame()?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,6 +707,33 @@ mod tests {
             let _ = ControlMsg::decode(&bytes);
             let _ = decode_control_frame(&bytes);
         }
+    }
+
+    #[tokio::test]
+    async fn frames_over_the_reader_limit_are_refused() {
+        let mut buf = Vec::new();
+        let m = ControlMsg::EndpointReport(vec![]);
+        assert!(write_control(&mut buf, &m).await.is_ok());
+        assert!(
+            write_control(&mut buf, &ControlMsg::Ack(Version::default()))
+                .await
+                .is_ok()
+        );
+        let mut cur = std::io::Cursor::new(buf.clone());
+        assert!(matches!(read_control(&mut cur, 64).await, Ok(x) if x == m));
+        assert!(matches!(
+            read_control(&mut cur, 64).await,
+            Ok(ControlMsg::Ack(_))
+        ));
+        assert!(matches!(
+            read_control(&mut cur, 64).await,
+            Err(ControlIoError::Eof)
+        ));
+        let mut cur = std::io::Cursor::new(buf);
+        assert!(matches!(
+            read_control(&mut cur, 1).await,
+            Err(ControlIoError::Wire(ControlWireError::TooLong { .. }))
+        ));
     }
 
     #[test]

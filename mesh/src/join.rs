@@ -1,0 +1,172 @@
+//! `mesh up --token TOKEN --state-dir DIR`: a managed node. Joins the mesh
+//! through the relay (`tunnel_relay::mesh_client::MeshSession`: the token on
+//! the first join only, the key kept in the state dir), waits for its first
+//! peer map, then runs the node (`node::run_with`) with its overlay
+//! addresses, no static peers, and the managed parts: the control loop
+//! (`managed_node`), the relay path, the packet filter and MagicDNS.
+//!
+//! One key per node: the relay identity in the state dir is also the
+//! WireGuard key and the disco key, so the coordinator's node key is the
+//! WireGuard peer key everywhere.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use ipnet::IpNet;
+use parking_lot::RwLock;
+use tokio::sync::watch;
+use tunnel_relay::coord::{Candidate, PeerMap};
+use tunnel_relay::mesh_client::{MeshLink, MeshSession};
+use tunnel_relay::relay_path::RelayPath;
+use tunnel_relay::{StaticKey, Token};
+
+use crate::config::{InterfaceConfig, WgConfig};
+use crate::control::Controller;
+use crate::dns::{Names, DEFAULT_DOMAIN};
+use crate::egress::{ManagedIo, PacketFilter, RelaySlot};
+use crate::key::PrivateKey;
+use crate::managed_node::{ControlLoop, Session, MTU};
+use crate::node::{self, ManagedParts, UpOptions};
+use crate::path::PathConfig;
+
+/// Options of a managed `mesh up`.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// Identity and relay state.
+    pub state_dir: PathBuf,
+    /// Join token (first run only).
+    pub token: Option<Token>,
+    /// Node name (default: the host name).
+    pub name: Option<String>,
+    /// Interface and UAPI directory.
+    pub up: UpOptions,
+    /// WireGuard UDP port (default: random).
+    pub listen_port: Option<u16>,
+}
+
+/// The host name, for the default node name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+/// [`Session`] over the relay's mesh session.
+pub struct MeshAdapter {
+    session: MeshSession,
+    map: watch::Receiver<PeerMap>,
+    link: watch::Receiver<MeshLink>,
+}
+
+impl MeshAdapter {
+    /// Wraps a joined session.
+    pub fn new(session: MeshSession) -> MeshAdapter {
+        let map = session.watch_peer_map();
+        let link = session.watch_link();
+        MeshAdapter { session, map, link }
+    }
+}
+
+impl Session for MeshAdapter {
+    async fn changed(&mut self) -> bool {
+        let alive = tokio::select! {
+            r = self.map.changed() => r.is_ok(),
+            r = self.link.changed() => r.is_ok(),
+        };
+        let link = self.link.borrow_and_update().clone();
+        let _ = self.map.borrow_and_update();
+        match link {
+            MeshLink::Refused(reason) => {
+                tracing::error!(%reason, "the relay refused this node; the mesh stops");
+                false
+            }
+            MeshLink::Stopped => false,
+            MeshLink::Reconnecting { error, retry_in } => {
+                tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "lost the coordinator; existing paths keep working");
+                alive
+            }
+            _ => alive,
+        }
+    }
+
+    fn peer_map(&self) -> PeerMap {
+        self.session.peer_map()
+    }
+
+    fn relay_path(&self) -> Option<RelayPath> {
+        self.session.relay_path()
+    }
+
+    fn stun_addr(&self) -> Option<SocketAddr> {
+        match self.session.link() {
+            MeshLink::Up(i) => i.stun,
+            _ => None,
+        }
+    }
+
+    fn report_endpoints(&self, endpoints: Vec<Candidate>) {
+        self.session.report_endpoints(endpoints);
+    }
+}
+
+/// Joins and runs until `shutdown`.
+pub async fn run(
+    opts: JoinOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let name = opts.name.clone().unwrap_or_else(hostname);
+    let session = MeshSession::connect(&opts.state_dir, opts.token.as_ref(), &name, Vec::new())
+        .await
+        .context("joining the mesh through the relay")?;
+    let me = session
+        .me()
+        .context("the coordinator sent no identity for this node")?;
+    let identity = StaticKey::load_or_create(&opts.state_dir.join("identity.key"))
+        .context("reading the node identity")?;
+    let key = PrivateKey::from_bytes(*identity.private_bytes());
+    tracing::info!(name = %me.name, ipv4 = %me.ipv4, ipv6 = %me.ipv6, peers = session.peer_map().peers.len(), "joined the mesh");
+    let config = WgConfig {
+        interface: InterfaceConfig {
+            private_key: key.clone(),
+            addresses: vec![
+                IpNet::from(IpAddr::V4(me.ipv4)),
+                IpNet::from(IpAddr::V6(me.ipv6)),
+            ],
+            listen_port: opts.listen_port,
+            mtu: Some(MTU),
+            fwmark: None,
+        },
+        peers: Vec::new(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let io = Arc::new(ManagedIo {
+        filter: PacketFilter::default(),
+        ctl: tx,
+        relay: RelaySlot::default(),
+    });
+    let names = Arc::new(RwLock::new(Names::new(DEFAULT_DOMAIN)?));
+    let ctl = Controller::new(key, PathConfig::default(), rand::random());
+    let interface = opts.up.interface.clone();
+    let lp = ControlLoop {
+        session: MeshAdapter::new(session),
+        ctl,
+        io: io.clone(),
+        rx,
+        names,
+        interface,
+    };
+    let parts = ManagedParts {
+        io,
+        start: Box::new(move |h| {
+            Box::pin(async move {
+                h.device.set_roaming(false);
+                lp.run(h).await
+            })
+        }),
+    };
+    node::run_with(config, opts.up, Some(parts), shutdown).await
+}

@@ -1,0 +1,705 @@
+//! The node side of the mesh control session: a library for `mesh up` and
+//! `worker-agent run`.
+//!
+//! [`MeshSession::connect`] admits the node like every relay client (key in
+//! the state dir, token on the first join only), opens the mesh control
+//! stream (`MeshJoin` → `MeshAccepted`), waits for the first peer map and
+//! returns. A background task then keeps the session: it applies snapshots
+//! and deltas to the [`PeerMap`] (asking the relay to resync with `Ack`
+//! when a delta does not follow), sends endpoint reports and call-me-maybe,
+//! and reconnects with jittered, capped backoff when the relay goes away,
+//! resuming from the version it holds (`since`), so a short outage costs
+//! only the deltas missed. The peer map survives outages: the data plane
+//! keeps working without the coordinator.
+//!
+//! What the node gets:
+//! - [`MeshSession::peer_map`] / [`MeshSession::watch_peer_map`]: its own
+//!   [`SelfInfo`] (overlay addresses), its peers and inbound filter;
+//! - [`MeshSession::next_event`]: every applied update, call-me-maybe from
+//!   peers, link changes (in order; a consumer that falls behind gets
+//!   [`MeshEvent::Lagged`] and re-reads the peer map);
+//! - [`MeshSession::link`]: the current relay connection's [`RelayPath`]
+//!   (WireGuard packets through the relay on the same QUIC connection), the
+//!   relay's STUN address and the overlay prefixes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::client::{connect, jitter, ClientState, ClientTiming, Session};
+use crate::coord::wire::{
+    read_control, write_control, ControlIoError, ControlMsg, MAX_CONTROL_FRAME,
+};
+use crate::coord::{Candidate, PeerMap, PeerMapUpdate, SelfInfo, Version};
+use crate::error::{ClientError, ProtoError};
+use crate::keys::PublicKey;
+use crate::relay_path::RelayPath;
+use crate::server::{CLOSE_REPLACED, CLOSE_RESTARTING, CLOSE_REVOKED};
+use crate::token::Token;
+use crate::wire::{read_message, write_message, Message, Reason, Rejection};
+
+/// Events kept for a slow consumer before it gets [`MeshEvent::Lagged`].
+pub const EVENT_BUFFER: usize = 1024;
+/// A control stream that lasted this long resets the reconnect backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// Options of a mesh session.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    /// State directory (identity, relay).
+    pub state_dir: PathBuf,
+    /// Token for the first join (ignored by the relay once the key is known).
+    pub token: Option<Token>,
+    /// The name to register (made a DNS label by the coordinator).
+    pub name: String,
+    /// Endpoint candidates known at start (more via [`MeshSession::report_endpoints`]).
+    pub endpoints: Vec<Candidate>,
+    /// Connection timing.
+    pub timing: ClientTiming,
+    /// First reconnect delay (doubles per failure).
+    pub backoff_base: Duration,
+    /// Largest reconnect delay.
+    pub backoff_cap: Duration,
+}
+
+impl MeshOptions {
+    /// Defaults: keepalive 1 s, idle timeout 5 s (a dead relay is noticed
+    /// within seconds), backoff 250 ms doubling to at most 4 s.
+    pub fn new(state_dir: PathBuf, name: String) -> MeshOptions {
+        MeshOptions {
+            state_dir,
+            token: None,
+            name,
+            endpoints: Vec::new(),
+            timing: ClientTiming {
+                accept_streams: 0,
+                ..ClientTiming::worker()
+            },
+            backoff_base: Duration::from_millis(250),
+            backoff_cap: Duration::from_secs(4),
+        }
+    }
+}
+
+/// The current relay connection.
+#[derive(Debug, Clone)]
+pub struct LinkInfo {
+    /// The relay's address.
+    pub relay: SocketAddr,
+    /// The name the relay registered (the peer map's `me.name` is the mesh
+    /// name, a DNS label made from it).
+    pub name: String,
+    /// Send and receive WireGuard packets through the relay.
+    pub relay_path: RelayPath,
+    /// Where to send STUN binding requests (from the WireGuard socket).
+    pub stun: Option<SocketAddr>,
+    /// The overlay IPv4 pool.
+    pub ipv4_pool: Ipv4Net,
+    /// The overlay IPv6 prefix.
+    pub ipv6_prefix: Ipv6Net,
+}
+
+/// The session's link to the relay.
+#[derive(Debug, Clone)]
+pub enum MeshLink {
+    /// Connecting (first attempt, or after a loss).
+    Connecting,
+    /// Joined; control frames flow.
+    Up(LinkInfo),
+    /// Lost the relay; retrying after the delay.
+    Reconnecting {
+        /// Why.
+        error: String,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// Refused for good (revoked, bad tags, ...): the session has stopped.
+    Refused(String),
+    /// Closed by [`MeshSession::close`].
+    Stopped,
+}
+
+/// What happened, in order.
+#[derive(Debug, Clone)]
+pub enum MeshEvent {
+    /// Joined (again): a new relay connection.
+    Connected(LinkInfo),
+    /// An update was applied to the peer map (a snapshot replaces it).
+    Update(PeerMapUpdate),
+    /// A peer asks to be probed at these candidates now (the relay checked
+    /// that the two may talk; `peer` is the sender's key).
+    CallMeMaybe {
+        /// The sender.
+        peer: PublicKey,
+        /// Its candidates.
+        endpoints: Vec<Candidate>,
+    },
+    /// Lost the relay; retrying. The peer map stays as it was.
+    Disconnected {
+        /// Why.
+        error: String,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// Refused for good; no more events follow.
+    Refused(String),
+    /// The consumer fell behind and this many events were dropped: re-read
+    /// [`MeshSession::peer_map`].
+    Lagged(u64),
+}
+
+enum Cmd {
+    CallMeMaybe {
+        peer: PublicKey,
+        endpoints: Vec<Candidate>,
+    },
+    Shutdown,
+}
+
+/// State shared by the handle and the background task.
+struct Inner {
+    map: watch::Sender<PeerMap>,
+    link: watch::Sender<MeshLink>,
+    endpoints: watch::Sender<Vec<Candidate>>,
+}
+
+/// A live mesh session (see the module docs). Dropping it stops the
+/// background task; [`MeshSession::close`] also says goodbye to the relay.
+pub struct MeshSession {
+    key: PublicKey,
+    inner: Arc<Inner>,
+    events: broadcast::Receiver<MeshEvent>,
+    cmd: mpsc::Sender<Cmd>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for MeshSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshSession")
+            .field("key", &self.key.short())
+            .field("version", &self.inner.map.borrow().version)
+            .finish()
+    }
+}
+
+/// One joined control stream on a relay connection.
+struct Live {
+    session: Session,
+    send: SendStream,
+    recv: RecvStream,
+    info: LinkInfo,
+}
+
+impl MeshSession {
+    /// Joins the mesh with the identity in `state_dir` (created if needed;
+    /// `token` is needed on the first join only). Returns once the first
+    /// peer map is held.
+    pub async fn connect(
+        state_dir: &Path,
+        token: Option<&Token>,
+        name: &str,
+        endpoints: Vec<Candidate>,
+    ) -> Result<MeshSession, ClientError> {
+        let mut o = MeshOptions::new(state_dir.to_path_buf(), name.to_string());
+        o.token = token.cloned();
+        o.endpoints = endpoints;
+        MeshSession::start(o).await
+    }
+
+    /// [`MeshSession::connect`] with every option.
+    pub async fn start(opts: MeshOptions) -> Result<MeshSession, ClientError> {
+        let mut state = ClientState::open(&opts.state_dir)?;
+        let key = state.public_key();
+        let (map, _) = watch::channel(PeerMap::default());
+        let (link, _) = watch::channel(MeshLink::Connecting);
+        let (endpoints, _) = watch::channel(opts.endpoints.clone());
+        let inner = Arc::new(Inner {
+            map,
+            link,
+            endpoints,
+        });
+        let mut live = join(&mut state, &opts, &inner).await?;
+        // The first frame is the snapshot (a first join holds no version).
+        let first = timeout(
+            opts.timing.handshake_timeout,
+            read_control(&mut live.recv, MAX_CONTROL_FRAME),
+        )
+        .await
+        .map_err(|_| ProtoError::Timeout("waiting for the first peer map"))?
+        .map_err(|e| ProtoError::Unexpected(e.to_string()))?;
+        let (ev_tx, ev_rx) = broadcast::channel(EVENT_BUFFER);
+        match first {
+            ControlMsg::Snapshot(s) => {
+                apply(&inner, &ev_tx, PeerMapUpdate::Snapshot(s));
+            }
+            other => {
+                return Err(
+                    ProtoError::Unexpected(format!("first mesh frame was {other:?}")).into(),
+                )
+            }
+        }
+        inner.link.send_replace(MeshLink::Up(live.info.clone()));
+        let _ = ev_tx.send(MeshEvent::Connected(live.info.clone()));
+        let (cmd_tx, cmd_rx) = mpsc::channel(256);
+        let span = tracing::info_span!("mesh", me = %key.short());
+        let task =
+            tokio::spawn(run(inner.clone(), opts, state, live, cmd_rx, ev_tx).instrument(span));
+        Ok(MeshSession {
+            key,
+            inner,
+            events: ev_rx,
+            cmd: cmd_tx,
+            task: Some(task),
+        })
+    }
+
+    /// This node's key.
+    pub fn public_key(&self) -> PublicKey {
+        self.key
+    }
+
+    /// The node itself as the coordinator assigned it (name, tags, overlay
+    /// addresses).
+    pub fn me(&self) -> Option<SelfInfo> {
+        self.inner.map.borrow().me.clone()
+    }
+
+    /// A copy of the current peer map.
+    pub fn peer_map(&self) -> PeerMap {
+        self.inner.map.borrow().clone()
+    }
+
+    /// A receiver that sees the peer map after every applied update.
+    pub fn watch_peer_map(&self) -> watch::Receiver<PeerMap> {
+        self.inner.map.subscribe()
+    }
+
+    /// The relay link now (relay path, STUN address, prefixes when up).
+    pub fn link(&self) -> MeshLink {
+        self.inner.link.borrow().clone()
+    }
+
+    /// A receiver that sees every link change.
+    pub fn watch_link(&self) -> watch::Receiver<MeshLink> {
+        self.inner.link.subscribe()
+    }
+
+    /// The relay path of the current connection, if up.
+    pub fn relay_path(&self) -> Option<RelayPath> {
+        match &*self.inner.link.borrow() {
+            MeshLink::Up(i) => Some(i.relay_path.clone()),
+            _ => None,
+        }
+    }
+
+    /// The next event (`None` once the session has stopped and every event
+    /// was read).
+    pub async fn next_event(&mut self) -> Option<MeshEvent> {
+        match self.events.recv().await {
+            Ok(e) => Some(e),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(MeshEvent::Lagged(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// Replaces the node's candidates: sent to the coordinator now (if up;
+    /// reports made while down are coalesced and sent on reconnect).
+    pub fn report_endpoints(&self, endpoints: Vec<Candidate>) {
+        self.inner.endpoints.send_replace(endpoints);
+    }
+
+    /// Asks `peer` (through the relay) to probe `endpoints` now. Returns
+    /// false when it could not be queued (session stopped or busy); the relay
+    /// drops it silently when the two may not talk.
+    pub fn call_me_maybe(&self, peer: PublicKey, endpoints: Vec<Candidate>) -> bool {
+        self.cmd
+            .try_send(Cmd::CallMeMaybe { peer, endpoints })
+            .is_ok()
+    }
+
+    /// Ends the session politely (closes the relay connection).
+    pub async fn close(mut self) {
+        let _ = self.cmd.send(Cmd::Shutdown).await;
+        if let Some(t) = self.task.take() {
+            let _ = timeout(Duration::from_secs(2), t).await;
+        }
+    }
+}
+
+impl Drop for MeshSession {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+fn apply(inner: &Inner, events: &broadcast::Sender<MeshEvent>, u: PeerMapUpdate) -> bool {
+    let mut ok = true;
+    inner.map.send_if_modified(|m| {
+        ok = m.apply(&u).is_ok();
+        ok
+    });
+    if ok {
+        let _ = events.send(MeshEvent::Update(u));
+    }
+    ok
+}
+
+fn permanent(r: &Rejection) -> bool {
+    !matches!(r.reason, Reason::LimitExceeded | Reason::Internal)
+}
+
+/// Admission, then the control stream on the new connection.
+async fn join(
+    state: &mut ClientState,
+    opts: &MeshOptions,
+    inner: &Inner,
+) -> Result<Live, ClientError> {
+    let session = connect(
+        state,
+        opts.token.as_ref(),
+        &opts.name,
+        Vec::new(),
+        &opts.timing,
+    )
+    .await?;
+    match open_stream(&session, opts, inner).await {
+        Ok((send, recv, info)) => Ok(Live {
+            session,
+            send,
+            recv,
+            info,
+        }),
+        Err(e) => {
+            session.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// `MeshJoin` → `MeshAccepted` on a new stream of an admitted connection.
+async fn open_stream(
+    session: &Session,
+    opts: &MeshOptions,
+    inner: &Inner,
+) -> Result<(SendStream, RecvStream, LinkInfo), ClientError> {
+    let conn = session.connection();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(ProtoError::from)?;
+    let since: Option<Version> = inner.map.borrow().version;
+    let endpoints = inner.endpoints.borrow().clone();
+    write_message(&mut send, &Message::MeshJoin { since, endpoints })
+        .await
+        .map_err(ProtoError::from)?;
+    let answer = timeout(opts.timing.handshake_timeout, read_message(&mut recv))
+        .await
+        .map_err(|_| ProtoError::Timeout("mesh join"))?
+        .map_err(ProtoError::from)?;
+    match answer {
+        Message::MeshAccepted {
+            stun,
+            ipv4_pool,
+            ipv6_prefix,
+        } => {
+            let relay = conn.remote_address();
+            // A relay bound to 0.0.0.0 / [::] answers STUN at the address we reach it at.
+            let stun = stun.map(|s| {
+                if s.ip().is_unspecified() {
+                    SocketAddr::new(relay.ip(), s.port())
+                } else {
+                    s
+                }
+            });
+            Ok((
+                send,
+                recv,
+                LinkInfo {
+                    relay,
+                    name: session.name.clone(),
+                    relay_path: RelayPath::new(conn.clone()),
+                    stun,
+                    ipv4_pool,
+                    ipv6_prefix,
+                },
+            ))
+        }
+        Message::Rejected(r) => Err(ClientError::Rejected(r)),
+        other => Err(ProtoError::Unexpected(format!("mesh join answered with {other:?}")).into()),
+    }
+}
+
+/// Why a control stream (or its connection) ended.
+enum StreamEnd {
+    /// `close` was called.
+    Shutdown,
+    /// The connection is gone.
+    Connection(ConnectionError),
+    /// Only the stream ended (reset by the relay, bad frame).
+    Stream(String),
+}
+
+async fn run(
+    inner: Arc<Inner>,
+    opts: MeshOptions,
+    mut state: ClientState,
+    first: Live,
+    mut cmd: mpsc::Receiver<Cmd>,
+    events: broadcast::Sender<MeshEvent>,
+) {
+    let mut live = Some(first);
+    let mut backoff = opts.backoff_base;
+    loop {
+        let Some(mut l) = live.take() else {
+            // Connect anew.
+            inner.link.send_replace(MeshLink::Connecting);
+            let attempt = join(&mut state, &opts, &inner);
+            let r = tokio::select! {
+                r = attempt => r,
+                _ = wait_shutdown(&mut cmd) => break,
+            };
+            match r {
+                Ok(l) => {
+                    info!(relay = %l.info.relay, "mesh session up");
+                    inner.link.send_replace(MeshLink::Up(l.info.clone()));
+                    let _ = events.send(MeshEvent::Connected(l.info.clone()));
+                    live = Some(l);
+                }
+                Err(ClientError::Rejected(r)) if permanent(&r) => {
+                    refuse(&inner, &events, r.to_string());
+                    return;
+                }
+                Err(e @ ClientError::State(_)) => {
+                    refuse(&inner, &events, e.to_string());
+                    return;
+                }
+                Err(e) => {
+                    let d = jitter(backoff);
+                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "relay unreachable");
+                    backoff = (backoff * 2).min(opts.backoff_cap);
+                    if !pause(&inner, &events, &mut cmd, e.to_string(), d).await {
+                        break;
+                    }
+                }
+            }
+            continue;
+        };
+        let started = Instant::now();
+        let end = drive(&inner, &mut l, &mut cmd, &events).await;
+        if started.elapsed() >= STABLE {
+            backoff = opts.backoff_base;
+        }
+        match end {
+            StreamEnd::Shutdown => {
+                l.session.close().await;
+                break;
+            }
+            StreamEnd::Stream(why) if l.session.connection().close_reason().is_none() => {
+                // Same connection: a new control stream after a short pause.
+                let d = jitter(backoff);
+                backoff = (backoff * 2).min(opts.backoff_cap);
+                debug!(error = %why, "mesh control stream ended; rejoining on the same connection");
+                if !pause(&inner, &events, &mut cmd, why, d).await {
+                    l.session.close().await;
+                    break;
+                }
+                match open_stream(&l.session, &opts, &inner).await {
+                    Ok((send, recv, info)) => {
+                        l.send = send;
+                        l.recv = recv;
+                        l.info = info;
+                        inner.link.send_replace(MeshLink::Up(l.info.clone()));
+                        let _ = events.send(MeshEvent::Connected(l.info.clone()));
+                        live = Some(l);
+                    }
+                    Err(ClientError::Rejected(r)) if permanent(&r) => {
+                        l.session.close().await;
+                        refuse(&inner, &events, r.to_string());
+                        return;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "rejoin failed; reconnecting");
+                        l.session.close().await;
+                    }
+                }
+            }
+            StreamEnd::Stream(why) => {
+                let err = l.session.connection().close_reason();
+                let error = err.map_or(why, |e| e.to_string());
+                if !lost(&inner, &events, &mut cmd, error, &opts, &mut backoff, None).await {
+                    break;
+                }
+            }
+            StreamEnd::Connection(e) => {
+                if let ConnectionError::ApplicationClosed(c) = &e {
+                    if c.error_code == VarInt::from_u32(CLOSE_REVOKED) {
+                        refuse(
+                            &inner,
+                            &events,
+                            Rejection::new(Reason::NodeRevoked, "closed by the relay").to_string(),
+                        );
+                        return;
+                    }
+                }
+                let restart = matches!(&e, ConnectionError::ApplicationClosed(c)
+                    if c.error_code == VarInt::from_u32(CLOSE_RESTARTING)
+                        || c.error_code == VarInt::from_u32(CLOSE_REPLACED));
+                let fast = if restart {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::from_millis(100)
+                };
+                if !lost(
+                    &inner,
+                    &events,
+                    &mut cmd,
+                    e.to_string(),
+                    &opts,
+                    &mut backoff,
+                    Some(fast),
+                )
+                .await
+                {
+                    break;
+                }
+            }
+        }
+    }
+    inner.link.send_replace(MeshLink::Stopped);
+}
+
+/// The connection is gone: announce, wait, and let the loop reconnect.
+/// Returns false on shutdown.
+async fn lost(
+    inner: &Inner,
+    events: &broadcast::Sender<MeshEvent>,
+    cmd: &mut mpsc::Receiver<Cmd>,
+    error: String,
+    opts: &MeshOptions,
+    backoff: &mut Duration,
+    first_delay: Option<Duration>,
+) -> bool {
+    warn!(error = %error, "lost the relay; reconnecting");
+    *backoff = opts.backoff_base;
+    let d = jitter(first_delay.unwrap_or(opts.backoff_base));
+    pause(inner, events, cmd, error, d).await
+}
+
+/// Publishes "reconnecting" and sleeps; false if shut down meanwhile.
+async fn pause(
+    inner: &Inner,
+    events: &broadcast::Sender<MeshEvent>,
+    cmd: &mut mpsc::Receiver<Cmd>,
+    error: String,
+    d: Duration,
+) -> bool {
+    inner.link.send_replace(MeshLink::Reconnecting {
+        error: error.clone(),
+        retry_in: d,
+    });
+    let _ = events.send(MeshEvent::Disconnected { error, retry_in: d });
+    let sleep = tokio::time::sleep(d);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            c = cmd.recv() => match c {
+                // Call-me-maybe while down: nobody to tell; dropped.
+                Some(Cmd::CallMeMaybe { .. }) => {}
+                Some(Cmd::Shutdown) | None => return false,
+            },
+        }
+    }
+}
+
+/// Resolves on `Shutdown` (or when the handle is gone); drops other commands.
+async fn wait_shutdown(cmd: &mut mpsc::Receiver<Cmd>) {
+    loop {
+        match cmd.recv().await {
+            Some(Cmd::CallMeMaybe { .. }) => {}
+            Some(Cmd::Shutdown) | None => return,
+        }
+    }
+}
+
+fn refuse(inner: &Inner, events: &broadcast::Sender<MeshEvent>, reason: String) {
+    warn!(reason = %reason, "the relay refused this node; mesh session stopped");
+    inner.link.send_replace(MeshLink::Refused(reason.clone()));
+    let _ = events.send(MeshEvent::Refused(reason));
+}
+
+/// Runs one joined control stream until it or its connection ends.
+async fn drive(
+    inner: &Inner,
+    l: &mut Live,
+    cmd: &mut mpsc::Receiver<Cmd>,
+    events: &broadcast::Sender<MeshEvent>,
+) -> StreamEnd {
+    let conn = l.session.connection().clone();
+    // One resync request at a time: deltas already in flight behind a gap
+    // would each ask again.
+    let mut resync_pending = false;
+    let mut endpoints = inner.endpoints.subscribe();
+    endpoints.mark_unchanged(); // MeshJoin carried the current ones
+    loop {
+        let out: Option<ControlMsg> = tokio::select! {
+            m = read_control(&mut l.recv, MAX_CONTROL_FRAME) => match m {
+                Ok(ControlMsg::Snapshot(s)) => {
+                    apply(inner, events, PeerMapUpdate::Snapshot(s));
+                    resync_pending = false;
+                    None
+                }
+                Ok(ControlMsg::Delta(d)) => {
+                    if apply(inner, events, PeerMapUpdate::Delta(d)) {
+                        resync_pending = false;
+                        None
+                    } else if resync_pending {
+                        None
+                    } else {
+                        resync_pending = true;
+                        // A gap: ask for what is missing from the version held.
+                        let have = inner.map.borrow().version.unwrap_or_default();
+                        debug!(have = ?have, "peer-map gap; resyncing");
+                        Some(ControlMsg::Ack(have))
+                    }
+                }
+                Ok(ControlMsg::CallMeMaybe { peer, endpoints }) => {
+                    let _ = events.send(MeshEvent::CallMeMaybe { peer, endpoints });
+                    None
+                }
+                Ok(other) => return StreamEnd::Stream(format!("relay sent {other:?} on the control stream")),
+                Err(ControlIoError::Io(e)) => {
+                    return match conn.close_reason() {
+                        Some(c) => StreamEnd::Connection(c),
+                        None => StreamEnd::Stream(e.to_string()),
+                    }
+                }
+                Err(e) => return StreamEnd::Stream(e.to_string()),
+            },
+            c = endpoints.changed() => match c {
+                Ok(()) => Some(ControlMsg::EndpointReport(endpoints.borrow_and_update().clone())),
+                Err(_) => return StreamEnd::Shutdown,
+            },
+            c = cmd.recv() => match c {
+                Some(Cmd::CallMeMaybe { peer, endpoints }) => Some(ControlMsg::CallMeMaybe { peer, endpoints }),
+                Some(Cmd::Shutdown) | None => return StreamEnd::Shutdown,
+            },
+            e = conn.closed() => return StreamEnd::Connection(e),
+        };
+        if let Some(m) = out {
+            if let Err(e) = write_control(&mut l.send, &m).await {
+                return match conn.close_reason() {
+                    Some(c) => StreamEnd::Connection(c),
+                    None => StreamEnd::Stream(e.to_string()),
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! The coordinator shell inside the relay: one [`Coordinator`] behind a
+//! mutex, a bounded outgoing queue per node holding a control session, and
+//! a writer thread that persists node records to SQLite.
+//!
+//! One control session: after admission, the node opens a bidirectional
+//! stream whose first frame is [`Message::MeshJoin`]. The relay joins it to
+//! the coordinator as the admitted identity (name from the registry, made a
+//! DNS label; tags from the registry), answers [`Message::MeshAccepted`]
+//! (STUN address, overlay prefixes), and from then on the stream carries
+//! [`ControlMsg`] frames both ways: the node's snapshot and deltas out;
+//! `EndpointReport`, `Ack` (resync) and `CallMeMaybe` in.
+//!
+//! Every coordinator call runs under the hub lock and returns an outbox; the
+//! hub pushes each update into its recipient's queue with `try_send` before
+//! releasing the lock, so per-node order equals version order, the lock is
+//! never held across an await, and encoding happens in each session's own
+//! task. A queue that overflows (a node too slow to read) drops that node's
+//! session; it reconnects and resyncs with its version. The changed record
+//! goes to the writer thread in the same critical section (so writes are
+//! applied in order), which commits batches in one transaction each.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::{lock, revoked, NodeCtx, Shared};
+use crate::config::RelayConfig;
+use crate::coord::wire::{read_control, write_control, ControlIoError, ControlMsg};
+use crate::coord::{
+    clean_candidates, Candidate, CoordError, Coordinator, JoinRequest, NodeId, Outbox, Version,
+};
+use crate::error::{RelayError, StateError};
+use crate::keys::PublicKey;
+use crate::metrics::Metrics;
+use crate::registry::{MeshWrite, Registry};
+use crate::wire::{write_message, Message, Reason, Rejection};
+
+/// Messages queued per node before its session is dropped as too slow.
+pub const SESSION_QUEUE: usize = 4096;
+/// Largest frame the relay reads from a node (endpoint reports, acks and
+/// call-me-maybe are a few hundred bytes).
+pub const MAX_NODE_FRAME: usize = 64 * 1024;
+
+/// Stream reset code: the stream or its connection already failed.
+pub const RESET_ENDED: u32 = 0;
+/// Stream reset code: the node sent something that is not a valid control message.
+pub const RESET_PROTOCOL: u32 = 2;
+/// Stream reset code: the node read too slowly; reconnect and resync.
+pub const RESET_SLOW: u32 = 3;
+/// Stream reset code: a newer session of the node took over, or it left the mesh.
+pub const RESET_SUPERSEDED: u32 = 4;
+
+/// One node's live control session.
+struct Slot {
+    sid: u64,
+    tx: mpsc::Sender<ControlMsg>,
+    /// Dropped with the slot: tells the session task to end.
+    _kill: oneshot::Sender<()>,
+}
+
+/// What the persistence thread is told.
+enum Persist {
+    Write(MeshWrite),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The coordinator and the sessions, under one lock.
+struct Hub {
+    coord: Coordinator,
+    sessions: HashMap<NodeId, Slot>,
+    next_sid: u64,
+    persist: std_mpsc::Sender<Persist>,
+}
+
+/// The mesh part of the relay's shared state.
+pub(super) struct Mesh {
+    hub: Mutex<Hub>,
+    /// Where STUN is answered (as bound).
+    stun: Option<SocketAddr>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Mesh {
+    /// Restores the coordinator from the registry (records of revoked or
+    /// unknown nodes are dropped) with a fresh epoch, and starts the writer.
+    pub(super) fn open(
+        dir: &std::path::Path,
+        registry: &Registry,
+        config: &RelayConfig,
+        stun: Option<SocketAddr>,
+    ) -> Result<Mesh, RelayError> {
+        let mut records = Vec::new();
+        let mut dropped = Vec::new();
+        for rec in registry.mesh_records()? {
+            if registry.is_revoked(&rec.key)? {
+                dropped.push(rec.id);
+            } else {
+                records.push(rec);
+            }
+        }
+        let n = records.len();
+        let epoch = unix_ms();
+        let coord = Coordinator::restore(config.mesh.clone(), epoch, records)
+            .map_err(|source| RelayError::MeshRestore { source })?;
+        let mut writer = Registry::open(dir)?;
+        let (tx, rx) = std_mpsc::channel::<Persist>();
+        for id in dropped {
+            let _ = tx.send(Persist::Write(MeshWrite::Delete(id)));
+        }
+        std::thread::Builder::new()
+            .name("mesh-persist".into())
+            .spawn(move || persist_loop(&mut writer, &rx))
+            .map_err(|e| {
+                RelayError::State(StateError::Io {
+                    path: dir.join("registry.sqlite"),
+                    source: e,
+                })
+            })?;
+        info!(nodes = n, epoch, "mesh coordinator restored");
+        Ok(Mesh {
+            hub: Mutex::new(Hub {
+                coord,
+                sessions: HashMap::new(),
+                next_sid: 1,
+                persist: tx,
+            }),
+            stun,
+        })
+    }
+
+    /// Removes nodes whose keys were revoked: every peer forgets them, their
+    /// sessions end, their records are deleted.
+    pub(super) fn remove_keys(&self, keys: &HashSet<PublicKey>, metrics: &Metrics) {
+        let mut hub = lock(&self.hub);
+        for key in keys {
+            let Some(id) = hub.coord.id_of(key) else {
+                continue;
+            };
+            match hub.coord.remove(id) {
+                Ok((rec, out)) => {
+                    info!(node = %rec.name, key = %key.short(), "revoked node removed from the mesh");
+                    hub.sessions.remove(&id);
+                    hub.persist(MeshWrite::Delete(id));
+                    hub.deliver(out, metrics);
+                }
+                Err(e) => debug!(error = %e, "mesh removal"),
+            }
+        }
+        hub.gauges(metrics);
+    }
+
+    /// Waits until every record change so far is committed (shutdown).
+    pub(super) async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        let sent = lock(&self.hub).persist.send(Persist::Flush(tx)).is_ok();
+        if sent {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await;
+        }
+    }
+}
+
+fn persist_loop(reg: &mut Registry, rx: &std_mpsc::Receiver<Persist>) {
+    while let Ok(first) = rx.recv() {
+        let mut writes = Vec::new();
+        let mut acks = Vec::new();
+        for p in std::iter::once(first).chain(rx.try_iter()) {
+            match p {
+                Persist::Write(w) => writes.push(w),
+                Persist::Flush(a) => acks.push(a),
+            }
+        }
+        if !writes.is_empty() {
+            if let Err(e) = reg.save_mesh(&writes) {
+                warn!(error = %e, changes = writes.len(), "could not persist mesh node records");
+            }
+        }
+        for a in acks {
+            let _ = a.send(());
+        }
+    }
+}
+
+impl Hub {
+    fn persist(&self, w: MeshWrite) {
+        if self.persist.send(Persist::Write(w)).is_err() {
+            warn!("mesh persistence thread is gone; record not saved");
+        }
+    }
+
+    fn persist_record(&self, id: NodeId) {
+        if let Some(rec) = self.coord.record(id) {
+            self.persist(MeshWrite::Upsert(rec.clone()));
+        }
+    }
+
+    /// Queues every update for its recipient if it holds a session; a full
+    /// queue drops that session (its task resets the stream).
+    fn deliver(&mut self, out: Outbox, metrics: &Metrics) {
+        for (to, u) in out {
+            self.send_to(to, ControlMsg::from(u), metrics);
+        }
+    }
+
+    fn send_to(&mut self, to: NodeId, msg: ControlMsg, metrics: &Metrics) -> bool {
+        let Some(slot) = self.sessions.get(&to) else {
+            return false;
+        };
+        match slot.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let name = self.coord.record(to).map(|r| r.name.clone());
+                info!(node = ?name, queue = SESSION_QUEUE, "mesh session too slow; dropping it (the node resyncs)");
+                metrics.mesh_sessions_dropped.inc();
+                self.sessions.remove(&to);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.sessions.remove(&to);
+                false
+            }
+        }
+    }
+
+    fn gauges(&self, metrics: &Metrics) {
+        metrics.mesh_nodes.set(self.coord.len() as i64);
+        metrics.mesh_sessions.set(self.sessions.len() as i64);
+    }
+
+    fn mine(&self, id: NodeId, sid: u64) -> bool {
+        self.sessions.get(&id).is_some_and(|s| s.sid == sid)
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// The stream or connection failed, or the node finished it.
+    Io(ControlIoError),
+    /// Writing the answer failed.
+    Write(crate::wire::FrameError),
+    /// The node sent something invalid.
+    Protocol(String),
+    /// Dropped by the hub (too slow, superseded, removed).
+    Killed,
+}
+
+/// Serves one mesh control stream whose `MeshJoin` was just read.
+pub(super) async fn serve_session(
+    shared: Arc<Shared>,
+    ctx: NodeCtx,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    since: Option<Version>,
+    endpoints: Vec<Candidate>,
+) {
+    let metrics = shared.metrics.clone();
+    let mesh = &shared.mesh;
+    let refuse = |reason, detail: String| Rejection::new(reason, detail);
+    // A revocation committed between this check and the join below is still
+    // caught: the join's record write changes the registry's data_version,
+    // so the revocation watcher re-reads the revoked keys within 0.5 s and
+    // removes the node again.
+    let rejection = if revoked(&shared, &ctx.key) {
+        Some(refuse(Reason::NodeRevoked, format!("node {:?}", ctx.name)))
+    } else {
+        None
+    };
+    let (tx, mut rx) = mpsc::channel::<ControlMsg>(SESSION_QUEUE);
+    let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
+    let joined = match rejection {
+        Some(r) => Err(r),
+        None => {
+            let mut hub = lock(&mesh.hub);
+            let name = hub.coord.suggest_name(&ctx.name, &ctx.key);
+            let req = JoinRequest {
+                key: ctx.key,
+                name,
+                tags: ctx.tags.clone(),
+                endpoints,
+                since,
+            };
+            match hub.coord.join(req) {
+                Ok((id, out)) => {
+                    let sid = hub.next_sid;
+                    hub.next_sid += 1;
+                    // A previous session of the node ends when its slot goes.
+                    hub.sessions.insert(
+                        id,
+                        Slot {
+                            sid,
+                            tx,
+                            _kill: kill_tx,
+                        },
+                    );
+                    hub.persist_record(id);
+                    hub.deliver(out, &metrics);
+                    hub.gauges(&metrics);
+                    let addr = hub.coord.record(id).map(|r| (r.name.clone(), r.ipv4));
+                    Ok((id, sid, addr))
+                }
+                Err(e) => Err(refuse(Reason::BadRequest, join_error(&e))),
+            }
+        }
+    };
+    let (id, sid) = match joined {
+        Ok((id, sid, addr)) => {
+            let (mesh_name, ipv4) = addr.unzip();
+            info!(node = %ctx.name, key = %ctx.key.short(), mesh_name = ?mesh_name, ipv4 = ?ipv4, since = ?since, "joined the mesh");
+            (id, sid)
+        }
+        Err(rej) => {
+            info!(node = %ctx.name, key = %ctx.key.short(), reason = rej.reason.as_str(), detail = %rej.detail, "mesh join refused");
+            metrics.refused(rej.reason);
+            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    lock(&shared.routes).set_mesh_conn(ctx.id, ctx.tags.clone());
+    let accepted = Message::MeshAccepted {
+        stun: mesh.stun,
+        ipv4_pool: shared.config.mesh.ipv4_pool,
+        ipv6_prefix: shared.config.mesh.ipv6_prefix,
+    };
+    let writer = async {
+        if let Err(e) = write_message(&mut send, &accepted).await {
+            return End::Write(e);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut kill_rx => return End::Killed,
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        if let Err(e) = write_control(&mut send, &m).await {
+                            return End::Io(e);
+                        }
+                    }
+                    None => return End::Killed,
+                },
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            let msg = match read_control(&mut recv, MAX_NODE_FRAME).await {
+                Ok(m) => m,
+                Err(ControlIoError::Wire(w)) => return End::Protocol(w.to_string()),
+                Err(e) => return End::Io(e),
+            };
+            if let Err(e) = handle_from_node(&shared, &ctx, id, sid, msg) {
+                return e;
+            }
+        }
+    };
+    let end: End = tokio::select! {
+        e = writer => e,
+        e = reader => e,
+    };
+    let code = match &end {
+        End::Protocol(why) => {
+            info!(node = %ctx.name, error = %why, "bad mesh control message; closing this stream");
+            RESET_PROTOCOL
+        }
+        End::Killed => {
+            let hub = lock(&mesh.hub);
+            if hub.sessions.contains_key(&id) || hub.coord.record(id).is_none() {
+                RESET_SUPERSEDED
+            } else {
+                RESET_SLOW
+            }
+        }
+        End::Io(e) => {
+            debug!(node = %ctx.name, error = %e, "mesh control stream ended");
+            RESET_ENDED
+        }
+        End::Write(e) => {
+            debug!(node = %ctx.name, error = %e, "mesh control stream ended");
+            RESET_ENDED
+        }
+    };
+    let _ = send.reset(VarInt::from_u32(code));
+    let _ = recv.stop(VarInt::from_u32(code));
+    let mut hub = lock(&mesh.hub);
+    let superseded = hub.sessions.get(&id).is_some_and(|s| s.sid != sid);
+    if !superseded {
+        hub.sessions.remove(&id);
+        if let Ok(out) = hub.coord.set_online(id, false) {
+            hub.deliver(out, &metrics);
+        }
+    }
+    hub.gauges(&metrics);
+    info!(node = %ctx.name, superseded, "left the mesh session");
+}
+
+fn join_error(e: &CoordError) -> String {
+    match e {
+        CoordError::BadTag { .. } | CoordError::TooManyTags(_) => {
+            format!("{e}: mesh tags must be lowercase DNS labels (issue a token with such a tag)")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// One message from the node, under the hub lock.
+fn handle_from_node(
+    shared: &Shared,
+    ctx: &NodeCtx,
+    id: NodeId,
+    sid: u64,
+    msg: ControlMsg,
+) -> Result<(), End> {
+    let metrics = &shared.metrics;
+    let mut hub = lock(&shared.mesh.hub);
+    if !hub.mine(id, sid) {
+        return Err(End::Killed);
+    }
+    match msg {
+        ControlMsg::EndpointReport(c) => {
+            let before = hub.coord.record(id).map(|r| r.endpoints.clone());
+            match hub.coord.update_endpoints(id, &c) {
+                Ok(out) => {
+                    let after = hub.coord.record(id).map(|r| &r.endpoints);
+                    if before.as_ref() != after {
+                        debug!(node = %ctx.name, endpoints = ?after, "endpoints changed");
+                        hub.persist_record(id);
+                    }
+                    hub.deliver(out, metrics);
+                }
+                Err(e) => return Err(End::Protocol(e.to_string())),
+            }
+        }
+        ControlMsg::Ack(v) => {
+            let updates = hub
+                .coord
+                .sync(id, Some(v))
+                .map_err(|e| End::Protocol(e.to_string()))?;
+            debug!(node = %ctx.name, have = ?v, updates = updates.len(), "resync");
+            for u in updates {
+                if !hub.send_to(id, ControlMsg::from(u), metrics) {
+                    return Err(End::Killed);
+                }
+            }
+        }
+        ControlMsg::CallMeMaybe { peer, endpoints } => {
+            match hub.coord.call_me_maybe_target(id, &peer) {
+                Some(to) => {
+                    let fwd = ControlMsg::CallMeMaybe {
+                        peer: ctx.key,
+                        endpoints: clean_candidates(&endpoints),
+                    };
+                    let sent = hub.send_to(to, fwd, metrics);
+                    debug!(node = %ctx.name, to = %peer.short(), sent, "call-me-maybe");
+                    metrics.mesh_call_me_maybe(if sent { "forwarded" } else { "offline" });
+                }
+                None => {
+                    debug!(node = %ctx.name, to = %peer.short(), "call-me-maybe not allowed");
+                    metrics.mesh_call_me_maybe("refused");
+                }
+            }
+        }
+        ControlMsg::Snapshot(_) | ControlMsg::Delta(_) => {
+            return Err(End::Protocol("a node sent a peer-map update".into()));
+        }
+    }
+    hub.gauges(metrics);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coord::CoordConfig;
+    use crate::keys::StaticKey;
+
+    fn hub() -> (Hub, std_mpsc::Receiver<Persist>) {
+        let (tx, rx) = std_mpsc::channel();
+        let coord = match Coordinator::new(CoordConfig::default(), 7) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let h = Hub {
+            coord,
+            sessions: HashMap::new(),
+            next_sid: 1,
+            persist: tx,
+        };
+        (h, rx)
+    }
+
+    fn join(h: &mut Hub, tag: &str, name: &str) -> (NodeId, Outbox) {
+        let req = JoinRequest {
+            key: StaticKey::generate().public(),
+            name: name.into(),
+            tags: vec![tag.into()],
+            endpoints: vec![],
+            since: None,
+        };
+        match h.coord.join(req) {
+            Ok(x) => x,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn slot(
+        h: &mut Hub,
+        id: NodeId,
+        cap: usize,
+    ) -> (mpsc::Receiver<ControlMsg>, oneshot::Receiver<()>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let (kill, killed) = oneshot::channel();
+        let sid = h.next_sid;
+        h.next_sid += 1;
+        h.sessions.insert(
+            id,
+            Slot {
+                sid,
+                tx,
+                _kill: kill,
+            },
+        );
+        (rx, killed)
+    }
+
+    #[test]
+    fn a_full_queue_drops_only_that_session_and_others_get_every_delta_in_order() {
+        let (mut h, _persist) = hub();
+        let m = Metrics::new();
+        let (slow, _) = join(&mut h, "engineer", "slow");
+        let (_slow_rx, mut slow_killed) = slot(&mut h, slow, 1);
+        let (fast, _) = join(&mut h, "engineer", "fast");
+        let (mut fast_rx, mut fast_killed) = slot(&mut h, fast, 16);
+        for n in ["w1", "w2", "w3"] {
+            let (_, out) = join(&mut h, "worker", n);
+            h.deliver(out, &m);
+        }
+        assert!(!h.sessions.contains_key(&slow), "overflowing session kept");
+        assert!(matches!(
+            slow_killed.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert_eq!(m.mesh_sessions_dropped.get(), 1);
+        assert!(h.sessions.contains_key(&fast));
+        assert!(matches!(
+            fast_killed.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        let seqs: Vec<u64> = std::iter::from_fn(|| fast_rx.try_recv().ok())
+            .map(|msg| match msg {
+                ControlMsg::Delta(d) => d.version.seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        // The slow node resyncs from what it saw: the deltas it missed.
+        let missed = match h.coord.sync(slow, Some(Version { epoch: 7, seq: 1 })) {
+            Ok(u) => u,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(missed.len(), 2);
+    }
+
+    #[test]
+    fn records_reach_the_writer_in_order() {
+        let (mut h, persist) = hub();
+        let (a, _) = join(&mut h, "worker", "a");
+        h.persist_record(a);
+        let (rec, _) = match h.coord.remove(a) {
+            Ok(x) => x,
+            Err(e) => panic!("{e}"),
+        };
+        h.persist(MeshWrite::Delete(a));
+        let got: Vec<MeshWrite> = persist
+            .try_iter()
+            .filter_map(|p| match p {
+                Persist::Write(w) => Some(w),
+                Persist::Flush(_) => None,
+            })
+            .collect();
+        assert_eq!(got, vec![MeshWrite::Upsert(rec), MeshWrite::Delete(a)]);
+    }
+}
