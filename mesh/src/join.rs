@@ -118,6 +118,17 @@ pub async fn run(
     opts: JoinOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let (tx, _rx) = watch::channel(None);
+    run_with_overlay(opts, tx, shutdown).await
+}
+
+/// [`run`], publishing every new overlay on `overlay_tx` (for callers that
+/// run the node in-process and need the peer map, e.g. to name callers).
+pub async fn run_with_overlay(
+    opts: JoinOptions,
+    overlay_tx: watch::Sender<Option<Arc<crate::managed::Overlay>>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let name = opts.name.clone().unwrap_or_else(hostname);
     let session = MeshSession::connect(&opts.state_dir, opts.token.as_ref(), &name, Vec::new())
         .await
@@ -158,6 +169,7 @@ pub async fn run(
         rx,
         names,
         interface,
+        overlay_tx,
     };
     let parts = ManagedParts {
         io,

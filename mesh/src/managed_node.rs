@@ -129,6 +129,10 @@ pub struct ControlLoop<S: Session> {
     pub names: Arc<RwLock<Names>>,
     /// Interface name (skipped when listing local addresses).
     pub interface: String,
+    /// Publishes every new overlay (peers, names, addresses) to whoever runs
+    /// the node in-process (e.g. the worker agent maps overlay source
+    /// addresses to peer names with it).
+    pub overlay_tx: tokio::sync::watch::Sender<Option<Arc<crate::managed::Overlay>>>,
 }
 
 impl<S: Session> ControlLoop<S> {
@@ -267,6 +271,7 @@ impl<S: Session> ControlLoop<S> {
                     }
                     *names = fresh;
                     drop(names);
+                    self.overlay_tx.send_replace(Some(o.clone()));
                     self.io.filter.set_overlay(o);
                 }
             }
