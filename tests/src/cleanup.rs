@@ -47,6 +47,11 @@ pub fn delete_netns(name: &str) {
         sleep(Duration::from_millis(100));
     }
     let _ = Command::new("ip").args(["netns", "del", name]).status();
+    // Per-namespace files `ip netns exec` bind-mounts (a test's resolv.conf).
+    let etc = std::path::Path::new("/etc/netns").join(name);
+    if etc.is_dir() {
+        let _ = std::fs::remove_dir_all(etc);
+    }
 }
 
 /// Deletes every lab namespace (`wft-*`), whoever made it. For the test command
