@@ -471,7 +471,7 @@ mod tests {
             .passes());
         // Expired flows make room before anything live is evicted.
         let later = t + UDP_IDLE + Duration::from_secs(5);
-        ct.outbound(later, &udp(ME, 5, PEER, 53));
+        ct.outbound(later, &udp(ME, 5000, PEER, 53));
         assert_eq!(ct.len(), 1);
     }
 

@@ -153,6 +153,9 @@ pub struct PeerPath {
     queued: Vec<Action>,
     tx_seed: [u8; 4],
     tx_next: u64,
+    /// The requested probe round may not wait for `min_probe_gap`: new
+    /// candidates, or a peer probing us right now (call-me-maybe).
+    urgent: bool,
 }
 
 fn is_lan(ip: IpAddr) -> bool {
@@ -195,6 +198,7 @@ impl PeerPath {
             queued: Vec::new(),
             tx_seed,
             tx_next: 0,
+            urgent: false,
         }
     }
 
@@ -249,14 +253,19 @@ impl PeerPath {
     pub fn on_candidates(&mut self, now: Instant, addrs: &[SocketAddr]) {
         if self.set_candidates(addrs) && !self.candidates.is_empty() {
             self.request_probe(now, true);
+            // New addresses (a peer that just started or moved): probe now.
+            self.urgent = true;
         }
     }
 
     /// The peer asks us to probe these addresses now (it is probing us).
     pub fn on_call_me_maybe(&mut self, now: Instant, addrs: &[SocketAddr]) {
-        self.set_candidates(addrs);
+        let changed = self.set_candidates(addrs);
         if !self.candidates.is_empty() {
             self.request_probe(now, false);
+            // New addresses from a peer probing us now: answer while its NAT
+            // is open. Repeats of the same set wait for the probe gap.
+            self.urgent |= changed;
         }
     }
 
@@ -418,10 +427,11 @@ impl PeerPath {
         let gap_ok = self
             .last_probe
             .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.min_probe_gap);
-        let requested = self.probe_requested.is_some() && gap_ok;
+        let requested = self.probe_requested.is_some() && (gap_ok || self.urgent);
         if !self.candidates.is_empty() && (periodic || requested) {
             let cmm = self.probe_requested.take().unwrap_or(true);
             self.requested_at = None;
+            self.urgent = false;
             for a in self.candidates.iter().map(|c| c.addr).collect::<Vec<_>>() {
                 out.push(self.ping(now, a));
             }
@@ -466,9 +476,13 @@ impl PeerPath {
                 at(n);
             }
             if let Some(r) = self.requested_at {
-                at(self
-                    .last_probe
-                    .map_or(r, |l| r.max(l + self.cfg.min_probe_gap)));
+                if self.urgent {
+                    at(r);
+                } else {
+                    at(self
+                        .last_probe
+                        .map_or(r, |l| r.max(l + self.cfg.min_probe_gap)));
+                }
             }
         }
         t
