@@ -22,11 +22,11 @@
 #     ┌───────────────────┬─────────────┴───────────┬────────────────────────────────┐
 #   wft-demo-relay      wft-demo-eng              wft-demo-home1 (NAT)             wft-demo-home2 (NAT)
 #   relay 203.0.113.2   engineer 203.0.113.10     wan 203.0.113.21                 wan 203.0.113.22
-#   tunnel-relay serve  overlay 100.64.0.1        lan 192.0.2.1/27                 lan 192.0.2.33/27
+#   tunnel-relay serve  overlay 10.77.0.1         lan 192.0.2.1/27                 lan 192.0.2.33/27
 #   on UDP 4433                                     │                                │
 #                                                 wft-demo-gpu1                    wft-demo-gpu2
 #                                                 192.0.2.2                        192.0.2.34
-#                                                 overlay 100.64.0.11              overlay 100.64.0.12
+#                                                 overlay 10.77.0.11               overlay 10.77.0.12
 #                                                 sshd on the overlay and          sshd on the overlay and
 #                                                 on 127.0.0.1 (for expose)        on 127.0.0.1 (for expose)
 #
@@ -35,13 +35,20 @@
 #
 # Mesh overlay path: the workers' wg-quick configs name the engineer as a peer with an Endpoint and
 # PersistentKeepalive = 25, so they dial out, the engineer learns their NATed address from the handshake,
-# and the tunnel stays open; the engineer runs `ssh root@100.64.0.11`.
+# and the tunnel stays open; the engineer runs `ssh root@10.77.0.11`.
 #
 # Relay tunnel path: the operator runs `tunnel-relay serve` on 203.0.113.2:4433 and creates join tokens;
 # each worker runs `tunnel-relay expose --service ssh=127.0.0.1:22`, which keeps a QUIC connection out to
 # the relay; the engineer logs in with a token and runs
 # `ssh -o ProxyCommand='tunnel-relay connect %h %p' root@gpu-worker-1`. The relay only splices streams
 # that its policy allows (default: tag engineer -> tag worker); a worker opening another worker is refused.
+#
+# Managed mesh (the control plane): the same relay also runs the coordinator. The workers and the
+# engineer run `mesh up --token ... --state-dir ...` (no config files, no keys to exchange); a second
+# engineer, bob, sits behind a hotel's hard NAT (masquerade random) in wft-demo-hotel/wft-demo-bob.
+# Nodes get overlay addresses from 100.64.0.0/10, their peer maps from the coordinator, and find
+# direct paths through the NATs (alice: direct to both workers) or use the relay (bob: hard NAT on his
+# side, easy on the workers': relayed). MagicDNS answers NAME.weft.internal; the engineer SSHes by name.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -81,14 +88,16 @@ NS_W1=${P}gpu1
 NS_R2=${P}home2
 NS_W2=${P}gpu2
 NS_RELAY=${P}relay
+NS_HOTEL=${P}hotel
+NS_BOB=${P}bob
 
 ULA=fd57:6566:7400 # a ULA /48 for the overlay ("Weft" in hex)
 ENG_PUB=203.0.113.10
-ENG_IP4=100.64.0.1
+ENG_IP4=10.77.0.1
 ENG_IP6=$ULA::1
-W1_IP4=100.64.0.11
+W1_IP4=10.77.0.11
 W1_IP6=$ULA::11
-W2_IP4=100.64.0.12
+W2_IP4=10.77.0.12
 W2_IP6=$ULA::12
 WG_PORT=51820
 RELAY_IP=203.0.113.2
@@ -224,6 +233,8 @@ teardown() {
         fi
     done
     delete_weft_namespaces "$P"
+    # MagicDNS resolv.conf files for the engineers' namespaces (ip netns exec bind-mounts them).
+    rm -rf "/etc/netns/$NS_ENG" "/etc/netns/$NS_BOB"
     local ifname
     for ifname in "$IF_ENG" "$IF_W1" "$IF_W2"; do
         rm -f "/var/run/wireguard/$ifname.sock"
@@ -302,8 +313,8 @@ note "engineer       $NS_ENG   wan $ENG_PUB (a public address)"
 
 # A home router: WAN on the internet, a /27 LAN slice of 192.0.2.0/24 behind it, masquerade NAT and the
 # usual home-router firewall (drop unsolicited inbound; see LAB.md for why that matters).
-home_router() { # ROUTER-NS WORKER-NS PORT-NAME WAN-ADDR LAN-GW LAN-HOST
-    local r=$1 w=$2 port=$3 wan=$4 gw=$5 host=$6
+home_router() { # ROUTER-NS WORKER-NS PORT-NAME WAN-ADDR LAN-GW LAN-HOST [random]
+    local r=$1 w=$2 port=$3 wan=$4 gw=$5 host=$6 random=${7:-}
     plug_into_internet "$r" "$port" "$wan"
     ip link add lan netns "$r" type veth peer name lan netns "$w"
     ip -n "$r" addr add "$gw/27" dev lan
@@ -312,11 +323,11 @@ home_router() { # ROUTER-NS WORKER-NS PORT-NAME WAN-ADDR LAN-GW LAN-HOST
     ip -n "$w" link set lan up
     ip -n "$w" route add default via "$gw"
     in_ns "$r" sysctl -qw net.ipv4.ip_forward=1
-    in_ns "$r" nft -f - <<'NFT'
+    in_ns "$r" nft -f - <<NFT
 table ip nat {
     chain post {
         type nat hook postrouting priority 100;
-        oifname "wan" masquerade
+        oifname "wan" masquerade $random
     }
 }
 table inet fw {
@@ -370,7 +381,7 @@ cat >"$lab/$IF_ENG.conf" <<EOF
 # The engineer's machine: public address $ENG_PUB.
 [Interface]
 PrivateKey = $(key eng)
-Address = $ENG_IP4/10, $ENG_IP6/48
+Address = $ENG_IP4/24, $ENG_IP6/48
 ListenPort = $WG_PORT
 MTU = 1420
 
@@ -391,7 +402,7 @@ worker_config() { # WHO IFACE IP4 IP6 LABEL
 # $5: a GPU worker behind a home router's NAT.
 [Interface]
 PrivateKey = $(key "$1")
-Address = $3/10, $4/48
+Address = $3/24, $4/48
 ListenPort = $WG_PORT
 MTU = 1420
 
@@ -684,6 +695,108 @@ in_ns "$NS_RELAY" timeout 5 bash -c 'exec 3<>"/dev/tcp/${1%:*}/${1#*:}" &&
     printf "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n" "$1" >&3 && cat <&3' sh "$METRICS_ADDR" |
     tr -d '\r' | grep '^weft_relay' || die "no metrics from the relay on $METRICS_ADDR"
 
+
+# ---------------------------------------------------------------------------------------------------
+# The managed mesh: the same relay is the coordinator. Nodes join with a token; their identity stays in
+# --state-dir (on real machines /var/lib/weft-mesh). Overlay addresses come from 100.64.0.0/10.
+mesh_managed() { # LABEL NS STATE NAME TOKEN
+    local label=$1 ns=$2 state=$3 name=$4 token=$5
+    print_cmd "$name" mesh up --token "${token:0:12}..." --state-dir "$state" --name "$name" '&'
+    start "mesh-managed-$label" "$ns" env RUST_LOG="${RUST_LOG:-info},netlink_packet_route=error" \
+        "$mesh_bin" up --token "$token" --state-dir "$state" --name "$name" --uapi-dir "$lab/uapi-$label"
+    pid_ns[$last_pid]=$ns
+    pid_if[$last_pid]=weft0
+    wait_for "$name to join the mesh" 20 "$last_pid" grep -q "joined the mesh" "${pid_log[$last_pid]}"
+    note "$name: $(grep -m1 -o 'joined the mesh.*' "${pid_log[$last_pid]}" | sed 's/\x1b\[[0-9;]*m//g')"
+}
+overlay_ip() { # NS: the node's own overlay IPv4 (not MagicDNS's 100.64.0.1)
+    ip -n "$1" -4 -br addr show weft0 | tr ' ' '\n' | grep '/32' | grep -v '^100.64.0.1/' | cut -d/ -f1
+}
+# The endpoint `mesh status --json` shows for the peer with overlay address IP ("relay" or ip:port).
+path_to() { # LABEL NS IP
+    ip netns exec "$2" "$mesh_bin" status --json --interface weft0 --uapi-dir "$lab/uapi-$1" 2>/dev/null |
+        python3 -c 'import json,sys
+d=json.load(sys.stdin); ip=sys.argv[1]
+for p in d.get("peers", []):
+    if any(a.split("/")[0] == ip for a in p.get("allowed_ips", [])): print(p.get("endpoint") or "")' "$3"
+}
+is_direct() { local e; e=$(path_to "$@"); [[ -n $e && $e != relay ]]; }
+is_relay() { [[ $(path_to "$@") == relay ]]; }
+
+banner "managed mesh (1/5): the providers join the mesh with a token: no config file, no key exchange"
+mesh_token=$(token_create worker 2)
+mesh_managed gpu1 "$NS_W1" "$lab/gpu1-mesh" gpu1 "$mesh_token"
+mesh_managed gpu2 "$NS_W2" "$lab/gpu2-mesh" gpu2 "$mesh_token"
+G1=$(overlay_ip "$NS_W1")
+G2=$(overlay_ip "$NS_W2")
+show gpu1 "$NS_W1" ip -br addr show weft0
+
+# ---------------------------------------------------------------------------------------------------
+banner "managed mesh (2/5): two engineers join: alice (public address) and bob (hotel Wi-Fi, hard NAT)"
+for ns in "$NS_HOTEL" "$NS_BOB"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+done
+home_router "$NS_HOTEL" "$NS_BOB" hotel 203.0.113.30 192.0.2.65 192.0.2.66 random
+note "hotel router   $NS_HOTEL wan 203.0.113.30, masquerade random (a new port per destination)"
+note "bob's laptop   $NS_BOB  lan 192.0.2.66"
+for ns in "$NS_ENG" "$NS_BOB"; do
+    # MagicDNS: the engineers' resolver is the node's own 100.64.0.1 (what `resolvectl dns weft0
+    # 100.64.0.1` does on a laptop); ip netns exec bind-mounts this file over /etc/resolv.conf.
+    mkdir -p "/etc/netns/$ns"
+    echo "nameserver 100.64.0.1" >"/etc/netns/$ns/resolv.conf"
+done
+# alice joins with the identity she logged in with on the relay path (one key per machine: the relay
+# knows it, so no token is needed); bob is new and brings a token.
+print_cmd alice mesh up --state-dir "$ENG_STATE" --name alice '&'
+start "mesh-managed-alice" "$NS_ENG" env RUST_LOG="${RUST_LOG:-info},netlink_packet_route=error" \
+    "$mesh_bin" up --state-dir "$ENG_STATE" --name alice --uapi-dir "$lab/uapi-alice"
+pid_ns[$last_pid]=$NS_ENG
+pid_if[$last_pid]=weft0
+wait_for "alice to join the mesh" 20 "$last_pid" grep -q "joined the mesh" "${pid_log[$last_pid]}"
+note "alice: $(grep -m1 -o 'joined the mesh.*' "${pid_log[$last_pid]}" | sed 's/\x1b\[[0-9;]*m//g')"
+mesh_managed bob "$NS_BOB" "$lab/bob-mesh" bob "$(token_create engineer 1)"
+
+# ---------------------------------------------------------------------------------------------------
+banner "managed mesh (3/5): mesh status: alice reaches both workers directly, bob through the relay"
+alice_direct() { is_direct alice "$NS_ENG" "$G1" && is_direct alice "$NS_ENG" "$G2"; }
+bob_relayed() { is_relay bob "$NS_BOB" "$G1" && is_relay bob "$NS_BOB" "$G2"; }
+wait_for "alice's direct paths to gpu1 and gpu2" 20 "" alice_direct
+wait_for "bob's relayed paths to gpu1 and gpu2" 20 "" bob_relayed
+show alice "$NS_ENG" "$mesh_bin" status --interface weft0 --uapi-dir "$lab/uapi-alice"
+show bob "$NS_BOB" "$mesh_bin" status --interface weft0 --uapi-dir "$lab/uapi-bob"
+note "(bob's hotel NAT picks a new port for every destination, so no hole can be punched to an easy NAT:"
+note " his packets go through the relay as QUIC datagrams, still end-to-end WireGuard-encrypted)"
+
+# ---------------------------------------------------------------------------------------------------
+banner "managed mesh (4/5): MagicDNS: the engineers ssh into the workers by name over the mesh"
+start_sshd_mesh() { # LABEL NS HOSTNAME IP4
+    local label=$1 ns=$2 host=$3 ip4=$4 d="$lab/sshd-$1"
+    sed "s/^ListenAddress .*//" "$lab/sshd-$label/sshd_config" >"$d/sshd_config.mesh"
+    echo "ListenAddress $ip4:22" >>"$d/sshd_config.mesh"
+    sed -i "s|^PidFile .*|PidFile $d/sshd-mesh.pid|" "$d/sshd_config.mesh"
+    # shellcheck disable=SC2016 # $1 and $2 are the inner shell's arguments
+    start "sshd-mesh-$label" "$ns" unshare --uts /bin/sh -c 'hostname "$1" && exec /usr/sbin/sshd -D -e -f "$2"' \
+        sh "$host" "$d/sshd_config.mesh"
+    wait_for "sshd on $ip4:22" 10 "$last_pid" sh -c "ip netns exec '$ns' ss -Hltn 'sport = :22' | grep -q '$ip4:22'"
+}
+start_sshd_mesh gpu1 "$NS_W1" gpu-worker-1 "$G1"
+start_sshd_mesh gpu2 "$NS_W2" gpu-worker-2 "$G2"
+show alice "$NS_ENG" getent ahostsv4 gpu1.weft.internal
+# shellcheck disable=SC2016 # expanded by the worker's shell
+show alice "$NS_ENG" ssh "${ssh_opts[@]}" root@gpu1.weft.internal 'echo "$(hostname) by name over the mesh: $SSH_CONNECTION"'
+# shellcheck disable=SC2016 # expanded by the worker's shell
+show bob "$NS_BOB" ssh "${ssh_opts[@]}" root@gpu2.weft.internal 'echo "$(hostname) by name, relayed: $SSH_CONNECTION"'
+
+# ---------------------------------------------------------------------------------------------------
+banner "managed mesh (5/5): the ACL: engineers reach tcp/22 on workers; a worker reaches no other worker"
+print_cmd gpu1 ping -c 1 -W 1 "$G2"
+if in_ns "$NS_W1" ping -c 1 -W 1 "$G2" >/dev/null 2>&1; then
+    die "gpu1 reached gpu2 over the mesh: the default ACL should keep workers apart"
+fi
+note "(no reply: gpu2 is not even in gpu1's peer map; workers see only engineers)"
+show gpu1 "$NS_W1" "$mesh_bin" status --interface weft0 --uapi-dir "$lab/uapi-gpu1"
+
 # ---------------------------------------------------------------------------------------------------
 if [[ $keep == 1 ]]; then
     banner "the lab is up; Ctrl-C tears it down"
@@ -701,6 +814,11 @@ EOF
       ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ProxyCommand='$relay_bin connect --state-dir $ENG_STATE %h %p' root@gpu-worker-1
       ip netns exec $NS_ENG ssh -F $lab/engineer_ssh_config -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu-worker-2
       ip netns exec $NS_RELAY $relay_bin nodes list --state-dir $RELAY_STATE
+EOF
+    cat <<EOF
+    Managed mesh (MagicDNS in the engineers' namespaces):
+      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu1.weft.internal
+      ip netns exec $NS_BOB $mesh_bin status --interface weft0 --uapi-dir $lab/uapi-bob
 EOF
     echo "    Logs: $lab/*.log"
     trap 'exit 0' INT TERM # Ctrl-C is how this mode ends
