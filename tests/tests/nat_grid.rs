@@ -202,7 +202,9 @@ fn run_cell(c: &Cell, tag: &str) -> Result<(), String> {
     let _ = engineer.overlay_ip();
 
     // Traffic flows (at once: through the relay until a direct path answers).
-    let ping = engineer.ns.output(&format!("ping -c 3 -i 0.2 -W 2 {wip}"));
+    let ping = engineer
+        .ns
+        .output(&format!("ping -c 3 -i 0.2 -W 2 -s 1252 -M do {wip}"));
     if !ping.status.success() {
         return Err(format!(
             "ping over the overlay failed: {}\nengineer:\n{}\nworker:\n{}",
@@ -257,10 +259,16 @@ fn run_cell(c: &Cell, tag: &str) -> Result<(), String> {
             "same NAT should use the LAN address, engineer uses {e}"
         ));
     }
-    // Still flows on the chosen path.
-    let ping = engineer.ns.output(&format!("ping -c 2 -i 0.2 -W 2 {wip}"));
-    if !ping.status.success() {
-        return Err(format!("ping after path selection ({e}) failed"));
+    // Still flows on the chosen path, with full-size overlay packets (MTU 1280, don't fragment):
+    // nothing is silently dropped on the relay path either.
+    let ping = engineer
+        .ns
+        .output(&format!("ping -c 3 -i 0.2 -W 2 -s 1252 -M do {wip}"));
+    let text = String::from_utf8_lossy(&ping.stdout).into_owned();
+    if !ping.status.success() || !text.contains(" 0% packet loss") {
+        return Err(format!(
+            "full-size pings after path selection ({e}) were lost: {text}"
+        ));
     }
     Ok(())
 }
