@@ -7,8 +7,9 @@
 //!  disco ────┤                       ├─▶ Path{peer, Relay|Direct(addr)}
 //!  STUN ─────┼─▶ Controller (pure) ──┼─▶ Udp{to, bytes}       disco pings/pongs, STUN
 //!  tick(now) ┤                       ├─▶ Relay{to, bytes}     call-me-maybe via the relay
-//!  on_tx ────┘                       ├─▶ ReportEndpoints      local + reflexive candidates
-//!                                    └─▶ Overlay(Arc)         filter + MagicDNS input
+//!  on_tx ────┤                       ├─▶ ReportEndpoints      local + reflexive candidates
+//!  ping ─────┘                       ├─▶ Overlay(Arc)         filter + MagicDNS input
+//!                                    └─▶ PingReply / PingExpired   `mesh ping` results
 //! ```
 //!
 //! Per peer it keeps a [`PeerPath`] (relay first, direct when a disco ping
@@ -17,6 +18,12 @@
 //! as a sealed disco message inside a relay datagram (the relay forwards
 //! node-to-node datagrams only between nodes its policy lets talk), so both
 //! sides probe at the same moment and open their NATs for each other.
+//!
+//! `mesh ping` ([`Controller::ping`]) sends one disco ping on the peer's
+//! current path: to the direct address, or through the relay. A ping that
+//! arrives through the relay is answered with a pong through the relay (it
+//! proves the peer is alive, never a direct path); a relay pong completes
+//! only a pending `mesh ping` and records the relay RTT for `mesh status`.
 //!
 //! Pure and time-injected: the shell owns sockets, the device, the clock.
 
@@ -79,11 +86,70 @@ pub enum Out {
     ReportEndpoints(Vec<Candidate>),
     /// The overlay changed (addresses, peers, filter, names).
     Overlay(Arc<Overlay>),
+    /// A `mesh ping` was answered.
+    PingReply(PingReply),
+    /// A `mesh ping` got no answer within its timeout (or was pushed out by
+    /// newer ones, see [`MAX_USER_PINGS`]).
+    PingExpired {
+        /// The id passed to [`Controller::ping`].
+        id: u64,
+    },
+}
+
+/// Most `mesh ping`s outstanding at once (the oldest expires first).
+pub const MAX_USER_PINGS: usize = 64;
+
+/// The source address a pong through the relay carries (the relay path has
+/// no UDP source to report).
+pub const RELAY_PONG_SRC: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// The answer to one `mesh ping`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PingReply {
+    /// The id passed to [`Controller::ping`].
+    pub id: u64,
+    /// The peer that answered.
+    pub peer: PublicKey,
+    /// The path the pong came back on (`Direct(its source address)`).
+    pub via: Path,
+    /// From sending the ping to receiving the pong.
+    pub rtt: Duration,
+}
+
+/// Why [`Controller::ping`] sent nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PingError {
+    /// The key is not in the peer map (unknown, or not visible under the ACL).
+    #[error("peer {0} is not in this node's peer map")]
+    UnknownPeer(String),
+}
+
+/// What `mesh status` shows of one peer's control state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerState {
+    /// Where its packets go now.
+    pub path: Path,
+    /// Last disco RTT on the current direct path.
+    pub direct_rtt: Option<Duration>,
+    /// Last RTT of a `mesh ping` through the relay.
+    pub relay_rtt: Option<Duration>,
 }
 
 struct PeerCtl {
     path: PeerPath,
     key: SharedKey,
+    relay_rtt: Option<Duration>,
+}
+
+/// A `mesh ping` waiting for its pong.
+#[derive(Debug, Clone, Copy)]
+struct UserPing {
+    id: u64,
+    peer: PublicKey,
+    tx: TxId,
+    sent: Instant,
+    deadline: Instant,
 }
 
 /// The controller.
@@ -100,6 +166,7 @@ pub struct Controller {
     local: Vec<SocketAddr>,
     reflexive: Option<SocketAddr>,
     reported: Option<Vec<Candidate>>,
+    user_pings: Vec<UserPing>,
     rng: u64,
 }
 
@@ -130,6 +197,7 @@ impl Controller {
             local: Vec::new(),
             reflexive: None,
             reported: None,
+            user_pings: Vec::new(),
             rng: rng_seed | 1,
         }
     }
@@ -147,6 +215,75 @@ impl Controller {
     /// A peer's last measured direct RTT.
     pub fn rtt(&self, peer: &PublicKey) -> Option<Duration> {
         self.peers.get(peer).and_then(|p| p.path.last_rtt())
+    }
+
+    /// A peer's control state for `mesh status`.
+    pub fn peer_state(&self, peer: &PublicKey) -> Option<PeerState> {
+        self.peers.get(peer).map(|p| PeerState {
+            path: p.path.current(),
+            direct_rtt: p.path.last_rtt(),
+            relay_rtt: p.relay_rtt,
+        })
+    }
+
+    /// `mesh ping`: sends one disco ping to `peer` on its current path (the
+    /// direct address, or through the relay). The answer comes out of a
+    /// later input as [`Out::PingReply`] with this `id`, or
+    /// [`Out::PingExpired`] from [`Controller::tick`] after `timeout`.
+    pub fn ping(
+        &mut self,
+        now: Instant,
+        peer: &PublicKey,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Vec<Out>, PingError> {
+        let mut out = Vec::new();
+        let Some(p) = self.peers.get(peer) else {
+            return Err(PingError::UnknownPeer(peer.short()));
+        };
+        let mut t = [0u8; 12];
+        for c in t.chunks_mut(4) {
+            c.copy_from_slice(&seed(&mut self.rng));
+        }
+        let tx = TxId(t);
+        let bytes = ping(&p.key, &self.public, tx);
+        out.push(match p.path.current() {
+            Path::Direct(to) => Out::Udp { to, bytes },
+            Path::Relay => Out::Relay { to: *peer, bytes },
+        });
+        if self.user_pings.len() == MAX_USER_PINGS {
+            let old = self.user_pings.remove(0);
+            out.push(Out::PingExpired { id: old.id });
+        }
+        self.user_pings.push(UserPing {
+            id,
+            peer: *peer,
+            tx,
+            sent: now,
+            deadline: now + timeout,
+        });
+        Ok(out)
+    }
+
+    /// Completes the `mesh ping` of `peer` with transaction `tx`, if any.
+    fn user_pong(
+        &mut self,
+        now: Instant,
+        peer: &PublicKey,
+        tx: TxId,
+        via: Path,
+    ) -> Option<PingReply> {
+        let i = self
+            .user_pings
+            .iter()
+            .position(|u| u.tx == tx && u.peer == *peer)?;
+        let u = self.user_pings.remove(i);
+        Some(PingReply {
+            id: u.id,
+            peer: u.peer,
+            via,
+            rtt: now.saturating_duration_since(u.sent),
+        })
     }
 
     /// Our candidates: interface addresses, then the reflexive one.
@@ -212,6 +349,7 @@ impl Controller {
                     PeerCtl {
                         path: PeerPath::new(self.cfg, s),
                         key,
+                        relay_rtt: None,
                     },
                 );
                 out.push(Out::Path {
@@ -278,18 +416,45 @@ impl Controller {
                 });
                 p.path.on_ping_received(now, from);
             }
+            (Message::Ping { tx, .. }, Via::Relay(k)) => {
+                // A `mesh ping` through the relay: answer the same way. It
+                // proves nothing about a direct path, so the path state
+                // does not move.
+                let pong = p.key.seal_random(
+                    &self.public,
+                    &Message::Pong {
+                        tx,
+                        src: RELAY_PONG_SRC,
+                    },
+                );
+                out.push(Out::Relay { to: k, bytes: pong });
+            }
             (Message::Pong { tx, src }, Via::Udp(from)) => {
                 p.path.on_pong(now, from, tx);
                 // The pong also tells us how the peer sees us (a reflexive
                 // address for NATs that map per destination is not useful
                 // to others, so it is not reported).
                 let _ = src;
+                if let Some(r) = self.user_pong(now, &sender, tx, Path::Direct(from)) {
+                    if let Some(p) = self.peers.get_mut(&sender) {
+                        // Authenticated and from that address: as good as
+                        // WireGuard traffic for the path's liveness.
+                        p.path.on_rx_direct(now, from);
+                    }
+                    out.push(Out::PingReply(r));
+                }
+            }
+            (Message::Pong { tx, .. }, Via::Relay(_)) => {
+                if let Some(r) = self.user_pong(now, &sender, tx, Path::Relay) {
+                    if let Some(p) = self.peers.get_mut(&sender) {
+                        p.relay_rtt = Some(r.rtt);
+                    }
+                    out.push(Out::PingReply(r));
+                }
             }
             (Message::CallMeMaybe { endpoints }, _) => {
                 p.path.on_call_me_maybe(now, &endpoints);
             }
-            // Pings and pongs through the relay prove nothing about a direct path.
-            _ => {}
         }
         self.drive(now, &sender, &mut out);
         out
@@ -329,6 +494,15 @@ impl Controller {
         for k in keys {
             self.drive(now, &k, &mut out);
         }
+        // `mesh ping`s past their deadline, or whose peer left the map.
+        let peers = &self.peers;
+        self.user_pings.retain(|u| {
+            let keep = now < u.deadline && peers.contains_key(&u.peer);
+            if !keep {
+                out.push(Out::PingExpired { id: u.id });
+            }
+            keep
+        });
         out
     }
 
@@ -338,6 +512,7 @@ impl Controller {
             .values()
             .filter_map(|p| p.path.poll_timeout())
             .chain(self.next_stun)
+            .chain(self.user_pings.iter().map(|u| u.deadline))
             .min()
     }
 
@@ -392,6 +567,7 @@ mod tests {
         addr: SocketAddr,
         paths: HashMap<PublicKey, Path>,
         reported: Vec<Candidate>,
+        replies: Vec<PingReply>,
     }
 
     fn tk(k: &PublicKey) -> tunnel_relay::PublicKey {
@@ -433,6 +609,7 @@ mod tests {
             addr: SocketAddr::from(([198, 51, 100, n], 41641)),
             paths: HashMap::new(),
             reported: Vec::new(),
+            replies: Vec::new(),
         }
     }
 
@@ -462,6 +639,10 @@ mod tests {
                 }
                 Out::ReportEndpoints(c) => {
                     src.reported = c;
+                    Vec::new()
+                }
+                Out::PingReply(r) => {
+                    src.replies.push(r);
                     Vec::new()
                 }
                 _ => Vec::new(),
@@ -606,5 +787,129 @@ mod tests {
         assert_eq!(rep[1].kind, CandidateKind::Reflexive);
         // Next refresh is the slow one; a repeat answer reports nothing new.
         assert!(a.ctl.poll_timeout().unwrap() >= t0 + STUN_REFRESH);
+    }
+
+    /// Two sides with peer maps applied; `direct` says whether UDP works.
+    fn pair(direct: bool) -> (Side, Side, Instant) {
+        let mut a = side(1);
+        let mut b = side(2);
+        let t0 = Instant::now();
+        let oa = a.ctl.set_local_addrs(vec![a.addr]);
+        run(&mut a, &mut b, t0, oa, true, direct);
+        let ob = b.ctl.set_local_addrs(vec![b.addr]);
+        run(&mut a, &mut b, t0, ob, false, direct);
+        let ma = map_for(&a, &b, 1, 2, "engineer");
+        let oa = a.ctl.on_peer_map(t0, &ma);
+        run(&mut a, &mut b, t0, oa, true, direct);
+        let mb = map_for(&b, &a, 2, 1, "worker");
+        let ob = b.ctl.on_peer_map(t0, &mb);
+        run(&mut a, &mut b, t0, ob, false, direct);
+        let mut now = t0;
+        for _ in 0..20 {
+            now += Duration::from_millis(100);
+            let oa = a.ctl.tick(now);
+            run(&mut a, &mut b, now, oa, true, direct);
+            let ob = b.ctl.tick(now);
+            run(&mut a, &mut b, now, ob, false, direct);
+        }
+        (a, b, now)
+    }
+
+    #[test]
+    fn user_ping_on_the_relay_path_is_answered_through_the_relay() {
+        let (mut a, mut b, now) = pair(false);
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Relay));
+        let out = a.ctl.ping(now, &b.key, 7, Duration::from_secs(2)).unwrap();
+        assert!(
+            matches!(&out[..], [Out::Relay { to, .. }] if *to == b.key),
+            "one ping through the relay: {out:?}"
+        );
+        // b answers through the relay; its path does not move.
+        let (bk, ak) = (b.key, a.key);
+        let Out::Relay { bytes, .. } = &out[0] else {
+            unreachable!()
+        };
+        let answer = b.ctl.on_disco(now, Via::Relay(ak), bytes);
+        let pong = answer
+            .iter()
+            .find_map(|o| match o {
+                Out::Relay { to, bytes } if *to == ak => Some(bytes.clone()),
+                _ => None,
+            })
+            .expect("a pong through the relay");
+        assert_eq!(b.ctl.path(&ak), Some(Path::Relay));
+        let later = now + Duration::from_millis(40);
+        let got = a.ctl.on_disco(later, Via::Relay(bk), &pong);
+        let reply = got
+            .iter()
+            .find_map(|o| match o {
+                Out::PingReply(r) => Some(r.clone()),
+                _ => None,
+            })
+            .expect("the ping completes");
+        assert_eq!(reply.id, 7);
+        assert_eq!(reply.peer, bk);
+        assert_eq!(reply.via, Path::Relay);
+        assert_eq!(reply.rtt, Duration::from_millis(40));
+        let st = a.ctl.peer_state(&bk).unwrap();
+        assert_eq!(st.path, Path::Relay);
+        assert_eq!(st.relay_rtt, Some(Duration::from_millis(40)));
+        assert_eq!(st.direct_rtt, None);
+        // The same pong again completes nothing.
+        let again = a.ctl.on_disco(later, Via::Relay(bk), &pong);
+        assert!(!again.iter().any(|o| matches!(o, Out::PingReply(_))));
+        // A relay pong never makes a path direct.
+        assert_eq!(a.ctl.path(&bk), Some(Path::Relay));
+    }
+
+    #[test]
+    fn user_ping_on_a_direct_path_says_which_address_answered() {
+        let (mut a, mut b, now) = pair(true);
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
+        let out = a.ctl.ping(now, &b.key, 1, Duration::from_secs(2)).unwrap();
+        assert!(matches!(&out[..], [Out::Udp { to, .. }] if *to == b.addr));
+        run(&mut a, &mut b, now, out, true, true);
+        assert_eq!(a.replies.len(), 1);
+        assert_eq!(a.replies[0].id, 1);
+        assert_eq!(a.replies[0].via, Path::Direct(b.addr));
+        assert!(a.ctl.peer_state(&b.key).unwrap().direct_rtt.is_some());
+    }
+
+    #[test]
+    fn user_ping_expires_and_unknown_peers_are_refused() {
+        let (mut a, b, now) = pair(false);
+        let stranger = PrivateKey::generate().public_key();
+        assert!(matches!(
+            a.ctl.ping(now, &stranger, 1, Duration::from_secs(1)),
+            Err(PingError::UnknownPeer(_))
+        ));
+        // The relay loses it: expired after the timeout, not before.
+        let _lost = a.ctl.ping(now, &b.key, 9, Duration::from_secs(1)).unwrap();
+        assert!(a.ctl.poll_timeout().unwrap() <= now + Duration::from_secs(1));
+        let early = a.ctl.tick(now + Duration::from_millis(900));
+        assert!(!early.iter().any(|o| matches!(o, Out::PingExpired { .. })));
+        let late = a.ctl.tick(now + Duration::from_secs(1));
+        assert!(late.iter().any(|o| matches!(o, Out::PingExpired { id: 9 })));
+        // Bounded: the oldest gives way.
+        let mut expired = Vec::new();
+        for id in 0..(MAX_USER_PINGS as u64 + 2) {
+            for o in a.ctl.ping(now, &b.key, id, Duration::from_secs(5)).unwrap() {
+                if let Out::PingExpired { id } = o {
+                    expired.push(id);
+                }
+            }
+        }
+        assert_eq!(expired, vec![0, 1]);
+    }
+
+    #[test]
+    fn relay_ping_from_a_key_the_relay_does_not_vouch_for_is_ignored() {
+        let (mut a, mut b, now) = pair(false);
+        let out = a.ctl.ping(now, &b.key, 3, Duration::from_secs(2)).unwrap();
+        let Out::Relay { bytes, .. } = &out[0] else {
+            unreachable!()
+        };
+        let other = PrivateKey::generate().public_key();
+        assert!(b.ctl.on_disco(now, Via::Relay(other), bytes).is_empty());
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod disco;
 pub mod key;
 pub mod status;

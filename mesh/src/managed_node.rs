@@ -7,6 +7,11 @@
 //! loop does not care how the session reconnects; the data plane keeps its
 //! peers and paths while the session is down (only new peer-map changes
 //! wait for it).
+//!
+//! The loop also serves the local control socket (`crate::ctl`) for
+//! `mesh status` and `mesh ping`: it publishes a [`ManagedStatus`] on a
+//! `watch` channel after every change and once a second, and takes
+//! `mesh ping` requests from a bounded channel; clients never hold it up.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -15,18 +20,21 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ipnet::IpNet;
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::VIRTIO_NET_HDR_LEN;
 use tunnel_relay::coord::{Candidate, PeerMap};
+use tunnel_relay::mesh_client::MeshLink;
 use tunnel_relay::relay_path::RelayPath;
 
 use crate::control::{Controller, Out, Via};
+use crate::ctl::{PingCmd, PingOutcome};
 use crate::device::{relay_index, Outgoing};
 use crate::dns::Names;
 use crate::egress::{CtlPacket, ManagedIo};
 use crate::key::PublicKey;
 use crate::node::Handles;
 use crate::path::Path;
+use crate::status::{ManagedStatus, RelayStatus};
 
 /// The overlay's IPv4 pool (routed to the interface as a whole).
 pub const IPV4_POOL: &str = "100.64.0.0/10";
@@ -52,6 +60,60 @@ pub trait Session: Send + 'static {
     fn stun_addr(&self) -> Option<SocketAddr>;
     /// Reports our direct-path candidates.
     fn report_endpoints(&self, endpoints: Vec<Candidate>);
+    /// The relay link for `mesh status` (default: from [`Session::relay_path`],
+    /// without the relay's address or the reason of an outage).
+    fn relay_status(&self) -> RelayStatus {
+        match self.relay_path() {
+            Some(_) => RelayStatus::Connected { address: None },
+            None => RelayStatus::Reconnecting {
+                error: None,
+                retry_in_ms: None,
+            },
+        }
+    }
+}
+
+/// The relay link of a [`tunnel_relay::mesh_client::MeshSession`] as
+/// `mesh status` shows it.
+pub fn relay_status(link: &MeshLink) -> RelayStatus {
+    match link {
+        MeshLink::Connecting => RelayStatus::Connecting,
+        MeshLink::Up(i) => RelayStatus::Connected {
+            address: Some(i.relay),
+        },
+        MeshLink::Reconnecting { error, retry_in } => RelayStatus::Reconnecting {
+            error: Some(error.clone()),
+            retry_in_ms: Some(retry_in.as_millis() as u64),
+        },
+        MeshLink::Refused(reason) => RelayStatus::Refused {
+            reason: reason.clone(),
+        },
+        MeshLink::Stopped => RelayStatus::Stopped,
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Outstanding `mesh ping` requests from the control socket.
+#[derive(Default)]
+struct Pings {
+    waiting: std::collections::HashMap<u64, oneshot::Sender<PingOutcome>>,
+    next_id: u64,
+}
+
+impl Pings {
+    fn finish(&mut self, id: u64, outcome: PingOutcome) {
+        if let Some(tx) = self.waiting.remove(&id) {
+            let _ = tx.send(outcome);
+        }
+    }
 }
 
 /// IP addresses of this host's interfaces that peers might reach directly:
@@ -143,6 +205,19 @@ impl<S: Session> ControlLoop<S> {
             h.link.add_route(net).await?;
         }
         let _dns = serve_dns(&h, self.names.clone()).await?;
+        let ctl_path = crate::ctl::socket_path(&h.uapi_socket);
+        let ctl_server = crate::ctl::Server::bind(&ctl_path)?;
+        let (status_tx, status_rx) = watch::channel(Arc::new(self.status(&h)));
+        let (ping_tx, mut ping_rx) = mpsc::channel::<PingCmd>(64);
+        // Aborted when this loop ends or is dropped (node shutdown): the
+        // server's drop removes the socket file.
+        let _ctl_task = AbortOnDrop(tokio::spawn(ctl_server.serve(
+            status_rx,
+            Some(h.device.clone()),
+            ping_tx,
+        )));
+        tracing::info!(socket = %ctl_path.display(), "control socket for mesh status and mesh ping");
+        let mut pings = Pings::default();
         let relay_task = tokio::spawn(relay_rx(h.clone(), self.io.clone()));
         let port = h.device.listen_port;
         let locals: Vec<SocketAddr> = local_ips(&self.interface)
@@ -150,14 +225,15 @@ impl<S: Session> ControlLoop<S> {
             .map(|ip| SocketAddr::new(ip, port))
             .collect();
         let outs = self.ctl.set_local_addrs(locals);
-        self.apply(&h, outs);
+        self.apply(&h, outs, &mut pings);
         self.io.relay.set(self.session.relay_path());
         let mut stun = self.session.stun_addr();
         self.ctl.set_stun_server(Instant::now(), stun);
         let outs = self
             .ctl
             .on_peer_map(Instant::now(), &self.session.peer_map());
-        self.apply(&h, outs);
+        self.apply(&h, outs, &mut pings);
+        status_tx.send_replace(Arc::new(self.status(&h)));
         let mut stats = tokio::time::interval(Duration::from_millis(200));
         let mut ticks: u64 = 0;
         let mut local_now = local_ips(&self.interface);
@@ -169,6 +245,7 @@ impl<S: Session> ControlLoop<S> {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 alive = self.session.changed() => {
+                    status_tx.send_replace(Arc::new(self.status(&h)));
                     if !alive {
                         break Ok(());
                     }
@@ -179,7 +256,22 @@ impl<S: Session> ControlLoop<S> {
                         self.ctl.set_stun_server(Instant::now(), s);
                     }
                     let outs = self.ctl.on_peer_map(Instant::now(), &self.session.peer_map());
-                    self.apply(&h, outs);
+                    self.apply(&h, outs, &mut pings);
+                    status_tx.send_replace(Arc::new(self.status(&h)));
+                }
+                Some(cmd) = ping_rx.recv() => {
+                    let id = pings.next_id;
+                    pings.next_id += 1;
+                    match self.ctl.ping(Instant::now(), &cmd.peer, id, cmd.timeout) {
+                        Ok(outs) => {
+                            tracing::debug!(peer = %cmd.peer.short(), id, "mesh ping");
+                            pings.waiting.insert(id, cmd.reply);
+                            self.apply(&h, outs, &mut pings);
+                        }
+                        Err(e) => {
+                            let _ = cmd.reply.send(PingOutcome::Failed(e.to_string()));
+                        }
+                    }
                 }
                 Some(p) = self.rx.recv() => {
                     let now = Instant::now();
@@ -190,11 +282,15 @@ impl<S: Session> ControlLoop<S> {
                         },
                         CtlPacket::Relay(k, b) => self.ctl.on_disco(now, Via::Relay(k), &b),
                     };
-                    self.apply(&h, outs);
+                    if self.apply(&h, outs, &mut pings) {
+                        status_tx.send_replace(Arc::new(self.status(&h)));
+                    }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let outs = self.ctl.tick(Instant::now());
-                    self.apply(&h, outs);
+                    if self.apply(&h, outs, &mut pings) {
+                        status_tx.send_replace(Arc::new(self.status(&h)));
+                    }
                 }
                 _ = stats.tick() => {
                     // Liveness of direct paths from the data path's counters.
@@ -208,7 +304,7 @@ impl<S: Session> ControlLoop<S> {
                             local_now = ips;
                             let locals = local_now.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
                             let outs = self.ctl.set_local_addrs(locals);
-                            self.apply(&h, outs);
+                            self.apply(&h, outs, &mut pings);
                             // Learn the new reflexive address now.
                             self.ctl.set_stun_server(now, stun);
                         }
@@ -230,7 +326,11 @@ impl<S: Session> ControlLoop<S> {
                             }
                         }
                     }
-                    self.apply(&h, outs);
+                    self.apply(&h, outs, &mut pings);
+                    if ticks % 5 == 0 {
+                        // Counters and handshakes for `mesh status`, once a second.
+                        status_tx.send_replace(Arc::new(self.status(&h)));
+                    }
                 }
             }
         };
@@ -238,8 +338,28 @@ impl<S: Session> ControlLoop<S> {
         result
     }
 
-    fn apply(&mut self, h: &Handles, outs: Vec<Out>) {
+    /// The state `mesh status` shows, from the controller and the device.
+    fn status(&self, h: &Handles) -> ManagedStatus {
+        let now = std::time::SystemTime::now();
+        crate::status::managed_status(
+            &self.interface,
+            self.ctl.overlay().map(|o| &**o),
+            &self.ctl,
+            &h.device.info(now),
+            self.session.relay_status(),
+            now,
+        )
+    }
+
+    /// Applies the controller's outputs; `true` when `mesh status` would
+    /// show something new (a path, the overlay, candidates, a relay RTT).
+    fn apply(&mut self, h: &Handles, outs: Vec<Out>, pings: &mut Pings) -> bool {
+        let mut changed = false;
         for o in outs {
+            changed |= matches!(
+                o,
+                Out::Path { .. } | Out::Overlay(_) | Out::ReportEndpoints(_) | Out::PingReply(_)
+            );
             match o {
                 Out::Udp { to, bytes } => {
                     if let Err(e) = h.net.udp.try_send(to, &bytes) {
@@ -261,6 +381,14 @@ impl<S: Session> ControlLoop<S> {
                     Path::Direct(a) => h.device.set_endpoint(&peer, a),
                 },
                 Out::ReportEndpoints(c) => self.session.report_endpoints(c),
+                Out::PingReply(r) => pings.finish(
+                    r.id,
+                    PingOutcome::Pong {
+                        via: r.via,
+                        rtt: r.rtt,
+                    },
+                ),
+                Out::PingExpired { id } => pings.finish(id, PingOutcome::Timeout),
                 Out::Overlay(o) => {
                     let mut names = self.names.write();
                     let mut fresh = Names::new(names.domain()).unwrap_or_else(|_| names.clone());
@@ -276,6 +404,7 @@ impl<S: Session> ControlLoop<S> {
                 }
             }
         }
+        changed
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Handles {
     pub net: Arc<Net>,
     /// The interface, for address and route changes.
     pub link: Link,
+    /// The UAPI socket's path (a managed node's control socket sits next to it).
+    pub uapi_socket: PathBuf,
 }
 
 /// A managed node's additions: its data-path parts and a task to start once
@@ -247,6 +249,7 @@ async fn serve(
             tun: tun.clone(),
             net: net.clone(),
             link: link.clone(),
+            uapi_socket: uapi_listener.path().to_owned(),
         }));
     }
     tasks.spawn(uapi::serve(

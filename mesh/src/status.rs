@@ -1,13 +1,27 @@
-//! `mesh status`: ask a running node for its state over the UAPI socket and
-//! render it like `wg show`, or as JSON.
+//! `mesh status`: ask a running node for its state and render it like
+//! `wg show`, or as JSON.
+//!
+//! A static (wg-quick) node is asked over its UAPI socket ([`query`],
+//! [`render_human`], [`render_json`]). A managed node also serves its local
+//! control socket (`crate::ctl`), which answers with a [`ManagedStatus`]
+//! built by the control loop ([`managed_status`]): the same fields plus the
+//! mesh's view (names, overlay addresses, tags, path, latency, relay link,
+//! candidates); see [`ManagedStatus`] for the JSON format.
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tunnel_relay::coord::{Candidate, CandidateKind};
+
+use crate::control::Controller;
+use crate::managed::Overlay;
+use crate::path::Path as PeerPathKind;
 use crate::uapi::codec::{parse_get_response, DeviceInfo, PeerInfo, UapiError};
 
 /// How long to wait for the node to accept, answer or take the request.
@@ -138,6 +152,15 @@ pub fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> Stri
     out
 }
 
+/// An endpoint as users read it: `relay` for the relay path.
+fn endpoint_text(ep: &std::net::SocketAddr) -> String {
+    if crate::device::relay_index(ep).is_some() {
+        "relay".to_owned()
+    } else {
+        ep.to_string()
+    }
+}
+
 /// Renders the state as JSON. This is the documented, stable format of
 /// `mesh status --json`; fields are only ever added, never changed:
 ///
@@ -162,15 +185,6 @@ pub fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> Stri
 /// ```
 ///
 /// Private and preshared keys are never included.
-/// An endpoint as users read it: `relay` for the relay path.
-fn endpoint_text(ep: &std::net::SocketAddr) -> String {
-    if crate::device::relay_index(ep).is_some() {
-        "relay".to_owned()
-    } else {
-        ep.to_string()
-    }
-}
-
 pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value {
     let now = since_epoch(now);
     let peers: Vec<Value> = sorted_peers(info)
@@ -194,6 +208,352 @@ pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value
         "listen_port": info.listen_port,
         "peers": peers,
     })
+}
+
+/// A managed node's state, as its control socket sends it and as
+/// `mesh status --json` prints it. Documented and stable like
+/// [`render_json`]'s format, of which it is a superset (every field there
+/// is here with the same meaning; fields are only ever added):
+///
+/// ```text
+/// {
+///   "interface": "weft0",
+///   "mode": "managed",                  // absent in the static format
+///   "public_key": "base64…" | null,
+///   "listen_port": 41641,
+///   "self": {"name": "alice", "ipv4": "100.64.0.7", "ipv6": "fd7a:7765:6674::6440:7",
+///            "tags": ["engineer"]} | null,          // null before the first peer map
+///   "relay": {"state": "connected", "address": "203.0.113.1:443" | null}
+///          | {"state": "connecting"}
+///          | {"state": "reconnecting", "error": "…" | null, "retry_in_ms": 500 | null}
+///          | {"state": "refused", "reason": "node revoked"}
+///          | {"state": "stopped"},
+///   "candidates": [{"addr": "192.168.1.7:41641", "kind": "local" | "reflexive"}],
+///   "peers": [                          // sorted by name
+///     {
+///       "name": "gpu1",                 // the MagicDNS name
+///       "public_key": "base64…",
+///       "ipv4": "100.64.0.9", "ipv6": "fd7a:7765:6674::6440:9",
+///       "tags": ["worker"],
+///       "online": true,                 // holds a control session to the coordinator
+///       "path": "direct" | "relay",
+///       "endpoint": "198.51.100.6:41641" | "relay" | null,
+///       "latency_ms": 0.41 | null,      // direct: last disco RTT on the path;
+///                                       // relay: last `mesh ping` RTT through it
+///       "allowed_ips": ["100.64.0.9/32", "fd7a:7765:6674::6440:9/128"],
+///       "latest_handshake_unix": 1700000000 | null,
+///       "latest_handshake_age_s": 65 | null,
+///       "rx_bytes": 1234, "tx_bytes": 5678,
+///       "persistent_keepalive_s": null
+///     }
+///   ]
+/// }
+/// ```
+///
+/// Private keys are never included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManagedStatus {
+    /// Interface name.
+    pub interface: String,
+    /// Always `managed`.
+    pub mode: String,
+    /// The node's public key (base64).
+    pub public_key: Option<String>,
+    /// The WireGuard UDP port.
+    pub listen_port: u16,
+    /// The node itself, as the coordinator registered it.
+    #[serde(rename = "self")]
+    pub node: Option<NodeStatus>,
+    /// The control session's link to the relay.
+    pub relay: RelayStatus,
+    /// Our direct-path candidates as reported to the coordinator.
+    pub candidates: Vec<Candidate>,
+    /// Visible peers, sorted by name.
+    pub peers: Vec<ManagedPeer>,
+}
+
+/// The node itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Mesh name.
+    pub name: String,
+    /// Overlay IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// Tags (from the join token).
+    pub tags: Vec<String>,
+}
+
+/// The relay link as `mesh status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RelayStatus {
+    /// First attempt in progress.
+    Connecting,
+    /// Joined; peer-map updates and relayed packets flow.
+    Connected {
+        /// The relay's address.
+        address: Option<SocketAddr>,
+    },
+    /// Lost; retrying (existing paths keep working).
+    Reconnecting {
+        /// Why the last attempt or connection failed.
+        error: Option<String>,
+        /// Delay before the next attempt.
+        retry_in_ms: Option<u64>,
+    },
+    /// Refused for good (revoked, ...).
+    Refused {
+        /// The relay's reason.
+        reason: String,
+    },
+    /// Closed.
+    Stopped,
+}
+
+/// One peer of a managed node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManagedPeer {
+    /// Mesh name.
+    pub name: String,
+    /// Public key (base64).
+    pub public_key: String,
+    /// Overlay IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Connected to the coordinator.
+    pub online: bool,
+    /// `direct` or `relay`.
+    pub path: String,
+    /// The WireGuard endpoint (`relay` on the relay path).
+    pub endpoint: Option<String>,
+    /// See the format above.
+    pub latency_ms: Option<f64>,
+    /// WireGuard AllowedIPs.
+    pub allowed_ips: Vec<String>,
+    /// Last completed handshake, seconds since the epoch.
+    pub latest_handshake_unix: Option<u64>,
+    /// Seconds since then, as of rendering.
+    pub latest_handshake_age_s: Option<u64>,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Persistent keepalive (managed nodes use disco keepalives instead).
+    pub persistent_keepalive_s: Option<u16>,
+}
+
+fn ms(d: Duration) -> f64 {
+    // Microsecond resolution is plenty for people.
+    (d.as_micros() as f64) / 1000.0
+}
+
+/// Builds a managed node's status from the control state and the device's
+/// counters (pure: the control loop calls it with its own parts).
+pub fn managed_status(
+    interface: &str,
+    overlay: Option<&Overlay>,
+    ctl: &Controller,
+    info: &DeviceInfo,
+    relay: RelayStatus,
+    now: SystemTime,
+) -> ManagedStatus {
+    let mut peers: Vec<ManagedPeer> = Vec::new();
+    if let Some(o) = overlay {
+        for (key, p) in &o.peers {
+            let state = ctl.peer_state(key);
+            let (path, latency) = match state.map(|s| (s.path, s)) {
+                Some((PeerPathKind::Direct(_), s)) => ("direct", s.direct_rtt),
+                Some((PeerPathKind::Relay, s)) => ("relay", s.relay_rtt),
+                None => ("relay", None),
+            };
+            peers.push(ManagedPeer {
+                name: p.name.clone(),
+                public_key: key.to_base64(),
+                ipv4: p.ipv4,
+                ipv6: p.ipv6,
+                tags: p.tags.clone(),
+                online: p.online,
+                path: path.to_owned(),
+                endpoint: None,
+                latency_ms: latency.map(ms),
+                allowed_ips: Vec::new(),
+                latest_handshake_unix: None,
+                latest_handshake_age_s: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                persistent_keepalive_s: None,
+            });
+        }
+    }
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut st = ManagedStatus {
+        interface: interface.to_owned(),
+        mode: "managed".to_owned(),
+        public_key: info
+            .private_key
+            .as_ref()
+            .map(|k| k.public_key().to_base64()),
+        listen_port: info.listen_port,
+        node: overlay.map(|o| NodeStatus {
+            name: o.me.name.clone(),
+            ipv4: o.me.ipv4,
+            ipv6: o.me.ipv6,
+            tags: o.me.tags.clone(),
+        }),
+        relay,
+        candidates: ctl.candidates(),
+        peers,
+    };
+    st.refresh_counters(info, now);
+    st
+}
+
+impl ManagedStatus {
+    /// Takes the WireGuard side (endpoint, AllowedIPs, handshake, byte
+    /// counts) from the device as of `now`: the control socket calls this
+    /// per request, so counters are current even though the control state
+    /// is a snapshot.
+    pub fn refresh_counters(&mut self, info: &DeviceInfo, now: SystemTime) {
+        let by_key: std::collections::HashMap<String, &PeerInfo> = info
+            .peers
+            .iter()
+            .map(|d| (d.public_key.to_base64(), d))
+            .collect();
+        for p in &mut self.peers {
+            let Some(d) = by_key.get(&p.public_key) else {
+                continue;
+            };
+            p.endpoint = d.endpoint.map(|e| endpoint_text(&e));
+            p.allowed_ips = d.allowed_ips.iter().map(ToString::to_string).collect();
+            p.latest_handshake_unix = d.last_handshake.map(|h| h.as_secs());
+            p.rx_bytes = d.rx_bytes;
+            p.tx_bytes = d.tx_bytes;
+            p.persistent_keepalive_s = d.persistent_keepalive;
+        }
+        self.listen_port = info.listen_port;
+        self.refresh_ages(now);
+    }
+
+    /// Recomputes the handshake ages for `now` (the snapshot may be up to a
+    /// second old when it is rendered).
+    pub fn refresh_ages(&mut self, now: SystemTime) {
+        let now = since_epoch(now).as_secs();
+        for p in &mut self.peers {
+            p.latest_handshake_age_s = p.latest_handshake_unix.map(|h| now.saturating_sub(h));
+        }
+    }
+
+    /// The peer called `target` (also `NAME.<MagicDNS domain>`), or owning
+    /// overlay address `target`.
+    pub fn find_peer(&self, target: &str) -> Option<&ManagedPeer> {
+        if let Ok(ip) = target.parse::<std::net::IpAddr>() {
+            return self.peers.iter().find(|p| ip == p.ipv4 || ip == p.ipv6);
+        }
+        let t = target.trim_end_matches('.').to_ascii_lowercase();
+        let suffix = format!(".{}", crate::dns::DEFAULT_DOMAIN);
+        let name = t.strip_suffix(&suffix).unwrap_or(&t);
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
+
+/// A duration in milliseconds as people read it: `0.42 ms`, `12 ms`, `1.5 s`.
+pub fn fmt_ms(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{:.1} s", ms / 1000.0)
+    }
+}
+
+fn tags_text(tags: &[String]) -> String {
+    if tags.is_empty() {
+        "(none)".to_owned()
+    } else {
+        tags.join(", ")
+    }
+}
+
+/// Renders a managed node's state: `wg show`'s layout with the mesh's view.
+pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
+    let mut out = format!("interface: {} (managed)\n", s.interface);
+    if let Some(n) = &s.node {
+        out += &format!("  node: {} ({}, {})\n", n.name, n.ipv4, n.ipv6);
+        out += &format!("  tags: {}\n", tags_text(&n.tags));
+    }
+    if let Some(k) = &s.public_key {
+        out += &format!("  public key: {k}\n");
+    }
+    if s.listen_port != 0 {
+        out += &format!("  listening port: {}\n", s.listen_port);
+    }
+    let relay = match &s.relay {
+        RelayStatus::Connecting => "connecting".to_owned(),
+        RelayStatus::Connected { address: Some(a) } => format!("connected to {a}"),
+        RelayStatus::Connected { address: None } => "connected".to_owned(),
+        RelayStatus::Reconnecting { error, retry_in_ms } => {
+            let mut t = "reconnecting".to_owned();
+            if let Some(e) = error {
+                t += &format!(" ({e})");
+            }
+            if let Some(r) = retry_in_ms {
+                t += &format!(", next try in {r} ms");
+            }
+            t
+        }
+        RelayStatus::Refused { reason } => format!("refused: {reason}"),
+        RelayStatus::Stopped => "stopped".to_owned(),
+    };
+    out += &format!("  relay: {relay}\n");
+    if !s.candidates.is_empty() {
+        let c: Vec<String> = s
+            .candidates
+            .iter()
+            .map(|c| {
+                let kind = match c.kind {
+                    CandidateKind::Local => "local",
+                    CandidateKind::Reflexive => "reflexive",
+                };
+                format!("{} ({kind})", c.addr)
+            })
+            .collect();
+        out += &format!("  candidates: {}\n", c.join(", "));
+    }
+    for p in &s.peers {
+        out += &format!("\npeer: {} ({}, {})\n", p.name, p.ipv4, p.ipv6);
+        out += &format!("  public key: {}\n", p.public_key);
+        out += &format!("  tags: {}\n", tags_text(&p.tags));
+        let path = match (p.path.as_str(), &p.endpoint) {
+            ("direct", Some(e)) => format!("direct {e}"),
+            (other, _) => other.to_owned(),
+        };
+        let latency = p
+            .latency_ms
+            .map(|l| format!(", latency {}", fmt_ms(l)))
+            .unwrap_or_default();
+        out += &format!("  path: {path}{latency}\n");
+        out += &format!("  online: {}\n", if p.online { "yes" } else { "no" });
+        if let Some(hs) = p.latest_handshake_unix {
+            out += &format!(
+                "  latest handshake: {}\n",
+                ago(Duration::from_secs(hs), now)
+            );
+        }
+        if p.rx_bytes != 0 || p.tx_bytes != 0 {
+            out += &format!(
+                "  transfer: {} received, {} sent\n",
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes)
+            );
+        }
+    }
+    out
 }
 
 /// Peers ordered like `wg show`: latest handshake first, never-handshaken
@@ -402,6 +762,13 @@ mod tests {
     }
 
     #[test]
+    fn milliseconds() {
+        assert_eq!(fmt_ms(0.419), "0.42 ms");
+        assert_eq!(fmt_ms(12.4), "12 ms");
+        assert_eq!(fmt_ms(1500.0), "1.5 s");
+    }
+
+    #[test]
     fn byte_units() {
         assert_eq!(bytes(0), "0 B");
         assert_eq!(bytes(1023), "1023 B");
@@ -460,5 +827,143 @@ mod tests {
         handle.join().unwrap();
         let _ = std::fs::remove_file(&path);
         assert!(matches!(&e, StatusError::Response { source, .. } if source.errno() == 5));
+    }
+
+    /// A managed node with one peer (gpu1) on the relay path.
+    fn managed_sample() -> (ManagedStatus, PrivateKey) {
+        use std::sync::Arc;
+        use tunnel_relay::coord::{AclPolicy, PeerMap, PeerMapUpdate, SelfInfo, Snapshot, Version};
+        let me = PrivateKey::from_bytes([0x41; 32]);
+        let gpu = PrivateKey::from_bytes([0x42; 32]).public_key();
+        let peer = Arc::new(tunnel_relay::coord::Peer {
+            key: tunnel_relay::PublicKey(*gpu.as_bytes()),
+            name: "gpu1".into(),
+            tags: vec!["worker".into()],
+            ipv4: Ipv4Addr::new(100, 64, 0, 9),
+            ipv6: "fd7a:7765:6674::6440:9".parse().unwrap(),
+            endpoints: vec![Candidate {
+                addr: "198.51.100.6:41641".parse().unwrap(),
+                kind: CandidateKind::Local,
+            }],
+            online: true,
+        });
+        let snap = Snapshot {
+            version: Version { epoch: 1, seq: 0 },
+            me: SelfInfo {
+                name: "alice".into(),
+                tags: vec!["engineer".into()],
+                ipv4: Ipv4Addr::new(100, 64, 0, 7),
+                ipv6: "fd7a:7765:6674::6440:7".parse().unwrap(),
+            },
+            filter: AclPolicy::default().inbound_filter(&["engineer".into()]),
+            peers: vec![peer],
+        };
+        let mut map = PeerMap::default();
+        map.apply(&PeerMapUpdate::Snapshot(snap)).unwrap();
+        let mut ctl = Controller::new(me.clone(), crate::path::PathConfig::default(), 5);
+        let t0 = std::time::Instant::now();
+        let _ = ctl.set_local_addrs(vec!["198.51.100.5:41641".parse().unwrap()]);
+        let _ = ctl.on_peer_map(t0, &map);
+        let info = DeviceInfo {
+            private_key: Some(me.clone()),
+            listen_port: 41641,
+            fwmark: None,
+            peers: vec![PeerInfo {
+                public_key: gpu,
+                preshared_key: None,
+                endpoint: Some(crate::device::relay_endpoint(0)),
+                last_handshake: Some(Duration::from_secs(1_700_000_000)),
+                rx_bytes: 2048,
+                tx_bytes: 100,
+                persistent_keepalive: None,
+                allowed_ips: vec!["100.64.0.9/32".parse().unwrap()],
+            }],
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_005);
+        let st = managed_status(
+            "weft0",
+            ctl.overlay().map(|o| &**o),
+            &ctl,
+            &info,
+            RelayStatus::Connected {
+                address: Some("203.0.113.2:4433".parse().unwrap()),
+            },
+            now,
+        );
+        (st, me)
+    }
+
+    #[test]
+    fn managed_json_is_a_superset_of_the_static_format() {
+        let (st, me) = managed_sample();
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["mode"], "managed");
+        assert_eq!(v["self"]["name"], "alice");
+        assert_eq!(v["self"]["ipv4"], "100.64.0.7");
+        assert_eq!(v["self"]["tags"], json!(["engineer"]));
+        assert_eq!(
+            v["relay"],
+            json!({"state": "connected", "address": "203.0.113.2:4433"})
+        );
+        assert_eq!(
+            v["candidates"],
+            json!([{"addr": "198.51.100.5:41641", "kind": "local"}])
+        );
+        let p = &v["peers"][0];
+        assert_eq!(p["name"], "gpu1");
+        assert_eq!(p["ipv4"], "100.64.0.9");
+        assert_eq!(p["ipv6"], "fd7a:7765:6674::6440:9");
+        assert_eq!(p["tags"], json!(["worker"]));
+        assert_eq!(p["online"], true);
+        assert_eq!(p["path"], "relay");
+        assert_eq!(p["endpoint"], "relay");
+        assert_eq!(p["latency_ms"], Value::Null);
+        assert_eq!(p["latest_handshake_age_s"], 5);
+        assert_eq!(p["rx_bytes"], 2048);
+        // Every field of the stable static format is there.
+        let (info, now) = sample();
+        let stat = render_json("wg0", &info, now);
+        for k in stat.as_object().unwrap().keys() {
+            assert!(v.get(k).is_some(), "top-level {k} missing");
+        }
+        for k in stat["peers"][0].as_object().unwrap().keys() {
+            assert!(p.get(k).is_some(), "peer field {k} missing");
+        }
+        // No private key, and a round trip through the control socket's JSON.
+        assert!(!v.to_string().contains(&me.to_base64()));
+        let back: ManagedStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(back, st);
+    }
+
+    #[test]
+    fn managed_human() {
+        let (mut st, _) = managed_sample();
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_065);
+        st.refresh_ages(now);
+        assert_eq!(st.peers[0].latest_handshake_age_s, Some(65));
+        st.peers[0].path = "direct".into();
+        st.peers[0].endpoint = Some("198.51.100.6:41641".into());
+        st.peers[0].latency_ms = Some(0.42);
+        let text = render_managed_human(&st, now);
+        for want in [
+            "interface: weft0 (managed)\n",
+            "  node: alice (100.64.0.7, fd7a:7765:6674::6440:7)\n",
+            "  tags: engineer\n",
+            "  relay: connected to 203.0.113.2:4433\n",
+            "  candidates: 198.51.100.5:41641 (local)\n",
+            "\npeer: gpu1 (100.64.0.9, fd7a:7765:6674::6440:9)\n",
+            "  path: direct 198.51.100.6:41641, latency 0.42 ms\n",
+            "  online: yes\n",
+            "  latest handshake: 1 minute, 5 seconds ago\n",
+            "  transfer: 2.00 KiB received, 100 B sent\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        st.relay = RelayStatus::Reconnecting {
+            error: Some("timed out".into()),
+            retry_in_ms: Some(500),
+        };
+        assert!(render_managed_human(&st, now)
+            .contains("  relay: reconnecting (timed out), next try in 500 ms\n"));
     }
 }
