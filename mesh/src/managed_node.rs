@@ -117,7 +117,8 @@ impl Pings {
 }
 
 /// IP addresses of this host's interfaces that peers might reach directly:
-/// not loopback, not link-local, not the overlay's own.
+/// not loopback, not link-local, not the overlay's own, not on another
+/// point-to-point tunnel.
 pub fn local_ips(skip_interface: &str) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let pools: Vec<IpNet> = [IPV4_POOL, IPV6_POOL]
@@ -139,7 +140,9 @@ pub fn local_ips(skip_interface: &str) -> Vec<IpAddr> {
         }
         // SAFETY: a NUL-terminated name from getifaddrs.
         let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        if name == skip_interface {
+        // Our own interface, and other tunnels (point-to-point: TUN devices, other
+        // VPNs): a path through another tunnel is not a direct path.
+        if name == skip_interface || ifa.ifa_flags & (libc::IFF_POINTOPOINT as u32) != 0 {
             continue;
         }
         // SAFETY: ifa_addr points to a sockaddr of the family it states.
