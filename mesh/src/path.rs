@@ -11,7 +11,7 @@
 //!   │ Relay │ ───────────────────▶ │ Direct(X)  │ ─────────────────────┐
 //!   └───────┘                      └────────────┘ ◀────────────────────┘
 //!       ▲  ▲   sent on X, nothing heard   │   │ idle 5 s: keep-alive ping
-//!       │  └──── for direct_timeout (3 s) ┘   │ sending, silent 1 s: ping
+//!       │  └── for direct_timeout (2.5 s) ┘   │ sending, silent 1 s: ping
 //!       │                                     │ every 60 s: re-probe all
 //!       └ every 30 s on relay: re-probe all ──┘
 //! ```
@@ -57,7 +57,8 @@ pub const PING_BACK_GAP: Duration = Duration::from_millis(10);
 /// Timers of the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathConfig {
-    /// Sent on the direct path and heard nothing back for this long → relay. Default 3 s.
+    /// Sent on the direct path and heard nothing back for this long → relay. Default 2.5 s
+    /// (traffic is back on the relay within the issue's 3 s, counting detection).
     pub direct_timeout: Duration,
     /// Sent on the direct path and heard nothing for this long → ping it. Default 1 s.
     pub heartbeat: Duration,
@@ -76,7 +77,7 @@ pub struct PathConfig {
 impl Default for PathConfig {
     fn default() -> Self {
         PathConfig {
-            direct_timeout: Duration::from_secs(3),
+            direct_timeout: Duration::from_millis(2500),
             heartbeat: Duration::from_secs(1),
             keepalive: Duration::from_secs(5),
             probe_interval_relay: Duration::from_secs(30),
