@@ -7,6 +7,7 @@
 //! See `/work/shared/LAB.md` for the machine facts this relies on.
 
 pub mod cleanup;
+pub mod managed;
 pub mod netns;
 pub mod node;
 pub mod proc;

@@ -18,62 +18,9 @@ use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use weft_tests::managed::{relay_bin, LabRelay as Relay, ManagedNode};
 use weft_tests::traffic::{self, GapMonitor, Pace};
 use weft_tests::{bin, Internet, Netns, Proc};
-
-const RELAY_IP: &str = "203.0.113.2";
-const RELAY_ADDR: &str = "203.0.113.2:4433";
-
-fn mesh_bin() -> String {
-    bin("mesh").display().to_string()
-}
-
-fn relay_bin() -> String {
-    bin("tunnel-relay").display().to_string()
-}
-
-struct Relay {
-    ns: Netns,
-    state: String,
-    proc: Proc,
-}
-
-impl Relay {
-    fn start(net: &Internet, tag: &str) -> Relay {
-        let ns = net.host(&format!("{tag}-relay"), RELAY_IP);
-        let state = ns.file("relay").display().to_string();
-        let proc = Relay::spawn(&ns, &state);
-        Relay { ns, state, proc }
-    }
-
-    fn spawn(ns: &Netns, state: &str) -> Proc {
-        let p = ns.spawn_named(
-            "relay",
-            &format!(
-                "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {state}",
-                relay_bin()
-            ),
-        );
-        assert!(
-            ns.wait_listen('u', 4433, Duration::from_secs(5)),
-            "relay did not start:\n{}",
-            p.log_tail(20)
-        );
-        p
-    }
-
-    fn token(&self, tag: &str) -> String {
-        self.ns
-            .exec(&format!(
-                "{} token create --state-dir {} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
-                relay_bin(),
-                self.state
-            ))
-            .trim()
-            .to_string()
-    }
-}
 
 /// `/etc/netns/NS/resolv.conf` pointing at MagicDNS: `ip netns exec` bind-mounts
 /// it over /etc/resolv.conf for processes in that namespace only. Removed on drop.
@@ -95,116 +42,9 @@ impl Drop for NetnsResolver {
     }
 }
 
-struct Node {
-    ns: Netns,
-    proc: Proc,
-    uapi: String,
-    ip: String,
-}
-
-impl Node {
-    fn start(ns: Netns, relay: &Relay, tag: &str, name: &str) -> Node {
-        let uapi = ns.file("uapi").display().to_string();
-        let state = ns.file("state").display().to_string();
-        let proc = ns.spawn_named(
-            "mesh",
-            &format!(
-                "env RUST_LOG=info,netlink_packet_route=error {} up --state-dir {state} --token {} --name {name} --uapi-dir {uapi}",
-                mesh_bin(),
-                relay.token(tag)
-            ),
-        );
-        let mut n = Node {
-            ns,
-            proc,
-            uapi,
-            ip: String::new(),
-        };
-        n.ip = n.wait_ip();
-        n
-    }
-
-    fn wait_ip(&self) -> String {
-        let t0 = Instant::now();
-        loop {
-            let out = self.ns.output("ip -4 -br addr show weft0");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if let Some(ip) = text
-                .split_whitespace()
-                .filter_map(|w| w.strip_suffix("/32"))
-                .find(|ip| *ip != "100.64.0.1")
-            {
-                return ip.to_string();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "[{}] never joined:\n{}",
-                self.ns.name(),
-                self.proc.log_tail(30)
-            );
-            sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn status(&self) -> Value {
-        let out = self.ns.output(&format!(
-            "{} status --json --interface weft0 --uapi-dir {}",
-            mesh_bin(),
-            self.uapi
-        ));
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    }
-
-    /// Overlay /32s of every peer in this node's map.
-    fn peer_ips(&self) -> Vec<String> {
-        let st = self.status();
-        let mut v: Vec<String> = st["peers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .flat_map(|p| p["allowed_ips"].as_array().cloned().unwrap_or_default())
-                    .filter_map(|ip| {
-                        ip.as_str()
-                            .and_then(|s| s.strip_suffix("/32"))
-                            .map(str::to_string)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    fn endpoint_of(&self, peer_ip: &str) -> String {
-        let st = self.status();
-        st["peers"]
-            .as_array()
-            .and_then(|a| {
-                a.iter().find(|p| {
-                    p["allowed_ips"].as_array().is_some_and(|ips| {
-                        ips.iter()
-                            .any(|i| i.as_str() == Some(&format!("{peer_ip}/32")))
-                    })
-                })
-            })
-            .and_then(|p| p["endpoint"].as_str())
-            .unwrap_or("")
-            .to_string()
-    }
-
-    /// Waits until `f` holds (at most `within`).
-    fn wait_until(&self, within: Duration, what: &str, f: impl Fn(&Node) -> bool) {
-        let t0 = Instant::now();
-        while !f(self) {
-            assert!(
-                t0.elapsed() < within,
-                "[{}] {what} not within {within:?}:\n{}",
-                self.ns.name(),
-                self.proc.log_tail(20)
-            );
-            sleep(Duration::from_millis(100));
-        }
-    }
+/// A managed node joined with a fresh token of `tag`.
+fn node(ns: Netns, relay: &Relay, tag: &str, name: &str) -> ManagedNode {
+    ManagedNode::start(ns, &relay.token(tag), name)
 }
 
 /// `socat` client: what the server at `addr` sends, or the error.
@@ -249,11 +89,11 @@ fn start_sshd(ns: &Netns, listen: &str) -> (Proc, String) {
 fn magic_dns_ssh_by_name_acl_and_revocation() {
     let net = Internet::new("mma");
     let relay = Relay::start(&net, "mma");
-    let w1 = Node::start(net.host("mma-w1", "198.51.100.6"), &relay, "worker", "gpu1");
-    let w2 = Node::start(net.host("mma-w2", "198.51.100.7"), &relay, "worker", "gpu2");
+    let w1 = node(net.host("mma-w1", "198.51.100.6"), &relay, "worker", "gpu1");
+    let w2 = node(net.host("mma-w2", "198.51.100.7"), &relay, "worker", "gpu2");
     let eng_ns = net.host("mma-e", "198.51.100.5");
     let _resolver = NetnsResolver::magic_dns(&eng_ns);
-    let eng = Node::start(eng_ns, &relay, "engineer", "alice");
+    let eng = node(eng_ns, &relay, "engineer", "alice");
 
     // Peer maps follow the default ACL: the engineer sees both workers, each
     // worker only the engineer.
@@ -335,8 +175,8 @@ fn magic_dns_ssh_by_name_acl_and_revocation() {
 fn transfer_survives_the_coordinator_and_nodes_reconnect() {
     let net = Internet::new("mmc");
     let mut relay = Relay::start(&net, "mmc");
-    let w = Node::start(net.host("mmc-w", "198.51.100.6"), &relay, "worker", "gpu1");
-    let e = Node::start(
+    let w = node(net.host("mmc-w", "198.51.100.6"), &relay, "worker", "gpu1");
+    let e = node(
         net.host("mmc-e", "198.51.100.5"),
         &relay,
         "engineer",
@@ -379,7 +219,7 @@ fn transfer_survives_the_coordinator_and_nodes_reconnect() {
     ));
     assert!(nodes.contains("gpu1") && nodes.contains("alice"), "{nodes}");
     assert!(
-        e.wait_ip() == e.ip && w.wait_ip() == w.ip,
+        e.overlay_ip() == e.ip && w.overlay_ip() == w.ip,
         "overlay addresses changed"
     );
     let ping = traffic::ping(&e.ns, &w.ip, 3, 0.2, 2);
@@ -390,8 +230,8 @@ fn transfer_survives_the_coordinator_and_nodes_reconnect() {
 fn worker_moving_networks_is_reachable_again() {
     let net = Internet::new("mmr");
     let relay = Relay::start(&net, "mmr");
-    let w = Node::start(net.host("mmr-w", "198.51.100.6"), &relay, "worker", "gpu1");
-    let e = Node::start(
+    let w = node(net.host("mmr-w", "198.51.100.6"), &relay, "worker", "gpu1");
+    let e = node(
         net.host("mmr-e", "198.51.100.5"),
         &relay,
         "engineer",
@@ -436,8 +276,8 @@ fn worker_moving_networks_is_reachable_again() {
 fn direct_path_cut_falls_back_to_the_relay() {
     let net = Internet::new("mmf");
     let relay = Relay::start(&net, "mmf");
-    let w = Node::start(net.host("mmf-w", "198.51.100.6"), &relay, "worker", "gpu1");
-    let e = Node::start(
+    let w = node(net.host("mmf-w", "198.51.100.6"), &relay, "worker", "gpu1");
+    let e = node(
         net.host("mmf-e", "198.51.100.5"),
         &relay,
         "engineer",

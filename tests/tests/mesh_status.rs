@@ -19,88 +19,24 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_tests::{bin, Internet, Nat, Netns, Proc, Router};
+use weft_tests::managed::{LabRelay, ManagedNode, RELAY_ADDR};
+use weft_tests::{Internet, Nat, Netns, Router};
 
-const RELAY_IP: &str = "203.0.113.2";
-const RELAY_ADDR: &str = "203.0.113.2:4433";
 const WORKER_IP: &str = "198.51.100.6";
 
-fn mesh_bin() -> String {
-    bin("mesh").display().to_string()
-}
-
-fn relay_bin() -> String {
-    bin("tunnel-relay").display().to_string()
-}
-
-struct Node {
-    ns: Netns,
-    proc: Proc,
-    uapi: String,
-}
-
-impl Node {
-    fn start(ns: Netns, token: &str, name: &str) -> Node {
-        let uapi = ns.file("uapi").display().to_string();
-        let state = ns.file("state").display().to_string();
-        let proc = ns.spawn_named(
-            "mesh",
-            &format!(
-                "env RUST_LOG=info,netlink_packet_route=error {} up --state-dir {state} --token {token} --name {name} --uapi-dir {uapi}",
-                mesh_bin()
-            ),
-        );
-        Node { ns, proc, uapi }
-    }
-
-    /// Runs `mesh ARGS --uapi-dir U` in the node's namespace.
-    fn mesh(&self, args: &str) -> std::process::Output {
-        self.ns
-            .output(&format!("{} {args} --uapi-dir {}", mesh_bin(), self.uapi))
-    }
-
-    fn status(&self) -> Value {
-        let out = self.mesh("status --json --interface weft0");
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    }
-
-    fn overlay_ip(&self) -> Result<String, String> {
-        let t0 = Instant::now();
-        loop {
-            let out = self.ns.output("ip -4 -br addr show weft0");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if let Some(ip) = text
-                .split_whitespace()
-                .filter_map(|w| w.strip_suffix("/32"))
-                .find(|ip| *ip != "100.64.0.1")
-            {
-                return Ok(ip.to_string());
-            }
-            if t0.elapsed() > Duration::from_secs(15) {
-                return Err(format!(
-                    "[{}] never joined:\n{}",
-                    self.ns.name(),
-                    self.proc.log_tail(30)
-                ));
-            }
-            sleep(Duration::from_millis(100));
+/// Waits until `node`'s status shows the peer `name` (and `until` holds for it).
+fn peer_when(node: &ManagedNode, name: &str, until: impl Fn(&Value) -> bool) -> (Value, Value) {
+    let t0 = Instant::now();
+    loop {
+        let st = node.status();
+        let peer = st["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or(Value::Null);
+        if (!peer.is_null() && until(&peer)) || t0.elapsed() > Duration::from_secs(10) {
+            return (st, peer);
         }
-    }
-
-    /// Waits until the status shows the peer `name` (and `until` holds for it).
-    fn peer_when(&self, name: &str, until: impl Fn(&Value) -> bool) -> (Value, Value) {
-        let t0 = Instant::now();
-        loop {
-            let st = self.status();
-            let peer = st["peers"]
-                .as_array()
-                .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
-                .unwrap_or(Value::Null);
-            if (!peer.is_null() && until(&peer)) || t0.elapsed() > Duration::from_secs(10) {
-                return (st, peer);
-            }
-            sleep(Duration::from_millis(100));
-        }
+        sleep(Duration::from_millis(100));
     }
 }
 
@@ -143,27 +79,9 @@ fn host(net: &Internet, tag: &str, cell: Cell, ip: &str, wan: &str, lan: &str) -
 
 fn run_cell(cell: Cell, tag: &str) -> Result<(), String> {
     let net = Internet::new(tag);
-    let relay_ns = net.host(&format!("{tag}-relay"), RELAY_IP);
-    let rstate = relay_ns.file("relay").display().to_string();
-    let mut relay = relay_ns.spawn_named(
-        "relay",
-        &format!(
-            "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {rstate}",
-            relay_bin()
-        ),
-    );
-    if !relay_ns.wait_listen('u', 4433, Duration::from_secs(5)) {
-        return Err(format!("relay did not start:\n{}", relay.log_tail(20)));
-    }
-    let token = |t: &str| {
-        relay_ns
-            .exec(&format!(
-                "{} token create --state-dir {rstate} --tag {t} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
-                relay_bin()
-            ))
-            .trim()
-            .to_string()
-    };
+    let lab_relay = LabRelay::start(&net, tag);
+    let tokens = (lab_relay.token("worker"), lab_relay.token("engineer"));
+    let mut relay = lab_relay.proc;
     let ens = host(
         &net,
         &format!("{tag}-e"),
@@ -180,10 +98,9 @@ fn run_cell(cell: Cell, tag: &str) -> Result<(), String> {
         "203.0.113.11/24",
         "192.0.2.64/27",
     );
-    let worker = Node::start(wns, &token("worker"), "gpu1");
-    let engineer = Node::start(ens, &token("engineer"), "alice");
-    let wip = worker.overlay_ip()?;
-    let eip = engineer.overlay_ip()?;
+    let worker = ManagedNode::start(wns, &tokens.0, "gpu1");
+    let engineer = ManagedNode::start(ens, &tokens.1, "alice");
+    let (wip, eip) = (worker.ip.clone(), engineer.ip.clone());
     let logs = || {
         format!(
             "engineer:\n{}\nworker:\n{}",
@@ -204,7 +121,7 @@ fn run_cell(cell: Cell, tag: &str) -> Result<(), String> {
         Cell::PublicPublic => "direct",
         Cell::HardHard => "relay",
     };
-    let (st, peer) = engineer.peer_when("gpu1", |p| p["path"] == want_path);
+    let (st, peer) = peer_when(&engineer, "gpu1", |p| p["path"] == want_path);
     let show = || format!("{st:#}\n{}", logs());
 
     // The node itself, its relay link and candidates.
@@ -294,7 +211,7 @@ fn run_cell(cell: Cell, tag: &str) -> Result<(), String> {
 
     if cell == Cell::HardHard {
         // The relay ping's RTT is now the peer's latency.
-        let (st, peer) = engineer.peer_when("gpu1", |p| p["latency_ms"].is_number());
+        let (st, peer) = peer_when(&engineer, "gpu1", |p| p["latency_ms"].is_number());
         check(
             peer["latency_ms"].is_number() && peer["path"] == "relay",
             || format!("no relay latency after mesh ping: {st:#}"),

@@ -16,11 +16,8 @@
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use weft_tests::{bin, Internet, Nat, Netns, Proc, Router};
-
-const RELAY_IP: &str = "203.0.113.2";
-const RELAY_ADDR: &str = "203.0.113.2:4433";
+use weft_tests::managed::{LabRelay, ManagedNode};
+use weft_tests::{Internet, Nat, Netns, Router};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Place {
@@ -34,74 +31,12 @@ enum Expect {
     Relay,
 }
 
-fn mesh_bin() -> String {
-    bin("mesh").display().to_string()
-}
-
-fn relay_bin() -> String {
-    bin("tunnel-relay").display().to_string()
-}
-
-/// One mesh node in its namespace.
-struct Node {
-    ns: Netns,
-    proc: Proc,
-    uapi: String,
-}
-
-impl Node {
-    fn start(ns: Netns, state: &str, token: &str, name: &str) -> Node {
-        let uapi = ns.file("uapi").display().to_string();
-        let proc = ns.spawn_named(
-            "mesh",
-            &format!(
-                "env RUST_LOG=info,netlink_packet_route=error {} up --state-dir {state} --token {token} --name {name} --uapi-dir {uapi}",
-                mesh_bin()
-            ),
-        );
-        Node { ns, proc, uapi }
-    }
-
-    /// `mesh status --json`.
-    fn status(&self) -> Value {
-        let out = self.ns.output(&format!(
-            "{} status --json --interface weft0 --uapi-dir {}",
-            mesh_bin(),
-            self.uapi
-        ));
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    }
-
-    /// The overlay IPv4 address once the interface is up.
-    fn overlay_ip(&self) -> String {
-        let t0 = Instant::now();
-        loop {
-            let out = self.ns.output("ip -4 -br addr show weft0");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if let Some(ip) = text
-                .split_whitespace()
-                .filter_map(|w| w.strip_suffix("/32"))
-                .find(|ip| *ip != "100.64.0.1")
-            {
-                return ip.to_string();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "[{}] never joined:\n{}",
-                self.ns.name(),
-                self.proc.log_tail(30)
-            );
-            sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The endpoint shown for the (only) peer: "relay", an address, or "".
-    fn peer_endpoint(&self) -> String {
-        self.status()["peers"][0]["endpoint"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    }
+/// The endpoint shown for the (only) peer: "relay", an address, or "".
+fn peer_endpoint(n: &ManagedNode) -> String {
+    n.status()["peers"][0]["endpoint"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 fn place_host(
@@ -135,27 +70,8 @@ struct Cell {
 
 fn run_cell(c: &Cell, tag: &str) -> Result<(), String> {
     let net = Internet::new(tag);
-    let relay_ns = net.host(&format!("{tag}-relay"), RELAY_IP);
-    let rstate = relay_ns.file("relay").display().to_string();
-    let relay = relay_ns.spawn_named(
-        "relay",
-        &format!(
-            "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {rstate}",
-            relay_bin()
-        ),
-    );
-    if !relay_ns.wait_listen('u', 4433, Duration::from_secs(5)) {
-        return Err(format!("relay did not start:\n{}", relay.log_tail(20)));
-    }
-    let token = |tag: &str| {
-        relay_ns
-            .exec(&format!(
-                "{} token create --state-dir {rstate} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
-                relay_bin()
-            ))
-            .trim()
-            .to_string()
-    };
+    let relay = LabRelay::start(&net, tag);
+    let token = |tag: &str| relay.token(tag);
     let (ens, wns) = if c.same_router {
         let nat = match c.engineer {
             Place::Behind(n) => n,
@@ -194,12 +110,9 @@ fn run_cell(c: &Cell, tag: &str) -> Result<(), String> {
             ),
         )
     };
-    let estate = ens.file("state").display().to_string();
-    let wstate = wns.file("state").display().to_string();
-    let worker = Node::start(wns, &wstate, &token("worker"), "gpu1");
-    let engineer = Node::start(ens, &estate, &token("engineer"), "alice");
-    let wip = worker.overlay_ip();
-    let _ = engineer.overlay_ip();
+    let worker = ManagedNode::start(wns, &token("worker"), "gpu1");
+    let engineer = ManagedNode::start(ens, &token("engineer"), "alice");
+    let wip = worker.ip.clone();
 
     // Traffic flows (at once: through the relay until a direct path answers).
     let ping = engineer
@@ -230,8 +143,8 @@ fn run_cell(c: &Cell, tag: &str) -> Result<(), String> {
     let t0 = Instant::now();
     let (mut e, mut w);
     loop {
-        e = engineer.peer_endpoint();
-        w = worker.peer_endpoint();
+        e = peer_endpoint(&engineer);
+        w = peer_endpoint(&worker);
         let direct = e != "relay" && !e.is_empty() && w != "relay" && !w.is_empty();
         if c.expect == Expect::Direct && direct {
             break;

@@ -1,0 +1,190 @@
+//! Managed mesh nodes (`mesh up --token`) and the relay they join, in lab
+//! namespaces: shared by the NAT grid, the managed-mesh, status and agent tests.
+
+use std::process::Output;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::Netns;
+use crate::proc::Proc;
+use crate::router::Internet;
+
+/// The relay's address on the simulated internet.
+pub const RELAY_IP: &str = "203.0.113.2";
+/// Its QUIC listen address.
+pub const RELAY_ADDR: &str = "203.0.113.2:4433";
+
+/// The `mesh` binary.
+pub fn mesh_bin() -> String {
+    crate::bin("mesh").display().to_string()
+}
+
+/// The `tunnel-relay` binary.
+pub fn relay_bin() -> String {
+    crate::bin("tunnel-relay").display().to_string()
+}
+
+/// `tunnel-relay serve` (relay, coordinator, STUN) in its namespace.
+pub struct LabRelay {
+    pub ns: Netns,
+    pub state: String,
+    pub proc: Proc,
+}
+
+impl LabRelay {
+    /// A host `{tag}-relay` at [`RELAY_IP`] running the relay.
+    pub fn start(net: &Internet, tag: &str) -> LabRelay {
+        let ns = net.host(&format!("{tag}-relay"), RELAY_IP);
+        let state = ns.file("relay").display().to_string();
+        let proc = LabRelay::spawn(&ns, &state);
+        LabRelay { ns, state, proc }
+    }
+
+    /// Starts `serve` on `state` (again, after a kill) and waits for its socket.
+    pub fn spawn(ns: &Netns, state: &str) -> Proc {
+        let p = ns.spawn_named(
+            "relay",
+            &format!(
+                "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {state}",
+                relay_bin()
+            ),
+        );
+        assert!(
+            ns.wait_listen('u', 4433, Duration::from_secs(5)),
+            "relay did not start:\n{}",
+            p.log_tail(20)
+        );
+        p
+    }
+
+    /// A one-use join token with `tag`, valid 10 minutes.
+    pub fn token(&self, tag: &str) -> String {
+        self.ns
+            .exec(&format!(
+                "{} token create --state-dir {} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
+                relay_bin(),
+                self.state
+            ))
+            .trim()
+            .to_string()
+    }
+}
+
+/// One `mesh up --token` node (interface `weft0`, UAPI and state in the namespace's dir).
+pub struct ManagedNode {
+    pub ns: Netns,
+    pub proc: Proc,
+    pub uapi: String,
+    /// Its overlay IPv4 address.
+    pub ip: String,
+}
+
+impl ManagedNode {
+    /// Starts the node with `token` as `name` and waits until it has joined.
+    pub fn start(ns: Netns, token: &str, name: &str) -> ManagedNode {
+        let uapi = ns.file("uapi").display().to_string();
+        let state = ns.file("state").display().to_string();
+        let proc = ns.spawn_named(
+            "mesh",
+            &format!(
+                "env RUST_LOG=info,netlink_packet_route=error {} up --state-dir {state} --token {token} --name {name} --uapi-dir {uapi}",
+                mesh_bin()
+            ),
+        );
+        let mut n = ManagedNode {
+            ns,
+            proc,
+            uapi,
+            ip: String::new(),
+        };
+        n.ip = n.overlay_ip();
+        n
+    }
+
+    /// The overlay IPv4 once `weft0` is up (not MagicDNS's 100.64.0.1).
+    pub fn overlay_ip(&self) -> String {
+        let t0 = Instant::now();
+        loop {
+            let out = self.ns.output("ip -4 -br addr show weft0");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some(ip) = text
+                .split_whitespace()
+                .filter_map(|w| w.strip_suffix("/32"))
+                .find(|ip| *ip != "100.64.0.1")
+            {
+                return ip.to_string();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "[{}] never joined:\n{}",
+                self.ns.name(),
+                self.proc.log_tail(30)
+            );
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `mesh ARGS --uapi-dir U` in the node's namespace.
+    pub fn mesh(&self, args: &str) -> Output {
+        self.ns
+            .output(&format!("{} {args} --uapi-dir {}", mesh_bin(), self.uapi))
+    }
+
+    /// `mesh status --json` (Null if it failed).
+    pub fn status(&self) -> Value {
+        let out = self.mesh("status --json --interface weft0");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Overlay /32s of every peer in this node's map, sorted.
+    pub fn peer_ips(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.status()["peers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .flat_map(|p| p["allowed_ips"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|ip| {
+                        ip.as_str()
+                            .and_then(|s| s.strip_suffix("/32"))
+                            .map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The endpoint shown for the peer owning overlay `peer_ip`: "relay", an address, or "".
+    pub fn endpoint_of(&self, peer_ip: &str) -> String {
+        let want = format!("{peer_ip}/32");
+        self.status()["peers"]
+            .as_array()
+            .and_then(|a| {
+                a.iter().find(|p| {
+                    p["allowed_ips"]
+                        .as_array()
+                        .is_some_and(|ips| ips.iter().any(|i| i.as_str() == Some(&want)))
+                })
+            })
+            .and_then(|p| p["endpoint"].as_str())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// Waits until `f` holds, at most `within`; panics with the node's log otherwise.
+    pub fn wait_until(&self, within: Duration, what: &str, f: impl Fn(&ManagedNode) -> bool) {
+        let t0 = Instant::now();
+        while !f(self) {
+            assert!(
+                t0.elapsed() < within,
+                "[{}] {what} not within {within:?}:\n{}",
+                self.ns.name(),
+                self.proc.log_tail(20)
+            );
+            sleep(Duration::from_millis(100));
+        }
+    }
+}
