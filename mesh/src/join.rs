@@ -17,7 +17,7 @@ use anyhow::Context;
 use ipnet::IpNet;
 use parking_lot::RwLock;
 use tokio::sync::watch;
-use tunnel_relay::coord::{Candidate, PeerMap};
+use tunnel_relay::coord::{Candidate, PeerMap, SelfInfo};
 use tunnel_relay::mesh_client::{MeshLink, MeshSession};
 use tunnel_relay::relay_path::RelayPath;
 use tunnel_relay::{StaticKey, Token};
@@ -111,6 +111,10 @@ impl Session for MeshAdapter {
     fn report_endpoints(&self, endpoints: Vec<Candidate>) {
         self.session.report_endpoints(endpoints);
     }
+
+    fn relay_status(&self) -> crate::status::RelayStatus {
+        crate::managed_node::relay_status(&self.session.link())
+    }
 }
 
 /// Joins and runs until `shutdown`.
@@ -129,6 +133,40 @@ pub async fn run_with_overlay(
     overlay_tx: watch::Sender<Option<Arc<crate::managed::Overlay>>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let joined = join(&opts).await?;
+    run_joined(joined, opts.up, opts.listen_port, overlay_tx, shutdown).await
+}
+
+/// A node admitted to the mesh, holding its first peer map, with no
+/// interface yet: the first half of [`run_with_overlay`], for callers that
+/// retry joining (relay unreachable) apart from running the node.
+pub struct Joined {
+    session: MeshSession,
+    me: SelfInfo,
+    key: PrivateKey,
+}
+
+impl std::fmt::Debug for Joined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined")
+            .field("me", &self.me)
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl Joined {
+    /// The node as the coordinator registered it (name, tags, overlay
+    /// addresses).
+    pub fn me(&self) -> &SelfInfo {
+        &self.me
+    }
+}
+
+/// Joins the mesh through the relay (the token on the first join only) and
+/// waits for the first peer map. A refusal comes back as
+/// [`tunnel_relay::ClientError::Rejected`] inside the error chain.
+pub async fn join(opts: &JoinOptions) -> anyhow::Result<Joined> {
     let name = opts.name.clone().unwrap_or_else(hostname);
     let session = MeshSession::connect(&opts.state_dir, opts.token.as_ref(), &name, Vec::new())
         .await
@@ -140,6 +178,19 @@ pub async fn run_with_overlay(
         .context("reading the node identity")?;
     let key = PrivateKey::from_bytes(*identity.private_bytes());
     tracing::info!(name = %me.name, ipv4 = %me.ipv4, ipv6 = %me.ipv6, peers = session.peer_map().peers.len(), "joined the mesh");
+    Ok(Joined { session, me, key })
+}
+
+/// Runs a joined node (interface `up.interface`) until `shutdown`,
+/// publishing every new overlay on `overlay_tx`.
+pub async fn run_joined(
+    joined: Joined,
+    up: UpOptions,
+    listen_port: Option<u16>,
+    overlay_tx: watch::Sender<Option<Arc<crate::managed::Overlay>>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Joined { session, me, key } = joined;
     let config = WgConfig {
         interface: InterfaceConfig {
             private_key: key.clone(),
@@ -147,7 +198,7 @@ pub async fn run_with_overlay(
                 IpNet::from(IpAddr::V4(me.ipv4)),
                 IpNet::from(IpAddr::V6(me.ipv6)),
             ],
-            listen_port: opts.listen_port,
+            listen_port,
             mtu: Some(MTU),
             fwmark: None,
         },
@@ -161,7 +212,7 @@ pub async fn run_with_overlay(
     });
     let names = Arc::new(RwLock::new(Names::new(DEFAULT_DOMAIN)?));
     let ctl = Controller::new(key, PathConfig::default(), rand::random());
-    let interface = opts.up.interface.clone();
+    let interface = up.interface.clone();
     let lp = ControlLoop {
         session: MeshAdapter::new(session),
         ctl,
@@ -180,5 +231,5 @@ pub async fn run_with_overlay(
             })
         }),
     };
-    node::run_with(config, opts.up, Some(parts), shutdown).await
+    node::run_with(config, up, Some(parts), shutdown).await
 }

@@ -154,10 +154,12 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     let run_line = |token: Option<&str>| {
         format!(
             "env WEFT_LOG=info,worker_agent=debug,tunnel_relay=debug WEFT_NVML_STUB_DIR={} {} run \
-             --state-dir {wstate} --name w1 --nvml-lib {} --kill-grace-s 1 --sample-ms 100 {}",
+             --state-dir {wstate} --name w1 --nvml-lib {} --kill-grace-s 1 --sample-ms 100 \
+             --uapi-dir {} {}",
             stub_dir.display(),
             agent_bin(),
             stub.display(),
+            worker.file("uapi").display(),
             token.map(|t| format!("--token {t}")).unwrap_or_default()
         )
     };
@@ -173,15 +175,21 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     // The secret never reaches the agent's log.
     assert!(!agent.log().contains(&wtoken[wtoken.len() - 20..]));
 
-    // The jobs API listens on loopback only: every TCP listener of the worker is on 127.0.0.1.
+    // The jobs API listens on loopback and (the agent is on the mesh too, see agent_mesh.rs)
+    // the overlay only: never on a public address.
     let url = std::fs::read_to_string(worker.file("agent/api.url"))
         .unwrap_or_else(|e| panic!("api.url: {e}"));
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     let listeners = worker.exec("ss -Htln | awk '{print $4}'");
     for l in listeners.lines() {
+        let ip = l.rsplit_once(':').map_or("", |(ip, _)| ip);
+        let overlay = ip
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|v4| v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1]))
+            || ip.starts_with("[fd7a:7765:6674:");
         assert!(
-            l.starts_with("127.0.0.1:"),
-            "non-loopback listener {l} on the worker:\n{listeners}"
+            ip == "127.0.0.1" || overlay,
+            "listener {l} on the worker is neither loopback nor overlay:\n{listeners}"
         );
     }
 

@@ -1,6 +1,8 @@
-//! HTTP/JSON API (axum) and `/metrics`. Served on two entry points: a loopback listener
-//! (callers recorded as [`LOCAL_CALLER`]) and the relay's `agent` service (callers recorded by
-//! their relay-authenticated node name, see `relay.rs`). The caller is a request extension set by
+//! HTTP/JSON API (axum) and `/metrics`. Served on three entry points: a loopback listener
+//! (callers recorded as [`LOCAL_CALLER`]), the relay's `agent` service (callers recorded by
+//! their relay-authenticated node name, see `relay.rs`), and the node's overlay addresses on
+//! the mesh (callers recorded by the name of the mesh peer owning the source address, see
+//! `overlay.rs`). The caller is a request extension set by
 //! the entry point, never read from the request.
 
 use std::collections::BTreeMap;
@@ -21,6 +23,7 @@ use tunnel_relay::client::LinkState;
 
 use crate::agent::{AgentError, Engine};
 use crate::job::{Job, JobSpec};
+use crate::overlay::MeshState;
 use crate::sampler::{SharedSnapshot, Snapshot};
 
 /// The caller recorded for requests on the loopback listener. `@` cannot appear in a relay
@@ -45,6 +48,8 @@ pub struct AppState {
     pub snapshot: SharedSnapshot,
     /// The relay link as `expose` publishes it; `None` when the agent runs without a relay.
     pub relay: Option<tokio::sync::watch::Receiver<LinkState>>,
+    /// The agent's mesh node (`overlay.rs`).
+    pub mesh: tokio::sync::watch::Receiver<MeshState>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -80,6 +85,11 @@ pub struct Status {
     /// | "stopped", ...}`); `null` when the agent has not joined a relay.
     #[serde(default)]
     pub relay: Option<LinkState>,
+    /// The mesh node (`{"state": "joined", "name": .., "ipv4": .., "ipv6": .., "api": [..]}`,
+    /// `disabled`, `waiting_for_relay`, `joining`, `retrying`, `failed` with a `reason`,
+    /// `stopped`); `null` from an agent that predates the mesh.
+    #[serde(default)]
+    pub mesh: Option<MeshState>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -252,6 +262,7 @@ fn status_of(st: &AppState) -> Status {
             .map(|j| j.id)
             .collect(),
         relay: st.relay.as_ref().map(|r| r.borrow().clone()),
+        mesh: Some(st.mesh.borrow().clone()),
     }
 }
 
@@ -276,7 +287,8 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Refuses non-loopback addresses: the jobs API is reached through the relay, never directly.
+/// Refuses non-loopback addresses for the local listener: the jobs API is reached through the
+/// relay or on the mesh's overlay addresses, never on a public address.
 pub fn check_loopback(addr: SocketAddr, flag: &str) -> Result<(), String> {
     if addr.ip().is_loopback() {
         Ok(())

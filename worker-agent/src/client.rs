@@ -1,10 +1,12 @@
 //! A small HTTP/1.1 client for the agent API (CLI and tests), over any byte stream: a loopback
 //! TCP connection (`http://127.0.0.1:PORT`, the provider's own CLI) or a tunnel stream to a
 //! worker's `agent` service through the relay (the engineer's CLI, with the identity of
-//! `tunnel-relay login`). No TLS: the relay path is encrypted by QUIC, the local one never leaves
-//! the host.
+//! `tunnel-relay login`), or a TCP connection over the mesh to the worker's overlay address
+//! (the engineer's CLI on a machine running `mesh up`). No TLS: the relay path is encrypted by
+//! QUIC, the mesh path by WireGuard, the local one never leaves the host.
 
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -30,6 +32,11 @@ pub enum ClientError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(
+        "cannot resolve {name} over the mesh: {msg} (is `mesh up` running on this machine, \
+         and is the worker on the mesh? `worker-agent status` on the worker shows it)"
+    )]
+    Resolve { name: String, msg: String },
 }
 
 /// Where the API is.
@@ -40,6 +47,11 @@ pub enum Endpoint {
     /// A worker's `agent` service through the relay, as the engineer whose identity
     /// (`tunnel-relay login`) is in `state_dir`.
     Relay { state_dir: PathBuf, worker: String },
+    /// A worker's jobs API over the mesh (`http://NAME.weft.internal:7070`), from a machine
+    /// running `mesh up`: the worker sees the request come from this node's overlay address and
+    /// records this node's mesh name as the caller. `worker` is a mesh name, a full name under
+    /// the mesh domain, or an overlay IP.
+    Mesh { worker: String },
 }
 
 impl Endpoint {
@@ -47,6 +59,7 @@ impl Endpoint {
         match self {
             Endpoint::Local(b) => b.clone(),
             Endpoint::Relay { worker, .. } => format!("{worker}/{AGENT_SERVICE}"),
+            Endpoint::Mesh { worker } => mesh_host(worker),
         }
     }
 }
@@ -168,6 +181,108 @@ where
     Ok((code, failed))
 }
 
+/// The MagicDNS domain of the mesh.
+pub const MESH_DOMAIN: &str = mesh::dns::DEFAULT_DOMAIN;
+
+/// `NAME.weft.internal:7070` (or `IP:7070`, `[IPv6]:7070`) for a worker given by mesh name,
+/// full name or overlay IP.
+pub fn mesh_host(worker: &str) -> String {
+    let port = crate::overlay::AGENT_API_PORT;
+    match worker.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{}:{port}", mesh_fqdn(worker)),
+    }
+}
+
+fn mesh_fqdn(worker: &str) -> String {
+    let w = worker.trim_end_matches('.');
+    if w.contains('.') {
+        w.to_string()
+    } else {
+        format!("{w}.{MESH_DOMAIN}")
+    }
+}
+
+/// Where the worker's jobs API is on the overlay: an IP as given; a name through the local
+/// node's MagicDNS (100.64.0.1, authoritative for the mesh domain, present wherever `mesh up`
+/// runs), then through the system resolver (for a machine whose resolver forwards to it).
+pub async fn resolve_mesh(worker: &str) -> Result<SocketAddr, ClientError> {
+    let port = crate::overlay::AGENT_API_PORT;
+    if let Ok(ip) = worker.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let name = mesh_fqdn(worker);
+    let magic = match magic_dns_a(&name).await {
+        Ok(ip) => return Ok(SocketAddr::new(IpAddr::V4(ip), port)),
+        Err(e) => e,
+    };
+    let system = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::lookup_host((name.clone(), port)),
+    )
+    .await;
+    match system {
+        Ok(Ok(mut addrs)) => addrs.next().ok_or_else(|| ClientError::Resolve {
+            name: name.clone(),
+            msg: format!("{magic}; the system resolver has no address for it"),
+        }),
+        Ok(Err(e)) => Err(ClientError::Resolve {
+            name,
+            msg: format!("{magic}; system resolver: {e}"),
+        }),
+        Err(_) => Err(ClientError::Resolve {
+            name,
+            msg: format!("{magic}; system resolver: timed out"),
+        }),
+    }
+}
+
+/// One A query to the local MagicDNS.
+async fn magic_dns_a(name: &str) -> Result<Ipv4Addr, String> {
+    use hickory_server::proto::op::{Message, Query, ResponseCode};
+    use hickory_server::proto::rr::{Name, RData, RecordType};
+    let server = SocketAddr::from((mesh::managed_node::DNS_V4, 53));
+    let qname = Name::from_ascii(name).map_err(|e| format!("bad name: {e}"))?;
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(qname, RecordType::A));
+    let bytes = q.to_vec().map_err(|e| format!("encoding the query: {e}"))?;
+    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0")
+        .await
+        .map_err(|e| format!("UDP socket: {e}"))?;
+    let mut buf = vec![0u8; 4096];
+    let answer = async {
+        sock.send_to(&bytes, server).await?;
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await?;
+            if from == server {
+                return Ok::<_, std::io::Error>(n);
+            }
+        }
+    };
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), answer)
+        .await
+        .map_err(|_| format!("MagicDNS at {server} did not answer"))?
+        .map_err(|e| format!("MagicDNS at {server}: {e}"))?;
+    let m = Message::from_vec(&buf[..n]).map_err(|e| format!("MagicDNS answer: {e}"))?;
+    if m.metadata.id != q.metadata.id {
+        return Err(format!("MagicDNS at {server} answered another query"));
+    }
+    if m.metadata.response_code != ResponseCode::NoError {
+        return Err(format!(
+            "MagicDNS at {server} answered {}",
+            m.metadata.response_code
+        ));
+    }
+    m.answers
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .ok_or_else(|| format!("MagicDNS at {server} has no address for it"))
+}
+
 /// One request to `endpoint` (async): opens a connection (or a relay session and a tunnel
 /// stream), sends the request, streams a 2xx body to `sink`, closes. Returns the status code
 /// and the body of a non-2xx answer.
@@ -188,6 +303,17 @@ pub async fn call_async(
                     source,
                 })?;
             request_on(tcp, &host, method, path, body, sink).await
+        }
+        Endpoint::Mesh { worker } => {
+            let addr = resolve_mesh(worker).await?;
+            let label = endpoint.label();
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|source| ClientError::Io {
+                    addr: format!("{label} ({addr})"),
+                    source,
+                })?;
+            request_on(tcp, &label, method, path, body, sink).await
         }
         Endpoint::Relay { state_dir, worker } => {
             let relay_err = |source| ClientError::Relay {
@@ -328,6 +454,17 @@ mod tests {
         assert_eq!(code, 404);
         assert_eq!(failed, b"{\"error\":\"x\"}");
         assert!(sink.is_empty());
+    }
+
+    #[test]
+    fn mesh_hosts_from_names_and_ips() {
+        assert_eq!(mesh_host("gpu1"), "gpu1.weft.internal:7070");
+        assert_eq!(mesh_host("gpu1.weft.internal."), "gpu1.weft.internal:7070");
+        assert_eq!(mesh_host("100.64.0.5"), "100.64.0.5:7070");
+        assert_eq!(
+            mesh_host("fd7a:7765:6674::6440:5"),
+            "[fd7a:7765:6674::6440:5]:7070"
+        );
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! Weft worker agent: GPU inventory, telemetry and health (NVML, sampled off the async
 //! runtime), and a job engine (GPU assignment, process groups, SQLite state) exposed over a
-//! loopback HTTP/JSON API and Prometheus `/metrics`, and through the tunnel relay as the
-//! service `agent` (plus `ssh` and other TCP services), in-process (`relay.rs`).
+//! loopback HTTP/JSON API and Prometheus `/metrics`, through the tunnel relay as the
+//! service `agent` (plus `ssh` and other TCP services), in-process (`relay.rs`), and on the
+//! mesh: the agent runs the managed mesh node in-process and serves the API on its overlay
+//! addresses (`overlay.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing::{info, warn};
+use tunnel_relay::client::LinkState;
 
 pub mod agent;
 pub mod api;
@@ -19,6 +22,7 @@ pub mod health;
 pub mod history;
 pub mod job;
 pub mod metrics;
+pub mod overlay;
 pub mod relay;
 pub mod sampler;
 pub mod store;
@@ -43,6 +47,10 @@ pub struct Config {
     /// Join the relay and expose `agent` and the TCP services through it. `None`, or a state
     /// dir that never joined and no token: the API is reachable on loopback only.
     pub relay: Option<relay::RelayOptions>,
+    /// Join the mesh in-process with the relay identity and serve the API on the overlay.
+    /// `None` (`--no-mesh`): relay and loopback only. Needs `relay` (the mesh is joined
+    /// through it).
+    pub mesh: Option<overlay::MeshOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,30 +120,55 @@ pub async fn run(
         shutdown.await;
         let _ = tx.send(true);
     });
+    let (mesh_tx, mesh_rx) = tokio::sync::watch::channel(overlay::MeshState::Disabled {
+        reason: "--no-mesh".into(),
+    });
     let mut state = api::AppState {
         engine,
         snapshot,
         relay: None,
+        mesh: mesh_rx,
     };
     let mut exposed = None;
-    if let Some(opts) = cfg.relay.clone() {
-        if relay::joined(&cfg.state_dir, &opts)? {
+    let mut mesh_node = None;
+    match cfg.relay.clone() {
+        Some(opts) if relay::joined(&cfg.state_dir, &opts)? => {
+            let (link_tx, link_rx) = tokio::sync::watch::channel(LinkState::Connecting);
+            state.relay = Some(link_rx.clone());
             let mut rx3 = rx.clone();
-            let e = relay::start(
+            exposed = Some(relay::start(
                 cfg.state_dir.clone(),
                 opts,
                 api::router(state.clone()),
+                link_tx,
                 async move {
                     let _ = rx3.wait_for(|v| *v).await;
                 },
-            )?;
-            state.relay = Some(e.link.clone());
-            exposed = Some(e);
-        } else {
+            )?);
+            if let Some(m) = cfg.mesh.clone() {
+                mesh_node = Some(overlay::start(
+                    cfg.state_dir.clone(),
+                    m,
+                    api::router(state.clone()),
+                    link_rx,
+                    rx.clone(),
+                    mesh_tx,
+                ));
+            }
+        }
+        Some(_) => {
             warn!(
                 state_dir = %cfg.state_dir.display(),
                 "not joined to a relay: the jobs API is on loopback only; run once with --token to join"
             );
+            mesh_tx.send_replace(overlay::MeshState::Disabled {
+                reason: "not joined to a relay (run once with --token)".into(),
+            });
+        }
+        None => {
+            mesh_tx.send_replace(overlay::MeshState::Disabled {
+                reason: "no relay configured".into(),
+            });
         }
     }
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
@@ -183,6 +216,9 @@ pub async fn run(
     ticker.abort();
     if let Some(t) = metrics_task {
         t.abort();
+    }
+    if let Some(m) = mesh_node {
+        m.finish().await;
     }
     if let Some(e) = exposed {
         e.finish().await;

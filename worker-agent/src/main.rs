@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use tunnel_relay::client::LinkState;
 use worker_agent::client;
 use worker_agent::job::{Job, JobSpec};
+use worker_agent::overlay::MeshState;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +31,12 @@ struct ApiArgs {
     /// identity of `tunnel-relay login` in --state-dir. Without it: the local agent.
     #[arg(long, env = "WEFT_WORKER", global = true)]
     worker: Option<String>,
+    /// With --worker: how to reach it. `relay` (default): the worker's `agent` service through
+    /// the relay. `mesh`: straight over the mesh at http://NAME.weft.internal:7070 (or an
+    /// overlay IP given as NAME), when this machine runs `mesh up`; names are resolved by the
+    /// local node's MagicDNS (100.64.0.1).
+    #[arg(long, env = "WEFT_VIA", global = true, value_enum, default_value_t = Via::Relay, requires = "worker")]
+    via: Via,
     /// Local agent API base URL; default: read from STATE_DIR/api.url. Not with --worker.
     #[arg(long, env = "WEFT_AGENT_API", global = true, conflicts_with = "worker")]
     api: Option<String>,
@@ -38,6 +45,15 @@ struct ApiArgs {
     /// to find api.url (default: /var/lib/weft-agent).
     #[arg(long, env = "WEFT_STATE_DIR", global = true)]
     state_dir: Option<PathBuf>,
+}
+
+/// How the engineer's CLI reaches a worker.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Through the relay (the worker's `agent` service), as the `tunnel-relay login` identity.
+    Relay,
+    /// Over the mesh to the worker's overlay address, as this machine's mesh node.
+    Mesh,
 }
 
 /// Default state directory of a local agent.
@@ -122,6 +138,21 @@ struct RunArgs {
     /// `agent`.
     #[arg(long = "service", value_name = "NAME=HOST:PORT")]
     services: Vec<String>,
+    /// Do not join the mesh: reachable through the relay (and loopback) only. By default the
+    /// agent runs the mesh node in-process with its relay identity (needs CAP_NET_ADMIN for the
+    /// TUN interface; without it the agent warns and runs relay-only) and serves the jobs API
+    /// on its overlay addresses, port 7070.
+    #[arg(long, env = "WEFT_NO_MESH")]
+    no_mesh: bool,
+    /// The mesh node's TUN interface.
+    #[arg(long, env = "WEFT_INTERFACE", default_value = "weft0")]
+    interface: String,
+    /// Directory of the mesh node's UAPI socket (where `mesh status` and `wg` look).
+    #[arg(long, env = "WEFT_UAPI_DIR", default_value = "/var/run/wireguard")]
+    uapi_dir: PathBuf,
+    /// The mesh node's WireGuard UDP port (default: random).
+    #[arg(long, env = "WEFT_WG_PORT")]
+    wg_port: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -193,6 +224,11 @@ fn parse_duration(flag: &str, s: &str) -> Result<Duration> {
 }
 
 fn endpoint(a: &ApiArgs) -> Result<client::Endpoint> {
+    if let (Some(worker), Via::Mesh) = (&a.worker, a.via) {
+        return Ok(client::Endpoint::Mesh {
+            worker: worker.clone(),
+        });
+    }
     if let Some(worker) = &a.worker {
         let state_dir = client::engineer_dir(a.state_dir.as_deref())?;
         return Ok(client::Endpoint::Relay {
@@ -305,6 +341,16 @@ fn print_job(j: &Job) {
 }
 
 fn run_agent(a: RunArgs) -> Result<()> {
+    let token = a
+        .token
+        .as_deref()
+        .map(|t| tunnel_relay::Token::parse(t.trim()))
+        .transpose()
+        .context("--token")?;
+    let name = match a.name {
+        Some(n) => n,
+        None => hostname()?,
+    };
     let cfg = worker_agent::Config {
         state_dir: a.state_dir,
         api_listen: a.api_listen,
@@ -319,17 +365,17 @@ fn run_agent(a: RunArgs) -> Result<()> {
         shim: std::env::current_exe().ok(),
         cgroups: !a.no_cgroups,
         relay: Some(worker_agent::relay::RelayOptions {
-            token: a
-                .token
-                .as_deref()
-                .map(tunnel_relay::Token::parse)
-                .transpose()
-                .context("--token")?,
-            name: match a.name {
-                Some(n) => n,
-                None => hostname()?,
-            },
+            token: token.clone(),
+            name: name.clone(),
             services: services(&a.services)?,
+        }),
+        // The same name as on the relay: one key, one name (the registry renames otherwise).
+        mesh: (!a.no_mesh).then_some(worker_agent::overlay::MeshOptions {
+            token,
+            name,
+            interface: a.interface,
+            uapi_dir: a.uapi_dir,
+            listen_port: a.wg_port,
         }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -411,6 +457,7 @@ fn main_inner(cli: Cli) -> Result<()> {
                 st.jobs_running, st.jobs_queued
             );
             println!("relay: {}", relay_line(st.relay.as_ref()));
+            println!("mesh: {}", mesh_line(st.mesh.as_ref()));
             Ok(())
         }
         Cmd::History { json, api } => {
@@ -457,6 +504,37 @@ fn relay_line(l: Option<&LinkState>) -> String {
         }
         Some(LinkState::Refused { reason }) => format!("refused: {reason}"),
         Some(LinkState::Stopped) => "stopped".into(),
+    }
+}
+
+fn mesh_line(m: Option<&MeshState>) -> String {
+    match m {
+        None => "unknown (the agent predates the mesh)".into(),
+        Some(MeshState::Disabled { reason }) => format!("not joined ({reason})"),
+        Some(MeshState::WaitingForRelay) => {
+            "waiting for the relay to admit this worker before joining".into()
+        }
+        Some(MeshState::Joining) => "joining".into(),
+        Some(MeshState::Retrying { error, retry_in_ms }) => {
+            format!("retrying in {retry_in_ms} ms (last error: {error})")
+        }
+        Some(MeshState::Joined {
+            name,
+            ipv4,
+            ipv6,
+            interface,
+            api,
+        }) => format!(
+            "joined as {name} ({ipv4}, {ipv6}) on {interface}; jobs API on {}",
+            api.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Some(MeshState::Failed { reason }) => {
+            format!("failed: {reason} (reachable through the relay only)")
+        }
+        Some(MeshState::Stopped) => "stopped".into(),
     }
 }
 

@@ -77,18 +77,20 @@ pub fn joined(state_dir: &std::path::Path, opts: &RelayOptions) -> Result<bool, 
     Ok(st.relay().is_some())
 }
 
-/// Starts `expose` and the server of `agent` streams. `shutdown` ends both.
+/// Starts `expose` and the server of `agent` streams, publishing the link on `link_tx`.
+/// `shutdown` ends both.
 pub fn start(
     state_dir: PathBuf,
     opts: RelayOptions,
     api: Router,
+    link_tx: watch::Sender<LinkState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Exposed, RelayError> {
     if let Some((n, a)) = opts.services.iter().find(|(n, _)| n == AGENT_SERVICE) {
         return Err(RelayError::Reserved(format!("{n}={a}")));
     }
     let (in_tx, mut in_rx) = mpsc::channel::<IncomingStream>(64);
-    let (link_tx, link_rx) = watch::channel(LinkState::Connecting);
+    let link_rx = link_tx.subscribe();
     let mut eo = ExposeOptions::new(state_dir, opts.name, opts.services);
     eo.token = opts.token;
     eo.handlers.insert(AGENT_SERVICE.to_string(), in_tx);

@@ -1,0 +1,467 @@
+//! The worker agent on the mesh, in network namespaces: the relay (coordinator, relay path,
+//! STUN) on the simulated internet; `worker-agent run --token` on a worker behind an easy NAT
+//! (stub NVML, `worker-agent/tests/stub/nvml_stub.c`, a test double), which joins the mesh
+//! in-process with its relay identity; an engineer running `mesh up --token` (tag engineer);
+//! a second worker running `mesh up --token` (tag worker).
+//!
+//! What users rely on: the worker's `status` says it is on the mesh and where its jobs API
+//! listens (overlay addresses only, never a public one); the engineer submits a job over the
+//! mesh (`--via mesh`, by MagicDNS name and by overlay IP, and a plain base URL) and its record names
+//! the engineer's mesh name as the caller; the log is readable over the mesh; the same engineer
+//! identity still works through the relay; another worker has no route to the agent at all;
+//! on shutdown the agent removes its interface.
+//!
+//! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
+
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_tests::{bin, workspace_root, Internet, Nat, Netns, Proc, Router};
+
+const RELAY_IP: &str = "203.0.113.2";
+const RELAY_ADDR: &str = "203.0.113.2:4433";
+
+fn relay_bin() -> String {
+    bin("tunnel-relay").display().to_string()
+}
+
+fn agent_bin() -> String {
+    bin("worker-agent").display().to_string()
+}
+
+fn mesh_bin() -> String {
+    bin("mesh").display().to_string()
+}
+
+/// Builds the stub `libnvidia-ml.so` (a test double) into `dir`.
+fn build_stub(dir: &Path) -> PathBuf {
+    let src = workspace_root().join("worker-agent/tests/stub/nvml_stub.c");
+    let out = dir.join("libnvml-stub.so");
+    let st = std::process::Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("gcc is needed to build the stub NVML library: {e}"));
+    assert!(st.success(), "building {} failed", src.display());
+    out
+}
+
+fn token(relay_ns: &Netns, rstate: &str, tag: &str) -> String {
+    let t = relay_ns
+        .exec(&format!(
+            "{} token create --state-dir {rstate} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
+            relay_bin()
+        ))
+        .trim()
+        .to_string();
+    assert!(t.starts_with("wft1_"), "token: {t}");
+    t
+}
+
+/// `mesh up --token` in `ns`, its UAPI socket in the namespace's directory.
+fn mesh_up(ns: &Netns, token: &str, name: &str) -> (Proc, String, String) {
+    let state = ns.file("mesh").display().to_string();
+    let uapi = ns.file("uapi").display().to_string();
+    let p = ns.spawn_named(
+        "mesh",
+        &format!(
+            "env RUST_LOG=info,netlink_packet_route=error {} up --state-dir {state} --token {token} --name {name} --uapi-dir {uapi}",
+            mesh_bin()
+        ),
+    );
+    (p, state, uapi)
+}
+
+/// Waits until `ns` has its overlay IPv4 on weft0.
+fn wait_overlay(ns: &Netns, p: &Proc) -> String {
+    let t0 = Instant::now();
+    loop {
+        let out = ns.output("ip -4 -br addr show weft0");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(ip) = text
+            .split_whitespace()
+            .filter_map(|w| w.strip_suffix("/32"))
+            .find(|ip| *ip != "100.64.0.1")
+        {
+            return ip.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "[{}] never joined the mesh:\n{}",
+            ns.name(),
+            p.log_tail(30)
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// `mesh status --json` of weft0 in `ns`.
+fn mesh_status(ns: &Netns, uapi: &str) -> Value {
+    let out = ns.output(&format!(
+        "{} status --json --interface weft0 --uapi-dir {uapi}",
+        mesh_bin()
+    ));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Runs `worker-agent ARGS` in `ns`; (success, stdout, stderr).
+fn agent_cli(ns: &Netns, args: &str) -> (bool, String, String) {
+    let out = ns.output(&format!("{} {args}", agent_bin()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn agent_ok(ns: &Netns, args: &str) -> String {
+    let (ok, out, err) = agent_cli(ns, args);
+    assert!(ok, "worker-agent {args} failed: {err}{out}");
+    out
+}
+
+/// Whether a listener `IP:PORT` (as `ss` prints it) is on loopback or in the overlay pools
+/// (100.64.0.0/10, fd7a:7765:6674::/48).
+fn loopback_or_overlay(listener: &str) -> bool {
+    let ip = listener
+        .rsplit_once(':')
+        .map(|(ip, _)| ip.trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    match ip {
+        Some(std::net::IpAddr::V4(v4)) => {
+            v4.is_loopback() || (v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1]))
+        }
+        Some(std::net::IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.segments()[..3] == [0xfd7a, 0x7765, 0x6674]
+        }
+        None => false,
+    }
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// `worker-agent status --json` on the worker until the relay is connected and the mesh
+/// joined; returns that status.
+fn wait_on_mesh(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < Duration::from_secs(20) {
+        let out = worker.output(&format!(
+            "{} status --json --state-dir {wstate}",
+            agent_bin()
+        ));
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Ok(v) = serde_json::from_str::<Value>(&last) {
+            assert_ne!(v["mesh"]["state"], "failed", "{v}\n{}", agent.log_tail(30));
+            if v["relay"]["state"] == "connected" && v["mesh"]["state"] == "joined" {
+                return v;
+            }
+        }
+        sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "agent never joined the mesh; last status: {last}\nagent log:\n{}",
+        agent.log_tail(30)
+    );
+}
+
+#[test]
+fn engineer_submits_over_the_mesh_as_its_mesh_name() {
+    let net = Internet::new("wam");
+    let relay_ns = net.host("wam-relay", RELAY_IP);
+    let router = Router::new(&net, "wam-w", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27");
+    let worker = Netns::new("wam-wk");
+    router.attach(&worker, "eth0");
+    let eng = net.host("wam-eng", "198.51.100.5");
+    let w2 = net.host("wam-w2", "198.51.100.6");
+
+    let rstate = relay_ns.file("state").display().to_string();
+    let relay = relay_ns.spawn_named(
+        "relay",
+        &format!(
+            "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {rstate}",
+            relay_bin()
+        ),
+    );
+    assert!(
+        relay_ns.wait_listen('u', 4433, Duration::from_secs(5)),
+        "relay did not listen:\n{}",
+        relay.log_tail(20)
+    );
+
+    // The worker: one `worker-agent run --token`, on the relay and on the mesh.
+    let stub = build_stub(worker.dir());
+    let stub_dir = worker.file("stub");
+    std::fs::create_dir_all(&stub_dir).unwrap_or_else(|e| panic!("{e}"));
+    let wstate = worker.file("agent").display().to_string();
+    let wuapi = worker.file("uapi").display().to_string();
+    let wtoken = token(&relay_ns, &rstate, "worker");
+    let mut agent = worker.spawn_named(
+        "agent",
+        &format!(
+            "env WEFT_LOG=info,worker_agent=debug,netlink_packet_route=error WEFT_NVML_STUB_DIR={} {} run \
+             --state-dir {wstate} --name gpu1 --nvml-lib {} --kill-grace-s 1 --sample-ms 100 \
+             --uapi-dir {wuapi} --token {wtoken}",
+            stub_dir.display(),
+            agent_bin(),
+            stub.display(),
+        ),
+    );
+    let st = wait_on_mesh(&worker, &wstate, &agent);
+    let mesh = &st["mesh"];
+    assert_eq!(mesh["name"], "gpu1", "{st}");
+    assert_eq!(mesh["interface"], "weft0", "{st}");
+    let wip = mesh["ipv4"].as_str().unwrap_or_default().to_string();
+    let wip6 = mesh["ipv6"].as_str().unwrap_or_default().to_string();
+    assert!(wip.starts_with("100."), "{st}");
+    assert_eq!(
+        mesh["api"],
+        serde_json::json!([format!("{wip}:7070"), format!("[{wip6}]:7070")]),
+        "{st}"
+    );
+    // One identity: the relay and the mesh know the worker by the same name.
+    assert_eq!(st["relay"]["name"], "gpu1", "{st}");
+    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    assert!(
+        text.contains(&format!(
+            "mesh: joined as gpu1 ({wip}, {wip6}) on weft0; jobs API on {wip}:7070"
+        )),
+        "{text}"
+    );
+    // The token is used once (by the relay exposure) and never logged.
+    assert!(!agent.log().contains(&wtoken[wtoken.len() - 20..]));
+
+    // The jobs API listens on loopback and the overlay only, never on a public address.
+    let listeners = worker.exec("ss -Htln | awk '{print $4}'");
+    assert!(
+        listeners.contains(&format!("{wip}:7070")),
+        "no overlay listener:\n{listeners}"
+    );
+    for l in listeners.lines() {
+        assert!(
+            loopback_or_overlay(l),
+            "listener {l} on the worker is neither loopback nor overlay:\n{listeners}"
+        );
+    }
+
+    // The engineer runs `mesh up`; so does a second worker.
+    let (eproc, estate, _euapi) = mesh_up(&eng, &token(&relay_ns, &rstate, "engineer"), "alice");
+    let (w2proc, _w2state, w2uapi) = mesh_up(&w2, &token(&relay_ns, &rstate, "worker"), "w2");
+    wait_overlay(&eng, &eproc);
+    let w2ip = wait_overlay(&w2, &w2proc);
+    assert_ne!(w2ip, wip);
+
+    // Over the mesh by MagicDNS name: the first request may wait for the peer map to arrive.
+    let via = "--worker gpu1 --via mesh";
+    let t0 = Instant::now();
+    loop {
+        let (ok, out, err) = agent_cli(&eng, &format!("status --json {via}"));
+        if ok {
+            assert_eq!(json(&out)["mesh"]["name"], "gpu1", "{out}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the engineer never reached the agent over the mesh: {err}\nengineer:\n{}\nagent:\n{}",
+            eproc.log_tail(20),
+            agent.log_tail(20)
+        );
+        sleep(Duration::from_millis(200));
+    }
+    let job = json(&agent_ok(
+        &eng,
+        &format!(
+            "jobs submit {via} --gpus 1 --json -- sh -c 'echo hello-over-the-mesh; echo GPU=$CUDA_VISIBLE_DEVICES'"
+        ),
+    ));
+    assert_eq!(job["caller"], "alice", "{job}");
+    let id = job["id"].as_u64().unwrap_or_else(|| panic!("no id: {job}"));
+    let log = agent_ok(&eng, &format!("jobs logs {id} --follow {via}"));
+    let shown = json(&agent_ok(&eng, &format!("jobs show {id} --json {via}")));
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+    assert_eq!(shown["caller"], "alice", "{shown}");
+    let uuid = shown["gpu_uuids"][0].as_str().unwrap_or_default();
+    assert!(uuid.starts_with("GPU-"), "{shown}");
+    assert_eq!(log, format!("hello-over-the-mesh\nGPU={uuid}\n"));
+
+    // By overlay IP: the same records.
+    let list = json(&agent_ok(
+        &eng,
+        &format!("jobs list --json --worker {wip} --via mesh"),
+    ));
+    assert!(
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|j| j["id"] == id && j["caller"] == "alice")),
+        "{list}"
+    );
+    // Any HTTP client on the engineer's machine works too (here the CLI with a plain base URL).
+    let plain = agent_ok(
+        &eng,
+        &format!("jobs submit --api http://{wip}:7070 --json -- echo plain-http"),
+    );
+    let cj = json(&plain);
+    assert_eq!(cj["caller"], "alice", "{cj}");
+
+    // The engineer's mesh identity also works through the relay (the same state dir).
+    let relay_list = json(&agent_ok(
+        &eng,
+        &format!("jobs list --json --worker gpu1 --state-dir {estate}"),
+    ));
+    assert!(
+        relay_list
+            .as_array()
+            .is_some_and(|l| l.iter().any(|j| j["id"] == id && j["caller"] == "alice")),
+        "{relay_list}"
+    );
+
+    // The second worker: not in each other's peer maps (the default ACL lets workers open
+    // nothing), so nothing routes to the agent; its request never arrives.
+    let w1_key = mesh_status(&worker, &wuapi)["public_key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!w1_key.is_empty(), "worker's mesh status has no key");
+    let w2_status = mesh_status(&w2, &w2uapi);
+    let w2_peers: Vec<&str> = w2_status["peers"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|p| p["public_key"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(!w2_peers.is_empty(), "w2 sees no peer at all: {w2_status}");
+    assert!(
+        !w2_peers.contains(&w1_key.as_str()),
+        "w2 has the worker as a peer: {w2_status}"
+    );
+    let probe = format!(
+        "{{ printf 'GET /v1/status HTTP/1.0\\r\\n\\r\\n'; sleep 2; }} | timeout 5 socat -t 1 - TCP:{wip}:7070,connect-timeout=3"
+    );
+    // The same probe from the engineer is answered (so its silence from w2 means something).
+    // stdin stays open a while: a client's early half-close lets hyper drop the connection.
+    let out = eng.output(&probe);
+    let ok_probe = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        ok_probe.starts_with("HTTP/1.0 200 OK"),
+        "probe from the engineer: {:?} {ok_probe}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blocked = w2.output(&probe);
+    let answer = String::from_utf8_lossy(&blocked.stdout).into_owned();
+    assert!(
+        !blocked.status.success() && !answer.contains("HTTP/"),
+        "w2 got an answer from the agent: {answer}"
+    );
+    let (ok, _, err) = agent_cli(&w2, "jobs list --worker gpu1 --via mesh");
+    assert!(!ok, "w2 reached the agent by name");
+    assert!(err.contains("gpu1.weft.internal"), "{err}");
+    let all = json(&agent_ok(
+        &worker,
+        &format!("jobs list --json --state-dir {wstate}"),
+    ));
+    let callers: Vec<&str> = all
+        .as_array()
+        .map(|l| l.iter().filter_map(|j| j["caller"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(callers, vec!["alice", "alice"], "{all}");
+
+    // Shutdown: the agent leaves the mesh and removes its interface.
+    let status = agent.kill_term();
+    assert!(
+        status.success(),
+        "agent exit: {status:?}\n{}",
+        agent.log_tail(20)
+    );
+    assert!(!worker.has_link("weft0"), "weft0 left behind");
+}
+
+#[test]
+fn without_the_mesh_the_agent_runs_relay_only_and_says_why() {
+    let net = Internet::new("wan");
+    let relay_ns = net.host("wan-relay", RELAY_IP);
+    let worker = net.host("wan-wk", "198.51.100.7");
+    let rstate = relay_ns.file("state").display().to_string();
+    let relay = relay_ns.spawn_named(
+        "relay",
+        &format!(
+            "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {rstate}",
+            relay_bin()
+        ),
+    );
+    assert!(
+        relay_ns.wait_listen('u', 4433, Duration::from_secs(5)),
+        "relay did not listen:\n{}",
+        relay.log_tail(20)
+    );
+    let wstate = worker.file("agent").display().to_string();
+    let wuapi = worker.file("uapi").display().to_string();
+    let run = |extra: &str, label: &str| {
+        worker.spawn_named(
+            label,
+            &format!(
+                "env WEFT_LOG=info {} run --state-dir {wstate} --name cpu1 --uapi-dir {wuapi} --kill-grace-s 1 {extra}",
+                agent_bin()
+            ),
+        )
+    };
+    let wait_relay = |agent: &Proc| -> Value {
+        let t0 = Instant::now();
+        loop {
+            let out = worker.output(&format!(
+                "{} status --json --state-dir {wstate}",
+                agent_bin()
+            ));
+            if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
+                let settled = !matches!(
+                    v["mesh"]["state"].as_str(),
+                    Some("waiting_for_relay" | "joining" | "retrying")
+                );
+                if v["relay"]["state"] == "connected" && settled {
+                    return v;
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "agent never settled:\n{}",
+                agent.log_tail(30)
+            );
+            sleep(Duration::from_millis(100));
+        }
+    };
+
+    // --no-mesh: relay only, and status says so.
+    let mut agent = run(
+        &format!("--no-mesh --token {}", token(&relay_ns, &rstate, "worker")),
+        "agent-nomesh",
+    );
+    let st = wait_relay(&agent);
+    assert_eq!(st["mesh"]["state"], "disabled", "{st}");
+    assert_eq!(st["mesh"]["reason"], "--no-mesh", "{st}");
+    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    assert!(text.contains("mesh: not joined (--no-mesh)"), "{text}");
+    assert!(!worker.has_link("weft0"));
+    agent.kill_term();
+
+    // The interface cannot be created (its name is taken by another link): the agent warns,
+    // keeps serving through the relay, and status gives the reason.
+    worker.exec("ip link add weft0 type veth peer name weft0p");
+    let mut agent = run("", "agent-busy");
+    let st = wait_relay(&agent);
+    assert_eq!(st["mesh"]["state"], "failed", "{st}");
+    let reason = st["mesh"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("weft0"), "{st}");
+    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    assert!(
+        text.contains("mesh: failed: ") && text.contains("(reachable through the relay only)"),
+        "{text}"
+    );
+    assert!(
+        agent.is_running(),
+        "the agent died:\n{}",
+        agent.log_tail(20)
+    );
+    agent.kill_term();
+}
