@@ -650,13 +650,20 @@ impl Message {
     }
 }
 
-/// Frames a payload: 4-byte big-endian length, then the payload.
-pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>, WireError> {
-    if payload.len() > MAX_FRAME {
-        return Err(WireError::TooLong {
-            what: "frame",
+/// A frame longer than the limit its protocol allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Oversize {
+    pub(crate) len: usize,
+    pub(crate) max: usize,
+}
+
+/// Framing shared by the relay protocol and the mesh control stream: a
+/// 4-byte big-endian length, then the payload, at most `max` bytes.
+pub(crate) fn frame_with_limit(payload: &[u8], max: usize) -> Result<Vec<u8>, Oversize> {
+    if payload.len() > max {
+        return Err(Oversize {
             len: payload.len(),
-            max: MAX_FRAME,
+            max,
         });
     }
     let mut out = Vec::with_capacity(4 + payload.len());
@@ -665,21 +672,76 @@ pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
-/// Splits one frame off the front of `buf`: `Ok(None)` if more bytes are
-/// needed, else the payload and how many bytes it consumed.
-pub fn decode_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
+/// Splits one frame of at most `max` bytes off the front of `buf` (see
+/// [`decode_frame`]).
+pub(crate) fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Oversize> {
     let Some(head) = buf.get(..4) else {
         return Ok(None);
     };
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(WireError::TooLong {
-            what: "frame",
-            len,
-            max: MAX_FRAME,
-        });
+    if len > max {
+        return Err(Oversize { len, max });
     }
     Ok(buf.get(4..4 + len).map(|p| (p, 4 + len)))
+}
+
+/// Why reading one raw frame failed.
+#[derive(Debug)]
+pub(crate) enum RawFrameError {
+    /// Clean end of stream before a frame began.
+    Eof,
+    /// The stream failed or ended inside a frame.
+    Io(std::io::Error),
+    /// The header announces more than the limit.
+    Oversize(Oversize),
+}
+
+/// Reads exactly one frame's payload (at most `max` bytes), nothing after it.
+pub(crate) async fn read_frame_with_limit<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Vec<u8>, RawFrameError> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut head[got..]).await.map_err(RawFrameError::Io)?;
+        if n == 0 {
+            return Err(if got == 0 {
+                RawFrameError::Eof
+            } else {
+                RawFrameError::Io(std::io::ErrorKind::UnexpectedEof.into())
+            });
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(head) as usize;
+    if len > max {
+        return Err(RawFrameError::Oversize(Oversize { len, max }));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(RawFrameError::Io)?;
+    Ok(payload)
+}
+
+fn too_long(o: Oversize) -> WireError {
+    WireError::TooLong {
+        what: "frame",
+        len: o.len,
+        max: o.max,
+    }
+}
+
+/// Frames a payload: 4-byte big-endian length, then the payload.
+pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>, WireError> {
+    frame_with_limit(payload, MAX_FRAME).map_err(too_long)
+}
+
+/// Splits one frame off the front of `buf`: `Ok(None)` if more bytes are
+/// needed, else the payload and how many bytes it consumed.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
+    split_frame(buf, MAX_FRAME).map_err(too_long)
 }
 
 /// An I/O or codec failure while reading or writing frames.
@@ -698,31 +760,13 @@ pub enum FrameError {
 
 /// Reads one frame's payload; reads exactly the frame, nothing after it.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
-    let mut head = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = r.read(&mut head[got..]).await?;
-        if n == 0 {
-            return Err(if got == 0 {
-                FrameError::Eof
-            } else {
-                FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())
-            });
-        }
-        got += n;
-    }
-    let len = u32::from_be_bytes(head) as usize;
-    if len > MAX_FRAME {
-        return Err(WireError::TooLong {
-            what: "frame",
-            len,
-            max: MAX_FRAME,
-        }
-        .into());
-    }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    Ok(payload)
+    read_frame_with_limit(r, MAX_FRAME)
+        .await
+        .map_err(|e| match e {
+            RawFrameError::Eof => FrameError::Eof,
+            RawFrameError::Io(e) => FrameError::Io(e),
+            RawFrameError::Oversize(o) => FrameError::Wire(too_long(o)),
+        })
 }
 
 /// Writes one frame.

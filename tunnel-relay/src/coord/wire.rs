@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::policy::{FilterRules, InboundRule, PortRange, Proto};
 use super::{
@@ -457,36 +457,22 @@ impl ControlMsg {
 
     /// Encodes as one frame (length prefix + message).
     pub fn encode_frame(&self) -> Result<Vec<u8>> {
-        let body = self.encode();
-        if body.len() > MAX_CONTROL_FRAME {
-            return Err(ControlWireError::TooLong {
-                what: "control frame",
-                len: body.len(),
-                max: MAX_CONTROL_FRAME,
-            });
-        }
-        let mut out = Vec::with_capacity(4 + body.len());
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
-        Ok(out)
+        crate::wire::frame_with_limit(&self.encode(), MAX_CONTROL_FRAME).map_err(too_long)
+    }
+}
+
+fn too_long(o: crate::wire::Oversize) -> ControlWireError {
+    ControlWireError::TooLong {
+        what: "control frame",
+        len: o.len,
+        max: o.max,
     }
 }
 
 /// Splits one frame off the front of `buf`: `Ok(None)` if more bytes are
 /// needed, else the payload and how many bytes it consumed.
 pub fn decode_control_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>> {
-    let Some(head) = buf.get(..4) else {
-        return Ok(None);
-    };
-    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len > MAX_CONTROL_FRAME {
-        return Err(ControlWireError::TooLong {
-            what: "control frame",
-            len,
-            max: MAX_CONTROL_FRAME,
-        });
-    }
-    Ok(buf.get(4..4 + len).map(|p| (p, 4 + len)))
+    crate::wire::split_frame(buf, MAX_CONTROL_FRAME).map_err(too_long)
 }
 
 /// Reading or writing one control frame failed.
@@ -508,31 +494,14 @@ pub async fn read_control<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> std::result::Result<ControlMsg, ControlIoError> {
-    let mut head = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = r.read(&mut head[got..]).await?;
-        if n == 0 {
-            return Err(if got == 0 {
-                ControlIoError::Eof
-            } else {
-                ControlIoError::Io(std::io::ErrorKind::UnexpectedEof.into())
-            });
-        }
-        got += n;
-    }
-    let len = u32::from_be_bytes(head) as usize;
-    let max = max.min(MAX_CONTROL_FRAME);
-    if len > max {
-        return Err(ControlWireError::TooLong {
-            what: "control frame",
-            len,
-            max,
-        }
-        .into());
-    }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
+    use crate::wire::RawFrameError;
+    let payload = crate::wire::read_frame_with_limit(r, max.min(MAX_CONTROL_FRAME))
+        .await
+        .map_err(|e| match e {
+            RawFrameError::Eof => ControlIoError::Eof,
+            RawFrameError::Io(e) => ControlIoError::Io(e),
+            RawFrameError::Oversize(o) => ControlIoError::Wire(too_long(o)),
+        })?;
     Ok(ControlMsg::decode(&payload)?)
 }
 
