@@ -6,6 +6,7 @@
 //! drop guard, so tests can run in parallel and a panic leaves nothing behind.
 //! See `/work/shared/LAB.md` for the machine facts this relies on.
 
+pub mod agent;
 pub mod cleanup;
 pub mod managed;
 pub mod netns;

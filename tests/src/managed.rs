@@ -61,14 +61,44 @@ impl LabRelay {
 
     /// A one-use join token with `tag`, valid 10 minutes.
     pub fn token(&self, tag: &str) -> String {
-        self.ns
-            .exec(&format!(
-                "{} token create --state-dir {} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
-                relay_bin(),
-                self.state
-            ))
-            .trim()
-            .to_string()
+        relay_token(&self.ns, &self.state, tag)
+    }
+}
+
+/// A one-use join token with `tag`, valid 10 minutes, from the relay state in `state`.
+pub fn relay_token(relay_ns: &Netns, state: &str, tag: &str) -> String {
+    let t = relay_ns
+        .exec(&format!(
+            "{} token create --state-dir {state} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
+            relay_bin()
+        ))
+        .trim()
+        .to_string();
+    assert!(t.starts_with("wft1_"), "token: {t}");
+    t
+}
+
+/// The overlay IPv4 of `ns` once its `weft0` is up (not MagicDNS's 100.64.0.1);
+/// panics with `proc`'s log after 15 s.
+pub fn wait_overlay_ip(ns: &Netns, proc: &Proc) -> String {
+    let t0 = Instant::now();
+    loop {
+        let out = ns.output("ip -4 -br addr show weft0");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(ip) = text
+            .split_whitespace()
+            .filter_map(|w| w.strip_suffix("/32"))
+            .find(|ip| *ip != "100.64.0.1")
+        {
+            return ip.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "[{}] never joined:\n{}",
+            ns.name(),
+            proc.log_tail(30)
+        );
+        sleep(Duration::from_millis(100));
     }
 }
 
@@ -77,6 +107,8 @@ pub struct ManagedNode {
     pub ns: Netns,
     pub proc: Proc,
     pub uapi: String,
+    /// Its state dir (identity, relay).
+    pub state: String,
     /// Its overlay IPv4 address.
     pub ip: String,
 }
@@ -97,6 +129,7 @@ impl ManagedNode {
             ns,
             proc,
             uapi,
+            state,
             ip: String::new(),
         };
         n.ip = n.overlay_ip();
@@ -105,25 +138,7 @@ impl ManagedNode {
 
     /// The overlay IPv4 once `weft0` is up (not MagicDNS's 100.64.0.1).
     pub fn overlay_ip(&self) -> String {
-        let t0 = Instant::now();
-        loop {
-            let out = self.ns.output("ip -4 -br addr show weft0");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if let Some(ip) = text
-                .split_whitespace()
-                .filter_map(|w| w.strip_suffix("/32"))
-                .find(|ip| *ip != "100.64.0.1")
-            {
-                return ip.to_string();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "[{}] never joined:\n{}",
-                self.ns.name(),
-                self.proc.log_tail(30)
-            );
-            sleep(Duration::from_millis(100));
-        }
+        wait_overlay_ip(&self.ns, &self.proc)
     }
 
     /// Runs `mesh ARGS --uapi-dir U` in the node's namespace.

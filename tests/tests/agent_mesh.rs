@@ -13,114 +13,21 @@
 //!
 //! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
-use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_tests::{bin, workspace_root, Internet, Nat, Netns, Proc, Router};
-
-const RELAY_IP: &str = "203.0.113.2";
-const RELAY_ADDR: &str = "203.0.113.2:4433";
-
-fn relay_bin() -> String {
-    bin("tunnel-relay").display().to_string()
-}
-
-fn agent_bin() -> String {
-    bin("worker-agent").display().to_string()
-}
-
-fn mesh_bin() -> String {
-    bin("mesh").display().to_string()
-}
-
-/// Builds the stub `libnvidia-ml.so` (a test double) into `dir`.
-fn build_stub(dir: &Path) -> PathBuf {
-    let src = workspace_root().join("worker-agent/tests/stub/nvml_stub.c");
-    let out = dir.join("libnvml-stub.so");
-    let st = std::process::Command::new("gcc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .unwrap_or_else(|e| panic!("gcc is needed to build the stub NVML library: {e}"));
-    assert!(st.success(), "building {} failed", src.display());
-    out
-}
-
-fn token(relay_ns: &Netns, rstate: &str, tag: &str) -> String {
-    let t = relay_ns
-        .exec(&format!(
-            "{} token create --state-dir {rstate} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
-            relay_bin()
-        ))
-        .trim()
-        .to_string();
-    assert!(t.starts_with("wft1_"), "token: {t}");
-    t
-}
-
-/// `mesh up --token` in `ns`, its UAPI socket in the namespace's directory.
-fn mesh_up(ns: &Netns, token: &str, name: &str) -> (Proc, String, String) {
-    let state = ns.file("mesh").display().to_string();
-    let uapi = ns.file("uapi").display().to_string();
-    let p = ns.spawn_named(
-        "mesh",
-        &format!(
-            "env RUST_LOG=info,netlink_packet_route=error {} up --state-dir {state} --token {token} --name {name} --uapi-dir {uapi}",
-            mesh_bin()
-        ),
-    );
-    (p, state, uapi)
-}
-
-/// Waits until `ns` has its overlay IPv4 on weft0.
-fn wait_overlay(ns: &Netns, p: &Proc) -> String {
-    let t0 = Instant::now();
-    loop {
-        let out = ns.output("ip -4 -br addr show weft0");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Some(ip) = text
-            .split_whitespace()
-            .filter_map(|w| w.strip_suffix("/32"))
-            .find(|ip| *ip != "100.64.0.1")
-        {
-            return ip.to_string();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "[{}] never joined the mesh:\n{}",
-            ns.name(),
-            p.log_tail(30)
-        );
-        sleep(Duration::from_millis(100));
-    }
-}
+use weft_tests::agent::{agent_cli, agent_ok, build_nvml_stub, json};
+use weft_tests::managed::{relay_token, LabRelay, ManagedNode};
+use weft_tests::{Internet, Nat, Netns, Proc, Router};
 
 /// `mesh status --json` of weft0 in `ns`.
 fn mesh_status(ns: &Netns, uapi: &str) -> Value {
     let out = ns.output(&format!(
         "{} status --json --interface weft0 --uapi-dir {uapi}",
-        mesh_bin()
+        weft_tests::managed::mesh_bin()
     ));
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-/// Runs `worker-agent ARGS` in `ns`; (success, stdout, stderr).
-fn agent_cli(ns: &Netns, args: &str) -> (bool, String, String) {
-    let out = ns.output(&format!("{} {args}", agent_bin()));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn agent_ok(ns: &Netns, args: &str) -> String {
-    let (ok, out, err) = agent_cli(ns, args);
-    assert!(ok, "worker-agent {args} failed: {err}{out}");
-    out
 }
 
 /// Whether a listener `IP:PORT` (as `ss` prints it) is on loopback or in the overlay pools
@@ -141,10 +48,6 @@ fn loopback_or_overlay(listener: &str) -> bool {
     }
 }
 
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
 /// `worker-agent status --json` on the worker until the relay is connected and the mesh
 /// joined; returns that status.
 fn wait_on_mesh(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
@@ -153,7 +56,7 @@ fn wait_on_mesh(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
     while t0.elapsed() < Duration::from_secs(20) {
         let out = worker.output(&format!(
             "{} status --json --state-dir {wstate}",
-            agent_bin()
+            weft_tests::agent::agent_bin()
         ));
         last = String::from_utf8_lossy(&out.stdout).into_owned();
         if let Ok(v) = serde_json::from_str::<Value>(&last) {
@@ -173,34 +76,21 @@ fn wait_on_mesh(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
 #[test]
 fn engineer_submits_over_the_mesh_as_its_mesh_name() {
     let net = Internet::new("wam");
-    let relay_ns = net.host("wam-relay", RELAY_IP);
+    let relay = LabRelay::start(&net, "wam");
+    let (relay_ns, rstate) = (&relay.ns, relay.state.clone());
     let router = Router::new(&net, "wam-w", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27");
     let worker = Netns::new("wam-wk");
     router.attach(&worker, "eth0");
     let eng = net.host("wam-eng", "198.51.100.5");
     let w2 = net.host("wam-w2", "198.51.100.6");
 
-    let rstate = relay_ns.file("state").display().to_string();
-    let relay = relay_ns.spawn_named(
-        "relay",
-        &format!(
-            "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {rstate}",
-            relay_bin()
-        ),
-    );
-    assert!(
-        relay_ns.wait_listen('u', 4433, Duration::from_secs(5)),
-        "relay did not listen:\n{}",
-        relay.log_tail(20)
-    );
-
     // The worker: one `worker-agent run --token`, on the relay and on the mesh.
-    let stub = build_stub(worker.dir());
+    let stub = build_nvml_stub(worker.dir());
     let stub_dir = worker.file("stub");
     std::fs::create_dir_all(&stub_dir).unwrap_or_else(|e| panic!("{e}"));
     let wstate = worker.file("agent").display().to_string();
     let wuapi = worker.file("uapi").display().to_string();
-    let wtoken = token(&relay_ns, &rstate, "worker");
+    let wtoken = relay_token(relay_ns, &rstate, "worker");
     let mut agent = worker.spawn_named(
         "agent",
         &format!(
@@ -208,7 +98,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
              --state-dir {wstate} --name gpu1 --nvml-lib {} --kill-grace-s 1 --sample-ms 100 \
              --uapi-dir {wuapi} --token {wtoken}",
             stub_dir.display(),
-            agent_bin(),
+            weft_tests::agent::agent_bin(),
             stub.display(),
         ),
     );
@@ -250,17 +140,17 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
     }
 
     // The engineer runs `mesh up`; so does a second worker.
-    let (eproc, estate, _euapi) = mesh_up(&eng, &token(&relay_ns, &rstate, "engineer"), "alice");
-    let (w2proc, _w2state, w2uapi) = mesh_up(&w2, &token(&relay_ns, &rstate, "worker"), "w2");
-    wait_overlay(&eng, &eproc);
-    let w2ip = wait_overlay(&w2, &w2proc);
+    let e = ManagedNode::start(eng, &relay_token(relay_ns, &rstate, "engineer"), "alice");
+    let w2n = ManagedNode::start(w2, &relay_token(relay_ns, &rstate, "worker"), "w2");
+    let (eng, estate, eproc) = (&e.ns, &e.state, &e.proc);
+    let (w2, w2ip) = (&w2n.ns, w2n.ip.clone());
     assert_ne!(w2ip, wip);
 
     // Over the mesh by MagicDNS name: the first request may wait for the peer map to arrive.
     let via = "--worker gpu1 --via mesh";
     let t0 = Instant::now();
     loop {
-        let (ok, out, err) = agent_cli(&eng, &format!("status --json {via}"));
+        let (ok, out, err) = agent_cli(eng, &format!("status --json {via}"));
         if ok {
             assert_eq!(json(&out)["mesh"]["name"], "gpu1", "{out}");
             break;
@@ -274,15 +164,15 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
         sleep(Duration::from_millis(200));
     }
     let job = json(&agent_ok(
-        &eng,
+        eng,
         &format!(
             "jobs submit {via} --gpus 1 --json -- sh -c 'echo hello-over-the-mesh; echo GPU=$CUDA_VISIBLE_DEVICES'"
         ),
     ));
     assert_eq!(job["caller"], "alice", "{job}");
     let id = job["id"].as_u64().unwrap_or_else(|| panic!("no id: {job}"));
-    let log = agent_ok(&eng, &format!("jobs logs {id} --follow {via}"));
-    let shown = json(&agent_ok(&eng, &format!("jobs show {id} --json {via}")));
+    let log = agent_ok(eng, &format!("jobs logs {id} --follow {via}"));
+    let shown = json(&agent_ok(eng, &format!("jobs show {id} --json {via}")));
     assert_eq!(shown["state"], "succeeded", "{shown}");
     assert_eq!(shown["caller"], "alice", "{shown}");
     let uuid = shown["gpu_uuids"][0].as_str().unwrap_or_default();
@@ -291,7 +181,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
 
     // By overlay IP: the same records.
     let list = json(&agent_ok(
-        &eng,
+        eng,
         &format!("jobs list --json --worker {wip} --via mesh"),
     ));
     assert!(
@@ -301,7 +191,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
     );
     // Any HTTP client on the engineer's machine works too (here the CLI with a plain base URL).
     let plain = agent_ok(
-        &eng,
+        eng,
         &format!("jobs submit --api http://{wip}:7070 --json -- echo plain-http"),
     );
     let cj = json(&plain);
@@ -309,7 +199,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
 
     // The engineer's mesh identity also works through the relay (the same state dir).
     let relay_list = json(&agent_ok(
-        &eng,
+        eng,
         &format!("jobs list --json --worker gpu1 --state-dir {estate}"),
     ));
     assert!(
@@ -326,7 +216,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
         .unwrap_or_default()
         .to_string();
     assert!(!w1_key.is_empty(), "worker's mesh status has no key");
-    let w2_status = mesh_status(&w2, &w2uapi);
+    let w2_status = w2n.status();
     let w2_peers: Vec<&str> = w2_status["peers"]
         .as_array()
         .map(|p| p.iter().filter_map(|p| p["public_key"].as_str()).collect())
@@ -355,7 +245,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
         !blocked.status.success() && !answer.contains("HTTP/"),
         "w2 got an answer from the agent: {answer}"
     );
-    let (ok, _, err) = agent_cli(&w2, "jobs list --worker gpu1 --via mesh");
+    let (ok, _, err) = agent_cli(w2, "jobs list --worker gpu1 --via mesh");
     assert!(!ok, "w2 reached the agent by name");
     assert!(err.contains("gpu1.weft.internal"), "{err}");
     let all = json(&agent_ok(
@@ -381,21 +271,9 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
 #[test]
 fn without_the_mesh_the_agent_runs_relay_only_and_says_why() {
     let net = Internet::new("wan");
-    let relay_ns = net.host("wan-relay", RELAY_IP);
+    let relay = LabRelay::start(&net, "wan");
+    let (relay_ns, rstate) = (&relay.ns, relay.state.clone());
     let worker = net.host("wan-wk", "198.51.100.7");
-    let rstate = relay_ns.file("state").display().to_string();
-    let relay = relay_ns.spawn_named(
-        "relay",
-        &format!(
-            "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {rstate}",
-            relay_bin()
-        ),
-    );
-    assert!(
-        relay_ns.wait_listen('u', 4433, Duration::from_secs(5)),
-        "relay did not listen:\n{}",
-        relay.log_tail(20)
-    );
     let wstate = worker.file("agent").display().to_string();
     let wuapi = worker.file("uapi").display().to_string();
     let run = |extra: &str, label: &str| {
@@ -403,7 +281,7 @@ fn without_the_mesh_the_agent_runs_relay_only_and_says_why() {
             label,
             &format!(
                 "env WEFT_LOG=info {} run --state-dir {wstate} --name cpu1 --uapi-dir {wuapi} --kill-grace-s 1 {extra}",
-                agent_bin()
+                weft_tests::agent::agent_bin()
             ),
         )
     };
@@ -412,7 +290,7 @@ fn without_the_mesh_the_agent_runs_relay_only_and_says_why() {
         loop {
             let out = worker.output(&format!(
                 "{} status --json --state-dir {wstate}",
-                agent_bin()
+                weft_tests::agent::agent_bin()
             ));
             if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
                 let settled = !matches!(
@@ -434,7 +312,10 @@ fn without_the_mesh_the_agent_runs_relay_only_and_says_why() {
 
     // --no-mesh: relay only, and status says so.
     let mut agent = run(
-        &format!("--no-mesh --token {}", token(&relay_ns, &rstate, "worker")),
+        &format!(
+            "--no-mesh --token {}",
+            relay_token(relay_ns, &rstate, "worker")
+        ),
         "agent-nomesh",
     );
     let st = wait_relay(&agent);

@@ -12,15 +12,14 @@
 //!
 //! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
-use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_tests::{bin, workspace_root, Internet, Nat, Netns, Proc, Router};
+use weft_tests::agent::{agent_cli, agent_ok, build_nvml_stub, json};
+use weft_tests::managed::{relay_bin, relay_token, RELAY_ADDR, RELAY_IP};
+use weft_tests::{Internet, Nat, Netns, Proc, Router};
 
-const RELAY_IP: &str = "203.0.113.2";
-const RELAY_ADDR: &str = "203.0.113.2:4433";
 const GPU0: &str = "GPU-977652fe-01d3-44cc-d3b3-996721563657";
 const GPU1: &str = "GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000b1";
 
@@ -36,28 +35,6 @@ from = "guest"
 to = "worker"
 services = ["ssh"]
 "#;
-
-fn relay_bin() -> String {
-    bin("tunnel-relay").display().to_string()
-}
-
-fn agent_bin() -> String {
-    bin("worker-agent").display().to_string()
-}
-
-/// Builds the stub `libnvidia-ml.so` (a test double) into `dir`.
-fn build_stub(dir: &Path) -> PathBuf {
-    let src = workspace_root().join("worker-agent/tests/stub/nvml_stub.c");
-    let out = dir.join("libnvml-stub.so");
-    let st = std::process::Command::new("gcc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .unwrap_or_else(|e| panic!("gcc is needed to build the stub NVML library: {e}"));
-    assert!(st.success(), "building {} failed", src.display());
-    out
-}
 
 fn start_relay(ns: &Netns, state: &str, config: &str) -> Proc {
     let p = ns.spawn_named(
@@ -75,18 +52,6 @@ fn start_relay(ns: &Netns, state: &str, config: &str) -> Proc {
     p
 }
 
-fn token(relay_ns: &Netns, rstate: &str, tag: &str) -> String {
-    let t = relay_ns
-        .exec(&format!(
-            "{} token create --state-dir {rstate} --tag {tag} --uses 1 --ttl 10m --relay-addr {RELAY_ADDR}",
-            relay_bin()
-        ))
-        .trim()
-        .to_string();
-    assert!(t.starts_with("wft1_"), "token: {t}");
-    t
-}
-
 /// `worker-agent status --json` on the worker (local API) until the relay link is
 /// `connected`; returns that status.
 fn wait_connected(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
@@ -95,7 +60,7 @@ fn wait_connected(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
     while t0.elapsed() < Duration::from_secs(15) {
         let out = worker.output(&format!(
             "{} status --json --state-dir {wstate}",
-            agent_bin()
+            weft_tests::agent::agent_bin()
         ));
         last = String::from_utf8_lossy(&out.stdout).into_owned();
         if let Ok(v) = serde_json::from_str::<Value>(&last) {
@@ -111,26 +76,6 @@ fn wait_connected(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
     );
 }
 
-/// Runs `worker-agent ARGS` in `ns`; (success, stdout, stderr).
-fn agent_cli(ns: &Netns, args: &str) -> (bool, String, String) {
-    let out = ns.output(&format!("{} {args}", agent_bin()));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn agent_ok(ns: &Netns, args: &str) -> String {
-    let (ok, out, err) = agent_cli(ns, args);
-    assert!(ok, "worker-agent {args} failed: {err}{out}");
-    out
-}
-
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
 #[test]
 fn jobs_through_the_relay_carry_the_engineers_identity() {
     let net = Internet::new("war");
@@ -144,10 +89,10 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     std::fs::write(&config, RELAY_TOML).unwrap_or_else(|e| panic!("write relay.toml: {e}"));
     let rstate = relay_ns.file("state").display().to_string();
     let mut relay = start_relay(&relay_ns, &rstate, &config.display().to_string());
-    let wtoken = token(&relay_ns, &rstate, "worker");
+    let wtoken = relay_token(&relay_ns, &rstate, "worker");
 
     // The worker: the agent joins with the token and exposes `ssh` and `agent`.
-    let stub = build_stub(worker.dir());
+    let stub = build_nvml_stub(worker.dir());
     let stub_dir = worker.file("stub");
     std::fs::create_dir_all(&stub_dir).unwrap_or_else(|e| panic!("{e}"));
     let wstate = worker.file("agent").display().to_string();
@@ -157,7 +102,7 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
              --state-dir {wstate} --name w1 --nvml-lib {} --kill-grace-s 1 --sample-ms 100 \
              --uapi-dir {} {}",
             stub_dir.display(),
-            agent_bin(),
+            weft_tests::agent::agent_bin(),
             stub.display(),
             worker.file("uapi").display(),
             token.map(|t| format!("--token {t}")).unwrap_or_default()
@@ -195,7 +140,7 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
 
     // Engineers: alice (engineer), gina (guest), and a second worker's identity.
     let login = |name: &str, tag: &str| -> String {
-        let t = token(&relay_ns, &rstate, tag);
+        let t = relay_token(&relay_ns, &rstate, tag);
         let dir = eng.file(name).display().to_string();
         let out = eng.exec(&format!(
             "{} login --token {t} --state-dir {dir} --name {name}",
