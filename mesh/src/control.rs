@@ -32,8 +32,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tunnel_relay::coord::{Candidate, CandidateKind, PeerMap};
-use tunnel_relay::stun::StunProbe;
+use weft_proto::peermap::{Candidate, CandidateKind, PeerMap};
+use weft_proto::stun::StunProbe;
 
 use crate::disco::{self, Message, SharedKey, TxId};
 use crate::key::{PrivateKey, PublicKey};
@@ -559,7 +559,8 @@ mod tests {
     //! the direct path can be cut. Checks the path life cycle end to end.
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
-    use tunnel_relay::coord::{AclPolicy, PeerMapUpdate, SelfInfo, Snapshot, Version};
+    use weft_proto::acl::AclPolicy;
+    use weft_proto::peermap::{PeerMapUpdate, SelfInfo, Snapshot, Version};
 
     struct Side {
         ctl: Controller,
@@ -570,13 +571,9 @@ mod tests {
         replies: Vec<PingReply>,
     }
 
-    fn tk(k: &PublicKey) -> tunnel_relay::PublicKey {
-        tunnel_relay::PublicKey(*k.as_bytes())
-    }
-
     fn map_for(_me: &Side, other: &Side, n: u8, m: u8, tags: &str) -> PeerMap {
-        let peer = Arc::new(tunnel_relay::coord::Peer {
-            key: tk(&other.key),
+        let peer = Arc::new(weft_proto::peermap::Peer {
+            key: other.key,
             name: format!("n{m}"),
             tags: vec!["engineer".into()],
             ipv4: Ipv4Addr::new(100, 64, 0, m),
@@ -773,7 +770,7 @@ mod tests {
             })
             .expect("a binding request");
         let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
-        let resp = tunnel_relay::stun::answer(&req, seen).unwrap();
+        let resp = weft_proto::stun::answer(&req, seen).unwrap();
         let out = a.ctl.on_stun(t0 + Duration::from_millis(5), &resp);
         let rep = out
             .iter()

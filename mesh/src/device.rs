@@ -64,7 +64,7 @@ impl Identity {
     fn new(private_key: PrivateKey) -> Identity {
         let public_key = private_key.public_key();
         let secret = private_key.to_static_secret();
-        let public = public_key.to_x25519();
+        let public = crate::key::to_x25519(&public_key);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         Identity {
             private_key,

@@ -301,7 +301,9 @@ impl Message {
 impl SharedKey {
     /// Derives the key shared by `me` and `peer` (the same on both sides).
     pub fn derive(me: &PrivateKey, peer: &PublicKey) -> Result<SharedKey, DiscoError> {
-        let dh = me.to_static_secret().diffie_hellman(&peer.to_x25519());
+        let dh = me
+            .to_static_secret()
+            .diffie_hellman(&crate::key::to_x25519(peer));
         if !dh.was_contributory() {
             return Err(DiscoError::WeakKey);
         }

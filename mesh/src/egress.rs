@@ -46,10 +46,7 @@ impl RelaySlot {
     }
 
     fn send(&self, to: &PublicKey, bytes: &[u8]) {
-        let sent = self.path.read().as_ref().map(|p| {
-            p.send(&tunnel_relay::PublicKey(*to.as_bytes()), bytes)
-                .is_ok()
-        });
+        let sent = self.path.read().as_ref().map(|p| p.send(to, bytes).is_ok());
         if sent != Some(true) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -17,10 +17,10 @@ use anyhow::Context;
 use ipnet::IpNet;
 use parking_lot::RwLock;
 use tokio::sync::watch;
-use tunnel_relay::coord::{Candidate, PeerMap, SelfInfo};
 use tunnel_relay::mesh_client::{MeshLink, MeshSession};
 use tunnel_relay::relay_path::RelayPath;
 use tunnel_relay::{StaticKey, Token};
+use weft_proto::peermap::{Candidate, PeerMap, SelfInfo};
 
 use crate::config::{InterfaceConfig, WgConfig};
 use crate::control::Controller;

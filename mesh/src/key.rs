@@ -1,5 +1,8 @@
 //! WireGuard keys: Curve25519 private/public keys and preshared keys.
 //!
+//! The public key is the one [`weft_proto::PublicKey`] (the node's WireGuard,
+//! disco and relay identity); private and preshared keys live here.
+//!
 //! Keys are 32 bytes. Configuration files carry them as standard base64
 //! (44 characters with one `=` of padding); the UAPI carries them as
 //! lowercase hex (64 characters). Secret keys never print their bytes in
@@ -11,39 +14,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use rand::RngCore as _;
 
-/// Length in bytes of every WireGuard key.
-pub const KEY_LEN: usize = 32;
-
-/// Why a key string could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    /// The string is not valid standard base64.
-    #[error("invalid base64 key: {0} (expected 44 characters of standard base64)")]
-    Base64(String),
-    /// The string is not valid hex.
-    #[error("invalid hex key: {0} (expected 64 lowercase hex digits)")]
-    Hex(String),
-    /// The string decoded, but not to 32 bytes.
-    #[error("key must be exactly 32 bytes, got {0} bytes")]
-    Length(usize),
-}
-
-fn decode_base64(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
-    let bytes = STANDARD
-        .decode(s.trim())
-        .map_err(|e| KeyError::Base64(e.to_string()))?;
-    <[u8; KEY_LEN]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
-}
-
-fn decode_hex(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
-    let s = s.trim();
-    if s.len() != 2 * KEY_LEN && s.len() % 2 == 0 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(KeyError::Length(s.len() / 2));
-    }
-    let mut out = [0u8; KEY_LEN];
-    hex::decode_to_slice(s, &mut out).map_err(|e| KeyError::Hex(e.to_string()))?;
-    Ok(out)
-}
+use weft_proto::key::{decode_base64, decode_hex};
+pub use weft_proto::key::{KeyError, PublicKey, KEY_LEN};
 
 macro_rules! key_common {
     ($name:ident) => {
@@ -105,7 +77,7 @@ impl PrivateKey {
     /// The matching public key.
     pub fn public_key(&self) -> PublicKey {
         let public = boringtun::x25519::PublicKey::from(&self.to_static_secret());
-        PublicKey(public.to_bytes())
+        PublicKey::from_bytes(public.to_bytes())
     }
 
     /// The key as boringtun's x25519 secret.
@@ -120,35 +92,9 @@ impl fmt::Debug for PrivateKey {
     }
 }
 
-/// A Curve25519 public key. `Debug` and `Display` show base64.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PublicKey([u8; KEY_LEN]);
-key_common!(PublicKey);
-
-impl PublicKey {
-    /// The key as boringtun's x25519 public key.
-    pub fn to_x25519(&self) -> boringtun::x25519::PublicKey {
-        boringtun::x25519::PublicKey::from(self.0)
-    }
-
-    /// The first 8 characters of the base64 form, for logs.
-    pub fn short(&self) -> String {
-        let mut s = self.to_base64();
-        s.truncate(8);
-        s
-    }
-}
-
-impl fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_base64())
-    }
-}
-
-impl fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_base64())
-    }
+/// The key as boringtun's x25519 public key.
+pub fn to_x25519(k: &PublicKey) -> boringtun::x25519::PublicKey {
+    boringtun::x25519::PublicKey::from(k.0)
 }
 
 /// A symmetric preshared key. `Debug` never shows the bytes.
@@ -252,8 +198,8 @@ mod tests {
     fn public_display_and_short() {
         let p = PrivateKey::generate().public_key();
         assert_eq!(p.to_string(), p.to_base64());
-        assert_eq!(format!("{p:?}"), p.to_base64());
-        assert_eq!(p.short(), p.to_base64()[..8]);
+        assert_eq!(format!("{p:?}"), format!("PublicKey({})", p.short()));
+        assert_eq!(p.short(), p.to_hex()[..8]);
     }
 
     #[test]
@@ -269,7 +215,7 @@ mod tests {
     fn x25519_conversions() {
         let k = PrivateKey::generate();
         let p = k.public_key();
-        assert_eq!(p.to_x25519().as_bytes(), p.as_bytes());
+        assert_eq!(to_x25519(&p).as_bytes(), p.as_bytes());
         assert_eq!(
             boringtun::x25519::PublicKey::from(&k.to_static_secret()).to_bytes(),
             *p.as_bytes()

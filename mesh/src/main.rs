@@ -119,7 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             uapi_dir,
         } => {
             let token = token
-                .map(|t| tunnel_relay::Token::parse(t.trim()))
+                .map(|t| weft_proto::token::Token::parse(t.trim()))
                 .transpose()
                 .context("--token")?;
             init_logging();

@@ -1,5 +1,5 @@
 //! Managed mode's pure glue: turns the coordinator's peer map (what
-//! `tunnel_relay::coord::PeerMap` holds after applying snapshots and deltas)
+//! `weft_proto::peermap::PeerMap` holds after applying snapshots and deltas)
 //! into what the node's parts consume:
 //! - the WireGuard device's peer set ([`Overlay::device_request`]: one peer
 //!   per visible node, AllowedIPs = its overlay /32 and /128, no endpoint:
@@ -17,16 +17,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use tunnel_relay::coord::{self, FilterRules, PeerMap, SelfInfo};
+use weft_proto::acl::FilterRules;
+use weft_proto::peermap::{self as coord, PeerMap, SelfInfo};
 
 use crate::filter::Proto;
 use crate::key::PublicKey;
 use crate::uapi::codec::{PeerChange, SetRequest};
-
-/// The mesh key type of a coordinator key.
-pub fn mesh_key(k: &tunnel_relay::PublicKey) -> PublicKey {
-    PublicKey::from_bytes(k.0)
-}
 
 /// The node's view of the overlay at one peer-map version.
 #[derive(Debug, Clone)]
@@ -46,7 +42,7 @@ impl Overlay {
         let mut peers = HashMap::new();
         let mut by_ip = HashMap::new();
         for p in map.peers.values() {
-            peers.insert(mesh_key(&p.key), p.clone());
+            peers.insert(p.key, p.clone());
             by_ip.insert(IpAddr::V4(p.ipv4), p.clone());
             by_ip.insert(IpAddr::V6(p.ipv6), p.clone());
         }
@@ -117,8 +113,8 @@ impl Overlay {
             return false;
         };
         let p = match proto {
-            Proto::Tcp => coord::Proto::Tcp,
-            Proto::Udp => coord::Proto::Udp,
+            Proto::Tcp => weft_proto::acl::Proto::Tcp,
+            Proto::Udp => weft_proto::acl::Proto::Udp,
             // Ping: from any peer that may open something here at all (an
             // engineer expects `ping gpu1` to answer when ssh would work).
             Proto::Icmp => {
@@ -131,7 +127,7 @@ impl Overlay {
             // Other protocols only under an `any` rule without ports.
             Proto::Other(_) => {
                 return self.filter.rules.iter().any(|r| {
-                    r.proto == coord::Proto::Any
+                    r.proto == weft_proto::acl::Proto::Any
                         && r.ports.is_empty()
                         && (r.from == "*" || peer.tags.contains(&r.from))
                 })
@@ -171,9 +167,8 @@ impl Overlay {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
-    use tunnel_relay::coord::{
-        AclPolicy, Candidate, CandidateKind, PeerMapUpdate, Snapshot, Version,
-    };
+    use weft_proto::acl::AclPolicy;
+    use weft_proto::peermap::{Candidate, CandidateKind, PeerMapUpdate, Snapshot, Version};
 
     fn tags(t: &[&str]) -> Vec<String> {
         t.iter().map(|s| s.to_string()).collect()
@@ -181,7 +176,7 @@ mod tests {
 
     fn peer(n: u8, name: &str, t: &[&str]) -> Arc<coord::Peer> {
         Arc::new(coord::Peer {
-            key: tunnel_relay::PublicKey([n; 32]),
+            key: PublicKey::from_bytes([n; 32]),
             name: name.into(),
             tags: tags(t),
             ipv4: Ipv4Addr::new(100, 64, 0, n),
@@ -225,12 +220,12 @@ mod tests {
         let (map, eng) = worker_view();
         let o = Overlay::from_map(&map).unwrap();
         let stale = PublicKey::from_bytes([9; 32]);
-        let req = o.device_request(&[stale, mesh_key(&eng.key)]);
+        let req = o.device_request(&[stale, eng.key]);
         assert!(!req.replace_peers);
         assert_eq!(req.peers.len(), 2);
         assert!(req.peers[0].remove && req.peers[0].public_key == stale);
         let add = &req.peers[1];
-        assert_eq!(add.public_key, mesh_key(&eng.key));
+        assert_eq!(add.public_key, eng.key);
         assert!(add.replace_allowed_ips && !add.remove && add.endpoint.is_none());
         assert_eq!(
             add.allowed_ips,
@@ -255,7 +250,11 @@ mod tests {
         let from_eng = IpAddr::V4(eng.ipv4);
         // Default policy: engineers may open tcp/22 and the agent API.
         assert!(o.allows_new(from_eng, Proto::Tcp, 22));
-        assert!(o.allows_new(IpAddr::V6(eng.ipv6), Proto::Tcp, coord::AGENT_API_PORT));
+        assert!(o.allows_new(
+            IpAddr::V6(eng.ipv6),
+            Proto::Tcp,
+            weft_proto::acl::AGENT_API_PORT
+        ));
         assert!(!o.allows_new(from_eng, Proto::Tcp, 80));
         assert!(!o.allows_new(from_eng, Proto::Udp, 22));
         assert!(o.allows_new(from_eng, Proto::Icmp, 0));
@@ -270,7 +269,7 @@ mod tests {
         let o = Overlay::from_map(&map).unwrap();
         let names: Vec<String> = o.dns_entries().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, vec!["alice".to_string(), "gpu1".to_string()]);
-        let c = o.candidates(&mesh_key(&eng.key));
+        let c = o.candidates(&eng.key);
         assert_eq!(
             c[0],
             SocketAddr::from(([192, 168, 1, 7], 41641)),

@@ -22,9 +22,9 @@ use ipnet::IpNet;
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::VIRTIO_NET_HDR_LEN;
-use tunnel_relay::coord::{Candidate, PeerMap};
 use tunnel_relay::mesh_client::MeshLink;
 use tunnel_relay::relay_path::RelayPath;
+use weft_proto::peermap::{Candidate, PeerMap};
 
 use crate::control::{Controller, Out, Via};
 use crate::ctl::{PingCmd, PingOutcome};
@@ -174,10 +174,6 @@ pub fn local_ips(skip_interface: &str) -> Vec<IpAddr> {
     // SAFETY: the list from getifaddrs, freed once.
     unsafe { libc::freeifaddrs(ifap) };
     out
-}
-
-fn relay_key(k: &PublicKey) -> tunnel_relay::PublicKey {
-    tunnel_relay::PublicKey(*k.as_bytes())
 }
 
 /// Everything the control loop owns.
@@ -371,7 +367,7 @@ impl<S: Session> ControlLoop<S> {
                 }
                 Out::Relay { to, bytes } => {
                     if let Some(rp) = self.io.relay.get() {
-                        let _ = rp.send(&relay_key(&to), &bytes);
+                        let _ = rp.send(&to, &bytes);
                     }
                 }
                 Out::Device(req) => {

@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tunnel_relay::coord::{Candidate, CandidateKind};
+use weft_proto::peermap::{Candidate, CandidateKind};
 
 use crate::control::Controller;
 use crate::managed::Overlay;
@@ -832,11 +832,12 @@ mod tests {
     /// A managed node with one peer (gpu1) on the relay path.
     fn managed_sample() -> (ManagedStatus, PrivateKey) {
         use std::sync::Arc;
-        use tunnel_relay::coord::{AclPolicy, PeerMap, PeerMapUpdate, SelfInfo, Snapshot, Version};
+        use weft_proto::acl::AclPolicy;
+        use weft_proto::peermap::{PeerMap, PeerMapUpdate, SelfInfo, Snapshot, Version};
         let me = PrivateKey::from_bytes([0x41; 32]);
         let gpu = PrivateKey::from_bytes([0x42; 32]).public_key();
-        let peer = Arc::new(tunnel_relay::coord::Peer {
-            key: tunnel_relay::PublicKey(*gpu.as_bytes()),
+        let peer = Arc::new(weft_proto::peermap::Peer {
+            key: gpu,
             name: "gpu1".into(),
             tags: vec!["worker".into()],
             ipv4: Ipv4Addr::new(100, 64, 0, 9),

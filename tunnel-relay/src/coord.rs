@@ -41,13 +41,15 @@
 //! node offline until it reconnects.
 
 pub mod addr;
-pub mod names;
-pub mod policy;
-pub mod wire;
+/// The control codec ([`weft_proto::control`]) and its tokio stream helpers.
+pub mod wire {
+    pub use crate::wire::{read_control, write_control, ControlIoError};
+    pub use weft_proto::control::*;
+}
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -57,47 +59,18 @@ use thiserror::Error;
 use crate::keys::PublicKey;
 
 pub use addr::{AddrError, AddressPool};
-pub use names::{sanitize_name, unique_name, validate_name, validate_tag, NameError};
-pub use policy::{
+pub use weft_proto::acl::{
     AclPolicy, FilterRules, InboundRule, PolicyError, PortRange, Proto, Rule, AGENT_API_PORT,
 };
-
-/// Most endpoint candidates kept per node.
-pub const MAX_CANDIDATES: usize = 16;
-/// Most tags per node.
-pub const MAX_TAGS: usize = 32;
+pub use weft_proto::names::{sanitize_name, unique_name, validate_name, validate_tag, NameError};
+pub use weft_proto::peermap::{
+    ApplyError, Candidate, CandidateKind, Delta, Peer, PeerChange, PeerMap, PeerMapUpdate,
+    SelfInfo, Snapshot, Version, MAX_CANDIDATES, MAX_TAGS,
+};
 
 /// A node's identifier inside the coordinator (and its SQLite row id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId(pub u64);
-
-/// How a candidate address was learnt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CandidateKind {
-    /// An address of one of the node's interfaces (LAN).
-    Local,
-    /// The address a STUN server saw (the NAT's public mapping).
-    Reflexive,
-}
-
-/// One address a peer may reach the node's WireGuard socket at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Candidate {
-    /// Address and port.
-    pub addr: SocketAddr,
-    /// Where it came from.
-    pub kind: CandidateKind,
-}
-
-/// A peer-map version: the coordinator's epoch and the recipient's sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct Version {
-    /// Coordinator life (changes on restart).
-    pub epoch: u64,
-    /// Deltas delivered to this recipient in this epoch.
-    pub seq: u64,
-}
 
 /// What survives a restart: one row per node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +78,7 @@ pub struct NodeRecord {
     /// Row id.
     pub id: NodeId,
     /// X25519 public key (WireGuard and Noise), base64 in serde.
-    #[serde(with = "key_b64")]
+    #[serde(with = "weft_proto::key::base64_serde")]
     pub key: PublicKey,
     /// Unique DNS label.
     pub name: String,
@@ -117,101 +90,6 @@ pub struct NodeRecord {
     pub ipv6: Ipv6Addr,
     /// Last reported candidates.
     pub endpoints: Vec<Candidate>,
-}
-
-mod key_b64 {
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::keys::PublicKey;
-
-    pub(super) fn serialize<S: Serializer>(k: &PublicKey, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&k.to_base64())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s.trim())
-            .ok()
-            .and_then(|b| PublicKey::from_slice(&b))
-            .ok_or_else(|| serde::de::Error::custom("bad public key (expected 32 bytes of base64)"))
-    }
-}
-
-/// A peer as another node sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    /// Its key (WireGuard peer key, disco key).
-    pub key: PublicKey,
-    /// Its name (MagicDNS).
-    pub name: String,
-    /// Its tags (the receiving node's filter matches on them).
-    pub tags: Vec<String>,
-    /// Overlay IPv4 (AllowedIPs /32).
-    pub ipv4: Ipv4Addr,
-    /// Overlay IPv6 (AllowedIPs /128).
-    pub ipv6: Ipv6Addr,
-    /// Where to probe it directly.
-    pub endpoints: Vec<Candidate>,
-    /// Whether it holds a control session now.
-    pub online: bool,
-}
-
-/// The receiving node's own identity, as assigned by the coordinator.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SelfInfo {
-    /// Its name.
-    pub name: String,
-    /// Its tags.
-    pub tags: Vec<String>,
-    /// Overlay IPv4.
-    pub ipv4: Ipv4Addr,
-    /// Overlay IPv6.
-    pub ipv6: Ipv6Addr,
-}
-
-/// A full peer map.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    /// The version this snapshot is at; deltas continue from `seq + 1`.
-    pub version: Version,
-    /// The recipient itself.
-    pub me: SelfInfo,
-    /// What the recipient enforces on receive.
-    pub filter: FilterRules,
-    /// Every peer it may talk to (in no particular order). Entries are
-    /// shared with the coordinator's cache: a snapshot costs a pointer per peer.
-    pub peers: Vec<Arc<Peer>>,
-}
-
-/// One change to a node's peer map.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerChange {
-    /// Add or replace this peer.
-    Upsert(Arc<Peer>),
-    /// Forget this peer.
-    Remove(PublicKey),
-    /// Replace the inbound filter.
-    Filter(FilterRules),
-}
-
-/// One change at one version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delta {
-    /// The version after applying it (`seq` = previous + 1).
-    pub version: Version,
-    /// The change (shared between recipients).
-    pub change: Arc<PeerChange>,
-}
-
-/// What the coordinator sends a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerMapUpdate {
-    /// Replace everything.
-    Snapshot(Snapshot),
-    /// Apply one change.
-    Delta(Delta),
 }
 
 /// Updates to send: `(recipient, update)`, in order.
@@ -999,72 +877,6 @@ impl Coordinator {
     pub fn call_me_maybe_target(&self, from: NodeId, to: &PublicKey) -> Option<NodeId> {
         let t = self.id_of(to)?;
         self.may_talk(from, t).then_some(t)
-    }
-}
-
-/// Why a node could not apply an update.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ApplyError {
-    /// A delta arrived out of order (or from another epoch): resync from
-    /// the version the map holds.
-    #[error("delta {got:?} does not follow {have:?}; resync needed")]
-    Gap {
-        /// The map's version.
-        have: Option<Version>,
-        /// The delta's version.
-        got: Version,
-    },
-}
-
-/// The node side of a peer map: applies snapshots and deltas in order.
-/// Pure; the mesh node turns its contents into WireGuard peers, the filter
-/// and MagicDNS records.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerMap {
-    /// Version held (`None` before the first snapshot).
-    pub version: Option<Version>,
-    /// The node itself.
-    pub me: Option<SelfInfo>,
-    /// Its inbound filter.
-    pub filter: FilterRules,
-    /// Peers by key.
-    pub peers: BTreeMap<PublicKey, Arc<Peer>>,
-}
-
-impl PeerMap {
-    /// Applies one update. A snapshot always applies; a delta only if its
-    /// `seq` is exactly one past the held version in the same epoch.
-    pub fn apply(&mut self, u: &PeerMapUpdate) -> Result<(), ApplyError> {
-        match u {
-            PeerMapUpdate::Snapshot(s) => {
-                self.version = Some(s.version);
-                self.me = Some(s.me.clone());
-                self.filter = s.filter.clone();
-                self.peers = s.peers.iter().map(|p| (p.key, p.clone())).collect();
-            }
-            PeerMapUpdate::Delta(d) => {
-                let ok = self
-                    .version
-                    .is_some_and(|v| v.epoch == d.version.epoch && v.seq + 1 == d.version.seq);
-                if !ok {
-                    return Err(ApplyError::Gap {
-                        have: self.version,
-                        got: d.version,
-                    });
-                }
-                self.version = Some(d.version);
-                match &*d.change {
-                    PeerChange::Upsert(p) => {
-                        self.peers.insert(p.key, p.clone());
-                    }
-                    PeerChange::Remove(k) => {
-                        self.peers.remove(k);
-                    }
-                    PeerChange::Filter(f) => self.filter = f.clone(),
-                }
-            }
-        }
-        Ok(())
     }
 }
 

@@ -51,19 +51,7 @@ impl StateError {
     }
 }
 
-/// A join token string that cannot be parsed.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum TokenError {
-    /// Wrong prefix: not a Weft relay token or a version this build cannot read.
-    #[error("not a Weft relay token (expected it to start with `wft1_`)")]
-    BadPrefix,
-    /// The base64 part is damaged.
-    #[error("token is damaged (bad base64): copy it again")]
-    BadBase64,
-    /// The decoded body is malformed.
-    #[error("token is damaged ({0}): copy it again")]
-    BadBody(&'static str),
-}
+pub use weft_proto::token::TokenError;
 
 /// A relay configuration file that cannot be used.
 #[derive(Debug, Error)]

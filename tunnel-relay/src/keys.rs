@@ -1,4 +1,5 @@
-//! X25519 static identities (Noise IK keys), kept in a 0600 file.
+//! X25519 static identities (Noise IK keys), kept in a 0600 file. The public
+//! half is the one [`weft_proto::PublicKey`].
 
 use std::fmt;
 use std::fs;
@@ -11,38 +12,7 @@ use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 
 use crate::error::StateError;
 
-/// A node's or the relay's public X25519 key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PublicKey(pub [u8; 32]);
-
-impl PublicKey {
-    /// Standard base64, as `wg` prints keys.
-    pub fn to_base64(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(self.0)
-    }
-
-    /// The first 8 hex digits: for logs and default names.
-    pub fn short(&self) -> String {
-        hex::encode(&self.0[..4])
-    }
-
-    /// From a byte slice of length 32.
-    pub fn from_slice(b: &[u8]) -> Option<PublicKey> {
-        <[u8; 32]>::try_from(b).ok().map(PublicKey)
-    }
-}
-
-impl fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({})", self.short())
-    }
-}
-
-impl fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.short())
-    }
-}
+pub use weft_proto::PublicKey;
 
 /// A static private key. `Debug` prints only the public half.
 #[derive(Clone)]

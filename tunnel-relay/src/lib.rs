@@ -25,13 +25,12 @@ pub mod noise;
 pub mod registry;
 pub mod relay_path;
 pub mod routes;
-pub mod secret;
 pub mod server;
 pub mod splice;
-pub mod stun;
 pub mod tls;
-pub mod token;
 pub mod wire;
+
+pub use weft_proto::{secret, stun, token};
 
 pub use client::{ClientState, ExposeOptions, Session};
 pub use config::RelayConfig;

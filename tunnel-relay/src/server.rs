@@ -41,18 +41,17 @@ use crate::wire::{
 
 mod mesh;
 
-pub use mesh::{
-    MAX_NODE_FRAME, RESET_ENDED, RESET_PROTOCOL, RESET_SLOW, RESET_SUPERSEDED, SESSION_QUEUE,
-};
+pub use mesh::{MAX_NODE_FRAME, SESSION_QUEUE};
 
-/// Close code: the relay is shutting down or restarting; reconnect promptly.
-pub const CLOSE_RESTARTING: u32 = 0x10;
-/// Close code: this node was revoked.
-pub const CLOSE_REVOKED: u32 = 0x11;
-/// Close code: the same node connected again elsewhere.
-pub const CLOSE_REPLACED: u32 = 0x12;
-/// Close code: admission refused (reason sent in Noise message 2).
-pub const CLOSE_REJECTED: u32 = 0x13;
+pub use weft_proto::close::{CloseCode, ResetCode};
+/// [`CloseCode::Restarting`] as a number.
+pub const CLOSE_RESTARTING: u32 = CloseCode::Restarting.code();
+/// [`CloseCode::Revoked`] as a number.
+pub const CLOSE_REVOKED: u32 = CloseCode::Revoked.code();
+/// [`CloseCode::Replaced`] as a number.
+pub const CLOSE_REPLACED: u32 = CloseCode::Replaced.code();
+/// [`CloseCode::Rejected`] as a number.
+pub const CLOSE_REJECTED: u32 = CloseCode::Rejected.code();
 
 /// Bidirectional streams a connection may open before admission (the
 /// control stream and a little slack).
@@ -614,11 +613,11 @@ async fn handle_tunnel(
         }
         Ok(Ok(other)) => {
             debug!(node = %ctx.name, msg = ?other, "tunnel stream did not start with Open");
-            let _ = send.reset(VarInt::from_u32(1));
+            let _ = send.reset(VarInt::from_u32(ResetCode::Failed.code()));
             return;
         }
         _ => {
-            let _ = send.reset(VarInt::from_u32(1));
+            let _ = send.reset(VarInt::from_u32(ResetCode::Failed.code()));
             return;
         }
     };
@@ -635,7 +634,7 @@ async fn handle_tunnel(
         }
         Ok((mut wsend, wrecv, slots)) => {
             if write_message(&mut send, &Message::OpenOk).await.is_err() {
-                let _ = wsend.reset(VarInt::from_u32(1));
+                let _ = wsend.reset(VarInt::from_u32(ResetCode::Failed.code()));
                 return;
             }
             debug!(node = %ctx.name, %target, %service, "tunnel open");

@@ -9,12 +9,10 @@ use std::io::IoSlice;
 use bytes::{Buf, Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use weft_proto::close::ResetCode;
 
 /// Largest chunk moved at once.
 pub const CHUNK: usize = 256 * 1024;
-
-/// Error code used to reset a stream whose other side failed.
-pub const RESET_CODE: u32 = 1;
 
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +42,7 @@ pub async fn quic_to_quic(
         let got = tokio::select! {
             r = recv.read_chunks(&mut bufs) => r,
             s = send.stopped() => {
-                let code = s.ok().flatten().unwrap_or(VarInt::from_u32(RESET_CODE));
+                let code = s.ok().flatten().unwrap_or(VarInt::from_u32(ResetCode::Failed.code()));
                 let _ = recv.stop(code);
                 return (total, End::Stopped);
             }
@@ -63,7 +61,7 @@ pub async fn quic_to_quic(
                         return (total, End::Stopped);
                     }
                     Err(_) => {
-                        let _ = recv.stop(VarInt::from_u32(RESET_CODE));
+                        let _ = recv.stop(VarInt::from_u32(ResetCode::Failed.code()));
                         return (total, End::Reset);
                     }
                 }
@@ -80,7 +78,7 @@ pub async fn quic_to_quic(
                 return (total, End::Reset);
             }
             Err(_) => {
-                let _ = send.reset(VarInt::from_u32(RESET_CODE));
+                let _ = send.reset(VarInt::from_u32(ResetCode::Failed.code()));
                 return (total, End::Reset);
             }
         }
@@ -145,7 +143,7 @@ pub async fn local_to_quic<R: AsyncRead + Unpin>(mut r: R, mut send: SendStream)
                 }
             }
             Err(_) => {
-                let _ = send.reset(VarInt::from_u32(RESET_CODE));
+                let _ = send.reset(VarInt::from_u32(ResetCode::Failed.code()));
                 return (total, End::Reset);
             }
         }
@@ -165,7 +163,7 @@ pub async fn quic_to_local<W: AsyncWrite + Unpin>(mut recv: RecvStream, mut w: W
                 // flush: stdout hands bytes to a blocking thread and may hold
                 // the last ones back until flushed (a no-op for TCP).
                 if write_all_bufs(&mut w, batch).await.is_err() || w.flush().await.is_err() {
-                    let _ = recv.stop(VarInt::from_u32(RESET_CODE));
+                    let _ = recv.stop(VarInt::from_u32(ResetCode::Failed.code()));
                     return (total, End::Stopped);
                 }
                 total += len;

@@ -40,21 +40,13 @@ use crate::keys::PublicKey;
 use crate::metrics::Metrics;
 use crate::registry::{MeshWrite, Registry};
 use crate::wire::{write_message, Message, Reason, Rejection};
+use weft_proto::close::ResetCode;
 
 /// Messages queued per node before its session is dropped as too slow.
 pub const SESSION_QUEUE: usize = 4096;
 /// Largest frame the relay reads from a node (endpoint reports, acks and
 /// call-me-maybe are a few hundred bytes).
 pub const MAX_NODE_FRAME: usize = 64 * 1024;
-
-/// Stream reset code: the stream or its connection already failed.
-pub const RESET_ENDED: u32 = 0;
-/// Stream reset code: the node sent something that is not a valid control message.
-pub const RESET_PROTOCOL: u32 = 2;
-/// Stream reset code: the node read too slowly; reconnect and resync.
-pub const RESET_SLOW: u32 = 3;
-/// Stream reset code: a newer session of the node took over, or it left the mesh.
-pub const RESET_SUPERSEDED: u32 = 4;
 
 /// One node's live control session.
 struct Slot {
@@ -372,27 +364,27 @@ pub(super) async fn serve_session(
     let code = match &end {
         End::Protocol(why) => {
             info!(node = %ctx.name, error = %why, "bad mesh control message; closing this stream");
-            RESET_PROTOCOL
+            ResetCode::Protocol
         }
         End::Killed => {
             let hub = lock(&mesh.hub);
             if hub.sessions.contains_key(&id) || hub.coord.record(id).is_none() {
-                RESET_SUPERSEDED
+                ResetCode::Superseded
             } else {
-                RESET_SLOW
+                ResetCode::Slow
             }
         }
         End::Io(e) => {
             debug!(node = %ctx.name, error = %e, "mesh control stream ended");
-            RESET_ENDED
+            ResetCode::Ended
         }
         End::Write(e) => {
             debug!(node = %ctx.name, error = %e, "mesh control stream ended");
-            RESET_ENDED
+            ResetCode::Ended
         }
     };
-    let _ = send.reset(VarInt::from_u32(code));
-    let _ = recv.stop(VarInt::from_u32(code));
+    let _ = send.reset(VarInt::from_u32(code.code()));
+    let _ = recv.stop(VarInt::from_u32(code.code()));
     let mut hub = lock(&mesh.hub);
     let superseded = hub.sessions.get(&id).is_some_and(|s| s.sid != sid);
     if !superseded {

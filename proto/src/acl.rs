@@ -25,7 +25,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
-use super::names::validate_tag;
+use crate::names::validate_tag;
 
 /// The worker agent's HTTP API port on a worker's overlay addresses.
 pub const AGENT_API_PORT: u16 = 7070;

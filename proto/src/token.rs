@@ -7,13 +7,42 @@
 use std::fmt;
 
 use base64::Engine;
+use thiserror::Error;
 
-use crate::error::TokenError;
-use crate::keys::PublicKey;
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::key::PublicKey;
 use crate::secret::Secret;
 
 /// Prefix of every version-1 token.
 pub const TOKEN_PREFIX: &str = "wft1_";
+
+/// A join token string that cannot be parsed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Wrong prefix: not a Weft relay token or a version this build cannot read.
+    #[error("not a Weft relay token (expected it to start with `wft1_`)")]
+    BadPrefix,
+    /// The base64 part is damaged.
+    #[error("token is damaged (bad base64): copy it again")]
+    BadBase64,
+    /// The decoded body is malformed.
+    #[error("token is damaged ({0}): copy it again")]
+    BadBody(&'static str),
+}
+
+impl From<DecodeError> for TokenError {
+    fn from(e: DecodeError) -> TokenError {
+        TokenError::BadBody(match e {
+            DecodeError::Truncated => "truncated",
+            DecodeError::Trailing(_) => "trailing bytes",
+            DecodeError::BadUtf8 => "address not UTF-8",
+            _ => "malformed",
+        })
+    }
+}
+
+/// Most relay addresses in a token; each is at most 255 bytes.
+const MAX_ADDRS: usize = 255;
 
 /// A parsed join token. `Debug` masks the secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -27,25 +56,25 @@ pub struct Token {
 }
 
 impl Token {
-    /// The token's text form.
+    /// The token's text form. Addresses over 255 bytes are left out.
     pub fn encode(&self) -> String {
-        let mut b = vec![1u8];
-        b.extend_from_slice(&self.relay_key.0);
-        b.extend_from_slice(self.secret.expose());
+        let mut w = Writer::new();
+        w.u8(1);
+        w.key(&self.relay_key);
+        w.bytes(self.secret.expose());
         let addrs: Vec<&String> = self
             .relay_addrs
             .iter()
             .filter(|a| a.len() <= 255)
-            .take(255)
+            .take(MAX_ADDRS)
             .collect();
-        b.push(addrs.len() as u8);
+        w.u8(addrs.len() as u8);
         for a in addrs {
-            b.push(a.len() as u8);
-            b.extend_from_slice(a.as_bytes());
+            w.str8(a, 255);
         }
         format!(
             "{TOKEN_PREFIX}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(w.into_bytes())
         )
     }
 
@@ -58,42 +87,22 @@ impl Token {
         let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| TokenError::BadBase64)?;
-        let (&version, rest) = b.split_first().ok_or(TokenError::BadBody("empty"))?;
+        let mut r = Reader::new(&b);
+        let version = r.u8().map_err(|_| TokenError::BadBody("empty"))?;
         if version != 1 {
             return Err(TokenError::BadBody("unknown version"));
         }
-        let key = rest.get(..32).ok_or(TokenError::BadBody("short key"))?;
-        let secret = rest
-            .get(32..64)
-            .ok_or(TokenError::BadBody("short secret"))?;
-        let mut rest = rest.get(64..).ok_or(TokenError::BadBody("short"))?;
-        let (&n, r) = rest
-            .split_first()
-            .ok_or(TokenError::BadBody("no addresses"))?;
-        rest = r;
-        let mut relay_addrs = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let (&len, r) = rest
-                .split_first()
-                .ok_or(TokenError::BadBody("truncated address"))?;
-            let a = r
-                .get(..len as usize)
-                .ok_or(TokenError::BadBody("truncated address"))?;
-            relay_addrs.push(
-                String::from_utf8(a.to_vec())
-                    .map_err(|_| TokenError::BadBody("address not UTF-8"))?,
-            );
-            rest = &r[len as usize..];
-        }
-        if !rest.is_empty() {
-            return Err(TokenError::BadBody("trailing bytes"));
-        }
-        let mut s = [0u8; 32];
-        s.copy_from_slice(secret);
+        let relay_key = r.key().map_err(|_| TokenError::BadBody("short key"))?;
+        let secret = r
+            .arr::<32>()
+            .map_err(|_| TokenError::BadBody("short secret"))?;
+        let n = r.u8().map_err(|_| TokenError::BadBody("no addresses"))?;
+        let relay_addrs = (0..n).map(|_| r.str8()).collect::<Result<Vec<_>, _>>()?;
+        r.finish()?;
         Ok(Token {
             relay_addrs,
-            relay_key: PublicKey::from_slice(key).ok_or(TokenError::BadBody("short key"))?,
-            secret: Secret::new(s),
+            relay_key,
+            secret: Secret::new(secret),
         })
     }
 }
