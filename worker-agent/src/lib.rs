@@ -23,6 +23,7 @@ pub mod history;
 pub mod job;
 pub mod metrics;
 pub mod overlay;
+pub mod queue;
 pub mod relay;
 pub mod sampler;
 pub mod store;
