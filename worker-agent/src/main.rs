@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tunnel_relay::client::LinkState;
 use worker_agent::client;
-use worker_agent::job::{Job, JobSpec};
+use worker_agent::job::{Job, JobRequest};
 use worker_agent::overlay::MeshState;
 
 #[derive(Parser, Debug)]
@@ -551,7 +551,7 @@ fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
             json,
             command,
         } => {
-            let spec = JobSpec {
+            let spec = JobRequest {
                 command,
                 env: kv(&env, "--env")?,
                 workdir,
