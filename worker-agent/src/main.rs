@@ -256,7 +256,8 @@ fn endpoint(a: &ApiArgs) -> Result<client::Endpoint> {
 fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec<u8>> {
     let ep = endpoint(a)?;
     let mut body_out = Vec::new();
-    let (code, failed) = client::call(&ep, method, path, body, &mut body_out)?;
+    let limit = client::BodyLimit::Max(client::MAX_BODY);
+    let (code, failed) = client::call(&ep, method, path, body, limit, &mut body_out)?;
     check(code, &failed)?;
     Ok(body_out)
 }
@@ -603,7 +604,8 @@ fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
             let path = format!("/v1/jobs/{id}/logs?follow={follow}");
             // The log streams to stdout as it arrives; an error answer becomes the message.
             let mut stdout = std::io::stdout();
-            let (code, failed) = client::call(&ep, "GET", &path, None, &mut stdout)?;
+            let limit = client::BodyLimit::Stream;
+            let (code, failed) = client::call(&ep, "GET", &path, None, limit, &mut stdout)?;
             check(code, &failed)?;
         }
     }
