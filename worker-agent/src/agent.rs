@@ -1,21 +1,29 @@
-//! The job engine: owns the store, assigns GPUs, starts and supervises job processes.
-//! Decisions live in [`crate::job`]; this is the I/O shell (processes, signals, SQLite).
+//! The job engine: the I/O shell around the pure [`Queue`] (`queue.rs`), which makes every
+//! decision. The shell holds the queue's lock only to call it; it then carries out the
+//! returned [`Effect`]s outside the lock: records go to the store's writer thread (queued
+//! under the lock, so they are written in decision order), processes are forked on the
+//! blocking pool, signals are sent, cgroups cleaned up on the blocking pool. One driver task
+//! calls [`Queue::handle_timeout`] when [`Queue::next_wakeup`] says, and hands the queue the
+//! healthy GPUs every second.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
 
-use crate::job::{CancelAction, ExitInfo, Job, JobSpec, JobState};
+use crate::job::{Capabilities, ExitInfo, Job, JobRequest, JobState, SpecError};
+use crate::queue::{Effect, Found, Queue, QueueConfig, Sig, Spawned};
 use crate::sampler::{unix_ms, SharedSnapshot};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -29,7 +37,13 @@ pub enum AgentError {
     #[error("job {0} not found")]
     NotFound(u64),
     #[error("invalid job: {0}")]
-    Invalid(String),
+    Invalid(#[from] SpecError),
+    #[error("cannot start the job store writer: {0}")]
+    Writer(std::io::Error),
+    #[error("the job store writer has stopped; the record may not be saved")]
+    WriterGone,
+    #[error("internal task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Engine settings.
@@ -52,22 +66,20 @@ pub struct ShimStatus {
     pub signal: Option<i32>,
 }
 
-#[derive(Debug)]
-struct Inner {
-    store: Store,
-    next_id: u64,
-    jobs: BTreeMap<u64, Job>,
-    /// GPU UUID → job holding it.
-    held: BTreeMap<String, u64>,
-    stops: HashMap<u64, Arc<Notify>>,
-}
+/// How often the driver hands the queue the healthy GPUs (a GPU that recovers gets work
+/// within this time) when no timer is due sooner.
+const HEALTH_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
     cgroups: Option<crate::cgroup::Cgroups>,
     snapshot: SharedSnapshot,
-    inner: Mutex<Inner>,
+    queue: Mutex<Queue>,
+    store: Writer,
+    /// The queue's timers may have changed: the driver asks `next_wakeup` again.
+    wake: Notify,
+    driver: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn log_dir(state: &Path) -> PathBuf {
@@ -106,6 +118,12 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// Whether `pid` is still the job's process: alive, and started when the recorded one did
+/// (a pid reused by another process does not count).
+fn same_process(pid: u32, pid_start: Option<u64>) -> bool {
+    pid > 0 && alive(pid) && proc_start_time(pid) == pid_start
+}
+
 /// Start time of a process in clock ticks since boot (/proc/PID/stat field 22).
 fn proc_start_time(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -127,236 +145,318 @@ fn signal_group(pgid: u32, sig: i32) {
     }
 }
 
+/// Effects left to run after the lock is released, and the acknowledgement of the first
+/// record written, where asked for.
+struct Step<R> {
+    out: R,
+    effects: Vec<Effect>,
+    ack: Option<oneshot::Receiver<Result<(), StoreError>>>,
+}
+
 impl Engine {
-    /// Opens the store, reconciles jobs left by a previous run, and starts queued ones.
-    /// Must be called inside a tokio runtime.
-    pub fn start(cfg: EngineConfig, snapshot: SharedSnapshot) -> Result<Arc<Self>, AgentError> {
-        let logs = log_dir(&cfg.state_dir);
-        std::fs::create_dir_all(&logs).map_err(|source| AgentError::StateDir {
-            path: logs.clone(),
-            source,
-        })?;
-        let store = Store::open(&cfg.state_dir.join("jobs.sqlite"))?;
-        let next_id = store.next_id()?;
-        let jobs: BTreeMap<u64, Job> = store.all()?.into_iter().map(|j| (j.id, j)).collect();
-        let cgroups = if cfg.cgroups {
-            crate::cgroup::Cgroups::detect()
-        } else {
-            None
-        };
+    /// Opens the store, reconciles jobs left by a previous run, starts queued ones and the
+    /// driver task. Must be called inside a tokio runtime.
+    pub async fn start(
+        cfg: EngineConfig,
+        snapshot: SharedSnapshot,
+    ) -> Result<Arc<Self>, AgentError> {
+        let state_dir = cfg.state_dir.clone();
+        let want_cgroups = cfg.cgroups;
+        // Everything that touches the disk at startup, on the blocking pool.
+        let (store, jobs, found, cgroups) = tokio::task::spawn_blocking(move || {
+            let logs = log_dir(&state_dir);
+            std::fs::create_dir_all(&logs).map_err(|source| AgentError::StateDir {
+                path: logs.clone(),
+                source,
+            })?;
+            let store = Store::open(&state_dir.join("jobs.sqlite"))?;
+            let jobs = store.all()?;
+            let found: Vec<Found> = jobs
+                .iter()
+                .filter(|j| j.state == JobState::Running)
+                .map(|j| Found {
+                    id: j.id,
+                    status: read_status(&status_path(&state_dir, j.id)),
+                    alive: same_process(j.pid.unwrap_or(0), j.pid_start),
+                    oom: j
+                        .cgroup
+                        .as_deref()
+                        .is_some_and(|d| crate::cgroup::oom_killed(Path::new(d))),
+                })
+                .collect();
+            let cgroups = if want_cgroups {
+                crate::cgroup::Cgroups::detect()
+            } else {
+                None
+            };
+            Ok::<_, AgentError>((store, jobs, found, cgroups))
+        })
+        .await??;
+        let store = Writer::start(store).map_err(AgentError::Writer)?;
+        let mut queue = Queue::restore(
+            QueueConfig {
+                kill_grace_ms: u64::try_from(cfg.kill_grace.as_millis()).unwrap_or(u64::MAX),
+                log_dir: log_dir(&cfg.state_dir),
+            },
+            jobs,
+        );
+        let healthy = snapshot.read().healthy_uuids();
+        let mut effects = queue.reconcile(unix_ms(), &found);
+        effects.extend(queue.set_healthy(healthy));
         let engine = Arc::new(Self {
             cfg,
             cgroups,
             snapshot,
-            inner: Mutex::new(Inner {
-                store,
-                next_id,
-                jobs,
-                held: BTreeMap::new(),
-                stops: HashMap::new(),
-            }),
+            queue: Mutex::new(queue),
+            store,
+            wake: Notify::new(),
+            driver: Mutex::new(None),
         });
-        engine.reconcile()?;
-        engine.schedule();
+        // Nothing else has the queue yet: the records of this first step go out first.
+        let rest = engine.send_records(effects, false).0;
+        engine.run(rest).await;
+        let driver = tokio::spawn(engine.clone().drive());
+        *engine.driver.lock() = Some(driver);
         Ok(engine)
     }
 
-    /// Jobs recorded as running by a previous agent process: take the result where it can be
-    /// known (shim status file), keep supervising ones still alive, mark the rest lost.
-    fn reconcile(self: &Arc<Self>) -> Result<(), AgentError> {
-        let now = unix_ms();
-        let mut inner = self.inner.lock();
-        let running: Vec<u64> = inner
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Running)
-            .map(|j| j.id)
-            .collect();
-        for id in running {
-            let Some(job) = inner.jobs.get_mut(&id) else {
-                continue;
-            };
-            let status = read_status(&status_path(&self.cfg.state_dir, id));
-            let pid = job.pid.unwrap_or(0);
-            if let Some(exit) = status {
-                let oom = cleanup_cgroup(job.cgroup.as_deref());
-                let _ = job.exited(now, exit, oom);
-                info!(
-                    job = id,
-                    state = job.state.name(),
-                    "reconciled finished job from its status file"
-                );
-            } else if pid > 0 && alive(pid) && proc_start_time(pid) == job.pid_start {
-                info!(
-                    job = id,
-                    pid, "job still running after agent restart; supervising it again"
-                );
-                for g in job.gpu_uuids.clone() {
-                    inner.held.insert(g, id);
-                }
-                let stop = Arc::new(Notify::new());
-                inner.stops.insert(id, stop.clone());
-                let me = self.clone();
-                tokio::spawn(async move { me.supervise(id, pid, None, stop).await });
-                continue;
-            } else {
-                cleanup_cgroup(job.cgroup.as_deref());
-                job.lost(
-                    now,
-                    "agent restarted; the process was gone and its exit status was not recorded"
-                        .into(),
-                );
-                info!(job = id, "reconciled as lost");
-            }
-            let j = job.clone();
-            inner.store.put(&j)?;
+    /// Stops the driver and waits until every record decided so far is written. Running jobs
+    /// keep running (the next start re-adopts them).
+    pub async fn shutdown(&self) {
+        if let Some(d) = self.driver.lock().take() {
+            d.abort();
         }
-        Ok(())
+        if self.store.flush().await.is_err() {
+            warn!("job store writer stopped before shutdown");
+        }
     }
 
-    pub fn submit(self: &Arc<Self>, caller: String, spec: JobSpec) -> Result<Job, AgentError> {
-        validate(&spec)?;
-        if (spec.cpus.is_some() || spec.memory_bytes.is_some()) && self.cgroups.is_none() {
-            return Err(AgentError::Invalid(
-                "`cpus`/`memory_bytes` need cgroup v2, which this worker cannot use; submit without limits".into(),
-            ));
+    /// Calls the queue under the lock and queues the records it decided to the writer, still
+    /// under the lock, so they reach the store in decision order. With `ack`, the first record
+    /// comes back with a receiver for its write. The queue first learns the current GPU
+    /// health, so no decision uses a stale one.
+    fn step<R>(&self, ack: bool, f: impl FnOnce(&mut Queue) -> (R, Vec<Effect>)) -> Step<R> {
+        let healthy = self.snapshot.read().healthy_uuids();
+        let mut q = self.queue.lock();
+        let mut effects = q.set_healthy(healthy);
+        let (out, fx) = f(&mut q);
+        effects.extend(fx);
+        let (effects, ack) = self.send_records(effects, ack);
+        drop(q);
+        self.wake.notify_one();
+        Step { out, effects, ack }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn send_records(
+        &self,
+        effects: Vec<Effect>,
+        mut ack: bool,
+    ) -> (
+        Vec<Effect>,
+        Option<oneshot::Receiver<Result<(), StoreError>>>,
+    ) {
+        let mut rest = Vec::with_capacity(effects.len());
+        let mut rx = None;
+        for e in effects {
+            match e {
+                Effect::Persist(job) if ack => {
+                    ack = false;
+                    rx = Some(self.store.put_acked(job));
+                }
+                Effect::Persist(job) => self.store.put(job),
+                other => rest.push(other),
+            }
         }
-        let total = self.snapshot.read().gpus.len();
-        if spec.gpus as usize > total {
-            return Err(AgentError::Invalid(format!(
-                "job asks for {} GPUs but this worker has {total}",
-                spec.gpus
-            )));
+        (rest, rx)
+    }
+
+    /// Carries out effects (records were already sent by `step`), in order. Forks happen on the
+    /// blocking pool in their own task; a cgroup cleanup finishes before what follows it (so
+    /// the next job on a GPU starts after the previous one's leftovers are gone).
+    async fn run(self: &Arc<Self>, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Persist(job) => self.store.put(job),
+                Effect::Spawn { job, gpus } => {
+                    tokio::spawn(self.clone().launch(job, gpus));
+                }
+                Effect::Adopt { id, pid, pid_start } => {
+                    tokio::spawn(self.clone().supervise(id, pid, pid_start, None));
+                }
+                Effect::Signal { id, pgid, sig } => {
+                    let (n, name) = match sig {
+                        Sig::Term => (libc::SIGTERM, "SIGTERM"),
+                        Sig::Kill => (libc::SIGKILL, "SIGKILL"),
+                    };
+                    debug!(job = id, pgid, signal = name, "signal to process group");
+                    signal_group(pgid, n);
+                }
+                Effect::CleanupCgroup { id, dir } => {
+                    let done = tokio::task::spawn_blocking(move || {
+                        crate::cgroup::kill_and_remove(Path::new(&dir))
+                    })
+                    .await;
+                    if let Err(e) = done {
+                        warn!(job = id, error = %e, "job cgroup cleanup failed");
+                    }
+                }
+            }
         }
-        let job = {
-            let mut inner = self.inner.lock();
-            let id = inner.next_id;
-            let log = log_dir(&self.cfg.state_dir).join(format!("{id}.log"));
-            let job = Job::new(
-                id,
-                caller,
-                spec,
-                unix_ms(),
-                log.to_string_lossy().into_owned(),
-            );
-            inner.store.put(&job)?;
-            inner.next_id += 1;
-            inner.jobs.insert(id, job.clone());
-            job
+    }
+
+    /// Timers and GPU health: one loop, woken by the earliest timer, by any change of the
+    /// queue, or every [`HEALTH_POLL`].
+    async fn drive(self: Arc<Self>) {
+        loop {
+            let healthy = self.snapshot.read().healthy_uuids();
+            let now = unix_ms();
+            let (effects, next) = {
+                let mut q = self.queue.lock();
+                let mut fx = q.set_healthy(healthy);
+                fx.extend(q.handle_timeout(now));
+                let next = q.next_wakeup();
+                (self.send_records(fx, false).0, next)
+            };
+            self.run(effects).await;
+            let wait = next
+                .map_or(HEALTH_POLL, |t| {
+                    Duration::from_millis(t.saturating_sub(unix_ms()))
+                })
+                .min(HEALTH_POLL);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Validates and queues a job; answers once its record is written.
+    pub async fn submit(
+        self: &Arc<Self>,
+        caller: String,
+        req: JobRequest,
+    ) -> Result<Job, AgentError> {
+        let caps = Capabilities {
+            gpus: self.snapshot.read().gpus.len(),
+            cgroups: self.cgroups.is_some(),
         };
-        info!(job = job.id, caller = %job.caller, gpus = job.spec.gpus, "job queued");
-        self.schedule();
-        Ok(self.get(job.id).unwrap_or(job))
+        // `is_dir` may touch a slow file system: off the runtime.
+        let spec =
+            tokio::task::spawn_blocking(move || req.validate(&caps, |w| Path::new(w).is_dir()))
+                .await??;
+        let st = self.step(true, |q| q.submit(unix_ms(), caller, spec));
+        self.run(st.effects).await;
+        self.written(st.ack).await?;
+        Ok(st.out)
+    }
+
+    /// Cancels a job (queued: dequeued; running: SIGTERM, SIGKILL after the grace period);
+    /// answers once the record is written.
+    pub async fn cancel(self: &Arc<Self>, id: u64) -> Result<Job, AgentError> {
+        let st = self.step(true, |q| match q.cancel(unix_ms(), id) {
+            Ok((job, fx)) => (Ok(job), fx),
+            Err(e) => (Err(AgentError::NotFound(e.0)), Vec::new()),
+        });
+        self.run(st.effects).await;
+        self.written(st.ack).await?;
+        st.out
+    }
+
+    async fn written(
+        &self,
+        ack: Option<oneshot::Receiver<Result<(), StoreError>>>,
+    ) -> Result<(), AgentError> {
+        match ack {
+            Some(rx) => rx
+                .await
+                .map_err(|_| AgentError::WriterGone)?
+                .map_err(Into::into),
+            None => Ok(()),
+        }
     }
 
     pub fn get(&self, id: u64) -> Option<Job> {
-        self.inner.lock().jobs.get(&id).cloned()
+        self.queue.lock().get(id).cloned()
     }
 
     pub fn list(&self) -> Vec<Job> {
-        self.inner.lock().jobs.values().cloned().collect()
+        self.queue.lock().jobs().cloned().collect()
     }
 
     /// GPU UUID → job id for GPUs currently held.
     pub fn holders(&self) -> BTreeMap<String, u64> {
-        self.inner.lock().held.clone()
+        self.queue.lock().holders().clone()
     }
 
-    pub fn cancel(self: &Arc<Self>, id: u64) -> Result<Job, AgentError> {
-        let mut inner = self.inner.lock();
-        let job = inner.jobs.get_mut(&id).ok_or(AgentError::NotFound(id))?;
-        let action = job.cancel(unix_ms());
-        let j = job.clone();
-        match action {
-            CancelAction::Dequeued => {
-                inner.store.put(&j)?;
-                info!(job = id, "queued job cancelled");
-                drop(inner);
-                self.schedule();
-            }
-            CancelAction::Terminate => {
-                inner.store.put(&j)?;
-                info!(job = id, "cancelling running job");
-                if let Some(n) = inner.stops.get(&id) {
-                    n.notify_one();
-                }
-            }
-            CancelAction::Nothing => {}
-        }
-        Ok(j)
+    /// Starts the job's process (cgroup, log, fork on the blocking pool), reports it to the
+    /// queue, then supervises it.
+    ///
+    /// Boxed with an explicit `Send` type: `run` spawns it and it calls `run`, and the named
+    /// type breaks that cycle for the compiler.
+    fn launch(self: Arc<Self>, job: Job, gpus: Vec<String>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.launch_inner(job, gpus).await })
     }
 
-    /// Starts queued jobs in FIFO order while GPUs allow. A GPU job that does not fit blocks
-    /// the GPU jobs behind it (no starvation); CPU-only jobs start at once.
-    pub fn schedule(self: &Arc<Self>) {
-        let healthy = self.snapshot.read().healthy_uuids();
-        let mut inner = self.inner.lock();
-        let queued: Vec<(u64, u32)> = inner
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .map(|j| (j.id, j.spec.gpus))
-            .collect();
-        let free: Vec<String> = healthy
-            .into_iter()
-            .filter(|u| !inner.held.contains_key(u))
-            .collect();
-        for (id, gpus) in crate::job::pick(&queued, &free) {
-            self.launch(&mut inner, id, gpus);
+    async fn launch_inner(self: Arc<Self>, job: Job, gpus: Vec<String>) {
+        let id = job.id;
+        let me = self.clone();
+        let spawned = tokio::task::spawn_blocking(move || me.spawn_job(&job, &gpus))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match spawned {
+            Ok((child, sp)) => {
+                let (pid, pid_start) = (sp.pid, sp.pid_start);
+                let st = self.step(false, |q| ((), q.on_spawned(unix_ms(), id, sp)));
+                self.run(st.effects).await;
+                self.supervise(id, pid, pid_start, Some(child)).await;
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let st = self.step(false, |q| ((), q.on_spawn_failed(unix_ms(), id, &why)));
+                self.run(st.effects).await;
+            }
         }
     }
 
-    fn launch(self: &Arc<Self>, inner: &mut Inner, id: u64, gpus: Vec<String>) {
-        let Some(job) = inner.jobs.get(&id).cloned() else {
-            return;
-        };
-        let now = unix_ms();
+    /// Blocking: the job's cgroup (where there are cgroups), its log file, and the fork.
+    fn spawn_job(
+        &self,
+        job: &Job,
+        gpus: &[String],
+    ) -> std::io::Result<(tokio::process::Child, Spawned)> {
+        let limits = job.spec.cpus.is_some() || job.spec.memory_bytes.is_some();
         let cg = match &self.cgroups {
-            Some(c) => match c.create(id, job.spec.cpus, job.spec.memory_bytes) {
+            Some(c) => match c.create(job.id, job.spec.cpus, job.spec.memory_bytes) {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    warn!(job = id, error = %e, "cannot create job cgroup");
+                    warn!(job = job.id, error = %e, "cannot create job cgroup");
                     None
                 }
             },
             None => None,
         };
-        let spawned =
-            if cg.is_none() && (job.spec.cpus.is_some() || job.spec.memory_bytes.is_some()) {
-                Err(std::io::Error::other(
-                    "cannot create the cgroup that enforces its limits",
-                ))
-            } else {
-                self.spawn_process(&job, &gpus, cg.as_deref())
-            };
-        let job_mut = match inner.jobs.get_mut(&id) {
-            Some(j) => j,
-            None => return,
-        };
-        match spawned {
-            Ok(child) => {
-                let pid = child.id().unwrap_or(0);
-                let _ = job_mut.start(now, pid, gpus.clone());
-                job_mut.cgroup = cg.map(|d| d.to_string_lossy().into_owned());
-                job_mut.pid_start = proc_start_time(pid);
-                for g in &gpus {
-                    inner.held.insert(g.clone(), id);
-                }
-                let stop = Arc::new(Notify::new());
-                inner.stops.insert(id, stop.clone());
-                info!(job = id, pid, gpus = ?gpus, "job started");
-                let me = self.clone();
-                tokio::spawn(async move { me.supervise(id, pid, Some(child), stop).await });
-            }
+        if cg.is_none() && limits {
+            return Err(std::io::Error::other(
+                "cannot create the cgroup that enforces its limits",
+            ));
+        }
+        let child = match self.spawn_process(job, gpus, cg.as_deref()) {
+            Ok(c) => c,
             Err(e) => {
-                warn!(job = id, error = %e, "job could not start");
-                job_mut.fail_to_start(now, &e.to_string());
+                if let Some(d) = &cg {
+                    crate::cgroup::kill_and_remove(d);
+                }
+                return Err(e);
             }
-        }
-        let j = job_mut.clone();
-        if let Err(e) = inner.store.put(&j) {
-            warn!(job = id, error = %e, "cannot persist job");
-        }
+        };
+        let pid = child.id().unwrap_or(0);
+        let sp = Spawned {
+            pid,
+            pid_start: proc_start_time(pid),
+            cgroup: cg.map(|d| d.to_string_lossy().into_owned()),
+        };
+        Ok((child, sp))
     }
 
     fn spawn_process(
@@ -376,9 +476,12 @@ impl Engine {
                 let mut c = tokio::process::Command::new(shim);
                 c.arg("exec-shim")
                     .arg("--status-file")
-                    .arg(status_path(&self.cfg.state_dir, job.id))
-                    .arg("--")
-                    .args(argv);
+                    .arg(status_path(&self.cfg.state_dir, job.id));
+                if let Some(cg) = cgroup {
+                    // the shim joins the job's cgroup before it starts the command
+                    c.arg("--cgroup").arg(cg);
+                }
+                c.arg("--").args(argv);
                 c
             }
             None => {
@@ -390,11 +493,7 @@ impl Engine {
                 c
             }
         };
-        let visible = if gpus.is_empty() {
-            String::new()
-        } else {
-            gpus.join(",")
-        };
+        let visible = gpus.join(",");
         cmd.env_remove("CUDA_VISIBLE_DEVICES")
             .env_remove("NVIDIA_VISIBLE_DEVICES")
             .envs(&job.spec.env)
@@ -419,124 +518,64 @@ impl Engine {
         Ok(child)
     }
 
-    /// Waits for the job's process (own child, or re-adopted by pid after a restart), applies
-    /// cancel and timeout (SIGTERM, grace, SIGKILL to the whole group), records the end.
-    async fn supervise(
+    /// Waits for the job's process (own child, or re-adopted by pid after a restart), reads
+    /// its status file and OOM flag, and reports the end to the queue. Cancel and timeout
+    /// reach the process as `Signal` effects; this task only waits.
+    fn supervise(
         self: Arc<Self>,
         id: u64,
         pid: u32,
-        mut child: Option<tokio::process::Child>,
-        stop: Arc<Notify>,
+        pid_start: Option<u64>,
+        child: Option<tokio::process::Child>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.supervise_inner(id, pid, pid_start, child).await })
+    }
+
+    async fn supervise_inner(
+        self: Arc<Self>,
+        id: u64,
+        pid: u32,
+        pid_start: Option<u64>,
+        child: Option<tokio::process::Child>,
     ) {
-        let deadline = self.get(id).and_then(|j| j.deadline_ms());
-        let mut term_sent_at: Option<tokio::time::Instant> = None;
-        let exit: Option<ExitInfo> = loop {
-            let timeout_in = deadline.map(|d| Duration::from_millis(d.saturating_sub(unix_ms())));
-            let kill_in = term_sent_at.map(|t| {
-                (t + self.cfg.kill_grace).saturating_duration_since(tokio::time::Instant::now())
-            });
-            let wake = [timeout_in.filter(|_| term_sent_at.is_none()), kill_in]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(Duration::from_secs(3600));
-            tokio::select! {
-                st = wait_exit(&mut child, pid) => break st,
-                _ = stop.notified() => {
-                    if term_sent_at.is_none() {
-                        debug!(job = id, pgid = pid, "SIGTERM to process group");
-                        signal_group(pid, libc::SIGTERM);
-                        term_sent_at = Some(tokio::time::Instant::now());
-                    }
-                }
-                _ = tokio::time::sleep(wake) => {
-                    if let Some(t) = term_sent_at {
-                        if tokio::time::Instant::now() >= t + self.cfg.kill_grace {
-                            warn!(job = id, pgid = pid, "grace period over; SIGKILL to process group");
-                            signal_group(pid, libc::SIGKILL);
-                        }
-                    } else if self.timed_out(id) {
-                        info!(job = id, "timeout; SIGTERM to process group");
-                        signal_group(pid, libc::SIGTERM);
-                        term_sent_at = Some(tokio::time::Instant::now());
-                    }
-                }
-            }
-        };
-        // Nothing of the job may outlive it: kill whatever is left in its group.
-        signal_group(pid, libc::SIGKILL);
-        let cg = self.get(id).and_then(|j| j.cgroup);
-        let oom = cleanup_cgroup(cg.as_deref());
-        let exit = read_status(&status_path(&self.cfg.state_dir, id)).or(exit);
-        self.finish(id, exit, oom);
-    }
-
-    fn timed_out(&self, id: u64) -> bool {
-        let mut inner = self.inner.lock();
-        let Some(job) = inner.jobs.get_mut(&id) else {
-            return false;
-        };
-        if job.handle_timeout(unix_ms()) {
-            let j = job.clone();
-            if let Err(e) = inner.store.put(&j) {
-                warn!(job = id, error = %e, "cannot persist job");
-            }
-            true
-        } else {
-            false
-        }
-    }
-
-    fn finish(self: &Arc<Self>, id: u64, exit: Option<ExitInfo>, oom: bool) {
-        {
-            let mut inner = self.inner.lock();
-            inner.held.retain(|_, j| *j != id);
-            inner.stops.remove(&id);
-            let Some(job) = inner.jobs.get_mut(&id) else {
-                return;
-            };
-            let now = unix_ms();
-            match exit {
-                Some(e) => {
-                    let _ = job.exited(now, e, oom);
-                }
-                None => job.lost(
-                    now,
-                    "exit status unknown (job was re-adopted after an agent restart)".into(),
-                ),
-            }
-            info!(job = id, state = job.state.name(), "job finished");
-            let j = job.clone();
-            if let Err(e) = inner.store.put(&j) {
-                warn!(job = id, error = %e, "cannot persist job");
-            }
-        }
-        self.schedule();
+        let exit = wait_exit(child, pid, pid_start).await;
+        let status = status_path(&self.cfg.state_dir, id);
+        let cgroup = self.get(id).and_then(|j| j.cgroup);
+        let found = tokio::task::spawn_blocking(move || {
+            let oom = cgroup
+                .as_deref()
+                .is_some_and(|d| crate::cgroup::oom_killed(Path::new(d)));
+            (read_status(&status), oom)
+        })
+        .await;
+        let (status, oom) = found.unwrap_or((None, false));
+        let exit = status.or(exit);
+        let st = self.step(false, |q| ((), q.on_exit(unix_ms(), id, exit, oom)));
+        self.run(st.effects).await;
     }
 
     /// Kills every running job's process group (used on agent shutdown in tests).
     pub fn kill_all(&self) {
-        let inner = self.inner.lock();
-        for j in inner.jobs.values().filter(|j| j.state == JobState::Running) {
-            if let Some(p) = j.pid {
-                signal_group(p, libc::SIGKILL);
-            }
+        let pids: Vec<u32> = self
+            .queue
+            .lock()
+            .jobs()
+            .filter(|j| j.state == JobState::Running)
+            .filter_map(|j| j.pid)
+            .collect();
+        for p in pids {
+            signal_group(p, libc::SIGKILL);
         }
     }
 }
 
-/// OOM check, then kill whatever is left in the job's cgroup and remove it. Returns OOM.
-fn cleanup_cgroup(dir: Option<&str>) -> bool {
-    let Some(d) = dir else { return false };
-    let d = Path::new(d);
-    let oom = crate::cgroup::oom_killed(d);
-    crate::cgroup::kill_and_remove(d);
-    oom
-}
-
-async fn wait_exit(child: &mut Option<tokio::process::Child>, pid: u32) -> Option<ExitInfo> {
+async fn wait_exit(
+    child: Option<tokio::process::Child>,
+    pid: u32,
+    pid_start: Option<u64>,
+) -> Option<ExitInfo> {
     match child {
-        Some(c) => match c.wait().await {
+        Some(mut c) => match c.wait().await {
             Ok(st) => Some(ExitInfo {
                 code: st.code(),
                 signal: st.signal(),
@@ -544,41 +583,12 @@ async fn wait_exit(child: &mut Option<tokio::process::Child>, pid: u32) -> Optio
             Err(_) => None,
         },
         None => {
-            while alive(pid) {
+            while same_process(pid, pid_start) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             None
         }
     }
-}
-
-fn validate(spec: &JobSpec) -> Result<(), AgentError> {
-    if spec.command.is_empty() || spec.command[0].is_empty() {
-        return Err(AgentError::Invalid(
-            "`command` must be a non-empty array of strings".into(),
-        ));
-    }
-    for k in spec.env.keys() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(AgentError::Invalid(format!("env name {k:?} is not valid")));
-        }
-        if k == "CUDA_VISIBLE_DEVICES" || k == "NVIDIA_VISIBLE_DEVICES" {
-            return Err(AgentError::Invalid(format!(
-                "env {k} is set by the agent from the assigned GPUs"
-            )));
-        }
-    }
-    if spec.timeout_s == Some(0) {
-        return Err(AgentError::Invalid("`timeout_s` must be at least 1".into()));
-    }
-    if let Some(w) = &spec.workdir {
-        if !Path::new(w).is_dir() {
-            return Err(AgentError::Invalid(format!(
-                "workdir {w} is not a directory on this worker"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The exec shim: runs `argv`, ignores SIGTERM/SIGINT/SIGHUP itself (the job's command in

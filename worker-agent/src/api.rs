@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tunnel_relay::client::LinkState;
 
 use crate::agent::{AgentError, Engine};
-use crate::job::{Job, JobSpec};
+use crate::job::{Job, JobRequest};
 use crate::overlay::MeshState;
 use crate::sampler::{SharedSnapshot, Snapshot};
 
@@ -132,7 +132,7 @@ fn parse_id(s: &str) -> Result<u64, Box<Response>> {
 async fn submit(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Result<Json<JobSpec>, JsonRejection>,
+    body: Result<Json<JobRequest>, JsonRejection>,
 ) -> Response {
     let spec = match body {
         Ok(Json(s)) => s,
@@ -143,7 +143,7 @@ async fn submit(
             )
         }
     };
-    match st.engine.submit(caller.0, spec) {
+    match st.engine.submit(caller.0, spec).await {
         Ok(job) => (StatusCode::CREATED, Json(job)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -166,7 +166,7 @@ async fn show(State(st): State<AppState>, Path(id): Path<String>) -> Response {
 
 async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Response {
     match parse_id(&id) {
-        Ok(id) => match st.engine.cancel(id) {
+        Ok(id) => match st.engine.cancel(id).await {
             Ok(j) => Json(j).into_response(),
             Err(e) => e.into_response(),
         },

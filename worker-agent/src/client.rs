@@ -1,17 +1,52 @@
-//! A small HTTP/1.1 client for the agent API (CLI and tests), over any byte stream: a loopback
+//! The HTTP/1.1 client of the agent API (CLI and tests; hyper's client connection, bodies
+//! bounded or streamed, see [`BodyLimit`]), over any byte stream: a loopback
 //! TCP connection (`http://127.0.0.1:PORT`, the provider's own CLI) or a tunnel stream to a
 //! worker's `agent` service through the relay (the engineer's CLI, with the identity of
 //! `tunnel-relay login`), or a TCP connection over the mesh to the worker's overlay address
 //! (the engineer's CLI on a machine running `mesh up`). No TLS: the relay path is encrypted by
 //! QUIC, the mesh path by WireGuard, the local one never leaves the host.
 
+use std::future::poll_fn;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::{pin, Pin};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::relay::AGENT_SERVICE;
+
+/// The most a JSON answer (job, job list, status) may be: more is refused, not buffered.
+pub const MAX_BODY: usize = 16 << 20;
+/// The most an error answer's body may be (it is read whole for the message).
+pub const MAX_ERROR_BODY: usize = 1 << 20;
+
+/// How much of a 2xx answer's body may arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLimit {
+    /// Streamed to the sink as it arrives, however long (logs, `logs --follow`).
+    Stream,
+    /// At most this many bytes, for answers read into memory; more is [`ClientError::TooLarge`].
+    Max(usize),
+}
+
+/// A byte count for messages: `16 MiB`, `64 KiB`, `10 bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub usize);
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            n if n >= 1 << 20 && n % (1 << 20) == 0 => write!(f, "{} MiB", n >> 20),
+            n if n >= 1 << 10 && n % (1 << 10) == 0 => write!(f, "{} KiB", n >> 10),
+            n => write!(f, "{n} bytes"),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -22,8 +57,14 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("malformed HTTP response from the agent at {addr}: {msg}")]
+    #[error("cannot make the request to the agent at {addr}: {msg}")]
     Protocol { addr: String, msg: String },
+    #[error("HTTP exchange with the agent at {addr} failed: {source}")]
+    Http { addr: String, source: hyper::Error },
+    #[error("the agent at {addr} sent a response body over the {limit} limit")]
+    TooLarge { addr: String, limit: Bytes },
+    #[error("cannot write the response to the output: {0}")]
+    Sink(std::io::Error),
     #[error("worker {worker:?} through the relay (identity {}): {source}", state_dir.display())]
     Relay {
         worker: String,
@@ -75,21 +116,23 @@ fn host_of(base: &str) -> Result<String, ClientError> {
     Ok(host.to_string())
 }
 
-/// Sends one request on `stream`. A 2xx answer's body is written to `sink` as it arrives
-/// (chunked or not); any other answer's body is returned instead, for the error message.
-/// `addr` names the far end in errors.
+/// Sends one HTTP/1.1 request on `stream` (hyper's client connection; `Connection: close`).
+/// A 2xx answer's body is written to `sink` as it arrives, within `limit`; any other answer's
+/// body (at most [`MAX_ERROR_BODY`]) is returned instead, for the error message. `addr` names
+/// the far end in errors and is sent as `Host`.
 pub async fn request_on<S>(
     stream: S,
     addr: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
+    limit: BodyLimit,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let io = |source| ClientError::Io {
+    let http = |source| ClientError::Http {
         addr: addr.to_string(),
         source,
     };
@@ -97,88 +140,100 @@ where
         addr: addr.to_string(),
         msg,
     };
-    let mut s = BufReader::new(stream);
-    let body = body.unwrap_or("");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|e| proto(format!("method {method:?}: {e}")))?;
+    let body = body.unwrap_or("").to_string();
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header(HOST, addr)
+        .header(CONNECTION, "close");
+    if !body.is_empty() || method == Method::POST {
+        req = req
+            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_LENGTH, body.len());
     }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.get_mut().write_all(req.as_bytes()).await.map_err(io)?;
-    s.get_mut().flush().await.map_err(io)?;
-    let mut line = String::new();
-    s.read_line(&mut line).await.map_err(io)?;
-    let code: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| proto(format!("status line {line:?}")))?;
-    let mut chunked = false;
-    let mut len: Option<usize> = None;
-    loop {
-        line.clear();
-        if s.read_line(&mut line).await.map_err(io)? == 0 {
-            return Err(proto("connection closed inside the headers".into()));
+    let req = req
+        .body(body)
+        .map_err(|e| proto(format!("{path:?}: {e}")))?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .title_case_headers(true)
+        .handshake::<_, String>(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    let mut conn = pin!(conn);
+    let mut exchange = pin!(async {
+        let resp = sender.send_request(req).await.map_err(http)?;
+        let code = resp.status().as_u16();
+        let mut failed = Vec::new();
+        let body = resp.into_body();
+        if resp_ok(code) {
+            read_body(body, limit, addr, &mut |b| {
+                sink.write_all(b)
+                    .and_then(|()| sink.flush())
+                    .map_err(ClientError::Sink)
+            })
+            .await?;
+        } else {
+            read_body(body, BodyLimit::Max(MAX_ERROR_BODY), addr, &mut |b| {
+                failed.extend_from_slice(b);
+                Ok(())
+            })
+            .await?;
         }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
+        Ok::<_, ClientError>((code, failed))
+    });
+    // The connection must be polled for the exchange to make progress; it may finish first
+    // (the answer is complete), and then the rest of the body is already on its way.
+    tokio::select! {
+        r = exchange.as_mut() => r,
+        c = conn.as_mut() => match c {
+            Ok(()) => exchange.await,
+            Err(e) => Err(http(e)),
+        },
+    }
+}
+
+fn resp_ok(code: u16) -> bool {
+    (200..300).contains(&code)
+}
+
+/// Hands each data frame of `body` to `out` as hyper delivers it (hyper reads into its own
+/// bounded buffer: no allocation is sized by what the peer announces), within `limit`.
+async fn read_body(
+    mut body: Incoming,
+    limit: BodyLimit,
+    addr: &str,
+    out: &mut dyn FnMut(&[u8]) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    let too_large = |max| ClientError::TooLarge {
+        addr: addr.to_string(),
+        limit: Bytes(max),
+    };
+    if let BodyLimit::Max(max) = limit {
+        // a Content-Length over the limit is refused before reading any of it
+        if body.size_hint().lower() > max as u64 {
+            return Err(too_large(max));
         }
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if k == "content-length" {
-                len = Some(
-                    v.parse()
-                        .map_err(|_| proto(format!("content-length {v:?}")))?,
-                );
+    }
+    let mut got = 0usize;
+    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|source| ClientError::Http {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        got = got.saturating_add(data.len());
+        if let BodyLimit::Max(max) = limit {
+            if got > max {
+                return Err(too_large(max));
             }
         }
+        out(&data)?;
     }
-    let mut failed = Vec::new();
-    let sink: &mut dyn Write = if (200..300).contains(&code) {
-        sink
-    } else {
-        &mut failed
-    };
-    let out = |sink: &mut dyn Write, b: &[u8]| {
-        sink.write_all(b).and_then(|()| sink.flush()).map_err(|e| {
-            proto(format!(
-                "cannot write the response to the output ({e}); {} bytes lost",
-                b.len()
-            ))
-        })
-    };
-    if chunked {
-        loop {
-            line.clear();
-            s.read_line(&mut line).await.map_err(io)?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| proto(format!("chunk size {line:?}")))?;
-            if size == 0 {
-                break;
-            }
-            let mut buf = vec![0u8; size];
-            s.read_exact(&mut buf).await.map_err(io)?;
-            out(sink, &buf)?;
-            let mut crlf = [0u8; 2];
-            s.read_exact(&mut crlf).await.map_err(io)?;
-        }
-    } else if let Some(n) = len {
-        let mut buf = vec![0u8; n];
-        s.read_exact(&mut buf).await.map_err(io)?;
-        out(sink, &buf)?;
-    } else {
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(io)?;
-        out(sink, &buf)?;
-    }
-    Ok((code, failed))
+    Ok(())
 }
 
 /// The MagicDNS domain of the mesh.
@@ -291,6 +346,7 @@ pub async fn call_async(
     method: &str,
     path: &str,
     body: Option<&str>,
+    limit: BodyLimit,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError> {
     match endpoint {
@@ -302,7 +358,7 @@ pub async fn call_async(
                     addr: host.clone(),
                     source,
                 })?;
-            request_on(tcp, &host, method, path, body, sink).await
+            request_on(tcp, &host, method, path, body, limit, sink).await
         }
         Endpoint::Mesh { worker } => {
             let addr = resolve_mesh(worker).await?;
@@ -313,7 +369,7 @@ pub async fn call_async(
                     addr: format!("{label} ({addr})"),
                     source,
                 })?;
-            request_on(tcp, &label, method, path, body, sink).await
+            request_on(tcp, &label, method, path, body, limit, sink).await
         }
         Endpoint::Relay { state_dir, worker } => {
             let relay_err = |source| ClientError::Relay {
@@ -332,6 +388,7 @@ pub async fn call_async(
                         method,
                         path,
                         body,
+                        limit,
                         sink,
                     )
                     .await
@@ -350,17 +407,38 @@ pub fn call(
     method: &str,
     path: &str,
     body: Option<&str>,
+    limit: BodyLimit,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ClientError::Runtime)?;
-    rt.block_on(call_async(endpoint, method, path, body, sink))
+    rt.block_on(call_async(endpoint, method, path, body, limit, sink))
 }
 
-/// Blocking: one request to the local API at `base`; the response body is written to `sink` as
-/// it arrives. Returns the status code.
+fn local(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    limit: BodyLimit,
+    sink: &mut dyn Write,
+) -> Result<u16, ClientError> {
+    let (code, failed) = call(
+        &Endpoint::Local(base.to_string()),
+        method,
+        path,
+        body,
+        limit,
+        sink,
+    )?;
+    sink.write_all(&failed).map_err(ClientError::Sink)?;
+    Ok(code)
+}
+
+/// Blocking: one request to the local API at `base`; the response body is streamed to `sink`
+/// as it arrives, however long. Returns the status code.
 pub fn request_to(
     base: &str,
     method: &str,
@@ -368,15 +446,11 @@ pub fn request_to(
     body: Option<&str>,
     sink: &mut dyn Write,
 ) -> Result<u16, ClientError> {
-    let (code, failed) = call(&Endpoint::Local(base.to_string()), method, path, body, sink)?;
-    sink.write_all(&failed).map_err(|source| ClientError::Io {
-        addr: base.to_string(),
-        source,
-    })?;
-    Ok(code)
+    local(base, method, path, body, BodyLimit::Stream, sink)
 }
 
-/// Blocking: one request to the local API at `base`, whole body returned.
+/// Blocking: one request to the local API at `base`, whole body (at most [`MAX_BODY`])
+/// returned.
 pub fn request(
     base: &str,
     method: &str,
@@ -384,7 +458,7 @@ pub fn request(
     body: Option<&str>,
 ) -> Result<(u16, Vec<u8>), ClientError> {
     let mut out = Vec::new();
-    let code = request_to(base, method, path, body, &mut out)?;
+    let code = local(base, method, path, body, BodyLimit::Max(MAX_BODY), &mut out)?;
     Ok((code, out))
 }
 
@@ -400,29 +474,59 @@ pub fn engineer_dir(dir: Option<&Path>) -> Result<PathBuf, tunnel_relay::ClientE
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Runs `request_on` against a canned response; returns (code, error body, sink, request).
-    async fn exchange(response: &'static [u8]) -> (u16, Vec<u8>, Vec<u8>, String) {
+    /// Reads one request (head, then as many body bytes as its Content-Length says).
+    async fn read_request(s: &mut tokio::io::DuplexStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map_or(0, |n| n.trim().parse().unwrap());
+                if rest.len() >= len {
+                    return text;
+                }
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                return String::from_utf8_lossy(&buf).into_owned();
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Runs `request_on` against a canned response.
+    async fn exchange_with(
+        response: &'static [u8],
+        method: &str,
+        body: Option<&str>,
+        limit: BodyLimit,
+    ) -> (Result<(u16, Vec<u8>), ClientError>, Vec<u8>, String) {
         let (client, mut server) = tokio::io::duplex(1 << 16);
         let srv = tokio::spawn(async move {
-            let mut req = vec![0u8; 4096];
-            let n = server.read(&mut req).await.unwrap();
+            let req = read_request(&mut server).await;
             server.write_all(response).await.unwrap();
             server.shutdown().await.unwrap();
-            String::from_utf8(req[..n].to_vec()).unwrap()
+            req
         });
         let mut sink = Vec::new();
-        let (code, failed) = request_on(
-            client,
-            "w1/agent",
-            "POST",
-            "/v1/jobs",
-            Some("{}"),
-            &mut sink,
+        let res = request_on(
+            client, "w1/agent", method, "/v1/jobs", body, limit, &mut sink,
         )
-        .await
-        .unwrap();
-        (code, failed, sink, srv.await.unwrap())
+        .await;
+        (res, sink, srv.await.unwrap())
+    }
+
+    /// (code, error body, sink, request) of a POST `{}` with a 16 MiB limit.
+    async fn exchange(response: &'static [u8]) -> (u16, Vec<u8>, Vec<u8>, String) {
+        let (res, sink, req) =
+            exchange_with(response, "POST", Some("{}"), BodyLimit::Max(MAX_BODY)).await;
+        let (code, failed) = res.unwrap();
+        (code, failed, sink, req)
     }
 
     #[tokio::test]
@@ -436,14 +540,44 @@ mod tests {
             (200, Vec::new(), b"abc\ndef".to_vec())
         );
         assert!(
-            req.starts_with("POST /v1/jobs HTTP/1.1\r\nHost: w1/agent\r\n")
-                && req.contains("Content-Length: 2\r\n")
+            req.starts_with("POST /v1/jobs HTTP/1.1\r\n")
+                && req.contains("\r\nHost: w1/agent\r\n")
+                && req.contains("\r\nConnection: close\r\n")
+                && req.contains("\r\nContent-Type: application/json\r\n")
+                && req.contains("\r\nContent-Length: 2\r\n")
                 && req.ends_with("\r\n\r\n{}"),
             "{req:?}"
         );
         let (code, _, sink, _) =
             exchange(b"HTTP/1.1 201 Created\r\ncontent-length: 5\r\n\r\nhello").await;
         assert_eq!((code, sink), (201, b"hello".to_vec()));
+        // no length, no chunking: the body runs to the end of the stream
+        let (code, _, sink, _) = exchange(b"HTTP/1.1 200 OK\r\n\r\nuntil-eof").await;
+        assert_eq!((code, sink), (200, b"until-eof".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_post_without_a_body_says_content_length_0() {
+        let (res, _, req) = exchange_with(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "POST",
+            None,
+            BodyLimit::Max(MAX_BODY),
+        )
+        .await;
+        assert_eq!(res.unwrap().0, 200);
+        assert!(req.contains("\r\nContent-Length: 0\r\n"), "{req:?}");
+        let (_, _, req) = exchange_with(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "GET",
+            None,
+            BodyLimit::Max(MAX_BODY),
+        )
+        .await;
+        assert!(
+            req.starts_with("GET /v1/jobs HTTP/1.1\r\n") && !req.contains("Content-Length"),
+            "{req:?}"
+        );
     }
 
     #[tokio::test]
@@ -454,6 +588,103 @@ mod tests {
         assert_eq!(code, 404);
         assert_eq!(failed, b"{\"error\":\"x\"}");
         assert!(sink.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_content_length_over_the_limit_is_refused_before_reading() {
+        let (res, sink, _) = exchange_with(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999\r\n\r\nabc",
+            "GET",
+            None,
+            BodyLimit::Max(MAX_BODY),
+        )
+        .await;
+        let err = res.unwrap_err();
+        assert!(matches!(err, ClientError::TooLarge { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "the agent at w1/agent sent a response body over the 16 MiB limit"
+        );
+        assert!(sink.is_empty());
+        // the same for an error answer
+        let (res, _, _) = exchange_with(
+            b"HTTP/1.1 500 Oops\r\ncontent-length: 99999999999999\r\n\r\nabc",
+            "GET",
+            None,
+            BodyLimit::Stream,
+        )
+        .await;
+        assert!(
+            res.unwrap_err()
+                .to_string()
+                .contains("over the 1 MiB limit"),
+            "error bodies are bounded too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_over_the_limit_is_refused() {
+        let (res, _, _) = exchange_with(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nabcdef\r\n6\r\nghijkl\r\n0\r\n\r\n",
+            "GET",
+            None,
+            BodyLimit::Max(10),
+        )
+        .await;
+        let err = res.unwrap_err();
+        assert!(err.to_string().contains("over the 10 bytes limit"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_huge_announced_chunk_allocates_nothing_and_streams_what_came() {
+        // the old parser did `vec![0; size]` with this size (256 TiB)
+        let (res, sink, _) = exchange_with(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nffffffffffff\r\nabc",
+            "GET",
+            None,
+            BodyLimit::Stream,
+        )
+        .await;
+        let err = res.unwrap_err();
+        assert!(matches!(err, ClientError::Http { .. }), "{err:?}");
+        assert!(err.to_string().contains("w1/agent"), "{err}");
+        assert_eq!(sink, b"abc");
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_not_a_panic() {
+        for resp in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"[..],
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"\x00\xff\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            b"",
+        ] {
+            let (client, mut server) = tokio::io::duplex(1 << 16);
+            tokio::spawn(async move {
+                let _ = read_request(&mut server).await;
+                let _ = server.write_all(resp).await;
+            });
+            let err = request_on(
+                client,
+                "w1/agent",
+                "GET",
+                "/v1/jobs",
+                None,
+                BodyLimit::Stream,
+                &mut Vec::new(),
+            )
+            .await
+            .unwrap_err();
+            assert!(err.to_string().contains("w1/agent"), "{err}");
+        }
+    }
+
+    #[test]
+    fn byte_counts_read_well() {
+        assert_eq!(Bytes(MAX_BODY).to_string(), "16 MiB");
+        assert_eq!(Bytes(64 << 10).to_string(), "64 KiB");
+        assert_eq!(Bytes(10).to_string(), "10 bytes");
     }
 
     #[test]
@@ -471,13 +702,20 @@ mod tests {
     async fn a_truncated_answer_is_an_error() {
         let (client, mut server) = tokio::io::duplex(1 << 16);
         tokio::spawn(async move {
-            let mut req = vec![0u8; 4096];
-            let _ = server.read(&mut req).await;
+            let _ = read_request(&mut server).await;
             let _ = server.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
         });
-        let err = request_on(client, "w1/agent", "GET", "/v1/jobs", None, &mut Vec::new())
-            .await
-            .unwrap_err();
+        let err = request_on(
+            client,
+            "w1/agent",
+            "GET",
+            "/v1/jobs",
+            None,
+            BodyLimit::Stream,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("w1/agent"), "{err}");
     }
 }

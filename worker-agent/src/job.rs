@@ -4,7 +4,131 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// What a caller submits (`POST /v1/jobs`).
+/// What a caller submits (`POST /v1/jobs`), before validation: [`JobRequest::validate`] turns
+/// it into the [`JobSpec`] the queue accepts, or names what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// CPU limit in cores (cgroup v2 `cpu.max`); refused where cgroups are not available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes (cgroup v2 `memory.max`); refused where cgroups are not available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+/// Environment variables the agent sets itself from the assigned GPUs.
+pub const RESERVED_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"];
+
+/// What this worker can offer, for validating a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// GPUs the machine has (healthy or not).
+    pub gpus: usize,
+    /// Per-job cgroup v2 is available, so `cpus` / `memory_bytes` can be enforced.
+    pub cgroups: bool,
+}
+
+/// Why a job request was refused (the API answers 400 with this message).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("`command` must be a non-empty array of strings with a non-empty first element")]
+    EmptyCommand,
+    #[error("env name {0:?} is not valid (it must be non-empty, without `=` or NUL)")]
+    BadEnvName(String),
+    #[error("env {0} is set by the agent from the assigned GPUs; leave it out")]
+    ReservedEnv(String),
+    #[error("`timeout_s` must be at least 1 (leave it out for no timeout)")]
+    ZeroTimeout,
+    #[error("`cpus` must be a positive number of cores, not {0}")]
+    BadCpus(f64),
+    #[error("workdir {0} is not a directory on this worker")]
+    NotADirectory(String),
+    #[error("job asks for {asked} GPUs but this worker has {have}")]
+    TooManyGpus { asked: u32, have: usize },
+    #[error(
+        "`cpus`/`memory_bytes` need cgroup v2, which this worker cannot use; submit without limits"
+    )]
+    LimitsNeedCgroups,
+}
+
+impl JobRequest {
+    /// Checks the request against this worker. `is_dir` answers whether the workdir exists as a
+    /// directory (the one question that needs the file system; the shell asks it off the
+    /// async runtime).
+    pub fn validate(
+        self,
+        caps: &Capabilities,
+        is_dir: impl FnOnce(&str) -> bool,
+    ) -> Result<JobSpec, SpecError> {
+        if self.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(SpecError::EmptyCommand);
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(SpecError::BadEnvName(k.clone()));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(SpecError::ReservedEnv(k.clone()));
+            }
+        }
+        if self.timeout_s == Some(0) {
+            return Err(SpecError::ZeroTimeout);
+        }
+        if let Some(c) = self.cpus {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(SpecError::BadCpus(c));
+            }
+        }
+        if self.gpus as usize > caps.gpus {
+            return Err(SpecError::TooManyGpus {
+                asked: self.gpus,
+                have: caps.gpus,
+            });
+        }
+        if (self.cpus.is_some() || self.memory_bytes.is_some()) && !caps.cgroups {
+            return Err(SpecError::LimitsNeedCgroups);
+        }
+        if let Some(w) = &self.workdir {
+            if !is_dir(w) {
+                return Err(SpecError::NotADirectory(w.clone()));
+            }
+        }
+        let JobRequest {
+            command,
+            env,
+            workdir,
+            gpus,
+            timeout_s,
+            labels,
+            cpus,
+            memory_bytes,
+        } = self;
+        Ok(JobSpec {
+            command,
+            env,
+            workdir,
+            gpus,
+            timeout_s,
+            labels,
+            cpus,
+            memory_bytes,
+        })
+    }
+}
+
+/// A validated job request, as recorded in the job (same JSON shape as [`JobRequest`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
@@ -393,6 +517,100 @@ mod tests {
         )
         .unwrap();
         assert_eq!(j.state, JobState::TimedOut);
+    }
+
+    fn req(f: impl FnOnce(&mut JobRequest)) -> JobRequest {
+        let mut r: JobRequest = serde_json::from_str(r#"{"command": ["true"]}"#).unwrap();
+        f(&mut r);
+        r
+    }
+
+    const CAPS: Capabilities = Capabilities {
+        gpus: 2,
+        cgroups: false,
+    };
+
+    #[test]
+    fn requests_are_validated_with_named_errors() {
+        let check = |r: JobRequest| r.validate(&CAPS, |w| w == "/ok");
+        assert_eq!(
+            check(req(|r| r.command.clear())),
+            Err(SpecError::EmptyCommand)
+        );
+        assert_eq!(
+            check(req(|r| r.command = vec![String::new()])),
+            Err(SpecError::EmptyCommand)
+        );
+        assert_eq!(
+            check(req(|r| {
+                r.env.insert("A=B".into(), "x".into());
+            })),
+            Err(SpecError::BadEnvName("A=B".into()))
+        );
+        assert_eq!(
+            check(req(|r| {
+                r.env.insert("NVIDIA_VISIBLE_DEVICES".into(), "all".into());
+            })),
+            Err(SpecError::ReservedEnv("NVIDIA_VISIBLE_DEVICES".into()))
+        );
+        assert_eq!(
+            check(req(|r| r.timeout_s = Some(0))),
+            Err(SpecError::ZeroTimeout)
+        );
+        assert_eq!(
+            check(req(|r| r.cpus = Some(-1.0))),
+            Err(SpecError::BadCpus(-1.0))
+        );
+        assert_eq!(
+            check(req(|r| r.gpus = 3)),
+            Err(SpecError::TooManyGpus { asked: 3, have: 2 })
+        );
+        assert_eq!(
+            check(req(|r| r.memory_bytes = Some(1 << 30))),
+            Err(SpecError::LimitsNeedCgroups)
+        );
+        assert_eq!(
+            check(req(|r| r.workdir = Some("/nope".into()))),
+            Err(SpecError::NotADirectory("/nope".into()))
+        );
+        let ok = check(req(|r| {
+            r.workdir = Some("/ok".into());
+            r.gpus = 2;
+            r.timeout_s = Some(5);
+        }))
+        .unwrap();
+        assert_eq!(
+            (ok.gpus, ok.timeout_s, ok.workdir.as_deref()),
+            (2, Some(5), Some("/ok"))
+        );
+        let with_cgroups = Capabilities {
+            cgroups: true,
+            ..CAPS
+        };
+        assert!(req(|r| r.cpus = Some(1.5))
+            .validate(&with_cgroups, |_| true)
+            .is_ok());
+        // the messages say what is wrong
+        assert_eq!(
+            SpecError::TooManyGpus { asked: 3, have: 2 }.to_string(),
+            "job asks for 3 GPUs but this worker has 2"
+        );
+        assert!(SpecError::LimitsNeedCgroups
+            .to_string()
+            .contains("cgroup v2"));
+    }
+
+    #[test]
+    fn a_request_and_its_spec_have_the_same_json() {
+        let r = req(|r| {
+            r.gpus = 1;
+            r.labels.insert("team".into(), "x".into());
+        });
+        let spec = r.clone().validate(&CAPS, |_| true).unwrap();
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::to_value(&spec).unwrap()
+        );
     }
 
     #[test]

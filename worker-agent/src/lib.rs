@@ -23,6 +23,7 @@ pub mod history;
 pub mod job;
 pub mod metrics;
 pub mod overlay;
+pub mod queue;
 pub mod relay;
 pub mod sampler;
 pub mod store;
@@ -106,15 +107,8 @@ pub async fn run(
             cgroups: cfg.cgroups,
         },
         snapshot.clone(),
-    )?;
-    // Re-run the scheduler periodically so a GPU that becomes healthy again gets work.
-    let eng2 = engine.clone();
-    let ticker = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            eng2.schedule();
-        }
-    });
+    )
+    .await?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -124,7 +118,7 @@ pub async fn run(
         reason: "--no-mesh".into(),
     });
     let mut state = api::AppState {
-        engine,
+        engine: engine.clone(),
         snapshot,
         relay: None,
         mesh: mesh_rx,
@@ -213,7 +207,7 @@ pub async fn run(
             let _ = rx1.wait_for(|v| *v).await;
         })
         .await;
-    ticker.abort();
+    engine.shutdown().await;
     if let Some(t) = metrics_task {
         t.abort();
     }

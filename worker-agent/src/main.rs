@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tunnel_relay::client::LinkState;
 use worker_agent::client;
-use worker_agent::job::{Job, JobSpec};
+use worker_agent::job::{Job, JobRequest};
 use worker_agent::overlay::MeshState;
 
 #[derive(Parser, Debug)]
@@ -256,7 +256,8 @@ fn endpoint(a: &ApiArgs) -> Result<client::Endpoint> {
 fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec<u8>> {
     let ep = endpoint(a)?;
     let mut body_out = Vec::new();
-    let (code, failed) = client::call(&ep, method, path, body, &mut body_out)?;
+    let limit = client::BodyLimit::Max(client::MAX_BODY);
+    let (code, failed) = client::call(&ep, method, path, body, limit, &mut body_out)?;
     check(code, &failed)?;
     Ok(body_out)
 }
@@ -551,7 +552,7 @@ fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
             json,
             command,
         } => {
-            let spec = JobSpec {
+            let spec = JobRequest {
                 command,
                 env: kv(&env, "--env")?,
                 workdir,
@@ -603,7 +604,8 @@ fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
             let path = format!("/v1/jobs/{id}/logs?follow={follow}");
             // The log streams to stdout as it arrives; an error answer becomes the message.
             let mut stdout = std::io::stdout();
-            let (code, failed) = client::call(&ep, "GET", &path, None, &mut stdout)?;
+            let limit = client::BodyLimit::Stream;
+            let (code, failed) = client::call(&ep, "GET", &path, None, limit, &mut stdout)?;
             check(code, &failed)?;
         }
     }

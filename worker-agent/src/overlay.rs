@@ -457,7 +457,7 @@ async fn mesh_caller(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::client::{call_async, Endpoint};
+    use crate::client::{call_async, BodyLimit, Endpoint, MAX_BODY};
     use axum::routing::get;
     use axum::Extension;
     use tunnel_relay::coord::{
@@ -499,6 +499,7 @@ mod tests {
             "GET",
             "/who",
             None,
+            BodyLimit::Max(MAX_BODY),
             &mut out,
         )
         .await

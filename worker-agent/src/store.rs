@@ -1,8 +1,11 @@
 //! SQLite job store (WAL) in the state directory. Each job is one row: id, state, JSON record.
+//! [`Writer`] owns the store on its own OS thread so that no async task ever waits on SQLite.
 
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use crate::job::Job;
 
@@ -83,5 +86,137 @@ impl Store {
             );
         }
         Ok(out)
+    }
+}
+
+enum Cmd {
+    Put {
+        job: Box<Job>,
+        done: Option<oneshot::Sender<Result<(), StoreError>>>,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// The store on its own thread ("weft-store"), fed by a channel: records are written in the
+/// order they were sent, so a job's later state is never overwritten by an earlier one.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cmd::Put { job, .. } => write!(f, "Put({})", job.id),
+            Cmd::Flush(_) => write!(f, "Flush"),
+        }
+    }
+}
+
+/// The writer thread is gone (it only ends when every [`Writer`] is dropped).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the job store writer has stopped")]
+pub struct WriterGone;
+
+impl Writer {
+    /// Starts the writer thread; it ends once every clone of the writer is dropped and what was
+    /// sent is written.
+    pub fn start(store: Store) -> std::io::Result<Writer> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
+        std::thread::Builder::new()
+            .name("weft-store".into())
+            .spawn(move || {
+                while let Some(cmd) = rx.blocking_recv() {
+                    match cmd {
+                        Cmd::Put { job, done } => {
+                            let res = store.put(&job);
+                            match done {
+                                Some(d) => {
+                                    let _ = d.send(res);
+                                }
+                                None => {
+                                    if let Err(e) = res {
+                                        warn!(job = job.id, error = %e, "cannot persist job");
+                                    }
+                                }
+                            }
+                        }
+                        Cmd::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(Writer { tx })
+    }
+
+    /// Queues `job` for writing. Never blocks.
+    pub fn put(&self, job: Job) {
+        let id = job.id;
+        if self
+            .tx
+            .send(Cmd::Put {
+                job: Box::new(job),
+                done: None,
+            })
+            .is_err()
+        {
+            warn!(job = id, "job store writer stopped; record not persisted");
+        }
+    }
+
+    /// Queues `job` for writing; the receiver says when it is written and how that went.
+    pub fn put_acked(&self, job: Job) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Cmd::Put {
+            job: Box::new(job),
+            done: Some(done),
+        });
+        rx
+    }
+
+    /// Waits until everything sent before is written.
+    pub async fn flush(&self) -> Result<(), WriterGone> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Cmd::Flush(done)).map_err(|_| WriterGone)?;
+        rx.await.map_err(|_| WriterGone)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn job(id: u64, state: &str) -> Job {
+        let spec = crate::job::JobSpec {
+            command: vec!["true".into()],
+            env: Default::default(),
+            workdir: None,
+            gpus: 0,
+            timeout_s: None,
+            labels: Default::default(),
+            cpus: None,
+            memory_bytes: None,
+        };
+        let mut j = Job::new(id, "@local".into(), spec, 1, "x.log".into());
+        if state == "lost" {
+            j.lost(2, "x".into());
+        }
+        j
+    }
+
+    #[tokio::test]
+    async fn the_writer_keeps_the_order_of_a_job_s_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        let w = Writer::start(Store::open(&path).unwrap()).unwrap();
+        w.put(job(1, "queued"));
+        w.put(job(1, "lost"));
+        w.put_acked(job(2, "queued")).await.unwrap().unwrap();
+        w.flush().await.unwrap();
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.get(1).unwrap().unwrap().state.name(), "lost");
+        assert_eq!(s.next_id().unwrap(), 3);
     }
 }
