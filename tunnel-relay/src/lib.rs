@@ -19,6 +19,7 @@ pub mod config;
 pub mod coord;
 pub mod error;
 pub mod keys;
+pub mod link;
 pub mod mesh_client;
 pub mod metrics;
 pub mod noise;
