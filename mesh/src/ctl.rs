@@ -423,7 +423,8 @@ impl Client {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::status::{ManagedPeer, RelayStatus};
+    use crate::status::ManagedPeer;
+    use tunnel_relay::link::LinkState;
 
     fn snapshot() -> ManagedStatus {
         ManagedStatus {
@@ -432,7 +433,7 @@ mod tests {
             public_key: None,
             listen_port: 41641,
             node: None,
-            relay: RelayStatus::Connecting,
+            relay: LinkState::Connecting { attempt: 1 },
             candidates: Vec::new(),
             peers: vec![ManagedPeer {
                 name: "gpu1".into(),

@@ -17,7 +17,8 @@ use anyhow::Context;
 use ipnet::IpNet;
 use parking_lot::RwLock;
 use tokio::sync::watch;
-use tunnel_relay::mesh_client::{MeshLink, MeshSession};
+use tunnel_relay::link::LinkState;
+use tunnel_relay::mesh_client::MeshSession;
 use tunnel_relay::relay_path::RelayPath;
 use tunnel_relay::{StaticKey, Token};
 use weft_proto::peermap::{Candidate, PeerMap, SelfInfo};
@@ -59,7 +60,7 @@ pub fn hostname() -> String {
 pub struct MeshAdapter {
     session: MeshSession,
     map: watch::Receiver<PeerMap>,
-    link: watch::Receiver<MeshLink>,
+    link: watch::Receiver<LinkState>,
 }
 
 impl MeshAdapter {
@@ -80,13 +81,17 @@ impl Session for MeshAdapter {
         let link = self.link.borrow_and_update().clone();
         let _ = self.map.borrow_and_update();
         match link {
-            MeshLink::Refused(reason) => {
+            LinkState::Failed { reason } => {
                 tracing::error!(%reason, "the relay refused this node; the mesh stops");
                 false
             }
-            MeshLink::Stopped => false,
-            MeshLink::Reconnecting { error, retry_in } => {
-                tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "lost the coordinator; existing paths keep working");
+            LinkState::Stopped => false,
+            LinkState::Retrying {
+                last_error,
+                retry_in_ms,
+                attempt,
+            } => {
+                tracing::warn!(error = %last_error, retry_in_ms, attempt, "lost the coordinator; existing paths keep working");
                 alive
             }
             _ => alive,
@@ -102,18 +107,15 @@ impl Session for MeshAdapter {
     }
 
     fn stun_addr(&self) -> Option<SocketAddr> {
-        match self.session.link() {
-            MeshLink::Up(i) => i.stun,
-            _ => None,
-        }
+        self.session.link_info().and_then(|i| i.stun)
     }
 
     fn report_endpoints(&self, endpoints: Vec<Candidate>) {
         self.session.report_endpoints(endpoints);
     }
 
-    fn relay_status(&self) -> crate::status::RelayStatus {
-        crate::managed_node::relay_status(&self.session.link())
+    fn link(&self) -> LinkState {
+        self.session.link()
     }
 }
 

@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::VIRTIO_NET_HDR_LEN;
-use tunnel_relay::mesh_client::MeshLink;
+use tunnel_relay::link::LinkState;
 use tunnel_relay::relay_path::RelayPath;
 use weft_proto::peermap::{Candidate, PeerMap};
 
@@ -34,7 +34,7 @@ use crate::egress::{CtlPacket, ManagedIo};
 use crate::key::PublicKey;
 use crate::node::Handles;
 use crate::path::Path;
-use crate::status::{ManagedStatus, RelayStatus};
+use crate::status::ManagedStatus;
 
 /// The overlay's IPv4 pool (routed to the interface as a whole).
 pub const IPV4_POOL: &str = "100.64.0.0/10";
@@ -60,36 +60,8 @@ pub trait Session: Send + 'static {
     fn stun_addr(&self) -> Option<SocketAddr>;
     /// Reports our direct-path candidates.
     fn report_endpoints(&self, endpoints: Vec<Candidate>);
-    /// The relay link for `mesh status` (default: from [`Session::relay_path`],
-    /// without the relay's address or the reason of an outage).
-    fn relay_status(&self) -> RelayStatus {
-        match self.relay_path() {
-            Some(_) => RelayStatus::Connected { address: None },
-            None => RelayStatus::Reconnecting {
-                error: None,
-                retry_in_ms: None,
-            },
-        }
-    }
-}
-
-/// The relay link of a [`tunnel_relay::mesh_client::MeshSession`] as
-/// `mesh status` shows it.
-pub fn relay_status(link: &MeshLink) -> RelayStatus {
-    match link {
-        MeshLink::Connecting => RelayStatus::Connecting,
-        MeshLink::Up(i) => RelayStatus::Connected {
-            address: Some(i.relay),
-        },
-        MeshLink::Reconnecting { error, retry_in } => RelayStatus::Reconnecting {
-            error: Some(error.clone()),
-            retry_in_ms: Some(retry_in.as_millis() as u64),
-        },
-        MeshLink::Refused(reason) => RelayStatus::Refused {
-            reason: reason.clone(),
-        },
-        MeshLink::Stopped => RelayStatus::Stopped,
-    }
+    /// The relay link for `mesh status`.
+    fn link(&self) -> LinkState;
 }
 
 /// Aborts a task when dropped.
@@ -345,7 +317,7 @@ impl<S: Session> ControlLoop<S> {
             self.ctl.overlay().map(|o| &**o),
             &self.ctl,
             &h.device.info(now),
-            self.session.relay_status(),
+            self.session.link(),
             now,
         )
     }

@@ -13,10 +13,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tunnel_relay::link::LinkState;
 use weft_proto::peermap::{Candidate, CandidateKind};
 
 use crate::control::Controller;
@@ -223,11 +224,12 @@ pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value
 ///   "listen_port": 41641,
 ///   "self": {"name": "alice", "ipv4": "100.64.0.7", "ipv6": "fd7a:7765:6674::6440:7",
 ///            "tags": ["engineer"]} | null,          // null before the first peer map
-///   "relay": {"state": "connected", "address": "203.0.113.1:443" | null}
-///          | {"state": "connecting"}
-///          | {"state": "reconnecting", "error": "…" | null, "retry_in_ms": 500 | null}
+///   "relay": {"state": "connected", "address": "203.0.113.1:443",
+///             "relay": "203.0.113.1:443", "name": "alice", "tags": ["engineer"]}
+///          | {"state": "connecting", "attempt": 1}
+///          | {"state": "reconnecting", "attempt": 2, "error": "…", "retry_in_ms": 500}
 ///          | {"state": "refused", "reason": "node revoked"}
-///          | {"state": "stopped"},
+///          | {"state": "stopped"},        // the one link state: tunnel_relay::link::LinkState
 ///   "candidates": [{"addr": "192.168.1.7:41641", "kind": "local" | "reflexive"}],
 ///   "peers": [                          // sorted by name
 ///     {
@@ -265,7 +267,7 @@ pub struct ManagedStatus {
     #[serde(rename = "self")]
     pub node: Option<NodeStatus>,
     /// The control session's link to the relay.
-    pub relay: RelayStatus,
+    pub relay: LinkState,
     /// Our direct-path candidates as reported to the coordinator.
     pub candidates: Vec<Candidate>,
     /// Visible peers, sorted by name.
@@ -283,33 +285,6 @@ pub struct NodeStatus {
     pub ipv6: Ipv6Addr,
     /// Tags (from the join token).
     pub tags: Vec<String>,
-}
-
-/// The relay link as `mesh status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum RelayStatus {
-    /// First attempt in progress.
-    Connecting,
-    /// Joined; peer-map updates and relayed packets flow.
-    Connected {
-        /// The relay's address.
-        address: Option<SocketAddr>,
-    },
-    /// Lost; retrying (existing paths keep working).
-    Reconnecting {
-        /// Why the last attempt or connection failed.
-        error: Option<String>,
-        /// Delay before the next attempt.
-        retry_in_ms: Option<u64>,
-    },
-    /// Refused for good (revoked, ...).
-    Refused {
-        /// The relay's reason.
-        reason: String,
-    },
-    /// Closed.
-    Stopped,
 }
 
 /// One peer of a managed node.
@@ -359,7 +334,7 @@ pub fn managed_status(
     overlay: Option<&Overlay>,
     ctl: &Controller,
     info: &DeviceInfo,
-    relay: RelayStatus,
+    relay: LinkState,
     now: SystemTime,
 ) -> ManagedStatus {
     let mut peers: Vec<ManagedPeer> = Vec::new();
@@ -494,21 +469,16 @@ pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
         out += &format!("  listening port: {}\n", s.listen_port);
     }
     let relay = match &s.relay {
-        RelayStatus::Connecting => "connecting".to_owned(),
-        RelayStatus::Connected { address: Some(a) } => format!("connected to {a}"),
-        RelayStatus::Connected { address: None } => "connected".to_owned(),
-        RelayStatus::Reconnecting { error, retry_in_ms } => {
-            let mut t = "reconnecting".to_owned();
-            if let Some(e) = error {
-                t += &format!(" ({e})");
-            }
-            if let Some(r) = retry_in_ms {
-                t += &format!(", next try in {r} ms");
-            }
-            t
-        }
-        RelayStatus::Refused { reason } => format!("refused: {reason}"),
-        RelayStatus::Stopped => "stopped".to_owned(),
+        LinkState::Connecting { attempt: 1 } => "connecting".to_owned(),
+        LinkState::Connecting { attempt } => format!("connecting (attempt {attempt})"),
+        LinkState::Connected(a) => format!("connected to {}", a.address),
+        LinkState::Retrying {
+            last_error,
+            retry_in_ms,
+            ..
+        } => format!("reconnecting ({last_error}), next try in {retry_in_ms} ms"),
+        LinkState::Failed { reason } => format!("refused: {reason}"),
+        LinkState::Stopped => "stopped".to_owned(),
     };
     out += &format!("  relay: {relay}\n");
     if !s.candidates.is_empty() {
@@ -886,9 +856,11 @@ mod tests {
             ctl.overlay().map(|o| &**o),
             &ctl,
             &info,
-            RelayStatus::Connected {
-                address: Some("203.0.113.2:4433".parse().unwrap()),
-            },
+            LinkState::Connected(tunnel_relay::link::Admitted {
+                address: "203.0.113.2:4433".parse().unwrap(),
+                name: "alice".into(),
+                tags: vec!["engineer".into()],
+            }),
             now,
         );
         (st, me)
@@ -904,7 +876,8 @@ mod tests {
         assert_eq!(v["self"]["tags"], json!(["engineer"]));
         assert_eq!(
             v["relay"],
-            json!({"state": "connected", "address": "203.0.113.2:4433"})
+            json!({"state": "connected", "address": "203.0.113.2:4433",
+                "relay": "203.0.113.2:4433", "name": "alice", "tags": ["engineer"]})
         );
         assert_eq!(
             v["candidates"],
@@ -960,9 +933,10 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
-        st.relay = RelayStatus::Reconnecting {
-            error: Some("timed out".into()),
-            retry_in_ms: Some(500),
+        st.relay = LinkState::Retrying {
+            attempt: 2,
+            last_error: "timed out".into(),
+            retry_in_ms: 500,
         };
         assert!(render_managed_human(&st, now)
             .contains("  relay: reconnecting (timed out), next try in 500 ms\n"));

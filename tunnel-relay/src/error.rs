@@ -168,3 +168,19 @@ pub enum ClientError {
     #[error("{0}")]
     Usage(String),
 }
+
+impl ClientError {
+    /// How this error reads to the link core: a refusal (permanent or not
+    /// by [`crate::link::is_permanent`]), unusable local state (permanent),
+    /// or something another try may fix.
+    pub fn failure(&self) -> crate::link::Failure {
+        use crate::link::Failure;
+        match self {
+            ClientError::Rejected(r) | ClientError::Proto(ProtoError::Rejected(r)) => {
+                Failure::refused(r)
+            }
+            ClientError::State(_) => Failure::Local(self.to_string()),
+            _ => Failure::Transient(self.to_string()),
+        }
+    }
+}

@@ -10,8 +10,9 @@
 //! `server/mesh.rs`); [`mesh_client`] is the node's side of that session.
 //!
 //! Pure parts: [`wire`] (codec), [`admission`] (token checks, rate limits),
-//! [`config`] (policy), [`coord`] (coordinator core), [`routes`]. Shells:
-//! [`server`], [`client`], [`mesh_client`], [`registry`] (SQLite).
+//! [`config`] (policy), [`coord`] (coordinator core), [`routes`], [`link`]
+//! (keeping a session to the relay: backoff, give-up rule, [`LinkState`]).
+//! Shells: [`server`], [`client`], [`mesh_client`], [`registry`] (SQLite).
 
 pub mod admission;
 pub mod client;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod coord;
 pub mod error;
 pub mod keys;
+pub mod link;
 pub mod mesh_client;
 pub mod metrics;
 pub mod noise;
@@ -36,7 +38,8 @@ pub use client::{ClientState, ExposeOptions, Session};
 pub use config::RelayConfig;
 pub use error::{ClientError, RelayError, StateError};
 pub use keys::{PublicKey, StaticKey};
-pub use mesh_client::{MeshEvent, MeshLink, MeshOptions, MeshSession};
+pub use link::LinkState;
+pub use mesh_client::{LinkInfo, MeshEvent, MeshOptions, MeshSession};
 pub use server::{Relay, ServeOptions};
 pub use token::Token;
 pub use wire::{Reason, Rejection};

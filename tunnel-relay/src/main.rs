@@ -372,22 +372,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::SshConfig { state_dir } => {
             let dir = client_dir(state_dir)?;
-            let s = client::session(&dir).await?;
-            let targets = s.list_targets().await?;
-            s.close().await;
             let exe = std::env::current_exe().context("locate this executable")?;
-            for t in targets
-                .iter()
-                .filter(|t| t.services.iter().any(|s| s == "ssh"))
-            {
-                println!("Host {}", t.name);
-                println!(
-                    "    ProxyCommand \"{}\" connect --state-dir \"{}\" %h %p",
-                    exe.display(),
-                    dir.display()
-                );
-                println!();
-            }
+            print!("{}", client::ssh_config(&dir, &exe).await?);
         }
     }
     Ok(())

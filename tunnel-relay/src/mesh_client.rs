@@ -7,8 +7,9 @@
 //! returns. A background task then keeps the session: it applies snapshots
 //! and deltas to the [`PeerMap`] (asking the relay to resync with `Ack`
 //! when a delta does not follow), sends endpoint reports and call-me-maybe,
-//! and reconnects with jittered, capped backoff when the relay goes away,
-//! resuming from the version it holds (`since`), so a short outage costs
+//! and, when the relay goes away, reconnects when the link core
+//! ([`crate::link::Link`]) says so (jittered, capped backoff), resuming from
+//! the version it holds (`since`), so a short outage costs
 //! only the deltas missed. The peer map survives outages: the data plane
 //! keeps working without the coordinator.
 //!
@@ -18,9 +19,10 @@
 //! - [`MeshSession::next_event`]: every applied update, call-me-maybe from
 //!   peers, link changes (in order; a consumer that falls behind gets
 //!   [`MeshEvent::Lagged`] and re-reads the peer map);
-//! - [`MeshSession::link`]: the current relay connection's [`RelayPath`]
-//!   (WireGuard packets through the relay on the same QUIC connection), the
-//!   relay's STUN address and the overlay prefixes.
+//! - [`MeshSession::link`]: the link as status commands show it (the one
+//!   [`LinkState`]); [`MeshSession::link_info`]: the current relay
+//!   connection's [`RelayPath`] (WireGuard packets through the relay on the
+//!   same QUIC connection), the relay's STUN address and the overlay prefixes.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,28 +30,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use quinn::{ConnectionError, RecvStream, SendStream};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::client::{connect, jitter, ClientState, ClientTiming, Session};
+use crate::client::{close_failure, connect, ClientState, ClientTiming, Session};
 use crate::coord::wire::{
     read_control, write_control, ControlIoError, ControlMsg, MAX_CONTROL_FRAME,
 };
 use crate::coord::{Candidate, PeerMap, PeerMapUpdate, SelfInfo, Version};
 use crate::error::{ClientError, ProtoError};
 use crate::keys::PublicKey;
+use crate::link::{Admitted, Backoff, Failure, Link, LinkState, Next};
 use crate::relay_path::RelayPath;
-use crate::server::{CLOSE_REPLACED, CLOSE_RESTARTING, CLOSE_REVOKED};
 use crate::token::Token;
-use crate::wire::{read_message, write_message, Message, Reason, Rejection};
+use crate::wire::{read_message, write_message, Message};
 
 /// Events kept for a slow consumer before it gets [`MeshEvent::Lagged`].
 pub const EVENT_BUFFER: usize = 1024;
-/// A control stream that lasted this long resets the reconnect backoff.
-const STABLE: Duration = Duration::from_secs(10);
 
 /// Options of a mesh session.
 #[derive(Debug, Clone)]
@@ -64,15 +64,14 @@ pub struct MeshOptions {
     pub endpoints: Vec<Candidate>,
     /// Connection timing.
     pub timing: ClientTiming,
-    /// First reconnect delay (doubles per failure).
-    pub backoff_base: Duration,
-    /// Largest reconnect delay.
-    pub backoff_cap: Duration,
+    /// Reconnect timing (default [`Backoff::default`]: 250 ms doubling to
+    /// 4 s, reset by a control stream that stayed up 10 s).
+    pub backoff: Backoff,
 }
 
 impl MeshOptions {
     /// Defaults: keepalive 1 s, idle timeout 5 s (a dead relay is noticed
-    /// within seconds), backoff 250 ms doubling to at most 4 s.
+    /// within seconds), the default backoff.
     pub fn new(state_dir: PathBuf, name: String) -> MeshOptions {
         MeshOptions {
             state_dir,
@@ -83,8 +82,7 @@ impl MeshOptions {
                 accept_streams: 0,
                 ..ClientTiming::worker()
             },
-            backoff_base: Duration::from_millis(250),
-            backoff_cap: Duration::from_secs(4),
+            backoff: Backoff::default(),
         }
     }
 }
@@ -105,26 +103,6 @@ pub struct LinkInfo {
     pub ipv4_pool: Ipv4Net,
     /// The overlay IPv6 prefix.
     pub ipv6_prefix: Ipv6Net,
-}
-
-/// The session's link to the relay.
-#[derive(Debug, Clone)]
-pub enum MeshLink {
-    /// Connecting (first attempt, or after a loss).
-    Connecting,
-    /// Joined; control frames flow.
-    Up(LinkInfo),
-    /// Lost the relay; retrying after the delay.
-    Reconnecting {
-        /// Why.
-        error: String,
-        /// Delay before the next attempt.
-        retry_in: Duration,
-    },
-    /// Refused for good (revoked, bad tags, ...): the session has stopped.
-    Refused(String),
-    /// Closed by [`MeshSession::close`].
-    Stopped,
 }
 
 /// What happened, in order.
@@ -167,7 +145,10 @@ enum Cmd {
 /// State shared by the handle and the background task.
 struct Inner {
     map: watch::Sender<PeerMap>,
-    link: watch::Sender<MeshLink>,
+    link: watch::Sender<LinkState>,
+    /// The current connection (set before `link` turns connected, cleared
+    /// before it leaves connected).
+    info: watch::Sender<Option<LinkInfo>>,
     endpoints: watch::Sender<Vec<Candidate>>,
 }
 
@@ -198,6 +179,16 @@ struct Live {
     info: LinkInfo,
 }
 
+impl Live {
+    fn admitted(&self) -> Admitted {
+        Admitted {
+            address: self.info.relay,
+            name: self.session.name.clone(),
+            tags: self.session.tags.clone(),
+        }
+    }
+}
+
 impl MeshSession {
     /// Joins the mesh with the identity in `state_dir` (created if needed;
     /// `token` is needed on the first join only). Returns once the first
@@ -218,14 +209,18 @@ impl MeshSession {
     pub async fn start(opts: MeshOptions) -> Result<MeshSession, ClientError> {
         let mut state = ClientState::open(&opts.state_dir)?;
         let key = state.public_key();
+        let mut link = Link::new(opts.backoff, rand::random());
         let (map, _) = watch::channel(PeerMap::default());
-        let (link, _) = watch::channel(MeshLink::Connecting);
+        let (link_tx, _) = watch::channel(link.state().clone());
+        let (info, _) = watch::channel(None);
         let (endpoints, _) = watch::channel(opts.endpoints.clone());
         let inner = Arc::new(Inner {
             map,
-            link,
+            link: link_tx,
+            info,
             endpoints,
         });
+        // The first attempt is the caller's: its error comes back from here.
         let mut live = join(&mut state, &opts, &inner).await?;
         // The first frame is the snapshot (a first join holds no version).
         let first = timeout(
@@ -246,12 +241,12 @@ impl MeshSession {
                 )
             }
         }
-        inner.link.send_replace(MeshLink::Up(live.info.clone()));
-        let _ = ev_tx.send(MeshEvent::Connected(live.info.clone()));
+        up(&inner, &ev_tx, &mut link, &live);
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let span = tracing::info_span!("mesh", me = %key.short());
-        let task =
-            tokio::spawn(run(inner.clone(), opts, state, live, cmd_rx, ev_tx).instrument(span));
+        let task = tokio::spawn(
+            run(inner.clone(), opts, state, link, live, cmd_rx, ev_tx).instrument(span),
+        );
         Ok(MeshSession {
             key,
             inner,
@@ -282,22 +277,29 @@ impl MeshSession {
         self.inner.map.subscribe()
     }
 
-    /// The relay link now (relay path, STUN address, prefixes when up).
-    pub fn link(&self) -> MeshLink {
+    /// The relay link now, as status commands show it.
+    pub fn link(&self) -> LinkState {
         self.inner.link.borrow().clone()
     }
 
     /// A receiver that sees every link change.
-    pub fn watch_link(&self) -> watch::Receiver<MeshLink> {
+    pub fn watch_link(&self) -> watch::Receiver<LinkState> {
         self.inner.link.subscribe()
+    }
+
+    /// The current relay connection (relay path, STUN address, prefixes),
+    /// while the link is connected.
+    pub fn link_info(&self) -> Option<LinkInfo> {
+        self.inner.info.borrow().clone()
     }
 
     /// The relay path of the current connection, if up.
     pub fn relay_path(&self) -> Option<RelayPath> {
-        match &*self.inner.link.borrow() {
-            MeshLink::Up(i) => Some(i.relay_path.clone()),
-            _ => None,
-        }
+        self.inner
+            .info
+            .borrow()
+            .as_ref()
+            .map(|i| i.relay_path.clone())
     }
 
     /// The next event (`None` once the session has stopped and every event
@@ -352,10 +354,6 @@ fn apply(inner: &Inner, events: &broadcast::Sender<MeshEvent>, u: PeerMapUpdate)
         let _ = events.send(MeshEvent::Update(u));
     }
     ok
-}
-
-fn permanent(r: &Rejection) -> bool {
-    !matches!(r.reason, Reason::LimitExceeded | Reason::Internal)
 }
 
 /// Admission, then the control stream on the new connection.
@@ -446,166 +444,164 @@ enum StreamEnd {
     Stream(String),
 }
 
+/// The background task: a `select!` shell around the link core. Connected:
+/// drive the control stream; its end goes to the core, which says when to
+/// try again (or to give up). A control stream that ended on a live
+/// connection is rejoined on that connection.
 async fn run(
     inner: Arc<Inner>,
     opts: MeshOptions,
     mut state: ClientState,
+    mut link: Link,
     first: Live,
     mut cmd: mpsc::Receiver<Cmd>,
     events: broadcast::Sender<MeshEvent>,
 ) {
     let mut live = Some(first);
-    let mut backoff = opts.backoff_base;
     loop {
-        let Some(mut l) = live.take() else {
-            // Connect anew.
-            inner.link.send_replace(MeshLink::Connecting);
-            let attempt = join(&mut state, &opts, &inner);
-            let r = tokio::select! {
-                r = attempt => r,
-                _ = wait_shutdown(&mut cmd) => break,
-            };
-            match r {
-                Ok(l) => {
-                    info!(relay = %l.info.relay, "mesh session up");
-                    inner.link.send_replace(MeshLink::Up(l.info.clone()));
-                    let _ = events.send(MeshEvent::Connected(l.info.clone()));
-                    live = Some(l);
+        match link.poll(Instant::now()) {
+            Next::Idle => {
+                let Some(l) = live.as_mut() else {
+                    // Not reached: connected means a live control stream.
+                    link.failed(
+                        Instant::now(),
+                        &Failure::Transient("no control stream".into()),
+                    );
+                    continue;
+                };
+                let end = drive(&inner, l, &mut cmd, &events).await;
+                let conn_gone = l.session.connection().close_reason();
+                let failure = match end {
+                    StreamEnd::Shutdown => break,
+                    StreamEnd::Stream(why) => match conn_gone {
+                        // Same connection: rejoin on it when the core says so.
+                        None => {
+                            debug!(error = %why, "mesh control stream ended; rejoining on the same connection");
+                            Failure::Transient(format!("mesh control stream ended: {why}"))
+                        }
+                        Some(e) => close_failure(&e),
+                    },
+                    StreamEnd::Connection(e) => close_failure(&e),
+                };
+                if l.session.connection().close_reason().is_some() {
+                    live = None;
                 }
-                Err(ClientError::Rejected(r)) if permanent(&r) => {
-                    refuse(&inner, &events, r.to_string());
-                    return;
-                }
-                Err(e @ ClientError::State(_)) => {
-                    refuse(&inner, &events, e.to_string());
-                    return;
-                }
-                Err(e) => {
-                    let d = jitter(backoff);
-                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "relay unreachable");
-                    backoff = (backoff * 2).min(opts.backoff_cap);
-                    if !pause(&inner, &events, &mut cmd, e.to_string(), d).await {
-                        break;
-                    }
-                }
-            }
-            continue;
-        };
-        let started = Instant::now();
-        let end = drive(&inner, &mut l, &mut cmd, &events).await;
-        if started.elapsed() >= STABLE {
-            backoff = opts.backoff_base;
-        }
-        match end {
-            StreamEnd::Shutdown => {
-                l.session.close().await;
-                break;
-            }
-            StreamEnd::Stream(why) if l.session.connection().close_reason().is_none() => {
-                // Same connection: a new control stream after a short pause.
-                let d = jitter(backoff);
-                backoff = (backoff * 2).min(opts.backoff_cap);
-                debug!(error = %why, "mesh control stream ended; rejoining on the same connection");
-                if !pause(&inner, &events, &mut cmd, why, d).await {
-                    l.session.close().await;
+                inner.info.send_replace(None);
+                if link.failed(Instant::now(), &failure) == Next::Done {
                     break;
                 }
-                match open_stream(&l.session, &opts, &inner).await {
-                    Ok((send, recv, info)) => {
-                        l.send = send;
-                        l.recv = recv;
-                        l.info = info;
-                        inner.link.send_replace(MeshLink::Up(l.info.clone()));
-                        let _ = events.send(MeshEvent::Connected(l.info.clone()));
+                match &failure {
+                    Failure::RelayRestarting(_) => {
+                        info!(error = %failure, "relay restarting; reconnecting soon")
+                    }
+                    _ if live.is_none() => warn!(error = %failure, "lost the relay; reconnecting"),
+                    _ => {}
+                }
+                disconnected(&inner, &events, &link);
+            }
+            Next::WaitUntil(at) => {
+                inner.link.send_replace(link.state().clone());
+                if !pause_until(&mut cmd, at).await {
+                    break;
+                }
+            }
+            Next::Connect => {
+                inner.link.send_replace(link.state().clone());
+                let attempt = async {
+                    match live.take() {
+                        Some(l) if l.session.connection().close_reason().is_none() => {
+                            rejoin(l, &opts, &inner).await
+                        }
+                        Some(l) => {
+                            l.session.close().await;
+                            join(&mut state, &opts, &inner).await
+                        }
+                        None => join(&mut state, &opts, &inner).await,
+                    }
+                };
+                let r = tokio::select! {
+                    r = attempt => r,
+                    _ = wait_shutdown(&mut cmd) => break,
+                };
+                match r {
+                    Ok(l) => {
+                        info!(relay = %l.info.relay, "mesh session up");
+                        up(&inner, &events, &mut link, &l);
                         live = Some(l);
                     }
-                    Err(ClientError::Rejected(r)) if permanent(&r) => {
-                        l.session.close().await;
-                        refuse(&inner, &events, r.to_string());
-                        return;
-                    }
                     Err(e) => {
-                        debug!(error = %e, "rejoin failed; reconnecting");
-                        l.session.close().await;
+                        if link.failed(Instant::now(), &e.failure()) == Next::Done {
+                            break;
+                        }
+                        warn!(error = %e, retry_in_ms = ?retry_in(&link).as_millis(), "relay unreachable");
+                        disconnected(&inner, &events, &link);
                     }
                 }
             }
-            StreamEnd::Stream(why) => {
-                let err = l.session.connection().close_reason();
-                let error = err.map_or(why, |e| e.to_string());
-                if !lost(&inner, &events, &mut cmd, error, &opts, &mut backoff, None).await {
-                    break;
-                }
-            }
-            StreamEnd::Connection(e) => {
-                if let ConnectionError::ApplicationClosed(c) = &e {
-                    if c.error_code == VarInt::from_u32(CLOSE_REVOKED) {
-                        refuse(
-                            &inner,
-                            &events,
-                            Rejection::new(Reason::NodeRevoked, "closed by the relay").to_string(),
-                        );
-                        return;
-                    }
-                }
-                let restart = matches!(&e, ConnectionError::ApplicationClosed(c)
-                    if c.error_code == VarInt::from_u32(CLOSE_RESTARTING)
-                        || c.error_code == VarInt::from_u32(CLOSE_REPLACED));
-                let fast = if restart {
-                    Duration::from_millis(200)
-                } else {
-                    Duration::from_millis(100)
-                };
-                if !lost(
-                    &inner,
-                    &events,
-                    &mut cmd,
-                    e.to_string(),
-                    &opts,
-                    &mut backoff,
-                    Some(fast),
-                )
-                .await
-                {
-                    break;
-                }
-            }
+            Next::Done => break,
         }
     }
-    inner.link.send_replace(MeshLink::Stopped);
+    if let Some(l) = live.take() {
+        l.session.close().await;
+    }
+    inner.info.send_replace(None);
+    if let LinkState::Failed { reason } = link.state() {
+        warn!(reason = %reason, "the relay refused this node; mesh session stopped");
+        let _ = events.send(MeshEvent::Refused(reason.clone()));
+    } else {
+        link.stop();
+    }
+    inner.link.send_replace(link.state().clone());
 }
 
-/// The connection is gone: announce, wait, and let the loop reconnect.
-/// Returns false on shutdown.
-async fn lost(
-    inner: &Inner,
-    events: &broadcast::Sender<MeshEvent>,
-    cmd: &mut mpsc::Receiver<Cmd>,
-    error: String,
-    opts: &MeshOptions,
-    backoff: &mut Duration,
-    first_delay: Option<Duration>,
-) -> bool {
-    warn!(error = %error, "lost the relay; reconnecting");
-    *backoff = opts.backoff_base;
-    let d = jitter(first_delay.unwrap_or(opts.backoff_base));
-    pause(inner, events, cmd, error, d).await
+/// A new control stream on the connection of `l`, whose stream ended.
+async fn rejoin(mut l: Live, opts: &MeshOptions, inner: &Inner) -> Result<Live, ClientError> {
+    match open_stream(&l.session, opts, inner).await {
+        Ok((send, recv, info)) => {
+            l.send = send;
+            l.recv = recv;
+            l.info = info;
+            Ok(l)
+        }
+        Err(e) => {
+            debug!(error = %e, "rejoin on the same connection failed");
+            l.session.close().await;
+            Err(e)
+        }
+    }
 }
 
-/// Publishes "reconnecting" and sleeps; false if shut down meanwhile.
-async fn pause(
-    inner: &Inner,
-    events: &broadcast::Sender<MeshEvent>,
-    cmd: &mut mpsc::Receiver<Cmd>,
-    error: String,
-    d: Duration,
-) -> bool {
-    inner.link.send_replace(MeshLink::Reconnecting {
-        error: error.clone(),
-        retry_in: d,
-    });
-    let _ = events.send(MeshEvent::Disconnected { error, retry_in: d });
-    let sleep = tokio::time::sleep(d);
+/// Joined: tells the core, publishes the connection, announces it.
+fn up(inner: &Inner, events: &broadcast::Sender<MeshEvent>, link: &mut Link, l: &Live) {
+    link.connected(Instant::now(), l.admitted());
+    inner.info.send_replace(Some(l.info.clone()));
+    inner.link.send_replace(link.state().clone());
+    let _ = events.send(MeshEvent::Connected(l.info.clone()));
+}
+
+/// The delay before the next attempt, as the core chose it.
+fn retry_in(link: &Link) -> Duration {
+    match link.state() {
+        LinkState::Retrying { retry_in_ms, .. } => Duration::from_millis(*retry_in_ms),
+        _ => Duration::ZERO,
+    }
+}
+
+/// Publishes "retrying" and announces the outage.
+fn disconnected(inner: &Inner, events: &broadcast::Sender<MeshEvent>, link: &Link) {
+    let state = link.state().clone();
+    if let LinkState::Retrying { last_error, .. } = &state {
+        let _ = events.send(MeshEvent::Disconnected {
+            error: last_error.clone(),
+            retry_in: retry_in(link),
+        });
+    }
+    inner.link.send_replace(state);
+}
+
+/// Sleeps until `at`; false if shut down meanwhile.
+async fn pause_until(cmd: &mut mpsc::Receiver<Cmd>, at: Instant) -> bool {
+    let sleep = tokio::time::sleep_until(at.into());
     tokio::pin!(sleep);
     loop {
         tokio::select! {
@@ -627,12 +623,6 @@ async fn wait_shutdown(cmd: &mut mpsc::Receiver<Cmd>) {
             Some(Cmd::Shutdown) | None => return,
         }
     }
-}
-
-fn refuse(inner: &Inner, events: &broadcast::Sender<MeshEvent>, reason: String) {
-    warn!(reason = %reason, "the relay refused this node; mesh session stopped");
-    inner.link.send_replace(MeshLink::Refused(reason.clone()));
-    let _ = events.send(MeshEvent::Refused(reason));
 }
 
 /// Runs one joined control stream until it or its connection ends.

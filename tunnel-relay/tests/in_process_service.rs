@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tunnel_relay::client::{self, ExposeOptions, IncomingStream, LinkState};
+use tunnel_relay::client::{self, ExposeOptions, IncomingStream};
+use tunnel_relay::link::LinkState;
 use tunnel_relay::registry::{unix_now, Registry};
 use tunnel_relay::{ClientError, Reason, Relay, RelayConfig, ServeOptions, Token};
 
@@ -66,7 +67,7 @@ impl Lab {
 async fn wait_connected(link: &mut watch::Receiver<LinkState>) -> LinkState {
     let got = tokio::time::timeout(
         Duration::from_secs(10),
-        link.wait_for(|l| matches!(l, LinkState::Connected { .. })),
+        link.wait_for(|l| matches!(l, LinkState::Connected(_))),
     )
     .await
     .map(|r| r.map(|l| l.clone()));
@@ -96,7 +97,7 @@ async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
     let lab = relay().await;
     let wdir = tmp();
     let (tx, mut rx) = mpsc::channel::<IncomingStream>(4);
-    let (link_tx, mut link) = watch::channel(LinkState::Connecting);
+    let (link_tx, mut link) = watch::channel(LinkState::Connecting { attempt: 1 });
     let mut opts = ExposeOptions::new(wdir.path().to_path_buf(), "w".into(), Vec::new());
     opts.token = Some(lab.token("worker"));
     opts.handlers.insert("api".into(), tx);
@@ -106,10 +107,10 @@ async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
         let _ = stopped.await;
     }));
     match wait_connected(&mut link).await {
-        LinkState::Connected { name, tags, relay } => {
-            assert_eq!(name, "w");
-            assert_eq!(tags, vec!["worker".to_string()]);
-            assert_eq!(relay, lab.addr.to_string());
+        LinkState::Connected(a) => {
+            assert_eq!(a.name, "w");
+            assert_eq!(a.tags, vec!["worker".to_string()]);
+            assert_eq!(a.address, lab.addr);
         }
         other => panic!("{other:?}"),
     }
@@ -166,7 +167,7 @@ async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
 async fn a_refused_worker_publishes_the_reason() {
     let lab = relay().await;
     let wdir = tmp();
-    let (link_tx, link) = watch::channel(LinkState::Connecting);
+    let (link_tx, link) = watch::channel(LinkState::Connecting { attempt: 1 });
     let mut opts = ExposeOptions::new(wdir.path().to_path_buf(), "w".into(), Vec::new());
     // A secret this relay never issued (another relay's): refused for good.
     let mut tok = lab.token("worker");
@@ -183,7 +184,7 @@ async fn a_refused_worker_publishes_the_reason() {
     assert!(matches!(res, Err(ClientError::Rejected(_))), "{res:?}");
     let last = link.borrow().clone();
     match last {
-        LinkState::Refused { reason } => assert!(reason.contains("token unknown"), "{reason}"),
+        LinkState::Failed { reason } => assert!(reason.contains("token unknown"), "{reason}"),
         other => panic!("{other:?}"),
     }
 }

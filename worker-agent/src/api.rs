@@ -19,11 +19,11 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tunnel_relay::client::LinkState;
+use tunnel_relay::link::LinkState;
 
 use crate::agent::{AgentError, Engine};
 use crate::job::{Job, JobRequest};
-use crate::overlay::MeshState;
+use crate::overlay::MeshStatus;
 use crate::sampler::{SharedSnapshot, Snapshot};
 
 /// The caller recorded for requests on the loopback listener. `@` cannot appear in a relay
@@ -49,7 +49,7 @@ pub struct AppState {
     /// The relay link as `expose` publishes it; `None` when the agent runs without a relay.
     pub relay: Option<tokio::sync::watch::Receiver<LinkState>>,
     /// The agent's mesh node (`overlay.rs`).
-    pub mesh: tokio::sync::watch::Receiver<MeshState>,
+    pub mesh: tokio::sync::watch::Receiver<MeshStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,15 +81,16 @@ pub struct Status {
     pub gpu_holders: BTreeMap<String, u64>,
     pub jobs_running: Vec<u64>,
     pub jobs_queued: Vec<u64>,
-    /// The relay connection (`{"state": "connected" | "connecting" | "reconnecting" | "refused"
-    /// | "stopped", ...}`); `null` when the agent has not joined a relay.
+    /// The relay connection, the one link state (`{"state": "connected" | "connecting" |
+    /// "reconnecting" | "refused" | "stopped", ...}`, see [`LinkState`]); `null` when the agent
+    /// has not joined a relay.
     #[serde(default)]
     pub relay: Option<LinkState>,
     /// The mesh node (`{"state": "joined", "name": .., "ipv4": .., "ipv6": .., "api": [..]}`,
     /// `disabled`, `waiting_for_relay`, `joining`, `retrying`, `failed` with a `reason`,
     /// `stopped`); `null` from an agent that predates the mesh.
     #[serde(default)]
-    pub mesh: Option<MeshState>,
+    pub mesh: Option<MeshStatus>,
 }
 
 pub fn router(state: AppState) -> Router {

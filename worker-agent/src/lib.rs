@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing::{info, warn};
-use tunnel_relay::client::LinkState;
+use tunnel_relay::link::LinkState;
 
 pub mod agent;
 pub mod api;
@@ -114,7 +114,7 @@ pub async fn run(
         shutdown.await;
         let _ = tx.send(true);
     });
-    let (mesh_tx, mesh_rx) = tokio::sync::watch::channel(overlay::MeshState::Disabled {
+    let (mesh_tx, mesh_rx) = tokio::sync::watch::channel(overlay::MeshStatus::Disabled {
         reason: "--no-mesh".into(),
     });
     let mut state = api::AppState {
@@ -127,7 +127,8 @@ pub async fn run(
     let mut mesh_node = None;
     match cfg.relay.clone() {
         Some(opts) if relay::joined(&cfg.state_dir, &opts)? => {
-            let (link_tx, link_rx) = tokio::sync::watch::channel(LinkState::Connecting);
+            let (link_tx, link_rx) =
+                tokio::sync::watch::channel(LinkState::Connecting { attempt: 1 });
             state.relay = Some(link_rx.clone());
             let mut rx3 = rx.clone();
             exposed = Some(relay::start(
@@ -155,12 +156,12 @@ pub async fn run(
                 state_dir = %cfg.state_dir.display(),
                 "not joined to a relay: the jobs API is on loopback only; run once with --token to join"
             );
-            mesh_tx.send_replace(overlay::MeshState::Disabled {
+            mesh_tx.send_replace(overlay::MeshStatus::Disabled {
                 reason: "not joined to a relay (run once with --token)".into(),
             });
         }
         None => {
-            mesh_tx.send_replace(overlay::MeshState::Disabled {
+            mesh_tx.send_replace(overlay::MeshStatus::Disabled {
                 reason: "no relay configured".into(),
             });
         }

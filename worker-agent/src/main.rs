@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use tunnel_relay::client::LinkState;
+use tunnel_relay::link::LinkState;
 use worker_agent::client;
 use worker_agent::job::{Job, JobRequest};
-use worker_agent::overlay::MeshState;
+use worker_agent::overlay::{MeshStatus, OnMesh};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -496,46 +496,56 @@ fn relay_line(l: Option<&LinkState>) -> String {
         None => {
             "not joined (jobs API on loopback only; `worker-agent run --token TOKEN` joins)".into()
         }
-        Some(LinkState::Connecting) => "connecting".into(),
-        Some(LinkState::Connected { name, tags, relay }) => {
-            format!("connected to {relay} as {name} (tags: {})", tags.join(","))
-        }
-        Some(LinkState::Reconnecting { error, retry_in_ms }) => {
-            format!("reconnecting in {retry_in_ms} ms (last error: {error})")
-        }
-        Some(LinkState::Refused { reason }) => format!("refused: {reason}"),
+        Some(LinkState::Connecting { attempt: 1 }) => "connecting".into(),
+        Some(LinkState::Connecting { attempt }) => format!("connecting (attempt {attempt})"),
+        Some(LinkState::Connected(a)) => format!(
+            "connected to {} as {} (tags: {})",
+            a.address,
+            a.name,
+            a.tags.join(",")
+        ),
+        Some(LinkState::Retrying {
+            last_error,
+            retry_in_ms,
+            ..
+        }) => format!("reconnecting in {retry_in_ms} ms (last error: {last_error})"),
+        Some(LinkState::Failed { reason }) => format!("refused: {reason}"),
         Some(LinkState::Stopped) => "stopped".into(),
     }
 }
 
-fn mesh_line(m: Option<&MeshState>) -> String {
+fn mesh_line(m: Option<&MeshStatus>) -> String {
     match m {
         None => "unknown (the agent predates the mesh)".into(),
-        Some(MeshState::Disabled { reason }) => format!("not joined ({reason})"),
-        Some(MeshState::WaitingForRelay) => {
+        Some(MeshStatus::Disabled { reason }) => format!("not joined ({reason})"),
+        Some(MeshStatus::WaitingForRelay) => {
             "waiting for the relay to admit this worker before joining".into()
         }
-        Some(MeshState::Joining) => "joining".into(),
-        Some(MeshState::Retrying { error, retry_in_ms }) => {
-            format!("retrying in {retry_in_ms} ms (last error: {error})")
+        Some(MeshStatus::Link(LinkState::Connecting { .. } | LinkState::Connected(_))) => {
+            "joining".into()
         }
-        Some(MeshState::Joined {
+        Some(MeshStatus::Link(LinkState::Retrying {
+            last_error,
+            retry_in_ms,
+            ..
+        })) => format!("retrying in {retry_in_ms} ms (last error: {last_error})"),
+        Some(MeshStatus::Joined(OnMesh {
             name,
             ipv4,
             ipv6,
             interface,
             api,
-        }) => format!(
+        })) => format!(
             "joined as {name} ({ipv4}, {ipv6}) on {interface}; jobs API on {}",
             api.iter()
                 .map(|a| a.to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        Some(MeshState::Failed { reason }) => {
+        Some(MeshStatus::Link(LinkState::Failed { reason })) => {
             format!("failed: {reason} (reachable through the relay only)")
         }
-        Some(MeshState::Stopped) => "stopped".into(),
+        Some(MeshStatus::Link(LinkState::Stopped)) => "stopped".into(),
     }
 }
 

@@ -11,15 +11,17 @@
 //!
 //! Order of start-up: on the very first join (no `relay.json` yet) the node waits until the
 //! relay exposure has been admitted with the token, so the token is used once and the state
-//! directory is written by one session; then it joins (retrying with capped backoff while the
-//! relay is unreachable) and runs the node. If the node cannot run (no CAP_NET_ADMIN, no
-//! `/dev/net/tun`, interface in use) the agent logs a warning, records the reason in
-//! [`MeshState::Failed`] (shown by `worker-agent status`) and keeps running relay-only.
+//! directory is written by one session; then it joins and runs the node. The join loop is a
+//! shell of the link core ([`tunnel_relay::link::Link`]): it retries with jittered, capped
+//! backoff while the relay is unreachable and gives up on a permanent refusal. If the node
+//! cannot run (no CAP_NET_ADMIN, no `/dev/net/tun`, interface in use) the agent logs a
+//! warning, records the reason ([`MeshStatus::Link`] with [`LinkState::Failed`], shown by
+//! `worker-agent status`) and keeps running relay-only.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
@@ -31,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
-use tunnel_relay::client::LinkState;
 pub use tunnel_relay::coord::AGENT_API_PORT;
+use tunnel_relay::link::{Backoff, Failure, Link, LinkState, Next as LinkNext};
 use tunnel_relay::Token;
 
 use crate::api::{Caller, ErrorBody};
@@ -52,10 +54,18 @@ pub struct MeshOptions {
     pub listen_port: Option<u16>,
 }
 
-/// The agent's mesh node, as `status` shows it (JSON: `{"state": "joined", ...}`).
+/// The agent's mesh side, as `status` shows it: the join's link to the relay (the one
+/// [`LinkState`]), with what only the mesh has around it (not started, waiting for the relay
+/// exposure, on the mesh).
+///
+/// JSON (the format `worker-agent status` had before the link states were one):
+/// `{"state": "disabled", "reason": ..}`, `{"state": "waiting_for_relay"}`,
+/// `{"state": "joining", "attempt": 1}`, `{"state": "retrying", "attempt": 2, "error": ..,
+/// "retry_in_ms": ..}`, `{"state": "joined", "name": .., "ipv4": .., "ipv6": ..,
+/// "interface": .., "api": [..]}`, `{"state": "failed", "reason": ..}`, `{"state": "stopped"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum MeshState {
+#[serde(into = "MeshJson", from = "MeshJson")]
+pub enum MeshStatus {
     /// Not started: `--no-mesh`, or the agent has no relay to join through.
     Disabled {
         /// Why.
@@ -63,36 +73,110 @@ pub enum MeshState {
     },
     /// First join: waiting for the relay exposure to be admitted with the token.
     WaitingForRelay,
-    /// Joining through the relay.
-    Joining,
-    /// The last join attempt failed (relay unreachable); retrying.
-    Retrying {
-        /// Why the last attempt failed.
-        error: String,
-        /// Delay before the next attempt.
-        retry_in_ms: u64,
-    },
+    /// Joining through the relay (connecting, retrying), or not on the mesh for good
+    /// (`Failed`: refused, or the node could not run, e.g. no CAP_NET_ADMIN to create the TUN
+    /// interface; the agent keeps running relay-only), or stopped on shutdown. (A connected
+    /// join shows as `Joined` once the jobs API listens on the overlay.)
+    Link(LinkState),
     /// On the mesh; the jobs API listens on `api`.
-    Joined {
-        /// The node's mesh name (`NAME.weft.internal`).
-        name: String,
-        /// Overlay IPv4.
-        ipv4: Ipv4Addr,
-        /// Overlay IPv6.
-        ipv6: Ipv6Addr,
-        /// The TUN interface.
-        interface: String,
-        /// Where the jobs API listens on the overlay.
-        api: Vec<SocketAddr>,
-    },
-    /// Not on the mesh for good (the agent keeps running relay-only): refused, or the node
-    /// could not run (e.g. no CAP_NET_ADMIN to create the TUN interface).
-    Failed {
-        /// Why, with its causes.
+    Joined(OnMesh),
+}
+
+/// The node on the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnMesh {
+    /// The node's mesh name (`NAME.weft.internal`).
+    pub name: String,
+    /// Overlay IPv4.
+    pub ipv4: Ipv4Addr,
+    /// Overlay IPv6.
+    pub ipv6: Ipv6Addr,
+    /// The TUN interface.
+    pub interface: String,
+    /// Where the jobs API listens on the overlay.
+    pub api: Vec<SocketAddr>,
+}
+
+impl MeshStatus {
+    /// Not on the mesh for good, with why.
+    pub fn failed(reason: String) -> MeshStatus {
+        MeshStatus::Link(LinkState::Failed { reason })
+    }
+}
+
+/// [`MeshStatus`] on the wire.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum MeshJson {
+    Disabled {
         reason: String,
     },
-    /// Left the mesh on shutdown.
+    WaitingForRelay,
+    Joining {
+        #[serde(default = "one")]
+        attempt: u32,
+    },
+    Retrying {
+        #[serde(default = "one")]
+        attempt: u32,
+        error: String,
+        retry_in_ms: u64,
+    },
+    Joined(OnMesh),
+    Failed {
+        reason: String,
+    },
     Stopped,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl From<MeshStatus> for MeshJson {
+    fn from(m: MeshStatus) -> MeshJson {
+        match m {
+            MeshStatus::Disabled { reason } => MeshJson::Disabled { reason },
+            MeshStatus::WaitingForRelay => MeshJson::WaitingForRelay,
+            MeshStatus::Joined(on) => MeshJson::Joined(on),
+            MeshStatus::Link(LinkState::Connecting { attempt }) => MeshJson::Joining { attempt },
+            // Admitted, the node is starting: still joining until the API listens.
+            MeshStatus::Link(LinkState::Connected(_)) => MeshJson::Joining { attempt: 1 },
+            MeshStatus::Link(LinkState::Retrying {
+                attempt,
+                last_error,
+                retry_in_ms,
+            }) => MeshJson::Retrying {
+                attempt,
+                error: last_error,
+                retry_in_ms,
+            },
+            MeshStatus::Link(LinkState::Failed { reason }) => MeshJson::Failed { reason },
+            MeshStatus::Link(LinkState::Stopped) => MeshJson::Stopped,
+        }
+    }
+}
+
+impl From<MeshJson> for MeshStatus {
+    fn from(j: MeshJson) -> MeshStatus {
+        match j {
+            MeshJson::Disabled { reason } => MeshStatus::Disabled { reason },
+            MeshJson::WaitingForRelay => MeshStatus::WaitingForRelay,
+            MeshJson::Joined(on) => MeshStatus::Joined(on),
+            MeshJson::Joining { attempt } => MeshStatus::Link(LinkState::Connecting { attempt }),
+            MeshJson::Retrying {
+                attempt,
+                error,
+                retry_in_ms,
+            } => MeshStatus::Link(LinkState::Retrying {
+                attempt,
+                last_error: error,
+                retry_in_ms,
+            }),
+            MeshJson::Failed { reason } => MeshStatus::failed(reason),
+            MeshJson::Stopped => MeshStatus::Link(LinkState::Stopped),
+        }
+    }
 }
 
 /// Errors of the overlay listener.
@@ -118,7 +202,7 @@ pub enum OverlayError {
 #[derive(Debug)]
 pub struct MeshNode {
     /// What `status` shows.
-    pub state: watch::Receiver<MeshState>,
+    pub state: watch::Receiver<MeshStatus>,
     task: JoinHandle<()>,
 }
 
@@ -135,8 +219,8 @@ impl MeshNode {
 }
 
 /// A state that never changes (`--no-mesh`, no relay).
-pub fn disabled(reason: &str) -> watch::Receiver<MeshState> {
-    watch::channel(MeshState::Disabled {
+pub fn disabled(reason: &str) -> watch::Receiver<MeshStatus> {
+    watch::channel(MeshStatus::Disabled {
         reason: reason.to_string(),
     })
     .1
@@ -151,7 +235,7 @@ pub fn start(
     api: Router,
     relay: watch::Receiver<LinkState>,
     stop: watch::Receiver<bool>,
-    state_tx: watch::Sender<MeshState>,
+    state_tx: watch::Sender<MeshStatus>,
 ) -> MeshNode {
     let state = state_tx.subscribe();
     let span = tracing::info_span!("mesh", name = %opts.name, interface = %opts.interface);
@@ -169,14 +253,27 @@ fn has_relay(state_dir: &std::path::Path) -> bool {
     state_dir.join("relay.json").is_file()
 }
 
-/// Whether a join error is final (the relay refused this node) rather than transient.
-fn refused(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<tunnel_relay::ClientError>(),
-            Some(tunnel_relay::ClientError::Rejected(_) | tunnel_relay::ClientError::State(_))
-        )
-    })
+/// How a join error reads to the link core: the relay's refusal or the state directory found
+/// in its causes, else worth another try; shown with its causes.
+fn failure(e: &anyhow::Error) -> Failure {
+    let f = e
+        .chain()
+        .find_map(|c| {
+            if let Some(ce) = c.downcast_ref::<tunnel_relay::ClientError>() {
+                Some(ce.failure())
+            } else {
+                c.downcast_ref::<tunnel_relay::StateError>()
+                    .map(|se| Failure::Local(se.to_string()))
+            }
+        })
+        .unwrap_or_else(|| Failure::Transient(String::new()));
+    f.with_message(format!("{e:#}"))
+}
+
+/// Join retries: 1 s doubling to 30 s (the relay exposure, on the same relay, retries faster
+/// and is what engineers wait for).
+fn join_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(30))
 }
 
 async fn run(
@@ -185,28 +282,28 @@ async fn run(
     api: Router,
     mut relay: watch::Receiver<LinkState>,
     mut stop: watch::Receiver<bool>,
-    state: watch::Sender<MeshState>,
+    state: watch::Sender<MeshStatus>,
 ) {
     // First join: let the relay exposure use the token and write relay.json first.
     if !has_relay(&state_dir) {
-        state.send_replace(MeshState::WaitingForRelay);
+        state.send_replace(MeshStatus::WaitingForRelay);
         let admitted = tokio::select! {
-            r = relay.wait_for(|l| matches!(l, LinkState::Connected { .. } | LinkState::Refused { .. } | LinkState::Stopped)) => {
+            r = relay.wait_for(|l| matches!(l, LinkState::Connected(_) | LinkState::Failed { .. } | LinkState::Stopped)) => {
                 r.map(|l| l.clone()).ok()
             }
             _ = stopped(&mut stop) => None,
         };
         match admitted {
-            Some(LinkState::Connected { .. }) => {}
-            Some(LinkState::Refused { reason }) => {
+            Some(LinkState::Connected(_)) => {}
+            Some(LinkState::Failed { reason }) => {
                 warn!(%reason, "the relay refused this worker; not joining the mesh");
-                state.send_replace(MeshState::Failed {
-                    reason: format!("the relay refused this worker: {reason}"),
-                });
+                state.send_replace(MeshStatus::failed(format!(
+                    "the relay refused this worker: {reason}"
+                )));
                 return;
             }
             _ => {
-                state.send_replace(MeshState::Stopped);
+                state.send_replace(MeshStatus::Link(LinkState::Stopped));
                 return;
             }
         }
@@ -226,40 +323,41 @@ async fn run(
         },
         listen_port: opts.listen_port,
     };
-    let mut delay = Duration::from_secs(1);
+    let mut link = Link::new(join_backoff(), rand::random());
     let joined = loop {
-        state.send_replace(MeshState::Joining);
-        let r = tokio::select! {
-            r = mesh::join::join(&jo) => r,
-            _ = stopped(&mut stop) => {
-                state.send_replace(MeshState::Stopped);
-                return;
-            }
-        };
-        match r {
-            Ok(j) => break j,
-            Err(e) if refused(&e) => {
-                warn!(error = %format!("{e:#}"), "cannot join the mesh; the agent stays reachable through the relay only");
-                state.send_replace(MeshState::Failed {
-                    reason: format!("{e:#}"),
-                });
-                return;
-            }
-            Err(e) => {
-                info!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "mesh join failed; retrying");
-                state.send_replace(MeshState::Retrying {
-                    error: format!("{e:#}"),
-                    retry_in_ms: delay.as_millis() as u64,
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+        let next = link.poll(Instant::now());
+        state.send_replace(MeshStatus::Link(link.state().clone()));
+        match next {
+            LinkNext::WaitUntil(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = stopped(&mut stop) => {
+                    state.send_replace(MeshStatus::Link(LinkState::Stopped));
+                    return;
+                }
+            },
+            LinkNext::Connect => {
+                let r = tokio::select! {
+                    r = mesh::join::join(&jo) => r,
                     _ = stopped(&mut stop) => {
-                        state.send_replace(MeshState::Stopped);
+                        state.send_replace(MeshStatus::Link(LinkState::Stopped));
                         return;
                     }
+                };
+                let e = match r {
+                    Ok(j) => break j,
+                    Err(e) => e,
+                };
+                if link.failed(Instant::now(), &failure(&e)) == LinkNext::Done {
+                    warn!(error = %format!("{e:#}"), "cannot join the mesh; the agent stays reachable through the relay only");
+                    state.send_replace(MeshStatus::Link(link.state().clone()));
+                    return;
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
+                if let LinkState::Retrying { retry_in_ms, .. } = link.state() {
+                    info!(error = %format!("{e:#}"), retry_in_ms, "mesh join failed; retrying");
+                }
             }
+            // Not reached: the loop ends on the first success and on a final failure.
+            LinkNext::Idle | LinkNext::Done => return,
         }
     };
     let me = joined.me().clone();
@@ -293,8 +391,8 @@ async fn run(
     }
     match r {
         Ok(()) => {
-            if !matches!(*state.borrow(), MeshState::Failed { .. }) {
-                state.send_replace(MeshState::Stopped);
+            if !matches!(*state.borrow(), MeshStatus::Link(LinkState::Failed { .. })) {
+                state.send_replace(MeshStatus::Link(LinkState::Stopped));
             }
         }
         Err(e) => {
@@ -302,9 +400,7 @@ async fn run(
                 error = %format!("{e:#}"),
                 "the mesh node stopped; the agent keeps running, reachable through the relay only"
             );
-            state.send_replace(MeshState::Failed {
-                reason: format!("{e:#}"),
-            });
+            state.send_replace(MeshStatus::failed(format!("{e:#}")));
         }
     }
 }
@@ -317,7 +413,7 @@ async fn listen_when_up(
     mut down: watch::Receiver<bool>,
     me: tunnel_relay::coord::SelfInfo,
     interface: String,
-    state: watch::Sender<MeshState>,
+    state: watch::Sender<MeshStatus>,
     abandon: watch::Sender<bool>,
 ) {
     let r = tokio::select! {
@@ -327,13 +423,13 @@ async fn listen_when_up(
     match r {
         Ok((addrs, tasks)) => {
             info!(name = %me.name, ipv4 = %me.ipv4, ipv6 = %me.ipv6, api = ?addrs, "on the mesh; jobs API listening on the overlay");
-            state.send_replace(MeshState::Joined {
+            state.send_replace(MeshStatus::Joined(OnMesh {
                 name: me.name,
                 ipv4: me.ipv4,
                 ipv6: me.ipv6,
                 interface,
                 api: addrs,
-            });
+            }));
             for t in tasks {
                 let _ = t.await;
             }
@@ -342,9 +438,7 @@ async fn listen_when_up(
         Err(OverlayError::NoOverlay) => {}
         Err(e) => {
             warn!(error = %e, "the jobs API cannot listen on the overlay; leaving the mesh");
-            state.send_replace(MeshState::Failed {
-                reason: e.to_string(),
-            });
+            state.send_replace(MeshStatus::failed(e.to_string()));
             let _ = abandon.send(true);
         }
     }
@@ -548,40 +642,79 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_is_final_an_unreachable_relay_is_retried() {
-        let rejected = anyhow::Error::new(tunnel_relay::ClientError::Rejected(
-            tunnel_relay::Rejection::new(tunnel_relay::Reason::NodeRevoked, "node \"gpu1\""),
-        ))
-        .context("joining the mesh through the relay");
-        assert!(refused(&rejected));
+    fn a_permanent_refusal_is_final_an_unreachable_relay_is_retried() {
+        let refusal = |reason| {
+            anyhow::Error::new(tunnel_relay::ClientError::Rejected(
+                tunnel_relay::Rejection::new(reason, "node \"gpu1\""),
+            ))
+            .context("joining the mesh through the relay")
+        };
+        let revoked = failure(&refusal(tunnel_relay::Reason::NodeRevoked));
+        assert!(revoked.is_permanent());
+        assert_eq!(
+            revoked.to_string(),
+            "joining the mesh through the relay: relay refused: node revoked: node \"gpu1\""
+        );
+        // The relay is busy: the same rule as the relay exposure's, so retried.
+        assert!(!failure(&refusal(tunnel_relay::Reason::LimitExceeded)).is_permanent());
         let unreachable = anyhow::Error::new(tunnel_relay::ClientError::Unreachable {
             addrs: "203.0.113.2:4433".into(),
             last: "timed out".into(),
         })
         .context("joining the mesh through the relay");
-        assert!(!refused(&unreachable));
+        assert!(!failure(&unreachable).is_permanent());
+        let state = anyhow::Error::new(tunnel_relay::StateError::NotJoined("/var/lib/w".into()))
+            .context("joining the mesh through the relay");
+        assert!(failure(&state).is_permanent());
+        assert!(!failure(&anyhow::anyhow!("the coordinator sent no identity")).is_permanent());
     }
 
     #[test]
-    fn mesh_state_json_is_tagged() {
-        let s = MeshState::Joined {
+    fn mesh_status_json_keeps_its_state_names() {
+        let s = MeshStatus::Joined(OnMesh {
             name: "gpu1".into(),
             ipv4: Ipv4Addr::new(100, 64, 0, 5),
             ipv6: "fd7a:7765:6674::6440:5".parse().unwrap(),
             interface: "weft0".into(),
             api: vec!["100.64.0.5:7070".parse().unwrap()],
-        };
+        });
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"], "joined");
+        assert_eq!(v["name"], "gpu1");
         assert_eq!(v["ipv4"], "100.64.0.5");
         assert_eq!(v["api"][0], "100.64.0.5:7070");
-        let f: MeshState =
+        let f: MeshStatus =
             serde_json::from_str(r#"{"state":"failed","reason":"no CAP_NET_ADMIN"}"#).unwrap();
+        assert_eq!(f, MeshStatus::failed("no CAP_NET_ADMIN".into()));
+        let r = MeshStatus::Link(LinkState::Retrying {
+            attempt: 2,
+            last_error: "timed out".into(),
+            retry_in_ms: 1000,
+        });
         assert_eq!(
-            f,
-            MeshState::Failed {
-                reason: "no CAP_NET_ADMIN".into()
-            }
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"state": "retrying", "attempt": 2, "error": "timed out",
+                "retry_in_ms": 1000})
         );
+        for (s, name) in [
+            (
+                MeshStatus::Link(LinkState::Connecting { attempt: 1 }),
+                "joining",
+            ),
+            (MeshStatus::WaitingForRelay, "waiting_for_relay"),
+            (
+                MeshStatus::Disabled {
+                    reason: "--no-mesh".into(),
+                },
+                "disabled",
+            ),
+            (MeshStatus::Link(LinkState::Stopped), "stopped"),
+            (r, "retrying"),
+            (s, "joined"),
+        ] {
+            let v = serde_json::to_value(&s).unwrap();
+            assert_eq!(v["state"], name, "{v}");
+            assert_eq!(serde_json::from_value::<MeshStatus>(v).unwrap(), s);
+        }
     }
 }

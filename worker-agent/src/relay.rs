@@ -13,7 +13,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
-use tunnel_relay::client::{self, ClientState, ExposeOptions, IncomingStream, LinkState};
+use tunnel_relay::client::{self, ClientState, ExposeOptions, IncomingStream};
+use tunnel_relay::link::LinkState;
 use tunnel_relay::Token;
 
 use crate::api::Caller;

@@ -1,0 +1,272 @@
+//! A session to the relay: QUIC, then Noise IK admission (`Hello` →
+//! `Accepted` / `Rejected`) on the control stream; how a connection's end
+//! reads to the link core ([`close_failure`]).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::Mutex;
+use tokio::time::timeout;
+
+use super::state::ClientState;
+use crate::error::{ClientError, ProtoError};
+use crate::keys::{PublicKey, StaticKey};
+use crate::link::Failure;
+use crate::noise;
+use crate::server::{CLOSE_REJECTED, CLOSE_REPLACED, CLOSE_RESTARTING, CLOSE_REVOKED};
+use crate::tls;
+use crate::token::Token;
+use crate::wire::{
+    read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
+};
+
+/// Timing of a client's connection to the relay.
+#[derive(Debug, Clone)]
+pub struct ClientTiming {
+    /// QUIC keepalive interval.
+    pub keepalive: Duration,
+    /// QUIC idle timeout (the relay's may be shorter).
+    pub idle_timeout: Duration,
+    /// Time for QUIC + Noise.
+    pub handshake_timeout: Duration,
+    /// Tunnels the relay may open to this node at once (workers); 0 for engineers.
+    pub accept_streams: u32,
+}
+
+impl ClientTiming {
+    /// Workers: frequent keepalives so a dead relay is noticed fast.
+    pub fn worker() -> ClientTiming {
+        ClientTiming {
+            keepalive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            accept_streams: 1024,
+        }
+    }
+    /// Engineers: interactive sessions that may sit idle.
+    pub fn engineer() -> ClientTiming {
+        ClientTiming {
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            accept_streams: 0,
+        }
+    }
+}
+
+/// An admitted connection to the relay.
+pub struct Session {
+    pub(super) endpoint: Endpoint,
+    pub(super) conn: Connection,
+    control: Mutex<(SendStream, RecvStream)>,
+    /// The registered name.
+    pub name: String,
+    /// The node's tags.
+    pub tags: Vec<String>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("name", &self.name)
+            .field("tags", &self.tags)
+            .field("remote", &self.conn.remote_address())
+            .finish()
+    }
+}
+
+/// Joins or reconnects to the relay. With a token, the relay address and key
+/// come from it and, once admitted, are remembered in the state directory.
+pub async fn connect(
+    state: &mut ClientState,
+    token: Option<&Token>,
+    name: &str,
+    services: Vec<String>,
+    timing: &ClientTiming,
+) -> Result<Session, ClientError> {
+    let (addrs, relay_key) = state.relay_target(token)?;
+    let hello = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        name: name.to_string(),
+        join_secret: token.map(|t| t.secret.clone()),
+        services,
+    });
+    let mut last = String::from("no address");
+    for a in &addrs {
+        let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(a.as_str()).await {
+            Ok(it) => it.collect(),
+            Err(e) => {
+                last = format!("{a}: {e}");
+                continue;
+            }
+        };
+        for addr in resolved {
+            match timeout(
+                timing.handshake_timeout,
+                connect_one(&state.key, relay_key, addr, &hello, timing),
+            )
+            .await
+            {
+                Ok(Ok(s)) => {
+                    if let Some(t) = token {
+                        state.remember(t)?;
+                    }
+                    return Ok(s);
+                }
+                Ok(Err(ClientError::Rejected(r))) => return Err(ClientError::Rejected(r)),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: timed out"),
+            }
+        }
+    }
+    Err(ClientError::Unreachable {
+        addrs: addrs.join(", "),
+        last,
+    })
+}
+
+async fn connect_one(
+    key: &StaticKey,
+    relay_key: PublicKey,
+    addr: SocketAddr,
+    hello: &Message,
+    timing: &ClientTiming,
+) -> Result<Session, ClientError> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0"
+            .parse()
+            .map_err(|_| ClientError::Usage("bind".into()))?
+    } else {
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| ClientError::Usage("bind".into()))?
+    };
+    let mut endpoint = tls::client_endpoint(bind).map_err(|source| ClientError::Io {
+        context: format!("bind UDP {bind}"),
+        source,
+    })?;
+    let transport = tls::transport(
+        timing.idle_timeout,
+        Some(timing.keepalive),
+        timing.accept_streams,
+    );
+    endpoint.set_default_client_config(tls::client_config(transport).map_err(ClientError::Tls)?);
+    let conn = endpoint
+        .connect(addr, tls::SERVER_NAME)
+        .map_err(|e| ClientError::Usage(format!("connect {addr}: {e}")))?
+        .await
+        .map_err(ProtoError::from)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(ProtoError::from)?;
+    let prologue = noise::prologue(&conn)?;
+    let answer = noise::initiate(key, &relay_key, &prologue, &mut send, &mut recv, hello).await?;
+    match answer {
+        Message::Accepted { name, tags } => Ok(Session {
+            endpoint,
+            conn,
+            control: Mutex::new((send, recv)),
+            name,
+            tags,
+        }),
+        Message::Rejected(r) => Err(ClientError::Rejected(r)),
+        other => Err(ProtoError::Unexpected(format!("{other:?}")).into()),
+    }
+}
+
+impl Session {
+    /// Opens a tunnel to `service` on `target`; returns the stream once the
+    /// worker has connected to its local service.
+    pub async fn open(
+        &self,
+        target: &str,
+        service: &str,
+    ) -> Result<(SendStream, RecvStream), ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(ProtoError::from)?;
+        let open = Message::Open {
+            target: target.to_string(),
+            service: service.to_string(),
+        };
+        write_message(&mut send, &open)
+            .await
+            .map_err(ProtoError::from)?;
+        match read_message(&mut recv).await.map_err(ProtoError::from)? {
+            Message::OpenOk => Ok((send, recv)),
+            Message::Rejected(r) => Err(ClientError::Rejected(r)),
+            other => Err(ProtoError::Unexpected(format!("{other:?}")).into()),
+        }
+    }
+
+    /// The workers (and services) this node may open.
+    pub async fn list_targets(&self) -> Result<Vec<Target>, ClientError> {
+        let mut c = self.control.lock().await;
+        let (send, recv) = &mut *c;
+        write_message(send, &Message::ListTargets)
+            .await
+            .map_err(ProtoError::from)?;
+        match read_message(recv).await.map_err(ProtoError::from)? {
+            Message::Targets(t) => Ok(t),
+            other => Err(ProtoError::Unexpected(format!("{other:?}")).into()),
+        }
+    }
+
+    /// Resolves when the connection ends, with why.
+    pub async fn closed(&self) -> ConnectionError {
+        self.conn.closed().await
+    }
+
+    /// The underlying QUIC connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Closes politely. Waits only long enough for the CONNECTION_CLOSE to
+    /// leave (not the 3-PTO draining period): a short-lived `connect` exits
+    /// promptly, and a lost close costs the relay one idle timeout at worst.
+    pub async fn close(self) {
+        self.conn.close(VarInt::from_u32(0), b"bye");
+        let _ = timeout(Duration::from_millis(10), self.endpoint.wait_idle()).await;
+    }
+
+    /// Closes with `reason`, waiting up to `wait` for the close to be sent.
+    pub(crate) async fn close_with(&self, reason: &[u8], wait: Duration) {
+        self.conn.close(VarInt::from_u32(0), reason);
+        let _ = timeout(wait, self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Engineer: a session from the identity in `state_dir`.
+pub async fn session(state_dir: &Path) -> Result<Session, ClientError> {
+    let mut state = ClientState::open(state_dir)?;
+    connect(&mut state, None, "", Vec::new(), &ClientTiming::engineer()).await
+}
+
+/// Whether a close code means the relay refused this node at admission.
+pub fn is_rejected_close(e: &ConnectionError) -> bool {
+    matches!(e, ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CLOSE_REJECTED))
+}
+
+/// How the end of an admitted connection reads to the link core: the relay
+/// revoked this node (for good), announced a restart (come back soon), or
+/// the connection was lost (another connection of this node replaced it,
+/// the relay went silent, ...): try again with the backoff.
+pub fn close_failure(e: &ConnectionError) -> Failure {
+    match e {
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(CLOSE_REVOKED) =>
+        {
+            Failure::refused(&Rejection::new(Reason::NodeRevoked, "closed by the relay"))
+        }
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(CLOSE_RESTARTING) =>
+        {
+            Failure::RelayRestarting(e.to_string())
+        }
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(CLOSE_REPLACED) =>
+        {
+            Failure::Transient(format!("{e} (this node connected again elsewhere)"))
+        }
+        _ => Failure::Transient(e.to_string()),
+    }
+}
