@@ -29,6 +29,7 @@ pub enum StateError {
         msg: String,
     },
     /// The SQLite registry failed.
+    #[cfg(feature = "server")]
     #[error("registry database: {0}")]
     Db(#[from] rusqlite::Error),
     /// No such token or node.
@@ -54,6 +55,7 @@ impl StateError {
 pub use weft_proto::token::TokenError;
 
 /// A relay configuration file that cannot be used.
+#[cfg(feature = "server")]
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file cannot be read.
@@ -109,6 +111,7 @@ pub enum ProtoError {
 }
 
 /// Errors of the relay server shell.
+#[cfg(feature = "server")]
 #[derive(Debug, Error)]
 pub enum RelayError {
     /// State directory.

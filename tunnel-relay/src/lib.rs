@@ -6,27 +6,41 @@
 //! by tags, and splices the engineer's stream onto a stream it opens to the
 //! worker, which connects it to a local service (sshd).
 //!
-//! The relay also hosts the mesh coordinator ([`coord`], wired in
-//! `server/mesh.rs`); [`mesh_client`] is the node's side of that session.
+//! The wire formats and shared types live in `weft-proto`; this crate moves
+//! them over QUIC ([`wire`]: tokio framing).
 //!
-//! Pure parts: [`wire`] (codec), [`admission`] (token checks, rate limits),
-//! [`config`] (policy), [`coord`] (coordinator core), [`routes`], [`link`]
-//! (keeping a session to the relay: backoff, give-up rule, [`LinkState`]).
-//! Shells: [`server`], [`client`], [`mesh_client`], [`registry`] (SQLite).
+//! Two halves:
+//! - always built (what a node needs): [`client`] (identity, login, session,
+//!   expose, engineer roles), [`mesh_client`] (the node's control session),
+//!   [`link`] (keeping a session to the relay: backoff, give-up rule, the one
+//!   [`LinkState`]), [`noise`], [`tls`] (client side), [`relay_path`],
+//!   [`splice`], [`keys`], [`error`].
+//! - feature `server` (on by default; `mesh` and `worker-agent` build without
+//!   it, so they link no SQLite, axum, rcgen or prometheus): [`server`] (QUIC
+//!   listener, tunnels, STUN, the hosted coordinator in `server/mesh.rs`),
+//!   [`coord`] (the coordinator core, pure), [`registry`] (SQLite),
+//!   [`config`], [`routes`], [`admission`], [`metrics`].
 
+#[cfg(feature = "server")]
 pub mod admission;
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod coord;
 pub mod error;
 pub mod keys;
 pub mod link;
 pub mod mesh_client;
+#[cfg(feature = "server")]
 pub mod metrics;
 pub mod noise;
+#[cfg(feature = "server")]
 pub mod registry;
 pub mod relay_path;
+#[cfg(feature = "server")]
 pub mod routes;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod splice;
 pub mod tls;
@@ -35,11 +49,15 @@ pub mod wire;
 pub use weft_proto::{secret, stun, token};
 
 pub use client::{ClientState, ExposeOptions, Session};
+#[cfg(feature = "server")]
 pub use config::RelayConfig;
-pub use error::{ClientError, RelayError, StateError};
+#[cfg(feature = "server")]
+pub use error::RelayError;
+pub use error::{ClientError, StateError};
 pub use keys::{PublicKey, StaticKey};
 pub use link::LinkState;
 pub use mesh_client::{LinkInfo, MeshEvent, MeshOptions, MeshSession};
+#[cfg(feature = "server")]
 pub use server::{Relay, ServeOptions};
 pub use token::Token;
 pub use wire::{Reason, Rejection};

@@ -37,16 +37,15 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::client::{close_failure, connect, ClientState, ClientTiming, Session};
-use crate::coord::wire::{
-    read_control, write_control, ControlIoError, ControlMsg, MAX_CONTROL_FRAME,
-};
-use crate::coord::{Candidate, PeerMap, PeerMapUpdate, SelfInfo, Version};
 use crate::error::{ClientError, ProtoError};
 use crate::keys::PublicKey;
 use crate::link::{Admitted, Backoff, Failure, Link, LinkState, Next};
 use crate::relay_path::RelayPath;
 use crate::token::Token;
+use crate::wire::{read_control, write_control, ControlIoError};
 use crate::wire::{read_message, write_message, Message};
+use weft_proto::control::{ControlMsg, MAX_CONTROL_FRAME};
+use weft_proto::peermap::{Candidate, PeerMap, PeerMapUpdate, SelfInfo, Version};
 
 /// Events kept for a slow consumer before it gets [`MeshEvent::Lagged`].
 pub const EVENT_BUFFER: usize = 1024;

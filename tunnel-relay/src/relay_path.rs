@@ -6,7 +6,7 @@
 //! From a node, `peer` is the destination; from the relay, the source (the
 //! relay rewrites it, so a node cannot spoof another's key). The relay
 //! forwards only between nodes the mesh ACL lets talk
-//! ([`crate::coord::AclPolicy::may_talk`], the same rule that decides peer
+//! ([`weft_proto::acl::AclPolicy::may_talk`], the same rule that decides peer
 //! visibility in the coordinator) and drops anything else silently,
 //! as a router would. The WireGuard packet inside stays end-to-end
 //! encrypted: the relay sees keys and sizes, never contents.

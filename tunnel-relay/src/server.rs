@@ -44,14 +44,6 @@ mod mesh;
 pub use mesh::{MAX_NODE_FRAME, SESSION_QUEUE};
 
 pub use weft_proto::close::{CloseCode, ResetCode};
-/// [`CloseCode::Restarting`] as a number.
-pub const CLOSE_RESTARTING: u32 = CloseCode::Restarting.code();
-/// [`CloseCode::Revoked`] as a number.
-pub const CLOSE_REVOKED: u32 = CloseCode::Revoked.code();
-/// [`CloseCode::Replaced`] as a number.
-pub const CLOSE_REPLACED: u32 = CloseCode::Replaced.code();
-/// [`CloseCode::Rejected`] as a number.
-pub const CLOSE_REJECTED: u32 = CloseCode::Rejected.code();
 
 /// Bidirectional streams a connection may open before admission (the
 /// control stream and a little slack).
@@ -300,8 +292,10 @@ impl Relay {
             );
         }
         info!("relay shutting down; telling clients to reconnect");
-        self.endpoint
-            .close(VarInt::from_u32(CLOSE_RESTARTING), b"relay restarting");
+        self.endpoint.close(
+            VarInt::from_u32(CloseCode::Restarting.code()),
+            b"relay restarting",
+        );
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
         self.shared.mesh.flush().await;
@@ -371,7 +365,7 @@ async fn watch_revocations(shared: Arc<Shared>) {
         shared.mesh.remove_keys(&revoked, &shared.metrics);
         for conn in lock(&shared.routes).revoked(&revoked) {
             info!(remote = %conn.remote_address(), "closing a revoked node's connection");
-            conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+            conn.close(VarInt::from_u32(CloseCode::Revoked.code()), b"revoked");
         }
     }
 }
@@ -459,7 +453,7 @@ async fn admit(
             noise::respond_write(hs, &mut send, &Message::Rejected(rej)).await?;
             let _ = send.finish();
             let _ = timeout(Duration::from_secs(2), send.stopped()).await;
-            conn.close(VarInt::from_u32(CLOSE_REJECTED), b"refused");
+            conn.close(VarInt::from_u32(CloseCode::Rejected.code()), b"refused");
             Ok(None)
         }
     }
@@ -486,14 +480,15 @@ async fn serve_node(
         lock(&shared.routes).connect(ctx.id, ctx.key, ctx.conn.clone(), ctx.tags.clone(), worker);
     if let Some(old) = replaced {
         old.close(
-            VarInt::from_u32(CLOSE_REPLACED),
+            VarInt::from_u32(CloseCode::Replaced.code()),
             b"replaced by a newer connection",
         );
     }
     // Revoked between admission and registration in the table: the watcher
     // may have looked already.
     if revoked(&shared, &ctx.key) {
-        ctx.conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+        ctx.conn
+            .close(VarInt::from_u32(CloseCode::Revoked.code()), b"revoked");
     }
     if !is_worker {
         let n = shared
@@ -629,7 +624,8 @@ async fn handle_tunnel(
             let _ = send.finish();
             if rej.reason == Reason::NodeRevoked {
                 let _ = timeout(Duration::from_secs(2), send.stopped()).await;
-                ctx.conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+                ctx.conn
+                    .close(VarInt::from_u32(CloseCode::Revoked.code()), b"revoked");
             }
         }
         Ok((mut wsend, wrecv, slots)) => {
@@ -680,7 +676,7 @@ async fn route(
         Ok(g) => g,
         Err((rej, close)) => {
             if let Some(conn) = close {
-                conn.close(VarInt::from_u32(CLOSE_REVOKED), b"revoked");
+                conn.close(VarInt::from_u32(CloseCode::Revoked.code()), b"revoked");
             }
             return Err(rej);
         }

@@ -4,6 +4,7 @@
 //! [`crate::noise`]). Clients still check the TLS 1.3 handshake signature so
 //! the exporter really belongs to the session the relay signed.
 
+#[cfg(feature = "server")]
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +12,12 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+#[cfg(feature = "server")]
+use rustls::pki_types::PrivatePkcs8KeyDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+#[cfg(feature = "server")]
 use crate::error::StateError;
 
 /// ALPN of protocol version 1.
@@ -72,6 +76,7 @@ pub fn transport(idle: Duration, keepalive: Option<Duration>, max_streams: u32) 
 /// A certificate chain (leaf first) and its key.
 pub type CertChain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
+#[cfg(feature = "server")]
 /// The certificate `serve` uses: the operator's PEM files when configured,
 /// else the self-signed pair in the state dir (created on first start).
 pub fn server_cert(
@@ -84,6 +89,7 @@ pub fn server_cert(
     }
 }
 
+#[cfg(feature = "server")]
 /// Reads an operator-provided PEM chain and key; errors name the file.
 pub fn load_pem(cert: &Path, key: &Path) -> Result<CertChain, StateError> {
     use rustls::pki_types::pem::PemObject;
@@ -107,6 +113,7 @@ pub fn load_pem(cert: &Path, key: &Path) -> Result<CertChain, StateError> {
     Ok((chain, key_der))
 }
 
+#[cfg(feature = "server")]
 /// Loads `cert.der`/`cert.key` from the state dir or creates a self-signed pair.
 pub fn load_or_create_cert(
     state_dir: &Path,
@@ -131,6 +138,7 @@ pub fn load_or_create_cert(
     ))
 }
 
+#[cfg(feature = "server")]
 fn write_private_bytes(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

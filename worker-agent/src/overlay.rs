@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
-pub use tunnel_relay::coord::AGENT_API_PORT;
 use tunnel_relay::link::{Backoff, Failure, Link, LinkState, Next as LinkNext};
 use tunnel_relay::Token;
+pub use weft_proto::acl::AGENT_API_PORT;
 
 use crate::api::{Caller, ErrorBody};
 
@@ -411,7 +411,7 @@ async fn listen_when_up(
     api: Router,
     overlay: watch::Receiver<Option<Arc<Overlay>>>,
     mut down: watch::Receiver<bool>,
-    me: tunnel_relay::coord::SelfInfo,
+    me: weft_proto::peermap::SelfInfo,
     interface: String,
     state: watch::Sender<MeshStatus>,
     abandon: watch::Sender<bool>,
@@ -554,9 +554,8 @@ mod tests {
     use crate::client::{call_async, BodyLimit, Endpoint, MAX_BODY};
     use axum::routing::get;
     use axum::Extension;
-    use tunnel_relay::coord::{
-        self, AclPolicy, PeerMap, PeerMapUpdate, SelfInfo, Snapshot, Version,
-    };
+    use weft_proto::acl::AclPolicy;
+    use weft_proto::peermap::{self as coord, PeerMap, PeerMapUpdate, SelfInfo, Snapshot, Version};
 
     /// A worker's overlay with one engineer peer, `alice`, owning `alice_v4`.
     fn overlay(alice_v4: Ipv4Addr) -> Arc<Overlay> {

@@ -15,12 +15,12 @@ use crate::error::{ClientError, ProtoError};
 use crate::keys::{PublicKey, StaticKey};
 use crate::link::Failure;
 use crate::noise;
-use crate::server::{CLOSE_REJECTED, CLOSE_REPLACED, CLOSE_RESTARTING, CLOSE_REVOKED};
 use crate::tls;
 use crate::token::Token;
 use crate::wire::{
     read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
 };
+use weft_proto::close::CloseCode;
 
 /// Timing of a client's connection to the relay.
 #[derive(Debug, Clone)]
@@ -224,13 +224,15 @@ impl Session {
     /// leave (not the 3-PTO draining period): a short-lived `connect` exits
     /// promptly, and a lost close costs the relay one idle timeout at worst.
     pub async fn close(self) {
-        self.conn.close(VarInt::from_u32(0), b"bye");
+        self.conn
+            .close(VarInt::from_u32(CloseCode::Normal.code()), b"bye");
         let _ = timeout(Duration::from_millis(10), self.endpoint.wait_idle()).await;
     }
 
     /// Closes with `reason`, waiting up to `wait` for the close to be sent.
     pub(crate) async fn close_with(&self, reason: &[u8], wait: Duration) {
-        self.conn.close(VarInt::from_u32(0), reason);
+        self.conn
+            .close(VarInt::from_u32(CloseCode::Normal.code()), reason);
         let _ = timeout(wait, self.endpoint.wait_idle()).await;
     }
 }
@@ -243,7 +245,7 @@ pub async fn session(state_dir: &Path) -> Result<Session, ClientError> {
 
 /// Whether a close code means the relay refused this node at admission.
 pub fn is_rejected_close(e: &ConnectionError) -> bool {
-    matches!(e, ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CLOSE_REJECTED))
+    matches!(e, ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CloseCode::Rejected.code()))
 }
 
 /// How the end of an admitted connection reads to the link core: the relay
@@ -253,17 +255,17 @@ pub fn is_rejected_close(e: &ConnectionError) -> bool {
 pub fn close_failure(e: &ConnectionError) -> Failure {
     match e {
         ConnectionError::ApplicationClosed(c)
-            if c.error_code == VarInt::from_u32(CLOSE_REVOKED) =>
+            if c.error_code == VarInt::from_u32(CloseCode::Revoked.code()) =>
         {
             Failure::refused(&Rejection::new(Reason::NodeRevoked, "closed by the relay"))
         }
         ConnectionError::ApplicationClosed(c)
-            if c.error_code == VarInt::from_u32(CLOSE_RESTARTING) =>
+            if c.error_code == VarInt::from_u32(CloseCode::Restarting.code()) =>
         {
             Failure::RelayRestarting(e.to_string())
         }
         ConnectionError::ApplicationClosed(c)
-            if c.error_code == VarInt::from_u32(CLOSE_REPLACED) =>
+            if c.error_code == VarInt::from_u32(CloseCode::Replaced.code()) =>
         {
             Failure::Transient(format!("{e} (this node connected again elsewhere)"))
         }
