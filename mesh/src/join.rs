@@ -21,7 +21,7 @@ use tunnel_relay::link::LinkState;
 use tunnel_relay::mesh_client::MeshSession;
 use tunnel_relay::relay_path::RelayPath;
 use tunnel_relay::{StaticKey, Token};
-use weft_proto::peermap::{Candidate, PeerMap, SelfInfo};
+use weft_proto::peermap::{Candidate, OverlayPools, PeerMap, SelfInfo};
 
 use crate::config::{InterfaceConfig, WgConfig};
 use crate::control::Controller;
@@ -116,6 +116,12 @@ impl Session for MeshAdapter {
 
     fn link(&self) -> LinkState {
         self.session.link()
+    }
+
+    fn pools(&self) -> Option<OverlayPools> {
+        self.session
+            .link_info()
+            .map(|i| OverlayPools::new(i.ipv4_pool, i.ipv6_prefix))
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::VIRTIO_NET_HDR_LEN;
 use tunnel_relay::link::LinkState;
 use tunnel_relay::relay_path::RelayPath;
-use weft_proto::peermap::{Candidate, PeerMap};
+use weft_proto::peermap::{Candidate, OverlayPools, PeerMap};
 
 use crate::control::{Controller, Out, Via};
 use crate::ctl::{PingCmd, PingOutcome};
@@ -36,13 +36,6 @@ use crate::node::Handles;
 use crate::path::Path;
 use crate::status::ManagedStatus;
 
-/// The overlay's IPv4 pool (routed to the interface as a whole).
-pub const IPV4_POOL: &str = "100.64.0.0/10";
-/// The overlay's IPv6 prefix.
-pub const IPV6_POOL: &str = "fd7a:7765:6674::/48";
-/// Where MagicDNS answers on every node (the pool's first host, which the
-/// coordinator never assigns).
-pub const DNS_V4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 1));
 /// Overlay MTU: the IPv6 minimum, so a packet fits a relay datagram (QUIC
 /// over a 1500-byte path) and every direct path without fragmentation.
 pub const MTU: u16 = 1280;
@@ -62,6 +55,9 @@ pub trait Session: Send + 'static {
     fn report_endpoints(&self, endpoints: Vec<Candidate>);
     /// The relay link for `mesh status`.
     fn link(&self) -> LinkState;
+    /// The overlay's address plan as the relay announced it (both prefixes
+    /// are routed into the mesh; MagicDNS answers on its first host).
+    fn pools(&self) -> Option<OverlayPools>;
 }
 
 /// Aborts a task when dropped.
@@ -91,12 +87,8 @@ impl Pings {
 /// IP addresses of this host's interfaces that peers might reach directly:
 /// not loopback, not link-local, not the overlay's own, not on another
 /// point-to-point tunnel.
-pub fn local_ips(skip_interface: &str) -> Vec<IpAddr> {
+pub fn local_ips(skip_interface: &str, pools: &OverlayPools) -> Vec<IpAddr> {
     let mut out = Vec::new();
-    let pools: Vec<IpNet> = [IPV4_POOL, IPV6_POOL]
-        .iter()
-        .filter_map(|p| p.parse().ok())
-        .collect();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we free below; we only read it.
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
@@ -136,7 +128,7 @@ pub fn local_ips(skip_interface: &str) -> Vec<IpAddr> {
             IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
             IpAddr::V4(v4) => v4.is_link_local(),
         };
-        if ip.is_loopback() || link_local || pools.iter().any(|p| p.contains(&ip)) {
+        if ip.is_loopback() || link_local || pools.contains(ip) {
             continue;
         }
         if !out.contains(&ip) {
@@ -171,11 +163,15 @@ pub struct ControlLoop<S: Session> {
 impl<S: Session> ControlLoop<S> {
     /// Runs until the session ends for good.
     pub async fn run(mut self, h: Handles) -> anyhow::Result<()> {
-        for pool in [IPV4_POOL, IPV6_POOL] {
-            let net: IpNet = pool.parse().context("overlay pool")?;
+        let pools = self.session.pools().unwrap_or_else(|| {
+            tracing::warn!("the relay announced no overlay pools; using the defaults");
+            OverlayPools::default()
+        });
+        tracing::info!(ipv4_pool = %pools.v4, ipv6_prefix = %pools.v6, dns = %pools.dns_v4(), "overlay address plan from the relay");
+        for net in [IpNet::V4(pools.v4), IpNet::V6(pools.v6)] {
             h.link.add_route(net).await?;
         }
-        let _dns = serve_dns(&h, self.names.clone()).await?;
+        let _dns = serve_dns(&h, self.names.clone(), IpAddr::V4(pools.dns_v4())).await?;
         let ctl_path = crate::ctl::socket_path(&h.uapi_socket);
         let ctl_server = crate::ctl::Server::bind(&ctl_path)?;
         let (status_tx, status_rx) = watch::channel(Arc::new(self.status(&h)));
@@ -191,7 +187,7 @@ impl<S: Session> ControlLoop<S> {
         let mut pings = Pings::default();
         let relay_task = tokio::spawn(relay_rx(h.clone(), self.io.clone()));
         let port = h.device.listen_port;
-        let locals: Vec<SocketAddr> = local_ips(&self.interface)
+        let locals: Vec<SocketAddr> = local_ips(&self.interface, &pools)
             .into_iter()
             .map(|ip| SocketAddr::new(ip, port))
             .collect();
@@ -207,7 +203,7 @@ impl<S: Session> ControlLoop<S> {
         status_tx.send_replace(Arc::new(self.status(&h)));
         let mut stats = tokio::time::interval(Duration::from_millis(200));
         let mut ticks: u64 = 0;
-        let mut local_now = local_ips(&self.interface);
+        let mut local_now = local_ips(&self.interface, &pools);
         let mut last: std::collections::HashMap<PublicKey, (u64, u64)> = Default::default();
         let result = loop {
             let wake = self
@@ -269,7 +265,7 @@ impl<S: Session> ControlLoop<S> {
                     ticks += 1;
                     if ticks % 10 == 0 {
                         // Every 2 s: did this host move to another network?
-                        let ips = local_ips(&self.interface);
+                        let ips = local_ips(&self.interface, &pools);
                         if ips != local_now {
                             tracing::info!(from = ?local_now, to = ?ips, "local addresses changed");
                             local_now = ips;
@@ -432,18 +428,19 @@ async fn relay_rx(h: Handles, io: Arc<ManagedIo>) {
     }
 }
 
-/// Serves MagicDNS on [`DNS_V4`]:53 (the address is added to the interface),
-/// forwarding other names to the resolvers in /etc/resolv.conf.
+/// Serves MagicDNS on `addr`:53 (the pool's first host, added to the
+/// interface), forwarding other names to the resolvers in /etc/resolv.conf.
 pub async fn serve_dns(
     h: &Handles,
     names: Arc<RwLock<Names>>,
+    addr: IpAddr,
 ) -> anyhow::Result<hickory_server::Server<crate::dns::MagicDns>> {
-    h.link.add_address(IpNet::from(DNS_V4)).await?;
+    h.link.add_address(IpNet::from(addr)).await?;
     let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let upstreams = crate::dns::upstreams_from_resolv_conf(&conf, &[DNS_V4]);
+    let upstreams = crate::dns::upstreams_from_resolv_conf(&conf, &[addr]);
     let (server, _) = crate::dns::MagicDns::new(names, upstreams)
-        .serve(SocketAddr::new(DNS_V4, 53))
+        .serve(SocketAddr::new(addr, 53))
         .await
-        .context("MagicDNS on 100.64.0.1:53")?;
+        .with_context(|| format!("MagicDNS on {addr}:53"))?;
     Ok(server)
 }

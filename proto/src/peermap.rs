@@ -243,3 +243,96 @@ pub(crate) fn get_candidate(r: &mut Reader<'_>) -> Result<Candidate, DecodeError
         kind,
     })
 }
+
+/// The overlay's address plan, as the relay announces it when a node joins
+/// (`MeshAccepted.ipv4_pool` / `ipv6_prefix`): every node routes both
+/// prefixes into the mesh and answers MagicDNS on [`OverlayPools::dns_v4`].
+/// The coordinator allocates from the same plan and never hands out the
+/// reserved addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OverlayPools {
+    /// The IPv4 pool (default `100.64.0.0/10`).
+    pub v4: ipnet::Ipv4Net,
+    /// The IPv6 ULA prefix (default `fd7a:7765:6674::/48`).
+    pub v6: ipnet::Ipv6Net,
+}
+
+impl OverlayPools {
+    /// The plan for these prefixes (host bits cleared).
+    pub fn new(v4: ipnet::Ipv4Net, v6: ipnet::Ipv6Net) -> OverlayPools {
+        OverlayPools {
+            v4: v4.trunc(),
+            v6: v6.trunc(),
+        }
+    }
+
+    /// The MagicDNS resolver's IPv4 address: the pool's first host.
+    pub fn dns_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.v4.network()).wrapping_add(1))
+    }
+
+    /// The MagicDNS resolver's IPv6 address: the twin of [`OverlayPools::dns_v4`].
+    pub fn dns_v6(&self) -> Ipv6Addr {
+        self.v6_for(self.dns_v4())
+    }
+
+    /// The IPv6 twin of an IPv4 overlay address: the prefix with the IPv4
+    /// address in its last 32 bits.
+    pub fn v6_for(&self, v4: Ipv4Addr) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.v6.network()) | u128::from(u32::from(v4)))
+    }
+
+    /// Network, broadcast and the MagicDNS address: never given to a node.
+    pub fn is_reserved(&self, a: Ipv4Addr) -> bool {
+        a == self.v4.network() || a == self.v4.broadcast() || a == self.dns_v4()
+    }
+
+    /// Whether `ip` lies in either prefix.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match ip {
+            std::net::IpAddr::V4(a) => self.v4.contains(&a),
+            std::net::IpAddr::V6(a) => self.v6.contains(&a),
+        }
+    }
+}
+
+impl Default for OverlayPools {
+    fn default() -> OverlayPools {
+        OverlayPools::new(
+            ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default(),
+            ipnet::Ipv6Net::new(Ipv6Addr::new(0xfd7a, 0x7765, 0x6674, 0, 0, 0, 0, 0), 48)
+                .unwrap_or_default(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    #[test]
+    fn dns_is_the_first_host_of_any_pool() {
+        let d = OverlayPools::default();
+        assert_eq!(d.dns_v4(), Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(d.dns_v6().to_string(), "fd7a:7765:6674::6440:1");
+        let p = OverlayPools::new(
+            "10.200.7.9/16".parse().unwrap_or_default(),
+            "fd00:abcd:1::/48".parse().unwrap_or_default(),
+        );
+        assert_eq!(p.v4.to_string(), "10.200.0.0/16");
+        assert_eq!(p.dns_v4(), Ipv4Addr::new(10, 200, 0, 1));
+        assert_eq!(p.dns_v6().to_string(), "fd00:abcd:1::ac8:1");
+        assert!(p.is_reserved(Ipv4Addr::new(10, 200, 255, 255)));
+        assert!(!p.is_reserved(Ipv4Addr::new(10, 200, 0, 2)));
+        assert!(p.contains(
+            "10.200.3.4"
+                .parse()
+                .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        ));
+        assert!(!p.contains(
+            "100.64.0.1"
+                .parse()
+                .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        ));
+    }
+}

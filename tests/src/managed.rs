@@ -36,18 +36,33 @@ pub struct LabRelay {
 impl LabRelay {
     /// A host `{tag}-relay` at [`RELAY_IP`] running the relay.
     pub fn start(net: &Internet, tag: &str) -> LabRelay {
+        LabRelay::start_with_config(net, tag, None)
+    }
+
+    /// [`LabRelay::start`] with a relay configuration file holding `toml`.
+    pub fn start_with_config(net: &Internet, tag: &str, toml: Option<&str>) -> LabRelay {
         let ns = net.host(&format!("{tag}-relay"), RELAY_IP);
         let state = ns.file("relay").display().to_string();
-        let proc = LabRelay::spawn(&ns, &state);
+        let config = toml.map(|t| {
+            let path = ns.file("relay.toml");
+            std::fs::write(&path, t).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            path.display().to_string()
+        });
+        let proc = LabRelay::spawn_with(&ns, &state, config.as_deref());
         LabRelay { ns, state, proc }
     }
 
     /// Starts `serve` on `state` (again, after a kill) and waits for its socket.
     pub fn spawn(ns: &Netns, state: &str) -> Proc {
+        LabRelay::spawn_with(ns, state, None)
+    }
+
+    fn spawn_with(ns: &Netns, state: &str, config: Option<&str>) -> Proc {
+        let config = config.map(|c| format!(" --config {c}")).unwrap_or_default();
         let p = ns.spawn_named(
             "relay",
             &format!(
-                "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {state}",
+                "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {state}{config}",
                 relay_bin()
             ),
         );
@@ -78,9 +93,17 @@ pub fn relay_token(relay_ns: &Netns, state: &str, tag: &str) -> String {
     t
 }
 
+/// MagicDNS's address under the default pool.
+pub const DEFAULT_DNS: &str = "100.64.0.1";
+
 /// The overlay IPv4 of `ns` once its `weft0` is up (not MagicDNS's 100.64.0.1);
 /// panics with `proc`'s log after 15 s.
 pub fn wait_overlay_ip(ns: &Netns, proc: &Proc) -> String {
+    wait_overlay_ip_beside(ns, proc, DEFAULT_DNS)
+}
+
+/// [`wait_overlay_ip`] for a pool whose MagicDNS address is `dns`.
+pub fn wait_overlay_ip_beside(ns: &Netns, proc: &Proc, dns: &str) -> String {
     let t0 = Instant::now();
     loop {
         let out = ns.output("ip -4 -br addr show weft0");
@@ -88,7 +111,7 @@ pub fn wait_overlay_ip(ns: &Netns, proc: &Proc) -> String {
         if let Some(ip) = text
             .split_whitespace()
             .filter_map(|w| w.strip_suffix("/32"))
-            .find(|ip| *ip != "100.64.0.1")
+            .find(|ip| *ip != dns)
         {
             return ip.to_string();
         }
@@ -116,6 +139,11 @@ pub struct ManagedNode {
 impl ManagedNode {
     /// Starts the node with `token` as `name` and waits until it has joined.
     pub fn start(ns: Netns, token: &str, name: &str) -> ManagedNode {
+        ManagedNode::start_beside(ns, token, name, DEFAULT_DNS)
+    }
+
+    /// [`ManagedNode::start`] for a relay whose pool puts MagicDNS on `dns`.
+    pub fn start_beside(ns: Netns, token: &str, name: &str, dns: &str) -> ManagedNode {
         let uapi = ns.file("uapi").display().to_string();
         let state = ns.file("state").display().to_string();
         let proc = ns.spawn_named(
@@ -132,7 +160,7 @@ impl ManagedNode {
             state,
             ip: String::new(),
         };
-        n.ip = n.overlay_ip();
+        n.ip = wait_overlay_ip_beside(&n.ns, &n.proc, dns);
         n
     }
 

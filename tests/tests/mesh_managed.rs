@@ -11,6 +11,9 @@
 //!   (coordinator) is killed mid-transfer on a direct path and every byte
 //!   still arrives; nodes reconnect when it is back.
 //! - A worker that moves to another network is reachable again quickly.
+//! - A relay configured with its own pools (`10.200.0.0/16`, `fd00:7765:200::/48`)
+//!   gives nodes addresses, routes and a MagicDNS resolver inside them, and
+//!   ssh by name works there.
 //!
 //! Binaries: `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
@@ -28,9 +31,13 @@ struct NetnsResolver(PathBuf);
 
 impl NetnsResolver {
     fn magic_dns(ns: &Netns) -> NetnsResolver {
+        NetnsResolver::at(ns, "100.64.0.1")
+    }
+
+    fn at(ns: &Netns, server: &str) -> NetnsResolver {
         let dir = PathBuf::from("/etc/netns").join(ns.name());
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        std::fs::write(dir.join("resolv.conf"), "nameserver 100.64.0.1\n")
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {server}\n"))
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         NetnsResolver(dir)
     }
@@ -315,5 +322,73 @@ fn direct_path_cut_falls_back_to_the_relay() {
         "traffic stopped for {:?} after the direct path was cut\nengineer:\n{}",
         g.max_gap,
         e.proc.log_tail(20)
+    );
+}
+
+#[test]
+fn relay_pools_give_addresses_routes_and_dns_inside_them() {
+    let net = Internet::new("mmp");
+    let relay = Relay::start_with_config(
+        &net,
+        "mmp",
+        Some("[mesh]\nipv4_pool = \"10.200.0.0/16\"\nipv6_prefix = \"fd00:7765:200::/48\"\n"),
+    );
+    let dns = "10.200.0.1";
+    let w = ManagedNode::start_beside(
+        net.host("mmp-w1", "198.51.100.6"),
+        &relay.token("worker"),
+        "gpu1",
+        dns,
+    );
+    let eng_ns = net.host("mmp-e", "198.51.100.5");
+    let _resolver = NetnsResolver::at(&eng_ns, dns);
+    let eng = ManagedNode::start_beside(eng_ns, &relay.token("engineer"), "alice", dns);
+
+    // Addresses from the relay's pools.
+    for n in [&w, &eng] {
+        assert!(n.ip.starts_with("10.200."), "{} got {}", n.ns.name(), n.ip);
+        let v6 = n.ns.exec("ip -6 -br addr show weft0");
+        assert!(v6.contains("fd00:7765:200:"), "{}: {v6}", n.ns.name());
+        // Routes for exactly the relay's pools, none for the default ones.
+        let routes =
+            n.ns.exec("ip -4 route show dev weft0; ip -6 route show dev weft0");
+        assert!(
+            routes.contains("10.200.0.0/16") && routes.contains("fd00:7765:200::/48"),
+            "{} routes: {routes}",
+            n.ns.name()
+        );
+        assert!(
+            !routes.contains("100.64.0.0/10") && !routes.contains("fd7a:7765:6674::/48"),
+            "{} still routes the default pools: {routes}",
+            n.ns.name()
+        );
+        // MagicDNS answers on the pool's first host.
+        let addrs = n.ns.exec("ip -4 -br addr show weft0");
+        assert!(addrs.contains("10.200.0.1/32"), "{}: {addrs}", n.ns.name());
+        assert_eq!(n.status()["self"]["ipv4"].as_str(), Some(n.ip.as_str()));
+    }
+    eng.wait_until(Duration::from_secs(10), "the worker in the peer map", |n| {
+        n.peer_ips() == vec![w.ip.clone()]
+    });
+
+    // The system resolver (pointed at the pool's MagicDNS) and ssh by name.
+    let got = eng.ns.exec("getent ahostsv4 gpu1.weft.internal");
+    assert!(
+        got.starts_with(&w.ip),
+        "gpu1.weft.internal -> {got:?}, want {}",
+        w.ip
+    );
+    let (_sshd, id) = start_sshd(&w.ns, &w.ip);
+    let eid = eng.ns.file("id").display().to_string();
+    std::fs::copy(&id, &eid).unwrap_or_else(|e| panic!("{e}"));
+    let out = eng.ns.output(&format!(
+        "ssh -i {eid} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes \
+         -o ConnectTimeout=10 root@gpu1.weft.internal 'echo ssh-in-10.200; hostname -I'"
+    ));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("ssh-in-10.200") && text.contains(&w.ip),
+        "ssh by name failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -296,7 +296,7 @@ pub async fn resolve_mesh(worker: &str) -> Result<SocketAddr, ClientError> {
 async fn magic_dns_a(name: &str) -> Result<Ipv4Addr, String> {
     use hickory_server::proto::op::{Message, Query, ResponseCode};
     use hickory_server::proto::rr::{Name, RData, RecordType};
-    let server = SocketAddr::from((mesh::managed_node::DNS_V4, 53));
+    let server = SocketAddr::from((weft_proto::peermap::OverlayPools::default().dns_v4(), 53));
     let qname = Name::from_ascii(name).map_err(|e| format!("bad name: {e}"))?;
     let mut q = Message::query();
     q.metadata.recursion_desired = true;

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::keys::PublicKey;
+use weft_proto::peermap::OverlayPools;
 
 /// Default IPv4 pool (the CGNAT range, as Tailscale uses).
 pub const DEFAULT_IPV4_POOL: &str = "100.64.0.0/10";
@@ -85,25 +86,30 @@ impl AddressPool {
         self.v6
     }
 
+    /// The address plan nodes receive (`MeshAccepted`): the one rule for
+    /// the MagicDNS address and the IPv6 twins.
+    pub fn plan(&self) -> OverlayPools {
+        OverlayPools::new(self.v4, self.v6)
+    }
+
     /// The MagicDNS address (first host of the pool).
     pub fn dns_v4(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.v4.network()) + 1)
+        self.plan().dns_v4()
     }
 
     /// The MagicDNS IPv6 address.
     pub fn dns_v6(&self) -> Ipv6Addr {
-        self.v6_for(self.dns_v4())
+        self.plan().dns_v6()
     }
 
     /// The IPv6 twin of an IPv4 overlay address.
     pub fn v6_for(&self, v4: Ipv4Addr) -> Ipv6Addr {
-        let p = u128::from(self.v6.network());
-        Ipv6Addr::from(p | u128::from(u32::from(v4)))
+        self.plan().v6_for(v4)
     }
 
     /// Network, broadcast, and the MagicDNS address.
     pub fn is_reserved(&self, a: Ipv4Addr) -> bool {
-        a == self.v4.network() || a == self.v4.broadcast() || a == self.dns_v4()
+        self.plan().is_reserved(a)
     }
 
     fn size(&self) -> u64 {
