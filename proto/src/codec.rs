@@ -338,6 +338,39 @@ pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Ove
     Ok(buf.get(4..4 + len).map(|p| (p, 4 + len)))
 }
 
+/// The laws every message codec of this crate is tested against.
+#[cfg(test)]
+pub(crate) mod laws {
+    use proptest::prelude::*;
+
+    use super::DecodeError;
+
+    /// One message `m` and its encoding `enc`: decodes back to `m`; every strict
+    /// prefix is an error; trailing bytes (`extra`, non-empty) are an error; a
+    /// flipped bit never panics.
+    pub(crate) fn check<T: PartialEq + std::fmt::Debug>(
+        m: &T,
+        enc: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+        cut: prop::sample::Index,
+        (at, bit): (prop::sample::Index, u8),
+        extra: &[u8],
+    ) -> Result<(), TestCaseError> {
+        let back = decode(enc);
+        prop_assert_eq!(back.as_ref(), Ok(m));
+        let n = cut.index(enc.len());
+        prop_assert!(decode(&enc[..n]).is_err(), "prefix of {} bytes decoded", n);
+        let mut long = enc.to_vec();
+        long.extend_from_slice(extra);
+        prop_assert!(decode(&long).is_err(), "trailing bytes accepted");
+        let mut flipped = enc.to_vec();
+        let i = at.index(flipped.len());
+        flipped[i] ^= 1 << (bit % 8);
+        let _ = decode(&flipped);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,6 +92,27 @@ fn start_sshd(ns: &Netns, listen: &str) -> (Proc, String) {
     (p, format!("{d}/id"))
 }
 
+/// Starts sshd on `worker`'s overlay address and runs real OpenSSH from
+/// `eng` to `name`; asserts it answered and `hostname -I` shows `expect_ip`.
+/// The engineer's ssh uses the worker's key pair copied over (the worker
+/// authorized its own key). Returns the sshd to keep it running.
+fn ssh_by_name(eng: &ManagedNode, worker: &ManagedNode, name: &str, expect_ip: &str) -> Proc {
+    let (sshd, id) = start_sshd(&worker.ns, &worker.ip);
+    let eid = eng.ns.file("id").display().to_string();
+    std::fs::copy(&id, &eid).unwrap_or_else(|e| panic!("{e}"));
+    let out = eng.ns.output(&format!(
+        "ssh -i {eid} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes \
+         -o ConnectTimeout=10 root@{name} 'echo ssh-over-the-mesh; hostname -I'"
+    ));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("ssh-over-the-mesh") && text.contains(expect_ip),
+        "ssh by name failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sshd
+}
+
 #[test]
 fn magic_dns_ssh_by_name_acl_and_revocation() {
     let net = Internet::new("mma");
@@ -121,21 +142,7 @@ fn magic_dns_ssh_by_name_acl_and_revocation() {
         "gpu1.weft.internal -> {got:?}, want {}",
         w1.ip
     );
-    let (_sshd, id) = start_sshd(&w1.ns, &w1.ip);
-    // The engineer's ssh uses the worker's key pair copied over (the worker
-    // authorized its own key).
-    let eid = eng.ns.file("id").display().to_string();
-    std::fs::copy(&id, &eid).unwrap_or_else(|e| panic!("{e}"));
-    let out = eng.ns.output(&format!(
-        "ssh -i {eid} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes \
-         -o ConnectTimeout=10 root@gpu1.weft.internal 'echo ssh-over-the-mesh; hostname -I'"
-    ));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && text.contains("ssh-over-the-mesh") && text.contains("198.51.100.6"),
-        "ssh by name failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let _sshd = ssh_by_name(&eng, &w1, "gpu1.weft.internal", "198.51.100.6");
 
     // ACL: engineer -> worker tcp/22 works (above); other ports do not;
     // worker -> worker and worker -> engineer do not.
@@ -378,17 +385,5 @@ fn relay_pools_give_addresses_routes_and_dns_inside_them() {
         "gpu1.weft.internal -> {got:?}, want {}",
         w.ip
     );
-    let (_sshd, id) = start_sshd(&w.ns, &w.ip);
-    let eid = eng.ns.file("id").display().to_string();
-    std::fs::copy(&id, &eid).unwrap_or_else(|e| panic!("{e}"));
-    let out = eng.ns.output(&format!(
-        "ssh -i {eid} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes \
-         -o ConnectTimeout=10 root@gpu1.weft.internal 'echo ssh-in-10.200; hostname -I'"
-    ));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && text.contains("ssh-in-10.200") && text.contains(&w.ip),
-        "ssh by name failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let _sshd = ssh_by_name(&eng, &w, "gpu1.weft.internal", &w.ip);
 }
