@@ -23,7 +23,7 @@ use tunnel_relay::relay_path::RelayPath;
 use crate::device::{relay_index, Device};
 use crate::filter::{Conntrack, Verdict};
 use crate::key::PublicKey;
-use crate::managed::Overlay;
+use crate::managed::overlay::Overlay;
 use crate::udp::UdpIo;
 
 /// The relay connection in use now (none while reconnecting).

@@ -4,8 +4,6 @@
 //! separate from the I/O shell (TUN, UDP, netlink, the UAPI socket).
 
 pub mod config;
-pub mod control;
-pub mod ctl;
 pub mod disco;
 pub mod key;
 pub mod status;
@@ -16,9 +14,7 @@ pub mod device;
 pub mod dns;
 pub mod egress;
 pub mod filter;
-pub mod join;
 pub mod managed;
-pub mod managed_node;
 pub mod netlink;
 pub mod node;
 pub mod path;

@@ -128,8 +128,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(mesh::join::run(
-                mesh::join::JoinOptions {
+            runtime.block_on(mesh::managed::run(
+                mesh::managed::JoinOptions {
                     state_dir,
                     token,
                     name,
@@ -231,10 +231,12 @@ fn status(interface: Option<String>, json: bool, uapi_dir: &std::path::Path) -> 
         let uapi = mesh::uapi::socket_path(uapi_dir, name);
         // A managed node answers on its control socket with the mesh's view;
         // a static one (or a control socket that does not answer) over UAPI.
-        let managed = mesh::ctl::Client::connect(&mesh::ctl::socket_path(&uapi))
-            .and_then(|mut c| c.call(&mesh::ctl::Request::Status));
+        let managed = mesh::managed::control_socket::Client::connect(
+            &mesh::managed::control_socket::socket_path(&uapi),
+        )
+        .and_then(|mut c| c.call(&mesh::managed::control_socket::Request::Status));
         match managed {
-            Ok(mesh::ctl::Response::Status { mut status }) => {
+            Ok(mesh::managed::control_socket::Response::Status { mut status }) => {
                 status.refresh_ages(now);
                 if json {
                     all.push(serde_json::to_value(&*status)?);
@@ -292,12 +294,13 @@ fn ping(
     interface: Option<String>,
     uapi_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use mesh::ctl::{Client, Request, Response};
+    use mesh::managed::control_socket::{Client, Request, Response};
     let interface = match interface {
         Some(i) => i,
         None => only_managed_interface(uapi_dir)?,
     };
-    let socket = mesh::ctl::socket_path(&mesh::uapi::socket_path(uapi_dir, &interface));
+    let socket =
+        mesh::managed::control_socket::socket_path(&mesh::uapi::socket_path(uapi_dir, &interface));
     let mut client = Client::connect(&socket)?;
     let mut answered = 0;
     let mut out = std::io::stdout().lock();

@@ -3,7 +3,7 @@
 //!
 //! A static (wg-quick) node is asked over its UAPI socket ([`query`],
 //! [`render_human`], [`render_json`]). A managed node also serves its local
-//! control socket (`crate::ctl`), which answers with a [`ManagedStatus`]
+//! control socket (`crate::managed::control_socket`), which answers with a [`ManagedStatus`]
 //! built by the control loop ([`managed_status`]): the same fields plus the
 //! mesh's view (names, overlay addresses, tags, path, latency, relay link,
 //! candidates); see [`ManagedStatus`] for the JSON format.
@@ -20,8 +20,8 @@ use serde_json::{json, Value};
 use tunnel_relay::link::LinkState;
 use weft_proto::peermap::{Candidate, CandidateKind};
 
-use crate::control::Controller;
-use crate::managed::Overlay;
+use crate::managed::controller::Controller;
+use crate::managed::overlay::Overlay;
 use crate::path::Path as PeerPathKind;
 use crate::uapi::codec::{parse_get_response, DeviceInfo, PeerInfo, UapiError};
 

@@ -1,4 +1,4 @@
-//! The agent on the mesh: runs the managed mesh node in-process (`mesh::join`, the same
+//! The agent on the mesh: runs the managed mesh node in-process (`mesh::managed`, the same
 //! identity, token and name as the relay exposure: one key per node) and serves the jobs API on
 //! the node's overlay addresses, port [`AGENT_API_PORT`].
 //!
@@ -308,7 +308,7 @@ async fn run(
             }
         }
     }
-    let jo = mesh::join::JoinOptions {
+    let jo = mesh::managed::JoinOptions {
         state_dir: state_dir.clone(),
         // The exposure has joined by now; a token is only needed if it has not.
         token: if has_relay(&state_dir) {
@@ -337,7 +337,7 @@ async fn run(
             },
             LinkNext::Connect => {
                 let r = tokio::select! {
-                    r = mesh::join::join(&jo) => r,
+                    r = mesh::managed::join(&jo) => r,
                     _ = stopped(&mut stop) => {
                         state.send_replace(MeshStatus::Link(LinkState::Stopped));
                         return;
@@ -381,7 +381,8 @@ async fn run(
             _ = stopped(&mut abandon) => {}
         }
     };
-    let r = mesh::join::run_joined(joined, jo.up, jo.listen_port, overlay_tx, node_shutdown).await;
+    let r =
+        mesh::managed::run_joined(joined, jo.up, jo.listen_port, overlay_tx, node_shutdown).await;
     let _ = down_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(2), listener)
         .await

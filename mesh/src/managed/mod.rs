@@ -1,13 +1,28 @@
-//! `mesh up --token TOKEN --state-dir DIR`: a managed node. Joins the mesh
+//! Managed mode, and its entry: `mesh up --token TOKEN --state-dir DIR`
+//! (also `weft up` and the worker agent's in-process node). Joins the mesh
 //! through the relay (`tunnel_relay::mesh_client::MeshSession`: the token on
 //! the first join only, the key kept in the state dir), waits for its first
 //! peer map, then runs the node (`node::run_with`) with its overlay
-//! addresses, no static peers, and the managed parts: the control loop
-//! (`managed_node`), the relay path, the packet filter and MagicDNS.
+//! addresses, no static peers, and the managed parts.
+//!
+//! | module | kind | what |
+//! |---|---|---|
+//! | this file | entry | [`join`], [`run_joined`], [`run`]; [`MeshAdapter`] (the session as the loop sees it) |
+//! | [`controller`] | core, no I/O | the [`controller::Controller`]: peer map, disco, STUN, paths (time injected) |
+//! | [`control_loop`] | shell | the [`control_loop::ControlLoop`]: routes, MagicDNS, feeds the controller, applies its outputs |
+//! | [`overlay`] | pure | peer map → device peers, filter rules, MagicDNS entries, candidates |
+//! | [`control_socket`] | shell | `NAME.weft` (JSON lines): `status`, `ping`; the CLI's client |
 //!
 //! One key per node: the relay identity in the state dir is also the
 //! WireGuard key and the disco key, so the coordinator's node key is the
 //! WireGuard peer key everywhere.
+
+pub mod control_loop;
+pub mod control_socket;
+pub mod controller;
+pub mod overlay;
+
+pub use overlay::Overlay;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -24,11 +39,11 @@ use tunnel_relay::{StaticKey, Token};
 use weft_proto::peermap::{Candidate, OverlayPools, PeerMap, SelfInfo};
 
 use crate::config::{InterfaceConfig, WgConfig};
-use crate::control::Controller;
 use crate::dns::{Names, DEFAULT_DOMAIN};
 use crate::egress::{ManagedIo, PacketFilter, RelaySlot};
 use crate::key::PrivateKey;
-use crate::managed_node::{ControlLoop, Session, MTU};
+use crate::managed::control_loop::{ControlLoop, Session, MTU};
+use crate::managed::controller::Controller;
 use crate::node::{self, ManagedParts, UpOptions};
 use crate::path::PathConfig;
 
@@ -138,7 +153,7 @@ pub async fn run(
 /// run the node in-process and need the peer map, e.g. to name callers).
 pub async fn run_with_overlay(
     opts: JoinOptions,
-    overlay_tx: watch::Sender<Option<Arc<crate::managed::Overlay>>>,
+    overlay_tx: watch::Sender<Option<Arc<crate::managed::overlay::Overlay>>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let joined = join(&opts).await?;
@@ -195,7 +210,7 @@ pub async fn run_joined(
     joined: Joined,
     up: UpOptions,
     listen_port: Option<u16>,
-    overlay_tx: watch::Sender<Option<Arc<crate::managed::Overlay>>>,
+    overlay_tx: watch::Sender<Option<Arc<crate::managed::overlay::Overlay>>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Joined { session, me, key } = joined;

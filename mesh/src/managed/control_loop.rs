@@ -8,7 +8,7 @@
 //! peers and paths while the session is down (only new peer-map changes
 //! wait for it).
 //!
-//! The loop also serves the local control socket (`crate::ctl`) for
+//! The loop also serves the local control socket (`crate::managed::control_socket`) for
 //! `mesh status` and `mesh ping`: it publishes a [`ManagedStatus`] on a
 //! `watch` channel after every change and once a second, and takes
 //! `mesh ping` requests from a bounded channel; clients never hold it up.
@@ -26,12 +26,12 @@ use tunnel_relay::link::LinkState;
 use tunnel_relay::relay_path::RelayPath;
 use weft_proto::peermap::{Candidate, OverlayPools, PeerMap};
 
-use crate::control::{Controller, Out, Via};
-use crate::ctl::{PingCmd, PingOutcome};
 use crate::device::{relay_index, Outgoing};
 use crate::dns::Names;
 use crate::egress::{CtlPacket, ManagedIo};
 use crate::key::PublicKey;
+use crate::managed::control_socket::{PingCmd, PingOutcome};
+use crate::managed::controller::{Controller, Out, Via};
 use crate::node::Handles;
 use crate::path::Path;
 use crate::status::ManagedStatus;
@@ -157,7 +157,7 @@ pub struct ControlLoop<S: Session> {
     /// Publishes every new overlay (peers, names, addresses) to whoever runs
     /// the node in-process (e.g. the worker agent maps overlay source
     /// addresses to peer names with it).
-    pub overlay_tx: tokio::sync::watch::Sender<Option<Arc<crate::managed::Overlay>>>,
+    pub overlay_tx: tokio::sync::watch::Sender<Option<Arc<crate::managed::overlay::Overlay>>>,
 }
 
 impl<S: Session> ControlLoop<S> {
@@ -172,8 +172,8 @@ impl<S: Session> ControlLoop<S> {
             h.link.add_route(net).await?;
         }
         let _dns = serve_dns(&h, self.names.clone(), IpAddr::V4(pools.dns_v4())).await?;
-        let ctl_path = crate::ctl::socket_path(&h.uapi_socket);
-        let ctl_server = crate::ctl::Server::bind(&ctl_path)?;
+        let ctl_path = crate::managed::control_socket::socket_path(&h.uapi_socket);
+        let ctl_server = crate::managed::control_socket::Server::bind(&ctl_path)?;
         let (status_tx, status_rx) = watch::channel(Arc::new(self.status(&h)));
         let (ping_tx, mut ping_rx) = mpsc::channel::<PingCmd>(64);
         // Aborted when this loop ends or is dropped (node shutdown): the

@@ -37,7 +37,7 @@ use weft_proto::stun::StunProbe;
 
 use crate::disco::{self, Message, SharedKey, TxId};
 use crate::key::{PrivateKey, PublicKey};
-use crate::managed::Overlay;
+use crate::managed::overlay::Overlay;
 use crate::path::{Action, Path, PathConfig, PeerPath};
 use crate::uapi::codec::SetRequest;
 
