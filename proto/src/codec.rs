@@ -341,9 +341,40 @@ pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Ove
 /// The laws every message codec of this crate is tested against.
 #[cfg(test)]
 pub(crate) mod laws {
+    use std::net::{IpAddr, SocketAddr};
+
     use proptest::prelude::*;
 
     use super::DecodeError;
+    use crate::key::PublicKey;
+    use crate::peermap::{Candidate, CandidateKind};
+
+    /// Any key.
+    pub(crate) fn key() -> impl Strategy<Value = PublicKey> {
+        any::<[u8; 32]>().prop_map(PublicKey)
+    }
+
+    /// Any IPv4 or IPv6 socket address.
+    pub(crate) fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V4(a.into()), p)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V6(a.into()), p)),
+        ]
+    }
+
+    /// Any candidate.
+    pub(crate) fn candidate() -> impl Strategy<Value = Candidate> {
+        (addr(), any::<bool>()).prop_map(|(addr, r)| Candidate {
+            addr,
+            kind: if r {
+                CandidateKind::Reflexive
+            } else {
+                CandidateKind::Local
+            },
+        })
+    }
 
     /// One message `m` and its encoding `enc`: decodes back to `m`; every strict
     /// prefix is an error; trailing bytes (`extra`, non-empty) are an error; a

@@ -294,39 +294,15 @@ pub fn decode_control_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peermap::CandidateKind;
+    use crate::codec::laws::{candidate, key};
     use proptest::prelude::*;
-    use std::net::{IpAddr, SocketAddr};
+
+    fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
+        prop::collection::vec(candidate(), 0..4)
+    }
 
     fn label() -> impl Strategy<Value = String> {
         "[a-z0-9-]{1,20}|.{0,10}"
-    }
-
-    fn key() -> impl Strategy<Value = PublicKey> {
-        any::<[u8; 32]>().prop_map(PublicKey)
-    }
-
-    fn addr() -> impl Strategy<Value = SocketAddr> {
-        prop_oneof![
-            (any::<[u8; 4]>(), any::<u16>())
-                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V4(a.into()), p)),
-            (any::<[u8; 16]>(), any::<u16>())
-                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V6(a.into()), p)),
-        ]
-    }
-
-    fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
-        prop::collection::vec(
-            (addr(), any::<bool>()).prop_map(|(addr, r)| Candidate {
-                addr,
-                kind: if r {
-                    CandidateKind::Reflexive
-                } else {
-                    CandidateKind::Local
-                },
-            }),
-            0..4,
-        )
     }
 
     fn peer() -> impl Strategy<Value = Peer> {

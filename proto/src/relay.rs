@@ -484,9 +484,8 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peermap::CandidateKind;
+    use crate::codec::laws::{addr, candidate};
     use proptest::prelude::*;
-    use std::net::IpAddr;
 
     fn name() -> impl Strategy<Value = String> {
         ".{0,24}"
@@ -543,26 +542,6 @@ mod tests {
                     ipv6_prefix: Ipv6Net::new(a6.into(), l6).unwrap_or_default(),
                 }),
         ]
-    }
-
-    fn addr() -> impl Strategy<Value = SocketAddr> {
-        prop_oneof![
-            (any::<[u8; 4]>(), any::<u16>())
-                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V4(a.into()), p)),
-            (any::<[u8; 16]>(), any::<u16>())
-                .prop_map(|(a, p)| SocketAddr::new(IpAddr::V6(a.into()), p)),
-        ]
-    }
-
-    fn candidate() -> impl Strategy<Value = Candidate> {
-        (addr(), any::<bool>()).prop_map(|(addr, r)| Candidate {
-            addr,
-            kind: if r {
-                CandidateKind::Reflexive
-            } else {
-                CandidateKind::Local
-            },
-        })
     }
 
     proptest! {
