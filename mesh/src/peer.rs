@@ -112,7 +112,7 @@ fn new_tunn(
 ) -> Tunn {
     Tunn::new(
         private_key.to_static_secret(),
-        crate::key::to_x25519(&public_key),
+        crate::key::to_x25519(public_key),
         preshared_key.map(|k| *k.as_bytes()),
         keepalive.filter(|k| *k > 0),
         index,
