@@ -15,6 +15,7 @@
 //! Shells: [`server`], [`client`], [`mesh_client`], [`registry`] (SQLite).
 
 pub mod admission;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod coord;
@@ -27,12 +28,13 @@ pub mod noise;
 pub mod registry;
 pub mod relay_path;
 pub mod routes;
+pub mod rt;
 pub mod server;
 pub mod splice;
 pub mod tls;
 pub mod wire;
 
-pub use weft_proto::{secret, stun, token};
+pub use weft_proto::{duration, secret, stun, token};
 
 pub use client::{ClientState, ExposeOptions, Session};
 pub use config::RelayConfig;
