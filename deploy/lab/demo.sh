@@ -39,12 +39,12 @@
 #
 # Relay tunnel path: the operator runs `tunnel-relay serve` on 203.0.113.2:4433 and creates join tokens;
 # each worker runs `tunnel-relay expose --service ssh=127.0.0.1:22`, which keeps a QUIC connection out to
-# the relay; the engineer logs in with a token and runs
-# `ssh -o ProxyCommand='tunnel-relay connect %h %p' root@gpu-worker-1`. The relay only splices streams
+# the relay; the engineer logs in with a token (`weft login`) and runs
+# `ssh -o ProxyCommand='weft connect %h %p' root@gpu-worker-1`. The relay only splices streams
 # that its policy allows (default: tag engineer -> tag worker); a worker opening another worker is refused.
 #
-# Managed mesh (the control plane): the same relay also runs the coordinator. The workers and the
-# engineer run `mesh up --token ... --state-dir ...` (no config files, no keys to exchange); a second
+# Managed mesh (the control plane): the same relay also runs the coordinator. The workers run
+# `mesh up --token ... --state-dir ...`, the engineers `weft up` (no config files, no keys to exchange); a second
 # engineer, bob, sits behind a hotel's hard NAT (masquerade random) in wft-demo-hotel/wft-demo-bob.
 # Nodes get overlay addresses from 100.64.0.0/10, their peer maps from the coordinator, and find
 # direct paths through the NATs (alice: direct to both workers) or use the relay (bob: hard NAT on his
@@ -77,6 +77,7 @@ case $wg_impl in
 esac
 mesh_bin="$repo/target/release/mesh"
 relay_bin="$repo/target/release/tunnel-relay"
+weft_bin="$repo/target/release/weft"
 
 # ---------------------------------------------------------------------------------------------------
 # The lab's names and addresses.
@@ -268,6 +269,7 @@ else
     note "WEFT_DEMO_WG=wireguard-go: using Debian's wireguard-go + wg as the WireGuard peer, not mesh"
 fi
 [[ -x $relay_bin ]] || die "$relay_bin not found: build it (cargo build --release --bins)"
+[[ -x $weft_bin ]] || die "$weft_bin not found: build it (cargo build --release --bins)"
 
 banner "remove a previous demo's leftovers (${P}* namespaces)"
 delete_weft_namespaces "$P"
@@ -279,10 +281,12 @@ lab=$(mktemp -d /tmp/wft-demo.XXXXXX)
 chmod 700 "$lab"
 trap teardown EXIT
 trap 'exit 130' INT TERM
-# `tunnel-relay` on PATH, as after `install target/release/tunnel-relay /usr/local/bin/`: the commands
+# `tunnel-relay` (operator, providers) and `weft` (engineers) on PATH, as after `install` into
+# /usr/local/bin/: the commands
 # below (and ssh's ProxyCommand) read as a person would type them.
 mkdir -m 755 "$lab/bin"
 ln -s "$relay_bin" "$lab/bin/tunnel-relay"
+ln -s "$weft_bin" "$lab/bin/weft"
 export PATH="$lab/bin:$PATH"
 
 # ---------------------------------------------------------------------------------------------------
@@ -598,7 +602,7 @@ METRICS_ADDR=127.0.0.1:9464
 # connected and the policy lets the engineer open their ssh service).
 engineer_sees() {
     local cfg name
-    cfg=$(in_ns "$NS_ENG" tunnel-relay ssh-config --state-dir "$ENG_STATE" 2>/dev/null) || return 1
+    cfg=$(in_ns "$NS_ENG" weft ssh-config --state-dir "$ENG_STATE" 2>/dev/null) || return 1
     for name in "$@"; do
         grep -qx "Host $name" <<<"$cfg" || return 1
     done
@@ -655,17 +659,17 @@ note "(later runs need no token: the worker's identity.key and relay.json stay i
 # ---------------------------------------------------------------------------------------------------
 banner "relay tunnel path (4/7): the engineer logs in and lists the workers it may reach"
 
-show engineer "$NS_ENG" tunnel-relay login --token "$engineer_token" --state-dir "$ENG_STATE" --name alice |
+show engineer "$NS_ENG" weft login --token "$engineer_token" --state-dir "$ENG_STATE" --name alice |
     sed "s/${engineer_token}/${engineer_token:0:12}.../g"
 wait_for "the engineer to see both workers" 15 "$relay_pid" engineer_sees gpu-worker-1 gpu-worker-2
-print_cmd engineer tunnel-relay ssh-config --state-dir "$ENG_STATE"
-in_ns "$NS_ENG" tunnel-relay ssh-config --state-dir "$ENG_STATE" >"$lab/engineer_ssh_config"
+print_cmd engineer weft ssh-config --state-dir "$ENG_STATE"
+in_ns "$NS_ENG" weft ssh-config --state-dir "$ENG_STATE" >"$lab/engineer_ssh_config"
 cat "$lab/engineer_ssh_config"
 
 # ---------------------------------------------------------------------------------------------------
 banner "relay tunnel path (5/7): the engineer SSHes into each worker through the relay, not the overlay"
 
-proxy="tunnel-relay connect --state-dir $ENG_STATE %h %p"
+proxy="weft connect --state-dir $ENG_STATE %h %p"
 show engineer "$NS_ENG" ssh "${ssh_opts[@]}" -o ProxyCommand="$proxy" root@gpu-worker-1 'hostname; uname -a'
 show engineer "$NS_ENG" ssh "${ssh_opts[@]}" -o ProxyCommand="$proxy" root@gpu-worker-2 'hostname; uname -a'
 note "the same through the ssh-config output saved as a file; sshd sees expose's connection from loopback:"
@@ -748,9 +752,9 @@ for ns in "$NS_ENG" "$NS_BOB"; do
 done
 # alice joins with the identity she logged in with on the relay path (one key per machine: the relay
 # knows it, so no token is needed); bob is new and brings a token.
-print_cmd alice mesh up --state-dir "$ENG_STATE" --name alice '&'
-start "mesh-managed-alice" "$NS_ENG" env RUST_LOG="${RUST_LOG:-info},netlink_packet_route=error" \
-    "$mesh_bin" up --state-dir "$ENG_STATE" --name alice --uapi-dir "$lab/uapi-alice"
+print_cmd alice weft up --state-dir "$ENG_STATE" '&'
+start "mesh-managed-alice" "$NS_ENG" env WEFT_LOG="${WEFT_LOG:-info}" \
+    weft up --state-dir "$ENG_STATE" --uapi-dir "$lab/uapi-alice"
 pid_ns[$last_pid]=$NS_ENG
 pid_if[$last_pid]=weft0
 wait_for "alice to join the mesh" 20 "$last_pid" grep -q "joined the mesh" "${pid_log[$last_pid]}"
@@ -763,7 +767,8 @@ alice_direct() { is_direct alice "$NS_ENG" "$G1" && is_direct alice "$NS_ENG" "$
 bob_relayed() { is_relay bob "$NS_BOB" "$G1" && is_relay bob "$NS_BOB" "$G2"; }
 wait_for "alice's direct paths to gpu1 and gpu2" 20 "" alice_direct
 wait_for "bob's relayed paths to gpu1 and gpu2" 20 "" bob_relayed
-show alice "$NS_ENG" "$mesh_bin" status --interface weft0 --uapi-dir "$lab/uapi-alice"
+show alice "$NS_ENG" weft status --state-dir "$ENG_STATE" --uapi-dir "$lab/uapi-alice"
+show alice "$NS_ENG" weft ping gpu1 -c 2 --uapi-dir "$lab/uapi-alice"
 show bob "$NS_BOB" "$mesh_bin" status --interface weft0 --uapi-dir "$lab/uapi-bob"
 note "(bob's hotel NAT picks a new port for every destination, so no hole can be punched to an easy NAT:"
 note " his packets go through the relay as QUIC datagrams, still end-to-end WireGuard-encrypted)"
@@ -811,13 +816,14 @@ EOF
     fi
     cat <<EOF
     Relay tunnel path:
-      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ProxyCommand='$relay_bin connect --state-dir $ENG_STATE %h %p' root@gpu-worker-1
+      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ProxyCommand='$weft_bin connect --state-dir $ENG_STATE %h %p' root@gpu-worker-1
       ip netns exec $NS_ENG ssh -F $lab/engineer_ssh_config -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu-worker-2
       ip netns exec $NS_RELAY $relay_bin nodes list --state-dir $RELAY_STATE
 EOF
     cat <<EOF
     Managed mesh (MagicDNS in the engineers' namespaces):
       ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu1.weft.internal
+      ip netns exec $NS_ENG $weft_bin status --state-dir $ENG_STATE --uapi-dir $lab/uapi-alice
       ip netns exec $NS_BOB $mesh_bin status --interface weft0 --uapi-dir $lab/uapi-bob
 EOF
     echo "    Logs: $lab/*.log"

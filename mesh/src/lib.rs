@@ -3,6 +3,7 @@
 //! Pure pieces (configuration, keys, the UAPI codec, the routing table) are
 //! separate from the I/O shell (TUN, UDP, netlink, the UAPI socket).
 
+pub mod cli;
 pub mod config;
 pub mod disco;
 pub mod key;

@@ -20,6 +20,7 @@ pub mod acl;
 pub mod close;
 pub mod codec;
 pub mod control;
+pub mod duration;
 pub mod key;
 pub mod names;
 pub mod peermap;

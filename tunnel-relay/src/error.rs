@@ -36,7 +36,7 @@ pub enum StateError {
     #[error("{0}")]
     NotFound(String),
     /// The client state has no relay yet.
-    #[error("no relay known in {}: run with --token first (tunnel-relay login --token ... or expose --token ...)", .0.display())]
+    #[error("no relay known in {}: run with --token first (`weft login --token ...`, or `tunnel-relay expose --token ...` on a worker)", .0.display())]
     NotJoined(PathBuf),
     /// Certificate generation failed.
     #[error("certificate: {0}")]

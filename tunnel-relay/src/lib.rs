@@ -23,6 +23,7 @@
 
 #[cfg(feature = "server")]
 pub mod admission;
+pub mod cli;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod config;
@@ -40,13 +41,14 @@ pub mod registry;
 pub mod relay_path;
 #[cfg(feature = "server")]
 pub mod routes;
+pub mod rt;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod splice;
 pub mod tls;
 pub mod wire;
 
-pub use weft_proto::{secret, stun, token};
+pub use weft_proto::{duration, secret, stun, token};
 
 pub use client::{ClientState, ExposeOptions, Session};
 #[cfg(feature = "server")]

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use tunnel_relay::cli;
 use tunnel_relay::client::{self, ExposeOptions};
 use tunnel_relay::keys::StaticKey;
 use tunnel_relay::registry::{unix_now, Registry};
+use tunnel_relay::rt::{self, shutdown_signal};
 use tunnel_relay::server::files;
 use tunnel_relay::{Relay, RelayConfig, ServeOptions, Token};
 
@@ -67,42 +69,14 @@ enum Cmd {
         #[arg(long = "service", required = true)]
         services: Vec<String>,
     },
-    /// Engineer: join the relay with a token and keep the identity.
-    Login {
-        /// Join token.
-        #[arg(long, env = "WEFT_RELAY_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Identity directory (default: $XDG_CONFIG_HOME/weft or ~/.config/weft).
-        #[arg(long, env = "WEFT_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-        /// Name to register (default: $USER-<key prefix>).
-        #[arg(long, env = "WEFT_NAME")]
-        name: Option<String>,
-    },
+    /// Engineer: join the relay with a token and keep the identity (also `weft login`).
+    Login(cli::LoginArgs),
     /// Engineer: splice stdin/stdout to a service (ssh ProxyCommand: `connect %h %p`).
-    Connect {
-        /// Worker name.
-        host: String,
-        /// Port (22 means the `ssh` service) or a service name.
-        port: String,
-        /// Identity directory.
-        #[arg(long, env = "WEFT_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-    },
+    Connect(cli::ConnectArgs),
     /// Engineer: like `ssh -L`: LOCALPORT:NAME:SERVICE (listens on 127.0.0.1).
-    Forward {
-        /// LOCALPORT:NAME:SERVICE.
-        spec: String,
-        /// Identity directory.
-        #[arg(long, env = "WEFT_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-    },
+    Forward(cli::ForwardArgs),
     /// Engineer: print ssh_config Host stanzas for every reachable worker.
-    SshConfig {
-        /// Identity directory.
-        #[arg(long, env = "WEFT_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-    },
+    SshConfig(cli::SshConfigArgs),
 }
 
 #[derive(Subcommand)]
@@ -115,8 +89,8 @@ enum TokenCmd {
         #[arg(long)]
         tag: String,
         /// Lifetime, e.g. 30m, 24h, 7d (default: no expiry).
-        #[arg(long)]
-        ttl: Option<String>,
+        #[arg(long, value_parser = weft_proto::duration::parse)]
+        ttl: Option<Duration>,
         /// How many nodes may join with it (default: unlimited).
         #[arg(long)]
         uses: Option<u64>,
@@ -163,13 +137,7 @@ enum NodesCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    rt::init_tracing(rt::DEFAULT_LOG);
     let cli = Cli::parse();
     // The relay serves many connections on every core; a client role
     // (expose, connect, forward, ...) splices a few streams, where one
@@ -195,54 +163,6 @@ fn main() -> ExitCode {
     };
     // stdin is read on a blocking thread that cannot be cancelled: exit now.
     std::process::exit(code);
-}
-
-/// SIGINT or SIGTERM.
-async fn signalled() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-fn default_client_dir() -> Result<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("weft"));
-    }
-    let home = std::env::var_os("HOME")
-        .context("neither XDG_CONFIG_HOME nor HOME is set; pass --state-dir")?;
-    Ok(PathBuf::from(home).join(".config/weft"))
-}
-
-fn client_dir(d: Option<PathBuf>) -> Result<PathBuf> {
-    match d {
-        Some(d) => Ok(d),
-        None => default_client_dir(),
-    }
-}
-
-/// Parses `90s`, `30m`, `24h`, `7d` (or plain seconds).
-fn parse_duration(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 's')) => (&s[..i], 1),
-        Some((i, 'm')) => (&s[..i], 60),
-        Some((i, 'h')) => (&s[..i], 3600),
-        Some((i, 'd')) => (&s[..i], 86_400),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("--ttl {s:?}: expected a number with s, m, h or d (e.g. 24h)"))?;
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
 fn load_config(path: Option<&Path>) -> Result<RelayConfig> {
@@ -296,7 +216,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(|a| format!(" (STUN on udp {a})"))
                     .unwrap_or_default()
             );
-            relay.run(signalled()).await?;
+            relay.run(shutdown_signal()).await?;
         }
         Cmd::Token { cmd } => token_cmd(cmd)?,
         Cmd::Nodes { cmd } => nodes_cmd(cmd)?,
@@ -322,59 +242,12 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(Token::parse)
                 .transpose()
                 .context("--token")?;
-            client::expose(opts, signalled()).await?;
+            client::expose(opts, shutdown_signal()).await?;
         }
-        Cmd::Login {
-            token,
-            state_dir,
-            name,
-        } => {
-            let dir = client_dir(state_dir)?;
-            let token = Token::parse(&token).context("--token")?;
-            let name = match name {
-                Some(n) => n,
-                None => {
-                    let key = StaticKey::load_or_create(&dir.join("identity.key"))?;
-                    let user = std::env::var("USER").unwrap_or_else(|_| "engineer".into());
-                    format!("{user}-{}", key.public().short())
-                }
-            };
-            let (name, tags) = client::login(&dir, &token, &name).await?;
-            println!(
-                "logged in as {name} (tags: {}); identity in {}",
-                tags.join(","),
-                dir.display()
-            );
-        }
-        Cmd::Connect {
-            host,
-            port,
-            state_dir,
-        } => {
-            let dir = client_dir(state_dir)?;
-            let service = client::service_for_port(&port);
-            client::connect_stdio(&dir, &host, &service).await?;
-        }
-        Cmd::Forward { spec, state_dir } => {
-            let dir = client_dir(state_dir)?;
-            let mut parts = spec.splitn(3, ':');
-            let (Some(port), Some(name), Some(service)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
-                bail!("forward {spec:?}: expected LOCALPORT:NAME:SERVICE, e.g. 2222:gpu1:ssh");
-            };
-            let port: u16 = port
-                .parse()
-                .with_context(|| format!("forward {spec:?}: {port:?} is not a port number"))?;
-            let listen = SocketAddr::from(([127, 0, 0, 1], port));
-            eprintln!("forwarding 127.0.0.1:{port} to {name}/{service}");
-            client::forward(&dir, listen, name, service, signalled()).await?;
-        }
-        Cmd::SshConfig { state_dir } => {
-            let dir = client_dir(state_dir)?;
-            let exe = std::env::current_exe().context("locate this executable")?;
-            print!("{}", client::ssh_config(&dir, &exe).await?);
-        }
+        Cmd::Login(a) => cli::login(a).await?,
+        Cmd::Connect(a) => cli::connect(a).await?,
+        Cmd::Forward(a) => cli::forward(a, shutdown_signal()).await?,
+        Cmd::SshConfig(a) => cli::ssh_config(a).await?,
     }
     Ok(())
 }
@@ -392,7 +265,6 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             if tag.is_empty() || tag.contains(',') {
                 bail!("--tag {tag:?}: one non-empty tag without commas");
             }
-            let ttl = ttl.as_deref().map(parse_duration).transpose()?;
             let config = load_config(config.as_deref())?;
             let key = StaticKey::load_or_create(&state_dir.join(files::IDENTITY))?;
             let mut addrs = relay_addrs;

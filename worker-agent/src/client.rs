@@ -372,33 +372,53 @@ pub async fn call_async(
             request_on(tcp, &label, method, path, body, limit, sink).await
         }
         Endpoint::Relay { state_dir, worker } => {
-            let relay_err = |source| ClientError::Relay {
-                worker: worker.clone(),
-                state_dir: state_dir.clone(),
-                source,
-            };
             let session = tunnel_relay::client::session(state_dir)
                 .await
-                .map_err(relay_err)?;
-            let res = match session.open(worker, AGENT_SERVICE).await {
-                Ok((send, recv)) => {
-                    request_on(
-                        tokio::io::join(recv, send),
-                        &endpoint.label(),
-                        method,
-                        path,
-                        body,
-                        limit,
-                        sink,
-                    )
-                    .await
-                }
-                Err(e) => Err(relay_err(e)),
-            };
+                .map_err(|source| ClientError::Relay {
+                    worker: worker.clone(),
+                    state_dir: state_dir.clone(),
+                    source,
+                })?;
+            let res =
+                call_on_session(&session, state_dir, worker, method, path, body, limit, sink).await;
             session.close().await;
             res
         }
     }
+}
+
+/// One request to `worker`'s `agent` service on an open relay session (which stays open: one
+/// session serves many workers). `state_dir` (the session's identity) names it in errors.
+#[allow(clippy::too_many_arguments)]
+pub async fn call_on_session(
+    session: &tunnel_relay::Session,
+    state_dir: &Path,
+    worker: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    limit: BodyLimit,
+    sink: &mut dyn Write,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let (send, recv) = session
+        .open(worker, AGENT_SERVICE)
+        .await
+        .map_err(|source| ClientError::Relay {
+            worker: worker.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            source,
+        })?;
+    let label = format!("{worker}/{AGENT_SERVICE}");
+    request_on(
+        tokio::io::join(recv, send),
+        &label,
+        method,
+        path,
+        body,
+        limit,
+        sink,
+    )
+    .await
 }
 
 /// [`call_async`] on a private current-thread runtime (not from inside a runtime).

@@ -16,6 +16,7 @@ use tunnel_relay::link::LinkState;
 pub mod agent;
 pub mod api;
 pub mod cgroup;
+pub mod cli;
 pub mod client;
 pub mod gpu;
 pub mod health;

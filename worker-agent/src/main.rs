@@ -1,18 +1,14 @@
 //! `worker-agent`: thin CLI over the `worker_agent` library.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tunnel_relay::link::LinkState;
-use worker_agent::client;
-use worker_agent::job::{Job, JobRequest};
-use worker_agent::overlay::{MeshStatus, OnMesh};
+use worker_agent::cli::{self, ApiArgs, JobsCmd};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,40 +21,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(clap::Args, Debug, Clone)]
-struct ApiArgs {
-    /// Engineer: reach this worker's agent through the relay (its `agent` service), as the
-    /// identity of `tunnel-relay login` in --state-dir. Without it: the local agent.
-    #[arg(long, env = "WEFT_WORKER", global = true)]
-    worker: Option<String>,
-    /// With --worker: how to reach it. `relay` (default): the worker's `agent` service through
-    /// the relay. `mesh`: straight over the mesh at http://NAME.weft.internal:7070 (or an
-    /// overlay IP given as NAME), when this machine runs `mesh up`; names are resolved by the
-    /// local node's MagicDNS (100.64.0.1).
-    #[arg(long, env = "WEFT_VIA", global = true, value_enum, default_value_t = Via::Relay, requires = "worker")]
-    via: Via,
-    /// Local agent API base URL; default: read from STATE_DIR/api.url. Not with --worker.
-    #[arg(long, env = "WEFT_AGENT_API", global = true, conflicts_with = "worker")]
-    api: Option<String>,
-    /// With --worker: the engineer's identity directory (default: $XDG_CONFIG_HOME/weft or
-    /// ~/.config/weft, as for `tunnel-relay login`). Without: the local agent's state directory,
-    /// to find api.url (default: /var/lib/weft-agent).
-    #[arg(long, env = "WEFT_STATE_DIR", global = true)]
-    state_dir: Option<PathBuf>,
-}
-
-/// How the engineer's CLI reaches a worker.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum Via {
-    /// Through the relay (the worker's `agent` service), as the `tunnel-relay login` identity.
-    Relay,
-    /// Over the mesh to the worker's overlay address, as this machine's mesh node.
-    Mesh,
-}
-
-/// Default state directory of a local agent.
-const DEFAULT_AGENT_DIR: &str = "/var/lib/weft-agent";
-
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the agent.
@@ -70,7 +32,7 @@ enum Cmd {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Submit and manage jobs.
+    /// Submit and manage jobs (also `weft jobs`).
     Jobs {
         #[command(subcommand)]
         cmd: JobsCmd,
@@ -148,128 +110,16 @@ struct RunArgs {
     #[arg(long, env = "WEFT_INTERFACE", default_value = "weft0")]
     interface: String,
     /// Directory of the mesh node's UAPI socket (where `mesh status` and `wg` look).
-    #[arg(long, env = "WEFT_UAPI_DIR", default_value = "/var/run/wireguard")]
+    #[arg(long, env = "WEFT_UAPI_DIR", default_value = mesh::cli::DEFAULT_UAPI_DIR)]
     uapi_dir: PathBuf,
     /// The mesh node's WireGuard UDP port (default: random).
     #[arg(long, env = "WEFT_WG_PORT")]
     wg_port: Option<u16>,
 }
 
-#[derive(Subcommand, Debug)]
-enum JobsCmd {
-    /// Submit a job: `jobs submit --gpus 1 -- python train.py`.
-    Submit {
-        #[arg(long, default_value_t = 0)]
-        gpus: u32,
-        /// Timeout: 90s, 30m, 2h, 1d, or plain seconds.
-        #[arg(long, value_name = "DUR")]
-        timeout: Option<String>,
-        #[arg(long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        #[arg(long = "label", value_name = "K=V")]
-        labels: Vec<String>,
-        #[arg(long)]
-        workdir: Option<String>,
-        /// CPU limit in cores (needs cgroup v2 on the worker).
-        #[arg(long)]
-        cpus: Option<f64>,
-        /// Memory limit in bytes (needs cgroup v2 on the worker).
-        #[arg(long)]
-        memory: Option<u64>,
-        #[arg(long)]
-        json: bool,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-        command: Vec<String>,
-    },
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    Show {
-        id: u64,
-        #[arg(long)]
-        json: bool,
-    },
-    Logs {
-        id: u64,
-        #[arg(long)]
-        follow: bool,
-    },
-    Cancel {
-        id: u64,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 fn secs(v: f64, flag: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(v)
         .with_context(|| format!("{flag} {v}: must be a non-negative number of seconds"))
-}
-
-/// Parses `90s`, `30m`, `2h`, `1d` or plain seconds.
-fn parse_duration(flag: &str, s: &str) -> Result<Duration> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        Some((i, 'd')) => (&t[..i], 86_400),
-        _ => (t, 1),
-    };
-    let n: u64 = num.parse().with_context(|| {
-        format!("{flag} {s:?}: expected a number with s, m, h or d (e.g. 90s, 2h)")
-    })?;
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
-}
-
-fn endpoint(a: &ApiArgs) -> Result<client::Endpoint> {
-    if let (Some(worker), Via::Mesh) = (&a.worker, a.via) {
-        return Ok(client::Endpoint::Mesh {
-            worker: worker.clone(),
-        });
-    }
-    if let Some(worker) = &a.worker {
-        let state_dir = client::engineer_dir(a.state_dir.as_deref())?;
-        return Ok(client::Endpoint::Relay {
-            state_dir,
-            worker: worker.clone(),
-        });
-    }
-    if let Some(u) = &a.api {
-        return Ok(client::Endpoint::Local(u.trim_end_matches('/').to_string()));
-    }
-    let dir = a
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_DIR));
-    let p = dir.join(worker_agent::API_ADDR_FILE);
-    let s = std::fs::read_to_string(&p).with_context(|| {
-        format!(
-            "cannot read {} (is the agent running? or pass --api URL, or --worker NAME to go through the relay)",
-            p.display()
-        )
-    })?;
-    Ok(client::Endpoint::Local(s.trim().to_string()))
-}
-
-fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec<u8>> {
-    let ep = endpoint(a)?;
-    let mut body_out = Vec::new();
-    let limit = client::BodyLimit::Max(client::MAX_BODY);
-    let (code, failed) = client::call(&ep, method, path, body, limit, &mut body_out)?;
-    check(code, &failed)?;
-    Ok(body_out)
-}
-
-fn check(code: u16, body: &[u8]) -> Result<()> {
-    if !(200..300).contains(&code) {
-        let msg = serde_json::from_slice::<worker_agent::api::ErrorBody>(body)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
-        bail!("agent answered {code}: {msg}");
-    }
-    Ok(())
 }
 
 fn services(specs: &[String]) -> Result<Vec<(String, String)>> {
@@ -287,60 +137,6 @@ fn services(specs: &[String]) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-fn hostname() -> Result<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        bail!(
-            "cannot read the host name ({}); pass --name",
-            std::io::Error::last_os_error()
-        );
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
-    if name.is_empty() {
-        bail!("the host name is empty; pass --name");
-    }
-    Ok(name)
-}
-
-fn kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
-    items
-        .iter()
-        .map(|s| {
-            s.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("{flag} {s:?}: expected K=V"))
-        })
-        .collect()
-}
-
-fn fmt_ms(ms: Option<u64>) -> String {
-    ms.map_or("-".into(), |m| format!("{}.{:03}", m / 1000, m % 1000))
-}
-
-fn print_job(j: &Job) {
-    let result = match &j.state {
-        worker_agent::job::JobState::Failed { exit_code } => format!("failed({exit_code})"),
-        worker_agent::job::JobState::Killed { signal, oom } => {
-            format!("killed(signal {signal}{})", if *oom { ", OOM" } else { "" })
-        }
-        worker_agent::job::JobState::Lost { reason } => format!("lost({reason})"),
-        s => s.name().to_string(),
-    };
-    println!(
-        "{:>5}  {:<22} {:<12} gpus={:<3} start={} end={}  {}",
-        j.id,
-        result,
-        j.caller,
-        j.gpu_uuids.len(),
-        fmt_ms(j.started_ms),
-        fmt_ms(j.ended_ms),
-        j.spec.command.join(" ")
-    );
-}
-
 fn run_agent(a: RunArgs) -> Result<()> {
     let token = a
         .token
@@ -350,7 +146,8 @@ fn run_agent(a: RunArgs) -> Result<()> {
         .context("--token")?;
     let name = match a.name {
         Some(n) => n,
-        None => hostname()?,
+        None => tunnel_relay::rt::hostname()
+            .context("cannot read the host name from /proc/sys/kernel/hostname; pass --name")?,
     };
     let cfg = worker_agent::Config {
         state_dir: a.state_dir,
@@ -384,33 +181,14 @@ fn run_agent(a: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        };
-        worker_agent::run(cfg, shutdown).await
-    })?;
+    rt.block_on(worker_agent::run(cfg, tunnel_relay::rt::shutdown_signal()))?;
     Ok(())
 }
 
 fn main_inner(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run(a) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            tunnel_relay::rt::init_tracing(tunnel_relay::rt::DEFAULT_LOG);
             run_agent(a)
         }
         Cmd::ExecShim {
@@ -421,222 +199,10 @@ fn main_inner(cli: Cli) -> Result<()> {
             let code = worker_agent::agent::run_shim(&status_file, cgroup.as_deref(), &argv);
             std::process::exit(code);
         }
-        Cmd::Status { json, api } => {
-            let body = call(&api, "GET", "/v1/status", None)?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&body));
-                return Ok(());
-            }
-            let st: worker_agent::api::Status =
-                serde_json::from_slice(&body).context("status JSON")?;
-            println!("NVML: {:?}", st.snapshot.backend);
-            for g in &st.snapshot.gpus {
-                let s = &g.sample;
-                let opt = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
-                println!(
-                    "GPU {} {} {} [{}] util={}% mem={}/{} MiB temp={}C power={}/{} W  {}{}",
-                    s.index,
-                    s.name.as_deref().unwrap_or("?"),
-                    s.uuid,
-                    opt(s.pci_bus_id.clone()),
-                    opt(s.utilization_gpu_percent.map(|v| v.to_string())),
-                    opt(s.memory_used_bytes.map(|v| (v >> 20).to_string())),
-                    opt(s.memory_total_bytes.map(|v| (v >> 20).to_string())),
-                    opt(s.temperature_celsius.map(|v| v.to_string())),
-                    opt(s.power_draw_milliwatts.map(|v| (v / 1000).to_string())),
-                    opt(s.power_limit_milliwatts.map(|v| (v / 1000).to_string())),
-                    g.health.state.as_str(),
-                    if g.health.reasons.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", g.health.reasons.join("; "))
-                    },
-                );
-            }
-            println!(
-                "running: {:?}  queued: {:?}",
-                st.jobs_running, st.jobs_queued
-            );
-            println!("relay: {}", relay_line(st.relay.as_ref()));
-            println!("mesh: {}", mesh_line(st.mesh.as_ref()));
-            Ok(())
-        }
-        Cmd::History { json, api } => {
-            let jobs: Vec<Job> = serde_json::from_slice(&call(&api, "GET", "/v1/jobs", None)?)
-                .context("jobs JSON")?;
-            let h = worker_agent::history::summarize(&jobs);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&h)?);
-                return Ok(());
-            }
-            for e in &h.jobs {
-                println!(
-                    "{:>5} {:<12} {:<10} gpus={} start={} end={} gpu_s={:.1}",
-                    e.id,
-                    e.caller,
-                    e.result.name(),
-                    e.gpus.len(),
-                    fmt_ms(e.started_ms),
-                    fmt_ms(e.ended_ms),
-                    e.gpu_seconds
-                );
-            }
-            println!(
-                "total: {} jobs, {} succeeded, {:.1} GPU-seconds",
-                h.total_jobs, h.succeeded, h.total_gpu_seconds
-            );
-            Ok(())
-        }
-        Cmd::Jobs { cmd, api } => jobs(cmd, &api),
+        Cmd::Status { json, api } => cli::status(json, &api),
+        Cmd::History { json, api } => cli::history(json, &api),
+        Cmd::Jobs { cmd, api } => cli::jobs(cmd, &api),
     }
-}
-
-fn relay_line(l: Option<&LinkState>) -> String {
-    match l {
-        None => {
-            "not joined (jobs API on loopback only; `worker-agent run --token TOKEN` joins)".into()
-        }
-        Some(LinkState::Connecting { attempt: 1 }) => "connecting".into(),
-        Some(LinkState::Connecting { attempt }) => format!("connecting (attempt {attempt})"),
-        Some(LinkState::Connected(a)) => format!(
-            "connected to {} as {} (tags: {})",
-            a.address,
-            a.name,
-            a.tags.join(",")
-        ),
-        Some(LinkState::Retrying {
-            last_error,
-            retry_in_ms,
-            ..
-        }) => format!("reconnecting in {retry_in_ms} ms (last error: {last_error})"),
-        Some(LinkState::Failed { reason }) => format!("refused: {reason}"),
-        Some(LinkState::Stopped) => "stopped".into(),
-    }
-}
-
-fn mesh_line(m: Option<&MeshStatus>) -> String {
-    match m {
-        None => "unknown (the agent predates the mesh)".into(),
-        Some(MeshStatus::Disabled { reason }) => format!("not joined ({reason})"),
-        Some(MeshStatus::WaitingForRelay) => {
-            "waiting for the relay to admit this worker before joining".into()
-        }
-        Some(MeshStatus::Link(LinkState::Connecting { .. } | LinkState::Connected(_))) => {
-            "joining".into()
-        }
-        Some(MeshStatus::Link(LinkState::Retrying {
-            last_error,
-            retry_in_ms,
-            ..
-        })) => format!("retrying in {retry_in_ms} ms (last error: {last_error})"),
-        Some(MeshStatus::Joined(OnMesh {
-            name,
-            ipv4,
-            ipv6,
-            interface,
-            api,
-        })) => format!(
-            "joined as {name} ({ipv4}, {ipv6}) on {interface}; jobs API on {}",
-            api.iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Some(MeshStatus::Link(LinkState::Failed { reason })) => {
-            format!("failed: {reason} (reachable through the relay only)")
-        }
-        Some(MeshStatus::Link(LinkState::Stopped)) => "stopped".into(),
-    }
-}
-
-fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
-    match cmd {
-        JobsCmd::Submit {
-            gpus,
-            timeout,
-            env,
-            labels,
-            workdir,
-            cpus,
-            memory,
-            json,
-            command,
-        } => {
-            let spec = JobRequest {
-                command,
-                env: kv(&env, "--env")?,
-                workdir,
-                gpus,
-                timeout_s: timeout
-                    .as_deref()
-                    .map(|t| parse_duration("--timeout", t).map(|d| d.as_secs()))
-                    .transpose()?,
-                labels: kv(&labels, "--label")?,
-                cpus,
-                memory_bytes: memory,
-            };
-            let body = serde_json::to_string(&spec)?;
-            let out = call(api, "POST", "/v1/jobs", Some(&body))?;
-            let j: Job = serde_json::from_slice(&out).context("job JSON")?;
-            if json {
-                println!("{}", serde_json::to_string(&j)?);
-            } else {
-                println!("{}", j.id);
-            }
-        }
-        JobsCmd::List { json } => {
-            let out = call(api, "GET", "/v1/jobs", None)?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                let jobs: Vec<Job> = serde_json::from_slice(&out).context("jobs JSON")?;
-                jobs.iter().for_each(print_job);
-            }
-        }
-        JobsCmd::Show { id, json } => {
-            let out = call(api, "GET", &format!("/v1/jobs/{id}"), None)?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                print_job(&serde_json::from_slice(&out).context("job JSON")?);
-            }
-        }
-        JobsCmd::Cancel { id, json } => {
-            let out = call(api, "POST", &format!("/v1/jobs/{id}/cancel"), Some(""))?;
-            if json {
-                println!("{}", String::from_utf8_lossy(&out));
-            } else {
-                print_job(&serde_json::from_slice(&out).context("job JSON")?);
-            }
-        }
-        JobsCmd::Logs { id, follow } => {
-            let ep = endpoint(api)?;
-            let path = format!("/v1/jobs/{id}/logs?follow={follow}");
-            // The log streams to stdout as it arrives; an error answer becomes the message.
-            let mut stdout = std::io::stdout();
-            let limit = client::BodyLimit::Stream;
-            let (code, failed) = client::call(&ep, "GET", &path, None, limit, &mut stdout)?;
-            check(code, &failed)?;
-        }
-    }
-    Ok(())
-}
-
-/// The error and its causes, `: `-separated, leaving out a cause that the message before it
-/// already ends with (library errors quote their source in their own message).
-fn chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let m = cause.to_string();
-        if out.ends_with(&m) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&m);
-    }
-    out
 }
 
 fn main() -> ExitCode {
@@ -644,7 +210,7 @@ fn main() -> ExitCode {
     match main_inner(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("worker-agent: {}", chain(&e));
+            eprintln!("worker-agent: {}", cli::chain(&e));
             ExitCode::FAILURE
         }
     }

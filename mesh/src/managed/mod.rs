@@ -64,11 +64,7 @@ pub struct JoinOptions {
 
 /// The host name, for the default node name.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "node".to_string())
+    tunnel_relay::rt::hostname().unwrap_or_else(|| "node".to_string())
 }
 
 /// [`Session`] over the relay's mesh session.
