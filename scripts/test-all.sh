@@ -56,6 +56,22 @@ cargo fmt --all --check
 banner "cargo clippy --locked --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
+banner "crate graph: the libraries build alone; mesh and worker-agent link no relay server"
+# Built alone, so features are not unified with the relay binary's: a module that needs a
+# `server`-only dependency fails here, not on a user's `cargo build -p mesh`.
+cargo check --locked -p weft-proto -p mesh -p worker-agent
+for crate in weft-proto mesh worker-agent; do
+    case $crate in
+        weft-proto) banned='tokio|quinn|rusqlite|axum|rcgen' ;;
+        mesh) banned='rusqlite|axum|rcgen|prometheus-client' ;;
+        worker-agent) banned='rcgen|prometheus-client' ;;
+    esac
+    if found=$(cargo tree --locked -p "$crate" -e normal --prefix none | grep -E "^($banned) " | sort -u) && [[ -n $found ]]; then
+        die "$crate links what it must not: $found"
+    fi
+    note "$crate: none of $banned"
+done
+
 banner "cargo build --locked --release --bins"
 cargo build --locked --release --bins
 

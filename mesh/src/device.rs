@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -153,8 +153,6 @@ pub struct RouteDiff {
 /// Errors applying a configuration change.
 #[derive(Debug, thiserror::Error)]
 pub enum SetError {
-    #[error("changing the listen port of a running interface is not supported (now {current}, asked {requested}); restart `mesh up`")]
-    ListenPort { current: u16, requested: u16 },
     #[error("interface has no private key; set one before adding peers")]
     NoPrivateKey,
 }
@@ -165,7 +163,9 @@ pub struct Device {
     /// Serialises writers (UAPI set), so read-modify-swap is atomic.
     write: Mutex<()>,
     next_index: AtomicU32,
-    pub listen_port: u16,
+    /// The port the UDP socket is bound to (the shell rebinds the socket on
+    /// a UAPI `listen_port` and then records the new port here).
+    listen_port: AtomicU16,
     pub fwmark: AtomicU32,
     pub counters: Counters,
     /// WireGuard's endpoint learning (an authenticated packet from a new
@@ -182,7 +182,7 @@ impl Device {
             snapshot: RwLock::new(Arc::new(Snapshot::empty())),
             write: Mutex::new(()),
             next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),
-            listen_port,
+            listen_port: AtomicU16::new(listen_port),
             fwmark: AtomicU32::new(config.interface.fwmark.unwrap_or(0)),
             counters: Counters::default(),
             roaming: AtomicBool::new(true),
@@ -262,21 +262,15 @@ impl Device {
     }
 
     /// Applies a UAPI `set` (also used for the initial config). Returns the
-    /// change in AllowedIPs so the caller can update kernel routes.
+    /// change in AllowedIPs so the caller can update kernel routes. A
+    /// `listen_port` is the caller's: it owns the socket, rebinds it first and
+    /// then calls [`Device::set_listen_port`].
     pub fn apply(&self, req: SetRequest) -> Result<RouteDiff, SetError> {
         let _w = self.write.lock();
         let old = self.snapshot();
         let before: Vec<IpNet> = all_allowed_ips(&old);
         let mut snap = (*old).clone();
 
-        if let Some(port) = req.listen_port {
-            if port != self.listen_port && port != 0 {
-                return Err(SetError::ListenPort {
-                    current: self.listen_port,
-                    requested: port,
-                });
-            }
-        }
         if let Some(mark) = req.fwmark {
             self.fwmark.store(mark, Ordering::Relaxed);
         }
@@ -404,12 +398,22 @@ impl Device {
         Ok(())
     }
 
+    /// The port the UDP socket is bound to.
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port.load(Ordering::Relaxed)
+    }
+
+    /// Records the port the UDP socket was rebound to.
+    pub fn set_listen_port(&self, port: u16) {
+        self.listen_port.store(port, Ordering::Relaxed);
+    }
+
     /// The device as the UAPI `get` and `mesh status` report it.
     pub fn info(&self, now: SystemTime) -> DeviceInfo {
         let snap = self.snapshot();
         DeviceInfo {
             private_key: snap.identity.as_ref().map(|i| i.private_key.clone()),
-            listen_port: self.listen_port,
+            listen_port: self.listen_port(),
             fwmark: Some(self.fwmark.load(Ordering::Relaxed)).filter(|m| *m != 0),
             peers: snap
                 .peers

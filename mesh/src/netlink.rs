@@ -1,11 +1,18 @@
 //! Interface configuration through rtnetlink: MTU, addresses, link up,
-//! routes for AllowedIPs, and removal of the link on shutdown.
+//! routes for AllowedIPs (a `/0` as wg-quick's full tunnel: policy routing),
+//! and removal of the link on shutdown.
 
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// The routing table (and socket fwmark) of a full tunnel when the interface
+/// has no fwmark of its own: wg-quick's default.
+pub const FULL_TUNNEL_TABLE: u32 = 51820;
 
 /// Errors talking to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +139,69 @@ impl Link {
             .map_err(self.err(format!("removing route {net}")))
     }
 
+    /// Turns the full tunnel of one address family on or off: a default route
+    /// through this link in `table` plus [`full_tunnel_rules`]. The tunnel's
+    /// socket must carry fwmark `table`, so its own packets to peers' endpoints
+    /// keep the main table's routes. Idempotent both ways (a rule or route
+    /// already there, or already gone, is fine), so a node that crashed with
+    /// the rules in place cleans up on its next start or stop.
+    pub async fn set_full_tunnel(
+        &self,
+        v6: bool,
+        table: u32,
+        on: bool,
+    ) -> Result<(), NetlinkError> {
+        let any = if v6 {
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+        };
+        let route = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(any, 0)
+            .map_err(|_| NetlinkError::Route(IpNet::from(any)))?
+            .output_interface(self.index)
+            .table_id(table)
+            .build();
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        if on {
+            self.handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(self.err(format!(
+                    "adding the {family} full-tunnel route in table {table}"
+                )))?;
+            for rule in full_tunnel_rules(v6, table) {
+                let mut add = self.handle.rule().add();
+                *add.message_mut() = rule;
+                match add.execute().await {
+                    Err(e) if is_errno(&e, libc::EEXIST) => {}
+                    r => r.map_err(self.err(format!("adding an {family} full-tunnel rule")))?,
+                }
+            }
+            if !v6 {
+                // As wg-quick: reverse-path filtering must see the fwmark.
+                if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1") {
+                    tracing::warn!(error = %e, "cannot set net.ipv4.conf.all.src_valid_mark=1");
+                }
+            }
+        } else {
+            for rule in full_tunnel_rules(v6, table) {
+                match self.handle.rule().del(rule).execute().await {
+                    Err(e) if is_errno(&e, libc::ENOENT) => {}
+                    r => r.map_err(self.err(format!("removing an {family} full-tunnel rule")))?,
+                }
+            }
+            match self.handle.route().del(route).execute().await {
+                Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENODEV) => {}
+                r => r.map_err(self.err(format!("removing the {family} full-tunnel route")))?,
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the link (the kernel drops its addresses and routes with it).
     /// A link already gone (a TUN device disappears when its last file
     /// descriptor closes) is not an error.
@@ -147,10 +217,96 @@ impl Link {
     }
 }
 
-/// Whether a route for `net` should be installed. Default routes (`/0`) are
-/// not: sending everything into the tunnel needs policy routing so the
-/// tunnel's own UDP packets escape it (wg-quick's fwmark trick), which this
-/// node does not do yet.
+/// Whether `net` is routed as a plain route through the link. A `/0` is not:
+/// it is a full tunnel ([`Link::set_full_tunnel`]), which must leave the
+/// tunnel's own UDP packets out of it.
 pub fn installs_route(net: &IpNet) -> bool {
     net.prefix_len() != 0
+}
+
+/// The two policy rules of a full tunnel for one address family, as wg-quick
+/// writes them: `not fwmark TABLE lookup TABLE` (everything but the tunnel's
+/// own marked packets goes to the table holding the default route through the
+/// link) and `lookup main suppress_prefixlength 0` (ahead of it by the
+/// kernel's ordering of rules added later, so the main table's specific routes
+/// — the LAN, the link's own AllowedIPs — still win; only its default route is
+/// ignored).
+pub fn full_tunnel_rules(v6: bool, table: u32) -> [RuleMessage; 2] {
+    let family = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let mut not_marked = RuleMessage::default();
+    not_marked.header.family = family;
+    not_marked.header.action = RuleAction::ToTable;
+    not_marked.header.flags = RuleFlags::Invert;
+    not_marked.attributes = vec![RuleAttribute::FwMark(table), RuleAttribute::Table(table)];
+    let mut main = RuleMessage::default();
+    main.header.family = family;
+    main.header.action = RuleAction::ToTable;
+    main.header.table = MAIN_TABLE as u8;
+    main.attributes = vec![
+        RuleAttribute::Table(MAIN_TABLE),
+        RuleAttribute::SuppressPrefixLen(0),
+    ];
+    [not_marked, main]
+}
+
+/// `RT_TABLE_MAIN`.
+const MAIN_TABLE: u32 = 254;
+
+/// Whether a netlink error carries `errno`.
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| c.get()) == Some(-errno))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn full_tunnel_rules_are_wg_quicks() {
+        for v6 in [false, true] {
+            let family = if v6 {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            };
+            let [not_marked, main] = full_tunnel_rules(v6, 51820);
+            // ip rule add not fwmark 51820 table 51820
+            assert_eq!(not_marked.header.family, family);
+            assert_eq!(not_marked.header.action, RuleAction::ToTable);
+            assert!(not_marked.header.flags.contains(RuleFlags::Invert));
+            assert!(not_marked
+                .attributes
+                .contains(&RuleAttribute::FwMark(51820)));
+            assert!(not_marked.attributes.contains(&RuleAttribute::Table(51820)));
+            // ip rule add table main suppress_prefixlength 0
+            assert_eq!(main.header.family, family);
+            assert!(!main.header.flags.contains(RuleFlags::Invert));
+            assert!(main.attributes.contains(&RuleAttribute::Table(254)));
+            assert!(main
+                .attributes
+                .contains(&RuleAttribute::SuppressPrefixLen(0)));
+            assert!(!main
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::FwMark(_))));
+        }
+    }
+
+    #[test]
+    fn only_a_default_prefix_is_a_full_tunnel() {
+        for (net, route) in [
+            ("0.0.0.0/0", false),
+            ("::/0", false),
+            ("0.0.0.0/1", true),
+            ("10.0.0.0/8", true),
+            ("fd00::/64", true),
+        ] {
+            assert_eq!(installs_route(&net.parse().unwrap()), route, "{net}");
+        }
+    }
 }

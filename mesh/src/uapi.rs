@@ -7,6 +7,7 @@ pub mod codec;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -15,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::device::Device;
-use crate::netlink::{installs_route, Link};
+use crate::netlink::Link;
 use crate::udp::UdpIo;
 
 /// Largest request accepted on the UAPI socket.
@@ -125,32 +126,47 @@ async fn handle(
 async fn respond(request: &str, device: &Device, link: &Link, udp: &UdpIo) -> String {
     match codec::parse_request(request) {
         Ok(codec::Request::Get) => codec::format_get_response(&device.info(SystemTime::now())),
-        Ok(codec::Request::Set(set)) => match (set.fwmark, device.apply(set)) {
-            (_, Err(e)) => {
-                tracing::warn!(error = %e, "UAPI set rejected");
-                codec::format_errno(libc::EINVAL)
+        Ok(codec::Request::Set(set)) => {
+            // As wireguard-go: a new port (0: a random one) rebinds the
+            // socket at once; a port in use fails the whole set.
+            if let Some(port) = set
+                .listen_port
+                .filter(|p| *p == 0 || *p != device.listen_port())
+            {
+                match udp.rebind(port, device.fwmark.load(Ordering::Relaxed)) {
+                    Ok(bound) => {
+                        tracing::info!(
+                            from = device.listen_port(),
+                            to = bound,
+                            "listen port changed"
+                        );
+                        device.set_listen_port(bound);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "UAPI set rejected");
+                        return codec::format_errno(libc::EADDRINUSE);
+                    }
+                }
             }
-            (mark, Ok(diff)) => {
-                if let Some(mark) = mark {
-                    if let Err(e) = udp.set_mark(mark) {
-                        tracing::warn!(mark, error = %e, "setting the socket's fwmark failed");
-                        return codec::format_errno(libc::EPERM);
-                    }
+            let mark = set.fwmark;
+            match device.apply(set) {
+                Err(e) => {
+                    tracing::warn!(error = %e, "UAPI set rejected");
+                    codec::format_errno(libc::EINVAL)
                 }
-                // Like wg-quick at start, keep a kernel route for every AllowedIP.
-                for net in diff.removed.iter().filter(|n| installs_route(n)) {
-                    if let Err(e) = link.del_route(*net).await {
-                        tracing::debug!(%net, error = %e, "route removal failed");
+                Ok(diff) => {
+                    if let Some(mark) = mark {
+                        if let Err(e) = udp.set_mark(mark) {
+                            tracing::warn!(mark, error = %e, "setting the socket's fwmark failed");
+                            return codec::format_errno(libc::EPERM);
+                        }
                     }
+                    // Errors are logged; the device's state is already changed.
+                    let _ = crate::node::apply_route_diff(link, device, udp, &diff).await;
+                    codec::format_errno(0)
                 }
-                for net in diff.added.iter().filter(|n| installs_route(n)) {
-                    if let Err(e) = link.add_route(*net).await {
-                        tracing::warn!(%net, error = %e, "route add failed");
-                    }
-                }
-                codec::format_errno(0)
             }
-        },
+        }
         Err(e) => {
             tracing::warn!(error = %e, "bad UAPI request");
             codec::format_errno(e.errno())

@@ -34,6 +34,20 @@ pub enum BindError {
     },
     #[error("cannot set up the UDP socket: {0}")]
     Setup(#[source] io::Error),
+    #[error("cannot move to UDP port {port}: the new socket is {got}, the running one {want}")]
+    Family {
+        port: u16,
+        got: &'static str,
+        want: &'static str,
+    },
+}
+
+fn family(dual_stack: bool) -> &'static str {
+    if dual_stack {
+        "dual-stack IPv6"
+    } else {
+        "IPv4 only"
+    }
 }
 
 impl UdpIo {
@@ -64,6 +78,44 @@ impl UdpIo {
             state,
             dual_stack,
         })
+    }
+
+    /// Moves the socket to `port` (0: a random one) while the data path
+    /// runs, as `wg set NAME listen-port PORT` asks; returns the port bound.
+    ///
+    /// A new socket is bound and set up like the first (same family,
+    /// buffers, `fwmark`), then `dup3(2)` puts it under this socket's file
+    /// descriptor number. Every thread keeps using the same `UdpIo` with no
+    /// lock on the data path: a `sendmsg`/`recvmmsg` already running finishes
+    /// on the old socket, the next call uses the new one, and a `poll(2)`
+    /// waiting on the old socket returns within its timeout (the data path
+    /// polls with a short one). The old socket closes when the last of those
+    /// calls lets go of it; a port in use fails with the old socket intact.
+    pub fn rebind(&self, port: u16, fwmark: u32) -> Result<u16, BindError> {
+        let fresh = UdpIo::bind(port, Some(fwmark))?;
+        if fresh.dual_stack != self.dual_stack {
+            return Err(BindError::Family {
+                port,
+                got: family(fresh.dual_stack),
+                want: family(self.dual_stack),
+            });
+        }
+        // SAFETY: both descriptors are open sockets owned by `UdpIo`s for the
+        // duration of the call; dup3 atomically replaces what our descriptor
+        // number refers to, and `fresh` closing its own number afterwards
+        // leaves the new socket referenced by ours.
+        let r = unsafe {
+            libc::dup3(
+                fresh.socket.as_raw_fd(),
+                self.socket.as_raw_fd(),
+                libc::O_CLOEXEC,
+            )
+        };
+        if r < 0 {
+            return Err(BindError::Setup(io::Error::last_os_error()));
+        }
+        drop(fresh);
+        self.local_port().map_err(BindError::Setup)
     }
 
     /// The port actually bound.
@@ -186,5 +238,67 @@ fn map_v6(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
         IpAddr::V6(_) => addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Receives one datagram within `ms`, or `None`.
+    fn recv_one(udp: &UdpIo, ms: i32) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        let mut meta = [RecvMeta::default()];
+        let n = udp
+            .recv(&mut [IoSliceMut::new(&mut buf)], &mut meta, ms)
+            .unwrap();
+        (n == 1).then(|| buf[..meta[0].len].to_vec())
+    }
+
+    #[test]
+    fn rebind_moves_the_socket_under_the_same_descriptor() {
+        let udp = UdpIo::bind(0, None).unwrap();
+        let old = udp.local_port().unwrap();
+        let fd = udp.socket.as_raw_fd();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(b"before", ("127.0.0.1", old)).unwrap();
+        assert_eq!(recv_one(&udp, 1000).as_deref(), Some(&b"before"[..]));
+
+        let new = udp.rebind(0, 0).unwrap();
+        assert_ne!(new, old, "a random port other than the one in use");
+        assert_eq!(udp.local_port().unwrap(), new);
+        assert_eq!(udp.socket.as_raw_fd(), fd, "same descriptor number");
+
+        // The new port receives; the old one is closed (nothing arrives).
+        peer.send_to(b"old port", ("127.0.0.1", old)).unwrap();
+        peer.send_to(b"after", ("127.0.0.1", new)).unwrap();
+        assert_eq!(recv_one(&udp, 1000).as_deref(), Some(&b"after"[..]));
+        assert_eq!(recv_one(&udp, 100), None);
+        // Sends leave from the new port.
+        udp.send(peer.local_addr().unwrap(), b"reply", None)
+            .unwrap();
+        let mut buf = [0u8; 16];
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"reply"[..], new));
+    }
+
+    #[test]
+    fn rebind_to_a_port_in_use_fails_and_keeps_the_old_socket() {
+        let udp = UdpIo::bind(0, None).unwrap();
+        let old = udp.local_port().unwrap();
+        let taken = UdpIo::bind(0, None).unwrap();
+        let busy = taken.local_port().unwrap();
+        let err = udp.rebind(busy, 0).unwrap_err();
+        assert!(
+            matches!(err, BindError::Bind { port, .. } if port == busy),
+            "{err}"
+        );
+        assert_eq!(udp.local_port().unwrap(), old);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(b"still here", ("127.0.0.1", old)).unwrap();
+        assert_eq!(recv_one(&udp, 1000).as_deref(), Some(&b"still here"[..]));
     }
 }

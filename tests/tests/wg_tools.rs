@@ -239,3 +239,140 @@ fn wg_set_adds_and_removes_a_peer_at_runtime() {
         "B lost after removing C"
     );
 }
+
+/// `wg set IF listen-port N` on a running interface moves its socket (as on
+/// wireguard-go and the kernel): the new port is reported and bound, the old
+/// one is free, and the peer follows A to it (roaming on A's next packet).
+#[test]
+fn wg_set_listen_port_rebinds_the_running_socket() {
+    let l = lab("wgp");
+    let ifn = l.na.ifname().to_string();
+    let b_ip = l.nb.iface.ip(false);
+    assert!(
+        traffic::wait_ping(&l.a, &b_ip, Duration::from_secs(10)),
+        "A -> B before the change"
+    );
+    l.na.wg(&format!("set {ifn} listen-port 51900"));
+    assert_eq!(l.na.wg(&format!("show {ifn} listen-port")).trim(), "51900");
+    let bound = l.a.exec("ss -Hlun");
+    assert!(bound.contains(":51900"), "51900 not bound:\n{bound}");
+    // The old socket closes once the data path's poll on it returns (200 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while l.a.exec("ss -Hlun").contains(":51820") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old port still bound:\n{}",
+            l.a.exec("ss -Hlun")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        traffic::wait_ping(&l.a, &b_ip, Duration::from_secs(10)),
+        "A -> B after the change:\n{}",
+        l.na.log_tail(20)
+    );
+    traffic::tcp_transfer(&l.a, &l.b, &b_ip, 7004, 2).assert_intact("A -> B on the new port");
+    let endpoints = l.nb.wg(&format!("show {} endpoints", l.nb.ifname()));
+    assert!(
+        endpoints.contains("203.0.113.10:51900"),
+        "B did not follow A to its new port:\n{endpoints}"
+    );
+    // A port in use fails with the socket untouched.
+    let _squatter = l.a.spawn("socat -u UDP6-RECV:51901 /dev/null");
+    assert!(
+        l.a.wait_listen('u', 51901, Duration::from_secs(5)),
+        "squatter on 51901"
+    );
+    let refused = l.a.output(&format!("wg set {ifn} listen-port 51901"));
+    assert!(
+        !refused.status.success(),
+        "wg set onto a port in use succeeded"
+    );
+    assert_eq!(l.na.wg(&format!("show {ifn} listen-port")).trim(), "51900");
+    assert!(
+        traffic::ping(&l.a, &b_ip, 2, 0.05, 1).all_ok(),
+        "A -> B after a refused change"
+    );
+}
+
+/// A peer with `AllowedIPs = 0.0.0.0/0` is a full tunnel, as wg-quick makes it:
+/// A's traffic to the rest of the internet leaves through B (which NATs it),
+/// while A's own WireGuard packets to B's endpoint and its LAN stay outside
+/// the tunnel; stopping the node removes the policy rules.
+#[test]
+fn allowed_ips_everything_is_a_full_tunnel_that_keeps_the_endpoints_reachable() {
+    let tag = "wgf";
+    let net = Internet::new(tag);
+    let a = net.host(tag, "203.0.113.10");
+    let b = net.host(tag, "203.0.113.20");
+    let c = net.host(&format!("{tag}-c"), "198.51.100.30");
+    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51821)];
+    connect_full_mesh(
+        &mut ifs,
+        &["203.0.113.10:51820".into(), "203.0.113.20:51821".into()],
+    );
+    ifs[0].peers[0].allowed_ips = vec!["0.0.0.0/0".into()];
+    let a_ip = ifs[0].ip(false);
+    // B is the exit: it forwards A's overlay traffic and masquerades it.
+    b.enable_forwarding();
+    b.exec(&format!(
+        "nft add table ip exit && nft add chain ip exit post '{{ type nat hook postrouting priority 100; }}' && \
+         nft add rule ip exit post oifname eth0 ip saddr {a_ip} masquerade"
+    ));
+    // C counts where its connections come from.
+    c.exec(
+        "nft add table inet seen && nft add chain inet seen in '{ type filter hook input priority 0; }' && \
+         nft add rule inet seen in ip saddr 203.0.113.20 tcp dport 7005 counter && \
+         nft add rule inet seen in ip saddr 203.0.113.10 tcp dport 7005 counter",
+    );
+    let counters = || -> Vec<u64> {
+        c.exec("nft list chain inet seen in")
+            .lines()
+            .filter_map(|l| l.split("counter packets ").nth(1))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    };
+    let mut na = MeshNode::start(&a, &ifs[0]);
+    let _nb = MeshNode::start(&b, &ifs[1]);
+    let ifn = na.ifname().to_string();
+
+    let route = a.exec("ip route get 198.51.100.30");
+    assert!(
+        route.contains(&format!("dev {ifn}")),
+        "not into the tunnel: {route}"
+    );
+    let route = a.exec("ip route get 203.0.113.20 mark 51820");
+    assert!(
+        route.contains("dev eth0"),
+        "the tunnel's own packets would loop: {route}"
+    );
+    let rules = a.exec("ip rule show");
+    assert!(
+        rules.contains("not from all fwmark 0xca6c lookup 51820"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("lookup main suppress_prefixlength 0"),
+        "{rules}"
+    );
+    assert_eq!(na.wg(&format!("show {ifn} fwmark")).trim(), "0xca6c");
+
+    traffic::tcp_transfer(&a, &c, "198.51.100.30", 7005, 2).assert_intact("A -> C through B");
+    let seen = counters();
+    assert!(
+        seen[0] > 0 && seen[1] == 0,
+        "C saw A's connection from {seen:?} (B's address, A's)"
+    );
+    // The LAN (a more specific route in main) stays outside the tunnel.
+    let route = a.exec("ip route get 203.0.113.20");
+    assert!(route.contains("dev eth0"), "LAN into the tunnel: {route}");
+
+    assert!(na.stop().success(), "node exit:\n{}", na.log_tail(20));
+    let rules = a.exec("ip rule show");
+    assert!(!rules.contains("51820"), "rules left behind:\n{rules}");
+    let route = a.exec("ip route get 198.51.100.30");
+    assert!(
+        route.contains("dev eth0"),
+        "not back to the direct path: {route}"
+    );
+}

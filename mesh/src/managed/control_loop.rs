@@ -186,7 +186,7 @@ impl<S: Session> ControlLoop<S> {
         tracing::info!(socket = %ctl_path.display(), "control socket for mesh status and mesh ping");
         let mut pings = Pings::default();
         let relay_task = tokio::spawn(relay_rx(h.clone(), self.io.clone()));
-        let port = h.device.listen_port;
+        let mut port = h.device.listen_port();
         let locals: Vec<SocketAddr> = local_ips(&self.interface, &pools)
             .into_iter()
             .map(|ip| SocketAddr::new(ip, port))
@@ -265,10 +265,13 @@ impl<S: Session> ControlLoop<S> {
                     ticks += 1;
                     if ticks % 10 == 0 {
                         // Every 2 s: did this host move to another network?
+                        // (or was its socket moved: `wg set listen-port`)
                         let ips = local_ips(&self.interface, &pools);
-                        if ips != local_now {
-                            tracing::info!(from = ?local_now, to = ?ips, "local addresses changed");
+                        let port_now = h.device.listen_port();
+                        if ips != local_now || port_now != port {
+                            tracing::info!(from = ?local_now, to = ?ips, port = port_now, "local addresses changed");
                             local_now = ips;
+                            port = port_now;
                             let locals = local_now.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
                             let outs = self.ctl.set_local_addrs(locals);
                             self.apply(&h, outs, &mut pings);
