@@ -138,8 +138,8 @@ pub fn endpoint(a: &ApiArgs) -> Result<client::Endpoint> {
 fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec<u8>> {
     let ep = endpoint(a)?;
     let mut body_out = Vec::new();
-    let limit = client::BodyLimit::Max(client::MAX_BODY);
-    let (code, failed) = client::call(&ep, method, path, body, limit, &mut body_out)?;
+    let req = client::Call::new(method, path, body);
+    let (code, failed) = client::call(&ep, req, &mut body_out)?;
     check(code, &failed)?;
     Ok(body_out)
 }
@@ -163,18 +163,9 @@ pub async fn status_on_session(
     worker: &str,
 ) -> Result<crate::api::Status> {
     let mut body = Vec::new();
-    let limit = client::BodyLimit::Max(client::MAX_BODY);
-    let (code, failed) = client::call_on_session(
-        session,
-        state_dir,
-        worker,
-        "GET",
-        STATUS_PATH,
-        None,
-        limit,
-        &mut body,
-    )
-    .await?;
+    let req = client::Call::get(STATUS_PATH);
+    let (code, failed) =
+        client::call_on_session(session, state_dir, worker, req, &mut body).await?;
     check(code, &failed)?;
     serde_json::from_slice(&body).context("status JSON")
 }
@@ -410,8 +401,8 @@ pub fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
             let path = format!("/v1/jobs/{id}/logs?follow={follow}");
             // The log streams to stdout as it arrives; an error answer becomes the message.
             let mut stdout = std::io::stdout();
-            let limit = client::BodyLimit::Stream;
-            let (code, failed) = client::call(&ep, "GET", &path, None, limit, &mut stdout)?;
+            let req = client::Call::get(&path).streamed();
+            let (code, failed) = client::call(&ep, req, &mut stdout)?;
             check(code, &failed)?;
         }
     }

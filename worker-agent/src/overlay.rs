@@ -552,7 +552,7 @@ async fn mesh_caller(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::client::{call_async, BodyLimit, Endpoint, MAX_BODY};
+    use crate::client::{call_async, Call, Endpoint};
     use axum::routing::get;
     use axum::Extension;
     use weft_proto::acl::AclPolicy;
@@ -588,16 +588,10 @@ mod tests {
 
     async fn get_who(addr: SocketAddr) -> (u16, String) {
         let mut out = Vec::new();
-        let (code, failed) = call_async(
-            &Endpoint::Local(format!("http://{addr}")),
-            "GET",
-            "/who",
-            None,
-            BodyLimit::Max(MAX_BODY),
-            &mut out,
-        )
-        .await
-        .unwrap();
+        let endpoint = Endpoint::Local(format!("http://{addr}"));
+        let (code, failed) = call_async(&endpoint, Call::get("/who"), &mut out)
+            .await
+            .unwrap();
         out.extend(failed);
         (code, String::from_utf8(out).unwrap())
     }
