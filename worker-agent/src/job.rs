@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a caller submits (`POST /v1/jobs`), before validation: [`JobRequest::validate`] turns
 /// it into the [`JobSpec`] the queue accepts, or names what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     pub command: Vec<String>,
@@ -105,50 +105,35 @@ impl JobRequest {
                 return Err(SpecError::NotADirectory(w.clone()));
             }
         }
-        let JobRequest {
-            command,
-            env,
-            workdir,
-            gpus,
-            timeout_s,
-            labels,
-            cpus,
-            memory_bytes,
-        } = self;
-        Ok(JobSpec {
-            command,
-            env,
-            workdir,
-            gpus,
-            timeout_s,
-            labels,
-            cpus,
-            memory_bytes,
-        })
+        Ok(JobSpec(self))
     }
 }
 
-/// A validated job request, as recorded in the job (same JSON shape as [`JobRequest`]).
+/// A validated job request, as recorded in the job: the [`JobRequest`] that
+/// [`JobRequest::validate`] accepted, read through `Deref` (same JSON shape; a job read back
+/// from the store is not checked again).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobSpec {
-    pub command: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub workdir: Option<String>,
-    #[serde(default)]
-    pub gpus: u32,
-    #[serde(default)]
-    pub timeout_s: Option<u64>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// CPU limit in cores (cgroup v2 `cpu.max`); refused where cgroups are not available.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpus: Option<f64>,
-    /// Memory limit in bytes (cgroup v2 `memory.max`); refused where cgroups are not available.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_bytes: Option<u64>,
+#[serde(transparent)]
+pub struct JobSpec(JobRequest);
+
+impl std::ops::Deref for JobSpec {
+    type Target = JobRequest;
+    fn deref(&self) -> &JobRequest {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+impl JobSpec {
+    /// `true` on `gpus` GPUs with `timeout_s`, unchecked (for the job, queue and store tests).
+    pub(crate) fn for_test(gpus: u32, timeout_s: Option<u64>) -> Self {
+        JobSpec(JobRequest {
+            command: vec!["true".into()],
+            gpus,
+            timeout_s,
+            ..JobRequest::default()
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -417,17 +402,13 @@ mod tests {
     use super::*;
 
     fn job(timeout: Option<u64>) -> Job {
-        let spec = JobSpec {
-            command: vec!["true".into()],
-            env: BTreeMap::new(),
-            workdir: None,
-            gpus: 1,
-            timeout_s: timeout,
-            labels: BTreeMap::new(),
-            cpus: None,
-            memory_bytes: None,
-        };
-        Job::new(1, "local".into(), spec, 1000, "x.log".into())
+        Job::new(
+            1,
+            "local".into(),
+            JobSpec::for_test(1, timeout),
+            1000,
+            "x.log".into(),
+        )
     }
 
     #[test]

@@ -539,16 +539,7 @@ mod tests {
     const GRACE: u64 = 10_000;
 
     fn spec(gpus: u32, timeout_s: Option<u64>) -> JobSpec {
-        JobSpec {
-            command: vec!["true".into()],
-            env: BTreeMap::new(),
-            workdir: None,
-            gpus,
-            timeout_s,
-            labels: BTreeMap::new(),
-            cpus: None,
-            memory_bytes: None,
-        }
+        JobSpec::for_test(gpus, timeout_s)
     }
 
     fn gpus(n: usize) -> Vec<String> {

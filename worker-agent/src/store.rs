@@ -189,16 +189,7 @@ mod tests {
     use super::*;
 
     fn job(id: u64, state: &str) -> Job {
-        let spec = crate::job::JobSpec {
-            command: vec!["true".into()],
-            env: Default::default(),
-            workdir: None,
-            gpus: 0,
-            timeout_s: None,
-            labels: Default::default(),
-            cpus: None,
-            memory_bytes: None,
-        };
+        let spec = crate::job::JobSpec::for_test(0, None);
         let mut j = Job::new(id, "@local".into(), spec, 1, "x.log".into());
         if state == "lost" {
             j.lost(2, "x".into());
