@@ -174,6 +174,30 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
 }
 
+impl ExitInfo {
+    /// It is not known how the process ended (no status was recorded).
+    pub const UNKNOWN: ExitInfo = ExitInfo {
+        code: None,
+        signal: None,
+    };
+
+    /// The process exited with `code`.
+    pub const fn with_code(code: i32) -> Self {
+        ExitInfo {
+            code: Some(code),
+            signal: None,
+        }
+    }
+
+    /// The process was killed by `signal`.
+    pub const fn by_signal(signal: i32) -> Self {
+        ExitInfo {
+            code: None,
+            signal: Some(signal),
+        }
+    }
+}
+
 /// Why the agent is stopping a running job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -415,40 +439,16 @@ mod tests {
     fn success_and_failure() {
         let mut j = job(None);
         j.start(2000, 10, vec!["GPU-a".into()]).unwrap();
-        j.exited(
-            5000,
-            ExitInfo {
-                code: Some(0),
-                signal: None,
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(5000, ExitInfo::with_code(0), false).unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         assert_eq!(j.gpu_seconds(), 3.0);
         let mut j = job(None);
         j.start(2000, 10, vec![]).unwrap();
-        j.exited(
-            3000,
-            ExitInfo {
-                code: Some(3),
-                signal: None,
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(3000, ExitInfo::with_code(3), false).unwrap();
         assert_eq!(j.state, JobState::Failed { exit_code: 3 });
         let mut j = job(None);
         j.start(2000, 10, vec![]).unwrap();
-        j.exited(
-            3000,
-            ExitInfo {
-                code: None,
-                signal: Some(9),
-            },
-            true,
-        )
-        .unwrap();
+        j.exited(3000, ExitInfo::by_signal(9), true).unwrap();
         assert_eq!(
             j.state,
             JobState::Killed {
@@ -468,15 +468,7 @@ mod tests {
         j.start(2000, 10, vec![]).unwrap();
         assert_eq!(j.cancel(2100), CancelAction::Terminate);
         assert_eq!(j.cancel(2200), CancelAction::Nothing);
-        j.exited(
-            2300,
-            ExitInfo {
-                code: None,
-                signal: Some(15),
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(2300, ExitInfo::by_signal(15), false).unwrap();
         assert_eq!(j.state, JobState::Cancelled);
     }
 
@@ -488,15 +480,7 @@ mod tests {
         assert!(!j.handle_timeout(11_999));
         assert!(j.handle_timeout(12_000));
         assert!(!j.handle_timeout(12_500));
-        j.exited(
-            12_600,
-            ExitInfo {
-                code: None,
-                signal: Some(15),
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(12_600, ExitInfo::by_signal(15), false).unwrap();
         assert_eq!(j.state, JobState::TimedOut);
     }
 
