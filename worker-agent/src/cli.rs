@@ -1,8 +1,9 @@
 //! The agent's client commands, flags and all, shared by the `worker-agent`
 //! binary (`status`, `jobs …`, `history`) and `weft` (`weft jobs …`,
-//! `weft history`, and the GPU column of `weft status`): both flatten
-//! [`ApiArgs`] and [`JobsCmd`] and call the functions here, which talk to the
-//! API through [`crate::client`] and print.
+//! `weft history`, and the GPU column of `weft status`): each binary takes
+//! [`JobsArgs`] and [`ReportArgs`] as its own subcommands (with its own
+//! one-line help) and calls the function of the same name here, which talks
+//! to the API through [`crate::client`] and prints.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,6 +42,24 @@ pub struct ApiArgs {
     /// to find api.url (default: /var/lib/weft-agent).
     #[arg(long, env = "WEFT_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
+}
+
+/// `jobs SUBCOMMAND`: what to do, and which agent.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    pub cmd: JobsCmd,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `history`, `status`: a report from an agent, as a table or as JSON.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// How the engineer's CLI reaches a worker.
@@ -207,7 +226,8 @@ fn print_job(j: &Job) {
 }
 
 /// `status`: GPUs, their health, running and queued jobs, relay and mesh.
-pub fn status(json: bool, api: &ApiArgs) -> Result<()> {
+pub fn status(a: &ReportArgs) -> Result<()> {
+    let (json, api) = (a.json, &a.api);
     let body = call(api, "GET", STATUS_PATH, None)?;
     if json {
         println!("{}", String::from_utf8_lossy(&body));
@@ -248,7 +268,8 @@ pub fn status(json: bool, api: &ApiArgs) -> Result<()> {
 }
 
 /// `history`: finished jobs with GPU-seconds, and totals.
-pub fn history(json: bool, api: &ApiArgs) -> Result<()> {
+pub fn history(a: &ReportArgs) -> Result<()> {
+    let (json, api) = (a.json, &a.api);
     let jobs: Vec<Job> =
         serde_json::from_slice(&call(api, "GET", "/v1/jobs", None)?).context("jobs JSON")?;
     let h = crate::history::summarize(&jobs);
@@ -339,7 +360,9 @@ fn timeout_secs(d: Duration) -> u64 {
 }
 
 /// `jobs …`.
-pub fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
+pub fn jobs(a: JobsArgs) -> Result<()> {
+    let JobsArgs { cmd, api } = a;
+    let api = &api;
     match cmd {
         JobsCmd::Submit {
             gpus,
