@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tunnel_relay::cli::{self as relay_cli, StateDirArg};
 use tunnel_relay::rt;
-use worker_agent::cli::{ApiArgs, JobsCmd};
+use worker_agent::cli::{JobsArgs, ReportArgs};
 
 #[derive(Parser)]
 #[command(
@@ -60,19 +60,9 @@ enum Cmd {
     /// Ping a mesh peer by name or overlay IP: which path answered (direct or relay) and how fast.
     Ping(mesh::cli::PingArgs),
     /// Submit, list, show, follow and cancel jobs on a worker (--worker NAME).
-    Jobs {
-        #[command(subcommand)]
-        cmd: JobsCmd,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Jobs(JobsArgs),
     /// Finished jobs on a worker with their GPU-seconds, and totals (--worker NAME).
-    History {
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    History(ReportArgs),
 }
 
 /// `weft up`: `mesh up`'s managed-mode flags, with the engineer's identity by default.
@@ -141,8 +131,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Status(a) => block_on(status::run(a)),
         Cmd::Ping(a) => mesh::cli::ping(&a),
-        Cmd::Jobs { cmd, api } => worker_agent::cli::jobs(cmd, &api),
-        Cmd::History { json, api } => worker_agent::cli::history(json, &api),
+        Cmd::Jobs(a) => worker_agent::cli::jobs(a),
+        Cmd::History(a) => worker_agent::cli::history(&a),
     }
 }
 

@@ -99,7 +99,9 @@ fn read_status(path: &Path) -> Option<ExitInfo> {
     })
 }
 
-fn alive(pid: u32) -> bool {
+/// Whether process `pid` exists and is not a zombie (an exited process not yet reaped is not
+/// alive for our purposes).
+pub fn alive(pid: u32) -> bool {
     let Ok(p) = libc::pid_t::try_from(pid) else {
         return false;
     };

@@ -1,8 +1,9 @@
 //! The agent's client commands, flags and all, shared by the `worker-agent`
 //! binary (`status`, `jobs …`, `history`) and `weft` (`weft jobs …`,
-//! `weft history`, and the GPU column of `weft status`): both flatten
-//! [`ApiArgs`] and [`JobsCmd`] and call the functions here, which talk to the
-//! API through [`crate::client`] and print.
+//! `weft history`, and the GPU column of `weft status`): each binary takes
+//! [`JobsArgs`] and [`ReportArgs`] as its own subcommands (with its own
+//! one-line help) and calls the function of the same name here, which talks
+//! to the API through [`crate::client`] and prints.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,6 +42,24 @@ pub struct ApiArgs {
     /// to find api.url (default: /var/lib/weft-agent).
     #[arg(long, env = "WEFT_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
+}
+
+/// `jobs SUBCOMMAND`: what to do, and which agent.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    pub cmd: JobsCmd,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `history`, `status`: a report from an agent, as a table or as JSON.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// How the engineer's CLI reaches a worker.
@@ -138,8 +157,8 @@ pub fn endpoint(a: &ApiArgs) -> Result<client::Endpoint> {
 fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec<u8>> {
     let ep = endpoint(a)?;
     let mut body_out = Vec::new();
-    let limit = client::BodyLimit::Max(client::MAX_BODY);
-    let (code, failed) = client::call(&ep, method, path, body, limit, &mut body_out)?;
+    let req = client::Call::new(method, path, body);
+    let (code, failed) = client::call(&ep, req, &mut body_out)?;
     check(code, &failed)?;
     Ok(body_out)
 }
@@ -163,18 +182,9 @@ pub async fn status_on_session(
     worker: &str,
 ) -> Result<crate::api::Status> {
     let mut body = Vec::new();
-    let limit = client::BodyLimit::Max(client::MAX_BODY);
-    let (code, failed) = client::call_on_session(
-        session,
-        state_dir,
-        worker,
-        "GET",
-        STATUS_PATH,
-        None,
-        limit,
-        &mut body,
-    )
-    .await?;
+    let req = client::Call::get(STATUS_PATH);
+    let (code, failed) =
+        client::call_on_session(session, state_dir, worker, req, &mut body).await?;
     check(code, &failed)?;
     serde_json::from_slice(&body).context("status JSON")
 }
@@ -216,7 +226,8 @@ fn print_job(j: &Job) {
 }
 
 /// `status`: GPUs, their health, running and queued jobs, relay and mesh.
-pub fn status(json: bool, api: &ApiArgs) -> Result<()> {
+pub fn status(a: &ReportArgs) -> Result<()> {
+    let (json, api) = (a.json, &a.api);
     let body = call(api, "GET", STATUS_PATH, None)?;
     if json {
         println!("{}", String::from_utf8_lossy(&body));
@@ -257,7 +268,8 @@ pub fn status(json: bool, api: &ApiArgs) -> Result<()> {
 }
 
 /// `history`: finished jobs with GPU-seconds, and totals.
-pub fn history(json: bool, api: &ApiArgs) -> Result<()> {
+pub fn history(a: &ReportArgs) -> Result<()> {
+    let (json, api) = (a.json, &a.api);
     let jobs: Vec<Job> =
         serde_json::from_slice(&call(api, "GET", "/v1/jobs", None)?).context("jobs JSON")?;
     let h = crate::history::summarize(&jobs);
@@ -348,7 +360,9 @@ fn timeout_secs(d: Duration) -> u64 {
 }
 
 /// `jobs …`.
-pub fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
+pub fn jobs(a: JobsArgs) -> Result<()> {
+    let JobsArgs { cmd, api } = a;
+    let api = &api;
     match cmd {
         JobsCmd::Submit {
             gpus,
@@ -410,8 +424,8 @@ pub fn jobs(cmd: JobsCmd, api: &ApiArgs) -> Result<()> {
             let path = format!("/v1/jobs/{id}/logs?follow={follow}");
             // The log streams to stdout as it arrives; an error answer becomes the message.
             let mut stdout = std::io::stdout();
-            let limit = client::BodyLimit::Stream;
-            let (code, failed) = client::call(&ep, "GET", &path, None, limit, &mut stdout)?;
+            let req = client::Call::get(&path).streamed();
+            let (code, failed) = client::call(&ep, req, &mut stdout)?;
             check(code, &failed)?;
         }
     }

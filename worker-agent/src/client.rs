@@ -34,6 +34,41 @@ pub enum BodyLimit {
     Max(usize),
 }
 
+/// One request to the agent API: what to ask, and how much of a 2xx answer may come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// A JSON body (a POST always says its `Content-Length`, 0 without one).
+    pub body: Option<&'a str>,
+    pub limit: BodyLimit,
+}
+
+impl<'a> Call<'a> {
+    /// A request whose answer is read into memory: at most [`MAX_BODY`].
+    pub fn new(method: &'a str, path: &'a str, body: Option<&'a str>) -> Self {
+        Call {
+            method,
+            path,
+            body,
+            limit: BodyLimit::Max(MAX_BODY),
+        }
+    }
+
+    /// A `GET` whose answer is read into memory: at most [`MAX_BODY`].
+    pub fn get(path: &'a str) -> Self {
+        Call::new("GET", path, None)
+    }
+
+    /// The same request with its answer streamed, however long (logs).
+    pub fn streamed(self) -> Self {
+        Call {
+            limit: BodyLimit::Stream,
+            ..self
+        }
+    }
+}
+
 /// A byte count for messages: `16 MiB`, `64 KiB`, `10 bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bytes(pub usize);
@@ -80,6 +115,20 @@ pub enum ClientError {
     Resolve { name: String, msg: String },
 }
 
+impl ClientError {
+    /// For `map_err`: the relay failed us on the way to `worker` as the identity in `state_dir`.
+    fn relay<'a>(
+        worker: &'a str,
+        state_dir: &'a Path,
+    ) -> impl FnOnce(tunnel_relay::ClientError) -> Self + 'a {
+        move |source| ClientError::Relay {
+            worker: worker.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Where the API is.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
@@ -117,21 +166,24 @@ fn host_of(base: &str) -> Result<String, ClientError> {
 }
 
 /// Sends one HTTP/1.1 request on `stream` (hyper's client connection; `Connection: close`).
-/// A 2xx answer's body is written to `sink` as it arrives, within `limit`; any other answer's
-/// body (at most [`MAX_ERROR_BODY`]) is returned instead, for the error message. `addr` names
-/// the far end in errors and is sent as `Host`.
+/// A 2xx answer's body is written to `sink` as it arrives, within the call's limit; any other
+/// answer's body (at most [`MAX_ERROR_BODY`]) is returned instead, for the error message.
+/// `addr` names the far end in errors and is sent as `Host`.
 pub async fn request_on<S>(
     stream: S,
     addr: &str,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    limit: BodyLimit,
+    call: Call<'_>,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Call {
+        method,
+        path,
+        body,
+        limit,
+    } = call;
     let http = |source| ClientError::Http {
         addr: addr.to_string(),
         source,
@@ -343,10 +395,7 @@ async fn magic_dns_a(name: &str) -> Result<Ipv4Addr, String> {
 /// and the body of a non-2xx answer.
 pub async fn call_async(
     endpoint: &Endpoint,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    limit: BodyLimit,
+    call: Call<'_>,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError> {
     match endpoint {
@@ -358,7 +407,7 @@ pub async fn call_async(
                     addr: host.clone(),
                     source,
                 })?;
-            request_on(tcp, &host, method, path, body, limit, sink).await
+            request_on(tcp, &host, call, sink).await
         }
         Endpoint::Mesh { worker } => {
             let addr = resolve_mesh(worker).await?;
@@ -369,18 +418,13 @@ pub async fn call_async(
                     addr: format!("{label} ({addr})"),
                     source,
                 })?;
-            request_on(tcp, &label, method, path, body, limit, sink).await
+            request_on(tcp, &label, call, sink).await
         }
         Endpoint::Relay { state_dir, worker } => {
             let session = tunnel_relay::client::session(state_dir)
                 .await
-                .map_err(|source| ClientError::Relay {
-                    worker: worker.clone(),
-                    state_dir: state_dir.clone(),
-                    source,
-                })?;
-            let res =
-                call_on_session(&session, state_dir, worker, method, path, body, limit, sink).await;
+                .map_err(ClientError::relay(worker, state_dir))?;
+            let res = call_on_session(&session, state_dir, worker, call, sink).await;
             session.close().await;
             res
         }
@@ -389,70 +433,36 @@ pub async fn call_async(
 
 /// One request to `worker`'s `agent` service on an open relay session (which stays open: one
 /// session serves many workers). `state_dir` (the session's identity) names it in errors.
-#[allow(clippy::too_many_arguments)]
 pub async fn call_on_session(
     session: &tunnel_relay::Session,
     state_dir: &Path,
     worker: &str,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    limit: BodyLimit,
+    call: Call<'_>,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError> {
     let (send, recv) = session
         .open(worker, AGENT_SERVICE)
         .await
-        .map_err(|source| ClientError::Relay {
-            worker: worker.to_string(),
-            state_dir: state_dir.to_path_buf(),
-            source,
-        })?;
+        .map_err(ClientError::relay(worker, state_dir))?;
     let label = format!("{worker}/{AGENT_SERVICE}");
-    request_on(
-        tokio::io::join(recv, send),
-        &label,
-        method,
-        path,
-        body,
-        limit,
-        sink,
-    )
-    .await
+    request_on(tokio::io::join(recv, send), &label, call, sink).await
 }
 
 /// [`call_async`] on a private current-thread runtime (not from inside a runtime).
 pub fn call(
     endpoint: &Endpoint,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    limit: BodyLimit,
+    call: Call<'_>,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ClientError::Runtime)?;
-    rt.block_on(call_async(endpoint, method, path, body, limit, sink))
+    rt.block_on(call_async(endpoint, call, sink))
 }
 
-fn local(
-    base: &str,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    limit: BodyLimit,
-    sink: &mut dyn Write,
-) -> Result<u16, ClientError> {
-    let (code, failed) = call(
-        &Endpoint::Local(base.to_string()),
-        method,
-        path,
-        body,
-        limit,
-        sink,
-    )?;
+fn local(base: &str, req: Call<'_>, sink: &mut dyn Write) -> Result<u16, ClientError> {
+    let (code, failed) = call(&Endpoint::Local(base.to_string()), req, sink)?;
     sink.write_all(&failed).map_err(ClientError::Sink)?;
     Ok(code)
 }
@@ -466,7 +476,7 @@ pub fn request_to(
     body: Option<&str>,
     sink: &mut dyn Write,
 ) -> Result<u16, ClientError> {
-    local(base, method, path, body, BodyLimit::Stream, sink)
+    local(base, Call::new(method, path, body).streamed(), sink)
 }
 
 /// Blocking: one request to the local API at `base`, whole body (at most [`MAX_BODY`])
@@ -478,7 +488,7 @@ pub fn request(
     body: Option<&str>,
 ) -> Result<(u16, Vec<u8>), ClientError> {
     let mut out = Vec::new();
-    let code = local(base, method, path, body, BodyLimit::Max(MAX_BODY), &mut out)?;
+    let code = local(base, Call::new(method, path, body), &mut out)?;
     Ok((code, out))
 }
 
@@ -519,12 +529,10 @@ mod tests {
         }
     }
 
-    /// Runs `request_on` against a canned response.
+    /// Runs `request_on` with `call` against a canned response: (result, sink, request).
     async fn exchange_with(
         response: &'static [u8],
-        method: &str,
-        body: Option<&str>,
-        limit: BodyLimit,
+        call: Call<'_>,
     ) -> (Result<(u16, Vec<u8>), ClientError>, Vec<u8>, String) {
         let (client, mut server) = tokio::io::duplex(1 << 16);
         let srv = tokio::spawn(async move {
@@ -534,17 +542,27 @@ mod tests {
             req
         });
         let mut sink = Vec::new();
-        let res = request_on(
-            client, "w1/agent", method, "/v1/jobs", body, limit, &mut sink,
-        )
-        .await;
+        let res = request_on(client, "w1/agent", call, &mut sink).await;
         (res, sink, srv.await.unwrap())
+    }
+
+    /// (result, sink) of a GET of `/v1/jobs` with `limit`.
+    async fn get(
+        response: &'static [u8],
+        limit: BodyLimit,
+    ) -> (Result<(u16, Vec<u8>), ClientError>, Vec<u8>) {
+        let call = Call {
+            limit,
+            ..Call::get("/v1/jobs")
+        };
+        let (res, sink, _) = exchange_with(response, call).await;
+        (res, sink)
     }
 
     /// (code, error body, sink, request) of a POST `{}` with a 16 MiB limit.
     async fn exchange(response: &'static [u8]) -> (u16, Vec<u8>, Vec<u8>, String) {
         let (res, sink, req) =
-            exchange_with(response, "POST", Some("{}"), BodyLimit::Max(MAX_BODY)).await;
+            exchange_with(response, Call::new("POST", "/v1/jobs", Some("{}"))).await;
         let (code, failed) = res.unwrap();
         (code, failed, sink, req)
     }
@@ -578,22 +596,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_post_without_a_body_says_content_length_0() {
-        let (res, _, req) = exchange_with(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-            "POST",
-            None,
-            BodyLimit::Max(MAX_BODY),
-        )
-        .await;
+        const EMPTY_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let (res, _, req) = exchange_with(EMPTY_OK, Call::new("POST", "/v1/jobs", None)).await;
         assert_eq!(res.unwrap().0, 200);
         assert!(req.contains("\r\nContent-Length: 0\r\n"), "{req:?}");
-        let (_, _, req) = exchange_with(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-            "GET",
-            None,
-            BodyLimit::Max(MAX_BODY),
-        )
-        .await;
+        let (_, _, req) = exchange_with(EMPTY_OK, Call::get("/v1/jobs")).await;
         assert!(
             req.starts_with("GET /v1/jobs HTTP/1.1\r\n") && !req.contains("Content-Length"),
             "{req:?}"
@@ -612,10 +619,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_content_length_over_the_limit_is_refused_before_reading() {
-        let (res, sink, _) = exchange_with(
+        let (res, sink) = get(
             b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999\r\n\r\nabc",
-            "GET",
-            None,
             BodyLimit::Max(MAX_BODY),
         )
         .await;
@@ -627,10 +632,8 @@ mod tests {
         );
         assert!(sink.is_empty());
         // the same for an error answer
-        let (res, _, _) = exchange_with(
+        let (res, _) = get(
             b"HTTP/1.1 500 Oops\r\ncontent-length: 99999999999999\r\n\r\nabc",
-            "GET",
-            None,
             BodyLimit::Stream,
         )
         .await;
@@ -644,10 +647,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunked_body_over_the_limit_is_refused() {
-        let (res, _, _) = exchange_with(
+        let (res, _) = get(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nabcdef\r\n6\r\nghijkl\r\n0\r\n\r\n",
-            "GET",
-            None,
             BodyLimit::Max(10),
         )
         .await;
@@ -658,10 +659,8 @@ mod tests {
     #[tokio::test]
     async fn a_huge_announced_chunk_allocates_nothing_and_streams_what_came() {
         // the old parser did `vec![0; size]` with this size (256 TiB)
-        let (res, sink, _) = exchange_with(
+        let (res, sink) = get(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nffffffffffff\r\nabc",
-            "GET",
-            None,
             BodyLimit::Stream,
         )
         .await;
@@ -669,6 +668,13 @@ mod tests {
         assert!(matches!(err, ClientError::Http { .. }), "{err:?}");
         assert!(err.to_string().contains("w1/agent"), "{err}");
         assert_eq!(sink, b"abc");
+    }
+
+    /// A streamed GET of `response` fails, with an error that names the agent.
+    async fn assert_fails_naming_the_agent(response: &'static [u8]) {
+        let (res, _) = get(response, BodyLimit::Stream).await;
+        let err = res.unwrap_err();
+        assert!(err.to_string().contains("w1/agent"), "{err}");
     }
 
     #[tokio::test]
@@ -680,23 +686,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
             b"",
         ] {
-            let (client, mut server) = tokio::io::duplex(1 << 16);
-            tokio::spawn(async move {
-                let _ = read_request(&mut server).await;
-                let _ = server.write_all(resp).await;
-            });
-            let err = request_on(
-                client,
-                "w1/agent",
-                "GET",
-                "/v1/jobs",
-                None,
-                BodyLimit::Stream,
-                &mut Vec::new(),
-            )
-            .await
-            .unwrap_err();
-            assert!(err.to_string().contains("w1/agent"), "{err}");
+            assert_fails_naming_the_agent(resp).await;
         }
     }
 
@@ -720,22 +710,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_truncated_answer_is_an_error() {
-        let (client, mut server) = tokio::io::duplex(1 << 16);
-        tokio::spawn(async move {
-            let _ = read_request(&mut server).await;
-            let _ = server.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
-        });
-        let err = request_on(
-            client,
-            "w1/agent",
-            "GET",
-            "/v1/jobs",
-            None,
-            BodyLimit::Stream,
-            &mut Vec::new(),
-        )
-        .await
-        .unwrap_err();
-        assert!(err.to_string().contains("w1/agent"), "{err}");
+        assert_fails_naming_the_agent(b"HTTP/1.1 200 OK\r\ncontent-le").await;
     }
 }

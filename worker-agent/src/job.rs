@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a caller submits (`POST /v1/jobs`), before validation: [`JobRequest::validate`] turns
 /// it into the [`JobSpec`] the queue accepts, or names what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     pub command: Vec<String>,
@@ -105,50 +105,35 @@ impl JobRequest {
                 return Err(SpecError::NotADirectory(w.clone()));
             }
         }
-        let JobRequest {
-            command,
-            env,
-            workdir,
-            gpus,
-            timeout_s,
-            labels,
-            cpus,
-            memory_bytes,
-        } = self;
-        Ok(JobSpec {
-            command,
-            env,
-            workdir,
-            gpus,
-            timeout_s,
-            labels,
-            cpus,
-            memory_bytes,
-        })
+        Ok(JobSpec(self))
     }
 }
 
-/// A validated job request, as recorded in the job (same JSON shape as [`JobRequest`]).
+/// A validated job request, as recorded in the job: the [`JobRequest`] that
+/// [`JobRequest::validate`] accepted, read through `Deref` (same JSON shape; a job read back
+/// from the store is not checked again).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobSpec {
-    pub command: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub workdir: Option<String>,
-    #[serde(default)]
-    pub gpus: u32,
-    #[serde(default)]
-    pub timeout_s: Option<u64>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// CPU limit in cores (cgroup v2 `cpu.max`); refused where cgroups are not available.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpus: Option<f64>,
-    /// Memory limit in bytes (cgroup v2 `memory.max`); refused where cgroups are not available.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_bytes: Option<u64>,
+#[serde(transparent)]
+pub struct JobSpec(JobRequest);
+
+impl std::ops::Deref for JobSpec {
+    type Target = JobRequest;
+    fn deref(&self) -> &JobRequest {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+impl JobSpec {
+    /// `true` on `gpus` GPUs with `timeout_s`, unchecked (for the job, queue and store tests).
+    pub(crate) fn for_test(gpus: u32, timeout_s: Option<u64>) -> Self {
+        JobSpec(JobRequest {
+            command: vec!["true".into()],
+            gpus,
+            timeout_s,
+            ..JobRequest::default()
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +172,30 @@ impl JobState {
 pub struct ExitInfo {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    /// It is not known how the process ended (no status was recorded).
+    pub const UNKNOWN: ExitInfo = ExitInfo {
+        code: None,
+        signal: None,
+    };
+
+    /// The process exited with `code`.
+    pub const fn with_code(code: i32) -> Self {
+        ExitInfo {
+            code: Some(code),
+            signal: None,
+        }
+    }
+
+    /// The process was killed by `signal`.
+    pub const fn by_signal(signal: i32) -> Self {
+        ExitInfo {
+            code: None,
+            signal: Some(signal),
+        }
+    }
 }
 
 /// Why the agent is stopping a running job.
@@ -417,57 +426,29 @@ mod tests {
     use super::*;
 
     fn job(timeout: Option<u64>) -> Job {
-        let spec = JobSpec {
-            command: vec!["true".into()],
-            env: BTreeMap::new(),
-            workdir: None,
-            gpus: 1,
-            timeout_s: timeout,
-            labels: BTreeMap::new(),
-            cpus: None,
-            memory_bytes: None,
-        };
-        Job::new(1, "local".into(), spec, 1000, "x.log".into())
+        Job::new(
+            1,
+            "local".into(),
+            JobSpec::for_test(1, timeout),
+            1000,
+            "x.log".into(),
+        )
     }
 
     #[test]
     fn success_and_failure() {
         let mut j = job(None);
         j.start(2000, 10, vec!["GPU-a".into()]).unwrap();
-        j.exited(
-            5000,
-            ExitInfo {
-                code: Some(0),
-                signal: None,
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(5000, ExitInfo::with_code(0), false).unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         assert_eq!(j.gpu_seconds(), 3.0);
         let mut j = job(None);
         j.start(2000, 10, vec![]).unwrap();
-        j.exited(
-            3000,
-            ExitInfo {
-                code: Some(3),
-                signal: None,
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(3000, ExitInfo::with_code(3), false).unwrap();
         assert_eq!(j.state, JobState::Failed { exit_code: 3 });
         let mut j = job(None);
         j.start(2000, 10, vec![]).unwrap();
-        j.exited(
-            3000,
-            ExitInfo {
-                code: None,
-                signal: Some(9),
-            },
-            true,
-        )
-        .unwrap();
+        j.exited(3000, ExitInfo::by_signal(9), true).unwrap();
         assert_eq!(
             j.state,
             JobState::Killed {
@@ -487,15 +468,7 @@ mod tests {
         j.start(2000, 10, vec![]).unwrap();
         assert_eq!(j.cancel(2100), CancelAction::Terminate);
         assert_eq!(j.cancel(2200), CancelAction::Nothing);
-        j.exited(
-            2300,
-            ExitInfo {
-                code: None,
-                signal: Some(15),
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(2300, ExitInfo::by_signal(15), false).unwrap();
         assert_eq!(j.state, JobState::Cancelled);
     }
 
@@ -507,15 +480,7 @@ mod tests {
         assert!(!j.handle_timeout(11_999));
         assert!(j.handle_timeout(12_000));
         assert!(!j.handle_timeout(12_500));
-        j.exited(
-            12_600,
-            ExitInfo {
-                code: None,
-                signal: Some(15),
-            },
-            false,
-        )
-        .unwrap();
+        j.exited(12_600, ExitInfo::by_signal(15), false).unwrap();
         assert_eq!(j.state, JobState::TimedOut);
     }
 

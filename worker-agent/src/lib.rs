@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 use tunnel_relay::link::LinkState;
 
 pub mod agent;
@@ -84,6 +86,28 @@ pub enum RunError {
     Relay(#[from] relay::RelayError),
 }
 
+/// Resolves once `stop` turns true (or its sender is gone): the agent's shutdown, as each of
+/// its tasks sees it.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// Waits at most `limit` for `task`, told to stop, to end; if it has not, says `late` (at
+/// debug level) and leaves it.
+pub(crate) async fn finish_within<T>(task: impl Future<Output = T>, limit: Duration, late: &str) {
+    if tokio::time::timeout(limit, task).await.is_err() {
+        debug!("{late}");
+    }
+}
+
+/// Binds a loopback listener: it, and the address it got.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), RunError> {
+    let failed = |source| RunError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
@@ -137,9 +161,7 @@ pub async fn run(
                 opts,
                 api::router(state.clone()),
                 link_tx,
-                async move {
-                    let _ = rx3.wait_for(|v| *v).await;
-                },
+                async move { stopped(&mut rx3).await },
             )?);
             if let Some(m) = cfg.mesh.clone() {
                 mesh_node = Some(overlay::start(
@@ -167,30 +189,17 @@ pub async fn run(
             });
         }
     }
-    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: cfg.api_listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| RunError::Bind {
-        addr: cfg.api_listen,
-        source,
-    })?;
+    let (listener, addr) = bind(cfg.api_listen).await?;
     info!(api = %addr, "jobs API listening");
     let mut metrics_task = None;
     if let Some(m) = cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(m)
-            .await
-            .map_err(|source| RunError::Bind { addr: m, source })?;
-        info!(metrics = %l.local_addr().unwrap_or(m), "metrics listening");
+        let (l, local) = bind(m).await?;
+        info!(metrics = %local, "metrics listening");
         let app = api::metrics_router(state.clone());
         let mut rx2 = rx.clone();
         metrics_task = Some(tokio::spawn(async move {
             axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx2.wait_for(|v| *v).await;
-                })
+                .with_graceful_shutdown(async move { stopped(&mut rx2).await })
                 .await
         }));
     }
@@ -205,9 +214,7 @@ pub async fn run(
         })?;
     let mut rx1 = rx.clone();
     let res = axum::serve(listener, api::local_router(state))
-        .with_graceful_shutdown(async move {
-            let _ = rx1.wait_for(|v| *v).await;
-        })
+        .with_graceful_shutdown(async move { stopped(&mut rx1).await })
         .await;
     engine.shutdown().await;
     if let Some(t) = metrics_task {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use worker_agent::cli::{self, ApiArgs, JobsCmd};
+use worker_agent::cli::{self, JobsArgs, ReportArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,26 +26,11 @@ enum Cmd {
     /// Run the agent.
     Run(RunArgs),
     /// GPUs, their health, running and queued jobs.
-    Status {
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Status(ReportArgs),
     /// Submit and manage jobs (also `weft jobs`).
-    Jobs {
-        #[command(subcommand)]
-        cmd: JobsCmd,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Jobs(JobsArgs),
     /// Finished jobs with submitter, GPUs, times, result and GPU-seconds, plus totals.
-    History {
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    History(ReportArgs),
     /// Internal: wraps a job's command and records its exit status.
     #[command(hide = true)]
     ExecShim {
@@ -199,9 +184,9 @@ fn main_inner(cli: Cli) -> Result<()> {
             let code = worker_agent::agent::run_shim(&status_file, cgroup.as_deref(), &argv);
             std::process::exit(code);
         }
-        Cmd::Status { json, api } => cli::status(json, &api),
-        Cmd::History { json, api } => cli::history(json, &api),
-        Cmd::Jobs { cmd, api } => cli::jobs(cmd, &api),
+        Cmd::Status(a) => cli::status(&a),
+        Cmd::History(a) => cli::history(&a),
+        Cmd::Jobs(a) => cli::jobs(a),
     }
 }
 

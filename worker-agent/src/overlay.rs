@@ -38,6 +38,7 @@ use tunnel_relay::Token;
 pub use weft_proto::acl::AGENT_API_PORT;
 
 use crate::api::{Caller, ErrorBody};
+use crate::stopped;
 
 /// How the agent joins the mesh.
 #[derive(Debug, Clone)]
@@ -209,12 +210,8 @@ pub struct MeshNode {
 impl MeshNode {
     /// Waits (bounded) for the node to delete its interface after shutdown was signalled.
     pub async fn finish(self) {
-        if tokio::time::timeout(Duration::from_secs(3), self.task)
-            .await
-            .is_err()
-        {
-            debug!("mesh node did not stop within 3 s");
-        }
+        let late = "mesh node did not stop within 3 s";
+        crate::finish_within(self.task, Duration::from_secs(3), late).await;
     }
 }
 
@@ -241,10 +238,6 @@ pub fn start(
     let span = tracing::info_span!("mesh", name = %opts.name, interface = %opts.interface);
     let task = tokio::spawn(run(state_dir, opts, api, relay, stop, state_tx).instrument(span));
     MeshNode { state, task }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|v| *v).await;
 }
 
 /// Whether the state dir has joined a relay (`relay.json`). Reads only: opening a
@@ -384,12 +377,8 @@ async fn run(
     let r =
         mesh::managed::run_joined(joined, jo.up, jo.listen_port, overlay_tx, node_shutdown).await;
     let _ = down_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(2), listener)
-        .await
-        .is_err()
-    {
-        debug!("overlay API connections still open 2 s after the node stopped");
-    }
+    let late = "overlay API connections still open 2 s after the node stopped";
+    crate::finish_within(listener, Duration::from_secs(2), late).await;
     match r {
         Ok(()) => {
             if !matches!(*state.borrow(), MeshStatus::Link(LinkState::Failed { .. })) {
@@ -552,7 +541,7 @@ async fn mesh_caller(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::client::{call_async, BodyLimit, Endpoint, MAX_BODY};
+    use crate::client::{call_async, Call, Endpoint};
     use axum::routing::get;
     use axum::Extension;
     use weft_proto::acl::AclPolicy;
@@ -588,16 +577,10 @@ mod tests {
 
     async fn get_who(addr: SocketAddr) -> (u16, String) {
         let mut out = Vec::new();
-        let (code, failed) = call_async(
-            &Endpoint::Local(format!("http://{addr}")),
-            "GET",
-            "/who",
-            None,
-            BodyLimit::Max(MAX_BODY),
-            &mut out,
-        )
-        .await
-        .unwrap();
+        let endpoint = Endpoint::Local(format!("http://{addr}"));
+        let (code, failed) = call_async(&endpoint, Call::get("/who"), &mut out)
+            .await
+            .unwrap();
         out.extend(failed);
         (code, String::from_utf8(out).unwrap())
     }

@@ -322,11 +322,7 @@ impl Queue {
                     let _ = job.exited(now, e, oom);
                 }
                 None if job.stopping.is_some() => {
-                    let unknown = ExitInfo {
-                        code: None,
-                        signal: None,
-                    };
-                    let _ = job.exited(now, unknown, oom);
+                    let _ = job.exited(now, ExitInfo::UNKNOWN, oom);
                 }
                 None => job.lost(now, UNKNOWN_EXIT.into()),
             }
@@ -539,26 +535,14 @@ mod tests {
     const GRACE: u64 = 10_000;
 
     fn spec(gpus: u32, timeout_s: Option<u64>) -> JobSpec {
-        JobSpec {
-            command: vec!["true".into()],
-            env: BTreeMap::new(),
-            workdir: None,
-            gpus,
-            timeout_s,
-            labels: BTreeMap::new(),
-            cpus: None,
-            memory_bytes: None,
-        }
+        JobSpec::for_test(gpus, timeout_s)
     }
 
     fn gpus(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("GPU-{i}")).collect()
     }
 
-    const OK: ExitInfo = ExitInfo {
-        code: Some(0),
-        signal: None,
-    };
+    const OK: ExitInfo = ExitInfo::with_code(0);
 
     /// The queue plus what the shell would have: the store (every [`Effect::Persist`] applied)
     /// and the processes started. Every step checks that the store equals the queue's records.
@@ -580,9 +564,20 @@ mod tests {
                 fx: Vec::new(),
                 next_pid: 100,
             };
-            let fx = s.q.set_healthy(gpus(n_gpus));
-            s.take(fx);
+            s.set_healthy(gpus(n_gpus));
             s
+        }
+
+        fn set_healthy(&mut self, gpus: Vec<String>) -> &[Effect] {
+            let fx = self.q.set_healthy(gpus);
+            self.take(fx)
+        }
+
+        /// Cancels `id` now; the job as the cancel left it.
+        fn cancel(&mut self, id: u64) -> Job {
+            let (job, fx) = self.q.cancel(self.now, id).unwrap();
+            self.take(fx);
+            job
         }
 
         /// Records the effects, applies Persist to the store, checks store == queue.
@@ -609,6 +604,22 @@ mod tests {
             );
             self.take(fx);
             job.id
+        }
+
+        /// Submits a job whose GPUs are free, and starts its process: it is running.
+        fn submit_running(&mut self, gpus: u32, timeout_s: Option<u64>) -> u64 {
+            let id = self.submit(gpus, timeout_s);
+            let started: Vec<u64> = self.start_spawned().into_iter().map(|(j, _)| j).collect();
+            assert_eq!(started, vec![id], "job {id} starts at once");
+            assert_eq!(*self.state(id), JobState::Running);
+            id
+        }
+
+        /// Submits a job that must wait (nothing is spawned).
+        fn submit_queued(&mut self, gpus: u32, timeout_s: Option<u64>) -> u64 {
+            let id = self.submit(gpus, timeout_s);
+            assert!(self.spawns().is_empty(), "job {id} must wait");
+            id
         }
 
         /// Jobs spawned by the last step, with their GPUs.
@@ -651,6 +662,12 @@ mod tests {
             self.q.get(id).unwrap().pid.unwrap()
         }
 
+        /// The last step sent `sig` to the process group of `id`.
+        fn signalled(&self, id: u64, sig: Sig) -> bool {
+            let pgid = self.pid(id);
+            self.fx.contains(&Effect::Signal { id, pgid, sig })
+        }
+
         fn exit(&mut self, id: u64, exit: ExitInfo) -> &[Effect] {
             let fx = self.q.on_exit(self.now, id, Some(exit), false);
             self.take(fx)
@@ -660,6 +677,15 @@ mod tests {
             self.now = at;
             let fx = self.q.handle_timeout(at);
             self.take(fx)
+        }
+
+        /// `id` was sent SIGTERM at `termed`: nothing happens until the grace period is over,
+        /// then its group gets one SIGKILL, exactly on time.
+        fn kills_after_the_grace_period(&mut self, id: u64, termed: u64) {
+            assert_eq!(self.q.next_wakeup(), Some(termed + GRACE));
+            assert!(self.tick(termed + GRACE - 1).is_empty());
+            assert_eq!(signals(self.tick(termed + GRACE)), vec![(id, Sig::Kill)]);
+            assert_eq!(self.q.next_wakeup(), None, "SIGKILL is sent once");
         }
     }
 
@@ -709,10 +735,8 @@ mod tests {
     #[test]
     fn cpu_jobs_pass_a_blocked_gpu_job() {
         let mut s = Sim::new(1);
-        let g1 = s.submit(1, None);
-        s.start_spawned();
-        let g2 = s.submit(1, None);
-        assert!(s.spawns().is_empty());
+        let g1 = s.submit_running(1, None);
+        let g2 = s.submit_queued(1, None);
         let cpu = s.submit(0, None);
         assert_eq!(s.spawns(), vec![(cpu, vec![])]);
         s.start_spawned();
@@ -728,29 +752,23 @@ mod tests {
     #[test]
     fn unhealthy_gpus_get_no_jobs_and_a_recovered_one_does() {
         let mut s = Sim::new(2);
-        let fx = s.q.set_healthy(vec!["GPU-1".into()]);
-        s.take(fx);
+        s.set_healthy(vec!["GPU-1".into()]);
         let a = s.submit(1, None);
         assert_eq!(s.spawns(), vec![(a, vec!["GPU-1".to_string()])]);
         s.start_spawned();
-        let b = s.submit(1, None);
-        assert!(s.spawns().is_empty());
-        let fx = s.q.set_healthy(gpus(2));
-        s.take(fx);
+        let b = s.submit_queued(1, None);
+        s.set_healthy(gpus(2));
         assert_eq!(s.spawns(), vec![(b, vec!["GPU-0".to_string()])]);
     }
 
     #[test]
     fn cancel_of_a_queued_job_dequeues_it_and_unblocks_the_queue() {
         let mut s = Sim::new(2);
-        let a = s.submit(1, None);
-        s.start_spawned();
+        let a = s.submit_running(1, None);
         let big = s.submit(2, None);
-        let small = s.submit(1, None);
-        assert!(s.spawns().is_empty());
+        let small = s.submit_queued(1, None);
         s.now = 2_000;
-        let (job, fx) = s.q.cancel(s.now, big).unwrap();
-        s.take(fx);
+        let job = s.cancel(big);
         assert_eq!(job.state, JobState::Cancelled);
         assert_eq!(job.ended_ms, Some(2_000));
         assert!(signals(&s.fx).is_empty(), "nothing to kill");
@@ -765,34 +783,18 @@ mod tests {
     #[test]
     fn cancel_of_a_running_job_terms_then_kills_after_the_grace_period() {
         let mut s = Sim::new(1);
-        let a = s.submit(1, None);
-        s.start_spawned();
+        let a = s.submit_running(1, None);
         let next = s.submit(1, None);
-        let pid = s.pid(a);
         s.now = 3_000;
-        let (job, fx) = s.q.cancel(s.now, a).unwrap();
-        s.take(fx);
+        let job = s.cancel(a);
         assert_eq!(job.state, JobState::Running);
         assert_eq!(job.stopping, Some(StopReason::Cancel));
-        assert!(s.fx.contains(&Effect::Signal {
-            id: a,
-            pgid: pid,
-            sig: Sig::Term
-        }));
-        assert_eq!(s.q.next_wakeup(), Some(3_000 + GRACE));
-        assert!(s.tick(3_000 + GRACE - 1).is_empty());
-        assert_eq!(signals(s.tick(3_000 + GRACE)), vec![(a, Sig::Kill)]);
-        assert_eq!(s.q.next_wakeup(), None, "SIGKILL is sent once");
+        assert!(s.signalled(a, Sig::Term));
+        s.kills_after_the_grace_period(a, 3_000);
         assert!(s.tick(3_000 + 5 * GRACE).is_empty());
         // the process dies of the SIGKILL: cancelled, and the next job gets the GPU
         s.now = 3_000 + GRACE + 5;
-        let fx = s.exit(
-            a,
-            ExitInfo {
-                code: None,
-                signal: Some(9),
-            },
-        );
+        let fx = s.exit(a, ExitInfo::by_signal(9));
         assert_eq!(
             signals(fx),
             vec![(a, Sig::Kill)],
@@ -808,8 +810,7 @@ mod tests {
     fn timeout_terms_then_kills_after_the_grace_period_at_exact_times() {
         let mut s = Sim::new(0);
         s.now = 10_000;
-        let a = s.submit(0, Some(2));
-        s.start_spawned();
+        let a = s.submit_running(0, Some(2));
         assert_eq!(s.q.next_wakeup(), Some(12_000));
         assert!(s.tick(11_999).is_empty());
         let fx = s.tick(12_000).to_vec();
@@ -818,18 +819,9 @@ mod tests {
             matches!(&fx[0], Effect::Persist(j) if j.stopping == Some(StopReason::Timeout)),
             "the decision is recorded with the signal: {fx:?}"
         );
-        assert_eq!(s.q.next_wakeup(), Some(12_000 + GRACE));
-        assert!(s.tick(12_000 + GRACE - 1).is_empty());
-        assert_eq!(signals(s.tick(12_000 + GRACE)), vec![(a, Sig::Kill)]);
-        assert_eq!(s.q.next_wakeup(), None);
+        s.kills_after_the_grace_period(a, 12_000);
         s.now = 22_001;
-        s.exit(
-            a,
-            ExitInfo {
-                code: None,
-                signal: Some(9),
-            },
-        );
+        s.exit(a, ExitInfo::by_signal(9));
         assert_eq!(*s.state(a), JobState::TimedOut);
         assert_eq!(s.q.get(a).unwrap().ended_ms, Some(22_001));
     }
@@ -837,17 +829,10 @@ mod tests {
     #[test]
     fn a_job_that_ends_in_its_grace_period_gets_no_sigkill_timer() {
         let mut s = Sim::new(0);
-        let a = s.submit(0, Some(1));
-        s.start_spawned();
+        let a = s.submit_running(0, Some(1));
         s.tick(2_000);
         s.now = 2_500;
-        s.exit(
-            a,
-            ExitInfo {
-                code: None,
-                signal: Some(15),
-            },
-        );
+        s.exit(a, ExitInfo::by_signal(15));
         assert_eq!(*s.state(a), JobState::TimedOut);
         assert_eq!(s.q.next_wakeup(), None);
         assert!(s.tick(2_000 + GRACE).is_empty());
@@ -856,19 +841,11 @@ mod tests {
     #[test]
     fn exit_frees_the_gpus_and_starts_the_next_job() {
         let mut s = Sim::new(2);
-        let a = s.submit(2, None);
-        s.start_spawned();
+        let a = s.submit_running(2, None);
         let b = s.submit(1, None);
-        let c = s.submit(1, None);
-        assert!(s.spawns().is_empty());
+        let c = s.submit_queued(1, None);
         s.now = 4_000;
-        s.exit(
-            a,
-            ExitInfo {
-                code: Some(3),
-                signal: None,
-            },
-        );
+        s.exit(a, ExitInfo::with_code(3));
         assert_eq!(*s.state(a), JobState::Failed { exit_code: 3 });
         assert_eq!(
             s.spawns(),
@@ -885,8 +862,7 @@ mod tests {
         let mut s = Sim::new(1);
         let a = s.submit(1, None);
         assert_eq!(s.spawns(), vec![(a, gpus(1))]);
-        let b = s.submit(1, None);
-        assert!(s.spawns().is_empty());
+        let b = s.submit_queued(1, None);
         let fx = s.q.on_spawn_failed(1_500, a, "no such file");
         s.take(fx);
         assert_eq!(
@@ -903,8 +879,8 @@ mod tests {
         let mut s = Sim::new(1);
         let a = s.submit(1, None);
         assert_eq!(s.spawns().len(), 1);
-        let (job, fx) = s.q.cancel(1_200, a).unwrap();
-        s.take(fx);
+        s.now = 1_200;
+        let job = s.cancel(a);
         assert_eq!(job.state, JobState::Queued);
         assert_eq!(job.stopping, Some(StopReason::Cancel));
         s.now = 1_300;
@@ -913,20 +889,9 @@ mod tests {
             gpus: gpus(1),
         }];
         s.start_spawned();
-        let pid = s.pid(a);
-        assert!(s.fx.contains(&Effect::Signal {
-            id: a,
-            pgid: pid,
-            sig: Sig::Term
-        }));
+        assert!(s.signalled(a, Sig::Term));
         assert_eq!(s.q.next_wakeup(), Some(1_300 + GRACE));
-        s.exit(
-            a,
-            ExitInfo {
-                code: None,
-                signal: Some(15),
-            },
-        );
+        s.exit(a, ExitInfo::by_signal(15));
         assert_eq!(*s.state(a), JobState::Cancelled);
     }
 
@@ -943,6 +908,24 @@ mod tests {
         j.pid_start = Some(42);
         j.stopping = stopping;
         j
+    }
+
+    /// `id`'s process was found still running, without a status file.
+    fn found_alive(id: u64) -> Found {
+        Found {
+            id,
+            status: None,
+            alive: true,
+            oom: false,
+        }
+    }
+
+    /// Job 1, recorded as running (pid 11, no GPUs), restored and found alive at 9 000: the
+    /// queue and the reconcile's effects.
+    fn readopted(stopping: Option<StopReason>) -> (Queue, Vec<Effect>) {
+        let mut q = Queue::restore(cfg(), vec![running_record(1, &[], 11, stopping)]);
+        let fx = q.reconcile(9_000, &[found_alive(1)]);
+        (q, fx)
     }
 
     #[test]
@@ -966,8 +949,7 @@ mod tests {
             next_pid: 500,
         };
         // until reconciled, the GPUs recorded as held stay held
-        let fx = s.q.set_healthy(gpus(2));
-        s.take(fx);
+        s.set_healthy(gpus(2));
         assert!(
             s.spawns().is_empty(),
             "queued job 4 must wait for reconcile"
@@ -977,19 +959,11 @@ mod tests {
             &[
                 Found {
                     id: 1,
-                    status: Some(ExitInfo {
-                        code: Some(3),
-                        signal: None,
-                    }),
+                    status: Some(ExitInfo::with_code(3)),
                     alive: false,
                     oom: false,
                 },
-                Found {
-                    id: 2,
-                    status: None,
-                    alive: true,
-                    oom: false,
-                },
+                found_alive(2),
                 Found {
                     id: 3,
                     status: None,
@@ -1029,17 +1003,7 @@ mod tests {
 
     #[test]
     fn a_readopted_job_that_was_stopping_is_stopped_again() {
-        let rec = running_record(1, &[], 11, Some(StopReason::Timeout));
-        let mut q = Queue::restore(cfg(), vec![rec]);
-        let fx = q.reconcile(
-            9_000,
-            &[Found {
-                id: 1,
-                status: None,
-                alive: true,
-                oom: false,
-            }],
-        );
+        let (mut q, fx) = readopted(Some(StopReason::Timeout));
         assert_eq!(signals(&fx), vec![(1, Sig::Term)]);
         assert_eq!(q.next_wakeup(), Some(9_000 + GRACE));
         assert_eq!(
@@ -1053,16 +1017,7 @@ mod tests {
 
     #[test]
     fn a_readopted_job_without_a_status_is_lost_when_it_ends() {
-        let mut q = Queue::restore(cfg(), vec![running_record(1, &[], 11, None)]);
-        q.reconcile(
-            9_000,
-            &[Found {
-                id: 1,
-                status: None,
-                alive: true,
-                oom: false,
-            }],
-        );
+        let (mut q, _) = readopted(None);
         q.on_exit(9_500, 1, None, false);
         assert!(
             matches!(&q.get(1).unwrap().state, JobState::Lost { reason } if reason.contains("re-adopted"))

@@ -55,12 +55,8 @@ pub struct Exposed {
 impl Exposed {
     /// Waits (bounded) for `expose` to close the relay connection after shutdown was signalled.
     pub async fn finish(self) {
-        if tokio::time::timeout(Duration::from_secs(2), self.expose)
-            .await
-            .is_err()
-        {
-            debug!("relay link did not close within 2 s");
-        }
+        let late = "relay link did not close within 2 s";
+        crate::finish_within(self.expose, Duration::from_secs(2), late).await;
         self.serve.abort();
     }
 }

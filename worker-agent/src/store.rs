@@ -19,6 +19,11 @@ pub enum StoreError {
     Encode(serde_json::Error),
 }
 
+/// The job in row `id`'s record.
+fn decode(id: u64, record: &str) -> Result<Job, StoreError> {
+    serde_json::from_str(record).map_err(|source| StoreError::Corrupt { id, source })
+}
+
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
@@ -65,8 +70,7 @@ impl Store {
                 r.get(0)
             })
             .optional()?;
-        rec.map(|r| serde_json::from_str(&r).map_err(|source| StoreError::Corrupt { id, source }))
-            .transpose()
+        rec.map(|r| decode(id, &r)).transpose()
     }
 
     /// All jobs in id (submission) order.
@@ -75,17 +79,11 @@ impl Store {
             .conn
             .prepare("SELECT id, record FROM jobs ORDER BY id")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
+        rows.map(|row| {
             let (id, rec) = row?;
-            out.push(
-                serde_json::from_str(&rec).map_err(|source| StoreError::Corrupt {
-                    id: id as u64,
-                    source,
-                })?,
-            );
-        }
-        Ok(out)
+            decode(id as u64, &rec)
+        })
+        .collect()
     }
 }
 
@@ -189,16 +187,7 @@ mod tests {
     use super::*;
 
     fn job(id: u64, state: &str) -> Job {
-        let spec = crate::job::JobSpec {
-            command: vec!["true".into()],
-            env: Default::default(),
-            workdir: None,
-            gpus: 0,
-            timeout_s: None,
-            labels: Default::default(),
-            cpus: None,
-            memory_bytes: None,
-        };
+        let spec = crate::job::JobSpec::for_test(0, None);
         let mut j = Job::new(id, "@local".into(), spec, 1, "x.log".into());
         if state == "lost" {
             j.lost(2, "x".into());

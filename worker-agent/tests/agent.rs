@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use worker_agent::agent::alive;
 use worker_agent::client;
 
 const GPU0: &str = "GPU-977652fe-01d3-44cc-d3b3-996721563657";
@@ -30,20 +31,6 @@ fn stub_lib() -> &'static Path {
         assert!(st.success(), "building the stub NVML library failed");
         out
     })
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks existence.
-    if unsafe { libc::kill(pid, 0) } != 0 {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -367,7 +354,7 @@ fn cancel_kills_the_whole_process_tree() {
             .map(|s| s.lines().count() >= 4)
             .unwrap_or(false)
     });
-    let list: Vec<i32> = std::fs::read_to_string(&pids)
+    let list: Vec<u32> = std::fs::read_to_string(&pids)
         .unwrap()
         .lines()
         .map(|l| l.trim().parse().unwrap())
@@ -401,7 +388,7 @@ fn timeout_stops_the_job() {
     let a = Agent::start(None);
     let id = a.submit(json!({"command": ["sleep", "1000"], "timeout_s": 1}));
     let j = a.wait_state(id, "timed_out");
-    let pid = j["pid"].as_i64().unwrap() as i32;
+    let pid = j["pid"].as_u64().unwrap() as u32;
     wait_until("job process gone", || !alive(pid));
 }
 
@@ -418,7 +405,7 @@ fn kill9_and_restart_accounts_for_every_record() {
     let j4 = a.submit(json!({"command": ["sleep", "1000"]}));
     a.wait_state(j1, "running");
     a.wait_state(j2, "running");
-    let p4 = a.wait_state(j4, "running")["pid"].as_i64().unwrap() as i32;
+    let p4 = a.wait_state(j4, "running")["pid"].as_u64().unwrap() as u32;
     assert_eq!(a.job(j3)["state"], "queued");
 
     a.kill9();
@@ -426,7 +413,7 @@ fn kill9_and_restart_accounts_for_every_record() {
     let exit1 = a.dir.join(format!("state/logs/{j1}.exit"));
     wait_until("job 1 finishes while the agent is down", || exit1.exists());
     // SAFETY: kills the process group of job 4, which this test started through the agent.
-    unsafe { libc::kill(-p4, libc::SIGKILL) };
+    unsafe { libc::kill(-(p4 as i32), libc::SIGKILL) };
     wait_until("job 4 gone", || !alive(p4));
 
     a.spawn(&[]);
