@@ -178,39 +178,42 @@ mod tests {
         assert!(t.is_empty());
     }
 
+    /// Inserts `nets` (value = index; a later equal prefix replaces an
+    /// earlier one) and checks every probe against a linear scan for the
+    /// longest matching prefix.
+    fn check_against_naive(nets: &[IpNet], probes: &[IpAddr]) -> Result<(), TestCaseError> {
+        let mut t = AllowedIps::new();
+        let mut naive: Vec<(IpNet, usize)> = Vec::new();
+        for (i, n) in nets.iter().enumerate() {
+            let n = n.trunc();
+            t.insert(n, i);
+            naive.retain(|(m, _)| *m != n);
+            naive.push((n, i));
+        }
+        for addr in probes {
+            let want = naive
+                .iter()
+                .filter(|(n, _)| n.contains(addr))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, v)| *v);
+            prop_assert_eq!(t.lookup(*addr).copied(), want);
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn matches_naive_v4(nets in proptest::collection::vec((any::<u32>(), 0u8..=32), 0..20), probes in proptest::collection::vec(any::<u32>(), 1..50)) {
-            let mut t = AllowedIps::new();
-            let mut naive: Vec<(ipnet::Ipv4Net, usize)> = Vec::new();
-            for (i, (a, l)) in nets.iter().enumerate() {
-                let n = ipnet::Ipv4Net::new(Ipv4Addr::from(*a), *l).unwrap().trunc();
-                t.insert(IpNet::V4(n), i);
-                naive.retain(|(m, _)| *m != n);
-                naive.push((n, i));
-            }
-            for p in probes {
-                let addr = Ipv4Addr::from(p);
-                let want = naive.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| *v);
-                prop_assert_eq!(t.lookup(IpAddr::V4(addr)).copied(), want);
-            }
+            let nets: Vec<IpNet> = nets.iter().map(|(a, l)| IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(*a), *l).unwrap())).collect();
+            let probes: Vec<IpAddr> = probes.into_iter().map(|p| IpAddr::V4(Ipv4Addr::from(p))).collect();
+            check_against_naive(&nets, &probes)?;
         }
 
         #[test]
         fn matches_naive_v6(nets in proptest::collection::vec((any::<u128>(), 0u8..=128), 0..20), probes in proptest::collection::vec(any::<u128>(), 1..50)) {
-            let mut t = AllowedIps::new();
-            let mut naive: Vec<(ipnet::Ipv6Net, usize)> = Vec::new();
-            for (i, (a, l)) in nets.iter().enumerate() {
-                let n = ipnet::Ipv6Net::new(Ipv6Addr::from(*a), *l).unwrap().trunc();
-                t.insert(IpNet::V6(n), i);
-                naive.retain(|(m, _)| *m != n);
-                naive.push((n, i));
-            }
-            for p in probes {
-                let addr = Ipv6Addr::from(p);
-                let want = naive.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| *v);
-                prop_assert_eq!(t.lookup(IpAddr::V6(addr)).copied(), want);
-            }
+            let nets: Vec<IpNet> = nets.iter().map(|(a, l)| IpNet::V6(ipnet::Ipv6Net::new(Ipv6Addr::from(*a), *l).unwrap())).collect();
+            let probes: Vec<IpAddr> = probes.into_iter().map(|p| IpAddr::V6(Ipv6Addr::from(p))).collect();
+            check_against_naive(&nets, &probes)?;
         }
     }
 }
