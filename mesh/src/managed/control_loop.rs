@@ -26,12 +26,12 @@ use tunnel_relay::link::LinkState;
 use tunnel_relay::relay_path::RelayPath;
 use weft_proto::peermap::{Candidate, OverlayPools, PeerMap};
 
-use crate::device::{relay_index, Outgoing};
+use crate::device::Outgoing;
 use crate::dns::Names;
 use crate::egress::{CtlPacket, ManagedIo};
 use crate::key::PublicKey;
 use crate::managed::control_socket::{PingCmd, PingOutcome};
-use crate::managed::controller::{Controller, Out, Via};
+use crate::managed::controller::{Controller, Counters, Out, Via};
 use crate::node::Handles;
 use crate::path::Path;
 use crate::status::ManagedStatus;
@@ -187,11 +187,15 @@ impl<S: Session> ControlLoop<S> {
         let mut pings = Pings::default();
         let relay_task = tokio::spawn(relay_rx(h.clone(), self.io.clone()));
         let port = h.device.listen_port;
-        let locals: Vec<SocketAddr> = local_ips(&self.interface, &pools)
-            .into_iter()
-            .map(|ip| SocketAddr::new(ip, port))
-            .collect();
-        let outs = self.ctl.set_local_addrs(locals);
+        let local_addrs = |interface: &str| -> Vec<SocketAddr> {
+            local_ips(interface, &pools)
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()
+        };
+        let outs = self
+            .ctl
+            .set_local_addrs(Instant::now(), local_addrs(&self.interface));
         self.apply(&h, outs, &mut pings);
         self.io.relay.set(self.session.relay_path());
         let mut stun = self.session.stun_addr();
@@ -203,8 +207,6 @@ impl<S: Session> ControlLoop<S> {
         status_tx.send_replace(Arc::new(self.status(&h)));
         let mut stats = tokio::time::interval(Duration::from_millis(200));
         let mut ticks: u64 = 0;
-        let mut local_now = local_ips(&self.interface, &pools);
-        let mut last: std::collections::HashMap<PublicKey, (u64, u64)> = Default::default();
         let result = loop {
             let wake = self
                 .ctl
@@ -260,39 +262,26 @@ impl<S: Session> ControlLoop<S> {
                     }
                 }
                 _ = stats.tick() => {
-                    // Liveness of direct paths from the data path's counters.
+                    // The device's counters every 200 ms, the host's
+                    // addresses every 2 s: the controller decides.
                     let now = Instant::now();
                     ticks += 1;
                     if ticks % 10 == 0 {
-                        // Every 2 s: did this host move to another network?
-                        let ips = local_ips(&self.interface, &pools);
-                        if ips != local_now {
-                            tracing::info!(from = ?local_now, to = ?ips, "local addresses changed");
-                            local_now = ips;
-                            let locals = local_now.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
-                            let outs = self.ctl.set_local_addrs(locals);
-                            self.apply(&h, outs, &mut pings);
-                            // Learn the new reflexive address now.
-                            self.ctl.set_stun_server(now, stun);
-                        }
+                        let outs = self.ctl.set_local_addrs(now, local_addrs(&self.interface));
+                        self.apply(&h, outs, &mut pings);
                     }
                     let info = h.device.info(std::time::SystemTime::now());
-                    let mut outs = Vec::new();
-                    for p in &info.peers {
-                        let prev = last.insert(p.public_key, (p.tx_bytes, p.rx_bytes)).unwrap_or((p.tx_bytes, p.rx_bytes));
-                        if p.tx_bytes > prev.0 {
-                            self.ctl.on_tx(now, &p.public_key);
-                        }
-                        // Where the peer's packets really come from: a
-                        // direct source other than the current path (the
-                        // peer moved) gets pinged and can take over.
-                        let src = h.device.last_source(&p.public_key);
-                        if let Some(src) = src.filter(|e| relay_index(e).is_none()) {
-                            if p.rx_bytes > prev.1 {
-                                outs.extend(self.ctl.on_rx_direct(now, &p.public_key, src));
-                            }
-                        }
-                    }
+                    let sample: Vec<Counters> = info
+                        .peers
+                        .iter()
+                        .map(|p| Counters {
+                            peer: p.public_key,
+                            tx_bytes: p.tx_bytes,
+                            rx_bytes: p.rx_bytes,
+                            last_source: h.device.last_source(&p.public_key),
+                        })
+                        .collect();
+                    let outs = self.ctl.on_counters(now, &sample);
                     self.apply(&h, outs, &mut pings);
                     if ticks % 5 == 0 {
                         // Counters and handshakes for `mesh status`, once a second.

@@ -7,8 +7,9 @@
 //!  disco ────┤                       ├─▶ Path{peer, Relay|Direct(addr)}
 //!  STUN ─────┼─▶ Controller (pure) ──┼─▶ Udp{to, bytes}       disco pings/pongs, STUN
 //!  tick(now) ┤                       ├─▶ Relay{to, bytes}     call-me-maybe via the relay
-//!  on_tx ────┤                       ├─▶ ReportEndpoints      local + reflexive candidates
-//!  ping ─────┘                       ├─▶ Overlay(Arc)         filter + MagicDNS input
+//!  counters ─┤                       ├─▶ ReportEndpoints      local + reflexive candidates
+//!  local IPs ┤                       ├─▶ Overlay(Arc)         filter + MagicDNS input
+//!  ping ─────┘                       │
 //!                                    └─▶ PingReply / PingExpired   `mesh ping` results
 //! ```
 //!
@@ -25,6 +26,15 @@
 //! proves the peer is alive, never a direct path); a relay pong completes
 //! only a pending `mesh ping` and records the relay RTT for `mesh status`.
 //!
+//! The shell samples the device's [`Counters`] ([`Controller::on_counters`])
+//! and the host's addresses ([`Controller::set_local_addrs`]); the decisions
+//! are here: bytes sent start a direct path's liveness clock, bytes received
+//! from a direct source are hearing the peer there (so a direct path whose
+//! receive counter stops falls back to the relay after
+//! [`PathConfig::direct_timeout`], and one whose counter moves again is
+//! pinged and taken back), and changed addresses are reported once and
+//! re-learn the reflexive address at once (the host may have moved).
+//!
 //! Pure and time-injected: the shell owns sockets, the device, the clock.
 
 use std::collections::HashMap;
@@ -35,6 +45,7 @@ use std::time::{Duration, Instant};
 use weft_proto::peermap::{Candidate, CandidateKind, PeerMap};
 use weft_proto::stun::StunProbe;
 
+use crate::device::relay_index;
 use crate::disco::{self, Message, SharedKey, TxId};
 use crate::key::{PrivateKey, PublicKey};
 use crate::managed::overlay::Overlay;
@@ -136,6 +147,21 @@ pub struct PeerState {
     pub relay_rtt: Option<Duration>,
 }
 
+/// One peer's WireGuard counters, as the device reports them when the shell
+/// samples it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// The peer.
+    pub peer: PublicKey,
+    /// Bytes sent to it so far.
+    pub tx_bytes: u64,
+    /// Bytes received from it so far.
+    pub rx_bytes: u64,
+    /// Source of its last authenticated packet (a relay endpoint when it
+    /// came through the relay).
+    pub last_source: Option<SocketAddr>,
+}
+
 struct PeerCtl {
     path: PeerPath,
     key: SharedKey,
@@ -167,6 +193,8 @@ pub struct Controller {
     reflexive: Option<SocketAddr>,
     reported: Option<Vec<Candidate>>,
     user_pings: Vec<UserPing>,
+    /// `(tx_bytes, rx_bytes)` per peer at the last [`Controller::on_counters`].
+    counters: HashMap<PublicKey, (u64, u64)>,
     rng: u64,
 }
 
@@ -198,6 +226,7 @@ impl Controller {
             reflexive: None,
             reported: None,
             user_pings: Vec::new(),
+            counters: HashMap::new(),
             rng: rng_seed | 1,
         }
     }
@@ -313,11 +342,22 @@ impl Controller {
         }
     }
 
-    /// The WireGuard socket's addresses on local interfaces (LAN candidates).
-    pub fn set_local_addrs(&mut self, addrs: Vec<SocketAddr>) -> Vec<Out> {
-        self.local = addrs;
+    /// The WireGuard socket's addresses on local interfaces (LAN
+    /// candidates), as the shell lists them (at start and every few
+    /// seconds). When they changed, the new candidates are reported (once)
+    /// and the reflexive address is learnt again at once: the host may have
+    /// moved to another network.
+    pub fn set_local_addrs(&mut self, now: Instant, addrs: Vec<SocketAddr>) -> Vec<Out> {
         let mut out = Vec::new();
+        if addrs == self.local {
+            return out;
+        }
+        if !self.local.is_empty() {
+            tracing::info!(from = ?self.local, to = ?addrs, "local addresses changed");
+        }
+        self.local = addrs;
         self.report_if_changed(&mut out);
+        self.next_stun = self.stun_server.map(|_| now);
         out
     }
 
@@ -370,16 +410,45 @@ impl Controller {
         out
     }
 
+    /// The device's counters, sampled by the shell (every 200 ms). Against
+    /// the previous sample: bytes sent to a peer start its direct path's
+    /// liveness clock ([`Controller::on_tx`]); bytes received from a direct
+    /// source (not the relay) are hearing the peer there
+    /// ([`Controller::on_rx_direct`]: keeps the path alive, or gets that
+    /// address pinged when it is not the current path).
+    pub fn on_counters(&mut self, now: Instant, sample: &[Counters]) -> Vec<Out> {
+        let mut out = Vec::new();
+        let mut seen = HashMap::with_capacity(sample.len());
+        for c in sample {
+            let (tx, rx) = (c.tx_bytes, c.rx_bytes);
+            let (prev_tx, prev_rx) = self.counters.get(&c.peer).copied().unwrap_or((tx, rx));
+            seen.insert(c.peer, (tx, rx));
+            if tx > prev_tx {
+                self.on_tx(now, &c.peer);
+            }
+            // Where the peer's packets really come from: a direct source
+            // other than the current path (the peer moved) gets pinged and
+            // can take over.
+            if let Some(src) = c.last_source.filter(|e| relay_index(e).is_none()) {
+                if rx > prev_rx {
+                    out.extend(self.on_rx_direct(now, &c.peer, src));
+                }
+            }
+        }
+        self.counters = seen;
+        out
+    }
+
     /// Traffic for `peer` left through the tunnel (starts the direct path's
     /// liveness clock).
-    pub fn on_tx(&mut self, now: Instant, peer: &PublicKey) {
+    fn on_tx(&mut self, now: Instant, peer: &PublicKey) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.path.on_tx(now);
         }
     }
 
     /// Authenticated WireGuard traffic from `peer` arrived directly from `from`.
-    pub fn on_rx_direct(&mut self, now: Instant, peer: &PublicKey, from: SocketAddr) -> Vec<Out> {
+    fn on_rx_direct(&mut self, now: Instant, peer: &PublicKey, from: SocketAddr) -> Vec<Out> {
         let mut out = Vec::new();
         if let Some(p) = self.peers.get_mut(peer) {
             p.path.on_rx_direct(now, from);
@@ -650,34 +719,8 @@ mod tests {
 
     #[test]
     fn relay_first_then_direct_then_back_to_relay_when_cut() {
-        let mut a = side(1);
-        let mut b = side(2);
-        let t0 = Instant::now();
-        let oa = a.ctl.set_local_addrs(vec![a.addr]);
-        run(&mut a, &mut b, t0, oa, true, true);
-        let ob = b.ctl.set_local_addrs(vec![b.addr]);
-        run(&mut a, &mut b, t0, ob, false, true);
-        assert_eq!(a.reported.len(), 1);
-
-        // Peer maps arrive: both start on the relay at once.
-        let ma = map_for(&a, &b, 1, 2, "engineer");
-        let mb = map_for(&b, &a, 2, 1, "worker");
-        let oa = a.ctl.on_peer_map(t0, &ma);
-        assert!(oa
-            .iter()
-            .any(|o| matches!(o, Out::Device(r) if r.peers.len() == 1)));
-        run(&mut a, &mut b, t0, oa, true, true);
-        let ob = b.ctl.on_peer_map(t0, &mb);
-        run(&mut a, &mut b, t0, ob, false, true);
         // Probes answered within the same instant: direct both ways.
-        let mut now = t0;
-        for _ in 0..20 {
-            now += Duration::from_millis(100);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, true);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, true);
-        }
+        let (mut a, mut b, mut now) = pair(true);
         assert_eq!(a.paths.get(&b.key), Some(&Path::Direct(b.addr)));
         assert_eq!(b.paths.get(&a.key), Some(&Path::Direct(a.addr)));
         assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
@@ -721,25 +764,13 @@ mod tests {
 
     #[test]
     fn no_direct_path_stays_on_relay_and_peers_leave() {
-        let mut a = side(1);
-        let mut b = side(2);
-        let t0 = Instant::now();
-        let oa = a.ctl.set_local_addrs(vec![a.addr]);
-        run(&mut a, &mut b, t0, oa, true, false);
-        let ob = b.ctl.set_local_addrs(vec![b.addr]);
-        run(&mut a, &mut b, t0, ob, false, false);
-        let ma = map_for(&a, &b, 1, 2, "engineer");
-        let oa = a.ctl.on_peer_map(t0, &ma);
-        run(&mut a, &mut b, t0, oa, true, false);
-        let mb = map_for(&b, &a, 2, 1, "worker");
-        let ob = b.ctl.on_peer_map(t0, &mb);
-        run(&mut a, &mut b, t0, ob, false, false);
-        let mut now = t0;
-        for _ in 0..100 {
+        let (mut a, mut b, mut now) = pair(false);
+        for _ in 0..80 {
             now += Duration::from_millis(100);
             let oa = a.ctl.tick(now);
             run(&mut a, &mut b, now, oa, true, false);
         }
+        let ma = map_for(&a, &b, 1, 2, "engineer");
         assert_eq!(a.paths.get(&b.key), Some(&Path::Relay));
         // The peer leaves the map: the device drops it.
         let mut empty = ma.clone();
@@ -758,7 +789,7 @@ mod tests {
     fn stun_learns_and_reports_the_reflexive_address() {
         let mut a = side(1);
         let t0 = Instant::now();
-        let _ = a.ctl.set_local_addrs(vec![a.addr]);
+        let _ = a.ctl.set_local_addrs(t0, vec![a.addr]);
         let server: SocketAddr = "203.0.113.2:3478".parse().unwrap();
         a.ctl.set_stun_server(t0, Some(server));
         let out = a.ctl.tick(t0);
@@ -786,17 +817,157 @@ mod tests {
         assert!(a.ctl.poll_timeout().unwrap() >= t0 + STUN_REFRESH);
     }
 
-    /// Two sides with peer maps applied; `direct` says whether UDP works.
+    /// The ReportEndpoints among `out`.
+    fn reports(out: &[Out]) -> Vec<Vec<Candidate>> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::ReportEndpoints(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_local_address_change_is_announced_once_and_relearns_the_reflexive_address() {
+        let mut a = side(1);
+        let t0 = Instant::now();
+        let server: SocketAddr = "203.0.113.2:3478".parse().unwrap();
+        let stun_requests = |out: &[Out]| {
+            out.iter()
+                .filter(|o| matches!(o, Out::Udp { to, .. } if *to == server))
+                .count()
+        };
+        assert_eq!(reports(&a.ctl.set_local_addrs(t0, vec![a.addr])).len(), 1);
+        a.ctl.set_stun_server(t0, Some(server));
+        let out = a.ctl.tick(t0);
+        let req = out
+            .iter()
+            .find_map(|o| match o {
+                Out::Udp { to, bytes } if *to == server => Some(bytes.clone()),
+                _ => None,
+            })
+            .expect("a binding request");
+        let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
+        let resp = weft_proto::stun::answer(&req, seen).unwrap();
+        assert_eq!(reports(&a.ctl.on_stun(t0, &resp)).len(), 1);
+
+        // The same addresses sampled again: nothing to say, no early STUN.
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(a.ctl.set_local_addrs(t1, vec![a.addr]).is_empty());
+        assert_eq!(stun_requests(&a.ctl.tick(t1)), 0);
+
+        // The host moved: the new candidates are announced, exactly once...
+        let moved: SocketAddr = "192.168.7.2:41641".parse().unwrap();
+        let t2 = t0 + Duration::from_secs(4);
+        let local = Candidate {
+            addr: moved,
+            kind: CandidateKind::Local,
+        };
+        let reflexive = Candidate {
+            addr: seen,
+            kind: CandidateKind::Reflexive,
+        };
+        let out = a.ctl.set_local_addrs(t2, vec![moved]);
+        assert_eq!(reports(&out), vec![vec![local, reflexive]]);
+        assert_eq!(a.ctl.candidates(), vec![local, reflexive]);
+        // ...the reflexive address is asked for again at once...
+        assert_eq!(stun_requests(&a.ctl.tick(t2)), 1);
+        // ...and later samples of the same addresses announce nothing.
+        for i in 1..=5 {
+            let t = t2 + Duration::from_secs(2 * i);
+            assert!(reports(&a.ctl.set_local_addrs(t, vec![moved])).is_empty());
+            assert!(reports(&a.ctl.tick(t)).is_empty());
+        }
+    }
+
+    /// One sample of a's counters for peer b, its packets coming from b's address.
+    fn counters_of(b: &Side, tx_bytes: u64, rx_bytes: u64) -> [Counters; 1] {
+        [Counters {
+            peer: b.key,
+            tx_bytes,
+            rx_bytes,
+            last_source: Some(b.addr),
+        }]
+    }
+
+    #[test]
+    fn a_peer_whose_rx_counter_stops_is_not_live_after_the_timeout_and_live_again_when_it_moves() {
+        let (mut a, mut b, mut now) = pair(true);
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
+        let step = Duration::from_millis(200);
+        let timeout = PathConfig::default().direct_timeout;
+        let (mut tx, mut rx) = (1000, 1000);
+        // The first sample is the baseline: nothing moved yet.
+        assert!(a.ctl.on_counters(now, &counters_of(&b, tx, rx)).is_empty());
+
+        // a keeps sending, nothing comes back (the direct path is cut).
+        let first_send = now + step;
+        let mut dead = None;
+        for _ in 0..30 {
+            now += step;
+            tx += 500;
+            let oa = a.ctl.on_counters(now, &counters_of(&b, tx, rx));
+            run(&mut a, &mut b, now, oa, true, false);
+            let oa = a.ctl.tick(now);
+            run(&mut a, &mut b, now, oa, true, false);
+            let ob = b.ctl.tick(now);
+            run(&mut a, &mut b, now, ob, false, false);
+            if a.paths.get(&b.key) == Some(&Path::Relay) {
+                dead = Some(now - first_send);
+                break;
+            }
+        }
+        let dead = dead.expect("the direct path was never declared dead");
+        assert!(
+            dead >= timeout && dead < timeout + step,
+            "fell back {dead:?} after the first unanswered send"
+        );
+
+        // The network is back, but until the receive counter moves nothing
+        // is sent to b's address from the counters.
+        now += Duration::from_millis(1200);
+        tx += 500;
+        assert!(a.ctl.on_counters(now, &counters_of(&b, tx, rx)).is_empty());
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Relay));
+        // Bytes that came through the relay are not hearing b directly.
+        rx += 500;
+        let relayed = [Counters {
+            last_source: Some(crate::device::relay_endpoint(0)),
+            ..counters_of(&b, tx, rx)[0]
+        }];
+        assert!(a.ctl.on_counters(now, &relayed).is_empty());
+        // b's packets arrive from its address: pinged, answered, direct again.
+        now += step;
+        rx += 500;
+        let oa = a.ctl.on_counters(now, &counters_of(&b, tx, rx));
+        assert!(
+            oa.iter()
+                .any(|o| matches!(o, Out::Udp { to, .. } if *to == b.addr)),
+            "a ping to b's address: {oa:?}"
+        );
+        run(&mut a, &mut b, now, oa, true, true);
+        assert_eq!(a.paths.get(&b.key), Some(&Path::Direct(b.addr)));
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
+    }
+
+    /// Two sides with peer maps applied and 2 s of timers run; `direct`
+    /// says whether UDP works.
     fn pair(direct: bool) -> (Side, Side, Instant) {
         let mut a = side(1);
         let mut b = side(2);
         let t0 = Instant::now();
-        let oa = a.ctl.set_local_addrs(vec![a.addr]);
+        let oa = a.ctl.set_local_addrs(t0, vec![a.addr]);
         run(&mut a, &mut b, t0, oa, true, direct);
-        let ob = b.ctl.set_local_addrs(vec![b.addr]);
+        let ob = b.ctl.set_local_addrs(t0, vec![b.addr]);
         run(&mut a, &mut b, t0, ob, false, direct);
+        assert_eq!(a.reported.len(), 1);
+
+        // Peer maps arrive: both start on the relay at once.
         let ma = map_for(&a, &b, 1, 2, "engineer");
         let oa = a.ctl.on_peer_map(t0, &ma);
+        assert!(oa
+            .iter()
+            .any(|o| matches!(o, Out::Device(r) if r.peers.len() == 1)));
         run(&mut a, &mut b, t0, oa, true, direct);
         let mb = map_for(&b, &a, 2, 1, "worker");
         let ob = b.ctl.on_peer_map(t0, &mb);
