@@ -717,6 +717,14 @@ mod tests {
         }
     }
 
+    /// Runs both sides' timers at `now` and delivers what they send.
+    fn tick_both(a: &mut Side, b: &mut Side, now: Instant, direct: bool) {
+        let oa = a.ctl.tick(now);
+        run(a, b, now, oa, true, direct);
+        let ob = b.ctl.tick(now);
+        run(a, b, now, ob, false, direct);
+    }
+
     #[test]
     fn relay_first_then_direct_then_back_to_relay_when_cut() {
         // Probes answered within the same instant: direct both ways.
@@ -732,10 +740,7 @@ mod tests {
         for _ in 0..60 {
             now += Duration::from_millis(100);
             a.ctl.on_tx(now, &b.key);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, false);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, false);
+            tick_both(&mut a, &mut b, now, false);
             if back.is_none() && a.paths.get(&b.key) == Some(&Path::Relay) {
                 back = Some(now - cut);
             }
@@ -750,10 +755,7 @@ mod tests {
         let mut healed = false;
         for _ in 0..400 {
             now += Duration::from_millis(100);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, true);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, true);
+            tick_both(&mut a, &mut b, now, true);
             if a.paths.get(&b.key) == Some(&Path::Direct(b.addr)) {
                 healed = true;
                 break;
@@ -785,38 +787,6 @@ mod tests {
         assert_eq!(a.ctl.path(&b.key), None);
     }
 
-    #[test]
-    fn stun_learns_and_reports_the_reflexive_address() {
-        let mut a = side(1);
-        let t0 = Instant::now();
-        let _ = a.ctl.set_local_addrs(t0, vec![a.addr]);
-        let server: SocketAddr = "203.0.113.2:3478".parse().unwrap();
-        a.ctl.set_stun_server(t0, Some(server));
-        let out = a.ctl.tick(t0);
-        let req = out
-            .iter()
-            .find_map(|o| match o {
-                Out::Udp { to, bytes } if *to == server => Some(bytes.clone()),
-                _ => None,
-            })
-            .expect("a binding request");
-        let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
-        let resp = weft_proto::stun::answer(&req, seen).unwrap();
-        let out = a.ctl.on_stun(t0 + Duration::from_millis(5), &resp);
-        let rep = out
-            .iter()
-            .find_map(|o| match o {
-                Out::ReportEndpoints(c) => Some(c.clone()),
-                _ => None,
-            })
-            .expect("endpoints reported");
-        assert_eq!(rep.len(), 2);
-        assert_eq!(rep[1].addr, seen);
-        assert_eq!(rep[1].kind, CandidateKind::Reflexive);
-        // Next refresh is the slow one; a repeat answer reports nothing new.
-        assert!(a.ctl.poll_timeout().unwrap() >= t0 + STUN_REFRESH);
-    }
-
     /// The ReportEndpoints among `out`.
     fn reports(out: &[Out]) -> Vec<Vec<Candidate>> {
         out.iter()
@@ -825,6 +795,39 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Points `a` at the STUN server `server` at `t`, answers its binding
+    /// request as seeing `seen` 5 ms later, and returns what the answer produced.
+    fn learn_reflexive(a: &mut Side, t: Instant, server: SocketAddr, seen: SocketAddr) -> Vec<Out> {
+        a.ctl.set_stun_server(t, Some(server));
+        let req = a
+            .ctl
+            .tick(t)
+            .into_iter()
+            .find_map(|o| match o {
+                Out::Udp { to, bytes } if to == server => Some(bytes),
+                _ => None,
+            })
+            .expect("a binding request");
+        let resp = weft_proto::stun::answer(&req, seen).unwrap();
+        a.ctl.on_stun(t + Duration::from_millis(5), &resp)
+    }
+
+    #[test]
+    fn stun_learns_and_reports_the_reflexive_address() {
+        let mut a = side(1);
+        let t0 = Instant::now();
+        let _ = a.ctl.set_local_addrs(t0, vec![a.addr]);
+        let server: SocketAddr = "203.0.113.2:3478".parse().unwrap();
+        let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
+        let out = learn_reflexive(&mut a, t0, server, seen);
+        let rep = reports(&out).pop().expect("endpoints reported");
+        assert_eq!(rep.len(), 2);
+        assert_eq!(rep[1].addr, seen);
+        assert_eq!(rep[1].kind, CandidateKind::Reflexive);
+        // Next refresh is the slow one; a repeat answer reports nothing new.
+        assert!(a.ctl.poll_timeout().unwrap() >= t0 + STUN_REFRESH);
     }
 
     #[test]
@@ -838,18 +841,8 @@ mod tests {
                 .count()
         };
         assert_eq!(reports(&a.ctl.set_local_addrs(t0, vec![a.addr])).len(), 1);
-        a.ctl.set_stun_server(t0, Some(server));
-        let out = a.ctl.tick(t0);
-        let req = out
-            .iter()
-            .find_map(|o| match o {
-                Out::Udp { to, bytes } if *to == server => Some(bytes.clone()),
-                _ => None,
-            })
-            .expect("a binding request");
         let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
-        let resp = weft_proto::stun::answer(&req, seen).unwrap();
-        assert_eq!(reports(&a.ctl.on_stun(t0, &resp)).len(), 1);
+        assert_eq!(reports(&learn_reflexive(&mut a, t0, server, seen)).len(), 1);
 
         // The same addresses sampled again: nothing to say, no early STUN.
         let t1 = t0 + Duration::from_secs(2);
@@ -908,10 +901,7 @@ mod tests {
             tx += 500;
             let oa = a.ctl.on_counters(now, &counters_of(&b, tx, rx));
             run(&mut a, &mut b, now, oa, true, false);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, false);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, false);
+            tick_both(&mut a, &mut b, now, false);
             if a.paths.get(&b.key) == Some(&Path::Relay) {
                 dead = Some(now - first_send);
                 break;
@@ -975,10 +965,7 @@ mod tests {
         let mut now = t0;
         for _ in 0..20 {
             now += Duration::from_millis(100);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, direct);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, direct);
+            tick_both(&mut a, &mut b, now, direct);
         }
         (a, b, now)
     }
