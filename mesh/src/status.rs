@@ -32,7 +32,7 @@ const MAX_RESPONSE: usize = 16 << 20;
 
 /// Why the status could not be obtained.
 #[derive(Debug, thiserror::Error)]
-pub enum StatusError {
+pub(crate) enum StatusError {
     /// Nothing is listening on the socket.
     #[error(
         "cannot connect to UAPI socket {}: {source}; is `mesh up` running for this interface?",
@@ -66,7 +66,7 @@ pub enum StatusError {
 }
 
 /// Sends `get=1` to the node's UAPI socket and parses the answer.
-pub fn query(socket: &Path) -> Result<DeviceInfo, StatusError> {
+pub(crate) fn query(socket: &Path) -> Result<DeviceInfo, StatusError> {
     let io_err = |source| StatusError::Io {
         socket: socket.to_owned(),
         source,
@@ -103,7 +103,7 @@ pub fn query(socket: &Path) -> Result<DeviceInfo, StatusError> {
 }
 
 /// Renders the state like `wg show`.
-pub fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> String {
+pub(crate) fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> String {
     let mut out = format!("interface: {interface}\n");
     if let Some(k) = &info.private_key {
         out += &format!("  public key: {}\n", k.public_key());
@@ -186,7 +186,7 @@ fn endpoint_text(ep: &std::net::SocketAddr) -> String {
 /// ```
 ///
 /// Private and preshared keys are never included.
-pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value {
+pub(crate) fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value {
     let now = since_epoch(now);
     let peers: Vec<PeerStatus> = sorted_peers(info)
         .into_iter()
@@ -362,7 +362,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Builds a managed node's status from the control state and the device's
 /// counters (pure: the control loop calls it with its own parts).
-pub fn managed_status(
+pub(crate) fn managed_status(
     interface: &str,
     overlay: Option<&Overlay>,
     ctl: &Controller,
@@ -426,7 +426,7 @@ impl ManagedStatus {
     /// counts) from the device as of `now`: the control socket calls this
     /// per request, so counters are current even though the control state
     /// is a snapshot.
-    pub fn refresh_counters(&mut self, info: &DeviceInfo, now: SystemTime) {
+    pub(crate) fn refresh_counters(&mut self, info: &DeviceInfo, now: SystemTime) {
         let by_key: std::collections::HashMap<String, &PeerInfo> = info
             .peers
             .iter()

@@ -38,10 +38,10 @@ use crate::status::ManagedStatus;
 
 /// Overlay MTU: the IPv6 minimum, so a packet fits a relay datagram (QUIC
 /// over a 1500-byte path) and every direct path without fragmentation.
-pub const MTU: u16 = 1280;
+pub(crate) const MTU: u16 = 1280;
 
 /// What the control loop needs from the coordinator session.
-pub trait Session: Send + 'static {
+pub(crate) trait Session: Send + 'static {
     /// Waits for a change (peer map, relay connection); `false` when the
     /// session ended for good (revoked, shutdown).
     fn changed(&mut self) -> impl std::future::Future<Output = bool> + Send;
@@ -87,7 +87,7 @@ impl Pings {
 /// IP addresses of this host's interfaces that peers might reach directly:
 /// not loopback, not link-local, not the overlay's own, not on another
 /// point-to-point tunnel.
-pub fn local_ips(skip_interface: &str, pools: &OverlayPools) -> Vec<IpAddr> {
+pub(crate) fn local_ips(skip_interface: &str, pools: &OverlayPools) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we free below; we only read it.
@@ -141,7 +141,7 @@ pub fn local_ips(skip_interface: &str, pools: &OverlayPools) -> Vec<IpAddr> {
 }
 
 /// Everything the control loop owns.
-pub struct ControlLoop<S: Session> {
+pub(crate) struct ControlLoop<S: Session> {
     /// The coordinator session.
     pub session: S,
     /// The state machine.
@@ -162,7 +162,7 @@ pub struct ControlLoop<S: Session> {
 
 impl<S: Session> ControlLoop<S> {
     /// Runs until the session ends for good.
-    pub async fn run(mut self, h: Handles) -> anyhow::Result<()> {
+    pub(crate) async fn run(mut self, h: Handles) -> anyhow::Result<()> {
         let pools = self.session.pools().unwrap_or_else(|| {
             tracing::warn!("the relay announced no overlay pools; using the defaults");
             OverlayPools::default()
@@ -419,7 +419,7 @@ async fn relay_rx(h: Handles, io: Arc<ManagedIo>) {
 
 /// Serves MagicDNS on `addr`:53 (the pool's first host, added to the
 /// interface), forwarding other names to the resolvers in /etc/resolv.conf.
-pub async fn serve_dns(
+pub(crate) async fn serve_dns(
     h: &Handles,
     names: Arc<RwLock<Names>>,
     addr: IpAddr,

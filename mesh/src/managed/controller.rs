@@ -53,14 +53,14 @@ use crate::path::{Action, Path, PathConfig, PeerPath};
 use crate::uapi::codec::SetRequest;
 
 /// STUN refresh while we have no reflexive address yet.
-pub const STUN_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const STUN_RETRY: Duration = Duration::from_secs(1);
 /// STUN refresh once we have one (NAT mappings change rarely; a change is
 /// also noticed by peers' pongs).
-pub const STUN_REFRESH: Duration = Duration::from_secs(20);
+pub(crate) const STUN_REFRESH: Duration = Duration::from_secs(20);
 
 /// Where a disco packet came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
+pub(crate) enum Via {
     /// The WireGuard UDP socket, from this address.
     Udp(SocketAddr),
     /// The relay, from this node.
@@ -69,7 +69,7 @@ pub enum Via {
 
 /// What the shell must do.
 #[derive(Debug, Clone)]
-pub enum Out {
+pub(crate) enum Out {
     /// Send from the WireGuard UDP socket.
     Udp {
         /// Destination.
@@ -108,16 +108,16 @@ pub enum Out {
 }
 
 /// Most `mesh ping`s outstanding at once (the oldest expires first).
-pub const MAX_USER_PINGS: usize = 64;
+pub(crate) const MAX_USER_PINGS: usize = 64;
 
 /// The source address a pong through the relay carries (the relay path has
 /// no UDP source to report).
-pub const RELAY_PONG_SRC: SocketAddr =
+pub(crate) const RELAY_PONG_SRC: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// The answer to one `mesh ping`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PingReply {
+pub(crate) struct PingReply {
     /// The id passed to [`Controller::ping`].
     pub id: u64,
     /// The peer that answered.
@@ -130,7 +130,7 @@ pub struct PingReply {
 
 /// Why [`Controller::ping`] sent nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PingError {
+pub(crate) enum PingError {
     /// The key is not in the peer map (unknown, or not visible under the ACL).
     #[error("peer {0} is not in this node's peer map")]
     UnknownPeer(String),
@@ -138,7 +138,7 @@ pub enum PingError {
 
 /// What `mesh status` shows of one peer's control state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerState {
+pub(crate) struct PeerState {
     /// Where its packets go now.
     pub path: Path,
     /// Last disco RTT on the current direct path.
@@ -150,7 +150,7 @@ pub struct PeerState {
 /// One peer's WireGuard counters, as the device reports them when the shell
 /// samples it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// The peer.
     pub peer: PublicKey,
     /// Bytes sent to it so far.
@@ -179,7 +179,7 @@ struct UserPing {
 }
 
 /// The controller.
-pub struct Controller {
+pub(crate) struct Controller {
     me: PrivateKey,
     public: PublicKey,
     cfg: PathConfig,
@@ -210,7 +210,7 @@ fn seed(rng: &mut u64) -> [u8; 4] {
 impl Controller {
     /// A controller for the node with key `me`; `rng_seed` seeds transaction
     /// ids (pass random bytes; tests pass constants).
-    pub fn new(me: PrivateKey, cfg: PathConfig, rng_seed: u64) -> Controller {
+    pub(crate) fn new(me: PrivateKey, cfg: PathConfig, rng_seed: u64) -> Controller {
         let public = me.public_key();
         Controller {
             me,
@@ -232,22 +232,24 @@ impl Controller {
     }
 
     /// The overlay as of the last peer map.
-    pub fn overlay(&self) -> Option<&Arc<Overlay>> {
+    pub(crate) fn overlay(&self) -> Option<&Arc<Overlay>> {
         self.overlay.as_ref()
     }
 
     /// A peer's current path.
-    pub fn path(&self, peer: &PublicKey) -> Option<Path> {
+    #[cfg(test)]
+    pub(crate) fn path(&self, peer: &PublicKey) -> Option<Path> {
         self.peers.get(peer).map(|p| p.path.current())
     }
 
     /// A peer's last measured direct RTT.
-    pub fn rtt(&self, peer: &PublicKey) -> Option<Duration> {
+    #[cfg(test)]
+    pub(crate) fn rtt(&self, peer: &PublicKey) -> Option<Duration> {
         self.peers.get(peer).and_then(|p| p.path.last_rtt())
     }
 
     /// A peer's control state for `mesh status`.
-    pub fn peer_state(&self, peer: &PublicKey) -> Option<PeerState> {
+    pub(crate) fn peer_state(&self, peer: &PublicKey) -> Option<PeerState> {
         self.peers.get(peer).map(|p| PeerState {
             path: p.path.current(),
             direct_rtt: p.path.last_rtt(),
@@ -259,7 +261,7 @@ impl Controller {
     /// direct address, or through the relay). The answer comes out of a
     /// later input as [`Out::PingReply`] with this `id`, or
     /// [`Out::PingExpired`] from [`Controller::tick`] after `timeout`.
-    pub fn ping(
+    pub(crate) fn ping(
         &mut self,
         now: Instant,
         peer: &PublicKey,
@@ -316,7 +318,7 @@ impl Controller {
     }
 
     /// Our candidates: interface addresses, then the reflexive one.
-    pub fn candidates(&self) -> Vec<Candidate> {
+    pub(crate) fn candidates(&self) -> Vec<Candidate> {
         let mut c: Vec<Candidate> = self
             .local
             .iter()
@@ -347,7 +349,7 @@ impl Controller {
     /// seconds). When they changed, the new candidates are reported (once)
     /// and the reflexive address is learnt again at once: the host may have
     /// moved to another network.
-    pub fn set_local_addrs(&mut self, now: Instant, addrs: Vec<SocketAddr>) -> Vec<Out> {
+    pub(crate) fn set_local_addrs(&mut self, now: Instant, addrs: Vec<SocketAddr>) -> Vec<Out> {
         let mut out = Vec::new();
         if addrs == self.local {
             return out;
@@ -362,13 +364,13 @@ impl Controller {
     }
 
     /// The relay's STUN address (where to learn our reflexive address).
-    pub fn set_stun_server(&mut self, now: Instant, server: Option<SocketAddr>) {
+    pub(crate) fn set_stun_server(&mut self, now: Instant, server: Option<SocketAddr>) {
         self.stun_server = server;
         self.next_stun = server.map(|_| now);
     }
 
     /// A new peer map (snapshot or after deltas).
-    pub fn on_peer_map(&mut self, now: Instant, map: &PeerMap) -> Vec<Out> {
+    pub(crate) fn on_peer_map(&mut self, now: Instant, map: &PeerMap) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(overlay) = Overlay::from_map(map) else {
             return out;
@@ -416,7 +418,7 @@ impl Controller {
     /// source (not the relay) are hearing the peer there
     /// ([`Controller::on_rx_direct`]: keeps the path alive, or gets that
     /// address pinged when it is not the current path).
-    pub fn on_counters(&mut self, now: Instant, sample: &[Counters]) -> Vec<Out> {
+    pub(crate) fn on_counters(&mut self, now: Instant, sample: &[Counters]) -> Vec<Out> {
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(sample.len());
         for c in sample {
@@ -458,7 +460,7 @@ impl Controller {
     }
 
     /// A datagram classified as disco.
-    pub fn on_disco(&mut self, now: Instant, via: Via, packet: &[u8]) -> Vec<Out> {
+    pub(crate) fn on_disco(&mut self, now: Instant, via: Via, packet: &[u8]) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(sender) = disco::sender(packet) else {
             return out;
@@ -530,7 +532,7 @@ impl Controller {
     }
 
     /// A datagram classified as STUN (from the relay's STUN server).
-    pub fn on_stun(&mut self, now: Instant, packet: &[u8]) -> Vec<Out> {
+    pub(crate) fn on_stun(&mut self, now: Instant, packet: &[u8]) -> Vec<Out> {
         let mut out = Vec::new();
         if let Ok(r) = self.stun.on_response(now, packet) {
             self.reflexive = Some(r.addr);
@@ -541,7 +543,7 @@ impl Controller {
     }
 
     /// Timers: paths, STUN refresh.
-    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         if let (Some(server), Some(at)) = (self.stun_server, self.next_stun) {
             if now >= at {
@@ -576,7 +578,7 @@ impl Controller {
     }
 
     /// When [`Controller::tick`] must run next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.peers
             .values()
             .filter_map(|p| p.path.poll_timeout())
