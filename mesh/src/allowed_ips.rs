@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 /// Longest-prefix-match table over IPv4 and IPv6 networks.
 #[derive(Debug, Clone)]
-pub struct AllowedIps<T> {
+pub(crate) struct AllowedIps<T> {
     v4: Family<u32, T>,
     v6: Family<u128, T>,
 }
@@ -67,14 +67,6 @@ impl<K: std::hash::Hash + Eq + Copy, T> Family<K, T> {
         self.maps.insert((len, key), value)
     }
 
-    fn remove(&mut self, key: K, len: u8) -> Option<T> {
-        let old = self.maps.remove(&(len, key));
-        if old.is_some() && !self.maps.keys().any(|(l, _)| *l == len) {
-            self.lengths.retain(|l| *l != len);
-        }
-        old
-    }
-
     fn lookup(&self, addr: K, mask: impl Fn(K, u8) -> K) -> Option<&T> {
         self.lengths
             .iter()
@@ -84,12 +76,12 @@ impl<K: std::hash::Hash + Eq + Copy, T> Family<K, T> {
 
 impl<T> AllowedIps<T> {
     /// An empty table.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Inserts `net` (host bits are ignored) and returns the value it replaced.
-    pub fn insert(&mut self, net: IpNet, value: T) -> Option<T> {
+    pub(crate) fn insert(&mut self, net: IpNet, value: T) -> Option<T> {
         match net.trunc() {
             IpNet::V4(n) => self
                 .v4
@@ -100,40 +92,12 @@ impl<T> AllowedIps<T> {
         }
     }
 
-    /// Removes exactly `net` and returns its value.
-    pub fn remove(&mut self, net: IpNet) -> Option<T> {
-        match net.trunc() {
-            IpNet::V4(n) => self.v4.remove(u32::from(n.network()), n.prefix_len()),
-            IpNet::V6(n) => self.v6.remove(u128::from(n.network()), n.prefix_len()),
-        }
-    }
-
     /// The value of the longest prefix containing `addr`.
-    pub fn lookup(&self, addr: IpAddr) -> Option<&T> {
+    pub(crate) fn lookup(&self, addr: IpAddr) -> Option<&T> {
         match addr {
             IpAddr::V4(a) => self.v4.lookup(u32::from(a), mask4),
             IpAddr::V6(a) => self.v6.lookup(u128::from(a), mask6),
         }
-    }
-
-    /// Removes every entry whose value matches `pred`.
-    pub fn retain(&mut self, mut pred: impl FnMut(&T) -> bool) {
-        self.v4.maps.retain(|_, v| pred(v));
-        self.v6.maps.retain(|_, v| pred(v));
-        let v4: Vec<u8> = self.v4.maps.keys().map(|(l, _)| *l).collect();
-        self.v4.lengths.retain(|l| v4.contains(l));
-        let v6: Vec<u8> = self.v6.maps.keys().map(|(l, _)| *l).collect();
-        self.v6.lengths.retain(|l| v6.contains(l));
-    }
-
-    /// Number of networks in the table.
-    pub fn len(&self) -> usize {
-        self.v4.maps.len() + self.v6.maps.len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -162,11 +126,9 @@ mod tests {
         assert_eq!(t.lookup("fd00::2".parse().unwrap()), Some(&4));
         assert_eq!(t.lookup("fd00::3".parse().unwrap()), Some(&3));
         assert_eq!(t.lookup("fd01::3".parse().unwrap()), None);
-        assert_eq!(t.remove(net("100.64.0.2/32")), Some(2));
-        assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(&1));
-        t.retain(|v| *v != 1);
-        assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(&0));
-        assert_eq!(t.len(), 3);
+        // The same prefix again replaces its value.
+        assert_eq!(t.insert(net("100.64.0.2/32"), 5), Some(2));
+        assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(&5));
     }
 
     #[test]
@@ -174,43 +136,47 @@ mod tests {
         let mut t = AllowedIps::new();
         t.insert(net("10.1.2.3/8"), 7);
         assert_eq!(t.lookup("10.200.0.1".parse().unwrap()), Some(&7));
-        assert_eq!(t.remove(net("10.0.0.0/8")), Some(7));
-        assert!(t.is_empty());
+        // 10.0.0.0/8 is the same entry.
+        assert_eq!(t.insert(net("10.0.0.0/8"), 8), Some(7));
+        assert_eq!(t.lookup("10.200.0.1".parse().unwrap()), Some(&8));
+    }
+
+    /// Inserts `nets` (value = index; a later equal prefix replaces an
+    /// earlier one) and checks every probe against a linear scan for the
+    /// longest matching prefix.
+    fn check_against_naive(nets: &[IpNet], probes: &[IpAddr]) -> Result<(), TestCaseError> {
+        let mut t = AllowedIps::new();
+        let mut naive: Vec<(IpNet, usize)> = Vec::new();
+        for (i, n) in nets.iter().enumerate() {
+            let n = n.trunc();
+            t.insert(n, i);
+            naive.retain(|(m, _)| *m != n);
+            naive.push((n, i));
+        }
+        for addr in probes {
+            let want = naive
+                .iter()
+                .filter(|(n, _)| n.contains(addr))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, v)| *v);
+            prop_assert_eq!(t.lookup(*addr).copied(), want);
+        }
+        Ok(())
     }
 
     proptest! {
         #[test]
         fn matches_naive_v4(nets in proptest::collection::vec((any::<u32>(), 0u8..=32), 0..20), probes in proptest::collection::vec(any::<u32>(), 1..50)) {
-            let mut t = AllowedIps::new();
-            let mut naive: Vec<(ipnet::Ipv4Net, usize)> = Vec::new();
-            for (i, (a, l)) in nets.iter().enumerate() {
-                let n = ipnet::Ipv4Net::new(Ipv4Addr::from(*a), *l).unwrap().trunc();
-                t.insert(IpNet::V4(n), i);
-                naive.retain(|(m, _)| *m != n);
-                naive.push((n, i));
-            }
-            for p in probes {
-                let addr = Ipv4Addr::from(p);
-                let want = naive.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| *v);
-                prop_assert_eq!(t.lookup(IpAddr::V4(addr)).copied(), want);
-            }
+            let nets: Vec<IpNet> = nets.iter().map(|(a, l)| IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(*a), *l).unwrap())).collect();
+            let probes: Vec<IpAddr> = probes.into_iter().map(|p| IpAddr::V4(Ipv4Addr::from(p))).collect();
+            check_against_naive(&nets, &probes)?;
         }
 
         #[test]
         fn matches_naive_v6(nets in proptest::collection::vec((any::<u128>(), 0u8..=128), 0..20), probes in proptest::collection::vec(any::<u128>(), 1..50)) {
-            let mut t = AllowedIps::new();
-            let mut naive: Vec<(ipnet::Ipv6Net, usize)> = Vec::new();
-            for (i, (a, l)) in nets.iter().enumerate() {
-                let n = ipnet::Ipv6Net::new(Ipv6Addr::from(*a), *l).unwrap().trunc();
-                t.insert(IpNet::V6(n), i);
-                naive.retain(|(m, _)| *m != n);
-                naive.push((n, i));
-            }
-            for p in probes {
-                let addr = Ipv6Addr::from(p);
-                let want = naive.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| *v);
-                prop_assert_eq!(t.lookup(IpAddr::V6(addr)).copied(), want);
-            }
+            let nets: Vec<IpNet> = nets.iter().map(|(a, l)| IpNet::V6(ipnet::Ipv6Net::new(Ipv6Addr::from(*a), *l).unwrap())).collect();
+            let probes: Vec<IpAddr> = probes.into_iter().map(|p| IpAddr::V6(Ipv6Addr::from(p))).collect();
+            check_against_naive(&nets, &probes)?;
         }
     }
 }

@@ -44,19 +44,19 @@ use thiserror::Error;
 use crate::key::{PrivateKey, PublicKey, KEY_LEN};
 
 /// The first bytes of every disco packet.
-pub const MAGIC: [u8; 8] = *b"Weft\xf0\x9f\xa7\xb5";
+pub(crate) const MAGIC: [u8; 8] = *b"Weft\xf0\x9f\xa7\xb5";
 /// Header: magic, sender key, nonce.
-pub const HEADER_LEN: usize = MAGIC.len() + KEY_LEN + NONCE_LEN;
+pub(crate) const HEADER_LEN: usize = MAGIC.len() + KEY_LEN + NONCE_LEN;
 /// Nonce length (XChaCha20).
-pub const NONCE_LEN: usize = 24;
+pub(crate) const NONCE_LEN: usize = 24;
 /// Poly1305 tag length.
-pub const TAG_LEN: usize = 16;
+pub(crate) const TAG_LEN: usize = 16;
 /// Smallest possible disco packet (header, type + version, tag).
-pub const MIN_LEN: usize = HEADER_LEN + 2 + TAG_LEN;
+pub(crate) const MIN_LEN: usize = HEADER_LEN + 2 + TAG_LEN;
 /// Most addresses in one call-me-maybe.
-pub const MAX_CALL_ME_MAYBE: usize = 16;
+pub(crate) const MAX_CALL_ME_MAYBE: usize = 16;
 /// STUN's magic cookie (RFC 5389), bytes 4..8 of every STUN message.
-pub const STUN_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+pub(crate) const STUN_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 
 const VERSION: u8 = 1;
 const T_PING: u8 = 1;
@@ -66,7 +66,7 @@ const LABEL: &[u8] = b"weft disco v1";
 
 /// What a datagram on the node's UDP socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A WireGuard message (type 1-4 with its exact length rule).
     WireGuard,
     /// A STUN message (a binding response from the relay, usually).
@@ -88,7 +88,7 @@ pub enum Kind {
 ///   WireGuard message.
 /// - Disco: starts with [`MAGIC`], whose byte 0 (`W`, 0x57) is neither a
 ///   WireGuard type nor has its top two bits zero; at least [`MIN_LEN`] bytes.
-pub fn classify(d: &[u8]) -> Kind {
+pub(crate) fn classify(d: &[u8]) -> Kind {
     if d.len() >= MIN_LEN && d[..MAGIC.len()] == MAGIC {
         return Kind::Disco;
     }
@@ -111,7 +111,7 @@ pub fn classify(d: &[u8]) -> Kind {
 }
 
 /// The STUN rule of [`classify`].
-pub fn is_stun(d: &[u8]) -> bool {
+pub(crate) fn is_stun(d: &[u8]) -> bool {
     if d.len() < 20 || d[0] & 0xC0 != 0 || d[4..8] != STUN_COOKIE {
         return false;
     }
@@ -121,7 +121,7 @@ pub fn is_stun(d: &[u8]) -> bool {
 
 /// A disco transaction id: pairs a pong with its ping.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TxId(pub [u8; 12]);
+pub(crate) struct TxId(pub [u8; 12]);
 
 impl fmt::Debug for TxId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,7 +131,7 @@ impl fmt::Debug for TxId {
 
 /// A disco message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub(crate) enum Message {
     /// "Are you there on this path?"
     Ping {
         /// Transaction id, echoed in the pong.
@@ -156,7 +156,7 @@ pub enum Message {
 
 /// Why a packet was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum DiscoError {
+pub(crate) enum DiscoError {
     /// It does not start with the magic or is too short.
     #[error("not a disco packet")]
     NotDisco,
@@ -176,7 +176,7 @@ pub enum DiscoError {
 
 /// The sender's key from a disco header (unauthenticated: used only to
 /// find the [`SharedKey`] to open it with).
-pub fn sender(packet: &[u8]) -> Option<PublicKey> {
+pub(crate) fn sender(packet: &[u8]) -> Option<PublicKey> {
     if packet.len() < MIN_LEN || packet[..MAGIC.len()] != MAGIC {
         return None;
     }
@@ -187,7 +187,7 @@ pub fn sender(packet: &[u8]) -> Option<PublicKey> {
 
 /// The symmetric key two nodes share for disco. `Debug` prints nothing.
 #[derive(Clone)]
-pub struct SharedKey {
+pub(crate) struct SharedKey {
     cipher: XChaCha20Poly1305,
 }
 
@@ -219,7 +219,7 @@ fn decode_addr(b: &[u8]) -> Option<SocketAddr> {
 
 impl Message {
     /// The plaintext encoding.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         match self {
             Message::Ping { tx, node_key } => {
@@ -244,7 +244,7 @@ impl Message {
     }
 
     /// Decodes a plaintext.
-    pub fn decode(b: &[u8]) -> Result<Message, DiscoError> {
+    pub(crate) fn decode(b: &[u8]) -> Result<Message, DiscoError> {
         let [t, v, body @ ..] = b else {
             return Err(DiscoError::Malformed("empty"));
         };
@@ -300,7 +300,7 @@ impl Message {
 
 impl SharedKey {
     /// Derives the key shared by `me` and `peer` (the same on both sides).
-    pub fn derive(me: &PrivateKey, peer: &PublicKey) -> Result<SharedKey, DiscoError> {
+    pub(crate) fn derive(me: &PrivateKey, peer: &PublicKey) -> Result<SharedKey, DiscoError> {
         let dh = me
             .to_static_secret()
             .diffie_hellman(&crate::key::to_x25519(peer));
@@ -326,7 +326,12 @@ impl SharedKey {
 
     /// Seals `msg` from `sender` (the sealing node's public key) with `nonce`.
     /// A nonce must never repeat under one key: use random ones.
-    pub fn seal(&self, sender: &PublicKey, msg: &Message, nonce: [u8; NONCE_LEN]) -> Vec<u8> {
+    pub(crate) fn seal(
+        &self,
+        sender: &PublicKey,
+        msg: &Message,
+        nonce: [u8; NONCE_LEN],
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + 64 + TAG_LEN);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(sender.as_bytes());
@@ -351,12 +356,12 @@ impl SharedKey {
     }
 
     /// [`SharedKey::seal`] with a random nonce.
-    pub fn seal_random(&self, sender: &PublicKey, msg: &Message) -> Vec<u8> {
+    pub(crate) fn seal_random(&self, sender: &PublicKey, msg: &Message) -> Vec<u8> {
         self.seal(sender, msg, rand::random())
     }
 
     /// Authenticates and decodes a packet sealed by the other side.
-    pub fn open(&self, packet: &[u8]) -> Result<Message, DiscoError> {
+    pub(crate) fn open(&self, packet: &[u8]) -> Result<Message, DiscoError> {
         let from = sender(packet).ok_or(DiscoError::NotDisco)?;
         let (aad, rest) = packet.split_at(MAGIC.len() + KEY_LEN);
         let (nonce, ct) = rest.split_at(NONCE_LEN);

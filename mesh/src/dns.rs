@@ -344,37 +344,33 @@ mod tests {
         let n = table();
         let v4: IpAddr = "100.64.0.5".parse().unwrap();
         let v6: IpAddr = "fd7a:7765:6674::5".parse().unwrap();
-        assert_eq!(
-            n.lookup("gpu1.weft.internal.", RecordType::A),
-            Lookup::Answer(vec![v4])
-        );
-        assert_eq!(
-            n.lookup("GPU1.Weft.Internal", RecordType::AAAA),
-            Lookup::Answer(vec![v6])
-        );
-        assert_eq!(
-            n.lookup("gpu1.weft.internal", RecordType::ANY),
-            Lookup::Answer(vec![v4, v6])
-        );
-        assert_eq!(
-            n.lookup("cpu-only.weft.internal", RecordType::AAAA),
-            Lookup::NoData
-        );
-        assert_eq!(
-            n.lookup("gpu1.weft.internal", RecordType::MX),
-            Lookup::NoData
-        );
-        assert_eq!(n.lookup("weft.internal.", RecordType::SOA), Lookup::NoData);
-        assert_eq!(
-            n.lookup("nope.weft.internal", RecordType::A),
-            Lookup::NxDomain
-        );
-        assert_eq!(
-            n.lookup("a.gpu1.weft.internal", RecordType::A),
-            Lookup::NxDomain
-        );
-        assert_eq!(n.lookup("example.com.", RecordType::A), Lookup::Forward);
-        assert_eq!(n.lookup("notweft.internal", RecordType::A), Lookup::Forward);
+        let cases = [
+            (
+                "gpu1.weft.internal.",
+                RecordType::A,
+                Lookup::Answer(vec![v4]),
+            ),
+            (
+                "GPU1.Weft.Internal",
+                RecordType::AAAA,
+                Lookup::Answer(vec![v6]),
+            ),
+            (
+                "gpu1.weft.internal",
+                RecordType::ANY,
+                Lookup::Answer(vec![v4, v6]),
+            ),
+            ("cpu-only.weft.internal", RecordType::AAAA, Lookup::NoData),
+            ("gpu1.weft.internal", RecordType::MX, Lookup::NoData),
+            ("weft.internal.", RecordType::SOA, Lookup::NoData),
+            ("nope.weft.internal", RecordType::A, Lookup::NxDomain),
+            ("a.gpu1.weft.internal", RecordType::A, Lookup::NxDomain),
+            ("example.com.", RecordType::A, Lookup::Forward),
+            ("notweft.internal", RecordType::A, Lookup::Forward),
+        ];
+        for (name, rtype, want) in cases {
+            assert_eq!(n.lookup(name, rtype), want, "{name} {rtype}");
+        }
         let mut n = n;
         n.remove("GPU1");
         assert_eq!(

@@ -21,7 +21,7 @@ use parking_lot::{Mutex, RwLock};
 use tunnel_relay::relay_path::RelayPath;
 
 use crate::device::{relay_index, Device};
-use crate::filter::{Conntrack, Verdict};
+use crate::filter::Conntrack;
 use crate::key::PublicKey;
 use crate::managed::overlay::Overlay;
 use crate::udp::UdpIo;
@@ -103,7 +103,7 @@ impl PacketFilter {
                     .as_ref()
                     .is_some_and(|o| o.allows_new(src, proto, port))
             });
-        if v == Verdict::Dropped {
+        if !v.passes() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }

@@ -28,13 +28,13 @@ const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
 
 /// Idle timeouts per protocol.
-pub const TCP_IDLE: Duration = Duration::from_secs(30 * 60);
+pub(crate) const TCP_IDLE: Duration = Duration::from_secs(30 * 60);
 /// UDP flows.
-pub const UDP_IDLE: Duration = Duration::from_secs(120);
+pub(crate) const UDP_IDLE: Duration = Duration::from_secs(120);
 /// ICMP echo and other protocols.
-pub const OTHER_IDLE: Duration = Duration::from_secs(30);
+pub(crate) const OTHER_IDLE: Duration = Duration::from_secs(30);
 /// Default table size.
-pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+pub(crate) const DEFAULT_MAX_FLOWS: usize = 65_536;
 
 /// The protocol class the ACL speaks of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +52,7 @@ pub enum Proto {
 /// One direction of a flow, as seen in a packet: (proto, src, sport, dst, dport).
 /// For ICMP echo, both ports are the echo identifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowKey {
+pub(crate) struct FlowKey {
     /// IP protocol number.
     pub proto: u8,
     /// Source address.
@@ -79,7 +79,7 @@ impl FlowKey {
 
 /// What one packet is, for the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// A packet of a flow (TCP, UDP, ICMP echo, other protocols).
     Flow(FlowKey),
     /// An ICMP error quoting a packet of this flow (as the quoted packet
@@ -89,7 +89,7 @@ pub enum Parsed {
 
 /// The verdict on an inbound packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Part of a tracked flow (reply, or more of an admitted flow).
     Tracked,
     /// A new flow the ACL allows (now tracked).
@@ -100,7 +100,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// Whether the packet passes.
-    pub fn passes(self) -> bool {
+    pub(crate) fn passes(self) -> bool {
         !matches!(self, Verdict::Dropped)
     }
 }
@@ -141,7 +141,7 @@ fn ip_parts(p: &[u8]) -> Option<(u8, IpAddr, IpAddr, &[u8])> {
 }
 
 /// Classifies an IP packet (`None`: not IP, or truncated).
-pub fn parse(packet: &[u8]) -> Option<Parsed> {
+pub(crate) fn parse(packet: &[u8]) -> Option<Parsed> {
     parse_depth(packet, 0)
 }
 
@@ -207,7 +207,7 @@ fn idle_for(proto: u8) -> Duration {
 
 /// The flow table.
 #[derive(Debug)]
-pub struct Conntrack {
+pub(crate) struct Conntrack {
     /// Keyed by the flow as *we* sent it (outbound orientation for flows we
     /// opened; inbound orientation reversed for flows peers opened), so one
     /// lookup per packet answers both directions.
@@ -224,7 +224,7 @@ impl Default for Conntrack {
 
 impl Conntrack {
     /// A table of at most `max` flows.
-    pub fn new(max: usize) -> Conntrack {
+    pub(crate) fn new(max: usize) -> Conntrack {
         Conntrack {
             flows: HashMap::new(),
             max: max.max(1),
@@ -233,12 +233,14 @@ impl Conntrack {
     }
 
     /// Flows tracked now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.flows.len()
     }
 
     /// Whether no flow is tracked.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.flows.is_empty()
     }
 
@@ -270,7 +272,7 @@ impl Conntrack {
 
     /// Records a packet leaving through the tunnel (always passes: the
     /// filter is on receive).
-    pub fn outbound(&mut self, now: Instant, packet: &[u8]) {
+    pub(crate) fn outbound(&mut self, now: Instant, packet: &[u8]) {
         if let Some(Parsed::Flow(k)) = parse(packet) {
             self.touch(k, now);
         }
@@ -278,7 +280,7 @@ impl Conntrack {
 
     /// Decides on a packet that arrived from a peer. `allow_new(proto,
     /// dst_port)` is the ACL for a new flow from that peer.
-    pub fn inbound(
+    pub(crate) fn inbound(
         &mut self,
         now: Instant,
         packet: &[u8],
@@ -315,13 +317,13 @@ impl Conntrack {
     }
 
     /// Forgets expired flows.
-    pub fn expire(&mut self, now: Instant) {
+    pub(crate) fn expire(&mut self, now: Instant) {
         self.flows.retain(|_, t| *t > now);
     }
 
     /// Forgets every flow (e.g. when the policy changes, so flows the new
     /// policy forbids do not live on as "tracked").
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.flows.clear();
     }
 }

@@ -5,19 +5,19 @@
 
 pub mod cli;
 pub mod config;
-pub mod disco;
+pub(crate) mod disco;
 pub mod key;
 pub mod status;
-pub mod uapi;
+pub(crate) mod uapi;
 
-pub mod allowed_ips;
+pub(crate) mod allowed_ips;
 pub mod device;
 pub mod dns;
-pub mod egress;
-pub mod filter;
+pub(crate) mod egress;
+pub(crate) mod filter;
 pub mod managed;
 pub mod netlink;
 pub mod node;
-pub mod path;
-pub mod peer;
+pub(crate) mod path;
+pub(crate) mod peer;
 pub mod udp;

@@ -47,16 +47,16 @@ use std::time::{Duration, Instant};
 use crate::disco::TxId;
 
 /// Most candidate addresses tracked per peer.
-pub const MAX_CANDIDATES: usize = 16;
+pub(crate) const MAX_CANDIDATES: usize = 16;
 /// Most outstanding pings per peer.
-pub const MAX_PINGS: usize = 64;
+pub(crate) const MAX_PINGS: usize = 64;
 /// A received ping is answered with a ping back unless we pinged its source
 /// this recently (a burst of the peer's probes arriving together).
-pub const PING_BACK_GAP: Duration = Duration::from_millis(10);
+pub(crate) const PING_BACK_GAP: Duration = Duration::from_millis(10);
 
 /// Timers of the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PathConfig {
+pub(crate) struct PathConfig {
     /// Sent on the direct path and heard nothing back for this long → relay. Default 2.5 s
     /// (traffic is back on the relay within the 3 s, counting detection).
     pub direct_timeout: Duration,
@@ -90,7 +90,7 @@ impl Default for PathConfig {
 
 /// Where packets to the peer go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Path {
+pub(crate) enum Path {
     /// Through the relay (always works).
     Relay,
     /// Straight to this UDP address.
@@ -99,7 +99,7 @@ pub enum Path {
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Send a disco ping with this transaction id to `to` from the WireGuard socket.
     SendPing {
         /// Destination.
@@ -133,7 +133,7 @@ struct Ping {
 
 /// The path state of one peer.
 #[derive(Debug, Clone)]
-pub struct PeerPath {
+pub(crate) struct PeerPath {
     cfg: PathConfig,
     current: Path,
     rtt: Option<Duration>,
@@ -182,7 +182,7 @@ fn weight(addr: SocketAddr, rtt: Duration) -> Duration {
 impl PeerPath {
     /// A peer on the relay path. `tx_seed` makes transaction ids unique
     /// across peers and restarts (pass random bytes).
-    pub fn new(cfg: PathConfig, tx_seed: [u8; 4]) -> PeerPath {
+    pub(crate) fn new(cfg: PathConfig, tx_seed: [u8; 4]) -> PeerPath {
         PeerPath {
             cfg,
             current: Path::Relay,
@@ -204,17 +204,18 @@ impl PeerPath {
     }
 
     /// The path in use.
-    pub fn current(&self) -> Path {
+    pub(crate) fn current(&self) -> Path {
         self.current
     }
 
     /// RTT of the last pong on the current direct path (`None` on the relay).
-    pub fn last_rtt(&self) -> Option<Duration> {
+    pub(crate) fn last_rtt(&self) -> Option<Duration> {
         self.rtt
     }
 
     /// The candidate addresses being probed.
-    pub fn candidates(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+    #[cfg(test)]
+    pub(crate) fn candidates(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.candidates.iter().map(|c| c.addr)
     }
 
@@ -251,7 +252,7 @@ impl PeerPath {
 
     /// The peer's candidates from the coordinator. A changed set starts a
     /// probe round with call-me-maybe; an unchanged one does nothing.
-    pub fn on_candidates(&mut self, now: Instant, addrs: &[SocketAddr]) {
+    pub(crate) fn on_candidates(&mut self, now: Instant, addrs: &[SocketAddr]) {
         if self.set_candidates(addrs) && !self.candidates.is_empty() {
             self.request_probe(now, true);
             // New addresses (a peer that just started or moved): probe now.
@@ -260,7 +261,7 @@ impl PeerPath {
     }
 
     /// The peer asks us to probe these addresses now (it is probing us).
-    pub fn on_call_me_maybe(&mut self, now: Instant, addrs: &[SocketAddr]) {
+    pub(crate) fn on_call_me_maybe(&mut self, now: Instant, addrs: &[SocketAddr]) {
         let changed = self.set_candidates(addrs);
         if !self.candidates.is_empty() {
             self.request_probe(now, false);
@@ -271,7 +272,7 @@ impl PeerPath {
     }
 
     /// A pong arrived from `from` for transaction `tx`.
-    pub fn on_pong(&mut self, now: Instant, from: SocketAddr, tx: TxId) {
+    pub(crate) fn on_pong(&mut self, now: Instant, from: SocketAddr, tx: TxId) {
         let Some(i) = self.pings.iter().position(|p| p.tx == tx) else {
             return; // not ours, answered already, or expired
         };
@@ -313,7 +314,7 @@ impl PeerPath {
     }
 
     /// An authenticated WireGuard packet arrived straight from `from`.
-    pub fn on_rx_direct(&mut self, now: Instant, from: SocketAddr) {
+    pub(crate) fn on_rx_direct(&mut self, now: Instant, from: SocketAddr) {
         // Not our path (yet): confirm with a ping, at most one per heartbeat.
         self.confirm(now, from, self.cfg.heartbeat);
     }
@@ -342,12 +343,12 @@ impl PeerPath {
     /// found (its ping arrives from a port no STUN server saw). Ping-backs
     /// cannot loop: they stop once a side is direct on that address, and the
     /// peer's own pings are rate-limited.
-    pub fn on_ping_received(&mut self, now: Instant, from: SocketAddr) {
+    pub(crate) fn on_ping_received(&mut self, now: Instant, from: SocketAddr) {
         self.confirm(now, from, PING_BACK_GAP);
     }
 
     /// We sent a data packet to the peer on the current path.
-    pub fn on_tx(&mut self, now: Instant) {
+    pub(crate) fn on_tx(&mut self, now: Instant) {
         if matches!(self.current, Path::Direct(_)) && self.awaiting_since.is_none() {
             self.awaiting_since = Some(now);
         }
@@ -394,7 +395,7 @@ impl PeerPath {
     }
 
     /// Advances timers; returns what to send, in order.
-    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<Action> {
         let mut out = std::mem::take(&mut self.queued);
         let timeout = self.cfg.ping_timeout;
         self.pings
@@ -451,7 +452,7 @@ impl PeerPath {
 
     /// When `tick` must run next (`None`: only after an input). Call `tick`
     /// after every input too: inputs queue actions (a path change, a ping).
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let mut t: Option<Instant> = None;
         let mut at = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
         if let Some(p) = self.pings.iter().map(|p| p.sent).min() {

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use crate::key::{PresharedKey, PrivateKey, PublicKey};
 
 /// Bytes of WireGuard overhead on a data packet (header 16 + tag 16), before padding.
-pub const DATA_OVERHEAD: usize = 32;
+pub(crate) const DATA_OVERHEAD: usize = 32;
 
 /// A peer, shared between the TUN loop, the UDP loop, the timer and the UAPI.
 pub struct Peer {

@@ -32,7 +32,7 @@ const MAX_RESPONSE: usize = 16 << 20;
 
 /// Why the status could not be obtained.
 #[derive(Debug, thiserror::Error)]
-pub enum StatusError {
+pub(crate) enum StatusError {
     /// Nothing is listening on the socket.
     #[error(
         "cannot connect to UAPI socket {}: {source}; is `mesh up` running for this interface?",
@@ -66,7 +66,7 @@ pub enum StatusError {
 }
 
 /// Sends `get=1` to the node's UAPI socket and parses the answer.
-pub fn query(socket: &Path) -> Result<DeviceInfo, StatusError> {
+pub(crate) fn query(socket: &Path) -> Result<DeviceInfo, StatusError> {
     let io_err = |source| StatusError::Io {
         socket: socket.to_owned(),
         source,
@@ -103,7 +103,7 @@ pub fn query(socket: &Path) -> Result<DeviceInfo, StatusError> {
 }
 
 /// Renders the state like `wg show`.
-pub fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> String {
+pub(crate) fn render_human(interface: &str, info: &DeviceInfo, now: SystemTime) -> String {
     let mut out = format!("interface: {interface}\n");
     if let Some(k) = &info.private_key {
         out += &format!("  public key: {}\n", k.public_key());
@@ -186,22 +186,11 @@ fn endpoint_text(ep: &std::net::SocketAddr) -> String {
 /// ```
 ///
 /// Private and preshared keys are never included.
-pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value {
+pub(crate) fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value {
     let now = since_epoch(now);
-    let peers: Vec<Value> = sorted_peers(info)
+    let peers: Vec<PeerStatus> = sorted_peers(info)
         .into_iter()
-        .map(|p| {
-            json!({
-                "public_key": p.public_key.to_base64(),
-                "endpoint": p.endpoint.map(|e| endpoint_text(&e)),
-                "allowed_ips": p.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "latest_handshake_unix": p.last_handshake.map(|h| h.as_secs()),
-                "latest_handshake_age_s": p.last_handshake.map(|h| now.as_secs().saturating_sub(h.as_secs())),
-                "rx_bytes": p.rx_bytes,
-                "tx_bytes": p.tx_bytes,
-                "persistent_keepalive_s": p.persistent_keepalive,
-            })
-        })
+        .map(|p| PeerStatus::new(p, now))
         .collect();
     json!({
         "interface": interface,
@@ -209,6 +198,50 @@ pub fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -> Value
         "listen_port": info.listen_port,
         "peers": peers,
     })
+}
+
+/// One peer in [`render_json`]'s format. Deserializing it (the lab harness
+/// reads `mesh status --json` with it) requires every field, `null` included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Public key (base64).
+    pub public_key: String,
+    /// The endpoint (`relay` on the relay path), if known.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub endpoint: Option<String>,
+    /// WireGuard AllowedIPs.
+    pub allowed_ips: Vec<String>,
+    /// Last completed handshake, whole seconds since the epoch.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub latest_handshake_unix: Option<u64>,
+    /// Seconds from then to the rendering (0 if in the future).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub latest_handshake_age_s: Option<u64>,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Persistent keepalive interval in seconds.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub persistent_keepalive_s: Option<u16>,
+}
+
+impl PeerStatus {
+    /// The peer `p` as of `now` (since the epoch).
+    fn new(p: &PeerInfo, now: Duration) -> Self {
+        Self {
+            public_key: p.public_key.to_base64(),
+            endpoint: p.endpoint.map(|e| endpoint_text(&e)),
+            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            latest_handshake_unix: p.last_handshake.map(|h| h.as_secs()),
+            latest_handshake_age_s: p
+                .last_handshake
+                .map(|h| now.as_secs().saturating_sub(h.as_secs())),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            persistent_keepalive_s: p.persistent_keepalive,
+        }
+    }
 }
 
 /// A managed node's state, as its control socket sends it and as
@@ -329,7 +362,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Builds a managed node's status from the control state and the device's
 /// counters (pure: the control loop calls it with its own parts).
-pub fn managed_status(
+pub(crate) fn managed_status(
     interface: &str,
     overlay: Option<&Overlay>,
     ctl: &Controller,
@@ -393,7 +426,7 @@ impl ManagedStatus {
     /// counts) from the device as of `now`: the control socket calls this
     /// per request, so counters are current even though the control state
     /// is a snapshot.
-    pub fn refresh_counters(&mut self, info: &DeviceInfo, now: SystemTime) {
+    pub(crate) fn refresh_counters(&mut self, info: &DeviceInfo, now: SystemTime) {
         let by_key: std::collections::HashMap<String, &PeerInfo> = info
             .peers
             .iter()
@@ -710,6 +743,14 @@ mod tests {
                 ]
             })
         );
+        // The peers read back as `PeerStatus`; a missing `null` field is refused.
+        let peers: Vec<PeerStatus> = serde_json::from_value(v["peers"].clone()).unwrap();
+        assert_eq!(peers[1].endpoint, None);
+        assert_eq!(serde_json::to_value(&peers).unwrap(), v["peers"]);
+        let mut partial = v["peers"][1].clone();
+        partial.as_object_mut().unwrap().remove("endpoint");
+        let err = serde_json::from_value::<PeerStatus>(partial).unwrap_err();
+        assert!(err.to_string().contains("endpoint"), "{err}");
         let text = v.to_string();
         assert!(!text.contains(&PrivateKey::from_bytes([0x40; 32]).to_base64()));
         assert!(!text.contains(&PresharedKey::from_bytes([9; 32]).to_base64()));
@@ -833,7 +874,7 @@ mod tests {
         map.apply(&PeerMapUpdate::Snapshot(snap)).unwrap();
         let mut ctl = Controller::new(me.clone(), crate::path::PathConfig::default(), 5);
         let t0 = std::time::Instant::now();
-        let _ = ctl.set_local_addrs(vec!["198.51.100.5:41641".parse().unwrap()]);
+        let _ = ctl.set_local_addrs(t0, vec!["198.51.100.5:41641".parse().unwrap()]);
         let _ = ctl.on_peer_map(t0, &map);
         let info = DeviceInfo {
             private_key: Some(me.clone()),

@@ -3,7 +3,7 @@
 //! work on our interface as on wireguard-go. The codec is pure
 //! ([`codec`]); this module is the socket shell.
 
-pub mod codec;
+pub(crate) mod codec;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,20 +23,20 @@ use crate::udp::UdpIo;
 const MAX_REQUEST: usize = 4 << 20;
 
 /// The bound UAPI socket; removes its file when dropped.
-pub struct Listener {
+pub(crate) struct Listener {
     listener: UnixListener,
     path: PathBuf,
 }
 
 /// The UAPI socket path of an interface.
-pub fn socket_path(dir: &Path, interface: &str) -> PathBuf {
+pub(crate) fn socket_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("{interface}.sock"))
 }
 
 impl Listener {
     /// Binds `DIR/NAME.sock` (mode 0600: `get` reveals the private key).
     /// Fails if another process answers on it; removes a stale file.
-    pub fn bind(dir: &Path, interface: &str) -> anyhow::Result<Listener> {
+    pub(crate) fn bind(dir: &Path, interface: &str) -> anyhow::Result<Listener> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = socket_path(dir, interface);
         if path.exists() {
@@ -57,7 +57,7 @@ impl Listener {
     }
 
     /// The socket's path.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }
@@ -69,7 +69,7 @@ impl Drop for Listener {
 }
 
 /// Serves UAPI clients until cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: Listener,
     device: Arc<Device>,
     link: Link,

@@ -5,7 +5,7 @@ use std::process::{Command, ExitStatus};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde::Deserialize;
 
 use crate::netns::Netns;
 use crate::proc::Proc;
@@ -178,8 +178,11 @@ impl MeshNode {
     }
 }
 
-/// `mesh status --json` output.
-#[derive(Clone, Debug)]
+pub use mesh::status::PeerStatus;
+
+/// `mesh status --json` output of a static node (its peers are mesh's own
+/// [`PeerStatus`]); every field must be present.
+#[derive(Clone, Debug, Deserialize)]
 pub struct Status {
     pub interface: String,
     pub public_key: String,
@@ -187,100 +190,16 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
 }
 
-/// One peer in `mesh status --json`.
-#[derive(Clone, Debug)]
-pub struct PeerStatus {
-    pub public_key: String,
-    pub endpoint: Option<String>,
-    pub allowed_ips: Vec<String>,
-    pub latest_handshake_unix: Option<u64>,
-    pub latest_handshake_age_s: Option<u64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub persistent_keepalive_s: Option<u64>,
-}
-
 impl Status {
-    /// Parses the documented JSON shape; every field must be present.
+    /// Parses the documented JSON shape.
     pub fn parse(raw: &str) -> Result<Status, String> {
-        let v: Value = serde_json::from_str(raw).map_err(|e| format!("not JSON: {e}"))?;
-        let peers = field(&v, "peers")?
-            .as_array()
-            .ok_or("peers is not an array")?
-            .iter()
-            .map(PeerStatus::parse)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Status {
-            interface: string(&v, "interface")?,
-            public_key: string(&v, "public_key")?,
-            listen_port: u16::try_from(uint(&v, "listen_port")?)
-                .map_err(|_| "listen_port out of range")?,
-            peers,
-        })
+        serde_json::from_str(raw).map_err(|e| e.to_string())
     }
 
     /// The peer with this public key.
     pub fn peer(&self, public_key: &str) -> Option<&PeerStatus> {
         self.peers.iter().find(|p| p.public_key == public_key)
     }
-}
-
-impl PeerStatus {
-    fn parse(v: &Value) -> Result<PeerStatus, String> {
-        let allowed_ips = field(v, "allowed_ips")?
-            .as_array()
-            .ok_or("allowed_ips is not an array")?
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or("allowed_ips entry not a string")
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(PeerStatus {
-            public_key: string(v, "public_key")?,
-            endpoint: opt_string(v, "endpoint")?,
-            allowed_ips,
-            latest_handshake_unix: opt_uint(v, "latest_handshake_unix")?,
-            latest_handshake_age_s: opt_uint(v, "latest_handshake_age_s")?,
-            rx_bytes: uint(v, "rx_bytes")?,
-            tx_bytes: uint(v, "tx_bytes")?,
-            persistent_keepalive_s: opt_uint(v, "persistent_keepalive_s")?,
-        })
-    }
-}
-
-fn field<'a>(v: &'a Value, k: &str) -> Result<&'a Value, String> {
-    v.get(k).ok_or_else(|| format!("missing field {k:?}"))
-}
-fn string(v: &Value, k: &str) -> Result<String, String> {
-    field(v, k)?
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| format!("{k:?} is not a string"))
-}
-fn opt_string(v: &Value, k: &str) -> Result<Option<String>, String> {
-    let f = field(v, k)?;
-    if f.is_null() {
-        return Ok(None);
-    }
-    f.as_str()
-        .map(|s| Some(s.to_string()))
-        .ok_or_else(|| format!("{k:?} is neither string nor null"))
-}
-fn uint(v: &Value, k: &str) -> Result<u64, String> {
-    field(v, k)?
-        .as_u64()
-        .ok_or_else(|| format!("{k:?} is not an unsigned integer"))
-}
-fn opt_uint(v: &Value, k: &str) -> Result<Option<u64>, String> {
-    let f = field(v, k)?;
-    if f.is_null() {
-        return Ok(None);
-    }
-    f.as_u64()
-        .map(Some)
-        .ok_or_else(|| format!("{k:?} is neither unsigned integer nor null"))
 }
 
 /// Two of our nodes on one internet segment: A at 203.0.113.10 and B at

@@ -26,22 +26,22 @@ use tunnel_relay::link::LinkState;
 use tunnel_relay::relay_path::RelayPath;
 use weft_proto::peermap::{Candidate, OverlayPools, PeerMap};
 
-use crate::device::{relay_index, Outgoing};
+use crate::device::Outgoing;
 use crate::dns::Names;
 use crate::egress::{CtlPacket, ManagedIo};
 use crate::key::PublicKey;
 use crate::managed::control_socket::{PingCmd, PingOutcome};
-use crate::managed::controller::{Controller, Out, Via};
+use crate::managed::controller::{Controller, Counters, Out, Via};
 use crate::node::Handles;
 use crate::path::Path;
 use crate::status::ManagedStatus;
 
 /// Overlay MTU: the IPv6 minimum, so a packet fits a relay datagram (QUIC
 /// over a 1500-byte path) and every direct path without fragmentation.
-pub const MTU: u16 = 1280;
+pub(crate) const MTU: u16 = 1280;
 
 /// What the control loop needs from the coordinator session.
-pub trait Session: Send + 'static {
+pub(crate) trait Session: Send + 'static {
     /// Waits for a change (peer map, relay connection); `false` when the
     /// session ended for good (revoked, shutdown).
     fn changed(&mut self) -> impl std::future::Future<Output = bool> + Send;
@@ -87,7 +87,7 @@ impl Pings {
 /// IP addresses of this host's interfaces that peers might reach directly:
 /// not loopback, not link-local, not the overlay's own, not on another
 /// point-to-point tunnel.
-pub fn local_ips(skip_interface: &str, pools: &OverlayPools) -> Vec<IpAddr> {
+pub(crate) fn local_ips(skip_interface: &str, pools: &OverlayPools) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we free below; we only read it.
@@ -141,7 +141,7 @@ pub fn local_ips(skip_interface: &str, pools: &OverlayPools) -> Vec<IpAddr> {
 }
 
 /// Everything the control loop owns.
-pub struct ControlLoop<S: Session> {
+pub(crate) struct ControlLoop<S: Session> {
     /// The coordinator session.
     pub session: S,
     /// The state machine.
@@ -162,7 +162,7 @@ pub struct ControlLoop<S: Session> {
 
 impl<S: Session> ControlLoop<S> {
     /// Runs until the session ends for good.
-    pub async fn run(mut self, h: Handles) -> anyhow::Result<()> {
+    pub(crate) async fn run(mut self, h: Handles) -> anyhow::Result<()> {
         let pools = self.session.pools().unwrap_or_else(|| {
             tracing::warn!("the relay announced no overlay pools; using the defaults");
             OverlayPools::default()
@@ -186,12 +186,17 @@ impl<S: Session> ControlLoop<S> {
         tracing::info!(socket = %ctl_path.display(), "control socket for mesh status and mesh ping");
         let mut pings = Pings::default();
         let relay_task = tokio::spawn(relay_rx(h.clone(), self.io.clone()));
-        let mut port = h.device.listen_port();
-        let locals: Vec<SocketAddr> = local_ips(&self.interface, &pools)
-            .into_iter()
-            .map(|ip| SocketAddr::new(ip, port))
-            .collect();
-        let outs = self.ctl.set_local_addrs(locals);
+        // The port is read each time: `wg set listen-port` may move the socket.
+        let local_addrs = |interface: &str| -> Vec<SocketAddr> {
+            let port = h.device.listen_port();
+            local_ips(interface, &pools)
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()
+        };
+        let outs = self
+            .ctl
+            .set_local_addrs(Instant::now(), local_addrs(&self.interface));
         self.apply(&h, outs, &mut pings);
         self.io.relay.set(self.session.relay_path());
         let mut stun = self.session.stun_addr();
@@ -203,8 +208,6 @@ impl<S: Session> ControlLoop<S> {
         status_tx.send_replace(Arc::new(self.status(&h)));
         let mut stats = tokio::time::interval(Duration::from_millis(200));
         let mut ticks: u64 = 0;
-        let mut local_now = local_ips(&self.interface, &pools);
-        let mut last: std::collections::HashMap<PublicKey, (u64, u64)> = Default::default();
         let result = loop {
             let wake = self
                 .ctl
@@ -260,42 +263,26 @@ impl<S: Session> ControlLoop<S> {
                     }
                 }
                 _ = stats.tick() => {
-                    // Liveness of direct paths from the data path's counters.
+                    // The device's counters every 200 ms, the host's
+                    // addresses every 2 s: the controller decides.
                     let now = Instant::now();
                     ticks += 1;
                     if ticks % 10 == 0 {
-                        // Every 2 s: did this host move to another network?
-                        // (or was its socket moved: `wg set listen-port`)
-                        let ips = local_ips(&self.interface, &pools);
-                        let port_now = h.device.listen_port();
-                        if ips != local_now || port_now != port {
-                            tracing::info!(from = ?local_now, to = ?ips, port = port_now, "local addresses changed");
-                            local_now = ips;
-                            port = port_now;
-                            let locals = local_now.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
-                            let outs = self.ctl.set_local_addrs(locals);
-                            self.apply(&h, outs, &mut pings);
-                            // Learn the new reflexive address now.
-                            self.ctl.set_stun_server(now, stun);
-                        }
+                        let outs = self.ctl.set_local_addrs(now, local_addrs(&self.interface));
+                        self.apply(&h, outs, &mut pings);
                     }
                     let info = h.device.info(std::time::SystemTime::now());
-                    let mut outs = Vec::new();
-                    for p in &info.peers {
-                        let prev = last.insert(p.public_key, (p.tx_bytes, p.rx_bytes)).unwrap_or((p.tx_bytes, p.rx_bytes));
-                        if p.tx_bytes > prev.0 {
-                            self.ctl.on_tx(now, &p.public_key);
-                        }
-                        // Where the peer's packets really come from: a
-                        // direct source other than the current path (the
-                        // peer moved) gets pinged and can take over.
-                        let src = h.device.last_source(&p.public_key);
-                        if let Some(src) = src.filter(|e| relay_index(e).is_none()) {
-                            if p.rx_bytes > prev.1 {
-                                outs.extend(self.ctl.on_rx_direct(now, &p.public_key, src));
-                            }
-                        }
-                    }
+                    let sample: Vec<Counters> = info
+                        .peers
+                        .iter()
+                        .map(|p| Counters {
+                            peer: p.public_key,
+                            tx_bytes: p.tx_bytes,
+                            rx_bytes: p.rx_bytes,
+                            last_source: h.device.last_source(&p.public_key),
+                        })
+                        .collect();
+                    let outs = self.ctl.on_counters(now, &sample);
                     self.apply(&h, outs, &mut pings);
                     if ticks % 5 == 0 {
                         // Counters and handshakes for `mesh status`, once a second.
@@ -433,7 +420,7 @@ async fn relay_rx(h: Handles, io: Arc<ManagedIo>) {
 
 /// Serves MagicDNS on `addr`:53 (the pool's first host, added to the
 /// interface), forwarding other names to the resolvers in /etc/resolv.conf.
-pub async fn serve_dns(
+pub(crate) async fn serve_dns(
     h: &Handles,
     names: Arc<RwLock<Names>>,
     addr: IpAddr,

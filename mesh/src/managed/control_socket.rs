@@ -50,21 +50,21 @@ use crate::path::Path as PeerPathKind;
 use crate::status::{ManagedPeer, ManagedStatus};
 
 /// Longest request line accepted.
-pub const MAX_LINE: u64 = 64 * 1024;
+pub(crate) const MAX_LINE: u64 = 64 * 1024;
 /// Most connections served at once (more are closed at once).
-pub const MAX_CLIENTS: usize = 32;
+pub(crate) const MAX_CLIENTS: usize = 32;
 /// Longest `ping` timeout a client may ask for.
-pub const MAX_PING_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const MAX_PING_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The control socket of the interface whose UAPI socket is `uapi_socket`.
-pub fn socket_path(uapi_socket: &Path) -> PathBuf {
+pub(crate) fn socket_path(uapi_socket: &Path) -> PathBuf {
     uapi_socket.with_extension("weft")
 }
 
 /// A request line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
+pub(crate) enum Request {
     /// The node's [`ManagedStatus`].
     Status,
     /// One disco ping to a peer, by name or overlay address.
@@ -79,7 +79,7 @@ pub enum Request {
 /// A response line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
-pub enum Response {
+pub(crate) enum Response {
     /// The answer to `status`.
     Status {
         /// The node's state.
@@ -114,7 +114,7 @@ pub enum Response {
 
 /// A `mesh ping` for the control loop.
 #[derive(Debug)]
-pub struct PingCmd {
+pub(crate) struct PingCmd {
     /// The peer.
     pub peer: PublicKey,
     /// How long to wait.
@@ -125,7 +125,7 @@ pub struct PingCmd {
 
 /// What became of a [`PingCmd`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PingOutcome {
+pub(crate) enum PingOutcome {
     /// Answered on this path after this long.
     Pong {
         /// The path the pong came back on.
@@ -140,7 +140,7 @@ pub enum PingOutcome {
 }
 
 /// The bound control socket; removes its file when dropped.
-pub struct Server {
+pub(crate) struct Server {
     listener: UnixListener,
     path: PathBuf,
 }
@@ -148,7 +148,7 @@ pub struct Server {
 impl Server {
     /// Binds `path` (mode 0600), replacing a stale file (the UAPI socket of
     /// the same interface was bound first, so no live node owns it).
-    pub fn bind(path: &Path) -> anyhow::Result<Server> {
+    pub(crate) fn bind(path: &Path) -> anyhow::Result<Server> {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -164,13 +164,8 @@ impl Server {
         })
     }
 
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Serves clients until cancelled (drop the future to stop).
-    pub async fn serve(
+    pub(crate) async fn serve(
         self,
         status: watch::Receiver<Arc<ManagedStatus>>,
         device: Option<Arc<Device>>,
@@ -244,7 +239,10 @@ fn error(message: String) -> Response {
 }
 
 /// The peer `target` names in `status`, or an error saying what exists.
-pub fn resolve<'a>(status: &'a ManagedStatus, target: &str) -> Result<&'a ManagedPeer, String> {
+pub(crate) fn resolve<'a>(
+    status: &'a ManagedStatus,
+    target: &str,
+) -> Result<&'a ManagedPeer, String> {
     status.find_peer(target).ok_or_else(|| {
         let mut known: Vec<&str> = status.peers.iter().map(|p| p.name.as_str()).collect();
         known.sort_unstable();
@@ -320,7 +318,7 @@ async fn answer(
 
 /// Why the control socket could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// Nothing is listening.
     #[error(
         "cannot connect to the control socket {}: {source}; is `mesh up --state-dir` running for this interface?",
@@ -351,7 +349,7 @@ pub enum ClientError {
 }
 
 /// A blocking client (the CLI's side).
-pub struct Client {
+pub(crate) struct Client {
     path: PathBuf,
     reader: BufReader<std::os::unix::net::UnixStream>,
     writer: std::os::unix::net::UnixStream,
@@ -362,7 +360,7 @@ const CLIENT_SLACK: Duration = Duration::from_secs(3);
 
 impl Client {
     /// Connects to a node's control socket.
-    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+    pub(crate) fn connect(path: &Path) -> Result<Client, ClientError> {
         let s = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
             ClientError::Connect {
                 socket: path.to_owned(),
@@ -382,7 +380,7 @@ impl Client {
     }
 
     /// Sends one request and reads its response.
-    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+    pub(crate) fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
         let io = |source| ClientError::Io {
             socket: self.path.clone(),
             source,

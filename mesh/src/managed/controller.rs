@@ -7,8 +7,9 @@
 //!  disco ────┤                       ├─▶ Path{peer, Relay|Direct(addr)}
 //!  STUN ─────┼─▶ Controller (pure) ──┼─▶ Udp{to, bytes}       disco pings/pongs, STUN
 //!  tick(now) ┤                       ├─▶ Relay{to, bytes}     call-me-maybe via the relay
-//!  on_tx ────┤                       ├─▶ ReportEndpoints      local + reflexive candidates
-//!  ping ─────┘                       ├─▶ Overlay(Arc)         filter + MagicDNS input
+//!  counters ─┤                       ├─▶ ReportEndpoints      local + reflexive candidates
+//!  local IPs ┤                       ├─▶ Overlay(Arc)         filter + MagicDNS input
+//!  ping ─────┘                       │
 //!                                    └─▶ PingReply / PingExpired   `mesh ping` results
 //! ```
 //!
@@ -25,6 +26,15 @@
 //! proves the peer is alive, never a direct path); a relay pong completes
 //! only a pending `mesh ping` and records the relay RTT for `mesh status`.
 //!
+//! The shell samples the device's [`Counters`] ([`Controller::on_counters`])
+//! and the host's addresses ([`Controller::set_local_addrs`]); the decisions
+//! are here: bytes sent start a direct path's liveness clock, bytes received
+//! from a direct source are hearing the peer there (so a direct path whose
+//! receive counter stops falls back to the relay after
+//! [`PathConfig::direct_timeout`], and one whose counter moves again is
+//! pinged and taken back), and changed addresses are reported once and
+//! re-learn the reflexive address at once (the host may have moved).
+//!
 //! Pure and time-injected: the shell owns sockets, the device, the clock.
 
 use std::collections::HashMap;
@@ -35,6 +45,7 @@ use std::time::{Duration, Instant};
 use weft_proto::peermap::{Candidate, CandidateKind, PeerMap};
 use weft_proto::stun::StunProbe;
 
+use crate::device::relay_index;
 use crate::disco::{self, Message, SharedKey, TxId};
 use crate::key::{PrivateKey, PublicKey};
 use crate::managed::overlay::Overlay;
@@ -42,14 +53,14 @@ use crate::path::{Action, Path, PathConfig, PeerPath};
 use crate::uapi::codec::SetRequest;
 
 /// STUN refresh while we have no reflexive address yet.
-pub const STUN_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const STUN_RETRY: Duration = Duration::from_secs(1);
 /// STUN refresh once we have one (NAT mappings change rarely; a change is
 /// also noticed by peers' pongs).
-pub const STUN_REFRESH: Duration = Duration::from_secs(20);
+pub(crate) const STUN_REFRESH: Duration = Duration::from_secs(20);
 
 /// Where a disco packet came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
+pub(crate) enum Via {
     /// The WireGuard UDP socket, from this address.
     Udp(SocketAddr),
     /// The relay, from this node.
@@ -58,7 +69,7 @@ pub enum Via {
 
 /// What the shell must do.
 #[derive(Debug, Clone)]
-pub enum Out {
+pub(crate) enum Out {
     /// Send from the WireGuard UDP socket.
     Udp {
         /// Destination.
@@ -97,16 +108,16 @@ pub enum Out {
 }
 
 /// Most `mesh ping`s outstanding at once (the oldest expires first).
-pub const MAX_USER_PINGS: usize = 64;
+pub(crate) const MAX_USER_PINGS: usize = 64;
 
 /// The source address a pong through the relay carries (the relay path has
 /// no UDP source to report).
-pub const RELAY_PONG_SRC: SocketAddr =
+pub(crate) const RELAY_PONG_SRC: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// The answer to one `mesh ping`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PingReply {
+pub(crate) struct PingReply {
     /// The id passed to [`Controller::ping`].
     pub id: u64,
     /// The peer that answered.
@@ -119,7 +130,7 @@ pub struct PingReply {
 
 /// Why [`Controller::ping`] sent nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PingError {
+pub(crate) enum PingError {
     /// The key is not in the peer map (unknown, or not visible under the ACL).
     #[error("peer {0} is not in this node's peer map")]
     UnknownPeer(String),
@@ -127,13 +138,28 @@ pub enum PingError {
 
 /// What `mesh status` shows of one peer's control state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerState {
+pub(crate) struct PeerState {
     /// Where its packets go now.
     pub path: Path,
     /// Last disco RTT on the current direct path.
     pub direct_rtt: Option<Duration>,
     /// Last RTT of a `mesh ping` through the relay.
     pub relay_rtt: Option<Duration>,
+}
+
+/// One peer's WireGuard counters, as the device reports them when the shell
+/// samples it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counters {
+    /// The peer.
+    pub peer: PublicKey,
+    /// Bytes sent to it so far.
+    pub tx_bytes: u64,
+    /// Bytes received from it so far.
+    pub rx_bytes: u64,
+    /// Source of its last authenticated packet (a relay endpoint when it
+    /// came through the relay).
+    pub last_source: Option<SocketAddr>,
 }
 
 struct PeerCtl {
@@ -153,7 +179,7 @@ struct UserPing {
 }
 
 /// The controller.
-pub struct Controller {
+pub(crate) struct Controller {
     me: PrivateKey,
     public: PublicKey,
     cfg: PathConfig,
@@ -167,6 +193,8 @@ pub struct Controller {
     reflexive: Option<SocketAddr>,
     reported: Option<Vec<Candidate>>,
     user_pings: Vec<UserPing>,
+    /// `(tx_bytes, rx_bytes)` per peer at the last [`Controller::on_counters`].
+    counters: HashMap<PublicKey, (u64, u64)>,
     rng: u64,
 }
 
@@ -182,7 +210,7 @@ fn seed(rng: &mut u64) -> [u8; 4] {
 impl Controller {
     /// A controller for the node with key `me`; `rng_seed` seeds transaction
     /// ids (pass random bytes; tests pass constants).
-    pub fn new(me: PrivateKey, cfg: PathConfig, rng_seed: u64) -> Controller {
+    pub(crate) fn new(me: PrivateKey, cfg: PathConfig, rng_seed: u64) -> Controller {
         let public = me.public_key();
         Controller {
             me,
@@ -198,27 +226,30 @@ impl Controller {
             reflexive: None,
             reported: None,
             user_pings: Vec::new(),
+            counters: HashMap::new(),
             rng: rng_seed | 1,
         }
     }
 
     /// The overlay as of the last peer map.
-    pub fn overlay(&self) -> Option<&Arc<Overlay>> {
+    pub(crate) fn overlay(&self) -> Option<&Arc<Overlay>> {
         self.overlay.as_ref()
     }
 
     /// A peer's current path.
-    pub fn path(&self, peer: &PublicKey) -> Option<Path> {
+    #[cfg(test)]
+    pub(crate) fn path(&self, peer: &PublicKey) -> Option<Path> {
         self.peers.get(peer).map(|p| p.path.current())
     }
 
     /// A peer's last measured direct RTT.
-    pub fn rtt(&self, peer: &PublicKey) -> Option<Duration> {
+    #[cfg(test)]
+    pub(crate) fn rtt(&self, peer: &PublicKey) -> Option<Duration> {
         self.peers.get(peer).and_then(|p| p.path.last_rtt())
     }
 
     /// A peer's control state for `mesh status`.
-    pub fn peer_state(&self, peer: &PublicKey) -> Option<PeerState> {
+    pub(crate) fn peer_state(&self, peer: &PublicKey) -> Option<PeerState> {
         self.peers.get(peer).map(|p| PeerState {
             path: p.path.current(),
             direct_rtt: p.path.last_rtt(),
@@ -230,7 +261,7 @@ impl Controller {
     /// direct address, or through the relay). The answer comes out of a
     /// later input as [`Out::PingReply`] with this `id`, or
     /// [`Out::PingExpired`] from [`Controller::tick`] after `timeout`.
-    pub fn ping(
+    pub(crate) fn ping(
         &mut self,
         now: Instant,
         peer: &PublicKey,
@@ -287,7 +318,7 @@ impl Controller {
     }
 
     /// Our candidates: interface addresses, then the reflexive one.
-    pub fn candidates(&self) -> Vec<Candidate> {
+    pub(crate) fn candidates(&self) -> Vec<Candidate> {
         let mut c: Vec<Candidate> = self
             .local
             .iter()
@@ -313,22 +344,33 @@ impl Controller {
         }
     }
 
-    /// The WireGuard socket's addresses on local interfaces (LAN candidates).
-    pub fn set_local_addrs(&mut self, addrs: Vec<SocketAddr>) -> Vec<Out> {
-        self.local = addrs;
+    /// The WireGuard socket's addresses on local interfaces (LAN
+    /// candidates), as the shell lists them (at start and every few
+    /// seconds). When they changed, the new candidates are reported (once)
+    /// and the reflexive address is learnt again at once: the host may have
+    /// moved to another network.
+    pub(crate) fn set_local_addrs(&mut self, now: Instant, addrs: Vec<SocketAddr>) -> Vec<Out> {
         let mut out = Vec::new();
+        if addrs == self.local {
+            return out;
+        }
+        if !self.local.is_empty() {
+            tracing::info!(from = ?self.local, to = ?addrs, "local addresses changed");
+        }
+        self.local = addrs;
         self.report_if_changed(&mut out);
+        self.next_stun = self.stun_server.map(|_| now);
         out
     }
 
     /// The relay's STUN address (where to learn our reflexive address).
-    pub fn set_stun_server(&mut self, now: Instant, server: Option<SocketAddr>) {
+    pub(crate) fn set_stun_server(&mut self, now: Instant, server: Option<SocketAddr>) {
         self.stun_server = server;
         self.next_stun = server.map(|_| now);
     }
 
     /// A new peer map (snapshot or after deltas).
-    pub fn on_peer_map(&mut self, now: Instant, map: &PeerMap) -> Vec<Out> {
+    pub(crate) fn on_peer_map(&mut self, now: Instant, map: &PeerMap) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(overlay) = Overlay::from_map(map) else {
             return out;
@@ -370,16 +412,45 @@ impl Controller {
         out
     }
 
+    /// The device's counters, sampled by the shell (every 200 ms). Against
+    /// the previous sample: bytes sent to a peer start its direct path's
+    /// liveness clock ([`Controller::on_tx`]); bytes received from a direct
+    /// source (not the relay) are hearing the peer there
+    /// ([`Controller::on_rx_direct`]: keeps the path alive, or gets that
+    /// address pinged when it is not the current path).
+    pub(crate) fn on_counters(&mut self, now: Instant, sample: &[Counters]) -> Vec<Out> {
+        let mut out = Vec::new();
+        let mut seen = HashMap::with_capacity(sample.len());
+        for c in sample {
+            let (tx, rx) = (c.tx_bytes, c.rx_bytes);
+            let (prev_tx, prev_rx) = self.counters.get(&c.peer).copied().unwrap_or((tx, rx));
+            seen.insert(c.peer, (tx, rx));
+            if tx > prev_tx {
+                self.on_tx(now, &c.peer);
+            }
+            // Where the peer's packets really come from: a direct source
+            // other than the current path (the peer moved) gets pinged and
+            // can take over.
+            if let Some(src) = c.last_source.filter(|e| relay_index(e).is_none()) {
+                if rx > prev_rx {
+                    out.extend(self.on_rx_direct(now, &c.peer, src));
+                }
+            }
+        }
+        self.counters = seen;
+        out
+    }
+
     /// Traffic for `peer` left through the tunnel (starts the direct path's
     /// liveness clock).
-    pub fn on_tx(&mut self, now: Instant, peer: &PublicKey) {
+    fn on_tx(&mut self, now: Instant, peer: &PublicKey) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.path.on_tx(now);
         }
     }
 
     /// Authenticated WireGuard traffic from `peer` arrived directly from `from`.
-    pub fn on_rx_direct(&mut self, now: Instant, peer: &PublicKey, from: SocketAddr) -> Vec<Out> {
+    fn on_rx_direct(&mut self, now: Instant, peer: &PublicKey, from: SocketAddr) -> Vec<Out> {
         let mut out = Vec::new();
         if let Some(p) = self.peers.get_mut(peer) {
             p.path.on_rx_direct(now, from);
@@ -389,7 +460,7 @@ impl Controller {
     }
 
     /// A datagram classified as disco.
-    pub fn on_disco(&mut self, now: Instant, via: Via, packet: &[u8]) -> Vec<Out> {
+    pub(crate) fn on_disco(&mut self, now: Instant, via: Via, packet: &[u8]) -> Vec<Out> {
         let mut out = Vec::new();
         let Some(sender) = disco::sender(packet) else {
             return out;
@@ -461,7 +532,7 @@ impl Controller {
     }
 
     /// A datagram classified as STUN (from the relay's STUN server).
-    pub fn on_stun(&mut self, now: Instant, packet: &[u8]) -> Vec<Out> {
+    pub(crate) fn on_stun(&mut self, now: Instant, packet: &[u8]) -> Vec<Out> {
         let mut out = Vec::new();
         if let Ok(r) = self.stun.on_response(now, packet) {
             self.reflexive = Some(r.addr);
@@ -472,7 +543,7 @@ impl Controller {
     }
 
     /// Timers: paths, STUN refresh.
-    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         if let (Some(server), Some(at)) = (self.stun_server, self.next_stun) {
             if now >= at {
@@ -507,7 +578,7 @@ impl Controller {
     }
 
     /// When [`Controller::tick`] must run next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.peers
             .values()
             .filter_map(|p| p.path.poll_timeout())
@@ -648,36 +719,18 @@ mod tests {
         }
     }
 
+    /// Runs both sides' timers at `now` and delivers what they send.
+    fn tick_both(a: &mut Side, b: &mut Side, now: Instant, direct: bool) {
+        let oa = a.ctl.tick(now);
+        run(a, b, now, oa, true, direct);
+        let ob = b.ctl.tick(now);
+        run(a, b, now, ob, false, direct);
+    }
+
     #[test]
     fn relay_first_then_direct_then_back_to_relay_when_cut() {
-        let mut a = side(1);
-        let mut b = side(2);
-        let t0 = Instant::now();
-        let oa = a.ctl.set_local_addrs(vec![a.addr]);
-        run(&mut a, &mut b, t0, oa, true, true);
-        let ob = b.ctl.set_local_addrs(vec![b.addr]);
-        run(&mut a, &mut b, t0, ob, false, true);
-        assert_eq!(a.reported.len(), 1);
-
-        // Peer maps arrive: both start on the relay at once.
-        let ma = map_for(&a, &b, 1, 2, "engineer");
-        let mb = map_for(&b, &a, 2, 1, "worker");
-        let oa = a.ctl.on_peer_map(t0, &ma);
-        assert!(oa
-            .iter()
-            .any(|o| matches!(o, Out::Device(r) if r.peers.len() == 1)));
-        run(&mut a, &mut b, t0, oa, true, true);
-        let ob = b.ctl.on_peer_map(t0, &mb);
-        run(&mut a, &mut b, t0, ob, false, true);
         // Probes answered within the same instant: direct both ways.
-        let mut now = t0;
-        for _ in 0..20 {
-            now += Duration::from_millis(100);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, true);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, true);
-        }
+        let (mut a, mut b, mut now) = pair(true);
         assert_eq!(a.paths.get(&b.key), Some(&Path::Direct(b.addr)));
         assert_eq!(b.paths.get(&a.key), Some(&Path::Direct(a.addr)));
         assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
@@ -689,10 +742,7 @@ mod tests {
         for _ in 0..60 {
             now += Duration::from_millis(100);
             a.ctl.on_tx(now, &b.key);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, false);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, false);
+            tick_both(&mut a, &mut b, now, false);
             if back.is_none() && a.paths.get(&b.key) == Some(&Path::Relay) {
                 back = Some(now - cut);
             }
@@ -707,10 +757,7 @@ mod tests {
         let mut healed = false;
         for _ in 0..400 {
             now += Duration::from_millis(100);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, true);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, true);
+            tick_both(&mut a, &mut b, now, true);
             if a.paths.get(&b.key) == Some(&Path::Direct(b.addr)) {
                 healed = true;
                 break;
@@ -721,25 +768,13 @@ mod tests {
 
     #[test]
     fn no_direct_path_stays_on_relay_and_peers_leave() {
-        let mut a = side(1);
-        let mut b = side(2);
-        let t0 = Instant::now();
-        let oa = a.ctl.set_local_addrs(vec![a.addr]);
-        run(&mut a, &mut b, t0, oa, true, false);
-        let ob = b.ctl.set_local_addrs(vec![b.addr]);
-        run(&mut a, &mut b, t0, ob, false, false);
-        let ma = map_for(&a, &b, 1, 2, "engineer");
-        let oa = a.ctl.on_peer_map(t0, &ma);
-        run(&mut a, &mut b, t0, oa, true, false);
-        let mb = map_for(&b, &a, 2, 1, "worker");
-        let ob = b.ctl.on_peer_map(t0, &mb);
-        run(&mut a, &mut b, t0, ob, false, false);
-        let mut now = t0;
-        for _ in 0..100 {
+        let (mut a, mut b, mut now) = pair(false);
+        for _ in 0..80 {
             now += Duration::from_millis(100);
             let oa = a.ctl.tick(now);
             run(&mut a, &mut b, now, oa, true, false);
         }
+        let ma = map_for(&a, &b, 1, 2, "engineer");
         assert_eq!(a.paths.get(&b.key), Some(&Path::Relay));
         // The peer leaves the map: the device drops it.
         let mut empty = ma.clone();
@@ -754,31 +789,42 @@ mod tests {
         assert_eq!(a.ctl.path(&b.key), None);
     }
 
+    /// The ReportEndpoints among `out`.
+    fn reports(out: &[Out]) -> Vec<Vec<Candidate>> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::ReportEndpoints(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Points `a` at the STUN server `server` at `t`, answers its binding
+    /// request as seeing `seen` 5 ms later, and returns what the answer produced.
+    fn learn_reflexive(a: &mut Side, t: Instant, server: SocketAddr, seen: SocketAddr) -> Vec<Out> {
+        a.ctl.set_stun_server(t, Some(server));
+        let req = a
+            .ctl
+            .tick(t)
+            .into_iter()
+            .find_map(|o| match o {
+                Out::Udp { to, bytes } if to == server => Some(bytes),
+                _ => None,
+            })
+            .expect("a binding request");
+        let resp = weft_proto::stun::answer(&req, seen).unwrap();
+        a.ctl.on_stun(t + Duration::from_millis(5), &resp)
+    }
+
     #[test]
     fn stun_learns_and_reports_the_reflexive_address() {
         let mut a = side(1);
         let t0 = Instant::now();
-        let _ = a.ctl.set_local_addrs(vec![a.addr]);
+        let _ = a.ctl.set_local_addrs(t0, vec![a.addr]);
         let server: SocketAddr = "203.0.113.2:3478".parse().unwrap();
-        a.ctl.set_stun_server(t0, Some(server));
-        let out = a.ctl.tick(t0);
-        let req = out
-            .iter()
-            .find_map(|o| match o {
-                Out::Udp { to, bytes } if *to == server => Some(bytes.clone()),
-                _ => None,
-            })
-            .expect("a binding request");
         let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
-        let resp = weft_proto::stun::answer(&req, seen).unwrap();
-        let out = a.ctl.on_stun(t0 + Duration::from_millis(5), &resp);
-        let rep = out
-            .iter()
-            .find_map(|o| match o {
-                Out::ReportEndpoints(c) => Some(c.clone()),
-                _ => None,
-            })
-            .expect("endpoints reported");
+        let out = learn_reflexive(&mut a, t0, server, seen);
+        let rep = reports(&out).pop().expect("endpoints reported");
         assert_eq!(rep.len(), 2);
         assert_eq!(rep[1].addr, seen);
         assert_eq!(rep[1].kind, CandidateKind::Reflexive);
@@ -786,17 +832,134 @@ mod tests {
         assert!(a.ctl.poll_timeout().unwrap() >= t0 + STUN_REFRESH);
     }
 
-    /// Two sides with peer maps applied; `direct` says whether UDP works.
+    #[test]
+    fn a_local_address_change_is_announced_once_and_relearns_the_reflexive_address() {
+        let mut a = side(1);
+        let t0 = Instant::now();
+        let server: SocketAddr = "203.0.113.2:3478".parse().unwrap();
+        let stun_requests = |out: &[Out]| {
+            out.iter()
+                .filter(|o| matches!(o, Out::Udp { to, .. } if *to == server))
+                .count()
+        };
+        assert_eq!(reports(&a.ctl.set_local_addrs(t0, vec![a.addr])).len(), 1);
+        let seen: SocketAddr = "203.0.113.77:60000".parse().unwrap();
+        assert_eq!(reports(&learn_reflexive(&mut a, t0, server, seen)).len(), 1);
+
+        // The same addresses sampled again: nothing to say, no early STUN.
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(a.ctl.set_local_addrs(t1, vec![a.addr]).is_empty());
+        assert_eq!(stun_requests(&a.ctl.tick(t1)), 0);
+
+        // The host moved: the new candidates are announced, exactly once...
+        let moved: SocketAddr = "192.168.7.2:41641".parse().unwrap();
+        let t2 = t0 + Duration::from_secs(4);
+        let local = Candidate {
+            addr: moved,
+            kind: CandidateKind::Local,
+        };
+        let reflexive = Candidate {
+            addr: seen,
+            kind: CandidateKind::Reflexive,
+        };
+        let out = a.ctl.set_local_addrs(t2, vec![moved]);
+        assert_eq!(reports(&out), vec![vec![local, reflexive]]);
+        assert_eq!(a.ctl.candidates(), vec![local, reflexive]);
+        // ...the reflexive address is asked for again at once...
+        assert_eq!(stun_requests(&a.ctl.tick(t2)), 1);
+        // ...and later samples of the same addresses announce nothing.
+        for i in 1..=5 {
+            let t = t2 + Duration::from_secs(2 * i);
+            assert!(reports(&a.ctl.set_local_addrs(t, vec![moved])).is_empty());
+            assert!(reports(&a.ctl.tick(t)).is_empty());
+        }
+    }
+
+    /// One sample of a's counters for peer b, its packets coming from b's address.
+    fn counters_of(b: &Side, tx_bytes: u64, rx_bytes: u64) -> [Counters; 1] {
+        [Counters {
+            peer: b.key,
+            tx_bytes,
+            rx_bytes,
+            last_source: Some(b.addr),
+        }]
+    }
+
+    #[test]
+    fn a_peer_whose_rx_counter_stops_is_not_live_after_the_timeout_and_live_again_when_it_moves() {
+        let (mut a, mut b, mut now) = pair(true);
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
+        let step = Duration::from_millis(200);
+        let timeout = PathConfig::default().direct_timeout;
+        let (mut tx, mut rx) = (1000, 1000);
+        // The first sample is the baseline: nothing moved yet.
+        assert!(a.ctl.on_counters(now, &counters_of(&b, tx, rx)).is_empty());
+
+        // a keeps sending, nothing comes back (the direct path is cut).
+        let first_send = now + step;
+        let mut dead = None;
+        for _ in 0..30 {
+            now += step;
+            tx += 500;
+            let oa = a.ctl.on_counters(now, &counters_of(&b, tx, rx));
+            run(&mut a, &mut b, now, oa, true, false);
+            tick_both(&mut a, &mut b, now, false);
+            if a.paths.get(&b.key) == Some(&Path::Relay) {
+                dead = Some(now - first_send);
+                break;
+            }
+        }
+        let dead = dead.expect("the direct path was never declared dead");
+        assert!(
+            dead >= timeout && dead < timeout + step,
+            "fell back {dead:?} after the first unanswered send"
+        );
+
+        // The network is back, but until the receive counter moves nothing
+        // is sent to b's address from the counters.
+        now += Duration::from_millis(1200);
+        tx += 500;
+        assert!(a.ctl.on_counters(now, &counters_of(&b, tx, rx)).is_empty());
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Relay));
+        // Bytes that came through the relay are not hearing b directly.
+        rx += 500;
+        let relayed = [Counters {
+            last_source: Some(crate::device::relay_endpoint(0)),
+            ..counters_of(&b, tx, rx)[0]
+        }];
+        assert!(a.ctl.on_counters(now, &relayed).is_empty());
+        // b's packets arrive from its address: pinged, answered, direct again.
+        now += step;
+        rx += 500;
+        let oa = a.ctl.on_counters(now, &counters_of(&b, tx, rx));
+        assert!(
+            oa.iter()
+                .any(|o| matches!(o, Out::Udp { to, .. } if *to == b.addr)),
+            "a ping to b's address: {oa:?}"
+        );
+        run(&mut a, &mut b, now, oa, true, true);
+        assert_eq!(a.paths.get(&b.key), Some(&Path::Direct(b.addr)));
+        assert_eq!(a.ctl.path(&b.key), Some(Path::Direct(b.addr)));
+    }
+
+    /// Two sides with peer maps applied and 2 s of timers run; `direct`
+    /// says whether UDP works.
     fn pair(direct: bool) -> (Side, Side, Instant) {
         let mut a = side(1);
         let mut b = side(2);
         let t0 = Instant::now();
-        let oa = a.ctl.set_local_addrs(vec![a.addr]);
+        let oa = a.ctl.set_local_addrs(t0, vec![a.addr]);
         run(&mut a, &mut b, t0, oa, true, direct);
-        let ob = b.ctl.set_local_addrs(vec![b.addr]);
+        let ob = b.ctl.set_local_addrs(t0, vec![b.addr]);
         run(&mut a, &mut b, t0, ob, false, direct);
+        assert_eq!(a.reported.len(), 1);
+
+        // Peer maps arrive: both start on the relay at once.
         let ma = map_for(&a, &b, 1, 2, "engineer");
         let oa = a.ctl.on_peer_map(t0, &ma);
+        assert!(oa
+            .iter()
+            .any(|o| matches!(o, Out::Device(r) if r.peers.len() == 1)));
         run(&mut a, &mut b, t0, oa, true, direct);
         let mb = map_for(&b, &a, 2, 1, "worker");
         let ob = b.ctl.on_peer_map(t0, &mb);
@@ -804,10 +967,7 @@ mod tests {
         let mut now = t0;
         for _ in 0..20 {
             now += Duration::from_millis(100);
-            let oa = a.ctl.tick(now);
-            run(&mut a, &mut b, now, oa, true, direct);
-            let ob = b.ctl.tick(now);
-            run(&mut a, &mut b, now, ob, false, direct);
+            tick_both(&mut a, &mut b, now, direct);
         }
         (a, b, now)
     }

@@ -17,10 +17,10 @@
 //! WireGuard key and the disco key, so the coordinator's node key is the
 //! WireGuard peer key everywhere.
 
-pub mod control_loop;
-pub mod control_socket;
-pub mod controller;
-pub mod overlay;
+pub(crate) mod control_loop;
+pub(crate) mod control_socket;
+pub(crate) mod controller;
+pub(crate) mod overlay;
 
 pub use overlay::Overlay;
 

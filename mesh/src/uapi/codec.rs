@@ -20,13 +20,13 @@ use ipnet::IpNet;
 use crate::key::{PresharedKey, PrivateKey, PublicKey};
 
 /// `EINVAL`: a key or value was invalid.
-pub const EINVAL: i32 = 22;
+pub(crate) const EINVAL: i32 = 22;
 /// `EPROTO`: the request was not well-formed protocol text.
-pub const EPROTO: i32 = 71;
+pub(crate) const EPROTO: i32 = 71;
 
 /// A parsed UAPI request.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Request {
+pub(crate) enum Request {
     /// `get=1`: report the device configuration and statistics.
     Get,
     /// `set=1`: change the device configuration.
@@ -128,23 +128,13 @@ pub struct PeerInfo {
 /// A UAPI error: which line and key were bad, and the errno for the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct UapiError {
+pub(crate) struct UapiError {
     errno: i32,
     line: usize,
     message: String,
 }
 
 impl UapiError {
-    /// An error with the given errno and message, not tied to a line
-    /// (for the device to report failures applying a request).
-    pub fn new(errno: i32, message: impl Into<String>) -> Self {
-        Self {
-            errno,
-            line: 0,
-            message: message.into(),
-        }
-    }
-
     fn at(errno: i32, line: usize, key: &str, message: impl fmt::Display) -> Self {
         let message = if key.is_empty() {
             format!("UAPI line {line}: {message}")
@@ -159,18 +149,19 @@ impl UapiError {
     }
 
     /// The errno to send back to the client (`errno=N`).
-    pub fn errno(&self) -> i32 {
+    pub(crate) fn errno(&self) -> i32 {
         self.errno
     }
 
     /// The 1-based line of the request at fault (0 if none).
-    pub fn line(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn line(&self) -> usize {
         self.line
     }
 }
 
 /// Formats the end of a response: `errno=N` and the empty line.
-pub fn format_errno(errno: i32) -> String {
+pub(crate) fn format_errno(errno: i32) -> String {
     format!("errno={errno}\n\n")
 }
 
@@ -235,7 +226,7 @@ fn parse_prefix(value: &str, line_no: usize, key: &str) -> Result<IpNet, UapiErr
 
 /// Parses one request: its lines without the terminating empty line (a
 /// trailing newline is fine). The first line is `get=1` or `set=1`.
-pub fn parse_request(text: &str) -> Result<Request, UapiError> {
+pub(crate) fn parse_request(text: &str) -> Result<Request, UapiError> {
     let text = text.trim_end_matches('\n');
     let mut lines = text.split('\n').enumerate().map(|(i, l)| (i + 1, l));
     let op = lines.next().map(|(_, l)| l).unwrap_or("");
@@ -334,7 +325,7 @@ const ZERO_KEY_HEX: &str = "0000000000000000000000000000000000000000000000000000
 
 /// Formats a complete `get=1` response exactly as wireguard-go does,
 /// ending with `errno=0` and the empty line.
-pub fn format_get_response(info: &DeviceInfo) -> String {
+pub(crate) fn format_get_response(info: &DeviceInfo) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
     let mut put = |args: fmt::Arguments<'_>| {
@@ -406,7 +397,7 @@ impl PeerAcc {
 /// Parses a `get=1` response (the inverse of [`format_get_response`]).
 /// An `errno=N` line with N != 0 is an error carrying N; unknown keys are
 /// ignored for forward compatibility.
-pub fn parse_get_response(text: &str) -> Result<DeviceInfo, UapiError> {
+pub(crate) fn parse_get_response(text: &str) -> Result<DeviceInfo, UapiError> {
     let mut info = DeviceInfo::default();
     let mut peer: Option<PeerAcc> = None;
     for (idx, line) in text.split('\n').enumerate() {
