@@ -13,132 +13,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tunnel_relay::client::{self, ExposeOptions};
-use tunnel_relay::registry::{unix_now, Registry};
+use tunnel_relay::registry::Registry;
 use tunnel_relay::ClientError;
 use tunnel_relay::{PublicKey, Reason, Relay, RelayConfig, ServeOptions, Token};
 
-struct RelayLab {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    metrics: Option<SocketAddr>,
-    stun: Option<SocketAddr>,
-    key: PublicKey,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
-}
-
-async fn start_relay_in(
-    dir: tempfile::TempDir,
-    listen: SocketAddr,
-    config: RelayConfig,
-) -> RelayLab {
-    // A relay restarted in-process on its old port may find the previous
-    // endpoint's socket still draining for a moment: retry the bind briefly.
-    let t0 = std::time::Instant::now();
-    let relay = loop {
-        match Relay::bind(ServeOptions {
-            listen,
-            state_dir: dir.path().to_path_buf(),
-            config: config.clone(),
-        }) {
-            Ok(r) => break r,
-            Err(e) if t0.elapsed() > Duration::from_secs(5) => panic!("bind relay: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let addr = relay
-        .local_addr()
-        .unwrap_or_else(|| panic!("relay address"));
-    let key = relay.public_key();
-    let metrics = relay.metrics_addr();
-    let stun = relay.stun_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = relay
-            .run(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    RelayLab {
-        dir,
-        addr,
-        metrics,
-        stun,
-        key,
-        stop: Some(tx),
-        task: Some(task),
-    }
-}
-
-async fn start_relay(config: RelayConfig) -> RelayLab {
-    start_relay_in(
-        tmp(),
-        "127.0.0.1:0".parse().unwrap_or_else(|_| panic!()),
-        config,
-    )
-    .await
-}
-
-impl RelayLab {
-    fn token(&self, tag: &str, ttl: Option<Duration>, uses: Option<u64>) -> Token {
-        let mut reg = Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"));
-        let (secret, _id) = reg
-            .create_token(tag, ttl, uses, unix_now())
-            .unwrap_or_else(|e| panic!("create token: {e}"));
-        Token {
-            relay_addrs: vec![self.addr.to_string()],
-            relay_key: self.key,
-            secret,
-        }
-    }
-
-    fn registry(&self) -> Registry {
-        Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"))
-    }
-
-    /// Graceful stop (announces a restart to clients); returns the state dir.
-    async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-        let dir = tmp();
-        std::mem::replace(&mut self.dir, dir)
-    }
-}
-
-impl Drop for RelayLab {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-/// TCP echo until EOF, then FIN.
-async fn echo_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind echo: {e}"));
-    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
+mod relay_lab;
+use relay_lab::{echo_service, sample, scrape, start_relay, start_relay_in, tmp, RelayLab};
 
 /// Writes a banner and FINs at once, then counts what arrives until EOF and
 /// reports the count on the channel.
@@ -300,6 +180,14 @@ fn reason_of(e: &ClientError) -> Option<Reason> {
     }
 }
 
+/// Asserts that `r` is a refusal by the relay for `want`; the error.
+#[track_caller]
+fn assert_refused<T>(r: Result<T, ClientError>, want: Reason) -> ClientError {
+    let e = r.err();
+    assert_eq!(e.as_ref().and_then(reason_of), Some(want), "{e:?}");
+    e.unwrap_or_else(|| unreachable!("checked above"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_carries_bytes_and_half_close_both_ways() {
     let lab = start_relay(RelayConfig::default()).await;
@@ -405,25 +293,18 @@ async fn refusals_carry_their_reason() {
 
     // Expired token.
     let expired = lab.token("engineer", Some(Duration::ZERO), None);
-    let e = client::login(tmp().path(), &expired, "x1").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenExpired),
-        "{e:?}"
+    let e = assert_refused(
+        client::login(tmp().path(), &expired, "x1").await,
+        Reason::TokenExpired,
     );
-    assert!(e
-        .map(|e| e.to_string())
-        .unwrap_or_default()
-        .contains("token expired"));
+    assert!(e.to_string().contains("token expired"));
 
     // Used up: one use, second key refused.
     let once = lab.token("engineer", None, Some(1));
     assert!(client::login(tmp().path(), &once, "x2").await.is_ok());
-    let e = client::login(tmp().path(), &once, "x3").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenUsedUp),
-        "{e:?}"
+    assert_refused(
+        client::login(tmp().path(), &once, "x3").await,
+        Reason::TokenUsedUp,
     );
 
     // Revoked.
@@ -432,11 +313,9 @@ async fn refusals_carry_their_reason() {
     lab.registry()
         .revoke_token(&id)
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = client::login(tmp().path(), &rv, "x4").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenRevoked),
-        "{e:?}"
+    assert_refused(
+        client::login(tmp().path(), &rv, "x4").await,
+        Reason::TokenRevoked,
     );
 
     // Unknown token (right relay, secret never issued).
@@ -444,11 +323,9 @@ async fn refusals_carry_their_reason() {
         secret: tunnel_relay::secret::Secret::random(),
         ..once.clone()
     };
-    let e = client::login(tmp().path(), &unknown, "x5").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenUnknown),
-        "{e:?}"
+    assert_refused(
+        client::login(tmp().path(), &unknown, "x5").await,
+        Reason::TokenUnknown,
     );
 
     // Unknown key: a fresh identity that knows the relay but never joined.
@@ -459,12 +336,7 @@ async fn refusals_carry_their_reason() {
         stranger.path().join("relay.json"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let e = client::session(stranger.path()).await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::KeyUnknown),
-        "{e:?}"
-    );
+    assert_refused(client::session(stranger.path()).await, Reason::KeyUnknown);
 
     // Policy: a worker may open nothing, not even another worker.
     let _w1 = start_worker(
@@ -486,16 +358,8 @@ async fn refusals_carry_their_reason() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     wait_target(known.path(), "w1", Duration::from_secs(5)).await;
-    let e = w2.open("w1", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NotAllowed),
-        "{e:?}"
-    );
-    assert!(e
-        .map(|e| e.to_string())
-        .unwrap_or_default()
-        .contains("not allowed by policy"));
+    let e = assert_refused(w2.open("w1", "echo").await, Reason::NotAllowed);
+    assert!(e.to_string().contains("not allowed by policy"));
 
     // Policy: a tag without a rule.
     let guest = tmp();
@@ -505,29 +369,14 @@ async fn refusals_carry_their_reason() {
     let g = client::session(guest.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = g.open("w1", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NotAllowed),
-        "{e:?}"
-    );
+    assert_refused(g.open("w1", "echo").await, Reason::NotAllowed);
 
     // Engineer: wrong node, wrong service, service down.
     let s = client::session(known.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = s.open("nope", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NoSuchNode),
-        "{e:?}"
-    );
-    let e = s.open("w1", "ftp").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NoSuchService),
-        "{e:?}"
-    );
+    assert_refused(s.open("nope", "echo").await, Reason::NoSuchNode);
+    assert_refused(s.open("w1", "ftp").await, Reason::NoSuchService);
     let closed = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -540,30 +389,15 @@ async fn refusals_carry_their_reason() {
         &[("down", dead.to_string())],
     );
     wait_target(known.path(), "w3", Duration::from_secs(5)).await;
-    let e = s.open("w3", "down").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::ServiceUnavailable),
-        "{e:?}"
-    );
+    assert_refused(s.open("w3", "down").await, Reason::ServiceUnavailable);
 
     // The same session still works, then revocation applies to the next tunnel.
     assert_eq!(echo_through(&s, "w1", b"still fine").await, b"still fine");
     lab.registry()
         .revoke_node("known")
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = s.open("w1", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NodeRevoked),
-        "{e:?}"
-    );
-    let e = client::session(known.path()).await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NodeRevoked),
-        "{e:?}"
-    );
+    assert_refused(s.open("w1", "echo").await, Reason::NodeRevoked);
+    assert_refused(client::session(known.path()).await, Reason::NodeRevoked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -675,12 +509,7 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
         .unwrap_or_else(|e| panic!("{e}"));
     let a = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
     let _b = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
-    let e = s.open("w", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::LimitExceeded),
-        "{e:?}"
-    );
+    assert_refused(s.open("w", "echo").await, Reason::LimitExceeded);
     // Closing one tunnel (both directions) frees its slot.
     let (mut send, mut recv) = a;
     let _ = send.finish();
@@ -733,30 +562,6 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
         1.0,
         "{text}"
     );
-}
-
-/// `GET /metrics` over a plain TCP connection; the body.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("metrics connect: {e}"));
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    out
-}
-
-/// The value of the sample whose line starts with `series ` (0 if absent).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
