@@ -8,7 +8,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 mod relay_bin;
-use relay_bin::{create, echo_thread, ok, run, spawn_connect, spawn_expose, start_serve};
+use relay_bin::{create, echo_worker, ok, run, spawn_connect, start_serve};
 
 fn refused(args: &[&str], reason: &str) {
     let out = run(args);
@@ -107,15 +107,7 @@ fn operator_commands_and_refusal_reasons() {
     );
 
     // A worker from the CLI; the engineer reaches a local echo through it.
-    let echo_addr = echo_thread();
-    let wtok = create(st, &["--tag", "worker", "--uses", "1"]);
-    let _worker = spawn_expose(
-        &wtok,
-        "w",
-        &tmp.path().join("w"),
-        &format!("echo={echo_addr}"),
-        &tmp.path().join("worker.log"),
-    );
+    let (_worker, wtok) = echo_worker(st, tmp.path(), &["--uses", "1"]);
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let t0 = Instant::now();
     let got = loop {

@@ -9,7 +9,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 mod relay_bin;
-use relay_bin::{create, echo_thread, ok, spawn_connect, spawn_expose, start_serve};
+use relay_bin::{create, echo_worker, ok, spawn_connect, start_serve};
 
 /// The value of one metric line `NAME VALUE` from the relay's /metrics.
 fn metric(addr: &str, name: &str) -> Option<f64> {
@@ -49,15 +49,7 @@ fn sighup_closes_the_session_at_once() {
     });
 
     // A worker exposing a local echo service.
-    let echo_addr = echo_thread();
-    let wtok = create(st, &["--tag", "worker"]);
-    let _worker = spawn_expose(
-        &wtok,
-        "w",
-        &tmp.path().join("w"),
-        &format!("echo={echo_addr}"),
-        &tmp.path().join("worker.log"),
-    );
+    let (_worker, _) = echo_worker(st, tmp.path(), &[]);
     let etok = create(st, &["--tag", "engineer"]);
     let edir = tmp.path().join("e");
     let edir_s = edir.to_str().unwrap();

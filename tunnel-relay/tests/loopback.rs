@@ -18,7 +18,9 @@ use tunnel_relay::ClientError;
 use tunnel_relay::{PublicKey, Reason, Relay, RelayConfig, ServeOptions, Token};
 
 mod relay_lab;
-use relay_lab::{echo_service, sample, scrape, start_relay, start_relay_in, tmp, RelayLab};
+use relay_lab::{
+    echo_service, sample, scrape, start_relay, start_relay_in, tmp, with_metrics, RelayLab,
+};
 
 /// Writes a banner and FINs at once, then counts what arrives until EOF and
 /// reports the count on the channel.
@@ -130,18 +132,25 @@ async fn wait_target(eng: &Path, target: &str, within: Duration) -> Duration {
     }
 }
 
+/// Worker `name` exposing `services`, joined with a fresh worker token, once
+/// the engineer whose state is in `eng` sees it listed.
+async fn connected_worker(
+    lab: &RelayLab,
+    eng: &Path,
+    name: &str,
+    services: &[(&str, String)],
+) -> Worker {
+    let w = start_worker(Some(lab.token("worker", None, None)), tmp(), name, services);
+    wait_target(eng, name, Duration::from_secs(5)).await;
+    w
+}
+
 /// Worker `w` exposing a local echo service as `echo`, and engineer `e`
 /// logged in, once `w` is reachable.
 async fn echo_worker_and_engineer(lab: &RelayLab) -> (Worker, tempfile::TempDir) {
     let echo = echo_service().await;
-    let w = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w",
-        &[("echo", echo.to_string())],
-    );
     let eng = engineer(lab, "e").await;
-    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let w = connected_worker(lab, eng.path(), "w", &[("echo", echo.to_string())]).await;
     (w, eng)
 }
 
@@ -260,14 +269,8 @@ async fn reset_propagates_to_the_other_side() {
             drop(s);
         }
     });
-    let _w = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w",
-        &[("rst", addr.to_string())],
-    );
     let eng = engineer(&lab, "eng").await;
-    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let _w = connected_worker(&lab, eng.path(), "w", &[("rst", addr.to_string())]).await;
     let s = client::session(eng.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -339,12 +342,7 @@ async fn refusals_carry_their_reason() {
     assert_refused(client::session(stranger.path()).await, Reason::KeyUnknown);
 
     // Policy: a worker may open nothing, not even another worker.
-    let _w1 = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w1",
-        &[("echo", echo.to_string())],
-    );
+    let _w1 = connected_worker(&lab, known.path(), "w1", &[("echo", echo.to_string())]).await;
     let w2dir = tmp();
     let w2tok = lab.token("worker", None, None);
     let mut w2state = client::ClientState::open(w2dir.path()).unwrap_or_else(|e| panic!("{e}"));
@@ -357,7 +355,6 @@ async fn refusals_carry_their_reason() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    wait_target(known.path(), "w1", Duration::from_secs(5)).await;
     let e = assert_refused(w2.open("w1", "echo").await, Reason::NotAllowed);
     assert!(e.to_string().contains("not allowed by policy"));
 
@@ -382,13 +379,7 @@ async fn refusals_carry_their_reason() {
         .unwrap_or_else(|e| panic!("{e}"));
     let dead = closed.local_addr().unwrap_or_else(|e| panic!("{e}"));
     drop(closed);
-    let _w3 = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w3",
-        &[("down", dead.to_string())],
-    );
-    wait_target(known.path(), "w3", Duration::from_secs(5)).await;
+    let _w3 = connected_worker(&lab, known.path(), "w3", &[("down", dead.to_string())]).await;
     assert_refused(s.open("w3", "down").await, Reason::ServiceUnavailable);
 
     // The same session still works, then revocation applies to the next tunnel.
@@ -530,9 +521,8 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_dropped_after_the_handshake_timeout() {
-    let mut config = RelayConfig::default();
+    let mut config = with_metrics(RelayConfig::default());
     config.limits.handshake_timeout_ms = 300;
-    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!()));
     let lab = start_relay(config).await;
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap_or_else(|_| panic!()))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -566,11 +556,7 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
-    let config = RelayConfig {
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
-        ..RelayConfig::default()
-    };
-    let lab = start_relay(config).await;
+    let lab = start_relay(with_metrics(RelayConfig::default())).await;
     let maddr = lab.metrics.unwrap_or_else(|| panic!("metrics enabled"));
     let (_w, eng) = echo_worker_and_engineer(&lab).await;
     let s = client::session(eng.path())

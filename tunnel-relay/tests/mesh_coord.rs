@@ -16,7 +16,7 @@ use tunnel_relay::{
 };
 
 mod relay_lab;
-use relay_lab::{sample, scrape, start_relay, start_relay_in, tmp, RelayLab};
+use relay_lab::{sample, scrape, start_relay, start_relay_in, tmp, with_metrics, RelayLab};
 
 fn cand(s: &str) -> Candidate {
     Candidate {
@@ -69,11 +69,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
-    let config = RelayConfig {
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
-        ..RelayConfig::default()
-    };
-    let lab = start_relay(config).await;
+    let lab = start_relay(with_metrics(RelayConfig::default())).await;
     let (w1, _d1) = node(&lab, "worker", "gpu1", vec![cand("192.0.2.1:51820")]).await;
     let (mut w2, _d2) = node(&lab, "worker", "gpu2", vec![]).await;
     let (mut e, _de) = node(&lab, "engineer", "Alice.Laptop", vec![]).await;
@@ -168,17 +164,13 @@ async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
     assert_eq!(sample(&m, &format!("{cmm}\"refused\"}}")), 1.0, "{m}");
 
     // The relay path on the same connection: engineer -> worker packets.
-    let (pe, pw1) = (
-        e.relay_path().unwrap_or_else(|| panic!("no relay path")),
-        w1.relay_path().unwrap_or_else(|| panic!("no relay path")),
-    );
-    pe.send(&w1.public_key(), b"wireguard packet")
-        .unwrap_or_else(|er| panic!("send: {er}"));
-    let (from, p) = tokio::time::timeout(3 * SEC, pw1.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no packet through the relay path"))
-        .unwrap_or_else(|er| panic!("{er}"));
-    assert_eq!((from, &p[..]), (e.public_key(), &b"wireguard packet"[..]));
+    relay_path_delivers(
+        &e,
+        &w1,
+        b"wireguard packet",
+        "no packet through the relay path",
+    )
+    .await;
 
     // A third worker: exactly one delta at the engineer, none at the workers.
     let (ve, vw1, vw2) = (
@@ -227,6 +219,23 @@ async fn raw_mesh_join(conn: &quinn::Connection) -> (quinn::SendStream, quinn::R
         .unwrap_or_else(|er| panic!("{er}"));
     assert!(matches!(a, Message::MeshAccepted { .. }), "{a:?}");
     (send, recv)
+}
+
+/// Sends `data` from `from` to `to` over the relay path of their mesh
+/// sessions; asserts it arrives within 3 s, intact and from `from`'s key
+/// (panics with `lost` if it does not arrive).
+async fn relay_path_delivers(from: &MeshSession, to: &MeshSession, data: &[u8], lost: &str) {
+    let (pf, pt) = (
+        from.relay_path().unwrap_or_else(|| panic!("no relay path")),
+        to.relay_path().unwrap_or_else(|| panic!("no relay path")),
+    );
+    pf.send(&to.public_key(), data)
+        .unwrap_or_else(|er| panic!("send: {er}"));
+    let (sender, p) = tokio::time::timeout(3 * SEC, pt.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{lost}"))
+        .unwrap_or_else(|er| panic!("{er}"));
+    assert_eq!((sender, &p[..]), (from.public_key(), data));
 }
 
 /// Reads events until none arrives for 100 ms.
@@ -467,15 +476,11 @@ async fn a_node_whose_stream_is_reset_rejoins_on_its_connection_from_its_version
     // e on the connection holding its mesh session.
     raw.close().await;
     tokio::time::sleep(SEC / 5).await;
-    let (pe, pw1) = (
-        e.relay_path().unwrap_or_else(|| panic!("no relay path")),
-        w1.relay_path().unwrap_or_else(|| panic!("no relay path")),
-    );
-    pw1.send(&e.public_key(), b"to e")
-        .unwrap_or_else(|er| panic!("send: {er}"));
-    let (from, p) = tokio::time::timeout(3 * SEC, pe.recv())
-        .await
-        .unwrap_or_else(|_| panic!("packet to e lost after the other connection closed"))
-        .unwrap_or_else(|er| panic!("{er}"));
-    assert_eq!((from, &p[..]), (w1.public_key(), &b"to e"[..]));
+    relay_path_delivers(
+        &w1,
+        &e,
+        b"to e",
+        "packet to e lost after the other connection closed",
+    )
+    .await;
 }

@@ -97,18 +97,18 @@ pub(crate) fn start_serve(state: &Path, extra: &[&str], log: &Path) -> (Proc, St
     }
 }
 
-/// `expose --token TOKEN --name NAME --state-dir STATE --service SERVICE`
-/// (`SERVICE` as `name=host:port`) logging to `log`.
-pub(crate) fn spawn_expose(
-    token: &str,
-    name: &str,
-    state: &Path,
-    service: &str,
-    log: &Path,
-) -> Proc {
+/// A worker `w` (`expose`, state in `dir/w`, log `dir/worker.log`) exposing a
+/// local echo service as `echo`, joined with a fresh `worker` token from the
+/// relay state `state` (`token create` with the `extra` flags); the process
+/// and the token.
+pub(crate) fn echo_worker(state: &str, dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let echo = echo_thread();
+    let mut create_args = vec!["--tag", "worker"];
+    create_args.extend_from_slice(extra);
+    let token = create(state, &create_args);
     let mut cmd = Command::new(BIN);
-    cmd.args(["expose", "--token", token, "--name", name, "--state-dir"])
-        .arg(state)
-        .args(["--service", service]);
-    Proc::spawn("worker", cmd, log)
+    cmd.args(["expose", "--token", &token, "--name", "w", "--state-dir"])
+        .arg(dir.join("w"))
+        .args(["--service", &format!("echo={echo}")]);
+    (Proc::spawn("worker", cmd, &dir.join("worker.log")), token)
 }

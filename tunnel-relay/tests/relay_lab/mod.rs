@@ -127,6 +127,14 @@ impl Drop for RelayLab {
     }
 }
 
+/// `config` with `/metrics` served on a free loopback port (see `RelayLab::metrics`).
+pub(crate) fn with_metrics(config: RelayConfig) -> RelayConfig {
+    RelayConfig {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
+        ..config
+    }
+}
+
 /// `GET /metrics` over a plain TCP connection; the whole response.
 pub(crate) async fn scrape(addr: SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(addr)
