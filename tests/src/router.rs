@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::netns::{link, Netns};
+use crate::wgconf::{connect_full_mesh, endpoint, overlay_node, Interface};
 
 /// Gateway of the 203.0.113.0/24 "internet" segment.
 pub const NET_A_GW: &str = "203.0.113.1";
@@ -42,6 +43,21 @@ impl Internet {
         ns
     }
 
+    /// Two hosts on the 203.0.113.0/24 segment, `TAG-a` at 203.0.113.10 and
+    /// `TAG-b` at 203.0.113.20, with the interfaces of overlay nodes 1 and 2
+    /// (listening on `ports`) made peers of each other at those addresses.
+    pub fn host_pair(&self, tag: &str, ports: [u16; 2]) -> HostPair {
+        let ips = ["203.0.113.10", "203.0.113.20"];
+        let a = self.host(&format!("{tag}-a"), ips[0]);
+        let b = self.host(&format!("{tag}-b"), ips[1]);
+        let mut ifs = vec![overlay_node(1, ports[0]), overlay_node(2, ports[1])];
+        connect_full_mesh(
+            &mut ifs,
+            &[endpoint(ips[0], ports[0]), endpoint(ips[1], ports[1])],
+        );
+        HostPair { a, b, ifs }
+    }
+
     /// Plugs `ns` in: veth `ifname` in `ns` with address `cidr` (a /24 of
     /// 203.0.113.0 or 198.51.100.0) and a default route via that segment's `.1`.
     pub fn attach(&self, ns: &Netns, ifname: &str, cidr: &str) {
@@ -50,6 +66,54 @@ impl Internet {
         link(ns, ifname, Some(cidr), &self.ns, &port, None);
         self.ns.exec(&format!("ip link set {port} master br0"));
         ns.route(&format!("default via {}", gateway_for(cidr)));
+    }
+}
+
+/// Two hosts and their overlay interfaces, from [`Internet::host_pair`]: start
+/// a node (ours or wireguard-go) in `a` with `ifs[0]` and one in `b` with `ifs[1]`.
+pub struct HostPair {
+    pub a: Netns,
+    pub b: Netns,
+    pub ifs: Vec<Interface>,
+}
+
+/// The relay stories' network: a worker behind a home NAT router and an
+/// engineer on the other internet segment, from [`NattedWorker::new`]. A relay
+/// joins `net` as a host of its own.
+pub struct NattedWorker {
+    /// `TAG-eng`, public at 198.51.100.5.
+    pub engineer: Netns,
+    /// `TAG-wk`, on the router's LAN.
+    pub worker: Netns,
+    /// The worker's LAN address.
+    pub worker_ip: String,
+    /// `TAG-w`: WAN 203.0.113.10/24, LAN 192.0.2.32/27.
+    pub router: Router,
+    /// Dropped last (fields drop in order): the hosts go before the internet they are plugged into.
+    pub net: Internet,
+}
+
+impl NattedWorker {
+    /// A new internet `TAG` with the worker behind a router doing `nat`, and the engineer.
+    pub fn new(tag: &str, nat: Nat) -> NattedWorker {
+        let net = Internet::new(tag);
+        let router = Router::new(
+            &net,
+            &format!("{tag}-w"),
+            nat,
+            "203.0.113.10/24",
+            "192.0.2.32/27",
+        );
+        let worker = Netns::new(&format!("{tag}-wk"));
+        let worker_ip = router.attach(&worker, "eth0");
+        let engineer = net.host(&format!("{tag}-eng"), "198.51.100.5");
+        NattedWorker {
+            engineer,
+            worker,
+            worker_ip,
+            router,
+            net,
+        }
     }
 }
 

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use weft_tests::traffic::{self, GapMonitor};
 use weft_tests::{
-    connect_full_mesh, link, overlay_node, overlay_v4, overlay_v6, Internet, Nat, Netns, Router,
-    WgGo,
+    link, overlay_node, overlay_v4, overlay_v6, HostPair, Internet, Nat, Netns, Router, WgGo,
 };
 
 #[test]
@@ -75,13 +74,7 @@ fn home_router_nats_out_and_drops_unsolicited_in() {
 #[test]
 fn wireguard_go_pair_carries_traffic_and_probes_measure_it() {
     let net = Internet::new("hw");
-    let a = net.host("hw-a", "203.0.113.10");
-    let b = net.host("hw-b", "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
+    let HostPair { a, b, ifs } = net.host_pair("hw", [51820, 51820]);
     let wa = WgGo::start(&a, &ifs[0]);
     let wb = WgGo::start(&b, &ifs[1]);
     assert!(traffic::wait_ping(

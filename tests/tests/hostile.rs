@@ -20,11 +20,7 @@ fn node_survives_flood_during_transfer() {
     } = MeshPair::start(&net, "ho");
     let attacker = net.host("ho-x", "203.0.113.66");
     let b_ip = ifs[1].ip(false);
-    assert!(
-        traffic::wait_ping(&a, &b_ip, Duration::from_secs(10)),
-        "tunnel never came up:\n{}",
-        na.log_tail(30)
-    );
+    traffic::wait_tunnel(&a, &b_ip, &na);
 
     let _srv = traffic::iperf3_server(&b, 5201);
     let run = traffic::start_iperf3(&a, &b_ip, 5201, "-t 20");

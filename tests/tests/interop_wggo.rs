@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use weft_tests::traffic;
-use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode, Netns, WgGo};
+use weft_tests::{HostPair, Internet, MeshNode, Netns, WgGo};
 
 struct Pair {
     _net: Internet,
@@ -17,19 +17,13 @@ struct Pair {
 
 fn pair(tag: &str) -> Pair {
     let net = Internet::new(tag);
-    let ours_ns = net.host(tag, "203.0.113.10");
-    let theirs_ns = net.host(tag, "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
-    let ours = MeshNode::start(&ours_ns, &ifs[0]);
-    let theirs = WgGo::start(&theirs_ns, &ifs[1]);
+    let HostPair { a, b, ifs } = net.host_pair(tag, [51820, 51820]);
+    let ours = MeshNode::start(&a, &ifs[0]);
+    let theirs = WgGo::start(&b, &ifs[1]);
     Pair {
         _net: net,
-        ours_ns,
-        theirs_ns,
+        ours_ns: a,
+        theirs_ns: b,
         ours,
         theirs,
     }

@@ -8,20 +8,14 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::traffic::{self, GapMonitor};
-use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode, WgGo};
+use weft_tests::{HostPair, Internet, MeshNode, WgGo};
 
 const SOAK: Duration = Duration::from_secs(390);
 
 #[test]
 fn rekeys_under_continuous_traffic_without_gaps() {
     let net = Internet::new("rk");
-    let a = net.host("rk", "203.0.113.10");
-    let b = net.host("rk", "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
+    let HostPair { a, b, ifs } = net.host_pair("rk", [51820, 51820]);
     let mut ours = MeshNode::start(&a, &ifs[0]);
     let theirs = WgGo::start(&b, &ifs[1]);
     let (ours_ip, theirs_ip) = (ifs[0].ip(false), ifs[1].ip(false));

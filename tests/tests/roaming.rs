@@ -20,11 +20,7 @@ fn transfer_survives_peer_address_change() {
         ifs,
     } = MeshPair::start(&net, "ro");
     let (a_ip, b_ip) = (ifs[0].ip(false), ifs[1].ip(false));
-    assert!(
-        traffic::wait_ping(&a, &b_ip, Duration::from_secs(10)),
-        "tunnel never came up:\n{}",
-        na.log_tail(30)
-    );
+    traffic::wait_tunnel(&a, &b_ip, &na);
     assert!(traffic::wait_ping(&b, &a_ip, Duration::from_secs(10)));
 
     let gap_ab = GapMonitor::start(&a, &b_ip, 0.05);

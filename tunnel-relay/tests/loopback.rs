@@ -146,12 +146,15 @@ async fn connected_worker(
 }
 
 /// Worker `w` exposing a local echo service as `echo`, and engineer `e`
-/// logged in, once `w` is reachable.
-async fn echo_worker_and_engineer(lab: &RelayLab) -> (Worker, tempfile::TempDir) {
+/// logged in (its state dir and a session), once `w` is reachable.
+async fn echo_worker_and_engineer(lab: &RelayLab) -> (Worker, tempfile::TempDir, client::Session) {
     let echo = echo_service().await;
     let eng = engineer(lab, "e").await;
     let w = connected_worker(lab, eng.path(), "w", &[("echo", echo.to_string())]).await;
-    (w, eng)
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (w, eng, s)
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -411,12 +414,8 @@ async fn client_refuses_a_relay_with_another_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_tunnels_echo_every_byte() {
     let lab = start_relay(RelayConfig::default()).await;
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = std::sync::Arc::new(
-        client::session(eng.path())
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
+    let s = std::sync::Arc::new(s);
     let mut tasks = Vec::new();
     for i in 0..500usize {
         let s = s.clone();
@@ -494,10 +493,7 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
     let mut config = RelayConfig::default();
     config.limits.max_streams_per_node = 2;
     let lab = start_relay(config).await;
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
     let a = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
     let _b = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
     assert_refused(s.open("w", "echo").await, Reason::LimitExceeded);
@@ -558,10 +554,7 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
 async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
     let lab = start_relay(with_metrics(RelayConfig::default())).await;
     let maddr = lab.metrics.unwrap_or_else(|| panic!("metrics enabled"));
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
     let data = random_bytes(1 << 20);
     assert!(echo_through(&s, "w", &data).await == data);
     let e = client::login(
@@ -608,10 +601,7 @@ async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_connected_nodes_closes_them_without_waiting_for_an_open() {
     let lab = start_relay(RelayConfig::default()).await;
-    let (mut w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut w, _eng, s) = echo_worker_and_engineer(&lab).await;
     // A tunnel open through the worker while it is revoked.
     let (mut send, mut recv) = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
     send.write_all(b"before")
@@ -699,10 +689,7 @@ async fn operator_certificate_is_served_and_a_wrong_key_is_refused() {
 
     config.tls.key_file = Some(key);
     let lab = start_relay(config).await;
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
     let data = random_bytes(64 << 10);
     assert!(echo_through(&s, "w", &data).await == data);
     // The relay presented the operator's certificate, not a self-signed one.
