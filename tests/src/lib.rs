@@ -26,7 +26,7 @@ pub use cleanup::cleanup_stale;
 pub use netns::{link, Netns};
 pub use node::{MeshNode, MeshPair};
 pub use proc::Proc;
-pub use router::{HostPair, Internet, Nat, NattedWorker, Router};
+pub use router::{Internet, Nat, NattedWorker, NodePair, Router};
 pub use wgconf::{
     connect_full_mesh, endpoint, overlay_node, overlay_v4, overlay_v6, Interface, Keypair, Peer,
 };

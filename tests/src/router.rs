@@ -43,21 +43,6 @@ impl Internet {
         ns
     }
 
-    /// Two hosts on the 203.0.113.0/24 segment, `TAG-a` at 203.0.113.10 and
-    /// `TAG-b` at 203.0.113.20, with the interfaces of overlay nodes 1 and 2
-    /// (listening on `ports`) made peers of each other at those addresses.
-    pub fn host_pair(&self, tag: &str, ports: [u16; 2]) -> HostPair {
-        let ips = ["203.0.113.10", "203.0.113.20"];
-        let a = self.host(&format!("{tag}-a"), ips[0]);
-        let b = self.host(&format!("{tag}-b"), ips[1]);
-        let mut ifs = vec![overlay_node(1, ports[0]), overlay_node(2, ports[1])];
-        connect_full_mesh(
-            &mut ifs,
-            &[endpoint(ips[0], ports[0]), endpoint(ips[1], ports[1])],
-        );
-        HostPair { a, b, ifs }
-    }
-
     /// Plugs `ns` in: veth `ifname` in `ns` with address `cidr` (a /24 of
     /// 203.0.113.0 or 198.51.100.0) and a default route via that segment's `.1`.
     pub fn attach(&self, ns: &Netns, ifname: &str, cidr: &str) {
@@ -69,12 +54,51 @@ impl Internet {
     }
 }
 
-/// Two hosts and their overlay interfaces, from [`Internet::host_pair`]: start
-/// a node (ours or wireguard-go) in `a` with `ifs[0]` and one in `b` with `ifs[1]`.
-pub struct HostPair {
+/// Two hosts on a new internet's 203.0.113.0/24 segment, `TAG-a` at
+/// 203.0.113.10 and `TAG-b` at 203.0.113.20, with a WireGuard node in each:
+/// overlay nodes 1 and 2, peers of each other at those addresses.
+pub struct NodePair<A, B> {
+    /// The node in `a` (overlay node 1, interface `ifs[0]`).
+    pub na: A,
+    /// The node in `b` (overlay node 2, interface `ifs[1]`).
+    pub nb: B,
     pub a: Netns,
     pub b: Netns,
     pub ifs: Vec<Interface>,
+    /// Dropped last (fields drop in order): nodes, then hosts, then the internet.
+    pub net: Internet,
+}
+
+impl<A, B> NodePair<A, B> {
+    /// Builds the pair with the interfaces listening on `ports`, then starts
+    /// the nodes: `start_a` in `a`, then `start_b` in `b` (e.g. `MeshNode::start`,
+    /// `WgGo::start`).
+    pub fn start(
+        tag: &str,
+        ports: [u16; 2],
+        start_a: impl FnOnce(&Netns, &Interface) -> A,
+        start_b: impl FnOnce(&Netns, &Interface) -> B,
+    ) -> NodePair<A, B> {
+        let ips = ["203.0.113.10", "203.0.113.20"];
+        let net = Internet::new(tag);
+        let a = net.host(&format!("{tag}-a"), ips[0]);
+        let b = net.host(&format!("{tag}-b"), ips[1]);
+        let mut ifs = vec![overlay_node(1, ports[0]), overlay_node(2, ports[1])];
+        connect_full_mesh(
+            &mut ifs,
+            &[endpoint(ips[0], ports[0]), endpoint(ips[1], ports[1])],
+        );
+        let na = start_a(&a, &ifs[0]);
+        let nb = start_b(&b, &ifs[1]);
+        NodePair {
+            na,
+            nb,
+            a,
+            b,
+            ifs,
+            net,
+        }
+    }
 }
 
 /// The relay stories' network: a worker behind a home NAT router and an

@@ -19,7 +19,8 @@ use tunnel_relay::{PublicKey, Reason, Relay, RelayConfig, ServeOptions, Token};
 
 mod relay_lab;
 use relay_lab::{
-    echo_service, sample, scrape, start_relay, start_relay_in, tmp, with_metrics, RelayLab,
+    echo_service, relay_path_delivers, sample, scrape, start_relay, start_relay_in, tmp,
+    with_metrics, RelayLab,
 };
 
 /// Writes a banner and FINs at once, then counts what arrives until EOF and
@@ -766,12 +767,13 @@ async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
     }
 
     // Replies flow back (the worker may not open tunnels, but may answer).
-    pw1.send(&ek, b"reply").unwrap_or_else(|e| panic!("{e}"));
-    let (from, p) = tokio::time::timeout(Duration::from_secs(3), pe.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no reply through the relay"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((from, &p[..]), (w1k, &b"reply"[..]));
+    relay_path_delivers(
+        (&pw1, w1k),
+        (&pe, ek),
+        b"reply",
+        "no reply through the relay",
+    )
+    .await;
 
     // Worker -> worker is dropped by the relay; unknown keys too.
     pw1.send(&w2k, b"lateral").unwrap_or_else(|e| panic!("{e}"));
@@ -780,12 +782,13 @@ async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
     let r = tokio::time::timeout(Duration::from_millis(500), pw2.recv()).await;
     assert!(r.is_err(), "a worker reached another worker: {r:?}");
     // ... while the engineer still reaches w2.
-    pe.send(&w2k, b"hi w2").unwrap_or_else(|e| panic!("{e}"));
-    let (from, p) = tokio::time::timeout(Duration::from_secs(3), pw2.recv())
-        .await
-        .unwrap_or_else(|_| panic!("engineer did not reach w2"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((from, &p[..]), (ek, &b"hi w2"[..]));
+    relay_path_delivers(
+        (&pe, ek),
+        (&pw2, w2k),
+        b"hi w2",
+        "engineer did not reach w2",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

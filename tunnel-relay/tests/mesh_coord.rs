@@ -16,7 +16,9 @@ use tunnel_relay::{
 };
 
 mod relay_lab;
-use relay_lab::{sample, scrape, start_relay, start_relay_in, tmp, with_metrics, RelayLab};
+use relay_lab::{
+    relay_path_delivers, sample, scrape, start_relay, start_relay_in, tmp, with_metrics, RelayLab,
+};
 
 fn cand(s: &str) -> Candidate {
     Candidate {
@@ -164,7 +166,7 @@ async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
     assert_eq!(sample(&m, &format!("{cmm}\"refused\"}}")), 1.0, "{m}");
 
     // The relay path on the same connection: engineer -> worker packets.
-    relay_path_delivers(
+    mesh_relay_path_delivers(
         &e,
         &w1,
         b"wireguard packet",
@@ -221,21 +223,13 @@ async fn raw_mesh_join(conn: &quinn::Connection) -> (quinn::SendStream, quinn::R
     (send, recv)
 }
 
-/// Sends `data` from `from` to `to` over the relay path of their mesh
-/// sessions; asserts it arrives within 3 s, intact and from `from`'s key
-/// (panics with `lost` if it does not arrive).
-async fn relay_path_delivers(from: &MeshSession, to: &MeshSession, data: &[u8], lost: &str) {
+/// [`relay_path_delivers`] on the relay paths of two mesh sessions.
+async fn mesh_relay_path_delivers(from: &MeshSession, to: &MeshSession, data: &[u8], lost: &str) {
     let (pf, pt) = (
         from.relay_path().unwrap_or_else(|| panic!("no relay path")),
         to.relay_path().unwrap_or_else(|| panic!("no relay path")),
     );
-    pf.send(&to.public_key(), data)
-        .unwrap_or_else(|er| panic!("send: {er}"));
-    let (sender, p) = tokio::time::timeout(3 * SEC, pt.recv())
-        .await
-        .unwrap_or_else(|_| panic!("{lost}"))
-        .unwrap_or_else(|er| panic!("{er}"));
-    assert_eq!((sender, &p[..]), (from.public_key(), data));
+    relay_path_delivers((&pf, from.public_key()), (&pt, to.public_key()), data, lost).await;
 }
 
 /// Reads events until none arrives for 100 ms.
@@ -476,7 +470,7 @@ async fn a_node_whose_stream_is_reset_rejoins_on_its_connection_from_its_version
     // e on the connection holding its mesh session.
     raw.close().await;
     tokio::time::sleep(SEC / 5).await;
-    relay_path_delivers(
+    mesh_relay_path_delivers(
         &w1,
         &e,
         b"to e",

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tunnel_relay::registry::{unix_now, Registry};
+use tunnel_relay::relay_path::RelayPath;
 use tunnel_relay::{PublicKey, Relay, RelayConfig, ServeOptions, Token};
 
 /// A relay running in this process; dropping it aborts the relay's task.
@@ -175,4 +176,23 @@ pub(crate) async fn echo_service() -> SocketAddr {
         }
     });
     addr
+}
+
+/// Sends `data` over the relay path `from` (of the node with key `from.1`) to
+/// the node `to.1`; asserts it arrives on `to.0` within 3 s, intact and from
+/// `from.1` (panics with `lost` if nothing arrives).
+pub(crate) async fn relay_path_delivers(
+    from: (&RelayPath, PublicKey),
+    to: (&RelayPath, PublicKey),
+    data: &[u8],
+    lost: &str,
+) {
+    from.0
+        .send(&to.1, data)
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let (sender, p) = tokio::time::timeout(Duration::from_secs(3), to.0.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{lost}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((sender, &p[..]), (from.1, data));
 }
