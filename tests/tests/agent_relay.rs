@@ -52,10 +52,15 @@ fn wait_connected(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
     )
 }
 
-/// `jobs show ID` through the relay (as `via`) until the job is in `state`, at most 15 s.
+/// `jobs show ID --json` through the relay (`via`: `--worker W --state-dir D`).
+fn show_job(eng: &Netns, id: u64, via: &str) -> Value {
+    json(&agent_ok(eng, &format!("jobs show {id} --json {via}")))
+}
+
+/// [`show_job`] until the job is in `state`, at most 15 s.
 fn wait_job(eng: &Netns, id: u64, via: &str, state: &str) {
     retry(Duration::from_secs(15), || {
-        let j = json(&agent_ok(eng, &format!("jobs show {id} --json {via}")));
+        let j = show_job(eng, id, via);
         if j["state"] == state {
             Ok(())
         } else {
@@ -155,10 +160,7 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
         .as_u64()
         .unwrap_or_else(|| panic!("no id: {submitted}"));
     let log = agent_ok(eng, &format!("jobs logs {id} --follow {}", via(&alice)));
-    let job = json(&agent_ok(
-        eng,
-        &format!("jobs show {id} --json {}", via(&alice)),
-    ));
+    let job = show_job(eng, id, &via(&alice));
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["caller"], "alice", "{job}");
     let uuids = job["gpu_uuids"]
@@ -243,10 +245,7 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     assert!(text.contains("relay: reconnecting in"), "{text}");
     let mut relay = start_relay(&relay_ns, &rstate, &config.display().to_string());
     wait_connected(worker, &wstate, &agent);
-    let job = json(&agent_ok(
-        eng,
-        &format!("jobs show {id} --json {}", via(&alice)),
-    ));
+    let job = show_job(eng, id, &via(&alice));
     assert_eq!(job["state"], "succeeded", "{job}");
 
     // The agent restarts without a token: the identity in its state dir is enough, and the
@@ -254,10 +253,7 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     agent.kill_term();
     let agent = worker.spawn_named("agent2", &run_line(None));
     wait_connected(worker, &wstate, &agent);
-    let job = json(&agent_ok(
-        eng,
-        &format!("jobs show {id} --json {}", via(&alice)),
-    ));
+    let job = show_job(eng, id, &via(&alice));
     assert_eq!(job["caller"], "alice", "{job}");
     relay.kill_term();
 }
