@@ -16,8 +16,12 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tunnel_relay::client::{self, ExposeOptions};
-use tunnel_relay::registry::{unix_now, Registry};
-use tunnel_relay::{Relay, RelayConfig, ServeOptions, Token};
+use tunnel_relay::RelayConfig;
+
+/// The relay's own in-process test lab (a relay on 127.0.0.1, its tokens, an echo service).
+#[path = "../../tunnel-relay/tests/relay_lab/mod.rs"]
+mod relay_lab;
+use relay_lab::{echo_service, start_relay};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -267,27 +271,10 @@ async fn fake_agent(status: Value) -> SocketAddr {
     addr
 }
 
-/// TCP echo until EOF, then FIN.
-async fn echo_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn login_status_ssh_config_and_connect_through_a_loopback_relay() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    let relay_dir = h.join("relay");
     let eng = h.join("engineer");
     let empty = h.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
@@ -299,29 +286,9 @@ fn login_status_ssh_config_and_connect_through_a_loopback_relay() {
 
     // The relay and three workers, in-process: gpu1 with an agent that
     // answers, gpu2 whose agent is down, cpu3 with no agent at all.
-    let (addr, key) = rt.block_on(async {
-        let relay = Relay::bind(ServeOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: relay_dir.clone(),
-            config: RelayConfig::default(),
-        })
-        .unwrap();
-        let addr = relay.local_addr().unwrap();
-        let key = relay.public_key();
-        tokio::spawn(relay.run(std::future::pending::<()>()));
-        (addr, key)
-    });
-    let token = |tag: &str| {
-        let (secret, _) = Registry::open(&relay_dir)
-            .unwrap()
-            .create_token(tag, Some(Duration::from_secs(600)), None, unix_now())
-            .unwrap();
-        Token {
-            relay_addrs: vec![addr.to_string()],
-            relay_key: key,
-            secret,
-        }
-    };
+    let lab = rt.block_on(start_relay(RelayConfig::default()));
+    let addr = lab.addr;
+    let token = |tag: &str| lab.token(tag, Some(Duration::from_secs(600)), None);
     let agent = agent_status();
     rt.block_on(async {
         let agent = fake_agent(agent).await;
@@ -367,19 +334,22 @@ fn login_status_ssh_config_and_connect_through_a_loopback_relay() {
     );
 
     // The workers show up as they connect.
-    let status_args = [
-        "status",
-        "--json",
-        "--state-dir",
-        s(&eng),
-        "--uapi-dir",
-        s(&empty),
-        "--timeout",
-        "2s",
-    ];
+    let status_args = |extra: &[&'static str]| {
+        let mut args = vec!["status"];
+        args.extend_from_slice(extra);
+        args.extend([
+            "--state-dir",
+            s(&eng),
+            "--uapi-dir",
+            s(&empty),
+            "--timeout",
+            "2s",
+        ]);
+        args
+    };
     let t0 = Instant::now();
     let v = loop {
-        let out = ok(h, &status_args);
+        let out = ok(h, &status_args(&["--json"]));
         let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
         if v["workers"].as_array().map(Vec::len) == Some(3) {
             break v;
@@ -413,18 +383,7 @@ fn login_status_ssh_config_and_connect_through_a_loopback_relay() {
         "{v}"
     );
 
-    let text = ok(
-        h,
-        &[
-            "status",
-            "--state-dir",
-            s(&eng),
-            "--uapi-dir",
-            s(&empty),
-            "--timeout",
-            "2s",
-        ],
-    );
+    let text = ok(h, &status_args(&[]));
     assert!(
         text.contains(&format!("relay: connected to {addr} as eve")),
         "{text}"
@@ -473,5 +432,6 @@ fn login_status_ssh_config_and_connect_through_a_loopback_relay() {
     );
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty());
+    drop(lab);
     drop(rt);
 }

@@ -3,10 +3,12 @@
 //! `worker-agent/tests/stub/nvml_stub.c`) and its CLI.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::netns::Netns;
+use crate::proc::Proc;
 
 /// The `worker-agent` binary.
 pub fn agent_bin() -> String {
@@ -47,4 +49,34 @@ pub fn agent_ok(ns: &Netns, args: &str) -> String {
 /// Parses JSON or panics with the text.
 pub fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// `worker-agent status --json --state-dir STATE` in `ns`, polled until
+/// `done` holds for it (at most `within`); that status. Panics with `what`,
+/// the last output and the log of `agent` (the agent process) otherwise.
+pub fn wait_agent_status(
+    ns: &Netns,
+    state: &str,
+    agent: &Proc,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    crate::retry(within, || {
+        let out = ns.output(&format!(
+            "{} status --json --state-dir {state}",
+            agent_bin()
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        match serde_json::from_str::<Value>(&text) {
+            Ok(v) if done(&v) => Ok(v),
+            _ => Err(text),
+        }
+    })
+    .unwrap_or_else(|last| {
+        panic!(
+            "{what}; last status: {last}\nagent log:\n{}",
+            agent.log_tail(30)
+        )
+    })
 }

@@ -19,12 +19,14 @@ pub mod wggo;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
 pub use cleanup::cleanup_stale;
 pub use netns::{link, Netns};
 pub use node::{MeshNode, MeshPair};
 pub use proc::Proc;
-pub use router::{Internet, Nat, Router};
+pub use router::{Internet, Nat, NattedWorker, NodePair, Router};
 pub use wgconf::{
     connect_full_mesh, endpoint, overlay_node, overlay_v4, overlay_v6, Interface, Keypair, Peer,
 };
@@ -68,4 +70,54 @@ pub fn unique_ifname() -> String {
 /// The UAPI socket path of an interface.
 pub fn uapi_socket(ifname: &str) -> PathBuf {
     PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"))
+}
+
+/// Calls `attempt` every 100 ms until it gives `Ok`, for at most `within`;
+/// that value, or the last `Err` (what was seen instead) when time is up.
+pub fn retry<T>(
+    within: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let t0 = Instant::now();
+    loop {
+        match attempt() {
+            Ok(v) => return Ok(v),
+            Err(last) if t0.elapsed() >= within => return Err(last),
+            Err(_) => sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Runs `run(cell, tag)` for every cell at once, each on its own thread and
+/// with its own namespace tag `{prefix}{index}`; then panics naming every cell
+/// that failed (or panicked), with its error.
+pub fn run_cells<C: Sync>(
+    prefix: &str,
+    cells: &[C],
+    name: impl Fn(&C) -> String,
+    run: impl Fn(&C, &str) -> Result<(), String> + Sync,
+) {
+    let run = &run;
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| s.spawn(move || run(c, &format!("{prefix}{i}"))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err("cell panicked".into())))
+            .collect()
+    });
+    let failed: Vec<String> = cells
+        .iter()
+        .zip(&results)
+        .filter_map(|(c, r)| r.as_ref().err().map(|e| format!("== {}: {e}", name(c))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} cells failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }

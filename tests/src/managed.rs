@@ -48,30 +48,29 @@ impl LabRelay {
             std::fs::write(&path, t).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             path.display().to_string()
         });
-        let proc = LabRelay::spawn_with(&ns, &state, config.as_deref());
+        let proc = LabRelay::spawn_with(&ns, &state, config.as_deref(), "info");
         LabRelay { ns, state, proc }
     }
 
     /// Starts `serve` on `state` (again, after a kill) and waits for its socket.
     pub fn spawn(ns: &Netns, state: &str) -> Proc {
-        LabRelay::spawn_with(ns, state, None)
+        LabRelay::spawn_with(ns, state, None, "info")
     }
 
-    fn spawn_with(ns: &Netns, state: &str, config: Option<&str>) -> Proc {
+    /// [`LabRelay::spawn`] with the configuration file `config` (if any) and
+    /// `WEFT_LOG=log`.
+    pub fn spawn_with(ns: &Netns, state: &str, config: Option<&str>, log: &str) -> Proc {
         let config = config.map(|c| format!(" --config {c}")).unwrap_or_default();
-        let p = ns.spawn_named(
+        ns.spawn_listening(
             "relay",
             &format!(
-                "env WEFT_LOG=info {} serve --listen {RELAY_ADDR} --state-dir {state}{config}",
+                "env WEFT_LOG={log} {} serve --listen {RELAY_ADDR} --state-dir {state}{config}",
                 relay_bin()
             ),
-        );
-        assert!(
-            ns.wait_listen('u', 4433, Duration::from_secs(5)),
-            "relay did not start:\n{}",
-            p.log_tail(20)
-        );
-        p
+            'u',
+            4433,
+            Duration::from_secs(5),
+        )
     }
 
     /// A one-use join token with `tag`, valid 10 minutes.

@@ -138,6 +138,27 @@ impl Netns {
         )
     }
 
+    /// [`Netns::spawn_named`], then waits up to `within` until something inside
+    /// listens on `port` (`proto` as for [`Netns::wait_listen`]); panics with the
+    /// process's log otherwise.
+    pub fn spawn_listening(
+        &self,
+        label: &str,
+        line: &str,
+        proto: char,
+        port: u16,
+        within: Duration,
+    ) -> Proc {
+        let p = self.spawn_named(label, line);
+        assert!(
+            self.wait_listen(proto, port, within),
+            "[{}] {label} did not listen on {proto}/{port} within {within:?}:\n{}",
+            self.name(),
+            p.log_tail(20)
+        );
+        p
+    }
+
     /// Starts a prepared command (e.g. from `command`) logging to `log`.
     pub fn spawn_command(&self, label: &str, cmd: Command, log: &Path) -> Proc {
         Proc::spawn(&format!("{label} in {}", self.name()), cmd, log)

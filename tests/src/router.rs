@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::netns::{link, Netns};
+use crate::wgconf::{connect_full_mesh, endpoint, overlay_node, Interface};
 
 /// Gateway of the 203.0.113.0/24 "internet" segment.
 pub const NET_A_GW: &str = "203.0.113.1";
@@ -50,6 +51,93 @@ impl Internet {
         link(ns, ifname, Some(cidr), &self.ns, &port, None);
         self.ns.exec(&format!("ip link set {port} master br0"));
         ns.route(&format!("default via {}", gateway_for(cidr)));
+    }
+}
+
+/// Two hosts on a new internet's 203.0.113.0/24 segment, `TAG-a` at
+/// 203.0.113.10 and `TAG-b` at 203.0.113.20, with a WireGuard node in each:
+/// overlay nodes 1 and 2, peers of each other at those addresses.
+pub struct NodePair<A, B> {
+    /// The node in `a` (overlay node 1, interface `ifs[0]`).
+    pub na: A,
+    /// The node in `b` (overlay node 2, interface `ifs[1]`).
+    pub nb: B,
+    pub a: Netns,
+    pub b: Netns,
+    pub ifs: Vec<Interface>,
+    /// Dropped last (fields drop in order): nodes, then hosts, then the internet.
+    pub net: Internet,
+}
+
+impl<A, B> NodePair<A, B> {
+    /// Builds the pair with the interfaces listening on `ports`, then starts
+    /// the nodes: `start_a` in `a`, then `start_b` in `b` (e.g. `MeshNode::start`,
+    /// `WgGo::start`).
+    pub fn start(
+        tag: &str,
+        ports: [u16; 2],
+        start_a: impl FnOnce(&Netns, &Interface) -> A,
+        start_b: impl FnOnce(&Netns, &Interface) -> B,
+    ) -> NodePair<A, B> {
+        let ips = ["203.0.113.10", "203.0.113.20"];
+        let net = Internet::new(tag);
+        let a = net.host(&format!("{tag}-a"), ips[0]);
+        let b = net.host(&format!("{tag}-b"), ips[1]);
+        let mut ifs = vec![overlay_node(1, ports[0]), overlay_node(2, ports[1])];
+        connect_full_mesh(
+            &mut ifs,
+            &[endpoint(ips[0], ports[0]), endpoint(ips[1], ports[1])],
+        );
+        let na = start_a(&a, &ifs[0]);
+        let nb = start_b(&b, &ifs[1]);
+        NodePair {
+            na,
+            nb,
+            a,
+            b,
+            ifs,
+            net,
+        }
+    }
+}
+
+/// The relay stories' network: a worker behind a home NAT router and an
+/// engineer on the other internet segment, from [`NattedWorker::new`]. A relay
+/// joins `net` as a host of its own.
+pub struct NattedWorker {
+    /// `TAG-eng`, public at 198.51.100.5.
+    pub engineer: Netns,
+    /// `TAG-wk`, on the router's LAN.
+    pub worker: Netns,
+    /// The worker's LAN address.
+    pub worker_ip: String,
+    /// `TAG-w`: WAN 203.0.113.10/24, LAN 192.0.2.32/27.
+    pub router: Router,
+    /// Dropped last (fields drop in order): the hosts go before the internet they are plugged into.
+    pub net: Internet,
+}
+
+impl NattedWorker {
+    /// A new internet `TAG` with the worker behind a router doing `nat`, and the engineer.
+    pub fn new(tag: &str, nat: Nat) -> NattedWorker {
+        let net = Internet::new(tag);
+        let router = Router::new(
+            &net,
+            &format!("{tag}-w"),
+            nat,
+            "203.0.113.10/24",
+            "192.0.2.32/27",
+        );
+        let worker = Netns::new(&format!("{tag}-wk"));
+        let worker_ip = router.attach(&worker, "eth0");
+        let engineer = net.host(&format!("{tag}-eng"), "198.51.100.5");
+        NattedWorker {
+            engineer,
+            worker,
+            worker_ip,
+            router,
+            net,
+        }
     }
 }
 

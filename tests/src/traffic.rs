@@ -13,6 +13,7 @@ use rand::RngCore;
 use serde_json::Value;
 
 use crate::netns::Netns;
+use crate::node::MeshNode;
 use crate::proc::Proc;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -90,6 +91,16 @@ pub fn wait_ping(ns: &Netns, dst: &str, within: Duration) -> bool {
         }
         sleep(Duration::from_millis(100));
     }
+}
+
+/// Asserts that the tunnel from `ns` (where `node` runs) to `dst` carries a
+/// ping within 10 s; panics with the node's log otherwise.
+pub fn wait_tunnel(ns: &Netns, dst: &str, node: &MeshNode) {
+    assert!(
+        wait_ping(ns, dst, Duration::from_secs(10)),
+        "tunnel never came up:\n{}",
+        node.log_tail(30)
+    );
 }
 
 /// SHA-256 of a file, hex (via `sha256sum`).

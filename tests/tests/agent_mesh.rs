@@ -17,9 +17,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_tests::agent::{agent_cli, agent_ok, build_nvml_stub, json};
+use weft_tests::agent::{agent_cli, agent_ok, build_nvml_stub, json, wait_agent_status};
 use weft_tests::managed::{relay_token, LabRelay, ManagedNode};
-use weft_tests::{Internet, Nat, Netns, Proc, Router};
+use weft_tests::{Internet, Nat, NattedWorker, Netns, Proc};
 
 /// `mesh status --json` of weft0 in `ns`.
 fn mesh_status(ns: &Netns, uapi: &str) -> Value {
@@ -51,38 +51,26 @@ fn loopback_or_overlay(listener: &str) -> bool {
 /// `worker-agent status --json` on the worker until the relay is connected and the mesh
 /// joined; returns that status.
 fn wait_on_mesh(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < Duration::from_secs(20) {
-        let out = worker.output(&format!(
-            "{} status --json --state-dir {wstate}",
-            weft_tests::agent::agent_bin()
-        ));
-        last = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Ok(v) = serde_json::from_str::<Value>(&last) {
+    wait_agent_status(
+        worker,
+        wstate,
+        agent,
+        Duration::from_secs(20),
+        "agent never joined the mesh",
+        |v| {
             assert_ne!(v["mesh"]["state"], "failed", "{v}\n{}", agent.log_tail(30));
-            if v["relay"]["state"] == "connected" && v["mesh"]["state"] == "joined" {
-                return v;
-            }
-        }
-        sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "agent never joined the mesh; last status: {last}\nagent log:\n{}",
-        agent.log_tail(30)
-    );
+            v["relay"]["state"] == "connected" && v["mesh"]["state"] == "joined"
+        },
+    )
 }
 
 #[test]
 fn engineer_submits_over_the_mesh_as_its_mesh_name() {
-    let net = Internet::new("wam");
-    let relay = LabRelay::start(&net, "wam");
+    let lab = NattedWorker::new("wam", Nat::Easy);
+    let relay = LabRelay::start(&lab.net, "wam");
     let (relay_ns, rstate) = (&relay.ns, relay.state.clone());
-    let router = Router::new(&net, "wam-w", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27");
-    let worker = Netns::new("wam-wk");
-    router.attach(&worker, "eth0");
-    let eng = net.host("wam-eng", "198.51.100.5");
-    let w2 = net.host("wam-w2", "198.51.100.6");
+    let (worker, eng) = (&lab.worker, lab.engineer.clone());
+    let w2 = lab.net.host("wam-w2", "198.51.100.6");
 
     // The worker: one `worker-agent run --token`, on the relay and on the mesh.
     let stub = build_nvml_stub(worker.dir());
@@ -102,7 +90,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
             stub.display(),
         ),
     );
-    let st = wait_on_mesh(&worker, &wstate, &agent);
+    let st = wait_on_mesh(worker, &wstate, &agent);
     let mesh = &st["mesh"];
     assert_eq!(mesh["name"], "gpu1", "{st}");
     assert_eq!(mesh["interface"], "weft0", "{st}");
@@ -116,7 +104,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
     );
     // One identity: the relay and the mesh know the worker by the same name.
     assert_eq!(st["relay"]["name"], "gpu1", "{st}");
-    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    let text = agent_ok(worker, &format!("status --state-dir {wstate}"));
     assert!(
         text.contains(&format!(
             "mesh: joined as gpu1 ({wip}, {wip6}) on weft0; jobs API on {wip}:7070"
@@ -211,7 +199,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
 
     // The second worker: not in each other's peer maps (the default ACL lets workers open
     // nothing), so nothing routes to the agent; its request never arrives.
-    let w1_key = mesh_status(&worker, &wuapi)["public_key"]
+    let w1_key = mesh_status(worker, &wuapi)["public_key"]
         .as_str()
         .unwrap_or_default()
         .to_string();
@@ -249,7 +237,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
     assert!(!ok, "w2 reached the agent by name");
     assert!(err.contains("gpu1.weft.internal"), "{err}");
     let all = json(&agent_ok(
-        &worker,
+        worker,
         &format!("jobs list --json --state-dir {wstate}"),
     ));
     let callers: Vec<&str> = all
@@ -286,28 +274,20 @@ fn without_the_mesh_the_agent_runs_relay_only_and_says_why() {
         )
     };
     let wait_relay = |agent: &Proc| -> Value {
-        let t0 = Instant::now();
-        loop {
-            let out = worker.output(&format!(
-                "{} status --json --state-dir {wstate}",
-                weft_tests::agent::agent_bin()
-            ));
-            if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
+        wait_agent_status(
+            &worker,
+            &wstate,
+            agent,
+            Duration::from_secs(20),
+            "agent never settled",
+            |v| {
                 let settled = !matches!(
                     v["mesh"]["state"].as_str(),
                     Some("waiting_for_relay" | "joining" | "retrying")
                 );
-                if v["relay"]["state"] == "connected" && settled {
-                    return v;
-                }
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "agent never settled:\n{}",
-                agent.log_tail(30)
-            );
-            sleep(Duration::from_millis(100));
-        }
+                v["relay"]["state"] == "connected" && settled
+            },
+        )
     };
 
     // --no-mesh: relay only, and status says so.

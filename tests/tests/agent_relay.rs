@@ -12,13 +12,12 @@
 //!
 //! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use weft_tests::agent::{agent_cli, agent_ok, build_nvml_stub, json};
-use weft_tests::managed::{relay_bin, relay_token, RELAY_ADDR, RELAY_IP};
-use weft_tests::{Internet, Nat, Netns, Proc, Router};
+use weft_tests::agent::{agent_cli, agent_ok, build_nvml_stub, json, wait_agent_status};
+use weft_tests::managed::{relay_bin, relay_token, LabRelay, RELAY_ADDR, RELAY_IP};
+use weft_tests::{retry, Nat, NattedWorker, Netns, Proc};
 
 const GPU0: &str = "GPU-977652fe-01d3-44cc-d3b3-996721563657";
 const GPU1: &str = "GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000b1";
@@ -37,53 +36,45 @@ services = ["ssh"]
 "#;
 
 fn start_relay(ns: &Netns, state: &str, config: &str) -> Proc {
-    let p = ns.spawn_named(
-        "relay",
-        &format!(
-            "env WEFT_LOG=info,tunnel_relay=debug {} serve --listen {RELAY_ADDR} --state-dir {state} --config {config}",
-            relay_bin()
-        ),
-    );
-    assert!(
-        ns.wait_listen('u', 4433, Duration::from_secs(5)),
-        "relay did not listen:\n{}",
-        p.log_tail(20)
-    );
-    p
+    LabRelay::spawn_with(ns, state, Some(config), "info,tunnel_relay=debug")
 }
 
 /// `worker-agent status --json` on the worker (local API) until the relay link is
 /// `connected`; returns that status.
 fn wait_connected(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < Duration::from_secs(15) {
-        let out = worker.output(&format!(
-            "{} status --json --state-dir {wstate}",
-            weft_tests::agent::agent_bin()
-        ));
-        last = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Ok(v) = serde_json::from_str::<Value>(&last) {
-            if v["relay"]["state"] == "connected" {
-                return v;
-            }
+    wait_agent_status(
+        worker,
+        wstate,
+        agent,
+        Duration::from_secs(15),
+        "agent never connected to the relay",
+        |v| v["relay"]["state"] == "connected",
+    )
+}
+
+/// `jobs show ID --json` through the relay (`via`: `--worker W --state-dir D`).
+fn show_job(eng: &Netns, id: u64, via: &str) -> Value {
+    json(&agent_ok(eng, &format!("jobs show {id} --json {via}")))
+}
+
+/// [`show_job`] until the job is in `state`, at most 15 s.
+fn wait_job(eng: &Netns, id: u64, via: &str, state: &str) {
+    retry(Duration::from_secs(15), || {
+        let j = show_job(eng, id, via);
+        if j["state"] == state {
+            Ok(())
+        } else {
+            Err(j.to_string())
         }
-        sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "agent never connected to the relay; last status: {last}\nagent log:\n{}",
-        agent.log_tail(30)
-    );
+    })
+    .unwrap_or_else(|j| panic!("job {id} never {state}: {j}"));
 }
 
 #[test]
 fn jobs_through_the_relay_carry_the_engineers_identity() {
-    let net = Internet::new("war");
-    let relay_ns = net.host("war-relay", RELAY_IP);
-    let router = Router::new(&net, "war-w", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27");
-    let worker = Netns::new("war-wk");
-    router.attach(&worker, "eth0");
-    let eng = net.host("war-eng", "198.51.100.5");
+    let lab = NattedWorker::new("war", Nat::Easy);
+    let relay_ns = lab.net.host("war-relay", RELAY_IP);
+    let (worker, eng) = (&lab.worker, &lab.engineer);
 
     let config = relay_ns.file("relay.toml");
     std::fs::write(&config, RELAY_TOML).unwrap_or_else(|e| panic!("write relay.toml: {e}"));
@@ -109,10 +100,10 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
         )
     };
     let mut agent = worker.spawn_named("agent", &run_line(Some(&wtoken)));
-    let st = wait_connected(&worker, &wstate, &agent);
+    let st = wait_connected(worker, &wstate, &agent);
     assert_eq!(st["relay"]["name"], "w1", "{st}");
     assert_eq!(st["relay"]["relay"], RELAY_ADDR, "{st}");
-    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    let text = agent_ok(worker, &format!("status --state-dir {wstate}"));
     assert!(
         text.contains(&format!("relay: connected to {RELAY_ADDR} as w1")),
         "{text}"
@@ -156,7 +147,7 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
 
     // A GPU job that prints its environment; the log is followed through the relay.
     let submitted = json(&agent_ok(
-        &eng,
+        eng,
         &format!(
             "jobs submit {} --gpus 1 --timeout 2m --env FOO=bar --json -- \
              sh -c 'echo CVD=$CUDA_VISIBLE_DEVICES; echo NVD=$NVIDIA_VISIBLE_DEVICES; echo FOO=$FOO; sleep 1; echo last-line'",
@@ -168,11 +159,8 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     let id = submitted["id"]
         .as_u64()
         .unwrap_or_else(|| panic!("no id: {submitted}"));
-    let log = agent_ok(&eng, &format!("jobs logs {id} --follow {}", via(&alice)));
-    let job = json(&agent_ok(
-        &eng,
-        &format!("jobs show {id} --json {}", via(&alice)),
-    ));
+    let log = agent_ok(eng, &format!("jobs logs {id} --follow {}", via(&alice)));
+    let job = show_job(eng, id, &via(&alice));
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["caller"], "alice", "{job}");
     let uuids = job["gpu_uuids"]
@@ -188,49 +176,24 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     );
 
     // list, history and cancel through the relay.
-    let list = json(&agent_ok(
-        &eng,
-        &format!("jobs list --json {}", via(&alice)),
-    ));
+    let list = json(&agent_ok(eng, &format!("jobs list --json {}", via(&alice))));
     assert!(
         list.as_array()
             .is_some_and(|l| l.iter().any(|j| j["id"] == id && j["caller"] == "alice")),
         "{list}"
     );
     let long = json(&agent_ok(
-        &eng,
+        eng,
         &format!("jobs submit {} --json -- sleep 300", via(&alice)),
     ));
     let long_id = long["id"].as_u64().unwrap_or_else(|| panic!("{long}"));
-    let t0 = Instant::now();
-    loop {
-        let j = json(&agent_ok(
-            &eng,
-            &format!("jobs show {long_id} --json {}", via(&alice)),
-        ));
-        if j["state"] == "running" {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "never ran: {j}");
-        sleep(Duration::from_millis(100));
-    }
+    wait_job(eng, long_id, &via(&alice), "running");
     agent_ok(
-        &eng,
+        eng,
         &format!("jobs cancel {long_id} --json {}", via(&alice)),
     );
-    let t0 = Instant::now();
-    loop {
-        let j = json(&agent_ok(
-            &eng,
-            &format!("jobs show {long_id} --json {}", via(&alice)),
-        ));
-        if j["state"] == "cancelled" {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "not cancelled: {j}");
-        sleep(Duration::from_millis(100));
-    }
-    let hist = json(&agent_ok(&eng, &format!("history --json {}", via(&alice))));
+    wait_job(eng, long_id, &via(&alice), "cancelled");
+    let hist = json(&agent_ok(eng, &format!("history --json {}", via(&alice))));
     assert!(
         hist["jobs"]
             .as_array()
@@ -240,7 +203,7 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
 
     // A local caller on the worker is `@local`, whatever it claims.
     let local = json(&agent_ok(
-        &worker,
+        worker,
         &format!("jobs submit --state-dir {wstate} --json -- true"),
     ));
     assert_eq!(local["caller"], "@local", "{local}");
@@ -248,61 +211,49 @@ fn jobs_through_the_relay_carry_the_engineers_identity() {
     // Refusals, with the relay's reason: a guest may not open `agent` (policy allows it `ssh`
     // only); a worker may not open another worker's agent; an unknown worker does not exist.
     for (who, dir) in [("guest", &gina), ("worker", &w2)] {
-        let (ok, out, err) = agent_cli(&eng, &format!("jobs list --json {}", via(dir)));
+        let (ok, out, err) = agent_cli(eng, &format!("jobs list --json {}", via(dir)));
         assert!(!ok, "{who} reached the agent: {out}");
         assert!(
             err.contains("not allowed by policy") && err.contains("w1"),
             "{who}: {err}"
         );
     }
-    let (ok, _, err) = agent_cli(
-        &eng,
-        &format!("jobs list --worker nope --state-dir {alice}"),
-    );
+    let (ok, _, err) = agent_cli(eng, &format!("jobs list --worker nope --state-dir {alice}"));
     assert!(!ok && err.contains("nope"), "{err}");
 
     // The relay dies hard: `status` shows the agent reconnecting, with why; once the relay is
     // back, connected again, and engineers reach it.
     relay.signal(libc::SIGKILL);
     relay.wait_timeout(Duration::from_secs(5));
-    let t0 = Instant::now();
-    let st = loop {
+    let st = retry(Duration::from_secs(15), || {
         let st = json(&agent_ok(
-            &worker,
+            worker,
             &format!("status --json --state-dir {wstate}"),
         ));
         if st["relay"]["state"] == "reconnecting" {
-            break st;
+            Ok(st)
+        } else {
+            Err(st.to_string())
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "agent never noticed the relay was gone: {st}"
-        );
-        sleep(Duration::from_millis(100));
-    };
+    })
+    .unwrap_or_else(|st| panic!("agent never noticed the relay was gone: {st}"));
     assert!(
         st["relay"]["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{st}"
     );
-    let text = agent_ok(&worker, &format!("status --state-dir {wstate}"));
+    let text = agent_ok(worker, &format!("status --state-dir {wstate}"));
     assert!(text.contains("relay: reconnecting in"), "{text}");
     let mut relay = start_relay(&relay_ns, &rstate, &config.display().to_string());
-    wait_connected(&worker, &wstate, &agent);
-    let job = json(&agent_ok(
-        &eng,
-        &format!("jobs show {id} --json {}", via(&alice)),
-    ));
+    wait_connected(worker, &wstate, &agent);
+    let job = show_job(eng, id, &via(&alice));
     assert_eq!(job["state"], "succeeded", "{job}");
 
     // The agent restarts without a token: the identity in its state dir is enough, and the
     // records are still there.
     agent.kill_term();
     let agent = worker.spawn_named("agent2", &run_line(None));
-    wait_connected(&worker, &wstate, &agent);
-    let job = json(&agent_ok(
-        &eng,
-        &format!("jobs show {id} --json {}", via(&alice)),
-    ));
+    wait_connected(worker, &wstate, &agent);
+    let job = show_job(eng, id, &via(&alice));
     assert_eq!(job["caller"], "alice", "{job}");
     relay.kill_term();
 }

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use weft_tests::traffic::{self, GapMonitor};
 use weft_tests::{
-    connect_full_mesh, link, overlay_node, overlay_v4, overlay_v6, Internet, Nat, Netns, Router,
-    WgGo,
+    link, overlay_node, overlay_v4, overlay_v6, Internet, Nat, Netns, NodePair, Router, WgGo,
 };
 
 #[test]
@@ -74,33 +73,25 @@ fn home_router_nats_out_and_drops_unsolicited_in() {
 
 #[test]
 fn wireguard_go_pair_carries_traffic_and_probes_measure_it() {
-    let net = Internet::new("hw");
-    let a = net.host("hw-a", "203.0.113.10");
-    let b = net.host("hw-b", "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
-    let wa = WgGo::start(&a, &ifs[0]);
-    let wb = WgGo::start(&b, &ifs[1]);
+    let pair = NodePair::start("hw", [51820, 51820], WgGo::start, WgGo::start);
+    let (a, b, wa, wb) = (&pair.a, &pair.b, &pair.na, &pair.nb);
     assert!(traffic::wait_ping(
-        &a,
+        a,
         &overlay_v4(2),
         Duration::from_secs(10)
     ));
     assert!(traffic::wait_ping(
-        &b,
+        b,
         &overlay_v6(1),
         Duration::from_secs(10)
     ));
 
-    let gap_ab = GapMonitor::start(&a, &overlay_v4(2), 0.05);
-    let gap_ba = GapMonitor::start(&b, &overlay_v4(1), 0.05);
-    traffic::tcp_transfer(&a, &b, &overlay_v4(2), 5001, 4).assert_intact("a->b v4");
-    traffic::tcp_transfer(&b, &a, &overlay_v6(1), 5002, 4).assert_intact("b->a v6");
-    let _srv = traffic::iperf3_server(&b, 5201);
-    let ip = traffic::iperf3(&a, &overlay_v4(2), 5201, "-t 2", Duration::from_secs(20));
+    let gap_ab = GapMonitor::start(a, &overlay_v4(2), 0.05);
+    let gap_ba = GapMonitor::start(b, &overlay_v4(1), 0.05);
+    traffic::tcp_transfer(a, b, &overlay_v4(2), 5001, 4).assert_intact("a->b v4");
+    traffic::tcp_transfer(b, a, &overlay_v6(1), 5002, 4).assert_intact("b->a v6");
+    let _srv = traffic::iperf3_server(b, 5201);
+    let ip = traffic::iperf3(a, &overlay_v4(2), 5201, "-t 2", Duration::from_secs(20));
     assert!(ip.received_bps > 0.0);
     let (ab, ba) = (gap_ab.stop(), gap_ba.stop());
     for g in [&ab, &ba] {

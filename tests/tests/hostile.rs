@@ -6,28 +6,19 @@
 use std::time::Duration;
 
 use weft_tests::traffic;
-use weft_tests::{Internet, MeshPair};
+use weft_tests::{MeshNode, NodePair};
 
 #[test]
 fn node_survives_flood_during_transfer() {
-    let net = Internet::new("ho");
-    let MeshPair {
-        mut na,
-        mut nb,
-        a,
-        b,
-        ifs,
-    } = MeshPair::start(&net, "ho");
-    let attacker = net.host("ho-x", "203.0.113.66");
+    let mut pair = NodePair::start("ho", [51820, 51820], MeshNode::start, MeshNode::start);
+    let attacker = pair.net.host("ho-x", "203.0.113.66");
+    let (a, b, ifs) = (&pair.a, &pair.b, &pair.ifs);
+    let (na, nb) = (&mut pair.na, &mut pair.nb);
     let b_ip = ifs[1].ip(false);
-    assert!(
-        traffic::wait_ping(&a, &b_ip, Duration::from_secs(10)),
-        "tunnel never came up:\n{}",
-        na.log_tail(30)
-    );
+    traffic::wait_tunnel(a, &b_ip, na);
 
-    let _srv = traffic::iperf3_server(&b, 5201);
-    let run = traffic::start_iperf3(&a, &b_ip, 5201, "-t 20");
+    let _srv = traffic::iperf3_server(b, 5201);
+    let run = traffic::start_iperf3(a, &b_ip, 5201, "-t 20");
     std::thread::sleep(Duration::from_secs(2));
     let flood = attacker.output(&format!(
         "timeout 120 {} --target 203.0.113.20:51820 --random 100000 --initiations 10000 --rate 10000 --pubkey {}",
@@ -54,11 +45,11 @@ fn node_survives_flood_during_transfer() {
         "no throughput under flood: {iperf:?}"
     );
     assert!(
-        traffic::wait_ping(&a, &b_ip, Duration::from_secs(10)),
+        traffic::wait_ping(a, &b_ip, Duration::from_secs(10)),
         "no ping after the flood:\n{}",
         nb.log_tail(40)
     );
-    assert!(traffic::ping(&a, &b_ip, 5, 0.1, 1).all_ok());
+    assert!(traffic::ping(a, &b_ip, 5, 0.1, 1).all_ok());
     eprintln!(
         "under flood: {:.1} Mbit/s ({flood_out})",
         iperf.received_bps / 1e6

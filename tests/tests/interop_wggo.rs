@@ -5,48 +5,28 @@
 use std::time::Duration;
 
 use weft_tests::traffic;
-use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode, Netns, WgGo};
+use weft_tests::{MeshNode, NodePair, WgGo};
 
-struct Pair {
-    _net: Internet,
-    ours_ns: Netns,
-    theirs_ns: Netns,
-    ours: MeshNode,
-    theirs: WgGo,
-}
+/// Our node in `a`, wireguard-go in `b`.
+type Pair = NodePair<MeshNode, WgGo>;
 
 fn pair(tag: &str) -> Pair {
-    let net = Internet::new(tag);
-    let ours_ns = net.host(tag, "203.0.113.10");
-    let theirs_ns = net.host(tag, "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
-    let ours = MeshNode::start(&ours_ns, &ifs[0]);
-    let theirs = WgGo::start(&theirs_ns, &ifs[1]);
-    Pair {
-        _net: net,
-        ours_ns,
-        theirs_ns,
-        ours,
-        theirs,
-    }
+    NodePair::start(tag, [51820, 51820], MeshNode::start, WgGo::start)
 }
 
 fn check_both_ways(p: &mut Pair, first_from_ours: bool) {
-    let (ours_ip, theirs_ip) = (p.ours.iface.ip(false), p.theirs.iface.ip(false));
+    let (ours, theirs, ours_ns, theirs_ns) = (&mut p.na, &p.nb, &p.a, &p.b);
+    let (ours_ip, theirs_ip) = (ours.iface.ip(false), theirs.iface.ip(false));
     // Nothing has been sent yet (no keepalive): the first packet starts the handshake.
     assert_eq!(
-        p.theirs.latest_handshakes()[0].1,
+        theirs.latest_handshakes()[0].1,
         0,
         "handshake before any traffic"
     );
     let (first_ns, first_dst, second_ns, second_dst) = if first_from_ours {
-        (&p.ours_ns, &theirs_ip, &p.theirs_ns, &ours_ip)
+        (ours_ns, &theirs_ip, theirs_ns, &ours_ip)
     } else {
-        (&p.theirs_ns, &ours_ip, &p.ours_ns, &theirs_ip)
+        (theirs_ns, &ours_ip, ours_ns, &theirs_ip)
     };
     assert!(
         traffic::wait_ping(first_ns, first_dst, Duration::from_secs(10)),
@@ -56,41 +36,34 @@ fn check_both_ways(p: &mut Pair, first_from_ours: bool) {
         } else {
             "wireguard-go"
         },
-        p.ours.log_tail(40),
-        p.theirs.log()
+        ours.log_tail(40),
+        theirs.log()
     );
     assert!(
         traffic::ping(second_ns, second_dst, 5, 0.05, 1).all_ok(),
         "reverse pings lost"
     );
     assert!(
-        p.theirs.latest_handshakes()[0].1 > 0,
+        theirs.latest_handshakes()[0].1 > 0,
         "wireguard-go saw no handshake"
     );
     for v6 in [false, true] {
-        let (o, t) = (p.ours.iface.ip(v6), p.theirs.iface.ip(v6));
+        let (o, t) = (ours.iface.ip(v6), theirs.iface.ip(v6));
+        assert!(traffic::ping(ours_ns, &t, 3, 0.05, 1).all_ok(), "ping {t}");
         assert!(
-            traffic::ping(&p.ours_ns, &t, 3, 0.05, 1).all_ok(),
-            "ping {t}"
-        );
-        assert!(
-            traffic::ping(&p.theirs_ns, &o, 3, 0.05, 1).all_ok(),
+            traffic::ping(theirs_ns, &o, 3, 0.05, 1).all_ok(),
             "ping {o}"
         );
         let base = if v6 { 7100 } else { 7000 };
-        traffic::tcp_transfer(&p.ours_ns, &p.theirs_ns, &t, base + 1, 8)
+        traffic::tcp_transfer(ours_ns, theirs_ns, &t, base + 1, 8)
             .assert_intact(&format!("ours -> wireguard-go {t}"));
-        traffic::tcp_transfer(&p.theirs_ns, &p.ours_ns, &o, base + 2, 8)
+        traffic::tcp_transfer(theirs_ns, ours_ns, &o, base + 2, 8)
             .assert_intact(&format!("wireguard-go -> ours {o}"));
     }
-    assert!(
-        p.ours.is_running(),
-        "our node died:\n{}",
-        p.ours.log_tail(30)
-    );
-    let st = p.ours.status();
+    assert!(ours.is_running(), "our node died:\n{}", ours.log_tail(30));
+    let st = ours.status();
     let peer = st
-        .peer(p.theirs.public_key())
+        .peer(theirs.public_key())
         .expect("wireguard-go peer in status");
     assert_eq!(peer.endpoint.as_deref(), Some("203.0.113.20:51820"));
     assert!(

@@ -22,7 +22,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::managed::{relay_bin, LabRelay as Relay, ManagedNode};
-use weft_tests::traffic::{self, GapMonitor, Pace};
+use weft_tests::traffic::{self, GapMonitor, GapReport, Pace};
 use weft_tests::{bin, Internet, Netns, Proc};
 
 /// `/etc/netns/NS/resolv.conf` pointing at MagicDNS: `ip netns exec` bind-mounts
@@ -54,6 +54,57 @@ fn node(ns: Netns, relay: &Relay, tag: &str, name: &str) -> ManagedNode {
     ManagedNode::start(ns, &relay.token(tag), name)
 }
 
+/// A worker `gpu1` (198.51.100.6) and an engineer `alice` (198.51.100.5) on
+/// one internet segment, joined to a relay, once the engineer has a direct
+/// path to the worker.
+struct DirectPair {
+    // Fields drop in order: the nodes, then the relay, then the internet.
+    e: ManagedNode,
+    w: ManagedNode,
+    relay: Relay,
+    _net: Internet,
+}
+
+fn direct_pair(tag: &str) -> DirectPair {
+    let net = Internet::new(tag);
+    let relay = Relay::start(&net, tag);
+    let w = node(
+        net.host(&format!("{tag}-w"), "198.51.100.6"),
+        &relay,
+        "worker",
+        "gpu1",
+    );
+    let e = node(
+        net.host(&format!("{tag}-e"), "198.51.100.5"),
+        &relay,
+        "engineer",
+        "alice",
+    );
+    e.wait_until(Duration::from_secs(10), "a direct path", |n| {
+        n.endpoint_of(&w.ip).starts_with("198.51.100.6:")
+    });
+    DirectPair {
+        e,
+        w,
+        relay,
+        _net: net,
+    }
+}
+
+/// Pings from the engineer to the worker every 50 ms while `disrupt` runs
+/// (after 1 s of steady traffic); the longest gap, logged as `after`.
+fn gap_while(pair: &DirectPair, after: &str, disrupt: impl FnOnce()) -> GapReport {
+    let gap = GapMonitor::start(&pair.e.ns, &pair.w.ip, 0.05);
+    sleep(Duration::from_secs(1));
+    disrupt();
+    let g = gap.stop();
+    eprintln!(
+        "longest gap after {after}: {:?} ({} of {} replies)",
+        g.max_gap, g.received, g.transmitted
+    );
+    g
+}
+
 /// `socat` client: what the server at `addr` sends, or the error.
 fn fetch(ns: &Netns, target: &str) -> String {
     let out = ns.output(&format!(
@@ -63,12 +114,13 @@ fn fetch(ns: &Netns, target: &str) -> String {
 }
 
 fn banner(ns: &Netns, ip: &str, port: u16, text: &str) -> Proc {
-    let p = ns.spawn_named(
+    ns.spawn_listening(
         "banner",
         &format!("socat TCP-LISTEN:{port},bind={ip},fork,reuseaddr EXEC:'echo {text}'"),
-    );
-    assert!(ns.wait_listen('t', port, Duration::from_secs(5)));
-    p
+        't',
+        port,
+        Duration::from_secs(5),
+    )
 }
 
 fn start_sshd(ns: &Netns, listen: &str) -> (Proc, String) {
@@ -83,11 +135,12 @@ fn start_sshd(ns: &Netns, listen: &str) -> (Proc, String) {
          KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
     );
     std::fs::write(ns.file("sshd_config"), cfg).unwrap_or_else(|e| panic!("{e}"));
-    let p = ns.spawn(&format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"));
-    assert!(
-        ns.wait_listen('t', 22, Duration::from_secs(5)),
-        "sshd did not listen:\n{}",
-        p.log_tail(20)
+    let p = ns.spawn_listening(
+        "sshd",
+        &format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"),
+        't',
+        22,
+        Duration::from_secs(5),
     );
     (p, format!("{d}/id"))
 }
@@ -187,18 +240,8 @@ fn magic_dns_ssh_by_name_acl_and_revocation() {
 
 #[test]
 fn transfer_survives_the_coordinator_and_nodes_reconnect() {
-    let net = Internet::new("mmc");
-    let mut relay = Relay::start(&net, "mmc");
-    let w = node(net.host("mmc-w", "198.51.100.6"), &relay, "worker", "gpu1");
-    let e = node(
-        net.host("mmc-e", "198.51.100.5"),
-        &relay,
-        "engineer",
-        "alice",
-    );
-    e.wait_until(Duration::from_secs(10), "a direct path", |n| {
-        n.endpoint_of(&w.ip).starts_with("198.51.100.6:")
-    });
+    let mut pair = direct_pair("mmc");
+    let (e, w, relay) = (&pair.e, &pair.w, &mut pair.relay);
     // 24 MiB at 4 MiB/s: the relay dies in the middle.
     let pace = Pace {
         tool: bin("weft-pace"),
@@ -242,30 +285,16 @@ fn transfer_survives_the_coordinator_and_nodes_reconnect() {
 
 #[test]
 fn worker_moving_networks_is_reachable_again() {
-    let net = Internet::new("mmr");
-    let relay = Relay::start(&net, "mmr");
-    let w = node(net.host("mmr-w", "198.51.100.6"), &relay, "worker", "gpu1");
-    let e = node(
-        net.host("mmr-e", "198.51.100.5"),
-        &relay,
-        "engineer",
-        "alice",
-    );
-    e.wait_until(Duration::from_secs(10), "a direct path", |n| {
-        n.endpoint_of(&w.ip).starts_with("198.51.100.6:")
-    });
-    let gap = GapMonitor::start(&e.ns, &w.ip, 0.05);
-    sleep(Duration::from_secs(1));
+    let pair = direct_pair("mmr");
     // The worker moves: new address on the other segment, old one gone.
-    w.ns.add_addr("eth0", "203.0.113.60/24");
-    w.ns.del_addr("eth0", "198.51.100.6/24");
-    w.ns.exec("ip route replace default via 203.0.113.1");
-    sleep(Duration::from_secs(8));
-    let g = gap.stop();
-    eprintln!(
-        "longest gap after the move: {:?} ({} of {} replies)",
-        g.max_gap, g.received, g.transmitted
-    );
+    let g = gap_while(&pair, "the move", || {
+        let w = &pair.w;
+        w.ns.add_addr("eth0", "203.0.113.60/24");
+        w.ns.del_addr("eth0", "198.51.100.6/24");
+        w.ns.exec("ip route replace default via 203.0.113.1");
+        sleep(Duration::from_secs(8));
+    });
+    let (e, w) = (&pair.e, &pair.w);
     // Reachable again, and over a direct path to the new address.
     assert!(
         traffic::ping(&e.ns, &w.ip, 3, 0.2, 2).any_ok(),
@@ -288,37 +317,22 @@ fn worker_moving_networks_is_reachable_again() {
 
 #[test]
 fn direct_path_cut_falls_back_to_the_relay() {
-    let net = Internet::new("mmf");
-    let relay = Relay::start(&net, "mmf");
-    let w = node(net.host("mmf-w", "198.51.100.6"), &relay, "worker", "gpu1");
-    let e = node(
-        net.host("mmf-e", "198.51.100.5"),
-        &relay,
-        "engineer",
-        "alice",
-    );
-    e.wait_until(Duration::from_secs(10), "a direct path", |n| {
-        n.endpoint_of(&w.ip).starts_with("198.51.100.6:")
-    });
-    let gap = GapMonitor::start(&e.ns, &w.ip, 0.05);
-    sleep(Duration::from_secs(1));
+    let pair = direct_pair("mmf");
+    let (e, w) = (&pair.e, &pair.w);
     // Something between them starts dropping their direct UDP (the relay still gets through).
-    w.ns.exec(
-        "nft add table inet cut && \
-         nft add chain inet cut in '{ type filter hook input priority 0; policy accept; }' && \
-         nft add rule inet cut in ip saddr 198.51.100.5 meta l4proto udp drop",
-    );
-    e.wait_until(
-        Duration::from_secs(10),
-        "the relay path after the cut",
-        |n| n.endpoint_of(&w.ip) == "relay",
-    );
-    sleep(Duration::from_secs(2));
-    let g = gap.stop();
-    eprintln!(
-        "longest gap after the cut: {:?} ({} of {} replies)",
-        g.max_gap, g.received, g.transmitted
-    );
+    let g = gap_while(&pair, "the cut", || {
+        w.ns.exec(
+            "nft add table inet cut && \
+             nft add chain inet cut in '{ type filter hook input priority 0; policy accept; }' && \
+             nft add rule inet cut in ip saddr 198.51.100.5 meta l4proto udp drop",
+        );
+        e.wait_until(
+            Duration::from_secs(10),
+            "the relay path after the cut",
+            |n| n.endpoint_of(&w.ip) == "relay",
+        );
+        sleep(Duration::from_secs(2));
+    });
     assert!(
         traffic::ping(&e.ns, &w.ip, 3, 0.2, 2).all_ok(),
         "no traffic over the relay"

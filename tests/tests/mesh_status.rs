@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use weft_tests::managed::{LabRelay, ManagedNode, RELAY_ADDR};
-use weft_tests::{Internet, Nat, Netns, Router};
+use weft_tests::{run_cells, Internet, Nat, Netns, Router};
 
 const WORKER_IP: &str = "198.51.100.6";
 
@@ -286,28 +286,10 @@ fn run_cell(cell: Cell, tag: &str) -> Result<(), String> {
 
 #[test]
 fn mesh_status_and_ping() {
-    let results: Vec<(Cell, Result<(), String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = [Cell::PublicPublic, Cell::HardHard]
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| s.spawn(move || (c, run_cell(c, &format!("mst{i}")))))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or((Cell::PublicPublic, Err("cell panicked".into())))
-            })
-            .collect()
-    });
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(c, r)| r.as_ref().err().map(|e| format!("== {c:?}: {e}")))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} cells failed:\n{}",
-        failed.len(),
-        failed.join("\n")
+    run_cells(
+        "mst",
+        &[Cell::PublicPublic, Cell::HardHard],
+        |c| format!("{c:?}"),
+        |c, tag| run_cell(*c, tag),
     );
 }

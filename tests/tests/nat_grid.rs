@@ -17,7 +17,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::managed::{LabRelay, ManagedNode};
-use weft_tests::{Internet, Nat, Netns, Router};
+use weft_tests::{run_cells, Internet, Nat, Netns, Router};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Place {
@@ -263,25 +263,5 @@ fn nat_grid_paths() {
             expect: Expect::Direct,
         },
     ];
-    let results: Vec<(&str, Result<(), String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| s.spawn(move || (c.name, run_cell(c, &format!("ng{i}")))))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or(("?", Err("cell panicked".into()))))
-            .collect()
-    });
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("== {n}: {e}")))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} cells failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    run_cells("ng", &cells, |c| c.name.to_string(), run_cell);
 }

@@ -8,34 +8,27 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::traffic::{self, GapMonitor};
-use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode, WgGo};
+use weft_tests::{MeshNode, NodePair, WgGo};
 
 const SOAK: Duration = Duration::from_secs(390);
 
 #[test]
 fn rekeys_under_continuous_traffic_without_gaps() {
-    let net = Internet::new("rk");
-    let a = net.host("rk", "203.0.113.10");
-    let b = net.host("rk", "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51820)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-    );
-    let mut ours = MeshNode::start(&a, &ifs[0]);
-    let theirs = WgGo::start(&b, &ifs[1]);
+    let mut pair = NodePair::start("rk", [51820, 51820], MeshNode::start, WgGo::start);
+    let (a, b, ifs) = (&pair.a, &pair.b, &pair.ifs);
+    let (ours, theirs) = (&mut pair.na, &pair.nb);
     let (ours_ip, theirs_ip) = (ifs[0].ip(false), ifs[1].ip(false));
     assert!(
-        traffic::wait_ping(&a, &theirs_ip, Duration::from_secs(10)),
+        traffic::wait_ping(a, &theirs_ip, Duration::from_secs(10)),
         "tunnel never came up:\n{}",
         ours.log_tail(40)
     );
 
-    let gap_ab = GapMonitor::start(&a, &theirs_ip, 0.05);
-    let gap_ba = GapMonitor::start(&b, &ours_ip, 0.05);
-    let _srv = traffic::iperf3_server(&b, 5201);
+    let gap_ab = GapMonitor::start(a, &theirs_ip, 0.05);
+    let gap_ba = GapMonitor::start(b, &ours_ip, 0.05);
+    let _srv = traffic::iperf3_server(b, 5201);
     let secs = SOAK.as_secs() - 5;
-    let stream = traffic::start_iperf3(&a, &theirs_ip, 5201, &format!("-t {secs} -b 2M --bidir"));
+    let stream = traffic::start_iperf3(a, &theirs_ip, 5201, &format!("-t {secs} -b 2M --bidir"));
 
     let start = Instant::now();
     let mut theirs_seen = BTreeSet::new();

@@ -7,34 +7,25 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::traffic::{self, GapMonitor, Pace};
-use weft_tests::{Internet, MeshPair};
+use weft_tests::{MeshNode, NodePair};
 
 #[test]
 fn transfer_survives_peer_address_change() {
-    let net = Internet::new("ro");
-    let MeshPair {
-        mut na,
-        mut nb,
-        a,
-        b,
-        ifs,
-    } = MeshPair::start(&net, "ro");
+    let mut pair = NodePair::start("ro", [51820, 51820], MeshNode::start, MeshNode::start);
+    let (a, b, ifs) = (&pair.a, &pair.b, &pair.ifs);
+    let (na, nb) = (&mut pair.na, &mut pair.nb);
     let (a_ip, b_ip) = (ifs[0].ip(false), ifs[1].ip(false));
-    assert!(
-        traffic::wait_ping(&a, &b_ip, Duration::from_secs(10)),
-        "tunnel never came up:\n{}",
-        na.log_tail(30)
-    );
-    assert!(traffic::wait_ping(&b, &a_ip, Duration::from_secs(10)));
+    traffic::wait_tunnel(a, &b_ip, na);
+    assert!(traffic::wait_ping(b, &a_ip, Duration::from_secs(10)));
 
-    let gap_ab = GapMonitor::start(&a, &b_ip, 0.05);
-    let gap_ba = GapMonitor::start(&b, &a_ip, 0.05);
+    let gap_ab = GapMonitor::start(a, &b_ip, 0.05);
+    let gap_ba = GapMonitor::start(b, &a_ip, 0.05);
     // 24 MiB at 4 MiB/s: about 6 s, so the move happens mid-transfer.
     let pace = Pace {
         tool: env!("CARGO_BIN_EXE_weft-pace").into(),
         bytes_per_sec: 4 << 20,
     };
-    let run = traffic::start_transfer(&a, &b, &b_ip, 6001, 24 << 20, Some(&pace));
+    let run = traffic::start_transfer(a, b, &b_ip, 6001, 24 << 20, Some(&pace));
     let t0 = Instant::now();
     while run.received_so_far() < 4 << 20 && t0.elapsed() < Duration::from_secs(10) {
         sleep(Duration::from_millis(50));

@@ -8,29 +8,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use weft_tests::traffic;
-use weft_tests::{connect_full_mesh, overlay_node, Internet, MeshNode, Netns, WgGo};
-
-struct Lab {
-    net: Internet,
-    a: Netns,
-    b: Netns,
-    na: MeshNode,
-    nb: MeshNode,
-}
+use weft_tests::{overlay_node, MeshNode, Netns, NodePair, WgGo};
 
 /// Two of our nodes, A (203.0.113.10) and B (203.0.113.20), peers of each other.
+type Lab = NodePair<MeshNode, MeshNode>;
+
 fn lab(tag: &str) -> Lab {
-    let net = Internet::new(tag);
-    let a = net.host(tag, "203.0.113.10");
-    let b = net.host(tag, "203.0.113.20");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51821)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51821".into()],
-    );
-    let na = MeshNode::start(&a, &ifs[0]);
-    let nb = MeshNode::start(&b, &ifs[1]);
-    Lab { net, a, b, na, nb }
+    NodePair::start(tag, [51820, 51821], MeshNode::start, MeshNode::start)
 }
 
 fn set_of(csv: &str) -> BTreeSet<String> {

@@ -3,32 +3,12 @@
 //! client prints the reason and exits non-zero.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use weft_tests::Proc;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tunnel-relay");
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("WEFT_LOG", "warn")
-        .output()
-        .unwrap_or_else(|e| panic!("run tunnel-relay {args:?}: {e}"))
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "tunnel-relay {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod relay_bin;
+use relay_bin::{create, echo_worker, ok, run, spawn_connect, start_serve};
 
 fn refused(args: &[&str], reason: &str) {
     let out = run(args);
@@ -40,40 +20,12 @@ fn refused(args: &[&str], reason: &str) {
     );
 }
 
-fn start_serve(state: &Path, log: &Path) -> (Proc, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state);
-    let p = Proc::spawn("relay", cmd, log);
-    let t0 = Instant::now();
-    let addr_file = state.join("listen.addr");
-    loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            if !a.trim().is_empty() {
-                return (p, a.trim().to_string());
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "relay did not start: {}",
-            p.log_tail(20)
-        );
-        sleep(Duration::from_millis(20));
-    }
-}
-
-fn create(state: &str, extra: &[&str]) -> String {
-    let mut args = vec!["token", "create", "--state-dir", state];
-    args.extend_from_slice(extra);
-    ok(&args).trim().to_string()
-}
-
 #[test]
 fn operator_commands_and_refusal_reasons() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let state = tmp.path().join("relay");
     let st = state.to_str().unwrap_or_else(|| panic!("utf-8 path"));
-    let (mut relay, addr) = start_serve(&state, &tmp.path().join("relay.log"));
+    let (mut relay, addr) = start_serve(&state, &[], &tmp.path().join("relay.log"));
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
 
     // Identity is private.
@@ -155,35 +107,11 @@ fn operator_commands_and_refusal_reasons() {
     );
 
     // A worker from the CLI; the engineer reaches a local echo through it.
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let echo_addr = echo.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    std::thread::spawn(move || {
-        for s in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s;
-                let mut w = r.try_clone().unwrap_or_else(|e| panic!("{e}"));
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    let wtok = create(st, &["--tag", "worker", "--uses", "1"]);
-    let wdir = tmp.path().join("w");
-    let mut cmd = Command::new(BIN);
-    cmd.args(["expose", "--token", &wtok, "--name", "w", "--state-dir"])
-        .arg(&wdir)
-        .args(["--service", &format!("echo={echo_addr}")]);
-    let _worker = Proc::spawn("worker", cmd, &tmp.path().join("worker.log"));
+    let (_worker, wtok) = echo_worker(st, tmp.path(), &["--uses", "1"]);
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let t0 = Instant::now();
     let got = loop {
-        let mut child = Command::new(BIN)
-            .args(["connect", "w", "echo", "--state-dir", e1s])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut child = spawn_connect(e1s, "w", "echo", Stdio::piped());
         if let Some(mut stdin) = child.stdin.take() {
             let p = payload.clone();
             std::thread::spawn(move || {

@@ -4,27 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use weft_tests::Proc;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tunnel-relay");
-
-fn tool(args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("WEFT_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tunnel-relay {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+mod relay_bin;
+use relay_bin::{create, echo_worker, ok, spawn_connect, start_serve};
 
 /// The value of one metric line `NAME VALUE` from the relay's /metrics.
 fn metric(addr: &str, name: &str) -> Option<f64> {
@@ -54,44 +39,21 @@ fn sighup_closes_the_session_at_once() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        &metrics,
-        "--state-dir",
-        st,
-    ]);
-    let mut relay = Proc::spawn("relay", cmd, &tmp.path().join("relay.log"));
+    let (mut relay, _addr) = start_serve(
+        &state,
+        &["--metrics", &metrics],
+        &tmp.path().join("relay.log"),
+    );
     wait_for("the relay", Duration::from_secs(10), || {
-        std::fs::read_to_string(state.join("listen.addr")).is_ok_and(|a| !a.trim().is_empty())
-            && metric(&metrics, "weft_relay_open_tunnels").is_some()
+        metric(&metrics, "weft_relay_open_tunnels").is_some()
     });
 
     // A worker exposing a local echo service.
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s;
-                let mut w = r.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut w);
-            });
-        }
-    });
-    let wtok = tool(&["token", "create", "--state-dir", st, "--tag", "worker"]);
-    let mut cmd = Command::new(BIN);
-    cmd.args(["expose", "--token", &wtok, "--name", "w", "--state-dir"])
-        .arg(tmp.path().join("w"))
-        .args(["--service", &format!("echo={echo_addr}")]);
-    let _worker = Proc::spawn("worker", cmd, &tmp.path().join("worker.log"));
-    let etok = tool(&["token", "create", "--state-dir", st, "--tag", "engineer"]);
+    let (_worker, _) = echo_worker(st, tmp.path(), &[]);
+    let etok = create(st, &["--tag", "engineer"]);
     let edir = tmp.path().join("e");
     let edir_s = edir.to_str().unwrap();
-    tool(&[
+    ok(&[
         "login",
         "--token",
         &etok,
@@ -105,13 +67,7 @@ fn sighup_closes_the_session_at_once() {
     });
 
     // An open session: stdin stays open, one echo round trip proves the tunnel.
-    let mut child = Command::new(BIN)
-        .args(["connect", "w", "echo", "--state-dir", edir_s])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_connect(edir_s, "w", "echo", Stdio::null());
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = child.stdout.take().unwrap();
     stdin.write_all(b"ping\n").unwrap();

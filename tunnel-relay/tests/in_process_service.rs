@@ -3,66 +3,16 @@
 //! the opener's relay-authenticated name; bytes flow both ways with FIN; the link state is
 //! published; a handler that is gone refuses with its reason; TCP services still work beside it.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tunnel_relay::client::{self, ExposeOptions, IncomingStream};
 use tunnel_relay::link::LinkState;
-use tunnel_relay::registry::{unix_now, Registry};
-use tunnel_relay::{ClientError, Reason, Relay, RelayConfig, ServeOptions, Token};
+use tunnel_relay::{ClientError, Reason, RelayConfig};
 
-struct Lab {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    key: tunnel_relay::PublicKey,
-    _stop: oneshot::Sender<()>,
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
-}
-
-async fn relay() -> Lab {
-    let dir = tmp();
-    let relay = Relay::bind(ServeOptions {
-        listen: "127.0.0.1:0".parse().unwrap_or_else(|_| panic!()),
-        state_dir: dir.path().to_path_buf(),
-        config: RelayConfig::default(),
-    })
-    .unwrap_or_else(|e| panic!("bind relay: {e}"));
-    let addr = relay.local_addr().unwrap_or_else(|| panic!("relay addr"));
-    let key = relay.public_key();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = relay
-            .run(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    Lab {
-        dir,
-        addr,
-        key,
-        _stop: tx,
-    }
-}
-
-impl Lab {
-    fn token(&self, tag: &str) -> Token {
-        let mut reg = Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"));
-        let (secret, _) = reg
-            .create_token(tag, None, Some(1), unix_now())
-            .unwrap_or_else(|e| panic!("token: {e}"));
-        Token {
-            relay_addrs: vec![self.addr.to_string()],
-            relay_key: self.key,
-            secret,
-        }
-    }
-}
+mod relay_lab;
+use relay_lab::{start_relay, tmp};
 
 async fn wait_connected(link: &mut watch::Receiver<LinkState>) -> LinkState {
     let got = tokio::time::timeout(
@@ -94,12 +44,12 @@ async fn open(eng: &Path, service: &str) -> Result<(Vec<u8>, String), ClientErro
 
 #[tokio::test]
 async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
-    let lab = relay().await;
+    let lab = start_relay(RelayConfig::default()).await;
     let wdir = tmp();
     let (tx, mut rx) = mpsc::channel::<IncomingStream>(4);
     let (link_tx, mut link) = watch::channel(LinkState::Connecting { attempt: 1 });
     let mut opts = ExposeOptions::new(wdir.path().to_path_buf(), "w".into(), Vec::new());
-    opts.token = Some(lab.token("worker"));
+    opts.token = Some(lab.token("worker", None, Some(1)));
     opts.handlers.insert("api".into(), tx);
     opts.link = Some(link_tx);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -136,7 +86,7 @@ async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
     });
 
     let eng = tmp();
-    client::login(eng.path(), &lab.token("engineer"), "alice")
+    client::login(eng.path(), &lab.token("engineer", None, Some(1)), "alice")
         .await
         .unwrap_or_else(|e| panic!("login: {e}"));
     let (got, _) = open(eng.path(), "api")
@@ -165,14 +115,14 @@ async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
 
 #[tokio::test]
 async fn a_refused_worker_publishes_the_reason() {
-    let lab = relay().await;
+    let lab = start_relay(RelayConfig::default()).await;
     let wdir = tmp();
     let (link_tx, link) = watch::channel(LinkState::Connecting { attempt: 1 });
     let mut opts = ExposeOptions::new(wdir.path().to_path_buf(), "w".into(), Vec::new());
     // A secret this relay never issued (another relay's): refused for good.
-    let mut tok = lab.token("worker");
-    let other = relay().await;
-    tok.secret = other.token("worker").secret;
+    let mut tok = lab.token("worker", None, Some(1));
+    let other = start_relay(RelayConfig::default()).await;
+    tok.secret = other.token("worker", None, Some(1)).secret;
     opts.token = Some(tok);
     opts.link = Some(link_tx);
     let res = tokio::time::timeout(

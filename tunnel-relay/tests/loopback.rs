@@ -13,132 +13,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tunnel_relay::client::{self, ExposeOptions};
-use tunnel_relay::registry::{unix_now, Registry};
+use tunnel_relay::registry::Registry;
 use tunnel_relay::ClientError;
 use tunnel_relay::{PublicKey, Reason, Relay, RelayConfig, ServeOptions, Token};
 
-struct RelayLab {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    metrics: Option<SocketAddr>,
-    stun: Option<SocketAddr>,
-    key: PublicKey,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
-}
-
-async fn start_relay_in(
-    dir: tempfile::TempDir,
-    listen: SocketAddr,
-    config: RelayConfig,
-) -> RelayLab {
-    // A relay restarted in-process on its old port may find the previous
-    // endpoint's socket still draining for a moment: retry the bind briefly.
-    let t0 = std::time::Instant::now();
-    let relay = loop {
-        match Relay::bind(ServeOptions {
-            listen,
-            state_dir: dir.path().to_path_buf(),
-            config: config.clone(),
-        }) {
-            Ok(r) => break r,
-            Err(e) if t0.elapsed() > Duration::from_secs(5) => panic!("bind relay: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let addr = relay
-        .local_addr()
-        .unwrap_or_else(|| panic!("relay address"));
-    let key = relay.public_key();
-    let metrics = relay.metrics_addr();
-    let stun = relay.stun_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = relay
-            .run(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    RelayLab {
-        dir,
-        addr,
-        metrics,
-        stun,
-        key,
-        stop: Some(tx),
-        task: Some(task),
-    }
-}
-
-async fn start_relay(config: RelayConfig) -> RelayLab {
-    start_relay_in(
-        tmp(),
-        "127.0.0.1:0".parse().unwrap_or_else(|_| panic!()),
-        config,
-    )
-    .await
-}
-
-impl RelayLab {
-    fn token(&self, tag: &str, ttl: Option<Duration>, uses: Option<u64>) -> Token {
-        let mut reg = Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"));
-        let (secret, _id) = reg
-            .create_token(tag, ttl, uses, unix_now())
-            .unwrap_or_else(|e| panic!("create token: {e}"));
-        Token {
-            relay_addrs: vec![self.addr.to_string()],
-            relay_key: self.key,
-            secret,
-        }
-    }
-
-    fn registry(&self) -> Registry {
-        Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"))
-    }
-
-    /// Graceful stop (announces a restart to clients); returns the state dir.
-    async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-        let dir = tmp();
-        std::mem::replace(&mut self.dir, dir)
-    }
-}
-
-impl Drop for RelayLab {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-/// TCP echo until EOF, then FIN.
-async fn echo_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind echo: {e}"));
-    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
+mod relay_lab;
+use relay_lab::{
+    echo_service, relay_path_delivers, sample, scrape, start_relay, start_relay_in, tmp,
+    with_metrics, RelayLab,
+};
 
 /// Writes a banner and FINs at once, then counts what arrives until EOF and
 /// reports the count on the channel.
@@ -250,19 +133,29 @@ async fn wait_target(eng: &Path, target: &str, within: Duration) -> Duration {
     }
 }
 
+/// Worker `name` exposing `services`, joined with a fresh worker token, once
+/// the engineer whose state is in `eng` sees it listed.
+async fn connected_worker(
+    lab: &RelayLab,
+    eng: &Path,
+    name: &str,
+    services: &[(&str, String)],
+) -> Worker {
+    let w = start_worker(Some(lab.token("worker", None, None)), tmp(), name, services);
+    wait_target(eng, name, Duration::from_secs(5)).await;
+    w
+}
+
 /// Worker `w` exposing a local echo service as `echo`, and engineer `e`
-/// logged in, once `w` is reachable.
-async fn echo_worker_and_engineer(lab: &RelayLab) -> (Worker, tempfile::TempDir) {
+/// logged in (its state dir and a session), once `w` is reachable.
+async fn echo_worker_and_engineer(lab: &RelayLab) -> (Worker, tempfile::TempDir, client::Session) {
     let echo = echo_service().await;
-    let w = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w",
-        &[("echo", echo.to_string())],
-    );
     let eng = engineer(lab, "e").await;
-    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
-    (w, eng)
+    let w = connected_worker(lab, eng.path(), "w", &[("echo", echo.to_string())]).await;
+    let s = client::session(eng.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (w, eng, s)
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -298,6 +191,14 @@ fn reason_of(e: &ClientError) -> Option<Reason> {
         ClientError::Rejected(r) => Some(r.reason),
         _ => None,
     }
+}
+
+/// Asserts that `r` is a refusal by the relay for `want`; the error.
+#[track_caller]
+fn assert_refused<T>(r: Result<T, ClientError>, want: Reason) -> ClientError {
+    let e = r.err();
+    assert_eq!(e.as_ref().and_then(reason_of), Some(want), "{e:?}");
+    e.unwrap_or_else(|| unreachable!("checked above"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,14 +273,8 @@ async fn reset_propagates_to_the_other_side() {
             drop(s);
         }
     });
-    let _w = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w",
-        &[("rst", addr.to_string())],
-    );
     let eng = engineer(&lab, "eng").await;
-    wait_target(eng.path(), "w", Duration::from_secs(5)).await;
+    let _w = connected_worker(&lab, eng.path(), "w", &[("rst", addr.to_string())]).await;
     let s = client::session(eng.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -405,25 +300,18 @@ async fn refusals_carry_their_reason() {
 
     // Expired token.
     let expired = lab.token("engineer", Some(Duration::ZERO), None);
-    let e = client::login(tmp().path(), &expired, "x1").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenExpired),
-        "{e:?}"
+    let e = assert_refused(
+        client::login(tmp().path(), &expired, "x1").await,
+        Reason::TokenExpired,
     );
-    assert!(e
-        .map(|e| e.to_string())
-        .unwrap_or_default()
-        .contains("token expired"));
+    assert!(e.to_string().contains("token expired"));
 
     // Used up: one use, second key refused.
     let once = lab.token("engineer", None, Some(1));
     assert!(client::login(tmp().path(), &once, "x2").await.is_ok());
-    let e = client::login(tmp().path(), &once, "x3").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenUsedUp),
-        "{e:?}"
+    assert_refused(
+        client::login(tmp().path(), &once, "x3").await,
+        Reason::TokenUsedUp,
     );
 
     // Revoked.
@@ -432,11 +320,9 @@ async fn refusals_carry_their_reason() {
     lab.registry()
         .revoke_token(&id)
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = client::login(tmp().path(), &rv, "x4").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenRevoked),
-        "{e:?}"
+    assert_refused(
+        client::login(tmp().path(), &rv, "x4").await,
+        Reason::TokenRevoked,
     );
 
     // Unknown token (right relay, secret never issued).
@@ -444,11 +330,9 @@ async fn refusals_carry_their_reason() {
         secret: tunnel_relay::secret::Secret::random(),
         ..once.clone()
     };
-    let e = client::login(tmp().path(), &unknown, "x5").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::TokenUnknown),
-        "{e:?}"
+    assert_refused(
+        client::login(tmp().path(), &unknown, "x5").await,
+        Reason::TokenUnknown,
     );
 
     // Unknown key: a fresh identity that knows the relay but never joined.
@@ -459,20 +343,10 @@ async fn refusals_carry_their_reason() {
         stranger.path().join("relay.json"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let e = client::session(stranger.path()).await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::KeyUnknown),
-        "{e:?}"
-    );
+    assert_refused(client::session(stranger.path()).await, Reason::KeyUnknown);
 
     // Policy: a worker may open nothing, not even another worker.
-    let _w1 = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w1",
-        &[("echo", echo.to_string())],
-    );
+    let _w1 = connected_worker(&lab, known.path(), "w1", &[("echo", echo.to_string())]).await;
     let w2dir = tmp();
     let w2tok = lab.token("worker", None, None);
     let mut w2state = client::ClientState::open(w2dir.path()).unwrap_or_else(|e| panic!("{e}"));
@@ -485,17 +359,8 @@ async fn refusals_carry_their_reason() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    wait_target(known.path(), "w1", Duration::from_secs(5)).await;
-    let e = w2.open("w1", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NotAllowed),
-        "{e:?}"
-    );
-    assert!(e
-        .map(|e| e.to_string())
-        .unwrap_or_default()
-        .contains("not allowed by policy"));
+    let e = assert_refused(w2.open("w1", "echo").await, Reason::NotAllowed);
+    assert!(e.to_string().contains("not allowed by policy"));
 
     // Policy: a tag without a rule.
     let guest = tmp();
@@ -505,65 +370,29 @@ async fn refusals_carry_their_reason() {
     let g = client::session(guest.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = g.open("w1", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NotAllowed),
-        "{e:?}"
-    );
+    assert_refused(g.open("w1", "echo").await, Reason::NotAllowed);
 
     // Engineer: wrong node, wrong service, service down.
     let s = client::session(known.path())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = s.open("nope", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NoSuchNode),
-        "{e:?}"
-    );
-    let e = s.open("w1", "ftp").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NoSuchService),
-        "{e:?}"
-    );
+    assert_refused(s.open("nope", "echo").await, Reason::NoSuchNode);
+    assert_refused(s.open("w1", "ftp").await, Reason::NoSuchService);
     let closed = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let dead = closed.local_addr().unwrap_or_else(|e| panic!("{e}"));
     drop(closed);
-    let _w3 = start_worker(
-        Some(lab.token("worker", None, None)),
-        tmp(),
-        "w3",
-        &[("down", dead.to_string())],
-    );
-    wait_target(known.path(), "w3", Duration::from_secs(5)).await;
-    let e = s.open("w3", "down").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::ServiceUnavailable),
-        "{e:?}"
-    );
+    let _w3 = connected_worker(&lab, known.path(), "w3", &[("down", dead.to_string())]).await;
+    assert_refused(s.open("w3", "down").await, Reason::ServiceUnavailable);
 
     // The same session still works, then revocation applies to the next tunnel.
     assert_eq!(echo_through(&s, "w1", b"still fine").await, b"still fine");
     lab.registry()
         .revoke_node("known")
         .unwrap_or_else(|e| panic!("{e}"));
-    let e = s.open("w1", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NodeRevoked),
-        "{e:?}"
-    );
-    let e = client::session(known.path()).await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::NodeRevoked),
-        "{e:?}"
-    );
+    assert_refused(s.open("w1", "echo").await, Reason::NodeRevoked);
+    assert_refused(client::session(known.path()).await, Reason::NodeRevoked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,12 +415,8 @@ async fn client_refuses_a_relay_with_another_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_tunnels_echo_every_byte() {
     let lab = start_relay(RelayConfig::default()).await;
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = std::sync::Arc::new(
-        client::session(eng.path())
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
+    let s = std::sync::Arc::new(s);
     let mut tasks = Vec::new();
     for i in 0..500usize {
         let s = s.clone();
@@ -669,18 +494,10 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
     let mut config = RelayConfig::default();
     config.limits.max_streams_per_node = 2;
     let lab = start_relay(config).await;
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
     let a = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
     let _b = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
-    let e = s.open("w", "echo").await.err();
-    assert_eq!(
-        e.as_ref().and_then(reason_of),
-        Some(Reason::LimitExceeded),
-        "{e:?}"
-    );
+    assert_refused(s.open("w", "echo").await, Reason::LimitExceeded);
     // Closing one tunnel (both directions) frees its slot.
     let (mut send, mut recv) = a;
     let _ = send.finish();
@@ -701,9 +518,8 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_dropped_after_the_handshake_timeout() {
-    let mut config = RelayConfig::default();
+    let mut config = with_metrics(RelayConfig::default());
     config.limits.handshake_timeout_ms = 300;
-    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!()));
     let lab = start_relay(config).await;
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap_or_else(|_| panic!()))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -735,42 +551,11 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
     );
 }
 
-/// `GET /metrics` over a plain TCP connection; the body.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("metrics connect: {e}"));
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    out
-}
-
-/// The value of the sample whose line starts with `series ` (0 if absent).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
-    let config = RelayConfig {
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
-        ..RelayConfig::default()
-    };
-    let lab = start_relay(config).await;
+    let lab = start_relay(with_metrics(RelayConfig::default())).await;
     let maddr = lab.metrics.unwrap_or_else(|| panic!("metrics enabled"));
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
     let data = random_bytes(1 << 20);
     assert!(echo_through(&s, "w", &data).await == data);
     let e = client::login(
@@ -817,10 +602,7 @@ async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_connected_nodes_closes_them_without_waiting_for_an_open() {
     let lab = start_relay(RelayConfig::default()).await;
-    let (mut w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut w, _eng, s) = echo_worker_and_engineer(&lab).await;
     // A tunnel open through the worker while it is revoked.
     let (mut send, mut recv) = s.open("w", "echo").await.unwrap_or_else(|e| panic!("{e}"));
     send.write_all(b"before")
@@ -908,10 +690,7 @@ async fn operator_certificate_is_served_and_a_wrong_key_is_refused() {
 
     config.tls.key_file = Some(key);
     let lab = start_relay(config).await;
-    let (_w, eng) = echo_worker_and_engineer(&lab).await;
-    let s = client::session(eng.path())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
     let data = random_bytes(64 << 10);
     assert!(echo_through(&s, "w", &data).await == data);
     // The relay presented the operator's certificate, not a self-signed one.
@@ -988,12 +767,13 @@ async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
     }
 
     // Replies flow back (the worker may not open tunnels, but may answer).
-    pw1.send(&ek, b"reply").unwrap_or_else(|e| panic!("{e}"));
-    let (from, p) = tokio::time::timeout(Duration::from_secs(3), pe.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no reply through the relay"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((from, &p[..]), (w1k, &b"reply"[..]));
+    relay_path_delivers(
+        (&pw1, w1k),
+        (&pe, ek),
+        b"reply",
+        "no reply through the relay",
+    )
+    .await;
 
     // Worker -> worker is dropped by the relay; unknown keys too.
     pw1.send(&w2k, b"lateral").unwrap_or_else(|e| panic!("{e}"));
@@ -1002,12 +782,13 @@ async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
     let r = tokio::time::timeout(Duration::from_millis(500), pw2.recv()).await;
     assert!(r.is_err(), "a worker reached another worker: {r:?}");
     // ... while the engineer still reaches w2.
-    pe.send(&w2k, b"hi w2").unwrap_or_else(|e| panic!("{e}"));
-    let (from, p) = tokio::time::timeout(Duration::from_secs(3), pw2.recv())
-        .await
-        .unwrap_or_else(|_| panic!("engineer did not reach w2"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((from, &p[..]), (ek, &b"hi w2"[..]));
+    relay_path_delivers(
+        (&pe, ek),
+        (&pw2, w2k),
+        b"hi w2",
+        "engineer did not reach w2",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

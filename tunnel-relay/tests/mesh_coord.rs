@@ -6,121 +6,19 @@
 //! single deltas; call-me-maybe reaches only permitted peers; revocation,
 //! disconnects and relay restarts show up in every peer map.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tunnel_relay::coord::wire::{read_control, write_control, ControlMsg, MAX_CONTROL_FRAME};
 use tunnel_relay::coord::{Candidate, CandidateKind, PeerMap};
-use tunnel_relay::registry::{unix_now, Registry};
 use tunnel_relay::wire::{read_message, write_message, Message};
 use tunnel_relay::{
-    client, ClientError, LinkState, MeshEvent, MeshSession, PublicKey, Reason, Relay, RelayConfig,
-    ServeOptions, Token,
+    client, ClientError, LinkState, MeshEvent, MeshSession, PublicKey, Reason, RelayConfig,
 };
 
-struct RelayLab {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    key: PublicKey,
-    stun: Option<SocketAddr>,
-    metrics: Option<SocketAddr>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
-}
-
-async fn start_relay_in(dir: tempfile::TempDir, listen: SocketAddr) -> RelayLab {
-    start_relay_with(dir, listen, RelayConfig::default()).await
-}
-
-async fn start_relay_with(
-    dir: tempfile::TempDir,
-    listen: SocketAddr,
-    config: RelayConfig,
-) -> RelayLab {
-    // A relay restarted on its old port may find the previous socket still
-    // draining for a moment: retry the bind briefly.
-    let t0 = Instant::now();
-    let relay = loop {
-        match Relay::bind(ServeOptions {
-            listen,
-            state_dir: dir.path().to_path_buf(),
-            config: config.clone(),
-        }) {
-            Ok(r) => break r,
-            Err(e) if t0.elapsed() > Duration::from_secs(5) => panic!("bind relay: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let addr = relay.local_addr().unwrap_or_else(|| panic!("relay addr"));
-    let key = relay.public_key();
-    let stun = relay.stun_addr();
-    let metrics = relay.metrics_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = relay
-            .run(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
-    RelayLab {
-        dir,
-        addr,
-        key,
-        stun,
-        metrics,
-        stop: Some(tx),
-        task: Some(task),
-    }
-}
-
-async fn start_relay() -> RelayLab {
-    let listen = "127.0.0.1:0".parse().unwrap_or_else(|_| panic!("addr"));
-    start_relay_in(tmp(), listen).await
-}
-
-impl RelayLab {
-    fn registry(&self) -> Registry {
-        Registry::open(self.dir.path()).unwrap_or_else(|e| panic!("registry: {e}"))
-    }
-
-    fn token(&self, tag: &str) -> Token {
-        let (secret, _) = self
-            .registry()
-            .create_token(tag, None, None, unix_now())
-            .unwrap_or_else(|e| panic!("token: {e}"));
-        Token {
-            relay_addrs: vec![self.addr.to_string()],
-            relay_key: self.key,
-            secret,
-        }
-    }
-
-    /// Graceful stop; returns the state dir.
-    async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-        std::mem::replace(&mut self.dir, tmp())
-    }
-}
-
-impl Drop for RelayLab {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
+mod relay_lab;
+use relay_lab::{
+    relay_path_delivers, sample, scrape, start_relay, start_relay_in, tmp, with_metrics, RelayLab,
+};
 
 fn cand(s: &str) -> Candidate {
     Candidate {
@@ -137,7 +35,7 @@ async fn node(
     endpoints: Vec<Candidate>,
 ) -> (MeshSession, tempfile::TempDir) {
     let dir = tmp();
-    let tok = lab.token(tag);
+    let tok = lab.token(tag, None, None);
     let s = MeshSession::connect(dir.path(), Some(&tok), name, endpoints)
         .await
         .unwrap_or_else(|e| panic!("mesh join {name}: {e}"));
@@ -173,12 +71,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
-    let config = RelayConfig {
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
-        ..RelayConfig::default()
-    };
-    let listen = "127.0.0.1:0".parse().unwrap_or_else(|_| panic!("addr"));
-    let lab = start_relay_with(tmp(), listen, config).await;
+    let lab = start_relay(with_metrics(RelayConfig::default())).await;
     let (w1, _d1) = node(&lab, "worker", "gpu1", vec![cand("192.0.2.1:51820")]).await;
     let (mut w2, _d2) = node(&lab, "worker", "gpu2", vec![]).await;
     let (mut e, _de) = node(&lab, "engineer", "Alice.Laptop", vec![]).await;
@@ -273,17 +166,13 @@ async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
     assert_eq!(sample(&m, &format!("{cmm}\"refused\"}}")), 1.0, "{m}");
 
     // The relay path on the same connection: engineer -> worker packets.
-    let (pe, pw1) = (
-        e.relay_path().unwrap_or_else(|| panic!("no relay path")),
-        w1.relay_path().unwrap_or_else(|| panic!("no relay path")),
-    );
-    pe.send(&w1.public_key(), b"wireguard packet")
-        .unwrap_or_else(|er| panic!("send: {er}"));
-    let (from, p) = tokio::time::timeout(3 * SEC, pw1.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no packet through the relay path"))
-        .unwrap_or_else(|er| panic!("{er}"));
-    assert_eq!((from, &p[..]), (e.public_key(), &b"wireguard packet"[..]));
+    mesh_relay_path_delivers(
+        &e,
+        &w1,
+        b"wireguard packet",
+        "no packet through the relay path",
+    )
+    .await;
 
     // A third worker: exactly one delta at the engineer, none at the workers.
     let (ve, vw1, vw2) = (
@@ -314,29 +203,33 @@ async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
     .await;
 }
 
-/// `GET /metrics` over a plain TCP connection; the response.
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
+/// A mesh control stream opened by hand on `conn`: `MeshJoin` (no version, no
+/// endpoints) written, `MeshAccepted` read; the stream.
+async fn raw_mesh_join(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap_or_else(|er| panic!("{er}"));
+    write_message(
+        &mut send,
+        &Message::MeshJoin {
+            since: None,
+            endpoints: vec![],
+        },
+    )
+    .await
+    .unwrap_or_else(|er| panic!("{er}"));
+    let a = read_message(&mut recv)
         .await
-        .unwrap_or_else(|e| panic!("metrics connect: {e}"));
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    out
+        .unwrap_or_else(|er| panic!("{er}"));
+    assert!(matches!(a, Message::MeshAccepted { .. }), "{a:?}");
+    (send, recv)
 }
 
-/// The value of the sample whose line starts with `series ` (0 if absent).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// [`relay_path_delivers`] on the relay paths of two mesh sessions.
+async fn mesh_relay_path_delivers(from: &MeshSession, to: &MeshSession, data: &[u8], lost: &str) {
+    let (pf, pt) = (
+        from.relay_path().unwrap_or_else(|| panic!("no relay path")),
+        to.relay_path().unwrap_or_else(|| panic!("no relay path")),
+    );
+    relay_path_delivers((&pf, from.public_key()), (&pt, to.public_key()), data, lost).await;
 }
 
 /// Reads events until none arrives for 100 ms.
@@ -361,7 +254,7 @@ async fn next_call_me_maybe(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_node_leaves_every_peer_map_within_a_second() {
-    let lab = start_relay().await;
+    let lab = start_relay(RelayConfig::default()).await;
     let (w1, _d1) = node(&lab, "worker", "w1", vec![]).await;
     let (e, _de) = node(&lab, "engineer", "e", vec![]).await;
     let (e2, _de2) = node(&lab, "engineer", "e2", vec![]).await;
@@ -407,7 +300,7 @@ async fn revoked_node_leaves_every_peer_map_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_restart_resyncs_nodes_with_unchanged_addresses() {
-    let lab = start_relay().await;
+    let lab = start_relay(RelayConfig::default()).await;
     let listen = lab.addr;
     let (w1, _d1) = node(&lab, "worker", "w1", vec![cand("192.0.2.1:51820")]).await;
     let (w2, _d2) = node(&lab, "worker", "w2", vec![]).await;
@@ -420,7 +313,7 @@ async fn relay_restart_resyncs_nodes_with_unchanged_addresses() {
     let epoch0 = before.version.map(|v| v.epoch);
 
     let dir = lab.stop().await;
-    let lab = start_relay_in(dir, listen).await;
+    let lab = start_relay_in(dir, listen, RelayConfig::default()).await;
     let t0 = Instant::now();
     let after = until(&e, "engineer resynced after restart", 10 * SEC, |m| {
         m.version.map(|v| v.epoch) != epoch0
@@ -460,9 +353,9 @@ async fn relay_restart_resyncs_nodes_with_unchanged_addresses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_control_stream_closes_only_that_stream() {
-    let lab = start_relay().await;
+    let lab = start_relay(RelayConfig::default()).await;
     let dir = tmp();
-    let tok = lab.token("engineer");
+    let tok = lab.token("engineer", None, None);
     client::login(dir.path(), &tok, "e")
         .await
         .unwrap_or_else(|er| panic!("login: {er}"));
@@ -472,20 +365,7 @@ async fn garbage_on_the_control_stream_closes_only_that_stream() {
     let join = |s: &client::Session| {
         let conn = s.connection().clone();
         async move {
-            let (mut send, mut recv) = conn.open_bi().await.unwrap_or_else(|er| panic!("{er}"));
-            write_message(
-                &mut send,
-                &Message::MeshJoin {
-                    since: None,
-                    endpoints: vec![],
-                },
-            )
-            .await
-            .unwrap_or_else(|er| panic!("{er}"));
-            let a = read_message(&mut recv)
-                .await
-                .unwrap_or_else(|er| panic!("{er}"));
-            assert!(matches!(a, Message::MeshAccepted { .. }), "{a:?}");
+            let (send, mut recv) = raw_mesh_join(&conn).await;
             let first = read_control(&mut recv, MAX_CONTROL_FRAME).await;
             assert!(matches!(first, Ok(ControlMsg::Snapshot(_))), "{first:?}");
             (send, recv)
@@ -514,9 +394,9 @@ async fn garbage_on_the_control_stream_closes_only_that_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_that_are_not_dns_labels_are_refused_with_the_reason() {
-    let lab = start_relay().await;
+    let lab = start_relay(RelayConfig::default()).await;
     let dir = tmp();
-    let tok = lab.token("GPU_Workers");
+    let tok = lab.token("GPU_Workers", None, None);
     let r = MeshSession::connect(dir.path(), Some(&tok), "w", vec![]).await;
     match r {
         Err(ClientError::Rejected(rej)) => {
@@ -529,7 +409,7 @@ async fn tags_that_are_not_dns_labels_are_refused_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_stream_is_reset_rejoins_on_its_connection_from_its_version() {
-    let lab = start_relay().await;
+    let lab = start_relay(RelayConfig::default()).await;
     let (w1, _d1) = node(&lab, "worker", "w1", vec![]).await;
     let (mut e, de) = node(&lab, "engineer", "e", vec![]).await;
     until(&e, "engineer sees w1", 3 * SEC, |m| {
@@ -547,24 +427,7 @@ async fn a_node_whose_stream_is_reset_rejoins_on_its_connection_from_its_version
     let raw = client::session(de.path())
         .await
         .unwrap_or_else(|er| panic!("session: {er}"));
-    let (mut rs, mut rr) = raw
-        .connection()
-        .open_bi()
-        .await
-        .unwrap_or_else(|er| panic!("{er}"));
-    write_message(
-        &mut rs,
-        &Message::MeshJoin {
-            since: None,
-            endpoints: vec![],
-        },
-    )
-    .await
-    .unwrap_or_else(|er| panic!("{er}"));
-    let a = read_message(&mut rr)
-        .await
-        .unwrap_or_else(|er| panic!("{er}"));
-    assert!(matches!(a, Message::MeshAccepted { .. }), "{a:?}");
+    let (_rs, mut rr) = raw_mesh_join(raw.connection()).await;
     let mut saw_disconnect = false;
     let rejoined = tokio::time::timeout(5 * SEC, async {
         while let Some(ev) = e.next_event().await {
@@ -607,15 +470,11 @@ async fn a_node_whose_stream_is_reset_rejoins_on_its_connection_from_its_version
     // e on the connection holding its mesh session.
     raw.close().await;
     tokio::time::sleep(SEC / 5).await;
-    let (pe, pw1) = (
-        e.relay_path().unwrap_or_else(|| panic!("no relay path")),
-        w1.relay_path().unwrap_or_else(|| panic!("no relay path")),
-    );
-    pw1.send(&e.public_key(), b"to e")
-        .unwrap_or_else(|er| panic!("send: {er}"));
-    let (from, p) = tokio::time::timeout(3 * SEC, pe.recv())
-        .await
-        .unwrap_or_else(|_| panic!("packet to e lost after the other connection closed"))
-        .unwrap_or_else(|er| panic!("{er}"));
-    assert_eq!((from, &p[..]), (w1.public_key(), &b"to e"[..]));
+    mesh_relay_path_delivers(
+        &w1,
+        &e,
+        b"to e",
+        "packet to e lost after the other connection closed",
+    )
+    .await;
 }

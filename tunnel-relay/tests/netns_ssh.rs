@@ -11,11 +11,10 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use weft_tests::{Internet, Nat, Netns, Proc, Router};
+use weft_tests::managed::{RELAY_ADDR, RELAY_IP};
+use weft_tests::{Nat, NattedWorker, Netns, Proc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel-relay");
-const RELAY_IP: &str = "203.0.113.2";
-const RELAY_ADDR: &str = "203.0.113.2:4433";
 
 fn sha256_file(p: &Path) -> String {
     let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
@@ -36,26 +35,23 @@ fn start_sshd(ns: &Netns) -> Proc {
     );
     std::fs::write(ns.file("sshd_config"), cfg)
         .unwrap_or_else(|e| panic!("write sshd_config: {e}"));
-    let p = ns.spawn(&format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"));
-    assert!(
-        ns.wait_listen('t', 22, Duration::from_secs(5)),
-        "sshd did not listen:\n{}",
-        p.log_tail(20)
-    );
-    p
+    ns.spawn_listening(
+        "sshd",
+        &format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"),
+        't',
+        22,
+        Duration::from_secs(5),
+    )
 }
 
 fn start_relay(ns: &Netns, state: &str) -> Proc {
-    let p = ns.spawn_named(
+    ns.spawn_listening(
         "relay",
         &format!("env WEFT_LOG=info,tunnel_relay=debug {BIN} serve --listen {RELAY_ADDR} --state-dir {state}"),
-    );
-    assert!(
-        ns.wait_listen('u', 4433, Duration::from_secs(5)),
-        "relay did not listen:\n{}",
-        p.log_tail(20)
-    );
-    p
+        'u',
+        4433,
+        Duration::from_secs(5),
+    )
 }
 
 /// Waits until the engineer's `ssh-config` lists `name`; returns how long it took.
@@ -73,24 +69,21 @@ fn wait_listed(eng: &Netns, estate: &str, name: &str, within: Duration) -> Optio
 
 #[test]
 fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
-    let net = Internet::new("trs");
-    let relay_ns = net.host("trs-relay", RELAY_IP);
-    let router = Router::new(&net, "trs-w", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27");
-    let worker_ns = Netns::new("trs-wk");
-    let worker_ip = router.attach(&worker_ns, "eth0");
-    let eng_ns = net.host("trs-eng", "198.51.100.5");
+    let lab = NattedWorker::new("trs", Nat::Easy);
+    let relay_ns = lab.net.host("trs-relay", RELAY_IP);
+    let (worker_ns, worker_ip, eng_ns) = (&lab.worker, &lab.worker_ip, &lab.engineer);
 
     // The engineer cannot reach the worker directly (NAT + home firewall).
     let direct = eng_ns.output(&format!(
         "timeout 2 bash -c '</dev/tcp/{}/22'",
-        router.wan_ip()
+        lab.router.wan_ip()
     ));
     assert!(
         !direct.status.success(),
         "worker's sshd must not be reachable directly"
     );
 
-    let _sshd = start_sshd(&worker_ns);
+    let _sshd = start_sshd(worker_ns);
     let rstate = relay_ns.file("state").display().to_string();
     let mut relay = start_relay(&relay_ns, &rstate);
 
@@ -118,7 +111,7 @@ fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
         "{login}"
     );
     assert!(
-        wait_listed(&eng_ns, &estate, "w1", Duration::from_secs(10)).is_some(),
+        wait_listed(eng_ns, &estate, "w1", Duration::from_secs(10)).is_some(),
         "worker never showed up:\n{}",
         relay.log_tail(30)
     );
@@ -139,7 +132,7 @@ fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
         "ssh {ssh_opts} root@w1 'ip -4 -o addr show dev eth0; echo done'"
     ));
     assert!(
-        out.contains(&worker_ip) && out.contains("done"),
+        out.contains(worker_ip.as_str()) && out.contains("done"),
         "ssh output: {out}"
     );
 
@@ -178,14 +171,12 @@ fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
     assert!(out.contains("via-ssh-config"), "{out}");
 
     // forward works like ssh -L.
-    let mut fwd = eng_ns.spawn_named(
+    let mut fwd = eng_ns.spawn_listening(
         "forward",
         &format!("{BIN} forward 2222:w1:ssh --state-dir {estate}"),
-    );
-    assert!(
-        eng_ns.wait_listen('t', 2222, Duration::from_secs(5)),
-        "forward:\n{}",
-        fwd.log_tail(10)
+        't',
+        2222,
+        Duration::from_secs(5),
     );
     let out = eng_ns.exec(&format!(
         "ssh -F /dev/null -p 2222 -i {wd}/id -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
@@ -198,7 +189,7 @@ fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
     relay.signal(libc::SIGKILL);
     relay.wait_timeout(Duration::from_secs(5));
     let mut relay = start_relay(&relay_ns, &rstate);
-    let back = wait_listed(&eng_ns, &estate, "w1", Duration::from_secs(5));
+    let back = wait_listed(eng_ns, &estate, "w1", Duration::from_secs(5));
     assert!(
         back.is_some(),
         "worker not back within 5 s of the restart:\n{}",
