@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use cleanup::cleanup_stale;
 pub use netns::{link, Netns};
-pub use node::{MeshNode, MeshPair};
+pub use node::MeshNode;
 pub use proc::Proc;
 pub use router::{Internet, Nat, NattedWorker, NodePair, Router};
 pub use wgconf::{

@@ -202,35 +202,6 @@ impl Status {
     }
 }
 
-/// Two of our nodes on one internet segment: A at 203.0.113.10 and B at
-/// 203.0.113.20, overlay nodes 1 and 2, full mesh on port 51820, both ready.
-pub struct MeshPair {
-    pub na: MeshNode,
-    pub nb: MeshNode,
-    pub a: Netns,
-    pub b: Netns,
-    pub ifs: Vec<Interface>,
-}
-
-impl MeshPair {
-    /// Starts the pair on `net`; `tag` names the hosts (`TAG-a`, `TAG-b`).
-    pub fn start(net: &crate::router::Internet, tag: &str) -> MeshPair {
-        let a = net.host(&format!("{tag}-a"), "203.0.113.10");
-        let b = net.host(&format!("{tag}-b"), "203.0.113.20");
-        let mut ifs = vec![
-            crate::wgconf::overlay_node(1, 51820),
-            crate::wgconf::overlay_node(2, 51820),
-        ];
-        crate::wgconf::connect_full_mesh(
-            &mut ifs,
-            &["203.0.113.10:51820".into(), "203.0.113.20:51820".into()],
-        );
-        let na = MeshNode::start(&a, &ifs[0]);
-        let nb = MeshNode::start(&b, &ifs[1]);
-        MeshPair { na, nb, a, b, ifs }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -285,18 +285,16 @@ fn wg_set_listen_port_rebinds_the_running_socket() {
 /// the tunnel; stopping the node removes the policy rules.
 #[test]
 fn allowed_ips_everything_is_a_full_tunnel_that_keeps_the_endpoints_reachable() {
-    let tag = "wgf";
-    let net = Internet::new(tag);
-    let a = net.host(tag, "203.0.113.10");
-    let b = net.host(tag, "203.0.113.20");
-    let c = net.host(&format!("{tag}-c"), "198.51.100.30");
-    let mut ifs = vec![overlay_node(1, 51820), overlay_node(2, 51821)];
-    connect_full_mesh(
-        &mut ifs,
-        &["203.0.113.10:51820".into(), "203.0.113.20:51821".into()],
-    );
-    ifs[0].peers[0].allowed_ips = vec!["0.0.0.0/0".into()];
-    let a_ip = ifs[0].ip(false);
+    // A's one peer, B, takes everything.
+    let full = |ns: &Netns, iface: &weft_tests::Interface| {
+        let mut iface = iface.clone();
+        iface.peers[0].allowed_ips = vec!["0.0.0.0/0".into()];
+        MeshNode::start(ns, &iface)
+    };
+    let mut l: Lab = NodePair::start("wgf", [51820, 51821], full, MeshNode::start);
+    let (a, b) = (&l.a, &l.b);
+    let c = l.net.host("wgf-c", "198.51.100.30");
+    let a_ip = l.ifs[0].ip(false);
     // B is the exit: it forwards A's overlay traffic and masquerades it.
     b.enable_forwarding();
     b.exec(&format!(
@@ -316,9 +314,7 @@ fn allowed_ips_everything_is_a_full_tunnel_that_keeps_the_endpoints_reachable() 
             .filter_map(|l| l.split_whitespace().next()?.parse().ok())
             .collect()
     };
-    let mut na = MeshNode::start(&a, &ifs[0]);
-    let _nb = MeshNode::start(&b, &ifs[1]);
-    let ifn = na.ifname().to_string();
+    let ifn = l.na.ifname().to_string();
 
     let route = a.exec("ip route get 198.51.100.30");
     assert!(
@@ -339,9 +335,9 @@ fn allowed_ips_everything_is_a_full_tunnel_that_keeps_the_endpoints_reachable() 
         rules.contains("lookup main suppress_prefixlength 0"),
         "{rules}"
     );
-    assert_eq!(na.wg(&format!("show {ifn} fwmark")).trim(), "0xca6c");
+    assert_eq!(l.na.wg(&format!("show {ifn} fwmark")).trim(), "0xca6c");
 
-    traffic::tcp_transfer(&a, &c, "198.51.100.30", 7005, 2).assert_intact("A -> C through B");
+    traffic::tcp_transfer(a, &c, "198.51.100.30", 7005, 2).assert_intact("A -> C through B");
     let seen = counters();
     assert!(
         seen[0] > 0 && seen[1] == 0,
@@ -351,7 +347,8 @@ fn allowed_ips_everything_is_a_full_tunnel_that_keeps_the_endpoints_reachable() 
     let route = a.exec("ip route get 203.0.113.20");
     assert!(route.contains("dev eth0"), "LAN into the tunnel: {route}");
 
-    assert!(na.stop().success(), "node exit:\n{}", na.log_tail(20));
+    assert!(l.na.stop().success(), "node exit:\n{}", l.na.log_tail(20));
+    let a = &l.a;
     let rules = a.exec("ip rule show");
     assert!(!rules.contains("51820"), "rules left behind:\n{rules}");
     let route = a.exec("ip route get 198.51.100.30");
