@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use weft_proto::relay::*;
 
-use weft_proto::codec::{self, DecodeError, Oversize};
+use weft_proto::codec::{self, DecodeError, Oversize, Wire as _};
 use weft_proto::control::{ControlMsg, MAX_CONTROL_FRAME};
 
 /// Why reading one raw frame failed.
