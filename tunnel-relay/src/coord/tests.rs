@@ -9,16 +9,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use proptest::prelude::*;
 
 use super::*;
+use weft_proto::names::tags;
 
 fn key(i: u32) -> PublicKey {
     let mut k = [0u8; 32];
     k[..4].copy_from_slice(&i.to_be_bytes());
     k[31] = 0xaa;
     PublicKey(k)
-}
-
-fn tags(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
 }
 
 fn cand(last: u8, port: u16) -> Candidate {
