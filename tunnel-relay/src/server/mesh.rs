@@ -17,8 +17,9 @@
 //! task. A queue that overflows (a node too slow to read) drops that node's
 //! session; it reconnects and resyncs with its version. A node's `Ack`s are
 //! answered (with the missing deltas or a snapshot) at most
-//! [`RESYNCS_PER_SEC`] a second after a burst of [`RESYNC_BURST`]; one more
-//! ends its session as misbehaving. The changed record
+//! [`RESYNCS_PER_SEC`] a second after a burst of [`RESYNC_BURST`] (an Ack of
+//! the current version needs no answer and is free); one more ends its
+//! session as misbehaving. The changed record
 //! goes to the writer thread in the same critical section (so writes are
 //! applied in order), which commits batches in one transaction each.
 
@@ -268,7 +269,8 @@ impl Hub {
     }
 
     /// Answers the node's `Ack` of `have` at `now` with what it misses,
-    /// within its session's resync limit; returns how many updates were queued.
+    /// within its session's resync limit (an Ack of the current version is
+    /// answered with nothing, and free); returns how many updates were queued.
     fn resync(
         &mut self,
         id: NodeId,
@@ -276,6 +278,9 @@ impl Hub {
         now: Instant,
         metrics: &Metrics,
     ) -> Result<usize, End> {
+        if self.coord.version_of(id) == Some(have) {
+            return Ok(0);
+        }
         let Some(slot) = self.sessions.get_mut(&id) else {
             return Err(End::Killed);
         };
@@ -582,6 +587,10 @@ mod tests {
         let sent = std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
         assert_eq!(sent.len(), RESYNC_BURST as usize);
         assert!(sent.iter().all(|s| matches!(s, ControlMsg::Snapshot(_))));
+        // Acks of the version it holds cost nothing and are answered with nothing.
+        let current = h.coord.version_of(a).unwrap_or_default();
+        assert!((0..1000).all(|_| matches!(h.resync(a, current, t0, &m), Ok(0))));
+        assert!(rx.try_recv().is_err());
 
         // A node that asks at the allowed pace is always answered.
         let (b, _) = join(&mut h, "engineer", "b");
