@@ -10,64 +10,40 @@
 
 use std::fmt;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use rand::RngCore as _;
 
-use weft_proto::key::{decode_base64, decode_hex};
 pub use weft_proto::key::{KeyError, PublicKey, KEY_LEN};
 
-macro_rules! key_common {
+/// A secret key type: the key forms of [`weft_proto::key_forms`] and a
+/// `Debug` that never shows the bytes.
+macro_rules! secret_key {
     ($name:ident) => {
-        impl $name {
-            /// Builds the key from raw bytes.
-            pub const fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-                Self(bytes)
-            }
+        weft_proto::key_forms!($name);
 
-            /// Decodes standard base64 (as in wg-quick configuration files).
-            pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-                decode_base64(s).map(Self)
-            }
-
-            /// Encodes as standard base64 (44 characters).
-            pub fn to_base64(&self) -> String {
-                STANDARD.encode(self.0)
-            }
-
-            /// Decodes hex (as in the UAPI; upper case is accepted too).
-            pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-                decode_hex(s).map(Self)
-            }
-
-            /// Encodes as lowercase hex (64 characters), as the UAPI expects.
-            pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
-            }
-
-            /// The raw key bytes.
-            pub const fn as_bytes(&self) -> &[u8; KEY_LEN] {
-                &self.0
-            }
-
-            /// Whether every byte is zero (the UAPI's "remove this key").
-            pub fn is_zero(&self) -> bool {
-                self.0 == [0u8; KEY_LEN]
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
             }
         }
     };
 }
 
+/// 32 bytes from the OS RNG.
+fn random_bytes() -> [u8; KEY_LEN] {
+    let mut bytes = [0u8; KEY_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes
+}
+
 /// A Curve25519 private key. `Debug` never shows the bytes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PrivateKey([u8; KEY_LEN]);
-key_common!(PrivateKey);
+secret_key!(PrivateKey);
 
 impl PrivateKey {
     /// Generates a fresh, clamped private key from the OS RNG.
     pub fn generate() -> Self {
-        let mut bytes = [0u8; KEY_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let mut bytes = random_bytes();
         bytes[0] &= 248;
         bytes[31] &= 127;
         bytes[31] |= 64;
@@ -86,12 +62,6 @@ impl PrivateKey {
     }
 }
 
-impl fmt::Debug for PrivateKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PrivateKey(<redacted>)")
-    }
-}
-
 /// The key as boringtun's x25519 public key.
 pub fn to_x25519(k: &PublicKey) -> boringtun::x25519::PublicKey {
     boringtun::x25519::PublicKey::from(k.0)
@@ -100,20 +70,12 @@ pub fn to_x25519(k: &PublicKey) -> boringtun::x25519::PublicKey {
 /// A symmetric preshared key. `Debug` never shows the bytes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PresharedKey([u8; KEY_LEN]);
-key_common!(PresharedKey);
+secret_key!(PresharedKey);
 
 impl PresharedKey {
     /// Generates a fresh random preshared key from the OS RNG.
     pub fn generate() -> Self {
-        let mut bytes = [0u8; KEY_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Self(bytes)
-    }
-}
-
-impl fmt::Debug for PresharedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PresharedKey(<redacted>)")
+        Self(random_bytes())
     }
 }
 

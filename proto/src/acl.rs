@@ -246,8 +246,8 @@ impl Default for AclPolicy {
     fn default() -> Self {
         AclPolicy {
             rules: vec![Rule {
-                from: vec!["engineer".into()],
-                to: vec!["worker".into()],
+                from: crate::names::tags(&["engineer"]),
+                to: crate::names::tags(&["worker"]),
                 proto: Proto::Tcp,
                 ports: vec![PortRange::one(SSH_PORT), PortRange::one(AGENT_API_PORT)],
             }],
@@ -377,11 +377,8 @@ impl AclPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::tags as t;
     use proptest::prelude::*;
-
-    fn t(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
-    }
 
     #[test]
     fn default_policy_engineer_to_worker_ssh_and_agent() {

@@ -3,14 +3,19 @@
 //! Conventions: integers big-endian; a flag is one byte, 0 or 1; an IP address
 //! is a family byte (4 or 6) and its octets; a socket address adds a u16 port;
 //! a key is its 32 raw bytes. Strings and lists carry their length first, with
-//! a width chosen by the format (relay frames: u16 lengths and counts; mesh
-//! control: u8 string lengths, u32 counts). Encoding never fails: strings over
+//! a width chosen by the [`Format`] (relay frames: u16 lengths and counts; mesh
+//! control: u8 string lengths, u32 counts); an option is a flag, then the
+//! value if present. Encoding never fails: strings over
 //! their limit are cut at a char boundary, lists at their limit. Decoding
 //! checks every length against its limit *and* against the bytes left before
 //! allocating, so no input chooses an allocation, and never panics.
 //!
 //! Frames: a 4-byte big-endian length, then that many payload bytes, at most
-//! a per-protocol limit ([`frame`], [`split_frame`]).
+//! a per-protocol limit ([`frame`], [`split_frame`], [`FrameLimit`]).
+//!
+//! Messages: a tag byte and the fields it names. A message type implements
+//! [`Wire`] (its tags and fields) and gets whole-message `encode`/`decode`;
+//! `laws` (tests) is the one property check every message codec passes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -53,16 +58,60 @@ pub enum DecodeError {
     },
 }
 
-/// Appends fields to a buffer.
-#[derive(Debug, Default)]
+/// How wide a length or a count is on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    /// One byte.
+    U8,
+    /// Big-endian u16.
+    U16,
+    /// Big-endian u32.
+    U32,
+}
+
+impl Width {
+    /// The largest value this width holds.
+    pub fn max(self) -> usize {
+        match self {
+            Width::U8 => u8::MAX as usize,
+            Width::U16 => u16::MAX as usize,
+            Width::U32 => u32::MAX as usize,
+        }
+    }
+    /// How many bytes it takes.
+    pub fn bytes(self) -> usize {
+        match self {
+            Width::U8 => 1,
+            Width::U16 => 2,
+            Width::U32 => 4,
+        }
+    }
+}
+
+/// The length widths one wire format chose (see the module doc): every
+/// [`Writer`] and [`Reader`] works in one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Format {
+    /// Width of a list count.
+    pub count: Width,
+    /// Width of a string length (a string is cut to what it holds).
+    pub len: Width,
+}
+
+/// Appends fields to a buffer, in one [`Format`].
+#[derive(Debug)]
 pub struct Writer {
     buf: Vec<u8>,
+    format: Format,
 }
 
 impl Writer {
-    /// An empty writer.
-    pub fn new() -> Writer {
-        Writer::default()
+    /// An empty writer for `format`.
+    pub fn new(format: Format) -> Writer {
+        Writer {
+            buf: Vec::new(),
+            format,
+        }
     }
     /// The bytes written.
     pub fn into_bytes(self) -> Vec<u8> {
@@ -92,29 +141,43 @@ impl Writer {
     pub fn flag(&mut self, v: bool) {
         self.u8(v as u8);
     }
-    /// A list count as u16, clamped to `max`: returns how many items to write.
-    pub fn count16(&mut self, n: usize, max: usize) -> usize {
-        let n = n.min(max).min(u16::MAX as usize);
-        self.u16(n as u16);
+    /// `n` in `width`, clamped to `max` and to what the width holds: returns the value written.
+    fn len(&mut self, width: Width, n: usize, max: usize) -> usize {
+        let n = n.min(max).min(width.max());
+        match width {
+            Width::U8 => self.u8(n as u8),
+            Width::U16 => self.u16(n as u16),
+            Width::U32 => self.u32(n as u32),
+        }
         n
     }
-    /// A list count as u32, clamped to `max`: returns how many items to write.
-    pub fn count32(&mut self, n: usize, max: usize) -> usize {
-        let n = n.min(max).min(u32::MAX as usize);
-        self.u32(n as u32);
-        n
+    /// A list count in the format's width, clamped to `max`: returns how many items to write.
+    pub fn count(&mut self, n: usize, max: usize) -> usize {
+        self.len(self.format.count, n, max)
     }
-    /// A string with a u8 length, cut to at most `max` (≤ 255) bytes at a char boundary.
-    pub fn str8(&mut self, s: &str, max: usize) {
-        let end = cut(s, max.min(u8::MAX as usize));
-        self.u8(end as u8);
+    /// A list: its [`Writer::count`], then the first that many items, each as `put` writes it.
+    pub fn list<T>(&mut self, items: &[T], max: usize, mut put: impl FnMut(&mut Writer, &T)) {
+        let n = self.count(items.len(), max);
+        for x in &items[..n] {
+            put(self, x);
+        }
+    }
+    /// A string with a length in the format's width, cut at a char boundary to what it holds.
+    pub fn str(&mut self, s: &str) {
+        let end = cut(s, self.format.len.max());
+        self.len(self.format.len, end, usize::MAX);
         self.bytes(&s.as_bytes()[..end]);
     }
-    /// A string with a u16 length, cut to at most 65535 bytes at a char boundary.
-    pub fn str16(&mut self, s: &str) {
-        let end = cut(s, u16::MAX as usize);
-        self.u16(end as u16);
-        self.bytes(&s.as_bytes()[..end]);
+    /// A list of at most `max` strings.
+    pub fn strs(&mut self, v: &[String], max: usize) {
+        self.list(v, max, |w, s| w.str(s));
+    }
+    /// An optional value: a flag, then the value as `put` writes it if there is one.
+    pub fn option<T>(&mut self, v: Option<&T>, put: impl FnOnce(&mut Writer, &T)) {
+        self.flag(v.is_some());
+        if let Some(v) = v {
+            put(self, v);
+        }
     }
     /// An IP address: family byte and octets.
     pub fn ip(&mut self, ip: IpAddr) {
@@ -149,16 +212,17 @@ fn cut(s: &str, max: usize) -> usize {
     end
 }
 
-/// Reads fields from a slice.
+/// Reads fields from a slice, in one [`Format`].
 #[derive(Debug)]
 pub struct Reader<'a> {
     buf: &'a [u8],
+    format: Format,
 }
 
 impl<'a> Reader<'a> {
-    /// Reads from `buf`.
-    pub fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf }
+    /// Reads `buf`, written in `format`.
+    pub fn new(buf: &'a [u8], format: Format) -> Reader<'a> {
+        Reader { buf, format }
     }
     /// Bytes not read yet.
     pub fn remaining(&self) -> usize {
@@ -206,13 +270,23 @@ impl<'a> Reader<'a> {
             }),
         }
     }
-    fn check_count(
-        &self,
+    /// A length or count in `width`.
+    fn len(&mut self, width: Width) -> Result<usize, DecodeError> {
+        Ok(match width {
+            Width::U8 => self.u8()? as usize,
+            Width::U16 => self.u16()? as usize,
+            Width::U32 => self.u32()? as usize,
+        })
+    }
+    /// A list count in the format's width, at most `max`, each item at least
+    /// `min_item` bytes: checked against the bytes left before anything is allocated.
+    pub fn count(
+        &mut self,
         what: &'static str,
-        n: usize,
         max: usize,
         min_item: usize,
     ) -> Result<usize, DecodeError> {
+        let n = self.len(self.format.count)?;
         if n > max {
             return Err(DecodeError::TooLong { what, len: n, max });
         }
@@ -221,38 +295,37 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
-    /// A u16 list count, at most `max`, each item at least `min_item` bytes.
-    pub fn count16(
+    /// A list written by [`Writer::list`]: its [`Reader::count`], then that many items `get` reads.
+    pub fn list<T>(
         &mut self,
         what: &'static str,
         max: usize,
         min_item: usize,
-    ) -> Result<usize, DecodeError> {
-        let n = self.u16()? as usize;
-        self.check_count(what, n, max, min_item)
+        mut get: impl FnMut(&mut Reader<'a>) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let n = self.count(what, max, min_item)?;
+        (0..n).map(|_| get(self)).collect()
     }
-    /// A u32 list count, at most `max`, each item at least `min_item` bytes.
-    pub fn count32(
+    /// A string with a length in the format's width.
+    pub fn str(&mut self) -> Result<String, DecodeError> {
+        let n = self.len(self.format.len)?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::BadUtf8)
+    }
+    /// A list of at most `max` strings.
+    pub fn strs(&mut self, what: &'static str, max: usize) -> Result<Vec<String>, DecodeError> {
+        let min = self.format.len.bytes();
+        self.list(what, max, min, Reader::str)
+    }
+    /// An optional value written by [`Writer::option`].
+    pub fn option<T>(
         &mut self,
-        what: &'static str,
-        max: usize,
-        min_item: usize,
-    ) -> Result<usize, DecodeError> {
-        let n = self.u32()? as usize;
-        self.check_count(what, n, max, min_item)
-    }
-    fn utf8(b: &[u8]) -> Result<String, DecodeError> {
-        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::BadUtf8)
-    }
-    /// A string with a u8 length.
-    pub fn str8(&mut self) -> Result<String, DecodeError> {
-        let n = self.u8()? as usize;
-        Self::utf8(self.take(n)?)
-    }
-    /// A string with a u16 length.
-    pub fn str16(&mut self) -> Result<String, DecodeError> {
-        let n = self.u16()? as usize;
-        Self::utf8(self.take(n)?)
+        get: impl FnOnce(&mut Reader<'a>) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, DecodeError> {
+        if self.flag()? {
+            get(self).map(Some)
+        } else {
+            Ok(None)
+        }
     }
     /// An IP address.
     pub fn ip(&mut self) -> Result<IpAddr, DecodeError> {
@@ -281,6 +354,34 @@ impl<'a> Reader<'a> {
         } else {
             Err(DecodeError::Trailing(self.buf.len()))
         }
+    }
+}
+
+/// A tagged message format built on this codec: a message is a tag byte and
+/// the fields that tag names. Encoding and decoding whole messages are
+/// written once, here; a format writes only its tags and fields.
+pub trait Wire: Sized {
+    /// The widths this format's lengths and counts use.
+    const FORMAT: Format;
+    /// This format's frames.
+    const FRAME: FrameLimit;
+    /// Writes the tag byte, then the fields.
+    fn put(&self, w: &mut Writer);
+    /// Reads the tag byte and the fields it names ([`DecodeError::UnknownTag`] for none).
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
+
+    /// Encodes (without the frame header). Lists over their limits are cut.
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new(Self::FORMAT);
+        self.put(&mut w);
+        w.into_bytes()
+    }
+    /// Decodes one message; the whole slice must be the message.
+    fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf, Self::FORMAT);
+        let msg = Self::get(&mut r)?;
+        r.finish()?;
+        Ok(msg)
     }
 }
 
@@ -338,6 +439,26 @@ pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Ove
     Ok(buf.get(4..4 + len).map(|p| (p, 4 + len)))
 }
 
+/// One protocol's frame limit and what its frames are called in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimit {
+    /// Largest payload.
+    pub max: usize,
+    /// The frame's name in a [`DecodeError::TooLong`].
+    pub what: &'static str,
+}
+
+impl FrameLimit {
+    /// [`frame`] under this limit.
+    pub fn frame(self, payload: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        frame(payload, self.max).map_err(|o| o.as_decode(self.what))
+    }
+    /// [`split_frame`] under this limit.
+    pub fn split(self, buf: &[u8]) -> Result<Option<(&[u8], usize)>, DecodeError> {
+        split_frame(buf, self.max).map_err(|o| o.as_decode(self.what))
+    }
+}
+
 /// The laws every message codec of this crate is tested against.
 #[cfg(test)]
 pub(crate) mod laws {
@@ -345,9 +466,9 @@ pub(crate) mod laws {
 
     use proptest::prelude::*;
 
-    use super::DecodeError;
+    use super::{FrameLimit, Wire};
     use crate::key::PublicKey;
-    use crate::peermap::{Candidate, CandidateKind};
+    use crate::peermap::{Candidate, CandidateKind, Version};
 
     /// Any key.
     pub(crate) fn key() -> impl Strategy<Value = PublicKey> {
@@ -376,29 +497,86 @@ pub(crate) mod laws {
         })
     }
 
-    /// One message `m` and its encoding `enc`: decodes back to `m`; every strict
-    /// prefix is an error; trailing bytes (`extra`, non-empty) are an error; a
-    /// flipped bit never panics.
-    pub(crate) fn check<T: PartialEq + std::fmt::Debug>(
-        m: &T,
-        enc: &[u8],
-        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    /// Any peer-map version.
+    pub(crate) fn version() -> impl Strategy<Value = Version> {
+        any::<(u64, u64)>().prop_map(|(epoch, seq)| Version { epoch, seq })
+    }
+
+    /// What the laws probe one message with: where to cut it, which bit to
+    /// flip, what to append (non-empty), and unrelated bytes.
+    #[derive(Debug, Clone)]
+    pub(crate) struct Probes {
         cut: prop::sample::Index,
-        (at, bit): (prop::sample::Index, u8),
-        extra: &[u8],
+        at: prop::sample::Index,
+        bit: u8,
+        extra: Vec<u8>,
+        garbage: Vec<u8>,
+    }
+
+    /// Any probes.
+    pub(crate) fn probes() -> impl Strategy<Value = Probes> {
+        (
+            any::<prop::sample::Index>(),
+            any::<prop::sample::Index>(),
+            0u8..8,
+            prop::collection::vec(any::<u8>(), 1..8),
+            prop::collection::vec(any::<u8>(), 0..512),
+        )
+            .prop_map(|(cut, at, bit, extra, garbage)| Probes {
+                cut,
+                at,
+                bit,
+                extra,
+                garbage,
+            })
+    }
+
+    /// One message `m` of format `T`: its encoding decodes back to `m`; every
+    /// strict prefix is an error; trailing bytes are an error; a flipped bit
+    /// never panics. Its frame is 4 bytes longer and splits back to the
+    /// encoding; every strict prefix of the frame needs more bytes. Garbage
+    /// never panics, as a message or as a frame.
+    pub(crate) fn check<T: Wire + PartialEq + std::fmt::Debug>(
+        m: &T,
+        p: &Probes,
     ) -> Result<(), TestCaseError> {
-        let back = decode(enc);
+        let enc = m.encode();
+        let back = T::decode(&enc);
         prop_assert_eq!(back.as_ref(), Ok(m));
-        let n = cut.index(enc.len());
-        prop_assert!(decode(&enc[..n]).is_err(), "prefix of {} bytes decoded", n);
-        let mut long = enc.to_vec();
-        long.extend_from_slice(extra);
-        prop_assert!(decode(&long).is_err(), "trailing bytes accepted");
-        let mut flipped = enc.to_vec();
-        let i = at.index(flipped.len());
-        flipped[i] ^= 1 << (bit % 8);
-        let _ = decode(&flipped);
+        let n = p.cut.index(enc.len());
+        prop_assert!(
+            T::decode(&enc[..n]).is_err(),
+            "prefix of {} bytes decoded",
+            n
+        );
+        let mut long = enc.clone();
+        long.extend_from_slice(&p.extra);
+        prop_assert!(T::decode(&long).is_err(), "trailing bytes accepted");
+        let mut flipped = enc.clone();
+        let i = p.at.index(flipped.len());
+        flipped[i] ^= 1 << (p.bit % 8);
+        let _ = T::decode(&flipped);
+
+        let frame = T::FRAME
+            .frame(&enc)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(frame.len(), enc.len() + 4);
+        prop_assert_eq!(T::FRAME.split(&frame), Ok(Some((&enc[..], frame.len()))));
+        let fc = p.cut.index(frame.len());
+        prop_assert_eq!(T::FRAME.split(&frame[..fc]), Ok(None));
+
+        let _ = T::decode(&p.garbage);
+        let _ = T::FRAME.split(&p.garbage);
         Ok(())
+    }
+
+    /// A frame over `limit` is refused when encoding and as soon as its header
+    /// is read; a header within it only asks for more bytes.
+    pub(crate) fn check_frame_limit(limit: FrameLimit) {
+        assert!(limit.frame(&vec![0u8; limit.max + 1]).is_err());
+        let head = ((limit.max + 1) as u32).to_be_bytes();
+        assert!(limit.split(&head).is_err());
+        assert_eq!(limit.split(&[0, 0, 0, 5, 1]), Ok(None));
     }
 }
 
@@ -407,28 +585,37 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const SHORT: Format = Format {
+        count: Width::U16,
+        len: Width::U8,
+    };
+    const LONG: Format = Format {
+        count: Width::U32,
+        len: Width::U16,
+    };
+
     #[test]
     fn strings_are_cut_at_char_boundaries() {
-        let mut w = Writer::new();
-        w.str8(&"é".repeat(200), 255);
+        let mut w = Writer::new(SHORT);
+        w.str(&"é".repeat(200));
         let b = w.into_bytes();
         assert_eq!(b[0], 254);
-        let mut r = Reader::new(&b);
-        assert_eq!(r.str8().map(|s| s.chars().count()), Ok(127));
+        let mut r = Reader::new(&b, SHORT);
+        assert_eq!(r.str().map(|s| s.chars().count()), Ok(127));
         assert_eq!(r.finish(), Ok(()));
     }
 
     #[test]
     fn counts_are_checked_against_bytes_left() {
-        let mut w = Writer::new();
+        let mut w = Writer::new(LONG);
         w.u32(1_000_000);
         let b = w.into_bytes();
         assert_eq!(
-            Reader::new(&b).count32("peers", 1 << 20, 8),
+            Reader::new(&b, LONG).count("peers", 1 << 20, 8),
             Err(DecodeError::Truncated)
         );
         assert!(matches!(
-            Reader::new(&b).count32("peers", 10, 8),
+            Reader::new(&b, LONG).count("peers", 10, 8),
             Err(DecodeError::TooLong { len: 1_000_000, .. })
         ));
     }
@@ -438,21 +625,27 @@ mod tests {
         fn fields_roundtrip(a in any::<u8>(), b in any::<u16>(), c in any::<u32>(), d in any::<u64>(),
                             f in any::<bool>(), s in ".{0,80}", ip in any::<std::net::IpAddr>(), port in any::<u16>(),
                             key in any::<[u8; 32]>()) {
-            let mut w = Writer::new();
-            w.u8(a); w.u16(b); w.u32(c); w.u64(d); w.flag(f); w.str8(&s, 255); w.str16(&s);
-            w.addr(SocketAddr::new(ip, port)); w.key(&PublicKey(key));
-            let bytes = w.into_bytes();
-            let mut r = Reader::new(&bytes);
-            prop_assert_eq!(r.u8(), Ok(a));
-            prop_assert_eq!(r.u16(), Ok(b));
-            prop_assert_eq!(r.u32(), Ok(c));
-            prop_assert_eq!(r.u64(), Ok(d));
-            prop_assert_eq!(r.flag(), Ok(f));
-            prop_assert_eq!(r.str8(), Ok(s.clone()));
-            prop_assert_eq!(r.str16(), Ok(s));
-            prop_assert_eq!(r.addr(), Ok(SocketAddr::new(ip, port)));
-            prop_assert_eq!(r.key(), Ok(PublicKey(key)));
-            prop_assert_eq!(r.finish(), Ok(()));
+            for format in [SHORT, LONG] {
+                let tags = vec![s.clone(); (a % 4) as usize];
+                let mut w = Writer::new(format);
+                w.u8(a); w.u16(b); w.u32(c); w.u64(d); w.flag(f); w.str(&s); w.strs(&tags, 3);
+                w.addr(SocketAddr::new(ip, port)); w.key(&PublicKey(key));
+                w.option(Some(&b), |w, v| w.u16(*v)); w.option(None::<&u16>, |w, v| w.u16(*v));
+                let bytes = w.into_bytes();
+                let mut r = Reader::new(&bytes, format);
+                prop_assert_eq!(r.u8(), Ok(a));
+                prop_assert_eq!(r.u16(), Ok(b));
+                prop_assert_eq!(r.u32(), Ok(c));
+                prop_assert_eq!(r.u64(), Ok(d));
+                prop_assert_eq!(r.flag(), Ok(f));
+                prop_assert_eq!(r.str(), Ok(s.clone()));
+                prop_assert_eq!(r.strs("tags", 3), Ok(tags[..tags.len().min(3)].to_vec()));
+                prop_assert_eq!(r.addr(), Ok(SocketAddr::new(ip, port)));
+                prop_assert_eq!(r.key(), Ok(PublicKey(key)));
+                prop_assert_eq!(r.option(Reader::u16), Ok(Some(b)));
+                prop_assert_eq!(r.option(Reader::u16), Ok(None));
+                prop_assert_eq!(r.finish(), Ok(()));
+            }
         }
 
         #[test]
@@ -466,12 +659,15 @@ mod tests {
 
         #[test]
         fn reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let mut r = Reader::new(&bytes);
-            let _ = r.count16("x", 4, 2);
-            let _ = r.str8();
-            let _ = r.str16();
-            let _ = r.addr();
-            let _ = r.count32("y", 1 << 20, 1);
+            for format in [SHORT, LONG] {
+                let mut r = Reader::new(&bytes, format);
+                let _ = r.count("x", 4, 2);
+                let _ = r.str();
+                let _ = r.strs("y", 1 << 20);
+                let _ = r.addr();
+                let _ = r.option(Reader::key);
+                let _ = r.list("z", 1 << 20, 1, Reader::u8);
+            }
             let _ = split_frame(&bytes, 16);
         }
     }

@@ -1,13 +1,13 @@
 //! The control-session codec between a node and the coordinator. Pure.
 //!
-//! Same conventions as [`crate::wire`]: a frame is a 4-byte big-endian length
-//! and that many bytes; a message is a tag byte and its fields; strings are a
-//! u16 length plus UTF-8; keys 32 raw bytes; addresses a family byte (4 or 6),
-//! the address bytes and a u16 port. Frames here may be larger than relay
-//! frames ([`MAX_CONTROL_FRAME`], 16 MiB) because a snapshot lists every
-//! visible peer (~120 bytes each: 10,000 peers ≈ 1.2 MB). Decoding checks every
-//! count against a limit and against the bytes left, rejects unknown tags and
-//! trailing bytes, and never panics.
+//! Built on [`crate::codec`] (a frame is a 4-byte big-endian length and that
+//! many bytes; a message is a tag byte and its fields; keys 32 raw bytes;
+//! addresses a family byte (4 or 6), the address bytes and a u16 port), in
+//! its own widths: strings a u8 length plus UTF-8, lists a u32 count. Frames
+//! here may be larger than relay frames ([`MAX_CONTROL_FRAME`], 16 MiB)
+//! because a snapshot lists every visible peer (~120 bytes each: 10,000 peers
+//! ≈ 1.2 MB). Decoding checks every count against a limit and against the
+//! bytes left, rejects unknown tags and trailing bytes, and never panics.
 //!
 //! Messages: coordinator → node [`ControlMsg::Snapshot`], [`ControlMsg::Delta`],
 //! [`ControlMsg::CallMeMaybe`] (forwarded, `peer` = the sender); node →
@@ -15,23 +15,28 @@
 //! (`peer` = the target), [`ControlMsg::Ack`] (the version it holds; also the
 //! resync request after a gap or a reconnect).
 //!
-//! [`read_control`] / [`write_control`] move one frame over any tokio stream
-//! (generic, like [`crate::wire::read_message`]); the reader takes a size
-//! limit, so the relay accepts only small frames from nodes.
+//! The message codec is the [`Wire`] implementation; `tunnel_relay::wire`'s
+//! `read_control` / `write_control` move one frame over any tokio stream; the
+//! reader takes a size limit, so the relay accepts only small frames from nodes.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::acl::{FilterRules, InboundRule, PortRange, Proto};
-use crate::codec::{self, DecodeError, Reader, Writer};
+use crate::codec::{DecodeError, Format, FrameLimit, Reader, Width, Wire, Writer};
 use crate::key::PublicKey;
 use crate::peermap::{
-    get_candidate, put_candidate, Candidate, Delta, Peer, PeerChange, PeerMapUpdate, SelfInfo,
-    Snapshot, Version, MAX_CANDIDATES, MAX_TAGS,
+    get_candidates, put_candidates, Candidate, Delta, Peer, PeerChange, PeerMapUpdate, SelfInfo,
+    Snapshot, Version, MAX_TAGS,
 };
 
 /// Largest control frame payload.
 pub const MAX_CONTROL_FRAME: usize = 16 << 20;
+/// Control frames.
+pub const CONTROL_FRAME: FrameLimit = FrameLimit {
+    max: MAX_CONTROL_FRAME,
+    what: "control frame",
+};
 /// Most peers in a snapshot.
 pub const MAX_PEERS: usize = 1 << 20;
 /// Most filter rules.
@@ -40,6 +45,12 @@ pub const MAX_RULES: usize = 4096;
 pub const MAX_PORT_RANGES: usize = 1024;
 /// Longest string field (names and tags are labels of at most 63).
 pub const MAX_STR: usize = 255;
+/// u8 string lengths (at most [`MAX_STR`]: every string is a label or a
+/// tag), u32 counts (a snapshot may list more than 65535 peers).
+const FORMAT: Format = Format {
+    count: Width::U32,
+    len: Width::U8,
+};
 
 /// A decoding error (the one [`DecodeError`] of every Weft codec).
 pub type ControlWireError = DecodeError;
@@ -82,219 +93,186 @@ const T_ENDPOINTS: u8 = 3;
 const T_CALL_ME_MAYBE: u8 = 4;
 const T_ACK: u8 = 5;
 
-const C_UPSERT: u8 = 1;
-const C_REMOVE: u8 = 2;
-const C_FILTER: u8 = 3;
-
-fn put_strs(w: &mut Writer, v: &[String], max: usize) {
-    let n = w.count32(v.len(), max);
-    for x in &v[..n] {
-        w.str8(x, MAX_STR);
-    }
+/// A node's name, tags and overlay addresses (a peer's or the receiver's own).
+fn put_identity(w: &mut Writer, name: &str, tags: &[String], v4: Ipv4Addr, v6: Ipv6Addr) {
+    w.str(name);
+    w.strs(tags, MAX_TAGS);
+    w.bytes(&v4.octets());
+    w.bytes(&v6.octets());
 }
 
-fn get_strs(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<Vec<String>> {
-    let n = r.count32(what, max, 1)?;
-    (0..n).map(|_| r.str8()).collect()
-}
-
-fn put_candidates(w: &mut Writer, c: &[Candidate]) {
-    let n = w.count32(c.len(), MAX_CANDIDATES);
-    for cand in &c[..n] {
-        put_candidate(w, cand);
-    }
-}
-
-fn get_candidates(r: &mut Reader<'_>) -> Result<Vec<Candidate>> {
-    let n = r.count32("candidates", MAX_CANDIDATES, 8)?;
-    (0..n).map(|_| get_candidate(r)).collect()
+fn get_self(r: &mut Reader<'_>) -> Result<SelfInfo> {
+    Ok(SelfInfo {
+        name: r.str()?,
+        tags: r.strs("tags", MAX_TAGS)?,
+        ipv4: Ipv4Addr::from(r.arr::<4>()?),
+        ipv6: Ipv6Addr::from(r.arr::<16>()?),
+    })
 }
 
 fn put_peer(w: &mut Writer, p: &Peer) {
     w.key(&p.key);
-    w.str8(&p.name, MAX_STR);
-    put_strs(w, &p.tags, MAX_TAGS);
-    w.bytes(&p.ipv4.octets());
-    w.bytes(&p.ipv6.octets());
+    put_identity(w, &p.name, &p.tags, p.ipv4, p.ipv6);
     put_candidates(w, &p.endpoints);
     w.flag(p.online);
 }
 
 fn get_peer(r: &mut Reader<'_>) -> Result<Peer> {
+    let key = r.key()?;
+    let me = get_self(r)?;
     Ok(Peer {
-        key: r.key()?,
-        name: r.str8()?,
-        tags: get_strs(r, "tags", MAX_TAGS)?,
-        ipv4: Ipv4Addr::from(r.arr::<4>()?),
-        ipv6: Ipv6Addr::from(r.arr::<16>()?),
+        key,
+        name: me.name,
+        tags: me.tags,
+        ipv4: me.ipv4,
+        ipv6: me.ipv6,
         endpoints: get_candidates(r)?,
         online: r.flag()?,
     })
 }
 
 fn put_filter(w: &mut Writer, f: &FilterRules) {
-    let n = w.count32(f.rules.len(), MAX_RULES);
-    for rule in &f.rules[..n] {
-        w.str8(&rule.from, MAX_STR);
+    w.list(&f.rules, MAX_RULES, |w, rule| {
+        w.str(&rule.from);
         w.u8(rule.proto.code());
-        let m = w.count32(rule.ports.len(), MAX_PORT_RANGES);
-        for p in &rule.ports[..m] {
+        w.list(&rule.ports, MAX_PORT_RANGES, |w, p| {
             w.u16(p.lo);
             w.u16(p.hi);
-        }
-    }
+        });
+    });
 }
 
 fn get_filter(r: &mut Reader<'_>) -> Result<FilterRules> {
-    let n = r.count32("filter rules", MAX_RULES, 6)?;
-    let mut rules = Vec::with_capacity(n);
-    for _ in 0..n {
-        let from = r.str8()?;
+    let rules = r.list("filter rules", MAX_RULES, 6, |r| {
+        let from = r.str()?;
         let value = r.u8()?;
         let proto = Proto::from_code(value).ok_or(DecodeError::BadValue {
             what: "protocol",
             value,
         })?;
-        let m = r.count32("port ranges", MAX_PORT_RANGES, 4)?;
-        let ports = (0..m)
-            .map(|_| {
-                Ok(PortRange {
-                    lo: r.u16()?,
-                    hi: r.u16()?,
-                })
+        let ports = r.list("port ranges", MAX_PORT_RANGES, 4, |r| {
+            Ok(PortRange {
+                lo: r.u16()?,
+                hi: r.u16()?,
             })
-            .collect::<Result<Vec<_>>>()?;
-        rules.push(InboundRule { from, proto, ports });
-    }
+        })?;
+        Ok(InboundRule { from, proto, ports })
+    })?;
     Ok(FilterRules { rules })
+}
+
+const C_UPSERT: u8 = 1;
+const C_REMOVE: u8 = 2;
+const C_FILTER: u8 = 3;
+
+fn put_change(w: &mut Writer, c: &PeerChange) {
+    match c {
+        PeerChange::Upsert(p) => {
+            w.u8(C_UPSERT);
+            put_peer(w, p);
+        }
+        PeerChange::Remove(k) => {
+            w.u8(C_REMOVE);
+            w.key(k);
+        }
+        PeerChange::Filter(f) => {
+            w.u8(C_FILTER);
+            put_filter(w, f);
+        }
+    }
+}
+
+fn get_change(r: &mut Reader<'_>) -> Result<PeerChange> {
+    Ok(match r.u8()? {
+        C_UPSERT => PeerChange::Upsert(Arc::new(get_peer(r)?)),
+        C_REMOVE => PeerChange::Remove(r.key()?),
+        C_FILTER => PeerChange::Filter(get_filter(r)?),
+        value => {
+            return Err(DecodeError::BadValue {
+                what: "peer change",
+                value,
+            })
+        }
+    })
 }
 
 /// Smallest encoded peer: key, name length, tag count, v4, v6, candidate count, online.
 const MIN_PEER: usize = 32 + 1 + 4 + 4 + 16 + 4 + 1;
 
-impl ControlMsg {
-    /// Encodes (without the frame header). Lists over their limits are cut.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
+impl Wire for ControlMsg {
+    fn put(&self, w: &mut Writer) {
         match self {
             ControlMsg::Snapshot(s) => {
                 w.u8(T_SNAPSHOT);
-                s.version.encode(&mut w);
-                w.str8(&s.me.name, MAX_STR);
-                put_strs(&mut w, &s.me.tags, MAX_TAGS);
-                w.bytes(&s.me.ipv4.octets());
-                w.bytes(&s.me.ipv6.octets());
-                put_filter(&mut w, &s.filter);
-                let n = w.count32(s.peers.len(), MAX_PEERS);
-                for p in &s.peers[..n] {
-                    put_peer(&mut w, p);
-                }
+                s.version.encode(w);
+                let me = &s.me;
+                put_identity(w, &me.name, &me.tags, me.ipv4, me.ipv6);
+                put_filter(w, &s.filter);
+                w.list(&s.peers, MAX_PEERS, |w, p| put_peer(w, p));
             }
             ControlMsg::Delta(d) => {
                 w.u8(T_DELTA);
-                d.version.encode(&mut w);
-                match &*d.change {
-                    PeerChange::Upsert(p) => {
-                        w.u8(C_UPSERT);
-                        put_peer(&mut w, p);
-                    }
-                    PeerChange::Remove(k) => {
-                        w.u8(C_REMOVE);
-                        w.key(k);
-                    }
-                    PeerChange::Filter(f) => {
-                        w.u8(C_FILTER);
-                        put_filter(&mut w, f);
-                    }
-                }
+                d.version.encode(w);
+                put_change(w, &d.change);
             }
             ControlMsg::EndpointReport(c) => {
                 w.u8(T_ENDPOINTS);
-                put_candidates(&mut w, c);
+                put_candidates(w, c);
             }
             ControlMsg::CallMeMaybe { peer, endpoints } => {
                 w.u8(T_CALL_ME_MAYBE);
                 w.key(peer);
-                put_candidates(&mut w, endpoints);
+                put_candidates(w, endpoints);
             }
             ControlMsg::Ack(v) => {
                 w.u8(T_ACK);
-                v.encode(&mut w);
+                v.encode(w);
             }
         }
-        w.into_bytes()
     }
 
-    /// Decodes one message; the whole slice must be the message.
-    pub fn decode(buf: &[u8]) -> Result<ControlMsg> {
-        let mut r = Reader::new(buf);
-        let msg = match r.u8()? {
-            T_SNAPSHOT => {
-                let version = Version::decode(&mut r)?;
-                let me = SelfInfo {
-                    name: r.str8()?,
-                    tags: get_strs(&mut r, "tags", MAX_TAGS)?,
-                    ipv4: Ipv4Addr::from(r.arr::<4>()?),
-                    ipv6: Ipv6Addr::from(r.arr::<16>()?),
-                };
-                let filter = get_filter(&mut r)?;
-                let n = r.count32("peers", MAX_PEERS, MIN_PEER)?;
-                let peers = (0..n)
-                    .map(|_| get_peer(&mut r).map(Arc::new))
-                    .collect::<Result<Vec<_>>>()?;
-                ControlMsg::Snapshot(Snapshot {
-                    version,
-                    me,
-                    filter,
-                    peers,
-                })
-            }
-            T_DELTA => {
-                let version = Version::decode(&mut r)?;
-                let change = match r.u8()? {
-                    C_UPSERT => PeerChange::Upsert(Arc::new(get_peer(&mut r)?)),
-                    C_REMOVE => PeerChange::Remove(r.key()?),
-                    C_FILTER => PeerChange::Filter(get_filter(&mut r)?),
-                    code => {
-                        return Err(DecodeError::BadValue {
-                            what: "peer change",
-                            value: code,
-                        })
-                    }
-                };
-                ControlMsg::Delta(Delta {
-                    version,
-                    change: Arc::new(change),
-                })
-            }
-            T_ENDPOINTS => ControlMsg::EndpointReport(get_candidates(&mut r)?),
+    fn get(r: &mut Reader<'_>) -> Result<ControlMsg> {
+        Ok(match r.u8()? {
+            T_SNAPSHOT => ControlMsg::Snapshot(Snapshot {
+                version: Version::decode(r)?,
+                me: get_self(r)?,
+                filter: get_filter(r)?,
+                peers: r.list("peers", MAX_PEERS, MIN_PEER, |r| get_peer(r).map(Arc::new))?,
+            }),
+            T_DELTA => ControlMsg::Delta(Delta {
+                version: Version::decode(r)?,
+                change: Arc::new(get_change(r)?),
+            }),
+            T_ENDPOINTS => ControlMsg::EndpointReport(get_candidates(r)?),
             T_CALL_ME_MAYBE => ControlMsg::CallMeMaybe {
                 peer: r.key()?,
-                endpoints: get_candidates(&mut r)?,
+                endpoints: get_candidates(r)?,
             },
-            T_ACK => ControlMsg::Ack(Version::decode(&mut r)?),
+            T_ACK => ControlMsg::Ack(Version::decode(r)?),
             t => return Err(DecodeError::UnknownTag(t)),
-        };
-        r.finish()?;
-        Ok(msg)
+        })
     }
 
+    const FORMAT: Format = FORMAT;
+    const FRAME: FrameLimit = CONTROL_FRAME;
+}
+
+impl ControlMsg {
     /// Encodes as one frame (length prefix + message).
     pub fn encode_frame(&self) -> Result<Vec<u8>> {
-        codec::frame(&self.encode(), MAX_CONTROL_FRAME).map_err(|o| o.as_decode("control frame"))
+        CONTROL_FRAME.frame(&self.encode())
     }
 }
 
-/// Splits one frame off the front of `buf`: `Ok(None)` if more bytes are
-/// needed, else the payload and how many bytes it consumed.
+/// Splits one [`CONTROL_FRAME`] off the front of `buf` ([`FrameLimit::split`]).
 pub fn decode_control_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>> {
-    codec::split_frame(buf, MAX_CONTROL_FRAME).map_err(|o| o.as_decode("control frame"))
+    CONTROL_FRAME.split(buf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::laws::{candidate, key};
+    use crate::codec::laws::{self, candidate, key, probes, version};
     use proptest::prelude::*;
 
     fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
@@ -305,25 +283,33 @@ mod tests {
         "[a-z0-9-]{1,20}|.{0,10}"
     }
 
-    fn peer() -> impl Strategy<Value = Peer> {
+    fn self_info() -> impl Strategy<Value = SelfInfo> {
         (
-            key(),
             label(),
             prop::collection::vec(label(), 0..3),
             any::<[u8; 4]>(),
             any::<[u8; 16]>(),
-            candidates(),
-            any::<bool>(),
         )
-            .prop_map(|(key, name, tags, v4, v6, endpoints, online)| Peer {
-                key,
+            .prop_map(|(name, tags, v4, v6)| SelfInfo {
                 name,
                 tags,
                 ipv4: v4.into(),
                 ipv6: v6.into(),
+            })
+    }
+
+    fn peer() -> impl Strategy<Value = Peer> {
+        (key(), self_info(), candidates(), any::<bool>()).prop_map(
+            |(key, me, endpoints, online)| Peer {
+                key,
+                name: me.name,
+                tags: me.tags,
+                ipv4: me.ipv4,
+                ipv6: me.ipv6,
                 endpoints,
                 online,
-            })
+            },
+        )
     }
 
     fn filter() -> impl Strategy<Value = FilterRules> {
@@ -346,45 +332,33 @@ mod tests {
         .prop_map(|rules| FilterRules { rules })
     }
 
-    fn version() -> impl Strategy<Value = Version> {
-        any::<(u64, u64)>().prop_map(|(epoch, seq)| Version { epoch, seq })
+    fn change() -> impl Strategy<Value = PeerChange> {
+        prop_oneof![
+            peer().prop_map(|p| PeerChange::Upsert(Arc::new(p))),
+            key().prop_map(PeerChange::Remove),
+            filter().prop_map(PeerChange::Filter),
+        ]
     }
 
     fn msg() -> impl Strategy<Value = ControlMsg> {
         prop_oneof![
             (
                 version(),
-                label(),
-                prop::collection::vec(label(), 0..3),
-                any::<[u8; 4]>(),
-                any::<[u8; 16]>(),
+                self_info(),
                 filter(),
                 prop::collection::vec(peer().prop_map(Arc::new), 0..4)
             )
-                .prop_map(|(version, name, tags, v4, v6, filter, peers)| {
+                .prop_map(|(version, me, filter, peers)| {
                     ControlMsg::Snapshot(Snapshot {
                         version,
-                        me: SelfInfo {
-                            name,
-                            tags,
-                            ipv4: v4.into(),
-                            ipv6: v6.into(),
-                        },
+                        me,
                         filter,
                         peers,
                     })
                 }),
-            (version(), peer()).prop_map(|(version, p)| ControlMsg::Delta(Delta {
+            (version(), change()).prop_map(|(version, c)| ControlMsg::Delta(Delta {
                 version,
-                change: Arc::new(PeerChange::Upsert(Arc::new(p)))
-            })),
-            (version(), key()).prop_map(|(version, k)| ControlMsg::Delta(Delta {
-                version,
-                change: Arc::new(PeerChange::Remove(k))
-            })),
-            (version(), filter()).prop_map(|(version, f)| ControlMsg::Delta(Delta {
-                version,
-                change: Arc::new(PeerChange::Filter(f))
+                change: Arc::new(c)
             })),
             candidates().prop_map(ControlMsg::EndpointReport),
             (key(), candidates())
@@ -395,24 +369,10 @@ mod tests {
 
     proptest! {
         #[test]
-        fn codec_laws(m in msg(), cut in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(),
-                      bit in 0u8..8, extra in prop::collection::vec(any::<u8>(), 1..8)) {
-            crate::codec::laws::check(&m, &m.encode(), ControlMsg::decode, cut, (at, bit), &extra)?;
-        }
-
-        #[test]
-        fn roundtrip(m in msg()) {
+        fn codec_laws(m in msg(), p in probes()) {
+            laws::check(&m, &p)?;
             let enc = m.encode();
-            prop_assert_eq!(ControlMsg::decode(&enc), Ok(m.clone()));
-            let frame = m.encode_frame().map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(frame.len(), enc.len() + 4);
-            prop_assert_eq!(decode_control_frame(&frame), Ok(Some((&enc[..], frame.len()))));
-        }
-
-        #[test]
-        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-            let _ = ControlMsg::decode(&bytes);
-            let _ = decode_control_frame(&bytes);
+            prop_assert_eq!(m.encode_frame().map(|f| f[4..] == enc[..]), Ok(true));
         }
     }
 
@@ -439,8 +399,6 @@ mod tests {
             ControlMsg::decode(&m),
             Err(ControlWireError::TooLong { .. })
         ));
-        let head = ((MAX_CONTROL_FRAME + 1) as u32).to_be_bytes();
-        assert!(decode_control_frame(&head).is_err());
-        assert_eq!(decode_control_frame(&[0, 0, 0, 5, 1]), Ok(None));
+        laws::check_frame_limit(CONTROL_FRAME);
     }
 }

@@ -124,47 +124,42 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn every_unit() {
-        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse("1d"), Ok(Duration::from_secs(86_400)));
-        assert_eq!(parse("7d"), Ok(Duration::from_secs(7 * 86_400)));
-    }
+    /// Every accepted form and what it means.
+    const ACCEPTED: &[(&str, Duration)] = &[
+        // Every unit.
+        ("500ms", Duration::from_millis(500)),
+        ("30s", Duration::from_secs(30)),
+        ("10m", Duration::from_secs(600)),
+        ("2h", Duration::from_secs(7200)),
+        ("1d", Duration::from_secs(86_400)),
+        ("7d", Duration::from_secs(7 * 86_400)),
+        // Plain numbers are seconds.
+        ("90", Duration::from_secs(90)),
+        ("0", Duration::ZERO),
+        ("0s", Duration::ZERO),
+        ("1.5", Duration::from_millis(1500)),
+        // Fractions are exact.
+        ("1.5s", Duration::from_millis(1500)),
+        (".5s", Duration::from_millis(500)),
+        ("2.s", Duration::from_secs(2)),
+        ("0.1s", Duration::from_millis(100)),
+        ("1.5h", Duration::from_secs(5400)),
+        ("0.25ms", Duration::from_micros(250)),
+        ("1.000000001s", Duration::new(1, 1)),
+        // Below a nanosecond: dropped; long fractions are cut, not refused.
+        ("1.0000000009s", Duration::new(1, 0)),
+        ("0.0000000000000000000001d", Duration::ZERO),
+        // Blanks.
+        ("  2s ", Duration::from_secs(2)),
+        ("2 s", Duration::from_secs(2)),
+        ("250 ms", Duration::from_millis(250)),
+    ];
 
     #[test]
-    fn plain_numbers_are_seconds() {
-        assert_eq!(parse("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse("0"), Ok(Duration::ZERO));
-        assert_eq!(parse("0s"), Ok(Duration::ZERO));
-        assert_eq!(parse("1.5"), Ok(Duration::from_millis(1500)));
-    }
-
-    #[test]
-    fn fractions_are_exact() {
-        assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse(".5s"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse("2.s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse("0.1s"), Ok(Duration::from_millis(100)));
-        assert_eq!(parse("1.5h"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse("0.25ms"), Ok(Duration::from_micros(250)));
-        assert_eq!(parse("1.000000001s"), Ok(Duration::new(1, 1)));
-        // Below a nanosecond: dropped.
-        assert_eq!(parse("1.0000000009s"), Ok(Duration::new(1, 0)));
-        assert_eq!(
-            parse("0.0000000000000000000001d"),
-            Ok(Duration::ZERO),
-            "long fractions are cut, not refused"
-        );
-    }
-
-    #[test]
-    fn blanks() {
-        assert_eq!(parse("  2s "), Ok(Duration::from_secs(2)));
-        assert_eq!(parse("2 s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse("250 ms"), Ok(Duration::from_millis(250)));
+    fn every_accepted_form() {
+        for (text, want) in ACCEPTED {
+            assert_eq!(parse(text), Ok(*want), "{text:?}");
+        }
     }
 
     #[test]

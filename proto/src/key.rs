@@ -47,46 +47,75 @@ pub fn decode_hex(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
     Ok(out)
 }
 
+/// Standard base64 of a key (44 characters).
+pub fn encode_base64(b: &[u8; KEY_LEN]) -> String {
+    STANDARD.encode(b)
+}
+
+/// Lowercase hex of a key (64 characters).
+pub fn encode_hex(b: &[u8; KEY_LEN]) -> String {
+    hex::encode(b)
+}
+
+/// The byte and text forms of a 32-byte key type (a tuple struct of
+/// `[u8; KEY_LEN]`): raw bytes, standard base64 (wg-quick configs, tokens,
+/// JSON; `wg` prints keys so), hex (the UAPI) and the all-zero test. Written
+/// once for [`PublicKey`] and `mesh`'s private and preshared keys.
+#[macro_export]
+macro_rules! key_forms {
+    ($name:ident) => {
+        impl $name {
+            /// Builds the key from raw bytes.
+            pub const fn from_bytes(bytes: [u8; $crate::key::KEY_LEN]) -> Self {
+                Self(bytes)
+            }
+
+            /// The raw key bytes.
+            pub const fn as_bytes(&self) -> &[u8; $crate::key::KEY_LEN] {
+                &self.0
+            }
+
+            /// Decodes standard base64 (surrounding whitespace ignored).
+            pub fn from_base64(s: &str) -> Result<Self, $crate::key::KeyError> {
+                $crate::key::decode_base64(s).map(Self)
+            }
+
+            /// Encodes as standard base64 (44 characters).
+            pub fn to_base64(&self) -> String {
+                $crate::key::encode_base64(&self.0)
+            }
+
+            /// Decodes hex (as in the UAPI; upper case is accepted too).
+            pub fn from_hex(s: &str) -> Result<Self, $crate::key::KeyError> {
+                $crate::key::decode_hex(s).map(Self)
+            }
+
+            /// Encodes as lowercase hex (64 characters), as the UAPI expects.
+            pub fn to_hex(&self) -> String {
+                $crate::key::encode_hex(&self.0)
+            }
+
+            /// Whether every byte is zero (the UAPI's "remove this key").
+            pub fn is_zero(&self) -> bool {
+                self.0 == [0u8; $crate::key::KEY_LEN]
+            }
+        }
+    };
+}
+
 /// A Curve25519 public key. `Display` shows base64, `Debug` the short form.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey(pub [u8; KEY_LEN]);
+key_forms!(PublicKey);
 
 impl PublicKey {
-    /// From raw bytes.
-    pub const fn from_bytes(bytes: [u8; KEY_LEN]) -> PublicKey {
-        PublicKey(bytes)
-    }
     /// From a slice of exactly 32 bytes.
     pub fn from_slice(b: &[u8]) -> Option<PublicKey> {
         <[u8; KEY_LEN]>::try_from(b).ok().map(PublicKey)
     }
-    /// The raw bytes.
-    pub const fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-    /// Decodes standard base64 (wg-quick configs, tokens, JSON).
-    pub fn from_base64(s: &str) -> Result<PublicKey, KeyError> {
-        decode_base64(s).map(PublicKey)
-    }
-    /// Standard base64 (44 characters), as `wg` prints keys.
-    pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0)
-    }
-    /// Decodes hex (the UAPI; upper case accepted).
-    pub fn from_hex(s: &str) -> Result<PublicKey, KeyError> {
-        decode_hex(s).map(PublicKey)
-    }
-    /// Lowercase hex (64 characters), as the UAPI expects.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
     /// The first 8 hex digits: for logs and default node names.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..4])
-    }
-    /// Whether every byte is zero (the UAPI's "remove this key").
-    pub fn is_zero(&self) -> bool {
-        self.0 == [0u8; KEY_LEN]
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`codec`] | the one binary Reader/Writer and [`codec::DecodeError`]; 4-byte length-prefixed frames with a per-protocol limit |
+//! | [`codec`] | the one binary Reader/Writer (in a per-format [`codec::Format`]), the [`codec::Wire`] trait of both message codecs, [`codec::DecodeError`]; 4-byte length-prefixed frames with a per-protocol [`codec::FrameLimit`] |
 //! | [`key`] | the one [`PublicKey`] (WireGuard peer key = disco key = Noise identity) |
 //! | [`relay`] | relay protocol messages (admission, tunnels, mesh join), rejection [`relay::Reason`]s |
 //! | [`control`] | the mesh control stream between a node and the coordinator |

@@ -49,6 +49,11 @@ pub fn validate_tag(tag: &str) -> Result<(), NameError> {
     validate_name(tag)
 }
 
+/// A tag list from literals (policies written in code, tests); not validated.
+pub fn tags(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 /// Turns a hostname (or anything a user typed) into a valid name: the first
 /// dot-separated label, lowercased, every run of other characters turned into
 /// one `-`, trimmed of `-`, cut to 63. `None` if nothing usable is left

@@ -229,18 +229,26 @@ impl CandidateKind {
     }
 }
 
-/// A candidate on the wire: kind byte, then the socket address.
-pub(crate) fn put_candidate(w: &mut Writer, c: &Candidate) {
-    w.u8(c.kind.code());
-    w.addr(c.addr);
+/// Smallest encoded candidate: kind, family, IPv4 octets, port.
+const MIN_CANDIDATE: usize = 1 + 1 + 4 + 2;
+
+/// A candidate list on the wire, at most [`MAX_CANDIDATES`] (the same in
+/// every codec): each candidate a kind byte, then the socket address.
+pub(crate) fn put_candidates(w: &mut Writer, c: &[Candidate]) {
+    w.list(c, MAX_CANDIDATES, |w, c| {
+        w.u8(c.kind.code());
+        w.addr(c.addr);
+    });
 }
 
-/// Reads [`put_candidate`]'s form.
-pub(crate) fn get_candidate(r: &mut Reader<'_>) -> Result<Candidate, DecodeError> {
-    let kind = CandidateKind::from_code(r.u8()?)?;
-    Ok(Candidate {
-        addr: r.addr()?,
-        kind,
+/// Reads [`put_candidates`]'s form.
+pub(crate) fn get_candidates(r: &mut Reader<'_>) -> Result<Vec<Candidate>, DecodeError> {
+    r.list("candidates", MAX_CANDIDATES, MIN_CANDIDATE, |r| {
+        let kind = CandidateKind::from_code(r.u8()?)?;
+        Ok(Candidate {
+            addr: r.addr()?,
+            kind,
+        })
     })
 }
 

@@ -20,10 +20,10 @@
 //!   on both directions carry [`crate::control::ControlMsg`] frames.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
-use crate::codec::{self, DecodeError, Reader, Writer};
-use crate::peermap::{get_candidate, put_candidate, Candidate, Version, MAX_CANDIDATES};
+use crate::codec::{DecodeError, Format, FrameLimit, Reader, Width, Wire, Writer};
+use crate::peermap::{get_candidates, put_candidates, Candidate, Version};
 use crate::secret::Secret;
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -31,8 +31,18 @@ use ipnet::{Ipv4Net, Ipv6Net};
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Largest frame payload (Noise messages are at most 65535 bytes).
 pub const MAX_FRAME: usize = 65535;
+/// Relay frames.
+pub const FRAME: FrameLimit = FrameLimit {
+    max: MAX_FRAME,
+    what: "frame",
+};
 /// Most items in a list field.
 pub const MAX_LIST: usize = 1024;
+/// u16 string lengths and list counts.
+const FORMAT: Format = Format {
+    count: Width::U16,
+    len: Width::U16,
+};
 
 /// A codec error: what was malformed (the one [`DecodeError`] of every Weft codec).
 pub type WireError = DecodeError;
@@ -247,7 +257,8 @@ pub enum Message {
     MeshJoin {
         /// The peer-map version the node already holds (reconnect), if any.
         since: Option<Version>,
-        /// The node's current endpoint candidates (at most [`MAX_CANDIDATES`]).
+        /// The node's current endpoint candidates (at most
+        /// [`crate::peermap::MAX_CANDIDATES`]).
         endpoints: Vec<Candidate>,
     },
     /// Relay → node: joined; coordinator control frames follow.
@@ -273,79 +284,49 @@ const T_OPEN_OK: u8 = 8;
 const T_MESH_JOIN: u8 = 9;
 const T_MESH_ACCEPTED: u8 = 10;
 
-fn put_strs(w: &mut Writer, v: &[String]) {
-    let n = w.count16(v.len(), MAX_LIST);
-    for x in &v[..n] {
-        w.str16(x);
-    }
-}
-
-fn get_strs(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<String>, WireError> {
-    let n = r.count16(what, MAX_LIST, 2)?;
-    (0..n).map(|_| r.str16()).collect()
-}
-
-impl Message {
-    /// Encodes the message (without frame header).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
+impl Wire for Message {
+    fn put(&self, w: &mut Writer) {
         match self {
             Message::Hello(h) => {
                 w.u8(T_HELLO);
                 w.u8(h.version);
-                w.str16(&h.name);
-                match &h.join_secret {
-                    Some(s) => {
-                        w.u8(1);
-                        w.bytes(s.expose());
-                    }
-                    None => w.u8(0),
-                }
-                put_strs(&mut w, &h.services);
+                w.str(&h.name);
+                w.option(h.join_secret.as_ref(), |w, s| w.bytes(s.expose()));
+                w.strs(&h.services, MAX_LIST);
             }
             Message::Accepted { name, tags } => {
                 w.u8(T_ACCEPTED);
-                w.str16(name);
-                put_strs(&mut w, tags);
+                w.str(name);
+                w.strs(tags, MAX_LIST);
             }
             Message::Rejected(r) => {
                 w.u8(T_REJECTED);
                 w.u8(r.reason.code());
-                w.str16(&r.detail);
+                w.str(&r.detail);
             }
             Message::ListTargets => w.u8(T_LIST),
             Message::Targets(ts) => {
                 w.u8(T_TARGETS);
-                let n = w.count16(ts.len(), MAX_LIST);
-                for t in &ts[..n] {
-                    w.str16(&t.name);
-                    put_strs(&mut w, &t.services);
-                }
+                w.list(ts, MAX_LIST, |w, t| {
+                    w.str(&t.name);
+                    w.strs(&t.services, MAX_LIST);
+                });
             }
             Message::Open { target, service } => {
                 w.u8(T_OPEN);
-                w.str16(target);
-                w.str16(service);
+                w.str(target);
+                w.str(service);
             }
             Message::Incoming { from, service } => {
                 w.u8(T_INCOMING);
-                w.str16(from);
-                w.str16(service);
+                w.str(from);
+                w.str(service);
             }
             Message::OpenOk => w.u8(T_OPEN_OK),
             Message::MeshJoin { since, endpoints } => {
                 w.u8(T_MESH_JOIN);
-                match since {
-                    Some(v) => {
-                        w.u8(1);
-                        v.encode(&mut w);
-                    }
-                    None => w.u8(0),
-                }
-                let n = w.count16(endpoints.len(), MAX_CANDIDATES);
-                for c in &endpoints[..n] {
-                    put_candidate(&mut w, c);
-                }
+                w.option(since.as_ref(), |w, v| v.encode(w));
+                put_candidates(w, endpoints);
             }
             Message::MeshAccepted {
                 stun,
@@ -353,138 +334,91 @@ impl Message {
                 ipv6_prefix,
             } => {
                 w.u8(T_MESH_ACCEPTED);
-                match stun {
-                    Some(a) => {
-                        w.u8(1);
-                        w.addr(*a);
-                    }
-                    None => w.u8(0),
-                }
+                w.option(stun.as_ref(), |w, a| w.addr(*a));
                 w.bytes(&ipv4_pool.addr().octets());
                 w.u8(ipv4_pool.prefix_len());
                 w.bytes(&ipv6_prefix.addr().octets());
                 w.u8(ipv6_prefix.prefix_len());
             }
         }
-        w.into_bytes()
     }
 
-    /// Decodes one message; the whole slice must be the message.
-    pub fn decode(buf: &[u8]) -> Result<Message, WireError> {
-        let mut r = Reader::new(buf);
-        let msg = match r.u8()? {
-            T_HELLO => {
-                let version = r.u8()?;
-                let name = r.str16()?;
-                let join_secret = match r.u8()? {
-                    0 => None,
-                    1 => {
-                        let b = r.take(32)?;
-                        let mut s = [0u8; 32];
-                        s.copy_from_slice(b);
-                        Some(Secret::new(s))
-                    }
-                    value => {
-                        return Err(WireError::BadValue {
-                            what: "flag",
-                            value,
-                        })
-                    }
-                };
-                let services = get_strs(&mut r, "services")?;
-                Message::Hello(Hello {
-                    version,
-                    name,
-                    join_secret,
-                    services,
-                })
-            }
+    fn get(r: &mut Reader<'_>) -> Result<Message, WireError> {
+        Ok(match r.u8()? {
+            T_HELLO => Message::Hello(Hello {
+                version: r.u8()?,
+                name: r.str()?,
+                join_secret: r.option(|r| r.arr::<32>().map(Secret::new))?,
+                services: r.strs("services", MAX_LIST)?,
+            }),
             T_ACCEPTED => Message::Accepted {
-                name: r.str16()?,
-                tags: get_strs(&mut r, "tags")?,
+                name: r.str()?,
+                tags: r.strs("tags", MAX_LIST)?,
             },
-            T_REJECTED => {
-                let reason = Reason::from_code(r.u8()?)?;
-                Message::Rejected(Rejection {
-                    reason,
-                    detail: r.str16()?,
-                })
-            }
+            T_REJECTED => Message::Rejected(Rejection {
+                reason: Reason::from_code(r.u8()?)?,
+                detail: r.str()?,
+            }),
             T_LIST => Message::ListTargets,
-            T_TARGETS => {
-                let n = r.count16("targets", MAX_LIST, 4)?;
-                let mut ts = Vec::with_capacity(n.min(64));
-                for _ in 0..n {
-                    ts.push(Target {
-                        name: r.str16()?,
-                        services: get_strs(&mut r, "services")?,
-                    });
-                }
-                Message::Targets(ts)
-            }
+            T_TARGETS => Message::Targets(r.list("targets", MAX_LIST, 4, |r| {
+                Ok(Target {
+                    name: r.str()?,
+                    services: r.strs("services", MAX_LIST)?,
+                })
+            })?),
             T_OPEN => Message::Open {
-                target: r.str16()?,
-                service: r.str16()?,
+                target: r.str()?,
+                service: r.str()?,
             },
             T_INCOMING => Message::Incoming {
-                from: r.str16()?,
-                service: r.str16()?,
+                from: r.str()?,
+                service: r.str()?,
             },
             T_OPEN_OK => Message::OpenOk,
-            T_MESH_JOIN => {
-                let since = if r.flag()? {
-                    Some(Version::decode(&mut r)?)
-                } else {
-                    None
-                };
-                let n = r.count16("endpoints", MAX_CANDIDATES, 4)?;
-                let endpoints = (0..n)
-                    .map(|_| get_candidate(&mut r))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Message::MeshJoin { since, endpoints }
-            }
-            T_MESH_ACCEPTED => {
-                let stun = if r.flag()? { Some(r.addr()?) } else { None };
-                let v4 = Ipv4Addr::from(r.arr::<4>()?);
-                let l4 = r.u8()?;
-                let ipv4_pool = Ipv4Net::new(v4, l4).map_err(|_| WireError::BadValue {
-                    what: "IPv4 prefix length",
-                    value: l4,
-                })?;
-                let v6 = Ipv6Addr::from(r.arr::<16>()?);
-                let l6 = r.u8()?;
-                let ipv6_prefix = Ipv6Net::new(v6, l6).map_err(|_| WireError::BadValue {
-                    what: "IPv6 prefix length",
-                    value: l6,
-                })?;
-                Message::MeshAccepted {
-                    stun,
-                    ipv4_pool,
-                    ipv6_prefix,
-                }
-            }
+            T_MESH_JOIN => Message::MeshJoin {
+                since: r.option(Version::decode)?,
+                endpoints: get_candidates(r)?,
+            },
+            T_MESH_ACCEPTED => Message::MeshAccepted {
+                stun: r.option(Reader::addr)?,
+                ipv4_pool: get_net(r, "IPv4 prefix length", Ipv4Net::new)?,
+                ipv6_prefix: get_net(r, "IPv6 prefix length", Ipv6Net::new)?,
+            },
             t => return Err(WireError::UnknownTag(t)),
-        };
-        r.finish()?;
-        Ok(msg)
+        })
     }
+
+    const FORMAT: Format = FORMAT;
+    const FRAME: FrameLimit = FRAME;
 }
 
-/// Frames a payload: 4-byte big-endian length, then the payload (at most [`MAX_FRAME`]).
+/// An address's octets and a prefix length, as `make` (`Ipv4Net::new` or
+/// `Ipv6Net::new`) accepts them; `what` names a refused prefix length.
+fn get_net<A: From<[u8; L]>, N, const L: usize>(
+    r: &mut Reader<'_>,
+    what: &'static str,
+    make: impl FnOnce(A, u8) -> Result<N, ipnet::PrefixLenError>,
+) -> Result<N, WireError> {
+    let addr = A::from(r.arr::<L>()?);
+    let value = r.u8()?;
+    make(addr, value).map_err(|_| WireError::BadValue { what, value })
+}
+
+/// Frames a payload of at most [`MAX_FRAME`] bytes ([`FrameLimit::frame`]).
 pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>, WireError> {
-    codec::frame(payload, MAX_FRAME).map_err(|o| o.as_decode("frame"))
+    FRAME.frame(payload)
 }
 
-/// Splits one frame off the front of `buf`: `Ok(None)` if more bytes are
-/// needed, else the payload and how many bytes it consumed.
+/// Splits one [`FRAME`] off the front of `buf` ([`FrameLimit::split`]).
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
-    codec::split_frame(buf, MAX_FRAME).map_err(|o| o.as_decode("frame"))
+    FRAME.split(buf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::laws::{addr, candidate};
+    use crate::codec::laws::{self, addr, candidate, probes, version};
+    use crate::peermap::MAX_CANDIDATES;
     use proptest::prelude::*;
 
     fn name() -> impl Strategy<Value = String> {
@@ -522,13 +456,10 @@ mod tests {
             (name(), name()).prop_map(|(from, service)| Message::Incoming { from, service }),
             Just(Message::OpenOk),
             (
-                any::<Option<(u64, u64)>>(),
+                prop::option::of(version()),
                 prop::collection::vec(candidate(), 0..=MAX_CANDIDATES)
             )
-                .prop_map(|(since, endpoints)| Message::MeshJoin {
-                    since: since.map(|(epoch, seq)| Version { epoch, seq }),
-                    endpoints
-                }),
+                .prop_map(|(since, endpoints)| Message::MeshJoin { since, endpoints }),
             (
                 prop::option::of(addr()),
                 any::<[u8; 4]>(),
@@ -546,35 +477,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn codec_laws(m in message(), cut in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(),
-                      bit in 0u8..8, extra in prop::collection::vec(any::<u8>(), 1..8)) {
-            crate::codec::laws::check(&m, &m.encode(), Message::decode, cut, (at, bit), &extra)?;
+        fn codec_laws(m in message(), p in probes()) {
+            laws::check(&m, &p)?;
         }
-
-        #[test]
-        fn roundtrip(m in message()) {
-            let enc = m.encode();
-            prop_assert_eq!(Message::decode(&enc), Ok(m.clone()));
-            let frame = encode_frame(&enc).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(frame.len(), enc.len() + 4);
-            let got = decode_frame(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(got, Some((&enc[..], frame.len())));
-        }
-
-        #[test]
-        fn truncated_frames_need_more(m in message(), cut in any::<prop::sample::Index>()) {
-            let enc = m.encode();
-            let frame = encode_frame(&enc).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let fc = cut.index(frame.len());
-            prop_assert_eq!(decode_frame(&frame[..fc]), Ok(None));
-        }
-
-        #[test]
-        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-            let _ = Message::decode(&bytes);
-            let _ = decode_frame(&bytes);
-        }
-
     }
 
     #[test]
@@ -620,9 +525,6 @@ mod tests {
 
     #[test]
     fn oversized_frame_rejected() {
-        let big = vec![0u8; MAX_FRAME + 1];
-        assert!(encode_frame(&big).is_err());
-        let head = ((MAX_FRAME + 1) as u32).to_be_bytes();
-        assert!(decode_frame(&head).is_err());
+        laws::check_frame_limit(FRAME);
     }
 }

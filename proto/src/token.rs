@@ -9,7 +9,7 @@ use std::fmt;
 use base64::Engine;
 use thiserror::Error;
 
-use crate::codec::{DecodeError, Reader, Writer};
+use crate::codec::{DecodeError, Format, Reader, Width, Writer};
 use crate::key::PublicKey;
 use crate::secret::Secret;
 
@@ -43,6 +43,11 @@ impl From<DecodeError> for TokenError {
 
 /// Most relay addresses in a token; each is at most 255 bytes.
 const MAX_ADDRS: usize = 255;
+/// u8 address lengths (longer addresses are left out, not cut).
+const FORMAT: Format = Format {
+    count: Width::U8,
+    len: Width::U8,
+};
 
 /// A parsed join token. `Debug` masks the secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -58,7 +63,7 @@ pub struct Token {
 impl Token {
     /// The token's text form. Addresses over 255 bytes are left out.
     pub fn encode(&self) -> String {
-        let mut w = Writer::new();
+        let mut w = Writer::new(FORMAT);
         w.u8(1);
         w.key(&self.relay_key);
         w.bytes(self.secret.expose());
@@ -70,7 +75,7 @@ impl Token {
             .collect();
         w.u8(addrs.len() as u8);
         for a in addrs {
-            w.str8(a, 255);
+            w.str(a);
         }
         format!(
             "{TOKEN_PREFIX}{}",
@@ -87,7 +92,7 @@ impl Token {
         let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| TokenError::BadBase64)?;
-        let mut r = Reader::new(&b);
+        let mut r = Reader::new(&b, FORMAT);
         let version = r.u8().map_err(|_| TokenError::BadBody("empty"))?;
         if version != 1 {
             return Err(TokenError::BadBody("unknown version"));
@@ -97,7 +102,7 @@ impl Token {
             .arr::<32>()
             .map_err(|_| TokenError::BadBody("short secret"))?;
         let n = r.u8().map_err(|_| TokenError::BadBody("no addresses"))?;
-        let relay_addrs = (0..n).map(|_| r.str8()).collect::<Result<Vec<_>, _>>()?;
+        let relay_addrs = (0..n).map(|_| r.str()).collect::<Result<Vec<_>, _>>()?;
         r.finish()?;
         Ok(Token {
             relay_addrs,

@@ -1,5 +1,6 @@
-//! Pure admission logic: token validity at a given time and the per-source
-//! connection rate limiter. No clock, no I/O: callers pass `now`.
+//! Pure admission logic: token validity at a given time, the one
+//! [`TokenBucket`] every peer-triggered rate limit uses, and the per-source
+//! connection rate limiter built on it. No clock, no I/O: callers pass `now`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,11 +34,45 @@ pub fn check_token(t: &TokenState, now: u64) -> Result<(), Reason> {
     Ok(())
 }
 
+/// One token bucket: `per_sec` tokens a second, up to `burst`; starts full.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn new(per_sec: f64, burst: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            per_sec,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token at `now`; false if none is left.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Token buckets per source IP: `rate` new connections per second, burst `rate`.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: f64,
-    buckets: HashMap<IpAddr, (f64, Instant)>,
+    buckets: HashMap<IpAddr, TokenBucket>,
 }
 
 impl RateLimiter {
@@ -55,22 +90,16 @@ impl RateLimiter {
             self.prune(now);
         }
         let rate = self.rate;
-        let (tokens, last) = self.buckets.entry(ip).or_insert((rate, now));
-        let elapsed = now.saturating_duration_since(*last).as_secs_f64();
-        *tokens = (*tokens + elapsed * rate).min(rate);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(rate, rate, now))
+            .take(now)
     }
 
     /// Forgets IPs whose bucket has been full for a while.
     pub fn prune(&mut self, now: Instant) {
         self.buckets
-            .retain(|_, (_, last)| now.saturating_duration_since(*last) < Duration::from_secs(2));
+            .retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(2));
     }
 }
 
@@ -116,5 +145,18 @@ mod tests {
         assert!(r.allow(other, t0), "buckets are per IP");
         assert!(!r.allow(ip, t0 + Duration::from_millis(100)));
         assert!(r.allow(ip, t0 + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(2.0, 5.0, t0);
+        assert_eq!((0..100).filter(|_| b.take(t0)).count(), 5);
+        // Ten seconds of a flood every 10 ms: 2 a second, never more.
+        let later = (1..=1000).filter(|i| b.take(t0 + Duration::from_millis(10 * i)));
+        assert_eq!(later.count(), 20);
+        // Idle for a minute: full again, but no more than the burst.
+        let t1 = t0 + Duration::from_secs(70);
+        assert_eq!((0..100).filter(|_| b.take(t1)).count(), 5);
     }
 }

@@ -15,7 +15,7 @@ mod expose;
 mod session;
 mod state;
 
-pub use engineer::{connect_stdio, forward, forward_on, service_for_port, ssh_config};
+pub use engineer::{connect_stdio, forward, service_for_port, ssh_config};
 pub use expose::{expose, ExposeOptions, IncomingStream};
 pub use session::{close_failure, connect, is_rejected_close, session, ClientTiming, Session};
 pub use state::{default_state_dir, login, ClientState, RelayInfo};

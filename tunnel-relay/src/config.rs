@@ -282,10 +282,7 @@ impl RelayConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tags(t: &[&str]) -> Vec<String> {
-        t.iter().map(|s| s.to_string()).collect()
-    }
+    use weft_proto::names::tags;
 
     #[test]
     fn empty_file_gives_documented_defaults() {

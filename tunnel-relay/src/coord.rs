@@ -447,6 +447,16 @@ impl Coordinator {
         self.nodes.get(&id).is_some_and(|n| n.online)
     }
 
+    /// The peer-map version the node is at (what [`Coordinator::sync`]
+    /// answers with nothing).
+    pub fn version_of(&self, id: NodeId) -> Option<Version> {
+        let n = self.nodes.get(&id)?;
+        Some(Version {
+            epoch: self.epoch,
+            seq: n.seq,
+        })
+    }
+
     /// A free, valid name for `key` from a hostname or user input: the key's
     /// current name if it has one and `raw` sanitizes to it; otherwise the
     /// sanitized input (or `node-<key short>`) made unique with `-2`, `-3`, ...

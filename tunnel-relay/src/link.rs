@@ -673,26 +673,28 @@ mod tests {
     #[test]
     fn is_permanent_judges_every_reason() {
         use Reason::*;
-        let permanent: Vec<Reason> = every_reason()
-            .into_iter()
-            .filter(|r| is_permanent(*r))
-            .collect();
-        assert_eq!(
-            permanent,
-            [
-                TokenExpired,
-                TokenUsedUp,
-                TokenRevoked,
-                TokenUnknown,
-                KeyUnknown,
-                NodeRevoked,
-                NotAllowed,
-                NoSuchService,
-                NameTaken,
-                BadRequest,
-                UnsupportedVersion
-            ]
-        );
+        // Every reason, in code order, with its verdict.
+        let verdicts = [
+            (TokenExpired, true),
+            (TokenUsedUp, true),
+            (TokenRevoked, true),
+            (TokenUnknown, true),
+            (KeyUnknown, true),
+            (NodeRevoked, true),
+            (NotAllowed, true),
+            (NoSuchNode, false),
+            (NoSuchService, true),
+            (ServiceUnavailable, false),
+            (NameTaken, true),
+            (LimitExceeded, false),
+            (BadRequest, true),
+            (UnsupportedVersion, true),
+            (Internal, false),
+        ];
+        assert_eq!(every_reason(), verdicts.map(|(r, _)| r));
+        for (r, permanent) in verdicts {
+            assert_eq!(is_permanent(r), permanent, "{r:?}");
+        }
         assert_eq!(every_reason().len(), 15);
         assert!(!Failure::RelayRestarting("relay restarting".into()).is_permanent());
         assert!(!down().is_permanent());

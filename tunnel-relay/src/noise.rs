@@ -13,6 +13,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use crate::error::ProtoError;
 use crate::keys::{PublicKey, StaticKey};
 use crate::wire::{read_frame, write_frame, Message, MAX_FRAME};
+use weft_proto::codec::Wire as _;
 
 /// The Noise pattern.
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";

@@ -275,10 +275,7 @@ impl<C: Clone> Routes<C> {
 mod tests {
     use super::*;
     use crate::keys::StaticKey;
-
-    fn tags(t: &[&str]) -> Vec<String> {
-        t.iter().map(|s| s.to_string()).collect()
-    }
+    use weft_proto::names::tags;
 
     struct Fixture {
         routes: Routes<&'static str>,

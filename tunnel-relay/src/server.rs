@@ -41,7 +41,7 @@ use crate::wire::{
 
 mod mesh;
 
-pub use mesh::{MAX_NODE_FRAME, SESSION_QUEUE};
+pub use mesh::{MAX_NODE_FRAME, RESYNCS_PER_SEC, RESYNC_BURST, SESSION_QUEUE};
 
 pub use weft_proto::close::{CloseCode, ResetCode};
 

@@ -25,6 +25,18 @@ pub enum End {
     Stopped,
 }
 
+/// The code a splice resets or stops a stream with when it fails itself.
+fn failed() -> VarInt {
+    VarInt::from_u32(ResetCode::Failed.code())
+}
+
+/// FIN, then waits until the peer has everything (or stops), so a dropped
+/// connection cannot lose the tail.
+async fn finish(send: &mut SendStream) {
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
 /// Chunks taken from a QUIC stream at once (one lock, one wakeup per batch).
 const BATCH: usize = 32;
 
@@ -42,7 +54,7 @@ pub async fn quic_to_quic(
         let got = tokio::select! {
             r = recv.read_chunks(&mut bufs) => r,
             s = send.stopped() => {
-                let code = s.ok().flatten().unwrap_or(VarInt::from_u32(ResetCode::Failed.code()));
+                let code = s.ok().flatten().unwrap_or(failed());
                 let _ = recv.stop(code);
                 return (total, End::Stopped);
             }
@@ -56,29 +68,28 @@ pub async fn quic_to_quic(
                         total += len;
                         on_bytes(len);
                     }
-                    Err(WriteError::Stopped(code)) => {
+                    Err(e) => {
+                        // The sink stopped: stop the source with its code.
+                        let (code, end) = match e {
+                            WriteError::Stopped(code) => (code, End::Stopped),
+                            _ => (failed(), End::Reset),
+                        };
                         let _ = recv.stop(code);
-                        return (total, End::Stopped);
-                    }
-                    Err(_) => {
-                        let _ = recv.stop(VarInt::from_u32(ResetCode::Failed.code()));
-                        return (total, End::Reset);
+                        return (total, end);
                     }
                 }
             }
             Ok(None) => {
-                let _ = send.finish();
-                // Wait until the peer has everything (or stops) so a dropped
-                // connection cannot lose the tail.
-                let _ = send.stopped().await;
+                finish(&mut send).await;
                 return (total, End::Finished);
             }
-            Err(ReadError::Reset(code)) => {
+            Err(e) => {
+                // The source was reset: reset the sink with its code.
+                let code = match e {
+                    ReadError::Reset(code) => code,
+                    _ => failed(),
+                };
                 let _ = send.reset(code);
-                return (total, End::Reset);
-            }
-            Err(_) => {
-                let _ = send.reset(VarInt::from_u32(ResetCode::Failed.code()));
                 return (total, End::Reset);
             }
         }
@@ -131,8 +142,7 @@ pub async fn local_to_quic<R: AsyncRead + Unpin>(mut r: R, mut send: SendStream)
         };
         match read {
             Ok(0) => {
-                let _ = send.finish();
-                let _ = send.stopped().await;
+                finish(&mut send).await;
                 return (total, End::Finished);
             }
             Ok(n) => {
@@ -143,7 +153,7 @@ pub async fn local_to_quic<R: AsyncRead + Unpin>(mut r: R, mut send: SendStream)
                 }
             }
             Err(_) => {
-                let _ = send.reset(VarInt::from_u32(ResetCode::Failed.code()));
+                let _ = send.reset(failed());
                 return (total, End::Reset);
             }
         }
@@ -163,7 +173,7 @@ pub async fn quic_to_local<W: AsyncWrite + Unpin>(mut recv: RecvStream, mut w: W
                 // flush: stdout hands bytes to a blocking thread and may hold
                 // the last ones back until flushed (a no-op for TCP).
                 if write_all_bufs(&mut w, batch).await.is_err() || w.flush().await.is_err() {
-                    let _ = recv.stop(VarInt::from_u32(ResetCode::Failed.code()));
+                    let _ = recv.stop(failed());
                     return (total, End::Stopped);
                 }
                 total += len;

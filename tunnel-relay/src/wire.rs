@@ -4,7 +4,7 @@
 //!
 //! Every frame is a 4-byte big-endian length and its payload, at most the
 //! protocol's limit ([`MAX_FRAME`] for relay messages, the caller's limit up
-//! to [`MAX_CONTROL_FRAME`] for control frames). A reader reads exactly one
+//! to [`weft_proto::control::MAX_CONTROL_FRAME`] for control frames). A reader reads exactly one
 //! frame and nothing after it (tunnel streams carry raw bytes next), and
 //! checks the announced length before allocating.
 
@@ -13,69 +13,53 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use weft_proto::relay::*;
 
-use weft_proto::codec::{self, DecodeError, Oversize};
-use weft_proto::control::{ControlMsg, MAX_CONTROL_FRAME};
+use weft_proto::codec::{self, DecodeError, FrameLimit, Wire as _};
+use weft_proto::control::{ControlMsg, CONTROL_FRAME};
 
-/// Why reading one raw frame failed.
-#[derive(Debug)]
-enum RawFrameError {
-    /// Clean end of stream before a frame began.
-    Eof,
-    /// The stream failed or ended inside a frame.
-    Io(std::io::Error),
-    /// The header announces more than the limit.
-    Oversize(Oversize),
-}
-
-/// Reads exactly one frame's payload (at most `max` bytes), nothing after it.
-async fn read_frame_with_limit<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> Result<Vec<u8>, RawFrameError> {
-    let mut head = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = r.read(&mut head[got..]).await.map_err(RawFrameError::Io)?;
-        if n == 0 {
-            return Err(if got == 0 {
-                RawFrameError::Eof
-            } else {
-                RawFrameError::Io(std::io::ErrorKind::UnexpectedEof.into())
-            });
-        }
-        got += n;
-    }
-    let len = codec::frame_len(head, max).map_err(RawFrameError::Oversize)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)
-        .await
-        .map_err(RawFrameError::Io)?;
-    Ok(payload)
-}
-
-/// An I/O or codec failure while reading or writing relay frames.
+/// An I/O or codec failure while reading or writing frames (relay or control).
 #[derive(Debug, Error)]
 pub enum FrameError {
     /// The stream failed or ended inside a frame.
     #[error("stream: {0}")]
     Io(#[from] std::io::Error),
-    /// The bytes were not a valid frame/message.
+    /// The bytes were not a valid frame/message (or over the size limit).
     #[error("protocol: {0}")]
     Wire(#[from] DecodeError),
-    /// The stream ended before a frame began.
+    /// The stream ended cleanly before a frame began.
     #[error("stream ended before the expected message")]
     Eof,
 }
 
+/// Reading or writing one control frame failed: the same failures as relay frames.
+pub type ControlIoError = FrameError;
+
+/// Reads exactly one frame's payload (at most `limit.max` bytes), nothing after it.
+async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: FrameLimit,
+) -> Result<Vec<u8>, FrameError> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut head[got..]).await?;
+        if n == 0 {
+            return Err(if got == 0 {
+                FrameError::Eof
+            } else {
+                FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())
+            });
+        }
+        got += n;
+    }
+    let len = codec::frame_len(head, limit.max).map_err(|o| o.as_decode(limit.what))?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
 /// Reads one frame's payload; reads exactly the frame, nothing after it.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
-    read_frame_with_limit(r, MAX_FRAME)
-        .await
-        .map_err(|e| match e {
-            RawFrameError::Eof => FrameError::Eof,
-            RawFrameError::Io(e) => FrameError::Io(e),
-            RawFrameError::Oversize(o) => FrameError::Wire(o.as_decode("frame")),
-        })
+    read_frame_within(r, FRAME).await
 }
 
 /// Writes one frame.
@@ -102,32 +86,16 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
     write_frame(w, &msg.encode()).await
 }
 
-/// Reading or writing one control frame failed.
-#[derive(Debug, Error)]
-pub enum ControlIoError {
-    /// The stream failed or ended inside a frame.
-    #[error("control stream: {0}")]
-    Io(#[from] std::io::Error),
-    /// The frame is not a valid control message (or over the size limit).
-    #[error("control stream: {0}")]
-    Wire(#[from] DecodeError),
-    /// The stream ended cleanly between frames.
-    #[error("control stream ended")]
-    Eof,
-}
-
 /// Reads one control frame of at most `max` payload bytes and decodes it.
 pub async fn read_control<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<ControlMsg, ControlIoError> {
-    let payload = read_frame_with_limit(r, max.min(MAX_CONTROL_FRAME))
-        .await
-        .map_err(|e| match e {
-            RawFrameError::Eof => ControlIoError::Eof,
-            RawFrameError::Io(e) => ControlIoError::Io(e),
-            RawFrameError::Oversize(o) => ControlIoError::Wire(o.as_decode("control frame")),
-        })?;
+    let limit = FrameLimit {
+        max: max.min(CONTROL_FRAME.max),
+        ..CONTROL_FRAME
+    };
+    let payload = read_frame_within(r, limit).await?;
     Ok(ControlMsg::decode(&payload)?)
 }
 

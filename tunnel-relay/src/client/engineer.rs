@@ -87,17 +87,6 @@ pub async fn forward(
             context: format!("listen on {listen}"),
             source,
         })?;
-    forward_on(state_dir, listener, target, service, shutdown).await
-}
-
-/// [`forward`] on an already bound listener.
-pub async fn forward_on(
-    state_dir: &Path,
-    listener: TcpListener,
-    target: &str,
-    service: &str,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ClientError> {
     let current: Arc<Mutex<Option<Arc<Session>>>> =
         Arc::new(Mutex::new(Some(Arc::new(session(state_dir).await?))));
     info!(listen = ?listener.local_addr().ok(), %target, %service, "forwarding");

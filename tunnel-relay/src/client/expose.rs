@@ -246,6 +246,13 @@ async fn serve_worker(
     }
 }
 
+/// Answers an `Incoming` with `Rejected{reason, detail}`, then finishes the stream.
+async fn refuse(send: &mut SendStream, reason: Reason, detail: String) {
+    let rej = Rejection::new(reason, detail);
+    let _ = write_message(send, &Message::Rejected(rej)).await;
+    let _ = send.finish();
+}
+
 async fn worker_tunnel(
     mut send: SendStream,
     mut recv: RecvStream,
@@ -260,10 +267,7 @@ async fn worker_tunnel(
     };
     let addr = match services.get(&service) {
         None => {
-            let rej = Rejection::new(Reason::NoSuchService, format!("{service:?}"));
-            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
-            let _ = send.finish();
-            return;
+            return refuse(&mut send, Reason::NoSuchService, format!("{service:?}")).await;
         }
         Some(Local::InProcess(tx)) => {
             return hand_over(tx, from, service, send, recv).await;
@@ -274,19 +278,12 @@ async fn worker_tunnel(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             debug!(%service, %addr, error = %e, "local service refused");
-            let rej = Rejection::new(Reason::ServiceUnavailable, format!("{service}: {e}"));
-            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
-            let _ = send.finish();
-            return;
+            let detail = format!("{service}: {e}");
+            return refuse(&mut send, Reason::ServiceUnavailable, detail).await;
         }
         Err(_) => {
-            let rej = Rejection::new(
-                Reason::ServiceUnavailable,
-                format!("{service}: connect timed out"),
-            );
-            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
-            let _ = send.finish();
-            return;
+            let detail = format!("{service}: connect timed out");
+            return refuse(&mut send, Reason::ServiceUnavailable, detail).await;
         }
     };
     let _ = tcp.set_nodelay(true);
@@ -311,13 +308,8 @@ async fn hand_over(
         Ok(Ok(p)) => p,
         Ok(Err(_)) | Err(_) => {
             debug!(%service, "in-process service not accepting");
-            let rej = Rejection::new(
-                Reason::ServiceUnavailable,
-                format!("{service}: not accepting connections"),
-            );
-            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
-            let _ = send.finish();
-            return;
+            let detail = format!("{service}: not accepting connections");
+            return refuse(&mut send, Reason::ServiceUnavailable, detail).await;
         }
     };
     if write_message(&mut send, &Message::OpenOk).await.is_err() {

@@ -9,16 +9,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use proptest::prelude::*;
 
 use super::*;
+use weft_proto::names::tags;
 
 fn key(i: u32) -> PublicKey {
     let mut k = [0u8; 32];
     k[..4].copy_from_slice(&i.to_be_bytes());
     k[31] = 0xaa;
     PublicKey(k)
-}
-
-fn tags(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
 }
 
 fn cand(last: u8, port: u16) -> Candidate {
@@ -43,6 +40,16 @@ fn coord() -> Coordinator {
         Ok(c) => c,
         Err(e) => panic!("{e}"),
     }
+}
+
+/// The usual small mesh: workers gpu1 (key 1) and gpu2 (key 2), engineer
+/// alice (key 3), joined in that order.
+fn gpu1_gpu2_alice() -> (Coordinator, [NodeId; 3]) {
+    let mut c = coord();
+    let (w1, _) = ok(c.join(req(1, "gpu1", &["worker"])));
+    let (w2, _) = ok(c.join(req(2, "gpu2", &["worker"])));
+    let (e, _) = ok(c.join(req(3, "alice", &["engineer"])));
+    (c, [w1, w2, e])
 }
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
@@ -178,10 +185,7 @@ fn suggest_name_sanitizes_and_dedups() {
 
 #[test]
 fn endpoint_online_and_remove_produce_deltas_for_viewers_only() {
-    let mut c = coord();
-    let (w, _) = ok(c.join(req(1, "gpu1", &["worker"])));
-    let (w2, _) = ok(c.join(req(2, "gpu2", &["worker"])));
-    let (e, _) = ok(c.join(req(3, "alice", &["engineer"])));
+    let (mut c, [w, w2, e]) = gpu1_gpu2_alice();
     let out = ok(c.update_endpoints(w, &[cand(9, 1000), cand(9, 1000), cand(0, 0)]));
     let d = deltas(&out);
     assert_eq!(d.len(), 1);
@@ -247,10 +251,7 @@ fn sync_answers_nothing_deltas_or_snapshot() {
 
 #[test]
 fn policy_change_flips_visibility_and_filters() {
-    let mut c = coord();
-    let (w1, _) = ok(c.join(req(1, "gpu1", &["worker"])));
-    let (w2, _) = ok(c.join(req(2, "gpu2", &["worker"])));
-    let (e, _) = ok(c.join(req(3, "alice", &["engineer"])));
+    let (mut c, [w1, w2, e]) = gpu1_gpu2_alice();
     let mut p = AclPolicy::default();
     p.rules.push(Rule {
         from: tags(&["worker"]),
@@ -293,10 +294,7 @@ fn policy_change_flips_visibility_and_filters() {
 
 #[test]
 fn retag_on_rejoin_moves_visibility_and_resends_snapshot() {
-    let mut c = coord();
-    let (w, _) = ok(c.join(req(1, "gpu1", &["worker"])));
-    let (x, _) = ok(c.join(req(2, "gpu2", &["worker"])));
-    let (e, _) = ok(c.join(req(3, "alice", &["engineer"])));
+    let (mut c, [w, x, e]) = gpu1_gpu2_alice();
     // gpu2 becomes an engineer: alice forgets it, gpu1 still sees it (new tags).
     let mut r = req(2, "gpu2", &["engineer"]);
     r.since = Some(Version { epoch: 7, seq: 1 });
@@ -387,10 +385,7 @@ fn config_parses_with_defaults_and_refuses_unknown_fields() {
 
 #[test]
 fn call_me_maybe_only_between_peers() {
-    let mut c = coord();
-    let (w1, _) = ok(c.join(req(1, "gpu1", &["worker"])));
-    ok(c.join(req(2, "gpu2", &["worker"])));
-    let (e, _) = ok(c.join(req(3, "alice", &["engineer"])));
+    let (c, [w1, _, e]) = gpu1_gpu2_alice();
     assert_eq!(c.call_me_maybe_target(e, &key(1)), Some(w1));
     assert_eq!(c.call_me_maybe_target(w1, &key(3)), Some(e));
     assert_eq!(c.call_me_maybe_target(w1, &key(2)), None);

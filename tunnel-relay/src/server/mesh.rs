@@ -15,7 +15,11 @@
 //! releasing the lock, so per-node order equals version order, the lock is
 //! never held across an await, and encoding happens in each session's own
 //! task. A queue that overflows (a node too slow to read) drops that node's
-//! session; it reconnects and resyncs with its version. The changed record
+//! session; it reconnects and resyncs with its version. A node's `Ack`s are
+//! answered (with the missing deltas or a snapshot) at most
+//! [`RESYNCS_PER_SEC`] a second after a burst of [`RESYNC_BURST`] (an Ack of
+//! the current version needs no answer and is free); one more ends its
+//! session as misbehaving. The changed record
 //! goes to the writer thread in the same critical section (so writes are
 //! applied in order), which commits batches in one transaction each.
 
@@ -23,13 +27,14 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{lock, revoked, NodeCtx, Shared};
+use crate::admission::TokenBucket;
 use crate::config::RelayConfig;
 use crate::coord::wire::{read_control, write_control, ControlIoError, ControlMsg};
 use crate::coord::{
@@ -47,11 +52,18 @@ pub const SESSION_QUEUE: usize = 4096;
 /// Largest frame the relay reads from a node (endpoint reports, acks and
 /// call-me-maybe are a few hundred bytes).
 pub const MAX_NODE_FRAME: usize = 64 * 1024;
+/// Resyncs (answers to a node's `Ack`: deltas or a whole snapshot) per
+/// second per session. A node asks once per gap and waits for the answer.
+pub const RESYNCS_PER_SEC: f64 = 1.0;
+/// Resyncs a session may ask for at once before [`RESYNCS_PER_SEC`] applies.
+pub const RESYNC_BURST: f64 = 4.0;
 
 /// One node's live control session.
 struct Slot {
     sid: u64,
     tx: mpsc::Sender<ControlMsg>,
+    /// The session's resync limit.
+    resyncs: TokenBucket,
     /// Dropped with the slot: tells the session task to end.
     _kill: oneshot::Sender<()>,
 }
@@ -233,6 +245,62 @@ impl Hub {
     fn mine(&self, id: NodeId, sid: u64) -> bool {
         self.sessions.get(&id).is_some_and(|s| s.sid == sid)
     }
+
+    /// Gives `id` a new session slot (a previous session of the node ends
+    /// when its slot goes); returns the session id.
+    fn open_slot(
+        &mut self,
+        id: NodeId,
+        tx: mpsc::Sender<ControlMsg>,
+        kill: oneshot::Sender<()>,
+        now: Instant,
+    ) -> u64 {
+        let sid = self.next_sid;
+        self.next_sid += 1;
+        let resyncs = TokenBucket::new(RESYNCS_PER_SEC, RESYNC_BURST, now);
+        let slot = Slot {
+            sid,
+            tx,
+            resyncs,
+            _kill: kill,
+        };
+        self.sessions.insert(id, slot);
+        sid
+    }
+
+    /// Answers the node's `Ack` of `have` at `now` with what it misses,
+    /// within its session's resync limit (an Ack of the current version is
+    /// answered with nothing, and free); returns how many updates were queued.
+    fn resync(
+        &mut self,
+        id: NodeId,
+        have: Version,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Result<usize, End> {
+        if self.coord.version_of(id) == Some(have) {
+            return Ok(0);
+        }
+        let Some(slot) = self.sessions.get_mut(&id) else {
+            return Err(End::Killed);
+        };
+        if !slot.resyncs.take(now) {
+            return Err(End::Protocol(format!(
+                "resync requests over the limit ({RESYNC_BURST} at once, {RESYNCS_PER_SEC} a second)"
+            )));
+        }
+        let updates = self
+            .coord
+            .sync(id, Some(have))
+            .map_err(|e| End::Protocol(e.to_string()))?;
+        let n = updates.len();
+        for u in updates {
+            if !self.send_to(id, ControlMsg::from(u), metrics) {
+                return Err(End::Killed);
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// Why a session ended.
@@ -285,17 +353,7 @@ pub(super) async fn serve_session(
             };
             match hub.coord.join(req) {
                 Ok((id, out)) => {
-                    let sid = hub.next_sid;
-                    hub.next_sid += 1;
-                    // A previous session of the node ends when its slot goes.
-                    hub.sessions.insert(
-                        id,
-                        Slot {
-                            sid,
-                            tx,
-                            _kill: kill_tx,
-                        },
-                    );
+                    let sid = hub.open_slot(id, tx, kill_tx, Instant::now());
                     hub.persist_record(id);
                     hub.deliver(out, &metrics);
                     hub.gauges(&metrics);
@@ -435,16 +493,8 @@ fn handle_from_node(
             }
         }
         ControlMsg::Ack(v) => {
-            let updates = hub
-                .coord
-                .sync(id, Some(v))
-                .map_err(|e| End::Protocol(e.to_string()))?;
-            debug!(node = %ctx.name, have = ?v, updates = updates.len(), "resync");
-            for u in updates {
-                if !hub.send_to(id, ControlMsg::from(u), metrics) {
-                    return Err(End::Killed);
-                }
-            }
+            let updates = hub.resync(id, v, Instant::now(), metrics)?;
+            debug!(node = %ctx.name, have = ?v, updates, "resync");
         }
         ControlMsg::CallMeMaybe { peer, endpoints } => {
             match hub.coord.call_me_maybe_target(id, &peer) {
@@ -513,17 +563,44 @@ mod tests {
     ) -> (mpsc::Receiver<ControlMsg>, oneshot::Receiver<()>) {
         let (tx, rx) = mpsc::channel(cap);
         let (kill, killed) = oneshot::channel();
-        let sid = h.next_sid;
-        h.next_sid += 1;
-        h.sessions.insert(
-            id,
-            Slot {
-                sid,
-                tx,
-                _kill: kill,
-            },
-        );
+        h.open_slot(id, tx, kill, Instant::now());
         (rx, killed)
+    }
+
+    #[test]
+    fn a_flood_of_acks_gets_at_most_the_resync_limit_of_answers() {
+        let (mut h, _persist) = hub();
+        let m = Metrics::new();
+        let (a, _) = join(&mut h, "engineer", "a");
+        let (mut rx, _killed) = slot(&mut h, a, SESSION_QUEUE);
+        let t0 = Instant::now();
+        // A thousand stale Acks at once: each answered one would be a snapshot.
+        let answers: Vec<Result<usize, End>> = (0..1000)
+            .map(|_| h.resync(a, Version::default(), t0, &m))
+            .take_while(|r| r.is_ok())
+            .collect();
+        assert_eq!(answers.len(), RESYNC_BURST as usize);
+        assert!(matches!(
+            h.resync(a, Version::default(), t0, &m),
+            Err(End::Protocol(_))
+        ));
+        let sent = std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
+        assert_eq!(sent.len(), RESYNC_BURST as usize);
+        assert!(sent.iter().all(|s| matches!(s, ControlMsg::Snapshot(_))));
+        // Acks of the version it holds cost nothing and are answered with nothing.
+        let current = h.coord.version_of(a).unwrap_or_default();
+        assert!((0..1000).all(|_| matches!(h.resync(a, current, t0, &m), Ok(0))));
+        assert!(rx.try_recv().is_err());
+
+        // A node that asks at the allowed pace is always answered.
+        let (b, _) = join(&mut h, "engineer", "b");
+        let (mut rx, _killed) = slot(&mut h, b, SESSION_QUEUE);
+        let t1 = Instant::now();
+        for i in 0..60u64 {
+            let at = t1 + std::time::Duration::from_secs_f64(i as f64 / RESYNCS_PER_SEC);
+            assert!(h.resync(b, Version::default(), at, &m).is_ok(), "ack {i}");
+        }
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 60);
     }
 
     #[test]
