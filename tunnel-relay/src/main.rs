@@ -34,9 +34,8 @@ enum Cmd {
         /// UDP address to listen on.
         #[arg(long, env = "WEFT_RELAY_LISTEN")]
         listen: SocketAddr,
-        /// State directory: identity.key (0600), cert.der/cert.key, registry.sqlite.
-        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: RelayState,
         /// Relay configuration (TOML); defaults apply without it.
         #[arg(long, env = "WEFT_RELAY_CONFIG")]
         config: Option<PathBuf>,
@@ -79,12 +78,30 @@ enum Cmd {
     SshConfig(cli::SshConfigArgs),
 }
 
+/// The relay's state directory, as every operator command names it.
+#[derive(clap::Args)]
+struct RelayState {
+    /// State directory: identity.key (0600), cert.der/cert.key, registry.sqlite.
+    #[arg(long = "state-dir", env = "WEFT_RELAY_STATE_DIR")]
+    dir: PathBuf,
+}
+
+/// `token list`, `nodes list`.
+#[derive(clap::Args)]
+struct ListArgs {
+    #[command(flatten)]
+    state: RelayState,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Create a token; prints it once (the relay keeps only a hash).
     Create {
-        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: RelayState,
         /// Tag given to nodes that join with it (e.g. worker, engineer).
         #[arg(long)]
         tag: String,
@@ -103,17 +120,11 @@ enum TokenCmd {
         config: Option<PathBuf>,
     },
     /// List tokens (never their secrets).
-    List {
-        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
-        state_dir: PathBuf,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Revoke a token by id (or unique id prefix).
     Revoke {
-        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: RelayState,
         id: String,
     },
 }
@@ -121,17 +132,11 @@ enum TokenCmd {
 #[derive(Subcommand)]
 enum NodesCmd {
     /// List registered nodes.
-    List {
-        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
-        state_dir: PathBuf,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Revoke a node: refused from its next connection or tunnel on.
     Revoke {
-        #[arg(long, env = "WEFT_RELAY_STATE_DIR")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: RelayState,
         name: String,
     },
 }
@@ -190,7 +195,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve {
             listen,
-            state_dir,
+            state: RelayState { dir: state_dir },
             config,
             metrics,
         } => {
@@ -255,7 +260,7 @@ async fn run(cli: Cli) -> Result<()> {
 fn token_cmd(cmd: TokenCmd) -> Result<()> {
     match cmd {
         TokenCmd::Create {
-            state_dir,
+            state: RelayState { dir: state_dir },
             tag,
             ttl,
             uses,
@@ -285,7 +290,7 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             if addrs.is_empty() {
                 bail!("no relay address for the token: pass --relay-addr HOST:PORT or set public_addrs in the config");
             }
-            let mut reg = Registry::open(&state_dir)?;
+            let mut reg = Registry::open(&state.dir)?;
             let (secret, id) = reg.create_token(&tag, ttl, uses, unix_now())?;
             let token = Token {
                 relay_addrs: addrs,
@@ -300,8 +305,8 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             );
             println!("{}", token.encode());
         }
-        TokenCmd::List { state_dir, json } => {
-            let toks = Registry::open(&state_dir)?.list_tokens()?;
+        TokenCmd::List(ListArgs { state, json }) => {
+            let toks = Registry::open(&state.dir)?.list_tokens()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&toks)?);
             } else {
@@ -323,8 +328,8 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
                 }
             }
         }
-        TokenCmd::Revoke { state_dir, id } => {
-            let id = Registry::open(&state_dir)?.revoke_token(&id)?;
+        TokenCmd::Revoke { state, id } => {
+            let id = Registry::open(&state.dir)?.revoke_token(&id)?;
             println!("revoked token {id}");
         }
     }
@@ -333,8 +338,8 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
 
 fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
     match cmd {
-        NodesCmd::List { state_dir, json } => {
-            let nodes = Registry::open(&state_dir)?.list_nodes()?;
+        NodesCmd::List(ListArgs { state, json }) => {
+            let nodes = Registry::open(&state.dir)?.list_nodes()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
@@ -356,8 +361,8 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
                 }
             }
         }
-        NodesCmd::Revoke { state_dir, name } => {
-            Registry::open(&state_dir)?.revoke_node(&name)?;
+        NodesCmd::Revoke { state, name } => {
+            Registry::open(&state.dir)?.revoke_node(&name)?;
             println!("revoked node {name}: its connections close within a second, it leaves every mesh peer map, and it is refused from then on");
         }
     }
