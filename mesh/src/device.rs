@@ -20,7 +20,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::allowed_ips::AllowedIps;
 use crate::config::WgConfig;
 use crate::key::{PrivateKey, PublicKey};
-use crate::peer::{Decap, Encap, Peer};
+use crate::peer::{Decap, Encap, Peer, PeerState};
 use crate::uapi::codec::{DeviceInfo, PeerChange, PeerInfo, SetRequest};
 
 /// Handshake initiations per second, node-wide, before peers get cookie
@@ -534,13 +534,18 @@ impl Device {
         let idx = idx
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
             .map(u32::from_le_bytes);
-        let peer = idx.and_then(|i| snap.by_index.get(&(i >> 8)));
+        self.known(idx.and_then(|i| snap.by_index.get(&(i >> 8))).cloned())
+    }
+
+    /// Passes `peer` through, counting a datagram from an unknown one.
+    #[inline]
+    fn known(&self, peer: Option<Arc<Peer>>) -> Option<Arc<Peer>> {
         if peer.is_none() {
             self.counters
                 .rx_unknown_peer
                 .fetch_add(1, Ordering::Relaxed);
         }
-        peer.cloned()
+        peer
     }
 
     /// Finds the peer a handshake initiation comes from. Checks mac1 and the
@@ -570,54 +575,48 @@ impl Device {
                 return None;
             }
         };
-        let peer = half.ok().and_then(|h| {
+        self.known(half.ok().and_then(|h| {
             self.snapshot()
                 .peer(&PublicKey::from_bytes(h.peer_static_public))
                 .cloned()
-        });
-        if peer.is_none() {
-            self.counters
-                .rx_unknown_peer
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        peer
+        }))
     }
 
     /// Drives every peer's timers; returns the packets to send.
     pub fn tick(&self, buf: &mut [u8]) -> Vec<Outgoing> {
-        let snap = self.snapshot();
-        let mut out = Vec::new();
-        for p in &snap.peers {
-            let mut st = p.lock();
-            if let Some(len) = st.update_timers(buf) {
-                if let Some(to) = st.endpoint {
-                    out.push(Outgoing {
-                        to,
-                        bytes: buf[..len].to_vec(),
-                    });
-                }
-            }
-        }
-        out
+        self.each_peer_sends(buf, |st, buf| {
+            let len = st.update_timers(buf)?;
+            Some((st.endpoint?, len))
+        })
     }
 
     /// Handshakes with every peer that has a persistent keepalive and an
     /// endpoint, as wireguard-go does on start: a peer behind NAT becomes
     /// reachable at once instead of after its first keepalive.
     pub fn initiate_keepalive_peers(&self, buf: &mut [u8]) -> Vec<Outgoing> {
+        self.each_peer_sends(buf, |st, buf| {
+            let to = st
+                .endpoint
+                .filter(|_| st.keepalive.is_some() && st.handshake_age().is_none())?;
+            Some((to, st.initiate_handshake(buf)?))
+        })
+    }
+
+    /// Runs `f` on every peer's state in turn; each `Some((to, len))` it
+    /// returns is sent as `buf[..len]` to `to`.
+    fn each_peer_sends(
+        &self,
+        buf: &mut [u8],
+        mut f: impl FnMut(&mut PeerState, &mut [u8]) -> Option<(SocketAddr, usize)>,
+    ) -> Vec<Outgoing> {
         let snap = self.snapshot();
         let mut out = Vec::new();
         for p in &snap.peers {
-            let mut st = p.lock();
-            if let (Some(to), Some(_)) = (st.endpoint, st.keepalive) {
-                if st.handshake_age().is_none() {
-                    if let Some(len) = st.initiate_handshake(buf) {
-                        out.push(Outgoing {
-                            to,
-                            bytes: buf[..len].to_vec(),
-                        });
-                    }
-                }
+            if let Some((to, len)) = f(&mut p.lock(), buf) {
+                out.push(Outgoing {
+                    to,
+                    bytes: buf[..len].to_vec(),
+                });
             }
         }
         out
@@ -649,24 +648,22 @@ fn all_allowed_ips(snap: &Snapshot) -> Vec<IpNet> {
 
 /// Destination address of an IPv4 or IPv6 packet.
 pub fn packet_destination(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 => <[u8; 4]>::try_from(packet.get(16..20)?)
-            .ok()
-            .map(IpAddr::from),
-        6 => <[u8; 16]>::try_from(packet.get(24..40)?)
-            .ok()
-            .map(IpAddr::from),
-        _ => None,
-    }
+    packet_address(packet, 16, 24)
 }
 
 /// Source address of an IPv4 or IPv6 packet.
 pub fn packet_source(packet: &[u8]) -> Option<IpAddr> {
+    packet_address(packet, 12, 8)
+}
+
+/// The address at byte `v4` of an IPv4 header or at byte `v6` of an IPv6 one.
+#[inline]
+fn packet_address(packet: &[u8], v4: usize, v6: usize) -> Option<IpAddr> {
     match packet.first()? >> 4 {
-        4 => <[u8; 4]>::try_from(packet.get(12..16)?)
+        4 => <[u8; 4]>::try_from(packet.get(v4..v4 + 4)?)
             .ok()
             .map(IpAddr::from),
-        6 => <[u8; 16]>::try_from(packet.get(8..24)?)
+        6 => <[u8; 16]>::try_from(packet.get(v6..v6 + 16)?)
             .ok()
             .map(IpAddr::from),
         _ => None,
@@ -725,14 +722,31 @@ mod tests {
         p
     }
 
+    /// The peer `from` routes `packet` to.
+    fn route(from: &Node, packet: &[u8]) -> Arc<Peer> {
+        let snap = from.dev.snapshot();
+        snap.route(packet_destination(packet).unwrap())
+            .unwrap()
+            .clone()
+    }
+
+    /// Hands one datagram from `src` to `node`: the packet it delivers to
+    /// its TUN device, if any, and the replies it sends.
+    fn receive(node: &Node, src: SocketAddr, datagram: &[u8]) -> (Option<Vec<u8>>, Vec<Outgoing>) {
+        let snap = node.dev.snapshot();
+        let mut out = Vec::new();
+        let mut dst = vec![0u8; 2048];
+        let tun = node
+            .dev
+            .handle_datagram(&snap, src, datagram, &mut dst, &mut out)
+            .map(|len| dst[..len].to_vec());
+        (tun, out)
+    }
+
     /// Sends `packet` from `from` into the network, runs the exchange to
     /// completion and returns what reached `to`'s TUN device.
     fn deliver(from: &Node, to: &Node, from_addr: SocketAddr, packet: &[u8]) -> Vec<Vec<u8>> {
-        let snap = from.dev.snapshot();
-        let peer = snap
-            .route(packet_destination(packet).unwrap())
-            .unwrap()
-            .clone();
+        let peer = route(from, packet);
         let mut buf = vec![0u8; 2048];
         let mut wire: Vec<(bool, SocketAddr, Vec<u8>)> = Vec::new(); // (to `to`?, src, bytes)
         if let Some((_, Encap::Data(l) | Encap::Handshake(l))) =
@@ -747,16 +761,9 @@ mod tests {
             } else {
                 (from, from_addr)
             };
-            let snap = node.dev.snapshot();
-            let mut out = Vec::new();
-            let mut dst = vec![0u8; 2048];
-            if let Some(len) = node
-                .dev
-                .handle_datagram(&snap, src, &bytes, &mut dst, &mut out)
-            {
-                if to_dst {
-                    delivered.push(dst[..len].to_vec());
-                }
+            let (tun, out) = receive(node, src, &bytes);
+            if to_dst {
+                delivered.extend(tun);
             }
             for o in out {
                 wire.push((!to_dst, reply_src, o.bytes));
@@ -800,11 +807,7 @@ mod tests {
     /// the relay's QUIC datagrams). Returns what reached `to`'s TUN.
     fn deliver_via_relay(from: &Node, to: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
         let key = |n: &Node| n.dev.snapshot().identity.as_ref().unwrap().public_key;
-        let snap = from.dev.snapshot();
-        let peer = snap
-            .route(packet_destination(packet).unwrap())
-            .unwrap()
-            .clone();
+        let peer = route(from, packet);
         let mut buf = vec![0u8; 2048];
         // (receiver is `to`?, bytes): every hop goes through the relay.
         let mut wire: Vec<(bool, Vec<u8>)> = Vec::new();
@@ -823,15 +826,10 @@ mod tests {
         while let Some((to_dst, bytes)) = wire.pop() {
             let (node, sender) = if to_dst { (to, from) } else { (from, to) };
             let src = node.dev.relay_source(&key(sender)).unwrap();
-            let snap = node.dev.snapshot();
-            let mut out = Vec::new();
-            let mut dst = vec![0u8; 2048];
-            if let Some(len) = node
-                .dev
-                .handle_datagram(&snap, src, &bytes, &mut dst, &mut out)
-            {
+            let (tun, out) = receive(node, src, &bytes);
+            if let Some(packet) = tun {
                 assert!(to_dst);
-                delivered.push(dst[..len].to_vec());
+                delivered.push(packet);
             }
             for o in out {
                 assert_eq!(
@@ -932,47 +930,36 @@ mod tests {
         let (a, _) = pair();
         let k = PrivateKey::generate().public_key();
         let net: IpNet = "100.64.0.50/32".parse().unwrap();
-        let diff = a
-            .dev
-            .apply(SetRequest {
-                private_key: None,
-                listen_port: None,
-                fwmark: None,
-                replace_peers: false,
-                peers: vec![PeerChange {
-                    public_key: k,
-                    remove: false,
-                    update_only: false,
-                    preshared_key: None,
-                    endpoint: Some("203.0.113.9:1".parse().unwrap()),
-                    persistent_keepalive: Some(25),
-                    replace_allowed_ips: false,
-                    allowed_ips: vec![net],
-                }],
-            })
-            .unwrap();
+        // A `set` that changes only this one peer.
+        let set = |change: PeerChange| {
+            a.dev
+                .apply(SetRequest {
+                    peers: vec![change],
+                    ..SetRequest::default()
+                })
+                .unwrap()
+        };
+        let add = PeerChange {
+            public_key: k,
+            remove: false,
+            update_only: false,
+            preshared_key: None,
+            endpoint: Some("203.0.113.9:1".parse().unwrap()),
+            persistent_keepalive: Some(25),
+            replace_allowed_ips: false,
+            allowed_ips: vec![net],
+        };
+        let diff = set(add.clone());
         assert_eq!(diff.added, vec![net]);
         assert_eq!(a.dev.snapshot().route(net.addr()).unwrap().public_key, k);
         assert_eq!(a.dev.info(SystemTime::now()).peers.len(), 2);
-        let diff = a
-            .dev
-            .apply(SetRequest {
-                private_key: None,
-                listen_port: None,
-                fwmark: None,
-                replace_peers: false,
-                peers: vec![PeerChange {
-                    public_key: k,
-                    remove: true,
-                    update_only: false,
-                    preshared_key: None,
-                    endpoint: None,
-                    persistent_keepalive: None,
-                    replace_allowed_ips: false,
-                    allowed_ips: vec![],
-                }],
-            })
-            .unwrap();
+        let diff = set(PeerChange {
+            remove: true,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_ips: vec![],
+            ..add
+        });
         assert_eq!(diff.removed, vec![net]);
         assert!(a.dev.snapshot().route(net.addr()).is_none());
     }

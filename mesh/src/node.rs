@@ -214,25 +214,24 @@ async fn serve(
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    let outbound = Arc::new(Mutex::new(Outbound::new()));
+    let io = DataPathIo {
+        device: device.clone(),
+        tun: tun.clone(),
+        net: net.clone(),
+        stop: stop.clone(),
+        outbound: Arc::new(Mutex::new(Outbound::new())),
+    };
     let (exited_tx, mut exited) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
     let mut threads = Vec::new();
     for (name, f) in [
         ("tun-to-udp", tun_to_udp as DataPath),
         ("udp-to-tun", udp_to_tun as DataPath),
     ] {
-        let (device, tun, net, stop, tx) = (
-            device.clone(),
-            tun.clone(),
-            net.clone(),
-            stop.clone(),
-            exited_tx.clone(),
-        );
-        let outbound = outbound.clone();
+        let (io, tx) = (io.clone(), exited_tx.clone());
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let r = f(&device, &tun, &net, &stop, &outbound);
+                let r = f(&io);
                 let _ = tx.send(r.with_context(|| format!("data path {name}")));
             })
             .context("starting a data-path thread")?;
@@ -363,7 +362,32 @@ pub(crate) async fn apply_route_diff(
 /// How long a data-path thread waits before re-checking the stop flag.
 const POLL_MS: i32 = 200;
 
-type DataPath = fn(&Device, &SyncDevice, &Net, &AtomicBool, &Mutex<Outbound>) -> anyhow::Result<()>;
+/// What both data-path threads share.
+#[derive(Clone)]
+struct DataPathIo {
+    device: Arc<Device>,
+    tun: Arc<SyncDevice>,
+    net: Arc<Net>,
+    /// Set on shutdown.
+    stop: Arc<AtomicBool>,
+    outbound: Arc<Mutex<Outbound>>,
+}
+
+impl DataPathIo {
+    /// The shared parts as plain references, as the loops use them.
+    fn parts(&self) -> (&Device, &SyncDevice, &Net, &AtomicBool, &Mutex<Outbound>) {
+        (
+            &self.device,
+            &self.tun,
+            &self.net,
+            &self.stop,
+            &self.outbound,
+        )
+    }
+}
+
+/// A data-path thread's loop: runs until `stop` is set or an error.
+type DataPath = fn(&DataPathIo) -> anyhow::Result<()>;
 
 /// A run of equal-size encrypted datagrams to one endpoint, sent with one GSO call.
 struct GsoRun {
@@ -512,13 +536,8 @@ impl Outbound {
     }
 }
 
-fn tun_to_udp(
-    device: &Device,
-    tun: &SyncDevice,
-    net: &Net,
-    stop: &AtomicBool,
-    outbound: &Mutex<Outbound>,
-) -> anyhow::Result<()> {
+fn tun_to_udp(io: &DataPathIo) -> anyhow::Result<()> {
+    let (device, tun, net, stop, outbound) = io.parts();
     let fd = tun.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
         if crate::udp::wait(fd, libc::POLLIN, POLL_MS).context("waiting on the TUN device")? {
@@ -528,13 +547,8 @@ fn tun_to_udp(
     Ok(())
 }
 
-fn udp_to_tun(
-    device: &Device,
-    tun: &SyncDevice,
-    net: &Net,
-    stop: &AtomicBool,
-    outbound: &Mutex<Outbound>,
-) -> anyhow::Result<()> {
+fn udp_to_tun(io: &DataPathIo) -> anyhow::Result<()> {
+    let (device, tun, net, stop, outbound) = io.parts();
     let mut rbufs: [Vec<u8>; RECV_BATCH] = std::array::from_fn(|_| vec![0u8; 65535]);
     let mut meta = [RecvMeta::default(); RECV_BATCH];
     let mut tunbufs: Vec<Vec<u8>> = Vec::new();
@@ -623,12 +637,15 @@ fn udp_to_tun(
 }
 
 async fn timers(device: Arc<Device>, net: Arc<Net>) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; 256];
-    for o in device.initiate_keepalive_peers(&mut buf) {
-        if let Err(e) = net.try_send(&device, o.to, &o.bytes) {
-            tracing::debug!(to = %o.to, error = %e, "send failed");
+    let send = |packets: Vec<Outgoing>| {
+        for o in packets {
+            if let Err(e) = net.try_send(&device, o.to, &o.bytes) {
+                tracing::debug!(to = %o.to, error = %e, "send failed");
+            }
         }
-    }
+    };
+    let mut buf = vec![0u8; 256];
+    send(device.initiate_keepalive_peers(&mut buf));
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
@@ -638,10 +655,6 @@ async fn timers(device: Arc<Device>, net: Arc<Net>) -> anyhow::Result<()> {
         if n % 10 == 0 {
             device.reset_rate_limiter();
         }
-        for o in device.tick(&mut buf) {
-            if let Err(e) = net.try_send(&device, o.to, &o.bytes) {
-                tracing::debug!(to = %o.to, error = %e, "send failed");
-            }
-        }
+        send(device.tick(&mut buf));
     }
 }
