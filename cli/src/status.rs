@@ -391,7 +391,7 @@ fn mesh_text(m: &ManagedStatus) -> String {
         .peers
         .iter()
         .map(|p| {
-            let path = match (p.path.as_str(), &p.endpoint) {
+            let path = match (p.path.as_str(), &p.wg.endpoint) {
                 ("direct", Some(e)) => format!("direct {e}"),
                 (other, _) => other.to_string(),
             };

@@ -202,7 +202,8 @@ pub(crate) fn render_json(interface: &str, info: &DeviceInfo, now: SystemTime) -
 
 /// One peer in [`render_json`]'s format. Deserializing it (the lab harness
 /// reads `mesh status --json` with it) requires every field, `null` included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A managed node's peers carry the same fields ([`ManagedPeer::wg`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     /// Public key (base64).
     pub public_key: String,
@@ -325,8 +326,6 @@ pub struct NodeStatus {
 pub struct ManagedPeer {
     /// Mesh name.
     pub name: String,
-    /// Public key (base64).
-    pub public_key: String,
     /// Overlay IPv4 address.
     pub ipv4: Ipv4Addr,
     /// Overlay IPv6 address.
@@ -337,22 +336,14 @@ pub struct ManagedPeer {
     pub online: bool,
     /// `direct` or `relay`.
     pub path: String,
-    /// The WireGuard endpoint (`relay` on the relay path).
-    pub endpoint: Option<String>,
     /// See the format above.
     pub latency_ms: Option<f64>,
-    /// WireGuard AllowedIPs.
-    pub allowed_ips: Vec<String>,
-    /// Last completed handshake, seconds since the epoch.
-    pub latest_handshake_unix: Option<u64>,
-    /// Seconds since then, as of rendering.
-    pub latest_handshake_age_s: Option<u64>,
-    /// Bytes received.
-    pub rx_bytes: u64,
-    /// Bytes sent.
-    pub tx_bytes: u64,
-    /// Persistent keepalive (managed nodes use disco keepalives instead).
-    pub persistent_keepalive_s: Option<u16>,
+    /// What WireGuard knows of the peer, as `mesh status --json` shows it for
+    /// a static node (public key, endpoint — `relay` on the relay path —
+    /// AllowedIPs, handshake, counters; no persistent keepalive: managed
+    /// nodes use disco keepalives), flattened into the same object.
+    #[serde(flatten)]
+    pub wg: PeerStatus,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -381,20 +372,16 @@ pub(crate) fn managed_status(
             };
             peers.push(ManagedPeer {
                 name: p.name.clone(),
-                public_key: key.to_base64(),
                 ipv4: p.ipv4,
                 ipv6: p.ipv6,
                 tags: p.tags.clone(),
                 online: p.online,
                 path: path.to_owned(),
-                endpoint: None,
                 latency_ms: latency.map(ms),
-                allowed_ips: Vec::new(),
-                latest_handshake_unix: None,
-                latest_handshake_age_s: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive_s: None,
+                wg: PeerStatus {
+                    public_key: key.to_base64(),
+                    ..PeerStatus::default()
+                },
             });
         }
     }
@@ -432,19 +419,13 @@ impl ManagedStatus {
             .iter()
             .map(|d| (d.public_key.to_base64(), d))
             .collect();
+        let since = since_epoch(now);
         for p in &mut self.peers {
-            let Some(d) = by_key.get(&p.public_key) else {
-                continue;
-            };
-            p.endpoint = d.endpoint.map(|e| endpoint_text(&e));
-            p.allowed_ips = d.allowed_ips.iter().map(ToString::to_string).collect();
-            p.latest_handshake_unix = d.last_handshake.map(|h| h.as_secs());
-            p.rx_bytes = d.rx_bytes;
-            p.tx_bytes = d.tx_bytes;
-            p.persistent_keepalive_s = d.persistent_keepalive;
+            if let Some(d) = by_key.get(&p.wg.public_key) {
+                p.wg = PeerStatus::new(d, since);
+            }
         }
         self.listen_port = info.listen_port;
-        self.refresh_ages(now);
     }
 
     /// Recomputes the handshake ages for `now` (the snapshot may be up to a
@@ -452,7 +433,7 @@ impl ManagedStatus {
     pub fn refresh_ages(&mut self, now: SystemTime) {
         let now = since_epoch(now).as_secs();
         for p in &mut self.peers {
-            p.latest_handshake_age_s = p.latest_handshake_unix.map(|h| now.saturating_sub(h));
+            p.wg.latest_handshake_age_s = p.wg.latest_handshake_unix.map(|h| now.saturating_sub(h));
         }
     }
 
@@ -530,9 +511,9 @@ pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
     }
     for p in &s.peers {
         out += &format!("\npeer: {} ({}, {})\n", p.name, p.ipv4, p.ipv6);
-        out += &format!("  public key: {}\n", p.public_key);
+        out += &format!("  public key: {}\n", p.wg.public_key);
         out += &format!("  tags: {}\n", tags_text(&p.tags));
-        let path = match (p.path.as_str(), &p.endpoint) {
+        let path = match (p.path.as_str(), &p.wg.endpoint) {
             ("direct", Some(e)) => format!("direct {e}"),
             (other, _) => other.to_owned(),
         };
@@ -542,17 +523,17 @@ pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
             .unwrap_or_default();
         out += &format!("  path: {path}{latency}\n");
         out += &format!("  online: {}\n", if p.online { "yes" } else { "no" });
-        if let Some(hs) = p.latest_handshake_unix {
+        if let Some(hs) = p.wg.latest_handshake_unix {
             out += &format!(
                 "  latest handshake: {}\n",
                 ago(Duration::from_secs(hs), now)
             );
         }
-        if p.rx_bytes != 0 || p.tx_bytes != 0 {
+        if p.wg.rx_bytes != 0 || p.wg.tx_bytes != 0 {
             out += &format!(
                 "  transfer: {} received, {} sent\n",
-                bytes(p.rx_bytes),
-                bytes(p.tx_bytes)
+                bytes(p.wg.rx_bytes),
+                bytes(p.wg.tx_bytes)
             );
         }
     }
@@ -955,9 +936,9 @@ mod tests {
         let (mut st, _) = managed_sample();
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_065);
         st.refresh_ages(now);
-        assert_eq!(st.peers[0].latest_handshake_age_s, Some(65));
+        assert_eq!(st.peers[0].wg.latest_handshake_age_s, Some(65));
         st.peers[0].path = "direct".into();
-        st.peers[0].endpoint = Some("198.51.100.6:41641".into());
+        st.peers[0].wg.endpoint = Some("198.51.100.6:41641".into());
         st.peers[0].latency_ms = Some(0.42);
         let text = render_managed_human(&st, now);
         for want in [

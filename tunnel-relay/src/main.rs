@@ -290,7 +290,7 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             if addrs.is_empty() {
                 bail!("no relay address for the token: pass --relay-addr HOST:PORT or set public_addrs in the config");
             }
-            let mut reg = Registry::open(&state.dir)?;
+            let mut reg = Registry::open(&state_dir)?;
             let (secret, id) = reg.create_token(&tag, ttl, uses, unix_now())?;
             let token = Token {
                 relay_addrs: addrs,

@@ -278,7 +278,7 @@ async fn answer(
                 Ok(p) => p,
                 Err(message) => return Response::Error { message },
             };
-            let Ok(key) = PublicKey::from_base64(&p.public_key) else {
+            let Ok(key) = PublicKey::from_base64(&p.wg.public_key) else {
                 return error(format!("peer {} has an unreadable key", p.name));
             };
             let timeout = Duration::from_millis(timeout_ms).min(MAX_PING_TIMEOUT);
@@ -435,20 +435,17 @@ mod tests {
             candidates: Vec::new(),
             peers: vec![ManagedPeer {
                 name: "gpu1".into(),
-                public_key: PublicKey::from_bytes([7; 32]).to_base64(),
                 ipv4: Ipv4Addr::new(100, 64, 0, 9),
                 ipv6: "fd7a:7765:6674::6440:9".parse().unwrap(),
                 tags: vec!["worker".into()],
                 online: true,
                 path: "relay".into(),
-                endpoint: Some("relay".into()),
                 latency_ms: None,
-                allowed_ips: Vec::new(),
-                latest_handshake_unix: None,
-                latest_handshake_age_s: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive_s: None,
+                wg: crate::status::PeerStatus {
+                    public_key: PublicKey::from_bytes([7; 32]).to_base64(),
+                    endpoint: Some("relay".into()),
+                    ..Default::default()
+                },
             }],
         }
     }
