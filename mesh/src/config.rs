@@ -646,11 +646,7 @@ mod tests {
         assert_eq!(i.private_key, PrivateKey::from_base64(PRIV).unwrap());
         assert_eq!(
             i.addresses,
-            vec![
-                "10.0.0.1/24".parse::<IpNet>().unwrap(),
-                "fd00::1/64".parse().unwrap(),
-                "192.168.7.1/32".parse().unwrap(),
-            ]
+            crate::parsed(&["10.0.0.1/24", "fd00::1/64", "192.168.7.1/32"])
         );
         assert_eq!(i.listen_port, Some(51820));
         assert_eq!(i.mtu, Some(1420));
@@ -665,11 +661,7 @@ mod tests {
         );
         assert_eq!(
             p.allowed_ips,
-            vec![
-                "10.0.0.2/32".parse::<IpNet>().unwrap(),
-                "10.1.0.0/16".parse().unwrap(),
-                "fd00::2/128".parse().unwrap(),
-            ]
+            crate::parsed(&["10.0.0.2/32", "10.1.0.0/16", "fd00::2/128"])
         );
         assert_eq!(
             p.endpoint,
@@ -683,13 +675,7 @@ mod tests {
         let p = &cfg.peers[1];
         assert_eq!(p.public_key, PublicKey::from_base64(PUB2).unwrap());
         assert_eq!(p.preshared_key, None);
-        assert_eq!(
-            p.allowed_ips,
-            vec![
-                "0.0.0.0/0".parse::<IpNet>().unwrap(),
-                "::/0".parse().unwrap()
-            ]
-        );
+        assert_eq!(p.allowed_ips, crate::parsed(&["0.0.0.0/0", "::/0"]));
         assert_eq!(
             p.endpoint,
             Some(Endpoint::Addr("[fd00::99]:4500".parse().unwrap()))
@@ -844,10 +830,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             cfg.peers[0].allowed_ips,
-            vec![
-                "10.0.0.0/8".parse::<IpNet>().unwrap(),
-                "fd00::/64".parse().unwrap()
-            ]
+            crate::parsed(&["10.0.0.0/8", "fd00::/64"])
         );
     }
 

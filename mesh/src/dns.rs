@@ -326,16 +326,9 @@ mod tests {
 
     fn table() -> Names {
         let mut n = Names::new("Weft.Internal.").unwrap();
-        n.set(
-            "gpu1",
-            vec![
-                "100.64.0.5".parse().unwrap(),
-                "fd7a:7765:6674::5".parse().unwrap(),
-            ],
-        )
-        .unwrap();
-        n.set("cpu-only", vec!["100.64.0.6".parse().unwrap()])
+        n.set("gpu1", crate::parsed(&["100.64.0.5", "fd7a:7765:6674::5"]))
             .unwrap();
+        n.set("cpu-only", crate::parsed(&["100.64.0.6"])).unwrap();
         n
     }
 
@@ -434,7 +427,7 @@ mod tests {
     async fn answers_peers_and_forwards_the_rest_over_udp() {
         // An "upstream" resolver: another MagicDns for another domain.
         let mut far = Names::new("up.test").unwrap();
-        far.set("far", vec!["192.0.2.7".parse().unwrap()]).unwrap();
+        far.set("far", crate::parsed(&["192.0.2.7"])).unwrap();
         let up = MagicDns::new(Arc::new(RwLock::new(far)), vec![]);
         let (up_server, up_addr) = up.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
 
@@ -464,7 +457,7 @@ mod tests {
         // A peer map change shows at once.
         names
             .write()
-            .set("gpu2", vec!["100.64.0.9".parse().unwrap()])
+            .set("gpu2", crate::parsed(&["100.64.0.9"]))
             .unwrap();
         let m = ask(addr, "gpu2.weft.internal.", RecordType::A).await;
         assert_eq!(ips(&m), vec!["100.64.0.9".parse::<IpAddr>().unwrap()]);

@@ -337,30 +337,53 @@ mod tests {
     const ME: [u8; 4] = [100, 64, 0, 5];
     const PEER: [u8; 4] = [100, 64, 0, 9];
 
-    fn v4(proto: u8, src: [u8; 4], dst: [u8; 4], l4: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; 20];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-        p[8] = 64;
-        p[9] = proto;
-        p[12..16].copy_from_slice(&src);
-        p[16..20].copy_from_slice(&dst);
+    /// An IPv4 or IPv6 packet (both addresses of one family) around `l4`.
+    fn ip(proto: u8, src: impl Into<IpAddr>, dst: impl Into<IpAddr>, l4: &[u8]) -> Vec<u8> {
+        let mut p = match (src.into(), dst.into()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut p = vec![0u8; 20];
+                p[0] = 0x45;
+                p[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+                p[8] = 64;
+                p[9] = proto;
+                p[12..16].copy_from_slice(&s.octets());
+                p[16..20].copy_from_slice(&d.octets());
+                p
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut p = vec![0u8; 40];
+                p[0] = 0x60;
+                p[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+                p[6] = proto;
+                p[7] = 64;
+                p[8..24].copy_from_slice(&s.octets());
+                p[24..40].copy_from_slice(&d.octets());
+                p
+            }
+            _ => panic!("mixed address families"),
+        };
         p.extend_from_slice(l4);
         p
     }
 
-    fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-        let mut l4 = vec![0u8; 20];
-        l4[0..2].copy_from_slice(&sport.to_be_bytes());
-        l4[2..4].copy_from_slice(&dport.to_be_bytes());
-        v4(TCP, src, dst, &l4)
+    fn v4(proto: u8, src: [u8; 4], dst: [u8; 4], l4: &[u8]) -> Vec<u8> {
+        ip(proto, src, dst, l4)
     }
 
-    fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-        let mut l4 = vec![0u8; 8];
+    /// A TCP (header 20 bytes) or UDP (8) datagram with these ports.
+    fn ports(proto: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+        let mut l4 = vec![0u8; if proto == TCP { 20 } else { 8 }];
         l4[0..2].copy_from_slice(&sport.to_be_bytes());
         l4[2..4].copy_from_slice(&dport.to_be_bytes());
-        v4(UDP, src, dst, &l4)
+        ip(proto, src, dst, &l4)
+    }
+
+    fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Vec<u8> {
+        ports(TCP, src.into(), sport, dst.into(), dport)
+    }
+
+    fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Vec<u8> {
+        ports(UDP, src.into(), sport, dst.into(), dport)
     }
 
     fn echo(src: [u8; 4], dst: [u8; 4], ty: u8, id: u16) -> Vec<u8> {
@@ -374,38 +397,64 @@ mod tests {
         p == Proto::Tcp && port == 22
     }
 
+    /// The ACL decides what the peer may open; replies to what we opened pass.
+    /// The same for both address families.
+    fn acl_opens_flows_replies_pass(ct: &mut Conntrack, me: IpAddr, peer: IpAddr) {
+        let t = Instant::now();
+        // The peer opens tcp/22: allowed, then tracked.
+        let syn = tcp(peer, 40000, me, 22);
+        assert_eq!(ct.inbound(t, &syn, ssh_only), Verdict::NewAllowed, "{peer}");
+        assert_eq!(
+            ct.inbound(t, &syn, |_, _| false),
+            Verdict::Tracked,
+            "{peer}"
+        );
+        // The peer opens tcp/80 or udp/53: dropped.
+        assert_eq!(
+            ct.inbound(t, &tcp(peer, 40001, me, 80), ssh_only),
+            Verdict::Dropped,
+            "{peer}"
+        );
+        assert_eq!(
+            ct.inbound(t, &udp(peer, 5000, me, 53), ssh_only),
+            Verdict::Dropped,
+            "{peer}"
+        );
+        // We open flows to the peer: its replies pass, even though the ACL
+        // would not let the peer open anything.
+        ct.outbound(t, &tcp(me, 9, peer, 443));
+        assert!(
+            ct.inbound(t, &tcp(peer, 443, me, 9), |_, _| false).passes(),
+            "{peer}"
+        );
+        ct.outbound(t, &udp(me, 6000, peer, 53));
+        assert_eq!(
+            ct.inbound(t, &udp(peer, 53, me, 6000), |_, _| false),
+            Verdict::Tracked,
+            "{peer}"
+        );
+        // ...but not from another port of the peer, nor to another port of ours.
+        assert_eq!(
+            ct.inbound(t, &udp(peer, 54, me, 6000), |_, _| false),
+            Verdict::Dropped,
+            "{peer}"
+        );
+        assert_eq!(
+            ct.inbound(t, &udp(peer, 53, me, 6001), |_, _| false),
+            Verdict::Dropped,
+            "{peer}"
+        );
+    }
+
     #[test]
     fn replies_to_our_flows_pass_new_flows_need_the_acl() {
         let mut ct = Conntrack::default();
         let t = Instant::now();
-        // The peer opens tcp/22: allowed, then tracked.
-        let syn = tcp(PEER, 40000, ME, 22);
-        assert_eq!(ct.inbound(t, &syn, ssh_only), Verdict::NewAllowed);
-        assert_eq!(ct.inbound(t, &syn, |_, _| false), Verdict::Tracked);
-        // The peer opens tcp/80 or udp/53: dropped.
-        assert_eq!(
-            ct.inbound(t, &tcp(PEER, 40001, ME, 80), ssh_only),
-            Verdict::Dropped
-        );
-        assert_eq!(
-            ct.inbound(t, &udp(PEER, 5000, ME, 53), ssh_only),
-            Verdict::Dropped
-        );
-        // We open a flow to the peer: its replies pass, even though the ACL
-        // would not let the peer open anything.
-        ct.outbound(t, &udp(ME, 6000, PEER, 53));
-        assert_eq!(
-            ct.inbound(t, &udp(PEER, 53, ME, 6000), |_, _| false),
-            Verdict::Tracked
-        );
-        // ...but not from another port of the peer, nor to another port of ours.
-        assert_eq!(
-            ct.inbound(t, &udp(PEER, 54, ME, 6000), |_, _| false),
-            Verdict::Dropped
-        );
-        assert_eq!(
-            ct.inbound(t, &udp(PEER, 53, ME, 6001), |_, _| false),
-            Verdict::Dropped
+        acl_opens_flows_replies_pass(&mut ct, ME.into(), PEER.into());
+        acl_opens_flows_replies_pass(
+            &mut ct,
+            "fd7a:7765:6674::5".parse().unwrap(),
+            "fd7a:7765:6674::9".parse().unwrap(),
         );
         // Ping: our echo request lets the reply in; the peer's request needs the ACL.
         ct.outbound(t, &echo(ME, PEER, 8, 77));
@@ -475,42 +524,6 @@ mod tests {
         let later = t + UDP_IDLE + Duration::from_secs(5);
         ct.outbound(later, &udp(ME, 5000, PEER, 53));
         assert_eq!(ct.len(), 1);
-    }
-
-    #[test]
-    fn ipv6_flows() {
-        let me: [u8; 16] = "fd7a:7765:6674::5"
-            .parse::<std::net::Ipv6Addr>()
-            .unwrap()
-            .octets();
-        let peer: [u8; 16] = "fd7a:7765:6674::9"
-            .parse::<std::net::Ipv6Addr>()
-            .unwrap()
-            .octets();
-        let pkt = |src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16| {
-            let mut p = vec![0u8; 40];
-            p[0] = 0x60;
-            p[6] = TCP;
-            p[8..24].copy_from_slice(&src);
-            p[24..40].copy_from_slice(&dst);
-            let mut l4 = vec![0u8; 20];
-            l4[0..2].copy_from_slice(&sport.to_be_bytes());
-            l4[2..4].copy_from_slice(&dport.to_be_bytes());
-            p.extend_from_slice(&l4);
-            p
-        };
-        let mut ct = Conntrack::default();
-        let t = Instant::now();
-        assert_eq!(
-            ct.inbound(t, &pkt(peer, 1, me, 22), ssh_only),
-            Verdict::NewAllowed
-        );
-        assert_eq!(
-            ct.inbound(t, &pkt(peer, 1, me, 23), ssh_only),
-            Verdict::Dropped
-        );
-        ct.outbound(t, &pkt(me, 9, peer, 443));
-        assert!(ct.inbound(t, &pkt(peer, 443, me, 9), |_, _| false).passes());
     }
 
     proptest! {

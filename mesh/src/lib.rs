@@ -21,3 +21,15 @@ pub mod node;
 pub(crate) mod path;
 pub(crate) mod peer;
 pub mod udp;
+
+/// Tests: values from their text, e.g. prefixes or addresses
+/// (`parsed::<IpNet>(&["10.0.0.0/8", "fd00::/64"])`).
+#[cfg(test)]
+pub(crate) fn parsed<T: std::str::FromStr>(text: &[&str]) -> Vec<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.iter()
+        .map(|n| n.parse().unwrap_or_else(|e| panic!("{n}: {e}")))
+        .collect()
+}

@@ -626,16 +626,7 @@ mod tests {
             listen_port: 51820,
             fwmark: None,
             peers: vec![
-                PeerInfo {
-                    public_key: pk(2),
-                    preshared_key: None,
-                    endpoint: None,
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    persistent_keepalive: None,
-                    allowed_ips: vec![],
-                },
+                PeerInfo::new(pk(2)),
                 PeerInfo {
                     public_key: pk(1),
                     preshared_key: Some(PresharedKey::from_bytes([9; 32])),
@@ -644,7 +635,7 @@ mod tests {
                     rx_bytes: 1229,
                     tx_bytes: 3_617_587,
                     persistent_keepalive: Some(25),
-                    allowed_ips: vec!["10.0.0.2/32".parse().unwrap(), "fd00::/64".parse().unwrap()],
+                    allowed_ips: crate::parsed(&["10.0.0.2/32", "fd00::/64"]),
                 },
             ],
         };
@@ -855,7 +846,7 @@ mod tests {
         map.apply(&PeerMapUpdate::Snapshot(snap)).unwrap();
         let mut ctl = Controller::new(me.clone(), crate::path::PathConfig::default(), 5);
         let t0 = std::time::Instant::now();
-        let _ = ctl.set_local_addrs(t0, vec!["198.51.100.5:41641".parse().unwrap()]);
+        let _ = ctl.set_local_addrs(t0, crate::parsed(&["198.51.100.5:41641"]));
         let _ = ctl.on_peer_map(t0, &map);
         let info = DeviceInfo {
             private_key: Some(me.clone()),
@@ -869,7 +860,7 @@ mod tests {
                 rx_bytes: 2048,
                 tx_bytes: 100,
                 persistent_keepalive: None,
-                allowed_ips: vec!["100.64.0.9/32".parse().unwrap()],
+                allowed_ips: crate::parsed(&["100.64.0.9/32"]),
             }],
         };
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_005);

@@ -307,26 +307,22 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
         }
         TokenCmd::List(ListArgs { state, json }) => {
             let toks = Registry::open(&state.dir)?.list_tokens()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&toks)?);
-            } else {
-                println!(
-                    "{:<14} {:<10} {:<22} {:<10} REVOKED",
-                    "ID", "TAG", "EXPIRES", "USES LEFT"
-                );
-                for t in toks {
-                    println!(
-                        "{:<14} {:<10} {:<22} {:<10} {}",
-                        t.id,
-                        t.tag,
-                        fmt_time(t.expires_at),
-                        t.uses_left
-                            .map(|u| u.to_string())
-                            .unwrap_or_else(|| "unlimited".into()),
-                        t.revoked
-                    );
-                }
-            }
+            let header = format!(
+                "{:<14} {:<10} {:<22} {:<10} REVOKED",
+                "ID", "TAG", "EXPIRES", "USES LEFT"
+            );
+            print_list(json, &toks, &header, |t| {
+                format!(
+                    "{:<14} {:<10} {:<22} {:<10} {}",
+                    t.id,
+                    t.tag,
+                    fmt_time(t.expires_at),
+                    t.uses_left
+                        .map(|u| u.to_string())
+                        .unwrap_or_else(|| "unlimited".into()),
+                    t.revoked
+                )
+            })?;
         }
         TokenCmd::Revoke { state, id } => {
             let id = Registry::open(&state.dir)?.revoke_token(&id)?;
@@ -336,30 +332,44 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
     Ok(())
 }
 
+/// `list --json`: the items as pretty JSON; otherwise `header` and a `line` per item.
+fn print_list<T: serde::Serialize>(
+    json: bool,
+    items: &[T],
+    header: &str,
+    line: impl Fn(&T) -> String,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(items)?);
+    } else {
+        println!("{header}");
+        for item in items {
+            println!("{}", line(item));
+        }
+    }
+    Ok(())
+}
+
 fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
     match cmd {
         NodesCmd::List(ListArgs { state, json }) => {
             let nodes = Registry::open(&state.dir)?.list_nodes()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
-            } else {
-                println!(
-                    "{:<24} {:<16} {:<46} {:<16} {:<12} REVOKED",
-                    "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN"
-                );
-                for n in nodes {
-                    println!(
-                        "{:<24} {:<16} {:<46} {:<16} {:<12} {}",
-                        n.name,
-                        n.tags.join(","),
-                        n.key,
-                        n.mesh_ipv4
-                            .map_or_else(|| "-".to_string(), |a| a.to_string()),
-                        format!("{}s ago", unix_now().saturating_sub(n.last_seen)),
-                        n.revoked
-                    );
-                }
-            }
+            let header = format!(
+                "{:<24} {:<16} {:<46} {:<16} {:<12} REVOKED",
+                "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN"
+            );
+            print_list(json, &nodes, &header, |n| {
+                format!(
+                    "{:<24} {:<16} {:<46} {:<16} {:<12} {}",
+                    n.name,
+                    n.tags.join(","),
+                    n.key,
+                    n.mesh_ipv4
+                        .map_or_else(|| "-".to_string(), |a| a.to_string()),
+                    format!("{}s ago", unix_now().saturating_sub(n.last_seen)),
+                    n.revoked
+                )
+            })?;
         }
         NodesCmd::Revoke { state, name } => {
             Registry::open(&state.dir)?.revoke_node(&name)?;

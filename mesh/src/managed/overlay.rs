@@ -229,17 +229,11 @@ mod tests {
         assert!(add.replace_allowed_ips && !add.remove && add.endpoint.is_none());
         assert_eq!(
             add.allowed_ips,
-            vec![
-                "100.64.0.7/32".parse::<IpNet>().unwrap(),
-                "fd7a:7765:6674::6440:7/128".parse().unwrap()
-            ]
+            crate::parsed(&["100.64.0.7/32", "fd7a:7765:6674::6440:7/128"])
         );
         assert_eq!(
             o.addresses(),
-            vec![
-                "100.64.0.5/32".parse::<IpNet>().unwrap(),
-                "fd7a:7765:6674::6440:5/128".parse().unwrap()
-            ]
+            crate::parsed(&["100.64.0.5/32", "fd7a:7765:6674::6440:5/128"])
         );
     }
 

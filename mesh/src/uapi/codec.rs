@@ -125,6 +125,23 @@ pub struct PeerInfo {
     pub allowed_ips: Vec<IpNet>,
 }
 
+impl PeerInfo {
+    /// A peer known by its key only: no endpoint, handshake, traffic,
+    /// keepalive or AllowedIPs yet (a `get` response fills the rest in).
+    pub fn new(public_key: PublicKey) -> PeerInfo {
+        PeerInfo {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            persistent_keepalive: None,
+            allowed_ips: Vec::new(),
+        }
+    }
+}
+
 /// A UAPI error: which line and key were bad, and the errno for the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -432,16 +449,7 @@ pub(crate) fn parse_get_response(text: &str) -> Result<DeviceInfo, UapiError> {
                     info.peers.push(p.finish(line_no)?);
                 }
                 peer = Some(PeerAcc {
-                    info: PeerInfo {
-                        public_key: pk,
-                        preshared_key: None,
-                        endpoint: None,
-                        last_handshake: None,
-                        rx_bytes: 0,
-                        tx_bytes: 0,
-                        persistent_keepalive: None,
-                        allowed_ips: Vec::new(),
-                    },
+                    info: PeerInfo::new(pk),
                     hs_sec: 0,
                     hs_nsec: 0,
                 });
@@ -606,13 +614,7 @@ mod tests {
         assert_eq!(p.endpoint, Some("[fd00::1]:51820".parse().unwrap()));
         assert_eq!(p.persistent_keepalive, Some(25));
         assert!(p.replace_allowed_ips);
-        assert_eq!(
-            p.allowed_ips,
-            vec![
-                "10.0.0.0/24".parse::<IpNet>().unwrap(),
-                "fd00::/64".parse().unwrap()
-            ]
-        );
+        assert_eq!(p.allowed_ips, crate::parsed(&["10.0.0.0/24", "fd00::/64"]));
         assert!(req.peers[1].remove);
         assert!(req.peers[2].update_only);
         assert_eq!(req.peers[2].endpoint, Some("1.2.3.4:5".parse().unwrap()));
@@ -637,10 +639,7 @@ mod tests {
         let Request::Set(req) = parse_request(&text).unwrap() else {
             panic!("not a set")
         };
-        assert_eq!(
-            req.peers[0].allowed_ips,
-            vec!["10.0.0.2/32".parse::<IpNet>().unwrap()]
-        );
+        assert_eq!(req.peers[0].allowed_ips, crate::parsed(&["10.0.0.2/32"]));
     }
 
     #[test]
@@ -726,17 +725,11 @@ mod tests {
                     rx_bytes: 10,
                     tx_bytes: 20,
                     persistent_keepalive: Some(25),
-                    allowed_ips: vec!["10.0.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
+                    allowed_ips: crate::parsed(&["10.0.0.0/24", "fd00::/64"]),
                 },
                 PeerInfo {
-                    public_key: pk(2),
                     preshared_key: Some(PresharedKey::from_bytes([0x11; 32])),
-                    endpoint: None,
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    persistent_keepalive: None,
-                    allowed_ips: vec![],
+                    ..PeerInfo::new(pk(2))
                 },
             ],
         };
