@@ -91,98 +91,59 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("weft_relay");
-        let connected = Gauge::default();
-        let tunnels = Gauge::default();
-        let bytes: Family<Labels, Counter> = Family::default();
-        let refusals: Family<Labels, Counter> = Family::default();
-        let rate_limited = Counter::default();
-        let datagrams_relayed = Counter::default();
-        let datagram_bytes = Counter::default();
-        let datagrams_dropped = Counter::default();
-        registry.register(
-            "datagrams_relayed",
-            "Mesh packets forwarded on the relay path",
-            datagrams_relayed.clone(),
-        );
-        registry.register(
-            "datagram_bytes",
-            "Mesh packet bytes forwarded on the relay path",
-            datagram_bytes.clone(),
-        );
-        registry.register(
-            "datagrams_dropped",
-            "Mesh packets dropped on the relay path",
-            datagrams_dropped.clone(),
-        );
-        let stun_answered = Counter::default();
-        let stun_dropped = Counter::default();
-        registry.register(
-            "stun_answered",
-            "STUN binding requests answered",
-            stun_answered.clone(),
-        );
-        registry.register(
-            "stun_dropped",
-            "Datagrams on the STUN port that were not binding requests",
-            stun_dropped.clone(),
-        );
-        let hs: Family<Labels, Counter> = Family::default();
-        let handshake_timeouts = hs
-            .get_or_create(&vec![("cause".into(), "timeout".into())])
-            .clone();
-        let handshake_errors = hs
-            .get_or_create(&vec![("cause".into(), "error".into())])
-            .clone();
-        registry.register(
-            "handshake_failures",
-            "Connections that did not finish admission",
-            hs,
-        );
-        registry.register(
-            "connected_nodes",
-            "Admitted connections open now",
-            connected.clone(),
-        );
-        registry.register("open_tunnels", "Tunnels being spliced now", tunnels.clone());
-        registry.register(
-            "bytes_relayed",
-            "Bytes relayed through tunnels",
-            bytes.clone(),
-        );
-        registry.register(
+        let r = &mut registry;
+        let connected: Gauge = registered(r, "connected_nodes", "Admitted connections open now");
+        let tunnels: Gauge = registered(r, "open_tunnels", "Tunnels being spliced now");
+        let bytes: Family<Labels, Counter> =
+            registered(r, "bytes_relayed", "Bytes relayed through tunnels");
+        let refusals = registered(
+            r,
             "refusals",
             "Refused admissions and tunnel opens by reason",
-            refusals.clone(),
         );
-        registry.register(
+        let rate_limited = registered(
+            r,
             "connections_rate_limited",
             "New connections refused by the per-IP rate limit",
-            rate_limited.clone(),
         );
-        let mesh_nodes = Gauge::default();
-        let mesh_sessions = Gauge::default();
-        let mesh_sessions_dropped = Counter::default();
-        let call_me_maybe: Family<Labels, Counter> = Family::default();
-        registry.register(
-            "mesh_nodes",
-            "Nodes registered in the mesh coordinator",
-            mesh_nodes.clone(),
+        let datagrams_relayed = registered(
+            r,
+            "datagrams_relayed",
+            "Mesh packets forwarded on the relay path",
         );
-        registry.register(
-            "mesh_sessions",
-            "Mesh control sessions open now",
-            mesh_sessions.clone(),
+        let datagram_bytes = registered(
+            r,
+            "datagram_bytes",
+            "Mesh packet bytes forwarded on the relay path",
         );
-        registry.register(
+        let datagrams_dropped = registered(
+            r,
+            "datagrams_dropped",
+            "Mesh packets dropped on the relay path",
+        );
+        let stun_answered = registered(r, "stun_answered", "STUN binding requests answered");
+        let stun_dropped = registered(
+            r,
+            "stun_dropped",
+            "Datagrams on the STUN port that were not binding requests",
+        );
+        let hs: Family<Labels, Counter> = registered(
+            r,
+            "handshake_failures",
+            "Connections that did not finish admission",
+        );
+        let cause = |c: &str| vec![("cause".to_string(), c.to_string())];
+        let handshake_timeouts = hs.get_or_create(&cause("timeout")).clone();
+        let handshake_errors = hs.get_or_create(&cause("error")).clone();
+        let mesh_nodes = registered(r, "mesh_nodes", "Nodes registered in the mesh coordinator");
+        let mesh_sessions = registered(r, "mesh_sessions", "Mesh control sessions open now");
+        let mesh_sessions_dropped = registered(
+            r,
             "mesh_sessions_dropped",
             "Mesh control sessions dropped because the node read too slowly",
-            mesh_sessions_dropped.clone(),
         );
-        registry.register(
-            "mesh_call_me_maybe",
-            "Call-me-maybe requests by outcome",
-            call_me_maybe.clone(),
-        );
+        let call_me_maybe =
+            registered(r, "mesh_call_me_maybe", "Call-me-maybe requests by outcome");
         let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
         let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
         let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
@@ -230,6 +191,17 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A new metric of type `M`, registered as `name` with `help`; the handle
+/// returned shares its value with the registry.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
