@@ -11,8 +11,7 @@
 # Env:      WEFT_DEMO_WG=wireguard-go   run Debian's wireguard-go + wg instead of our `mesh` for the mesh
 #                                       path (a reference to compare against); the default is `mesh`
 #           WEFT_SKIP_APT=1             skip apt-get (the packages are already installed)
-#           RUST_LOG                    mesh's log level (default info)
-#           WEFT_LOG                    tunnel-relay's log level (default info)
+#           WEFT_LOG                    every binary's log level (default info)
 #           (logs go to the lab's temp dir)
 #
 # Topology (every process and address lives in a namespace this script creates; names start with
@@ -457,7 +456,7 @@ up_wireguard_go() { # LABEL NS IFACE CONF
 
 up_mesh() { # LABEL NS IFACE CONF
     local label=$1 ns=$2 ifname=$3 conf=$4
-    start "$label" "$ns" env RUST_LOG="${RUST_LOG:-info}" "$mesh_bin" up --wg-config "$conf"
+    start "$label" "$ns" env WEFT_LOG="${WEFT_LOG:-info}" "$mesh_bin" up --wg-config "$conf"
     local pid=$last_pid
     pid_ns[$pid]=$ns
     pid_if[$pid]=$ifname
@@ -706,7 +705,7 @@ in_ns "$NS_RELAY" timeout 5 bash -c 'exec 3<>"/dev/tcp/${1%:*}/${1#*:}" &&
 mesh_managed() { # LABEL NS STATE NAME TOKEN
     local label=$1 ns=$2 state=$3 name=$4 token=$5
     print_cmd "$name" mesh up --token "${token:0:12}..." --state-dir "$state" --name "$name" '&'
-    start "mesh-managed-$label" "$ns" env RUST_LOG="${RUST_LOG:-info},netlink_packet_route=error" \
+    start "mesh-managed-$label" "$ns" env WEFT_LOG="${WEFT_LOG:-info,netlink_packet_route=error}" \
         "$mesh_bin" up --token "$token" --state-dir "$state" --name "$name" --uapi-dir "$lab/uapi-$label"
     pid_ns[$last_pid]=$ns
     pid_if[$last_pid]=weft0
