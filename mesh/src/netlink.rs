@@ -9,6 +9,10 @@ use ipnet::IpNet;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use std::sync::atomic::Ordering;
+
+use crate::device::{Device, RouteDiff};
+use crate::udp::UdpIo;
 
 /// The routing table (and socket fwmark) of a full tunnel when the interface
 /// has no fwmark of its own: wg-quick's default.
@@ -259,6 +263,71 @@ const MAIN_TABLE: u32 = 254;
 /// Whether a netlink error carries `errno`.
 fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| c.get()) == Some(-errno))
+}
+
+/// Makes the kernel's routing follow a change of AllowedIPs, as wg-quick
+/// does: a route through the link per prefix, and for a `/0` the full tunnel
+/// ([`Link::set_full_tunnel`]: policy rules and a default route in a table of
+/// its own, the table's number also the socket's fwmark; the interface's own
+/// fwmark when it has one, else [`FULL_TUNNEL_TABLE`], set on the socket here
+/// as `wg set fwmark` would). Every change is tried; the first error is
+/// returned after all of them.
+pub(crate) async fn apply_route_diff(
+    link: &Link,
+    device: &Device,
+    udp: &UdpIo,
+    diff: &RouteDiff,
+) -> anyhow::Result<()> {
+    let mut first: Option<anyhow::Error> = None;
+    let mut keep = |r: anyhow::Result<()>| {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "routing change failed");
+            first.get_or_insert(e);
+        }
+    };
+    for net in &diff.removed {
+        if installs_route(net) {
+            keep(link.del_route(*net).await.map_err(Into::into));
+        } else {
+            let table = match device.fwmark.load(Ordering::Relaxed) {
+                0 => FULL_TUNNEL_TABLE,
+                mark => mark,
+            };
+            keep(
+                link.set_full_tunnel(net.addr().is_ipv6(), table, false)
+                    .await
+                    .map_err(Into::into),
+            );
+        }
+    }
+    for net in &diff.added {
+        if installs_route(net) {
+            keep(link.add_route(*net).await.map_err(Into::into));
+            continue;
+        }
+        let table = match device.fwmark.load(Ordering::Relaxed) {
+            0 => match udp.set_mark(FULL_TUNNEL_TABLE) {
+                Ok(()) => {
+                    device.fwmark.store(FULL_TUNNEL_TABLE, Ordering::Relaxed);
+                    FULL_TUNNEL_TABLE
+                }
+                Err(e) => {
+                    keep(Err(anyhow::Error::new(e).context(format!(
+                        "setting fwmark {FULL_TUNNEL_TABLE} on the socket for the full tunnel of {net}"
+                    ))));
+                    continue;
+                }
+            },
+            mark => mark,
+        };
+        tracing::info!(%net, table, "full tunnel: everything but the tunnel's own packets goes through the interface");
+        keep(
+            link.set_full_tunnel(net.addr().is_ipv6(), table, true)
+                .await
+                .map_err(Into::into),
+        );
+    }
+    first.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 use crate::config::WgConfig;
 use crate::device::{packet_destination, Device, Outgoing, RouteDiff};
 use crate::egress::{CtlPacket, ManagedIo, Net};
-use crate::netlink::{installs_route, Link, FULL_TUNNEL_TABLE};
+use crate::netlink::{apply_route_diff, installs_route, Link};
 use crate::peer::{Encap, DATA_OVERHEAD};
 use crate::uapi;
 use crate::udp::UdpIo;
@@ -292,71 +292,6 @@ async fn serve(
         tracing::warn!(error = %e, "could not remove the full tunnel's rules");
     }
     result
-}
-
-/// Makes the kernel's routing follow a change of AllowedIPs, as wg-quick
-/// does: a route through the link per prefix, and for a `/0` the full tunnel
-/// ([`Link::set_full_tunnel`]: policy rules and a default route in a table of
-/// its own, the table's number also the socket's fwmark; the interface's own
-/// fwmark when it has one, else [`FULL_TUNNEL_TABLE`], set on the socket here
-/// as `wg set fwmark` would). Every change is tried; the first error is
-/// returned after all of them.
-pub(crate) async fn apply_route_diff(
-    link: &Link,
-    device: &Device,
-    udp: &UdpIo,
-    diff: &RouteDiff,
-) -> anyhow::Result<()> {
-    let mut first: Option<anyhow::Error> = None;
-    let mut keep = |r: anyhow::Result<()>| {
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "routing change failed");
-            first.get_or_insert(e);
-        }
-    };
-    for net in &diff.removed {
-        if installs_route(net) {
-            keep(link.del_route(*net).await.map_err(Into::into));
-        } else {
-            let table = match device.fwmark.load(Ordering::Relaxed) {
-                0 => FULL_TUNNEL_TABLE,
-                mark => mark,
-            };
-            keep(
-                link.set_full_tunnel(net.addr().is_ipv6(), table, false)
-                    .await
-                    .map_err(Into::into),
-            );
-        }
-    }
-    for net in &diff.added {
-        if installs_route(net) {
-            keep(link.add_route(*net).await.map_err(Into::into));
-            continue;
-        }
-        let table = match device.fwmark.load(Ordering::Relaxed) {
-            0 => match udp.set_mark(FULL_TUNNEL_TABLE) {
-                Ok(()) => {
-                    device.fwmark.store(FULL_TUNNEL_TABLE, Ordering::Relaxed);
-                    FULL_TUNNEL_TABLE
-                }
-                Err(e) => {
-                    keep(Err(anyhow::Error::new(e).context(format!(
-                        "setting fwmark {FULL_TUNNEL_TABLE} on the socket for the full tunnel of {net}"
-                    ))));
-                    continue;
-                }
-            },
-            mark => mark,
-        };
-        tracing::info!(%net, table, "full tunnel: everything but the tunnel's own packets goes through the interface");
-        keep(
-            link.set_full_tunnel(net.addr().is_ipv6(), table, true)
-                .await
-                .map_err(Into::into),
-        );
-    }
-    first.map_or(Ok(()), Err)
 }
 
 /// How long a data-path thread waits before re-checking the stop flag.

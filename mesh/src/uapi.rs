@@ -162,7 +162,7 @@ async fn respond(request: &str, device: &Device, link: &Link, udp: &UdpIo) -> St
                         }
                     }
                     // Errors are logged; the device's state is already changed.
-                    let _ = crate::node::apply_route_diff(link, device, udp, &diff).await;
+                    let _ = crate::netlink::apply_route_diff(link, device, udp, &diff).await;
                     codec::format_errno(0)
                 }
             }

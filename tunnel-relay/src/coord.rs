@@ -56,7 +56,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::keys::PublicKey;
+use weft_proto::PublicKey;
 
 pub use addr::{AddrError, AddressPool};
 pub use weft_proto::acl::{

@@ -23,7 +23,7 @@ use tunnel_relay::link::LinkState;
 
 use crate::agent::{AgentError, Engine};
 use crate::job::{Job, JobRequest};
-use crate::overlay::MeshStatus;
+use crate::mesh_status::MeshStatus;
 use crate::sampler::{SharedSnapshot, Snapshot};
 
 /// The caller recorded for requests on the loopback listener. `@` cannot appear in a relay

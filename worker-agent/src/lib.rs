@@ -24,6 +24,7 @@ pub mod gpu;
 pub mod health;
 pub mod history;
 pub mod job;
+pub mod mesh_status;
 pub mod metrics;
 pub mod overlay;
 pub mod queue;

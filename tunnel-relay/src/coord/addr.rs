@@ -23,8 +23,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::keys::PublicKey;
 use weft_proto::peermap::OverlayPools;
+use weft_proto::PublicKey;
 
 /// Default IPv4 pool (the CGNAT range, as Tailscale uses).
 pub const DEFAULT_IPV4_POOL: &str = "100.64.0.0/10";
