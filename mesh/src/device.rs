@@ -398,6 +398,11 @@ impl Device {
         Ok(())
     }
 
+    /// Every peer's AllowedIPs.
+    pub fn allowed_ips(&self) -> Vec<IpNet> {
+        all_allowed_ips(&self.snapshot())
+    }
+
     /// The port the UDP socket is bound to.
     pub fn listen_port(&self) -> u16 {
         self.listen_port.load(Ordering::Relaxed)

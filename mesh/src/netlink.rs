@@ -265,6 +265,14 @@ fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| c.get()) == Some(-errno))
 }
 
+/// The full tunnel's table: the interface's fwmark, else [`FULL_TUNNEL_TABLE`].
+fn tunnel_table(device: &Device) -> u32 {
+    match device.fwmark.load(Ordering::Relaxed) {
+        0 => FULL_TUNNEL_TABLE,
+        mark => mark,
+    }
+}
+
 /// Makes the kernel's routing follow a change of AllowedIPs, as wg-quick
 /// does: a route through the link per prefix, and for a `/0` the full tunnel
 /// ([`Link::set_full_tunnel`]: policy rules and a default route in a table of
@@ -289,12 +297,8 @@ pub(crate) async fn apply_route_diff(
         if installs_route(net) {
             keep(link.del_route(*net).await.map_err(Into::into));
         } else {
-            let table = match device.fwmark.load(Ordering::Relaxed) {
-                0 => FULL_TUNNEL_TABLE,
-                mark => mark,
-            };
             keep(
-                link.set_full_tunnel(net.addr().is_ipv6(), table, false)
+                link.set_full_tunnel(net.addr().is_ipv6(), tunnel_table(device), false)
                     .await
                     .map_err(Into::into),
             );
@@ -305,21 +309,16 @@ pub(crate) async fn apply_route_diff(
             keep(link.add_route(*net).await.map_err(Into::into));
             continue;
         }
-        let table = match device.fwmark.load(Ordering::Relaxed) {
-            0 => match udp.set_mark(FULL_TUNNEL_TABLE) {
-                Ok(()) => {
-                    device.fwmark.store(FULL_TUNNEL_TABLE, Ordering::Relaxed);
-                    FULL_TUNNEL_TABLE
-                }
-                Err(e) => {
-                    keep(Err(anyhow::Error::new(e).context(format!(
-                        "setting fwmark {FULL_TUNNEL_TABLE} on the socket for the full tunnel of {net}"
-                    ))));
-                    continue;
-                }
-            },
-            mark => mark,
-        };
+        if device.fwmark.load(Ordering::Relaxed) == 0 {
+            if let Err(e) = udp.set_mark(FULL_TUNNEL_TABLE) {
+                keep(Err(anyhow::Error::new(e).context(format!(
+                    "setting fwmark {FULL_TUNNEL_TABLE} on the socket for the full tunnel of {net}"
+                ))));
+                continue;
+            }
+            device.fwmark.store(FULL_TUNNEL_TABLE, Ordering::Relaxed);
+        }
+        let table = tunnel_table(device);
         tracing::info!(%net, table, "full tunnel: everything but the tunnel's own packets goes through the interface");
         keep(
             link.set_full_tunnel(net.addr().is_ipv6(), table, true)

@@ -277,16 +277,13 @@ async fn serve(
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     // Routes go with the link; a full tunnel's policy rules would stay.
-    let full: Vec<ipnet::IpNet> = device
-        .info(std::time::SystemTime::now())
-        .peers
-        .iter()
-        .flat_map(|p| p.allowed_ips.iter().copied())
-        .filter(|n| !installs_route(n))
-        .collect();
     let gone = RouteDiff {
         added: Vec::new(),
-        removed: full,
+        removed: device
+            .allowed_ips()
+            .into_iter()
+            .filter(|n| !installs_route(n))
+            .collect(),
     };
     if let Err(e) = apply_route_diff(link, &device, &udp, &gone).await {
         tracing::warn!(error = %e, "could not remove the full tunnel's rules");

@@ -144,7 +144,13 @@ async fn respond(request: &str, device: &Device, link: &Link, udp: &UdpIo) -> St
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "UAPI set rejected");
-                        return codec::format_errno(libc::EADDRINUSE);
+                        let errno = match &e {
+                            crate::udp::BindError::Bind { source, .. } => {
+                                source.raw_os_error().unwrap_or(libc::EADDRINUSE)
+                            }
+                            _ => libc::EINVAL,
+                        };
+                        return codec::format_errno(errno);
                     }
                 }
             }
