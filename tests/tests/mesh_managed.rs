@@ -333,8 +333,11 @@ fn direct_path_cut_falls_back_to_the_relay() {
         );
         sleep(Duration::from_secs(2));
     });
+    // Traffic flows over the relay; one ping may be lost while the worker's
+    // side also gives up the cut path (its direct timeout), so "any" here, and
+    // the gap below is the user-facing bound.
     assert!(
-        traffic::ping(&e.ns, &w.ip, 3, 0.2, 2).all_ok(),
+        traffic::ping(&e.ns, &w.ip, 3, 0.2, 2).any_ok(),
         "no traffic over the relay"
     );
     // The bound: back on the relay within 3 s (slack for a loaded CI machine).
