@@ -1197,16 +1197,16 @@ impl Pool {
                 Policy::Binpack => Box::new(n..=max),
                 Policy::Spread => Box::new((n..=max).rev()),
             };
-            'k: for kk in ks {
+            // At most `want` from each class per level, so ties across
+            // classes still go to the worker that joined first.
+            for kk in ks {
                 for &c in &shape.classes {
                     if let Some(set) = self.free[c as usize].get(kk) {
-                        for &w in set {
-                            if out.len() >= want {
-                                break 'k;
-                            }
-                            out.push((kk, w));
-                        }
+                        out.extend(set.iter().take(want).map(|&w| (kk, w)));
                     }
+                }
+                if out.len() >= want {
+                    break;
                 }
             }
         }
