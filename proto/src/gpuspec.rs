@@ -289,6 +289,28 @@ impl<'a> Span<'a> {
         }
     }
 
+    /// Every piece between `pat`s, in order, trimmed, each keeping its
+    /// column; an empty piece is the error `empty(column)`.
+    fn pieces<E>(self, pat: &str, empty: impl Fn(usize) -> E) -> Result<Vec<Span<'a>>, E> {
+        let mut out = Vec::new();
+        let mut rest = self;
+        loop {
+            let (piece, next) = match rest.split_once(pat) {
+                Some((p, n)) => (p, Some(n)),
+                None => (rest, None),
+            };
+            let piece = piece.trim();
+            if piece.text.is_empty() {
+                return Err(empty(piece.column));
+            }
+            out.push(piece);
+            match next {
+                Some(n) => rest = n,
+                None => return Ok(out),
+            }
+        }
+    }
+
     /// Split at the first `pat`; the parts keep their columns.
     fn split_once(self, pat: &str) -> Option<(Span<'a>, Span<'a>)> {
         let at = self.text.find(pat)?;
@@ -328,22 +350,15 @@ impl Parser<'_> {
         let mut out = GpuSpec::default();
         // Column of the first token of each kind: vendor, names, memory, count.
         let mut seen: [Option<usize>; 4] = [None; 4];
-        let mut rest = Span {
+        let whole = Span {
             text: self.spec,
             column: 1,
         };
-        loop {
-            let (token, next) = match rest.split_once(":") {
-                Some((t, n)) => (t, Some(n)),
-                None => (rest, None),
-            };
-            let token = token.trim();
-            if token.text.is_empty() {
-                return Err(GpuSpecError::EmptyToken {
-                    spec: self.spec(),
-                    column: token.column,
-                });
-            }
+        let tokens = whole.pieces(":", |column| GpuSpecError::EmptyToken {
+            spec: self.spec(),
+            column,
+        })?;
+        for token in tokens {
             let kind = classify(token.text);
             if let Some(first) = seen[kind] {
                 return Err(GpuSpecError::Duplicate {
@@ -360,29 +375,17 @@ impl Parser<'_> {
                 2 => out.memory = Some(self.memory(token)?),
                 _ => out.count = Some(self.count(token)?),
             }
-            match next {
-                Some(n) => rest = n,
-                None => break,
-            }
         }
         Ok(out)
     }
 
     fn names(&self, token: Span<'_>) -> Result<Vec<String>, GpuSpecError> {
         let mut names = Vec::new();
-        let mut rest = token;
-        loop {
-            let (name, next) = match rest.split_once(",") {
-                Some((a, b)) => (a, Some(b)),
-                None => (rest, None),
-            };
-            let name = name.trim();
-            if name.text.is_empty() {
-                return Err(GpuSpecError::EmptyName {
-                    spec: self.spec(),
-                    column: name.column,
-                });
-            }
+        let pieces = token.pieces(",", |column| GpuSpecError::EmptyName {
+            spec: self.spec(),
+            column,
+        })?;
+        for name in pieces {
             if let Some((at, c)) = name
                 .text
                 .char_indices()
@@ -396,28 +399,32 @@ impl Parser<'_> {
                 });
             }
             names.push(name.text.to_string());
-            match next {
-                Some(n) => rest = n,
-                None => return Ok(names),
-            }
         }
+        Ok(names)
+    }
+
+    /// A range's two bounds (`LO..HI`, either may be missing but not both),
+    /// trimmed; `None` for a single value.
+    fn bounds<'s>(&self, token: Span<'s>) -> Result<Option<(Span<'s>, Span<'s>)>, GpuSpecError> {
+        let Some((a, b)) = token.split_once("..") else {
+            return Ok(None);
+        };
+        let (a, b) = (a.trim(), b.trim());
+        if a.text.is_empty() && b.text.is_empty() {
+            return Err(GpuSpecError::EmptyRange {
+                spec: self.spec(),
+                column: token.column,
+            });
+        }
+        Ok(Some((a, b)))
     }
 
     fn memory(&self, token: Span<'_>) -> Result<MemRange, GpuSpecError> {
-        let (lo, hi) = match token.split_once("..") {
-            Some((a, b)) => {
-                let (a, b) = (a.trim(), b.trim());
-                if a.text.is_empty() && b.text.is_empty() {
-                    return Err(GpuSpecError::EmptyRange {
-                        spec: self.spec(),
-                        column: token.column,
-                    });
-                }
-                (
-                    self.opt(a, |s| self.size(s))?,
-                    self.opt(b, |s| self.size(s))?,
-                )
-            }
+        let (lo, hi) = match self.bounds(token)? {
+            Some((a, b)) => (
+                self.opt(a, |s| self.size(s))?,
+                self.opt(b, |s| self.size(s))?,
+            ),
             None => {
                 let v = self.size(token)?;
                 (Some(v), Some(v))
@@ -432,15 +439,8 @@ impl Parser<'_> {
     }
 
     fn count(&self, token: Span<'_>) -> Result<CountRange, GpuSpecError> {
-        let (lo, hi, lo_span) = match token.split_once("..") {
+        let (lo, hi, lo_span) = match self.bounds(token)? {
             Some((a, b)) => {
-                let (a, b) = (a.trim(), b.trim());
-                if a.text.is_empty() && b.text.is_empty() {
-                    return Err(GpuSpecError::EmptyRange {
-                        spec: self.spec(),
-                        column: token.column,
-                    });
-                }
                 let lo = self.opt(a, |s| self.whole(s))?;
                 let hi = self.opt(b, |s| self.whole(s))?;
                 if hi == Some(0) {

@@ -1508,6 +1508,11 @@ mod tests {
                 .map(|m| m.worker)
                 .collect()
         }
+        /// `job` ended with `outcome`, then a tick.
+        fn end(&mut self, job: JobId, outcome: Outcome) -> Decisions {
+            self.pool.job_ended(job, outcome, self.now);
+            self.tick()
+        }
         fn why(&self, job: JobId) -> String {
             self.pool
                 .why_pending(job)
@@ -1579,8 +1584,7 @@ mod tests {
         assert_eq!(all.len(), 8);
         assert_eq!(t.pool.state(c), Some(JobState::Pending));
         assert_eq!(t.why(c), "no free GPU");
-        t.pool.job_ended(a, Outcome::Succeeded, t.now);
-        t.tick();
+        t.end(a, Outcome::Succeeded);
         assert_eq!(t.pool.state(c), Some(JobState::Placed));
         assert_eq!(t.pool.state(a), Some(JobState::Done));
     }
@@ -1599,11 +1603,9 @@ mod tests {
             t.why(low1),
             format!("behind higher priority job {high} (no free GPU)")
         );
-        t.pool.job_ended(hold, Outcome::Succeeded, t.now);
-        t.tick();
+        t.end(hold, Outcome::Succeeded);
         assert_eq!(t.pool.state(high), Some(JobState::Placed));
-        t.pool.job_ended(high, Outcome::Succeeded, t.now);
-        t.tick();
+        t.end(high, Outcome::Succeeded);
         assert_eq!(t.pool.state(low1), Some(JobState::Placed));
         assert_eq!(t.pool.state(low2), Some(JobState::Pending));
     }
@@ -1646,11 +1648,9 @@ mod tests {
             t.why(small),
             format!("worker w is reserved for job {big} (waiting longer than 10m)")
         );
-        t.pool.job_ended(b, Outcome::Succeeded, t.now);
-        t.tick();
+        t.end(b, Outcome::Succeeded);
         assert_eq!(t.pool.state(big), Some(JobState::Placed));
-        t.pool.job_ended(big, Outcome::Succeeded, t.now);
-        t.tick();
+        t.end(big, Outcome::Succeeded);
         assert_eq!(t.pool.state(small), Some(JobState::Placed));
     }
 
