@@ -14,6 +14,7 @@
 //! | [`token`] | join tokens (`wft1_…`) |
 //! | [`secret`] | 32-byte secrets that never print |
 //! | [`stun`] | STUN binding requests and answers (RFC 5389), and a node's probe state |
+//! | [`gpuspec`] | the `--gpu SPEC` grammar (dstack's), [`gpuspec::GpuSpec`] and the rule matching it to a worker's GPUs |
 //! | [`close`] | QUIC connection-close and stream-reset codes |
 
 pub mod acl;
@@ -21,6 +22,7 @@ pub mod close;
 pub mod codec;
 pub mod control;
 pub mod duration;
+pub mod gpuspec;
 pub mod key;
 pub mod names;
 pub mod peermap;

@@ -18,7 +18,8 @@
 //! - feature `server` (on by default; `mesh` and `worker-agent` build without
 //!   it, so they link no SQLite, axum, rcgen or prometheus): [`server`] (QUIC
 //!   listener, tunnels, STUN, the hosted coordinator in `server/mesh.rs`),
-//!   [`coord`] (the coordinator core, pure), [`registry`] (SQLite),
+//!   [`coord`] (the coordinator core, pure), [`pool`] (the GPU job
+//!   scheduler core, pure), [`registry`] (SQLite),
 //!   [`config`], [`routes`], [`admission`], [`metrics`].
 
 #[cfg(feature = "server")]
@@ -36,6 +37,8 @@ pub mod mesh_client;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod noise;
+#[cfg(feature = "server")]
+pub mod pool;
 #[cfg(feature = "server")]
 pub mod registry;
 pub mod relay_path;
