@@ -15,6 +15,7 @@
 //! | [`secret`] | 32-byte secrets that never print |
 //! | [`stun`] | STUN binding requests and answers (RFC 5389), and a node's probe state |
 //! | [`gpuspec`] | the `--gpu SPEC` grammar (dstack's), [`gpuspec::GpuSpec`] and the rule matching it to a worker's GPUs |
+//! | [`pool`] | the pool feed (coordinator ↔ agent, JSON lines) and the pool API types (engineer → coordinator) |
 //! | [`close`] | QUIC connection-close and stream-reset codes |
 
 pub mod acl;
@@ -26,6 +27,7 @@ pub mod gpuspec;
 pub mod key;
 pub mod names;
 pub mod peermap;
+pub mod pool;
 pub mod relay;
 pub mod secret;
 pub mod stun;

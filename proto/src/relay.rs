@@ -18,6 +18,8 @@
 //! - Mesh control stream node → relay: first frame [`Message::MeshJoin`],
 //!   answered by [`Message::MeshAccepted`] or [`Message::Rejected`]; from then
 //!   on both directions carry [`crate::control::ControlMsg`] frames.
+//! - Pool API stream engineer → relay: first frame [`Message::Api`], answered
+//!   by [`Message::OpenOk`], then HTTP/1.1 (`crate::pool`'s JSON types).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -252,6 +254,10 @@ pub enum Message {
     },
     /// The tunnel is connected; raw bytes follow.
     OpenOk,
+    /// Engineer/operator → relay, first frame of a pool API stream: the relay
+    /// answers [`Message::OpenOk`] and serves HTTP/1.1 on the stream
+    /// (`weft_proto::pool`'s request and answer types) as the admitted identity.
+    Api,
     /// Node → relay, first frame of the mesh control stream: join the mesh
     /// (the coordinator) as the admitted identity.
     MeshJoin {
@@ -281,6 +287,7 @@ const T_TARGETS: u8 = 5;
 const T_OPEN: u8 = 6;
 const T_INCOMING: u8 = 7;
 const T_OPEN_OK: u8 = 8;
+const T_API: u8 = 11;
 const T_MESH_JOIN: u8 = 9;
 const T_MESH_ACCEPTED: u8 = 10;
 
@@ -323,6 +330,7 @@ impl Wire for Message {
                 w.str(service);
             }
             Message::OpenOk => w.u8(T_OPEN_OK),
+            Message::Api => w.u8(T_API),
             Message::MeshJoin { since, endpoints } => {
                 w.u8(T_MESH_JOIN);
                 w.option(since.as_ref(), |w, v| v.encode(w));
@@ -375,6 +383,7 @@ impl Wire for Message {
                 service: r.str()?,
             },
             T_OPEN_OK => Message::OpenOk,
+            T_API => Message::Api,
             T_MESH_JOIN => Message::MeshJoin {
                 since: r.option(Version::decode)?,
                 endpoints: get_candidates(r)?,
@@ -455,6 +464,7 @@ mod tests {
             (name(), name()).prop_map(|(target, service)| Message::Open { target, service }),
             (name(), name()).prop_map(|(from, service)| Message::Incoming { from, service }),
             Just(Message::OpenOk),
+            Just(Message::Api),
             (
                 prop::option::of(version()),
                 prop::collection::vec(candidate(), 0..=MAX_CANDIDATES)
