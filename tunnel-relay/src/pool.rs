@@ -432,6 +432,18 @@ struct Job {
 }
 
 impl Job {
+    fn new(spec: JobSpec, shape: usize, seq: u64, now: Instant) -> Job {
+        Job {
+            retries_left: spec.retries,
+            spec,
+            shape,
+            state: JobState::Pending,
+            seq,
+            queued_at: now,
+            members: Vec::new(),
+        }
+    }
+
     fn key(&self) -> QKey {
         (Reverse(self.spec.priority), self.seq)
     }
@@ -516,6 +528,42 @@ impl Pool {
     /// GPU UUIDs flagged as reported by two workers.
     pub fn flagged(&self) -> impl Iterator<Item = &str> {
         self.flagged.iter().map(String::as_str)
+    }
+
+    /// A worker's scheduling state: `ready`, `cordoned`, `draining`,
+    /// `reserved`, `disconnected` (away, not yet lost) or `lost`.
+    pub fn worker_state(&self, name: &str) -> Option<&'static str> {
+        let wk = &self.workers[*self.by_name.get(name)? as usize];
+        Some(if !wk.connected {
+            if wk.disconnected_since.is_some() {
+                "disconnected"
+            } else {
+                "lost"
+            }
+        } else if wk.draining {
+            "draining"
+        } else if wk.cordoned {
+            "cordoned"
+        } else if wk.reserved_for.is_some() {
+            "reserved"
+        } else {
+            "ready"
+        })
+    }
+
+    /// GPU UUIDs of `name` that are flagged as reported by another worker too.
+    pub fn flagged_on(&self, name: &str) -> Vec<String> {
+        self.by_name
+            .get(name)
+            .map(|&w| {
+                self.workers[w as usize]
+                    .slots
+                    .iter()
+                    .filter(|s| s.dup)
+                    .map(|s| s.uuid.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The workers a placed or running job occupies, and its GPUs on each.
@@ -890,46 +938,100 @@ impl Pool {
         if spec.nodes == 0 {
             return Err(SubmitError::NoNodes);
         }
-        let per_node = spec.per_node();
-        let key = (spec.gpu.clone(), per_node, spec.nodes);
-        let shape = match self.shape_of.get(&key) {
-            Some(&s) => s,
-            None => {
-                let classes = (0..self.classes.len())
-                    .filter(|&c| {
-                        let cl = &self.classes[c];
-                        spec.gpu.matches_gpu(&cl.model, cl.memory_mib)
-                    })
-                    .map(|c| c as Cid)
-                    .collect();
-                self.shapes.push(Shape {
-                    spec: spec.gpu.clone(),
-                    per_node,
-                    nodes: spec.nodes,
-                    classes,
-                    queue: BTreeMap::new(),
-                });
-                self.shape_of.insert(key, self.shapes.len() - 1);
-                self.shapes.len() - 1
-            }
-        };
+        let shape = self.shape_for(&spec);
         if !spec.wait_for_capacity {
             self.satisfiable(shape)?;
         }
         let id = self.next_id;
         self.next_id += 1;
-        let job = Job {
-            retries_left: spec.retries,
-            spec,
-            shape,
-            state: JobState::Pending,
-            seq: id,
-            queued_at: now,
-            members: Vec::new(),
-        };
-        self.jobs.insert(id, job);
+        self.jobs.insert(id, Job::new(spec, shape, id, now));
         self.enqueue(id, now);
         Ok(id)
+    }
+
+    fn shape_for(&mut self, spec: &JobSpec) -> usize {
+        let per_node = spec.per_node();
+        let key = (spec.gpu.clone(), per_node, spec.nodes);
+        if let Some(&s) = self.shape_of.get(&key) {
+            return s;
+        }
+        let classes = (0..self.classes.len())
+            .filter(|&c| {
+                let cl = &self.classes[c];
+                spec.gpu.matches_gpu(&cl.model, cl.memory_mib)
+            })
+            .map(|c| c as Cid)
+            .collect();
+        self.shapes.push(Shape {
+            spec: spec.gpu.clone(),
+            per_node,
+            nodes: spec.nodes,
+            classes,
+            queue: BTreeMap::new(),
+        });
+        self.shape_of.insert(key, self.shapes.len() - 1);
+        self.shapes.len() - 1
+    }
+
+    /// Puts back a job the shell stored (after a restart), under its own id
+    /// and submit order: pending when `members` is `None`, else running on
+    /// those workers and GPUs (their inventories must have been given with
+    /// [`Pool::worker_update`] first). A running job whose worker or GPU is
+    /// unknown, or whose GPU another restored job holds, is not restored and
+    /// `false` comes back (the shell requeues it as pending).
+    pub fn restore_job(
+        &mut self,
+        now: Instant,
+        id: JobId,
+        spec: JobSpec,
+        retries_left: u32,
+        members: Option<&[Member]>,
+    ) -> bool {
+        if spec.nodes == 0 || self.jobs.contains_key(&id) {
+            return false;
+        }
+        self.next_id = self.next_id.max(id + 1);
+        let shape = self.shape_for(&spec);
+        let mut job = Job::new(spec, shape, id, now);
+        job.retries_left = retries_left;
+        let Some(members) = members else {
+            self.jobs.insert(id, job);
+            self.enqueue(id, now);
+            return true;
+        };
+        // Check everything first: all or nothing.
+        let mut at: Vec<(Wid, Vec<usize>)> = Vec::with_capacity(members.len());
+        for m in members {
+            let Some(&w) = self.by_name.get(&m.worker) else {
+                return false;
+            };
+            let wk = &self.workers[w as usize];
+            let mut idx = Vec::with_capacity(m.gpus.len());
+            for u in &m.gpus {
+                match wk.slots.iter().position(|s| &s.uuid == u) {
+                    Some(i) if wk.slots[i].holder.is_none() => idx.push(i),
+                    _ => return false,
+                }
+            }
+            if at.iter().any(|(x, _)| *x == w) {
+                return false;
+            }
+            at.push((w, idx));
+        }
+        job.state = JobState::Running;
+        job.members = at.iter().map(|(w, _)| *w).collect();
+        self.jobs.insert(id, job);
+        for (w, idx) in at {
+            self.unindex(w);
+            let wk = &mut self.workers[w as usize];
+            for i in idx {
+                wk.slots[i].holder = Some(id);
+            }
+            wk.jobs.insert(id);
+            self.index(w);
+        }
+        self.dirty = true;
+        true
     }
 
     fn enqueue(&mut self, id: JobId, now: Instant) {
@@ -1821,6 +1923,47 @@ mod tests {
         t.tick();
         assert_eq!(t.pool.state(c), Some(JobState::Pending));
         assert!(!t.pool.cordon("nope"));
+    }
+
+    #[test]
+    fn restored_jobs_keep_their_ids_order_and_gpus() {
+        let mut t = default();
+        t.worker("a", A100, 2);
+        t.worker("b", A100, 2);
+        let mut spec = |p: i32| {
+            let mut js = JobSpec::new("alice", "A100:2".parse().unwrap());
+            js.priority = p;
+            js
+        };
+        // Job 7 runs on a; 9 and 8 wait (8 first: same priority, lower id).
+        let on_a = [Member {
+            worker: "a".into(),
+            gpus: vec!["GPU-a-0".into(), "GPU-a-1".into()],
+        }];
+        assert!(t.pool.restore_job(t.now, 7, spec(0), 1, Some(&on_a)));
+        assert!(t.pool.restore_job(t.now, 9, spec(0), 0, None));
+        assert!(t.pool.restore_job(t.now, 8, spec(0), 0, None));
+        // A GPU already held, or an unknown worker, is not restored as running.
+        assert!(!t.pool.restore_job(t.now, 10, spec(0), 0, Some(&on_a)));
+        let on_x = [Member {
+            worker: "x".into(),
+            gpus: vec![],
+        }];
+        assert!(!t.pool.restore_job(t.now, 11, spec(0), 0, Some(&on_x)));
+        assert_eq!(t.pool.state(7), Some(JobState::Running));
+        let d = t.tick();
+        assert_eq!(d.placements.len(), 1);
+        assert_eq!(d.placements[0].job, 8, "FIFO by the restored ids");
+        assert_eq!(t.placed_on(8), ["b"]);
+        assert_eq!(t.why(9), "no free A100:2");
+        // The shell requeues those as pending; new ids follow the highest restored.
+        assert!(t.pool.restore_job(t.now, 10, spec(0), 0, None));
+        assert_eq!(t.pool.state(11), None);
+        let n = t.job("A100:2", |_| {});
+        assert_eq!(n, 12);
+        // The restored running job frees its GPUs when it ends.
+        t.end(7, Outcome::Succeeded);
+        assert_eq!(t.placed_on(9), ["a"]);
     }
 
     #[test]
