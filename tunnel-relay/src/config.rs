@@ -49,6 +49,17 @@
 //! to = "worker"
 //! proto = "tcp"        # tcp | udp | icmp | any (default any)
 //! ports = [22, 7070]   # numbers or "lo-hi" strings (default: all)
+//!
+//! # The pool: GPU job scheduling across workers (`weft jobs submit`).
+//! [pool]
+//! policy = "binpack"       # binpack (fill workers) | spread (most free GPUs)
+//! reserve_after = "10m"    # a job waiting longer reserves the next workers that free up
+//! lost_after = "15s"       # a worker away this long is lost; its jobs are requeued
+//! submit_tags = ["engineer", "operator"]   # who may submit (workers never may)
+//! operator_tags = ["operator"]             # who sees and acts on every job
+//! # gpu_quota = 8         # GPUs one engineer's jobs may hold or wait for (default: none)
+//! # [pool.priority_max]   # the highest priority a tag may ask (default: no limit)
+//! # engineer = 50
 //! ```
 //!
 //! `policy` authorizes relay *tunnel streams* by service name (`Open`);
@@ -86,6 +97,70 @@ pub struct RelayConfig {
     /// The mesh coordinator: overlay pools, delta log, ACL. Default:
     /// [`CoordConfig::default`].
     pub mesh: CoordConfig,
+    /// The pool scheduler. Default: [`PoolSettings::default`].
+    pub pool: PoolSettings,
+}
+
+/// `[pool]`: how the coordinator schedules GPU jobs.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// `binpack` (default) or `spread`.
+    pub policy: PoolPolicy,
+    /// A job pending longer than this reserves the next workers that free up. Default `10m`.
+    #[serde(deserialize_with = "duration")]
+    pub reserve_after: Duration,
+    /// A worker away this long is lost and its jobs requeued. Default `15s`.
+    #[serde(deserialize_with = "duration")]
+    pub lost_after: Duration,
+    /// Tags whose nodes may submit jobs. Default `["engineer", "operator"]`.
+    pub submit_tags: Vec<String>,
+    /// Tags whose nodes see and act on every job and worker. Default `["operator"]`.
+    pub operator_tags: Vec<String>,
+    /// GPUs one engineer's unfinished jobs may hold or wait for. Default: no limit.
+    pub gpu_quota: Option<u32>,
+    /// The highest priority each tag may ask for; a node gets the highest of its tags'
+    /// limits. A tag not listed has no limit. Default: empty.
+    pub priority_max: std::collections::BTreeMap<String, i32>,
+}
+
+/// The pool's choice among fitting workers.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolPolicy {
+    /// Fewest free GPUs left.
+    #[default]
+    Binpack,
+    /// Most free GPUs.
+    Spread,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            policy: PoolPolicy::Binpack,
+            reserve_after: Duration::from_secs(600),
+            lost_after: Duration::from_secs(15),
+            submit_tags: vec!["engineer".into(), "operator".into()],
+            operator_tags: vec!["operator".into()],
+            gpu_quota: None,
+            priority_max: Default::default(),
+        }
+    }
+}
+
+impl PoolSettings {
+    /// The highest priority a node with `tags` may ask for, if limited.
+    pub fn priority_limit(&self, tags: &[String]) -> Option<i32> {
+        tags.iter()
+            .filter_map(|t| self.priority_max.get(t).copied())
+            .max()
+    }
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    weft_proto::duration::parse(&s).map_err(serde::de::Error::custom)
 }
 
 impl Default for RelayConfig {
@@ -99,6 +174,7 @@ impl Default for RelayConfig {
             limits: Limits::default(),
             policy: Policy::default(),
             mesh: CoordConfig::default(),
+            pool: PoolSettings::default(),
         }
     }
 }
@@ -249,6 +325,9 @@ impl RelayConfig {
             return Err(invalid(
                 "tls.cert_file and tls.key_file must be given together",
             ));
+        }
+        if cfg.pool.lost_after < Duration::from_secs(1) {
+            return Err(invalid("pool.lost_after must be at least 1s"));
         }
         cfg.mesh
             .validate("[mesh.acl]")
@@ -420,6 +499,34 @@ mod tests {
                 "{text:?}: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn pool_section_parses_with_defaults_and_limits() {
+        let d = PoolSettings::default();
+        assert_eq!(d.policy, PoolPolicy::Binpack);
+        assert_eq!(d.reserve_after, Duration::from_secs(600));
+        assert_eq!(d.lost_after, Duration::from_secs(15));
+        let c = RelayConfig::parse(
+            "[pool]\npolicy = \"spread\"\nlost_after = \"5s\"\ngpu_quota = 8\n\
+             [pool.priority_max]\nengineer = 50\nlead = 90\n",
+            "t",
+        )
+        .expect("must succeed");
+        assert_eq!(c.pool.policy, PoolPolicy::Spread);
+        assert_eq!(c.pool.lost_after, Duration::from_secs(5));
+        assert_eq!(c.pool.gpu_quota, Some(8));
+        assert_eq!(c.pool.priority_limit(&tags(&["engineer"])), Some(50));
+        assert_eq!(
+            c.pool.priority_limit(&tags(&["engineer", "lead"])),
+            Some(90)
+        );
+        assert_eq!(c.pool.priority_limit(&tags(&["operator"])), None);
+        let e = RelayConfig::parse("[pool]\nlost_after = \"soon\"\n", "relay.toml")
+            .expect_err("must fail");
+        assert!(e.to_string().contains("relay.toml"), "{e}");
+        let e = RelayConfig::parse("[pool]\npolicy = \"random\"\n", "t").expect_err("must fail");
+        assert!(e.to_string().contains("random"), "{e}");
     }
 
     #[test]

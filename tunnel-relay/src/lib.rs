@@ -40,6 +40,8 @@ pub mod noise;
 #[cfg(feature = "server")]
 pub mod pool;
 #[cfg(feature = "server")]
+pub mod pool_store;
+#[cfg(feature = "server")]
 pub mod registry;
 pub mod relay_path;
 #[cfg(feature = "server")]

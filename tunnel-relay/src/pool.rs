@@ -520,6 +520,11 @@ impl Pool {
         self.jobs.get(&job).map(|j| j.state)
     }
 
+    /// Retries a job has left.
+    pub fn retries_left(&self, job: JobId) -> Option<u32> {
+        self.jobs.get(&job).map(|j| j.retries_left)
+    }
+
     /// How many jobs are pending.
     pub fn pending(&self) -> usize {
         self.aging.len() + self.starving.len()
@@ -1930,8 +1935,8 @@ mod tests {
         let mut t = default();
         t.worker("a", A100, 2);
         t.worker("b", A100, 2);
-        let mut spec = |p: i32| {
-            let mut js = JobSpec::new("alice", "A100:2".parse().unwrap());
+        let spec = |p: i32| {
+            let mut js = JobSpec::new("alice", "A100:2".parse().expect("must succeed"));
             js.priority = p;
             js
         };

@@ -158,7 +158,8 @@ impl<C: Clone> Routes<C> {
             .collect()
     }
 
-    /// The workers (and their services) `opener` may open, sorted by name.
+    /// The workers (and their services) `opener` may open, sorted by name
+    /// (internal services, `@…`, are the relay's own and never listed).
     pub fn targets_for(&self, opener: Opener<'_>, policy: &Policy) -> Vec<Target> {
         let mut out: Vec<Target> = self
             .workers
@@ -168,7 +169,7 @@ impl<C: Clone> Routes<C> {
                 let services: Vec<String> = w
                     .services
                     .iter()
-                    .filter(|s| policy.allows(opener.tags, &w.tags, s))
+                    .filter(|s| !is_internal(s) && policy.allows(opener.tags, &w.tags, s))
                     .cloned()
                     .collect();
                 (!services.is_empty()).then(|| Target {
@@ -222,7 +223,7 @@ impl<C: Clone> Routes<C> {
                 ),
             );
         }
-        if !worker.services.iter().any(|s| s == service) {
+        if is_internal(service) || !worker.services.iter().any(|s| s == service) {
             return refuse(
                 Reason::NoSuchService,
                 format!("{target:?} exposes {:?}", worker.services),
@@ -269,6 +270,12 @@ impl<C: Clone> Routes<C> {
     pub fn streams_of(&self, key: &PublicKey) -> u32 {
         self.streams.get(key).copied().unwrap_or(0)
     }
+}
+
+/// A service only the relay itself opens (`@pool`, the agent's pool feed): `@` is
+/// not allowed in a node's name, so no engineer can be its caller either.
+pub fn is_internal(service: &str) -> bool {
+    service.starts_with('@')
 }
 
 #[cfg(test)]
@@ -318,6 +325,33 @@ mod tests {
 
     fn reason<C>(r: Result<Grant<C>, (Rejection, Option<C>)>) -> Option<Reason> {
         r.err().map(|(rej, _)| rej.reason)
+    }
+
+    #[test]
+    fn internal_services_are_never_listed_or_opened() {
+        let mut f = fixture(8);
+        let key = StaticKey::generate().public();
+        let w = WorkerRoute {
+            id: 3,
+            key,
+            conn: "w2-conn",
+            tags: tags(&["worker"]),
+            services: vec!["ssh".to_string(), "@pool".to_string()],
+        };
+        f.routes
+            .connect(3, key, "w2-conn", tags(&["worker"]), Some(("w2".into(), w)));
+        let policy = Policy::default();
+        let listed = f.routes.targets_for(opener(&f), &policy);
+        let w2 = listed.iter().find(|t| t.name == "w2").expect("w2 listed");
+        assert_eq!(w2.services, ["ssh"]);
+        let o = Opener {
+            id: 1,
+            key: &f.eng,
+            name: "eng",
+            tags: &f.eng_tags,
+        };
+        let r = f.routes.decide(o, "w2", "@pool", &policy, |_| false);
+        assert_eq!(reason(r), Some(Reason::NoSuchService));
     }
 
     #[test]

@@ -40,6 +40,7 @@ use crate::wire::{
 };
 
 mod mesh;
+mod pool;
 
 pub use mesh::{MAX_NODE_FRAME, RESYNCS_PER_SEC, RESYNC_BURST, SESSION_QUEUE};
 
@@ -91,6 +92,7 @@ struct Shared {
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
     mesh: mesh::Mesh,
+    pool: pool::PoolShell,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,6 +205,7 @@ impl Relay {
         };
         let stun_bound = stun.as_ref().and_then(|s| s.local_addr().ok());
         let mesh = mesh::Mesh::open(dir, &registry, &opts.config, stun_bound)?;
+        let pool = pool::PoolShell::open(dir, &opts.config.pool, mesh.overlay_lookup())?;
         let rate = RateLimiter::new(limits.new_connections_per_ip_per_sec);
         let metrics_listener = match opts.config.metrics_listen {
             Some(addr) => {
@@ -223,6 +226,7 @@ impl Relay {
                 next_id: AtomicU64::new(1),
                 metrics: Arc::new(Metrics::new()),
                 mesh,
+                pool,
             }),
         })
     }
@@ -258,6 +262,7 @@ impl Relay {
             tokio::spawn(metrics::serve(l, self.shared.metrics.clone()))
         });
         let revocations = tokio::spawn(watch_revocations(self.shared.clone()));
+        let pool_timer = tokio::spawn(pool::timer(self.shared.clone()));
         let stun_addr = self.stun_addr();
         let stun_task = match (
             self.stun.take().map(tokio::net::UdpSocket::from_std),
@@ -298,6 +303,7 @@ impl Relay {
         );
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
+        pool_timer.abort();
         self.shared.mesh.flush().await;
         if let Some(t) = stun_task {
             t.abort();
@@ -362,6 +368,8 @@ async fn watch_revocations(shared: Arc<Shared>) {
             }
         };
         let Some(revoked) = revoked else { continue };
+        // The operator's `pool cordon|drain|uncordon` write the same database.
+        shared.pool.reload_flags();
         shared.mesh.remove_keys(&revoked, &shared.metrics);
         for conn in lock(&shared.routes).revoked(&revoked) {
             info!(remote = %conn.remote_address(), "closing a revoked node's connection");
@@ -501,6 +509,17 @@ async fn serve_node(
     info!(node = %ctx.name, key = %ctx.key.short(), tags = ?ctx.tags, services = ?hello.services, "node connected");
     shared.metrics.connected.inc();
     let control_task = tokio::spawn(control_loop(shared.clone(), ctx.clone(), control));
+    let feed_task = hello
+        .services
+        .iter()
+        .any(|s| s == weft_proto::pool::POOL_SERVICE)
+        .then(|| {
+            tokio::spawn(pool::feed(
+                shared.clone(),
+                ctx.name.clone(),
+                ctx.conn.clone(),
+            ))
+        });
     let datagram_task = tokio::spawn(forward_datagrams(shared.clone(), ctx.clone()));
     let err = loop {
         match ctx.conn.accept_bi().await {
@@ -514,6 +533,10 @@ async fn serve_node(
     };
     control_task.abort();
     datagram_task.abort();
+    if let Some(t) = feed_task {
+        // Its stream ends with the connection; the task records the worker as away.
+        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
     shared.metrics.connected.dec();
     lock(&shared.routes).disconnect(ctx.id, &ctx.name);
     info!(node = %ctx.name, reason = %err, "node disconnected");
@@ -605,6 +628,16 @@ async fn handle_tunnel(
         Ok(Ok(Message::Open { target, service })) => (target, service),
         Ok(Ok(Message::MeshJoin { since, endpoints })) => {
             return mesh::serve_session(shared, ctx, send, recv, since, endpoints).await;
+        }
+        Ok(Ok(Message::Api)) => {
+            if write_message(&mut send, &Message::OpenOk).await.is_err() {
+                return;
+            }
+            let caller = pool::ApiCaller {
+                name: ctx.name.clone(),
+                tags: ctx.tags.clone(),
+            };
+            return pool::serve_api(shared, caller, send, recv).await;
         }
         Ok(Ok(other)) => {
             debug!(node = %ctx.name, msg = ?other, "tunnel stream did not start with Open");

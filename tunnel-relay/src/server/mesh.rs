@@ -82,9 +82,25 @@ struct Hub {
     persist: std_mpsc::Sender<Persist>,
 }
 
+/// A handle on the coordinator that answers one question: a node's overlay IPv4 address.
+#[derive(Clone)]
+pub(super) struct OverlayLookup(Arc<Mutex<Hub>>);
+
+impl OverlayLookup {
+    /// The overlay IPv4 of the node registered as `name` (its mesh name is the DNS-label form).
+    pub(super) fn ipv4(&self, name: &str) -> Option<std::net::Ipv4Addr> {
+        let hub = lock(&self.0);
+        let id = hub
+            .coord
+            .id_by_name(name)
+            .or_else(|| hub.coord.id_by_name(&name.to_ascii_lowercase()))?;
+        hub.coord.record(id).map(|r| r.ipv4)
+    }
+}
+
 /// The mesh part of the relay's shared state.
 pub(super) struct Mesh {
-    hub: Mutex<Hub>,
+    hub: Arc<Mutex<Hub>>,
     /// Where STUN is answered (as bound).
     stun: Option<SocketAddr>,
 }
@@ -134,14 +150,19 @@ impl Mesh {
             })?;
         info!(nodes = n, epoch, "mesh coordinator restored");
         Ok(Mesh {
-            hub: Mutex::new(Hub {
+            hub: Arc::new(Mutex::new(Hub {
                 coord,
                 sessions: HashMap::new(),
                 next_sid: 1,
                 persist: tx,
-            }),
+            })),
             stun,
         })
+    }
+
+    /// Looks up nodes' overlay addresses (for the pool's gang variables).
+    pub(super) fn overlay_lookup(&self) -> OverlayLookup {
+        OverlayLookup(self.hub.clone())
     }
 
     /// Removes nodes whose keys were revoked: every peer forgets them, their

@@ -1,0 +1,321 @@
+//! The pool's records in the relay's `registry.sqlite` (WAL, so `tunnel-relay pool ...` works
+//! while `serve` runs): every job (its whole [`JobView`] plus retries left), every worker that
+//! ever reported ([`WorkerView`]: inventory and uptime record), the operator's cordon/drain
+//! flags, and the usage record of every finished copy. `serve` writes a job's row before it
+//! answers the submit and after every change, so `kill -9` loses no job; JSON per row keeps
+//! the schema to four tables.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
+use weft_proto::pool::{JobView, UsageRecord, WorkerView};
+
+use crate::error::StateError;
+
+/// A job as stored: what is shown, and what the scheduler must get back after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredJob {
+    /// The job as `weft jobs show` prints it.
+    #[serde(flatten)]
+    pub view: JobView,
+    /// Retries it has left.
+    pub retries_left: u32,
+}
+
+impl StoredJob {
+    /// Whether it has ended (no restore needed).
+    pub fn finished(&self) -> bool {
+        matches!(
+            self.view.state.as_str(),
+            "succeeded" | "failed" | "lost" | "cancelled"
+        )
+    }
+}
+
+/// An operator's flags on a worker (`tunnel-relay pool cordon|drain|uncordon`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// No new jobs.
+    pub cordoned: bool,
+    /// No new jobs; running ones finish.
+    pub draining: bool,
+}
+
+/// A connection to the pool tables.
+pub struct PoolStore {
+    db: Connection,
+    path: PathBuf,
+}
+
+impl PoolStore {
+    /// Opens (creating the tables in) `DIR/registry.sqlite`.
+    pub fn open(state_dir: &Path) -> Result<PoolStore, StateError> {
+        // The registry creates the file with its 0600 mode first.
+        drop(crate::registry::Registry::open(state_dir)?);
+        let path = state_dir.join("registry.sqlite");
+        let db = Connection::open(&path)?;
+        db.busy_timeout(Duration::from_secs(5))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL + NORMAL: a committed row survives a crash of the process (kill -9); only a
+        // power loss may take the last commits.
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS pool_jobs (
+                id INTEGER PRIMARY KEY,
+                finished INTEGER NOT NULL,
+                record TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS pool_workers (
+                name TEXT PRIMARY KEY,
+                record TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS pool_flags (
+                name TEXT PRIMARY KEY,
+                cordoned INTEGER NOT NULL,
+                draining INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS pool_usage (
+                job INTEGER NOT NULL,
+                attempt INTEGER NOT NULL,
+                worker TEXT NOT NULL,
+                end_ms INTEGER NOT NULL,
+                record TEXT NOT NULL,
+                PRIMARY KEY (job, attempt, worker)
+             );",
+        )?;
+        Ok(PoolStore { db, path })
+    }
+
+    fn bad(&self, what: String) -> StateError {
+        StateError::BadFile {
+            path: self.path.clone(),
+            msg: what,
+        }
+    }
+
+    fn json<T: Serialize>(&self, what: &str, v: &T) -> Result<String, StateError> {
+        serde_json::to_string(v).map_err(|e| self.bad(format!("{what}: {e}")))
+    }
+
+    /// Writes a job's row.
+    pub fn save_job(&self, job: &StoredJob) -> Result<(), StateError> {
+        let text = self.json(&format!("pool job {}", job.view.id), job)?;
+        self.db.execute(
+            "INSERT INTO pool_jobs (id, finished, record) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET finished = excluded.finished, record = excluded.record",
+            params![job.view.id as i64, job.finished(), text],
+        )?;
+        Ok(())
+    }
+
+    /// Jobs, oldest first: the unfinished ones only, or all.
+    pub fn jobs(&self, unfinished_only: bool) -> Result<Vec<StoredJob>, StateError> {
+        let sql = if unfinished_only {
+            "SELECT id, record FROM pool_jobs WHERE finished = 0 ORDER BY id"
+        } else {
+            "SELECT id, record FROM pool_jobs ORDER BY id"
+        };
+        let mut st = self.db.prepare(sql)?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, text) = row?;
+            out.push(
+                serde_json::from_str(&text)
+                    .map_err(|e| self.bad(format!("pool_jobs row {id}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The highest job id ever given (0 when none).
+    pub fn max_job_id(&self) -> Result<u64, StateError> {
+        let v: Option<i64> = self
+            .db
+            .query_row("SELECT MAX(id) FROM pool_jobs", [], |r| r.get(0))?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Writes a worker's row.
+    pub fn save_worker(&self, w: &WorkerView) -> Result<(), StateError> {
+        let text = self.json(&format!("pool worker {}", w.name), w)?;
+        self.db.execute(
+            "INSERT INTO pool_workers (name, record) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET record = excluded.record",
+            params![w.name, text],
+        )?;
+        Ok(())
+    }
+
+    /// Every worker that ever reported, by name.
+    pub fn workers(&self) -> Result<Vec<WorkerView>, StateError> {
+        let mut st = self
+            .db
+            .prepare("SELECT name, record FROM pool_workers ORDER BY name")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, text) = row?;
+            out.push(
+                serde_json::from_str(&text)
+                    .map_err(|e| self.bad(format!("pool_workers row {name}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Sets a worker's flags (the operator's commands).
+    pub fn set_flags(&self, name: &str, f: Flags) -> Result<(), StateError> {
+        self.db.execute(
+            "INSERT INTO pool_flags (name, cordoned, draining) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET cordoned = excluded.cordoned, draining = excluded.draining",
+            params![name, f.cordoned, f.draining],
+        )?;
+        Ok(())
+    }
+
+    /// Every worker's flags.
+    pub fn flags(&self) -> Result<Vec<(String, Flags)>, StateError> {
+        let mut st = self
+            .db
+            .prepare("SELECT name, cordoned, draining FROM pool_flags ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Flags {
+                    cordoned: r.get(1)?,
+                    draining: r.get(2)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a usage record; one per (job, attempt, worker): a repeat is ignored.
+    /// True when it was new.
+    pub fn save_usage(&self, u: &UsageRecord) -> Result<bool, StateError> {
+        let text = self.json(&format!("usage of job {}", u.job), u)?;
+        let n = self.db.execute(
+            "INSERT OR IGNORE INTO pool_usage (job, attempt, worker, end_ms, record)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![u.job as i64, u.attempt, u.worker, u.end_ms as i64, text],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Usage records that ended at or after `since_ms`, in end order.
+    pub fn usage_since(&self, since_ms: u64) -> Result<Vec<UsageRecord>, StateError> {
+        let mut st = self.db.prepare(
+            "SELECT job, record FROM pool_usage WHERE end_ms >= ?1 ORDER BY end_ms, job, worker",
+        )?;
+        let rows = st.query_map(params![since_ms as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job, text) = row?;
+            out.push(
+                serde_json::from_str(&text)
+                    .map_err(|e| self.bad(format!("pool_usage row of job {job}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::pool::{Inventory, SubmitRequest};
+
+    fn job(id: u64, state: &str) -> StoredJob {
+        StoredJob {
+            view: JobView {
+                id,
+                owner: "alice".into(),
+                state: state.into(),
+                request: SubmitRequest {
+                    command: vec!["true".into()],
+                    nodes: 1,
+                    ..Default::default()
+                },
+                reason: None,
+                attempt: 0,
+                members: vec![],
+                submitted_ms: 1,
+                started_ms: None,
+                ended_ms: None,
+            },
+            retries_left: 1,
+        }
+    }
+
+    #[test]
+    fn jobs_workers_flags_and_usage_survive_reopening() {
+        let dir = tempfile::tempdir().expect("must succeed");
+        {
+            let s = PoolStore::open(dir.path()).expect("must succeed");
+            s.save_job(&job(1, "pending")).expect("must succeed");
+            s.save_job(&job(2, "running")).expect("must succeed");
+            s.save_job(&job(2, "succeeded")).expect("must succeed");
+            s.save_worker(&WorkerView {
+                name: "gpu1".into(),
+                state: "ready".into(),
+                inventory: Inventory {
+                    gpus: vec![],
+                    cpus: 4,
+                    memory_bytes: 1,
+                    version: "0".into(),
+                    simulated: true,
+                    running: vec![],
+                },
+                holders: vec![],
+                flagged: vec![],
+                first_seen_ms: 1,
+                connected_since_ms: Some(1),
+                last_seen_ms: 2,
+                uptime_ms: 1,
+            })
+            .expect("must succeed");
+            s.set_flags(
+                "gpu1",
+                Flags {
+                    cordoned: true,
+                    draining: false,
+                },
+            )
+            .expect("must succeed");
+            let u = UsageRecord {
+                job: 2,
+                attempt: 1,
+                rank: 0,
+                engineer: "alice".into(),
+                worker: "gpu1".into(),
+                gpu_model: "H100".into(),
+                gpus: vec!["GPU-1".into()],
+                start_ms: Some(10),
+                end_ms: 20,
+                gpu_seconds: 0.01,
+                outcome: "succeeded".into(),
+                exit_code: Some(0),
+            };
+            assert!(s.save_usage(&u).expect("must succeed"));
+            assert!(
+                !s.save_usage(&u).expect("must succeed"),
+                "a replayed end is stored once"
+            );
+        }
+        let s = PoolStore::open(dir.path()).expect("must succeed");
+        let unfinished = s.jobs(true).expect("must succeed");
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].view.id, 1);
+        assert_eq!(s.jobs(false).expect("must succeed").len(), 2);
+        assert_eq!(s.max_job_id().expect("must succeed"), 2);
+        assert_eq!(s.workers().expect("must succeed")[0].name, "gpu1");
+        assert!(s.flags().expect("must succeed")[0].1.cordoned);
+        assert_eq!(s.usage_since(20).expect("must succeed").len(), 1);
+        assert_eq!(s.usage_since(21).expect("must succeed").len(), 0);
+    }
+}

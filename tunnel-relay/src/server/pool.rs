@@ -1,0 +1,1284 @@
+//! The pool shell (issue 11): the scheduler core ([`crate::pool`]) fed by the
+//! workers' pool feeds and the engineers' pool API, with its records in
+//! [`PoolStore`].
+//!
+//! - **Feed.** When a worker that announces the [`POOL_SERVICE`] connects, the
+//!   relay opens a stream on that connection (`Incoming{from: "@pool",
+//!   service: "@pool"}`) and reads the agent's JSON lines: the inventory
+//!   (→ [`Pool::worker_update`]), `started`, `refused`, `ended` (→ a usage
+//!   record, an ack, and the job's end in the core). It writes `start`/`stop`
+//!   /`ack` lines. The stream ending → [`Pool::worker_disconnected`]; lost
+//!   after `lost_after` unless it comes back.
+//! - **API.** A stream whose first frame is `Message::Api` is HTTP/1.1 served
+//!   by [`router`] as the admitted node (`submit`, `list`, `show`, `cancel`,
+//!   `pool`, `usage`).
+//! - **Every change** runs under one lock: the core's call, then [`Hub::pump`]
+//!   (the core's `tick`: stops first, then placements → `start` lines), the
+//!   records written to SQLite before the lock is released (a job's row is
+//!   committed before its submit is answered), the lines queued to each
+//!   worker's bounded channel with `try_send`. A timer pumps every 250 ms for
+//!   what only time decides (lost workers, reservations, copies that went
+//!   missing).
+//!
+//! Reconciling a worker that comes back: each copy its inventory lists that
+//! is not the job's current attempt on that worker is stopped at once (so a
+//! job never runs twice); a current member that the worker does not list and
+//! does not report ended within [`MISSING_GRACE`] ended badly: a copy that
+//! never started is placed again without using a retry, one that ran counts
+//! as failed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use quinn::{Connection, RecvStream, SendStream};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use weft_proto::gpuspec::GpuSpec;
+use weft_proto::pool::{
+    decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, JobView, LineError, MemberView,
+    PoolView, Start, SubmitRequest, UsageRecord, WorkerView, MAX_LINE, POOL_CALLER, POOL_SERVICE,
+};
+
+use super::mesh::OverlayLookup;
+use super::{lock, Shared};
+use crate::config::{PoolPolicy, PoolSettings};
+use crate::pool::{self, Decisions, Outcome, Pool, PoolConfig};
+use crate::pool_store::{Flags, PoolStore, StoredJob};
+use crate::wire::{read_message, write_message, Message};
+
+/// How long a current copy may be missing from its worker's inventory before it counts as ended.
+pub(super) const MISSING_GRACE: Duration = Duration::from_secs(5);
+/// The timer that pumps the core for what only time decides.
+const TICK: Duration = Duration::from_millis(250);
+/// Lines queued to one worker's feed.
+const FEED_QUEUE: usize = 4096;
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Feed {
+    sid: u64,
+    tx: mpsc::Sender<CoordMsg>,
+}
+
+struct WorkerRec {
+    view: WorkerView,
+    feed: Option<Feed>,
+}
+
+struct JobRec {
+    stored: StoredJob,
+    /// Members (by worker) of the current attempt missing from their worker's inventory, since.
+    missing: HashMap<String, Instant>,
+}
+
+/// The scheduler, the records and the feeds, under one lock.
+struct Hub {
+    pool: Pool,
+    jobs: BTreeMap<u64, JobRec>,
+    workers: BTreeMap<String, WorkerRec>,
+    store: PoolStore,
+    next_sid: u64,
+    flags: Vec<(String, Flags)>,
+    overlay: OverlayLookup,
+}
+
+/// The pool part of the relay's shared state.
+pub(super) struct PoolShell {
+    hub: Mutex<Hub>,
+    settings: PoolSettings,
+}
+
+fn core_config(s: &PoolSettings) -> PoolConfig {
+    PoolConfig {
+        policy: match s.policy {
+            PoolPolicy::Binpack => pool::Policy::Binpack,
+            PoolPolicy::Spread => pool::Policy::Spread,
+        },
+        reserve_after: s.reserve_after,
+        lost_after: s.lost_after,
+    }
+}
+
+fn core_spec(owner: &str, r: &SubmitRequest) -> Result<pool::JobSpec, String> {
+    let gpu: GpuSpec = match &r.gpu {
+        Some(s) => s.parse().map_err(|e| format!("--gpu {s}: {e}"))?,
+        None => GpuSpec::default(),
+    };
+    let mut js = pool::JobSpec::new(owner, gpu);
+    js.gpus = r.gpus;
+    js.nodes = r.nodes;
+    js.priority = r.priority;
+    js.retries = r.retries;
+    js.wait_for_capacity = r.wait_for_capacity;
+    Ok(js)
+}
+
+fn core_inventory(
+    name: &str,
+    inv: &weft_proto::pool::Inventory,
+    pool_held: &[String],
+) -> pool::Inventory {
+    pool::Inventory {
+        worker: name.to_string(),
+        gpus: inv
+            .gpus
+            .iter()
+            .map(|g: &GpuInfo| pool::GpuReport {
+                uuid: g.uuid.clone(),
+                model: g.model.clone(),
+                memory_mib: g.memory_mib,
+                healthy: g.usable(),
+                // Held by a local job that is not one of the pool's copies here.
+                busy: g.job.is_some() && !pool_held.contains(&g.uuid),
+            })
+            .collect(),
+    }
+}
+
+impl PoolShell {
+    /// Restores jobs and workers from the store: workers are away until they report again
+    /// (lost after `lost_after`), pending jobs queue in their order, running ones stay on
+    /// their workers.
+    pub(super) fn open(
+        dir: &std::path::Path,
+        settings: &PoolSettings,
+        overlay: OverlayLookup,
+    ) -> Result<PoolShell, crate::error::StateError> {
+        let store = PoolStore::open(dir)?;
+        let now = Instant::now();
+        let mut core = Pool::new(core_config(settings));
+        let mut workers = BTreeMap::new();
+        for mut view in store.workers()? {
+            let inv = core_inventory(&view.name, &view.inventory, &[]);
+            core.worker_update(now, inv);
+            core.worker_disconnected(&view.name, now);
+            view.state = "disconnected".into();
+            view.connected_since_ms = None;
+            workers.insert(view.name.clone(), WorkerRec { view, feed: None });
+        }
+        let flags = store.flags()?;
+        for (name, f) in &flags {
+            apply_flags(&mut core, name, *f);
+        }
+        let mut jobs = BTreeMap::new();
+        let (mut pending, mut running) = (0, 0);
+        for mut stored in store.jobs(true)? {
+            let id = stored.view.id;
+            let spec = match core_spec(&stored.view.owner, &stored.view.request) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(job = id, error = %e, "stored pool job is unreadable; marked failed");
+                    stored.view.state = "failed".into();
+                    store.save_job(&stored)?;
+                    continue;
+                }
+            };
+            let members: Vec<pool::Member> = stored
+                .view
+                .members
+                .iter()
+                .map(|m| pool::Member {
+                    worker: m.worker.clone(),
+                    gpus: m.gpus.clone(),
+                })
+                .collect();
+            let placed = matches!(stored.view.state.as_str(), "placed" | "running");
+            if placed
+                && core.restore_job(now, id, spec.clone(), stored.retries_left, Some(&members))
+            {
+                running += 1;
+            } else {
+                core.restore_job(now, id, spec, stored.retries_left, None);
+                if placed {
+                    stored.view.state = "pending".into();
+                    store.save_job(&stored)?;
+                }
+                pending += 1;
+            }
+            jobs.insert(
+                id,
+                JobRec {
+                    stored,
+                    missing: HashMap::new(),
+                },
+            );
+        }
+        info!(workers = workers.len(), pending, running, "pool restored");
+        Ok(PoolShell {
+            hub: Mutex::new(Hub {
+                pool: core,
+                jobs,
+                workers,
+                store,
+                next_sid: 1,
+                flags,
+                overlay,
+            }),
+            settings: settings.clone(),
+        })
+    }
+
+    /// The operator's flags changed in the store (another process): apply them.
+    pub(super) fn reload_flags(&self) {
+        let mut hub = lock(&self.hub);
+        let flags = match hub.store.flags() {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "could not read pool flags");
+                return;
+            }
+        };
+        if flags == hub.flags {
+            return;
+        }
+        for (name, f) in &flags {
+            if !hub.flags.contains(&(name.clone(), *f)) {
+                info!(worker = %name, cordoned = f.cordoned, draining = f.draining, "pool flags changed");
+                apply_flags(&mut hub.pool, name, *f);
+            }
+        }
+        hub.flags = flags;
+        hub.pump(Instant::now());
+    }
+}
+
+fn apply_flags(core: &mut Pool, name: &str, f: Flags) {
+    core.uncordon(name);
+    if f.cordoned {
+        core.cordon(name);
+    }
+    if f.draining {
+        core.drain(name);
+    }
+}
+
+impl Hub {
+    fn save_job(&self, id: u64) {
+        if let Some(j) = self.jobs.get(&id) {
+            if let Err(e) = self.store.save_job(&j.stored) {
+                warn!(job = id, error = %e, "could not store pool job");
+            }
+        }
+    }
+
+    fn save_worker(&self, name: &str) {
+        if let Some(w) = self.workers.get(name) {
+            if let Err(e) = self.store.save_worker(&w.view) {
+                warn!(worker = %name, error = %e, "could not store pool worker");
+            }
+        }
+    }
+
+    fn send(&mut self, worker: &str, msg: CoordMsg) -> bool {
+        let Some(feed) = self.workers.get(worker).and_then(|w| w.feed.as_ref()) else {
+            return false;
+        };
+        match feed.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(worker = %worker, error = %e, "pool feed queue full or closed; message dropped");
+                false
+            }
+        }
+    }
+
+    fn refresh_worker_state(&mut self, name: &str) {
+        let state = self.pool.worker_state(name).unwrap_or("disconnected");
+        let flagged = self.pool.flagged_on(name);
+        if let Some(w) = self.workers.get_mut(name) {
+            w.view.state = state.to_string();
+            w.view.flagged = flagged;
+        }
+    }
+
+    /// The core's decisions since the last call, carried out.
+    fn pump(&mut self, now: Instant) {
+        self.check_missing(now);
+        let d = self.pool.tick(now);
+        self.apply(d, now);
+        let names: Vec<String> = self.workers.keys().cloned().collect();
+        for n in names {
+            let before = self
+                .workers
+                .get(&n)
+                .map(|w| (w.view.state.clone(), w.view.flagged.clone()));
+            self.refresh_worker_state(&n);
+            let after = self
+                .workers
+                .get(&n)
+                .map(|w| (w.view.state.clone(), w.view.flagged.clone()));
+            if before != after {
+                self.save_worker(&n);
+            }
+        }
+    }
+
+    fn apply(&mut self, d: Decisions, now: Instant) {
+        let ms = unix_ms();
+        for stop in d.stops {
+            let attempt = self.jobs.get(&stop.job).map(|j| j.stored.view.attempt);
+            for w in &stop.workers {
+                debug!(job = stop.job, worker = %w, "stopping a copy");
+                self.send(
+                    w,
+                    CoordMsg::Stop {
+                        pool_job: stop.job,
+                        attempt,
+                    },
+                );
+            }
+        }
+        for id in d.requeued {
+            if let Some(j) = self.jobs.get_mut(&id) {
+                j.stored.view.state = "pending".into();
+                j.stored.view.started_ms = None;
+                j.missing.clear();
+            }
+            if let (Some(j), Some(left)) = (self.jobs.get_mut(&id), self.pool.retries_left(id)) {
+                j.stored.retries_left = left;
+            }
+            info!(job = id, "pool job back in the queue");
+            self.save_job(id);
+        }
+        for (ids, state) in [(d.lost, "lost"), (d.failed, "failed")] {
+            for id in ids {
+                self.end_job(id, state, ms);
+            }
+        }
+        for p in d.placements {
+            self.start(p, now);
+        }
+    }
+
+    fn end_job(&mut self, id: u64, state: &str, ms: u64) {
+        if let Some(j) = self.jobs.get_mut(&id) {
+            j.stored.view.state = state.to_string();
+            j.stored.view.ended_ms = Some(ms);
+            j.missing.clear();
+            info!(job = id, state, "pool job ended");
+        }
+        self.save_job(id);
+    }
+
+    fn start(&mut self, p: pool::Placement, now: Instant) {
+        let id = p.job;
+        // Mesh overlay addresses (empty for a member that is not on the mesh).
+        let ips: Vec<String> = p
+            .members
+            .iter()
+            .map(|m| {
+                self.overlay
+                    .ipv4(&m.worker)
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        j.stored.view.attempt += 1;
+        j.stored.view.state = "placed".into();
+        j.stored.view.reason = None;
+        j.missing.clear();
+        let attempt = j.stored.view.attempt;
+        j.stored.view.members = p
+            .members
+            .iter()
+            .enumerate()
+            .map(|(rank, m)| MemberView {
+                rank: rank as u32,
+                worker: m.worker.clone(),
+                gpus: m.gpus.clone(),
+                local_id: None,
+                state: "starting".into(),
+                exit_code: None,
+            })
+            .collect();
+        let req = j.stored.view.request.clone();
+        let owner = j.stored.view.owner.clone();
+        let n = p.members.len();
+        let mut starts = Vec::with_capacity(n);
+        for (rank, m) in p.members.iter().enumerate() {
+            let mut env = req.env.clone();
+            env.insert("WEFT_POOL_JOB".into(), id.to_string());
+            env.insert("WEFT_ATTEMPT".into(), attempt.to_string());
+            env.insert("WEFT_NODE_RANK".into(), rank.to_string());
+            env.insert("WEFT_NUM_NODES".into(), n.to_string());
+            env.insert("WEFT_NODE_IPS".into(), ips.join(","));
+            env.insert(
+                "WEFT_MASTER_ADDR".into(),
+                ips.first().cloned().unwrap_or_default(),
+            );
+            starts.push((
+                m.worker.clone(),
+                Start {
+                    pool_job: id,
+                    attempt,
+                    owner: owner.clone(),
+                    command: req.command.clone(),
+                    env,
+                    workdir: req.workdir.clone(),
+                    gpus: m.gpus.clone(),
+                    timeout_s: req.timeout_s,
+                },
+            ));
+        }
+        info!(job = id, attempt, workers = ?p.members.iter().map(|m| &m.worker).collect::<Vec<_>>(), "pool job placed");
+        self.save_job(id);
+        let mut unreachable = false;
+        for (w, s) in starts {
+            if !self.send(&w, CoordMsg::Start(s)) {
+                unreachable = true;
+            }
+        }
+        if unreachable {
+            // A member's feed went away between the decision and now: place it again.
+            self.pool.job_ended(id, Outcome::Refused, now);
+        }
+    }
+
+    fn current_member(&mut self, job: u64, attempt: u32, worker: &str) -> Option<&mut MemberView> {
+        let j = self.jobs.get_mut(&job)?;
+        if j.stored.view.attempt != attempt
+            || !matches!(j.stored.view.state.as_str(), "placed" | "running")
+        {
+            return None;
+        }
+        j.stored
+            .view
+            .members
+            .iter_mut()
+            .find(|m| m.worker == worker)
+    }
+
+    fn check_missing(&mut self, now: Instant) {
+        let mut ended = Vec::new();
+        for (&id, j) in &mut self.jobs {
+            let late: Vec<String> = j
+                .missing
+                .iter()
+                .filter(|(_, &since)| now.duration_since(since) >= MISSING_GRACE)
+                .map(|(w, _)| w.clone())
+                .collect();
+            for w in late {
+                j.missing.remove(&w);
+                let started = j
+                    .stored
+                    .view
+                    .members
+                    .iter()
+                    .find(|m| m.worker == w)
+                    .is_some_and(|m| m.local_id.is_some());
+                if let Some(m) = j.stored.view.members.iter_mut().find(|m| m.worker == w) {
+                    m.state = "missing".into();
+                }
+                warn!(job = id, worker = %w, started, "a copy is gone from its worker");
+                ended.push((
+                    id,
+                    if started {
+                        Outcome::Failed
+                    } else {
+                        Outcome::Refused
+                    },
+                ));
+            }
+        }
+        for (id, outcome) in ended {
+            self.pool.job_ended(id, outcome, now);
+            self.save_job(id);
+        }
+    }
+
+    // ---- the feed ----
+
+    fn on_inventory(&mut self, worker: &str, inv: weft_proto::pool::Inventory, now: Instant) {
+        let ms = unix_ms();
+        // Reconcile the copies it runs with what the pool placed.
+        let mut pool_held = Vec::new();
+        let mut stale = Vec::new();
+        for c in &inv.running {
+            let gpus = match self.current_member(c.pool_job, c.attempt, worker) {
+                Some(m) => {
+                    m.local_id = Some(c.local_id);
+                    if m.state == "starting" || m.state == "missing" {
+                        m.state = "running".into();
+                    }
+                    m.gpus.clone()
+                }
+                None => {
+                    stale.push((c.pool_job, c.attempt));
+                    continue;
+                }
+            };
+            if let Some(j) = self.jobs.get_mut(&c.pool_job) {
+                j.missing.remove(worker);
+            }
+            pool_held.extend(gpus);
+        }
+        for (job, attempt) in stale {
+            info!(job, attempt, worker = %worker, "stopping a stale copy the worker still runs");
+            self.send(
+                worker,
+                CoordMsg::Stop {
+                    pool_job: job,
+                    attempt: Some(attempt),
+                },
+            );
+        }
+        // Current members it does not list: missing until they show up or end.
+        for (&id, j) in &mut self.jobs {
+            if !matches!(j.stored.view.state.as_str(), "placed" | "running") {
+                continue;
+            }
+            let listed = |m: &MemberView| {
+                inv.running.iter().any(|c| {
+                    c.pool_job == id && c.attempt == j.stored.view.attempt && m.worker == worker
+                })
+            };
+            let absent = j
+                .stored
+                .view
+                .members
+                .iter()
+                .any(|m| m.worker == worker && !listed(m) && m.state != "succeeded");
+            if absent {
+                j.missing.entry(worker.to_string()).or_insert(now);
+            }
+        }
+        // Members being started are not yet listed; their GPUs are the pool's too.
+        for j in self.jobs.values() {
+            if matches!(j.stored.view.state.as_str(), "placed" | "running") {
+                for m in &j.stored.view.members {
+                    if m.worker == worker {
+                        pool_held.extend(m.gpus.iter().cloned());
+                    }
+                }
+            }
+        }
+        self.pool
+            .worker_update(now, core_inventory(worker, &inv, &pool_held));
+        let holders: Vec<Option<u64>> = inv
+            .gpus
+            .iter()
+            .map(|g| {
+                self.jobs.iter().find_map(|(&id, j)| {
+                    (matches!(j.stored.view.state.as_str(), "placed" | "running")
+                        && j.stored
+                            .view
+                            .members
+                            .iter()
+                            .any(|m| m.worker == worker && m.gpus.contains(&g.uuid)))
+                    .then_some(id)
+                })
+            })
+            .collect();
+        let rec = self
+            .workers
+            .entry(worker.to_string())
+            .or_insert_with(|| WorkerRec {
+                view: WorkerView {
+                    name: worker.to_string(),
+                    state: "ready".into(),
+                    inventory: inv.clone(),
+                    holders: vec![],
+                    flagged: vec![],
+                    first_seen_ms: ms,
+                    connected_since_ms: None,
+                    last_seen_ms: ms,
+                    uptime_ms: 0,
+                },
+                feed: None,
+            });
+        if rec.view.connected_since_ms.is_none() {
+            rec.view.connected_since_ms = Some(ms);
+        }
+        rec.view.inventory = inv;
+        rec.view.holders = holders;
+        rec.view.last_seen_ms = ms;
+        self.refresh_worker_state(worker);
+        self.save_worker(worker);
+    }
+
+    fn on_started(&mut self, worker: &str, job: u64, attempt: u32, local_id: u64, started_ms: u64) {
+        let Some(m) = self.current_member(job, attempt, worker) else {
+            self.send(
+                worker,
+                CoordMsg::Stop {
+                    pool_job: job,
+                    attempt: Some(attempt),
+                },
+            );
+            return;
+        };
+        m.local_id = Some(local_id);
+        m.state = "running".into();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        j.missing.remove(worker);
+        if j.stored.view.members.iter().all(|m| m.local_id.is_some())
+            && j.stored.view.state == "placed"
+        {
+            j.stored.view.state = "running".into();
+            j.stored.view.started_ms = Some(started_ms);
+            self.pool.job_started(job);
+            info!(job, attempt, "pool job running");
+        }
+        self.save_job(job);
+    }
+
+    fn on_refused(&mut self, worker: &str, job: u64, attempt: u32, reason: &str, now: Instant) {
+        info!(job, attempt, worker = %worker, reason, "a worker refused a pool job; placing it again");
+        let Some(m) = self.current_member(job, attempt, worker) else {
+            return;
+        };
+        m.state = format!("refused: {reason}");
+        self.pool.job_ended(job, Outcome::Refused, now);
+        self.save_job(job);
+    }
+
+    fn on_ended(&mut self, worker: &str, e: Ended, now: Instant) {
+        let job = e.copy.pool_job;
+        let attempt = e.copy.attempt;
+        // The usage record, once per (job, attempt, worker).
+        let (engineer, rank) = match self.jobs.get(&job) {
+            Some(j) => (
+                j.stored.view.owner.clone(),
+                j.stored
+                    .view
+                    .members
+                    .iter()
+                    .find(|m| m.worker == worker)
+                    .map(|m| m.rank)
+                    .unwrap_or(0),
+            ),
+            None => (String::new(), 0),
+        };
+        let gpu_model = self
+            .workers
+            .get(worker)
+            .and_then(|w| {
+                w.view
+                    .inventory
+                    .gpus
+                    .iter()
+                    .find(|g| e.gpus.contains(&g.uuid))
+                    .map(|g| g.model.clone())
+            })
+            .unwrap_or_default();
+        let secs = e
+            .started_ms
+            .map(|s| e.ended_ms.saturating_sub(s) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        let usage = UsageRecord {
+            job,
+            attempt,
+            rank,
+            engineer,
+            worker: worker.to_string(),
+            gpu_model,
+            gpus: e.gpus.clone(),
+            start_ms: e.started_ms,
+            end_ms: e.ended_ms,
+            gpu_seconds: secs * e.gpus.len() as f64,
+            outcome: e.state.clone(),
+            exit_code: e.exit_code,
+        };
+        match self.store.save_usage(&usage) {
+            Ok(_) => {
+                self.send(
+                    worker,
+                    CoordMsg::Ack {
+                        pool_job: job,
+                        attempt,
+                    },
+                );
+            }
+            Err(err) => warn!(job, error = %err, "could not store a usage record; not acked"),
+        }
+        let Some(m) = self.current_member(job, attempt, worker) else {
+            return;
+        };
+        m.state = e.state.clone();
+        m.exit_code = e.exit_code;
+        if m.local_id.is_none() {
+            m.local_id = Some(e.copy.local_id);
+        }
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        j.missing.remove(worker);
+        let all_ok = j.stored.view.members.iter().all(|m| m.state == "succeeded");
+        if e.state == "succeeded" {
+            if all_ok {
+                self.pool.job_ended(job, Outcome::Succeeded, now);
+                self.end_job(job, "succeeded", e.ended_ms);
+            } else {
+                self.save_job(job);
+            }
+        } else {
+            self.pool.job_ended(job, Outcome::Failed, now);
+            self.save_job(job);
+        }
+    }
+
+    fn feed_ended(&mut self, worker: &str, sid: u64, now: Instant) {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if w.feed.as_ref().is_none_or(|f| f.sid != sid) {
+            return;
+        }
+        w.feed = None;
+        let ms = unix_ms();
+        if let Some(since) = w.view.connected_since_ms.take() {
+            w.view.uptime_ms += ms.saturating_sub(since);
+        }
+        w.view.last_seen_ms = ms;
+        self.pool.worker_disconnected(worker, now);
+        self.refresh_worker_state(worker);
+        self.save_worker(worker);
+        info!(worker = %worker, "pool feed ended; the worker is away");
+    }
+
+    // ---- views ----
+
+    fn job_view(&self, j: &JobRec) -> JobView {
+        let mut v = j.stored.view.clone();
+        if v.state == "pending" {
+            v.reason = self.pool.why_pending(v.id).map(|r| r.to_string());
+        }
+        v
+    }
+}
+
+// ---- the feed task ----
+
+/// Keeps the pool feed of one worker connection: opens it, reads it, and
+/// opens it again while the connection lives.
+pub(super) async fn feed(shared: Arc<Shared>, name: String, conn: Connection) {
+    loop {
+        match open_feed(&conn).await {
+            Ok((send, recv)) => run_feed(&shared, &name, send, recv).await,
+            Err(e) => debug!(worker = %name, error = %e, "could not open the pool feed"),
+        }
+        if conn.close_reason().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if conn.close_reason().is_some() {
+            return;
+        }
+    }
+}
+
+async fn open_feed(conn: &Connection) -> Result<(SendStream, RecvStream), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let incoming = Message::Incoming {
+        from: POOL_CALLER.to_string(),
+        service: POOL_SERVICE.to_string(),
+    };
+    write_message(&mut send, &incoming)
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv)).await {
+        Ok(Ok(Message::OpenOk)) => Ok((send, recv)),
+        Ok(Ok(other)) => Err(format!("worker answered {other:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("worker did not answer in time".into()),
+    }
+}
+
+async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: RecvStream) {
+    let (tx, mut rx) = mpsc::channel::<CoordMsg>(FEED_QUEUE);
+    let sid = {
+        let mut hub = lock(&shared.pool.hub);
+        let sid = hub.next_sid;
+        hub.next_sid += 1;
+        if let Some(w) = hub.workers.get_mut(name) {
+            w.feed = Some(Feed {
+                sid,
+                tx: tx.clone(),
+            });
+        } else {
+            // Registered for real at its first inventory.
+            hub.workers.insert(
+                name.to_string(),
+                WorkerRec {
+                    view: WorkerView {
+                        name: name.to_string(),
+                        state: "ready".into(),
+                        inventory: weft_proto::pool::Inventory {
+                            gpus: vec![],
+                            cpus: 0,
+                            memory_bytes: 0,
+                            version: String::new(),
+                            simulated: false,
+                            running: vec![],
+                        },
+                        holders: vec![],
+                        flagged: vec![],
+                        first_seen_ms: unix_ms(),
+                        connected_since_ms: None,
+                        last_seen_ms: unix_ms(),
+                        uptime_ms: 0,
+                    },
+                    feed: Some(Feed {
+                        sid,
+                        tx: tx.clone(),
+                    }),
+                },
+            );
+        }
+        sid
+    };
+    drop(tx);
+    info!(worker = %name, "pool feed open");
+    let writer = async {
+        while let Some(m) = rx.recv().await {
+            if send.write_all(&encode_line(&m)).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    };
+    let reader = async {
+        let mut lines = tokio::io::BufReader::new(recv);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let n = match (&mut lines)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .await
+            {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            if n == 0 {
+                break;
+            }
+            let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+            match decode_line::<AgentMsg>(line) {
+                Ok(msg) => {
+                    let now = Instant::now();
+                    let mut hub = lock(&shared.pool.hub);
+                    match msg {
+                        AgentMsg::Inventory(inv) => hub.on_inventory(name, inv, now),
+                        AgentMsg::Started { copy, started_ms } => hub.on_started(
+                            name,
+                            copy.pool_job,
+                            copy.attempt,
+                            copy.local_id,
+                            started_ms,
+                        ),
+                        AgentMsg::Refused {
+                            pool_job,
+                            attempt,
+                            reason,
+                        } => hub.on_refused(name, pool_job, attempt, &reason, now),
+                        AgentMsg::Ended(e) => hub.on_ended(name, e, now),
+                    }
+                    hub.pump(now);
+                }
+                Err(LineError::TooLong(n)) => {
+                    warn!(worker = %name, bytes = n, "pool feed line too long; closing the feed");
+                    break;
+                }
+                Err(e) => warn!(worker = %name, error = %e, "bad pool feed line skipped"),
+            }
+        }
+    };
+    tokio::select! {
+        () = reader => {},
+        () = writer => {},
+    }
+    let mut hub = lock(&shared.pool.hub);
+    hub.feed_ended(name, sid, Instant::now());
+    hub.pump(Instant::now());
+}
+
+/// Pumps the core for what only time decides, and the flags the operator changes.
+pub(super) async fn timer(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        lock(&shared.pool.hub).pump(Instant::now());
+    }
+}
+
+// ---- the API ----
+
+/// Who is calling the pool API (the admitted node).
+#[derive(Debug, Clone)]
+pub(super) struct ApiCaller {
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn err(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+/// A refusal, answered as `{"error": …}` with its status.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        err(self.0, self.1)
+    }
+}
+
+impl PoolShell {
+    fn is_operator(&self, c: &ApiCaller) -> bool {
+        c.tags
+            .iter()
+            .any(|t| self.settings.operator_tags.contains(t))
+    }
+
+    fn may_submit(&self, c: &ApiCaller) -> bool {
+        c.tags.iter().any(|t| self.settings.submit_tags.contains(t))
+    }
+
+    /// A caller that may use the pool API at all: submitters and operators (workers may not).
+    fn check_member(&self, c: &ApiCaller) -> Result<(), ApiError> {
+        if self.may_submit(c) || self.is_operator(c) {
+            Ok(())
+        } else {
+            Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "node {:?} (tags {:?}) may not use the pool; pool.submit_tags are {:?}",
+                    c.name, c.tags, self.settings.submit_tags
+                ),
+            ))
+        }
+    }
+}
+
+/// The pool API router; the caller comes as an [`ApiCaller`] extension.
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/pool", get(pool_view))
+        .route("/v1/pool/jobs", post(submit).get(list))
+        .route("/v1/pool/jobs/{id}", get(show))
+        .route("/v1/pool/jobs/{id}/cancel", post(cancel))
+        .route("/v1/pool/usage", get(usage))
+        .fallback(|| async {
+            err(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /v1/pool, /v1/pool/jobs, /v1/pool/usage",
+            )
+        })
+        .with_state(shared)
+}
+
+async fn submit(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let ps = &shared.pool;
+    if !ps.may_submit(&caller) {
+        return err(
+            StatusCode::FORBIDDEN,
+            format!(
+                "node {:?} (tags {:?}) may not submit jobs; pool.submit_tags are {:?}",
+                caller.name, caller.tags, ps.settings.submit_tags
+            ),
+        );
+    }
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("malformed job: {}", e.body_text()),
+            )
+        }
+    };
+    if req.command.first().is_none_or(|c| c.is_empty()) {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "the job needs a command (`-- CMD ...`)",
+        );
+    }
+    if req.worker.is_some() {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "the pool does not pin jobs to a worker; use `weft jobs submit --worker NAME` for a \
+             per-worker job",
+        );
+    }
+    if req.nodes == 0 {
+        return err(StatusCode::BAD_REQUEST, "--nodes must be at least 1");
+    }
+    let spec = match core_spec(&caller.name, &req) {
+        Ok(s) => s,
+        Err(e) => return err(StatusCode::BAD_REQUEST, e),
+    };
+    if let Some(max) = ps.settings.priority_limit(&caller.tags) {
+        if req.priority > max {
+            return err(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "priority {} is over the limit {max} for tags {:?} (pool.priority_max)",
+                    req.priority, caller.tags
+                ),
+            );
+        }
+    }
+    let now = Instant::now();
+    let mut hub = lock(&ps.hub);
+    if let Some(quota) = ps.settings.gpu_quota {
+        let held: u32 = hub
+            .jobs
+            .values()
+            .filter(|j| j.stored.view.owner == caller.name && !j.stored.finished())
+            .map(|j| gpus_of(&j.stored.view.request))
+            .sum();
+        let want = gpus_of(&req);
+        if held + want > quota {
+            return err(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "GPU quota: {} holds or waits for {held} of {quota} GPUs; this job needs {want} (pool.gpu_quota)",
+                    caller.name
+                ),
+            );
+        }
+    }
+    let id = match hub.pool.submit(now, spec) {
+        Ok(id) => id,
+        Err(e) => return err(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    };
+    let retries = req.retries;
+    let rec = JobRec {
+        stored: StoredJob {
+            view: JobView {
+                id,
+                owner: caller.name.clone(),
+                state: "pending".into(),
+                request: req,
+                reason: None,
+                attempt: 0,
+                members: vec![],
+                submitted_ms: unix_ms(),
+                started_ms: None,
+                ended_ms: None,
+            },
+            retries_left: retries,
+        },
+        missing: HashMap::new(),
+    };
+    if let Err(e) = hub.store.save_job(&rec.stored) {
+        // Not stored, not accepted: take it out of the queue again.
+        hub.pool.cancel(id, now);
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("could not store the job: {e}"),
+        );
+    }
+    hub.jobs.insert(id, rec);
+    info!(job = id, owner = %caller.name, "pool job submitted");
+    hub.pump(now);
+    let v = hub.job_view(&hub.jobs[&id]);
+    (StatusCode::CREATED, Json(v)).into_response()
+}
+
+fn gpus_of(r: &SubmitRequest) -> u32 {
+    let per_node = r
+        .gpu
+        .as_deref()
+        .and_then(|s| s.parse::<GpuSpec>().ok())
+        .map(|g| g.count_or(r.gpus))
+        .unwrap_or(r.gpus);
+    per_node * r.nodes.max(1)
+}
+
+/// The job, if the caller may see it.
+fn visible<'a>(
+    ps: &PoolShell,
+    hub: &'a Hub,
+    caller: &ApiCaller,
+    id: &str,
+) -> Result<&'a JobRec, ApiError> {
+    ps.check_member(caller)?;
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("job id {id:?} is not a number"),
+        )
+    })?;
+    let j = hub
+        .jobs
+        .get(&id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no pool job {id}")))?;
+    if j.stored.view.owner != caller.name && !ps.is_operator(caller) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("job {id} belongs to another engineer"),
+        ));
+    }
+    Ok(j)
+}
+
+async fn show(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    Path(id): Path<String>,
+) -> Response {
+    let hub = lock(&shared.pool.hub);
+    match visible(&shared.pool, &hub, &caller, &id) {
+        Ok(j) => Json(hub.job_view(j)).into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn cancel(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    Path(id): Path<String>,
+) -> Response {
+    let ps = &shared.pool;
+    let mut hub = lock(&ps.hub);
+    let id = match visible(ps, &hub, &caller, &id) {
+        Ok(j) => j.stored.view.id,
+        Err(r) => return r.into_response(),
+    };
+    let now = Instant::now();
+    if hub.pool.cancel(id, now) {
+        info!(job = id, by = %caller.name, "pool job cancelled");
+        hub.end_job(id, "cancelled", unix_ms());
+    }
+    hub.pump(now);
+    let v = hub.job_view(&hub.jobs[&id]);
+    Json(v).into_response()
+}
+
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+) -> Response {
+    let ps = &shared.pool;
+    if let Err(r) = ps.check_member(&caller) {
+        return r.into_response();
+    }
+    let all = ps.is_operator(&caller);
+    let hub = lock(&ps.hub);
+    let v: Vec<JobView> = hub
+        .jobs
+        .values()
+        .filter(|j| all || j.stored.view.owner == caller.name)
+        .map(|j| hub.job_view(j))
+        .collect();
+    Json(v).into_response()
+}
+
+async fn pool_view(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+) -> Response {
+    let ps = &shared.pool;
+    if let Err(r) = ps.check_member(&caller) {
+        return r.into_response();
+    }
+    let all = ps.is_operator(&caller);
+    let hub = lock(&ps.hub);
+    let queue = hub
+        .jobs
+        .values()
+        .filter(|j| !j.stored.finished())
+        .map(|j| {
+            let mut v = hub.job_view(j);
+            if !all && v.owner != caller.name {
+                // Another engineer's job: where it runs and why it waits, not what it runs.
+                v.request.command = vec![];
+                v.request.env.clear();
+                v.request.workdir = None;
+            }
+            v
+        })
+        .collect();
+    let workers = hub.workers.values().map(|w| w.view.clone()).collect();
+    let policy = match ps.settings.policy {
+        PoolPolicy::Binpack => "binpack",
+        PoolPolicy::Spread => "spread",
+    };
+    Json(PoolView {
+        workers,
+        queue,
+        policy: policy.into(),
+    })
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageQuery {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn usage(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let ps = &shared.pool;
+    if let Err(r) = ps.check_member(&caller) {
+        return r.into_response();
+    }
+    let Ok(Query(q)) = q else {
+        return err(StatusCode::BAD_REQUEST, "query must be `since=UNIX_MS`");
+    };
+    let all = ps.is_operator(&caller);
+    let hub = lock(&ps.hub);
+    match hub.store.usage_since(q.since) {
+        Ok(v) => Json(
+            v.into_iter()
+                .filter(|u| all || u.engineer == caller.name)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Serves one pool API stream (HTTP/1.1) as `caller`.
+pub(super) async fn serve_api(
+    shared: Arc<Shared>,
+    caller: ApiCaller,
+    send: SendStream,
+    recv: RecvStream,
+) {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    let app = router(shared).layer(Extension(caller));
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let svc = TowerToHyperService::new(app);
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, svc)
+        .await
+    {
+        debug!(error = %e, "pool API stream ended with an error");
+    }
+}
