@@ -159,6 +159,102 @@ pub async fn ssh_config(a: SshConfigArgs) -> Result<()> {
     Ok(())
 }
 
+/// The pool as a table: each worker with its state, uptime and every GPU (model, memory,
+/// health, free or the job holding it), then the queue with where each job runs or why it
+/// waits. `now_ms` is the current unix time in ms. Used by `tunnel-relay pool list` and
+/// `weft pool`.
+pub fn pool_table(v: &weft_proto::pool::PoolView, now_ms: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let ago = |ms: u64| weft_proto::duration::format(std::time::Duration::from_secs(ms / 1000));
+    if v.workers.is_empty() {
+        out.push_str("no workers have reported to the pool yet\n");
+    }
+    for w in &v.workers {
+        let inv = &w.inventory;
+        let up = match w.connected_since_ms {
+            Some(s) => format!("up {}", ago(now_ms.saturating_sub(s))),
+            None => format!("away {}", ago(now_ms.saturating_sub(w.last_seen_ms))),
+        };
+        let total = w.uptime_ms + w.connected_since_ms.map_or(0, |s| now_ms.saturating_sub(s));
+        let known = now_ms.saturating_sub(w.first_seen_ms).max(1);
+        let _ = writeln!(
+            out,
+            "{}  {}  {}  (connected {:.1}% since first seen)  {} CPUs  {} GiB  agent {}{}",
+            w.name,
+            w.state,
+            up,
+            100.0 * total as f64 / known as f64,
+            inv.cpus,
+            inv.memory_bytes >> 30,
+            if inv.version.is_empty() {
+                "?"
+            } else {
+                &inv.version
+            },
+            if inv.simulated {
+                "  SIMULATED GPUs (stub NVML)"
+            } else {
+                ""
+            }
+        );
+        if inv.gpus.is_empty() {
+            out.push_str("    no GPUs\n");
+        }
+        for (i, g) in inv.gpus.iter().enumerate() {
+            let holder = match w.holders.get(i).copied().flatten() {
+                Some(j) => format!("job {j}"),
+                None if g.job.is_some() => "busy (local job)".into(),
+                None => "free".into(),
+            };
+            let flag = if w.flagged.contains(&g.uuid) {
+                "  DUPLICATE UUID: not scheduled"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "    gpu{i}  {}  {} GB  {}  {}  {}{flag}",
+                g.model,
+                (g.memory_mib + 512) / 1024,
+                g.health,
+                holder,
+                g.uuid
+            );
+        }
+    }
+    let _ = writeln!(out, "\nqueue (policy {}):", v.policy);
+    if v.queue.is_empty() {
+        out.push_str("    empty\n");
+    }
+    for j in &v.queue {
+        let r = &j.request;
+        let mut needs = match &r.gpu {
+            Some(s) => s.clone(),
+            None if r.gpus > 0 => format!("{} GPU", r.gpus),
+            None => "no GPU".into(),
+        };
+        if r.nodes > 1 {
+            let _ = write!(needs, " x{} nodes", r.nodes);
+        }
+        let place = if j.state == "pending" {
+            j.reason.clone().unwrap_or_default()
+        } else {
+            j.members
+                .iter()
+                .map(|m| format!("{} ({})", m.worker, m.gpus.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "    job {}  {}  {}  needs {}  priority {}  {}",
+            j.id, j.owner, j.state, needs, r.priority, place
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -11,10 +11,12 @@ use clap::{Parser, Subcommand};
 use tunnel_relay::cli;
 use tunnel_relay::client::{self, ExposeOptions};
 use tunnel_relay::keys::StaticKey;
+use tunnel_relay::pool_store::{Flags, PoolStore};
 use tunnel_relay::registry::{unix_now, Registry};
 use tunnel_relay::rt::{self, shutdown_signal};
 use tunnel_relay::server::files;
 use tunnel_relay::{Relay, RelayConfig, ServeOptions, Token};
+use weft_proto::pool::PoolView;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,11 @@ enum Cmd {
     Nodes {
         #[command(subcommand)]
         cmd: NodesCmd,
+    },
+    /// Operator: the GPU pool (workers, their GPUs, the queue).
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
     },
     /// Provider: expose local services through the relay (keeps reconnecting).
     Expose {
@@ -135,6 +142,30 @@ enum NodesCmd {
     List(ListArgs),
     /// Revoke a node: refused from its next connection or tunnel on.
     Revoke {
+        #[command(flatten)]
+        state: RelayState,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Workers with every GPU (free, busy, health), and the queue with why each job waits.
+    List(ListArgs),
+    /// No new jobs on a worker; running ones finish.
+    Drain {
+        #[command(flatten)]
+        state: RelayState,
+        name: String,
+    },
+    /// No new jobs on a worker (until uncordon).
+    Cordon {
+        #[command(flatten)]
+        state: RelayState,
+        name: String,
+    },
+    /// Take new jobs again (ends a cordon or a drain).
+    Uncordon {
         #[command(flatten)]
         state: RelayState,
         name: String,
@@ -225,6 +256,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Token { cmd } => token_cmd(cmd)?,
         Cmd::Nodes { cmd } => nodes_cmd(cmd)?,
+        Cmd::Pool { cmd } => pool_cmd(cmd)?,
         Cmd::Expose {
             token,
             state_dir,
@@ -376,5 +408,88 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
             println!("revoked node {name}: its connections close within a second, it leaves every mesh peer map, and it is refused from then on");
         }
     }
+    Ok(())
+}
+
+/// The live view from the running relay's admin socket, else the last stored one.
+fn pool_view(dir: &Path) -> Result<(PoolView, bool)> {
+    use std::io::{BufRead, Write};
+    let sock = dir.join(files::ADMIN_SOCKET);
+    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) {
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"pool\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(s)
+            .read_line(&mut line)
+            .with_context(|| format!("read {}", sock.display()))?;
+        let v =
+            serde_json::from_str(&line).with_context(|| format!("answer of {}", sock.display()))?;
+        return Ok((v, true));
+    }
+    let store = PoolStore::open(dir)?;
+    let queue = store.jobs(true)?.into_iter().map(|j| j.view).collect();
+    let workers = store.workers()?;
+    Ok((
+        PoolView {
+            workers,
+            queue,
+            policy: "(relay not running)".into(),
+        },
+        false,
+    ))
+}
+
+fn pool_cmd(cmd: PoolCmd) -> Result<()> {
+    let (state, name, flags, what) = match cmd {
+        PoolCmd::List(ListArgs { state, json }) => {
+            let (v, live) = pool_view(&state.dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                if !live {
+                    eprintln!(
+                        "the relay is not running here: the last stored state (no wait reasons)"
+                    );
+                }
+                print!("{}", cli::pool_table(&v, unix_now() * 1000));
+            }
+            return Ok(());
+        }
+        PoolCmd::Drain { state, name } => (
+            state,
+            name,
+            Flags {
+                cordoned: false,
+                draining: true,
+            },
+            "draining: no new jobs, running ones finish",
+        ),
+        PoolCmd::Cordon { state, name } => (
+            state,
+            name,
+            Flags {
+                cordoned: true,
+                draining: false,
+            },
+            "cordoned: no new jobs",
+        ),
+        PoolCmd::Uncordon { state, name } => {
+            (state, name, Flags::default(), "takes new jobs again")
+        }
+    };
+    let store = PoolStore::open(&state.dir)?;
+    let known: Vec<String> = store.workers()?.into_iter().map(|w| w.name).collect();
+    if !known.contains(&name) {
+        bail!(
+            "no worker {name:?} in the pool (workers that reported: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    store.set_flags(&name, flags)?;
+    println!("{name} {what} (a running relay applies it within a second)");
     Ok(())
 }

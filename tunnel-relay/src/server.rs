@@ -68,6 +68,8 @@ pub struct ServeOptions {
 pub mod files {
     /// The relay's X25519 private key (0600).
     pub const IDENTITY: &str = "identity.key";
+    /// The operator's local socket (`tunnel-relay pool list` asks it; 0600).
+    pub const ADMIN_SOCKET: &str = "admin.sock";
     /// The address `serve` last bound (used by `token create` as a fallback).
     pub const LISTEN_ADDR: &str = "listen.addr";
     /// The address the STUN responder bound.
@@ -117,6 +119,7 @@ pub struct Relay {
     stun: Option<std::net::UdpSocket>,
     shared: Arc<Shared>,
     metrics_listener: Option<tokio::net::TcpListener>,
+    admin: Option<std::os::unix::net::UnixListener>,
 }
 
 /// A stateless-reset key derived from the identity, so a restarted relay can
@@ -206,6 +209,10 @@ impl Relay {
         let stun_bound = stun.as_ref().and_then(|s| s.local_addr().ok());
         let mesh = mesh::Mesh::open(dir, &registry, &opts.config, stun_bound)?;
         let pool = pool::PoolShell::open(dir, &opts.config.pool, mesh.overlay_lookup())?;
+        // Not fatal: `pool list` then reads the store (e.g. a path over the socket length limit).
+        let admin = admin_socket(dir)
+            .map_err(|e| warn!(error = %e, "no admin socket; `pool list` reads the store"))
+            .ok();
         let rate = RateLimiter::new(limits.new_connections_per_ip_per_sec);
         let metrics_listener = match opts.config.metrics_listen {
             Some(addr) => {
@@ -217,6 +224,7 @@ impl Relay {
             endpoint,
             stun,
             metrics_listener,
+            admin,
             shared: Arc::new(Shared {
                 key,
                 config: opts.config.clone(),
@@ -263,6 +271,14 @@ impl Relay {
         });
         let revocations = tokio::spawn(watch_revocations(self.shared.clone()));
         let pool_timer = tokio::spawn(pool::timer(self.shared.clone()));
+        let admin_task = match self.admin.take().map(tokio::net::UnixListener::from_std) {
+            Some(Ok(l)) => Some(tokio::spawn(pool::serve_admin(self.shared.clone(), l))),
+            Some(Err(e)) => {
+                warn!(error = %e, "admin socket unusable; `pool list` reads the store");
+                None
+            }
+            None => None,
+        };
         let stun_addr = self.stun_addr();
         let stun_task = match (
             self.stun.take().map(tokio::net::UdpSocket::from_std),
@@ -304,6 +320,9 @@ impl Relay {
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
         pool_timer.abort();
+        if let Some(t) = admin_task {
+            t.abort();
+        }
         self.shared.mesh.flush().await;
         if let Some(t) = stun_task {
             t.abort();
@@ -313,6 +332,19 @@ impl Relay {
         }
         Ok(())
     }
+}
+
+/// Binds `DIR/admin.sock` (a stale one from a previous life is replaced), mode 0600.
+fn admin_socket(dir: &std::path::Path) -> Result<std::os::unix::net::UnixListener, RelayError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(files::ADMIN_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path).map_err(|e| StateError::io(&path, e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| StateError::io(&path, e))?;
+    l.set_nonblocking(true)
+        .map_err(|e| StateError::io(&path, e))?;
+    Ok(l)
 }
 
 /// Answers STUN binding requests (endpoint discovery for the mesh) with the

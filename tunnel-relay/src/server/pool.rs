@@ -1202,34 +1202,79 @@ async fn pool_view(
     if let Err(r) = ps.check_member(&caller) {
         return r.into_response();
     }
-    let all = ps.is_operator(&caller);
-    let hub = lock(&ps.hub);
-    let queue = hub
-        .jobs
-        .values()
-        .filter(|j| !j.stored.finished())
-        .map(|j| {
-            let mut v = hub.job_view(j);
-            if !all && v.owner != caller.name {
-                // Another engineer's job: where it runs and why it waits, not what it runs.
-                v.request.command = vec![];
-                v.request.env.clear();
-                v.request.workdir = None;
+    Json(ps.view_for(&caller)).into_response()
+}
+
+impl PoolShell {
+    /// Workers and the unfinished jobs, as `caller` may see them.
+    fn view_for(&self, caller: &ApiCaller) -> PoolView {
+        let all = self.is_operator(caller);
+        let hub = lock(&self.hub);
+        let queue = hub
+            .jobs
+            .values()
+            .filter(|j| !j.stored.finished())
+            .map(|j| {
+                let mut v = hub.job_view(j);
+                if !all && v.owner != caller.name {
+                    // Another engineer's job: where it runs and why it waits, not what it runs.
+                    v.request.command = vec![];
+                    v.request.env.clear();
+                    v.request.workdir = None;
+                }
+                v
+            })
+            .collect();
+        let workers = hub.workers.values().map(|w| w.view.clone()).collect();
+        let policy = match self.settings.policy {
+            PoolPolicy::Binpack => "binpack",
+            PoolPolicy::Spread => "spread",
+        };
+        PoolView {
+            workers,
+            queue,
+            policy: policy.into(),
+        }
+    }
+}
+
+/// The caller of the operator's admin socket.
+const ADMIN: &str = "@operator";
+
+/// The operator's live view on the relay host: `STATE_DIR/admin.sock` (mode 0600, so only
+/// the relay's user), one request line (`pool`), one JSON line back (the [`PoolView`] an
+/// operator sees). `tunnel-relay pool list` asks it, and reads the store when the relay is down.
+pub(super) async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut br = tokio::io::BufReader::new(r).take(4096);
+            if br.read_line(&mut line).await.is_err() {
+                return;
             }
-            v
-        })
-        .collect();
-    let workers = hub.workers.values().map(|w| w.view.clone()).collect();
-    let policy = match ps.settings.policy {
-        PoolPolicy::Binpack => "binpack",
-        PoolPolicy::Spread => "spread",
-    };
-    Json(PoolView {
-        workers,
-        queue,
-        policy: policy.into(),
-    })
-    .into_response()
+            let op = ApiCaller {
+                name: ADMIN.into(),
+                tags: vec![ADMIN.into()],
+            };
+            let answer = match line.trim() {
+                "pool" => serde_json::to_string(&shared.pool.view_for(&op)),
+                other => serde_json::to_string(&ErrorBody {
+                    error: format!("unknown admin request {other:?}; expected `pool`"),
+                }),
+            };
+            if let Ok(mut a) = answer {
+                a.push('\n');
+                let _ = w.write_all(a.as_bytes()).await;
+            }
+        });
+    }
 }
 
 #[derive(Debug, Deserialize)]

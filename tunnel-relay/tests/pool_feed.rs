@@ -1,0 +1,577 @@
+//! The pool wired into the relay, on loopback: a real relay (`Relay::run`), workers that speak
+//! the pool feed through `expose`'s in-process handler (`@pool`, as the worker agent does),
+//! engineers speaking the pool API over `Message::Api` streams (HTTP/1.1 written by hand
+//! here, so the test does not share the CLI's client). What users rely on: a job lands on
+//! the worker whose GPUs fit, with exactly those GPUs and the gang variables; its end leaves
+//! one usage record; bad specs and strangers are refused with clear messages; the queue and
+//! its records survive a relay restart.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tunnel_relay::client::{self, ExposeOptions, IncomingStream};
+use tunnel_relay::wire::{read_message, write_message, Message};
+use tunnel_relay::RelayConfig;
+use weft_proto::pool::{
+    decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, Inventory, JobCopy, Start,
+    POOL_CALLER, POOL_SERVICE,
+};
+
+mod relay_lab;
+use relay_lab::{start_relay, start_relay_in, tmp, RelayLab};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A worker that speaks the pool feed by hand.
+struct FakeAgent {
+    from_relay: mpsc::Receiver<CoordMsg>,
+    to_relay: mpsc::Sender<AgentMsg>,
+    _stop: oneshot::Sender<()>,
+}
+
+fn gpus(prefix: &str, model: &str, mib: u64, n: usize) -> Vec<GpuInfo> {
+    (0..n)
+        .map(|i| GpuInfo {
+            uuid: format!("GPU-{prefix}-{i}"),
+            model: model.into(),
+            memory_mib: mib,
+            health: "healthy".into(),
+            job: None,
+        })
+        .collect()
+}
+
+fn inventory(gpus: Vec<GpuInfo>, running: Vec<JobCopy>) -> Inventory {
+    Inventory {
+        gpus,
+        cpus: 8,
+        memory_bytes: 64 << 30,
+        version: "test".into(),
+        simulated: true,
+        running,
+    }
+}
+
+/// A worker joined with a fresh identity in `dir` (a token is made for it), or the
+/// identity already there (`rejoin`).
+async fn agent(lab: &RelayLab, name: &str, dir: &Path, rejoin: bool, inv: Inventory) -> FakeAgent {
+    let (tx, mut rx) = mpsc::channel::<IncomingStream>(4);
+    let mut opts = ExposeOptions::new(dir.to_path_buf(), name.into(), Vec::new());
+    if !rejoin {
+        opts.token = Some(lab.token("worker", None, Some(1)));
+    }
+    opts.handlers.insert(POOL_SERVICE.into(), tx);
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(client::expose(opts, async {
+        let _ = stopped.await;
+    }));
+    let inc = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{name}: the relay never opened the pool feed"))
+        .unwrap_or_else(|| panic!("{name}: expose ended"));
+    assert_eq!(
+        inc.from, POOL_CALLER,
+        "the feed is opened by the coordinator"
+    );
+    assert_eq!(inc.service, POOL_SERVICE);
+    let IncomingStream { mut send, recv, .. } = inc;
+    let (in_tx, from_relay) = mpsc::channel(64);
+    let (to_relay, mut out_rx) = mpsc::channel::<AgentMsg>(64);
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(recv).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            let m: CoordMsg = decode_line(l.as_bytes()).unwrap_or_else(|e| panic!("{e}: {l}"));
+            if in_tx.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            if send.write_all(&encode_line(&m)).await.is_err() {
+                return;
+            }
+        }
+    });
+    to_relay
+        .send(AgentMsg::Inventory(inv))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    FakeAgent {
+        from_relay,
+        to_relay,
+        _stop: stop,
+    }
+}
+
+impl FakeAgent {
+    async fn next(&mut self, what: &str) -> CoordMsg {
+        tokio::time::timeout(WAIT, self.from_relay.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing from the relay"))
+            .unwrap_or_else(|| panic!("{what}: feed closed"))
+    }
+    async fn start(&mut self) -> Start {
+        match self.next("start").await {
+            CoordMsg::Start(s) => s,
+            other => panic!("expected a start, got {other:?}"),
+        }
+    }
+    async fn send(&self, m: AgentMsg) {
+        self.to_relay
+            .send(m)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// An engineer (or any node) identity joined with a token of `tag`.
+async fn identity(lab: &RelayLab, tag: &str, name: &str) -> tempfile::TempDir {
+    let dir = tmp();
+    let tok = lab.token(tag, None, Some(1));
+    client::login(dir.path(), &tok, name)
+        .await
+        .unwrap_or_else(|e| panic!("login {name}: {e}"));
+    dir
+}
+
+/// One HTTP/1.1 exchange on a pool API stream: (status, JSON body).
+async fn api(dir: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let s = client::session(dir)
+        .await
+        .unwrap_or_else(|e| panic!("session: {e}"));
+    let (mut send, mut recv) = s
+        .connection()
+        .open_bi()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    write_message(&mut send, &Message::Api)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    match read_message(&mut recv).await {
+        Ok(Message::OpenOk) => {}
+        other => panic!("pool API stream: {other:?}"),
+    }
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    send.write_all(req.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = recv
+        .read_to_end(1 << 24)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.close().await;
+    let text = String::from_utf8(resp).unwrap_or_else(|e| panic!("{e}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end: {text:?}"));
+    let code: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head:?}"));
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "JSON answers carry a length"
+    );
+    let v = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (code, v)
+}
+
+async fn submit(dir: &Path, body: &str) -> (u16, Value) {
+    api(dir, "POST", "/v1/pool/jobs", Some(body)).await
+}
+
+fn err_text(v: &Value) -> String {
+    v["error"].as_str().unwrap_or_default().to_string()
+}
+
+/// Polls the job until `f` holds.
+async fn job_until(dir: &Path, id: u64, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let (code, v) = api(dir, "GET", &format!("/v1/pool/jobs/{id}"), None).await;
+        assert_eq!(code, 200, "{v}");
+        if f(&v) {
+            return v;
+        }
+        assert!(t0.elapsed() < WAIT, "{what}: job is {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ended(s: &Start, local_id: u64, state: &str, exit_code: i32) -> AgentMsg {
+    AgentMsg::Ended(Ended {
+        copy: JobCopy {
+            pool_job: s.pool_job,
+            attempt: s.attempt,
+            local_id,
+        },
+        state: state.into(),
+        exit_code: Some(exit_code),
+        started_ms: Some(1_000),
+        ended_ms: 3_000,
+        gpus: s.gpus.clone(),
+    })
+}
+
+fn started(s: &Start, local_id: u64) -> AgentMsg {
+    AgentMsg::Started {
+        copy: JobCopy {
+            pool_job: s.pool_job,
+            attempt: s.attempt,
+            local_id,
+        },
+        started_ms: 1_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let (d1, d2) = (tmp(), tmp());
+    let mut a100 = agent(
+        &lab,
+        "gpu1",
+        d1.path(),
+        false,
+        inventory(gpus("a", "NVIDIA A100-SXM4-80GB", 81920, 2), vec![]),
+    )
+    .await;
+    let _rtx = agent(
+        &lab,
+        "gpu2",
+        d2.path(),
+        false,
+        inventory(gpus("r", "NVIDIA GeForce RTX 4090", 24564, 4), vec![]),
+    )
+    .await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let bob = identity(&lab, "engineer", "bob").await;
+    let worker = identity(&lab, "worker", "gpu9").await;
+
+    // Both workers are in the pool with their GPUs.
+    let t0 = std::time::Instant::now();
+    let pool = loop {
+        let (code, v) = api(alice.path(), "GET", "/v1/pool", None).await;
+        assert_eq!(code, 200, "{v}");
+        if v["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 2 && w.iter().all(|w| w["state"] == "ready"))
+        {
+            break v;
+        }
+        assert!(t0.elapsed() < WAIT, "workers never ready: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        pool["workers"][0]["inventory"]["gpus"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(pool["policy"], "binpack");
+
+    // 80GB..:2 goes to the A100 worker, on both its GPUs, as alice.
+    let (code, v) = submit(
+        alice.path(),
+        r#"{"command":["train"],"gpu":"80GB..:2","env":{"A":"1"}}"#,
+    )
+    .await;
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let s = a100.start().await;
+    assert_eq!(s.pool_job, id);
+    assert_eq!(s.attempt, 1);
+    assert_eq!(s.owner, "alice");
+    assert_eq!(s.command, ["train"]);
+    let mut g = s.gpus.clone();
+    g.sort();
+    assert_eq!(g, ["GPU-a-0", "GPU-a-1"]);
+    let env: &BTreeMap<String, String> = &s.env;
+    assert_eq!(env["A"], "1");
+    assert_eq!(env["WEFT_NODE_RANK"], "0");
+    assert_eq!(env["WEFT_NUM_NODES"], "1");
+    assert_eq!(env["WEFT_POOL_JOB"], id.to_string());
+    a100.send(started(&s, 41)).await;
+    let v = job_until(alice.path(), id, "running", |v| v["state"] == "running").await;
+    assert_eq!(v["members"][0]["worker"], "gpu1");
+    assert_eq!(v["members"][0]["local_id"], 41);
+
+    // Another engineer can neither see nor cancel it; a worker cannot submit.
+    let (code, v) = api(bob.path(), "GET", &format!("/v1/pool/jobs/{id}"), None).await;
+    assert_eq!(
+        (code, err_text(&v)),
+        (403, format!("job {id} belongs to another engineer"))
+    );
+    let (code, _) = api(
+        bob.path(),
+        "POST",
+        &format!("/v1/pool/jobs/{id}/cancel"),
+        Some(""),
+    )
+    .await;
+    assert_eq!(code, 403);
+    let (code, v) = submit(worker.path(), r#"{"command":["x"]}"#).await;
+    assert_eq!(code, 403, "{v}");
+    assert!(err_text(&v).contains("may not submit"), "{v}");
+    // In bob's view of the pool alice's job shows where it runs, not what it runs.
+    let (_, v) = api(bob.path(), "GET", "/v1/pool", None).await;
+    assert_eq!(v["queue"][0]["id"], id);
+    assert_eq!(v["queue"][0]["request"]["command"], serde_json::json!([]));
+
+    // Bad specs: clear errors, nothing queued.
+    let (code, v) = submit(alice.path(), r#"{"command":["x"],"gpu":"80XB"}"#).await;
+    assert_eq!(code, 400, "{v}");
+    assert!(err_text(&v).contains("--gpu 80XB"), "{v}");
+    assert!(err_text(&v).contains("XB"), "{v}");
+    let (code, v) = submit(alice.path(), r#"{"command":["x"],"gpu":"H100"}"#).await;
+    assert_eq!(code, 422, "{v}");
+    assert!(err_text(&v).contains("--wait-for-capacity"), "{v}");
+    let (code, v) = submit(
+        alice.path(),
+        r#"{"command":["x"],"gpus":1,"frobnicate":true}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "{v}");
+    assert!(err_text(&v).contains("frobnicate"), "{v}");
+
+    // A second 2-GPU A100 job waits, saying why.
+    let (code, v) = submit(alice.path(), r#"{"command":["next"],"gpu":"A100:2"}"#).await;
+    assert_eq!(code, 201, "{v}");
+    let next = v["id"].as_u64().unwrap_or_default();
+    let v = job_until(alice.path(), next, "reason", |v| v["reason"].is_string()).await;
+    assert_eq!(v["reason"], "no free A100:2", "{v}");
+
+    // The first ends: one usage record (a replayed end is not counted twice), acked,
+    // and the waiting job takes the GPUs.
+    a100.send(ended(&s, 41, "succeeded", 0)).await;
+    a100.send(ended(&s, 41, "succeeded", 0)).await;
+    match a100.next("ack").await {
+        CoordMsg::Ack { pool_job, attempt } => assert_eq!((pool_job, attempt), (id, 1)),
+        other => panic!("{other:?}"),
+    }
+    let s2 = loop {
+        match a100.next("second start").await {
+            CoordMsg::Start(s) => break s,
+            CoordMsg::Ack { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(s2.pool_job, next);
+    job_until(alice.path(), id, "succeeded", |v| v["state"] == "succeeded").await;
+    let (code, v) = api(alice.path(), "GET", "/v1/pool/usage?since=0", None).await;
+    assert_eq!(code, 200, "{v}");
+    let recs = v.as_array().cloned().unwrap_or_default();
+    assert_eq!(recs.len(), 1, "{v}");
+    assert_eq!(recs[0]["job"], id);
+    assert_eq!(recs[0]["engineer"], "alice");
+    assert_eq!(recs[0]["worker"], "gpu1");
+    assert_eq!(recs[0]["gpu_model"], "NVIDIA A100-SXM4-80GB");
+    assert_eq!(recs[0]["gpu_seconds"], 4.0, "2 GPUs x 2 s");
+    assert_eq!(recs[0]["outcome"], "succeeded");
+    let (_, v) = api(bob.path(), "GET", "/v1/pool/usage?since=0", None).await;
+    assert_eq!(v, serde_json::json!([]), "bob sees only his own records");
+
+    // Cancel the second: the worker is told to stop exactly that attempt.
+    let (code, v) = api(
+        alice.path(),
+        "POST",
+        &format!("/v1/pool/jobs/{next}/cancel"),
+        Some(""),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["state"], "cancelled");
+    loop {
+        match a100.next("stop").await {
+            CoordMsg::Stop { pool_job, attempt } => {
+                assert_eq!((pool_job, attempt), (next, Some(1)));
+                break;
+            }
+            // The replayed end is acked again (so the agent stops replaying it).
+            CoordMsg::Ack { pool_job, .. } => assert_eq!(pool_job, id),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_gets_ranks_and_a_failed_member_stops_and_requeues_it() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let (d1, d2) = (tmp(), tmp());
+    let mut w1 = agent(
+        &lab,
+        "w1",
+        d1.path(),
+        false,
+        inventory(gpus("1", "NVIDIA H100 80GB HBM3", 81559, 1), vec![]),
+    )
+    .await;
+    let mut w2 = agent(
+        &lab,
+        "w2",
+        d2.path(),
+        false,
+        inventory(gpus("2", "NVIDIA H100 80GB HBM3", 81559, 1), vec![]),
+    )
+    .await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let (code, v) = submit(
+        alice.path(),
+        r#"{"command":["dist"],"gpu":"H100:1","nodes":2,"retries":1}"#,
+    )
+    .await;
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_u64().unwrap_or_default();
+    let (a, b) = (w1.start().await, w2.start().await);
+    let mut ranks = [
+        a.env["WEFT_NODE_RANK"].clone(),
+        b.env["WEFT_NODE_RANK"].clone(),
+    ];
+    ranks.sort();
+    assert_eq!(ranks, ["0", "1"]);
+    assert_eq!(a.env["WEFT_NUM_NODES"], "2");
+    assert_eq!(
+        a.env["WEFT_NODE_IPS"], b.env["WEFT_NODE_IPS"],
+        "every member gets the same list"
+    );
+    w1.send(started(&a, 1)).await;
+    w2.send(started(&b, 1)).await;
+    job_until(alice.path(), id, "running", |v| v["state"] == "running").await;
+    // One member fails: the other is stopped, and the gang is placed again (attempt 2).
+    w1.send(ended(&a, 1, "failed", 3)).await;
+    let stop = loop {
+        match w2.next("stop of the other member").await {
+            CoordMsg::Stop { pool_job, attempt } => break (pool_job, attempt),
+            CoordMsg::Ack { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(stop, (id, Some(1)));
+    // w2 reports its copy cancelled; then both get attempt 2.
+    w2.send(ended(&b, 1, "cancelled", 143)).await;
+    let next = |m: CoordMsg| match m {
+        CoordMsg::Start(s) => Some(s),
+        _ => None,
+    };
+    let mut a2 = None;
+    while a2.is_none() {
+        a2 = next(w1.next("w1 attempt 2").await);
+    }
+    let mut b2 = None;
+    while b2.is_none() {
+        b2 = next(w2.next("w2 attempt 2").await);
+    }
+    assert_eq!(a2.map(|s| s.attempt), Some(2));
+    assert_eq!(b2.map(|s| s.attempt), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_survives_a_relay_restart_and_stale_copies_are_stopped() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let wdir = tmp();
+    let mut w = agent(
+        &lab,
+        "w",
+        wdir.path(),
+        false,
+        inventory(gpus("w", "NVIDIA A100-SXM4-80GB", 81920, 1), vec![]),
+    )
+    .await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let (_, v) = submit(alice.path(), r#"{"command":["one"],"gpus":1}"#).await;
+    let first = v["id"].as_u64().unwrap_or_default();
+    let s = w.start().await;
+    w.send(started(&s, 7)).await;
+    job_until(alice.path(), first, "running", |v| v["state"] == "running").await;
+    let (_, v) = submit(alice.path(), r#"{"command":["two"],"gpus":1}"#).await;
+    let second = v["id"].as_u64().unwrap_or_default();
+    assert!(second > first);
+
+    // Restart the relay in the same state dir, same port.
+    let addr = lab.addr;
+    let dir = lab.stop().await;
+    let lab = start_relay_in(dir, addr, RelayConfig::default()).await;
+    let v = job_until(alice.path(), first, "restored running", |v| {
+        v["state"] == "running"
+    })
+    .await;
+    assert_eq!(v["members"][0]["local_id"], 7);
+    let v = job_until(alice.path(), second, "restored pending", |v| {
+        v["state"] == "pending"
+    })
+    .await;
+    assert_eq!(v["request"]["command"], serde_json::json!(["two"]));
+
+    // The worker comes back (same identity) still running the first job: reconciled.
+    drop(w);
+    let copy = JobCopy {
+        pool_job: first,
+        attempt: 1,
+        local_id: 7,
+    };
+    let mut w = agent(
+        &lab,
+        "w",
+        wdir.path(),
+        true,
+        inventory(
+            gpus("w", "NVIDIA A100-SXM4-80GB", 81920, 1),
+            vec![copy.clone()],
+        ),
+    )
+    .await;
+    let v = job_until(alice.path(), first, "still running", |v| {
+        v["state"] == "running"
+    })
+    .await;
+    assert_eq!(v["attempt"], 1);
+    // It ends; the second job is placed on the freed GPU; new ids follow the old ones.
+    w.send(ended(&s, 7, "succeeded", 0)).await;
+    let s2 = loop {
+        match w.next("second start").await {
+            CoordMsg::Start(s) => break s,
+            _ => continue,
+        }
+    };
+    assert_eq!(s2.pool_job, second);
+    let (_, v) = submit(
+        alice.path(),
+        r#"{"command":["three"],"gpus":1,"wait_for_capacity":true}"#,
+    )
+    .await;
+    assert_eq!(v["id"].as_u64(), Some(second + 1));
+
+    // A copy the worker still runs from an attempt the pool moved on from is stopped.
+    let stale = JobCopy {
+        pool_job: first,
+        attempt: 9,
+        local_id: 99,
+    };
+    w.send(AgentMsg::Inventory(inventory(
+        gpus("w", "NVIDIA A100-SXM4-80GB", 81920, 1),
+        vec![stale],
+    )))
+    .await;
+    loop {
+        match w.next("stale stop").await {
+            CoordMsg::Stop { pool_job, attempt } if pool_job == first => {
+                assert_eq!(attempt, Some(9));
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
