@@ -32,6 +32,22 @@ pub const AGENT_API_PORT: u16 = 7070;
 /// SSH.
 pub const SSH_PORT: u16 = 22;
 
+/// The prefix of a *group tag*: the pool gives one (`pool-job-17`) to every member of a
+/// running gang, and nodes that share a group tag may reach each other on every protocol
+/// and port, in addition to the policy's rules, for as long as they hold it. Operators
+/// cannot hand these out: a token or rule tag with this prefix is refused.
+pub const GROUP_TAG_PREFIX: &str = "pool-job-";
+
+/// Whether `tag` is a group tag ([`GROUP_TAG_PREFIX`]).
+pub fn is_group_tag(tag: &str) -> bool {
+    tag.starts_with(GROUP_TAG_PREFIX)
+}
+
+/// Whether two tag lists share a group tag.
+pub fn share_group(a: &[String], b: &[String]) -> bool {
+    a.iter().any(|t| is_group_tag(t) && b.contains(t))
+}
+
 /// A transport protocol as the ACL sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -316,6 +332,11 @@ impl AclPolicy {
                 if t != "*" {
                     validate_tag(t).map_err(|e| err(format!("tag {t:?}: {e}")))?;
                 }
+                if is_group_tag(t) {
+                    return Err(err(format!(
+                        "tag {t:?}: `{GROUP_TAG_PREFIX}…` tags are the pool's own (a running gang's members)"
+                    )));
+                }
             }
             if r.proto == Proto::Icmp && !r.ports.is_empty() {
                 return Err(err("icmp has no ports; remove `ports`".into()));
@@ -334,12 +355,13 @@ impl AclPolicy {
         proto: Proto,
         dst_port: u16,
     ) -> bool {
-        self.rules.iter().any(|r| {
-            tags_match(&r.from, src)
-                && tags_match(&r.to, dst)
-                && (proto == Proto::Any
-                    || (r.proto.covers(proto) && r.ports_cover(proto, dst_port)))
-        })
+        share_group(src, dst)
+            || self.rules.iter().any(|r| {
+                tags_match(&r.from, src)
+                    && tags_match(&r.to, dst)
+                    && (proto == Proto::Any
+                        || (r.proto.covers(proto) && r.ports_cover(proto, dst_port)))
+            })
     }
 
     /// Whether a node tagged `a` may initiate anything at all to a node tagged `b`.
@@ -352,7 +374,7 @@ impl AclPolicy {
     /// Peer visibility: `a` learns `b` (and `b` learns `a`) when either may
     /// initiate to the other; replies must flow, so both need the peer.
     pub fn may_talk(&self, a: &[String], b: &[String]) -> bool {
-        self.may_initiate(a, b) || self.may_initiate(b, a)
+        share_group(a, b) || self.may_initiate(a, b) || self.may_initiate(b, a)
     }
 
     /// The rules a node tagged `dst` enforces on receive, one per source tag.
@@ -369,6 +391,14 @@ impl AclPolicy {
                     rules.push(ir);
                 }
             }
+        }
+        // A group's members reach each other on everything.
+        for g in dst.iter().filter(|t| is_group_tag(t)) {
+            rules.push(InboundRule {
+                from: g.clone(),
+                proto: Proto::Any,
+                ports: Vec::new(),
+            });
         }
         FilterRules { rules }
     }
@@ -398,6 +428,31 @@ mod tests {
         assert!(f.allows(&e, Proto::Tcp, 22));
         assert!(!f.allows(&w, Proto::Tcp, 22));
         assert!(!f.allows(&e, Proto::Icmp, 0));
+    }
+
+    #[test]
+    fn nodes_sharing_a_group_tag_reach_each_other_on_everything_and_only_them() {
+        let p = AclPolicy::default();
+        let (a, b) = (t(&["pool-job-7", "worker"]), t(&["pool-job-7", "worker"]));
+        let other = t(&["pool-job-8", "worker"]);
+        let plain = t(&["worker"]);
+        assert!(p.may_talk(&a, &b));
+        assert!(p.packet_allowed(&a, &b, Proto::Tcp, 6379));
+        assert!(p.packet_allowed(&b, &a, Proto::Udp, 9999));
+        assert!(!p.may_talk(&a, &other) && !p.may_talk(&a, &plain));
+        assert!(!p.packet_allowed(&a, &other, Proto::Tcp, 6379));
+        let f = p.inbound_filter(&a);
+        assert!(f.allows(&b, Proto::Tcp, 6379) && f.allows(&b, Proto::Icmp, 0));
+        assert!(!f.allows(&other, Proto::Tcp, 6379));
+        assert!(!f.allows(&plain, Proto::Tcp, 6379));
+        // Engineers still reach the member as before.
+        assert!(f.allows(&t(&["engineer"]), Proto::Tcp, 22));
+        let e = AclPolicy::parse(
+            "[[rule]]\nfrom = \"pool-job-1\"\nto = \"worker\"\n",
+            "acl.toml",
+        )
+        .expect_err("group tags are the pool's");
+        assert!(e.to_string().contains("pool's own"), "{e}");
     }
 
     #[test]

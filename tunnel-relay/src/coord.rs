@@ -232,6 +232,8 @@ type IdMap<V> = HashMap<NodeId, V, BuildHasherDefault<IdHasher>>;
 #[derive(Debug)]
 struct Node {
     rec: NodeRecord,
+    /// Group tags the pool gave it (`pool-job-N`, a running gang); part of `rec.tags`.
+    extra: Vec<String>,
     online: bool,
     tagset: usize,
     seq: u64,
@@ -244,6 +246,7 @@ impl Node {
     fn new(rec: NodeRecord, online: bool, tagset: usize) -> Node {
         let mut n = Node {
             rec,
+            extra: Vec::new(),
             online,
             tagset,
             seq: 0,
@@ -370,6 +373,8 @@ impl Coordinator {
     ) -> Result<Coordinator, CoordError> {
         let mut c = Coordinator::new(config, epoch)?;
         for mut rec in records {
+            // Group tags belong to the pool's running gangs, which it gives back itself.
+            rec.tags.retain(|t| !weft_proto::acl::is_group_tag(t));
             rec.tags = normalize_tags(&rec.tags)?;
             validate_name(&rec.name).map_err(|source| CoordError::BadName {
                 name: rec.name.clone(),
@@ -569,7 +574,13 @@ impl Coordinator {
             name: req.name.clone(),
             source,
         })?;
-        let tags = normalize_tags(&req.tags)?;
+        let mut tags = normalize_tags(&req.tags)?;
+        // A rejoin keeps the group tags the pool gave it.
+        if let Some(n) = self.by_key.get(&req.key).and_then(|id| self.nodes.get(id)) {
+            if !n.extra.is_empty() {
+                tags = normalize_tags(&[tags, n.extra.clone()].concat())?;
+            }
+        }
         if let Some(other) = self.by_name.get(&req.name) {
             if self.by_key.get(&req.key) != Some(other) {
                 return Err(CoordError::NameTaken(req.name));
@@ -698,6 +709,37 @@ impl Coordinator {
             let f = Arc::new(PeerChange::Filter(self.tagsets[b].filter.clone()));
             self.push(id, &f, out);
         }
+    }
+
+    /// Sets the group tags (`pool-job-N`) the pool gives a node while a gang runs on it: the
+    /// node's tags become its own plus these, and every peer whose visibility or filter
+    /// changes is told (the same path as a change of tags). No-op if unchanged.
+    pub fn set_extra_tags(&mut self, id: NodeId, extra: &[String]) -> Result<Outbox, CoordError> {
+        let n = self.nodes.get(&id).ok_or(CoordError::UnknownNode(id))?;
+        let mut extra = extra.to_vec();
+        extra.sort();
+        extra.dedup();
+        if n.extra == extra {
+            return Ok(Outbox::new());
+        }
+        let base: Vec<String> = n
+            .rec
+            .tags
+            .iter()
+            .filter(|t| !n.extra.contains(t))
+            .cloned()
+            .collect();
+        let tags = normalize_tags(&[base, extra.clone()].concat())?;
+        let ts = n.tagset;
+        let changed = n.rec.tags != tags;
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.extra = extra;
+        }
+        let mut out = Outbox::new();
+        if changed {
+            self.retag(id, ts, tags, &mut out);
+        }
+        Ok(out)
     }
 
     /// New candidates from a node (endpoint report). No-op if unchanged.

@@ -302,6 +302,12 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             if tag.is_empty() || tag.contains(',') {
                 bail!("--tag {tag:?}: one non-empty tag without commas");
             }
+            if weft_proto::acl::is_group_tag(&tag) {
+                bail!(
+                    "--tag {tag:?}: `{}…` tags are the pool's own (a running gang's members)",
+                    weft_proto::acl::GROUP_TAG_PREFIX
+                );
+            }
             let config = load_config(config.as_deref())?;
             let key = StaticKey::load_or_create(&state_dir.join(files::IDENTITY))?;
             let mut addrs = relay_addrs;

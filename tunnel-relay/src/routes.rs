@@ -73,6 +73,8 @@ pub struct Routes<C> {
     mesh: HashMap<PublicKey, (u64, C, Vec<String>)>,
     streams: HashMap<PublicKey, u32>,
     max_streams: u32,
+    /// The pool's group tags per node (a running gang's members).
+    groups: HashMap<PublicKey, Vec<String>>,
 }
 
 impl<C: Clone> Routes<C> {
@@ -84,6 +86,7 @@ impl<C: Clone> Routes<C> {
             by_key: HashMap::new(),
             mesh: HashMap::new(),
             streams: HashMap::new(),
+            groups: HashMap::new(),
             max_streams,
         }
     }
@@ -134,14 +137,30 @@ impl<C: Clone> Routes<C> {
     /// mesh connection (else its newest), if connected and the mesh ACL lets
     /// the two talk (either may start a flow to the other: replies flow both
     /// ways), exactly the pairs that see each other in their peer maps.
+    /// Members of a running gang (the pool's group tags, [`Routes::set_groups`]) also reach
+    /// each other.
     pub fn datagram_route(
         &self,
+        src: &PublicKey,
         src_tags: &[String],
         dst: &PublicKey,
         acl: &AclPolicy,
     ) -> Option<C> {
         let (_, conn, dst_tags) = self.mesh.get(dst).or_else(|| self.by_key.get(dst))?;
-        acl.may_talk(src_tags, dst_tags).then(|| conn.clone())
+        let grouped = || match (self.groups.get(src), self.groups.get(dst)) {
+            (Some(a), Some(b)) => weft_proto::acl::share_group(a, b),
+            _ => false,
+        };
+        (acl.may_talk(src_tags, dst_tags) || grouped()).then(|| conn.clone())
+    }
+
+    /// The pool's group tags of a node (empty: none), for [`Routes::datagram_route`].
+    pub fn set_groups(&mut self, key: PublicKey, groups: Vec<String>) {
+        if groups.is_empty() {
+            self.groups.remove(&key);
+        } else {
+            self.groups.insert(key, groups);
+        }
     }
 
     /// Connected nodes.
@@ -284,6 +303,9 @@ mod tests {
     use crate::keys::StaticKey;
     use weft_proto::names::tags;
 
+    /// A source key with no group tags.
+    const NOBODY: PublicKey = PublicKey([0; 32]);
+
     struct Fixture {
         routes: Routes<&'static str>,
         eng: PublicKey,
@@ -325,6 +347,41 @@ mod tests {
 
     fn reason<C>(r: Result<Grant<C>, (Rejection, Option<C>)>) -> Option<Reason> {
         r.err().map(|(rej, _)| rej.reason)
+    }
+
+    #[test]
+    fn a_gangs_members_reach_each_other_over_the_relay_path_while_grouped() {
+        let mut f = fixture(8);
+        let key = StaticKey::generate().public();
+        let w = WorkerRoute {
+            id: 3,
+            key,
+            conn: "w2-conn",
+            tags: tags(&["worker"]),
+            services: vec!["ssh".to_string()],
+        };
+        f.routes
+            .connect(3, key, "w2-conn", tags(&["worker"]), Some(("w2".into(), w)));
+        let acl = AclPolicy::default();
+        let worker = tags(&["worker"]);
+        assert_eq!(f.routes.datagram_route(&f.w1, &worker, &key, &acl), None);
+        f.routes.set_groups(f.w1, tags(&["pool-job-3"]));
+        assert_eq!(
+            f.routes.datagram_route(&f.w1, &worker, &key, &acl),
+            None,
+            "one member only"
+        );
+        f.routes.set_groups(key, tags(&["pool-job-3"]));
+        assert_eq!(
+            f.routes.datagram_route(&f.w1, &worker, &key, &acl),
+            Some("w2-conn")
+        );
+        f.routes.set_groups(key, vec![]);
+        assert_eq!(
+            f.routes.datagram_route(&f.w1, &worker, &key, &acl),
+            None,
+            "gang over"
+        );
     }
 
     #[test]
@@ -469,24 +526,27 @@ mod tests {
         let (eng, w1) = (f.eng, f.w1);
         let worker = tags(&["worker"]);
         assert_eq!(
-            f.routes.datagram_route(&f.eng_tags, &w1, &p),
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &w1, &p),
             Some("w1-conn")
         );
         // Replies: the worker may send to the engineer (it may not open tunnels).
-        assert_eq!(f.routes.datagram_route(&worker, &eng, &p), Some("eng-conn"));
+        assert_eq!(
+            f.routes.datagram_route(&NOBODY, &worker, &eng, &p),
+            Some("eng-conn")
+        );
         // Worker to worker: nothing.
         let w2 = StaticKey::generate().public();
         f.routes.connect(5, w2, "w2-conn", worker.clone(), None);
-        assert_eq!(f.routes.datagram_route(&worker, &w2, &p), None);
+        assert_eq!(f.routes.datagram_route(&NOBODY, &worker, &w2, &p), None);
         // A reconnect takes over; the old connection's teardown leaves it.
         f.routes.connect(6, w1, "w1-new", worker.clone(), None);
         f.routes.disconnect(2, "w1");
         assert_eq!(
-            f.routes.datagram_route(&f.eng_tags, &w1, &p),
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &w1, &p),
             Some("w1-new")
         );
         f.routes.disconnect(6, "w1");
-        assert_eq!(f.routes.datagram_route(&f.eng_tags, &w1, &p), None);
+        assert_eq!(f.routes.datagram_route(&NOBODY, &f.eng_tags, &w1, &p), None);
     }
 
     #[test]
@@ -501,13 +561,13 @@ mod tests {
         f.routes
             .connect(8, f.w1, "w1-tunnel-2", worker.clone(), None);
         assert_eq!(
-            f.routes.datagram_route(&f.eng_tags, &f.w1, &p),
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &f.w1, &p),
             Some("w1-mesh")
         );
         // The mesh connection goes: back to the newest.
         f.routes.disconnect(7, "w1");
         assert_eq!(
-            f.routes.datagram_route(&f.eng_tags, &f.w1, &p),
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &f.w1, &p),
             Some("w1-tunnel-2")
         );
         // The mesh session moves to 8; a newer connection that comes and
@@ -517,7 +577,7 @@ mod tests {
             .connect(9, f.w1, "w1-tunnel-3", worker.clone(), None);
         f.routes.disconnect(9, "w1");
         assert_eq!(
-            f.routes.datagram_route(&f.eng_tags, &f.w1, &p),
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &f.w1, &p),
             Some("w1-tunnel-2")
         );
         // A custom ACL: ops may ping everyone; worker-worker still nothing.
@@ -527,11 +587,15 @@ mod tests {
         )
         .unwrap_or_default();
         assert_eq!(
-            f.routes.datagram_route(&tags(&["ops"]), &f.w1, &acl),
+            f.routes
+                .datagram_route(&NOBODY, &tags(&["ops"]), &f.w1, &acl),
             Some("w1-tunnel-2")
         );
-        assert_eq!(f.routes.datagram_route(&worker, &f.w1, &acl), None);
-        assert_eq!(f.routes.datagram_route(&f.eng_tags, &f.w1, &acl), None);
+        assert_eq!(f.routes.datagram_route(&NOBODY, &worker, &f.w1, &acl), None);
+        assert_eq!(
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &f.w1, &acl),
+            None
+        );
     }
 
     #[test]

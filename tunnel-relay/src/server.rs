@@ -89,7 +89,7 @@ struct Shared {
     key: StaticKey,
     config: RelayConfig,
     registry: Mutex<Registry>,
-    routes: Mutex<Routes<Connection>>,
+    routes: Arc<Mutex<Routes<Connection>>>,
     rate: Mutex<RateLimiter>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
@@ -208,7 +208,13 @@ impl Relay {
         };
         let stun_bound = stun.as_ref().and_then(|s| s.local_addr().ok());
         let mesh = mesh::Mesh::open(dir, &registry, &opts.config, stun_bound)?;
-        let pool = pool::PoolShell::open(dir, &opts.config.pool, mesh.overlay_lookup())?;
+        let routes = Arc::new(Mutex::new(Routes::new(limits.max_streams_per_node)));
+        let metrics = Arc::new(Metrics::new());
+        let pool = pool::PoolShell::open(
+            dir,
+            &opts.config.pool,
+            mesh.handle(routes.clone(), metrics.clone()),
+        )?;
         // Not fatal: `pool list` then reads the store (e.g. a path over the socket length limit).
         let admin = admin_socket(dir)
             .map_err(|e| warn!(error = %e, "no admin socket; `pool list` reads the store"))
@@ -229,10 +235,10 @@ impl Relay {
                 key,
                 config: opts.config.clone(),
                 registry: Mutex::new(registry),
-                routes: Mutex::new(Routes::new(limits.max_streams_per_node)),
+                routes,
                 rate: Mutex::new(rate),
                 next_id: AtomicU64::new(1),
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 mesh,
                 pool,
             }),
@@ -584,7 +590,8 @@ async fn forward_datagrams(shared: Arc<Shared>, ctx: NodeCtx) {
             m.datagrams_dropped.inc();
             continue;
         };
-        let route = lock(&shared.routes).datagram_route(&ctx.tags, &dst, &shared.config.mesh.acl);
+        let route =
+            lock(&shared.routes).datagram_route(&ctx.key, &ctx.tags, &dst, &shared.config.mesh.acl);
         let Some(conn) = route else {
             m.datagrams_dropped.inc();
             continue;

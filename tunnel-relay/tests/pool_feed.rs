@@ -575,3 +575,63 @@ async fn the_queue_survives_a_relay_restart_and_stale_copies_are_stopped() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_workers_job_moves_to_another_and_its_old_copy_is_stopped_on_return() {
+    let mut config = RelayConfig::default();
+    config.pool.lost_after = Duration::from_secs(1);
+    let lab = start_relay(config).await;
+    let (d1, d2) = (tmp(), tmp());
+    let a = || inventory(gpus("a", "NVIDIA A100-SXM4-80GB", 81920, 1), vec![]);
+    let mut w1 = agent(&lab, "w1", d1.path(), false, a()).await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let (_, v) = submit(alice.path(), r#"{"command":["long"],"gpus":1,"retries":1}"#).await;
+    let id = v["id"].as_u64().unwrap_or_default();
+    let s = w1.start().await;
+    w1.send(started(&s, 5)).await;
+    job_until(alice.path(), id, "running", |v| v["state"] == "running").await;
+    // A second worker joins; the first goes away (its relay connection closes).
+    let b = inventory(gpus("b", "NVIDIA A100-SXM4-80GB", 81920, 1), vec![]);
+    let mut w2 = agent(&lab, "w2", d2.path(), false, b).await;
+    drop(w1);
+    let t0 = std::time::Instant::now();
+    let s2 = w2.start().await;
+    assert_eq!(
+        (s2.pool_job, s2.attempt),
+        (id, 2),
+        "requeued with its retry"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "within lost_after and a tick"
+    );
+    let (_, v) = api(alice.path(), "GET", "/v1/pool", None).await;
+    let w1v = v["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["name"] == "w1").cloned())
+        .unwrap_or_default();
+    assert_eq!(w1v["state"], "lost", "{v}");
+    // w1 comes back still running attempt 1: it is told to stop that copy.
+    let copy = JobCopy {
+        pool_job: id,
+        attempt: 1,
+        local_id: 5,
+    };
+    let mut w1 = agent(
+        &lab,
+        "w1",
+        d1.path(),
+        true,
+        inventory(gpus("a", "NVIDIA A100-SXM4-80GB", 81920, 1), vec![copy]),
+    )
+    .await;
+    loop {
+        match w1.next("stop of the old copy").await {
+            CoordMsg::Stop { pool_job, attempt } => {
+                assert_eq!((pool_job, attempt), (id, Some(1)));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

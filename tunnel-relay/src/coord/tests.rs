@@ -315,6 +315,55 @@ fn retag_on_rejoin_moves_visibility_and_resends_snapshot() {
 }
 
 #[test]
+fn a_group_tag_lets_two_workers_see_each_other_while_it_lasts() {
+    let (mut c, [w1, w2, e]) = gpu1_gpu2_alice();
+    assert!(
+        !c.may_talk(w1, w2),
+        "workers do not see each other by default"
+    );
+    let g = tags(&["pool-job-5"]);
+    let out = ok(c.set_extra_tags(w1, &g));
+    // Only one member so far: nobody new sees anybody; alice sees gpu1's new tags.
+    assert!(!c.may_talk(w1, w2));
+    assert!(deltas(&out)
+        .iter()
+        .any(|(to, ch)| *to == e && matches!(ch, PeerChange::Upsert(p) if p.tags.contains(&g[0]))));
+    let out = ok(c.set_extra_tags(w2, &g));
+    assert!(c.may_talk(w1, w2));
+    assert!(c.packet_allowed(w1, w2, Proto::Tcp, 29500));
+    let d = deltas(&out);
+    assert!(d
+        .iter()
+        .any(|(to, ch)| *to == w1 && matches!(ch, PeerChange::Upsert(p) if p.key == key(2))));
+    assert!(d
+        .iter()
+        .any(|(to, ch)| *to == w2 && matches!(ch, PeerChange::Upsert(p) if p.key == key(1))));
+    assert!(d
+        .iter()
+        .any(|(to, ch)| *to == w2 && matches!(ch, PeerChange::Filter(_))));
+    // A reconnect keeps the group; the same set again changes nothing.
+    let (_, _) = ok(c.join(req(2, "gpu2", &["worker"])));
+    assert!(c.may_talk(w1, w2));
+    assert!(ok(c.set_extra_tags(w2, &g)).is_empty());
+    // The gang ends: they forget each other; the base tags stay.
+    let out = ok(c.set_extra_tags(w2, &[]));
+    assert!(!c.may_talk(w1, w2));
+    assert!(deltas(&out).contains(&(w1, PeerChange::Remove(key(2)))));
+    assert_eq!(
+        c.record(w2).map(|r| r.tags.clone()),
+        Some(tags(&["worker"]))
+    );
+    // A restored record drops group tags (the pool gives them back itself).
+    let rec = c.record(w1).cloned().expect("w1");
+    assert!(rec.tags.contains(&g[0]));
+    let r = ok(Coordinator::restore(CoordConfig::default(), 2, vec![rec]));
+    assert_eq!(
+        r.records().next().map(|r| r.tags.clone()),
+        Some(tags(&["worker"]))
+    );
+}
+
+#[test]
 fn restore_keeps_addresses_and_forces_snapshots() {
     let mut c = coord();
     for i in 0..20 {

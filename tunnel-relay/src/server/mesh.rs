@@ -44,6 +44,7 @@ use crate::error::{RelayError, StateError};
 use crate::keys::PublicKey;
 use crate::metrics::Metrics;
 use crate::registry::{MeshWrite, Registry};
+use crate::routes::Routes;
 use crate::wire::{write_message, Message, Reason, Rejection};
 use weft_proto::close::ResetCode;
 
@@ -82,19 +83,52 @@ struct Hub {
     persist: std_mpsc::Sender<Persist>,
 }
 
-/// A handle on the coordinator that answers one question: a node's overlay IPv4 address.
+/// What the pool needs of the mesh: a node's overlay address (the gang variables), and
+/// giving a running gang's members a group tag (they reach each other while it runs).
 #[derive(Clone)]
-pub(super) struct OverlayLookup(Arc<Mutex<Hub>>);
+pub(super) struct MeshHandle {
+    hub: Arc<Mutex<Hub>>,
+    routes: Arc<Mutex<Routes<quinn::Connection>>>,
+    metrics: Arc<Metrics>,
+}
 
-impl OverlayLookup {
+impl MeshHandle {
+    fn id(hub: &Hub, name: &str) -> Option<NodeId> {
+        hub.coord
+            .id_by_name(name)
+            .or_else(|| hub.coord.id_by_name(&name.to_ascii_lowercase()))
+    }
+
     /// The overlay IPv4 of the node registered as `name` (its mesh name is the DNS-label form).
     pub(super) fn ipv4(&self, name: &str) -> Option<std::net::Ipv4Addr> {
-        let hub = lock(&self.0);
-        let id = hub
-            .coord
-            .id_by_name(name)
-            .or_else(|| hub.coord.id_by_name(&name.to_ascii_lowercase()))?;
+        let hub = lock(&self.hub);
+        let id = Self::id(&hub, name)?;
         hub.coord.record(id).map(|r| r.ipv4)
+    }
+
+    /// Gives node `name` exactly these group tags (`pool-job-N`): peer maps, filters and
+    /// the relay path follow. A node not on the mesh is skipped (nothing to open).
+    pub(super) fn set_groups(&self, name: &str, groups: &[String]) {
+        let key = {
+            let mut hub = lock(&self.hub);
+            let Some(id) = Self::id(&hub, name) else {
+                return;
+            };
+            match hub.coord.set_extra_tags(id, groups) {
+                Ok(out) => {
+                    hub.persist_record(id);
+                    hub.deliver(out, &self.metrics);
+                }
+                Err(e) => {
+                    warn!(node = %name, error = %e, "could not set the gang's group tags");
+                    return;
+                }
+            }
+            hub.coord.record(id).map(|r| r.key)
+        };
+        if let Some(key) = key {
+            lock(&self.routes).set_groups(key, groups.to_vec());
+        }
     }
 }
 
@@ -160,9 +194,17 @@ impl Mesh {
         })
     }
 
-    /// Looks up nodes' overlay addresses (for the pool's gang variables).
-    pub(super) fn overlay_lookup(&self) -> OverlayLookup {
-        OverlayLookup(self.hub.clone())
+    /// The pool's handle on the mesh (overlay addresses, gang group tags).
+    pub(super) fn handle(
+        &self,
+        routes: Arc<Mutex<Routes<quinn::Connection>>>,
+        metrics: Arc<Metrics>,
+    ) -> MeshHandle {
+        MeshHandle {
+            hub: self.hub.clone(),
+            routes,
+            metrics,
+        }
     }
 
     /// Removes nodes whose keys were revoked: every peer forgets them, their

@@ -41,13 +41,14 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+use weft_proto::acl::GROUP_TAG_PREFIX;
 use weft_proto::gpuspec::GpuSpec;
 use weft_proto::pool::{
     decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, JobView, LineError, MemberView,
     PoolView, Start, SubmitRequest, UsageRecord, WorkerView, MAX_LINE, POOL_CALLER, POOL_SERVICE,
 };
 
-use super::mesh::OverlayLookup;
+use super::mesh::MeshHandle;
 use super::{lock, Shared};
 use crate::config::{PoolPolicy, PoolSettings};
 use crate::pool::{self, Decisions, Outcome, Pool, PoolConfig};
@@ -92,7 +93,11 @@ struct Hub {
     store: PoolStore,
     next_sid: u64,
     flags: Vec<(String, Flags)>,
-    overlay: OverlayLookup,
+    overlay: MeshHandle,
+    /// Gang jobs that may be placed or running (their members hold a group tag).
+    gangs: std::collections::BTreeSet<u64>,
+    /// The group tags each worker holds now.
+    groups: BTreeMap<String, Vec<String>>,
 }
 
 /// The pool part of the relay's shared state.
@@ -155,7 +160,7 @@ impl PoolShell {
     pub(super) fn open(
         dir: &std::path::Path,
         settings: &PoolSettings,
-        overlay: OverlayLookup,
+        overlay: MeshHandle,
     ) -> Result<PoolShell, crate::error::StateError> {
         let store = PoolStore::open(dir)?;
         let now = Instant::now();
@@ -217,6 +222,11 @@ impl PoolShell {
             );
         }
         info!(workers = workers.len(), pending, running, "pool restored");
+        let gangs = jobs
+            .values()
+            .filter(|j| j.stored.view.request.nodes > 1)
+            .map(|j| j.stored.view.id)
+            .collect();
         Ok(PoolShell {
             hub: Mutex::new(Hub {
                 pool: core,
@@ -226,6 +236,8 @@ impl PoolShell {
                 next_sid: 1,
                 flags,
                 overlay,
+                gangs,
+                groups: BTreeMap::new(),
             }),
             settings: settings.clone(),
         })
@@ -309,6 +321,9 @@ impl Hub {
         self.check_missing(now);
         let d = self.pool.tick(now);
         self.apply(d, now);
+        if !self.gangs.is_empty() || !self.groups.is_empty() {
+            self.sync_groups();
+        }
         let names: Vec<String> = self.workers.keys().cloned().collect();
         for n in names {
             let before = self
@@ -438,6 +453,11 @@ impl Hub {
         }
         info!(job = id, attempt, workers = ?p.members.iter().map(|m| &m.worker).collect::<Vec<_>>(), "pool job placed");
         self.save_job(id);
+        if n > 1 {
+            // The members reach each other over the mesh before their processes start.
+            self.gangs.insert(id);
+            self.sync_groups();
+        }
         let mut unreachable = false;
         for (w, s) in starts {
             if !self.send(&w, CoordMsg::Start(s)) {
@@ -448,6 +468,37 @@ impl Hub {
             // A member's feed went away between the decision and now: place it again.
             self.pool.job_ended(id, Outcome::Refused, now);
         }
+    }
+
+    /// Gives every worker exactly the group tags of the gangs placed or running on it, so
+    /// that a gang's members reach each other over the mesh while it runs, and only then.
+    fn sync_groups(&mut self) {
+        let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let jobs = &self.jobs;
+        self.gangs.retain(|id| {
+            let Some(j) = jobs.get(id) else {
+                return false;
+            };
+            if !matches!(j.stored.view.state.as_str(), "placed" | "running") {
+                return false;
+            }
+            for m in &j.stored.view.members {
+                want.entry(m.worker.clone())
+                    .or_default()
+                    .push(format!("{GROUP_TAG_PREFIX}{id}"));
+            }
+            true
+        });
+        let names: std::collections::BTreeSet<String> =
+            want.keys().chain(self.groups.keys()).cloned().collect();
+        for name in names {
+            let new = want.get(&name).cloned().unwrap_or_default();
+            if self.groups.get(&name).cloned().unwrap_or_default() != new {
+                debug!(worker = %name, groups = ?new, "gang group tags");
+                self.overlay.set_groups(&name, &new);
+            }
+        }
+        self.groups = want;
     }
 
     fn current_member(&mut self, job: u64, attempt: u32, worker: &str) -> Option<&mut MemberView> {
