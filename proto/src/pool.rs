@@ -126,7 +126,13 @@ pub enum AgentMsg {
     },
     /// A copy ended. Sent again after a reconnect until acked.
     Ended(Ended),
+    /// Nothing changed; the agent is alive. Sent every [`HEARTBEAT`] when the feed is
+    /// otherwise quiet: the coordinator counts `lost_after` from the last line it heard.
+    Heartbeat,
 }
+
+/// How often an agent speaks on a quiet feed.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Coordinator → agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,6 +414,7 @@ mod tests {
                 }),
             (copy(), any::<u64>())
                 .prop_map(|(copy, started_ms)| AgentMsg::Started { copy, started_ms }),
+            Just(AgentMsg::Heartbeat),
             (any::<u64>(), any::<u32>(), s()).prop_map(|(pool_job, attempt, reason)| {
                 AgentMsg::Refused {
                     pool_job,

@@ -630,3 +630,44 @@ async fn a_lost_workers_job_moves_to_another_and_its_old_copy_is_stopped_on_retu
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_heartbeats_stop_is_lost_and_back_when_it_speaks() {
+    let mut config = RelayConfig::default();
+    config.pool.lost_after = Duration::from_secs(1);
+    let lab = start_relay(config).await;
+    let (d1, d2) = (tmp(), tmp());
+    let inv = |p: &str| inventory(gpus(p, "NVIDIA A100-SXM4-80GB", 81920, 1), vec![]);
+    let mut w1 = agent(&lab, "w1", d1.path(), false, inv("a")).await;
+    w1.send(AgentMsg::Heartbeat).await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let (_, v) = submit(alice.path(), r#"{"command":["long"],"gpus":1,"retries":1}"#).await;
+    let id = v["id"].as_u64().unwrap_or_default();
+    let s = w1.start().await;
+    w1.send(started(&s, 5)).await;
+    let mut w2 = agent(&lab, "w2", d2.path(), false, inv("b")).await;
+    // w1's connection stays up but its feed goes quiet: away after three missed beats.
+    let s2 = tokio::time::timeout(Duration::from_secs(15), w2.start())
+        .await
+        .unwrap_or_else(|_| panic!("never moved off the silent worker"));
+    assert_eq!((s2.pool_job, s2.attempt), (id, 2));
+    // It speaks again: back in the pool, and told to stop its stale copy.
+    w1.send(AgentMsg::Heartbeat).await;
+    match w1.next("stop owed while away").await {
+        CoordMsg::Stop { pool_job, attempt } => assert_eq!((pool_job, attempt), (id, Some(1))),
+        other => panic!("{other:?}"),
+    }
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, v) = api(alice.path(), "GET", "/v1/pool", None).await;
+        let st = v["workers"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["name"] == "w1").cloned())
+            .unwrap_or_default();
+        if st["state"] == "ready" {
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "w1 never back: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

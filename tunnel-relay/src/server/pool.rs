@@ -77,7 +77,39 @@ struct Feed {
 struct WorkerRec {
     view: WorkerView,
     feed: Option<Feed>,
+    /// When the feed last spoke, and whether it sends heartbeats (then silence means away).
+    heard: Option<(Instant, bool)>,
+    /// Copies (job, attempt) moved elsewhere while it was away: stopped when it is back.
+    owed_stops: Vec<(u64, u32)>,
+    /// Silent too long: the core was told it is away (lost at `lost_after` from `heard`).
+    silent: bool,
 }
+
+impl WorkerRec {
+    /// A worker first seen now (`ms`) with `inventory`.
+    fn new(name: &str, inventory: weft_proto::pool::Inventory, ms: u64) -> WorkerRec {
+        WorkerRec {
+            view: WorkerView {
+                name: name.to_string(),
+                state: "ready".into(),
+                inventory,
+                holders: vec![],
+                flagged: vec![],
+                first_seen_ms: ms,
+                connected_since_ms: None,
+                last_seen_ms: ms,
+                uptime_ms: 0,
+            },
+            feed: None,
+            heard: None,
+            owed_stops: Vec::new(),
+            silent: false,
+        }
+    }
+}
+
+/// A feed that sends heartbeats and was silent this long is away (three beats missed).
+const SILENCE: Duration = Duration::from_secs(6);
 
 struct JobRec {
     stored: StoredJob,
@@ -172,7 +204,16 @@ impl PoolShell {
             core.worker_disconnected(&view.name, now);
             view.state = "disconnected".into();
             view.connected_since_ms = None;
-            workers.insert(view.name.clone(), WorkerRec { view, feed: None });
+            workers.insert(
+                view.name.clone(),
+                WorkerRec {
+                    view,
+                    feed: None,
+                    heard: None,
+                    owed_stops: Vec::new(),
+                    silent: false,
+                },
+            );
         }
         let flags = store.flags()?;
         for (name, f) in &flags {
@@ -319,6 +360,7 @@ impl Hub {
     /// The core's decisions since the last call, carried out.
     fn pump(&mut self, now: Instant) {
         self.check_missing(now);
+        self.check_silence(now);
         let d = self.pool.tick(now);
         self.apply(d, now);
         if !self.gangs.is_empty() || !self.groups.is_empty() {
@@ -355,6 +397,10 @@ impl Hub {
                     },
                 );
             }
+        }
+        // Copies on workers that are away now cannot be stopped now: owe them a stop.
+        for &id in d.requeued.iter().chain(&d.lost) {
+            self.owe_stops(id);
         }
         for id in d.requeued {
             if let Some(j) = self.jobs.get_mut(&id) {
@@ -639,20 +685,7 @@ impl Hub {
         let rec = self
             .workers
             .entry(worker.to_string())
-            .or_insert_with(|| WorkerRec {
-                view: WorkerView {
-                    name: worker.to_string(),
-                    state: "ready".into(),
-                    inventory: inv.clone(),
-                    holders: vec![],
-                    flagged: vec![],
-                    first_seen_ms: ms,
-                    connected_since_ms: None,
-                    last_seen_ms: ms,
-                    uptime_ms: 0,
-                },
-                feed: None,
-            });
+            .or_insert_with(|| WorkerRec::new(worker, inv.clone(), ms));
         if rec.view.connected_since_ms.is_none() {
             rec.view.connected_since_ms = Some(ms);
         }
@@ -786,6 +819,75 @@ impl Hub {
         }
     }
 
+    /// The members of job `id`'s current attempt whose workers are away are owed a stop.
+    fn owe_stops(&mut self, id: u64) {
+        let Some(j) = self.jobs.get(&id) else {
+            return;
+        };
+        let attempt = j.stored.view.attempt;
+        for m in &j.stored.view.members {
+            if let Some(w) = self.workers.get_mut(&m.worker) {
+                if w.feed.is_none() || w.silent {
+                    w.owed_stops.push((id, attempt));
+                }
+            }
+        }
+    }
+
+    /// A worker is back: the stops it is owed.
+    fn pay_stops(&mut self, worker: &str) {
+        let owed = self
+            .workers
+            .get_mut(worker)
+            .map(|w| std::mem::take(&mut w.owed_stops))
+            .unwrap_or_default();
+        for (job, attempt) in owed {
+            info!(job, attempt, worker = %worker, "stopping a copy moved elsewhere while its worker was away");
+            self.send(
+                worker,
+                CoordMsg::Stop {
+                    pool_job: job,
+                    attempt: Some(attempt),
+                },
+            );
+        }
+    }
+
+    /// A line from `worker`'s feed: it is alive (back, if it was silent).
+    fn heard(&mut self, worker: &str, now: Instant, heartbeat: bool) {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        let beats = heartbeat || w.heard.is_some_and(|(_, b)| b);
+        w.heard = Some((now, beats));
+        if w.silent {
+            w.silent = false;
+            info!(worker = %worker, "pool feed speaks again");
+            let inv = w.view.inventory.clone();
+            self.on_inventory(worker, inv, now);
+            self.pay_stops(worker);
+        }
+    }
+
+    /// Workers whose heartbeats stopped are away from their last beat on.
+    fn check_silence(&mut self, now: Instant) {
+        let mut away = Vec::new();
+        for (name, w) in &mut self.workers {
+            if let (Some((at, true)), false, Some(_)) = (w.heard, w.silent, &w.feed) {
+                if now.duration_since(at) >= SILENCE {
+                    w.silent = true;
+                    away.push((name.clone(), at));
+                }
+            }
+        }
+        for (name, at) in away {
+            warn!(worker = %name, silent_s = now.duration_since(at).as_secs(), "pool feed silent; the worker is away");
+            self.pool.worker_disconnected(&name, at);
+            self.refresh_worker_state(&name);
+            self.save_worker(&name);
+        }
+    }
+
     fn feed_ended(&mut self, worker: &str, sid: u64, now: Instant) {
         let Some(w) = self.workers.get_mut(worker) else {
             return;
@@ -799,7 +901,13 @@ impl Hub {
             w.view.uptime_ms += ms.saturating_sub(since);
         }
         w.view.last_seen_ms = ms;
-        self.pool.worker_disconnected(worker, now);
+        // `lost_after` counts from the last line heard (a dead link is noticed late).
+        let last = match w.heard.take() {
+            Some((at, true)) if now.duration_since(at) < SILENCE * 2 => at,
+            _ => now,
+        };
+        w.silent = false;
+        self.pool.worker_disconnected(worker, last);
         self.refresh_worker_state(worker);
         self.save_worker(worker);
         info!(worker = %worker, "pool feed ended; the worker is away");
@@ -866,34 +974,22 @@ async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: 
             });
         } else {
             // Registered for real at its first inventory.
-            hub.workers.insert(
-                name.to_string(),
-                WorkerRec {
-                    view: WorkerView {
-                        name: name.to_string(),
-                        state: "ready".into(),
-                        inventory: weft_proto::pool::Inventory {
-                            gpus: vec![],
-                            cpus: 0,
-                            memory_bytes: 0,
-                            version: String::new(),
-                            simulated: false,
-                            running: vec![],
-                        },
-                        holders: vec![],
-                        flagged: vec![],
-                        first_seen_ms: unix_ms(),
-                        connected_since_ms: None,
-                        last_seen_ms: unix_ms(),
-                        uptime_ms: 0,
-                    },
-                    feed: Some(Feed {
-                        sid,
-                        tx: tx.clone(),
-                    }),
-                },
-            );
+            let empty = weft_proto::pool::Inventory {
+                gpus: vec![],
+                cpus: 0,
+                memory_bytes: 0,
+                version: String::new(),
+                simulated: false,
+                running: vec![],
+            };
+            let mut rec = WorkerRec::new(name, empty, unix_ms());
+            rec.feed = Some(Feed {
+                sid,
+                tx: tx.clone(),
+            });
+            hub.workers.insert(name.to_string(), rec);
         }
+        hub.pay_stops(name);
         sid
     };
     drop(tx);
@@ -927,6 +1023,7 @@ async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: 
                 Ok(msg) => {
                     let now = Instant::now();
                     let mut hub = lock(&shared.pool.hub);
+                    hub.heard(name, now, matches!(msg, AgentMsg::Heartbeat));
                     match msg {
                         AgentMsg::Inventory(inv) => hub.on_inventory(name, inv, now),
                         AgentMsg::Started { copy, started_ms } => hub.on_started(
@@ -942,6 +1039,7 @@ async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: 
                             reason,
                         } => hub.on_refused(name, pool_job, attempt, &reason, now),
                         AgentMsg::Ended(e) => hub.on_ended(name, e, now),
+                        AgentMsg::Heartbeat => {}
                     }
                     hub.pump(now);
                 }
