@@ -4,6 +4,11 @@
 //! the mesh (callers recorded by the name of the mesh peer owning the source address, see
 //! `overlay.rs`). The caller is a request extension set by
 //! the entry point, never read from the request.
+//!
+//! Owners: the provider ([`LOCAL_CALLER`]) and the pool's coordinator
+//! ([`weft_proto::pool::POOL_CALLER`]) see and act on every job; any other caller lists only
+//! the jobs it submitted (`job.caller`), and show / logs / cancel of another's job answer 403
+//! (`job 7 belongs to another engineer`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +30,7 @@ use crate::agent::{AgentError, Engine};
 use crate::job::{Job, JobRequest};
 use crate::mesh_status::MeshStatus;
 use crate::sampler::{SharedSnapshot, Snapshot};
+use weft_proto::pool::POOL_CALLER;
 
 /// The caller recorded for requests on the loopback listener. `@` cannot appear in a relay
 /// node name, so a local caller is never mistaken for an engineer of the same name.
@@ -39,6 +45,35 @@ impl Caller {
     /// The fixed identity of loopback callers.
     pub fn local() -> Caller {
         Caller(LOCAL_CALLER.to_string())
+    }
+
+    /// Whether this caller sees and acts on every job: the provider on the machine
+    /// ([`LOCAL_CALLER`]) and the pool's coordinator ([`POOL_CALLER`]). Any other caller (an
+    /// engineer through the relay or the mesh) sees only the jobs it submitted.
+    pub fn sees_all(&self) -> bool {
+        self.0 == LOCAL_CALLER || self.0 == POOL_CALLER
+    }
+
+    /// Whether this caller may show, read the logs of and cancel `job`.
+    pub fn may_see(&self, job: &Job) -> bool {
+        self.sees_all() || job.caller == self.0
+    }
+}
+
+/// 403 for a job of someone else.
+fn not_yours(id: u64) -> Response {
+    err(
+        StatusCode::FORBIDDEN,
+        format!("job {id} belongs to another engineer"),
+    )
+}
+
+/// The job, when it exists and `caller` may see it; else the 404 or 403 to answer.
+fn visible_job(st: &AppState, caller: &Caller, id: u64) -> Result<Job, Box<Response>> {
+    match st.engine.get(id) {
+        Some(j) if caller.may_see(&j) => Ok(j),
+        Some(_) => Err(Box::new(not_yours(id))),
+        None => Err(Box::new(AgentError::NotFound(id).into_response())),
     }
 }
 
@@ -66,6 +101,7 @@ impl IntoResponse for AgentError {
         let code = match &self {
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AgentError::Refused(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         err(code, self.to_string())
@@ -150,24 +186,31 @@ async fn submit(
     }
 }
 
-async fn list(State(st): State<AppState>) -> Json<Vec<Job>> {
-    Json(st.engine.list())
+/// Every job for the provider and the coordinator; an engineer's own jobs for an engineer.
+async fn list(State(st): State<AppState>, Extension(caller): Extension<Caller>) -> Json<Vec<Job>> {
+    let mut jobs = st.engine.list();
+    jobs.retain(|j| caller.may_see(j));
+    Json(jobs)
 }
 
-async fn show(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
-        Ok(i) => i,
-        Err(r) => return *r,
-    };
-    match st.engine.get(id) {
-        Some(j) => Json(j).into_response(),
-        None => AgentError::NotFound(id).into_response(),
+async fn show(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    match parse_id(&id).and_then(|id| visible_job(&st, &caller, id)) {
+        Ok(j) => Json(j).into_response(),
+        Err(r) => *r,
     }
 }
 
-async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    match parse_id(&id) {
-        Ok(id) => match st.engine.cancel(id).await {
+async fn cancel(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    match parse_id(&id).and_then(|id| visible_job(&st, &caller, id)) {
+        Ok(j) => match st.engine.cancel(j.id).await {
             Ok(j) => Json(j).into_response(),
             Err(e) => e.into_response(),
         },
@@ -183,6 +226,7 @@ struct LogQuery {
 
 async fn logs(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -196,8 +240,9 @@ async fn logs(
             "query must be `follow=true` or `follow=false`",
         );
     };
-    let Some(job) = st.engine.get(id) else {
-        return AgentError::NotFound(id).into_response();
+    let job = match visible_job(&st, &caller, id) {
+        Ok(j) => j,
+        Err(r) => return *r,
     };
     let path = std::path::PathBuf::from(&job.log_path);
     if !q.follow {
