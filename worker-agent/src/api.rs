@@ -344,3 +344,136 @@ pub fn check_loopback(addr: SocketAddr, flag: &str) -> Result<(), String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::client::{request_on, Call};
+    use crate::health::HealthState;
+    use crate::testutil;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+
+    async fn state(dir: &std::path::Path) -> AppState {
+        let snap = testutil::snapshot(vec![testutil::gpu(0, "GPU-0", HealthState::Healthy)]);
+        let (_tx, mesh) = tokio::sync::watch::channel(MeshStatus::Disabled {
+            reason: "test".into(),
+        });
+        AppState {
+            engine: testutil::engine(dir, snap.clone()).await,
+            snapshot: snap,
+            relay: None,
+            mesh,
+        }
+    }
+
+    /// One request as `caller`, served the way a relay stream is (`relay.rs`).
+    async fn call(
+        st: &AppState,
+        caller: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let svc = TowerToHyperService::new(
+            router(st.clone()).layer(Extension(Caller(caller.to_string()))),
+        );
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), svc)
+                .await;
+        });
+        let mut out = Vec::new();
+        let (code, failed) = request_on(client, "test", Call::new(method, path, body), &mut out)
+            .await
+            .unwrap();
+        out.extend(failed);
+        (code, String::from_utf8(out).unwrap())
+    }
+
+    fn ids(body: &str) -> Vec<u64> {
+        let jobs: Vec<Job> = serde_json::from_str(body).unwrap();
+        jobs.iter().map(|j| j.id).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engineers_see_and_act_on_their_own_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path()).await;
+        let sleep = r#"{"command": ["sleep", "30"]}"#;
+        let (code, _) = call(&st, "alice", "POST", "/v1/jobs", Some(sleep)).await;
+        assert_eq!(code, 201);
+        let (code, _) = call(&st, "bob", "POST", "/v1/jobs", Some(sleep)).await;
+        assert_eq!(code, 201);
+        let (a, b) = (1, 2);
+
+        // listing: an engineer's own; the provider and the coordinator: all
+        assert_eq!(
+            ids(&call(&st, "alice", "GET", "/v1/jobs", None).await.1),
+            vec![a]
+        );
+        assert_eq!(
+            ids(&call(&st, "bob", "GET", "/v1/jobs", None).await.1),
+            vec![b]
+        );
+        assert_eq!(
+            ids(&call(&st, LOCAL_CALLER, "GET", "/v1/jobs", None).await.1),
+            vec![a, b]
+        );
+        assert_eq!(
+            ids(&call(&st, POOL_CALLER, "GET", "/v1/jobs", None).await.1),
+            vec![a, b]
+        );
+
+        // show, logs, cancel of bob's job by alice: 403, and bob's job runs on
+        for (method, path) in [
+            ("GET", format!("/v1/jobs/{b}")),
+            ("GET", format!("/v1/jobs/{b}/logs")),
+            ("GET", format!("/v1/jobs/{b}/logs?follow=true")),
+            ("POST", format!("/v1/jobs/{b}/cancel")),
+        ] {
+            let (code, body) = call(&st, "alice", method, &path, None).await;
+            assert_eq!(code, 403, "{method} {path}: {body}");
+            assert!(body.contains("job 2 belongs to another engineer"), "{body}");
+        }
+        assert!(
+            st.engine.get(b).unwrap().stopping.is_none(),
+            "alice's cancel did nothing"
+        );
+        // a job that does not exist is still 404
+        assert_eq!(call(&st, "alice", "GET", "/v1/jobs/99", None).await.0, 404);
+
+        // her own job: shown and cancelled
+        let (code, body) = call(&st, "alice", "GET", &format!("/v1/jobs/{a}"), None).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            call(&st, "alice", "GET", &format!("/v1/jobs/{a}/logs"), None)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            call(&st, "alice", "POST", &format!("/v1/jobs/{a}/cancel"), None)
+                .await
+                .0,
+            200
+        );
+        // the coordinator and the provider act on anyone's
+        let (code, body) = call(&st, POOL_CALLER, "GET", &format!("/v1/jobs/{b}"), None).await;
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = call(
+            &st,
+            LOCAL_CALLER,
+            "POST",
+            &format!("/v1/jobs/{b}/cancel"),
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(st.engine.get(b).unwrap().stopping.is_some());
+        st.engine.kill_all();
+        st.engine.shutdown().await;
+    }
+}

@@ -236,7 +236,11 @@ impl Ledger {
 
     /// Every end not yet acked, for a new stream.
     pub fn replay(&self) -> Vec<AgentMsg> {
-        self.unacked.values().cloned().map(AgentMsg::Ended).collect()
+        self.unacked
+            .values()
+            .cloned()
+            .map(AgentMsg::Ended)
+            .collect()
     }
 
     /// This copy's end, when it is unacked.
@@ -300,11 +304,21 @@ impl PoolFeed {
             send,
             recv,
         } = inc;
+        debug!(caller = %from, service = %service, "pool feed stream offered");
+        self.open(&from, tokio::io::join(recv, send)).await;
+    }
+
+    /// A stream opened by `from`: served when that is the coordinator ([`POOL_CALLER`]),
+    /// else closed at once.
+    pub async fn open<S>(self: Arc<Self>, from: &str, io: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         if from != POOL_CALLER {
-            warn!(caller = %from, service = %service, "{POOL_SERVICE} stream not from the coordinator; closed");
+            warn!(caller = %from, "{POOL_SERVICE} stream not opened by the coordinator; closed");
             return;
         }
-        self.serve(tokio::io::join(recv, send)).await;
+        self.serve(io).await;
     }
 
     /// Speaks the pool feed on `io` until the coordinator hangs up, sends a line over the
@@ -432,14 +446,18 @@ impl PoolFeed {
             })
         };
         // The same start again (the coordinator resends after a reconnect): the same answer.
-        let same = self
-            .engine
-            .list()
-            .into_iter()
-            .find(|j| copy_of(j).is_some_and(|c| c.pool_job == pool_job && c.attempt == attempt));
+        let same =
+            self.engine.list().into_iter().find(|j| {
+                copy_of(j).is_some_and(|c| c.pool_job == pool_job && c.attempt == attempt)
+            });
         if let Some(j) = same {
             let copy = copy_of(&j)?;
-            debug!(pool_job, attempt, local_id = j.id, "start of a copy that exists here");
+            debug!(
+                pool_job,
+                attempt,
+                local_id = j.id,
+                "start of a copy that exists here"
+            );
             if let Some(e) = self.ledger.lock().unacked_end(pool_job, attempt) {
                 return Some(AgentMsg::Ended(e.clone()));
             }
@@ -482,7 +500,12 @@ impl PoolFeed {
             debug!(pool_job, attempt = ?attempt, "stop: no live copy here");
         }
         for c in copies {
-            info!(pool_job, attempt = c.attempt, local_id = c.local_id, "pool copy stopped by the coordinator");
+            info!(
+                pool_job,
+                attempt = c.attempt,
+                local_id = c.local_id,
+                "pool copy stopped by the coordinator"
+            );
             if let Err(e) = self.engine.cancel(c.local_id).await {
                 warn!(pool_job, attempt = c.attempt, local_id = c.local_id, error = %e, "cannot cancel pool copy");
             }
@@ -493,7 +516,12 @@ impl PoolFeed {
 fn log_event(m: &AgentMsg) {
     match m {
         AgentMsg::Started { copy, .. } => {
-            info!(pool_job = copy.pool_job, attempt = copy.attempt, local_id = copy.local_id, "pool copy started")
+            info!(
+                pool_job = copy.pool_job,
+                attempt = copy.attempt,
+                local_id = copy.local_id,
+                "pool copy started"
+            )
         }
         AgentMsg::Ended(e) => info!(
             pool_job = e.copy.pool_job,
@@ -525,7 +553,9 @@ async fn read_lines<R: AsyncRead + Unpin>(rd: R, tx: mpsc::Sender<Line>) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX).saturating_add(1);
+        let limit = u64::try_from(MAX_LINE)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
         let n = match (&mut rd).take(limit).read_until(b'\n', &mut line).await {
             Ok(n) => n,
             Err(e) => {
@@ -578,4 +608,340 @@ async fn write_lines<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRe
         }
     }
     let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::health::HealthState;
+    use crate::testutil;
+    use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    /// The coordinator's end of one stream.
+    struct Coord {
+        rd: BufReader<ReadHalf<DuplexStream>>,
+        wr: WriteHalf<DuplexStream>,
+    }
+
+    impl Coord {
+        async fn open(feed: &Arc<PoolFeed>, from: &str) -> Coord {
+            let (ours, theirs) = tokio::io::duplex(1 << 16);
+            let (feed, from) = (feed.clone(), from.to_string());
+            tokio::spawn(async move { feed.open(&from, theirs).await });
+            let (rd, wr) = tokio::io::split(ours);
+            Coord {
+                rd: BufReader::new(rd),
+                wr,
+            }
+        }
+
+        /// The next message; `None` once the agent closed the stream.
+        async fn next(&mut self) -> Option<AgentMsg> {
+            let mut line = Vec::new();
+            let n = tokio::time::timeout(LIMIT, self.rd.read_until(b'\n', &mut line))
+                .await
+                .expect("the agent said nothing")
+                .unwrap_or(0);
+            (n > 0).then(|| decode_line(line.strip_suffix(b"\n").unwrap()).unwrap())
+        }
+
+        /// The next message that is not an inventory.
+        async fn event(&mut self) -> AgentMsg {
+            loop {
+                match self.next().await.expect("stream closed") {
+                    AgentMsg::Inventory(_) => {}
+                    m => return m,
+                }
+            }
+        }
+
+        /// Inventories until one satisfies `f`.
+        async fn inventory_until(&mut self, f: impl Fn(&Inventory) -> bool) -> Inventory {
+            loop {
+                if let AgentMsg::Inventory(i) = self.next().await.expect("stream closed") {
+                    if f(&i) {
+                        return i;
+                    }
+                }
+            }
+        }
+
+        async fn send(&mut self, m: &CoordMsg) {
+            self.wr.write_all(&encode_line(m)).await.unwrap();
+        }
+
+        async fn closed(&mut self) -> bool {
+            loop {
+                match self.next().await {
+                    None => return true,
+                    Some(AgentMsg::Inventory(_)) => {}
+                    Some(m) => panic!("unexpected {m:?}"),
+                }
+            }
+        }
+    }
+
+    /// A feed over an engine with GPU-0 and GPU-1 healthy, GPU-2 unhealthy.
+    async fn feed(dir: &std::path::Path) -> Arc<PoolFeed> {
+        let snap = testutil::snapshot(vec![
+            testutil::gpu(0, "GPU-0", HealthState::Healthy),
+            testutil::gpu(1, "GPU-1", HealthState::Healthy),
+            testutil::gpu(2, "GPU-2", HealthState::Unhealthy),
+        ]);
+        PoolFeed::new(testutil::engine(dir, snap.clone()).await, snap)
+    }
+
+    fn start(pool_job: u64, gpus: &[&str], command: &[&str]) -> CoordMsg {
+        CoordMsg::Start(Start {
+            pool_job,
+            attempt: 1,
+            owner: "alice".into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::from([("WEFT_POOL_JOB".to_string(), pool_job.to_string())]),
+            workdir: None,
+            gpus: gpus.iter().map(|s| s.to_string()).collect(),
+            timeout_s: None,
+        })
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < LIMIT, "gave up waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inventory_first_then_start_started_refused_stop_ended_replay_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = feed(dir.path()).await;
+        let mut c = Coord::open(&feed, POOL_CALLER).await;
+        let Some(AgentMsg::Inventory(inv)) = c.next().await else {
+            panic!("the inventory comes first")
+        };
+        assert_eq!(inv.gpus.len(), 3);
+        assert_eq!(inv.gpus[0].uuid, "GPU-0");
+        assert_eq!(inv.gpus[0].model, "NVIDIA H100 80GB HBM3");
+        assert_eq!(inv.gpus[0].memory_mib, 81559);
+        let health: Vec<&str> = inv.gpus.iter().map(|g| g.health.as_str()).collect();
+        assert_eq!(health, ["healthy", "healthy", "unhealthy"]);
+        assert!(inv.simulated && inv.cpus > 0 && inv.memory_bytes > 0);
+        assert_eq!(inv.version, env!("CARGO_PKG_VERSION"));
+        assert!(inv.running.is_empty() && inv.gpus.iter().all(|g| g.job.is_none()));
+
+        // start on GPU-1: the engineer's job, on exactly that GPU, labelled as the copy
+        let env_file = dir.path().join("cuda");
+        let script = format!(
+            "echo $CUDA_VISIBLE_DEVICES > {}; exec sleep 30",
+            env_file.display()
+        );
+        c.send(&start(7, &["GPU-1"], &["sh", "-c", &script])).await;
+        let AgentMsg::Started { copy, started_ms } = c.event().await else {
+            panic!("started")
+        };
+        assert_eq!((copy.pool_job, copy.attempt), (7, 1));
+        let job = feed.engine.get(copy.local_id).unwrap();
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.caller, "alice");
+        assert_eq!(job.gpu_uuids, ["GPU-1"]);
+        assert_eq!(job.started_ms, Some(started_ms));
+        assert_eq!(
+            job.spec.labels.get(LABEL_POOL_JOB).map(String::as_str),
+            Some("7")
+        );
+        assert_eq!(
+            job.spec.labels.get(LABEL_ATTEMPT).map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            job.spec.env.get("WEFT_POOL_JOB").map(String::as_str),
+            Some("7")
+        );
+        let local = copy.local_id;
+        wait_for("the job writes its env", || {
+            std::fs::read_to_string(&env_file).is_ok_and(|s| s.ends_with('\n'))
+        })
+        .await;
+        assert_eq!(std::fs::read_to_string(&env_file).unwrap(), "GPU-1\n");
+        let inv = c
+            .inventory_until(|i| i.gpus[1].job == Some(local) && !i.running.is_empty())
+            .await;
+        assert_eq!(inv.running, vec![copy.clone()]);
+
+        // refused: busy, unhealthy, unknown, invalid; nothing is queued
+        for (gpus, why) in [
+            (
+                &["GPU-0", "GPU-1"][..],
+                format!("GPU GPU-1 is held by job {local}"),
+            ),
+            (&["GPU-2"][..], "GPU GPU-2 is unhealthy".to_string()),
+            (
+                &["GPU-9"][..],
+                "GPU GPU-9 is not on this worker".to_string(),
+            ),
+        ] {
+            c.send(&start(8, gpus, &["true"])).await;
+            match c.event().await {
+                AgentMsg::Refused {
+                    pool_job: 8,
+                    attempt: 1,
+                    reason,
+                } => {
+                    assert!(reason.contains(&why), "{reason} (wanted {why})")
+                }
+                m => panic!("{m:?}"),
+            }
+        }
+        c.send(&start(8, &["GPU-0"], &[])).await;
+        assert!(
+            matches!(c.event().await, AgentMsg::Refused { reason, .. } if reason.contains("command")),
+        );
+        assert_eq!(feed.engine.list().len(), 1, "refused starts leave no job");
+
+        // a bad line is skipped, the stream goes on
+        c.wr.write_all(b"{\"type\": \"launch\"}\nnot json\n")
+            .await
+            .unwrap();
+        // stop: cancelled the normal way, then ended
+        c.send(&CoordMsg::Stop {
+            pool_job: 7,
+            attempt: None,
+        })
+        .await;
+        let AgentMsg::Ended(e) = c.event().await else {
+            panic!("ended")
+        };
+        assert_eq!(e.copy, copy);
+        assert_eq!(e.state, "cancelled");
+        assert_eq!(e.gpus, ["GPU-1"]);
+        assert_eq!(e.started_ms, Some(started_ms));
+        assert!(e.ended_ms >= started_ms);
+        assert_eq!(feed.engine.get(local).unwrap().state, JobState::Cancelled);
+        c.inventory_until(|i| i.running.is_empty() && i.gpus[1].job.is_none())
+            .await;
+
+        // a new stream supersedes this one and gets the unacked end again
+        let mut c2 = Coord::open(&feed, POOL_CALLER).await;
+        assert!(matches!(c2.next().await, Some(AgentMsg::Inventory(_))));
+        assert_eq!(c2.next().await, Some(AgentMsg::Ended(e.clone())));
+        assert!(c.closed().await, "the old stream is closed");
+        // acked: not replayed any more (the next thing a new stream says after its
+        // inventory is the answer to our start)
+        c2.send(&CoordMsg::Ack {
+            pool_job: 7,
+            attempt: 1,
+        })
+        .await;
+        wait_for("the ack", || feed.ledger.lock().replay().is_empty()).await;
+        let mut c3 = Coord::open(&feed, POOL_CALLER).await;
+        assert!(matches!(c3.next().await, Some(AgentMsg::Inventory(_))));
+        c3.send(&start(9, &["GPU-9"], &["true"])).await;
+        assert!(matches!(
+            c3.next().await,
+            Some(AgentMsg::Refused { pool_job: 9, .. })
+        ));
+
+        // a copy that runs to its end: ended with its exit code
+        c3.send(&start(10, &["GPU-0"], &["sh", "-c", "exit 3"]))
+            .await;
+        assert!(matches!(c3.event().await, AgentMsg::Started { .. }));
+        let AgentMsg::Ended(e) = c3.event().await else {
+            panic!("ended")
+        };
+        assert_eq!(
+            (e.copy.pool_job, e.state.as_str(), e.exit_code),
+            (10, "failed", Some(3))
+        );
+        feed.engine.kill_all();
+        feed.engine.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_coordinator_is_served_and_an_overlong_line_closes_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = feed(dir.path()).await;
+        let mut c = Coord::open(&feed, "alice").await;
+        assert_eq!(c.next().await, None, "closed without a word");
+
+        let mut c = Coord::open(&feed, POOL_CALLER).await;
+        assert!(matches!(c.next().await, Some(AgentMsg::Inventory(_))));
+        let long = vec![b' '; MAX_LINE + 1];
+        let (mut wr, rd) = (c.wr, c.rd);
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&long).await;
+            wr
+        });
+        let mut c = Coord {
+            rd,
+            wr: tokio::io::split(tokio::io::duplex(1).0).1,
+        };
+        assert!(c.closed().await);
+        let _ = writer.await;
+        feed.engine.shutdown().await;
+    }
+
+    fn pool_job(id: u64, pool: u64, state: JobState, ended_ms: Option<u64>) -> Job {
+        let spec = JobRequest {
+            command: vec!["true".into()],
+            labels: BTreeMap::from([
+                (LABEL_POOL_JOB.to_string(), pool.to_string()),
+                (LABEL_ATTEMPT.to_string(), "2".to_string()),
+            ]),
+            ..JobRequest::default()
+        }
+        .validate(
+            &crate::job::Capabilities {
+                gpus: 0,
+                cgroups: false,
+            },
+            |_| true,
+        )
+        .unwrap();
+        let mut j = Job::new(id, "alice".into(), spec, 1_000, "l".into());
+        if state != JobState::Queued {
+            j.start(2_000, 10, Vec::new()).unwrap();
+        }
+        j.state = state;
+        j.ended_ms = ended_ms;
+        j
+    }
+
+    #[test]
+    fn after_a_restart_ends_of_the_last_hour_are_replayed_and_running_copies_count_as_started() {
+        let now = 10 * REPLAY_WINDOW_MS;
+        let recent = pool_job(1, 41, JobState::Succeeded, Some(now - 60_000));
+        let old = pool_job(2, 42, JobState::Succeeded, Some(now - REPLAY_WINDOW_MS - 1));
+        let running = pool_job(3, 43, JobState::Running, None);
+        let mut local = pool_job(4, 44, JobState::Succeeded, Some(now));
+        local.spec = crate::job::JobSpec::for_test(0, None);
+        let jobs = vec![recent.clone(), old, running.clone(), local];
+        let mut l = Ledger::restore(&jobs, now);
+        let [AgentMsg::Ended(e)] = &l.replay()[..] else {
+            panic!("{:?}", l.replay())
+        };
+        assert_eq!(
+            (e.copy.pool_job, e.copy.attempt, e.copy.local_id),
+            (41, 2, 1)
+        );
+        assert_eq!(e.started_ms, Some(2_000));
+        assert!(l.scan(&jobs).is_empty(), "nothing new since");
+        // the running copy ends: one Ended, kept until acked
+        let mut done = running;
+        done.state = JobState::Failed { exit_code: 1 };
+        done.ended_ms = Some(now + 5);
+        let msgs = l.scan(&[done.clone()]);
+        assert!(
+            matches!(&msgs[..], [AgentMsg::Ended(e)] if e.exit_code == Some(1) && e.copy.pool_job == 43),
+            "{msgs:?}"
+        );
+        assert!(l.scan(&[done]).is_empty(), "an end is reported once");
+        assert_eq!(l.replay().len(), 2);
+        assert!(l.ack(41, 2) && !l.ack(41, 2));
+        assert_eq!(l.replay().len(), 1);
+        assert_eq!(copy_of(&recent).unwrap().local_id, 1);
+    }
 }

@@ -1104,9 +1104,8 @@ mod tests {
     fn exact(s: &mut Sim, names: &[&str], known: usize) -> Result<u64, StartRefused> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let spec = spec(names.len() as u32, None);
-        let (job, fx) = s
-            .q
-            .start_exact(s.now, "alice".into(), spec, &names, &gpus(known))?;
+        let (job, fx) =
+            s.q.start_exact(s.now, "alice".into(), spec, &names, &gpus(known))?;
         s.take(fx);
         Ok(job.id)
     }
@@ -1173,7 +1172,11 @@ mod tests {
             .is_ok());
         s.fx.clear();
         let after: Vec<u64> = s.q.jobs().map(|j| j.id).collect();
-        assert_eq!(after.len(), before.len() + 1, "only the accepted start is recorded");
+        assert_eq!(
+            after.len(),
+            before.len() + 1,
+            "only the accepted start is recorded"
+        );
         assert_eq!(after.last(), Some(&(local + 1)), "refusals take no id");
     }
 

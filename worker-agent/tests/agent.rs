@@ -577,7 +577,10 @@ fn the_stub_inventory_comes_from_the_environment_and_seeds_make_the_uuids() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), 4, "four different GPUs: {ua:?}");
-    assert!(ua.iter().all(|u| u.starts_with("GPU-") && u.len() == 40), "{ua:?}");
+    assert!(
+        ua.iter().all(|u| u.starts_with("GPU-") && u.len() == 40),
+        "{ua:?}"
+    );
 
     // the same seed: the same UUIDs (a cloned GPU); another seed: none in common
     assert_eq!(uuids(&with_seed("box-a").status()), ua);
