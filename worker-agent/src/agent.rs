@@ -16,12 +16,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::job::{Capabilities, ExitInfo, Job, JobRequest, JobState, SpecError};
-use crate::queue::{Effect, Found, Queue, QueueConfig, Sig, Spawned};
+use crate::queue::{Effect, Found, Queue, QueueConfig, Sig, Spawned, StartRefused};
 use crate::sampler::{unix_ms, SharedSnapshot};
 use crate::store::{Store, StoreError, Writer};
 
@@ -44,6 +44,8 @@ pub enum AgentError {
     WriterGone,
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("cannot start on these GPUs: {0}")]
+    Refused(#[from] StartRefused),
 }
 
 /// Engine settings.
@@ -79,6 +81,8 @@ pub struct Engine {
     store: Writer,
     /// The queue's timers may have changed: the driver asks `next_wakeup` again.
     wake: Notify,
+    /// Bumped on every step that changed a record or a GPU holder (see [`Engine::changes`]).
+    changed: watch::Sender<u64>,
     driver: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -212,6 +216,7 @@ impl Engine {
             queue: Mutex::new(queue),
             store,
             wake: Notify::new(),
+            changed: watch::Sender::new(0),
             driver: Mutex::new(None),
         });
         // Nothing else has the queue yet: the records of this first step go out first.
@@ -258,6 +263,11 @@ impl Engine {
         Vec<Effect>,
         Option<oneshot::Receiver<Result<(), StoreError>>>,
     ) {
+        if !effects.is_empty() {
+            // Every change of a record comes with a Persist, every new holder with a Spawn, and
+            // a freed GPU with the Persist of its job's end.
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
         let mut rest = Vec::with_capacity(effects.len());
         let mut rx = None;
         for e in effects {
@@ -351,6 +361,49 @@ impl Engine {
         self.run(st.effects).await;
         self.written(st.ack).await?;
         Ok(st.out)
+    }
+
+    /// Starts a job at once on exactly `gpus` (UUIDs), or refuses ([`AgentError::Refused`]
+    /// when one is unknown, unhealthy or held; [`AgentError::Invalid`] for a bad request):
+    /// never queued. `req.gpus` is set from `gpus`. Answers once its record is written; the
+    /// process is being started then (the record turns `running`, or `lost` if it could not
+    /// start).
+    pub async fn start_exact(
+        self: &Arc<Self>,
+        caller: String,
+        mut req: JobRequest,
+        gpus: Vec<String>,
+    ) -> Result<Job, AgentError> {
+        req.gpus = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
+        let caps = Capabilities {
+            gpus: self.snapshot.read().gpus.len(),
+            cgroups: self.cgroups.is_some(),
+        };
+        let spec =
+            tokio::task::spawn_blocking(move || req.validate(&caps, |w| Path::new(w).is_dir()))
+                .await??;
+        let known: Vec<String> = self
+            .snapshot
+            .read()
+            .gpus
+            .iter()
+            .map(|g| g.sample.uuid.clone())
+            .collect();
+        let st = self.step(true, |q| {
+            match q.start_exact(unix_ms(), caller, spec, &gpus, &known) {
+                Ok((job, fx)) => (Ok(job), fx),
+                Err(e) => (Err(AgentError::Refused(e)), Vec::new()),
+            }
+        });
+        self.run(st.effects).await;
+        self.written(st.ack).await?;
+        st.out
+    }
+
+    /// A receiver that sees a new value after every change of a job record or of a GPU
+    /// holder (coalesced: a reader that falls behind sees the latest only).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Cancels a job (queued: dequeued; running: SIGTERM, SIGKILL after the grace period);

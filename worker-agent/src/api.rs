@@ -4,6 +4,11 @@
 //! the mesh (callers recorded by the name of the mesh peer owning the source address, see
 //! `overlay.rs`). The caller is a request extension set by
 //! the entry point, never read from the request.
+//!
+//! Owners: the provider ([`LOCAL_CALLER`]) and the pool's coordinator
+//! ([`weft_proto::pool::POOL_CALLER`]) see and act on every job; any other caller lists only
+//! the jobs it submitted (`job.caller`), and show / logs / cancel of another's job answer 403
+//! (`job 7 belongs to another engineer`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +30,7 @@ use crate::agent::{AgentError, Engine};
 use crate::job::{Job, JobRequest};
 use crate::mesh_status::MeshStatus;
 use crate::sampler::{SharedSnapshot, Snapshot};
+use weft_proto::pool::POOL_CALLER;
 
 /// The caller recorded for requests on the loopback listener. `@` cannot appear in a relay
 /// node name, so a local caller is never mistaken for an engineer of the same name.
@@ -39,6 +45,35 @@ impl Caller {
     /// The fixed identity of loopback callers.
     pub fn local() -> Caller {
         Caller(LOCAL_CALLER.to_string())
+    }
+
+    /// Whether this caller sees and acts on every job: the provider on the machine
+    /// ([`LOCAL_CALLER`]) and the pool's coordinator ([`POOL_CALLER`]). Any other caller (an
+    /// engineer through the relay or the mesh) sees only the jobs it submitted.
+    pub fn sees_all(&self) -> bool {
+        self.0 == LOCAL_CALLER || self.0 == POOL_CALLER
+    }
+
+    /// Whether this caller may show, read the logs of and cancel `job`.
+    pub fn may_see(&self, job: &Job) -> bool {
+        self.sees_all() || job.caller == self.0
+    }
+}
+
+/// 403 for a job of someone else.
+fn not_yours(id: u64) -> Response {
+    err(
+        StatusCode::FORBIDDEN,
+        format!("job {id} belongs to another engineer"),
+    )
+}
+
+/// The job, when it exists and `caller` may see it; else the 404 or 403 to answer.
+fn visible_job(st: &AppState, caller: &Caller, id: u64) -> Result<Job, Box<Response>> {
+    match st.engine.get(id) {
+        Some(j) if caller.may_see(&j) => Ok(j),
+        Some(_) => Err(Box::new(not_yours(id))),
+        None => Err(Box::new(AgentError::NotFound(id).into_response())),
     }
 }
 
@@ -66,6 +101,7 @@ impl IntoResponse for AgentError {
         let code = match &self {
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AgentError::Refused(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         err(code, self.to_string())
@@ -150,24 +186,31 @@ async fn submit(
     }
 }
 
-async fn list(State(st): State<AppState>) -> Json<Vec<Job>> {
-    Json(st.engine.list())
+/// Every job for the provider and the coordinator; an engineer's own jobs for an engineer.
+async fn list(State(st): State<AppState>, Extension(caller): Extension<Caller>) -> Json<Vec<Job>> {
+    let mut jobs = st.engine.list();
+    jobs.retain(|j| caller.may_see(j));
+    Json(jobs)
 }
 
-async fn show(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
-        Ok(i) => i,
-        Err(r) => return *r,
-    };
-    match st.engine.get(id) {
-        Some(j) => Json(j).into_response(),
-        None => AgentError::NotFound(id).into_response(),
+async fn show(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    match parse_id(&id).and_then(|id| visible_job(&st, &caller, id)) {
+        Ok(j) => Json(j).into_response(),
+        Err(r) => *r,
     }
 }
 
-async fn cancel(State(st): State<AppState>, Path(id): Path<String>) -> Response {
-    match parse_id(&id) {
-        Ok(id) => match st.engine.cancel(id).await {
+async fn cancel(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    match parse_id(&id).and_then(|id| visible_job(&st, &caller, id)) {
+        Ok(j) => match st.engine.cancel(j.id).await {
             Ok(j) => Json(j).into_response(),
             Err(e) => e.into_response(),
         },
@@ -183,6 +226,7 @@ struct LogQuery {
 
 async fn logs(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -196,8 +240,9 @@ async fn logs(
             "query must be `follow=true` or `follow=false`",
         );
     };
-    let Some(job) = st.engine.get(id) else {
-        return AgentError::NotFound(id).into_response();
+    let job = match visible_job(&st, &caller, id) {
+        Ok(j) => j,
+        Err(r) => return *r,
     };
     let path = std::path::PathBuf::from(&job.log_path);
     if !q.follow {
@@ -297,5 +342,138 @@ pub fn check_loopback(addr: SocketAddr, flag: &str) -> Result<(), String> {
         Err(format!(
             "{flag} {addr}: only loopback addresses are allowed (the relay exposes the API)"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::client::{request_on, Call};
+    use crate::health::HealthState;
+    use crate::testutil;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+
+    async fn state(dir: &std::path::Path) -> AppState {
+        let snap = testutil::snapshot(vec![testutil::gpu(0, "GPU-0", HealthState::Healthy)]);
+        let (_tx, mesh) = tokio::sync::watch::channel(MeshStatus::Disabled {
+            reason: "test".into(),
+        });
+        AppState {
+            engine: testutil::engine(dir, snap.clone()).await,
+            snapshot: snap,
+            relay: None,
+            mesh,
+        }
+    }
+
+    /// One request as `caller`, served the way a relay stream is (`relay.rs`).
+    async fn call(
+        st: &AppState,
+        caller: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let svc = TowerToHyperService::new(
+            router(st.clone()).layer(Extension(Caller(caller.to_string()))),
+        );
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), svc)
+                .await;
+        });
+        let mut out = Vec::new();
+        let (code, failed) = request_on(client, "test", Call::new(method, path, body), &mut out)
+            .await
+            .unwrap();
+        out.extend(failed);
+        (code, String::from_utf8(out).unwrap())
+    }
+
+    fn ids(body: &str) -> Vec<u64> {
+        let jobs: Vec<Job> = serde_json::from_str(body).unwrap();
+        jobs.iter().map(|j| j.id).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engineers_see_and_act_on_their_own_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path()).await;
+        let sleep = r#"{"command": ["sleep", "30"]}"#;
+        let (code, _) = call(&st, "alice", "POST", "/v1/jobs", Some(sleep)).await;
+        assert_eq!(code, 201);
+        let (code, _) = call(&st, "bob", "POST", "/v1/jobs", Some(sleep)).await;
+        assert_eq!(code, 201);
+        let (a, b) = (1, 2);
+
+        // listing: an engineer's own; the provider and the coordinator: all
+        assert_eq!(
+            ids(&call(&st, "alice", "GET", "/v1/jobs", None).await.1),
+            vec![a]
+        );
+        assert_eq!(
+            ids(&call(&st, "bob", "GET", "/v1/jobs", None).await.1),
+            vec![b]
+        );
+        assert_eq!(
+            ids(&call(&st, LOCAL_CALLER, "GET", "/v1/jobs", None).await.1),
+            vec![a, b]
+        );
+        assert_eq!(
+            ids(&call(&st, POOL_CALLER, "GET", "/v1/jobs", None).await.1),
+            vec![a, b]
+        );
+
+        // show, logs, cancel of bob's job by alice: 403, and bob's job runs on
+        for (method, path) in [
+            ("GET", format!("/v1/jobs/{b}")),
+            ("GET", format!("/v1/jobs/{b}/logs")),
+            ("GET", format!("/v1/jobs/{b}/logs?follow=true")),
+            ("POST", format!("/v1/jobs/{b}/cancel")),
+        ] {
+            let (code, body) = call(&st, "alice", method, &path, None).await;
+            assert_eq!(code, 403, "{method} {path}: {body}");
+            assert!(body.contains("job 2 belongs to another engineer"), "{body}");
+        }
+        assert!(
+            st.engine.get(b).unwrap().stopping.is_none(),
+            "alice's cancel did nothing"
+        );
+        // a job that does not exist is still 404
+        assert_eq!(call(&st, "alice", "GET", "/v1/jobs/99", None).await.0, 404);
+
+        // her own job: shown and cancelled
+        let (code, body) = call(&st, "alice", "GET", &format!("/v1/jobs/{a}"), None).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            call(&st, "alice", "GET", &format!("/v1/jobs/{a}/logs"), None)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            call(&st, "alice", "POST", &format!("/v1/jobs/{a}/cancel"), None)
+                .await
+                .0,
+            200
+        );
+        // the coordinator and the provider act on anyone's
+        let (code, body) = call(&st, POOL_CALLER, "GET", &format!("/v1/jobs/{b}"), None).await;
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = call(
+            &st,
+            LOCAL_CALLER,
+            "POST",
+            &format!("/v1/jobs/{b}/cancel"),
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(st.engine.get(b).unwrap().stopping.is_some());
+        st.engine.kill_all();
+        st.engine.shutdown().await;
     }
 }

@@ -99,6 +99,16 @@ pub trait GpuBackend: Send {
     fn energy_millijoules(&mut self, index: u32) -> Option<u64>;
     /// Waits up to `timeout` for XID events; returns at once when none can be delivered.
     fn wait_events(&mut self, timeout: Duration) -> Vec<XidEvent>;
+    /// The driver version NVML reports (`nvmlSystemGetDriverVersion`), when it answers.
+    fn driver_version(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Whether a driver version names the stub NVML (`worker-agent/tests/stub/nvml_stub.c`
+/// answers `580.159.04-stub`): its GPUs are simulated.
+pub fn is_stub_driver(version: &str) -> bool {
+    version.contains("stub")
 }
 
 /// A backend with no GPUs, used when NVML is unavailable. Carries the reason.

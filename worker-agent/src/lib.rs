@@ -3,7 +3,8 @@
 //! loopback HTTP/JSON API and Prometheus `/metrics`, through the tunnel relay as the
 //! service `agent` (plus `ssh` and other TCP services), in-process (`relay.rs`), and on the
 //! mesh: the agent runs the managed mesh node in-process and serves the API on its overlay
-//! addresses (`overlay.rs`).
+//! addresses (`overlay.rs`). Through the relay it also speaks the pool feed with the
+//! coordinator (`pool_feed.rs`, the in-process service `@pool`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,10 +28,13 @@ pub mod job;
 pub mod mesh_status;
 pub mod metrics;
 pub mod overlay;
+pub mod pool_feed;
 pub mod queue;
 pub mod relay;
 pub mod sampler;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 
 /// File in the state dir holding the API base URL (`http://127.0.0.1:PORT`).
 pub const API_ADDR_FILE: &str = "api.url";
@@ -161,6 +165,7 @@ pub async fn run(
                 cfg.state_dir.clone(),
                 opts,
                 api::router(state.clone()),
+                pool_feed::PoolFeed::new(engine.clone(), state.snapshot.clone()),
                 link_tx,
                 async move { stopped(&mut rx3).await },
             )?);

@@ -272,6 +272,8 @@ mod tests {
             backend: BackendState::NoGpus,
             sampled_at_ms: 1,
             gpus: vec![status(read), status(bare)],
+            driver_version: None,
+            simulated: false,
         };
         let out = render(
             &snap,

@@ -86,6 +86,21 @@ pub struct Spawned {
     pub cgroup: Option<String>,
 }
 
+/// Why [`Queue::start_exact`] did not start a job (the pool places it elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartRefused {
+    #[error("GPU {0} is not on this worker")]
+    Unknown(String),
+    #[error("GPU {0} is unhealthy")]
+    Unhealthy(String),
+    #[error("GPU {gpu} is held by job {job}")]
+    Held { gpu: String, job: u64 },
+    #[error("GPU {0} is listed twice")]
+    Duplicate(String),
+    #[error("the job asks for {asked} GPUs but {given} were named")]
+    CountMismatch { asked: u32, given: usize },
+}
+
 /// No job has this id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("job {0} not found")]
@@ -179,6 +194,67 @@ impl Queue {
         let mut fx = vec![Effect::Persist(job.clone())];
         self.schedule(&mut fx);
         (job, fx)
+    }
+
+    /// Starts a validated job at once on exactly `gpus`, or refuses: when one of them is not in
+    /// `known` (every GPU of the machine, healthy or not), is not healthy, is held by another
+    /// job, is named twice, or when their number is not the job's GPU count. Never queues:
+    /// a refused job leaves no record; an accepted one is recorded and its [`Effect::Spawn`]
+    /// follows, holding the GPUs as any started job does.
+    pub fn start_exact(
+        &mut self,
+        now: u64,
+        caller: String,
+        spec: JobSpec,
+        gpus: &[String],
+        known: &[String],
+    ) -> Result<(Job, Vec<Effect>), StartRefused> {
+        if spec.gpus as usize != gpus.len() {
+            return Err(StartRefused::CountMismatch {
+                asked: spec.gpus,
+                given: gpus.len(),
+            });
+        }
+        for (i, g) in gpus.iter().enumerate() {
+            if gpus[..i].contains(g) {
+                return Err(StartRefused::Duplicate(g.clone()));
+            }
+            if !known.contains(g) {
+                return Err(StartRefused::Unknown(g.clone()));
+            }
+            if !self.healthy.contains(g) {
+                return Err(StartRefused::Unhealthy(g.clone()));
+            }
+            if let Some(&job) = self.held.get(g) {
+                return Err(StartRefused::Held {
+                    gpu: g.clone(),
+                    job,
+                });
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let log = self.cfg.log_dir.join(format!("{id}.log"));
+        let job = Job::new(id, caller, spec, now, log.to_string_lossy().into_owned());
+        info!(job = id, caller = %job.caller, gpus = ?gpus, "job starting on the GPUs it named");
+        self.jobs.insert(id, job.clone());
+        for g in gpus {
+            self.held.insert(g.clone(), id);
+        }
+        self.live.insert(
+            id,
+            Live::Starting {
+                gpus: gpus.to_vec(),
+            },
+        );
+        let fx = vec![
+            Effect::Persist(job.clone()),
+            Effect::Spawn {
+                job: job.clone(),
+                gpus: gpus.to_vec(),
+            },
+        ];
+        Ok((job, fx))
     }
 
     /// The GPUs that may take new jobs now (healthy, index order); starts what fits.
@@ -1024,9 +1100,105 @@ mod tests {
         );
     }
 
+    /// `start_exact` by `alice` on `names` (GPU-N), the machine having `gpus(known)`.
+    fn exact(s: &mut Sim, names: &[&str], known: usize) -> Result<u64, StartRefused> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let spec = spec(names.len() as u32, None);
+        let (job, fx) =
+            s.q.start_exact(s.now, "alice".into(), spec, &names, &gpus(known))?;
+        s.take(fx);
+        Ok(job.id)
+    }
+
+    #[test]
+    fn start_exact_starts_at_once_on_exactly_the_named_gpus() {
+        let mut s = Sim::new(3);
+        let a = exact(&mut s, &["GPU-2", "GPU-0"], 3).unwrap();
+        assert!(
+            matches!(&s.fx[0], Effect::Persist(j) if j.id == a && j.caller == "alice"),
+            "the record first: {:?}",
+            s.fx
+        );
+        assert_eq!(
+            s.spawns(),
+            vec![(a, vec!["GPU-2".to_string(), "GPU-0".to_string()])]
+        );
+        assert_eq!(s.q.holders().get("GPU-2"), Some(&a));
+        assert_eq!(s.q.holders().get("GPU-0"), Some(&a));
+        s.start_spawned();
+        assert_eq!(*s.state(a), JobState::Running);
+        assert_eq!(s.q.get(a).unwrap().gpu_uuids, vec!["GPU-2", "GPU-0"]);
+        // a CPU-only start needs no GPU
+        let c = exact(&mut s, &[], 3).unwrap();
+        assert_eq!(s.spawns(), vec![(c, vec![])]);
+        // the end frees exactly its GPUs
+        s.exit(a, OK);
+        assert_eq!(s.q.holders().len(), 0);
+    }
+
+    #[test]
+    fn start_exact_refuses_unknown_unhealthy_held_and_invalid_gpus_and_records_nothing() {
+        let mut s = Sim::new(3);
+        let local = s.submit_running(1, None); // holds GPU-0
+        s.set_healthy(vec!["GPU-0".into(), "GPU-1".into()]); // GPU-2 is unhealthy
+        let before: Vec<u64> = s.q.jobs().map(|j| j.id).collect();
+        let refused = |s: &mut Sim, names: &[&str]| exact(s, names, 3).unwrap_err();
+        assert_eq!(
+            refused(&mut s, &["GPU-1", "GPU-7"]),
+            StartRefused::Unknown("GPU-7".into())
+        );
+        assert_eq!(
+            refused(&mut s, &["GPU-2"]).to_string(),
+            "GPU GPU-2 is unhealthy"
+        );
+        assert_eq!(
+            refused(&mut s, &["GPU-1", "GPU-0"]).to_string(),
+            format!("GPU GPU-0 is held by job {local}")
+        );
+        assert_eq!(
+            refused(&mut s, &["GPU-1", "GPU-1"]),
+            StartRefused::Duplicate("GPU-1".into())
+        );
+        let (mut bad, names) = (spec(2, None), vec!["GPU-1".to_string()]);
+        assert_eq!(
+            s.q.start_exact(s.now, "a".into(), bad.clone(), &names, &gpus(3))
+                .unwrap_err(),
+            StartRefused::CountMismatch { asked: 2, given: 1 }
+        );
+        bad = spec(1, None);
+        assert!(s
+            .q
+            .start_exact(s.now, "a".into(), bad, &names, &gpus(3))
+            .is_ok());
+        s.fx.clear();
+        let after: Vec<u64> = s.q.jobs().map(|j| j.id).collect();
+        assert_eq!(
+            after.len(),
+            before.len() + 1,
+            "only the accepted start is recorded"
+        );
+        assert_eq!(after.last(), Some(&(local + 1)), "refusals take no id");
+    }
+
+    #[test]
+    fn start_exact_is_never_queued_behind_a_waiting_job() {
+        let mut s = Sim::new(2);
+        let a = s.submit_running(1, None); // GPU-0
+        let big = s.submit_queued(2, None); // waits for both GPUs
+        let p = exact(&mut s, &["GPU-1"], 2).unwrap();
+        assert_eq!(s.spawns(), vec![(p, vec!["GPU-1".to_string()])]);
+        s.start_spawned();
+        s.exit(a, OK);
+        assert!(s.spawns().is_empty(), "big still waits for GPU-1");
+        s.exit(p, OK);
+        assert_eq!(s.spawns(), vec![(big, gpus(2))]);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Submit(u32, Option<u64>),
+        /// `start_exact` on the GPUs of the mask (index 3 is a GPU the machine does not have).
+        StartExact(Vec<bool>),
         /// Completes the n-th outstanding spawn (ok or failed).
         Spawned(usize, bool),
         /// The n-th running job exits.
@@ -1039,6 +1211,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0u32..=3, proptest::option::of(1u64..5)).prop_map(|(g, t)| Op::Submit(g, t)),
+            proptest::collection::vec(any::<bool>(), 4).prop_map(Op::StartExact),
             (0usize..4, any::<bool>()).prop_map(|(n, ok)| Op::Spawned(n, ok)),
             (0usize..4).prop_map(Op::Exit),
             (1u64..12).prop_map(Op::Cancel),
@@ -1064,6 +1237,31 @@ mod tests {
                     Op::Submit(g, t) => {
                         let (_, fx) = s.q.submit(s.now, "x".into(), spec(g, t));
                         fx
+                    }
+                    Op::StartExact(mask) => {
+                        let names: Vec<String> = gpus(4)
+                            .into_iter()
+                            .zip(mask)
+                            .filter(|(_, m)| *m)
+                            .map(|(g, _)| g)
+                            .collect();
+                        let sp = spec(names.len() as u32, None);
+                        match s.q.start_exact(s.now, "p".into(), sp, &names, &gpus(3)) {
+                            Ok((job, fx)) => {
+                                prop_assert!(
+                                    fx.iter().any(|e| matches!(e, Effect::Spawn { job: j, gpus } if j.id == job.id && *gpus == names)),
+                                    "started at once on the named GPUs: {:?}", fx
+                                );
+                                fx
+                            }
+                            Err(why) => {
+                                let blocked = names.iter().any(|g| {
+                                    !healthy.contains(g) || assigned.contains_key(g)
+                                });
+                                prop_assert!(blocked, "refused ({}) though {:?} were free", why, names);
+                                Vec::new()
+                            }
+                        }
                     }
                     Op::Spawned(n, ok) if !outstanding.is_empty() => {
                         let id = outstanding.remove(n % outstanding.len());

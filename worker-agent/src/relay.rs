@@ -3,6 +3,11 @@
 //! `agent` tunnel stream is one HTTP/1.1 connection served by the API router, with the caller set
 //! to the opener's relay name (authenticated by the relay's Noise IK admission; this worker pins
 //! the relay's key). The API itself never listens on a non-loopback address.
+//!
+//! It also registers the in-process service [`POOL_SERVICE`] (`@pool`), served by
+//! [`PoolFeed`] (`pool_feed.rs`): `expose` announces it among the services, which is how the
+//! relay knows this worker runs an agent; only streams opened by the coordinator
+//! ([`weft_proto::pool::POOL_CALLER`]) are served.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,7 +22,12 @@ use tunnel_relay::client::{self, ClientState, ExposeOptions, IncomingStream};
 use tunnel_relay::link::LinkState;
 use tunnel_relay::Token;
 
+use std::sync::Arc;
+
+use weft_proto::pool::POOL_SERVICE;
+
 use crate::api::Caller;
+use crate::pool_feed::PoolFeed;
 
 /// The service name of the jobs API on the relay.
 pub const AGENT_SERVICE: &str = "agent";
@@ -35,7 +45,7 @@ pub struct RelayOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("--service {0}: the name `agent` is the jobs API's own service")]
+    #[error("--service {0}: the names `agent` and `@pool` are the agent's own services")]
     Reserved(String),
     #[error("relay identity in {}: {source}", dir.display())]
     State {
@@ -50,6 +60,7 @@ pub struct Exposed {
     pub link: watch::Receiver<LinkState>,
     expose: JoinHandle<()>,
     serve: JoinHandle<()>,
+    pool: JoinHandle<()>,
 }
 
 impl Exposed {
@@ -58,6 +69,7 @@ impl Exposed {
         let late = "relay link did not close within 2 s";
         crate::finish_within(self.expose, Duration::from_secs(2), late).await;
         self.serve.abort();
+        self.pool.abort();
     }
 }
 
@@ -74,16 +86,21 @@ pub fn joined(state_dir: &std::path::Path, opts: &RelayOptions) -> Result<bool, 
     Ok(st.relay().is_some())
 }
 
-/// Starts `expose` and the server of `agent` streams, publishing the link on `link_tx`.
-/// `shutdown` ends both.
+/// Starts `expose`, the server of `agent` streams and the pool feed's, publishing the link on
+/// `link_tx`. `shutdown` ends them.
 pub fn start(
     state_dir: PathBuf,
     opts: RelayOptions,
     api: Router,
+    pool: Arc<PoolFeed>,
     link_tx: watch::Sender<LinkState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Exposed, RelayError> {
-    if let Some((n, a)) = opts.services.iter().find(|(n, _)| n == AGENT_SERVICE) {
+    if let Some((n, a)) = opts
+        .services
+        .iter()
+        .find(|(n, _)| n == AGENT_SERVICE || n == POOL_SERVICE)
+    {
         return Err(RelayError::Reserved(format!("{n}={a}")));
     }
     let (in_tx, mut in_rx) = mpsc::channel::<IncomingStream>(64);
@@ -91,6 +108,8 @@ pub fn start(
     let mut eo = ExposeOptions::new(state_dir, opts.name, opts.services);
     eo.token = opts.token;
     eo.handlers.insert(AGENT_SERVICE.to_string(), in_tx);
+    let (pool_tx, pool_rx) = mpsc::channel::<IncomingStream>(4);
+    eo.handlers.insert(POOL_SERVICE.to_string(), pool_tx);
     eo.link = Some(link_tx);
     let expose = tokio::spawn(async move {
         match client::expose(eo, shutdown).await {
@@ -106,10 +125,12 @@ pub fn start(
             tokio::spawn(serve_stream(api.clone(), inc));
         }
     });
+    let pool = tokio::spawn(pool.serve_incoming(pool_rx));
     Ok(Exposed {
         link: link_rx,
         expose,
         serve,
+        pool,
     })
 }
 

@@ -47,6 +47,13 @@ pub struct Snapshot {
     /// Unix milliseconds of the sample; 0 before the first one.
     pub sampled_at_ms: u64,
     pub gpus: Vec<GpuStatus>,
+    /// The NVML driver version, when NVML answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+    /// The GPUs come from the stub NVML (its driver version says `stub`): simulated, for labs
+    /// and tests.
+    #[serde(default)]
+    pub simulated: bool,
 }
 
 impl Snapshot {
@@ -55,6 +62,8 @@ impl Snapshot {
             backend,
             sampled_at_ms: 0,
             gpus: Vec::new(),
+            driver_version: None,
+            simulated: false,
         }
     }
     pub fn healthy_uuids(&self) -> Vec<String> {
@@ -96,12 +105,13 @@ pub fn unix_ms() -> u64 {
 /// complete before the API starts, then spawns the thread.
 pub fn start(mut backend: Box<dyn GpuBackend>, cfg: SamplerConfig) -> std::io::Result<Sampler> {
     let state = backend.state();
-    info!(backend = ?state, "GPU backend");
+    let driver = backend.driver_version();
+    info!(backend = ?state, driver = ?driver, "GPU backend");
     let snapshot = Arc::new(RwLock::new(Snapshot::empty(state.clone())));
     let stop = Arc::new(AtomicBool::new(false));
     let mut core = SamplerCore::new(cfg);
     core.tick(backend.as_mut(), Instant::now(), true);
-    *snapshot.write() = core.snapshot(state.clone());
+    *snapshot.write() = core.snapshot(state.clone(), driver.clone());
     let (snap, stop2) = (snapshot.clone(), stop.clone());
     let thread = std::thread::Builder::new()
         .name("gpu-sampler".into())
@@ -125,7 +135,7 @@ pub fn start(mut backend: Box<dyn GpuBackend>, cfg: SamplerConfig) -> std::io::R
                     }
                     core.tick(backend.as_mut(), now, energy);
                     next_fast = now + cfg.fast_interval;
-                    *snap.write() = core.snapshot(backend.state());
+                    *snap.write() = core.snapshot(backend.state(), driver.clone());
                 }
             }
         })?;
@@ -205,7 +215,7 @@ impl SamplerCore {
         self.last = samples;
     }
 
-    fn snapshot(&self, backend: BackendState) -> Snapshot {
+    fn snapshot(&self, backend: BackendState, driver_version: Option<String>) -> Snapshot {
         let gpus = self
             .last
             .iter()
@@ -222,6 +232,10 @@ impl SamplerCore {
             backend,
             sampled_at_ms: unix_ms(),
             gpus,
+            simulated: driver_version
+                .as_deref()
+                .is_some_and(crate::gpu::is_stub_driver),
+            driver_version,
         }
     }
 }
@@ -255,7 +269,7 @@ mod tests {
         core.tick(&mut f, t, false);
         core.tick(&mut f, t, false);
         assert_eq!(f.script.lock().energy_calls, 1);
-        let snap = core.snapshot(BackendState::Ready(1));
+        let snap = core.snapshot(BackendState::Ready(1), None);
         assert_eq!(snap.gpus[0].sample.energy_millijoules, Some(1000));
     }
 
@@ -276,12 +290,12 @@ mod tests {
             core.record_xid(e.uuid, e.xid, t);
         }
         core.tick(&mut f, t, false);
-        let s = core.snapshot(BackendState::Ready(1));
+        let s = core.snapshot(BackendState::Ready(1), None);
         assert_eq!(s.gpus[0].health.state, HealthState::Unhealthy);
         assert!(s.healthy_uuids().is_empty());
         assert_eq!(s.gpus[0].xid_counts.get("79"), Some(&1));
         core.tick(&mut f, t + Duration::from_secs(11), false);
-        let s = core.snapshot(BackendState::Ready(1));
+        let s = core.snapshot(BackendState::Ready(1), None);
         assert_eq!(s.gpus[0].health.state, HealthState::Healthy);
         assert_eq!(s.healthy_uuids(), vec!["GPU-0".to_string()]);
     }

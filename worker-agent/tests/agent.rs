@@ -55,6 +55,15 @@ impl Agent {
     }
 
     fn start_with(nvml: Option<&Path>, extra: &[String]) -> Agent {
+        Self::start_full(nvml, extra, &[])
+    }
+
+    /// The stub with these `WEFT_NVML_STUB_*` settings (see tests/stub/nvml_stub.c).
+    fn start_env(env: &[(&str, &str)]) -> Agent {
+        Self::start_full(None, &[], env)
+    }
+
+    fn start_full(nvml: Option<&Path>, extra: &[String], env: &[(&str, &str)]) -> Agent {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         std::fs::create_dir_all(dir.join("stub")).unwrap();
@@ -75,7 +84,7 @@ impl Agent {
             args,
             _tmp: Some(tmp),
         };
-        a.spawn(&[]);
+        a.spawn(env);
         a
     }
 
@@ -527,6 +536,74 @@ fn xid_makes_gpu_unhealthy_and_recovery_returns_it() {
     wait_until("GPU 1 back", || {
         a.status()["gpus"][1]["health"]["state"] == "healthy"
     });
+}
+
+fn uuids(st: &Value) -> Vec<String> {
+    st["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["uuid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_stub_inventory_comes_from_the_environment_and_seeds_make_the_uuids() {
+    const RTX: [(&str, &str); 3] = [
+        ("WEFT_NVML_STUB_GPUS", "4"),
+        ("WEFT_NVML_STUB_MODEL", "NVIDIA GeForce RTX 4090"),
+        ("WEFT_NVML_STUB_MEMORY_MIB", "24564"),
+    ];
+    let with_seed = |seed| {
+        let mut env = RTX.to_vec();
+        env.push(("WEFT_NVML_STUB_UUID_SEED", seed));
+        Agent::start_env(&env)
+    };
+    let a = with_seed("box-a");
+    let st = a.status();
+    assert_eq!(st["backend"], json!({"state": "ready", "detail": 4}));
+    assert_eq!(st["simulated"], true, "the stub says it is one: {st}");
+    assert!(st["driver_version"].as_str().unwrap().contains("stub"));
+    let gpus = st["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 4);
+    for (i, g) in gpus.iter().enumerate() {
+        assert_eq!(g["index"], i);
+        assert_eq!(g["name"], "NVIDIA GeForce RTX 4090");
+        assert_eq!(g["memory_total_bytes"], 24564u64 * 1024 * 1024);
+        assert_eq!(g["health"]["state"], "healthy");
+    }
+    let ua = uuids(&st);
+    let mut distinct = ua.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "four different GPUs: {ua:?}");
+    assert!(
+        ua.iter().all(|u| u.starts_with("GPU-") && u.len() == 40),
+        "{ua:?}"
+    );
+
+    // the same seed: the same UUIDs (a cloned GPU); another seed: none in common
+    assert_eq!(uuids(&with_seed("box-a").status()), ua);
+    let ub = uuids(&with_seed("box-b").status());
+    assert!(ub.iter().all(|u| !ua.contains(u)), "{ua:?} vs {ub:?}");
+
+    // an XID reaches exactly the GPU its file names (xid-<index>)
+    std::fs::write(a.stub("xid-2"), "79").unwrap();
+    let mut st = Value::Null;
+    wait_until("GPU 2 unhealthy", || {
+        st = a.status();
+        st["gpus"][2]["health"]["state"] == "unhealthy"
+    });
+    for i in [0, 1, 3] {
+        assert_eq!(st["gpus"][i]["health"]["state"], "healthy", "GPU {i}: {st}");
+    }
+
+    // without the knobs: today's two H100s, their fixed UUIDs
+    let d = Agent::start(None);
+    let st = d.status();
+    assert_eq!(uuids(&st), vec![GPU0.to_string(), GPU1.to_string()]);
+    assert_eq!(st["gpus"][0]["name"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(st["gpus"][0]["memory_total_bytes"], 85_520_809_984u64);
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub struct NvmlBackend {
     /// UUIDs as first read, so a GPU keeps its identity after it is lost.
     uuids: Vec<Option<String>>,
     events: Option<EventSet<'static>>,
+    /// `nvmlSystemGetDriverVersion`, read once at open.
+    driver: Option<String>,
 }
 
 impl std::fmt::Debug for NvmlBackend {
@@ -58,11 +60,13 @@ pub fn open(lib_path: Option<&OsStr>) -> Box<dyn GpuBackend> {
         return Box::new(NoGpuBackend(BackendState::NoGpus));
     }
     let events = register_events(nvml, count);
+    let driver = nvml.sys_driver_version().ok();
     Box::new(NvmlBackend {
         nvml,
         count,
         uuids: vec![None; count as usize],
         events,
+        driver,
     })
 }
 
@@ -129,6 +133,10 @@ fn process(p: ProcessInfo) -> GpuProcess {
 impl GpuBackend for NvmlBackend {
     fn state(&self) -> BackendState {
         BackendState::Ready(self.count)
+    }
+
+    fn driver_version(&self) -> Option<String> {
+        self.driver.clone()
     }
 
     fn sample_fast(&mut self) -> Vec<GpuSample> {

@@ -5,17 +5,31 @@
  * `gcc -shared -fPIC` and load it through nvml-wrapper's `Nvml::builder().lib_path(..)`
  * (the agent's `--nvml-lib`), so the agent's real nvml-wrapper code path runs without a GPU.
  *
- * It pretends to be two GPUs whose values are modelled on a real H100 80GB HBM3
- * (shared/gpu/h100/probe-idle.txt and probe-load.txt): GPU 0 idle, GPU 1 under load.
+ * By default it pretends to be two GPUs whose values are modelled on a real H100 80GB HBM3
+ * (shared/gpu/h100/probe-idle.txt and probe-load.txt): even indexes idle, odd ones under load.
  * Like that H100, fan speed answers NVML_ERROR_INVALID_ARGUMENT (no fans) and retired pages
  * NVML_ERROR_NOT_SUPPORTED (Hopper remaps rows), so the agent must report them absent.
  *
- * Control, through files in the directory named by $WEFT_NVML_STUB_DIR:
+ * It says it is a stub: nvmlSystemGetDriverVersion answers "580.159.04-stub" (the agent marks
+ * such GPUs `simulated`).
+ *
+ * Inventory, from the environment, read once by nvmlInit:
+ *   WEFT_NVML_STUB_GPUS        GPU count, 0..8 (default 2; above 8 counts as 8).
+ *   WEFT_NVML_STUB_MODEL       nvmlDeviceGetName of every GPU (default "NVIDIA H100 80GB HBM3").
+ *   WEFT_NVML_STUB_MEMORY_MIB  total memory of every GPU, MiB (default 81559, the H100's
+ *                              85520809984 bytes); used/free/reserved scale with it.
+ *   WEFT_NVML_STUB_UUID_SEED   UUIDs derived from the seed and the index: the same seed gives the
+ *                              same UUIDs (a cloned GPU on two "machines"), different seeds
+ *                              differ. Default: GPU 0 and 1 have the fixed UUIDs below
+ *                              (GPU-977652fe-..., GPU-5a3c1e2b-...), GPUs 2..7
+ *                              GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000bN.
+ *
+ * Faults, through files in the directory named by $WEFT_NVML_STUB_DIR. <i> is the NVML index
+ * (0-based, the `index` of `/v1/status` gpus[]), so each fault hits exactly ONE GPU:
  *   xid-<i>            contains an XID code: delivered once as a CRITICAL_XID event for GPU i
  *                      by nvmlEventSetWait_v2, then the file is deleted.
  *   lost-<i>           while it exists, every query on GPU i answers NVML_ERROR_GPU_IS_LOST.
  *   driver-not-loaded  while it exists, nvmlInit answers NVML_ERROR_DRIVER_NOT_LOADED.
- * $WEFT_NVML_STUB_GPUS sets the GPU count (default 2, at most 2).
  *
  * nvml-wrapper resolves every NVML symbol lazily (each is a Result; a missing one fails only
  * when called), so the stub exports nvmlInit_v2 / nvmlShutdown (called on drop) plus exactly
@@ -36,9 +50,11 @@ typedef int nvmlReturn_t;
 #define ERR_TIMEOUT 10
 #define ERR_GPU_IS_LOST 15
 
+#define MAX_GPUS 8
+
 typedef struct {
     int index;
-    const char *name, *uuid, *bus_id;
+    char name[96], uuid[96], bus_id[32];
     unsigned long long mem_total, mem_used, mem_free, mem_reserved;
     unsigned util_gpu, util_mem, temp, power_mw, limit_mw, sm_mhz, mem_mhz;
     unsigned long long energy_mj, throttle;
@@ -46,14 +62,61 @@ typedef struct {
     unsigned long long proc_mem;
 } fake_dev;
 
-static fake_dev devs[2] = {
-    {0, "NVIDIA H100 80GB HBM3", "GPU-977652fe-01d3-44cc-d3b3-996721563657", "00000000:00:06.0",
-     85520809984ULL, 0ULL, 85017493504ULL, 503316480ULL, 0, 0, 48, 111862, 700000, 375, 2619,
+/* The two H100 profiles: idle (even indexes) and under load (odd). */
+static const fake_dev profiles[2] = {
+    {0, "", "", "", 85520809984ULL, 0ULL, 85017493504ULL, 503316480ULL, 0, 0, 48, 111862, 700000, 375, 2619,
      2342641ULL, 0x1ULL /* GPU_IDLE */, 0, 0},
-    {1, "NVIDIA H100 80GB HBM3", "GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000b1", "00000000:00:07.0",
-     85520809984ULL, 1194131456ULL, 83823362048ULL, 503316480ULL, 100, 32, 67, 698337, 700000, 1320, 2619,
+    {1, "", "", "", 85520809984ULL, 1194131456ULL, 83823362048ULL, 503316480ULL, 100, 32, 67, 698337, 700000, 1320, 2619,
      5872489ULL, 0x4ULL /* SW_POWER_CAP */, 436, 1184890880ULL},
 };
+static const char *default_uuids[2] = {
+    "GPU-977652fe-01d3-44cc-d3b3-996721563657",
+    "GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000b1",
+};
+
+static fake_dev devs[MAX_GPUS];
+static unsigned n_gpus;
+
+/* FNV-1a 64 of `s`, then of the index byte: deterministic per (seed, index). */
+static unsigned long long fnv(const char *s, unsigned salt) {
+    unsigned long long h = 0xcbf29ce484222325ULL;
+    for (; *s; s++) { h ^= (unsigned char)*s; h *= 0x100000001b3ULL; }
+    h ^= salt; h *= 0x100000001b3ULL;
+    return h;
+}
+
+static void init_devs(void) {
+    const char *n = getenv("WEFT_NVML_STUB_GPUS");
+    int c = n ? atoi(n) : 2;
+    n_gpus = c < 0 ? 0 : (c > MAX_GPUS ? MAX_GPUS : (unsigned)c);
+    const char *model = getenv("WEFT_NVML_STUB_MODEL");
+    const char *mib = getenv("WEFT_NVML_STUB_MEMORY_MIB");
+    const char *seed = getenv("WEFT_NVML_STUB_UUID_SEED");
+    unsigned long long total = mib ? strtoull(mib, NULL, 10) * 1048576ULL : 0;
+    for (unsigned i = 0; i < MAX_GPUS; i++) {
+        fake_dev *d = &devs[i];
+        *d = profiles[i % 2];
+        d->index = (int)i;
+        snprintf(d->name, sizeof d->name, "%s", model && *model ? model : "NVIDIA H100 80GB HBM3");
+        snprintf(d->bus_id, sizeof d->bus_id, "00000000:00:%02X.0", 6 + i);
+        if (total) {
+            unsigned long long reserved = total / 170; /* the H100's share, ~0.6% */
+            unsigned long long used = d->mem_used < total - reserved ? d->mem_used : 0;
+            d->mem_total = total; d->mem_reserved = reserved; d->mem_used = used;
+            d->mem_free = total - reserved - used;
+            if (d->proc_mem > used) d->proc_mem = used;
+        }
+        if (seed && *seed) {
+            unsigned long long a = fnv(seed, 2 * i), b = fnv(seed, 2 * i + 1);
+            snprintf(d->uuid, sizeof d->uuid, "GPU-%08llx-%04llx-%04llx-%04llx-%012llx",
+                     a >> 32, (a >> 16) & 0xffff, a & 0xffff, b >> 48, b & 0xffffffffffffULL);
+        } else if (i < 2) {
+            snprintf(d->uuid, sizeof d->uuid, "%s", default_uuids[i]);
+        } else {
+            snprintf(d->uuid, sizeof d->uuid, "GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000b%u", i);
+        }
+    }
+}
 
 typedef struct { unsigned version; unsigned long long total, reserved, free, used; } mem_v2;
 typedef struct { unsigned gpu, memory; } util_t;
@@ -74,11 +137,7 @@ static int stub_file(const char *name, char *buf, size_t len) {
     return 1;
 }
 
-static unsigned gpu_count(void) {
-    const char *n = getenv("WEFT_NVML_STUB_GPUS");
-    unsigned c = n ? (unsigned)atoi(n) : 2;
-    return c > 2 ? 2 : c;
-}
+static unsigned gpu_count(void) { return n_gpus; }
 
 static int lost(fake_dev *d) {
     char name[32];
@@ -88,13 +147,17 @@ static int lost(fake_dev *d) {
 
 #define DEV(d) fake_dev *dv = (fake_dev *)(d); if (!dv) return ERR_INVALID_ARGUMENT; if (lost(dv)) return ERR_GPU_IS_LOST;
 
-nvmlReturn_t nvmlInit_v2(void) { return stub_file("driver-not-loaded", NULL, 0) ? ERR_DRIVER_NOT_LOADED : OK; }
+nvmlReturn_t nvmlInit_v2(void) {
+    if (stub_file("driver-not-loaded", NULL, 0)) return ERR_DRIVER_NOT_LOADED;
+    init_devs();
+    return OK;
+}
 nvmlReturn_t nvmlInit(void) { return nvmlInit_v2(); }
 nvmlReturn_t nvmlInitWithFlags(unsigned flags) { (void)flags; return nvmlInit_v2(); }
 nvmlReturn_t nvmlShutdown(void) { return OK; }
 const char *nvmlErrorString(nvmlReturn_t r) { (void)r; return "stub NVML error"; }
 
-nvmlReturn_t nvmlSystemGetDriverVersion(char *v, unsigned len) { snprintf(v, len, "580.159.04"); return OK; }
+nvmlReturn_t nvmlSystemGetDriverVersion(char *v, unsigned len) { snprintf(v, len, "580.159.04-stub"); return OK; }
 nvmlReturn_t nvmlSystemGetNVMLVersion(char *v, unsigned len) { snprintf(v, len, "13.580.159.04"); return OK; }
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *c) { *c = gpu_count(); return OK; }
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned i, fake_dev **d) {
