@@ -595,7 +595,14 @@ async fn read_lines<R: AsyncRead + Unpin>(rd: R, tx: mpsc::Sender<Line>) {
 
 /// Writes each message as one line until the channel closes or the stream fails.
 async fn write_lines<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<AgentMsg>) {
-    while let Some(m) = rx.recv().await {
+    loop {
+        // A quiet feed says it is alive every HEARTBEAT: the coordinator counts
+        // `lost_after` from the last line it heard.
+        let m = match tokio::time::timeout(weft_proto::pool::HEARTBEAT, rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(_) => AgentMsg::Heartbeat,
+        };
         let line = encode_line(&m);
         if let Err(e) = wr.write_all(&line).await {
             debug!(error = %e, "pool feed write failed");
@@ -652,7 +659,7 @@ mod tests {
         async fn event(&mut self) -> AgentMsg {
             loop {
                 match self.next().await.expect("stream closed") {
-                    AgentMsg::Inventory(_) => {}
+                    AgentMsg::Inventory(_) | AgentMsg::Heartbeat => {}
                     m => return m,
                 }
             }
@@ -677,7 +684,7 @@ mod tests {
             loop {
                 match self.next().await {
                     None => return true,
-                    Some(AgentMsg::Inventory(_)) => {}
+                    Some(AgentMsg::Inventory(_) | AgentMsg::Heartbeat) => {}
                     Some(m) => panic!("unexpected {m:?}"),
                 }
             }
