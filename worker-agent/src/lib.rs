@@ -27,6 +27,7 @@ pub mod job;
 pub mod mesh_status;
 pub mod metrics;
 pub mod overlay;
+pub mod pool_cli;
 pub mod queue;
 pub mod relay;
 pub mod sampler;
