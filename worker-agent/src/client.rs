@@ -782,6 +782,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pool_requests_say_host_pool_and_errors_name_the_pool() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(async move {
+            let req = read_request(&mut server).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\ntrunc")
+                .await
+                .unwrap();
+            server.shutdown().await.unwrap();
+            req
+        });
+        let mut sink = Vec::new();
+        let err = request_as(
+            client,
+            POOL_HOST,
+            POOL_LABEL,
+            Call::get("/v1/pool"),
+            &mut sink,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("HTTP exchange with the pool (relay) failed"),
+            "{err}"
+        );
+        let req = srv.await.unwrap();
+        assert!(
+            req.starts_with("GET /v1/pool HTTP/1.1\r\n") && req.contains("\r\nHost: pool\r\n"),
+            "{req:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_truncated_answer_is_an_error() {
         assert_fails_naming_the_agent(b"HTTP/1.1 200 OK\r\ncontent-le").await;
     }

@@ -974,3 +974,895 @@ fn since_ms(text: &str, now_ms: u64) -> Result<u64> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use weft_proto::pool::{GpuInfo, Inventory};
+
+    /// One request as a fake server saw it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: String,
+        path: String,
+        body: String,
+    }
+
+    /// An answer: a status and the body's chunks, each sent after its delay (chunked).
+    struct Answer {
+        code: u16,
+        chunks: Vec<(Duration, Vec<u8>)>,
+    }
+
+    impl Answer {
+        fn json(code: u16, v: &impl serde::Serialize) -> Answer {
+            Answer {
+                code,
+                chunks: vec![(Duration::ZERO, serde_json::to_vec(v).unwrap())],
+            }
+        }
+        fn error(code: u16, msg: &str) -> Answer {
+            Answer::json(code, &serde_json::json!({ "error": msg }))
+        }
+    }
+
+    type Handler = Arc<dyn Fn(&Seen) -> Answer + Send + Sync>;
+
+    /// Reads one request: its head, then as many body bytes as its Content-Length says.
+    async fn read_request(s: &mut TcpStream) -> Option<Seen> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|n| n.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    let mut first = head.lines().next()?.split(' ');
+                    return Some(Seen {
+                        method: first.next()?.to_string(),
+                        path: first.next()?.to_string(),
+                        body: String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
+                    });
+                }
+            }
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A fake HTTP/1.1 server on loopback: every request is recorded and answered by `handler`.
+    async fn fake(handler: Handler) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (handler, log) = (handler.clone(), log.clone());
+                tokio::spawn(async move {
+                    let Some(req) = read_request(&mut s).await else {
+                        return;
+                    };
+                    log.lock().unwrap().push(req.clone());
+                    let a = handler(&req);
+                    let head = format!(
+                        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\n\
+                         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+                        a.code
+                    );
+                    s.write_all(head.as_bytes()).await.unwrap();
+                    for (delay, c) in a.chunks {
+                        tokio::time::sleep(delay).await;
+                        let mut frame = format!("{:x}\r\n", c.len()).into_bytes();
+                        frame.extend_from_slice(&c);
+                        frame.extend_from_slice(b"\r\n");
+                        s.write_all(&frame).await.unwrap();
+                        s.flush().await.unwrap();
+                    }
+                    s.write_all(b"0\r\n\r\n").await.unwrap();
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// The pool and the agents as loopback servers.
+    struct Loopback {
+        pool: SocketAddr,
+        agents: BTreeMap<String, SocketAddr>,
+    }
+
+    impl Fabric for Loopback {
+        async fn pool(&self) -> Result<impl AsyncRead + AsyncWrite + Unpin, ClientError> {
+            TcpStream::connect(self.pool)
+                .await
+                .map_err(|source| ClientError::Io {
+                    addr: POOL_LABEL.into(),
+                    source,
+                })
+        }
+
+        async fn agent(
+            &self,
+            worker: &str,
+        ) -> Result<impl AsyncRead + AsyncWrite + Unpin, ClientError> {
+            let addr = self.agents[worker];
+            TcpStream::connect(addr)
+                .await
+                .map_err(|source| ClientError::Io {
+                    addr: worker.into(),
+                    source,
+                })
+        }
+    }
+
+    /// A pool answering with `handler`, and no agents.
+    async fn pool_only(handler: Handler) -> (Loopback, Arc<Mutex<Vec<Seen>>>) {
+        let (pool, seen) = fake(handler).await;
+        let f = Loopback {
+            pool,
+            agents: BTreeMap::new(),
+        };
+        (f, seen)
+    }
+
+    #[derive(Parser)]
+    struct Jobs {
+        #[command(subcommand)]
+        cmd: JobsCmd,
+    }
+
+    fn cmd(args: &[&str]) -> JobsCmd {
+        Jobs::try_parse_from(std::iter::once("jobs").chain(args.iter().copied()))
+            .unwrap()
+            .cmd
+    }
+
+    fn request(cmd: &str) -> SubmitRequest {
+        SubmitRequest {
+            command: cmd.split(' ').map(String::from).collect(),
+            nodes: 1,
+            ..SubmitRequest::default()
+        }
+    }
+
+    fn member(rank: u32, worker: &str, local_id: Option<u64>, state: &str) -> MemberView {
+        MemberView {
+            rank,
+            worker: worker.into(),
+            gpus: vec![format!("GPU-{worker}-0")],
+            local_id,
+            state: state.into(),
+            exit_code: None,
+        }
+    }
+
+    fn job(id: u64, state: &str, request: SubmitRequest, members: Vec<MemberView>) -> JobView {
+        JobView {
+            id,
+            owner: "alice".into(),
+            state: state.into(),
+            request,
+            reason: None,
+            attempt: u32::from(!members.is_empty()),
+            members,
+            submitted_ms: 1_700_000_000_000,
+            started_ms: None,
+            ended_ms: None,
+        }
+    }
+
+    /// Runs `jobs_on` on `f`: (result, stdout, stderr).
+    async fn run(f: &Loopback, args: &[&str]) -> (Result<()>, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = jobs_on(f, cmd(args), &mut out, &mut err).await;
+        (
+            r,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn submit_sends_what_the_flags_say_and_prints_the_id() {
+        let (f, seen) = pool_only(Arc::new(|s: &Seen| {
+            let req: SubmitRequest = serde_json::from_str(&s.body).unwrap();
+            Answer::json(201, &job(42, "pending", req, vec![]))
+        }))
+        .await;
+        let args = [
+            "submit",
+            "--gpu",
+            "A100:2",
+            "--nodes",
+            "2",
+            "--priority",
+            "-5",
+            "--retry",
+            "1",
+            "--timeout",
+            "90m",
+            "--env",
+            "LR=3e-4",
+            "--workdir",
+            "/data",
+            "--wait-for-capacity",
+            "--",
+            "python",
+            "train.py",
+            "--epochs",
+            "3",
+        ];
+        let (r, out, _) = run(&f, &args).await;
+        r.unwrap();
+        assert_eq!(out, "42\n");
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0].method.as_str(), got[0].path.as_str()),
+            ("POST", JOBS_PATH)
+        );
+        // deny_unknown_fields: the body is exactly a SubmitRequest
+        let body: SubmitRequest = serde_json::from_str(&got[0].body).unwrap();
+        assert_eq!(
+            body,
+            SubmitRequest {
+                command: ["python", "train.py", "--epochs", "3"]
+                    .map(String::from)
+                    .to_vec(),
+                env: BTreeMap::from([("LR".into(), "3e-4".into())]),
+                workdir: Some("/data".into()),
+                gpus: 0,
+                gpu: Some("A100:2".into()),
+                nodes: 2,
+                priority: -5,
+                retries: 1,
+                timeout_s: Some(5400),
+                wait_for_capacity: true,
+                worker: None,
+            }
+        );
+
+        // The defaults: one node, priority 0, no retries; --json prints the job.
+        let (r, out, _) = run(&f, &["submit", "--gpus", "1", "--json", "--", "true"]).await;
+        r.unwrap();
+        let v: JobView = serde_json::from_str(&out).unwrap();
+        assert_eq!(v.id, 42);
+        let last = seen.lock().unwrap().last().unwrap().body.clone();
+        let body: SubmitRequest = serde_json::from_str(&last).unwrap();
+        assert_eq!(
+            (body.nodes, body.priority, body.retries, body.gpus, body.gpu),
+            (1, 0, 0, 1, None)
+        );
+    }
+
+    /// A fabric on which any connection fails the test: nothing may be sent.
+    struct Nowhere;
+
+    fn called(what: &str) -> Result<tokio::io::DuplexStream, ClientError> {
+        panic!("{what} was called")
+    }
+
+    impl Fabric for Nowhere {
+        async fn pool(&self) -> Result<impl AsyncRead + AsyncWrite + Unpin, ClientError> {
+            called("the pool")
+        }
+        async fn agent(&self, w: &str) -> Result<impl AsyncRead + AsyncWrite + Unpin, ClientError> {
+            called(w)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_gpu_spec_fails_before_any_request_with_the_column() {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let e = jobs_on(
+            &Nowhere,
+            cmd(&["submit", "--gpu", "80XB", "--", "true"]),
+            &mut out,
+            &mut err,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"--gpu 80XB: unknown unit "XB" at column 3; use MB, GB or TB"#
+        );
+        // The public entry point checks it before it opens a session (this state dir does not
+        // exist, so any attempt to reach the relay would fail otherwise).
+        let e = jobs(
+            cmd(&["submit", "--gpu", "80XB", "--", "true"]),
+            Path::new("/nonexistent/weft-identity"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("at column 3"), "{e}");
+        // One agent's flags are not the pool's.
+        let e = jobs_on(
+            &Nowhere,
+            cmd(&["submit", "--cpus", "2", "--label", "a=b", "--", "true"]),
+            &mut out,
+            &mut err,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--label and --cpus: one worker's, not the pool's: the pool does not take them; \
+             pass --worker NAME to run on that worker"
+        );
+        assert!(out.is_empty() && err.is_empty());
+    }
+
+    #[test]
+    fn pool_flags_with_one_worker_are_refused_before_any_request() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            jobs: crate::cli::JobsArgs,
+        }
+        let args = |a: &[&str]| {
+            Cli::try_parse_from(std::iter::once("weft").chain(a.iter().copied()))
+                .unwrap()
+                .jobs
+        };
+        // --state-dir does not exist: anything reaching for the relay would fail differently.
+        let base = ["--state-dir", "/nonexistent/weft-identity"];
+        let with = |extra: &[&str]| {
+            let mut v: Vec<&str> = base.to_vec();
+            v.extend_from_slice(extra);
+            args(&v)
+        };
+        let e = crate::cli::jobs(
+            with(&[
+                "submit", "--worker", "gpu1", "--gpu", "A100", "--nodes", "2", "--", "true",
+            ]),
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--gpu and --nodes: the pool's, not one worker's: leave out --worker/--api and the \
+             pool places the job (`weft pool` shows the workers), or leave out them"
+        );
+        // `worker-agent jobs` (no pool default) says where the pool is.
+        let e = crate::cli::jobs(with(&["submit", "--priority", "9", "--", "true"]), false)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("--priority: the pool's")
+                && e.to_string()
+                    .contains("`weft jobs submit` without --worker"),
+            "{e}"
+        );
+        // Routing: the pool only by default and only without --worker/--api.
+        let a = with(&["list"]);
+        assert!(crate::cli::goes_to_pool(&a.api, true));
+        assert!(!crate::cli::goes_to_pool(&a.api, false));
+        let a = with(&["list", "--worker", "gpu1"]);
+        assert!(!crate::cli::goes_to_pool(&a.api, true));
+        let a = args(&["list", "--api", "http://127.0.0.1:1"]);
+        assert!(!crate::cli::goes_to_pool(&a.api, true));
+    }
+
+    #[tokio::test]
+    async fn an_error_body_becomes_the_error() {
+        const MSG: &str = "no worker has a GPU with >=80 GB: largest is 24 GB (gpu3); \
+                           add --wait-for-capacity to queue it anyway";
+        let (f, _) = pool_only(Arc::new(|_: &Seen| Answer::error(422, MSG))).await;
+        let (r, out, _) = run(&f, &["submit", "--gpu", "80GB..", "--", "true"]).await;
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            format!("the pool answered 422: {MSG}")
+        );
+        assert!(out.is_empty());
+        let (f, _) = pool_only(Arc::new(|_: &Seen| {
+            Answer::error(
+                403,
+                "job 9 is bob's: only its owner or an operator may see it",
+            )
+        }))
+        .await;
+        let (r, _, _) = run(&f, &["show", "9"]).await;
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "the pool answered 403: job 9 is bob's: only its owner or an operator may see it"
+        );
+    }
+
+    /// A pending job, a running gang, a finished one.
+    fn some_jobs() -> Vec<JobView> {
+        let mut pending = job(
+            9,
+            "pending",
+            SubmitRequest {
+                gpu: Some("H100".into()),
+                gpus: 2,
+                priority: 90,
+                ..request("python big.py")
+            },
+            vec![],
+        );
+        pending.reason = Some("no free H100".into());
+        let gang = job(
+            7,
+            "running",
+            SubmitRequest {
+                gpu: Some("80GB..:2".into()),
+                nodes: 2,
+                ..request("torchrun train.py")
+            },
+            vec![
+                member(0, "gpu1", Some(12), "running"),
+                member(1, "gpu2", Some(3), "running"),
+            ],
+        );
+        let mut done = job(
+            5,
+            "succeeded",
+            SubmitRequest {
+                gpus: 1,
+                ..request("true")
+            },
+            vec![member(0, "gpu3", Some(1), "succeeded")],
+        );
+        done.owner = "bob".into();
+        vec![pending, gang, done]
+    }
+
+    #[tokio::test]
+    async fn list_shows_each_job_with_its_spec_workers_and_reason() {
+        let (f, seen) = pool_only(Arc::new(|_: &Seen| Answer::json(200, &some_jobs()))).await;
+        let (r, out, _) = run(&f, &["list"]).await;
+        r.unwrap();
+        assert_eq!(seen.lock().unwrap()[0].path, JOBS_PATH);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        let cells = |l: &str| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[0]),
+            ["ID", "OWNER", "STATE", "SPEC", "NODES", "PRIO", "WORKERS", "REASON"]
+        );
+        assert_eq!(
+            cells(lines[1]),
+            [
+                "9",
+                "alice",
+                "pending",
+                "H100 ×2",
+                "1",
+                "90",
+                "-",
+                "no free H100"
+            ]
+        );
+        assert_eq!(
+            cells(lines[2]),
+            ["7", "alice", "running", "80GB..:2", "2", "0", "gpu1, gpu2"]
+        );
+        assert_eq!(
+            cells(lines[3]),
+            ["5", "bob", "succeeded", "1×any", "1", "0", "gpu3"]
+        );
+        // The columns line up.
+        let col = |l: &str| {
+            l.find("STATE")
+                .or_else(|| l.find("pending"))
+                .or_else(|| l.find("running"))
+                .or_else(|| l.find("succeeded"))
+        };
+        assert!(lines.iter().all(|l| col(l) == col(lines[0])), "{out}");
+        // --json passes the pool's answer through.
+        let (r, out, _) = run(&f, &["list", "--json"]).await;
+        r.unwrap();
+        let back: Vec<JobView> = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, some_jobs());
+    }
+
+    #[tokio::test]
+    async fn show_and_cancel_print_the_job_and_its_members() {
+        let (f, seen) = pool_only(Arc::new(|_: &Seen| Answer::json(200, &some_jobs()[1]))).await;
+        let (r, out, _) = run(&f, &["show", "7"]).await;
+        r.unwrap();
+        assert!(
+            out.starts_with("pool job 7: running (attempt 1), owner alice\n"),
+            "{out}"
+        );
+        assert!(out.contains("command:   torchrun train.py"), "{out}");
+        assert!(
+            out.contains("asks:      80GB..:2  nodes 2  priority 0  retries 0  timeout none"),
+            "{out}"
+        );
+        assert!(
+            out.contains("rank 0  gpu1  local job 12  running  GPU-gpu1-0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("rank 1  gpu2  local job 3   running  GPU-gpu2-0"),
+            "{out}"
+        );
+        let (r, _, _) = run(&f, &["cancel", "7"]).await;
+        r.unwrap();
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(
+            got.iter()
+                .map(|s| (s.method.as_str(), s.path.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("GET", "/v1/pool/jobs/7"),
+                ("POST", "/v1/pool/jobs/7/cancel")
+            ]
+        );
+    }
+
+    fn gpu(model: &str, mib: u64, health: &str) -> GpuInfo {
+        GpuInfo {
+            uuid: format!("GPU-{model}-{mib}-{health}"),
+            model: model.into(),
+            memory_mib: mib,
+            health: health.into(),
+            job: None,
+        }
+    }
+
+    fn pool_view() -> PoolView {
+        let a100 = "NVIDIA A100-SXM4-80GB";
+        let rtx = "NVIDIA GeForce RTX 4090";
+        let mut rtx_gpus: Vec<GpuInfo> = (0..4)
+            .map(|i| GpuInfo {
+                uuid: format!("GPU-rtx-{i}"),
+                ..gpu(rtx, 24_564, if i == 2 { "unhealthy" } else { "healthy" })
+            })
+            .collect();
+        rtx_gpus[3].job = Some(4); // a job submitted to this worker directly
+        let a = |gpus: Vec<GpuInfo>, simulated| Inventory {
+            gpus,
+            cpus: 32,
+            memory_bytes: 256 << 30,
+            version: "0.1.0".into(),
+            simulated,
+            running: vec![],
+        };
+        let mut gpu1 = gpu(a100, 81_920, "healthy");
+        gpu1.uuid = "GPU-cloned".into();
+        PoolView {
+            workers: vec![
+                WorkerView {
+                    name: "gpu1".into(),
+                    state: "ready".into(),
+                    inventory: a(vec![gpu(a100, 81_920, "healthy"), gpu1], false),
+                    holders: vec![Some(7), None],
+                    flagged: vec!["GPU-cloned".into()],
+                    first_seen_ms: 1_700_000_000_000,
+                    connected_since_ms: Some(1_700_000_000_000),
+                    last_seen_ms: 1_700_000_100_000,
+                    uptime_ms: 3 * 3_600_000 + 12 * 60_000,
+                },
+                WorkerView {
+                    name: "gpu2".into(),
+                    state: "disconnected".into(),
+                    inventory: a(rtx_gpus, true),
+                    holders: vec![None; 4],
+                    flagged: vec![],
+                    first_seen_ms: 1_700_000_000_000,
+                    connected_since_ms: None,
+                    last_seen_ms: 1_700_000_000_000,
+                    uptime_ms: 59_000,
+                },
+            ],
+            queue: some_jobs().into_iter().take(2).collect(),
+            policy: "binpack".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_names_every_gpu_and_the_queue() {
+        let (f, seen) = pool_only(Arc::new(|_: &Seen| Answer::json(200, &pool_view()))).await;
+        let mut out = Vec::new();
+        pool_on(&f, false, 1_700_000_125_000, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(seen.lock().unwrap()[0].path, POOL_PATH);
+        let out = String::from_utf8(out).unwrap();
+        let has = |s: &str| assert!(out.contains(s), "{s:?} missing from:\n{out}");
+        has("gpu1  ready  uptime 3h 12m, connected since 2023-11-14 22:13:20  32 CPUs, 256 GiB, agent 0.1.0\n");
+        has("  GPU 0  NVIDIA A100-SXM4-80GB  80 GB  healthy  job 7\n");
+        has("  GPU 1  NVIDIA A100-SXM4-80GB  80 GB  healthy  free   GPU-cloned: FLAGGED, reported by another worker too (not scheduled)\n");
+        has("gpu2  disconnected  uptime 59s, last seen 2m 5s ago  32 CPUs, 256 GiB, agent 0.1.0  simulated GPUs (stub NVML)\n");
+        for i in 0..4 {
+            has(&format!("  GPU {i}  NVIDIA GeForce RTX 4090  24 GB  "));
+        }
+        has("  GPU 2  NVIDIA GeForce RTX 4090  24 GB  unhealthy  free\n");
+        has("  GPU 3  NVIDIA GeForce RTX 4090  24 GB  healthy    busy (local job 4, not the pool's)\n");
+        has("\nqueue (policy binpack): 2 jobs\n");
+        has("  job 9  pending  alice  prio 90  H100 ×2   1 node   waiting: no free H100\n");
+        has("  job 7  running  alice  prio 0   80GB..:2  2 nodes  on gpu1 (rank 0), gpu2 (rank 1)\n");
+        // --json passes the view through.
+        let mut out = Vec::new();
+        pool_on(&f, true, 0, &mut out).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<PoolView>(&out).unwrap(),
+            pool_view()
+        );
+    }
+
+    /// A fake agent that streams `chunks` as any job's log.
+    async fn agent(chunks: Vec<(u64, &'static [u8])>) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+        let chunks: Vec<(Duration, Vec<u8>)> = chunks
+            .into_iter()
+            .map(|(ms, b)| (Duration::from_millis(ms), b.to_vec()))
+            .collect();
+        fake(Arc::new(move |_: &Seen| Answer {
+            code: 200,
+            chunks: chunks.clone(),
+        }))
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_gangs_logs_are_prefixed_by_rank_and_never_interleave_within_a_line() {
+        let gang = some_jobs()[1].clone();
+        let (pool, _) = fake(Arc::new(move |_: &Seen| Answer::json(200, &gang))).await;
+        // The two members' lines arrive split across chunks, interleaved in time: written as
+        // they come, "alpha be" would be followed by "one tw" on the same line.
+        let (a1, seen1) = agent(vec![(0, b"alpha be"), (60, b"ta\ngamma\n")]).await;
+        let (a2, seen2) = agent(vec![(20, b"one tw"), (10, b"o\nthree")]).await;
+        let f = Loopback {
+            pool,
+            agents: BTreeMap::from([("gpu1".into(), a1), ("gpu2".into(), a2)]),
+        };
+        let (r, out, err) = run(&f, &["logs", "7"]).await;
+        r.unwrap();
+        assert!(err.is_empty(), "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(out.ends_with('\n'), "{out:?}");
+        let of =
+            |p: &str| -> Vec<&str> { lines.iter().filter_map(|l| l.strip_prefix(p)).collect() };
+        assert_eq!(of("[rank 0 gpu1] "), ["alpha beta", "gamma"], "{out}");
+        // the last line had no newline: it gets one
+        assert_eq!(of("[rank 1 gpu2] "), ["one two", "three"], "{out}");
+        assert_eq!(lines.len(), 4, "every line is one member's: {out}");
+        // Both streamed at once: rank 1's first line came before rank 0's second.
+        assert!(
+            lines.iter().position(|l| l.ends_with("one two"))
+                < lines.iter().position(|l| l.ends_with("gamma")),
+            "{out}"
+        );
+        assert_eq!(
+            seen1.lock().unwrap()[0].path,
+            "/v1/jobs/12/logs?follow=false"
+        );
+        assert_eq!(
+            seen2.lock().unwrap()[0].path,
+            "/v1/jobs/3/logs?follow=false"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_members_log_is_passed_through_byte_for_byte() {
+        let mut solo = some_jobs()[2].clone();
+        solo.state = "running".into();
+        let (pool, _) = fake(Arc::new(move |_: &Seen| Answer::json(200, &solo))).await;
+        let (a3, seen3) = agent(vec![(0, b"a\r\nb"), (5, b"\xff\x00 no newline")]).await;
+        let f = Loopback {
+            pool,
+            agents: BTreeMap::from([("gpu3".into(), a3)]),
+        };
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        jobs_on(&f, cmd(&["logs", "5", "--follow"]), &mut out, &mut err)
+            .await
+            .unwrap();
+        assert_eq!(out, b"a\r\nb\xff\x00 no newline");
+        assert_eq!(seen3.lock().unwrap()[0].path, "/v1/jobs/1/logs?follow=true");
+    }
+
+    #[tokio::test]
+    async fn follow_waits_for_a_pending_job_to_start() {
+        let asked = Arc::new(Mutex::new(0u32));
+        let n = asked.clone();
+        let (pool, _) = fake(Arc::new(move |_: &Seen| {
+            let mut n = n.lock().unwrap();
+            *n += 1;
+            let mut j = job(3, "pending", request("python x.py"), vec![]);
+            match *n {
+                1 | 2 => j.reason = Some("no free H100".into()),
+                3 => {
+                    j.state = "placed".into();
+                    j.members = vec![member(0, "gpu1", None, "starting")];
+                }
+                _ => {
+                    j.state = "running".into();
+                    j.members = vec![member(0, "gpu1", Some(8), "running")];
+                }
+            }
+            Answer::json(200, &j)
+        }))
+        .await;
+        let (a1, seen1) = agent(vec![(0, b"started\n")]).await;
+        let f = Loopback {
+            pool,
+            agents: BTreeMap::from([("gpu1".into(), a1)]),
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        logs(&f, 3, true, Duration::from_millis(5), &mut out, &mut err)
+            .await
+            .unwrap();
+        assert_eq!(out, b"started\n");
+        assert_eq!(*asked.lock().unwrap(), 4);
+        let err = String::from_utf8(err).unwrap();
+        // one line per state, not one per poll
+        assert_eq!(
+            err.lines().collect::<Vec<_>>(),
+            [
+                "pool job 3 pending: no free H100; waiting for it to start (Ctrl-C stops waiting, the job stays queued)",
+                "pool job 3 placed on gpu1; waiting for it to start (Ctrl-C stops waiting, the job stays queued)",
+            ]
+        );
+        assert_eq!(seen1.lock().unwrap()[0].path, "/v1/jobs/8/logs?follow=true");
+
+        // Without --follow a job that has not started is an error that says so.
+        let (pool, _) = fake(Arc::new(|_: &Seen| {
+            let mut j = job(3, "pending", request("python x.py"), vec![]);
+            j.reason = Some("waiting for 2 nodes".into());
+            Answer::json(200, &j)
+        }))
+        .await;
+        let f = Loopback {
+            pool,
+            agents: BTreeMap::new(),
+        };
+        let e = logs(&f, 3, false, FOLLOW_POLL, &mut Vec::new(), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "pool job 3 is pending (waiting for 2 nodes) and has not started on a worker yet: \
+             no log; `--follow` waits for it"
+        );
+    }
+
+    #[test]
+    fn a_long_line_is_cut_not_buffered_forever() {
+        let mut sink: Vec<u8> = Vec::new();
+        let out: &mut dyn Write = &mut sink;
+        let shared = RefCell::new(out);
+        let mut w = Prefixed::new("[r] ".into(), &shared);
+        w.write_all(&vec![b'x'; MAX_LOG_LINE + 10]).unwrap();
+        w.write_all(b"\nend").unwrap();
+        w.finish().unwrap();
+        drop(w);
+        let text = String::from_utf8(sink).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{}", text.len());
+        assert_eq!(lines[0].len(), 4 + MAX_LOG_LINE);
+        assert_eq!(lines[1], format!("[r] {}", "x".repeat(10)));
+        assert_eq!(lines[2], "[r] end");
+    }
+
+    fn record(job: u64, rank: u32, outcome: &str, exit_code: Option<i32>) -> UsageRecord {
+        UsageRecord {
+            job,
+            attempt: 1,
+            rank,
+            engineer: "alice".into(),
+            worker: format!("gpu{}", rank + 1),
+            gpu_model: "NVIDIA A100-SXM4-80GB".into(),
+            gpus: vec!["GPU-a".into(), "GPU-b".into()],
+            start_ms: Some(1_700_000_000_000),
+            end_ms: 1_700_000_360_000,
+            gpu_seconds: 720.0,
+            outcome: outcome.into(),
+            exit_code,
+        }
+    }
+
+    #[tokio::test]
+    async fn usage_asks_since_and_prints_records_as_a_table_csv_or_json() {
+        let records = vec![record(7, 0, "succeeded", Some(0)), {
+            let mut r = record(7, 1, "failed", Some(3));
+            r.engineer = "o'neil, \"ops\"".into();
+            r
+        }];
+        let answer = records.clone();
+        let (f, seen) = pool_only(Arc::new(move |_: &Seen| Answer::json(200, &answer))).await;
+        let mut out = Vec::new();
+        usage_on(&f, 1_699_000_000_000, UsageFormat::Table, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.lock().unwrap()[0].path,
+            "/v1/pool/usage?since=1699000000000"
+        );
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("JOB  RANK  ENGINEER"), "{out}");
+        assert!(
+            lines[1].contains("gpu1") && lines[1].contains("NVIDIA A100-SXM4-80GB  2"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("2023-11-14 22:13:20  2023-11-14 22:19:20  720.0  succeeded"),
+            "{out}"
+        );
+        assert!(lines[2].ends_with("720.0  failed (exit 3)"), "{out}");
+        assert_eq!(
+            lines[3],
+            "total: 2 records, 1440.0 GPU-seconds (0.40 GPU-hours)"
+        );
+
+        let mut out = Vec::new();
+        usage_on(&f, 0, UsageFormat::Csv, &mut out).await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "job,attempt,rank,engineer,worker,gpu_model,gpu_count,gpus,start,end,gpu_seconds,outcome,exit_code");
+        assert_eq!(lines[1], "7,1,0,alice,gpu1,NVIDIA A100-SXM4-80GB,2,GPU-a;GPU-b,2023-11-14T22:13:20.000Z,2023-11-14T22:19:20.000Z,720,succeeded,0");
+        assert_eq!(lines[2], "7,1,1,\"o'neil, \"\"ops\"\"\",gpu2,NVIDIA A100-SXM4-80GB,2,GPU-a;GPU-b,2023-11-14T22:13:20.000Z,2023-11-14T22:19:20.000Z,720,failed,3");
+
+        let mut out = Vec::new();
+        usage_on(&f, 0, UsageFormat::Json, &mut out).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Vec<UsageRecord>>(&out).unwrap(),
+            records
+        );
+    }
+
+    #[test]
+    fn since_reads_dates_and_durations() {
+        let now = 1_700_000_000_000;
+        assert_eq!(since_ms("2h", now).unwrap(), now - 7_200_000);
+        assert_eq!(since_ms("7d", now).unwrap(), now - 7 * 86_400_000);
+        assert_eq!(since_ms("100000d", now).unwrap(), 0);
+        assert_eq!(since_ms("2023-11-14", now).unwrap(), 1_699_920_000_000);
+        assert_eq!(since_ms("2023-11-14T22:13:20Z", now).unwrap(), now);
+        assert_eq!(since_ms("2023-11-14 22:13", now).unwrap(), now - 20_000);
+        assert_eq!(since_ms("1970-01-01", now).unwrap(), 0);
+        for bad in ["2023-02-29", "2023-13-01", "2023-11-14T25:00", "2023-1-14"] {
+            let e = since_ms(bad, now).unwrap_err().to_string();
+            assert!(e.contains("not a date") && e.contains(bad), "{bad}: {e}");
+        }
+        let e = since_ms("yesterday", now).unwrap_err().to_string();
+        assert!(
+            e.contains("--since \"yesterday\"") && e.contains("e.g. 2h, 7d"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn times_print_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_700_000_000_000), "2023-11-14 22:13:20");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(parse_date("2000-02-29"), Some(951_782_400_000));
+        for days in [-719_468i64, -1, 0, 59, 365, 11_016, 19_675, 2_932_896] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(span(59_000), "59s");
+        assert_eq!(span(125_000), "2m 5s");
+        assert_eq!(span(3 * 3_600_000 + 12 * 60_000 + 5_000), "3h 12m");
+        assert_eq!(span(2 * 86_400_000 + 3_600_000), "2d 1h");
+    }
+}
