@@ -463,12 +463,12 @@ pub fn jobs(a: JobsArgs, pool_default: bool) -> Result<()> {
                 if pool_default {
                     bail!(
                         "{flags}: the pool's, not one worker's: leave out --worker/--api and the \
-                         pool places the job (`weft pool` shows the workers), or leave out {they}"
+                         pool places the job (`weft pool` shows the workers), or leave {they} out"
                     );
                 }
                 bail!(
                     "{flags}: the pool's, not one agent's: `weft jobs submit` without --worker \
-                     sends the job to the pool, or leave out {they}"
+                     sends the job to the pool, or leave {they} out"
                 );
             }
             let SubmitArgs {

@@ -1340,7 +1340,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "--gpu and --nodes: the pool's, not one worker's: leave out --worker/--api and the \
-             pool places the job (`weft pool` shows the workers), or leave out them"
+             pool places the job (`weft pool` shows the workers), or leave them out"
         );
         // `worker-agent jobs` (no pool default) says where the pool is.
         let e = crate::cli::jobs(with(&["submit", "--priority", "9", "--", "true"]), false)
