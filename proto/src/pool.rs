@@ -479,7 +479,7 @@ mod tests {
             !line[..line.len() - 1].contains(&b'\n'),
             "one message is one line"
         );
-        decode_line(&line[..line.len() - 1]).unwrap()
+        decode_line(&line[..line.len() - 1]).expect("must succeed")
     }
 
     proptest! {
@@ -516,19 +516,20 @@ mod tests {
             attempt: None,
         };
         assert_eq!(
-            String::from_utf8(encode_line(&m)).unwrap(),
+            String::from_utf8(encode_line(&m)).expect("must succeed"),
             "{\"type\":\"stop\",\"pool_job\":7}\n"
         );
-        let e = decode_line::<CoordMsg>(b"{\"type\":\"launch\"}").unwrap_err();
+        let e = decode_line::<CoordMsg>(b"{\"type\":\"launch\"}").expect_err("must fail");
         assert!(e.to_string().contains("launch"), "{e}");
     }
 
     #[test]
     fn a_submit_request_defaults_to_one_node_and_refuses_unknown_fields() {
-        let r: SubmitRequest = serde_json::from_str(r#"{"command":["true"]}"#).unwrap();
+        let r: SubmitRequest =
+            serde_json::from_str(r#"{"command":["true"]}"#).expect("must succeed");
         assert_eq!(r.nodes, 1);
         let e = serde_json::from_str::<SubmitRequest>(r#"{"command":["true"],"gpu_count":2}"#)
-            .unwrap_err();
+            .expect_err("must fail");
         assert!(e.to_string().contains("gpu_count"), "{e}");
     }
 }
