@@ -3,7 +3,8 @@
 //! Every command is a thin shell over the libraries, the same functions the
 //! older binaries call (which keep their spellings): `login`, `ssh-config`,
 //! `connect`, `forward` are `tunnel_relay::cli`; `up`, `down`, `ping` are
-//! `mesh::cli`; `jobs`, `history` are `worker_agent::cli`; `status` (this
+//! `mesh::cli`; `jobs`, `history` are `worker_agent::cli` (`jobs` without
+//! `--worker` goes to the pool), `pool` and `usage` `worker_agent::pool_cli`; `status` (this
 //! crate's `status.rs`) puts the three together. The daemons keep their own
 //! binaries: `tunnel-relay serve`, `worker-agent run`, `mesh up --wg-config`.
 
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 use tunnel_relay::cli::{self as relay_cli, StateDirArg};
 use tunnel_relay::rt;
 use worker_agent::cli::{JobsArgs, ReportArgs};
+use worker_agent::pool_cli::{PoolArgs, UsageArgs};
 
 #[derive(Parser)]
 #[command(
@@ -59,8 +61,12 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Ping a mesh peer by name or overlay IP: which path answered (direct or relay) and how fast.
     Ping(mesh::cli::PingArgs),
-    /// Submit, list, show, follow and cancel jobs on a worker (--worker NAME).
+    /// Submit, list, show, follow and cancel jobs: the pool places them (--gpu SPEC), or one worker runs them (--worker NAME).
     Jobs(JobsArgs),
+    /// The pool: every worker with its GPUs (model, memory, health, free or the job holding it), and the queue with why jobs wait.
+    Pool(PoolArgs),
+    /// Usage records of finished pool jobs: engineer, worker, GPUs, times, GPU-seconds, outcome (--since, --json, --csv).
+    Usage(UsageArgs),
     /// Finished jobs on a worker with their GPU-seconds, and totals (--worker NAME).
     History(ReportArgs),
 }
@@ -131,7 +137,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Status(a) => block_on(status::run(a)),
         Cmd::Ping(a) => mesh::cli::ping(&a),
-        Cmd::Jobs(a) => worker_agent::cli::jobs(a),
+        Cmd::Jobs(a) => worker_agent::cli::jobs(a, true),
+        Cmd::Pool(a) => worker_agent::pool_cli::pool(&a),
+        Cmd::Usage(a) => worker_agent::pool_cli::usage(&a),
         Cmd::History(a) => worker_agent::cli::history(&a),
     }
 }

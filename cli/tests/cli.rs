@@ -93,6 +93,8 @@ fn help_lists_every_command_with_a_description() {
         "status",
         "ping",
         "jobs",
+        "pool",
+        "usage",
     ] {
         let line = help
             .lines()
@@ -192,6 +194,60 @@ fn bad_arguments_say_what_is_wrong() {
             "http://127.0.0.1:1",
         ],
         &["--api", "--worker"],
+    );
+
+    // The pool (jobs without --worker): a malformed --gpu is refused before anything is sent,
+    // with the column; the pool's flags are refused with one worker; not logged in says how.
+    let nobody = h.join("nobody");
+    refused(
+        h,
+        &[
+            "jobs",
+            "submit",
+            "--gpu",
+            "80XB",
+            "--state-dir",
+            s(&nobody),
+            "--",
+            "true",
+        ],
+        &[r#"--gpu 80XB: unknown unit "XB" at column 3; use MB, GB or TB"#],
+    );
+    refused(
+        h,
+        &[
+            "jobs", "submit", "--worker", "gpu1", "--gpu", "A100", "--retry", "1", "--", "true",
+        ],
+        &["--gpu and --retry: the pool's", "leave out --worker"],
+    );
+    refused(
+        h,
+        &[
+            "jobs",
+            "submit",
+            "--memory",
+            "1000",
+            "--state-dir",
+            s(&nobody),
+            "--",
+            "true",
+        ],
+        &["--memory: one worker's", "--worker NAME"],
+    );
+    for args in [
+        &["jobs", "list"][..],
+        &["jobs", "logs", "7", "--follow"],
+        &["pool"],
+        &["usage", "--since", "7d"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--state-dir", s(&nobody)]);
+        refused(h, &args, &["the pool (relay)", "weft login --token"]);
+    }
+    refused(
+        h,
+        &["usage", "--since", "2025-02-30", "--state-dir", s(&nobody)],
+        &["--since \"2025-02-30\": not a date"],
     );
 
     // Not logged in: status says so, and creates nothing.

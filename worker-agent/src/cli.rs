@@ -3,7 +3,9 @@
 //! `weft history`, and the GPU column of `weft status`): each binary takes
 //! [`JobsArgs`] and [`ReportArgs`] as its own subcommands (with its own
 //! one-line help) and calls the function of the same name here, which talks
-//! to the API through [`crate::client`] and prints.
+//! to the API through [`crate::client`] and prints. `jobs` without `--worker`
+//! or `--api` goes to the pool where the binary says so (`weft`), through
+//! [`crate::pool_cli`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,7 +27,8 @@ pub const STATUS_PATH: &str = "/v1/status";
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
     /// Engineer: reach this worker's agent through the relay (its `agent` service), as the
-    /// identity of `weft login` (`tunnel-relay login`) in --state-dir. Without it: the local agent.
+    /// identity of `weft login` (`tunnel-relay login`) in --state-dir. Without it (and without
+    /// --api): `weft jobs` goes to the pool, `worker-agent` to the local agent.
     #[arg(long, env = "WEFT_WORKER", global = true)]
     pub worker: Option<String>,
     /// With --worker: how to reach it. `relay` (default): the worker's `agent` service through
@@ -37,9 +40,9 @@ pub struct ApiArgs {
     /// Local agent API base URL; default: read from STATE_DIR/api.url. Not with --worker.
     #[arg(long, env = "WEFT_AGENT_API", global = true, conflicts_with = "worker")]
     pub api: Option<String>,
-    /// With --worker: the engineer's identity directory (default: $XDG_CONFIG_HOME/weft or
-    /// ~/.config/weft, as for `weft login`). Without: the local agent's state directory,
-    /// to find api.url (default: /var/lib/weft-agent).
+    /// With --worker, or for the pool: the engineer's identity directory (default:
+    /// $XDG_CONFIG_HOME/weft or ~/.config/weft, as for `weft login`). For the local agent: its
+    /// state directory, to find api.url (default: /var/lib/weft-agent).
     #[arg(long, env = "WEFT_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
 }
@@ -71,33 +74,104 @@ pub enum Via {
     Mesh,
 }
 
+/// `jobs submit`'s flags. `--gpu`, `--nodes`, `--priority`, `--retry` and
+/// `--wait-for-capacity` are the pool's; `--label`, `--cpus`, `--memory` one agent's.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SubmitArgs {
+    /// GPUs (for the pool: per node, when --gpu gives no count).
+    #[arg(long, default_value_t = 0)]
+    pub gpus: u32,
+    /// Pool: the GPUs each node needs, in dstack's grammar: A100, H100,A100, A100:2,
+    /// 24GB..80GB, 40GB..:1..4 (model names, memory per GPU, count). Not with --worker.
+    #[arg(long, value_name = "SPEC")]
+    pub gpu: Option<String>,
+    /// Pool: how many workers it runs on; more than 1 is a gang, placed all at once (default 1).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
+    pub nodes: Option<u32>,
+    /// Pool: higher runs first (default 0).
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    /// Pool: how many times to place it again after a failure or a lost worker (default 0).
+    #[arg(long, value_name = "R")]
+    pub retry: Option<u32>,
+    /// Pool: queue it even when no worker in the pool could ever run it.
+    #[arg(long)]
+    pub wait_for_capacity: bool,
+    /// Timeout: 90s, 30m, 2h, 1d, or plain seconds (rounded up to whole seconds).
+    #[arg(long, value_name = "DUR", value_parser = tunnel_relay::duration::parse)]
+    pub timeout: Option<Duration>,
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// One worker only (with --worker or a local agent).
+    #[arg(long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// CPU limit in cores (needs cgroup v2 on the worker). One worker only.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes (needs cgroup v2 on the worker). One worker only.
+    #[arg(long)]
+    pub memory: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub command: Vec<String>,
+}
+
+impl SubmitArgs {
+    /// The pool's flags that were given (they need the pool).
+    pub fn pool_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.gpu.is_some() {
+            v.push("--gpu");
+        }
+        if self.nodes.is_some() {
+            v.push("--nodes");
+        }
+        if self.priority.is_some() {
+            v.push("--priority");
+        }
+        if self.retry.is_some() {
+            v.push("--retry");
+        }
+        if self.wait_for_capacity {
+            v.push("--wait-for-capacity");
+        }
+        v
+    }
+
+    /// One agent's flags that were given (the pool does not take them).
+    pub fn worker_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if !self.labels.is_empty() {
+            v.push("--label");
+        }
+        if self.cpus.is_some() {
+            v.push("--cpus");
+        }
+        if self.memory.is_some() {
+            v.push("--memory");
+        }
+        v
+    }
+}
+
+/// `--a`, `--a and --b`, `--a, --b and --c`.
+pub(crate) fn and_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
 /// `jobs …`.
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum JobsCmd {
-    /// Submit a job: `jobs submit --gpus 1 -- python train.py`.
-    Submit {
-        #[arg(long, default_value_t = 0)]
-        gpus: u32,
-        /// Timeout: 90s, 30m, 2h, 1d, or plain seconds (rounded up to whole seconds).
-        #[arg(long, value_name = "DUR", value_parser = tunnel_relay::duration::parse)]
-        timeout: Option<Duration>,
-        #[arg(long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        #[arg(long = "label", value_name = "K=V")]
-        labels: Vec<String>,
-        #[arg(long)]
-        workdir: Option<String>,
-        /// CPU limit in cores (needs cgroup v2 on the worker).
-        #[arg(long)]
-        cpus: Option<f64>,
-        /// Memory limit in bytes (needs cgroup v2 on the worker).
-        #[arg(long)]
-        memory: Option<u64>,
-        #[arg(long)]
-        json: bool,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-        command: Vec<String>,
-    },
+    /// Submit a job: `jobs submit --gpu A100:2 -- python train.py` (the pool places it), or
+    /// `jobs submit --worker gpu1 --gpus 1 -- python train.py` (on that worker).
+    Submit(SubmitArgs),
     /// List jobs.
     List {
         #[arg(long)]
@@ -109,7 +183,8 @@ pub enum JobsCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print a job's output (`--follow` until it ends).
+    /// Print a job's output (`--follow` until it ends; for a pool job that has not started
+    /// yet, it waits for it). A pool gang's lines carry `[rank N WORKER] `.
     Logs {
         id: u64,
         #[arg(long)]
@@ -165,11 +240,17 @@ fn call(a: &ApiArgs, method: &str, path: &str, body: Option<&str>) -> Result<Vec
 
 /// A non-2xx answer as an error with the agent's message.
 pub fn check(code: u16, body: &[u8]) -> Result<()> {
+    check_from("agent", code, body)
+}
+
+/// A non-2xx answer from `who` (`agent`, `the pool`) as an error with its message
+/// (`{"error": "..."}`, else the body as text).
+pub fn check_from(who: &str, code: u16, body: &[u8]) -> Result<()> {
     if !(200..300).contains(&code) {
         let msg = serde_json::from_slice::<crate::api::ErrorBody>(body)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
-        bail!("agent answered {code}: {msg}");
+        bail!("{who} answered {code}: {msg}");
     }
     Ok(())
 }
@@ -189,7 +270,7 @@ pub async fn status_on_session(
     serde_json::from_slice(&body).context("status JSON")
 }
 
-fn kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
+pub(crate) fn kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
     items
         .iter()
         .map(|s| {
@@ -355,26 +436,53 @@ fn mesh_line(m: Option<&MeshStatus>) -> String {
 }
 
 /// Whole seconds for the job timeout, rounded up (`500ms` is 1 s).
-fn timeout_secs(d: Duration) -> u64 {
+pub(crate) fn timeout_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// `jobs …`.
-pub fn jobs(a: JobsArgs) -> Result<()> {
+/// Whether `jobs` goes to the pool: the binary's default is the pool (`weft`) and neither
+/// `--worker` nor `--api` names one agent.
+pub fn goes_to_pool(api: &ApiArgs, pool_default: bool) -> bool {
+    pool_default && api.worker.is_none() && api.api.is_none()
+}
+
+/// `jobs …`: to the pool (see [`goes_to_pool`]; `pool_default` is the binary's choice), else
+/// to one agent (the local one, or `--worker`'s), exactly as before the pool.
+pub fn jobs(a: JobsArgs, pool_default: bool) -> Result<()> {
+    if goes_to_pool(&a.api, pool_default) {
+        let state_dir = client::engineer_dir(a.api.state_dir.as_deref())?;
+        return crate::pool_cli::jobs(a.cmd, &state_dir);
+    }
     let JobsArgs { cmd, api } = a;
     let api = &api;
     match cmd {
-        JobsCmd::Submit {
-            gpus,
-            timeout,
-            env,
-            labels,
-            workdir,
-            cpus,
-            memory,
-            json,
-            command,
-        } => {
+        JobsCmd::Submit(s) => {
+            let pool = s.pool_flags();
+            if !pool.is_empty() {
+                let (flags, they) = (and_list(&pool), if pool.len() == 1 { "it" } else { "them" });
+                if pool_default {
+                    bail!(
+                        "{flags}: the pool's, not one worker's: leave out --worker/--api and the \
+                         pool places the job (`weft pool` shows the workers), or leave {they} out"
+                    );
+                }
+                bail!(
+                    "{flags}: the pool's, not one agent's: `weft jobs submit` without --worker \
+                     sends the job to the pool, or leave {they} out"
+                );
+            }
+            let SubmitArgs {
+                gpus,
+                timeout,
+                env,
+                labels,
+                workdir,
+                cpus,
+                memory,
+                json,
+                command,
+                ..
+            } = s;
             let spec = JobRequest {
                 command,
                 env: kv(&env, "--env")?,

@@ -3,8 +3,9 @@
 //! TCP connection (`http://127.0.0.1:PORT`, the provider's own CLI) or a tunnel stream to a
 //! worker's `agent` service through the relay (the engineer's CLI, with the identity of
 //! `tunnel-relay login`), or a TCP connection over the mesh to the worker's overlay address
-//! (the engineer's CLI on a machine running `mesh up`). No TLS: the relay path is encrypted by
-//! QUIC, the mesh path by WireGuard, the local one never leaves the host.
+//! (the engineer's CLI on a machine running `mesh up`); and the relay's own pool API on a
+//! `Message::Api` stream ([`Endpoint::Pool`], the same HTTP/1.1 client). No TLS: the relay path
+//! is encrypted by QUIC, the mesh path by WireGuard, the local one never leaves the host.
 
 use std::future::poll_fn;
 use std::io::Write;
@@ -92,17 +93,23 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("cannot make the request to the agent at {addr}: {msg}")]
-    Protocol { addr: String, msg: String },
-    #[error("HTTP exchange with the agent at {addr} failed: {source}")]
-    Http { addr: String, source: hyper::Error },
-    #[error("the agent at {addr} sent a response body over the {limit} limit")]
-    TooLarge { addr: String, limit: Bytes },
+    /// `peer` names the far end: `the agent at gpu1/agent`, `the pool (relay)`.
+    #[error("cannot make the request to {peer}: {msg}")]
+    Protocol { peer: String, msg: String },
+    #[error("HTTP exchange with {peer} failed: {source}")]
+    Http { peer: String, source: hyper::Error },
+    #[error("{peer} sent a response body over the {limit} limit")]
+    TooLarge { peer: String, limit: Bytes },
     #[error("cannot write the response to the output: {0}")]
     Sink(std::io::Error),
     #[error("worker {worker:?} through the relay (identity {}): {source}", state_dir.display())]
     Relay {
         worker: String,
+        state_dir: PathBuf,
+        source: tunnel_relay::ClientError,
+    },
+    #[error("the pool (relay) as the identity in {}: {source}", state_dir.display())]
+    PoolRelay {
         state_dir: PathBuf,
         source: tunnel_relay::ClientError,
     },
@@ -117,7 +124,7 @@ pub enum ClientError {
 
 impl ClientError {
     /// For `map_err`: the relay failed us on the way to `worker` as the identity in `state_dir`.
-    fn relay<'a>(
+    pub(crate) fn relay<'a>(
         worker: &'a str,
         state_dir: &'a Path,
     ) -> impl FnOnce(tunnel_relay::ClientError) -> Self + 'a {
@@ -127,7 +134,22 @@ impl ClientError {
             source,
         }
     }
+
+    /// For `map_err`: the relay failed us on the way to its pool API as the identity in `state_dir`.
+    pub(crate) fn pool_relay(
+        state_dir: &Path,
+    ) -> impl FnOnce(tunnel_relay::ClientError) -> Self + '_ {
+        move |source| ClientError::PoolRelay {
+            state_dir: state_dir.to_path_buf(),
+            source,
+        }
+    }
 }
+
+/// How errors name the pool API.
+pub const POOL_LABEL: &str = "the pool (relay)";
+/// The `Host` the pool API requests carry (the relay serves them on the stream itself).
+pub const POOL_HOST: &str = "pool";
 
 /// Where the API is.
 #[derive(Debug, Clone)]
@@ -142,6 +164,10 @@ pub enum Endpoint {
     /// records this node's mesh name as the caller. `worker` is a mesh name, a full name under
     /// the mesh domain, or an overlay IP.
     Mesh { worker: String },
+    /// The relay's pool API (`weft_proto::pool`), as the engineer (or operator) whose identity
+    /// (`weft login`) is in `state_dir`: one relay session, a `Message::Api` stream
+    /// ([`tunnel_relay::Session::open_api`]), then HTTP/1.1 as for an agent.
+    Pool { state_dir: PathBuf },
 }
 
 impl Endpoint {
@@ -150,6 +176,7 @@ impl Endpoint {
             Endpoint::Local(b) => b.clone(),
             Endpoint::Relay { worker, .. } => format!("{worker}/{AGENT_SERVICE}"),
             Endpoint::Mesh { worker } => mesh_host(worker),
+            Endpoint::Pool { .. } => POOL_LABEL.to_string(),
         }
     }
 }
@@ -168,10 +195,25 @@ fn host_of(base: &str) -> Result<String, ClientError> {
 /// Sends one HTTP/1.1 request on `stream` (hyper's client connection; `Connection: close`).
 /// A 2xx answer's body is written to `sink` as it arrives, within the call's limit; any other
 /// answer's body (at most [`MAX_ERROR_BODY`]) is returned instead, for the error message.
-/// `addr` names the far end in errors and is sent as `Host`.
+/// `addr` is sent as `Host`, and errors name the far end `the agent at ADDR`.
 pub async fn request_on<S>(
     stream: S,
     addr: &str,
+    call: Call<'_>,
+    sink: &mut dyn Write,
+) -> Result<(u16, Vec<u8>), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    request_as(stream, addr, &format!("the agent at {addr}"), call, sink).await
+}
+
+/// [`request_on`] with the `Host` and the name errors give the far end (`peer`) apart:
+/// `request_as(stream, POOL_HOST, POOL_LABEL, ..)` for the pool API.
+pub async fn request_as<S>(
+    stream: S,
+    host: &str,
+    peer: &str,
     call: Call<'_>,
     sink: &mut dyn Write,
 ) -> Result<(u16, Vec<u8>), ClientError>
@@ -185,11 +227,11 @@ where
         limit,
     } = call;
     let http = |source| ClientError::Http {
-        addr: addr.to_string(),
+        peer: peer.to_string(),
         source,
     };
     let proto = |msg: String| ClientError::Protocol {
-        addr: addr.to_string(),
+        peer: peer.to_string(),
         msg,
     };
     let method = Method::from_bytes(method.as_bytes())
@@ -198,7 +240,7 @@ where
     let mut req = Request::builder()
         .method(method.clone())
         .uri(path)
-        .header(HOST, addr)
+        .header(HOST, host)
         .header(CONNECTION, "close");
     if !body.is_empty() || method == Method::POST {
         req = req
@@ -220,14 +262,14 @@ where
         let mut failed = Vec::new();
         let body = resp.into_body();
         if resp_ok(code) {
-            read_body(body, limit, addr, &mut |b| {
+            read_body(body, limit, peer, &mut |b| {
                 sink.write_all(b)
                     .and_then(|()| sink.flush())
                     .map_err(ClientError::Sink)
             })
             .await?;
         } else {
-            read_body(body, BodyLimit::Max(MAX_ERROR_BODY), addr, &mut |b| {
+            read_body(body, BodyLimit::Max(MAX_ERROR_BODY), peer, &mut |b| {
                 failed.extend_from_slice(b);
                 Ok(())
             })
@@ -255,11 +297,11 @@ fn resp_ok(code: u16) -> bool {
 async fn read_body(
     mut body: Incoming,
     limit: BodyLimit,
-    addr: &str,
+    peer: &str,
     out: &mut dyn FnMut(&[u8]) -> Result<(), ClientError>,
 ) -> Result<(), ClientError> {
     let too_large = |max| ClientError::TooLarge {
-        addr: addr.to_string(),
+        peer: peer.to_string(),
         limit: Bytes(max),
     };
     if let BodyLimit::Max(max) = limit {
@@ -271,7 +313,7 @@ async fn read_body(
     let mut got = 0usize;
     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
         let frame = frame.map_err(|source| ClientError::Http {
-            addr: addr.to_string(),
+            peer: peer.to_string(),
             source,
         })?;
         let Ok(data) = frame.into_data() else {
@@ -428,7 +470,38 @@ pub async fn call_async(
             session.close().await;
             res
         }
+        Endpoint::Pool { state_dir } => {
+            let session = tunnel_relay::client::session(state_dir)
+                .await
+                .map_err(ClientError::pool_relay(state_dir))?;
+            let res = pool_call_on_session(&session, state_dir, call, sink).await;
+            session.close().await;
+            res
+        }
     }
+}
+
+/// One request to the relay's pool API on an open relay session (which stays open: the same
+/// session then reaches the workers' agents, e.g. for a pool job's logs). `state_dir` (the
+/// session's identity) names it in errors.
+pub async fn pool_call_on_session(
+    session: &tunnel_relay::Session,
+    state_dir: &Path,
+    call: Call<'_>,
+    sink: &mut dyn Write,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let (send, recv) = session
+        .open_api()
+        .await
+        .map_err(ClientError::pool_relay(state_dir))?;
+    request_as(
+        tokio::io::join(recv, send),
+        POOL_HOST,
+        POOL_LABEL,
+        call,
+        sink,
+    )
+    .await
 }
 
 /// One request to `worker`'s `agent` service on an open relay session (which stays open: one
@@ -705,6 +778,40 @@ mod tests {
         assert_eq!(
             mesh_host("fd7a:7765:6674::6440:5"),
             "[fd7a:7765:6674::6440:5]:7070"
+        );
+    }
+
+    #[tokio::test]
+    async fn pool_requests_say_host_pool_and_errors_name_the_pool() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(async move {
+            let req = read_request(&mut server).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\ntrunc")
+                .await
+                .unwrap();
+            server.shutdown().await.unwrap();
+            req
+        });
+        let mut sink = Vec::new();
+        let err = request_as(
+            client,
+            POOL_HOST,
+            POOL_LABEL,
+            Call::get("/v1/pool"),
+            &mut sink,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("HTTP exchange with the pool (relay) failed"),
+            "{err}"
+        );
+        let req = srv.await.unwrap();
+        assert!(
+            req.starts_with("GET /v1/pool HTTP/1.1\r\n") && req.contains("\r\nHost: pool\r\n"),
+            "{req:?}"
         );
     }
 

@@ -28,6 +28,7 @@ pub mod job;
 pub mod mesh_status;
 pub mod metrics;
 pub mod overlay;
+pub mod pool_cli;
 pub mod pool_feed;
 pub mod queue;
 pub mod relay;

@@ -186,7 +186,7 @@ fn main_inner(cli: Cli) -> Result<()> {
         }
         Cmd::Status(a) => cli::status(&a),
         Cmd::History(a) => cli::history(&a),
-        Cmd::Jobs(a) => cli::jobs(a),
+        Cmd::Jobs(a) => cli::jobs(a, false),
     }
 }
 

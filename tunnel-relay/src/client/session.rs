@@ -182,12 +182,24 @@ impl Session {
         target: &str,
         service: &str,
     ) -> Result<(SendStream, RecvStream), ClientError> {
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(ProtoError::from)?;
-        let open = Message::Open {
+        self.open_with(&Message::Open {
             target: target.to_string(),
             service: service.to_string(),
-        };
-        write_message(&mut send, &open)
+        })
+        .await
+    }
+
+    /// Opens a stream to the relay's own pool API ([`Message::Api`]); returns it once the
+    /// relay has answered `OpenOk`, ready for HTTP/1.1 (`weft_proto::pool`'s JSON types).
+    /// A refusal is [`ClientError::Rejected`], as for [`Session::open`].
+    pub async fn open_api(&self) -> Result<(SendStream, RecvStream), ClientError> {
+        self.open_with(&Message::Api).await
+    }
+
+    /// A new bidirectional stream whose first frame is `first`, once the relay answered `OpenOk`.
+    async fn open_with(&self, first: &Message) -> Result<(SendStream, RecvStream), ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(ProtoError::from)?;
+        write_message(&mut send, first)
             .await
             .map_err(ProtoError::from)?;
         match read_message(&mut recv).await.map_err(ProtoError::from)? {
