@@ -41,6 +41,7 @@ pub mod noise;
 pub mod pool;
 #[cfg(feature = "server")]
 pub mod pool_store;
+pub mod pool_text;
 #[cfg(feature = "server")]
 pub mod registry;
 pub mod relay_path;

@@ -457,7 +457,10 @@ fn pool_cmd(cmd: PoolCmd) -> Result<()> {
                         "the relay is not running here: the last stored state (no wait reasons)"
                     );
                 }
-                print!("{}", cli::pool_table(&v, unix_now() * 1000));
+                print!(
+                    "{}",
+                    tunnel_relay::pool_text::pool_text(&v, unix_now() * 1000)
+                );
             }
             return Ok(());
         }
