@@ -181,7 +181,8 @@ pub fn worker_text(w: &WorkerView, now_ms: u64) -> String {
         "{}  {}  uptime {}, {link}  {} CPUs, {} GiB, agent {}{}\n",
         w.name,
         w.state,
-        span(w.uptime_ms),
+        // Connected time so far: closed sessions plus the current one.
+        span(w.uptime_ms + w.connected_since_ms.map_or(0, |t| now_ms.saturating_sub(t))),
         inv.cpus,
         inv.memory_bytes >> 30,
         inv.version,
