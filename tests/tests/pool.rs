@@ -485,7 +485,11 @@ fn the_pool_places_by_requirement_across_natted_workers() {
     );
     let killed = Instant::now();
     h100.agent.stop_with(SIGKILL);
-    h100.router.ns().exec("ip link set wan down");
+    // Its NAT router drops everything (a link-down would also take the router's routes).
+    h100.router.ns().exec(
+        "nft add table ip cut && \
+         nft add chain ip cut block '{ type filter hook forward priority -10; policy drop; }'",
+    );
     let v = alice.wait_job(
         f,
         LOST_AFTER + Duration::from_secs(5),
@@ -535,7 +539,7 @@ fn the_pool_places_by_requirement_across_natted_workers() {
     let local_f = v["members"][0]["local_id"].as_u64().unwrap_or_default();
     assert_eq!(a100.local_job(local_f)["state"], "running");
     // The queued job is placed once its worker is back.
-    h100.router.ns().exec("ip link set wan up");
+    h100.router.ns().exec("nft delete table ip cut");
     h100.restart();
     let v = alice.wait_job(
         waiting,

@@ -188,7 +188,8 @@ fn core_inventory(
 impl PoolShell {
     /// Restores jobs and workers from the store: workers are away until they report again
     /// (lost after `lost_after`), pending jobs queue in their order, running ones stay on
-    /// their workers.
+    /// their workers, finished ones are kept for `jobs list|show` (all of them: pruning old
+    /// records is not done yet).
     pub(super) fn open(
         dir: &std::path::Path,
         settings: &PoolSettings,
@@ -221,8 +222,19 @@ impl PoolShell {
         }
         let mut jobs = BTreeMap::new();
         let (mut pending, mut running) = (0, 0);
-        for mut stored in store.jobs(true)? {
+        for mut stored in store.jobs(false)? {
             let id = stored.view.id;
+            if stored.finished() {
+                // Shown by `jobs list|show`; nothing to schedule.
+                jobs.insert(
+                    id,
+                    JobRec {
+                        stored,
+                        missing: HashMap::new(),
+                    },
+                );
+                continue;
+            }
             let spec = match core_spec(&stored.view.owner, &stored.view.request) {
                 Ok(s) => s,
                 Err(e) => {
