@@ -21,7 +21,13 @@ pub struct Internet {
 impl Internet {
     pub fn new(tag: &str) -> Internet {
         let ns = Netns::new(&format!("{tag}-net"));
-        ns.exec("ip link add name br0 type bridge && ip link set br0 up");
+        // A fixed MAC: a bridge otherwise takes its lowest port's, so plugging in a host
+        // could change the gateway's MAC under every routed host's ARP entry (their
+        // traffic then vanishes until the entry goes stale, ~30 s).
+        ns.exec(
+            "ip link add name br0 type bridge && ip link set br0 address 02:77:66:74:00:01 \
+             && ip link set br0 up",
+        );
         ns.add_addr("br0", &format!("{NET_A_GW}/24"));
         ns.add_addr("br0", &format!("{NET_B_GW}/24"));
         ns.enable_forwarding();
@@ -181,7 +187,11 @@ impl Router {
         let base: std::net::Ipv4Addr = net.parse().expect("lan network address");
         let base = u32::from(base);
         let gw = std::net::Ipv4Addr::from(base + 1);
-        ns.exec("ip link add name lan type bridge && ip link set lan up");
+        // A fixed MAC for the LAN gateway too (see `Internet::new`).
+        ns.exec(
+            "ip link add name lan type bridge && ip link set lan address 02:77:66:74:00:02 \
+             && ip link set lan up",
+        );
         ns.add_addr("lan", &format!("{gw}/{len}"));
         ns.enable_forwarding();
         let random = if nat == Nat::Hard { " random" } else { "" };

@@ -294,7 +294,7 @@ fn the_pool_places_by_requirement_across_natted_workers() {
             if ready && xid {
                 Ok(p)
             } else {
-                Err(format!("{p:#}"))
+                Err(format!("{p:#}\nh100 agent:\n{}", h100.agent.log_tail(40)))
             }
         },
     );
