@@ -2,6 +2,8 @@
 # The Weft local lab: a relay, two GPU workers each behind its own home router's NAT, and an engineer
 # who SSHes into both, first over the WireGuard mesh overlay (`mesh`), then through reverse tunnels on
 # the relay (`tunnel-relay`). Nothing on the internet can reach a worker; in both paths the worker dials out.
+# Then the GPU pool: `worker-agent run` on both workers (simulated GPUs: a stub NVML library), `weft pool`,
+# a job placed by requirement, its logs and the usage record it left.
 #
 #   sudo deploy/lab/demo.sh            # build, run the demo, tear everything down
 #   sudo deploy/lab/demo.sh --keep     # ... and keep the lab up until Ctrl-C, to poke at it
@@ -269,6 +271,9 @@ else
 fi
 [[ -x $relay_bin ]] || die "$relay_bin not found: build it (cargo build --release --bins)"
 [[ -x $weft_bin ]] || die "$weft_bin not found: build it (cargo build --release --bins)"
+agent_bin="$repo/target/release/worker-agent"
+[[ -x $agent_bin ]] || die "$agent_bin not found: build it (cargo build --release --bins)"
+command -v gcc >/dev/null || die "gcc not found (it builds the stub NVML library for the simulated GPUs)"
 
 banner "remove a previous demo's leftovers (${P}* namespaces)"
 delete_weft_namespaces "$P"
@@ -286,6 +291,7 @@ trap 'exit 130' INT TERM
 mkdir -m 755 "$lab/bin"
 ln -s "$relay_bin" "$lab/bin/tunnel-relay"
 ln -s "$weft_bin" "$lab/bin/weft"
+ln -s "$agent_bin" "$lab/bin/worker-agent"
 export PATH="$lab/bin:$PATH"
 
 # ---------------------------------------------------------------------------------------------------
@@ -802,6 +808,58 @@ note "(no reply: gpu2 is not even in gpu1's peer map; workers see only engineers
 show gpu1 "$NS_W1" "$mesh_bin" status --interface weft0 --uapi-dir "$lab/uapi-gpu1"
 
 # ---------------------------------------------------------------------------------------------------
+# The GPU pool: the relay is also the scheduler. These lab machines have no GPU, so each worker agent
+# loads the stub NVML library (a test double built from worker-agent/tests/stub/nvml_stub.c) that
+# pretends to be GPUs: simulated, and announced as such everywhere they are shown.
+banner "GPU pool (1/4): each provider runs worker-agent: it joins the relay and reports its GPUs"
+note "SIMULATED GPUs: this lab has no GPU; the agents load a stub NVML library (a test double)"
+gcc -shared -fPIC -O1 -o "$lab/libnvml-stub.so" "$repo/worker-agent/tests/stub/nvml_stub.c"
+agent_token=$(token_create worker 2)
+agent() { # LABEL NS NAME GPUS MODEL MIB SEED
+    local label=$1 ns=$2 name=$3
+    mkdir -p "$lab/stub-$label"
+    print_cmd "$name" worker-agent run --token "${agent_token:0:12}..." --state-dir "$lab/agent-$label" \
+        --name "$name" --no-mesh '&'
+    start "worker-agent-$label" "$ns" env WEFT_LOG="${WEFT_LOG:-info}" WEFT_NVML_STUB_DIR="$lab/stub-$label" \
+        WEFT_NVML_STUB_GPUS="$4" WEFT_NVML_STUB_MODEL="$5" WEFT_NVML_STUB_MEMORY_MIB="$6" \
+        WEFT_NVML_STUB_UUID_SEED="$7" \
+        worker-agent run --token "$agent_token" --state-dir "$lab/agent-$label" --name "$name" --no-mesh \
+        --nvml-lib "$lab/libnvml-stub.so"
+    wait_for "$name to report to the pool" 20 "$last_pid" grep -q "pool feed stream opened" "${pid_log[$last_pid]}"
+}
+agent gpu1 "$NS_W1" gpu-a100 2 "NVIDIA A100-SXM4-80GB" 81920 1
+agent gpu2 "$NS_W2" gpu-4090 4 "NVIDIA GeForce RTX 4090" 24564 2
+note "(--no-mesh: these workers already run \`mesh up\` above; an agent on its own joins the mesh too)"
+
+banner "GPU pool (2/4): the engineer sees the pool: every worker with every GPU, free or busy, healthy or not"
+pool_ready() { in_ns "$NS_ENG" weft pool --json --state-dir "$ENG_STATE" | grep -q '"gpu-4090"' &&
+    in_ns "$NS_ENG" weft pool --json --state-dir "$ENG_STATE" | grep -q '"gpu-a100"'; }
+wait_for "both workers in the pool" 20 "" pool_ready
+show alice "$NS_ENG" weft pool --state-dir "$ENG_STATE"
+
+banner "GPU pool (3/4): a job placed by requirement: 80 GB or more, one GPU; no --worker"
+print_cmd alice weft jobs submit --state-dir "$ENG_STATE" --gpu 80GB..:1 -- sh -c \
+    'echo "hello from pool job $WEFT_POOL_JOB on $CUDA_VISIBLE_DEVICES"; sleep 1; echo done'
+# shellcheck disable=SC2016 # expanded by the job's shell
+job=$(in_ns "$NS_ENG" weft jobs submit --state-dir "$ENG_STATE" --gpu 80GB..:1 -- sh -c \
+    'echo "hello from pool job $WEFT_POOL_JOB on $CUDA_VISIBLE_DEVICES"; sleep 1; echo done')
+note "-> job $job"
+show alice "$NS_ENG" weft jobs logs --state-dir "$ENG_STATE" --follow "$job"
+show alice "$NS_ENG" weft jobs show --state-dir "$ENG_STATE" "$job"
+in_ns "$NS_ENG" weft jobs show --json --state-dir "$ENG_STATE" "$job" | grep -q '"worker":"gpu-a100"' ||
+    die "job $job was not placed on gpu-a100 (the only worker with 80 GB GPUs)"
+print_cmd alice weft jobs submit --state-dir "$ENG_STATE" --gpu H100 -- true
+if in_ns "$NS_ENG" weft jobs submit --state-dir "$ENG_STATE" --gpu H100 -- true 2>"$lab/h100.err"; then
+    die "an H100 job was accepted in a pool without H100s"
+fi
+sed 's/^/    /' "$lab/h100.err"
+note "(refused at once with why; --wait-for-capacity would queue it)"
+
+banner "GPU pool (4/4): the usage record the job left, and the operator's view of the pool"
+show alice "$NS_ENG" weft usage --state-dir "$ENG_STATE"
+show operator "$NS_RELAY" tunnel-relay pool list --state-dir "$RELAY_STATE"
+
+# ---------------------------------------------------------------------------------------------------
 if [[ $keep == 1 ]]; then
     banner "the lab is up; Ctrl-C tears it down"
     cat <<EOF
@@ -818,6 +876,12 @@ EOF
       ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ProxyCommand='$weft_bin connect --state-dir $ENG_STATE %h %p' root@gpu-worker-1
       ip netns exec $NS_ENG ssh -F $lab/engineer_ssh_config -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu-worker-2
       ip netns exec $NS_RELAY $relay_bin nodes list --state-dir $RELAY_STATE
+EOF
+    cat <<EOF
+    GPU pool (simulated GPUs):
+      ip netns exec $NS_ENG $weft_bin pool --state-dir $ENG_STATE
+      ip netns exec $NS_ENG $weft_bin jobs submit --state-dir $ENG_STATE --gpu RTX4090:2 -- sh -c 'echo \$CUDA_VISIBLE_DEVICES'
+      ip netns exec $NS_RELAY $relay_bin pool list --state-dir $RELAY_STATE
 EOF
     cat <<EOF
     Managed mesh (MagicDNS in the engineers' namespaces):
