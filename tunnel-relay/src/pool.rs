@@ -851,6 +851,31 @@ impl Pool {
         self.lose(w, now);
     }
 
+    /// The worker leaves the pool for good (its node was revoked): its jobs are
+    /// requeued (retries left) or end `Lost`, its GPUs no longer count for
+    /// anything, and a duplicate-UUID flag it caused clears when no other
+    /// worker still shares the UUID.
+    pub fn remove_worker(&mut self, name: &str, now: Instant) {
+        let Some(&w) = self.by_name.get(name) else {
+            return;
+        };
+        self.worker_update(
+            now,
+            Inventory {
+                worker: name.to_string(),
+                gpus: Vec::new(),
+            },
+        );
+        self.lose(w, now);
+        let uuids: Vec<String> = self.flagged.iter().cloned().collect();
+        for u in uuids {
+            if self.uuids.get(&u).is_none_or(|ws| ws.len() < 2) {
+                self.clear_flag(&u);
+            }
+        }
+        self.dirty = true;
+    }
+
     fn lose(&mut self, w: Wid, now: Instant) {
         {
             let wk = &mut self.workers[w as usize];
@@ -1857,6 +1882,26 @@ mod tests {
         t.pool.clear_flag("GPU-w1-0");
         t.tick();
         assert_eq!(t.pool.state(j), Some(JobState::Placed));
+    }
+
+    #[test]
+    fn removing_a_cloner_clears_the_flag_and_the_original_is_scheduled_again() {
+        let mut t = default();
+        t.worker("real", A100, 1);
+        // "clone" reports the same UUID as real's GPU.
+        t.pool
+            .worker_update(t.now, inv("clone", gpus("real", A100, 1)));
+        assert_eq!(t.pool.flagged().count(), 1);
+        let j = t.job("A100", |_| {});
+        t.tick();
+        assert!(
+            t.placed_on(j).is_empty(),
+            "a flagged GPU is given to nobody"
+        );
+        t.pool.remove_worker("clone", t.now);
+        assert_eq!(t.pool.flagged().count(), 0);
+        t.tick();
+        assert_eq!(t.placed_on(j), ["real"]);
     }
 
     #[test]

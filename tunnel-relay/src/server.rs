@@ -386,6 +386,7 @@ const REVOCATION_POLL: Duration = Duration::from_millis(500);
 /// [`REVOCATION_POLL`] of the `nodes revoke` command.
 async fn watch_revocations(shared: Arc<Shared>) {
     let mut seen = None;
+    let mut revoked_before: Option<HashSet<PublicKey>> = None;
     let mut tick = tokio::time::interval(REVOCATION_POLL);
     loop {
         tick.tick().await;
@@ -408,6 +409,22 @@ async fn watch_revocations(shared: Arc<Shared>) {
         let Some(revoked) = revoked else { continue };
         // The operator's `pool cordon|drain|uncordon` write the same database.
         shared.pool.reload_flags();
+        if revoked_before.as_ref() != Some(&revoked) {
+            // Revoked workers leave the pool (their GPUs, their jobs, a clone's flag).
+            let names: Vec<String> = match lock(&shared.registry).list_nodes() {
+                Ok(nodes) => nodes
+                    .into_iter()
+                    .filter(|n| n.revoked)
+                    .map(|n| n.name)
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %e, "registry read failed");
+                    Vec::new()
+                }
+            };
+            shared.pool.remove_workers(&names);
+            revoked_before = Some(revoked.clone());
+        }
         shared.mesh.remove_keys(&revoked, &shared.metrics);
         for conn in lock(&shared.routes).revoked(&revoked) {
             info!(remote = %conn.remote_address(), "closing a revoked node's connection");

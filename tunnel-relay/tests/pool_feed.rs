@@ -671,3 +671,76 @@ async fn a_worker_whose_heartbeats_stop_is_lost_and_back_when_it_speaks() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloned_gpu_is_flagged_until_the_operator_revokes_the_clone() {
+    let lab = start_relay(RelayConfig::default()).await;
+    let (d1, d2) = (tmp(), tmp());
+    let same = || inventory(gpus("x", "NVIDIA A100-SXM4-80GB", 81920, 1), vec![]);
+    let mut real = agent(&lab, "real", d1.path(), false, same()).await;
+    let _clone = agent(&lab, "clone", d2.path(), false, same()).await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, v) = api(alice.path(), "GET", "/v1/pool", None).await;
+        let flagged = v["workers"].as_array().is_some_and(|ws| {
+            ws.len() == 2
+                && ws
+                    .iter()
+                    .all(|w| w["flagged"] == serde_json::json!(["GPU-x-0"]))
+        });
+        if flagged {
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "never flagged on both: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, v) = submit(alice.path(), r#"{"command":["x"],"gpu":"A100"}"#).await;
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_u64().unwrap_or_default();
+    let v = job_until(alice.path(), id, "pending", |v| v["reason"].is_string()).await;
+    assert_eq!(
+        v["state"], "pending",
+        "neither copy of a cloned GPU is given: {v}"
+    );
+    // The operator decides: the clone is revoked; the real one gets the job.
+    lab.registry()
+        .revoke_node("clone")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = tokio::time::timeout(Duration::from_secs(5), real.start())
+        .await
+        .unwrap_or_else(|_| panic!("the real worker never got the job"));
+    assert_eq!(s.pool_job, id);
+    let (_, v) = api(alice.path(), "GET", "/v1/pool", None).await;
+    let clone = v["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["name"] == "clone").cloned())
+        .unwrap_or_default();
+    assert_eq!(clone["state"], "revoked", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_limits_and_gpu_quotas_are_enforced_at_submit() {
+    let mut config = RelayConfig::default();
+    config.pool.gpu_quota = Some(2);
+    config.pool.priority_max.insert("engineer".into(), 50);
+    let lab = start_relay(config).await;
+    let d = tmp();
+    let _w = agent(
+        &lab,
+        "w",
+        d.path(),
+        false,
+        inventory(gpus("w", "NVIDIA A100-SXM4-80GB", 81920, 4), vec![]),
+    )
+    .await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let (code, v) = submit(alice.path(), r#"{"command":["x"],"gpus":1,"priority":90}"#).await;
+    assert_eq!(code, 403, "{v}");
+    assert!(err_text(&v).contains("over the limit 50"), "{v}");
+    let (code, v) = submit(alice.path(), r#"{"command":["x"],"gpus":2,"priority":50}"#).await;
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = submit(alice.path(), r#"{"command":["x"],"gpus":1}"#).await;
+    assert_eq!(code, 403, "{v}");
+    assert!(err_text(&v).contains("2 of 2 GPUs"), "{v}");
+}

@@ -200,6 +200,16 @@ impl PoolShell {
         let mut core = Pool::new(core_config(settings));
         let mut workers = BTreeMap::new();
         for mut view in store.workers()? {
+            if view.state == "revoked" {
+                workers.insert(
+                    view.name.clone(),
+                    WorkerRec::new(&view.name, view.inventory.clone(), view.first_seen_ms),
+                );
+                if let Some(w) = workers.get_mut(&view.name) {
+                    w.view = view;
+                }
+                continue;
+            }
             let inv = core_inventory(&view.name, &view.inventory, &[]);
             core.worker_update(now, inv);
             core.worker_disconnected(&view.name, now);
@@ -296,6 +306,33 @@ impl PoolShell {
         })
     }
 
+    /// Nodes revoked by the operator leave the pool: their jobs are requeued, their GPUs
+    /// (and a duplicate-UUID flag they caused) are gone, their records stay for the history.
+    pub(super) fn remove_workers(&self, names: &[String]) {
+        let mut hub = lock(&self.hub);
+        let now = Instant::now();
+        let mut any = false;
+        for name in names {
+            let Some(w) = hub.workers.get_mut(name) else {
+                continue;
+            };
+            if w.view.state == "revoked" {
+                continue;
+            }
+            w.view.state = "revoked".into();
+            w.view.connected_since_ms = None;
+            w.feed = None;
+            info!(worker = %name, "revoked: leaves the pool");
+            hub.owe_all(name);
+            hub.pool.remove_worker(name, now);
+            hub.save_worker(name);
+            any = true;
+        }
+        if any {
+            hub.pump(now);
+        }
+    }
+
     /// The operator's flags changed in the store (another process): apply them.
     pub(super) fn reload_flags(&self) {
         let mut hub = lock(&self.hub);
@@ -364,6 +401,9 @@ impl Hub {
         let state = self.pool.worker_state(name).unwrap_or("disconnected");
         let flagged = self.pool.flagged_on(name);
         if let Some(w) = self.workers.get_mut(name) {
+            if w.view.state == "revoked" {
+                return;
+            }
             w.view.state = state.to_string();
             w.view.flagged = flagged;
         }
@@ -828,6 +868,25 @@ impl Hub {
         } else {
             self.pool.job_ended(job, Outcome::Failed, now);
             self.save_job(job);
+        }
+    }
+
+    /// Every current copy on `worker` is owed a stop (it is leaving the pool).
+    fn owe_all(&mut self, worker: &str) {
+        let ids: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                matches!(j.stored.view.state.as_str(), "placed" | "running")
+                    && j.stored.view.members.iter().any(|m| m.worker == worker)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let attempt = self.jobs.get(&id).map_or(0, |j| j.stored.view.attempt);
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.owed_stops.push((id, attempt));
+            }
         }
     }
 
