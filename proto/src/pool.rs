@@ -98,6 +98,17 @@ pub struct Ended {
     pub ended_ms: u64,
     /// The GPUs it held.
     pub gpus: Vec<String>,
+    /// Who submitted it, for a per-worker job (`copy.pool_job` 0; the coordinator knows a pool
+    /// copy's owner itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl Ended {
+    /// Whether this is a per-worker job (submitted to this agent, not placed by the pool).
+    pub fn per_worker(&self) -> bool {
+        self.copy.pool_job == 0
+    }
 }
 
 /// Agent → coordinator.
@@ -150,10 +161,13 @@ pub enum CoordMsg {
     },
     /// The coordinator stored this end; the agent need not send it again.
     Ack {
-        /// The pool job.
+        /// The pool job (0: a per-worker job, named by `local_id`).
         pool_job: u64,
         /// The attempt.
         attempt: u32,
+        /// A per-worker job's local id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        local_id: Option<u64>,
     },
 }
 
@@ -334,12 +348,12 @@ pub struct PoolView {
     pub policy: String,
 }
 
-/// A finished copy's usage record.
+/// A finished job's usage record: a pool copy's, or (attempt 0) a per-worker job's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// Pool job.
+    /// Pool job; for a per-worker job (attempt 0) the agent's local job id.
     pub job: u64,
-    /// Attempt.
+    /// Attempt (1, 2, …); 0 for a per-worker job (`weft jobs submit --worker`).
     pub attempt: u32,
     /// Rank in the job.
     pub rank: u32,
@@ -431,6 +445,7 @@ mod tests {
                 proptest::collection::vec(s(), 0..3)
             )
                 .prop_map(|(copy, state, exit_code, started_ms, ended_ms, gpus)| {
+                    let owner = (copy.pool_job == 0).then(|| state.clone());
                     AgentMsg::Ended(Ended {
                         copy,
                         state,
@@ -438,6 +453,7 @@ mod tests {
                         started_ms,
                         ended_ms,
                         gpus,
+                        owner,
                     })
                 }),
         ]
@@ -471,8 +487,13 @@ mod tests {
                 ),
             (any::<u64>(), proptest::option::of(any::<u32>()))
                 .prop_map(|(pool_job, attempt)| CoordMsg::Stop { pool_job, attempt }),
-            (any::<u64>(), any::<u32>())
-                .prop_map(|(pool_job, attempt)| CoordMsg::Ack { pool_job, attempt }),
+            (any::<u64>(), any::<u32>(), proptest::option::of(any::<u64>())).prop_map(
+                |(pool_job, attempt, local_id)| CoordMsg::Ack {
+                    pool_job,
+                    attempt,
+                    local_id,
+                }
+            ),
         ]
     }
 

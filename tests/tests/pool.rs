@@ -12,7 +12,7 @@
 //! only while it runs; a job on a worker that dies is requeued on another within
 //! `lost_after` plus 5 s; `kill -9` of the relay loses no job; bad and impossible specs are refused with why;
 //! nobody but the owner cancels or reads a job; a worker cannot submit; every finished job
-//! leaves a usage record consistent with the agent's history.
+//! (pool or per-worker) leaves a usage record consistent with the agent's history.
 //!
 //! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
@@ -585,6 +585,21 @@ fn the_pool_places_by_requirement_across_natted_workers() {
         lj["caller"], "alice",
         "the agent records the engineer as the caller"
     );
+    // A per-worker job (no pool) leaves a record too: attempt 0, the agent's local id.
+    let out = alice.ok("jobs submit --worker rtx --gpus 1 -- true");
+    let local: u64 = out.trim().parse().unwrap_or_else(|_| panic!("{out}"));
+    let rec = until(Duration::from_secs(10), "usage of the per-worker job", || {
+        let u = json(&alice.ok("usage --json"));
+        u.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|r| r["worker"] == "rtx" && r["attempt"] == 0 && r["job"] == local)
+                    .cloned()
+            })
+            .ok_or_else(|| u.to_string())
+    });
+    assert_eq!(rec["engineer"], "alice", "{rec:#}");
+    assert_eq!(rec["gpu_model"], "NVIDIA GeForce RTX 4090", "{rec:#}");
     let bob_usage = json(&bob.ok("usage --json"));
     assert_eq!(
         bob_usage,

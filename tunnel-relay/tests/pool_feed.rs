@@ -223,6 +223,7 @@ fn ended(s: &Start, local_id: u64, state: &str, exit_code: i32) -> AgentMsg {
         started_ms: Some(1_000),
         ended_ms: 3_000,
         gpus: s.gpus.clone(),
+        owner: None,
     })
 }
 
@@ -359,7 +360,11 @@ async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
     a100.send(ended(&s, 41, "succeeded", 0)).await;
     a100.send(ended(&s, 41, "succeeded", 0)).await;
     match a100.next("ack").await {
-        CoordMsg::Ack { pool_job, attempt } => assert_eq!((pool_job, attempt), (id, 1)),
+        CoordMsg::Ack {
+            pool_job,
+            attempt,
+            local_id,
+        } => assert_eq!((pool_job, attempt, local_id), (id, 1, None)),
         other => panic!("{other:?}"),
     }
     let s2 = loop {
@@ -383,6 +388,39 @@ async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
     assert_eq!(recs[0]["outcome"], "succeeded");
     let (_, v) = api(bob.path(), "GET", "/v1/pool/usage?since=0", None).await;
     assert_eq!(v, serde_json::json!([]), "bob sees only his own records");
+
+    // A per-worker job (submitted to the agent, not the pool) leaves a record too: attempt 0,
+    // the agent's local id, the caller it names; acked by its local id.
+    a100.send(AgentMsg::Ended(Ended {
+        copy: JobCopy {
+            pool_job: 0,
+            attempt: 0,
+            local_id: 77,
+        },
+        state: "succeeded".into(),
+        exit_code: Some(0),
+        started_ms: Some(10_000),
+        ended_ms: 13_000,
+        gpus: vec!["GPU-a-1".into()],
+        owner: Some("bob".into()),
+    }))
+    .await;
+    loop {
+        match a100.next("ack of the per-worker job").await {
+            CoordMsg::Ack { local_id: Some(l), pool_job, attempt } => {
+                assert_eq!((pool_job, attempt, l), (0, 0, 77));
+                break;
+            }
+            CoordMsg::Ack { .. } | CoordMsg::Start(_) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    let (_, v) = api(bob.path(), "GET", "/v1/pool/usage?since=0", None).await;
+    let recs = v.as_array().cloned().unwrap_or_default();
+    assert_eq!(recs.len(), 1, "{v}");
+    assert_eq!((recs[0]["job"].as_u64(), recs[0]["attempt"].as_u64()), (Some(77), Some(0)));
+    assert_eq!(recs[0]["gpu_model"], "NVIDIA A100-SXM4-80GB");
+    assert_eq!(recs[0]["gpu_seconds"], 3.0);
 
     // Cancel the second: the worker is told to stop exactly that attempt.
     let (code, v) = api(

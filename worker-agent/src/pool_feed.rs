@@ -15,9 +15,10 @@
 //! - [`CoordMsg::Stop`] cancels the matching copies the normal way (SIGTERM, SIGKILL after the
 //!   grace period); each then ends as `cancelled`.
 //! - A copy's end is sent as [`AgentMsg::Ended`] and again on every new stream until
-//!   [`CoordMsg::Ack`]. What is unacked lives in memory; after an agent restart, the pool
-//!   copies in the store that ended within [`REPLAY_WINDOW_MS`] are sent again (the
-//!   coordinator de-duplicates).
+//!   [`CoordMsg::Ack`]. So is the end of every per-worker job (`pool_job` 0, the caller as
+//!   `owner`): the coordinator keeps a usage record of every finished job on every worker.
+//!   What is unacked lives in memory; after an agent restart, the jobs in the store that
+//!   ended within [`REPLAY_WINDOW_MS`] are sent again (the coordinator de-duplicates).
 //! - A line that does not decode is logged and skipped; a line over `MAX_LINE` closes the
 //!   stream. One stream at a time: a new one supersedes the old one.
 //!
@@ -79,6 +80,40 @@ fn ended_of(job: &Job, copy: JobCopy) -> Ended {
         started_ms: job.started_ms,
         ended_ms: job.ended_ms.unwrap_or(job.submitted_ms),
         gpus: job.gpu_uuids.clone(),
+        owner: None,
+    }
+}
+
+/// A finished job as the coordinator's usage record needs it: a pool copy, or a per-worker job
+/// (`pool_job` 0, its caller as the owner). None while it runs.
+fn end_of(job: &Job) -> Option<Ended> {
+    if !job.state.is_terminal() {
+        return None;
+    }
+    Some(match copy_of(job) {
+        Some(copy) => ended_of(job, copy),
+        None => Ended {
+            owner: Some(job.caller.clone()),
+            ..ended_of(
+                job,
+                JobCopy {
+                    pool_job: 0,
+                    attempt: 0,
+                    local_id: job.id,
+                },
+            )
+        },
+    })
+}
+
+/// The key of an end in the ledger: (pool job, attempt), or a per-worker job's local id.
+type EndKey = (u64, u32, u64);
+
+fn end_key(pool_job: u64, attempt: u32, local_id: Option<u64>) -> EndKey {
+    if pool_job == 0 {
+        (0, 0, local_id.unwrap_or(0))
+    } else {
+        (pool_job, attempt, 0)
     }
 }
 
@@ -175,8 +210,8 @@ pub fn inventory(
 /// the ends not yet acked. Pure.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ledger {
-    /// Ends not yet acked, by (pool job, attempt).
-    unacked: BTreeMap<(u64, u32), Ended>,
+    /// Ends not yet acked, by (pool job, attempt) or a per-worker job's local id ([`end_key`]).
+    unacked: BTreeMap<EndKey, Ended>,
     /// Local ids of copies whose end was taken into `unacked` (acked since or not).
     ended: BTreeSet<u64>,
     /// Local ids of copies whose start was reported (or that ran before the agent started).
@@ -189,49 +224,48 @@ impl Ledger {
     pub fn restore(jobs: &[Job], now: u64) -> Ledger {
         let mut l = Ledger::default();
         for j in jobs {
-            let Some(copy) = copy_of(j) else { continue };
-            if j.state == JobState::Running {
+            if copy_of(j).is_some() && j.state == JobState::Running {
                 l.started.insert(j.id);
             }
-            if j.state.is_terminal() {
-                l.started.insert(j.id);
-                l.ended.insert(j.id);
-                let key = (copy.pool_job, copy.attempt);
-                let e = ended_of(j, copy);
-                if e.ended_ms.saturating_add(REPLAY_WINDOW_MS) >= now {
-                    l.unacked.insert(key, e);
-                }
+            let Some(e) = end_of(j) else { continue };
+            l.started.insert(j.id);
+            l.ended.insert(j.id);
+            if e.ended_ms.saturating_add(REPLAY_WINDOW_MS) >= now {
+                let key = end_key(e.copy.pool_job, e.copy.attempt, Some(j.id));
+                l.unacked.insert(key, e);
             }
         }
         l
     }
 
-    /// What changed in `jobs` since the last scan: a `Started` for each copy now running (or
-    /// past it), an `Ended` for each copy now finished (also kept until acked).
+    /// New starts and ends in `jobs` (the engine's list) since the last scan: `Started` for
+    /// pool copies, `Ended` for every job, pool or per-worker (the usage record).
     pub fn scan(&mut self, jobs: &[Job]) -> Vec<AgentMsg> {
         let mut out = Vec::new();
         for j in jobs {
-            let Some(copy) = copy_of(j) else { continue };
-            let key = (copy.pool_job, copy.attempt);
-            if let (Some(started_ms), false) = (j.started_ms, self.started.contains(&j.id)) {
-                self.started.insert(j.id);
-                out.push(AgentMsg::Started {
-                    copy: copy.clone(),
-                    started_ms,
-                });
+            if let Some(copy) = copy_of(j) {
+                if let (Some(started_ms), false) = (j.started_ms, self.started.contains(&j.id)) {
+                    self.started.insert(j.id);
+                    out.push(AgentMsg::Started { copy, started_ms });
+                }
             }
-            if j.state.is_terminal() && self.ended.insert(j.id) {
-                let e = ended_of(j, copy);
-                self.unacked.insert(key, e.clone());
-                out.push(AgentMsg::Ended(e));
+            if j.state.is_terminal() && !self.ended.contains(&j.id) {
+                if let Some(e) = end_of(j) {
+                    self.ended.insert(j.id);
+                    let key = end_key(e.copy.pool_job, e.copy.attempt, Some(j.id));
+                    self.unacked.insert(key, e.clone());
+                    out.push(AgentMsg::Ended(e));
+                }
             }
         }
         out
     }
 
     /// The coordinator stored this end. Whether it was unacked.
-    pub fn ack(&mut self, pool_job: u64, attempt: u32) -> bool {
-        self.unacked.remove(&(pool_job, attempt)).is_some()
+    pub fn ack(&mut self, pool_job: u64, attempt: u32, local_id: Option<u64>) -> bool {
+        self.unacked
+            .remove(&end_key(pool_job, attempt, local_id))
+            .is_some()
     }
 
     /// Every end not yet acked, for a new stream.
@@ -245,7 +279,7 @@ impl Ledger {
 
     /// This copy's end, when it is unacked.
     fn unacked_end(&self, pool_job: u64, attempt: u32) -> Option<&Ended> {
-        self.unacked.get(&(pool_job, attempt))
+        self.unacked.get(&end_key(pool_job, attempt, None))
     }
 }
 
@@ -426,9 +460,13 @@ impl PoolFeed {
                 }
             }
             CoordMsg::Stop { pool_job, attempt } => self.stop(pool_job, attempt).await,
-            CoordMsg::Ack { pool_job, attempt } => {
-                let was = self.ledger.lock().ack(pool_job, attempt);
-                debug!(pool_job, attempt, unacked = was, "end acked");
+            CoordMsg::Ack {
+                pool_job,
+                attempt,
+                local_id,
+            } => {
+                let was = self.ledger.lock().ack(pool_job, attempt, local_id);
+                debug!(pool_job, attempt, ?local_id, unacked = was, "end acked");
             }
         }
     }
@@ -841,6 +879,7 @@ mod tests {
         c2.send(&CoordMsg::Ack {
             pool_job: 7,
             attempt: 1,
+            local_id: None,
         })
         .await;
         wait_for("the ack", || feed.ledger.lock().replay().is_empty()).await;
@@ -927,13 +966,21 @@ mod tests {
         local.spec = crate::job::JobSpec::for_test(0, None);
         let jobs = vec![recent.clone(), old, running.clone(), local];
         let mut l = Ledger::restore(&jobs, now);
-        let [AgentMsg::Ended(e)] = &l.replay()[..] else {
+        let [AgentMsg::Ended(e), AgentMsg::Ended(w)] = &l.replay()[..] else {
             panic!("{:?}", l.replay())
         };
+        // The per-worker job's end is in the ledger too (its usage record), with its caller.
+        assert_eq!(
+            (w.copy.pool_job, w.copy.attempt, w.copy.local_id),
+            (0, 0, 4)
+        );
+        assert!(w.per_worker());
+        assert_eq!(w.owner.as_deref(), Some(jobs[3].caller.as_str()));
         assert_eq!(
             (e.copy.pool_job, e.copy.attempt, e.copy.local_id),
             (41, 2, 1)
         );
+        assert_eq!(e.owner, None, "the coordinator knows a pool copy's owner");
         assert_eq!(e.started_ms, Some(2_000));
         assert!(l.scan(&jobs).is_empty(), "nothing new since");
         // the running copy ends: one Ended, kept until acked
@@ -946,8 +993,10 @@ mod tests {
             "{msgs:?}"
         );
         assert!(l.scan(&[done]).is_empty(), "an end is reported once");
-        assert_eq!(l.replay().len(), 2);
-        assert!(l.ack(41, 2) && !l.ack(41, 2));
+        assert_eq!(l.replay().len(), 3);
+        assert!(l.ack(41, 2, None) && !l.ack(41, 2, None));
+        assert!(!l.ack(0, 0, Some(5)), "another per-worker job");
+        assert!(l.ack(0, 0, Some(4)));
         assert_eq!(l.replay().len(), 1);
         assert_eq!(copy_of(&recent).unwrap().local_id, 1);
     }

@@ -787,6 +787,9 @@ impl Hub {
     }
 
     fn on_ended(&mut self, worker: &str, e: Ended, now: Instant) {
+        if e.per_worker() {
+            return self.on_worker_job_ended(worker, e);
+        }
         let job = e.copy.pool_job;
         let attempt = e.copy.attempt;
         // The usage record, once per (job, attempt, worker).
@@ -803,36 +806,7 @@ impl Hub {
             ),
             None => (String::new(), 0),
         };
-        let gpu_model = self
-            .workers
-            .get(worker)
-            .and_then(|w| {
-                w.view
-                    .inventory
-                    .gpus
-                    .iter()
-                    .find(|g| e.gpus.contains(&g.uuid))
-                    .map(|g| g.model.clone())
-            })
-            .unwrap_or_default();
-        let secs = e
-            .started_ms
-            .map(|s| e.ended_ms.saturating_sub(s) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        let usage = UsageRecord {
-            job,
-            attempt,
-            rank,
-            engineer,
-            worker: worker.to_string(),
-            gpu_model,
-            gpus: e.gpus.clone(),
-            start_ms: e.started_ms,
-            end_ms: e.ended_ms,
-            gpu_seconds: secs * e.gpus.len() as f64,
-            outcome: e.state.clone(),
-            exit_code: e.exit_code,
-        };
+        let usage = usage_record(&e, rank, engineer, worker, self.model_of(worker, &e.gpus));
         match self.store.save_usage(&usage) {
             Ok(_) => {
                 self.send(
@@ -840,6 +814,7 @@ impl Hub {
                     CoordMsg::Ack {
                         pool_job: job,
                         attempt,
+                        local_id: None,
                     },
                 );
             }
@@ -959,6 +934,41 @@ impl Hub {
         }
     }
 
+    /// The GPU model of `worker`'s first GPU among `gpus` (as its inventory names it).
+    fn model_of(&self, worker: &str, gpus: &[String]) -> String {
+        self.workers
+            .get(worker)
+            .and_then(|w| {
+                w.view
+                    .inventory
+                    .gpus
+                    .iter()
+                    .find(|g| gpus.contains(&g.uuid))
+                    .map(|g| g.model.clone())
+            })
+            .unwrap_or_default()
+    }
+
+    /// A per-worker job (`--worker`) ended: its usage record (attempt 0, the agent's local id),
+    /// then the ack. The pool's queue is not involved.
+    fn on_worker_job_ended(&mut self, worker: &str, e: Ended) {
+        let local_id = e.copy.local_id;
+        let usage = usage_record(&e, 0, e.owner.clone().unwrap_or_default(), worker, self.model_of(worker, &e.gpus));
+        match self.store.save_usage(&usage) {
+            Ok(_) => {
+                self.send(
+                    worker,
+                    CoordMsg::Ack {
+                        pool_job: 0,
+                        attempt: 0,
+                        local_id: Some(local_id),
+                    },
+                );
+            }
+            Err(err) => warn!(worker = %worker, local_id, error = %err, "could not store a usage record; not acked"),
+        }
+    }
+
     fn feed_ended(&mut self, worker: &str, sid: u64, now: Instant) {
         let Some(w) = self.workers.get_mut(worker) else {
             return;
@@ -992,6 +1002,32 @@ impl Hub {
             v.reason = self.pool.why_pending(v.id).map(|r| r.to_string());
         }
         v
+    }
+}
+
+/// The usage record of a finished copy or per-worker job.
+fn usage_record(e: &Ended, rank: u32, engineer: String, worker: &str, gpu_model: String) -> UsageRecord {
+    let secs = e
+        .started_ms
+        .map(|s| e.ended_ms.saturating_sub(s) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    UsageRecord {
+        job: if e.per_worker() {
+            e.copy.local_id
+        } else {
+            e.copy.pool_job
+        },
+        attempt: e.copy.attempt,
+        rank,
+        engineer,
+        worker: worker.to_string(),
+        gpu_model,
+        gpus: e.gpus.clone(),
+        start_ms: e.started_ms,
+        end_ms: e.ended_ms,
+        gpu_seconds: secs * e.gpus.len() as f64,
+        outcome: e.state.clone(),
+        exit_code: e.exit_code,
     }
 }
 
