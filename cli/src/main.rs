@@ -137,7 +137,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Status(a) => block_on(status::run(a)),
         Cmd::Ping(a) => mesh::cli::ping(&a),
-        Cmd::Jobs(a) => worker_agent::cli::jobs(a, true),
+        Cmd::Jobs(a) => worker_agent::pool_cli::jobs_or_agent(a, true),
         Cmd::Pool(a) => worker_agent::pool_cli::pool(&a),
         Cmd::Usage(a) => worker_agent::pool_cli::usage(&a),
         Cmd::History(a) => worker_agent::cli::history(&a),

@@ -487,13 +487,16 @@ mod tests {
                 ),
             (any::<u64>(), proptest::option::of(any::<u32>()))
                 .prop_map(|(pool_job, attempt)| CoordMsg::Stop { pool_job, attempt }),
-            (any::<u64>(), any::<u32>(), proptest::option::of(any::<u64>())).prop_map(
-                |(pool_job, attempt, local_id)| CoordMsg::Ack {
+            (
+                any::<u64>(),
+                any::<u32>(),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(pool_job, attempt, local_id)| CoordMsg::Ack {
                     pool_job,
                     attempt,
                     local_id,
-                }
-            ),
+                }),
         ]
     }
 

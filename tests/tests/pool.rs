@@ -588,16 +588,20 @@ fn the_pool_places_by_requirement_across_natted_workers() {
     // A per-worker job (no pool) leaves a record too: attempt 0, the agent's local id.
     let out = alice.ok("jobs submit --worker rtx --gpus 1 -- true");
     let local: u64 = out.trim().parse().unwrap_or_else(|_| panic!("{out}"));
-    let rec = until(Duration::from_secs(10), "usage of the per-worker job", || {
-        let u = json(&alice.ok("usage --json"));
-        u.as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|r| r["worker"] == "rtx" && r["attempt"] == 0 && r["job"] == local)
-                    .cloned()
-            })
-            .ok_or_else(|| u.to_string())
-    });
+    let rec = until(
+        Duration::from_secs(10),
+        "usage of the per-worker job",
+        || {
+            let u = json(&alice.ok("usage --json"));
+            u.as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|r| r["worker"] == "rtx" && r["attempt"] == 0 && r["job"] == local)
+                        .cloned()
+                })
+                .ok_or_else(|| u.to_string())
+        },
+    );
     assert_eq!(rec["engineer"], "alice", "{rec:#}");
     assert_eq!(rec["gpu_model"], "NVIDIA GeForce RTX 4090", "{rec:#}");
     let bob_usage = json(&bob.ok("usage --json"));

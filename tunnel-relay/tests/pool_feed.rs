@@ -407,7 +407,11 @@ async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
     .await;
     loop {
         match a100.next("ack of the per-worker job").await {
-            CoordMsg::Ack { local_id: Some(l), pool_job, attempt } => {
+            CoordMsg::Ack {
+                local_id: Some(l),
+                pool_job,
+                attempt,
+            } => {
                 assert_eq!((pool_job, attempt, l), (0, 0, 77));
                 break;
             }
@@ -418,7 +422,10 @@ async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
     let (_, v) = api(bob.path(), "GET", "/v1/pool/usage?since=0", None).await;
     let recs = v.as_array().cloned().unwrap_or_default();
     assert_eq!(recs.len(), 1, "{v}");
-    assert_eq!((recs[0]["job"].as_u64(), recs[0]["attempt"].as_u64()), (Some(77), Some(0)));
+    assert_eq!(
+        (recs[0]["job"].as_u64(), recs[0]["attempt"].as_u64()),
+        (Some(77), Some(0))
+    );
     assert_eq!(recs[0]["gpu_model"], "NVIDIA A100-SXM4-80GB");
     assert_eq!(recs[0]["gpu_seconds"], 3.0);
 

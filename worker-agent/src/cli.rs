@@ -3,9 +3,9 @@
 //! `weft history`, and the GPU column of `weft status`): each binary takes
 //! [`JobsArgs`] and [`ReportArgs`] as its own subcommands (with its own
 //! one-line help) and calls the function of the same name here, which talks
-//! to the API through [`crate::client`] and prints. `jobs` without `--worker`
-//! or `--api` goes to the pool where the binary says so (`weft`), through
-//! [`crate::pool_cli`].
+//! to the API through [`crate::client`] and prints. `weft jobs` without
+//! `--worker` or `--api` goes to the pool instead (`pool_cli::jobs_or_agent`,
+//! which imports this module, not the other way round).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -446,13 +446,10 @@ pub fn goes_to_pool(api: &ApiArgs, pool_default: bool) -> bool {
     pool_default && api.worker.is_none() && api.api.is_none()
 }
 
-/// `jobs …`: to the pool (see [`goes_to_pool`]; `pool_default` is the binary's choice), else
-/// to one agent (the local one, or `--worker`'s), exactly as before the pool.
+/// `jobs …` to one agent (the local one, or `--worker`'s), exactly as before the pool;
+/// `weft` routes through `pool_cli::jobs_or_agent` first. `pool_default` (the binary's choice)
+/// only words the refusal of the pool's flags.
 pub fn jobs(a: JobsArgs, pool_default: bool) -> Result<()> {
-    if goes_to_pool(&a.api, pool_default) {
-        let state_dir = client::engineer_dir(a.api.state_dir.as_deref())?;
-        return crate::pool_cli::jobs(a.cmd, &state_dir);
-    }
     let JobsArgs { cmd, api } = a;
     let api = &api;
     match cmd {

@@ -141,6 +141,16 @@ fn now_ms() -> u64 {
 
 // ---- the commands ----
 
+/// `jobs …`: to the pool (see [`crate::cli::goes_to_pool`]; `pool_default` is the binary's
+/// choice: `weft` yes, `worker-agent` no), else to one agent through [`crate::cli::jobs`].
+pub fn jobs_or_agent(a: crate::cli::JobsArgs, pool_default: bool) -> Result<()> {
+    if crate::cli::goes_to_pool(&a.api, pool_default) {
+        let state_dir = client::engineer_dir(a.api.state_dir.as_deref())?;
+        return jobs(a.cmd, &state_dir);
+    }
+    crate::cli::jobs(a, pool_default)
+}
+
 /// `jobs …` on the pool, as the engineer whose identity is in `state_dir`. Flags are checked
 /// (`--gpu`'s grammar included) before anything is sent.
 pub fn jobs(cmd: JobsCmd, state_dir: &Path) -> Result<()> {
@@ -1006,7 +1016,7 @@ mod tests {
             v.extend_from_slice(extra);
             args(&v)
         };
-        let e = crate::cli::jobs(
+        let e = jobs_or_agent(
             with(&[
                 "submit", "--worker", "gpu1", "--gpu", "A100", "--nodes", "2", "--", "true",
             ]),
@@ -1263,7 +1273,7 @@ mod tests {
         assert_eq!(seen.lock().unwrap()[0].path, POOL_PATH);
         let out = String::from_utf8(out).unwrap();
         let has = |s: &str| assert!(out.contains(s), "{s:?} missing from:\n{out}");
-        has("gpu1  ready  uptime 3h 12m, connected since 2023-11-14 22:13:20  32 CPUs, 256 GiB, agent 0.1.0\n");
+        has("gpu1  ready  uptime 3h 14m, connected since 2023-11-14 22:13:20  32 CPUs, 256 GiB, agent 0.1.0\n");
         has("  GPU 0  NVIDIA A100-SXM4-80GB  80 GB  healthy  job 7\n");
         has("  GPU 1  NVIDIA A100-SXM4-80GB  80 GB  healthy  free   GPU-cloned: FLAGGED, reported by another worker too (not scheduled)\n");
         has("gpu2  disconnected  uptime 59s, last seen 2m 5s ago  32 CPUs, 256 GiB, agent 0.1.0  simulated GPUs (stub NVML)\n");

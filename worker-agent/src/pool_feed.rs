@@ -966,7 +966,7 @@ mod tests {
         local.spec = crate::job::JobSpec::for_test(0, None);
         let jobs = vec![recent.clone(), old, running.clone(), local];
         let mut l = Ledger::restore(&jobs, now);
-        let [AgentMsg::Ended(e), AgentMsg::Ended(w)] = &l.replay()[..] else {
+        let [AgentMsg::Ended(w), AgentMsg::Ended(e)] = &l.replay()[..] else {
             panic!("{:?}", l.replay())
         };
         // The per-worker job's end is in the ledger too (its usage record), with its caller.

@@ -953,7 +953,13 @@ impl Hub {
     /// then the ack. The pool's queue is not involved.
     fn on_worker_job_ended(&mut self, worker: &str, e: Ended) {
         let local_id = e.copy.local_id;
-        let usage = usage_record(&e, 0, e.owner.clone().unwrap_or_default(), worker, self.model_of(worker, &e.gpus));
+        let usage = usage_record(
+            &e,
+            0,
+            e.owner.clone().unwrap_or_default(),
+            worker,
+            self.model_of(worker, &e.gpus),
+        );
         match self.store.save_usage(&usage) {
             Ok(_) => {
                 self.send(
@@ -965,7 +971,9 @@ impl Hub {
                     },
                 );
             }
-            Err(err) => warn!(worker = %worker, local_id, error = %err, "could not store a usage record; not acked"),
+            Err(err) => {
+                warn!(worker = %worker, local_id, error = %err, "could not store a usage record; not acked")
+            }
         }
     }
 
@@ -1006,7 +1014,13 @@ impl Hub {
 }
 
 /// The usage record of a finished copy or per-worker job.
-fn usage_record(e: &Ended, rank: u32, engineer: String, worker: &str, gpu_model: String) -> UsageRecord {
+fn usage_record(
+    e: &Ended,
+    rank: u32,
+    engineer: String,
+    worker: &str,
+    gpu_model: String,
+) -> UsageRecord {
     let secs = e
         .started_ms
         .map(|s| e.ended_ms.saturating_sub(s) as f64 / 1000.0)
