@@ -586,7 +586,14 @@ fn the_pool_places_by_requirement_across_natted_workers() {
         "the agent records the engineer as the caller"
     );
     // A per-worker job (no pool) leaves a record too: attempt 0, the agent's local id.
-    let out = alice.ok("jobs submit --worker rtx --gpus 1 -- true");
+    let out = until(Duration::from_secs(20), "a per-worker job on rtx", || {
+        let (ok, out, err) = alice.run("jobs submit --worker rtx --gpus 1 -- true");
+        if ok {
+            Ok(out)
+        } else {
+            Err(format!("{err}\nrtx agent:\n{}", rtx.agent.log_tail(30)))
+        }
+    });
     let local: u64 = out.trim().parse().unwrap_or_else(|_| panic!("{out}"));
     let rec = until(
         Duration::from_secs(10),
