@@ -75,5 +75,8 @@ done
 banner "cargo build --locked --release --bins"
 cargo build --locked --release --bins
 
+banner "Ray 2.60.0 for the cluster tests (cached virtualenv under ~/.cache/weft-ray)"
+note "$(scripts/ray-venv.sh)"
+
 banner "cargo test --locked --release --workspace (unit + network-namespace end-to-end; the rekey soak takes ~7 min)"
 cargo test --locked --release --workspace -- "${test_args[@]}"

@@ -4,7 +4,7 @@
 //! older binaries call (which keep their spellings): `login`, `ssh-config`,
 //! `connect`, `forward` are `tunnel_relay::cli`; `up`, `down`, `ping` are
 //! `mesh::cli`; `jobs`, `history` are `worker_agent::cli` (`jobs` without
-//! `--worker` goes to the pool), `pool` and `usage` `worker_agent::pool_cli`; `status` (this
+//! `--worker` goes to the pool), `pool` and `usage` `worker_agent::pool_cli`, `cluster` `worker_agent::cluster_cli`; `status` (this
 //! crate's `status.rs`) puts the three together. The daemons keep their own
 //! binaries: `tunnel-relay serve`, `worker-agent run`, `mesh up --wg-config`.
 
@@ -67,6 +67,8 @@ enum Cmd {
     Pool(PoolArgs),
     /// Usage records of finished pool jobs: engineer, worker, GPUs, times, GPU-seconds, outcome (--since, --json, --csv).
     Usage(UsageArgs),
+    /// Ray clusters over the mesh: up (K workers as a gang, Ray on each), list, status, down, submit.
+    Cluster(worker_agent::cluster_cli::ClusterArgs),
     /// Finished jobs on a worker with their GPU-seconds, and totals (--worker NAME).
     History(ReportArgs),
 }
@@ -140,6 +142,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Jobs(a) => worker_agent::pool_cli::jobs_or_agent(a, true),
         Cmd::Pool(a) => worker_agent::pool_cli::pool(&a),
         Cmd::Usage(a) => worker_agent::pool_cli::usage(&a),
+        Cmd::Cluster(a) => worker_agent::cluster_cli::cluster(&a),
         Cmd::History(a) => worker_agent::cli::history(&a),
     }
 }

@@ -43,9 +43,33 @@ pub fn is_group_tag(tag: &str) -> bool {
     tag.starts_with(GROUP_TAG_PREFIX)
 }
 
-/// Whether two tag lists share a group tag.
+/// Whether `tag` is a gang's group tag (`pool-job-N`; not a cluster's owner or head tag).
+pub fn is_gang_tag(tag: &str) -> bool {
+    is_group_tag(tag)
+        && crate::cluster::owner_of(tag).is_none()
+        && crate::cluster::head_of(tag).is_none()
+}
+
+/// Whether two tag lists share a gang's group tag.
 pub fn share_group(a: &[String], b: &[String]) -> bool {
-    a.iter().any(|t| is_group_tag(t) && b.contains(t))
+    a.iter().any(|t| is_gang_tag(t) && b.contains(t))
+}
+
+/// Whether `a` owns a Ray cluster whose head is `b` (`pool-job-N-owner` on `a`,
+/// `pool-job-N-head` on `b`): `a` may open the head's [`crate::cluster::OWNER_PORTS`].
+pub fn owns_head(a: &[String], b: &[String]) -> bool {
+    a.iter()
+        .filter_map(|t| crate::cluster::owner_of(t))
+        .any(|job| {
+            b.iter()
+                .filter_map(|t| crate::cluster::head_of(t))
+                .any(|h| h == job)
+        })
+}
+
+/// Whether the pool links two nodes: a gang's members, or a cluster's owner and its head.
+pub fn pool_linked(a: &[String], b: &[String]) -> bool {
+    share_group(a, b) || owns_head(a, b) || owns_head(b, a)
 }
 
 /// A transport protocol as the ACL sees it.
@@ -356,6 +380,9 @@ impl AclPolicy {
         dst_port: u16,
     ) -> bool {
         share_group(src, dst)
+            || (owns_head(src, dst)
+                && matches!(proto, Proto::Tcp | Proto::Any)
+                && (proto == Proto::Any || crate::cluster::OWNER_PORTS.contains(&dst_port)))
             || self.rules.iter().any(|r| {
                 tags_match(&r.from, src)
                     && tags_match(&r.to, dst)
@@ -374,7 +401,7 @@ impl AclPolicy {
     /// Peer visibility: `a` learns `b` (and `b` learns `a`) when either may
     /// initiate to the other; replies must flow, so both need the peer.
     pub fn may_talk(&self, a: &[String], b: &[String]) -> bool {
-        share_group(a, b) || self.may_initiate(a, b) || self.may_initiate(b, a)
+        pool_linked(a, b) || self.may_initiate(a, b) || self.may_initiate(b, a)
     }
 
     /// The rules a node tagged `dst` enforces on receive, one per source tag.
@@ -392,13 +419,25 @@ impl AclPolicy {
                 }
             }
         }
-        // A group's members reach each other on everything.
+        // A group's members reach each other on everything; a cluster's owner reaches its
+        // head's dashboard and Ray Client.
         for g in dst.iter().filter(|t| is_group_tag(t)) {
-            rules.push(InboundRule {
-                from: g.clone(),
-                proto: Proto::Any,
-                ports: Vec::new(),
-            });
+            if let Some(job) = crate::cluster::head_of(g) {
+                rules.push(InboundRule {
+                    from: format!("{GROUP_TAG_PREFIX}{job}-owner"),
+                    proto: Proto::Tcp,
+                    ports: crate::cluster::OWNER_PORTS
+                        .iter()
+                        .map(|&p| PortRange::one(p))
+                        .collect(),
+                });
+            } else if crate::cluster::owner_of(g).is_none() {
+                rules.push(InboundRule {
+                    from: g.clone(),
+                    proto: Proto::Any,
+                    ports: Vec::new(),
+                });
+            }
         }
         FilterRules { rules }
     }
@@ -453,6 +492,32 @@ mod tests {
         )
         .expect_err("group tags are the pool's");
         assert!(e.to_string().contains("pool's own"), "{e}");
+    }
+
+    #[test]
+    fn a_clusters_owner_reaches_its_heads_dashboard_and_client_only() {
+        let p = AclPolicy::default();
+        let owner = t(&["engineer", "pool-job-7-owner"]);
+        let head = t(&["worker", "pool-job-7", "pool-job-7-head"]);
+        let member = t(&["worker", "pool-job-7"]);
+        let other_head = t(&["worker", "pool-job-8", "pool-job-8-head"]);
+        assert!(p.packet_allowed(&owner, &head, Proto::Tcp, 8265));
+        assert!(p.packet_allowed(&owner, &head, Proto::Tcp, 10001));
+        assert!(!p.packet_allowed(&owner, &head, Proto::Tcp, 6379));
+        assert!(!p.packet_allowed(&owner, &head, Proto::Udp, 8265));
+        assert!(!p.packet_allowed(&owner, &member, Proto::Tcp, 8265));
+        assert!(!p.packet_allowed(&owner, &other_head, Proto::Tcp, 8265));
+        // The head does not reach the owner beyond what the policy says (workers → engineers: nothing).
+        assert!(!p.packet_allowed(&head, &owner, Proto::Tcp, 22));
+        assert!(p.packet_allowed(&member, &head, Proto::Tcp, 6379));
+        let f = p.inbound_filter(&head);
+        assert!(f.allows(&owner, Proto::Tcp, 8265));
+        assert!(!f.allows(&owner, Proto::Tcp, 6379));
+        assert!(f.allows(&member, Proto::Tcp, 6379));
+        assert!(!f.allows(&t(&["engineer"]), Proto::Tcp, 8265));
+        // A worker outside the cluster: not even visible.
+        assert!(!p.may_talk(&t(&["worker"]), &head));
+        assert!(p.may_talk(&t(&["worker", "x"]), &t(&["engineer"])));
     }
 
     #[test]
@@ -533,8 +598,21 @@ mod tests {
     }
 
     fn tagset() -> impl Strategy<Value = Vec<String>> {
-        prop::collection::vec(prop::sample::select(vec!["a", "b", "c", "d"]), 0..3)
-            .prop_map(|v| v.into_iter().map(String::from).collect())
+        // Plain tags, a gang's group tag, and a cluster's owner and head tags.
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "a",
+                "b",
+                "c",
+                "d",
+                "pool-job-1",
+                "pool-job-1-owner",
+                "pool-job-1-head",
+                "pool-job-2-head",
+            ]),
+            0..4,
+        )
+        .prop_map(|v| v.into_iter().map(String::from).collect())
     }
 
     fn rule() -> impl Strategy<Value = Rule> {
@@ -561,7 +639,7 @@ mod tests {
             rules in prop::collection::vec(rule(), 0..4),
             src in tagset(), dst in tagset(),
             proto in prop::sample::select(vec![Proto::Tcp, Proto::Udp, Proto::Icmp]),
-            port in 1u16..130,
+            port in prop_oneof![1u16..130, Just(8265u16), Just(10001u16)],
         ) {
             let p = AclPolicy { rules };
             prop_assert_eq!(

@@ -16,10 +16,12 @@
 //! | [`stun`] | STUN binding requests and answers (RFC 5389), and a node's probe state |
 //! | [`gpuspec`] | the `--gpu SPEC` grammar (dstack's), [`gpuspec::GpuSpec`] and the rule matching it to a worker's GPUs |
 //! | [`pool`] | the pool feed (coordinator ↔ agent, JSON lines) and the pool API types (engineer → coordinator) |
+//! | [`cluster`] | Ray clusters over the mesh: fixed ports, a member's `ray start` line, the head's report |
 //! | [`close`] | QUIC connection-close and stream-reset codes |
 
 pub mod acl;
 pub mod close;
+pub mod cluster;
 pub mod codec;
 pub mod control;
 pub mod duration;

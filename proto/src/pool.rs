@@ -78,6 +78,13 @@ pub struct Inventory {
     pub simulated: bool,
     /// Pool jobs queued or running here.
     pub running: Vec<JobCopy>,
+    /// The Ray version of the agent's `--ray` (absent: not chosen for clusters; only reported
+    /// by an agent on the mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ray: Option<String>,
+    /// For each cluster head running here, Ray's view of the nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ray_heads: Vec<crate::cluster::RayHeadReport>,
 }
 
 /// How a copy ended, with what the usage record needs.
@@ -192,6 +199,9 @@ pub struct Start {
     /// Timeout, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// A Ray cluster member: `command[0]` is [`crate::cluster::RAY_PLACEHOLDER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ray: Option<crate::cluster::RayStart>,
 }
 
 /// A pool feed line that could not be read.
@@ -258,6 +268,9 @@ pub struct SubmitRequest {
     /// Only this worker (placed by the pool all the same).
     #[serde(default)]
     pub worker: Option<String>,
+    /// A Ray cluster (`weft cluster up`): the command is the coordinator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterRequest>,
 }
 
 fn one() -> u32 {
@@ -309,6 +322,9 @@ pub struct JobView {
     /// Unix ms it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_ms: Option<u64>,
+    /// The Ray cluster it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterInfo>,
 }
 
 /// One worker as `weft pool` shows it.
@@ -421,6 +437,23 @@ mod tests {
                         gpus,
                         cpus,
                         memory_bytes,
+                        ray: (!simulated).then(|| version.clone()),
+                        ray_heads: if simulated {
+                            vec![crate::cluster::RayHeadReport {
+                                pool_job: memory_bytes,
+                                attempt: cpus,
+                                at_ms: memory_bytes / 3,
+                                nodes: vec![crate::cluster::RayNode {
+                                    ip: version.clone(),
+                                    alive: cpus % 2 == 0,
+                                    head: true,
+                                    cpus: f64::from(cpus) / 4.0,
+                                    gpus: 1.5,
+                                }],
+                            }]
+                        } else {
+                            vec![]
+                        },
                         version,
                         simulated,
                         running,
@@ -473,7 +506,14 @@ mod tests {
             )
                 .prop_map(
                     |(pool_job, attempt, owner, command, env, workdir, gpus, timeout_s)| {
+                        let ray = (attempt % 2 == 0).then(|| crate::cluster::RayStart {
+                            cluster: owner.clone(),
+                            head: pool_job % 2 == 0,
+                            node_ip: owner.clone(),
+                            token: owner.clone(),
+                        });
                         CoordMsg::Start(Start {
+                            ray,
                             pool_job,
                             attempt,
                             owner,

@@ -12,6 +12,7 @@ pub mod managed;
 pub mod netns;
 pub mod node;
 pub mod proc;
+pub mod ray;
 pub mod router;
 pub mod traffic;
 pub mod wgconf;

@@ -63,6 +63,7 @@ fn inventory(i: usize, healthy: bool) -> Inventory {
                 busy: false,
             })
             .collect(),
+        ray: false,
     }
 }
 

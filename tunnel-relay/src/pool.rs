@@ -150,6 +150,8 @@ pub struct Inventory {
     pub worker: String,
     /// Every GPU.
     pub gpus: Vec<GpuReport>,
+    /// Its agent runs Ray clusters (`worker-agent run --ray`, on the mesh).
+    pub ray: bool,
 }
 
 /// What a job asks for.
@@ -169,6 +171,8 @@ pub struct JobSpec {
     pub retries: u32,
     /// `--wait-for-capacity`: queue even if no worker could run it now.
     pub wait_for_capacity: bool,
+    /// A Ray cluster: only workers whose agent runs Ray ([`Inventory::ray`]).
+    pub needs_ray: bool,
 }
 
 impl JobSpec {
@@ -182,6 +186,7 @@ impl JobSpec {
             priority: 0,
             retries: 0,
             wait_for_capacity: false,
+            needs_ray: false,
         }
     }
 
@@ -352,6 +357,8 @@ type QKey = (Reverse<i32>, u64);
 struct Class {
     model: String,
     memory_mib: u64,
+    /// On a worker that runs Ray (a class of its own, so that clusters index like any shape).
+    ray: bool,
     /// Single-class workers by their total count of this class: `total[k]`.
     total: Vec<u32>,
 }
@@ -407,6 +414,7 @@ impl Worker {
 #[derive(Debug)]
 struct Shape {
     spec: GpuSpec,
+    needs_ray: bool,
     per_node: u32,
     nodes: u32,
     /// Classes whose GPUs match, sorted.
@@ -415,6 +423,9 @@ struct Shape {
 }
 
 impl Shape {
+    fn accepts(&self, cl: &Class) -> bool {
+        self.spec.matches_gpu(&cl.model, cl.memory_mib) && (cl.ray || !self.needs_ray)
+    }
     fn matches(&self, c: Cid) -> bool {
         self.classes.binary_search(&c).is_ok()
     }
@@ -456,7 +467,7 @@ pub struct Pool {
     workers: Vec<Worker>,
     by_name: HashMap<String, Wid>,
     classes: Vec<Class>,
-    class_of: HashMap<(String, u64), Cid>,
+    class_of: HashMap<(String, u64, bool), Cid>,
     /// `free[class][k]`: available single-class workers with k free GPUs of it (k ≥ 1).
     free: Vec<Vec<BTreeSet<Wid>>>,
     /// Available workers with more than one class (scanned).
@@ -468,7 +479,7 @@ pub struct Pool {
     uuids: HashMap<String, BTreeSet<Wid>>,
     flagged: BTreeSet<String>,
     shapes: Vec<Shape>,
-    shape_of: HashMap<(GpuSpec, u32, u32), usize>,
+    shape_of: HashMap<(GpuSpec, u32, u32, bool), usize>,
     jobs: HashMap<JobId, Job>,
     next_id: JobId,
     /// Pending, not yet starving jobs by when they were queued.
@@ -636,20 +647,23 @@ impl Pool {
         self.index(w);
     }
 
-    fn class(&mut self, model: &str, memory_mib: u64) -> Cid {
-        if let Some(&c) = self.class_of.get(&(model.to_string(), memory_mib)) {
+    fn class(&mut self, model: &str, memory_mib: u64, ray: bool) -> Cid {
+        let key = (model.to_string(), memory_mib, ray);
+        if let Some(&c) = self.class_of.get(&key) {
             return c;
         }
         let c = self.classes.len() as Cid;
         self.classes.push(Class {
             model: model.to_string(),
             memory_mib,
+            ray,
             total: Vec::new(),
         });
-        self.class_of.insert((model.to_string(), memory_mib), c);
+        self.class_of.insert(key, c);
         self.free.push(Vec::new());
+        let cl = &self.classes[c as usize];
         for s in &mut self.shapes {
-            if s.spec.matches_gpu(model, memory_mib) {
+            if s.accepts(cl) {
                 s.classes.push(c);
             }
         }
@@ -735,7 +749,7 @@ impl Pool {
             .collect();
         let mut slots = Vec::with_capacity(inv.gpus.len());
         for g in &inv.gpus {
-            let class = self.class(&g.model, g.memory_mib);
+            let class = self.class(&g.model, g.memory_mib, inv.ray);
             let set = self.uuids.entry(g.uuid.clone()).or_default();
             set.insert(w);
             if set.len() > 1 {
@@ -864,6 +878,7 @@ impl Pool {
             Inventory {
                 worker: name.to_string(),
                 gpus: Vec::new(),
+                ray: false,
             },
         );
         self.lose(w, now);
@@ -981,24 +996,23 @@ impl Pool {
 
     fn shape_for(&mut self, spec: &JobSpec) -> usize {
         let per_node = spec.per_node();
-        let key = (spec.gpu.clone(), per_node, spec.nodes);
+        let key = (spec.gpu.clone(), per_node, spec.nodes, spec.needs_ray);
         if let Some(&s) = self.shape_of.get(&key) {
             return s;
         }
-        let classes = (0..self.classes.len())
-            .filter(|&c| {
-                let cl = &self.classes[c];
-                spec.gpu.matches_gpu(&cl.model, cl.memory_mib)
-            })
-            .map(|c| c as Cid)
-            .collect();
-        self.shapes.push(Shape {
+        let mut shape = Shape {
             spec: spec.gpu.clone(),
+            needs_ray: spec.needs_ray,
             per_node,
             nodes: spec.nodes,
-            classes,
+            classes: Vec::new(),
             queue: BTreeMap::new(),
-        });
+        };
+        shape.classes = (0..self.classes.len())
+            .filter(|&c| shape.accepts(&self.classes[c]))
+            .map(|c| c as Cid)
+            .collect();
+        self.shapes.push(shape);
         self.shape_of.insert(key, self.shapes.len() - 1);
         self.shapes.len() - 1
     }
@@ -1419,6 +1433,9 @@ impl Pool {
         if self.workers.iter().all(|w| w.slots.is_empty()) {
             return "no worker in the pool has a GPU".to_string();
         }
+        if shape.needs_ray && !self.classes.iter().any(|c| c.ray) {
+            return "no worker in the pool runs Ray (its agent needs `worker-agent run --ray PATH` and the mesh)".to_string();
+        }
         let what = what(shape);
         // GPUs whose model (and vendor) match, ignoring memory.
         let named = GpuSpec {
@@ -1562,11 +1579,16 @@ fn what(shape: &Shape) -> String {
         ..shape.spec.clone()
     };
     let n = shape.per_node;
-    match (base == GpuSpec::default(), n) {
+    let what = match (base == GpuSpec::default(), n) {
         (true, 1) => "GPU".to_string(),
         (true, n) => format!("{n} GPUs"),
         (false, 1) => base.to_string(),
         (false, n) => format!("{base}:{n}"),
+    };
+    if shape.needs_ray {
+        format!("{what} on a Ray worker")
+    } else {
+        what
     }
 }
 
@@ -1595,6 +1617,7 @@ mod tests {
         Inventory {
             worker: name.to_string(),
             gpus,
+            ray: false,
         }
     }
 
@@ -1832,6 +1855,42 @@ mod tests {
         assert_eq!(d.stops.len(), 1);
         assert_eq!(d.stops[0].workers.len(), 2);
         assert_eq!(d.failed, vec![g]);
+    }
+
+    #[test]
+    fn ray_clusters_go_only_to_workers_that_run_ray_and_others_go_anywhere() {
+        let mut t = default();
+        t.worker("plain", A100, 1);
+        let no_ray = JobSpec {
+            needs_ray: true,
+            nodes: 2,
+            ..JobSpec::new("alice", GpuSpec::default())
+        };
+        let err = t.pool.submit(t.now, no_ray.clone()).unwrap_err();
+        assert!(err.to_string().contains("runs Ray"), "{err}");
+        let mut ray_inv = inv("r1", gpus("r1", A100, 1));
+        ray_inv.ray = true;
+        t.pool.worker_update(t.now, ray_inv);
+        // One Ray worker of the two the cluster needs: refused with the count.
+        let err = t.pool.submit(t.now, no_ray.clone()).unwrap_err();
+        assert!(err.to_string().contains("only 1 worker(s)"), "{err}");
+        let mut ray_inv = inv("r2", gpus("r2", A100, 1));
+        ray_inv.ray = true;
+        t.pool.worker_update(t.now, ray_inv);
+        let c = t.pool.submit(t.now, no_ray).expect("submit");
+        let plain_job = t.job("A100", |_| {});
+        t.tick();
+        assert_eq!(t.placed_on(c), ["r1", "r2"]);
+        assert_eq!(t.placed_on(plain_job), ["plain"]);
+        // A second cluster waits for Ray workers although `plain` has nothing to do.
+        t.pool.job_ended(plain_job, Outcome::Succeeded, t.now);
+        let c2 = t.job("", |j| {
+            j.needs_ray = true;
+            j.wait_for_capacity = true;
+        });
+        t.tick();
+        assert_eq!(t.pool.state(c2), Some(JobState::Pending));
+        assert_eq!(t.why(c2), "no free GPU on a Ray worker");
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub struct StoredJob {
     pub view: JobView,
     /// Retries it has left.
     pub retries_left: u32,
+    /// A Ray cluster's token: kept (in this 0600 file) to start its members again after a
+    /// restart; the view shows only its hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_token: Option<String>,
 }
 
 impl StoredJob {
@@ -247,8 +251,10 @@ mod tests {
                 submitted_ms: 1,
                 started_ms: None,
                 ended_ms: None,
+                cluster: None,
             },
             retries_left: 1,
+            cluster_token: None,
         }
     }
 
@@ -270,6 +276,8 @@ mod tests {
                     version: "0".into(),
                     simulated: true,
                     running: vec![],
+                    ray: None,
+                    ray_heads: vec![],
                 },
                 holders: vec![],
                 flagged: vec![],

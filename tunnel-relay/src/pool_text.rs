@@ -177,8 +177,12 @@ pub fn worker_text(w: &WorkerView, now_ms: u64) -> String {
             span(now_ms.saturating_sub(w.last_seen_ms))
         ),
     };
+    let ray = match &inv.ray {
+        Some(v) => format!(", ray {v}"),
+        None => ", no ray (not for clusters)".to_string(),
+    };
     let mut s = format!(
-        "{}  {}  uptime {}, {link}  {} CPUs, {} GiB, agent {}{}\n",
+        "{}  {}  uptime {}, {link}  {} CPUs, {} GiB, agent {}{ray}{}\n",
         w.name,
         w.state,
         // Connected time so far: closed sessions plus the current one.

@@ -148,7 +148,7 @@ impl<C: Clone> Routes<C> {
     ) -> Option<C> {
         let (_, conn, dst_tags) = self.mesh.get(dst).or_else(|| self.by_key.get(dst))?;
         let grouped = || match (self.groups.get(src), self.groups.get(dst)) {
-            (Some(a), Some(b)) => weft_proto::acl::share_group(a, b),
+            (Some(a), Some(b)) => weft_proto::acl::pool_linked(a, b),
             _ => false,
         };
         (acl.may_talk(src_tags, dst_tags) || grouped()).then(|| conn.clone())

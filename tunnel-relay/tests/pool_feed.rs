@@ -53,6 +53,8 @@ fn inventory(gpus: Vec<GpuInfo>, running: Vec<JobCopy>) -> Inventory {
         version: "test".into(),
         simulated: true,
         running,
+        ray: None,
+        ray_heads: vec![],
     }
 }
 

@@ -6,7 +6,7 @@
 //! calls [`Queue::handle_timeout`] when [`Queue::next_wakeup`] says, and hands the queue the
 //! healthy GPUs every second.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -140,6 +140,63 @@ fn proc_start_time(pid: u32) -> Option<u64> {
         .nth(19)?
         .parse()
         .ok()
+}
+
+/// (pid, parent pid, process group) of every process, from `/proc`.
+fn processes() -> Vec<(u32, u32, u32)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // after the command name: state, ppid, pgrp
+            let mut f = s.rsplit(')').next()?.split_whitespace().skip(1);
+            let ppid = f.next()?.parse().ok()?;
+            let pgid = f.next()?.parse().ok()?;
+            Some((pid, ppid, pgid))
+        })
+        .collect()
+}
+
+/// The process groups, other than `pgid` itself, of the processes descended from group
+/// `pgid`: a job's process that made a group of its own (`ray start --block` does, for its
+/// reaper) is still the job's and is signalled with it. Pure.
+pub fn foreign_groups(procs: &[(u32, u32, u32)], pgid: u32) -> Vec<u32> {
+    let mut tree: BTreeSet<u32> = procs
+        .iter()
+        .filter(|p| p.2 == pgid || p.0 == pgid)
+        .map(|p| p.0)
+        .collect();
+    loop {
+        let before = tree.len();
+        for p in procs {
+            if tree.contains(&p.1) {
+                tree.insert(p.0);
+            }
+        }
+        if tree.len() == before {
+            break;
+        }
+    }
+    let mut out: Vec<u32> = procs
+        .iter()
+        .filter(|p| tree.contains(&p.0) && p.2 != pgid && p.2 > 1)
+        .map(|p| p.2)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Signals the job's process group and every group its processes made.
+fn signal_tree(pgid: u32, sig: i32) {
+    let extra = foreign_groups(&processes(), pgid);
+    signal_group(pgid, sig);
+    for g in extra {
+        debug!(pgid, group = g, "signal to a process group the job made");
+        signal_group(g, sig);
+    }
 }
 
 fn signal_group(pgid: u32, sig: i32) {
@@ -302,7 +359,7 @@ impl Engine {
                         Sig::Kill => (libc::SIGKILL, "SIGKILL"),
                     };
                     debug!(job = id, pgid, signal = name, "signal to process group");
-                    signal_group(pgid, n);
+                    signal_tree(pgid, n);
                 }
                 Effect::CleanupCgroup { id, dir } => {
                     let done = tokio::task::spawn_blocking(move || {
@@ -619,7 +676,7 @@ impl Engine {
             .filter_map(|j| j.pid)
             .collect();
         for p in pids {
-            signal_group(p, libc::SIGKILL);
+            signal_tree(p, libc::SIGKILL);
         }
     }
 }
@@ -701,5 +758,31 @@ pub fn run_shim(status_file: &Path, cgroup: Option<&Path>, argv: &[OsString]) ->
             signal: Some(s), ..
         } => 128 + s,
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::foreign_groups;
+
+    #[test]
+    fn groups_a_jobs_processes_made_are_found_and_others_are_not() {
+        // (pid, ppid, pgid): the job's leader 100 (its group 100), its child 101 that made
+        // group 101 (`ray start`), 101's children in 101, a grandchild that made 105; and an
+        // unrelated process 200 in group 200.
+        let procs = [
+            (1, 0, 1),
+            (100, 1, 100),
+            (101, 100, 101),
+            (102, 101, 101),
+            (103, 101, 101),
+            (105, 103, 105),
+            (200, 1, 200),
+        ];
+        assert_eq!(foreign_groups(&procs, 100), vec![101, 105]);
+        assert!(foreign_groups(&procs, 200).is_empty());
+        // A job whose leader is gone: its group's members still lead to the rest.
+        let orphaned = [(101, 1, 100), (102, 101, 102)];
+        assert_eq!(foreign_groups(&orphaned, 100), vec![102]);
     }
 }

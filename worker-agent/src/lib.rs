@@ -21,6 +21,7 @@ pub mod api;
 pub mod cgroup;
 pub mod cli;
 pub mod client;
+pub mod cluster_cli;
 pub mod gpu;
 pub mod health;
 pub mod history;
@@ -31,6 +32,7 @@ pub mod overlay;
 pub mod pool_cli;
 pub mod pool_feed;
 pub mod queue;
+pub mod ray;
 pub mod relay;
 pub mod sampler;
 pub mod store;
@@ -61,6 +63,8 @@ pub struct Config {
     /// `None` (`--no-mesh`): relay and loopback only. Needs `relay` (the mesh is joined
     /// through it).
     pub mesh: Option<overlay::MeshOptions>,
+    /// The `ray` command for Ray cluster members (`--ray`); only used with the mesh.
+    pub ray: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +118,35 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), RunError> {
     Ok((listener, local))
 }
 
+/// The agent's Ray (`--ray`), checked once: a worker whose Ray does not run, or that is not on
+/// the mesh, is not offered for clusters (and says why).
+async fn ray_context(cfg: &Config) -> Option<pool_feed::RayContext> {
+    let path = cfg.ray.clone()?;
+    let Some(mesh) = &cfg.mesh else {
+        warn!("--ray needs the mesh (Ray's nodes talk over it); this worker is not offered for clusters");
+        return None;
+    };
+    let found = tokio::task::spawn_blocking(move || ray::detect(&path)).await;
+    match found {
+        Ok(Ok(r)) => {
+            info!(ray = %r.path.display(), version = %r.version, "Ray clusters enabled");
+            Some(pool_feed::RayContext {
+                ray: r,
+                mesh_if: mesh.interface.clone(),
+                state_dir: cfg.state_dir.clone(),
+            })
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "this worker is not offered for Ray clusters");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot check --ray");
+            None
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
@@ -162,11 +195,12 @@ pub async fn run(
                 tokio::sync::watch::channel(LinkState::Connecting { attempt: 1 });
             state.relay = Some(link_rx.clone());
             let mut rx3 = rx.clone();
+            let ray = ray_context(&cfg).await;
             exposed = Some(relay::start(
                 cfg.state_dir.clone(),
                 opts,
                 api::router(state.clone()),
-                pool_feed::PoolFeed::new(engine.clone(), state.snapshot.clone()),
+                pool_feed::PoolFeed::with_ray(engine.clone(), state.snapshot.clone(), ray),
                 link_tx,
                 async move { stopped(&mut rx3).await },
             )?);

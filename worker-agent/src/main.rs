@@ -100,6 +100,11 @@ struct RunArgs {
     /// The mesh node's WireGuard UDP port (default: random).
     #[arg(long, env = "WEFT_WG_PORT")]
     wg_port: Option<u16>,
+    /// The `ray` command of the Python environment Ray cluster members run (e.g.
+    /// `/opt/ray/bin/ray`). Without it (or without the mesh) the worker is not chosen for
+    /// `weft cluster up`.
+    #[arg(long, env = "WEFT_RAY")]
+    ray: Option<PathBuf>,
 }
 
 fn secs(v: f64, flag: &str) -> Result<Duration> {
@@ -160,6 +165,7 @@ fn run_agent(a: RunArgs) -> Result<()> {
             uapi_dir: a.uapi_dir,
             listen_port: a.wg_port,
         }),
+        ray: a.ray,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -75,7 +75,7 @@ pub struct UsageArgs {
 /// Fresh byte streams to the pool API and to a worker's agent API.
 ///
 /// Used on one thread (the CLI's current-thread runtime): no `Send` bound.
-trait Fabric {
+pub(crate) trait Fabric {
     /// A new stream to the pool API.
     async fn pool(&self) -> Result<impl AsyncRead + AsyncWrite + Unpin, ClientError>;
     /// A new stream to `worker`'s agent API.
@@ -85,9 +85,9 @@ trait Fabric {
 
 /// The fabric of an open relay session: `open_api` for the pool, `open(worker, "agent")` for
 /// the agents.
-struct RelayFabric<'a> {
-    session: &'a tunnel_relay::Session,
-    state_dir: &'a Path,
+pub(crate) struct RelayFabric<'a> {
+    pub(crate) session: &'a tunnel_relay::Session,
+    pub(crate) state_dir: &'a Path,
 }
 
 impl Fabric for RelayFabric<'_> {
@@ -115,7 +115,10 @@ impl Fabric for RelayFabric<'_> {
 
 /// Runs `run` with a relay session as the identity in `state_dir`, on a private
 /// current-thread runtime; closes the session after.
-fn on_pool<T>(state_dir: &Path, run: impl AsyncFnOnce(&RelayFabric<'_>) -> Result<T>) -> Result<T> {
+pub(crate) fn on_pool<T>(
+    state_dir: &Path,
+    run: impl AsyncFnOnce(&RelayFabric<'_>) -> Result<T>,
+) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -135,7 +138,7 @@ fn on_pool<T>(state_dir: &Path, run: impl AsyncFnOnce(&RelayFabric<'_>) -> Resul
 }
 
 /// The current time, Unix ms.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     crate::sampler::unix_ms()
 }
 
@@ -215,6 +218,7 @@ fn submit_request(s: &SubmitArgs) -> Result<SubmitRequest> {
         timeout_s: s.timeout.map(timeout_secs),
         wait_for_capacity: s.wait_for_capacity,
         worker: None,
+        cluster: None,
     })
 }
 
@@ -314,7 +318,7 @@ async fn usage_on(
 }
 
 /// One request to the pool API; a non-2xx answer is an error with the pool's message.
-async fn pool_bytes(f: &impl Fabric, call: Call<'_>) -> Result<Vec<u8>> {
+pub(crate) async fn pool_bytes(f: &impl Fabric, call: Call<'_>) -> Result<Vec<u8>> {
     let stream = f.pool().await?;
     let mut body = Vec::new();
     let (code, failed) = client::request_as(stream, POOL_HOST, POOL_LABEL, call, &mut body).await?;
@@ -322,7 +326,7 @@ async fn pool_bytes(f: &impl Fabric, call: Call<'_>) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-fn parse<T: DeserializeOwned>(raw: &[u8], what: &str) -> Result<T> {
+pub(crate) fn parse<T: DeserializeOwned>(raw: &[u8], what: &str) -> Result<T> {
     serde_json::from_slice(raw).with_context(|| format!("{what} JSON from {POOL_LABEL}"))
 }
 
@@ -434,7 +438,7 @@ async fn logs(
 }
 
 /// One member's log from its worker's agent, streamed to `sink`.
-async fn member_log(
+pub(crate) async fn member_log(
     f: &impl Fabric,
     m: &MemberView,
     local: u64,
@@ -854,6 +858,7 @@ mod tests {
             submitted_ms: 1_700_000_000_000,
             started_ms: None,
             ended_ms: None,
+            cluster: None,
         }
     }
 
@@ -925,6 +930,7 @@ mod tests {
                 timeout_s: Some(5400),
                 wait_for_capacity: true,
                 worker: None,
+                cluster: None,
             }
         );
 
@@ -1230,6 +1236,8 @@ mod tests {
             version: "0.1.0".into(),
             simulated,
             running: vec![],
+            ray: None,
+            ray_heads: vec![],
         };
         let mut gpu1 = gpu(a100, 81_920, "healthy");
         gpu1.uuid = "GPU-cloned".into();
@@ -1273,10 +1281,10 @@ mod tests {
         assert_eq!(seen.lock().unwrap()[0].path, POOL_PATH);
         let out = String::from_utf8(out).unwrap();
         let has = |s: &str| assert!(out.contains(s), "{s:?} missing from:\n{out}");
-        has("gpu1  ready  uptime 3h 14m, connected since 2023-11-14 22:13:20  32 CPUs, 256 GiB, agent 0.1.0\n");
+        has("gpu1  ready  uptime 3h 14m, connected since 2023-11-14 22:13:20  32 CPUs, 256 GiB, agent 0.1.0, no ray (not for clusters)\n");
         has("  GPU 0  NVIDIA A100-SXM4-80GB  80 GB  healthy  job 7\n");
         has("  GPU 1  NVIDIA A100-SXM4-80GB  80 GB  healthy  free   GPU-cloned: FLAGGED, reported by another worker too (not scheduled)\n");
-        has("gpu2  disconnected  uptime 59s, last seen 2m 5s ago  32 CPUs, 256 GiB, agent 0.1.0  simulated GPUs (stub NVML)\n");
+        has("gpu2  disconnected  uptime 59s, last seen 2m 5s ago  32 CPUs, 256 GiB, agent 0.1.0, no ray (not for clusters)  simulated GPUs (stub NVML)\n");
         for i in 0..4 {
             has(&format!("  GPU {i}  NVIDIA GeForce RTX 4090  24 GB  "));
         }

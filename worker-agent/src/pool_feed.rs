@@ -203,6 +203,8 @@ pub fn inventory(
             .filter(|j| !j.state.is_terminal())
             .filter_map(copy_of)
             .collect(),
+        ray: None,
+        ray_heads: Vec::new(),
     }
 }
 
@@ -283,12 +285,26 @@ impl Ledger {
     }
 }
 
+/// What the agent needs to run Ray cluster members (`worker-agent run --ray`, on the mesh).
+#[derive(Debug, Clone)]
+pub struct RayContext {
+    /// The agent's Ray.
+    pub ray: crate::ray::RayConfig,
+    /// The mesh interface (the firewall lets Ray's ports in on it).
+    pub mesh_if: String,
+    /// Where token files go.
+    pub state_dir: std::path::PathBuf,
+}
+
 /// The pool feed of one agent: its state outlives the streams.
 #[derive(Debug)]
 pub struct PoolFeed {
     engine: Arc<Engine>,
     snapshot: SharedSnapshot,
     host: Host,
+    ray: Option<RayContext>,
+    /// Ray members running here (shared with the `ray-dashboard` service).
+    pub members: Arc<Mutex<crate::ray::Members>>,
     ledger: Mutex<Ledger>,
     seen: Mutex<BTreeMap<String, (String, u64)>>,
     /// Bumped by each new stream; the others see it and end.
@@ -304,15 +320,31 @@ enum Line {
 impl PoolFeed {
     /// The feed over the engine's jobs (restoring what a previous run left unacked).
     pub fn new(engine: Arc<Engine>, snapshot: SharedSnapshot) -> Arc<PoolFeed> {
+        Self::with_ray(engine, snapshot, None)
+    }
+
+    /// The feed, running Ray cluster members with `ray`.
+    pub fn with_ray(
+        engine: Arc<Engine>,
+        snapshot: SharedSnapshot,
+        ray: Option<RayContext>,
+    ) -> Arc<PoolFeed> {
         let ledger = Ledger::restore(&engine.list(), unix_ms());
         Arc::new(PoolFeed {
             engine,
             snapshot,
             host: Host::detect(),
+            ray,
+            members: Arc::new(Mutex::new(crate::ray::Members::default())),
             ledger: Mutex::new(ledger),
             seen: Mutex::new(BTreeMap::new()),
             current: watch::Sender::new(0),
         })
+    }
+
+    /// Whether this agent runs Ray cluster members.
+    pub fn runs_ray(&self) -> bool {
+        self.ray.is_some()
     }
 
     /// The inventory now.
@@ -320,7 +352,24 @@ impl PoolFeed {
         let jobs = self.engine.list();
         let holders = self.engine.holders();
         let snap = self.snapshot.read();
-        inventory(&snap, &holders, &jobs, &self.host, &mut self.seen.lock())
+        let mut inv = inventory(&snap, &holders, &jobs, &self.host, &mut self.seen.lock());
+        if let Some(r) = &self.ray {
+            inv.ray = Some(r.ray.version.clone());
+            let m = self.members.lock();
+            inv.ray_heads = m
+                .reports
+                .iter()
+                .map(
+                    |(&(pool_job, attempt), (at_ms, nodes))| weft_proto::cluster::RayHeadReport {
+                        pool_job,
+                        attempt,
+                        at_ms: *at_ms,
+                        nodes: nodes.clone(),
+                    },
+                )
+                .collect();
+        }
+        inv
     }
 
     /// Serves the `@pool` streams the relay hands over until the channel closes.
@@ -508,7 +557,19 @@ impl PoolFeed {
         if start.owner.is_empty() || start.owner.starts_with('@') {
             return refused(format!("owner {:?} is not an engineer", start.owner));
         }
-        let req = request_of(&start);
+        let mut req = request_of(&start);
+        let mut token_path = None;
+        if let Some(r) = &start.ray {
+            match self.ray_member(&start, r, req).await {
+                Ok((q, p)) => {
+                    req = q;
+                    token_path = Some(p);
+                }
+                Err(e) => return refused(e),
+            }
+        }
+        let ray = start.ray.clone();
+        let start_copy = start.clone();
         let engine = self.engine.clone();
         // Its own task: the job is recorded and spawned even if this stream goes away.
         let done =
@@ -517,11 +578,123 @@ impl PoolFeed {
         match done {
             Ok(Ok(job)) => {
                 info!(pool_job, attempt, local_id = job.id, gpus = ?job.spec.gpus, "pool copy starting");
+                if let (Some(r), Some(p)) = (ray, token_path) {
+                    self.members.lock().add(&start_copy, &r, p);
+                    tokio::spawn(self.clone().watch_member(start_copy, r, job.id));
+                }
                 None
             }
-            Ok(Err(e)) => refused(e.to_string()),
+            Ok(Err(e)) => {
+                if let Some(p) = token_path {
+                    crate::ray::forget_token(&p);
+                }
+                refused(e.to_string())
+            }
             Err(e) => refused(format!("internal error: {e}")),
         }
+    }
+
+    /// A Ray member's local job, its token file written and the firewall up.
+    async fn ray_member(
+        &self,
+        start: &Start,
+        r: &weft_proto::cluster::RayStart,
+        req: JobRequest,
+    ) -> Result<(JobRequest, std::path::PathBuf), String> {
+        let Some(ctx) = self.ray.clone() else {
+            return Err("this worker runs no Ray (start its agent with --ray PATH)".into());
+        };
+        if r.node_ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(format!("no overlay address for Ray ({:?})", r.node_ip));
+        }
+        if r.token.len() < 32 {
+            return Err("the cluster's token is missing".into());
+        }
+        let (token_path, temp) = crate::ray::member_paths(&ctx.state_dir, start);
+        let path_env = std::env::var("PATH").ok();
+        let req =
+            crate::ray::member_request(req, &ctx.ray, &token_path, &temp, path_env.as_deref())?;
+        let token = r.token.clone();
+        let tp = token_path.clone();
+        let need_fw = !self.members.lock().firewall;
+        let mesh_if = ctx.mesh_if.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::ray::write_token(&tp, &token)
+                .map_err(|e| format!("cannot write the Ray token {}: {e}", tp.display()))?;
+            if need_fw {
+                crate::ray::firewall_up(&mesh_if)?;
+            }
+            Ok::<(), String>(())
+        })
+        .await
+        .map_err(|e| format!("internal error: {e}"))??;
+        self.members.lock().firewall = true;
+        Ok((req, token_path))
+    }
+
+    /// While a Ray member's local job lives: the head reads Ray's nodes every
+    /// [`crate::ray::POLL`]. When it ends: its token file goes, and the firewall with the last
+    /// member.
+    async fn watch_member(
+        self: Arc<Self>,
+        start: Start,
+        r: weft_proto::cluster::RayStart,
+        local_id: u64,
+    ) {
+        let key = (start.pool_job, start.attempt);
+        let mut last_err = String::new();
+        loop {
+            tokio::time::sleep(crate::ray::POLL).await;
+            let live = self
+                .engine
+                .get(local_id)
+                .is_some_and(|j| !j.state.is_terminal());
+            if !live {
+                break;
+            }
+            if !r.head {
+                continue;
+            }
+            match crate::ray::read_nodes(&r.node_ip, &r.token).await {
+                Ok(nodes) => {
+                    last_err.clear();
+                    let mut m = self.members.lock();
+                    if m.reports.get(&key).is_none_or(|(_, n)| *n != nodes) {
+                        debug!(pool_job = key.0, nodes = nodes.len(), "ray nodes changed");
+                        m.reports.insert(key, (unix_ms(), nodes));
+                    }
+                }
+                Err(e) => {
+                    if e != last_err {
+                        debug!(pool_job = key.0, error = %e, "ray head not answering yet");
+                        last_err = e;
+                    }
+                }
+            }
+        }
+        let live: Vec<(u64, u32)> = {
+            let m = self.members.lock();
+            m.live.keys().copied().filter(|k| *k != key).collect()
+        };
+        let (files, last) = {
+            let mut m = self.members.lock();
+            let files = m.retain(&live);
+            let last = m.live.is_empty() && m.firewall;
+            if last {
+                m.firewall = false;
+            }
+            (files, last)
+        };
+        info!(pool_job = key.0, attempt = key.1, "ray member ended");
+        let _ = tokio::task::spawn_blocking(move || {
+            for f in files {
+                crate::ray::forget_token(&f);
+            }
+            if last {
+                crate::ray::firewall_down();
+            }
+        })
+        .await;
     }
 
     /// Cancels this pool job's copies here (every attempt, or only `attempt`).
@@ -749,6 +922,7 @@ mod tests {
             workdir: None,
             gpus: gpus.iter().map(|s| s.to_string()).collect(),
             timeout_s: None,
+            ray: None,
         })
     }
 

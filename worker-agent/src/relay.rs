@@ -17,13 +17,14 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 use tunnel_relay::client::{self, ClientState, ExposeOptions, IncomingStream};
 use tunnel_relay::link::LinkState;
 use tunnel_relay::Token;
 
 use std::sync::Arc;
 
+use weft_proto::cluster::{CLIENT_SERVICE, DASHBOARD_SERVICE};
 use weft_proto::pool::POOL_SERVICE;
 
 use crate::api::Caller;
@@ -45,7 +46,7 @@ pub struct RelayOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("--service {0}: the names `agent` and `@pool` are the agent's own services")]
+    #[error("--service {0}: the names `agent`, `@pool`, `ray-dashboard` and `ray-client` are the agent's own services")]
     Reserved(String),
     #[error("relay identity in {}: {source}", dir.display())]
     State {
@@ -96,11 +97,9 @@ pub fn start(
     link_tx: watch::Sender<LinkState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Exposed, RelayError> {
-    if let Some((n, a)) = opts
-        .services
-        .iter()
-        .find(|(n, _)| n == AGENT_SERVICE || n == POOL_SERVICE)
-    {
+    if let Some((n, a)) = opts.services.iter().find(|(n, _)| {
+        n == AGENT_SERVICE || n == POOL_SERVICE || n == DASHBOARD_SERVICE || n == CLIENT_SERVICE
+    }) {
         return Err(RelayError::Reserved(format!("{n}={a}")));
     }
     let (in_tx, mut in_rx) = mpsc::channel::<IncomingStream>(64);
@@ -110,6 +109,15 @@ pub fn start(
     eo.handlers.insert(AGENT_SERVICE.to_string(), in_tx);
     let (pool_tx, pool_rx) = mpsc::channel::<IncomingStream>(4);
     eo.handlers.insert(POOL_SERVICE.to_string(), pool_tx);
+    let mut ray_task = None;
+    if pool.runs_ray() {
+        // The cluster owner's way to the head's dashboard and Ray Client through the relay.
+        let (ray_tx, ray_rx) = mpsc::channel::<IncomingStream>(64);
+        for s in [DASHBOARD_SERVICE, CLIENT_SERVICE] {
+            eo.handlers.insert(s.to_string(), ray_tx.clone());
+        }
+        ray_task = Some(tokio::spawn(serve_ray(pool.members.clone(), ray_rx)));
+    }
     eo.link = Some(link_tx);
     let expose = tokio::spawn(async move {
         match client::expose(eo, shutdown).await {
@@ -125,13 +133,55 @@ pub fn start(
             tokio::spawn(serve_stream(api.clone(), inc));
         }
     });
-    let pool = tokio::spawn(pool.serve_incoming(pool_rx));
+    let pool = tokio::spawn(async move {
+        pool.serve_incoming(pool_rx).await;
+        if let Some(t) = ray_task {
+            t.abort();
+        }
+    });
     Ok(Exposed {
         link: link_rx,
         expose,
         serve,
         pool,
     })
+}
+
+/// `ray-dashboard` / `ray-client` streams: spliced to the head's port when the opener owns a
+/// cluster whose head runs here; closed otherwise.
+async fn serve_ray(
+    members: Arc<parking_lot::Mutex<crate::ray::Members>>,
+    mut rx: mpsc::Receiver<IncomingStream>,
+) {
+    while let Some(inc) = rx.recv().await {
+        let head = members.lock().head_of(&inc.from).cloned();
+        tokio::spawn(async move {
+            let IncomingStream {
+                from,
+                service,
+                send,
+                recv,
+            } = inc;
+            let Some(head) = head else {
+                warn!(caller = %from, service = %service, "no cluster head of this caller here; stream closed");
+                return;
+            };
+            let port = if service == CLIENT_SERVICE {
+                weft_proto::cluster::CLIENT_PORT
+            } else {
+                weft_proto::cluster::DASHBOARD_PORT
+            };
+            let addr = format!("{}:{port}", head.ip);
+            match tokio::net::TcpStream::connect(&addr).await {
+                Ok(mut tcp) => {
+                    debug!(caller = %from, %addr, "ray stream");
+                    let mut tunnel = tokio::io::join(recv, send);
+                    let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut tcp).await;
+                }
+                Err(e) => warn!(caller = %from, %addr, error = %e, "cannot reach the ray head"),
+            }
+        });
+    }
 }
 
 /// One `agent` tunnel stream = one HTTP/1.1 connection, caller = the opener's relay name.

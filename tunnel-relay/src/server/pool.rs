@@ -42,6 +42,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use weft_proto::acl::GROUP_TAG_PREFIX;
+use weft_proto::cluster::{
+    head_tag, member_argv, owner_tag, ClusterCreated, ClusterInfo, MemberSize, RayStart,
+};
 use weft_proto::gpuspec::GpuSpec;
 use weft_proto::pool::{
     decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, JobView, LineError, MemberView,
@@ -160,6 +163,7 @@ fn core_spec(owner: &str, r: &SubmitRequest) -> Result<pool::JobSpec, String> {
     js.priority = r.priority;
     js.retries = r.retries;
     js.wait_for_capacity = r.wait_for_capacity;
+    js.needs_ray = r.cluster.is_some();
     Ok(js)
 }
 
@@ -182,6 +186,7 @@ fn core_inventory(
                 busy: g.job.is_some() && !pool_held.contains(&g.uuid),
             })
             .collect(),
+        ray: inv.ray.is_some(),
     }
 }
 
@@ -287,7 +292,7 @@ impl PoolShell {
         info!(workers = workers.len(), pending, running, "pool restored");
         let gangs = jobs
             .values()
-            .filter(|j| j.stored.view.request.nodes > 1)
+            .filter(|j| j.stored.view.request.nodes > 1 || j.stored.view.cluster.is_some())
             .map(|j| j.stored.view.id)
             .collect();
         Ok(PoolShell {
@@ -522,7 +527,25 @@ impl Hub {
             .collect();
         let req = j.stored.view.request.clone();
         let owner = j.stored.view.owner.clone();
+        let token = j.stored.cluster_token.clone();
+        if let Some(c) = j.stored.view.cluster.as_mut() {
+            c.head_worker = p.members.first().map(|m| m.worker.clone());
+            c.head_ip = ips.first().cloned().filter(|ip| !ip.is_empty());
+            c.placed_ms = Some(unix_ms());
+            c.member_ips = ips.clone();
+            c.ray = None;
+        }
         let n = p.members.len();
+        if req.cluster.is_some() && ips.iter().any(String::is_empty) {
+            // A Ray member needs its overlay address; the mesh has not told it yet.
+            warn!(
+                job = id,
+                "a cluster member has no overlay address yet; placing it again"
+            );
+            self.save_job(id);
+            self.pool.job_ended(id, Outcome::Refused, now);
+            return;
+        }
         let mut starts = Vec::with_capacity(n);
         for (rank, m) in p.members.iter().enumerate() {
             let mut env = req.env.clone();
@@ -535,24 +558,49 @@ impl Hub {
                 "WEFT_MASTER_ADDR".into(),
                 ips.first().cloned().unwrap_or_default(),
             );
+            let (command, ray) = match &req.cluster {
+                Some(c) => {
+                    let inv = self.workers.get(&m.worker).map(|w| &w.view.inventory);
+                    let size = MemberSize::of(
+                        c,
+                        u32::try_from(m.gpus.len()).unwrap_or(u32::MAX),
+                        inv.map_or(0, |i| u32::try_from(i.gpus.len()).unwrap_or(u32::MAX)),
+                        inv.map_or(1, |i| i.cpus),
+                        inv.map_or(0, |i| i.memory_bytes),
+                    );
+                    let head = (rank > 0).then(|| ips[0].as_str());
+                    (
+                        member_argv(&ips[rank], head, size),
+                        Some(RayStart {
+                            cluster: c.name.clone(),
+                            head: rank == 0,
+                            node_ip: ips[rank].clone(),
+                            token: token.clone().unwrap_or_default(),
+                        }),
+                    )
+                }
+                None => (req.command.clone(), None),
+            };
             starts.push((
                 m.worker.clone(),
                 Start {
                     pool_job: id,
                     attempt,
                     owner: owner.clone(),
-                    command: req.command.clone(),
+                    command,
                     env,
                     workdir: req.workdir.clone(),
                     gpus: m.gpus.clone(),
                     timeout_s: req.timeout_s,
+                    ray,
                 },
             ));
         }
         info!(job = id, attempt, workers = ?p.members.iter().map(|m| &m.worker).collect::<Vec<_>>(), "pool job placed");
         self.save_job(id);
-        if n > 1 {
-            // The members reach each other over the mesh before their processes start.
+        if n > 1 || req.cluster.is_some() {
+            // The members reach each other over the mesh before their processes start (and
+            // a cluster's owner its head).
             self.gangs.insert(id);
             self.sync_groups();
         }
@@ -584,6 +632,17 @@ impl Hub {
                 want.entry(m.worker.clone())
                     .or_default()
                     .push(format!("{GROUP_TAG_PREFIX}{id}"));
+            }
+            if j.stored.view.cluster.is_some() {
+                // The owner reaches the head's dashboard and Ray Client, and nothing else.
+                if let Some(head) = j.stored.view.members.first() {
+                    want.entry(head.worker.clone())
+                        .or_default()
+                        .push(head_tag(*id));
+                    want.entry(j.stored.view.owner.clone())
+                        .or_default()
+                        .push(owner_tag(*id));
+                }
             }
             true
         });
@@ -713,6 +772,28 @@ impl Hub {
                 for m in &j.stored.view.members {
                     if m.worker == worker {
                         pool_held.extend(m.gpus.iter().cloned());
+                    }
+                }
+            }
+        }
+        for r in &inv.ray_heads {
+            let Some(j) = self.jobs.get_mut(&r.pool_job) else {
+                continue;
+            };
+            let head = j.stored.view.members.first().map(|m| m.worker.as_str());
+            if j.stored.view.attempt != r.attempt || head != Some(worker) {
+                continue;
+            }
+            if let Some(c) = j.stored.view.cluster.as_mut() {
+                if c.ray.as_ref() != Some(r) {
+                    let alive = r.nodes.iter().filter(|n| n.alive).count();
+                    if c.alive(r.attempt) != alive {
+                        info!(job = r.pool_job, alive, nodes = r.nodes.len(), "ray nodes");
+                    }
+                    c.ray = Some(r.clone());
+                    let id = r.pool_job;
+                    if let Err(e) = self.store.save_job(&self.jobs[&id].stored) {
+                        warn!(job = id, error = %e, "could not store pool job");
                     }
                 }
             }
@@ -1102,6 +1183,8 @@ async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: 
                 version: String::new(),
                 simulated: false,
                 running: vec![],
+                ray: None,
+                ray_heads: vec![],
             };
             let mut rec = WorkerRec::new(name, empty, unix_ms());
             rec.feed = Some(Feed {
@@ -1253,10 +1336,15 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/pool/jobs/{id}", get(show))
         .route("/v1/pool/jobs/{id}/cancel", post(cancel))
         .route("/v1/pool/usage", get(usage))
+        .route("/v1/clusters", post(cluster_up).get(cluster_list))
+        .route(
+            "/v1/clusters/{name}",
+            get(cluster_show).delete(cluster_down),
+        )
         .fallback(|| async {
             err(
                 StatusCode::NOT_FOUND,
-                "no such endpoint; see /v1/pool, /v1/pool/jobs, /v1/pool/usage",
+                "no such endpoint; see /v1/pool, /v1/pool/jobs, /v1/pool/usage, /v1/clusters",
             )
         })
         .with_state(shared)
@@ -1267,16 +1355,6 @@ async fn submit(
     Extension(caller): Extension<ApiCaller>,
     body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let ps = &shared.pool;
-    if !ps.may_submit(&caller) {
-        return err(
-            StatusCode::FORBIDDEN,
-            format!(
-                "node {:?} (tags {:?}) may not submit jobs; pool.submit_tags are {:?}",
-                caller.name, caller.tags, ps.settings.submit_tags
-            ),
-        );
-    }
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => {
@@ -1286,29 +1364,204 @@ async fn submit(
             )
         }
     };
+    if req.cluster.is_some() {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "a Ray cluster is made with POST /v1/clusters (`weft cluster up`)",
+        );
+    }
     if req.command.first().is_none_or(|c| c.is_empty()) {
         return err(
             StatusCode::BAD_REQUEST,
             "the job needs a command (`-- CMD ...`)",
         );
     }
-    if req.worker.is_some() {
+    match submit_job(&shared.pool, &caller, req) {
+        Ok((v, _)) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/clusters`: a Ray cluster is a gang job whose command the coordinator writes.
+async fn cluster_up(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("malformed cluster request: {}", e.body_text()),
+            )
+        }
+    };
+    let Some(c) = &req.cluster else {
+        return err(StatusCode::BAD_REQUEST, "`cluster` (its name) is required");
+    };
+    if let Err(e) = weft_proto::names::validate_name(&c.name) {
         return err(
             StatusCode::BAD_REQUEST,
+            format!("cluster name {:?}: {e}", c.name),
+        );
+    }
+    if !req.command.is_empty() {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "a cluster takes no command: its members run `ray start` (submit work with `weft cluster submit`)",
+        );
+    }
+    match submit_job(&shared.pool, &caller, req) {
+        Ok((job, Some(token))) => {
+            (StatusCode::CREATED, Json(ClusterCreated { job, token })).into_response()
+        }
+        Ok((job, None)) => (StatusCode::CREATED, Json(job)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The live cluster named `name` of `owner`, else its newest finished one.
+fn cluster_named(hub: &Hub, owner: &str, name: &str) -> Option<u64> {
+    let mine = |j: &&JobRec| {
+        j.stored.view.owner == owner
+            && j.stored
+                .view
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.name == name)
+    };
+    hub.jobs
+        .values()
+        .filter(mine)
+        .find(|j| !j.stored.finished())
+        .or_else(|| hub.jobs.values().rev().find(mine))
+        .map(|j| j.stored.view.id)
+}
+
+/// `GET /v1/clusters`: the caller's clusters (every one for an operator), live ones and the
+/// finished ones still recorded.
+async fn cluster_list(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+) -> Response {
+    let ps = &shared.pool;
+    if let Err(r) = ps.check_member(&caller) {
+        return r.into_response();
+    }
+    let all = ps.is_operator(&caller);
+    let hub = lock(&ps.hub);
+    let v: Vec<JobView> = hub
+        .jobs
+        .values()
+        .filter(|j| j.stored.view.cluster.is_some())
+        .filter(|j| all || j.stored.view.owner == caller.name)
+        .map(|j| hub.job_view(j))
+        .collect();
+    Json(v).into_response()
+}
+
+fn find_cluster(
+    ps: &PoolShell,
+    hub: &Hub,
+    caller: &ApiCaller,
+    name: &str,
+) -> Result<u64, ApiError> {
+    ps.check_member(caller)?;
+    cluster_named(hub, &caller.name, name)
+        .or_else(|| {
+            // An operator names anyone's cluster.
+            ps.is_operator(caller).then(|| {
+                hub.jobs
+                    .values()
+                    .rev()
+                    .find(|j| {
+                        j.stored
+                            .view
+                            .cluster
+                            .as_ref()
+                            .is_some_and(|c| c.name == name)
+                    })
+                    .map(|j| j.stored.view.id)
+            })?
+        })
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no cluster {name:?} (see `weft cluster list`)"),
+            )
+        })
+}
+
+/// `GET /v1/clusters/NAME`.
+async fn cluster_show(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    Path(name): Path<String>,
+) -> Response {
+    let hub = lock(&shared.pool.hub);
+    match find_cluster(&shared.pool, &hub, &caller, &name) {
+        Ok(id) => Json(hub.job_view(&hub.jobs[&id])).into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
+/// `DELETE /v1/clusters/NAME`: stops Ray on every member and frees the GPUs.
+async fn cluster_down(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    Path(name): Path<String>,
+) -> Response {
+    let ps = &shared.pool;
+    let mut hub = lock(&ps.hub);
+    let id = match find_cluster(ps, &hub, &caller, &name) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
+    };
+    let now = Instant::now();
+    if hub.pool.cancel(id, now) {
+        info!(job = id, cluster = %name, by = %caller.name, "cluster down");
+        hub.end_job(id, "cancelled", unix_ms());
+    }
+    hub.pump(now);
+    Json(hub.job_view(&hub.jobs[&id])).into_response()
+}
+
+/// Checks, queues and stores a job (a cluster's too: then its token comes back).
+fn submit_job(
+    ps: &PoolShell,
+    caller: &ApiCaller,
+    mut req: SubmitRequest,
+) -> Result<(JobView, Option<String>), ApiError> {
+    let refuse = |code: StatusCode, msg: String| Err(ApiError(code, msg));
+    if !ps.may_submit(caller) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "node {:?} (tags {:?}) may not submit jobs; pool.submit_tags are {:?}",
+                caller.name, caller.tags, ps.settings.submit_tags
+            ),
+        );
+    }
+    if req.worker.is_some() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
             "the pool does not pin jobs to a worker; use `weft jobs submit --worker NAME` for a \
-             per-worker job",
+             per-worker job"
+                .into(),
         );
     }
     if req.nodes == 0 {
-        return err(StatusCode::BAD_REQUEST, "--nodes must be at least 1");
+        return refuse(StatusCode::BAD_REQUEST, "--nodes must be at least 1".into());
     }
-    let spec = match core_spec(&caller.name, &req) {
-        Ok(s) => s,
-        Err(e) => return err(StatusCode::BAD_REQUEST, e),
-    };
+    if req.cluster.is_some() && req.gpus == 0 {
+        // Ray members are placed by their GPUs: one each unless asked.
+        req.gpus = 1;
+    }
+    let spec = core_spec(&caller.name, &req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     if let Some(max) = ps.settings.priority_limit(&caller.tags) {
         if req.priority > max {
-            return err(
+            return refuse(
                 StatusCode::FORBIDDEN,
                 format!(
                     "priority {} is over the limit {max} for tags {:?} (pool.priority_max)",
@@ -1319,6 +1572,19 @@ async fn submit(
     }
     let now = Instant::now();
     let mut hub = lock(&ps.hub);
+    if let Some(c) = &req.cluster {
+        if let Some(id) =
+            cluster_named(&hub, &caller.name, &c.name).filter(|id| !hub.jobs[id].stored.finished())
+        {
+            return refuse(
+                StatusCode::CONFLICT,
+                format!(
+                    "cluster {:?} exists (job {id}); `weft cluster down {}` first",
+                    c.name, c.name
+                ),
+            );
+        }
+    }
     if let Some(quota) = ps.settings.gpu_quota {
         let held: u32 = hub
             .jobs
@@ -1328,7 +1594,7 @@ async fn submit(
             .sum();
         let want = gpus_of(&req);
         if held + want > quota {
-            return err(
+            return refuse(
                 StatusCode::FORBIDDEN,
                 format!(
                     "GPU quota: {} holds or waits for {held} of {quota} GPUs; this job needs {want} (pool.gpu_quota)",
@@ -1337,11 +1603,29 @@ async fn submit(
             );
         }
     }
-    let id = match hub.pool.submit(now, spec) {
-        Ok(id) => id,
-        Err(e) => return err(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-    };
+    let id = hub
+        .pool
+        .submit(now, spec)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     let retries = req.retries;
+    let token = req.cluster.as_ref().map(|_| {
+        let mut b = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+        hex::encode(b)
+    });
+    let cluster = req
+        .cluster
+        .as_ref()
+        .zip(token.as_ref())
+        .map(|(c, t)| ClusterInfo {
+            name: c.name.clone(),
+            head_ip: None,
+            head_worker: None,
+            member_ips: vec![],
+            token_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t.as_bytes())),
+            ray: None,
+            placed_ms: None,
+        });
     let rec = JobRec {
         stored: StoredJob {
             view: JobView {
@@ -1355,15 +1639,17 @@ async fn submit(
                 submitted_ms: unix_ms(),
                 started_ms: None,
                 ended_ms: None,
+                cluster,
             },
             retries_left: retries,
+            cluster_token: token.clone(),
         },
         missing: HashMap::new(),
     };
     if let Err(e) = hub.store.save_job(&rec.stored) {
         // Not stored, not accepted: take it out of the queue again.
         hub.pool.cancel(id, now);
-        return err(
+        return refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("could not store the job: {e}"),
         );
@@ -1372,7 +1658,7 @@ async fn submit(
     info!(job = id, owner = %caller.name, "pool job submitted");
     hub.pump(now);
     let v = hub.job_view(&hub.jobs[&id]);
-    (StatusCode::CREATED, Json(v)).into_response()
+    Ok((v, token))
 }
 
 fn gpus_of(r: &SubmitRequest) -> u32 {
