@@ -902,6 +902,23 @@ impl Hub {
             Err(err) => warn!(job, error = %err, "could not store a usage record; not acked"),
         }
         let Some(m) = self.current_member(job, attempt, worker) else {
+            // A job that already ended (cancelled: `jobs cancel`, `cluster down`): its members'
+            // real ends still show, so that one can tell when every copy has stopped.
+            if let Some(j) = self.jobs.get_mut(&job) {
+                if j.stored.view.attempt == attempt && j.stored.finished() {
+                    if let Some(m) = j
+                        .stored
+                        .view
+                        .members
+                        .iter_mut()
+                        .find(|m| m.worker == worker)
+                    {
+                        m.state = e.state.clone();
+                        m.exit_code = e.exit_code;
+                        self.save_job(job);
+                    }
+                }
+            }
             return;
         };
         m.state = e.state.clone();
