@@ -304,7 +304,7 @@ mod tests {
         for arg in head.iter().chain(&w) {
             if let Some((flag, v)) = arg.split_once('=') {
                 if flag.ends_with("-port") {
-                    let p: u16 = v.parse().unwrap();
+                    let p: u16 = v.parse().expect("a port number");
                     assert!(is_ray_port(p), "{arg}");
                 }
             }

@@ -201,7 +201,7 @@ pub struct Start {
     pub timeout_s: Option<u64>,
     /// A Ray cluster member: `command[0]` is [`crate::cluster::RAY_PLACEHOLDER`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ray: Option<crate::cluster::RayStart>,
+    pub ray: Option<Box<crate::cluster::RayStart>>,
 }
 
 /// A pool feed line that could not be read.
@@ -506,11 +506,13 @@ mod tests {
             )
                 .prop_map(
                     |(pool_job, attempt, owner, command, env, workdir, gpus, timeout_s)| {
-                        let ray = (attempt % 2 == 0).then(|| crate::cluster::RayStart {
-                            cluster: owner.clone(),
-                            head: pool_job % 2 == 0,
-                            node_ip: owner.clone(),
-                            token: owner.clone(),
+                        let ray = (attempt % 2 == 0).then(|| {
+                            Box::new(crate::cluster::RayStart {
+                                cluster: owner.clone(),
+                                head: pool_job % 2 == 0,
+                                node_ip: owner.clone(),
+                                token: owner.clone(),
+                            })
                         });
                         CoordMsg::Start(Start {
                             ray,

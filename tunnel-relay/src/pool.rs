@@ -1866,13 +1866,13 @@ mod tests {
             nodes: 2,
             ..JobSpec::new("alice", GpuSpec::default())
         };
-        let err = t.pool.submit(t.now, no_ray.clone()).unwrap_err();
+        let err = t.pool.submit(t.now, no_ray.clone()).expect_err("refused");
         assert!(err.to_string().contains("runs Ray"), "{err}");
         let mut ray_inv = inv("r1", gpus("r1", A100, 1));
         ray_inv.ray = true;
         t.pool.worker_update(t.now, ray_inv);
         // One Ray worker of the two the cluster needs: refused with the count.
-        let err = t.pool.submit(t.now, no_ray.clone()).unwrap_err();
+        let err = t.pool.submit(t.now, no_ray.clone()).expect_err("refused");
         assert!(err.to_string().contains("only 1 worker(s)"), "{err}");
         let mut ray_inv = inv("r2", gpus("r2", A100, 1));
         ray_inv.ray = true;

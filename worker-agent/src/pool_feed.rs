@@ -580,7 +580,7 @@ impl PoolFeed {
                 info!(pool_job, attempt, local_id = job.id, gpus = ?job.spec.gpus, "pool copy starting");
                 if let (Some(r), Some(p)) = (ray, token_path) {
                     self.members.lock().add(&start_copy, &r, p);
-                    tokio::spawn(self.clone().watch_member(start_copy, r, job.id));
+                    tokio::spawn(self.clone().watch_member(start_copy, *r, job.id));
                 }
                 None
             }

@@ -415,7 +415,7 @@ mod tests {
         .expect("ok");
         assert_eq!(r.command[0], "/opt/ray/bin/ray");
         assert_eq!(
-            r.command.last().unwrap(),
+            r.command.last().expect("an argument"),
             "--temp-dir=/tmp/weft-ray-7.1.0-9"
         );
         assert_eq!(r.env["RAY_AUTH_MODE"], "token");

@@ -571,12 +571,12 @@ impl Hub {
                     let head = (rank > 0).then(|| ips[0].as_str());
                     (
                         member_argv(&ips[rank], head, size),
-                        Some(RayStart {
+                        Some(Box::new(RayStart {
                             cluster: c.name.clone(),
                             head: rank == 0,
                             node_ip: ips[rank].clone(),
                             token: token.clone().unwrap_or_default(),
-                        }),
+                        })),
                     )
                 }
                 None => (req.command.clone(), None),
