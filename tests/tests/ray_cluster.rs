@@ -17,7 +17,6 @@
 //!
 //! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -47,9 +46,20 @@ impl Worker {
     fn start(
         net: &Internet,
         relay: &LabRelay,
+        spot: (&str, &'static str, Nat, &str, &str),
+        seed: u32,
+        ray: Option<&str>,
+    ) -> Worker {
+        Self::start_with(net, relay, spot, seed, ray, "")
+    }
+
+    fn start_with(
+        net: &Internet,
+        relay: &LabRelay,
         (tag, name, nat, wan, lan): (&str, &'static str, Nat, &str, &str),
         seed: u32,
         ray: Option<&str>,
+        stub_env: &str,
     ) -> Worker {
         let router = Router::new(net, tag, nat, wan, lan);
         let ns = Netns::new(&format!("{tag}-wk"));
@@ -62,7 +72,7 @@ impl Worker {
         let ray = ray.map_or(String::new(), |r| format!("--ray {r}"));
         let cmd = format!(
             "env WEFT_LOG=info,worker_agent=debug,netlink_packet_route=error \
-             WEFT_NVML_STUB_DIR={} WEFT_NVML_STUB_GPUS=1 WEFT_NVML_STUB_UUID_SEED={seed} \
+             WEFT_NVML_STUB_DIR={} WEFT_NVML_STUB_GPUS=1 WEFT_NVML_STUB_UUID_SEED={seed} {stub_env} \
              {} run --state-dir {state} --name {name} --nvml-lib {} --kill-grace-s 5 \
              --sample-ms 200 --uapi-dir {} --token {token} {ray}",
             stub_dir.display(),
@@ -551,5 +561,58 @@ fn weft_cluster_up_makes_one_ray_cluster_of_natted_workers() {
             }
         },
     );
-    sleep(Duration::from_millis(10));
+
+    // ---- a worker whose Ray cannot start: `up` fails with its output, the GPU is released ----
+    let fake_dir = eng_ns.file("fake-ray");
+    std::fs::create_dir_all(&fake_dir).unwrap_or_else(|e| panic!("{e}"));
+    let fake = fake_dir.join("ray");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'ray, version 2.60.0'; exit 0; }\n\
+         echo 'fake ray: cannot start: no such luck' >&2\nexit 3\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::process::Command::new("chmod")
+        .args(["+x", &fake.display().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let broken = Worker::start_with(
+        &net,
+        &relay,
+        (
+            "rcf",
+            "gpu-f",
+            Nat::Easy,
+            "203.0.113.13/24",
+            "192.0.2.192/27",
+        ),
+        45,
+        Some(&fake.display().to_string()),
+        "WEFT_NVML_STUB_MODEL='NVIDIA L4' WEFT_NVML_STUB_MEMORY_MIB=23034",
+    );
+    until(Duration::from_secs(20), "the L4 worker offers Ray", || {
+        let p = alice.pool();
+        let ok = p["workers"].as_array().is_some_and(|ws| {
+            ws.iter()
+                .any(|w| w["name"] == broken.name && w["inventory"]["ray"].is_string())
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("{p:#}"))
+        }
+    });
+    let err = alice.fails("cluster", "up broken --nodes 1 --gpu L4 --timeout 60");
+    assert!(
+        err.contains("failed") && err.contains("no such luck") && err.contains("released"),
+        "a Ray that cannot start is shown with its output: {err}"
+    );
+    until(Duration::from_secs(10), "the L4 is free again", || {
+        let p = alice.pool();
+        if free_gpus(&p, &[broken.name]) {
+            Ok(())
+        } else {
+            Err(format!("{p:#}"))
+        }
+    });
 }
