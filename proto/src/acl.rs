@@ -32,11 +32,7 @@ pub const AGENT_API_PORT: u16 = 7070;
 /// SSH.
 pub const SSH_PORT: u16 = 22;
 
-/// The prefix of a *group tag*: the pool gives one (`pool-job-17`) to every member of a
-/// running gang, and nodes that share a group tag may reach each other on every protocol
-/// and port, in addition to the policy's rules, for as long as they hold it. Operators
-/// cannot hand these out: a token or rule tag with this prefix is refused.
-pub const GROUP_TAG_PREFIX: &str = "pool-job-";
+pub use crate::names::GROUP_TAG_PREFIX;
 
 /// Whether `tag` is a group tag ([`GROUP_TAG_PREFIX`]).
 pub fn is_group_tag(tag: &str) -> bool {

@@ -28,7 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::acl::GROUP_TAG_PREFIX;
+use crate::names::GROUP_TAG_PREFIX;
 
 /// GCS.
 pub const GCS_PORT: u16 = 6379;
@@ -184,15 +184,6 @@ impl ClusterInfo {
             .filter(|r| r.attempt == attempt)
             .map_or(0, |r| r.nodes.iter().filter(|n| n.alive).count())
     }
-}
-
-/// `POST /v1/clusters` answers this once: the token is not shown again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterCreated {
-    /// The cluster's job.
-    pub job: crate::pool::JobView,
-    /// The cluster's Ray token (for `ray job submit`; `weft` keeps it 0600).
-    pub token: String,
 }
 
 /// The sizes a member's Ray gets.

@@ -101,6 +101,12 @@ pub fn unique_name(base: &str, taken: impl Fn(&str) -> bool) -> String {
     }
 }
 
+/// The prefix of a *group tag*: the pool gives one (`pool-job-17`) to every member of a
+/// running gang, and nodes that share a group tag may reach each other on every protocol
+/// and port, in addition to the policy's rules, for as long as they hold it. Operators
+/// cannot hand these out: a token or rule tag with this prefix is refused.
+pub const GROUP_TAG_PREFIX: &str = "pool-job-";
+
 #[cfg(test)]
 mod tests {
     use super::*;

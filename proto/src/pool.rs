@@ -327,6 +327,15 @@ pub struct JobView {
     pub cluster: Option<crate::cluster::ClusterInfo>,
 }
 
+/// `POST /v1/clusters` answers this once: the token is not shown again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCreated {
+    /// The cluster's job.
+    pub job: JobView,
+    /// The cluster's Ray token (for `ray job submit`; `weft` keeps it 0600).
+    pub token: String,
+}
+
 /// One worker as `weft pool` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerView {

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tunnel_relay::cli::StateDirArg;
-use weft_proto::cluster::{ClusterCreated, ClusterRequest, DASHBOARD_PORT, DASHBOARD_SERVICE};
+use weft_proto::cluster::{ClusterRequest, DASHBOARD_PORT, DASHBOARD_SERVICE};
 use weft_proto::gpuspec::GpuSpec;
-use weft_proto::pool::{JobView, PoolView, SubmitRequest};
+use weft_proto::pool::{ClusterCreated, JobView, PoolView, SubmitRequest};
 
 use crate::client::Call;
 use crate::pool_cli::{member_log, now_ms, on_pool, parse, pool_bytes, Fabric, RelayFabric};

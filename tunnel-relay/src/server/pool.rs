@@ -42,13 +42,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use weft_proto::acl::GROUP_TAG_PREFIX;
-use weft_proto::cluster::{
-    head_tag, member_argv, owner_tag, ClusterCreated, ClusterInfo, MemberSize, RayStart,
-};
+use weft_proto::cluster::{head_tag, member_argv, owner_tag, ClusterInfo, MemberSize, RayStart};
 use weft_proto::gpuspec::GpuSpec;
 use weft_proto::pool::{
-    decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, JobView, LineError, MemberView,
-    PoolView, Start, SubmitRequest, UsageRecord, WorkerView, MAX_LINE, POOL_CALLER, POOL_SERVICE,
+    decode_line, encode_line, AgentMsg, ClusterCreated, CoordMsg, Ended, GpuInfo, JobView,
+    LineError, MemberView, PoolView, Start, SubmitRequest, UsageRecord, WorkerView, MAX_LINE,
+    POOL_CALLER, POOL_SERVICE,
 };
 
 use super::mesh::MeshHandle;
