@@ -239,6 +239,9 @@ fn bad_arguments_say_what_is_wrong() {
         &["jobs", "logs", "7", "--follow"],
         &["pool"],
         &["usage", "--since", "7d"],
+        // `--state-dir` after a cluster subcommand as well as before it.
+        &["cluster", "up", "x", "--nodes", "1"],
+        &["cluster", "list"],
     ] {
         let mut args = args.to_vec();
         args.extend(["--state-dir", s(&nobody)]);

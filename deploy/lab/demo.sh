@@ -4,12 +4,18 @@
 # the relay (`tunnel-relay`). Nothing on the internet can reach a worker; in both paths the worker dials out.
 # Then the GPU pool: `worker-agent run` on both workers (simulated GPUs: a stub NVML library), `weft pool`,
 # a job placed by requirement, its logs and the usage record it left.
+# With --ray, then a Ray cluster on the pool: the agents run with `--ray` (and join the mesh
+# themselves), the engineer makes the two NATed workers one Ray cluster (`weft cluster up`), runs a
+# Ray job across both over the mesh and takes the cluster down.
 #
 #   sudo deploy/lab/demo.sh            # build, run the demo, tear everything down
+#   sudo deploy/lab/demo.sh --ray      # ... and end with a 2-node Ray cluster across both NATs
 #   sudo deploy/lab/demo.sh --keep     # ... and keep the lab up until Ctrl-C, to poke at it
 #
 # Options:  --keep        keep the lab running until Ctrl-C (prints how to get in)
 #           --no-build    use the binaries already in target/release
+#           --ray         add the Ray cluster part (the pinned Ray in a virtualenv that
+#                         scripts/ray-venv.sh makes once under ~/.cache/weft-ray: ~50 s the first time)
 # Env:      WEFT_DEMO_WG=wireguard-go   run Debian's wireguard-go + wg instead of our `mesh` for the mesh
 #                                       path (a reference to compare against); the default is `mesh`
 #           WEFT_SKIP_APT=1             skip apt-get (the packages are already installed)
@@ -59,10 +65,12 @@ source scripts/lib.sh
 
 keep=0
 build=1
+ray=0
 for arg in "$@"; do
     case $arg in
         --keep) keep=1 ;;
         --no-build) build=0 ;;
+        --ray) ray=1 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -118,6 +126,7 @@ declare -A pid_log=()
 declare -A pid_ns=()   # mesh pids: namespace and interface, to check `mesh up` cleaned up after itself
 declare -A pid_if=()
 declare -a teardown_warnings=()
+declare -a ray_agent_pids=() # worker-agent pids run with --ray (their members' temp dirs are theirs)
 last_pid=""
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,6 +216,24 @@ stop_pid() {
     fi
 }
 
+# `stop_started LABEL`: stop one process this script started, before the teardown (which then
+# skips it); a `mesh up` must have removed its interface.
+stop_started() {
+    local label=$1 i pid
+    for i in "${!pids[@]}"; do
+        pid=${pids[$i]}
+        [[ ${pid_label[$pid]} == "$label" ]] || continue
+        stop_pid "$pid"
+        unset 'pids[i]'
+        pids=("${pids[@]}")
+        if [[ $label == mesh-* ]] && ip -n "${pid_ns[$pid]}" link show "${pid_if[$pid]}" >/dev/null 2>&1; then
+            die "$label left interface ${pid_if[$pid]} behind in ${pid_ns[$pid]}"
+        fi
+        return
+    done
+    die "no running process labelled $label"
+}
+
 teardown() {
     local rc=$?
     # A second Ctrl-C (or SIGTERM) must not cut the teardown short and leave the lab running.
@@ -234,6 +261,26 @@ teardown() {
             fi
         fi
     done
+    if [[ $ray == 1 ]]; then
+        # Ray members are the agents' jobs, stopped with them (Ray's --block stops its processes).
+        # Anything still in a worker's namespace would keep it from being deleted: say so, stop it.
+        local ns left
+        for ns in "$NS_W1" "$NS_W2"; do
+            left=$(ip netns pids "$ns" 2>/dev/null | xargs)
+            [[ -n $left ]] || continue
+            teardown_warnings+=("processes left in $ns after its agent stopped: $(ps -o pid=,args= -p "${left// /,}" |
+                cut -c1-100 | paste -sd ';')")
+            # shellcheck disable=SC2086 # one pid per word
+            kill -TERM $left 2>/dev/null
+            sleep 2
+            # shellcheck disable=SC2086
+            kill -KILL $(ip netns pids "$ns" 2>/dev/null) 2>/dev/null
+        done
+        # Ray's temp dirs (logs, sockets): one per member, named after the agent that ran it.
+        for pid in "${ray_agent_pids[@]}"; do
+            rm -rf /tmp/weft-ray-*-"$pid"
+        done
+    fi
     delete_weft_namespaces "$P"
     # MagicDNS resolv.conf files for the engineers' namespaces (ip netns exec bind-mounts them).
     rm -rf "/etc/netns/$NS_ENG" "/etc/netns/$NS_BOB"
@@ -274,6 +321,12 @@ fi
 agent_bin="$repo/target/release/worker-agent"
 [[ -x $agent_bin ]] || die "$agent_bin not found: build it (cargo build --release --bins)"
 command -v gcc >/dev/null || die "gcc not found (it builds the stub NVML library for the simulated GPUs)"
+if [[ $ray == 1 ]]; then
+    banner "Ray: the pinned Ray in a virtualenv (scripts/ray-venv.sh: made once, then cached)"
+    ray_bin=$(scripts/ray-venv.sh) || die "scripts/ray-venv.sh could not make Ray's virtualenv"
+    [[ -x $ray_bin ]] || die "scripts/ray-venv.sh printed '$ray_bin', not a ray command"
+    note "$("$ray_bin" --version 2>/dev/null | head -n 1): $ray_bin"
+fi
 
 banner "remove a previous demo's leftovers (${P}* namespaces)"
 delete_weft_namespaces "$P"
@@ -815,21 +868,44 @@ banner "GPU pool (1/4): each provider runs worker-agent: it joins the relay and 
 note "SIMULATED GPUs: this lab has no GPU; the agents load a stub NVML library (a test double)"
 gcc -shared -fPIC -O1 -o "$lab/libnvml-stub.so" "$repo/worker-agent/tests/stub/nvml_stub.c"
 agent_token=$(token_create worker 2)
+# Without --ray the agents stay off the mesh (the workers run `mesh up` above). With --ray they join
+# it themselves (Ray's nodes talk over it; a worker without the mesh is not offered for clusters),
+# so the workers' own `mesh up` nodes stop first: one mesh node per machine.
+agent_flags=(--no-mesh)
+agent_shown=(--no-mesh)
+if [[ $ray == 1 ]]; then
+    note "--ray: the agents join the mesh themselves, so each worker's own \`mesh up\` stops first"
+    stop_started mesh-managed-gpu1
+    stop_started mesh-managed-gpu2
+    agent_flags=(--ray "$ray_bin" --kill-grace-s 5)
+    agent_shown=(--ray "$ray_bin")
+fi
 agent() { # LABEL NS NAME GPUS MODEL MIB SEED
     local label=$1 ns=$2 name=$3
     mkdir -p "$lab/stub-$label"
+    local flags=("${agent_flags[@]}")
+    [[ $ray == 1 ]] && flags+=(--uapi-dir "$lab/uapi-agent-$label")
     print_cmd "$name" worker-agent run --token "${agent_token:0:12}..." --state-dir "$lab/agent-$label" \
-        --name "$name" --no-mesh '&'
+        --name "$name" "${agent_shown[@]}" '&'
     start "worker-agent-$label" "$ns" env WEFT_LOG="${WEFT_LOG:-info}" WEFT_NVML_STUB_DIR="$lab/stub-$label" \
         WEFT_NVML_STUB_GPUS="$4" WEFT_NVML_STUB_MODEL="$5" WEFT_NVML_STUB_MEMORY_MIB="$6" \
         WEFT_NVML_STUB_UUID_SEED="$7" \
-        worker-agent run --token "$agent_token" --state-dir "$lab/agent-$label" --name "$name" --no-mesh \
+        worker-agent run --token "$agent_token" --state-dir "$lab/agent-$label" --name "$name" "${flags[@]}" \
         --nvml-lib "$lab/libnvml-stub.so"
     wait_for "$name to report to the pool" 20 "$last_pid" grep -q "pool feed stream opened" "${pid_log[$last_pid]}"
+    if [[ $ray == 1 ]]; then
+        ray_agent_pids+=("$last_pid")
+        wait_for "$name to join the mesh" 30 "$last_pid" grep -q "on the mesh; jobs API" "${pid_log[$last_pid]}"
+        note "$name: $(grep -m1 -o 'on the mesh;.*' "${pid_log[$last_pid]}" | sed 's/\x1b\[[0-9;]*m//g')"
+    fi
 }
 agent gpu1 "$NS_W1" gpu-a100 2 "NVIDIA A100-SXM4-80GB" 81920 1
 agent gpu2 "$NS_W2" gpu-4090 4 "NVIDIA GeForce RTX 4090" 24564 2
-note "(--no-mesh: these workers already run \`mesh up\` above; an agent on its own joins the mesh too)"
+if [[ $ray == 1 ]]; then
+    note "(--ray: each agent offers Ray clusters; it runs Ray's members as jobs, on its mesh address)"
+else
+    note "(--no-mesh: these workers already run \`mesh up\` above; an agent on its own joins the mesh too)"
+fi
 
 banner "GPU pool (2/4): the engineer sees the pool: every worker with every GPU, free or busy, healthy or not"
 pool_ready() { in_ns "$NS_ENG" weft pool --json --state-dir "$ENG_STATE" | grep -q '"gpu-4090"' &&
@@ -860,6 +936,99 @@ show alice "$NS_ENG" weft usage --state-dir "$ENG_STATE"
 show operator "$NS_RELAY" tunnel-relay pool list --state-dir "$RELAY_STATE"
 
 # ---------------------------------------------------------------------------------------------------
+# Ray clusters on the pool (--ray): the relay reserves a gang of workers; each member's agent runs
+# `ray start` as a job on its overlay address; Ray's nodes reach each other over the mesh, through
+# both home routers' NATs. alice needs no mesh for this: every `weft cluster` command goes through
+# the relay, and `submit` forwards the head's dashboard to her machine over it.
+if [[ $ray == 1 ]]; then
+    banner "Ray cluster (1/4): alice makes the two NATed workers one Ray cluster over the mesh"
+    ray_ready() {
+        in_ns "$NS_ENG" weft pool --json --state-dir "$ENG_STATE" | python3 -c 'import json,sys
+ws=json.load(sys.stdin).get("workers", [])
+sys.exit(0 if sum(1 for w in ws if (w.get("inventory") or {}).get("ray")) == 2 else 1)'
+    }
+    wait_for "both workers to offer Ray in the pool" 20 "" ray_ready
+    note "a gang of 2 workers (1 GPU each) is reserved; rank 0 starts Ray's head on its overlay address,"
+    note "rank 1 joins it there: worker to worker over the mesh, across both NATs"
+    show alice "$NS_ENG" weft cluster --state-dir "$ENG_STATE" up demo --nodes 2 --cpus-per-node 1 \
+        --object-store-mib 100 --timeout 240
+
+    banner "Ray cluster (2/4): the cluster's members, their overlay addresses and Ray's own view of its nodes"
+    show alice "$NS_ENG" weft cluster --state-dir "$ENG_STATE" status demo
+    show alice "$NS_ENG" weft cluster --state-dir "$ENG_STATE" list
+    cluster_json=$(in_ns "$NS_ENG" weft cluster --state-dir "$ENG_STATE" status demo --json)
+    cluster_job=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["id"])' "$cluster_json")
+    mapfile -t member_ips < <(python3 -c 'import json,sys
+for ip in json.loads(sys.argv[1])["cluster"]["member_ips"]: print(ip)' "$cluster_json")
+    ((${#member_ips[@]} == 2)) || die "cluster demo has ${#member_ips[@]} member address(es), not 2: $cluster_json"
+
+    banner "Ray cluster (3/4): a Ray job: a task on each node, and 8 MiB put on one node and read on the other"
+    mkdir -p "$lab/ray-job"
+    cat >"$lab/ray-job/job.py" <<'PY'
+# A task on each of the cluster's nodes says where it ran; an object put on one node is read on the
+# other (Ray's object transfer: worker to worker, over the mesh).
+import hashlib
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init()
+nodes = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: n["NodeManagerAddress"])
+print(f"Ray sees {len(nodes)} nodes:", ", ".join(n["NodeManagerAddress"] for n in nodes))
+
+
+def on(node):
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)}
+
+
+@ray.remote(num_cpus=0)
+def where():
+    return ray.util.get_node_ip_address()
+
+
+@ray.remote(num_cpus=0)
+def make(mib):
+    data = bytes(range(256)) * (mib * 4096)
+    return ray.put(data), hashlib.sha256(data).hexdigest()
+
+
+@ray.remote(num_cpus=0)
+def read(refs):
+    data = ray.get(refs[0])
+    return len(data), hashlib.sha256(data).hexdigest(), ray.util.get_node_ip_address()
+
+
+for node, ip in zip(nodes, ray.get([where.options(**on(n)).remote() for n in nodes])):
+    print(f"a task placed on node {node['NodeID'][:8]} ran at {ip}")
+maker, reader = nodes[0], nodes[-1]
+ref, made = ray.get(make.options(**on(maker)).remote(8))
+size, got, at = ray.get(read.options(**on(reader)).remote([ref]))
+print(f"{size >> 20} MiB put on {maker['NodeManagerAddress']}, read on {at}:",
+      "intact" if got == made else "CORRUPTED", f"(sha256 {got[:16]}...)")
+assert got == made and at != maker["NodeManagerAddress"]
+PY
+    show alice "$NS_ENG" cat "$lab/ray-job/job.py"
+    show alice "$NS_ENG" weft cluster --state-dir "$ENG_STATE" submit demo --ray "$ray_bin" \
+        --working-dir "$lab/ray-job" -- python job.py | tee "$lab/ray-job.out"
+    for ip in "${member_ips[@]}"; do
+        grep -q "ran at $ip\$" "$lab/ray-job.out" || die "no task of the Ray job ran at member address $ip"
+    done
+    grep -q "read on .*: intact" "$lab/ray-job.out" || die "the Ray job's object did not cross nodes intact"
+    note "(a task ran at each member's overlay address; the object went from one NATed worker to the other)"
+
+    banner "Ray cluster (4/4): down: Ray stops on both workers and their GPUs are free again"
+    show alice "$NS_ENG" weft cluster --state-dir "$ENG_STATE" down demo
+    no_ray_left() { ! pgrep -f "weft-ray-${cluster_job}\\." >/dev/null; }
+    wait_for "no Ray process of cluster demo (pool job $cluster_job) left" 30 "" no_ray_left
+    gpus_free() { in_ns "$NS_ENG" weft pool --json --state-dir "$ENG_STATE" | python3 -c 'import json,sys
+ws=json.load(sys.stdin).get("workers", [])
+sys.exit(0 if ws and all(h is None for w in ws for h in w.get("holders") or []) else 1)'; }
+    wait_for "every GPU free" 15 "" gpus_free
+    show alice "$NS_ENG" weft pool --state-dir "$ENG_STATE"
+    note "(no Ray process left on either worker; every GPU free)"
+fi
+
+# ---------------------------------------------------------------------------------------------------
 if [[ $keep == 1 ]]; then
     banner "the lab is up; Ctrl-C tears it down"
     cat <<EOF
@@ -883,9 +1052,23 @@ EOF
       ip netns exec $NS_ENG $weft_bin jobs submit --state-dir $ENG_STATE --gpu RTX4090:2 -- sh -c 'echo \$CUDA_VISIBLE_DEVICES'
       ip netns exec $NS_RELAY $relay_bin pool list --state-dir $RELAY_STATE
 EOF
+    if [[ $ray == 1 ]]; then
+        cat <<EOF
+    Ray clusters (the demo's is down again; its job is in $lab/ray-job):
+      ip netns exec $NS_ENG $weft_bin cluster --state-dir $ENG_STATE up mine --nodes 2 --cpus-per-node 1 --object-store-mib 100
+      ip netns exec $NS_ENG $weft_bin cluster --state-dir $ENG_STATE submit mine --ray $ray_bin --working-dir $lab/ray-job -- python job.py
+      ip netns exec $NS_ENG $weft_bin cluster --state-dir $ENG_STATE down mine
+EOF
+    fi
     cat <<EOF
     Managed mesh (MagicDNS in the engineers' namespaces):
-      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu1.weft.internal
+EOF
+    if [[ $ray == 0 ]]; then
+        echo "      ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu1.weft.internal"
+    else
+        echo "      (--ray: the workers' own \`mesh up\` made way for their agents, on the mesh as gpu-a100 and gpu-4090)"
+    fi
+    cat <<EOF
       ip netns exec $NS_ENG $weft_bin status --state-dir $ENG_STATE --uapi-dir $lab/uapi-alice
       ip netns exec $NS_BOB $mesh_bin status --interface weft0 --uapi-dir $lab/uapi-bob
 EOF

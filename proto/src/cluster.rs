@@ -105,6 +105,10 @@ pub struct ClusterRequest {
     /// Object store per member, MiB (default: 30% of the leased share of memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store_mib: Option<u64>,
+    /// `--replace`: a lost member's rank goes to another fitting Ray worker, which joins
+    /// the running cluster (without it the cluster runs degraded until `down`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
 }
 
 /// What a Ray member's agent needs besides the command.
@@ -153,7 +157,7 @@ impl Eq for RayNode {}
 impl Eq for RayHeadReport {}
 
 /// A cluster, as `weft cluster list|status` shows it (inside its job's view).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterInfo {
     /// Its name.
     pub name: String,
@@ -174,6 +178,16 @@ pub struct ClusterInfo {
     /// Unix ms the members were reserved (placed), for `up`'s progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placed_ms: Option<u64>,
+    /// Ranks whose worker was lost and that no worker holds now: the cluster is degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vacant: Vec<u32>,
+}
+
+impl ClusterInfo {
+    /// A rank is vacant (its worker was lost).
+    pub fn degraded(&self) -> bool {
+        !self.vacant.is_empty()
+    }
 }
 
 impl ClusterInfo {

@@ -65,6 +65,40 @@ fn alive_nodes(ns: &Netns, ip: &str, token: &str) -> usize {
         .count()
 }
 
+/// When each node's raylet started (Ray's `start_time_ms`), in ms since `t0_ms`, sorted.
+fn node_starts(ns: &Netns, ip: &str, token: &str, t0_ms: u128) -> Vec<f64> {
+    let out = ns.output(&format!(
+        "curl -s -m 3 -H 'Authorization: Bearer {token}' 'http://{ip}:8265/api/v0/nodes?detail=1'"
+    ));
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    let mut t: Vec<f64> = v["data"]["result"]["result"]
+        .as_array()
+        .map(|ns| {
+            ns.iter()
+                .filter_map(|n| n["start_time_ms"].as_u64())
+                .map(|ms| (ms as f64 - t0_ms as f64) / 1000.0)
+                .collect()
+        })
+        .unwrap_or_default();
+    t.sort_by(f64::total_cmp);
+    t
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// `first / last raylet up, seen`: where a cluster's start time goes.
+fn split(starts: &[f64], up: Duration) -> String {
+    match (starts.first(), starts.last()) {
+        (Some(a), Some(b)) => format!("{a:.1} / {b:.1} / {:.1}", up.as_secs_f64()),
+        _ => format!("- / - / {:.1}", up.as_secs_f64()),
+    }
+}
+
 fn agent(
     net: &Internet,
     relay: &LabRelay,
@@ -134,6 +168,7 @@ fn ray_cluster_bench() {
         )
     };
     let t0 = Instant::now();
+    let t0_ms = unix_ms();
     let mut manual: Vec<Proc> = vec![hosts[0].spawn_named(
         "ray-head",
         &format!(
@@ -162,6 +197,7 @@ fn ray_cluster_bench() {
     })
     .unwrap_or_else(|e| panic!("manual cluster: {e}\n{}", manual[0].log_tail(30)));
     let manual_up = t0.elapsed();
+    let manual_starts = node_starts(&hosts[0], ips[0], &token, t0_ms);
     let jobdir = hosts[0].file("job");
     std::fs::create_dir_all(&jobdir).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(jobdir.join("t.py"), TRANSFER).unwrap_or_else(|e| panic!("{e}"));
@@ -184,7 +220,7 @@ fn ray_cluster_bench() {
 
     // ---- 2. weft cluster up across NATs ----
     let relay = LabRelay::start(&net, "rb");
-    let (_r1, _n1, _a1, ip1) = agent(
+    let (_r1, n1, _a1, ip1) = agent(
         &net,
         &relay,
         (
@@ -197,7 +233,7 @@ fn ray_cluster_bench() {
         51,
         &ray,
     );
-    let (_r2, _n2, _a2, ip2) = agent(
+    let (_r2, n2, _a2, ip2) = agent(
         &net,
         &relay,
         (
@@ -210,7 +246,7 @@ fn ray_cluster_bench() {
         52,
         &ray,
     );
-    let (_r3, _n3, _a3, ip3) = agent(
+    let (_r3, n3, _a3, ip3) = agent(
         &net,
         &relay,
         (
@@ -248,6 +284,7 @@ fn ray_cluster_bench() {
     })
     .unwrap_or_else(|e| panic!("three Ray workers: {e}"));
     let t1 = Instant::now();
+    let t1_ms = unix_ms();
     let out = eng.output(&format!(
         "{} cluster up bench --nodes 3 --cpus-per-node 1 --object-store-mib 700 --state-dir {dir}",
         weft_bin()
@@ -259,6 +296,24 @@ fn ray_cluster_bench() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let weft_starts = {
+        let st = json(&String::from_utf8_lossy(
+            &eng.output(&format!(
+                "{} cluster status bench --json --state-dir {dir}",
+                weft_bin()
+            ))
+            .stdout,
+        ));
+        let head_ip = st["cluster"]["head_ip"].as_str().unwrap_or_default();
+        let head_ns = [(&ip1, &n1), (&ip2, &n2), (&ip3, &n3)]
+            .into_iter()
+            .find(|(ip, _)| ip.as_str() == head_ip)
+            .map(|(_, ns)| ns)
+            .unwrap_or(&n1);
+        let tok =
+            std::fs::read_to_string(format!("{dir}/clusters/bench.token")).unwrap_or_default();
+        node_starts(head_ns, head_ip, tok.trim(), t1_ms)
+    };
     std::fs::create_dir_all(eng.file("job")).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(eng.file("job").join("t.py"), TRANSFER).unwrap_or_else(|e| panic!("{e}"));
     let weft_submit = |a: &str, b: &str| -> f64 {
@@ -285,6 +340,11 @@ fn ray_cluster_bench() {
         weft_up.as_secs_f64(),
         manual_up.as_secs_f64(),
         weft_up.as_secs_f64() / manual_up.as_secs_f64()
+    );
+    println!(
+        "| where it goes: first raylet up / last raylet up / seen up (s) | {} | {} | |",
+        split(&weft_starts, weft_up),
+        split(&manual_starts, manual_up)
     );
     println!(
         "| 256 MiB object, easy ↔ easy NAT (mesh) (s, MiB/s) | {direct:.2} ({:.0}) | {veth:.2} ({:.0}) | {:.2}× veth throughput |",

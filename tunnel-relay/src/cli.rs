@@ -18,8 +18,9 @@ use crate::token::Token;
 /// `--state-dir`: the engineer's identity directory.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StateDirArg {
-    /// Identity directory (default: $XDG_CONFIG_HOME/weft or ~/.config/weft).
-    #[arg(long, env = "WEFT_STATE_DIR")]
+    /// Identity directory (default: $XDG_CONFIG_HOME/weft or ~/.config/weft). Global: it
+    /// may come before or after a subcommand (`weft cluster up X --state-dir D`).
+    #[arg(long, env = "WEFT_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
 }
 

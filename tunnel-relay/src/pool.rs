@@ -15,7 +15,8 @@
 //! - [`Pool::cordon`], [`Pool::uncordon`], [`Pool::drain`];
 //! - [`Pool::tick`]`(now)`: declares workers lost, ages jobs, places what fits
 //!   and returns every decision since the last tick ([`Decisions`]: placements
-//!   with exact GPU UUIDs, stops, requeues, jobs lost or failed).
+//!   with exact GPU UUIDs, stops, requeues, jobs lost or failed, cluster
+//!   ranks left vacant and vacant ranks given to a new worker).
 //!
 //! # Rules (as implemented)
 //! - **Matching**: a job of spec S needing N GPUs on each of K nodes fits a
@@ -43,7 +44,19 @@
 //! - **Gangs**: K workers are chosen at once, each with N GPUs, or none.
 //!   When a gang member fails (the shell reports [`Outcome::Failed`] for the
 //!   job) or any member's worker is lost, every member is stopped
-//!   ([`Stop`]) and the gang is requeued while retries remain.
+//!   ([`Stop`]) and the gang is requeued while retries remain (a Ray
+//!   cluster losing a member other than its head is the exception below).
+//! - **Degraded clusters** (issue 12): a Ray cluster ([`JobSpec::needs_ray`])
+//!   placed or running that loses the worker of a member of rank ≥ 1 does
+//!   not end: that rank becomes *vacant* (its GPUs there are released,
+//!   [`Decisions::degraded`] names it, the other members are not stopped).
+//!   Losing the head (rank 0), or the last member, ends it as any gang.
+//!   With [`JobSpec::replace`] each vacant rank waits for one available
+//!   worker that fits the cluster's per-node shape and is not already a
+//!   member; the pass gives it one before anything else (the cluster
+//!   already runs), in policy order, never a reserved worker, and reports
+//!   it in [`Decisions::replacements`]. Without it the rank stays vacant
+//!   until the cluster ends; a waiting rank is dropped when its job ends.
 //! - **Retries**: a job that failed, or whose worker was lost, goes back to
 //!   the queue (same place in its priority: its submit order is kept) if
 //!   `retries` remain, one used each time; else it ends `Failed` or `Lost`.
@@ -81,7 +94,9 @@
 //! `submit` O(C + log Q) (and a one-off O(C) shape creation), `worker_update`
 //! O(G log W) (a new class: O(S)), `job_ended`/`job_started`/`cancel`
 //! O(K·G log W + log Q), `worker_lost` the same per job on it, `tick` ages
-//! jobs in O(log Q) each and runs the pass only when something changed.
+//! jobs in O(log Q) each and runs the pass only when something changed; a
+//! pass also tries each vacant rank waiting for a replacement (R of them),
+//! O(R · (C · G + mixed)).
 //! [`Pool::why_pending`] is a query, O(S + C·G + mixed) (and O(W) when it must
 //! name a reserved worker).
 
@@ -173,6 +188,10 @@ pub struct JobSpec {
     pub wait_for_capacity: bool,
     /// A Ray cluster: only workers whose agent runs Ray ([`Inventory::ray`]).
     pub needs_ray: bool,
+    /// `--replace`, clusters only: a lost member's rank is given to another
+    /// fitting worker ([`Decisions::replacements`]); without it the cluster
+    /// runs degraded until it ends.
+    pub replace: bool,
 }
 
 impl JobSpec {
@@ -187,6 +206,7 @@ impl JobSpec {
             retries: 0,
             wait_for_capacity: false,
             needs_ray: false,
+            replace: false,
         }
     }
 
@@ -253,6 +273,28 @@ pub struct Stop {
     pub workers: Vec<String>,
 }
 
+/// A cluster rank left vacant: its worker was lost, the cluster runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vacancy {
+    /// The cluster.
+    pub job: JobId,
+    /// The vacant rank (never 0: losing the head ends the cluster).
+    pub rank: u32,
+    /// The worker that was lost.
+    pub worker: String,
+}
+
+/// A vacant cluster rank given to another worker (`--replace`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replacement {
+    /// The cluster.
+    pub job: JobId,
+    /// The rank it fills.
+    pub rank: u32,
+    /// The new member: its worker and exact GPUs.
+    pub member: Member,
+}
+
 /// Everything decided since the last [`Pool::tick`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decisions {
@@ -266,6 +308,10 @@ pub struct Decisions {
     pub lost: Vec<JobId>,
     /// Jobs that ended `Failed`.
     pub failed: Vec<JobId>,
+    /// Cluster ranks whose worker was lost while the cluster runs on.
+    pub degraded: Vec<Vacancy>,
+    /// Vacant cluster ranks given to a new worker, to start there.
+    pub replacements: Vec<Replacement>,
 }
 
 /// Why a submit was refused.
@@ -439,7 +485,9 @@ struct Job {
     seq: u64,
     retries_left: u32,
     queued_at: Instant,
-    members: Vec<Wid>,
+    /// By rank while placed or running (empty otherwise); `None` is a
+    /// vacant cluster rank (its worker was lost).
+    members: Vec<Option<Wid>>,
 }
 
 impl Job {
@@ -488,6 +536,8 @@ pub struct Pool {
     starving: BTreeSet<(QKey, JobId)>,
     /// The reserver and its reserved workers.
     reserver: Option<(JobId, Vec<Wid>)>,
+    /// Vacant ranks of `--replace` clusters waiting for a worker, in queue order.
+    replacing: BTreeSet<(QKey, JobId, u32)>,
     disconnected: BTreeSet<Wid>,
     dirty: bool,
     out: Decisions,
@@ -515,6 +565,7 @@ impl Pool {
             aging: BTreeSet::new(),
             starving: BTreeSet::new(),
             reserver: None,
+            replacing: BTreeSet::new(),
             disconnected: BTreeSet::new(),
             dirty: false,
             out: Decisions::default(),
@@ -582,15 +633,36 @@ impl Pool {
             .unwrap_or_default()
     }
 
-    /// The workers a placed or running job occupies, and its GPUs on each.
+    /// The workers a placed or running job occupies, and its GPUs on each,
+    /// in rank order. A vacant cluster rank (its worker was lost) is a
+    /// `Member` with an empty `worker` and no GPUs.
     pub fn members(&self, job: JobId) -> Vec<Member> {
         let Some(j) = self.jobs.get(&job) else {
             return Vec::new();
         };
         j.members
             .iter()
-            .map(|&w| self.member(w, job))
+            .map(|m| match m {
+                Some(w) => self.member(*w, job),
+                None => Member {
+                    worker: String::new(),
+                    gpus: Vec::new(),
+                },
+            })
             .collect::<Vec<_>>()
+    }
+
+    /// The vacant ranks of a placed or running cluster (empty for any other job).
+    pub fn vacant(&self, job: JobId) -> Vec<u32> {
+        let Some(j) = self.jobs.get(&job) else {
+            return Vec::new();
+        };
+        j.members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_none())
+            .map(|(r, _)| r as u32)
+            .collect()
     }
 
     fn member(&self, w: Wid, job: JobId) -> Member {
@@ -857,7 +929,8 @@ impl Pool {
     }
 
     /// The worker is lost now: its jobs are stopped everywhere and requeued
-    /// (retries left) or end `Lost`.
+    /// (retries left) or end `Lost`, except a cluster that loses a member
+    /// other than its head: that rank becomes vacant ([`Decisions::degraded`]).
     pub fn worker_lost(&mut self, name: &str, now: Instant) {
         let Some(&w) = self.by_name.get(name) else {
             return;
@@ -866,9 +939,10 @@ impl Pool {
     }
 
     /// The worker leaves the pool for good (its node was revoked): its jobs are
-    /// requeued (retries left) or end `Lost`, its GPUs no longer count for
-    /// anything, and a duplicate-UUID flag it caused clears when no other
-    /// worker still shares the UUID.
+    /// requeued (retries left) or end `Lost` (a cluster member other than the
+    /// head leaves its rank vacant, as in [`Pool::worker_lost`]), its GPUs no
+    /// longer count for anything, and a duplicate-UUID flag it caused clears
+    /// when no other worker still shares the UUID.
     pub fn remove_worker(&mut self, name: &str, now: Instant) {
         let Some(&w) = self.by_name.get(name) else {
             return;
@@ -902,8 +976,52 @@ impl Pool {
         self.unindex(w);
         let jobs: Vec<JobId> = self.workers[w as usize].jobs.iter().copied().collect();
         for id in jobs {
-            self.finish(id, now, End::Lost);
+            match self.degradable(id, w) {
+                Some(rank) => self.vacate(id, rank, w),
+                None => self.finish(id, now, End::Lost),
+            }
         }
+    }
+
+    /// The rank `w` holds in cluster `id` when losing it leaves the cluster
+    /// running degraded: not the head, and not its last member.
+    fn degradable(&self, id: JobId, w: Wid) -> Option<usize> {
+        let j = self.jobs.get(&id)?;
+        if !j.spec.needs_ray || !matches!(j.state, JobState::Placed | JobState::Running) {
+            return None;
+        }
+        let rank = j.members.iter().position(|&m| m == Some(w))?;
+        let others = j.members.iter().flatten().filter(|&&m| m != w).count();
+        (rank >= 1 && others >= 1).then_some(rank)
+    }
+
+    /// Rank `rank` of cluster `id` loses its worker `w`: release its GPUs
+    /// there, report it, and queue it for a new worker under `--replace`.
+    fn vacate(&mut self, id: JobId, rank: usize, w: Wid) {
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        j.members[rank] = None;
+        let (replace, key) = (j.spec.replace, j.key());
+        let wk = &mut self.workers[w as usize];
+        wk.jobs.remove(&id);
+        for s in &mut wk.slots {
+            if s.holder == Some(id) {
+                s.holder = None;
+            }
+        }
+        let worker = wk.name.clone();
+        self.reindex(w);
+        self.after_capacity(w);
+        if replace {
+            self.replacing.insert((key, id, rank as u32));
+        }
+        self.out.degraded.push(Vacancy {
+            job: id,
+            rank: rank as u32,
+            worker,
+        });
+        self.dirty = true;
     }
 
     fn unreserve(&mut self, w: Wid) {
@@ -1020,9 +1138,13 @@ impl Pool {
     /// Puts back a job the shell stored (after a restart), under its own id
     /// and submit order: pending when `members` is `None`, else running on
     /// those workers and GPUs (their inventories must have been given with
-    /// [`Pool::worker_update`] first). A running job whose worker or GPU is
-    /// unknown, or whose GPU another restored job holds, is not restored and
-    /// `false` comes back (the shell requeues it as pending).
+    /// [`Pool::worker_update`] first). A member with an empty `worker` is a
+    /// vacant cluster rank (as [`Pool::members`] gives it): restored vacant,
+    /// and queued for a new worker under `--replace`. A running job whose
+    /// worker or GPU is unknown, or whose GPU another restored job holds, or
+    /// with a vacant rank that could not arise (not a cluster, the head, every
+    /// rank), is not restored and `false` comes back (the shell requeues it as
+    /// pending).
     pub fn restore_job(
         &mut self,
         now: Instant,
@@ -1044,8 +1166,12 @@ impl Pool {
             return true;
         };
         // Check everything first: all or nothing.
-        let mut at: Vec<(Wid, Vec<usize>)> = Vec::with_capacity(members.len());
+        let mut at: Vec<Option<(Wid, Vec<usize>)>> = Vec::with_capacity(members.len());
         for m in members {
+            if m.worker.is_empty() {
+                at.push(None);
+                continue;
+            }
             let Some(&w) = self.by_name.get(&m.worker) else {
                 return false;
             };
@@ -1057,15 +1183,27 @@ impl Pool {
                     _ => return false,
                 }
             }
-            if at.iter().any(|(x, _)| *x == w) {
+            if at.iter().flatten().any(|(x, _)| *x == w) {
                 return false;
             }
-            at.push((w, idx));
+            at.push(Some((w, idx)));
+        }
+        let vacant: Vec<u32> = (0..at.len())
+            .filter(|&r| at[r].is_none())
+            .map(|r| r as u32)
+            .collect();
+        if !vacant.is_empty() && (!job.spec.needs_ray || at[0].is_none()) {
+            return false;
         }
         job.state = JobState::Running;
-        job.members = at.iter().map(|(w, _)| *w).collect();
+        job.members = at.iter().map(|m| m.as_ref().map(|(w, _)| *w)).collect();
+        if job.spec.replace {
+            for &r in &vacant {
+                self.replacing.insert((job.key(), id, r));
+            }
+        }
         self.jobs.insert(id, job);
-        for (w, idx) in at {
+        for (w, idx) in at.into_iter().flatten() {
             self.unindex(w);
             let wk = &mut self.workers[w as usize];
             for i in idx {
@@ -1160,7 +1298,10 @@ impl Pool {
         if !matches!(j.state, JobState::Placed | JobState::Running) {
             return;
         }
-        let members = std::mem::take(&mut j.members);
+        let members: Vec<Wid> = std::mem::take(&mut j.members)
+            .into_iter()
+            .flatten()
+            .collect();
         let gang = j.spec.nodes > 1;
         let retry = j.retries_left > 0;
         let stop_all = matches!(end, End::Lost | End::Cancelled) || (gang && end != End::Done);
@@ -1176,6 +1317,18 @@ impl Pool {
             End::Lost => JobState::Lost,
         };
         j.state = next;
+        let key = j.key();
+        // Its vacant ranks no longer wait for a worker.
+        let from = (key, id, 0);
+        let stale: Vec<_> = self
+            .replacing
+            .range(from..)
+            .take_while(|r| r.0 == key && r.1 == id)
+            .copied()
+            .collect();
+        for r in stale {
+            self.replacing.remove(&r);
+        }
         if stop_all {
             let workers: Vec<String> = members
                 .iter()
@@ -1269,15 +1422,21 @@ fn free_matching(w: &Worker, shape: &Shape) -> usize {
 }
 
 impl Pool {
-    /// One placement pass: the reserver first, then the head of every shape
-    /// in queue order, dropping a shape at its first failure.
+    /// One placement pass: vacant cluster ranks waiting for a replacement
+    /// first (they belong to jobs that already run; again once the reserver
+    /// is placed, as its reserved workers become free for all), then the
+    /// reserver, then the head of every shape in queue order, dropping a
+    /// shape at its first failure.
     fn pass(&mut self) {
+        self.replace_vacant();
         let mut tried_reserver = None;
         if let Some((id, held)) = self.reserver.clone() {
             tried_reserver = Some(id);
             if let Some(choice) = self.try_place(id, &held) {
                 self.release_reservations();
                 self.place(id, choice);
+                // What it left of its reserved workers is free for all now.
+                self.replace_vacant();
             }
         }
         let mut heap: BinaryHeap<(Reverse<QKey>, usize)> = self
@@ -1303,6 +1462,59 @@ impl Pool {
                 }
                 None => continue,
             }
+        }
+    }
+
+    /// Give each vacant rank waiting for a replacement one available worker
+    /// that fits the cluster's shape for one node and is not already one of
+    /// its members, in policy order (as [`Pool::candidates`]); reserved
+    /// workers are not available. A rank with no such worker waits for the
+    /// next pass. O(R · (C · G + mixed)) for R waiting ranks; a shape with
+    /// no fitting worker at all is not tried again in the pass.
+    fn replace_vacant(&mut self) {
+        let waiting: Vec<(QKey, JobId, u32)> = self.replacing.iter().copied().collect();
+        let mut blocked: BTreeSet<usize> = BTreeSet::new();
+        for r in waiting {
+            let (_, id, rank) = r;
+            let Some(j) = self.jobs.get(&id) else {
+                continue;
+            };
+            if j.members.get(rank as usize) != Some(&None) {
+                // Not vacant (cannot happen: a filled or ended rank leaves the set).
+                self.replacing.remove(&r);
+                continue;
+            }
+            if blocked.contains(&j.shape) {
+                continue;
+            }
+            let shape_i = j.shape;
+            let current: Vec<Wid> = j.members.iter().flatten().copied().collect();
+            let cands = self.candidates(&self.shapes[shape_i], current.len() + 1);
+            if cands.is_empty() {
+                blocked.insert(shape_i);
+                continue;
+            }
+            let Some(w) = cands
+                .into_iter()
+                .map(|(_, w)| w)
+                .find(|w| !current.contains(w))
+            else {
+                continue;
+            };
+            self.replacing.remove(&r);
+            let member = self.hold(id, shape_i, w);
+            if let Some(m) = self
+                .jobs
+                .get_mut(&id)
+                .and_then(|j| j.members.get_mut(rank as usize))
+            {
+                *m = Some(w);
+            }
+            self.out.replacements.push(Replacement {
+                job: id,
+                rank,
+                member,
+            });
         }
     }
 
@@ -1376,29 +1588,35 @@ impl Pool {
             return;
         };
         let shape_i = j.shape;
-        let n = self.shapes[shape_i].per_node as usize;
         let mut members = Vec::with_capacity(workers.len());
         for &w in &workers {
-            self.unindex(w);
-            let shape = &self.shapes[shape_i];
-            let classes = &self.classes;
-            let wk = &mut self.workers[w as usize];
-            let mut fit: Vec<usize> = (0..wk.slots.len())
-                .filter(|&i| wk.slots[i].free() && shape.matches(wk.slots[i].class))
-                .collect();
-            fit.sort_by_key(|&i| (classes[wk.slots[i].class as usize].memory_mib, i));
-            for &i in fit.iter().take(n) {
-                wk.slots[i].holder = Some(id);
-            }
-            wk.jobs.insert(id);
-            self.index(w);
-            members.push(self.member(w, id));
+            members.push(self.hold(id, shape_i, w));
         }
         if let Some(j) = self.jobs.get_mut(&id) {
             j.state = JobState::Placed;
-            j.members = workers;
+            j.members = workers.into_iter().map(Some).collect();
         }
         self.out.placements.push(Placement { job: id, members });
+    }
+
+    /// Give job `id` (of shape `shape_i`) its GPUs on `w`: the free matching
+    /// ones with the least memory first. The caller checked they fit.
+    fn hold(&mut self, id: JobId, shape_i: usize, w: Wid) -> Member {
+        let n = self.shapes[shape_i].per_node as usize;
+        self.unindex(w);
+        let shape = &self.shapes[shape_i];
+        let classes = &self.classes;
+        let wk = &mut self.workers[w as usize];
+        let mut fit: Vec<usize> = (0..wk.slots.len())
+            .filter(|&i| wk.slots[i].free() && shape.matches(wk.slots[i].class))
+            .collect();
+        fit.sort_by_key(|&i| (classes[wk.slots[i].class as usize].memory_mib, i));
+        for &i in fit.iter().take(n) {
+            wk.slots[i].holder = Some(id);
+        }
+        wk.jobs.insert(id);
+        self.index(w);
+        self.member(w, id)
     }
 
     /// Could K known workers ever run this shape? If not, why.
@@ -1639,6 +1857,25 @@ mod tests {
         fn worker(&mut self, name: &str, kind: (&str, u64), n: usize) {
             self.pool
                 .worker_update(self.now, inv(name, gpus(name, kind, n)));
+        }
+        /// A worker whose agent runs Ray.
+        fn ray_worker(&mut self, name: &str, kind: (&str, u64), n: usize) {
+            let mut i = inv(name, gpus(name, kind, n));
+            i.ray = true;
+            self.pool.worker_update(self.now, i);
+        }
+        /// A running Ray cluster of `nodes` nodes with `gpus` A100s each.
+        fn cluster(&mut self, nodes: u32, gpus: u32, f: impl FnOnce(&mut JobSpec)) -> JobId {
+            let c = self.job("A100", |j| {
+                j.needs_ray = true;
+                j.nodes = nodes;
+                j.gpus = gpus;
+                f(j);
+            });
+            self.tick();
+            self.pool.job_started(c);
+            assert_eq!(self.pool.state(c), Some(JobState::Running));
+            c
         }
         fn job(&mut self, spec: &str, f: impl FnOnce(&mut JobSpec)) -> JobId {
             let gpu = if spec.is_empty() {
@@ -2158,6 +2395,254 @@ mod tests {
         assert_eq!(t.pool.members(j)[0].gpus, vec!["GPU-m-0", "GPU-m2-0"]);
     }
 
+    #[test]
+    fn a_cluster_that_loses_a_member_runs_degraded() {
+        let mut t = default();
+        for w in ["r1", "r2", "r3"] {
+            t.ray_worker(w, A100, 2);
+        }
+        let c = t.cluster(3, 2, |_| {});
+        assert_eq!(t.placed_on(c), ["r1", "r2", "r3"]);
+        t.pool.worker_disconnected("r2", t.now);
+        t.advance(15);
+        let d = t.tick();
+        assert_eq!(
+            d.degraded,
+            vec![Vacancy {
+                job: c,
+                rank: 1,
+                worker: "r2".into()
+            }]
+        );
+        assert!(d.stops.is_empty() && d.requeued.is_empty() && d.lost.is_empty());
+        assert!(d.replacements.is_empty(), "no --replace");
+        assert_eq!(t.pool.state(c), Some(JobState::Running));
+        assert_eq!(t.placed_on(c), ["r1", "", "r3"]);
+        assert!(t.pool.members(c)[1].gpus.is_empty());
+        assert_eq!(t.pool.vacant(c), [1]);
+        assert_eq!(t.pool.worker_state("r2"), Some("lost"));
+        // r2 comes back: its GPUs are free (the cluster holds none there) and
+        // the cluster stays degraded.
+        t.ray_worker("r2", A100, 2);
+        let other = t.job("A100:2", |_| {});
+        let d = t.tick();
+        assert!(d.replacements.is_empty());
+        assert_eq!(t.placed_on(other), ["r2"]);
+        assert_eq!(t.pool.vacant(c), [1]);
+        // It ends: nothing to stop, GPUs on r1 and r3 free again.
+        let d = t.end(c, Outcome::Succeeded);
+        assert!(d.stops.is_empty());
+        assert!(t.pool.vacant(c).is_empty());
+        let two = t.cluster(2, 2, |_| {});
+        assert_eq!(t.placed_on(two), ["r1", "r3"]);
+    }
+
+    #[test]
+    fn losing_the_head_ends_the_cluster_as_before() {
+        let mut t = default();
+        for w in ["r1", "r2", "r3"] {
+            t.ray_worker(w, A100, 1);
+        }
+        t.ray_worker("r4", A100, 1);
+        let c = t.cluster(3, 1, |j| j.retries = 1);
+        assert_eq!(t.placed_on(c), ["r1", "r2", "r3"]);
+        // Removing a member's worker is a loss too: rank 2 vacant.
+        t.pool.remove_worker("r3", t.now);
+        let d = t.tick();
+        assert_eq!(d.degraded.len(), 1);
+        assert_eq!(d.degraded[0].rank, 2);
+        // The head goes: stop the members left (not the vacant rank), requeue.
+        t.pool.worker_lost("r1", t.now);
+        let d = t.tick();
+        assert_eq!(
+            d.stops,
+            vec![Stop {
+                job: c,
+                workers: vec!["r2".into()]
+            }]
+        );
+        assert_eq!(d.requeued, vec![c]);
+        assert!(d.degraded.is_empty());
+        assert_eq!(t.pool.state(c), Some(JobState::Pending));
+        assert!(t.pool.vacant(c).is_empty());
+        // A one-node cluster loses its only member: lost (no retry).
+        let solo = t.cluster(1, 1, |_| {});
+        let on = t.placed_on(solo);
+        t.pool.worker_lost(&on[0], t.now);
+        let d = t.tick();
+        assert_eq!(d.lost, vec![solo]);
+        assert!(d.degraded.is_empty());
+    }
+
+    #[test]
+    fn a_gang_that_is_not_a_cluster_still_ends_when_a_member_is_lost() {
+        let mut t = default();
+        for w in ["r1", "r2", "r3"] {
+            t.ray_worker(w, A100, 1);
+        }
+        let g = t.job("A100", |j| {
+            j.nodes = 3;
+            j.replace = true;
+        });
+        t.tick();
+        t.pool.worker_lost("r2", t.now);
+        let d = t.tick();
+        assert!(d.degraded.is_empty());
+        assert_eq!(
+            d.stops,
+            vec![Stop {
+                job: g,
+                workers: vec!["r1".into(), "r3".into()]
+            }]
+        );
+        assert_eq!(d.lost, vec![g]);
+    }
+
+    #[test]
+    fn with_replace_a_vacant_rank_goes_to_a_fitting_worker_that_is_not_a_member() {
+        let mut t = default();
+        t.ray_worker("big", A100, 4);
+        t.ray_worker("a", A100, 2);
+        t.ray_worker("b", A100, 2);
+        // A worker without Ray never takes a cluster's rank.
+        t.worker("plain", A100, 2);
+        let c = t.cluster(3, 2, |j| j.replace = true);
+        // Binpack: the fullest first.
+        assert_eq!(t.placed_on(c), ["a", "b", "big"]);
+        t.ray_worker("spare", A100, 3);
+        t.pool.worker_lost("b", t.now);
+        let d = t.tick();
+        assert_eq!(d.degraded.len(), 1);
+        // Binpack would take `big` (2 free), but it is a member already.
+        assert_eq!(
+            d.replacements,
+            vec![Replacement {
+                job: c,
+                rank: 1,
+                member: Member {
+                    worker: "spare".into(),
+                    gpus: vec!["GPU-spare-0".into(), "GPU-spare-1".into()]
+                }
+            }]
+        );
+        assert!(d.stops.is_empty());
+        assert_eq!(t.placed_on(c), ["a", "spare", "big"]);
+        assert!(t.pool.vacant(c).is_empty());
+        assert_eq!(t.pool.members(c)[1].gpus.len(), 2);
+        // The new member is one like the others: losing it vacates its rank again.
+        t.pool.worker_lost("spare", t.now);
+        let d = t.tick();
+        assert_eq!(d.degraded[0].rank, 1);
+        assert!(d.replacements.is_empty(), "no fitting non-member left");
+        assert_eq!(t.pool.vacant(c), [1]);
+    }
+
+    #[test]
+    fn with_replace_and_no_fitting_worker_the_rank_waits_and_goes_before_the_queue() {
+        let mut t = default();
+        for w in ["r1", "r2", "r3"] {
+            t.ray_worker(w, A100, 2);
+        }
+        let c = t.cluster(3, 2, |j| j.replace = true);
+        t.pool.worker_lost("r3", t.now);
+        let d = t.tick();
+        assert_eq!(d.degraded.len(), 1);
+        assert!(d.replacements.is_empty());
+        // Neither a worker without Ray nor one with too few GPUs fits.
+        t.worker("plain", A100, 2);
+        t.ray_worker("small", A100, 1);
+        let d = t.tick();
+        assert!(d.replacements.is_empty());
+        // A queued job that would fit the next worker waits behind the rank.
+        let queued = t.job("A100:2", |j| {
+            j.priority = 90;
+            j.needs_ray = true;
+            j.wait_for_capacity = true;
+        });
+        t.tick();
+        t.ray_worker("r4", A100, 2);
+        let d = t.tick();
+        assert_eq!(d.replacements.len(), 1);
+        assert_eq!(d.replacements[0].rank, 2);
+        assert_eq!(d.replacements[0].member.worker, "r4");
+        assert!(d.placements.is_empty());
+        assert_eq!(t.pool.state(queued), Some(JobState::Pending));
+        assert_eq!(t.placed_on(c), ["r1", "r2", "r4"]);
+    }
+
+    #[test]
+    fn cancel_of_a_degraded_cluster_stops_the_rest_and_drops_its_replacement() {
+        let mut t = default();
+        for w in ["r1", "r2", "r3"] {
+            t.ray_worker(w, A100, 1);
+        }
+        let c = t.cluster(3, 1, |j| j.replace = true);
+        t.pool.worker_lost("r2", t.now);
+        t.tick();
+        assert_eq!(t.pool.replacing.len(), 1);
+        assert!(t.pool.cancel(c, t.now));
+        let d = t.tick();
+        assert_eq!(
+            d.stops,
+            vec![Stop {
+                job: c,
+                workers: vec!["r1".into(), "r3".into()]
+            }]
+        );
+        assert!(t.pool.replacing.is_empty());
+        t.ray_worker("r4", A100, 1);
+        let d = t.tick();
+        assert!(d.replacements.is_empty());
+        assert_eq!(t.pool.state(c), Some(JobState::Cancelled));
+        assert!(t.placed_on(c).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_is_restored_with_its_vacant_rank() {
+        let mut t = default();
+        for w in ["r1", "r3", "r4"] {
+            t.ray_worker(w, A100, 1);
+        }
+        let spec = |needs_ray: bool| {
+            let mut js = JobSpec::new("alice", "A100".parse().expect("spec"));
+            js.nodes = 3;
+            js.needs_ray = needs_ray;
+            js.replace = true;
+            js
+        };
+        let m = |w: &str| Member {
+            worker: w.into(),
+            gpus: if w.is_empty() {
+                vec![]
+            } else {
+                vec![format!("GPU-{w}-0")]
+            },
+        };
+        // A vacant rank that cannot arise: the head, or not a cluster.
+        assert!(!t
+            .pool
+            .restore_job(t.now, 3, spec(true), 0, Some(&[m(""), m("r1"), m("r3")])));
+        assert!(!t
+            .pool
+            .restore_job(t.now, 4, spec(false), 0, Some(&[m("r1"), m(""), m("r3")])));
+        assert!(t
+            .pool
+            .restore_job(t.now, 5, spec(true), 0, Some(&[m("r1"), m(""), m("r3")])));
+        assert_eq!(t.pool.state(5), Some(JobState::Running));
+        assert_eq!(t.pool.vacant(5), [1]);
+        assert_eq!(t.placed_on(5), ["r1", "", "r3"]);
+        let d = t.tick();
+        assert_eq!(
+            d.replacements,
+            vec![Replacement {
+                job: 5,
+                rank: 1,
+                member: m("r4")
+            }]
+        );
+        assert_eq!(t.placed_on(5), ["r1", "r4", "r3"]);
+    }
+
     // ---- the model-based property test ----
 
     #[derive(Debug, Clone)]
@@ -2181,6 +2666,8 @@ mod tests {
             nodes: u8,
             prio: i8,
             retries: u8,
+            /// 0, 1: a plain job or gang, 2: a Ray cluster, 3: one with `--replace`.
+            cluster: u8,
         },
         End {
             pick: u8,
@@ -2194,6 +2681,8 @@ mod tests {
         },
         Lose {
             w: u8,
+            /// `remove_worker` (revoked) rather than `worker_lost`.
+            remove: bool,
         },
         Cordon {
             w: u8,
@@ -2216,16 +2705,19 @@ mod tests {
                 healthy
             }),
             (0u8..6, 0u8..6).prop_map(|(from, to)| Op::Clone { from, to }),
-            (0u8..8, 1u8..3, -2i8..3, 0u8..2).prop_map(|(spec, nodes, prio, retries)| Op::Submit {
-                spec,
-                nodes,
-                prio,
-                retries
-            }),
+            (0u8..8, 1u8..3, -2i8..3, 0u8..2, 0u8..4).prop_map(
+                |(spec, nodes, prio, retries, cluster)| Op::Submit {
+                    spec,
+                    nodes,
+                    prio,
+                    retries,
+                    cluster,
+                }
+            ),
             (any::<u8>(), 0u8..3).prop_map(|(pick, outcome)| Op::End { pick, outcome }),
             any::<u8>().prop_map(|pick| Op::Start { pick }),
             (0u8..6).prop_map(|w| Op::Disconnect { w }),
-            (0u8..6).prop_map(|w| Op::Lose { w }),
+            (0u8..6, 0u8..4).prop_map(|(w, r)| Op::Lose { w, remove: r == 0 }),
             (0u8..6, any::<bool>()).prop_map(|(w, on)| Op::Cordon { w, on }),
             any::<u8>().prop_map(|pick| Op::Cancel { pick }),
             (0u16..700).prop_map(|secs| Op::Advance { secs }),
@@ -2244,34 +2736,131 @@ mod tests {
     ];
     const KINDS: [(&str, u64); 3] = [A100, H100, RTX];
 
+    /// Worker `w{w}` of the model: all but w5 run Ray.
+    fn model_inv(w: u8, g: Vec<GpuReport>) -> Inventory {
+        Inventory {
+            ray: w != 5,
+            ..inv(&format!("w{w}"), g)
+        }
+    }
+
+    /// What one model run saw.
+    #[derive(Debug, Default)]
+    struct Seen {
+        placed: usize,
+        reserving: usize,
+        degraded: usize,
+        replaced: usize,
+    }
+
+    /// Whether `shape` fits on `w` for one node now, by the GPU spec's own
+    /// matcher (not the pool's index).
+    fn fits(pool: &Pool, w: &Worker, shape: &Shape) -> bool {
+        let ray_ok = !shape.needs_ray || w.slots.iter().all(|s| pool.classes[s.class as usize].ray);
+        let views: Vec<weft_proto::gpuspec::GpuView<'_>> = w
+            .slots
+            .iter()
+            .map(|s| {
+                let cl = &pool.classes[s.class as usize];
+                weft_proto::gpuspec::GpuView {
+                    model: &cl.model,
+                    memory_mib: cl.memory_mib,
+                    healthy: s.usable(),
+                    free: s.holder.is_none() && !s.busy,
+                }
+            })
+            .collect();
+        ray_ok && shape.spec.select(&views, shape.per_node).is_some()
+    }
+
     /// The invariants after a tick.
     fn check(pool: &Pool, d: &Decisions) -> Result<(), TestCaseError> {
         // No GPU double-booked; slot holders agree with job members.
         let mut seen: HashMap<(Wid, usize), JobId> = HashMap::new();
+        let mut vacancies: BTreeSet<(JobId, u32)> = BTreeSet::new();
         for (id, j) in &pool.jobs {
             let active = matches!(j.state, JobState::Placed | JobState::Running);
             prop_assert_eq!(active, !j.members.is_empty(), "job {} members vs state", id);
             if active {
                 let shape = &pool.shapes[j.shape];
                 prop_assert_eq!(j.members.len(), shape.nodes as usize, "gang all or nothing");
-                let mut ws = j.members.clone();
+                let mut ws: Vec<Wid> = j.members.iter().flatten().copied().collect();
+                let live = ws.len();
                 ws.sort_unstable();
                 ws.dedup();
-                prop_assert_eq!(ws.len(), j.members.len(), "distinct gang workers");
+                prop_assert_eq!(ws.len(), live, "job {} has a worker twice", id);
+                if live < j.members.len() {
+                    prop_assert!(
+                        j.spec.needs_ray && j.members[0].is_some(),
+                        "job {}: only a cluster's non-head rank is vacant",
+                        id
+                    );
+                }
+                for &w in &ws {
+                    let wk = &pool.workers[w as usize];
+                    prop_assert!(wk.jobs.contains(id), "job {} not on its worker", id);
+                    prop_assert_ne!(
+                        pool.worker_state(&wk.name),
+                        Some("lost"),
+                        "job {} keeps a lost worker",
+                        id
+                    );
+                }
+                if j.spec.replace {
+                    for r in pool.vacant(*id) {
+                        vacancies.insert((*id, r));
+                    }
+                }
             }
         }
+        let waiting: BTreeSet<(JobId, u32)> =
+            pool.replacing.iter().map(|&(_, id, r)| (id, r)).collect();
+        prop_assert_eq!(
+            &waiting,
+            &vacancies,
+            "replacements wait for exactly the vacant ranks"
+        );
         for (wi, w) in pool.workers.iter().enumerate() {
+            for id in &w.jobs {
+                prop_assert!(pool.jobs[id].members.contains(&Some(wi as Wid)));
+            }
             for (si, s) in w.slots.iter().enumerate() {
                 if let Some(h) = s.holder {
                     prop_assert!(seen.insert((wi as Wid, si), h).is_none());
                     let j = &pool.jobs[&h];
                     prop_assert!(
-                        j.members.contains(&(wi as Wid)),
+                        j.members.contains(&Some(wi as Wid)),
                         "holder {} not a member",
                         h
                     );
                 }
             }
+        }
+        // A vacant rank waiting for a replacement has no fitting worker.
+        for &(id, r) in &waiting {
+            let j = &pool.jobs[&id];
+            let shape = &pool.shapes[j.shape];
+            let fit: Vec<&str> = pool
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|(wi, w)| {
+                    w.connected
+                        && !w.cordoned
+                        && !w.draining
+                        && w.reserved_for.is_none()
+                        && !j.members.contains(&Some(*wi as Wid))
+                        && fits(pool, w, shape)
+                })
+                .map(|(_, w)| w.name.as_str())
+                .collect();
+            prop_assert!(
+                fit.is_empty(),
+                "rank {} of {} waits but {:?} fit",
+                r,
+                id,
+                fit
+            );
         }
         // Placements: exact counts, GPUs healthy, free of flags, matching.
         for p in d
@@ -2312,22 +2901,7 @@ mod tests {
                         && (w.reserved_for.is_none()
                             || (is_reserver && w.reserved_for == Some(*id)))
                 })
-                .filter(|w| {
-                    let views: Vec<weft_proto::gpuspec::GpuView<'_>> = w
-                        .slots
-                        .iter()
-                        .map(|s| {
-                            let cl = &pool.classes[s.class as usize];
-                            weft_proto::gpuspec::GpuView {
-                                model: &cl.model,
-                                memory_mib: cl.memory_mib,
-                                healthy: s.usable(),
-                                free: s.holder.is_none() && !s.busy,
-                            }
-                        })
-                        .collect();
-                    shape.spec.select(&views, shape.per_node).is_some()
-                })
+                .filter(|w| fits(pool, w, shape))
                 .count();
             prop_assert!(
                 fit < shape.nodes as usize,
@@ -2339,28 +2913,30 @@ mod tests {
         Ok(())
     }
 
-    /// Run one op sequence, checking the invariants after every tick;
-    /// returns (placements, ticks that had a reserver).
-    fn run_model(ops: Vec<Op>) -> Result<(usize, usize), TestCaseError> {
-        let (mut placed, mut reserving) = (0, 0);
+    /// Run one op sequence, checking the invariants after every tick.
+    /// Besides the pool's own state, the model keeps each placed job's
+    /// roster (worker names by rank, empty for vacant) from the decisions
+    /// alone: a rank is vacant exactly when its worker was lost and it was
+    /// not given to another worker since.
+    fn run_model(ops: Vec<Op>) -> Result<Seen, TestCaseError> {
+        let mut seen = Seen::default();
         let mut t = default();
         let mut inventories: HashMap<u8, Vec<GpuReport>> = HashMap::new();
         let mut ids: Vec<JobId> = Vec::new();
+        let mut rosters: HashMap<JobId, Vec<String>> = HashMap::new();
         for op in ops {
             match op {
                 Op::Join { w, kind, n } => {
-                    let name = format!("w{w}");
-                    let g = gpus(&name, KINDS[kind as usize], n as usize);
+                    let g = gpus(&format!("w{w}"), KINDS[kind as usize], n as usize);
                     inventories.insert(w, g.clone());
-                    t.pool.worker_update(t.now, inv(&name, g));
+                    t.pool.worker_update(t.now, model_inv(w, g));
                 }
                 Op::Health { w, gpu, healthy } => {
                     if let Some(g) = inventories.get_mut(&w) {
                         if let Some(x) = g.get_mut(gpu as usize) {
                             x.healthy = healthy;
                         }
-                        t.pool
-                            .worker_update(t.now, inv(&format!("w{w}"), g.clone()));
+                        t.pool.worker_update(t.now, model_inv(w, g.clone()));
                     }
                 }
                 Op::Clone { from, to } => {
@@ -2370,8 +2946,7 @@ mod tests {
                         if let (Some(a), Some(b)) = (src.first(), g.first_mut()) {
                             b.uuid = a.uuid.clone();
                         }
-                        t.pool
-                            .worker_update(t.now, inv(&format!("w{to}"), g.clone()));
+                        t.pool.worker_update(t.now, model_inv(to, g.clone()));
                     }
                 }
                 Op::Submit {
@@ -2379,7 +2954,10 @@ mod tests {
                     nodes,
                     prio,
                     retries,
+                    cluster,
                 } => {
+                    // Clusters take the one-GPU specs, so that they run often.
+                    let spec = if cluster >= 2 { spec % 4 } else { spec };
                     let gpu = if SPECS[spec as usize].is_empty() {
                         GpuSpec::default()
                     } else {
@@ -2390,6 +2968,11 @@ mod tests {
                     js.priority = i32::from(prio);
                     js.retries = u32::from(retries);
                     js.wait_for_capacity = spec % 2 == 0;
+                    if cluster >= 2 {
+                        js.needs_ray = true;
+                        js.nodes += 1;
+                        js.replace = cluster == 3;
+                    }
                     if let Ok(id) = t.pool.submit(t.now, js) {
                         ids.push(id);
                     }
@@ -2408,7 +2991,11 @@ mod tests {
                     }
                 }
                 Op::Disconnect { w } => t.pool.worker_disconnected(&format!("w{w}"), t.now),
-                Op::Lose { w } => t.pool.worker_lost(&format!("w{w}"), t.now),
+                Op::Lose { w, remove: false } => t.pool.worker_lost(&format!("w{w}"), t.now),
+                Op::Lose { w, remove: true } => {
+                    inventories.remove(&w);
+                    t.pool.remove_worker(&format!("w{w}"), t.now);
+                }
                 Op::Cordon { w, on } => {
                     if on {
                         t.pool.cordon(&format!("w{w}"));
@@ -2425,32 +3012,82 @@ mod tests {
             }
             let d = t.tick();
             check(&t.pool, &d)?;
-            placed += d.placements.len();
-            reserving += usize::from(t.pool.reserver.is_some());
+            seen.placed += d.placements.len();
+            seen.reserving += usize::from(t.pool.reserver.is_some());
+            seen.degraded += d.degraded.len();
+            seen.replaced += d.replacements.len();
+            for v in &d.degraded {
+                let Some(r) = rosters.get_mut(&v.job) else {
+                    return Err(TestCaseError::fail(format!("{v:?} of a job never placed")));
+                };
+                prop_assert_eq!(&r[v.rank as usize], &v.worker, "vacated rank's worker");
+                prop_assert_eq!(t.pool.worker_state(&v.worker), Some("lost"));
+                r[v.rank as usize] = String::new();
+            }
+            for p in &d.placements {
+                let names = p.members.iter().map(|m| m.worker.clone()).collect();
+                rosters.insert(p.job, names);
+            }
+            for rp in &d.replacements {
+                let Some(r) = rosters.get_mut(&rp.job) else {
+                    return Err(TestCaseError::fail(format!("{rp:?} of a job never placed")));
+                };
+                prop_assert!(r[rp.rank as usize].is_empty(), "{:?} fills a held rank", rp);
+                prop_assert!(!r.contains(&rp.member.worker), "{:?}: a member twice", rp);
+                let j = &t.pool.jobs[&rp.job];
+                prop_assert!(j.spec.replace);
+                let per_node = t.pool.shapes[j.shape].per_node as usize;
+                prop_assert_eq!(rp.member.gpus.len(), per_node);
+                r[rp.rank as usize] = rp.member.worker.clone();
+            }
             for &id in &ids {
-                if t.pool.state(id) == Some(JobState::Pending) {
-                    prop_assert!(t.pool.why_pending(id).is_some());
+                match t.pool.state(id) {
+                    Some(JobState::Pending) => {
+                        prop_assert!(t.pool.why_pending(id).is_some());
+                    }
+                    Some(JobState::Placed | JobState::Running) => {
+                        let names: Vec<String> =
+                            t.pool.members(id).into_iter().map(|m| m.worker).collect();
+                        prop_assert_eq!(Some(&names), rosters.get(&id), "job {} roster", id);
+                        let vacant: Vec<u32> = (0..names.len())
+                            .filter(|&r| names[r].is_empty())
+                            .map(|r| r as u32)
+                            .collect();
+                        prop_assert_eq!(t.pool.vacant(id), vacant);
+                    }
+                    _ => {
+                        prop_assert!(t.pool.vacant(id).is_empty());
+                    }
+                }
+                if !matches!(t.pool.state(id), Some(JobState::Placed | JobState::Running)) {
+                    rosters.remove(&id);
                 }
             }
         }
-        Ok((placed, reserving))
+        Ok(seen)
     }
 
     #[test]
-    fn the_model_exercises_placements_and_reservations() {
+    fn the_model_exercises_placements_reservations_and_replacements() {
         let mut runner = proptest::test_runner::TestRunner::deterministic();
         let strategy = prop::collection::vec(op(), 1..80);
-        let (mut placed, mut reserving) = (0, 0);
-        for _ in 0..100 {
+        let mut all = Seen::default();
+        for _ in 0..400 {
             let ops = proptest::strategy::ValueTree::current(
                 &strategy.new_tree(&mut runner).expect("ops"),
             );
-            let (p, r) = run_model(ops).expect("invariants");
-            placed += p;
-            reserving += r;
+            let s = run_model(ops).expect("invariants");
+            all.placed += s.placed;
+            all.reserving += s.reserving;
+            all.degraded += s.degraded;
+            all.replaced += s.replaced;
         }
-        assert!(placed > 100, "{placed} placements");
-        assert!(reserving > 10, "{reserving} ticks with a reserver");
+        // Deterministic: 485 placements, 1180 ticks with a reserver, 34
+        // degraded ranks and 8 replacements when written.
+        assert!(all.placed > 300, "{all:?}");
+        assert!(all.reserving > 40, "{all:?}");
+        assert!(all.degraded > 10, "{all:?}");
+        assert!(all.replaced > 3, "{all:?}");
     }
 
     proptest! {

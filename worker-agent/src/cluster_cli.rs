@@ -27,7 +27,7 @@ use crate::pool_cli::{member_log, now_ms, on_pool, parse, pool_bytes, Fabric, Re
 /// The cluster collection of the pool API.
 pub const CLUSTERS_PATH: &str = "/v1/clusters";
 /// How often `up` and `down` look at the cluster.
-pub const POLL: Duration = Duration::from_millis(300);
+pub const POLL: Duration = Duration::from_millis(100);
 
 /// `weft cluster`.
 #[derive(clap::Args, Debug, Clone)]
@@ -90,6 +90,10 @@ pub struct UpArgs {
     /// Object store of each member, MiB (default: 30% of the leased share of memory).
     #[arg(long)]
     pub object_store_mib: Option<u64>,
+    /// When a member's worker is lost, give its place to another fitting Ray worker, which
+    /// joins the running cluster (without it the cluster runs degraded until `down`).
+    #[arg(long)]
+    pub replace: bool,
     /// Give up waiting after this many seconds (the cluster is left as it is).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -136,6 +140,7 @@ pub fn up_request(a: &UpArgs) -> Result<SubmitRequest> {
             name: a.name.clone(),
             cpus_per_node: a.cpus_per_node,
             object_store_mib: a.object_store_mib,
+            replace: a.replace,
         }),
         ..SubmitRequest::default()
     })
@@ -179,6 +184,10 @@ fn ended(state: &str) -> bool {
 
 /// `gpu1 (1× NVIDIA A100-SXM4-80GB)`: a member's worker and the GPUs it leased.
 fn member_gpus(pool: Option<&PoolView>, worker: &str, gpus: &[String]) -> String {
+    if worker.is_empty() {
+        // A vacant rank: its worker was lost.
+        return "- (lost)".into();
+    }
     let models: Vec<String> = gpus
         .iter()
         .map(|u| {
@@ -333,6 +342,7 @@ impl OrInfo for Option<weft_proto::cluster::ClusterInfo> {
             token_sha256: String::new(),
             ray: None,
             placed_ms: None,
+            vacant: vec![],
         })
     }
 }
@@ -389,9 +399,14 @@ pub fn list_text(clusters: &[JobView], pool: Option<&PoolView>) -> String {
             .iter()
             .map(|m| member_gpus(pool, &m.worker, &m.gpus))
             .collect();
+        let state = if c.degraded() && !ended(&j.state) {
+            format!("{} (degraded)", j.state)
+        } else {
+            j.state.clone()
+        };
         rows.push(vec![
             c.name.clone(),
-            j.state.clone(),
+            state,
             ray,
             head,
             if members.is_empty() {
@@ -446,6 +461,18 @@ pub fn status_text(j: &JobView, pool: Option<&PoolView>, token: Option<&Path>) -
     if let Some(r) = &j.reason {
         s.push_str(&format!("waiting: {r}\n"));
     }
+    if c.degraded() && !ended(&j.state) {
+        let ranks: Vec<String> = c.vacant.iter().map(u32::to_string).collect();
+        s.push_str(&format!(
+            "degraded: rank {} lost with its worker; {}\n",
+            ranks.join(", "),
+            if j.request.cluster.as_ref().is_some_and(|r| r.replace) {
+                "waiting for a fitting Ray worker to take its place (--replace)"
+            } else {
+                "running without it (`cluster up --replace` gives a lost rank to another worker)"
+            }
+        ));
+    }
     if let (Some(w), Some(ip)) = (&c.head_worker, &c.head_ip) {
         s.push_str(&format!(
             "head: {w} {ip}  dashboard http://{ip}:{DASHBOARD_PORT}  (off the mesh: weft forward {DASHBOARD_PORT}:{w}:{DASHBOARD_SERVICE})\n"
@@ -468,10 +495,16 @@ pub fn status_text(j: &JobView, pool: Option<&PoolView>, token: Option<&Path>) -
     ]];
     for m in &j.members {
         let ip = c.member_ips.get(m.rank as usize).cloned();
+        // A member whose Ray was restarted has a dead node and a live one at its address.
         let node = ray.and_then(|r| {
+            let mine = |n: &&weft_proto::cluster::RayNode| {
+                ip.as_deref() == Some(n.ip.as_str()) || (m.rank == 0 && n.head)
+            };
             r.nodes
                 .iter()
-                .find(|n| ip.as_deref() == Some(n.ip.as_str()) || (m.rank == 0 && n.head))
+                .filter(mine)
+                .find(|n| n.alive)
+                .or_else(|| r.nodes.iter().find(mine))
         });
         let ray_col = match (ray, node) {
             (_, Some(n)) => format!(
@@ -680,6 +713,7 @@ mod tests {
             priority: 0,
             cpus_per_node: Some(1),
             object_store_mib: Some(128),
+            replace: false,
             timeout: 10,
         }
     }
@@ -759,6 +793,7 @@ mod tests {
                     ],
                 }),
                 placed_ms: Some(1),
+                vacant: vec![],
             }),
         }
     }

@@ -33,6 +33,7 @@ pub mod pool_cli;
 pub mod pool_feed;
 pub mod queue;
 pub mod ray;
+pub mod ray_member;
 pub mod relay;
 pub mod sampler;
 pub mod store;
@@ -134,6 +135,7 @@ async fn ray_context(cfg: &Config) -> Option<pool_feed::RayContext> {
                 ray: r,
                 mesh_if: mesh.interface.clone(),
                 state_dir: cfg.state_dir.clone(),
+                supervisor: cfg.shim.clone(),
             })
         }
         Ok(Err(e)) => {

@@ -41,6 +41,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         argv: Vec<OsString>,
     },
+    /// Internal: runs a Ray cluster member's `ray start --block` and restarts it when Ray
+    /// exits on its own (a raylet that crashed or that GCS declared dead).
+    #[command(hide = true)]
+    RayMember {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        argv: Vec<OsString>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -190,6 +197,7 @@ fn main_inner(cli: Cli) -> Result<()> {
             let code = worker_agent::agent::run_shim(&status_file, cgroup.as_deref(), &argv);
             std::process::exit(code);
         }
+        Cmd::RayMember { argv } => std::process::exit(worker_agent::ray_member::run(&argv)),
         Cmd::Status(a) => cli::status(&a),
         Cmd::History(a) => cli::history(&a),
         Cmd::Jobs(a) => cli::jobs(a, false),

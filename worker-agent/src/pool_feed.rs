@@ -294,6 +294,9 @@ pub struct RayContext {
     pub mesh_if: String,
     /// Where token files go.
     pub state_dir: std::path::PathBuf,
+    /// The `worker-agent` binary, run as `ray-member` around Ray so that a member whose Ray
+    /// exits is restarted ([`crate::ray_member`]); `None` runs Ray bare.
+    pub supervisor: Option<std::path::PathBuf>,
 }
 
 /// The pool feed of one agent: its state outlives the streams.
@@ -309,6 +312,8 @@ pub struct PoolFeed {
     seen: Mutex<BTreeMap<String, (String, u64)>>,
     /// Bumped by each new stream; the others see it and end.
     current: watch::Sender<u64>,
+    /// A head's reading of Ray's nodes changed: send the inventory now, not at the next poll.
+    ray_changed: tokio::sync::Notify,
 }
 
 /// What the reader task hands the session.
@@ -339,6 +344,7 @@ impl PoolFeed {
             ledger: Mutex::new(ledger),
             seen: Mutex::new(BTreeMap::new()),
             current: watch::Sender::new(0),
+            ray_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -466,6 +472,7 @@ impl PoolFeed {
                     jobs_changed = true;
                 }
                 _ = poll.tick() => {}
+                _ = self.ray_changed.notified() => {}
                 _ = superseded(&mut current, me) => {
                     info!(stream = me, "pool feed stream superseded by a newer one");
                     break;
@@ -612,8 +619,14 @@ impl PoolFeed {
         }
         let (token_path, temp) = crate::ray::member_paths(&ctx.state_dir, start);
         let path_env = std::env::var("PATH").ok();
-        let req =
-            crate::ray::member_request(req, &ctx.ray, &token_path, &temp, path_env.as_deref())?;
+        let req = crate::ray::member_request(
+            req,
+            &ctx.ray,
+            &token_path,
+            &temp,
+            path_env.as_deref(),
+            ctx.supervisor.as_deref(),
+        )?;
         let token = r.token.clone();
         let tp = token_path.clone();
         let need_fw = !self.members.lock().firewall;
@@ -633,7 +646,7 @@ impl PoolFeed {
     }
 
     /// While a Ray member's local job lives: the head reads Ray's nodes every
-    /// [`crate::ray::POLL`]. When it ends: its token file goes, and the firewall with the last
+    /// [`crate::ray::POLL`] ([`crate::ray::POLL_FORMING`] until every member is alive). When it ends: its token file goes, and the firewall with the last
     /// member.
     async fn watch_member(
         self: Arc<Self>,
@@ -643,8 +656,20 @@ impl PoolFeed {
     ) {
         let key = (start.pool_job, start.attempt);
         let mut last_err = String::new();
+        let want: usize = start
+            .env
+            .get("WEFT_NUM_NODES")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let mut formed = false;
         loop {
-            tokio::time::sleep(crate::ray::POLL).await;
+            // Until the cluster has formed (`weft cluster up` waits on this), read often.
+            tokio::time::sleep(if formed {
+                crate::ray::POLL
+            } else {
+                crate::ray::POLL_FORMING
+            })
+            .await;
             let live = self
                 .engine
                 .get(local_id)
@@ -655,13 +680,20 @@ impl PoolFeed {
             if !r.head {
                 continue;
             }
-            match crate::ray::read_nodes(&r.node_ip, &r.token).await {
+            let within = if formed {
+                crate::ray::READ_TIMEOUT
+            } else {
+                crate::ray::READ_TIMEOUT_FORMING
+            };
+            match crate::ray::read_nodes(&r.node_ip, &r.token, within).await {
                 Ok(nodes) => {
                     last_err.clear();
+                    formed |= nodes.iter().filter(|n| n.alive).count() >= want;
                     let mut m = self.members.lock();
                     if m.reports.get(&key).is_none_or(|(_, n)| *n != nodes) {
                         debug!(pool_job = key.0, nodes = nodes.len(), "ray nodes changed");
                         m.reports.insert(key, (unix_ms(), nodes));
+                        self.ray_changed.notify_one();
                     }
                 }
                 Err(e) => {

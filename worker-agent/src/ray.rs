@@ -34,6 +34,14 @@ use crate::job::JobRequest;
 
 /// How often the head's agent reads Ray's nodes.
 pub const POLL: Duration = Duration::from_secs(1);
+/// How often the head reads Ray's nodes while fewer than all members are alive.
+pub const POLL_FORMING: Duration = Duration::from_millis(200);
+/// How long one reading may take. While the cluster forms it is short: a dashboard that is
+/// still starting accepts connections and never answers them (seen here: a request made then
+/// hung until its timeout, ~2 s after Ray could have answered a new one).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// [`READ_TIMEOUT`] while the cluster forms.
+pub const READ_TIMEOUT_FORMING: Duration = Duration::from_millis(1500);
 /// The nftables table the agent owns while Ray members run here.
 pub const NFT_TABLE: &str = "weft_ray";
 
@@ -98,13 +106,16 @@ pub fn member_paths(state_dir: &Path, start: &Start) -> (PathBuf, PathBuf) {
 }
 
 /// The local job a Ray member's [`Start`] becomes: its own `ray`, its temp dir, the token
-/// file, the environment. Pure (the token file is written by [`write_token`]).
+/// file, the environment, and with `supervisor` (the agent's own binary) Ray run under
+/// `supervisor ray-member --` so that it is restarted when it exits on its own
+/// ([`crate::ray_member`]). Pure (the token file is written by [`write_token`]).
 pub fn member_request(
     mut req: JobRequest,
     ray: &RayConfig,
     token_path: &Path,
     temp_dir: &Path,
     path_env: Option<&str>,
+    supervisor: Option<&Path>,
 ) -> Result<JobRequest, String> {
     if req.command.first().map(String::as_str) != Some(RAY_PLACEHOLDER) {
         return Err(format!(
@@ -132,12 +143,24 @@ pub fn member_request(
             token_path.to_string_lossy().into_owned(),
         ),
         ("RAY_USAGE_STATS_ENABLED", "0".to_string()),
+        // Ray 2.60 drains a node for up to 30 s on SIGTERM; a member is only stopped when its
+        // cluster goes (`down`, a failed gang, a stale copy), so it stops at once instead.
+        ("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0".to_string()),
         ("PATH", path),
     ] {
         req.env.insert(k.to_string(), v);
     }
     // The coordinator's environment must not smuggle a token in.
     req.env.remove("RAY_AUTH_TOKEN");
+    if let Some(sup) = supervisor {
+        let mut argv = vec![
+            sup.to_string_lossy().into_owned(),
+            "ray-member".into(),
+            "--".into(),
+        ];
+        argv.append(&mut req.command);
+        req.command = argv;
+    }
     Ok(req)
 }
 
@@ -262,7 +285,7 @@ pub fn parse_nodes(body: &[u8]) -> Result<Vec<RayNode>, String> {
 const MAX_ANSWER: u64 = 4 << 20;
 
 /// One reading of Ray's nodes from the head at `ip` (HTTP/1.0, so the answer is not chunked).
-pub async fn read_nodes(ip: &str, token: &str) -> Result<Vec<RayNode>, String> {
+pub async fn read_nodes(ip: &str, token: &str, within: Duration) -> Result<Vec<RayNode>, String> {
     let addr = format!("{ip}:{DASHBOARD_PORT}");
     let io = async {
         let mut s = tokio::net::TcpStream::connect(&addr)
@@ -281,9 +304,9 @@ pub async fn read_nodes(ip: &str, token: &str) -> Result<Vec<RayNode>, String> {
             .map_err(|e| format!("read {addr}: {e}"))?;
         Ok::<_, String>(buf)
     };
-    let buf = tokio::time::timeout(Duration::from_secs(5), io)
+    let buf = tokio::time::timeout(within, io)
         .await
-        .map_err(|_| format!("{addr}: no answer in 5 s"))??;
+        .map_err(|_| format!("{addr}: no answer in {within:?}"))??;
     let split = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -411,6 +434,7 @@ mod tests {
             Path::new("/s/ray/7.1.token"),
             Path::new("/tmp/weft-ray-7.1.0-9"),
             Some("/usr/bin"),
+            None,
         )
         .expect("ok");
         assert_eq!(r.command[0], "/opt/ray/bin/ray");
@@ -419,6 +443,7 @@ mod tests {
             "--temp-dir=/tmp/weft-ray-7.1.0-9"
         );
         assert_eq!(r.env["RAY_AUTH_MODE"], "token");
+        assert_eq!(r.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"], "0");
         assert_eq!(r.env["RAY_AUTH_TOKEN_PATH"], "/s/ray/7.1.token");
         assert_eq!(r.env["PATH"], "/opt/ray/bin:/usr/bin");
         assert!(!r.env.contains_key("RAY_AUTH_TOKEN"));
@@ -426,7 +451,31 @@ mod tests {
             command: vec!["sh".into()],
             ..JobRequest::default()
         };
-        assert!(member_request(bad, &cfg(), Path::new("t"), Path::new("d"), None).is_err());
+        assert!(member_request(bad, &cfg(), Path::new("t"), Path::new("d"), None, None).is_err());
+        // Under the agent's supervisor: the same Ray command after `ray-member --`.
+        let req = JobRequest {
+            command: vec!["ray".into(), "start".into(), "--block".into()],
+            ..JobRequest::default()
+        };
+        let r = member_request(
+            req,
+            &cfg(),
+            Path::new("t"),
+            Path::new("d"),
+            None,
+            Some(Path::new("/usr/bin/worker-agent")),
+        )
+        .expect("ok");
+        assert_eq!(
+            r.command[..5],
+            [
+                "/usr/bin/worker-agent",
+                "ray-member",
+                "--",
+                "/opt/ray/bin/ray",
+                "start"
+            ]
+        );
     }
 
     #[test]

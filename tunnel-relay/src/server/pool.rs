@@ -163,6 +163,7 @@ fn core_spec(owner: &str, r: &SubmitRequest) -> Result<pool::JobSpec, String> {
     js.retries = r.retries;
     js.wait_for_capacity = r.wait_for_capacity;
     js.needs_ray = r.cluster.is_some();
+    js.replace = r.cluster.as_ref().is_some_and(|c| c.replace);
     Ok(js)
 }
 
@@ -187,6 +188,17 @@ fn core_inventory(
             .collect(),
         ray: inv.ray.is_some(),
     }
+}
+
+/// What every member's `Start` of one placement shares.
+#[derive(Clone, Copy)]
+struct MemberOf<'a> {
+    id: u64,
+    attempt: u32,
+    req: &'a SubmitRequest,
+    owner: &'a str,
+    token: Option<&'a str>,
+    ips: &'a [String],
 }
 
 impl PoolShell {
@@ -475,8 +487,14 @@ impl Hub {
                 self.end_job(id, state, ms);
             }
         }
+        for v in d.degraded {
+            self.vacate(v);
+        }
         for p in d.placements {
             self.start(p, now);
+        }
+        for r in d.replacements {
+            self.replace(r, now);
         }
     }
 
@@ -547,53 +565,19 @@ impl Hub {
         }
         let mut starts = Vec::with_capacity(n);
         for (rank, m) in p.members.iter().enumerate() {
-            let mut env = req.env.clone();
-            env.insert("WEFT_POOL_JOB".into(), id.to_string());
-            env.insert("WEFT_ATTEMPT".into(), attempt.to_string());
-            env.insert("WEFT_NODE_RANK".into(), rank.to_string());
-            env.insert("WEFT_NUM_NODES".into(), n.to_string());
-            env.insert("WEFT_NODE_IPS".into(), ips.join(","));
-            env.insert(
-                "WEFT_MASTER_ADDR".into(),
-                ips.first().cloned().unwrap_or_default(),
-            );
-            let (command, ray) = match &req.cluster {
-                Some(c) => {
-                    let inv = self.workers.get(&m.worker).map(|w| &w.view.inventory);
-                    let size = MemberSize::of(
-                        c,
-                        u32::try_from(m.gpus.len()).unwrap_or(u32::MAX),
-                        inv.map_or(0, |i| u32::try_from(i.gpus.len()).unwrap_or(u32::MAX)),
-                        inv.map_or(1, |i| i.cpus),
-                        inv.map_or(0, |i| i.memory_bytes),
-                    );
-                    let head = (rank > 0).then(|| ips[0].as_str());
-                    (
-                        member_argv(&ips[rank], head, size),
-                        Some(Box::new(RayStart {
-                            cluster: c.name.clone(),
-                            head: rank == 0,
-                            node_ip: ips[rank].clone(),
-                            token: token.clone().unwrap_or_default(),
-                        })),
-                    )
-                }
-                None => (req.command.clone(), None),
-            };
-            starts.push((
-                m.worker.clone(),
-                Start {
-                    pool_job: id,
+            let s = self.member_start(
+                MemberOf {
+                    id,
                     attempt,
-                    owner: owner.clone(),
-                    command,
-                    env,
-                    workdir: req.workdir.clone(),
-                    gpus: m.gpus.clone(),
-                    timeout_s: req.timeout_s,
-                    ray,
+                    req: &req,
+                    owner: &owner,
+                    token: token.as_deref(),
+                    ips: &ips,
                 },
-            ));
+                rank,
+                m,
+            );
+            starts.push((m.worker.clone(), s));
         }
         info!(job = id, attempt, workers = ?p.members.iter().map(|m| &m.worker).collect::<Vec<_>>(), "pool job placed");
         self.save_job(id);
@@ -615,6 +599,158 @@ impl Hub {
         }
     }
 
+    /// The `Start` of rank `rank` of a placement (a new one, or a replacement in a running
+    /// cluster).
+    fn member_start(&self, of: MemberOf<'_>, rank: usize, m: &pool::Member) -> Start {
+        let MemberOf {
+            id,
+            attempt,
+            req,
+            owner,
+            token,
+            ips,
+        } = of;
+        let mut env = req.env.clone();
+        env.insert("WEFT_POOL_JOB".into(), id.to_string());
+        env.insert("WEFT_ATTEMPT".into(), attempt.to_string());
+        env.insert("WEFT_NODE_RANK".into(), rank.to_string());
+        env.insert("WEFT_NUM_NODES".into(), ips.len().to_string());
+        env.insert("WEFT_NODE_IPS".into(), ips.join(","));
+        env.insert(
+            "WEFT_MASTER_ADDR".into(),
+            ips.first().cloned().unwrap_or_default(),
+        );
+        let (command, ray) = match &req.cluster {
+            Some(c) => {
+                let inv = self.workers.get(&m.worker).map(|w| &w.view.inventory);
+                let size = MemberSize::of(
+                    c,
+                    u32::try_from(m.gpus.len()).unwrap_or(u32::MAX),
+                    inv.map_or(0, |i| u32::try_from(i.gpus.len()).unwrap_or(u32::MAX)),
+                    inv.map_or(1, |i| i.cpus),
+                    inv.map_or(0, |i| i.memory_bytes),
+                );
+                let node_ip = ips.get(rank).cloned().unwrap_or_default();
+                let head = (rank > 0).then(|| ips.first().map(String::as_str).unwrap_or(""));
+                (
+                    member_argv(&node_ip, head, size),
+                    Some(Box::new(RayStart {
+                        cluster: c.name.clone(),
+                        head: rank == 0,
+                        node_ip,
+                        token: token.unwrap_or_default().to_string(),
+                    })),
+                )
+            }
+            None => (req.command.clone(), None),
+        };
+        Start {
+            pool_job: id,
+            attempt,
+            owner: owner.to_string(),
+            command,
+            env,
+            workdir: req.workdir.clone(),
+            gpus: m.gpus.clone(),
+            timeout_s: req.timeout_s,
+            ray,
+        }
+    }
+
+    /// A cluster member's worker was lost: its rank is vacant (the cluster runs degraded).
+    /// The copy it may still run is owed a stop for when it comes back.
+    fn vacate(&mut self, v: pool::Vacancy) {
+        let Some(j) = self.jobs.get_mut(&v.job) else {
+            return;
+        };
+        let attempt = j.stored.view.attempt;
+        if let Some(m) = j.stored.view.members.get_mut(v.rank as usize) {
+            m.worker = String::new();
+            m.gpus.clear();
+            m.local_id = None;
+            m.state = "lost".into();
+            m.exit_code = None;
+        }
+        j.missing.remove(&v.worker);
+        if let Some(c) = j.stored.view.cluster.as_mut() {
+            if !c.vacant.contains(&v.rank) {
+                c.vacant.push(v.rank);
+                c.vacant.sort_unstable();
+            }
+        }
+        warn!(job = v.job, rank = v.rank, worker = %v.worker, "a cluster member was lost; the cluster is degraded");
+        if let Some(w) = self.workers.get_mut(&v.worker) {
+            w.owed_stops.push((v.job, attempt));
+        }
+        self.save_job(v.job);
+    }
+
+    /// A vacant rank of a running cluster was given to another worker: start it there.
+    fn replace(&mut self, r: pool::Replacement, now: Instant) {
+        let id = r.job;
+        let ip = self
+            .overlay
+            .ipv4(&r.member.worker)
+            .map(|ip| ip.to_string())
+            .unwrap_or_default();
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let rank = r.rank as usize;
+        let attempt = j.stored.view.attempt;
+        let req = j.stored.view.request.clone();
+        let owner = j.stored.view.owner.clone();
+        let token = j.stored.cluster_token.clone();
+        let mut ips = j
+            .stored
+            .view
+            .cluster
+            .as_ref()
+            .map(|c| c.member_ips.clone())
+            .unwrap_or_default();
+        if ips.len() <= rank || ip.is_empty() {
+            // No overlay address for it yet (or a record without addresses): the cluster
+            // cannot take it; end the attempt as refused so that it is placed again whole.
+            warn!(job = id, rank, worker = %r.member.worker, "a replacement member has no overlay address; placing the cluster again");
+            self.pool.job_ended(id, Outcome::Refused, now);
+            self.save_job(id);
+            return;
+        }
+        ips[rank] = ip;
+        if let Some(m) = j.stored.view.members.get_mut(rank) {
+            *m = MemberView {
+                rank: r.rank,
+                worker: r.member.worker.clone(),
+                gpus: r.member.gpus.clone(),
+                local_id: None,
+                state: "starting".into(),
+                exit_code: None,
+            };
+        }
+        if let Some(c) = j.stored.view.cluster.as_mut() {
+            c.vacant.retain(|&x| x != r.rank);
+            c.member_ips = ips.clone();
+        }
+        let start = self.member_start(
+            MemberOf {
+                id,
+                attempt,
+                req: &req,
+                owner: &owner,
+                token: token.as_deref(),
+                ips: &ips,
+            },
+            rank,
+            &r.member,
+        );
+        info!(job = id, attempt, rank, worker = %r.member.worker, "a lost cluster member replaced");
+        self.save_job(id);
+        self.sync_groups();
+        if !self.send(&r.member.worker, CoordMsg::Start(start)) {
+            self.pool.job_ended(id, Outcome::Refused, now);
+        }
+    }
+
     /// Gives every worker exactly the group tags of the gangs placed or running on it, so
     /// that a gang's members reach each other over the mesh while it runs, and only then.
     fn sync_groups(&mut self) {
@@ -627,7 +763,13 @@ impl Hub {
             if !matches!(j.stored.view.state.as_str(), "placed" | "running") {
                 return false;
             }
-            for m in &j.stored.view.members {
+            for m in j
+                .stored
+                .view
+                .members
+                .iter()
+                .filter(|m| !m.worker.is_empty())
+            {
                 want.entry(m.worker.clone())
                     .or_default()
                     .push(format!("{GROUP_TAG_PREFIX}{id}"));
@@ -845,7 +987,12 @@ impl Hub {
             return;
         };
         j.missing.remove(worker);
-        if j.stored.view.members.iter().all(|m| m.local_id.is_some())
+        // Every member started (a vacant rank of a degraded cluster has no worker to wait for).
+        if j.stored
+            .view
+            .members
+            .iter()
+            .all(|m| m.local_id.is_some() || m.worker.is_empty())
             && j.stored.view.state == "placed"
         {
             j.stored.view.state = "running".into();
@@ -1641,6 +1788,7 @@ fn submit_job(
             token_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t.as_bytes())),
             ray: None,
             placed_ms: None,
+            vacant: vec![],
         });
     let rec = JobRec {
         stored: StoredJob {
