@@ -543,6 +543,44 @@ fn weft_cluster_up_makes_one_ray_cluster_of_natted_workers() {
         "bob cannot take alice's cluster down: {err}"
     );
 
+    // ---- the owner on the mesh: plain `ray job submit` to the head's overlay address; the
+    // head's other Ray ports stay closed to it ----
+    let alice_mesh = eng_ns.spawn_named(
+        "alice-mesh",
+        &format!(
+            "env WEFT_LOG=info {} up --state-dir {} --uapi-dir {}",
+            weft_bin(),
+            alice.dir,
+            eng_ns.file("uapi").display()
+        ),
+    );
+    until(
+        Duration::from_secs(30),
+        "alice on the mesh reaches the head's dashboard",
+        || {
+            if connects(&eng_ns, &head_ip, 8265) {
+                Ok(())
+            } else {
+                Err(alice_mesh.log_tail(10))
+            }
+        },
+    );
+    let out = eng_ns.output(&format!(
+        "env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} {ray} job submit \
+         --address http://{head_ip}:8265 -- python -c 'print(6*7)'"
+    ));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("42"),
+        "ray job submit over the mesh: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !connects(&eng_ns, &head_ip, 6379),
+        "the owner reaches the dashboard and Ray Client, not GCS"
+    );
+    drop(alice_mesh);
+
     // ---- kill -9 of the relay: the cluster's record survives, and `down` still stops it ----
     relay_restart(&mut relay);
     until(

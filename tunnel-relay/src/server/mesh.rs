@@ -107,12 +107,13 @@ impl MeshHandle {
     }
 
     /// Gives node `name` exactly these group tags (`pool-job-N`): peer maps, filters and
-    /// the relay path follow. A node not on the mesh is skipped (nothing to open).
-    pub(super) fn set_groups(&self, name: &str, groups: &[String]) {
+    /// the relay path follow. False when `name` is not on the mesh (yet: a cluster's owner
+    /// may join it later) or the tags could not be set; the caller tries again then.
+    pub(super) fn set_groups(&self, name: &str, groups: &[String]) -> bool {
         let key = {
             let mut hub = lock(&self.hub);
             let Some(id) = Self::id(&hub, name) else {
-                return;
+                return false;
             };
             match hub.coord.set_extra_tags(id, groups) {
                 Ok(out) => {
@@ -121,7 +122,7 @@ impl MeshHandle {
                 }
                 Err(e) => {
                     warn!(node = %name, error = %e, "could not set the gang's group tags");
-                    return;
+                    return false;
                 }
             }
             hub.coord.record(id).map(|r| r.key)
@@ -129,6 +130,7 @@ impl MeshHandle {
         if let Some(key) = key {
             lock(&self.routes).set_groups(key, groups.to_vec());
         }
+        true
     }
 }
 

@@ -789,14 +789,28 @@ impl Hub {
         });
         let names: std::collections::BTreeSet<String> =
             want.keys().chain(self.groups.keys()).cloned().collect();
+        let mut now_set = BTreeMap::new();
         for name in names {
             let new = want.get(&name).cloned().unwrap_or_default();
-            if self.groups.get(&name).cloned().unwrap_or_default() != new {
-                debug!(worker = %name, groups = ?new, "gang group tags");
-                self.overlay.set_groups(&name, &new);
+            let had = self.groups.get(&name).cloned();
+            if had.as_ref() == Some(&new) || (had.is_none() && new.is_empty()) {
+                if !new.is_empty() {
+                    now_set.insert(name, new);
+                }
+                continue;
+            }
+            // Set when the node is on the mesh; a name that is not (a cluster's owner who
+            // joins the mesh later) is tried again at the next pass.
+            if self.overlay.set_groups(&name, &new) {
+                debug!(node = %name, groups = ?new, "gang group tags");
+                if !new.is_empty() {
+                    now_set.insert(name, new);
+                }
+            } else if let Some(had) = had {
+                now_set.insert(name, had);
             }
         }
-        self.groups = want;
+        self.groups = now_set;
     }
 
     fn current_member(&mut self, job: u64, attempt: u32, worker: &str) -> Option<&mut MemberView> {
