@@ -190,15 +190,26 @@ fn core_inventory(
     }
 }
 
-/// What every member's `Start` of one placement shares.
-#[derive(Clone, Copy)]
-struct MemberOf<'a> {
+/// What every member's `Start` of one attempt of a job shares.
+struct MemberOf {
     id: u64,
     attempt: u32,
-    req: &'a SubmitRequest,
-    owner: &'a str,
-    token: Option<&'a str>,
-    ips: &'a [String],
+    req: SubmitRequest,
+    owner: String,
+    token: Option<String>,
+}
+
+impl MemberOf {
+    /// The current attempt of `stored`.
+    fn of(stored: &StoredJob) -> MemberOf {
+        MemberOf {
+            id: stored.view.id,
+            attempt: stored.view.attempt,
+            req: stored.view.request.clone(),
+            owner: stored.view.owner.clone(),
+            token: stored.cluster_token.clone(),
+        }
+    }
 }
 
 impl PoolShell {
@@ -542,9 +553,7 @@ impl Hub {
                 exit_code: None,
             })
             .collect();
-        let req = j.stored.view.request.clone();
-        let owner = j.stored.view.owner.clone();
-        let token = j.stored.cluster_token.clone();
+        let of = MemberOf::of(&j.stored);
         if let Some(c) = j.stored.view.cluster.as_mut() {
             c.head_worker = p.members.first().map(|m| m.worker.clone());
             c.head_ip = ips.first().cloned().filter(|ip| !ip.is_empty());
@@ -553,7 +562,7 @@ impl Hub {
             c.ray = None;
         }
         let n = p.members.len();
-        if req.cluster.is_some() && ips.iter().any(String::is_empty) {
+        if of.req.cluster.is_some() && ips.iter().any(String::is_empty) {
             // A Ray member needs its overlay address; the mesh has not told it yet.
             warn!(
                 job = id,
@@ -565,23 +574,11 @@ impl Hub {
         }
         let mut starts = Vec::with_capacity(n);
         for (rank, m) in p.members.iter().enumerate() {
-            let s = self.member_start(
-                MemberOf {
-                    id,
-                    attempt,
-                    req: &req,
-                    owner: &owner,
-                    token: token.as_deref(),
-                    ips: &ips,
-                },
-                rank,
-                m,
-            );
-            starts.push((m.worker.clone(), s));
+            starts.push((m.worker.clone(), self.member_start(&of, &ips, rank, m)));
         }
         info!(job = id, attempt, workers = ?p.members.iter().map(|m| &m.worker).collect::<Vec<_>>(), "pool job placed");
         self.save_job(id);
-        if n > 1 || req.cluster.is_some() {
+        if n > 1 || of.req.cluster.is_some() {
             // The members reach each other over the mesh before their processes start (and
             // a cluster's owner its head).
             self.gangs.insert(id);
@@ -601,15 +598,15 @@ impl Hub {
 
     /// The `Start` of rank `rank` of a placement (a new one, or a replacement in a running
     /// cluster).
-    fn member_start(&self, of: MemberOf<'_>, rank: usize, m: &pool::Member) -> Start {
+    fn member_start(&self, of: &MemberOf, ips: &[String], rank: usize, m: &pool::Member) -> Start {
         let MemberOf {
             id,
             attempt,
             req,
             owner,
             token,
-            ips,
         } = of;
+        let (id, attempt) = (*id, *attempt);
         let mut env = req.env.clone();
         env.insert("WEFT_POOL_JOB".into(), id.to_string());
         env.insert("WEFT_ATTEMPT".into(), attempt.to_string());
@@ -638,7 +635,7 @@ impl Hub {
                         cluster: c.name.clone(),
                         head: rank == 0,
                         node_ip,
-                        token: token.unwrap_or_default().to_string(),
+                        token: token.clone().unwrap_or_default(),
                     })),
                 )
             }
@@ -647,7 +644,7 @@ impl Hub {
         Start {
             pool_job: id,
             attempt,
-            owner: owner.to_string(),
+            owner: owner.clone(),
             command,
             env,
             workdir: req.workdir.clone(),
@@ -697,10 +694,8 @@ impl Hub {
             return;
         };
         let rank = r.rank as usize;
-        let attempt = j.stored.view.attempt;
-        let req = j.stored.view.request.clone();
-        let owner = j.stored.view.owner.clone();
-        let token = j.stored.cluster_token.clone();
+        let of = MemberOf::of(&j.stored);
+        let attempt = of.attempt;
         let mut ips = j
             .stored
             .view
@@ -731,18 +726,7 @@ impl Hub {
             c.vacant.retain(|&x| x != r.rank);
             c.member_ips = ips.clone();
         }
-        let start = self.member_start(
-            MemberOf {
-                id,
-                attempt,
-                req: &req,
-                owner: &owner,
-                token: token.as_deref(),
-                ips: &ips,
-            },
-            rank,
-            &r.member,
-        );
+        let start = self.member_start(&of, &ips, rank, &r.member);
         info!(job = id, attempt, rank, worker = %r.member.worker, "a lost cluster member replaced");
         self.save_job(id);
         self.sync_groups();
