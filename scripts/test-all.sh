@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test of the project, as CI runs it (.ci/run execs this):
 #   apt packages -> stale lab namespaces -> fmt -> clippy -> release build -> all tests (unit + namespace
-#   end-to-end tests, which find the binaries in target/release) -> the Ray cluster benchmark -> stale lab
+#   end-to-end tests, which find the binaries in target/release) -> the loopback relay suite over the
+#   TCP/TLS fallback -> the Ray cluster benchmark -> stale lab
 #   namespaces again.
 #
 # Run as root on a Debian machine with a Rust toolchain (rustfmt, clippy):
@@ -81,6 +82,9 @@ note "$(scripts/ray-venv.sh)"
 
 banner "cargo test --locked --release --workspace (unit + network-namespace end-to-end; the rekey soak takes ~7 min)"
 cargo test --locked --release --workspace -- "${test_args[@]}"
+
+banner "the loopback relay suite again, every client on the TCP/TLS fallback (WEFT_RELAY_TRANSPORT=tcp)"
+WEFT_RELAY_TRANSPORT=tcp cargo test --locked --release -p tunnel-relay --test loopback -- "${test_args[@]}"
 
 banner "Ray cluster benchmark (tests/bench/ray: cluster up and object transfer against Ray by hand over veth; ~70 s)"
 # It asserts only that everything worked; the table it prints is what BENCHMARKS.md records.

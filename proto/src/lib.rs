@@ -27,6 +27,7 @@ pub mod control;
 pub mod duration;
 pub mod gpuspec;
 pub mod key;
+pub mod mux;
 pub mod names;
 pub mod peermap;
 pub mod pool;

@@ -165,6 +165,9 @@ pub enum Nat {
     Hard,
 }
 
+/// The nftables table (family `inet`) of [`Router::block_udp`] in a router's namespace.
+const UDP_BLOCK_TABLE: &str = "udpblock";
+
 /// A home router: namespace with `wan` on the internet, a LAN bridge `lan`
 /// with the LAN's first address, NAT on `wan`, and the home firewall (drop
 /// `ct state new` arriving from `wan`, for input and forward).
@@ -221,6 +224,45 @@ impl Router {
     /// The router's public (WAN) address.
     pub fn wan_ip(&self) -> &str {
         &self.wan_ip
+    }
+
+    /// Blocks UDP through the router, as on networks that only let web traffic out: every
+    /// forwarded UDP packet is dropped, either direction, except DNS (UDP port 53 as source or
+    /// destination). TCP and ICMP keep passing; the router's own traffic is untouched. The rules
+    /// sit in an nftables table of their own (`inet udpblock`, a forward chain ahead of the home
+    /// firewall), so [`Router::unblock_udp`] lifts them without touching NAT or firewall.
+    /// Flows already running are cut too (the rules do not look at conntrack state). Idempotent.
+    pub fn block_udp(&self) {
+        // Create-delete-create in one transaction: the same result whether or not it was there.
+        self.ns.exec(&format!(
+            "nft -f - <<'EOF'\n\
+             table inet {UDP_BLOCK_TABLE}\n\
+             delete table inet {UDP_BLOCK_TABLE}\n\
+             table inet {UDP_BLOCK_TABLE} {{\n\
+               chain forward {{\n\
+                 type filter hook forward priority -10; policy accept;\n\
+                 udp dport 53 accept\n\
+                 udp sport 53 accept\n\
+                 meta l4proto udp drop\n\
+               }}\n\
+             }}\n\
+             EOF"
+        ));
+    }
+
+    /// Lifts [`Router::block_udp`]: UDP is forwarded again (a no-op if it was not blocked).
+    pub fn unblock_udp(&self) {
+        self.ns.exec(&format!(
+            "nft add table inet {UDP_BLOCK_TABLE} && nft delete table inet {UDP_BLOCK_TABLE}"
+        ));
+    }
+
+    /// Whether [`Router::block_udp`] is in force (its table exists in the router's namespace).
+    pub fn udp_blocked(&self) -> bool {
+        self.ns
+            .output(&format!("nft list table inet {UDP_BLOCK_TABLE}"))
+            .status
+            .success()
     }
 
     /// Puts `ns` on the LAN as `ifname` with the next free address (from `.10`),

@@ -15,6 +15,14 @@
 //! stun = true
 //! stun_listen = "0.0.0.0:3478"
 //!
+//! # The TCP/TLS fallback for networks that block UDP: TLS 1.3 with the same
+//! # certificate, HTTP/1.1 upgraded to Weft's framing. Default: on, at the
+//! # listen address's IP and port (so every token already names it);
+//! # `tcp_listen` adds addresses (443 passes most firewalls). `tcp = false`
+//! # turns it off.
+//! tcp = true
+//! tcp_listen = ["0.0.0.0:443"]
+//!
 //! # An operator-provided TLS certificate chain and key (PEM). Default: a
 //! # self-signed certificate created in the state dir. Clients authenticate the
 //! # relay by its Noise key either way; relative paths are relative to this file.
@@ -88,6 +96,10 @@ pub struct RelayConfig {
     /// Where to answer them. Default: the listen IP, port 3478 (ephemeral
     /// when the listen port is 0).
     pub stun_listen: Option<std::net::SocketAddr>,
+    /// Also listen on TCP (TLS) at the listen address. Default: true.
+    pub tcp: bool,
+    /// More TCP (TLS) addresses, e.g. `0.0.0.0:443`. Default: none.
+    pub tcp_listen: Vec<std::net::SocketAddr>,
     /// Operator-provided certificate. Default: self-signed, in the state dir.
     pub tls: TlsFiles,
     /// Limits.
@@ -168,6 +180,8 @@ impl Default for RelayConfig {
         RelayConfig {
             public_addrs: Vec::new(),
             metrics_listen: None,
+            tcp: true,
+            tcp_listen: Vec::new(),
             stun: true,
             stun_listen: None,
             tls: TlsFiles::default(),

@@ -93,8 +93,8 @@ pub enum ProtoError {
     /// The Noise handshake failed (wrong key, tampered or unbound connection).
     #[error("noise handshake failed: {0}")]
     Noise(#[from] snow::Error),
-    /// The QUIC connection failed.
-    #[error("quic connection: {0}")]
+    /// The relay connection (QUIC, or the TCP/TLS fallback) failed.
+    #[error("relay connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     /// The TLS exporter value could not be derived.
     #[error("tls exporter unavailable")]
@@ -108,6 +108,9 @@ pub enum ProtoError {
     /// A step took too long.
     #[error("timed out during {0}")]
     Timeout(&'static str),
+    /// The TCP/TLS fallback could not be set up (TCP, TLS, proxy or HTTP upgrade).
+    #[error("tcp/tls: {0}")]
+    Tcp(String),
 }
 
 /// Errors of the relay server shell.

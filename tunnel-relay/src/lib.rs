@@ -36,6 +36,7 @@ pub mod link;
 pub mod mesh_client;
 #[cfg(feature = "server")]
 pub mod metrics;
+pub mod mux;
 pub mod noise;
 #[cfg(feature = "server")]
 pub mod pool;
@@ -51,7 +52,9 @@ pub mod rt;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod splice;
+pub mod tcp;
 pub mod tls;
+pub mod transport;
 pub mod wire;
 
 pub use weft_proto::{duration, secret, stun, token};

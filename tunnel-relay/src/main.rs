@@ -31,11 +31,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Operator: run the relay (QUIC over UDP).
+    /// Operator: run the relay (QUIC over UDP, and TLS over TCP on the same port for networks that block UDP).
     Serve {
-        /// UDP address to listen on.
+        /// UDP address to listen on (TCP too, unless the config says `tcp = false`).
         #[arg(long, env = "WEFT_RELAY_LISTEN")]
         listen: SocketAddr,
+        /// Another TCP address for the TLS fallback (repeatable; added to `tcp_listen`), e.g. 0.0.0.0:443.
+        #[arg(long = "tcp-listen", value_name = "ADDR")]
+        tcp_listen: Vec<SocketAddr>,
         #[command(flatten)]
         state: RelayState,
         /// Relay configuration (TOML); defaults apply without it.
@@ -229,8 +232,10 @@ async fn run(cli: Cli) -> Result<()> {
             state: RelayState { dir: state_dir },
             config,
             metrics,
+            tcp_listen,
         } => {
             let mut config = load_config(config.as_deref())?;
+            config.tcp_listen.extend(tcp_listen);
             if metrics.is_some() {
                 config.metrics_listen = metrics;
             }
@@ -240,13 +245,19 @@ async fn run(cli: Cli) -> Result<()> {
                 config,
             })
             .with_context(|| format!("start relay in {}", state_dir.display()))?;
+            let tcp: Vec<String> = relay.tcp_addrs().iter().map(|a| a.to_string()).collect();
             eprintln!(
-                "relay {} listening on {}{}",
+                "relay {} listening on {}{}{}",
                 relay.public_key().to_base64(),
                 relay
                     .local_addr()
                     .map(|a| a.to_string())
                     .unwrap_or_default(),
+                if tcp.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (TLS over TCP on {})", tcp.join(", "))
+                },
                 relay
                     .stun_addr()
                     .map(|a| format!(" (STUN on udp {a})"))

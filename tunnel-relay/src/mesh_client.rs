@@ -29,8 +29,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::{RecvStream, SendStream};
 use ipnet::{Ipv4Net, Ipv6Net};
-use quinn::{ConnectionError, RecvStream, SendStream};
+use quinn::ConnectionError;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;

@@ -24,6 +24,14 @@
 //! - `weft_relay_handshake_failures_total{cause="timeout"|"error"}` (counter):
 //!   connections that never finished QUIC + Noise admission (no reason could
 //!   be sent: scanners, wrong keys, dead links).
+//! - `weft_relay_transport_connections_total{transport="quic"|"tcp"}` (counter):
+//!   admitted connections by transport (tcp = the TLS fallback for networks
+//!   that block UDP).
+//! - `weft_relay_tcp_refused_total{cause="tls"|"http"|"timeout"|"rate"}` (counter):
+//!   TCP connections that never reached admission (not TLS, a cut or bad
+//!   handshake, no usable HTTP request, too slow, over the per-IP rate);
+//!   `weft_relay_tcp_answered_total` (counter): plain HTTP requests answered
+//!   (`/`, the probe, errors).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,6 +81,10 @@ pub struct Metrics {
     pub mesh_sessions_dropped: Counter,
     call_me_maybe: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
+    transports: Family<Labels, Counter>,
+    tcp_refused: Family<Labels, Counter>,
+    /// Plain HTTP requests answered on the TCP port.
+    pub tcp_answered: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -144,6 +156,21 @@ impl Metrics {
         );
         let call_me_maybe =
             registered(r, "mesh_call_me_maybe", "Call-me-maybe requests by outcome");
+        let transports = registered(
+            r,
+            "transport_connections",
+            "Admitted connections by transport (quic, tcp)",
+        );
+        let tcp_refused = registered(
+            r,
+            "tcp_refused",
+            "TCP connections that never reached admission, by cause",
+        );
+        let tcp_answered = registered(
+            r,
+            "tcp_answered",
+            "Plain HTTP requests answered on the TCP port",
+        );
         let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
         let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
         let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
@@ -166,7 +193,24 @@ impl Metrics {
             mesh_sessions_dropped,
             call_me_maybe,
             refusals,
+            transports,
+            tcp_refused,
+            tcp_answered,
         }
+    }
+
+    /// Counts one admitted connection by transport.
+    pub fn admitted_over(&self, transport: &str) {
+        self.transports
+            .get_or_create(&vec![("transport".to_string(), transport.to_string())])
+            .inc();
+    }
+
+    /// Counts one TCP connection refused before admission.
+    pub fn tcp_refused(&self, cause: &str) {
+        self.tcp_refused
+            .get_or_create(&vec![("cause".to_string(), cause.to_string())])
+            .inc();
     }
 
     /// Counts one call-me-maybe by outcome.

@@ -12,7 +12,9 @@
 //! encrypted: the relay sees keys and sizes, never contents.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use quinn::{Connection, ConnectionError, SendDatagramError};
+use quinn::{ConnectionError, SendDatagramError};
+
+use crate::transport::Connection;
 
 use crate::keys::PublicKey;
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use quinn::{Endpoint, VarInt};
 use sha2::{Digest, Sha256};
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
@@ -35,6 +35,7 @@ use crate::relay_path;
 use crate::routes::{Opener, Routes, WorkerRoute};
 use crate::splice::quic_to_quic;
 use crate::tls;
+use crate::transport::{Connection, RecvStream, SendStream};
 use crate::wire::{
     read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
 };
@@ -95,6 +96,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     mesh: mesh::Mesh,
     pool: pool::PoolShell,
+    /// Set when the relay shuts down: TCP connections are told to reconnect.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,6 +119,8 @@ impl Drop for StreamSlots {
 /// A bound relay, ready to [`Relay::run`].
 pub struct Relay {
     endpoint: Endpoint,
+    tcp: Vec<std::net::TcpListener>,
+    tcp_tls: Arc<rustls::ServerConfig>,
     stun: Option<std::net::UdpSocket>,
     shared: Arc<Shared>,
     metrics_listener: Option<tokio::net::TcpListener>,
@@ -168,6 +173,8 @@ impl Relay {
         // stream a peer may open, so a large initial limit costs every idle
         // worker hundreds of KiB. Engineers get theirs raised after admission.
         let transport = tls::transport(limits.idle_timeout(), None, PRE_ADMISSION_STREAMS);
+        let tcp_tls = tls::rustls_server(cert.clone(), cert_key.clone_key(), tls::TCP_ALPN)
+            .map_err(RelayError::Tls)?;
         let server = tls::server_config(cert, cert_key, transport).map_err(RelayError::Tls)?;
         let socket = tls::udp_socket(opts.listen).map_err(|source| RelayError::Bind {
             addr: opts.listen,
@@ -190,6 +197,16 @@ impl Relay {
             addr: opts.listen,
             source,
         })?;
+        let mut tcp_addrs = Vec::new();
+        if opts.config.tcp {
+            tcp_addrs.push(local);
+        }
+        tcp_addrs.extend(opts.config.tcp_listen.iter().copied());
+        let mut tcp = Vec::new();
+        for addr in tcp_addrs {
+            let l = tcp_listener(addr).map_err(|source| RelayError::Bind { addr, source })?;
+            tcp.push(l);
+        }
         let la = dir.join(files::LISTEN_ADDR);
         std::fs::write(&la, local.to_string()).map_err(|e| StateError::io(&la, e))?;
         let stun = match opts.config.stun_addr(opts.listen) {
@@ -228,6 +245,8 @@ impl Relay {
         };
         Ok(Relay {
             endpoint,
+            tcp,
+            tcp_tls: Arc::new(tcp_tls),
             stun,
             metrics_listener,
             admin,
@@ -241,8 +260,17 @@ impl Relay {
                 metrics,
                 mesh,
                 pool,
+                stopping: tokio::sync::watch::channel(false).0,
             }),
         })
+    }
+
+    /// The bound TCP (TLS fallback) addresses.
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The bound UDP address.
@@ -297,6 +325,20 @@ impl Relay {
             (Some(Err(source)), Some(addr)) => return Err(RelayError::Bind { addr, source }),
             _ => None,
         };
+        let mut tcp_tasks = Vec::new();
+        for l in std::mem::take(&mut self.tcp) {
+            let addr = l.local_addr().ok();
+            let l = tokio::net::TcpListener::from_std(l).map_err(|source| RelayError::Bind {
+                addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                source,
+            })?;
+            info!(?addr, "TLS fallback listening on TCP");
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.tcp_tls.clone());
+            tcp_tasks.push(tokio::spawn(
+                serve_tcp(self.shared.clone(), l, acceptor)
+                    .instrument(tracing::info_span!("tcp", me = %me)),
+            ));
+        }
         info!(me = %me, addr = ?self.local_addr(), "relay listening");
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -313,12 +355,20 @@ impl Relay {
                 continue;
             }
             let shared = self.shared.clone();
+            let hs_timeout = shared.config.limits.handshake_timeout();
             tokio::spawn(
-                async move { handle_connection(shared, incoming).await }
-                    .instrument(tracing::info_span!("conn", me = %me, %remote)),
+                async move {
+                    let establish = async move { Ok(Some(Connection::Quic(incoming.await?))) };
+                    handle_connection(shared, hs_timeout, establish).await
+                }
+                .instrument(tracing::info_span!("conn", me = %me, %remote)),
             );
         }
         info!("relay shutting down; telling clients to reconnect");
+        for t in &tcp_tasks {
+            t.abort();
+        }
+        self.shared.stopping.send_replace(true);
         self.endpoint.close(
             VarInt::from_u32(CloseCode::Restarting.code()),
             b"relay restarting",
@@ -433,17 +483,111 @@ async fn watch_revocations(shared: Arc<Shared>) {
     }
 }
 
-async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let hs_timeout = shared.config.limits.handshake_timeout();
-    let admitted = match timeout(hs_timeout, admit(&shared, incoming)).await {
+/// A TCP listener for the TLS fallback (address reuse, so a restart binds at once).
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// Accepts TCP connections for the TLS fallback: per-IP rate limit, then
+/// TLS + HTTP (answered or upgraded) and admission, all within the handshake
+/// timeout; every refusal is counted by cause and disturbs nothing else.
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !lock(&shared.rate).allow(remote.ip(), Instant::now()) {
+            debug!(%remote, "connection rate limit hit; refused");
+            shared.metrics.rate_limited.inc();
+            shared.metrics.tcp_refused("rate");
+            continue;
+        }
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(
+            async move {
+                let opts = crate::mux::Options {
+                    keepalive: None,
+                    idle_timeout: shared.config.limits.idle_timeout(),
+                    max_incoming: PRE_ADMISSION_STREAMS,
+                };
+                let hs_timeout = shared.config.limits.handshake_timeout();
+                let m = shared.metrics.clone();
+                let establish = async move {
+                    // Within the whole handshake's timeout, so a silent socket counts here.
+                    let upgrade_within = hs_timeout - hs_timeout / 4;
+                    let accepted = timeout(
+                        upgrade_within,
+                        crate::tcp::accept(tcp, remote, &acceptor, opts),
+                    );
+                    match accepted.await {
+                        Err(_) => {
+                            debug!("TCP connection sent no upgrade in time; dropped");
+                            m.tcp_refused("timeout");
+                            Ok(None)
+                        }
+                        Ok(Ok(crate::tcp::Served::Upgraded(c))) => Ok(Some(Connection::Tcp(c))),
+                        Ok(Ok(crate::tcp::Served::Answered(status))) => {
+                            debug!(status, "plain HTTP request answered");
+                            m.tcp_answered.inc();
+                            Ok(None)
+                        }
+                        Ok(Err((cause, detail))) => {
+                            debug!(cause = cause.as_str(), %detail, "TCP connection refused");
+                            m.tcp_refused(cause.as_str());
+                            Ok(None)
+                        }
+                    }
+                };
+                handle_connection(shared, hs_timeout, establish).await
+            }
+            .instrument(tracing::info_span!("conn", %remote, transport = "tcp")),
+        );
+    }
+}
+
+/// Admission of one connection, all of it (transport handshake included)
+/// within `hs_timeout`; then the node is served.
+async fn handle_connection(
+    shared: Arc<Shared>,
+    hs_timeout: Duration,
+    establish: impl Future<Output = Result<Option<Connection>, ProtoError>>,
+) {
+    let m = shared.metrics.clone();
+    let steps = async {
+        match establish.await? {
+            Some(conn) => admit(&shared, conn).await,
+            None => Ok(None),
+        }
+    };
+    let admitted = match timeout(hs_timeout, steps).await {
         Err(_) => {
             debug!("handshake timed out");
-            shared.metrics.handshake_timeouts.inc();
+            m.handshake_timeouts.inc();
             return;
         }
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
-            shared.metrics.handshake_errors.inc();
+            m.handshake_errors.inc();
             return;
         }
         Ok(Ok(None)) => return,
@@ -458,11 +602,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
 
 type Admitted = (NodeCtx, Hello, (SendStream, RecvStream));
 
-async fn admit(
-    shared: &Arc<Shared>,
-    incoming: quinn::Incoming,
-) -> Result<Option<Admitted>, ProtoError> {
-    let conn = incoming.await?;
+async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted>, ProtoError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let prologue = noise::prologue(&conn)?;
     let (key, msg, hs) = noise::respond_read(&shared.key, &prologue, &mut recv).await?;
@@ -561,8 +701,9 @@ async fn serve_node(
             .saturating_add(STREAM_HEADROOM);
         ctx.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
     }
-    info!(node = %ctx.name, key = %ctx.key.short(), tags = ?ctx.tags, services = ?hello.services, "node connected");
+    info!(node = %ctx.name, key = %ctx.key.short(), tags = ?ctx.tags, services = ?hello.services, transport = %ctx.conn.kind(), "node connected");
     shared.metrics.connected.inc();
+    shared.metrics.admitted_over(ctx.conn.kind().as_str());
     let control_task = tokio::spawn(control_loop(shared.clone(), ctx.clone(), control));
     let feed_task = hello
         .services
@@ -576,8 +717,16 @@ async fn serve_node(
             ))
         });
     let datagram_task = tokio::spawn(forward_datagrams(shared.clone(), ctx.clone()));
+    let mut stopping = shared.stopping.subscribe();
     let err = loop {
-        match ctx.conn.accept_bi().await {
+        let next = tokio::select! {
+            n = ctx.conn.accept_bi() => n,
+            _ = stopping.wait_for(|s| *s) => {
+                ctx.conn.close(VarInt::from_u32(CloseCode::Restarting.code()), b"relay restarting");
+                continue;
+            }
+        };
+        match next {
             Ok((send, recv)) => {
                 let shared = shared.clone();
                 let ctx = ctx.clone();

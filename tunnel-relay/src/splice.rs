@@ -6,8 +6,9 @@
 
 use std::io::IoSlice;
 
+use crate::transport::{RecvStream, SendStream};
 use bytes::{Buf, Bytes, BytesMut};
-use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{ReadError, VarInt, WriteError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use weft_proto::close::ResetCode;
 

@@ -152,28 +152,43 @@ fn write_private_bytes(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     f.write_all(bytes).map_err(|e| StateError::io(path, e))
 }
 
-/// The relay's QUIC server config.
-pub fn server_config(
+/// ALPN of the TCP/TLS fallback: plain HTTP/1.1 (upgraded to Weft's
+/// framing), so HTTP-aware middleboxes and load balancers let it through.
+pub const TCP_ALPN: &[u8] = b"http/1.1";
+
+/// The relay's rustls config (TLS 1.3 only) with `alpn`.
+pub fn rustls_server(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    transport: TransportConfig,
-) -> Result<quinn::ServerConfig, String> {
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, String> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
+    Ok(tls)
+}
+
+/// The relay's QUIC server config.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    transport: TransportConfig,
+) -> Result<quinn::ServerConfig, String> {
+    let tls = rustls_server(chain, key, ALPN)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
 
-/// A client config that accepts the relay's self-signed certificate.
-pub fn client_config(transport: TransportConfig) -> Result<quinn::ClientConfig, String> {
+/// A rustls client config (TLS 1.3) that accepts the relay's self-signed
+/// certificate (see the module doc), offering `alpn`.
+pub fn rustls_client(alpn: &[u8]) -> Result<rustls::ClientConfig, String> {
     let p = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -181,7 +196,13 @@ pub fn client_config(transport: TransportConfig) -> Result<quinn::ClientConfig, 
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoiseAuthenticated(p)))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// A client config that accepts the relay's self-signed certificate.
+pub fn client_config(transport: TransportConfig) -> Result<quinn::ClientConfig, String> {
+    let tls = rustls_client(ALPN)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport));

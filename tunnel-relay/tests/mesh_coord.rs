@@ -205,7 +205,12 @@ async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
 
 /// A mesh control stream opened by hand on `conn`: `MeshJoin` (no version, no
 /// endpoints) written, `MeshAccepted` read; the stream.
-async fn raw_mesh_join(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+async fn raw_mesh_join(
+    conn: &tunnel_relay::transport::Connection,
+) -> (
+    tunnel_relay::transport::SendStream,
+    tunnel_relay::transport::RecvStream,
+) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap_or_else(|er| panic!("{er}"));
     write_message(
         &mut send,

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use crate::transport::{RecvStream, SendStream};
+use quinn::{ConnectionError, VarInt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;

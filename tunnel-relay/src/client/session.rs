@@ -6,9 +6,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use crate::transport::{Connection, RecvStream, SendStream};
+use quinn::{ConnectionError, Endpoint, VarInt};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::Mutex;
 use tokio::time::timeout;
+use tracing::info;
 
 use super::state::ClientState;
 use crate::error::{ClientError, ProtoError};
@@ -20,6 +24,7 @@ use crate::token::Token;
 use crate::wire::{
     read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
 };
+use crate::{mux, tcp};
 use weft_proto::close::CloseCode;
 
 /// Timing of a client's connection to the relay.
@@ -58,7 +63,8 @@ impl ClientTiming {
 
 /// An admitted connection to the relay.
 pub struct Session {
-    pub(super) endpoint: Endpoint,
+    /// The QUIC endpoint (none on the TCP/TLS fallback).
+    pub(super) endpoint: Option<Endpoint>,
     pub(super) conn: Connection,
     control: Mutex<(SendStream, RecvStream)>,
     /// The registered name.
@@ -127,13 +133,15 @@ pub async fn connect(
     })
 }
 
-async fn connect_one(
-    key: &StaticKey,
-    relay_key: PublicKey,
+/// Set once a TCP/TLS connection won a race in this process: later
+/// reconnects race both transports at once instead of giving QUIC a head
+/// start it is unlikely to use.
+static TCP_WON: AtomicBool = AtomicBool::new(false);
+
+async fn connect_quic(
     addr: SocketAddr,
-    hello: &Message,
     timing: &ClientTiming,
-) -> Result<Session, ClientError> {
+) -> Result<(quinn::Connection, Endpoint), ClientError> {
     let bind: SocketAddr = if addr.is_ipv6() {
         "[::]:0"
             .parse()
@@ -158,17 +166,95 @@ async fn connect_one(
         .map_err(|e| ClientError::Usage(format!("connect {addr}: {e}")))?
         .await
         .map_err(ProtoError::from)?;
+    Ok((conn, endpoint))
+}
+
+async fn connect_tcp(
+    addr: SocketAddr,
+    timing: &ClientTiming,
+    wait: Duration,
+) -> Result<Connection, ClientError> {
+    tokio::time::sleep(wait).await;
+    let opts = mux::Options {
+        keepalive: Some(timing.keepalive),
+        idle_timeout: timing.idle_timeout,
+        max_incoming: timing.accept_streams,
+    };
+    Ok(Connection::Tcp(tcp::connect(addr, opts).await?))
+}
+
+/// A connection to the relay at `addr` by the transport `WEFT_RELAY_TRANSPORT`
+/// asks for: by default QUIC, raced by TCP/TLS after [`tcp::HEAD_START`]
+/// (at once after TCP won before in this process); the first to finish its
+/// handshake wins and the other is dropped before admission (admitting twice
+/// would make the relay replace one connection with the other).
+async fn establish(
+    addr: SocketAddr,
+    timing: &ClientTiming,
+) -> Result<(Connection, Option<Endpoint>), ClientError> {
+    match tcp::Choice::from_env().map_err(ClientError::Usage)? {
+        tcp::Choice::Quic => {
+            let (c, e) = connect_quic(addr, timing).await?;
+            Ok((Connection::Quic(c), Some(e)))
+        }
+        tcp::Choice::Tcp => Ok((connect_tcp(addr, timing, Duration::ZERO).await?, None)),
+        tcp::Choice::Auto => {
+            let head_start = if TCP_WON.load(Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                tcp::HEAD_START
+            };
+            let quic = connect_quic(addr, timing);
+            let tcp = connect_tcp(addr, timing, head_start);
+            tokio::pin!(quic, tcp);
+            let (mut quic_err, mut tcp_err) = (None, None);
+            loop {
+                tokio::select! {
+                    r = &mut quic, if quic_err.is_none() => match r {
+                        Ok((c, e)) => {
+                            TCP_WON.store(false, Ordering::Relaxed);
+                            return Ok((Connection::Quic(c), Some(e)));
+                        }
+                        Err(e) => quic_err = Some(e),
+                    },
+                    r = &mut tcp, if tcp_err.is_none() => match r {
+                        Ok(c) => {
+                            TCP_WON.store(true, Ordering::Relaxed);
+                            return Ok((c, None));
+                        }
+                        Err(e) => tcp_err = Some(e),
+                    },
+                }
+                if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+                    return Err(ProtoError::Tcp(format!("quic: {q}; tcp: {t}")).into());
+                }
+            }
+        }
+    }
+}
+
+async fn connect_one(
+    key: &StaticKey,
+    relay_key: PublicKey,
+    addr: SocketAddr,
+    hello: &Message,
+    timing: &ClientTiming,
+) -> Result<Session, ClientError> {
+    let (conn, endpoint) = establish(addr, timing).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(ProtoError::from)?;
     let prologue = noise::prologue(&conn)?;
     let answer = noise::initiate(key, &relay_key, &prologue, &mut send, &mut recv, hello).await?;
     match answer {
-        Message::Accepted { name, tags } => Ok(Session {
-            endpoint,
-            conn,
-            control: Mutex::new((send, recv)),
-            name,
-            tags,
-        }),
+        Message::Accepted { name, tags } => {
+            info!(transport = %conn.kind(), relay = %addr, name = %name, "relay session up");
+            Ok(Session {
+                endpoint,
+                conn,
+                control: Mutex::new((send, recv)),
+                name,
+                tags,
+            })
+        }
         Message::Rejected(r) => Err(ClientError::Rejected(r)),
         other => Err(ProtoError::Unexpected(format!("{other:?}")).into()),
     }
@@ -227,7 +313,7 @@ impl Session {
         self.conn.closed().await
     }
 
-    /// The underlying QUIC connection.
+    /// The underlying connection (QUIC or the TCP/TLS fallback).
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
@@ -236,16 +322,20 @@ impl Session {
     /// leave (not the 3-PTO draining period): a short-lived `connect` exits
     /// promptly, and a lost close costs the relay one idle timeout at worst.
     pub async fn close(self) {
-        self.conn
-            .close(VarInt::from_u32(CloseCode::Normal.code()), b"bye");
-        let _ = timeout(Duration::from_millis(10), self.endpoint.wait_idle()).await;
+        self.close_with(b"bye", Duration::from_millis(10)).await;
     }
 
     /// Closes with `reason`, waiting up to `wait` for the close to be sent.
     pub(crate) async fn close_with(&self, reason: &[u8], wait: Duration) {
         self.conn
             .close(VarInt::from_u32(CloseCode::Normal.code()), reason);
-        let _ = timeout(wait, self.endpoint.wait_idle()).await;
+        match &self.endpoint {
+            Some(e) => {
+                let _ = timeout(wait, e.wait_idle()).await;
+            }
+            // The close frame is queued behind what was written; give the writer a moment.
+            None => tokio::time::sleep(wait.min(Duration::from_millis(10))).await,
+        }
     }
 }
 

@@ -29,7 +29,8 @@ use std::net::SocketAddr;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use quinn::{RecvStream, SendStream, VarInt};
+use crate::transport::{Connection, RecvStream, SendStream};
+use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -88,7 +89,7 @@ struct Hub {
 #[derive(Clone)]
 pub(super) struct MeshHandle {
     hub: Arc<Mutex<Hub>>,
-    routes: Arc<Mutex<Routes<quinn::Connection>>>,
+    routes: Arc<Mutex<Routes<Connection>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -199,7 +200,7 @@ impl Mesh {
     /// The pool's handle on the mesh (overlay addresses, gang group tags).
     pub(super) fn handle(
         &self,
-        routes: Arc<Mutex<Routes<quinn::Connection>>>,
+        routes: Arc<Mutex<Routes<Connection>>>,
         metrics: Arc<Metrics>,
     ) -> MeshHandle {
         MeshHandle {

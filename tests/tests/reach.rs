@@ -1,0 +1,924 @@
+//! Reaching the relay from networks that block UDP (issue 13, TCP/TLS fallback), in network
+//! namespaces with real OpenSSH, curl and HAProxy.
+//!
+//! The lab: the relay on the simulated internet (203.0.113.2:4433, QUIC on UDP and TLS on TCP,
+//! metrics on its loopback); a worker behind an easy-NAT home router whose UDP is blocked
+//! ([`Router::block_udp`]: every forwarded UDP packet dropped except DNS), running `sshd` and
+//! `tunnel-relay expose`; engineers behind a second UDP-blocked router using
+//! `ssh -o ProxyCommand='weft connect %h %p'`.
+//!
+//! What users rely on:
+//! - the block itself: UDP (established flows too) is dropped, DNS, TCP and ICMP pass, and it
+//!   lifts at runtime (`udp_block_drops_udp_but_passes_dns_tcp_and_icmp`, no Weft binary);
+//! - with UDP blocked, nobody configures anything: the worker and the engineer reach the relay
+//!   over TCP/TLS (their logs say `relay session up … transport=tcp`, the relay counts them in
+//!   `weft_relay_transport_connections_total{transport="tcp"}` and none on quic); ssh runs a
+//!   command on the worker and scp carries 64 MiB each way intact; `WEFT_RELAY_TRANSPORT=quic`
+//!   does not fall back;
+//! - bad input on the relay's TCP port while a tunnel is carrying data (plain HTTP without TLS, a
+//!   truncated ClientHello, random bytes, TLS without HTTP, an Upgrade to something else, a
+//!   connection that never speaks) is refused and counted by cause
+//!   (`weft_relay_tcp_refused_total{cause="tls"|"http"|"timeout"}`); the transfer arrives intact
+//!   and the relay keeps admitting; `GET /` answers 200 with a page and `GET /weft/probe` 204, as
+//!   a load balancer's health check expects;
+//! - once the engineer's network lets UDP out again, a fresh engineer is on QUIC (the quic
+//!   counter grows) while the worker is still on TCP, and `WEFT_RELAY_TRANSPORT=tcp` still
+//!   forces TCP;
+//! - behind Debian's HAProxy in `mode tcp` routing by SNI (`weft-relay` to the relay's TCP port,
+//!   any other name to a web site on the same :443), an engineer whose token names HAProxy's
+//!   address and who forces `WEFT_RELAY_TRANSPORT=tcp` logs in and ssh-es to the worker
+//!   (`haproxy_routes_the_relays_sni_to_the_relay`).
+//!
+//! No timing assertions: every wait polls, generously.
+//!
+//! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
+//! Needs the Debian packages `openssh-server openssh-client socat curl haproxy openssl`.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use weft_tests::managed::{relay_bin, LabRelay, RELAY_ADDR, RELAY_IP};
+use weft_tests::router::Router;
+use weft_tests::traffic;
+use weft_tests::{retry, Internet, Nat, Netns, Proc};
+
+/// The relay's metrics listener (inside its namespace).
+const METRICS: &str = "127.0.0.1:9464";
+/// The relay configuration: metrics on; defaults otherwise (engineers reach workers' `ssh`).
+const RELAY_TOML: &str = "metrics_listen = \"127.0.0.1:9464\"\n";
+/// The TLS server name Weft's clients send (what HAProxy routes on).
+const RELAY_SNI: &str = "weft-relay";
+/// The worker's name on the relay.
+const WORKER: &str = "w1";
+
+const CONNS: &str = "weft_relay_transport_connections_total";
+const REFUSED: &str = "weft_relay_tcp_refused_total";
+
+fn weft_bin() -> String {
+    weft_tests::bin("weft").display().to_string()
+}
+
+/// [`retry`] that panics with `what` and the last thing seen.
+fn until<T>(within: Duration, what: &str, f: impl FnMut() -> Result<T, String>) -> T {
+    retry(within, f).unwrap_or_else(|last| panic!("{what}: not within {within:?}; last: {last}"))
+}
+
+/// stdout of an [`std::process::Output`], lossily.
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The SHA-256 of `path` (hex), computed inside `ns`.
+fn sha256(ns: &Netns, path: &str) -> String {
+    ns.exec(&format!("sha256sum {path}"))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A one-use token with `tag`, valid 10 minutes, that sends its holder to `addr`.
+fn token(relay: &LabRelay, tag: &str, addr: &str) -> String {
+    let t = relay
+        .ns
+        .exec(&format!(
+            "{} token create --state-dir {} --tag {tag} --uses 1 --ttl 10m --relay-addr {addr}",
+            relay_bin(),
+            relay.state
+        ))
+        .trim()
+        .to_string();
+    assert!(t.starts_with("wft1_"), "token: {t}");
+    t
+}
+
+/// The relay's `/metrics` text (empty if it did not answer).
+fn metrics(relay: &LabRelay) -> String {
+    stdout(
+        &relay
+            .ns
+            .output(&format!("curl -s --max-time 10 http://{METRICS}/metrics")),
+    )
+}
+
+/// The sum of the samples of `name` whose labels contain `label` (`""`: all of them); 0 if none.
+fn sample(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let series = words.next()?;
+            let value: f64 = words.next()?.parse().ok()?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.contains(label)).then_some(value)
+        })
+        .sum()
+}
+
+/// `weft_relay_transport_connections_total{transport=T}`.
+fn admitted(relay: &LabRelay, transport: &str) -> f64 {
+    sample(
+        &metrics(relay),
+        CONNS,
+        &format!("transport=\"{transport}\""),
+    )
+}
+
+/// Starts sshd on the worker's loopback (with SFTP, which scp uses); the key pair it
+/// authorizes is `dir()/id`.
+fn start_sshd(ns: &Netns) -> Proc {
+    let d = ns.dir().display().to_string();
+    ns.exec(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {d}/hostkey && ssh-keygen -q -t ed25519 -N '' -f {d}/id && \
+         cp {d}/id.pub {d}/authorized_keys && chmod 600 {d}/authorized_keys && mkdir -p /run/sshd"
+    ));
+    let cfg = format!(
+        "Port 22\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
+         PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+         Subsystem sftp internal-sftp\nLogLevel VERBOSE\n"
+    );
+    std::fs::write(ns.file("sshd_config"), cfg)
+        .unwrap_or_else(|e| panic!("write sshd_config: {e}"));
+    ns.spawn_listening(
+        "sshd",
+        &format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"),
+        't',
+        22,
+        Duration::from_secs(5),
+    )
+}
+
+/// The lab every scenario here starts from (see the module doc).
+struct Lab {
+    /// `tunnel-relay expose` on the worker (fields drop in order: processes first).
+    expose: Proc,
+    _sshd: Proc,
+    relay: LabRelay,
+    /// The worker, behind `wrouter`.
+    worker: Netns,
+    worker_ip: String,
+    /// The engineers' namespace, behind `erouter`.
+    eng: Netns,
+    /// The worker's router: easy NAT, UDP blocked.
+    wrouter: Router,
+    /// The engineers' router: easy NAT, UDP blocked.
+    erouter: Router,
+    /// Dropped last: the hosts go before the internet they are plugged into.
+    net: Internet,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let net = Internet::new(tag);
+        let relay = LabRelay::start_with_config(&net, tag, Some(RELAY_TOML));
+        assert!(
+            relay.ns.wait_listen('t', 4433, Duration::from_secs(10)),
+            "the relay does not listen on TCP {RELAY_ADDR} beside QUIC:\n{}",
+            relay.proc.log_tail(20)
+        );
+        until(Duration::from_secs(10), "relay metrics", || {
+            let m = metrics(&relay);
+            if m.contains("weft_relay_") {
+                Ok(())
+            } else {
+                Err(m)
+            }
+        });
+
+        let wrouter = Router::new(
+            &net,
+            &format!("{tag}-w"),
+            Nat::Easy,
+            "203.0.113.10/24",
+            "192.0.2.32/27",
+        );
+        wrouter.block_udp();
+        let worker = Netns::new(&format!("{tag}-wk"));
+        let worker_ip = wrouter.attach(&worker, "eth0");
+        let erouter = Router::new(
+            &net,
+            &format!("{tag}-e"),
+            Nat::Easy,
+            "198.51.100.20/24",
+            "192.0.2.64/27",
+        );
+        erouter.block_udp();
+        let eng = Netns::new(&format!("{tag}-eng"));
+        erouter.attach(&eng, "eth0");
+
+        let sshd = start_sshd(&worker);
+        let wtoken = token(&relay, "worker", RELAY_ADDR);
+        let wstate = worker.file("state").display().to_string();
+        let expose = worker.spawn_named(
+            "expose",
+            &format!(
+                "env WEFT_LOG=info,tunnel_relay=debug {} expose --token {wtoken} --state-dir {wstate} \
+                 --name {WORKER} --service ssh=127.0.0.1:22",
+                relay_bin()
+            ),
+        );
+        Lab {
+            expose,
+            _sshd: sshd,
+            relay,
+            worker,
+            worker_ip,
+            eng,
+            wrouter,
+            erouter,
+            net,
+        }
+    }
+
+    /// The key pair sshd authorizes (on the shared filesystem).
+    fn key(&self) -> String {
+        self.worker.file("id").display().to_string()
+    }
+
+    /// The relay's log and the worker's, for panic messages.
+    fn logs(&self) -> String {
+        format!(
+            "relay:\n{}\nexpose:\n{}",
+            self.relay.proc.log_tail(25),
+            self.expose.log_tail(15)
+        )
+    }
+
+    /// Waits until the worker's expose log says its relay session is up over `transport`.
+    fn wait_worker_session(&self, transport: &str) {
+        until(
+            Duration::from_secs(60),
+            &format!("worker's relay session up over {transport}"),
+            || {
+                let log = self.expose.log();
+                let up = log.lines().any(|l| {
+                    l.contains("relay session up") && l.contains(&format!("transport={transport}"))
+                });
+                if up {
+                    Ok(())
+                } else {
+                    Err(self.logs())
+                }
+            },
+        );
+    }
+}
+
+/// An engineer identity (`weft login`) in the lab's engineer namespace; `env` (e.g.
+/// `WEFT_RELAY_TRANSPORT=tcp`, or empty) is set for every `weft` it runs.
+struct Engineer {
+    ns: Netns,
+    dir: String,
+    env: String,
+    key: String,
+}
+
+impl Engineer {
+    /// `weft login --token` as `name`, through whatever relay address `token` names.
+    fn login(lab: &Lab, name: &str, token: &str, env: &str) -> Engineer {
+        let ns = lab.eng.clone();
+        let dir = ns.file(name).display().to_string();
+        let out = ns.output(&format!(
+            "env {env} timeout 120 {} login --token {token} --state-dir {dir} --name {name}",
+            weft_bin()
+        ));
+        let text = stdout(&out);
+        assert!(
+            out.status.success() && text.contains(name),
+            "{name}: weft login failed ({}): {text}{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            lab.logs()
+        );
+        Engineer {
+            ns,
+            dir,
+            env: env.to_string(),
+            key: lab.key(),
+        }
+    }
+
+    /// Waits until `weft ssh-config` lists the worker (each try is a fresh relay connection).
+    fn wait_listed(&self, lab: &Lab) {
+        until(Duration::from_secs(60), "the worker listed", || {
+            let out = self.ns.output(&format!(
+                "env {} timeout 60 {} ssh-config --state-dir {}",
+                self.env,
+                weft_bin(),
+                self.dir
+            ));
+            let text = stdout(&out);
+            if text.contains(&format!("Host {WORKER}\n")) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{text}{}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    lab.logs()
+                ))
+            }
+        });
+    }
+
+    /// ssh/scp options: the worker's key, no host key checks, `weft connect` as ProxyCommand.
+    fn ssh_opts(&self) -> String {
+        format!(
+            "-F /dev/null -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
+             -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=60 \
+             -o ServerAliveInterval=15 \
+             -o ProxyCommand='env {} {} connect --state-dir {} %h %p'",
+            self.key,
+            self.env,
+            weft_bin(),
+            self.dir
+        )
+    }
+
+    /// `ssh root@w1 CMD` (quoted by the caller); its output, or a panic with the lab's logs.
+    fn ssh(&self, lab: &Lab, cmd: &str) -> String {
+        let out = self.ns.output(&format!(
+            "timeout 300 ssh {} root@{WORKER} {cmd}",
+            self.ssh_opts()
+        ));
+        assert!(
+            out.status.success(),
+            "ssh {cmd} failed ({}): {}{}\n{}",
+            out.status,
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr),
+            lab.logs()
+        );
+        stdout(&out)
+    }
+
+    /// `scp FROM TO` (one of them `root@w1:PATH`).
+    fn scp(&self, lab: &Lab, from: &str, to: &str) {
+        let out = self
+            .ns
+            .output(&format!("timeout 600 scp {} {from} {to}", self.ssh_opts()));
+        assert!(
+            out.status.success(),
+            "scp {from} {to} failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            lab.logs()
+        );
+    }
+
+    /// What `weft connect` logs at info level when it reaches sshd once (stdin empty):
+    /// its stderr and a marker if it saw sshd's banner.
+    fn connect_log(&self, extra_env: &str) -> String {
+        let out = self.ns.output(&format!(
+            "env {} {extra_env} WEFT_LOG=info timeout 60 {} connect --state-dir {} {WORKER} 22 </dev/null",
+            self.env,
+            weft_bin(),
+            self.dir
+        ));
+        let banner = if stdout(&out).starts_with("SSH-2.0-") {
+            "[saw the SSH banner]\n"
+        } else {
+            "[no SSH banner]\n"
+        };
+        format!("{banner}{}", String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+/// Whether a `weft connect` log (see [`Engineer::connect_log`]) shows a session over `transport`.
+fn session_over(log: &str, transport: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("relay session up") && l.contains(&format!("transport={transport}")))
+}
+
+#[test]
+fn udp_block_drops_udp_but_passes_dns_tcp_and_icmp() {
+    let net = Internet::new("rub");
+    let server = net.host("rub-srv", "198.51.100.50");
+    let router = Router::new(&net, "rub", Nat::Easy, "203.0.113.60/24", "192.0.2.32/27");
+    let host = Netns::new("rub-lan");
+    router.attach(&host, "eth0");
+    let mut echoes = Vec::new();
+    for port in [53u16, 4433] {
+        echoes.push(server.spawn_listening(
+            "udp-echo",
+            &format!("socat UDP4-RECVFROM:{port},bind=198.51.100.50,fork PIPE"),
+            'u',
+            port,
+            Duration::from_secs(5),
+        ));
+    }
+    echoes.push(server.spawn_listening(
+        "tcp-echo",
+        "socat TCP4-LISTEN:4433,bind=198.51.100.50,fork,reuseaddr PIPE",
+        't',
+        4433,
+        Duration::from_secs(5),
+    ));
+    // One datagram out from a fixed source port (the same conntrack flow each time) and its
+    // echo back.
+    let udp = |port: u16| -> bool {
+        let out = host.output(&format!(
+            "echo hello-{port} | timeout 10 socat -t 2 - UDP4:198.51.100.50:{port},sourceport=40{port}"
+        ));
+        stdout(&out).contains(&format!("hello-{port}"))
+    };
+    let tcp = || -> bool {
+        let out = host.output(
+            "echo hello-tcp | timeout 10 socat -t 2 - TCP4:198.51.100.50:4433,connect-timeout=5",
+        );
+        stdout(&out).contains("hello-tcp")
+    };
+    let ping = || traffic::ping(&host, "198.51.100.50", 2, 0.2, 2).all_ok();
+
+    until(Duration::from_secs(10), "UDP before the block", || {
+        if udp(4433) && udp(53) {
+            Ok(())
+        } else {
+            Err("no echo".into())
+        }
+    });
+    assert!(tcp() && ping(), "TCP or ping before the block");
+    assert!(!router.udp_blocked());
+
+    router.block_udp();
+    router.block_udp(); // idempotent
+    assert!(router.udp_blocked());
+    for _ in 0..3 {
+        assert!(
+            !udp(4433),
+            "UDP to 4433 (a flow conntrack already knows) passed the block"
+        );
+    }
+    assert!(udp(53), "DNS (udp 53) must pass the block");
+    assert!(tcp(), "TCP must pass the block");
+    assert!(ping(), "ICMP must pass the block");
+    // The home firewall and NAT are still in place.
+    let rules = router.ns().exec("nft list ruleset");
+    assert!(
+        rules.contains("masquerade") && rules.contains("ct state new drop"),
+        "{rules}"
+    );
+
+    router.unblock_udp();
+    router.unblock_udp(); // idempotent
+    assert!(!router.udp_blocked());
+    until(
+        Duration::from_secs(10),
+        "UDP after lifting the block",
+        || {
+            if udp(4433) {
+                Ok(())
+            } else {
+                Err("no echo".into())
+            }
+        },
+    );
+    assert!(tcp() && ping(), "TCP or ping after lifting the block");
+    let rules = router.ns().exec("nft list ruleset");
+    assert!(
+        rules.contains("masquerade") && rules.contains("ct state new drop"),
+        "{rules}"
+    );
+}
+
+#[test]
+fn blocked_udp_falls_back_to_tls_over_tcp() {
+    let mut lab = Lab::new("rch");
+    let (worker, eng) = (lab.worker.clone(), lab.eng.clone());
+    let (wd, ed) = (
+        worker.dir().display().to_string(),
+        eng.dir().display().to_string(),
+    );
+    assert!(lab.wrouter.udp_blocked() && lab.erouter.udp_blocked());
+
+    // Nobody configures anything: the worker and the engineer end up on TCP.
+    lab.wait_worker_session("tcp");
+    let alice = Engineer::login(
+        &lab,
+        "alice",
+        &token(&lab.relay, "engineer", RELAY_ADDR),
+        "",
+    );
+    alice.wait_listed(&lab);
+    let out = alice.ssh(&lab, "'ip -4 -o addr show dev eth0; echo done'");
+    assert!(
+        out.contains(lab.worker_ip.as_str()) && out.contains("done"),
+        "ssh output: {out}"
+    );
+    let log = alice.connect_log("");
+    assert!(
+        session_over(&log, "tcp") && log.starts_with("[saw the SSH banner]"),
+        "weft connect behind the UDP block:\n{log}"
+    );
+
+    // scp 64 MiB each way, intact.
+    eng.exec(&format!("head -c 64M /dev/urandom > {ed}/up.bin"));
+    alice.scp(
+        &lab,
+        &format!("{ed}/up.bin"),
+        &format!("root@{WORKER}:{wd}/up.bin"),
+    );
+    assert_eq!(
+        sha256(&eng, &format!("{ed}/up.bin")),
+        sha256(&worker, &format!("{wd}/up.bin")),
+        "engineer → worker scp changed the file"
+    );
+    worker.exec(&format!("head -c 64M /dev/urandom > {wd}/down.bin"));
+    alice.scp(
+        &lab,
+        &format!("root@{WORKER}:{wd}/down.bin"),
+        &format!("{ed}/down.bin"),
+    );
+    assert_eq!(
+        sha256(&worker, &format!("{wd}/down.bin")),
+        sha256(&eng, &format!("{ed}/down.bin")),
+        "worker → engineer scp changed the file"
+    );
+    for f in ["up.bin", "down.bin"] {
+        let _ = std::fs::remove_file(eng.file(f));
+        let _ = std::fs::remove_file(worker.file(f));
+    }
+
+    // The relay counts them on TCP (the worker, the engineer's login, ssh-config, connects),
+    // and nothing on QUIC: no UDP reached it.
+    let m = metrics(&lab.relay);
+    let tcp = sample(&m, CONNS, "transport=\"tcp\"");
+    let quic = sample(&m, CONNS, "transport=\"quic\"");
+    assert!(tcp >= 2.0, "tcp admissions {tcp} < 2:\n{m}");
+    assert_eq!(quic, 0.0, "quic admissions through a UDP block:\n{m}");
+
+    // Forcing QUIC behind the block does not fall back to TCP.
+    let out = eng.output(&format!(
+        "env WEFT_RELAY_TRANSPORT=quic timeout 120 {} ssh-config --state-dir {}",
+        weft_bin(),
+        alice.dir
+    ));
+    assert!(
+        !out.status.success() && !stdout(&out).contains(&format!("Host {WORKER}")),
+        "WEFT_RELAY_TRANSPORT=quic reached the relay through a UDP block: {}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        admitted(&lab.relay, "quic"),
+        0.0,
+        "quic admissions through a UDP block"
+    );
+
+    // Bad input on the relay's TCP port while a tunnel carries data. The transfer is fed by
+    // this test, so it is still running whatever the bad input takes.
+    let mallory = lab.net.host("rch-bad", "198.51.100.66");
+    let before = metrics(&lab.relay);
+    let tcp_before = sample(&before, CONNS, "transport=\"tcp\"");
+    eng.exec(&format!("head -c 24M /dev/urandom > {ed}/live.bin"));
+    let data = std::fs::read(eng.file("live.bin")).unwrap_or_else(|e| panic!("live.bin: {e}"));
+    let ssh_log = eng.file("live-ssh.log");
+    let log_file = std::fs::File::create(&ssh_log).unwrap_or_else(|e| panic!("live-ssh.log: {e}"));
+    let mut live = eng
+        .sh(&format!(
+            "exec ssh {} root@{WORKER} 'cat > {wd}/live.bin'",
+            alice.ssh_opts()
+        ))
+        .stdin(Stdio::piped())
+        .stdout(
+            log_file
+                .try_clone()
+                .unwrap_or_else(|e| panic!("dup log: {e}")),
+        )
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn the live ssh: {e}"));
+    let mut stdin = live
+        .stdin
+        .take()
+        .unwrap_or_else(|| panic!("live ssh without stdin"));
+    let (go, go_rx) = mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let (first, rest) = data.split_at(8 << 20);
+        stdin.write_all(first)?;
+        stdin.flush()?;
+        // Wait for the bad input; then the rest, and EOF (stdin drops).
+        let _ = go_rx.recv();
+        stdin.write_all(rest)?;
+        Ok(())
+    });
+    until(
+        Duration::from_secs(120),
+        "the live transfer under way",
+        || {
+            let got = std::fs::metadata(worker.file("live.bin")).map_or(0, |m| m.len());
+            if got >= 1 << 20 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{got} bytes on the worker; ssh: {}",
+                    std::fs::read_to_string(&ssh_log).unwrap_or_default()
+                ))
+            }
+        },
+    );
+
+    // A client that connects and never says anything.
+    let mut silent = mallory.spawn_named(
+        "silent",
+        &format!("socat -u TCP4:{RELAY_ADDR},connect-timeout=10 STDOUT"),
+    );
+    // Plain HTTP, no TLS.
+    mallory.output(&format!(
+        "printf 'GET / HTTP/1.1\\r\\nHost: {RELAY_IP}\\r\\n\\r\\n' | \
+         timeout 30 socat -t 5 - TCP4:{RELAY_ADDR},connect-timeout=10"
+    ));
+    // A TLS ClientHello cut short (its record promises 512 bytes), then close.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.extend((0..20).map(|_| rand::random::<u8>()));
+    std::fs::write(mallory.file("hello.bin"), &hello).unwrap_or_else(|e| panic!("{e}"));
+    mallory.output(&format!(
+        "timeout 30 socat -u FILE:{} TCP4:{RELAY_ADDR},connect-timeout=10",
+        mallory.file("hello.bin").display()
+    ));
+    // Random bytes, ten times.
+    mallory.output(&format!(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do head -c 65536 /dev/urandom | \
+         timeout 30 socat -t 2 - TCP4:{RELAY_ADDR},connect-timeout=10 >/dev/null 2>&1; done; true"
+    ));
+    // TLS, then no HTTP.
+    mallory.output(&format!(
+        "printf 'NOT HTTP AT ALL\\r\\n\\r\\n' | timeout 30 openssl s_client -quiet \
+         -connect {RELAY_ADDR} -servername {RELAY_SNI} >/dev/null 2>&1; true"
+    ));
+    // TLS and HTTP, asking to switch to another protocol: refused, not switched.
+    let upgrade = mallory.output(&format!(
+        "curl -sk --http1.1 --max-time 30 -o /dev/null -w '%{{http_code}}' \
+         -H 'Connection: Upgrade' -H 'Upgrade: websocket' https://{RELAY_ADDR}/weft/v1"
+    ));
+    let upgrade = stdout(&upgrade);
+    assert!(
+        upgrade.starts_with('4'),
+        "a wrong Upgrade on /weft/v1 answered {upgrade:?}\n{}",
+        lab.logs()
+    );
+    // The web face: a page on `/`, 204 on the probe.
+    let page = mallory.output(&format!(
+        "curl -sk --max-time 30 -w '\\n%{{http_code}}' https://{RELAY_ADDR}/"
+    ));
+    let page = stdout(&page);
+    let (body, code) = page.rsplit_once('\n').unwrap_or(("", page.as_str()));
+    assert!(
+        code == "200" && body.to_ascii_lowercase().contains("<html"),
+        "GET / on the relay's TCP port: {page:?}\n{}",
+        lab.logs()
+    );
+    let probe = mallory.output(&format!(
+        "curl -sk --max-time 30 -o /dev/null -w '%{{http_code}}' https://{RELAY_ADDR}/weft/probe"
+    ));
+    assert_eq!(stdout(&probe), "204", "GET /weft/probe\n{}", lab.logs());
+
+    // The silent client is shown the door.
+    if silent.wait_timeout(Duration::from_secs(180)).is_none() {
+        panic!(
+            "a TCP client that never spoke was still connected after 180 s\n{}",
+            lab.logs()
+        );
+    }
+
+    // The live transfer finishes intact.
+    let _ = go.send(());
+    let status = match live_wait(&mut live, Duration::from_secs(300)) {
+        Some(st) => st,
+        None => {
+            let _ = live.kill();
+            panic!(
+                "the live transfer never finished; ssh: {}\n{}",
+                std::fs::read_to_string(&ssh_log).unwrap_or_default(),
+                lab.logs()
+            );
+        }
+    };
+    let wrote = writer.join().map_err(|_| "writer panicked".to_string());
+    assert!(
+        status.success() && matches!(wrote, Ok(Ok(()))),
+        "live transfer: ssh {status}, writer {wrote:?}; ssh: {}\n{}",
+        std::fs::read_to_string(&ssh_log).unwrap_or_default(),
+        lab.logs()
+    );
+    assert_eq!(
+        sha256(&eng, &format!("{ed}/live.bin")),
+        sha256(&worker, &format!("{wd}/live.bin")),
+        "the transfer running during the bad input changed"
+    );
+
+    // Refused and counted; and the relay keeps admitting.
+    assert!(lab.relay.proc.is_running(), "relay died:\n{}", lab.logs());
+    let out = alice.ssh(&lab, "echo still-admitting");
+    assert!(out.contains("still-admitting"), "{out}");
+    let after = metrics(&lab.relay);
+    let grew = |cause: &str| {
+        let label = format!("cause=\"{cause}\"");
+        sample(&after, REFUSED, &label) - sample(&before, REFUSED, &label)
+    };
+    // Plain HTTP, the cut hello and ten times garbage fail TLS; TLS without HTTP fails HTTP;
+    // the silent client times out.
+    for (cause, least) in [("tls", 3.0), ("http", 1.0), ("timeout", 1.0)] {
+        assert!(
+            grew(cause) >= least,
+            "{REFUSED}{{cause=\"{cause}\"}} grew by {} (expected at least {least}):\n{after}",
+            grew(cause)
+        );
+    }
+    assert!(
+        sample(&after, CONNS, "transport=\"tcp\"") > tcp_before,
+        "no tcp admission after the bad input:\n{after}"
+    );
+
+    // The engineer's network lets UDP out again: a fresh engineer is on QUIC while the
+    // worker stays on TCP (its network still blocks UDP).
+    lab.erouter.unblock_udp();
+    let quic_before = admitted(&lab.relay, "quic");
+    let bob = Engineer::login(&lab, "bob", &token(&lab.relay, "engineer", RELAY_ADDR), "");
+    bob.wait_listed(&lab);
+    let out = bob.ssh(&lab, "echo over-quic");
+    assert!(out.contains("over-quic"), "{out}");
+    // QUIC goes first and TCP only 250 ms later: on a busy machine TCP may win a race now and
+    // then, so look for a QUIC session over a few fresh connections.
+    until(Duration::from_secs(60), "a fresh engineer on QUIC", || {
+        let log = bob.connect_log("");
+        let quic = admitted(&lab.relay, "quic");
+        if session_over(&log, "quic") && quic > quic_before {
+            Ok(())
+        } else {
+            Err(format!(
+                "quic admissions {quic} (before {quic_before}); connect:\n{log}"
+            ))
+        }
+    });
+    // Forcing TCP still works with UDP open.
+    let tcp_before = admitted(&lab.relay, "tcp");
+    let log = bob.connect_log("WEFT_RELAY_TRANSPORT=tcp");
+    assert!(
+        session_over(&log, "tcp") && log.starts_with("[saw the SSH banner]"),
+        "WEFT_RELAY_TRANSPORT=tcp:\n{log}"
+    );
+    let tcp_now = admitted(&lab.relay, "tcp");
+    assert!(
+        tcp_now > tcp_before,
+        "tcp admissions {tcp_now} (before {tcp_before})"
+    );
+    lab.relay.proc.kill_term();
+}
+
+/// Waits for `child` to exit, at most `within`.
+fn live_wait(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if t0.elapsed() >= within {
+            return None;
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// HAProxy's configuration: one TLS port, routed by SNI without terminating TLS.
+fn haproxy_cfg(listen: &str, relay: &str, web_pem: &str) -> String {
+    format!(
+        "global
+    log stdout format raw local0 info
+    maxconn 256
+
+defaults
+    log global
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+
+frontend tls_in
+    bind {listen}
+    mode tcp
+    option tcplog
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req_ssl_hello_type 1 }}
+    use_backend weft_relay if {{ req_ssl_sni -i {RELAY_SNI} }}
+    default_backend website
+
+backend weft_relay
+    mode tcp
+    server relay {relay}
+
+backend website
+    mode tcp
+    server site 127.0.0.1:8443
+
+frontend site
+    bind 127.0.0.1:8443 ssl crt {web_pem}
+    mode http
+    http-request return status 200 content-type text/plain string \"plain website\"
+"
+    )
+}
+
+#[test]
+fn haproxy_routes_the_relays_sni_to_the_relay() {
+    let lab = Lab::new("rhp");
+    const HAPROXY_IP: &str = "198.51.100.80";
+    let hap = lab.net.host("rhp-hap", HAPROXY_IP);
+    let d = hap.dir().display().to_string();
+    hap.exec(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout {d}/web.key -out {d}/web.crt \
+         -days 2 -subj /CN=www.example >/dev/null 2>&1 && cat {d}/web.crt {d}/web.key > {d}/web.pem"
+    ));
+    let cfg = hap.file("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        haproxy_cfg(
+            &format!("{HAPROXY_IP}:443"),
+            RELAY_ADDR,
+            &format!("{d}/web.pem"),
+        ),
+    )
+    .unwrap_or_else(|e| panic!("haproxy.cfg: {e}"));
+    let haproxy = hap.spawn_listening(
+        "haproxy",
+        &format!("haproxy -db -f {}", cfg.display()),
+        't',
+        443,
+        Duration::from_secs(10),
+    );
+    lab.wait_worker_session("tcp");
+
+    // Another name gets the web site, through the same port.
+    let web = lab.eng.output(&format!(
+        "curl -sk --max-time 30 --resolve www.example:443:{HAPROXY_IP} https://www.example/"
+    ));
+    assert_eq!(
+        stdout(&web).trim(),
+        "plain website",
+        "HAProxy's default route\n{}",
+        haproxy.log_tail(10)
+    );
+    // The relay's name gets the relay (its health check answers through HAProxy).
+    let probe = lab.eng.output(&format!(
+        "curl -sk --max-time 30 -o /dev/null -w '%{{http_code}}' \
+         --resolve {RELAY_SNI}:443:{HAPROXY_IP} https://{RELAY_SNI}/weft/probe"
+    ));
+    assert_eq!(
+        stdout(&probe),
+        "204",
+        "/weft/probe through HAProxy\n{}\n{}",
+        haproxy.log_tail(10),
+        lab.logs()
+    );
+
+    // An engineer whose token names HAProxy, forced onto TCP.
+    let tcp_before = admitted(&lab.relay, "tcp");
+    let carol = Engineer::login(
+        &lab,
+        "carol",
+        &token(&lab.relay, "engineer", &format!("{HAPROXY_IP}:443")),
+        "WEFT_RELAY_TRANSPORT=tcp",
+    );
+    let relay_json = std::fs::read_to_string(format!("{}/relay.json", carol.dir))
+        .unwrap_or_else(|e| panic!("carol's relay.json: {e}"));
+    assert!(
+        relay_json.contains(&format!("{HAPROXY_IP}:443")) && !relay_json.contains(RELAY_IP),
+        "carol's state should name HAProxy only: {relay_json}"
+    );
+    carol.wait_listed(&lab);
+    let out = carol.ssh(&lab, "'echo via-haproxy; ip -4 -o addr show dev eth0'");
+    assert!(
+        out.contains("via-haproxy") && out.contains(lab.worker_ip.as_str()),
+        "ssh through HAProxy: {out}"
+    );
+    let log = carol.connect_log("");
+    assert!(
+        session_over(&log, "tcp") && log.starts_with("[saw the SSH banner]"),
+        "weft connect through HAProxy:\n{log}"
+    );
+    let tcp_now = admitted(&lab.relay, "tcp");
+    assert!(
+        tcp_now > tcp_before,
+        "tcp admissions {tcp_now} (before {tcp_before})"
+    );
+    // HAProxy's log shows the sessions it sent to the relay's backend.
+    until(
+        Duration::from_secs(30),
+        "HAProxy logged relay sessions",
+        || {
+            let log = haproxy.log();
+            if log.contains("weft_relay/relay") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    );
+}
