@@ -73,6 +73,11 @@ pub(crate) enum Kind {
     Stun,
     /// A disco packet (starts with [`MAGIC`]).
     Disco,
+    /// A WireGuard packet on the fast relay path, behind its channel header
+    /// (`tunnel_relay::relay_path::FAST_DATA`).
+    FastData,
+    /// The relay's acknowledgement of a fast-path bind.
+    FastAck,
     /// Anything else: drop and count.
     Unknown,
 }
@@ -91,6 +96,14 @@ pub(crate) enum Kind {
 pub(crate) fn classify(d: &[u8]) -> Kind {
     if d.len() >= MIN_LEN && d[..MAGIC.len()] == MAGIC {
         return Kind::Disco;
+    }
+    // Fast relay path: byte 0 is 0xD7/0xD9 (top bits 11: never STUN, never a
+    // WireGuard type, not disco's 0x57).
+    if tunnel_relay::relay_path::fast_slot(d).is_some() {
+        return Kind::FastData;
+    }
+    if tunnel_relay::relay_path::bind_fields(tunnel_relay::relay_path::FAST_ACK, d).is_some() {
+        return Kind::FastAck;
     }
     if d.len() >= 4 && d[1..4] == [0, 0, 0] {
         let wg = match d[0] {

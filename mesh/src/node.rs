@@ -509,10 +509,35 @@ fn udp_to_tun(io: &DataPathIo) -> anyhow::Result<()> {
                     tunbufs.push(b);
                     lens.push(0);
                 }
+                let mut src = m.addr;
+                let mut seg = seg;
                 if let Some(mio) = managed {
-                    // One socket carries WireGuard, STUN and disco.
+                    // One socket carries WireGuard, STUN, disco and the fast relay path.
                     match crate::disco::classify(seg) {
                         crate::disco::Kind::WireGuard => {}
+                        crate::disco::Kind::FastData => {
+                            let fast = &mio.relay.fast;
+                            let peer = tunnel_relay::relay_path::fast_slot(seg)
+                                .filter(|_| fast.is_relay(&m.addr))
+                                .and_then(|slot| fast.peer_of(device, slot))
+                                .and_then(|k| device.relay_source(&k));
+                            let Some(relay_src) = peer else {
+                                device.counters.rx_invalid.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            };
+                            fast.received.fetch_add(1, Ordering::Relaxed);
+                            src = relay_src;
+                            seg = &seg[tunnel_relay::relay_path::FAST_HEADER..];
+                            if crate::disco::classify(seg) != crate::disco::Kind::WireGuard {
+                                // Disco through the relay stays on QUIC; anything else is junk.
+                                device.counters.rx_invalid.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
+                        crate::disco::Kind::FastAck => {
+                            mio.relay.fast.on_ack(m.addr, seg);
+                            continue;
+                        }
                         crate::disco::Kind::Stun | crate::disco::Kind::Disco => {
                             let _ = mio.ctl.try_send(CtlPacket::Udp(m.addr, seg.to_vec()));
                             continue;
@@ -529,7 +554,7 @@ fn udp_to_tun(io: &DataPathIo) -> anyhow::Result<()> {
                 }
                 if let Some(len) = device.handle_datagram(
                     &snap,
-                    m.addr,
+                    src,
                     seg,
                     &mut tb[VIRTIO_NET_HDR_LEN..],
                     &mut outq,

@@ -27,6 +27,10 @@
 //! - `weft_relay_transport_connections_total{transport="quic"|"tcp"}` (counter):
 //!   admitted connections by transport (tcp = the TLS fallback for networks
 //!   that block UDP).
+//! - `weft_relay_fast_relayed_total` (counter): relay-path packets forwarded
+//!   on the fast UDP path (channel header, GRO/GSO batches; also counted in
+//!   `datagrams_relayed_total`); dropped ones (unbound source, policy, bad
+//!   binds) count in `datagrams_dropped_total`.
 //! - `weft_relay_tcp_refused_total{cause="tls"|"http"|"timeout"|"rate"}` (counter):
 //!   TCP connections that never reached admission (not TLS, a cut or bad
 //!   handshake, no usable HTTP request, too slow, over the per-IP rate);
@@ -85,6 +89,8 @@ pub struct Metrics {
     tcp_refused: Family<Labels, Counter>,
     /// Plain HTTP requests answered on the TCP port.
     pub tcp_answered: Counter,
+    /// Relay-path packets forwarded on the fast UDP path (also in `datagrams_relayed`).
+    pub fast_relayed: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -171,6 +177,11 @@ impl Metrics {
             "tcp_answered",
             "Plain HTTP requests answered on the TCP port",
         );
+        let fast_relayed = registered(
+            r,
+            "fast_relayed",
+            "Mesh packets forwarded on the fast UDP relay path (also counted in datagrams_relayed)",
+        );
         let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
         let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
         let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
@@ -196,6 +207,7 @@ impl Metrics {
             transports,
             tcp_refused,
             tcp_answered,
+            fast_relayed,
         }
     }
 

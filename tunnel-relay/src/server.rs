@@ -40,6 +40,7 @@ use crate::wire::{
     read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
 };
 
+mod fastpath;
 mod mesh;
 mod pool;
 
@@ -98,6 +99,8 @@ struct Shared {
     pool: pool::PoolShell,
     /// Set when the relay shuts down: TCP connections are told to reconnect.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// The fast relay path's channels (one per admitted node).
+    channels: std::sync::RwLock<fastpath::Channels>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -261,6 +264,7 @@ impl Relay {
                 mesh,
                 pool,
                 stopping: tokio::sync::watch::channel(false).0,
+                channels: std::sync::RwLock::new(fastpath::Channels::default()),
             }),
         })
     }
@@ -314,17 +318,12 @@ impl Relay {
             None => None,
         };
         let stun_addr = self.stun_addr();
-        let stun_task = match (
-            self.stun.take().map(tokio::net::UdpSocket::from_std),
-            stun_addr,
-        ) {
-            (Some(Ok(sock)), _) => {
-                info!(addr = ?stun_addr, "STUN responder listening");
-                Some(tokio::spawn(answer_stun(sock, self.shared.metrics.clone())))
-            }
-            (Some(Err(source)), Some(addr)) => return Err(RelayError::Bind { addr, source }),
-            _ => None,
-        };
+        // The UDP port's thread stops when this future ends or is dropped.
+        let udp_stop = fastpath::StopOnDrop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        if let (Some(sock), Some(addr)) = (self.stun.take(), stun_addr) {
+            fastpath::spawn(&self.shared, sock, udp_stop.0.clone())
+                .map_err(|source| RelayError::Bind { addr, source })?;
+        }
         let mut tcp_tasks = Vec::new();
         for l in std::mem::take(&mut self.tcp) {
             let addr = l.local_addr().ok();
@@ -380,9 +379,7 @@ impl Relay {
             t.abort();
         }
         self.shared.mesh.flush().await;
-        if let Some(t) = stun_task {
-            t.abort();
-        }
+        drop(udp_stop);
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -401,31 +398,6 @@ fn admin_socket(dir: &std::path::Path) -> Result<std::os::unix::net::UnixListene
     l.set_nonblocking(true)
         .map_err(|e| StateError::io(&path, e))?;
     Ok(l)
-}
-
-/// Answers STUN binding requests (endpoint discovery for the mesh) with the
-/// source address they came from; anything else is dropped.
-async fn answer_stun(sock: tokio::net::UdpSocket, metrics: Arc<Metrics>) {
-    let mut buf = vec![0u8; 1500];
-    loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                // ICMP errors from earlier sends surface here; keep serving.
-                debug!(error = %e, "STUN receive failed");
-                continue;
-            }
-        };
-        match crate::stun::answer(&buf[..n], from) {
-            Some(resp) => {
-                metrics.stun_answered.inc();
-                let _ = sock.send_to(&resp, from).await;
-            }
-            None => {
-                metrics.stun_dropped.inc();
-            }
-        }
-    }
 }
 
 /// How often the relay looks for revocations made by `nodes revoke` (another
@@ -701,6 +673,13 @@ async fn serve_node(
             .saturating_add(STREAM_HEADROOM);
         ctx.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
     }
+    if let Some(e) = ctx.conn.exporter(noise::EXPORTER_LABEL) {
+        shared
+            .channels
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(ctx.key, ctx.tags.clone(), relay_path::bind_key(&e), ctx.id);
+    }
     info!(node = %ctx.name, key = %ctx.key.short(), tags = ?ctx.tags, services = ?hello.services, transport = %ctx.conn.kind(), "node connected");
     shared.metrics.connected.inc();
     shared.metrics.admitted_over(ctx.conn.kind().as_str());
@@ -742,6 +721,11 @@ async fn serve_node(
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
     }
     shared.metrics.connected.dec();
+    shared
+        .channels
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .unregister(&ctx.key, ctx.id);
     lock(&shared.routes).disconnect(ctx.id, &ctx.name);
     info!(node = %ctx.name, reason = %err, "node disconnected");
 }

@@ -830,3 +830,131 @@ async fn stun_binding_requests_get_the_observed_address() {
     let lab2 = start_relay(off).await;
     assert!(lab2.stun.is_none());
 }
+
+/// The next datagram on `s` within 700 ms.
+async fn recv_within(s: &tokio::net::UdpSocket) -> Option<Vec<u8>> {
+    let mut b = vec![0u8; 2048];
+    match tokio::time::timeout(Duration::from_millis(700), s.recv_from(&mut b)).await {
+        Ok(Ok((n, _))) => Some(b[..n].to_vec()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_relay_path_forwards_bound_nodes_by_policy_and_drops_the_rest() {
+    use tunnel_relay::relay_path::{
+        bind_fields, bind_packet, bind_valid, fast_header, fast_slot, slot, RelayPath, FAST_ACK,
+        FAST_BIND, FAST_HEADER,
+    };
+    let lab = start_relay(with_metrics(RelayConfig::default())).await;
+    let udp_port = lab
+        .stun
+        .unwrap_or_else(|| panic!("the relay's UDP port is on by default"));
+    let (e, ek, _ed) = node_session(&lab, "engineer", "e").await;
+    let (w1, w1k, _w1d) = node_session(&lab, "worker", "w1").await;
+    let (w2, w2k, _w2d) = node_session(&lab, "worker", "w2").await;
+    let sock = || async {
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (se, s1, s2, stranger) = (sock().await, sock().await, sock().await, sock().await);
+    let key_of = |s: &client::Session| {
+        RelayPath::new(s.connection().clone())
+            .bind_key()
+            .unwrap_or_else(|| panic!("no bind key"))
+    };
+    let (ke, k1, k2) = (key_of(&e), key_of(&w1), key_of(&w2));
+    // A bind with the wrong key is ignored; the right one is acknowledged (MAC'd with the same key).
+    let bad = bind_packet(FAST_BIND, &k1, slot(&ek), 1);
+    se.send_to(&bad, udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        recv_within(&se).await,
+        None,
+        "a forged bind was acknowledged"
+    );
+    for (s, k, key) in [(&se, ek, ke), (&s1, w1k, k1), (&s2, w2k, k2)] {
+        s.send_to(&bind_packet(FAST_BIND, &key, slot(&k), 1), udp_port)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ack = recv_within(s)
+            .await
+            .unwrap_or_else(|| panic!("no bind ack"));
+        assert_eq!(bind_fields(FAST_ACK, &ack), Some((slot(&k), 1)));
+        assert!(bind_valid(&key, &ack));
+    }
+    // A replayed (not newer) bind is not acknowledged again.
+    se.send_to(&bind_packet(FAST_BIND, &ke, slot(&ek), 1), udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        recv_within(&se).await,
+        None,
+        "a replayed bind was acknowledged"
+    );
+
+    let packet = |dst: &PublicKey, body: &[u8]| {
+        let mut p = fast_header(slot(dst)).to_vec();
+        p.extend_from_slice(body);
+        p
+    };
+    // Engineer -> worker arrives with the engineer's slot and the body intact.
+    let body = random_bytes(1200);
+    se.send_to(&packet(&w1k, &body), udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = recv_within(&s1)
+        .await
+        .unwrap_or_else(|| panic!("not forwarded"));
+    assert_eq!(fast_slot(&got), Some(slot(&ek)));
+    assert!(got[FAST_HEADER..] == body[..], "body changed");
+    // Worker -> worker is not allowed; an unbound sender is dropped.
+    s1.send_to(&packet(&w2k, b"lateral"), udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    stranger
+        .send_to(&packet(&w2k, b"who am i"), udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(recv_within(&s2).await, None, "w2 got a packet it must not");
+    // The engineer still reaches w2; the worker answers the engineer.
+    se.send_to(&packet(&w2k, b"hi w2"), udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = recv_within(&s2)
+        .await
+        .unwrap_or_else(|| panic!("w2 not reached"));
+    assert_eq!(&got[FAST_HEADER..], b"hi w2");
+    s2.send_to(&packet(&ek, b"reply"), udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = recv_within(&se).await.unwrap_or_else(|| panic!("no reply"));
+    assert_eq!(
+        (fast_slot(&got), &got[FAST_HEADER..]),
+        (Some(slot(&w2k)), &b"reply"[..])
+    );
+
+    let text = scrape(lab.metrics.unwrap_or_else(|| panic!("metrics"))).await;
+    assert_eq!(
+        sample(&text, "weft_relay_fast_relayed_total"),
+        3.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "weft_relay_datagrams_dropped_total") >= 4.0,
+        "{text}"
+    );
+    // A closed connection's binding goes with it.
+    drop(w1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    se.send_to(&packet(&w1k, b"gone"), udp_port)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        recv_within(&s1).await,
+        None,
+        "forwarded to a node that left"
+    );
+}

@@ -199,6 +199,7 @@ impl<S: Session> ControlLoop<S> {
             .set_local_addrs(Instant::now(), local_addrs(&self.interface));
         self.apply(&h, outs, &mut pings);
         self.io.relay.set(self.session.relay_path());
+        self.set_fast_path(&h);
         let mut stun = self.session.stun_addr();
         self.ctl.set_stun_server(Instant::now(), stun);
         let outs = self
@@ -220,6 +221,7 @@ impl<S: Session> ControlLoop<S> {
                         break Ok(());
                     }
                     self.io.relay.set(self.session.relay_path());
+                    self.set_fast_path(&h);
                     let s = self.session.stun_addr();
                     if s != stun {
                         stun = s;
@@ -267,6 +269,7 @@ impl<S: Session> ControlLoop<S> {
                     // addresses every 2 s: the controller decides.
                     let now = Instant::now();
                     ticks += 1;
+                    self.io.relay.fast.tick(&h.net.udp);
                     if ticks % 10 == 0 {
                         let outs = self.ctl.set_local_addrs(now, local_addrs(&self.interface));
                         self.apply(&h, outs, &mut pings);
@@ -293,6 +296,20 @@ impl<S: Session> ControlLoop<S> {
         };
         relay_task.abort();
         result
+    }
+
+    /// Points the fast relay path at the relay's UDP port with the current
+    /// connection's bind key (off without a connection, a UDP port, or with
+    /// `WEFT_FAST_RELAY=0`, which keeps relayed packets on QUIC datagrams).
+    fn set_fast_path(&self, h: &Handles) {
+        let off = std::env::var("WEFT_FAST_RELAY").is_ok_and(|v| v.trim() == "0");
+        let own = h.device.snapshot().identity.as_ref().map(|i| i.public_key);
+        let key = self.session.relay_path().and_then(|p| p.bind_key());
+        let target = match (off, self.session.stun_addr(), own, key) {
+            (false, Some(addr), Some(own), Some(key)) => Some((addr, own, key)),
+            _ => None,
+        };
+        self.io.relay.fast.set_target(target);
     }
 
     /// The state `mesh status` shows, from the controller and the device.
