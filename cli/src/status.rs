@@ -71,6 +71,8 @@ enum RelayLink {
     Connected {
         /// The relay's address.
         address: String,
+        /// `quic`, or `tcp` (the TCP/TLS fallback): what this session used.
+        transport: String,
         /// The name the relay has for this identity.
         name: String,
         /// Its tags.
@@ -177,6 +179,7 @@ async fn gather(a: &StatusArgs) -> Result<Report> {
     };
     report.relay.link = RelayLink::Connected {
         address: session.connection().remote_address().to_string(),
+        transport: session.connection().kind().as_str().to_string(),
         name: session.name.clone(),
         tags: session.tags.clone(),
     };
@@ -327,10 +330,11 @@ fn render_human(r: &Report) -> String {
         }
         RelayLink::Connected {
             address,
+            transport,
             name,
             tags,
         } => format!(
-            "relay: connected to {address} as {name} (tags: {}); identity {id}\n",
+            "relay: connected to {address} ({transport}) as {name} (tags: {}); identity {id}\n",
             tags.join(",")
         ),
         RelayLink::Refused { reason } => format!("relay: refused: {reason} (identity {id})\n"),
@@ -376,7 +380,10 @@ fn mesh_text(m: &ManagedStatus) -> String {
         None => String::new(),
     };
     let relay = match &m.relay {
-        LinkState::Connected(_) => "coordinator connected".to_string(),
+        LinkState::Connected(a) => match a.transport {
+            Some(t) => format!("coordinator connected ({t})"),
+            None => "coordinator connected".to_string(),
+        },
         LinkState::Connecting { .. } => "connecting to the coordinator".to_string(),
         LinkState::Retrying { last_error, .. } => format!("coordinator lost ({last_error})"),
         LinkState::Failed { reason } => format!("refused by the coordinator: {reason}"),
@@ -391,10 +398,7 @@ fn mesh_text(m: &ManagedStatus) -> String {
         .peers
         .iter()
         .map(|p| {
-            let path = match (p.path.as_str(), &p.wg.endpoint) {
-                ("direct", Some(e)) => format!("direct {e}"),
-                (other, _) => other.to_string(),
-            };
+            let path = p.path_text();
             let latency = p
                 .latency_ms
                 .map(mesh::status::fmt_ms)
@@ -494,6 +498,7 @@ mod tests {
                 relay_addrs: vec!["relay.example:4433".into()],
                 link: RelayLink::Connected {
                     address: "192.0.2.1:4433".into(),
+                    transport: "tcp".into(),
                     name: "eve".into(),
                     tags: vec!["engineer".into()],
                 },
@@ -511,7 +516,7 @@ mod tests {
         };
         let text = render_human(&r);
         assert!(
-            text.starts_with("relay: connected to 192.0.2.1:4433 as eve (tags: engineer)"),
+            text.starts_with("relay: connected to 192.0.2.1:4433 (tcp) as eve (tags: engineer)"),
             "{text}"
         );
         assert!(text.contains("mesh: no managed node runs here"), "{text}");
@@ -526,6 +531,7 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["relay"]["state"], "connected");
         assert_eq!(json["relay"]["name"], "eve");
+        assert_eq!(json["relay"]["transport"], "tcp");
         assert_eq!(json["workers"][0]["gpus"][0]["name"], "NVIDIA H200");
         assert!(json["workers"][1]["gpus"].is_null());
     }
@@ -553,5 +559,62 @@ mod tests {
             serde_json::to_value(&r).unwrap()["relay"]["state"],
             "not_logged_in"
         );
+    }
+
+    /// A managed node on the TCP/TLS fallback with one relayed and one direct peer.
+    fn mesh_node() -> ManagedStatus {
+        use mesh::status::{ManagedPeer, NodeStatus, PeerStatus};
+        use tunnel_relay::link::Admitted;
+        use tunnel_relay::transport::Kind;
+        let peer =
+            |name: &str, n: u8, path: &str, relay_transport: Option<&str>, ep: &str| ManagedPeer {
+                name: name.into(),
+                ipv4: std::net::Ipv4Addr::new(100, 64, 0, n),
+                ipv6: format!("fd7a:7765:6674::6440:{n}").parse().unwrap(),
+                tags: vec!["worker".into()],
+                online: true,
+                path: path.into(),
+                relay_transport: relay_transport.map(Into::into),
+                latency_ms: None,
+                wg: PeerStatus {
+                    endpoint: Some(ep.into()),
+                    ..PeerStatus::default()
+                },
+            };
+        ManagedStatus {
+            interface: "weft0".into(),
+            mode: "managed".into(),
+            public_key: None,
+            listen_port: 41641,
+            node: Some(NodeStatus {
+                name: "eve".into(),
+                ipv4: std::net::Ipv4Addr::new(100, 64, 0, 7),
+                ipv6: "fd7a:7765:6674::6440:7".parse().unwrap(),
+                tags: vec!["engineer".into()],
+            }),
+            relay: tunnel_relay::LinkState::Connected(Admitted {
+                address: "192.0.2.1:4433".parse().unwrap(),
+                name: "eve".into(),
+                tags: vec!["engineer".into()],
+                transport: Some(Kind::Tcp),
+            }),
+            candidates: Vec::new(),
+            peers: vec![
+                peer("gpu1", 9, "relay", Some("tcp"), "relay"),
+                peer("gpu2", 10, "direct", None, "198.51.100.6:41641"),
+            ],
+        }
+    }
+
+    #[test]
+    fn mesh_paths_say_their_transport() {
+        let text = mesh_text(&mesh_node());
+        for want in [
+            "mesh: weft0 as eve (100.64.0.7), coordinator connected (tcp)\n",
+            "  gpu1  100.64.0.9   relay tcp",
+            "  gpu2  100.64.0.10  direct 198.51.100.6:41641",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
     }
 }

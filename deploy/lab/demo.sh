@@ -2,6 +2,8 @@
 # The Weft local lab: a relay, two GPU workers each behind its own home router's NAT, and an engineer
 # who SSHes into both, first over the WireGuard mesh overlay (`mesh`), then through reverse tunnels on
 # the relay (`tunnel-relay`). Nothing on the internet can reach a worker; in both paths the worker dials out.
+# A third engineer on guest Wi-Fi that passes no UDP reaches a worker through the relay's TLS-over-TCP
+# fallback.
 # Then the GPU pool: `worker-agent run` on both workers (simulated GPUs: a stub NVML library), `weft pool`,
 # a job placed by requirement, its logs and the usage record it left.
 # With --ray, then a Ray cluster on the pool: the agents run with `--ray` (and join the mesh
@@ -44,11 +46,16 @@
 # PersistentKeepalive = 25, so they dial out, the engineer learns their NATed address from the handshake,
 # and the tunnel stays open; the engineer runs `ssh root@10.77.0.11`.
 #
-# Relay tunnel path: the operator runs `tunnel-relay serve` on 203.0.113.2:4433 and creates join tokens;
+# Relay tunnel path: the operator runs `tunnel-relay serve` on 203.0.113.2:4433 (QUIC on UDP, and TLS on
+# TCP at the same port for networks that block UDP) and creates join tokens;
 # each worker runs `tunnel-relay expose --service ssh=127.0.0.1:22`, which keeps a QUIC connection out to
 # the relay; the engineer logs in with a token (`weft login`) and runs
 # `ssh -o ProxyCommand='weft connect %h %p' root@gpu-worker-1`. The relay only splices streams
 # that its policy allows (default: tag engineer -> tag worker); a worker opening another worker is refused.
+# Guest Wi-Fi: carol sits behind a router (wft-demo-guest, wan 203.0.113.31) whose firewall drops every
+# forwarded UDP packet except DNS, as many guest and hotel networks do. Nothing changes for her: `weft`
+# tries QUIC, falls back to TLS over TCP 250 ms later, and her `ssh` through `weft connect` works; its log
+# and `weft status` say transport tcp.
 #
 # Managed mesh (the control plane): the same relay also runs the coordinator. The workers run
 # `mesh up --token ... --state-dir ...`, the engineers `weft up` (no config files, no keys to exchange); a second
@@ -100,6 +107,8 @@ NS_W2=${P}gpu2
 NS_RELAY=${P}relay
 NS_HOTEL=${P}hotel
 NS_BOB=${P}bob
+NS_GUEST=${P}guest
+NS_CAROL=${P}carol
 
 ULA=fd57:6566:7400 # a ULA /48 for the overlay ("Weft" in hex)
 ENG_PUB=203.0.113.10
@@ -667,7 +676,7 @@ engineer_sees() {
 }
 
 # ---------------------------------------------------------------------------------------------------
-banner "relay tunnel path (1/7): the operator starts the relay on $RELAY_ADDR (UDP, QUIC)"
+banner "relay tunnel path (1/7): the operator starts the relay on $RELAY_ADDR (QUIC on UDP, TLS on TCP)"
 
 print_cmd operator tunnel-relay serve --listen "$RELAY_ADDR" --state-dir "$RELAY_STATE" --metrics "$METRICS_ADDR" '&'
 start tunnel-relay-serve "$NS_RELAY" env WEFT_LOG="${WEFT_LOG:-info}" \
@@ -675,6 +684,8 @@ start tunnel-relay-serve "$NS_RELAY" env WEFT_LOG="${WEFT_LOG:-info}" \
 relay_pid=$last_pid
 wait_for "the relay on UDP $RELAY_ADDR" 10 "$relay_pid" \
     sh -c "ip netns exec '$NS_RELAY' ss -Hlun 'sport = :4433' | grep -q '$RELAY_ADDR'"
+wait_for "the relay's TLS fallback on TCP $RELAY_ADDR" 10 "$relay_pid" \
+    sh -c "ip netns exec '$NS_RELAY' ss -Hltn 'sport = :4433' | grep -q '$RELAY_ADDR'"
 sed -n 's/^relay /    relay /p' "${pid_log[$relay_pid]}"
 note "state: identity.key (0600), cert.der/cert.key, registry.sqlite, listen.addr:"
 in_ns "$NS_RELAY" ls -l "$RELAY_STATE" | sed 's/^/      /'
@@ -756,6 +767,59 @@ note "(curl is not on a fresh machine: the demo does this GET with bash's /dev/t
 in_ns "$NS_RELAY" timeout 5 bash -c 'exec 3<>"/dev/tcp/${1%:*}/${1#*:}" &&
     printf "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n" "$1" >&3 && cat <&3' sh "$METRICS_ADDR" |
     tr -d '\r' | grep '^weft_relay' || die "no metrics from the relay on $METRICS_ADDR"
+
+# ---------------------------------------------------------------------------------------------------
+banner "guest Wi-Fi: a third engineer, carol, on a network that passes no UDP: the relay's TLS-over-TCP fallback"
+for ns in "$NS_GUEST" "$NS_CAROL"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+done
+home_router "$NS_GUEST" "$NS_CAROL" guest 203.0.113.31 192.0.2.97 192.0.2.98
+# The guest network's firewall: every forwarded UDP packet is dropped, except DNS; TCP and ICMP pass
+# (the rules of tests/src/router.rs `Router::block_udp`).
+in_ns "$NS_GUEST" nft -f - <<'NFT'
+table inet udpblock {
+    chain forward {
+        type filter hook forward priority -10; policy accept;
+        udp dport 53 accept
+        udp sport 53 accept
+        meta l4proto udp drop
+    }
+}
+NFT
+note "guest router   $NS_GUEST wan 203.0.113.31, NAT + firewall, and no UDP out except DNS:"
+in_ns "$NS_GUEST" nft list table inet udpblock | sed 's/^/      /'
+note "carol's laptop $NS_CAROL lan 192.0.2.98"
+CAROL_STATE=$lab/carol-weft
+carol_token=$(token_create engineer 1)
+# Every weft command can log how it reached the relay (`relay session up ... transport=...`); carol's
+# logs go to a file the demo reads back.
+carol_log=info,tunnel_relay::client::session=debug
+show carol "$NS_CAROL" env WEFT_LOG=$carol_log weft login --token "$carol_token" --state-dir "$CAROL_STATE" \
+    --name carol 2>>"$lab/carol-weft.log" | sed "s/${carol_token}/${carol_token:0:12}.../g"
+carol_proxy="weft connect --state-dir $CAROL_STATE %h %p"
+# shellcheck disable=SC2016 # expanded by the worker's shell
+show carol "$NS_CAROL" env WEFT_LOG=$carol_log ssh "${ssh_opts[@]}" -o ProxyCommand="$carol_proxy" root@gpu-worker-1 \
+    'echo "$(hostname) via the relay over TCP: SSH_CONNECTION=$SSH_CONNECTION"' 2>>"$lab/carol-weft.log"
+note "how carol's weft reached the relay (its log; QUIC got no answer, TLS over TCP did 250 ms later):"
+sed 's/\x1b\[[0-9;]*m//g' "$lab/carol-weft.log" >"$lab/carol-weft.txt"
+grep 'relay session up' "$lab/carol-weft.txt" | sed 's/^/      /' || true
+grep -q 'relay session up.*transport=tcp' "$lab/carol-weft.txt" ||
+    die "no 'relay session up ... transport=tcp' in carol's weft log ($lab/carol-weft.log)"
+if grep 'relay session up' "$lab/carol-weft.txt" | grep -qv 'transport=tcp'; then
+    die "carol's weft reached the relay over QUIC through a network that drops UDP"
+fi
+show carol "$NS_CAROL" weft status --state-dir "$CAROL_STATE" --uapi-dir "$lab/uapi-carol"
+in_ns "$NS_CAROL" weft status --json --state-dir "$CAROL_STATE" --uapi-dir "$lab/uapi-carol" |
+    grep -q '"transport": "tcp"' || die "weft status does not say carol's relay link is tcp"
+print_cmd operator curl -s "http://$METRICS_ADDR/metrics"
+note "(the connections counter by transport only)"
+# shellcheck disable=SC2016 # expanded by the inner bash
+in_ns "$NS_RELAY" timeout 5 bash -c 'exec 3<>"/dev/tcp/${1%:*}/${1#*:}" &&
+    printf "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n" "$1" >&3 && cat <&3' sh "$METRICS_ADDR" |
+    tr -d '\r' | grep '^weft_relay_transport_connections_total' ||
+    die "no weft_relay_transport_connections_total from the relay"
+note "(the relay counts admitted connections by transport: carol's on tcp, everyone else's on quic)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1045,6 +1109,9 @@ EOF
       ip netns exec $NS_ENG ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ProxyCommand='$weft_bin connect --state-dir $ENG_STATE %h %p' root@gpu-worker-1
       ip netns exec $NS_ENG ssh -F $lab/engineer_ssh_config -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@gpu-worker-2
       ip netns exec $NS_RELAY $relay_bin nodes list --state-dir $RELAY_STATE
+    Guest Wi-Fi (no UDP out; the relay's TLS-over-TCP fallback):
+      ip netns exec $NS_CAROL env WEFT_LOG=info,tunnel_relay::client::session=debug ssh -i $lab/engineer_id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ProxyCommand='$weft_bin connect --state-dir $CAROL_STATE %h %p' root@gpu-worker-1
+      ip netns exec $NS_CAROL $weft_bin status --state-dir $CAROL_STATE
 EOF
     cat <<EOF
     GPU pool (simulated GPUs):

@@ -146,15 +146,13 @@ impl FastPath {
     /// An acknowledgement arrived from `from`: valid ones turn the path on.
     pub fn on_ack(&self, from: SocketAddr, d: &[u8]) {
         let Some(t) = *self.target.read() else { return };
-        match relay_path::bind_fields(relay_path::FAST_ACK, d) {
-            Some((slot, _)) if from == t.addr && slot == t.own_slot => {
-                if relay_path::bind_valid(&t.bind_key, d) {
-                    if self.acked_ms.swap(self.now_ms(), Ordering::Relaxed) == 0 {
-                        tracing::info!(relay = %t.addr, "fast relay path up (UDP)");
-                    }
-                }
-            }
-            _ => {}
+        let ours = relay_path::bind_fields(relay_path::FAST_ACK, d)
+            .is_some_and(|(slot, _)| from == t.addr && slot == t.own_slot);
+        if ours
+            && relay_path::bind_valid(&t.bind_key, d)
+            && self.acked_ms.swap(self.now_ms(), Ordering::Relaxed) == 0
+        {
+            tracing::info!(relay = %t.addr, "fast relay path up (UDP)");
         }
     }
 

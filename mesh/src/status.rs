@@ -5,8 +5,9 @@
 //! [`render_human`], [`render_json`]). A managed node also serves its local
 //! control socket (`crate::managed::control_socket`), which answers with a [`ManagedStatus`]
 //! built by the control loop ([`managed_status`]): the same fields plus the
-//! mesh's view (names, overlay addresses, tags, path, latency, relay link,
-//! candidates); see [`ManagedStatus`] for the JSON format.
+//! mesh's view (names, overlay addresses, tags, path and, on the relay path,
+//! the relay link's transport, latency, relay link, candidates); see
+//! [`ManagedStatus`] for the JSON format.
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
@@ -259,7 +260,8 @@ impl PeerStatus {
 ///   "self": {"name": "alice", "ipv4": "100.64.0.7", "ipv6": "fd7a:7765:6674::6440:7",
 ///            "tags": ["engineer"]} | null,          // null before the first peer map
 ///   "relay": {"state": "connected", "address": "203.0.113.1:443",
-///             "relay": "203.0.113.1:443", "name": "alice", "tags": ["engineer"]}
+///             "relay": "203.0.113.1:443", "name": "alice", "tags": ["engineer"],
+///             "transport": "quic" | "tcp"}   // QUIC, or the TCP/TLS fallback
 ///          | {"state": "connecting", "attempt": 1}
 ///          | {"state": "reconnecting", "attempt": 2, "error": "…", "retry_in_ms": 500}
 ///          | {"state": "refused", "reason": "node revoked"}
@@ -273,6 +275,12 @@ impl PeerStatus {
 ///       "tags": ["worker"],
 ///       "online": true,                 // holds a control session to the coordinator
 ///       "path": "direct" | "relay",
+///       "relay_transport": "udp" | "quic" | "tcp" | null,  // on the relay path: how this
+///                                       // node's relayed packets travel: "udp" = the fast
+///                                       // relay path (channel header to the relay's UDP
+///                                       // port), else datagrams on its relay link's
+///                                       // transport (`relay.transport`);
+///                                       // null when direct or the link is down
 ///       "endpoint": "198.51.100.6:41641" | "relay" | null,
 ///       "latency_ms": 0.41 | null,      // direct: last disco RTT on the path;
 ///                                       // relay: last `mesh ping` RTT through it
@@ -336,6 +344,11 @@ pub struct ManagedPeer {
     pub online: bool,
     /// `direct` or `relay`.
     pub path: String,
+    /// On the relay path, how this node reaches the relay: `quic`, or `tcp`
+    /// (the TCP/TLS fallback); `None` when direct or while the relay link is
+    /// down (and from nodes that predate the field).
+    #[serde(default)]
+    pub relay_transport: Option<String>,
     /// See the format above.
     pub latency_ms: Option<f64>,
     /// What WireGuard knows of the peer, as `mesh status --json` shows it for
@@ -359,8 +372,15 @@ pub(crate) fn managed_status(
     ctl: &Controller,
     info: &DeviceInfo,
     relay: LinkState,
+    fast_udp: bool,
     now: SystemTime,
 ) -> ManagedStatus {
+    // The relay path rides the fast UDP channel when it is up, else this node's relay connection.
+    let transport = match &relay {
+        LinkState::Connected(_) if fast_udp => Some("udp".to_owned()),
+        LinkState::Connected(a) => a.transport.map(|k| k.as_str().to_owned()),
+        _ => None,
+    };
     let mut peers: Vec<ManagedPeer> = Vec::new();
     if let Some(o) = overlay {
         for (key, p) in &o.peers {
@@ -377,6 +397,7 @@ pub(crate) fn managed_status(
                 tags: p.tags.clone(),
                 online: p.online,
                 path: path.to_owned(),
+                relay_transport: (path == "relay").then(|| transport.clone()).flatten(),
                 latency_ms: latency.map(ms),
                 wg: PeerStatus {
                     public_key: key.to_base64(),
@@ -406,6 +427,18 @@ pub(crate) fn managed_status(
     };
     st.refresh_counters(info, now);
     st
+}
+
+impl ManagedPeer {
+    /// The path as people read it: `direct 198.51.100.6:41641`, `relay tcp`,
+    /// `relay quic` (`relay` while the transport is unknown).
+    pub fn path_text(&self) -> String {
+        match (self.path.as_str(), &self.wg.endpoint, &self.relay_transport) {
+            ("direct", Some(e), _) => format!("direct {e}"),
+            ("relay", _, Some(t)) => format!("relay {t}"),
+            (other, _, _) => other.to_owned(),
+        }
+    }
 }
 
 impl ManagedStatus {
@@ -485,7 +518,10 @@ pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
     let relay = match &s.relay {
         LinkState::Connecting { attempt: 1 } => "connecting".to_owned(),
         LinkState::Connecting { attempt } => format!("connecting (attempt {attempt})"),
-        LinkState::Connected(a) => format!("connected to {}", a.address),
+        LinkState::Connected(a) => match a.transport {
+            Some(t) => format!("connected to {} ({t})", a.address),
+            None => format!("connected to {}", a.address),
+        },
         LinkState::Retrying {
             last_error,
             retry_in_ms,
@@ -513,15 +549,11 @@ pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
         out += &format!("\npeer: {} ({}, {})\n", p.name, p.ipv4, p.ipv6);
         out += &format!("  public key: {}\n", p.wg.public_key);
         out += &format!("  tags: {}\n", tags_text(&p.tags));
-        let path = match (p.path.as_str(), &p.wg.endpoint) {
-            ("direct", Some(e)) => format!("direct {e}"),
-            (other, _) => other.to_owned(),
-        };
         let latency = p
             .latency_ms
             .map(|l| format!(", latency {}", fmt_ms(l)))
             .unwrap_or_default();
-        out += &format!("  path: {path}{latency}\n");
+        out += &format!("  path: {}{latency}\n", p.path_text());
         out += &format!("  online: {}\n", if p.online { "yes" } else { "no" });
         if let Some(hs) = p.wg.latest_handshake_unix {
             out += &format!(
@@ -812,8 +844,23 @@ mod tests {
         assert!(matches!(&e, StatusError::Response { source, .. } if source.errno() == 5));
     }
 
+    /// The sample node's relay link: connected over the TCP/TLS fallback.
+    fn connected_over_tcp() -> LinkState {
+        LinkState::Connected(tunnel_relay::link::Admitted {
+            address: "203.0.113.2:4433".parse().unwrap(),
+            name: "alice".into(),
+            tags: vec!["engineer".into()],
+            transport: Some(tunnel_relay::transport::Kind::Tcp),
+        })
+    }
+
     /// A managed node with one peer (gpu1) on the relay path.
     fn managed_sample() -> (ManagedStatus, PrivateKey) {
+        managed_sample_with(connected_over_tcp())
+    }
+
+    /// [`managed_sample`] with the relay link `relay`.
+    fn managed_sample_with(relay: LinkState) -> (ManagedStatus, PrivateKey) {
         use std::sync::Arc;
         use weft_proto::acl::AclPolicy;
         use weft_proto::peermap::{PeerMap, PeerMapUpdate, SelfInfo, Snapshot, Version};
@@ -869,11 +916,8 @@ mod tests {
             ctl.overlay().map(|o| &**o),
             &ctl,
             &info,
-            LinkState::Connected(tunnel_relay::link::Admitted {
-                address: "203.0.113.2:4433".parse().unwrap(),
-                name: "alice".into(),
-                tags: vec!["engineer".into()],
-            }),
+            relay,
+            false,
             now,
         );
         (st, me)
@@ -890,7 +934,8 @@ mod tests {
         assert_eq!(
             v["relay"],
             json!({"state": "connected", "address": "203.0.113.2:4433",
-                "relay": "203.0.113.2:4433", "name": "alice", "tags": ["engineer"]})
+                "relay": "203.0.113.2:4433", "name": "alice", "tags": ["engineer"],
+                "transport": "tcp"})
         );
         assert_eq!(
             v["candidates"],
@@ -903,6 +948,7 @@ mod tests {
         assert_eq!(p["tags"], json!(["worker"]));
         assert_eq!(p["online"], true);
         assert_eq!(p["path"], "relay");
+        assert_eq!(p["relay_transport"], "tcp");
         assert_eq!(p["endpoint"], "relay");
         assert_eq!(p["latency_ms"], Value::Null);
         assert_eq!(p["latest_handshake_age_s"], 5);
@@ -918,8 +964,41 @@ mod tests {
         }
         // No private key, and a round trip through the control socket's JSON.
         assert!(!v.to_string().contains(&me.to_base64()));
-        let back: ManagedStatus = serde_json::from_value(v).unwrap();
+        let back: ManagedStatus = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back, st);
+        // A node that predates `relay_transport` still reads.
+        let mut old = v;
+        old["peers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("relay_transport");
+        let back: ManagedStatus = serde_json::from_value(old).unwrap();
+        assert_eq!(back.peers[0].relay_transport, None);
+    }
+
+    #[test]
+    fn relay_transport_follows_the_link() {
+        let (st, _) = managed_sample();
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_065);
+        let text = render_managed_human(&st, now);
+        for want in [
+            "  relay: connected to 203.0.113.2:4433 (tcp)\n",
+            "  path: relay tcp\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        // While the link is down the relay path has no transport to show.
+        let (down, _) = managed_sample_with(LinkState::Connecting { attempt: 2 });
+        assert_eq!(down.peers[0].relay_transport, None);
+        assert_eq!(down.peers[0].path_text(), "relay");
+        let v = serde_json::to_value(&down).unwrap();
+        assert_eq!(v["peers"][0]["relay_transport"], Value::Null);
+        // A direct peer has none either.
+        let mut p = st.peers[0].clone();
+        p.path = "direct".into();
+        p.relay_transport = None;
+        p.wg.endpoint = Some("198.51.100.6:41641".into());
+        assert_eq!(p.path_text(), "direct 198.51.100.6:41641");
     }
 
     #[test]
@@ -929,6 +1008,7 @@ mod tests {
         st.refresh_ages(now);
         assert_eq!(st.peers[0].wg.latest_handshake_age_s, Some(65));
         st.peers[0].path = "direct".into();
+        st.peers[0].relay_transport = None;
         st.peers[0].wg.endpoint = Some("198.51.100.6:41641".into());
         st.peers[0].latency_ms = Some(0.42);
         let text = render_managed_human(&st, now);
@@ -936,7 +1016,7 @@ mod tests {
             "interface: weft0 (managed)\n",
             "  node: alice (100.64.0.7, fd7a:7765:6674::6440:7)\n",
             "  tags: engineer\n",
-            "  relay: connected to 203.0.113.2:4433\n",
+            "  relay: connected to 203.0.113.2:4433 (tcp)\n",
             "  candidates: 198.51.100.5:41641 (local)\n",
             "\npeer: gpu1 (100.64.0.9, fd7a:7765:6674::6440:9)\n",
             "  path: direct 198.51.100.6:41641, latency 0.42 ms\n",

@@ -1,6 +1,7 @@
 //! Managed mesh nodes (`mesh up --token`) and the relay they join, in lab
 //! namespaces: shared by the NAT grid, the managed-mesh, status and agent tests.
 
+use std::path::PathBuf;
 use std::process::Output;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -94,6 +95,32 @@ pub fn relay_token(relay_ns: &Netns, state: &str, tag: &str) -> String {
 
 /// MagicDNS's address under the default pool.
 pub const DEFAULT_DNS: &str = "100.64.0.1";
+
+/// `/etc/netns/NS/resolv.conf` pointing at MagicDNS: `ip netns exec` bind-mounts
+/// it over /etc/resolv.conf for processes in that namespace only. Removed on drop.
+pub struct NetnsResolver(PathBuf);
+
+impl NetnsResolver {
+    /// The default pool's MagicDNS ([`DEFAULT_DNS`]).
+    pub fn magic_dns(ns: &Netns) -> NetnsResolver {
+        NetnsResolver::at(ns, DEFAULT_DNS)
+    }
+
+    /// A resolver at `server`.
+    pub fn at(ns: &Netns, server: &str) -> NetnsResolver {
+        let dir = PathBuf::from("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {server}\n"))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        NetnsResolver(dir)
+    }
+}
+
+impl Drop for NetnsResolver {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// The overlay IPv4 of `ns` once its `weft0` is up (not MagicDNS's 100.64.0.1);
 /// panics with `proc`'s log after 15 s.

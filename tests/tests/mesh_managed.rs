@@ -17,37 +17,12 @@
 //!
 //! Binaries: `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
-use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use weft_tests::managed::{relay_bin, LabRelay as Relay, ManagedNode};
+use weft_tests::managed::{relay_bin, LabRelay as Relay, ManagedNode, NetnsResolver};
 use weft_tests::traffic::{self, GapMonitor, GapReport, Pace};
 use weft_tests::{bin, Internet, Netns, Proc};
-
-/// `/etc/netns/NS/resolv.conf` pointing at MagicDNS: `ip netns exec` bind-mounts
-/// it over /etc/resolv.conf for processes in that namespace only. Removed on drop.
-struct NetnsResolver(PathBuf);
-
-impl NetnsResolver {
-    fn magic_dns(ns: &Netns) -> NetnsResolver {
-        NetnsResolver::at(ns, "100.64.0.1")
-    }
-
-    fn at(ns: &Netns, server: &str) -> NetnsResolver {
-        let dir = PathBuf::from("/etc/netns").join(ns.name());
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        std::fs::write(dir.join("resolv.conf"), format!("nameserver {server}\n"))
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        NetnsResolver(dir)
-    }
-}
-
-impl Drop for NetnsResolver {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A managed node joined with a fresh token of `tag`.
 fn node(ns: Netns, relay: &Relay, tag: &str, name: &str) -> ManagedNode {

@@ -265,7 +265,16 @@ fn run_cell(cell: Cell, tag: &str) -> Result<(), String> {
                 && st["relay"]["error"].as_str().is_some_and(|e| !e.is_empty()),
             || format!("relay down, status: {st:#}"),
         )?;
-        let out = engineer.mesh("status");
+        // While the relay is down the link alternates between an attempt (`connecting`) and
+        // the back-off (`reconnecting (why), retry in …`): the text must show the latter.
+        let t0 = Instant::now();
+        let mut out = engineer.mesh("status");
+        while !String::from_utf8_lossy(&out.stdout).contains("  relay: reconnecting (")
+            && t0.elapsed() < Duration::from_secs(15)
+        {
+            sleep(Duration::from_millis(100));
+            out = engineer.mesh("status");
+        }
         eprintln!(
             "[{cell:?}] relay down:\n{}",
             String::from_utf8_lossy(&out.stdout)

@@ -27,12 +27,20 @@
 //! - behind Debian's HAProxy in `mode tcp` routing by SNI (`weft-relay` to the relay's TCP port,
 //!   any other name to a web site on the same :443), an engineer whose token names HAProxy's
 //!   address and who forces `WEFT_RELAY_TRANSPORT=tcp` logs in and ssh-es to the worker
-//!   (`haproxy_routes_the_relays_sni_to_the_relay`).
+//!   (`haproxy_routes_the_relays_sni_to_the_relay`), with the documented configuration
+//!   `deploy/examples/haproxy-relay.cfg`;
+//! - a managed mesh node (`mesh up --token`) behind a UDP-blocked router is reached by an
+//!   engineer's node on the open internet through the relay, by its MagicDNS name (ping, ssh):
+//!   `mesh status` on the blocked node shows its relay link on `tcp` and the engineer on
+//!   `relay tcp`, the engineer's shows its own link on `quic` and the peer on `relay udp` (the fast channel), and
+//!   `weft status` says the same; when the block lifts, both go direct within 10 s while a ping
+//!   and an interactive ssh session run on through the switch
+//!   (`mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct`).
 //!
 //! No timing assertions: every wait polls, generously.
 //!
 //! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
-//! Needs the Debian packages `openssh-server openssh-client socat curl haproxy openssl`.
+//! Needs the Debian packages `openssh-server openssh-client socat curl haproxy openssl iputils-ping`.
 
 use std::io::Write;
 use std::process::Stdio;
@@ -40,9 +48,10 @@ use std::sync::mpsc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use weft_tests::managed::{relay_bin, LabRelay, RELAY_ADDR, RELAY_IP};
+use serde_json::Value;
+use weft_tests::managed::{relay_bin, LabRelay, ManagedNode, NetnsResolver, RELAY_ADDR, RELAY_IP};
 use weft_tests::router::Router;
-use weft_tests::traffic;
+use weft_tests::traffic::{self, GapMonitor};
 use weft_tests::{retry, Internet, Nat, Netns, Proc};
 
 /// The relay's metrics listener (inside its namespace).
@@ -127,16 +136,16 @@ fn admitted(relay: &LabRelay, transport: &str) -> f64 {
     )
 }
 
-/// Starts sshd on the worker's loopback (with SFTP, which scp uses); the key pair it
-/// authorizes is `dir()/id`.
-fn start_sshd(ns: &Netns) -> Proc {
+/// Starts sshd on `listen` (the worker's loopback for `expose`, or its overlay address), with
+/// SFTP, which scp uses; the key pair it authorizes is `dir()/id`.
+fn start_sshd(ns: &Netns, listen: &str) -> Proc {
     let d = ns.dir().display().to_string();
     ns.exec(&format!(
         "ssh-keygen -q -t ed25519 -N '' -f {d}/hostkey && ssh-keygen -q -t ed25519 -N '' -f {d}/id && \
          cp {d}/id.pub {d}/authorized_keys && chmod 600 {d}/authorized_keys && mkdir -p /run/sshd"
     ));
     let cfg = format!(
-        "Port 22\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
+        "Port 22\nListenAddress {listen}\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
          PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
          KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
          Subsystem sftp internal-sftp\nLogLevel VERBOSE\n"
@@ -210,7 +219,7 @@ impl Lab {
         let eng = Netns::new(&format!("{tag}-eng"));
         erouter.attach(&eng, "eth0");
 
-        let sshd = start_sshd(&worker);
+        let sshd = start_sshd(&worker, "127.0.0.1");
         let wtoken = token(&relay, "worker", RELAY_ADDR);
         let wstate = worker.file("state").display().to_string();
         let expose = worker.spawn_named(
@@ -373,7 +382,7 @@ impl Engineer {
     /// its stderr and a marker if it saw sshd's banner.
     fn connect_log(&self, extra_env: &str) -> String {
         let out = self.ns.output(&format!(
-            "env {} {extra_env} WEFT_LOG=info timeout 60 {} connect --state-dir {} {WORKER} 22 </dev/null",
+            "env {} {extra_env} WEFT_LOG=info,tunnel_relay::client::session=debug timeout 60 {} connect --state-dir {} {WORKER} 22 </dev/null",
             self.env,
             weft_bin(),
             self.dir
@@ -788,42 +797,41 @@ fn live_wait(
     }
 }
 
-/// HAProxy's configuration: one TLS port, routed by SNI without terminating TLS.
+/// HAProxy's configuration: one TLS port, routed by SNI without terminating TLS. It is the
+/// documented deployment, `deploy/examples/haproxy-relay.cfg`, with the lab's addresses put in
+/// (each replaced line must be there exactly once, so the example cannot drift from what runs).
 fn haproxy_cfg(listen: &str, relay: &str, web_pem: &str) -> String {
-    format!(
-        "global
-    log stdout format raw local0 info
-    maxconn 256
-
-defaults
-    log global
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-
-frontend tls_in
-    bind {listen}
-    mode tcp
-    option tcplog
-    tcp-request inspect-delay 5s
-    tcp-request content accept if {{ req_ssl_hello_type 1 }}
-    use_backend weft_relay if {{ req_ssl_sni -i {RELAY_SNI} }}
-    default_backend website
-
-backend weft_relay
-    mode tcp
-    server relay {relay}
-
-backend website
-    mode tcp
-    server site 127.0.0.1:8443
-
-frontend site
-    bind 127.0.0.1:8443 ssl crt {web_pem}
-    mode http
-    http-request return status 200 content-type text/plain string \"plain website\"
-"
-    )
+    let path = weft_tests::workspace_root().join("deploy/examples/haproxy-relay.cfg");
+    let mut cfg =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // The relay's SNI must be what the example routes on.
+    let route = format!("use_backend weft_relay if {{ req_ssl_sni -i {RELAY_SNI} }}\n");
+    assert_eq!(
+        cfg.matches(&route).count(),
+        1,
+        "{} routes {route:?}",
+        path.display()
+    );
+    for (from, to) in [
+        ("    bind :443\n", format!("    bind {listen}\n")),
+        (
+            "    server relay 127.0.0.1:4433\n",
+            format!("    server relay {relay}\n"),
+        ),
+        (
+            "ssl crt /etc/haproxy/site.pem\n",
+            format!("ssl crt {web_pem}\n"),
+        ),
+    ] {
+        assert_eq!(
+            cfg.matches(from).count(),
+            1,
+            "{} should hold {from:?} once",
+            path.display()
+        );
+        cfg = cfg.replace(from, &to);
+    }
+    cfg
 }
 
 #[test]
@@ -921,4 +929,300 @@ fn haproxy_routes_the_relays_sni_to_the_relay() {
             }
         },
     );
+}
+
+/// The peer called `name` in a `mesh status --json` (`Null` if it is not there).
+fn peer_named(status: &Value, name: &str) -> Value {
+    status["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// A managed mesh node (`mesh up --token`, `gpu1`) behind a router that blocks UDP, and an
+/// engineer's node (`alice`) on the open internet: the worker's node reaches the relay over
+/// TCP/TLS and its peers reach it through the relay (WireGuard packets framed on the TLS
+/// stream); alice pings it and ssh-es to it by its MagicDNS name. Both `mesh status`es say which
+/// transport each link uses: gpu1's own relay link is `tcp` and alice is on `relay tcp` for it,
+/// while alice's link is `quic` and gpu1 is on `relay udp` for her (her relayed packets take the
+/// fast UDP channel to the relay, which hands them to gpu1 on its TCP link); `weft status`
+/// shows the same.
+/// Then the block lifts: the two go direct (peer to peer over UDP, probed apart from the relay
+/// session, which stays on TCP) within 10 s, while a ping and an interactive ssh session keep
+/// running through the switch (lost pings are printed, not asserted; the ssh session must
+/// carry every line and end cleanly).
+#[test]
+fn mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct() {
+    const NAME: &str = "gpu1.weft.internal";
+    let net = Internet::new("rmb");
+    let relay = LabRelay::start(&net, "rmb");
+    let router = Router::new(&net, "rmb-w", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27");
+    router.block_udp();
+    let wns = Netns::new("rmb-wk");
+    let worker_lan = router.attach(&wns, "eth0");
+    let worker = ManagedNode::start(wns, &relay.token("worker"), "gpu1");
+    let ens = net.host("rmb-eng", "198.51.100.5");
+    let _resolver = NetnsResolver::magic_dns(&ens);
+    let eng = ManagedNode::start(ens, &relay.token("engineer"), "alice");
+    let logs = || {
+        format!(
+            "alice:\n{}\ngpu1:\n{}\nrelay:\n{}",
+            eng.proc.log_tail(20),
+            worker.proc.log_tail(20),
+            relay.proc.log_tail(20)
+        )
+    };
+
+    // Which transport each link uses, from both sides.
+    let wst = until(
+        Duration::from_secs(30),
+        "gpu1 on its relay link over tcp, alice on the relay path",
+        || {
+            let st = worker.status();
+            let p = peer_named(&st, "alice");
+            if st["relay"]["state"] == "connected"
+                && st["relay"]["transport"] == "tcp"
+                && p["path"] == "relay"
+                && p["relay_transport"] == "tcp"
+            {
+                Ok(st)
+            } else {
+                Err(format!("{st:#}\n{}", logs()))
+            }
+        },
+    );
+    let est = until(
+        Duration::from_secs(30),
+        "alice on her relay link over quic, gpu1 on the relay path over the fast UDP channel",
+        || {
+            let st = eng.status();
+            let p = peer_named(&st, "gpu1");
+            if st["relay"]["state"] == "connected"
+                && st["relay"]["transport"] == "quic"
+                && p["path"] == "relay"
+                && p["relay_transport"] == "udp"
+                && p["endpoint"] == "relay"
+            {
+                Ok(st)
+            } else {
+                Err(format!("{st:#}\n{}", logs()))
+            }
+        },
+    );
+    eprintln!(
+        "gpu1 (UDP blocked): relay {}; alice: relay {}",
+        wst["relay"], est["relay"]
+    );
+    let text = stdout(&worker.mesh("status --interface weft0"));
+    eprintln!("gpu1's mesh status:\n{text}");
+    for want in [
+        "  relay: connected to 203.0.113.2:4433 (tcp)\n",
+        "  path: relay tcp",
+    ] {
+        assert!(text.contains(want), "gpu1's mesh status lacks {want:?}");
+    }
+    let text = stdout(&eng.mesh("status --interface weft0"));
+    assert!(
+        text.contains("  relay: connected to 203.0.113.2:4433 (quic)\n")
+            && text.contains("  path: relay udp"),
+        "alice's mesh status:\n{text}"
+    );
+    // `weft status` on gpu1's machine shows its node the same way (an identity directory with
+    // no login: the node's own identity must not open a second relay session).
+    let weft_status = |json: &str| {
+        worker.ns.output(&format!(
+            "{} status {json} --state-dir {} --uapi-dir {}",
+            weft_bin(),
+            worker.ns.file("no-login").display(),
+            worker.uapi
+        ))
+    };
+    let out = weft_status("--json");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let node = &report["mesh"][0];
+    assert!(
+        node["relay"]["transport"] == "tcp"
+            && peer_named(node, "alice")["relay_transport"] == "tcp",
+        "weft status --json on gpu1: {}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&weft_status(""));
+    assert!(
+        text.contains("coordinator connected (tcp)") && text.contains("relay tcp"),
+        "weft status on gpu1:\n{text}"
+    );
+
+    // By name over the mesh: MagicDNS, ping, ssh.
+    let got = eng.ns.exec(&format!("getent ahostsv4 {NAME}"));
+    assert!(
+        got.starts_with(&worker.ip),
+        "{NAME} -> {got:?}, want {}",
+        worker.ip
+    );
+    assert!(
+        traffic::wait_ping(&eng.ns, NAME, Duration::from_secs(20)),
+        "no ping reply from {NAME} through the relay\n{}",
+        logs()
+    );
+    let p = traffic::ping(&eng.ns, NAME, 5, 0.2, 2);
+    assert!(
+        p.all_ok(),
+        "ping {NAME} through the relay: {}\n{}",
+        p.output,
+        logs()
+    );
+    let _sshd = start_sshd(&worker.ns, &worker.ip);
+    let ssh_opts = format!(
+        "-F /dev/null -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=30",
+        worker.ns.file("id").display()
+    );
+    let out = eng.ns.output(&format!(
+        "timeout 120 ssh {ssh_opts} root@{NAME} 'echo ssh-over-the-mesh; hostname -I'"
+    ));
+    let text = stdout(&out);
+    assert!(
+        out.status.success() && text.contains("ssh-over-the-mesh") && text.contains(&worker_lan),
+        "ssh {NAME} through the relay: {text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+
+    // A ping and an interactive ssh session (`cat`: every line sent comes back) that run
+    // through the switch to the direct path.
+    let gap = GapMonitor::start(&eng.ns, NAME, 0.1);
+    let echo_path = eng.ns.file("echo.out");
+    let echo_file = std::fs::File::create(&echo_path).unwrap_or_else(|e| panic!("echo.out: {e}"));
+    let mut live = eng
+        .ns
+        .sh(&format!("exec ssh {ssh_opts} root@{NAME} cat"))
+        .stdin(Stdio::piped())
+        .stdout(echo_file)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn the live ssh: {e}"));
+    let mut stdin = live
+        .stdin
+        .take()
+        .unwrap_or_else(|| panic!("live ssh without stdin"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_writer = stop.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<u32> {
+        let mut n = 0;
+        while !stop_writer.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            writeln!(stdin, "line {n}")?;
+            stdin.flush()?;
+            sleep(Duration::from_millis(100));
+        }
+        Ok(n) // stdin drops: EOF ends `cat` and the session
+    });
+    let echoed = || {
+        std::fs::read_to_string(&echo_path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    until(
+        Duration::from_secs(60),
+        "the interactive ssh session echoing",
+        || {
+            if echoed() >= 10 {
+                Ok(())
+            } else {
+                Err(format!("{} lines back\n{}", echoed(), logs()))
+            }
+        },
+    );
+
+    // Lift the block: the direct path forms within 10 s (polled for longer, to report).
+    router.unblock_udp();
+    let t0 = Instant::now();
+    let direct = retry(Duration::from_secs(60), || {
+        let e = peer_named(&eng.status(), "gpu1");
+        let w = peer_named(&worker.status(), "alice");
+        if e["path"] == "direct" && w["path"] == "direct" {
+            Ok((e, w))
+        } else {
+            Err(format!("alice sees gpu1: {e}\ngpu1 sees alice: {w}"))
+        }
+    });
+    let took = t0.elapsed();
+    let (e, w) = direct.unwrap_or_else(|last| {
+        panic!(
+            "no direct path 60 s after lifting the UDP block; last:\n{last}\n{}",
+            logs()
+        )
+    });
+    eprintln!(
+        "direct {took:?} after lifting the UDP block: alice → {}, gpu1 → {}",
+        e["endpoint"], w["endpoint"]
+    );
+    assert!(
+        took <= Duration::from_secs(10),
+        "direct only {took:?} after lifting the UDP block (want ≤ 10 s)\n{}",
+        logs()
+    );
+    assert!(
+        e["endpoint"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("203.0.113.10:"))
+            && e["relay_transport"].is_null(),
+        "alice's direct path to gpu1 should be its router's public address: {e}"
+    );
+    let wst = worker.status();
+    eprintln!(
+        "gpu1's relay link after the block lifted: {} (a session on TCP stays there until it ends)",
+        wst["relay"]
+    );
+
+    // Traffic keeps flowing on the direct path; then the ping and the session end.
+    let before = echoed();
+    until(
+        Duration::from_secs(30),
+        "the ssh session echoing on the direct path",
+        || {
+            if echoed() >= before + 20 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} lines back (had {before})\n{}",
+                    echoed(),
+                    logs()
+                ))
+            }
+        },
+    );
+    let p = traffic::ping(&eng.ns, NAME, 3, 0.2, 2);
+    assert!(p.all_ok(), "ping {NAME} direct: {}\n{}", p.output, logs());
+    let g = gap.stop();
+    eprintln!(
+        "ping through the switch: {} sent, {} answered, {} lost, longest gap {:?}",
+        g.transmitted,
+        g.received,
+        g.transmitted.saturating_sub(g.received),
+        g.max_gap
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = writer
+        .join()
+        .unwrap_or_else(|_| panic!("the ssh writer panicked"))
+        .unwrap_or_else(|e| panic!("writing to the live ssh session: {e}\n{}", logs()));
+    let status = live_wait(&mut live, Duration::from_secs(60)).unwrap_or_else(|| {
+        let _ = live.kill();
+        panic!("the live ssh session did not end after EOF\n{}", logs())
+    });
+    let mut err = String::new();
+    if let Some(mut e) = live.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let want: String = (1..=sent).map(|n| format!("line {n}\n")).collect();
+    let got = std::fs::read_to_string(&echo_path).unwrap_or_default();
+    assert!(
+        status.success() && got == want,
+        "the ssh session through the switch: {status}, {} of {sent} lines back intact; stderr: {err}",
+        got.lines().count()
+    );
+    eprintln!("ssh session through the switch: {sent} lines, all back, exit {status}");
 }

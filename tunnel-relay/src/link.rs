@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::transport::Kind;
 use crate::wire::{Reason, Rejection};
 
 /// Whether a refusal is for good: the relay will not change its mind
@@ -178,10 +179,15 @@ pub struct Admitted {
     pub name: String,
     /// The node's tags.
     pub tags: Vec<String>,
+    /// The transport of the connection (QUIC, or the TCP/TLS fallback);
+    /// `None` when read from a process that did not say.
+    pub transport: Option<Kind>,
 }
 
 /// [`Admitted`] as JSON: the address both as `address` (what `mesh status`
 /// showed) and as `relay` (what `worker-agent status` showed); either reads.
+/// `transport` (`quic` or `tcp`) is absent from older processes' JSON; an
+/// unknown value reads as unknown, not as an error.
 #[derive(Serialize, Deserialize)]
 struct AdmittedJson {
     #[serde(default)]
@@ -192,6 +198,8 @@ struct AdmittedJson {
     name: String,
     #[serde(default)]
     tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transport: Option<String>,
 }
 
 impl From<Admitted> for AdmittedJson {
@@ -201,6 +209,7 @@ impl From<Admitted> for AdmittedJson {
             relay: Some(a.address),
             name: a.name,
             tags: a.tags,
+            transport: a.transport.map(|k| k.as_str().to_owned()),
         }
     }
 }
@@ -215,6 +224,11 @@ impl TryFrom<AdmittedJson> for Admitted {
                 .ok_or("a connected link without the relay's address")?,
             name: j.name,
             tags: j.tags,
+            transport: j.transport.as_deref().and_then(|t| {
+                [Kind::Quic, Kind::Tcp]
+                    .into_iter()
+                    .find(|k| k.as_str() == t)
+            }),
         })
     }
 }
@@ -231,7 +245,7 @@ fn first_attempt() -> u32 {
 /// ```text
 /// {"state": "connecting", "attempt": 1}
 /// {"state": "connected", "address": "203.0.113.1:443", "relay": "203.0.113.1:443",
-///  "name": "gpu1", "tags": ["worker"]}
+///  "name": "gpu1", "tags": ["worker"], "transport": "quic" | "tcp"}
 /// {"state": "reconnecting", "attempt": 3, "error": "…", "retry_in_ms": 812}
 /// {"state": "refused", "reason": "node revoked"}
 /// {"state": "stopped"}
@@ -457,6 +471,7 @@ mod tests {
             address: "203.0.113.1:443".parse().unwrap(),
             name: "gpu1".into(),
             tags: vec!["worker".into()],
+            transport: Some(Kind::Tcp),
         }
     }
 
@@ -774,7 +789,8 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"state": "connected", "address": "203.0.113.1:443",
-                "relay": "203.0.113.1:443", "name": "gpu1", "tags": ["worker"]})
+                "relay": "203.0.113.1:443", "name": "gpu1", "tags": ["worker"],
+                "transport": "tcp"})
         );
         let r = LinkState::Retrying {
             attempt: 3,
@@ -818,7 +834,15 @@ mod tests {
             r#"{"state":"connected","name":"w1","tags":[],"relay":"203.0.113.1:443"}"#,
         )
         .unwrap();
-        assert!(matches!(old, LinkState::Connected(a) if a.address.port() == 443));
+        assert!(
+            matches!(old, LinkState::Connected(a) if a.address.port() == 443 && a.transport.is_none())
+        );
+        // A transport this build does not know reads as unknown.
+        let new: LinkState = serde_json::from_str(
+            r#"{"state":"connected","address":"203.0.113.1:443","transport":"carrier-pigeon"}"#,
+        )
+        .unwrap();
+        assert!(matches!(new, LinkState::Connected(a) if a.transport.is_none()));
         assert!(serde_json::from_str::<LinkState>(r#"{"state":"connected"}"#).is_err());
     }
 }

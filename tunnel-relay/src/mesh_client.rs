@@ -185,6 +185,7 @@ impl Live {
             address: self.info.relay,
             name: self.session.name.clone(),
             tags: self.session.tags.clone(),
+            transport: Some(self.session.connection().kind()),
         }
     }
 }

@@ -321,6 +321,7 @@ impl<S: Session> ControlLoop<S> {
             &self.ctl,
             &h.device.info(now),
             self.session.link(),
+            self.io.relay.fast.active().is_some(),
             now,
         )
     }

@@ -440,6 +440,7 @@ mod tests {
                 tags: vec!["worker".into()],
                 online: true,
                 path: "relay".into(),
+                relay_transport: Some("quic".into()),
                 latency_ms: None,
                 wg: crate::status::PeerStatus {
                     public_key: PublicKey::from_bytes([7; 32]).to_base64(),

@@ -176,6 +176,7 @@ async fn expose_inner(
                         address: relay,
                         name: session.name.clone(),
                         tags: session.tags.clone(),
+                        transport: Some(session.conn.kind()),
                     },
                 );
                 publish(link.state());

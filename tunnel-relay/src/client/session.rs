@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Mutex;
 use tokio::time::timeout;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::state::ClientState;
 use crate::error::{ClientError, ProtoError};
@@ -246,7 +246,13 @@ async fn connect_one(
     let answer = noise::initiate(key, &relay_key, &prologue, &mut send, &mut recv, hello).await?;
     match answer {
         Message::Accepted { name, tags } => {
-            info!(transport = %conn.kind(), relay = %addr, name = %name, "relay session up");
+            // Info for long-lived sessions (workers); debug for an engineer's
+            // `connect`, whose stderr is ssh's ProxyCommand output.
+            if timing.accept_streams > 0 {
+                info!(transport = %conn.kind(), relay = %addr, name = %name, "relay session up");
+            } else {
+                debug!(transport = %conn.kind(), relay = %addr, name = %name, "relay session up");
+            }
             Ok(Session {
                 endpoint,
                 conn,

@@ -27,6 +27,9 @@ use crate::relay_path::{
 const BATCH: usize = 16;
 /// At most one bind acknowledgement per node this often.
 const ACK_EVERY: Duration = Duration::from_millis(50);
+/// A binding not refreshed for this long is not used (nodes bind every 5 s;
+/// one whose UDP stopped passing gets its packets on its connection again).
+const BIND_FRESH: Duration = Duration::from_secs(12);
 
 /// A node's channel: its key, tags and bind key (from its current
 /// connection), and the UDP address it bound.
@@ -36,8 +39,17 @@ struct Chan {
     bind_key: [u8; 32],
     conn_id: u64,
     addr: Option<SocketAddr>,
+    bound_at: Option<Instant>,
     counter: u64,
     last_ack: Option<Instant>,
+}
+
+impl Chan {
+    /// The bound address while the binding is fresh.
+    fn fresh_addr(&self) -> Option<SocketAddr> {
+        self.addr
+            .filter(|_| self.bound_at.is_some_and(|t| t.elapsed() < BIND_FRESH))
+    }
 }
 
 /// Every admitted node's channel, by slot and by bound address.
@@ -74,6 +86,7 @@ impl Channels {
                 bind_key,
                 conn_id,
                 addr: None,
+                bound_at: None,
                 counter: 0,
                 last_ack: None,
             },
@@ -243,6 +256,7 @@ fn bind(shared: &Shared, io: &Io<'_>, from: SocketAddr, seg: &[u8]) {
         return;
     }
     c.counter = counter;
+    c.bound_at = Some(Instant::now());
     let old = c.addr.replace(from);
     let ack = match c.last_ack {
         Some(at) if at.elapsed() < ACK_EVERY => None,
@@ -284,29 +298,61 @@ fn forward(shared: &Shared, io: &Io<'_>, from: SocketAddr, data: &mut [u8], stri
         m.datagrams_dropped.inc_by(segments as u64);
         return;
     };
-    // Decisions for the destinations seen in this batch.
-    let mut last: Option<(u64, Option<SocketAddr>)> = None;
+    // Decisions for the destinations seen in this batch: its bound UDP address, or
+    // (not bound: UDP blocked on its side, or not acknowledged yet) its connection.
+    let mut last: Option<(
+        u64,
+        Option<SocketAddr>,
+        Option<crate::transport::Connection>,
+    )> = None;
     let mut run: Option<(usize, usize, SocketAddr)> = None; // start, end, to
     let mut start = 0;
     while start < data.len() {
         let end = (start + stride).min(data.len());
         let seg = &mut data[start..end];
-        let to = match fast_slot(seg) {
-            None => None,
-            Some(dst) => match last {
-                Some((d, to)) if d == dst => to,
+        let (to, conn) = match fast_slot(seg) {
+            None => (None, None),
+            Some(dst) => match &last {
+                Some((d, to, conn)) if *d == dst => (*to, conn.clone()),
                 _ => {
-                    let to = t.by_slot.get(&dst).and_then(|c| {
-                        let allowed = lock(&shared.routes)
-                            .datagram_route(&src.key, &src.tags, &c.key, &shared.config.mesh.acl)
-                            .is_some();
-                        c.addr.filter(|_| allowed)
-                    });
-                    last = Some((dst, to));
-                    to
+                    let (to, conn) = t
+                        .by_slot
+                        .get(&dst)
+                        .and_then(|c| {
+                            let route = lock(&shared.routes).datagram_route(
+                                &src.key,
+                                &src.tags,
+                                &c.key,
+                                &shared.config.mesh.acl,
+                            )?;
+                            Some(match c.fresh_addr() {
+                                Some(a) => (Some(a), None),
+                                None => (None, Some(route)),
+                            })
+                        })
+                        .unwrap_or((None, None));
+                    last = Some((dst, to, conn.clone()));
+                    (to, conn)
                 }
             },
         };
+        if let (None, Some(conn)) = (to, conn) {
+            if let Some((s, e, rto)) = run.take() {
+                io.send(rto, &data[s..e], Some(stride));
+            }
+            let packet = &data[start + FAST_HEADER.min(end - start)..end];
+            match conn.send_datagram(crate::relay_path::encode(&src.key, packet)) {
+                Ok(()) => {
+                    m.datagrams_relayed.inc();
+                    m.datagram_bytes.inc_by(packet.len() as u64);
+                }
+                Err(_) => {
+                    m.datagrams_dropped.inc();
+                }
+            }
+            start = end;
+            continue;
+        }
         match to {
             Some(to) => {
                 set_fast_slot(seg, src_slot);
