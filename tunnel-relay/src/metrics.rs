@@ -12,7 +12,8 @@
 //!   (WireGuard packets as QUIC datagrams); dropped = malformed, peer not
 //!   connected, not allowed by policy, or too large for the peer's path.
 //! - `weft_relay_stun_answered_total`, `weft_relay_stun_dropped_total`
-//!   (counters): STUN binding requests answered / datagrams ignored.
+//!   (counters): STUN binding requests answered / datagrams ignored (not a
+//!   binding request, or over 100 answers per second to one source IP).
 //! - `weft_relay_mesh_nodes` (gauge): nodes registered in the mesh
 //!   coordinator (online or not); `weft_relay_mesh_sessions` (gauge): mesh
 //!   control sessions open now.
@@ -71,7 +72,7 @@ pub struct Metrics {
     pub datagrams_dropped: Counter,
     /// STUN binding requests answered.
     pub stun_answered: Counter,
-    /// Datagrams on the STUN port that were not binding requests.
+    /// Datagrams on the STUN port that were not binding requests, or over the per-IP rate.
     pub stun_dropped: Counter,
     /// Admissions that timed out.
     pub handshake_timeouts: Counter,

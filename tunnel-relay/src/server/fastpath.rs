@@ -27,6 +27,9 @@ use crate::relay_path::{
 const BATCH: usize = 16;
 /// At most one bind acknowledgement per node this often.
 const ACK_EVERY: Duration = Duration::from_millis(50);
+/// STUN answers per source IP per second (and burst): nodes ask every few
+/// seconds; the limit keeps the port from being a reflector.
+const STUN_PER_IP_PER_SEC: u32 = 100;
 /// A binding not refreshed for this long is not used (nodes bind every 5 s;
 /// one whose UDP stopped passing gets its packets on its connection again).
 const BIND_FRESH: Duration = Duration::from_secs(12);
@@ -170,6 +173,7 @@ fn serve(
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; 65535]).collect();
     let mut meta = [RecvMeta::default(); BATCH];
     let fd = sock.as_raw_fd();
+    let mut stun_rate = crate::admission::RateLimiter::new(STUN_PER_IP_PER_SEC);
     let io = Io {
         sock: &sock,
         state: &state,
@@ -206,6 +210,9 @@ fn serve(
                 _ => {
                     for seg in data.chunks(stride) {
                         match crate::stun::answer(seg, from) {
+                            Some(_) if !stun_rate.allow(from.ip(), Instant::now()) => {
+                                shared.metrics.stun_dropped.inc();
+                            }
                             Some(resp) => {
                                 shared.metrics.stun_answered.inc();
                                 io.send(from, &resp, None);
