@@ -145,6 +145,8 @@ pub(crate) struct PeerPath {
     awaiting_since: Option<Instant>,
     /// Last ping to the current direct address.
     last_direct_ping: Option<Instant>,
+    /// The last ping-back (answer to a peer's ping) and where it went.
+    last_ping_back: Option<(SocketAddr, Instant)>,
     /// When the next periodic probe round is due.
     next_probe: Option<Instant>,
     /// A probe round was asked for (and whether with call-me-maybe).
@@ -192,6 +194,7 @@ impl PeerPath {
             last_heard: None,
             awaiting_since: None,
             last_direct_ping: None,
+            last_ping_back: None,
             next_probe: None,
             probe_requested: None,
             requested_at: None,
@@ -343,8 +346,25 @@ impl PeerPath {
     /// found (its ping arrives from a port no STUN server saw). Ping-backs
     /// cannot loop: they stop once a side is direct on that address, and the
     /// peer's own pings are rate-limited.
+    ///
+    /// Only earlier ping-backs count against the gap, not our own probe
+    /// pings: when both nodes start together, our probe to `from` left a few
+    /// milliseconds before the peer's ping arrived and was dropped by the
+    /// peer's NAT, which opened only now; skipping the ping-back then cost a
+    /// whole probe interval (1 s).
     pub(crate) fn on_ping_received(&mut self, now: Instant, from: SocketAddr) {
-        self.confirm(now, from, PING_BACK_GAP);
+        if self.current == Path::Direct(from) {
+            self.heard(now);
+            return;
+        }
+        let recent = self.last_ping_back.is_some_and(|(to, at)| {
+            to == from && now.saturating_duration_since(at) < PING_BACK_GAP
+        });
+        if !recent {
+            self.last_ping_back = Some((from, now));
+            let a = self.ping(now, from);
+            self.queued.push(a);
+        }
     }
 
     /// We sent a data packet to the peer on the current path.
@@ -553,6 +573,31 @@ mod tests {
         p.on_candidates(t0, &[a(PUB), a(LAN)]);
         assert!(pings(&p.tick(t0 + Duration::from_millis(10))).is_empty());
         assert_eq!(p.current(), Path::Relay);
+    }
+
+    #[test]
+    fn a_peers_ping_is_pinged_back_even_right_after_our_own_probe() {
+        let t0 = Instant::now();
+        let mut p = PeerPath::new(PathConfig::default(), [0; 4]);
+        p.on_candidates(t0, &[a(PUB)]);
+        assert_eq!(pings(&p.tick(t0)).len(), 1, "our probe");
+        // 3 ms later the peer's ping arrives from that address: our probe was
+        // probably dropped by its NAT, so ping back at once.
+        let t = t0 + Duration::from_millis(3);
+        p.on_ping_received(t, a(PUB));
+        let back = pings(&p.tick(t));
+        assert_eq!(back.iter().map(|x| x.0).collect::<Vec<_>>(), vec![a(PUB)]);
+        // Another ping within the gap gets no second ping-back; after it, one more.
+        p.on_ping_received(t + Duration::from_millis(5), a(PUB));
+        assert!(pings(&p.tick(t + Duration::from_millis(5))).is_empty());
+        p.on_ping_received(t + PING_BACK_GAP, a(PUB));
+        assert_eq!(pings(&p.tick(t + PING_BACK_GAP)).len(), 1);
+        // The pong of the ping-back takes the path direct; pings then only confirm it.
+        p.on_pong(t + PING_BACK_GAP, a(PUB), back[0].1);
+        p.tick(t + PING_BACK_GAP);
+        assert_eq!(p.current(), Path::Direct(a(PUB)));
+        p.on_ping_received(t + PING_BACK_GAP * 3, a(PUB));
+        assert!(pings(&p.tick(t + PING_BACK_GAP * 3)).is_empty());
     }
 
     #[test]
