@@ -18,14 +18,12 @@ use weft_proto::codec::Wire as _;
 /// The Noise pattern.
 pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 const PROLOGUE_LABEL: &[u8] = b"weft-tunnel-relay/1 noise prologue";
-/// The TLS exporter label both transports bind the Noise prologue with.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-weft-relay-noise";
 /// Largest IK handshake overhead (ephemeral + encrypted static + two tags).
 const NOISE_OVERHEAD: usize = 32 + 48 + 16 + 16;
 
 /// The prologue for this connection: label || TLS exporter(32).
 pub fn prologue(conn: &Connection) -> Result<Vec<u8>, ProtoError> {
-    let ekm = conn.exporter(EXPORTER_LABEL).ok_or(ProtoError::Exporter)?;
+    let ekm = conn.exporter().ok_or(ProtoError::Exporter)?;
     let mut p = PROLOGUE_LABEL.to_vec();
     p.extend_from_slice(&ekm);
     Ok(p)

@@ -106,9 +106,7 @@ impl RelayPath {
 
     /// The fast path's bind key for this connection (see the module doc).
     pub fn bind_key(&self) -> Option<[u8; 32]> {
-        self.conn
-            .exporter(crate::noise::EXPORTER_LABEL)
-            .map(|e| bind_key(&e))
+        self.conn.exporter().map(|e| bind_key(&e))
     }
 
     /// Which transport carries this path's datagrams.

@@ -673,7 +673,7 @@ async fn serve_node(
             .saturating_add(STREAM_HEADROOM);
         ctx.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
     }
-    if let Some(e) = ctx.conn.exporter(noise::EXPORTER_LABEL) {
+    if let Some(e) = ctx.conn.exporter() {
         shared
             .channels
             .write()

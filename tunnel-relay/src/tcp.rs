@@ -19,8 +19,8 @@ use weft_proto::mux as wire;
 
 use crate::error::ProtoError;
 use crate::mux::{self, MuxConn, Side};
-use crate::noise::EXPORTER_LABEL;
 use crate::tls;
+use crate::transport::EXPORTER_LABEL;
 
 /// How long a client lets QUIC try alone before racing TCP/TLS against it.
 pub const HEAD_START: Duration = Duration::from_millis(250);

@@ -18,6 +18,10 @@ use crate::mux;
 
 pub use crate::mux::ClosedStream;
 
+/// The TLS exporter label both transports bind the Noise prologue with
+/// ([`crate::noise`]) and the fast relay path derives its bind key from.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-weft-relay-noise";
+
 /// Which transport a connection uses (what `status` shows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -198,17 +202,17 @@ impl Connection {
         }
     }
 
-    /// The 32-byte TLS exporter value the Noise prologue binds to.
-    /// (The TCP fallback's was derived with [`crate::noise::EXPORTER_LABEL`]
-    /// at its handshake; `None` for another label there.)
-    pub fn exporter(&self, label: &[u8]) -> Option<[u8; 32]> {
+    /// The 32-byte TLS exporter value ([`EXPORTER_LABEL`]) the Noise prologue
+    /// binds to (the TCP fallback's was derived at its TLS handshake).
+    pub fn exporter(&self) -> Option<[u8; 32]> {
         match self {
             Connection::Quic(c) => {
                 let mut ekm = [0u8; 32];
-                c.export_keying_material(&mut ekm, label, b"").ok()?;
+                c.export_keying_material(&mut ekm, EXPORTER_LABEL, b"")
+                    .ok()?;
                 Some(ekm)
             }
-            Connection::Tcp(c) => (label == crate::noise::EXPORTER_LABEL).then(|| c.exporter()),
+            Connection::Tcp(c) => Some(c.exporter()),
         }
     }
 }
