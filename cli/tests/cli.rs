@@ -444,7 +444,7 @@ fn login_status_ssh_config_and_connect_through_a_loopback_relay() {
 
     let text = ok(h, &status_args(&[]));
     assert!(
-        text.contains(&format!("relay: connected to {addr} as eve")),
+        text.contains(&format!("relay: connected to {addr} (quic) as eve")),
         "{text}"
     );
     assert!(text.contains("2× NVIDIA H200 (GPU 1 degraded)"), "{text}");
