@@ -515,9 +515,11 @@ impl MuxConn {
             let id = st.next_local;
             st.next_local = id.checked_add(2).ok_or(ConnectionError::LocallyClosed)?;
             st.streams.insert(id, Stream::new(false));
+            // Queued under the lock: the peer must see OPENs in id order (a
+            // lower id after a higher one is a protocol violation there).
+            sh.send(Out::Frame(wire::empty_frame(Kind::Open, id)));
             id
         };
-        sh.send(Out::Frame(wire::empty_frame(Kind::Open, id)));
         Ok(self.halves(id))
     }
 
@@ -1058,6 +1060,44 @@ mod tests {
         assert!(back == expect, "bytes changed on the way");
         let _ = writer.await;
         let _s = server.await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn streams_opened_concurrently_reach_the_peer_in_order() {
+        let (c, s) = pair(4096);
+        let echo = tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for _ in 0..400 {
+                let (mut send, mut recv) = s.accept_bi().await.expect("accept");
+                tasks.push(tokio::spawn(async move {
+                    let mut b = Vec::new();
+                    recv.read_to_end(&mut b).await.expect("read");
+                    send.write_all(&b).await.expect("echo");
+                    send.finish().expect("finish");
+                }));
+            }
+            for t in tasks {
+                t.await.expect("echo task");
+            }
+            s
+        });
+        let mut clients = Vec::new();
+        for i in 0..400u32 {
+            let c = c.clone();
+            clients.push(tokio::spawn(async move {
+                let (mut send, mut recv) = c.open_bi().await.expect("open");
+                send.write_all(&i.to_be_bytes()).await.expect("write");
+                send.finish().expect("finish");
+                let mut b = Vec::new();
+                recv.read_to_end(&mut b).await.expect("read back");
+                assert_eq!(b, i.to_be_bytes());
+            }));
+        }
+        for t in clients {
+            t.await.expect("client task");
+        }
+        let _s = echo.await.expect("echo");
+        assert!(c.close_reason().is_none(), "{:?}", c.close_reason());
     }
 
     #[tokio::test]

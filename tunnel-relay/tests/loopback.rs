@@ -894,6 +894,23 @@ async fn fast_relay_path_forwards_bound_nodes_by_policy_and_drops_the_rest() {
         None,
         "a replayed bind was acknowledged"
     );
+    // A second connection of the same node (a worker agent holds two: tunnels and the mesh)
+    // does not take the first one's bind key away, and brings its own.
+    let _e2 = client::session(_ed.path())
+        .await
+        .unwrap_or_else(|e| panic!("second session: {e}"));
+    let ke2 = key_of(&_e2);
+    for (counter, key) in [(2, ke), (3, ke2)] {
+        se.send_to(&bind_packet(FAST_BIND, &key, slot(&ek), counter), udp_port)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ack = recv_within(&se)
+            .await
+            .unwrap_or_else(|| panic!("bind {counter} not acknowledged"));
+        assert!(bind_valid(&key, &ack));
+        // Past the relay's ack rate limit.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
 
     let packet = |dst: &PublicKey, body: &[u8]| {
         let mut p = fast_header(slot(dst)).to_vec();

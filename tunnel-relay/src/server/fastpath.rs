@@ -34,13 +34,13 @@ const STUN_PER_IP_PER_SEC: u32 = 100;
 /// one whose UDP stopped passing gets its packets on its connection again).
 const BIND_FRESH: Duration = Duration::from_secs(12);
 
-/// A node's channel: its key, tags and bind key (from its current
-/// connection), and the UDP address it bound.
+/// A node's channel: its key and tags, the bind keys of its open connections
+/// (a worker agent holds two: tunnels and the mesh; each derives its own), and
+/// the UDP address it bound.
 struct Chan {
     key: PublicKey,
     tags: Vec<String>,
-    bind_key: [u8; 32],
-    conn_id: u64,
+    bind_keys: Vec<(u64, [u8; 32])>,
     addr: Option<SocketAddr>,
     bound_at: Option<Instant>,
     counter: u64,
@@ -53,6 +53,14 @@ impl Chan {
         self.addr
             .filter(|_| self.bound_at.is_some_and(|t| t.elapsed() < BIND_FRESH))
     }
+
+    /// The bind key a bind packet was made with, if any of this node's.
+    fn key_of(&self, seg: &[u8]) -> Option<[u8; 32]> {
+        self.bind_keys
+            .iter()
+            .map(|(_, k)| *k)
+            .find(|k| bind_valid(k, seg))
+    }
 }
 
 /// Every admitted node's channel, by slot and by bound address.
@@ -63,7 +71,8 @@ pub(super) struct Channels {
 }
 
 impl Channels {
-    /// A node was admitted on connection `conn_id`: it may bind (again).
+    /// A node was admitted on connection `conn_id`: it may bind with that
+    /// connection's key (its binding, if any, stays).
     pub(super) fn register(
         &mut self,
         key: PublicKey,
@@ -72,43 +81,44 @@ impl Channels {
         conn_id: u64,
     ) {
         let s = slot(&key);
-        if let Some(old) = self.by_slot.get(&s) {
-            if old.key != key {
-                warn!(key = %key.short(), other = %old.key.short(), "fast relay slot taken by another key; this node uses QUIC datagrams");
-                return;
+        match self.by_slot.get_mut(&s) {
+            Some(c) if c.key != key => {
+                warn!(key = %key.short(), other = %c.key.short(), "fast relay slot taken by another key; this node uses QUIC datagrams");
             }
-            if let Some(a) = old.addr {
-                self.by_addr.remove(&a);
+            Some(c) => {
+                c.tags = tags;
+                c.bind_keys.push((conn_id, bind_key));
+            }
+            None => {
+                self.by_slot.insert(
+                    s,
+                    Chan {
+                        key,
+                        tags,
+                        bind_keys: vec![(conn_id, bind_key)],
+                        addr: None,
+                        bound_at: None,
+                        counter: 0,
+                        last_ack: None,
+                    },
+                );
             }
         }
-        self.by_slot.insert(
-            s,
-            Chan {
-                key,
-                tags,
-                bind_key,
-                conn_id,
-                addr: None,
-                bound_at: None,
-                counter: 0,
-                last_ack: None,
-            },
-        );
     }
 
-    /// Connection `conn_id` of `key` ended (a newer one keeps its channel).
+    /// Connection `conn_id` of `key` ended: its bind key goes; the channel
+    /// (and its binding) goes with the node's last connection.
     pub(super) fn unregister(&mut self, key: &PublicKey, conn_id: u64) {
         let s = slot(key);
-        if self
-            .by_slot
-            .get(&s)
-            .is_some_and(|c| c.key == *key && c.conn_id == conn_id)
-        {
-            if let Some(c) = self.by_slot.remove(&s) {
-                if let Some(a) = c.addr {
-                    self.by_addr.remove(&a);
-                }
+        let Some(c) = self.by_slot.get_mut(&s).filter(|c| c.key == *key) else {
+            return;
+        };
+        c.bind_keys.retain(|(id, _)| *id != conn_id);
+        if c.bind_keys.is_empty() {
+            if let Some(a) = c.addr {
+                self.by_addr.remove(&a);
             }
+            self.by_slot.remove(&s);
         }
     }
 }
@@ -258,10 +268,10 @@ fn bind(shared: &Shared, io: &Io<'_>, from: SocketAddr, seg: &[u8]) {
         m.datagrams_dropped.inc();
         return;
     };
-    if counter <= c.counter || !bind_valid(&c.bind_key, seg) {
+    let Some(bind_key) = c.key_of(seg).filter(|_| counter > c.counter) else {
         m.datagrams_dropped.inc();
         return;
-    }
+    };
     c.counter = counter;
     c.bound_at = Some(Instant::now());
     let old = c.addr.replace(from);
@@ -269,7 +279,7 @@ fn bind(shared: &Shared, io: &Io<'_>, from: SocketAddr, seg: &[u8]) {
         Some(at) if at.elapsed() < ACK_EVERY => None,
         _ => {
             c.last_ack = Some(Instant::now());
-            Some(bind_packet(FAST_ACK, &c.bind_key, s, counter))
+            Some(bind_packet(FAST_ACK, &bind_key, s, counter))
         }
     };
     if old != Some(from) {
