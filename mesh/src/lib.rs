@@ -11,6 +11,7 @@ pub mod status;
 pub(crate) mod uapi;
 
 pub(crate) mod allowed_ips;
+pub(crate) mod datapath;
 pub mod device;
 pub mod dns;
 pub(crate) mod egress;

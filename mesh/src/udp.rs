@@ -42,6 +42,12 @@ pub enum BindError {
     },
 }
 
+impl AsRawFd for UdpIo {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
 fn family(dual_stack: bool) -> &'static str {
     if dual_stack {
         "dual-stack IPv6"
