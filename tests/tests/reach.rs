@@ -17,10 +17,13 @@
 //!   does not fall back;
 //! - bad input on the relay's TCP port while a tunnel is carrying data (plain HTTP without TLS, a
 //!   truncated ClientHello, random bytes, TLS without HTTP, an Upgrade to something else, a
-//!   connection that never speaks) is refused and counted by cause
-//!   (`weft_relay_tcp_refused_total{cause="tls"|"http"|"timeout"}`); the transfer arrives intact
-//!   and the relay keeps admitting; `GET /` answers 200 with a page and `GET /weft/probe` 204, as
-//!   a load balancer's health check expects;
+//!   connection that never speaks, random bytes after a successful `Upgrade: weft/1`, and 10,000
+//!   idle connections from 200 addresses held until the relay closes them) is refused and counted
+//!   by cause (`weft_relay_tcp_refused_total{cause="tls"|"http"|"framing"|"timeout"|"busy"}`: every
+//!   idle connection is counted, those beyond `limits.max_pending_tcp_connections` at once as
+//!   `busy`); the relay keeps accepting through the flood, the transfer arrives intact and the
+//!   relay keeps admitting; `GET /` answers 200 with a page and `GET /weft/probe` 204, as a load
+//!   balancer's health check expects;
 //! - once the engineer's network lets UDP out again, a fresh engineer is on QUIC (the quic
 //!   counter grows) while the worker is still on TCP, and `WEFT_RELAY_TRANSPORT=tcp` still
 //!   forces TCP;
@@ -39,13 +42,17 @@
 //! - when UDP is cut under a worker on QUIC, it comes back over TCP by itself (its QUIC
 //!   connection ends at its 4 s idle timeout, the reconnect's race lands on TCP) and new ssh
 //!   sessions work; an ssh session open at the cut does not survive (its tunnel ends with the old
-//!   connection) and must reconnect
+//!   connection) and must reconnect; when UDP comes back the worker moves back to QUIC by itself
+//!   (it retries every 2 s here, `WEFT_QUIC_RETRY`) while an interactive ssh session open over
+//!   TCP keeps echoing every line: the relay keeps the old connection until that session ends,
+//!   then it closes; new sessions work throughout
 //!   (`udp_cut_mid_session_moves_the_worker_to_tcp_and_ssh_reconnects`, which prints the times).
 //!
 //! No timing assertions: every wait polls, generously.
 //!
 //! Binaries come from `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
-//! Needs the Debian packages `openssh-server openssh-client socat curl haproxy openssl iputils-ping`.
+//! Needs the Debian packages `openssh-server openssh-client socat curl haproxy openssl iputils-ping
+//! python3`.
 
 use std::io::Write;
 use std::process::Stdio;
@@ -70,6 +77,101 @@ const WORKER: &str = "w1";
 
 const CONNS: &str = "weft_relay_transport_connections_total";
 const REFUSED: &str = "weft_relay_tcp_refused_total";
+
+/// Idle TCP connections mallory opens to the relay, and the addresses it opens them from (the
+/// per-IP rate limit lets the first 20 from each new address through at once, 20 a second after).
+const IDLE_SOCKETS: usize = 10_000;
+const FLOOD_ADDRS: usize = 200;
+
+/// `python3 - HOST PORT SNI`: TLS (ALPN http/1.1, any certificate) and `GET /weft/v1` with
+/// `Upgrade: weft/1`; prints the status line it got, then sends 64 KiB of random bytes instead
+/// of frames and prints how the connection ended.
+const UPGRADE_THEN_GARBAGE_PY: &str = r#"
+import os, socket, ssl, sys
+host, port, sni = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection((host, port), timeout=30), server_hostname=sni)
+s.sendall(("GET /weft/v1 HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\n"
+           "Upgrade: weft/1\r\nUser-Agent: mallory\r\n\r\n" % sni).encode())
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    c = s.recv(1)
+    if not c:
+        break
+    head += c
+print("status:", head.split(b"\r\n")[0].decode(errors="replace"), flush=True)
+try:
+    for _ in range(16):
+        s.sendall(os.urandom(4096))
+except OSError as e:
+    print("send ended:", e, flush=True)
+try:
+    while s.recv(65536):
+        pass
+    print("closed by the relay (eof)")
+except TimeoutError:
+    print("still open after 30 s")
+except OSError as e:
+    print("closed by the relay:", e)
+"#;
+
+/// `python3 - HOST PORT TOTAL HOLD_S SRC,SRC,...`: opens TOTAL TCP connections to HOST:PORT, one
+/// from each source address in turn (a round at a time, each round's handshakes awaited), and
+/// never sends a byte. Prints `open N failed M ...` once they are open, keeps them HOLD_S seconds,
+/// then waits (at most 180 s) until the relay has closed every one, and prints a JSON summary.
+const IDLE_FLOOD_PY: &str = r#"
+import json, resource, select, socket, sys, time
+host, port, total, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+srcs = sys.argv[5].split(",")
+need = total + 256
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < need:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+socks, opened, failed = [], [], 0
+t0 = time.monotonic()
+while len(socks) < total:
+    batch = {}
+    for src in srcs[: total - len(socks)]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.bind((src, 0))
+        s.connect_ex((host, port))
+        socks.append(s)
+        batch[s.fileno()] = s
+    p = select.poll()
+    for fd in batch:
+        p.register(fd, select.POLLOUT)
+    deadline = time.monotonic() + 30
+    while batch and time.monotonic() < deadline:
+        for fd, _ in p.poll(1000):
+            s = batch.pop(fd, None)
+            if s is None:
+                continue
+            p.unregister(fd)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                opened.append(s)
+            else:
+                failed += 1
+    failed += len(batch)
+    time.sleep(0.005)
+print("open %d failed %d in %.1f s" % (len(opened), failed, time.monotonic() - t0), flush=True)
+time.sleep(hold)
+p = select.poll()
+live = {}
+for s in opened:
+    p.register(s.fileno(), select.POLLIN | select.POLLRDHUP)
+    live[s.fileno()] = s
+deadline = time.monotonic() + 180
+while live and time.monotonic() < deadline:
+    for fd, _ in p.poll(1000):
+        if live.pop(fd, None) is not None:
+            p.unregister(fd)
+print(json.dumps({"open": len(opened), "failed": failed, "closed_by_relay": len(opened) - len(live),
+                  "still_open": len(live), "seconds": round(time.monotonic() - t0, 1)}), flush=True)
+"#;
 
 fn weft_bin() -> String {
     weft_tests::bin("weft").display().to_string()
@@ -249,7 +351,7 @@ impl Lab {
         let expose = worker.spawn_named(
             "expose",
             &format!(
-                "env WEFT_LOG=info,tunnel_relay=debug {} expose --token {wtoken} --state-dir {wstate} \
+                "env WEFT_LOG=info,tunnel_relay=debug WEFT_QUIC_RETRY=2s {} expose --token {wtoken} --state-dir {wstate} \
                  --name {WORKER} --service ssh=127.0.0.1:22",
                 relay_bin()
             ),
@@ -727,6 +829,69 @@ fn blocked_udp_falls_back_to_tls_over_tcp() {
         "curl -sk --max-time 30 -o /dev/null -w '%{{http_code}}' https://{RELAY_ADDR}/weft/probe"
     ));
     assert_eq!(stdout(&probe), "204", "GET /weft/probe\n{}", lab.logs());
+    let (relay_ip, relay_port) = RELAY_ADDR
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("RELAY_ADDR {RELAY_ADDR} has no port"));
+    // TLS and the Upgrade to weft/1, switched (101), then random bytes instead of frames: that
+    // connection ends at its first frame header, and nothing else notices.
+    let script = mallory.file("garbage.py");
+    std::fs::write(&script, UPGRADE_THEN_GARBAGE_PY).unwrap_or_else(|e| panic!("{e}"));
+    let garbage = mallory.output(&format!(
+        "timeout 120 python3 {} {relay_ip} {relay_port} {RELAY_SNI}",
+        script.display()
+    ));
+    let said = format!(
+        "{}{}",
+        stdout(&garbage),
+        String::from_utf8_lossy(&garbage.stderr)
+    );
+    assert!(
+        said.contains("status: HTTP/1.1 101") && said.contains("closed by the relay"),
+        "garbage after the upgrade:\n{said}\n{}",
+        lab.logs()
+    );
+
+    // 10,000 idle connections, never a byte, from 200 addresses of mallory's (from one, the
+    // per-IP rate limit would turn away all but ~20 a second at accept and the relay would never
+    // hold many): the relay accepts every one, holds at most `max_pending_tcp_connections`
+    // awaiting admission (the rest refused at once: `busy`) and closes those at the upgrade
+    // timeout. The live transfer goes on meanwhile.
+    let srcs: Vec<String> = (21..=65)
+        .chain(67..=254)
+        .take(FLOOD_ADDRS)
+        .map(|i| format!("198.51.100.{i}"))
+        .collect();
+    assert_eq!(srcs.len(), FLOOD_ADDRS);
+    let batch: String = srcs
+        .iter()
+        .map(|a| format!("address add {a}/32 dev eth0\n"))
+        .collect();
+    std::fs::write(mallory.file("flood-addrs"), batch).unwrap_or_else(|e| panic!("{e}"));
+    mallory.exec(&format!(
+        "ip -batch {}",
+        mallory.file("flood-addrs").display()
+    ));
+    let script = mallory.file("flood.py");
+    std::fs::write(&script, IDLE_FLOOD_PY).unwrap_or_else(|e| panic!("{e}"));
+    let mut flood = mallory.spawn_named(
+        "flood",
+        &format!(
+            "python3 {} {relay_ip} {relay_port} {IDLE_SOCKETS} 10 {}",
+            script.display(),
+            srcs.join(",")
+        ),
+    );
+    let opened = until(Duration::from_secs(300), "the idle flood open", || {
+        let log = flood.log();
+        match log.lines().find(|l| l.starts_with("open ")) {
+            Some(l) => Ok(l.to_string()),
+            None if !flood.is_running() => panic!("the idle flood ended early:\n{log}"),
+            None => Err(log),
+        }
+    });
+    eprintln!("idle flood: {opened}");
+    // The rest of the live transfer while the flood's sockets are held.
+    let _ = go.send(());
 
     // The silent client is shown the door.
     if silent.wait_timeout(Duration::from_secs(180)).is_none() {
@@ -736,8 +901,35 @@ fn blocked_udp_falls_back_to_tls_over_tcp() {
         );
     }
 
+    // The relay closes every idle socket of the flood (at once, or at the upgrade timeout).
+    if flood.wait_timeout(Duration::from_secs(400)).is_none() {
+        panic!(
+            "the idle flood did not end:\n{}\n{}",
+            flood.log_tail(5),
+            lab.logs()
+        );
+    }
+    let summary: Value = flood
+        .log()
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no summary from the idle flood:\n{}", flood.log()));
+    eprintln!("idle flood: {summary}");
+    assert_eq!(
+        summary["open"].as_u64(),
+        Some(IDLE_SOCKETS as u64),
+        "the relay did not accept every idle connection: {summary}\n{}",
+        lab.logs()
+    );
+    assert_eq!(
+        summary["still_open"].as_u64(),
+        Some(0),
+        "idle connections the relay never closed: {summary}\n{}",
+        lab.logs()
+    );
+
     // The live transfer finishes intact.
-    let _ = go.send(());
     let status = match live_wait(&mut live, Duration::from_secs(300)) {
         Some(st) => st,
         None => {
@@ -766,20 +958,56 @@ fn blocked_udp_falls_back_to_tls_over_tcp() {
     assert!(lab.relay.proc.is_running(), "relay died:\n{}", lab.logs());
     let out = alice.ssh(&lab, "echo still-admitting");
     assert!(out.contains("still-admitting"), "{out}");
-    let after = metrics(&lab.relay);
+    // Every connection of the flood is counted once, by the cause it was closed for.
+    let idle = IDLE_SOCKETS as f64;
+    let after = until(
+        Duration::from_secs(60),
+        "every idle connection counted",
+        || {
+            let m = metrics(&lab.relay);
+            let counted = sample(&m, REFUSED, "") - sample(&before, REFUSED, "");
+            if counted >= idle {
+                Ok(m)
+            } else {
+                Err(format!("{counted} counted refusals:\n{m}"))
+            }
+        },
+    );
     let grew = |cause: &str| {
         let label = format!("cause=\"{cause}\"");
         sample(&after, REFUSED, &label) - sample(&before, REFUSED, &label)
     };
+    eprintln!(
+        "{REFUSED} grew by: {}",
+        ["tls", "http", "framing", "timeout", "rate", "busy"]
+            .map(|c| format!("{c}={}", grew(c)))
+            .join(" ")
+    );
     // Plain HTTP, the cut hello and ten times garbage fail TLS; TLS without HTTP fails HTTP;
-    // the silent client times out.
-    for (cause, least) in [("tls", 3.0), ("http", 1.0), ("timeout", 1.0)] {
+    // garbage after the upgrade fails its first frame; the silent client and the idle flood
+    // time out, and the flood's connections beyond the cap find no place.
+    for (cause, least) in [
+        ("tls", 3.0),
+        ("http", 1.0),
+        ("framing", 1.0),
+        ("timeout", 1.0),
+        ("busy", 1.0),
+    ] {
         assert!(
             grew(cause) >= least,
             "{REFUSED}{{cause=\"{cause}\"}} grew by {} (expected at least {least}):\n{after}",
             grew(cause)
         );
     }
+    // The first 20 from each of the flood's addresses pass the rate limit at once: each took a
+    // place (and timed out) or found none (busy).
+    let burst = (FLOOD_ADDRS * 20) as f64;
+    assert!(
+        grew("timeout") + grew("busy") >= burst,
+        "the flood's connections past the rate limit: timeout {} + busy {} < {burst}:\n{after}",
+        grew("timeout"),
+        grew("busy")
+    );
     assert!(
         sample(&after, CONNS, "transport=\"tcp\"") > tcp_before,
         "no tcp admission after the bad input:\n{after}"
@@ -1485,15 +1713,144 @@ fn udp_cut_mid_session_moves_the_worker_to_tcp_and_ssh_reconnects() {
             .join("\n")
     );
 
-    // UDP back: nothing breaks (the worker stays on TCP; a new ssh still works).
-    lab.wrouter.unblock_udp();
+    // UDP back, with an interactive ssh session open over the worker's TCP connection: the
+    // worker moves back to QUIC (it tries every 2 s here, `WEFT_QUIC_RETRY`), the open session
+    // keeps echoing on the old connection, which the relay closes once that session ends; new
+    // sessions go over QUIC.
+    let echo_path = eng.file("echo.out");
+    let echo_file = std::fs::File::create(&echo_path).unwrap_or_else(|e| panic!("echo.out: {e}"));
+    let mut open = eng
+        .sh(&format!("exec ssh {} root@{WORKER} cat", alice.ssh_opts()))
+        .stdin(Stdio::piped())
+        .stdout(echo_file)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn the interactive ssh: {e}"));
+    let mut stdin = open
+        .stdin
+        .take()
+        .unwrap_or_else(|| panic!("interactive ssh without stdin"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_writer = stop.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<u32> {
+        let mut n = 0;
+        while !stop_writer.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            writeln!(stdin, "line {n}")?;
+            stdin.flush()?;
+            sleep(Duration::from_millis(100));
+        }
+        Ok(n) // stdin drops: EOF ends `cat` and the session
+    });
+    let echoed = || {
+        std::fs::read_to_string(&echo_path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     until(
         Duration::from_secs(60),
-        "a new ssh after lifting the block",
-        || ssh_once("after-the-block"),
+        "the interactive ssh echoing over TCP",
+        || {
+            if echoed() >= 10 {
+                Ok(())
+            } else {
+                Err(format!("{} lines back\n{}", echoed(), lab.logs()))
+            }
+        },
     );
+    let sessions_before = lab.worker_sessions().len();
+    lab.wrouter.unblock_udp();
+    let t1 = Instant::now();
+    until(Duration::from_secs(60), "the worker back on QUIC", || {
+        let s = lab.worker_sessions();
+        if s[sessions_before.min(s.len())..]
+            .iter()
+            .any(|t| t == "quic")
+            && lab.expose.log().contains("back on QUIC")
+        {
+            Ok(())
+        } else {
+            Err(format!("sessions {s:?}\n{}", lab.logs()))
+        }
+    });
     eprintln!(
-        "after lifting the block: worker sessions {:?}",
+        "worker back on QUIC {:.1} s after UDP came back",
+        t1.elapsed().as_secs_f64()
+    );
+    // The relay kept the TCP connection for the open session, which still echoes.
+    until(
+        Duration::from_secs(10),
+        "the relay keeping the replaced connection",
+        || {
+            if lab
+                .relay
+                .proc
+                .log()
+                .contains("replaced connection kept until its tunnels end")
+            {
+                Ok(())
+            } else {
+                Err(lab.logs())
+            }
+        },
+    );
+    let before = echoed();
+    until(
+        Duration::from_secs(30),
+        "the open session echoing after the move",
+        || {
+            if echoed() >= before + 20 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} lines back (had {before})\n{}",
+                    echoed(),
+                    lab.logs()
+                ))
+            }
+        },
+    );
+    // A new session meanwhile: over the new connection.
+    until(Duration::from_secs(60), "a new ssh after the move", || {
+        ssh_once("after-the-move")
+    });
+    // The open session ends (EOF): every line came back, and then the old connection goes.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = writer
+        .join()
+        .unwrap_or_else(|_| panic!("the ssh writer panicked"))
+        .unwrap_or_else(|e| panic!("writing to the interactive ssh: {e}\n{}", lab.logs()));
+    let status = live_wait(&mut open, Duration::from_secs(60)).unwrap_or_else(|| {
+        let _ = open.kill();
+        panic!("the interactive ssh did not end after EOF\n{}", lab.logs())
+    });
+    assert!(status.success(), "the interactive ssh ended with {status}");
+    assert_eq!(
+        echoed(),
+        sent as usize,
+        "every line sent over the session open through the move came back"
+    );
+    until(
+        Duration::from_secs(30),
+        "the worker's TCP connection closed after its last tunnel",
+        || {
+            if lab
+                .expose
+                .log()
+                .contains("the TCP/TLS connection closed after its last tunnel")
+            {
+                Ok(())
+            } else {
+                Err(lab.logs())
+            }
+        },
+    );
+    ssh_once("only-quic-now")
+        .unwrap_or_else(|e| panic!("ssh after the TCP connection closed: {e}"));
+    eprintln!(
+        "after lifting the block: worker sessions {:?}; the session open through the move \
+         echoed all {sent} lines",
         lab.worker_sessions()
     );
 }

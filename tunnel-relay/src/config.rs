@@ -35,6 +35,7 @@
 //! new_connections_per_ip_per_sec = 20  # also the burst size
 //! handshake_timeout_ms = 10000         # QUIC + Noise admission
 //! idle_timeout_ms = 30000              # QUIC idle timeout (keepalives keep clients up)
+//! max_pending_tcp_connections = 4096   # TCP connections not admitted yet (more: refused, "busy")
 //!
 //! # Who may open whose services. Default: exactly this one rule.
 //! [[policy.allow]]
@@ -231,6 +232,13 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// QUIC idle timeout, in ms. Default 30000.
     pub idle_timeout_ms: u64,
+    /// TCP connections (the TLS fallback) accepted but not admitted yet (TLS,
+    /// the HTTP upgrade, Noise admission) at once; more are closed as soon as
+    /// they are accepted and counted (`tcp_refused_total{cause="busy"}`), so a
+    /// flood of idle sockets cannot use up the relay's file descriptors.
+    /// Default 4096; the relay uses at most half its open-file limit
+    /// ([`Limits::pending_tcp_cap`]).
+    pub max_pending_tcp_connections: u32,
 }
 
 impl Default for Limits {
@@ -240,6 +248,7 @@ impl Default for Limits {
             new_connections_per_ip_per_sec: 20,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
+            max_pending_tcp_connections: 4096,
         }
     }
 }
@@ -252,6 +261,21 @@ impl Limits {
     /// The idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// How many TCP connections may await admission at once in a process
+    /// that may have `nofile` descriptors open (its soft `RLIMIT_NOFILE`, if
+    /// known): [`Limits::max_pending_tcp_connections`], but at most half of
+    /// `nofile`, so that admitted connections, the listeners and the registry
+    /// always have descriptors left (with more, `accept` would fail with
+    /// `EMFILE` before the cap refused anything).
+    pub fn pending_tcp_cap(&self, nofile: Option<u64>) -> usize {
+        let want = u64::from(self.max_pending_tcp_connections);
+        let cap = match nofile {
+            Some(n) => want.min(n / 2).max(1),
+            None => want,
+        };
+        usize::try_from(cap).unwrap_or(usize::MAX)
     }
 }
 
@@ -330,6 +354,11 @@ impl RelayConfig {
                 "limits.new_connections_per_ip_per_sec must be at least 1",
             ));
         }
+        if cfg.limits.max_pending_tcp_connections == 0 {
+            return Err(invalid(
+                "limits.max_pending_tcp_connections must be at least 1",
+            ));
+        }
         if cfg.limits.handshake_timeout_ms < 100 || cfg.limits.idle_timeout_ms < 1000 {
             return Err(invalid(
                 "limits.handshake_timeout_ms must be >= 100 and limits.idle_timeout_ms >= 1000",
@@ -386,6 +415,25 @@ mod tests {
         assert_eq!(d.limits.new_connections_per_ip_per_sec, 20);
         assert_eq!(d.limits.handshake_timeout(), Duration::from_secs(10));
         assert_eq!(d.limits.idle_timeout(), Duration::from_secs(30));
+        assert_eq!(d.limits.max_pending_tcp_connections, 4096);
+    }
+
+    #[test]
+    fn pending_tcp_cap_keeps_half_the_descriptors_free() {
+        let d = Limits::default();
+        // Unknown limit, or plenty (the hard limit a relay raises itself to): as configured.
+        assert_eq!(d.pending_tcp_cap(None), 4096);
+        assert_eq!(d.pending_tcp_cap(Some(524_288)), 4096);
+        assert_eq!(d.pending_tcp_cap(Some(8192)), 4096);
+        // The usual soft default: half of it, so admitted connections still get descriptors.
+        assert_eq!(d.pending_tcp_cap(Some(1024)), 512);
+        assert_eq!(d.pending_tcp_cap(Some(1)), 1);
+        let c = RelayConfig::parse("[limits]\nmax_pending_tcp_connections = 100\n", "t")
+            .expect("parse");
+        assert_eq!(c.limits.pending_tcp_cap(Some(1024)), 100);
+        let e = RelayConfig::parse("[limits]\nmax_pending_tcp_connections = 0\n", "relay.toml")
+            .expect_err("zero");
+        assert!(e.to_string().contains("max_pending_tcp_connections"), "{e}");
     }
 
     #[test]

@@ -32,11 +32,14 @@
 //!   on the fast UDP path (channel header, GRO/GSO batches; also counted in
 //!   `datagrams_relayed_total`); dropped ones (unbound source, policy, bad
 //!   binds) count in `datagrams_dropped_total`.
-//! - `weft_relay_tcp_refused_total{cause="tls"|"http"|"timeout"|"rate"}` (counter):
-//!   TCP connections that never reached admission (not TLS, a cut or bad
-//!   handshake, no usable HTTP request, too slow, over the per-IP rate);
+//! - `weft_relay_tcp_refused_total{cause="tls"|"http"|"framing"|"timeout"|"rate"|"busy"}`
+//!   (counter): TCP connections that never reached admission (not TLS, a cut
+//!   or bad handshake; no usable HTTP request; after the upgrade, bytes that
+//!   are not Weft's framing or none at all; too slow; over the per-IP rate;
+//!   over `limits.max_pending_tcp_connections` awaiting admission at once);
 //!   `weft_relay_tcp_answered_total` (counter): plain HTTP requests answered
-//!   (`/`, the probe, errors).
+//!   (`/`, the probe, errors); `weft_relay_tcp_pending` (gauge): TCP
+//!   connections accepted and not admitted yet (what that limit caps).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -90,6 +93,8 @@ pub struct Metrics {
     tcp_refused: Family<Labels, Counter>,
     /// Plain HTTP requests answered on the TCP port.
     pub tcp_answered: Counter,
+    /// TCP connections accepted and not admitted yet.
+    pub tcp_pending: Gauge,
     /// Relay-path packets forwarded on the fast UDP path (also in `datagrams_relayed`).
     pub fast_relayed: Counter,
 }
@@ -178,6 +183,11 @@ impl Metrics {
             "tcp_answered",
             "Plain HTTP requests answered on the TCP port",
         );
+        let tcp_pending = registered(
+            r,
+            "tcp_pending",
+            "TCP connections accepted and not admitted yet (TLS, HTTP upgrade, admission)",
+        );
         let fast_relayed = registered(
             r,
             "fast_relayed",
@@ -208,6 +218,7 @@ impl Metrics {
             transports,
             tcp_refused,
             tcp_answered,
+            tcp_pending,
             fast_relayed,
         }
     }

@@ -11,7 +11,8 @@
 //! the mesh ACL lets the two talk ([`Routes::datagram_route`]).
 //!
 //! Invariants: a worker name maps to at most one connection (a newer
-//! connection of the same name replaces the older, which the shell closes);
+//! connection of the same name replaces the older, which the shell closes
+//! once the tunnels it carries have ended: [`Routes::tunnels_on`]);
 //! a key maps to its newest connection;
 //! a node's stream count equals the grants not yet released; a decision that
 //! refuses takes no stream slot.
@@ -59,6 +60,8 @@ pub struct Grant<C> {
     pub conn: C,
     /// Opener and worker keys (their slots).
     pub keys: (PublicKey, PublicKey),
+    /// The worker's connection id (it carries the tunnel).
+    pub worker_id: u64,
 }
 
 /// The routing table.
@@ -72,6 +75,8 @@ pub struct Routes<C> {
     /// the node's tags (it outlives a newer connection of the same key).
     mesh: HashMap<PublicKey, (u64, C, Vec<String>)>,
     streams: HashMap<PublicKey, u32>,
+    /// Tunnels each worker connection carries (grants not yet released).
+    tunnels: HashMap<u64, u32>,
     max_streams: u32,
     /// The pool's group tags per node (a running gang's members).
     groups: HashMap<PublicKey, Vec<String>>,
@@ -86,14 +91,17 @@ impl<C: Clone> Routes<C> {
             by_key: HashMap::new(),
             mesh: HashMap::new(),
             streams: HashMap::new(),
+            tunnels: HashMap::new(),
             groups: HashMap::new(),
             max_streams,
         }
     }
 
     /// Records an admitted connection with the node's tags. For a worker
-    /// (`Some(name, route)`), returns the connection it replaces, which the
-    /// caller closes.
+    /// (`Some(name, route)`), returns the id and connection it replaces: new
+    /// tunnels go to the new one, and the caller closes the old one once
+    /// [`Routes::tunnels_on`] it is 0 (a worker moving from TCP back to QUIC
+    /// keeps its open tunnels).
     pub fn connect(
         &mut self,
         id: u64,
@@ -101,11 +109,18 @@ impl<C: Clone> Routes<C> {
         conn: C,
         tags: Vec<String>,
         worker: Option<(String, WorkerRoute<C>)>,
-    ) -> Option<C> {
+    ) -> Option<(u64, C)> {
         self.by_key.insert(key, (id, conn.clone(), tags));
         self.nodes.insert(id, (key, conn));
         let (name, route) = worker?;
-        self.workers.insert(name, route).map(|old| old.conn)
+        self.workers
+            .insert(name, route)
+            .map(|old| (old.id, old.conn))
+    }
+
+    /// Tunnels worker connection `id` carries now.
+    pub fn tunnels_on(&self, id: u64) -> u32 {
+        self.tunnels.get(&id).copied().unwrap_or(0)
     }
 
     /// Forgets a connection (and its worker name, if it still holds it).
@@ -262,20 +277,28 @@ impl<C: Clone> Routes<C> {
         let grant = Grant {
             conn: worker.conn.clone(),
             keys: (*opener.key, worker.key),
+            worker_id: worker.id,
         };
         *self.streams.entry(grant.keys.0).or_insert(0) += 1;
         *self.streams.entry(grant.keys.1).or_insert(0) += 1;
+        *self.tunnels.entry(grant.worker_id).or_insert(0) += 1;
         Ok(grant)
     }
 
-    /// Releases the slots of a grant.
-    pub fn release(&mut self, keys: (PublicKey, PublicKey)) {
+    /// Releases the slots of a grant (its keys and its worker connection).
+    pub fn release(&mut self, keys: (PublicKey, PublicKey), worker_id: u64) {
         for k in [keys.0, keys.1] {
             if let Some(n) = self.streams.get_mut(&k) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     self.streams.remove(&k);
                 }
+            }
+        }
+        if let Some(n) = self.tunnels.get_mut(&worker_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.tunnels.remove(&worker_id);
             }
         }
     }
@@ -432,7 +455,9 @@ mod tests {
             reason(f.routes.decide(o, "w1", "ssh", &p, |_| false)),
             Some(Reason::LimitExceeded)
         );
-        f.routes.release(g.keys);
+        assert_eq!(f.routes.tunnels_on(2), 2);
+        f.routes.release(g.keys, g.worker_id);
+        assert_eq!(f.routes.tunnels_on(2), 1);
         assert_eq!(f.routes.streams_of(&f.eng), 1);
         assert!(f.routes.decide(o, "w1", "ssh", &p, |_| false).is_ok());
     }
@@ -503,10 +528,34 @@ mod tests {
             tags: tags(&["worker"]),
             services: tags(&["ssh"]),
         };
+        // The old connection carries a tunnel; new ones go to the new connection.
+        let p = Policy::default();
+        let (eng, eng_tags) = (f.eng, f.eng_tags.clone());
+        let o = Opener {
+            id: 1,
+            key: &eng,
+            name: "eng",
+            tags: &eng_tags,
+        };
+        let Ok(g) = f.routes.decide(o, "w1", "ssh", &p, |_| false) else {
+            panic!("refused")
+        };
         let old = f
             .routes
             .connect(9, f.w1, "w1-new", tags(&["worker"]), Some(("w1".into(), w)));
-        assert_eq!(old, Some("w1-conn"));
+        assert_eq!(old, Some((2, "w1-conn")));
+        assert_eq!(
+            f.routes.tunnels_on(2),
+            1,
+            "the old connection still carries its tunnel"
+        );
+        let Ok(g2) = f.routes.decide(o, "w1", "ssh", &p, |_| false) else {
+            panic!("refused")
+        };
+        assert_eq!((g2.conn, g2.worker_id), ("w1-new", 9));
+        f.routes.release(g.keys, g.worker_id);
+        assert_eq!(f.routes.tunnels_on(2), 0, "drained: the shell may close it");
+        f.routes.release(g2.keys, g2.worker_id);
         f.routes.disconnect(2, "w1"); // the old connection's own teardown
         let t = f.routes.targets_for(opener(&f), &Policy::default());
         assert_eq!(t.len(), 1);

@@ -101,6 +101,66 @@ struct Shared {
     stopping: tokio::sync::watch::Sender<bool>,
     /// The fast relay path's channels (one per admitted node).
     channels: std::sync::RwLock<fastpath::Channels>,
+    /// Places for TCP connections awaiting admission
+    /// ([`crate::config::Limits::pending_tcp_cap`]).
+    pending_tcp: Arc<tokio::sync::Semaphore>,
+}
+
+/// A TCP connection's place among those awaiting admission; freed on drop
+/// (admitted, refused or timed out).
+struct PendingSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl PendingSlot {
+    /// A place, if one is free.
+    fn take(shared: &Shared) -> Option<PendingSlot> {
+        let permit = shared.pending_tcp.clone().try_acquire_owned().ok()?;
+        shared.metrics.tcp_pending.inc();
+        Some(PendingSlot {
+            _permit: permit,
+            metrics: shared.metrics.clone(),
+        })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.metrics.tcp_pending.dec();
+    }
+}
+
+/// Raises the open-file limit (many TCP connections) and sizes the TCP
+/// admission queue by it ([`crate::config::Limits::pending_tcp_cap`]); logs both.
+fn pending_tcp_cap(limits: &crate::config::Limits) -> usize {
+    let configured = limits.pending_tcp_cap(None);
+    match crate::rt::raise_nofile_limit() {
+        Ok(l) => {
+            let cap = limits.pending_tcp_cap(Some(l.soft));
+            info!(
+                soft = l.soft,
+                hard = l.hard,
+                was = l.before,
+                max_pending_tcp = cap,
+                "open-file limit"
+            );
+            if cap < configured {
+                warn!(
+                    configured,
+                    used = cap,
+                    open_file_limit = l.soft,
+                    "limits.max_pending_tcp_connections lowered to half the open-file limit; raise the limit (LimitNOFILE=)"
+                );
+            }
+            cap
+        }
+        Err((l, e)) => {
+            let cap = limits.pending_tcp_cap((l.soft > 0).then_some(l.soft));
+            warn!(soft = l.soft, hard = l.hard, max_pending_tcp = cap, error = %e, "could not raise the open-file limit");
+            cap
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,11 +171,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct StreamSlots {
     shared: Arc<Shared>,
     keys: (PublicKey, PublicKey),
+    worker_id: u64,
 }
 
 impl Drop for StreamSlots {
     fn drop(&mut self) {
-        lock(&self.shared.routes).release(self.keys);
+        lock(&self.shared.routes).release(self.keys, self.worker_id);
     }
 }
 
@@ -240,6 +301,7 @@ impl Relay {
             .map_err(|e| warn!(error = %e, "no admin socket; `pool list` reads the store"))
             .ok();
         let rate = RateLimiter::new(limits.new_connections_per_ip_per_sec);
+        let pending_cap = pending_tcp_cap(limits);
         let metrics_listener = match opts.config.metrics_listen {
             Some(addr) => {
                 Some(metrics::bind(addr).map_err(|source| RelayError::Bind { addr, source })?)
@@ -265,6 +327,7 @@ impl Relay {
                 pool,
                 stopping: tokio::sync::watch::channel(false).0,
                 channels: std::sync::RwLock::new(fastpath::Channels::default()),
+                pending_tcp: Arc::new(tokio::sync::Semaphore::new(pending_cap)),
             }),
         })
     }
@@ -358,7 +421,7 @@ impl Relay {
             tokio::spawn(
                 async move {
                     let establish = async move { Ok(Some(Connection::Quic(incoming.await?))) };
-                    handle_connection(shared, hs_timeout, establish).await
+                    handle_connection(shared, hs_timeout, establish, None).await
                 }
                 .instrument(tracing::info_span!("conn", me = %me, %remote)),
             );
@@ -469,9 +532,12 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// Accepts TCP connections for the TLS fallback: per-IP rate limit, then
-/// TLS + HTTP (answered or upgraded) and admission, all within the handshake
-/// timeout; every refusal is counted by cause and disturbs nothing else.
+/// Accepts TCP connections for the TLS fallback: per-IP rate limit, a place
+/// among those awaiting admission (at most `limits.max_pending_tcp_connections`,
+/// so a flood of idle sockets is turned away at once instead of using up the
+/// descriptors), then TLS + HTTP (answered or upgraded; the first frame
+/// checked) and admission, all within the handshake timeout; every refusal is
+/// counted by cause and disturbs nothing else.
 async fn serve_tcp(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
@@ -493,6 +559,11 @@ async fn serve_tcp(
             shared.metrics.tcp_refused("rate");
             continue;
         }
+        let Some(slot) = PendingSlot::take(&shared) else {
+            debug!(%remote, "too many TCP connections awaiting admission; refused");
+            shared.metrics.tcp_refused("busy");
+            continue;
+        };
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(
@@ -530,7 +601,7 @@ async fn serve_tcp(
                         }
                     }
                 };
-                handle_connection(shared, hs_timeout, establish).await
+                handle_connection(shared, hs_timeout, establish, Some(slot)).await
             }
             .instrument(tracing::info_span!("conn", %remote, transport = "tcp")),
         );
@@ -538,11 +609,14 @@ async fn serve_tcp(
 }
 
 /// Admission of one connection, all of it (transport handshake included)
-/// within `hs_timeout`; then the node is served.
+/// within `hs_timeout`; then the node is served. `pending` (a TCP
+/// connection's place among those awaiting admission) is freed once
+/// admission is over, either way.
 async fn handle_connection(
     shared: Arc<Shared>,
     hs_timeout: Duration,
     establish: impl Future<Output = Result<Option<Connection>, ProtoError>>,
+    pending: Option<PendingSlot>,
 ) {
     let m = shared.metrics.clone();
     let steps = async {
@@ -551,7 +625,9 @@ async fn handle_connection(
             None => Ok(None),
         }
     };
-    let admitted = match timeout(hs_timeout, steps).await {
+    let admitted = timeout(hs_timeout, steps).await;
+    drop(pending);
+    let admitted = match admitted {
         Err(_) => {
             debug!("handshake timed out");
             m.handshake_timeouts.inc();
@@ -634,6 +710,36 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
     }
 }
 
+/// Closes a worker's replaced connection once the tunnels it carries have
+/// ended (at once if it carries none): a worker that moves from TCP back to
+/// QUIC, or reconnects while its old path still works, keeps its open ssh
+/// sessions; new tunnels already go to the new connection.
+async fn close_when_drained(shared: Arc<Shared>, id: u64, conn: Connection) {
+    let mut logged = false;
+    loop {
+        let open = lock(&shared.routes).tunnels_on(id);
+        if open == 0 {
+            break;
+        }
+        if !logged {
+            info!(
+                conn = id,
+                tunnels = open,
+                "replaced connection kept until its tunnels end"
+            );
+            logged = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = conn.closed() => return,
+        }
+    }
+    conn.close(
+        VarInt::from_u32(CloseCode::Replaced.code()),
+        b"replaced by a newer connection",
+    );
+}
+
 async fn serve_node(
     shared: Arc<Shared>,
     ctx: NodeCtx,
@@ -653,11 +759,8 @@ async fn serve_node(
     });
     let replaced =
         lock(&shared.routes).connect(ctx.id, ctx.key, ctx.conn.clone(), ctx.tags.clone(), worker);
-    if let Some(old) = replaced {
-        old.close(
-            VarInt::from_u32(CloseCode::Replaced.code()),
-            b"replaced by a newer connection",
-        );
+    if let Some((old_id, old)) = replaced {
+        tokio::spawn(close_when_drained(shared.clone(), old_id, old));
     }
     // Revoked between admission and registration in the table: the watcher
     // may have looked already.
@@ -906,6 +1009,7 @@ async fn route(
     let slots = StreamSlots {
         shared: shared.clone(),
         keys: grant.keys,
+        worker_id: grant.worker_id,
     };
     let worker_conn = grant.conn;
     let unavailable = |e: &dyn std::fmt::Display| {

@@ -3,17 +3,22 @@
 //! like a web server, `GET /weft/probe` with `204` (latency probes), and
 //! `GET /weft/v1` with `Upgrade: weft/1` by `101 Switching Protocols`, after
 //! which the connection is [`crate::mux`]'s framing. Clients reach the relay
-//! directly or through an `HTTPS_PROXY` (`CONNECT`).
+//! directly or through an `HTTPS_PROXY` (`CONNECT`). The client speaks first
+//! after the switch, so the relay reads and checks its first frame header
+//! before it starts the multiplexer: bytes that are not Weft's framing are
+//! refused here, with their own cause ([`Refused::Framing`]).
 //!
 //! The Noise admission that follows binds to this TLS session's exporter, as
 //! on QUIC ([`crate::noise`]), so a TLS-terminating middlebox cannot splice a
 //! client's admission into its own connection.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use weft_proto::mux as wire;
 
@@ -216,6 +221,9 @@ pub enum Refused {
     Tls,
     /// TLS, but no usable HTTP request.
     Http,
+    /// Upgraded, then bytes that are not Weft's framing, or none before the
+    /// connection ended.
+    Framing,
 }
 
 impl Refused {
@@ -224,8 +232,84 @@ impl Refused {
         match self {
             Refused::Tls => "tls",
             Refused::Http => "http",
+            Refused::Framing => "framing",
         }
     }
+}
+
+/// A byte stream with the frame header already read from it put back in
+/// front (what [`accept`] checked before the multiplexer reads it).
+struct Prefixed<S> {
+    head: [u8; wire::HEADER],
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.at < me.head.len() {
+            let n = (me.head.len() - me.at).min(buf.remaining());
+            buf.put_slice(&me.head[me.at..me.at + n]);
+            me.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads the first frame header after the upgrade and checks it
+/// ([`wire::Header::decode`]); the stream with that header put back.
+async fn first_frame<S: AsyncRead + Unpin>(mut s: S) -> Result<Prefixed<S>, (Refused, String)> {
+    let mut head = [0u8; wire::HEADER];
+    s.read_exact(&mut head)
+        .await
+        .map_err(|e| (Refused::Framing, format!("no frame after the upgrade: {e}")))?;
+    wire::Header::decode(head).map_err(|e| {
+        (
+            Refused::Framing,
+            format!("not weft/1 after the upgrade: {e}"),
+        )
+    })?;
+    Ok(Prefixed {
+        head,
+        at: 0,
+        inner: s,
+    })
 }
 
 /// What the relay did with one TCP connection.
@@ -322,6 +406,8 @@ pub async fn accept(
                 .await
                 .map_err(|e| (Refused::Http, e.to_string()))?;
             let info = tls_info(stream.get_ref().1).map_err(|e| (Refused::Tls, e.to_string()))?;
+            // The client speaks first (its first stream's OPEN, or a ping): garbage ends here.
+            let stream = first_frame(stream).await?;
             Ok(Served::Upgraded(mux::spawn(
                 stream,
                 Side::Server,
@@ -381,5 +467,42 @@ mod tests {
         let long = vec![b'a'; MAX_HEAD + 10];
         let mut r: &[u8] = &long;
         assert!(read_head(&mut r).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_first_frame_is_checked_and_put_back() {
+        let ping = wire::value_frame(wire::Kind::Ping, 0, 7);
+        let mut bytes = ping.clone();
+        bytes.extend_from_slice(b"rest");
+        let mut s = first_frame(&bytes[..])
+            .await
+            .map_err(|e| e.1)
+            .expect("a ping");
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, bytes, "every byte, the checked header first");
+
+        // Reads smaller than the header get it in pieces.
+        let mut s = first_frame(&bytes[..])
+            .await
+            .map_err(|e| e.1)
+            .expect("a ping");
+        let mut one = [0u8; 4];
+        s.read_exact(&mut one).await.expect("read");
+        assert_eq!(one, bytes[..4]);
+
+        for (garbage, why) in [
+            (&b"\xffGARBAGE-AFTER-THE-UPGRADE"[..], "unknown frame kind"),
+            (&b"\x01\0\0\0\x01\0\0\0\x05"[..], "Open frame of 5 bytes"),
+            (&b"SSH-2.0-OpenSSH_9.2\r\n"[..], "unknown frame kind"),
+            (&b"\x01\0\0"[..], "no frame"),
+            (&b""[..], "no frame"),
+        ] {
+            match first_frame(garbage).await {
+                Err((Refused::Framing, detail)) => assert!(detail.contains(why), "{detail}"),
+                Err((other, detail)) => panic!("{garbage:?}: {other:?} {detail}"),
+                Ok(_) => panic!("{garbage:?} passed as a frame"),
+            }
+        }
     }
 }

@@ -16,12 +16,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
-use super::session::{close_failure, connect, ClientTiming, Session};
+use super::session::{close_failure, connect, connect_with, quic_retry, ClientTiming, Session};
 use super::state::ClientState;
 use crate::error::{ClientError, ProtoError};
 use crate::link::{Admitted, Backoff, Failure, Link, LinkState, Next};
 use crate::splice::quic_tcp;
+use crate::tcp::Choice;
 use crate::token::Token;
+use crate::transport::Kind;
 use crate::wire::{read_message, write_message, Message, Reason, Rejection};
 
 /// A tunnel stream for an in-process service, handed over after `OpenOk`
@@ -136,6 +138,17 @@ async fn expose_inner(
     let mut names: Vec<String> = targets.keys().cloned().collect();
     names.sort();
     let services = Arc::new(targets);
+    // Only when the race picks the transport: a forced one stays.
+    let retry = match Choice::from_env() {
+        Ok(Choice::Auto) => match quic_retry() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                link.failed(Instant::now(), &e.failure());
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let next = link.poll(Instant::now());
@@ -180,12 +193,45 @@ async fn expose_inner(
                     },
                 );
                 publish(link.state());
-                let session = Arc::new(session);
-                let end = tokio::select! {
-                    e = serve_worker(session.clone(), services.clone()) => e,
-                    _ = &mut shutdown => {
-                        session.close_with(b"worker shutting down", Duration::from_secs(1)).await;
-                        return Ok(());
+                let mut session = Arc::new(session);
+                let end = loop {
+                    // On the TCP/TLS fallback by choice of the race (not forced), try QUIC
+                    // again now and then; open tunnels stay on TCP until they end.
+                    let upgrade = async {
+                        if session.conn.kind() == Kind::Tcp && retry.is_some() {
+                            back_to_quic(&mut state, opts, &names, retry.unwrap_or_default()).await
+                        } else {
+                            std::future::pending().await
+                        }
+                    };
+                    tokio::select! {
+                        e = serve_worker(session.clone(), services.clone()) => break e,
+                        quic = upgrade => {
+                            let old = std::mem::replace(&mut session, Arc::new(quic));
+                            let services = services.clone();
+                            tokio::spawn(
+                                async move {
+                                    let end = serve_worker(old, services).await;
+                                    info!(reason = %end, "the TCP/TLS connection closed after its last tunnel");
+                                }
+                                .in_current_span(),
+                            );
+                            info!(me = %me, relay = %session.conn.remote_address(), "back on QUIC; tunnels open over TCP/TLS stay there until they end");
+                            link.connected(
+                                Instant::now(),
+                                Admitted {
+                                    address: session.conn.remote_address(),
+                                    name: session.name.clone(),
+                                    tags: session.tags.clone(),
+                                    transport: Some(session.conn.kind()),
+                                },
+                            );
+                            publish(link.state());
+                        }
+                        _ = &mut shutdown => {
+                            session.close_with(b"worker shutting down", Duration::from_secs(1)).await;
+                            return Ok(());
+                        }
                     }
                 };
                 let failure = close_failure(&end);
@@ -210,6 +256,36 @@ async fn expose_inner(
             // Not reached: every connection's end is reported above, and a
             // final state returns there.
             Next::Idle | Next::Done => return Ok(()),
+        }
+    }
+}
+
+/// Waits `every`, then tries a QUIC session to the relay (a full admission:
+/// QUIC and Noise), again and again until one is admitted; the relay then
+/// sends new tunnels to it and closes the older connection once its tunnels
+/// have ended.
+async fn back_to_quic(
+    state: &mut ClientState,
+    opts: &ExposeOptions,
+    names: &[String],
+    every: Duration,
+) -> Session {
+    loop {
+        tokio::time::sleep(every).await;
+        let tried = connect_with(
+            state,
+            None,
+            &opts.name,
+            names.to_vec(),
+            &opts.timing,
+            Some(Choice::Quic),
+        )
+        .await;
+        match tried {
+            Ok(s) => return s,
+            Err(e) => {
+                debug!(error = %e, retry_in_s = every.as_secs(), "QUIC still does not reach the relay")
+            }
         }
     }
 }

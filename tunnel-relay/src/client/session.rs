@@ -85,6 +85,20 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// How often a long-lived session on the TCP/TLS fallback tries QUIC again
+/// by default (`WEFT_QUIC_RETRY` sets it, e.g. `30s`).
+pub const QUIC_RETRY_DEFAULT: Duration = Duration::from_secs(180);
+
+/// How often a session on TCP/TLS tries QUIC again: `WEFT_QUIC_RETRY` (a
+/// duration such as `30s` or `5m`), else [`QUIC_RETRY_DEFAULT`].
+pub fn quic_retry() -> Result<Duration, ClientError> {
+    match std::env::var("WEFT_QUIC_RETRY") {
+        Ok(v) => weft_proto::duration::parse(&v)
+            .map_err(|e| ClientError::Usage(format!("WEFT_QUIC_RETRY={v:?}: {e}"))),
+        Err(_) => Ok(QUIC_RETRY_DEFAULT),
+    }
+}
+
 /// Joins or reconnects to the relay. With a token, the relay address and key
 /// come from it and, once admitted, are remembered in the state directory.
 pub async fn connect(
@@ -93,6 +107,19 @@ pub async fn connect(
     name: &str,
     services: Vec<String>,
     timing: &ClientTiming,
+) -> Result<Session, ClientError> {
+    connect_with(state, token, name, services, timing, None).await
+}
+
+/// [`connect`], over the transport `force` names instead of the one
+/// `WEFT_RELAY_TRANSPORT` asks for.
+pub async fn connect_with(
+    state: &mut ClientState,
+    token: Option<&Token>,
+    name: &str,
+    services: Vec<String>,
+    timing: &ClientTiming,
+    force: Option<tcp::Choice>,
 ) -> Result<Session, ClientError> {
     let (addrs, relay_key) = state.relay_target(token)?;
     let hello = Message::Hello(Hello {
@@ -111,15 +138,24 @@ pub async fn connect(
             }
         };
         for addr in resolved {
+            // The network this connection leaves from: where TCP/TLS won
+            // before, it races at once.
+            let local = local_ip_for(addr);
+            let tcp_first = local.is_some_and(|l| state.tcp_first(l));
             match timeout(
                 timing.handshake_timeout,
-                connect_one(&state.key, relay_key, addr, &hello, timing),
+                connect_one(
+                    &state.key, relay_key, addr, &hello, timing, force, tcp_first,
+                ),
             )
             .await
             {
                 Ok(Ok(s)) => {
                     if let Some(t) = token {
                         state.remember(t)?;
+                    }
+                    if let Some(l) = local {
+                        state.note_transport(l, s.conn.kind() == crate::transport::Kind::Tcp);
                     }
                     return Ok(s);
                 }
@@ -133,6 +169,18 @@ pub async fn connect(
         addrs: addrs.join(", "),
         last,
     })
+}
+
+/// The local address the kernel would use to reach `addr` (no packet is sent).
+fn local_ip_for(addr: SocketAddr) -> Option<std::net::IpAddr> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(addr).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
 }
 
 /// Set once a TCP/TLS connection won a race in this process: later
@@ -187,21 +235,28 @@ async fn connect_tcp(
 
 /// A connection to the relay at `addr` by the transport `WEFT_RELAY_TRANSPORT`
 /// asks for: by default QUIC, raced by TCP/TLS after [`tcp::HEAD_START`]
-/// (at once after TCP won before in this process); the first to finish its
+/// (at once after TCP won before in this process, or from this network
+/// within a day: `tcp_first`); the first to finish its
 /// handshake wins and the other is dropped before admission (admitting twice
 /// would make the relay replace one connection with the other).
 async fn establish(
     addr: SocketAddr,
     timing: &ClientTiming,
+    force: Option<tcp::Choice>,
+    tcp_first: bool,
 ) -> Result<(Connection, Option<Endpoint>), ClientError> {
-    match tcp::Choice::from_env().map_err(ClientError::Usage)? {
+    let choice = match force {
+        Some(c) => c,
+        None => tcp::Choice::from_env().map_err(ClientError::Usage)?,
+    };
+    match choice {
         tcp::Choice::Quic => {
             let (c, e) = connect_quic(addr, timing).await?;
             Ok((Connection::Quic(c), Some(e)))
         }
         tcp::Choice::Tcp => Ok((connect_tcp(addr, timing, Duration::ZERO).await?, None)),
         tcp::Choice::Auto => {
-            let head_start = if TCP_WON.load(Ordering::Relaxed) {
+            let head_start = if tcp_first || TCP_WON.load(Ordering::Relaxed) {
                 Duration::ZERO
             } else {
                 tcp::HEAD_START
@@ -241,8 +296,10 @@ async fn connect_one(
     addr: SocketAddr,
     hello: &Message,
     timing: &ClientTiming,
+    force: Option<tcp::Choice>,
+    tcp_first: bool,
 ) -> Result<Session, ClientError> {
-    let (conn, endpoint) = establish(addr, timing).await?;
+    let (conn, endpoint) = establish(addr, timing, force, tcp_first).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(ProtoError::from)?;
     let prologue = noise::prologue(&conn)?;
     let answer = noise::initiate(key, &relay_key, &prologue, &mut send, &mut recv, hello).await?;

@@ -1,7 +1,10 @@
 //! A node's identity and relay in its state directory, and the engineer's
 //! `login` (the first join with a token).
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,13 +22,58 @@ pub struct RelayInfo {
     pub key: String,
 }
 
+/// How long a network where TCP/TLS won the race is remembered as one:
+/// within it, a new connection races TCP/TLS without QUIC's head start.
+pub(crate) const NETWORK_MEMORY: Duration = Duration::from_secs(24 * 3600);
+
+/// The networks where QUIC did not answer and TCP/TLS won the race, by the
+/// local address that reaches the relay, with when (unix seconds)
+/// (`networks.json`; no secrets). A pure record: [`Networks::tcp_first`]
+/// decides, the shell reads and writes the file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Networks {
+    /// Local address → when TCP/TLS last won there.
+    pub(crate) tcp_won: BTreeMap<String, u64>,
+}
+
+impl Networks {
+    /// Whether a connection from `local` should race TCP/TLS at once.
+    pub(crate) fn tcp_first(&self, local: IpAddr, now_unix: u64) -> bool {
+        self.tcp_won
+            .get(&local.to_string())
+            .is_some_and(|at| now_unix.saturating_sub(*at) < NETWORK_MEMORY.as_secs())
+    }
+
+    /// Records which transport won from `local`; whether the record changed.
+    pub(crate) fn note(&mut self, local: IpAddr, tcp: bool, now_unix: u64) -> bool {
+        let key = local.to_string();
+        let before = self.tcp_won.clone();
+        self.tcp_won
+            .retain(|_, at| now_unix.saturating_sub(*at) < NETWORK_MEMORY.as_secs());
+        if tcp {
+            // Rewritten at most hourly: engineers connect often.
+            let fresh = self
+                .tcp_won
+                .get(&key)
+                .is_some_and(|at| now_unix.saturating_sub(*at) < 3600);
+            if !fresh {
+                self.tcp_won.insert(key, now_unix);
+            }
+        } else {
+            self.tcp_won.remove(&key);
+        }
+        self.tcp_won != before
+    }
+}
+
 /// A node's identity and relay, kept in a state directory:
-/// `identity.key` (0600) and `relay.json`.
+/// `identity.key` (0600), `relay.json` and `networks.json`.
 #[derive(Debug)]
 pub struct ClientState {
     dir: PathBuf,
     pub(super) key: StaticKey,
     relay: Option<RelayInfo>,
+    networks: Networks,
 }
 
 impl ClientState {
@@ -42,11 +90,45 @@ impl ClientState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(StateError::io(&rp, e)),
         };
+        // A hint only: a damaged file is ignored (and replaced on the next race).
+        let np = dir.join("networks.json");
+        let networks = std::fs::read_to_string(&np)
+            .ok()
+            .and_then(|t| match serde_json::from_str(&t) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::debug!(path = %np.display(), error = %e, "ignoring a damaged networks.json");
+                    None
+                }
+            })
+            .unwrap_or_default();
         Ok(ClientState {
             dir: dir.to_path_buf(),
             key,
             relay,
+            networks,
         })
+    }
+
+    /// Whether TCP/TLS won the last race from the network with local
+    /// address `local` (within [`NETWORK_MEMORY`]).
+    pub(super) fn tcp_first(&self, local: IpAddr) -> bool {
+        self.networks.tcp_first(local, unix_now())
+    }
+
+    /// Remembers which transport won from `local`. Best effort: a state
+    /// directory that cannot be written only costs the next race its hint.
+    pub(super) fn note_transport(&mut self, local: IpAddr, tcp: bool) {
+        if !self.networks.note(local, tcp, unix_now()) {
+            return;
+        }
+        let path = self.dir.join("networks.json");
+        let written = serde_json::to_string_pretty(&self.networks)
+            .map_err(|e| e.to_string())
+            .and_then(|t| write_private(&path, &t).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "could not remember the network's transport");
+        }
     }
 
     /// This node's public key.
@@ -99,6 +181,13 @@ impl ClientState {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// The engineer's default identity directory: `$XDG_CONFIG_HOME/weft`, else
 /// `~/.config/weft` (what `tunnel-relay login` uses without `--state-dir`).
 pub fn default_state_dir() -> Result<PathBuf, ClientError> {
@@ -129,4 +218,40 @@ pub async fn login(
     let out = (s.name.clone(), s.tags.clone());
     s.close().await;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_where_tcp_won_races_tcp_at_once_for_a_day() {
+        let home: IpAddr = "192.168.1.20".parse().unwrap_or_else(|_| unreachable!());
+        let cafe: IpAddr = "10.9.0.7".parse().unwrap_or_else(|_| unreachable!());
+        let mut n = Networks::default();
+        assert!(!n.tcp_first(cafe, 1_000));
+        assert!(n.note(cafe, true, 1_000), "first TCP win is recorded");
+        assert!(n.tcp_first(cafe, 1_000 + 3_600));
+        assert!(
+            !n.tcp_first(home, 1_000),
+            "other networks keep QUIC's head start"
+        );
+        assert!(!n.note(cafe, true, 1_500), "not rewritten within the hour");
+        assert!(n.note(cafe, true, 1_000 + 7_200), "refreshed after an hour");
+        let day = NETWORK_MEMORY.as_secs();
+        assert!(
+            !n.tcp_first(cafe, 1_000 + 7_200 + day),
+            "forgotten after a day"
+        );
+        // QUIC winning there again forgets it at once.
+        assert!(n.note(cafe, false, 10_000));
+        assert!(!n.tcp_first(cafe, 10_000));
+        assert!(!n.note(cafe, false, 10_001), "nothing to forget twice");
+        // Old entries of other networks are dropped when anything is noted.
+        n.note(home, true, 20_000);
+        n.note(cafe, true, 20_000 + day + 1);
+        assert_eq!(n.tcp_won.len(), 1);
+        let text = serde_json::to_string(&n).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<Networks>(&text).ok(), Some(n));
+    }
 }
