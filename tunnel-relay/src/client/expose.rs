@@ -194,6 +194,8 @@ async fn expose_inner(
                 );
                 publish(link.state());
                 let mut session = Arc::new(session);
+                // Connections left behind by a move back to QUIC, until their tunnels end.
+                let mut draining: Vec<Arc<Session>> = Vec::new();
                 let end = loop {
                     // On the TCP/TLS fallback by choice of the race (not forced), try QUIC
                     // again now and then; open tunnels stay on TCP until they end.
@@ -208,6 +210,8 @@ async fn expose_inner(
                         e = serve_worker(session.clone(), services.clone()) => break e,
                         quic = upgrade => {
                             let old = std::mem::replace(&mut session, Arc::new(quic));
+                            draining.retain(|d: &Arc<Session>| d.conn.close_reason().is_none());
+                            draining.push(old.clone());
                             let services = services.clone();
                             tokio::spawn(
                                 async move {
@@ -229,6 +233,9 @@ async fn expose_inner(
                             publish(link.state());
                         }
                         _ = &mut shutdown => {
+                            for d in &draining {
+                                d.close_with(b"worker shutting down", Duration::ZERO).await;
+                            }
                             session.close_with(b"worker shutting down", Duration::from_secs(1)).await;
                             return Ok(());
                         }

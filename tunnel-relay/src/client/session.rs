@@ -154,8 +154,13 @@ pub async fn connect_with(
                     if let Some(t) = token {
                         state.remember(t)?;
                     }
-                    if let Some(l) = local {
-                        state.note_transport(l, s.conn.kind() == crate::transport::Kind::Tcp);
+                    // What a race decided (a forced TCP says nothing about QUIC); a QUIC
+                    // session, forced or not, says QUIC works from here.
+                    let tcp = s.conn.kind() == crate::transport::Kind::Tcp;
+                    let raced =
+                        force.is_none() && matches!(tcp::Choice::from_env(), Ok(tcp::Choice::Auto));
+                    if let Some(l) = local.filter(|_| raced || !tcp) {
+                        state.note_transport(l, tcp);
                     }
                     return Ok(s);
                 }
