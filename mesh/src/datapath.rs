@@ -180,25 +180,22 @@ impl DataPath {
     /// Handles what is queued in `dir` with that direction's state held
     /// (waiting for it, or giving up at once with `wait = false`: `None`).
     fn pump(&self, dir: Dir, wait: bool) -> anyhow::Result<Option<usize>> {
+        fn hold<T>(m: &Mutex<T>, wait: bool) -> Option<parking_lot::MutexGuard<'_, T>> {
+            if wait {
+                Some(m.lock())
+            } else {
+                m.try_lock()
+            }
+        }
         let n = match dir {
-            Dir::Out => {
-                let ob = if wait {
-                    Some(self.outbound.lock())
-                } else {
-                    self.outbound.try_lock()
-                };
-                let Some(mut ob) = ob else { return Ok(None) };
-                ob.pump(&self.device, &self.tun, &self.net)?
-            }
-            Dir::In => {
-                let ib = if wait {
-                    Some(self.inbound.lock())
-                } else {
-                    self.inbound.try_lock()
-                };
-                let Some(mut ib) = ib else { return Ok(None) };
-                ib.pump(self)?
-            }
+            Dir::Out => match hold(&self.outbound, wait) {
+                Some(mut ob) => ob.pump(&self.device, &self.tun, &self.net)?,
+                None => return Ok(None),
+            },
+            Dir::In => match hold(&self.inbound, wait) {
+                Some(mut ib) => ib.pump(self)?,
+                None => return Ok(None),
+            },
         };
         if n > 0 {
             self.last_work[dir as usize].store(self.now_ns(), Ordering::Relaxed);

@@ -1049,6 +1049,84 @@ fn blocked_udp_falls_back_to_tls_over_tcp() {
     lab.relay.proc.kill_term();
 }
 
+/// An interactive ssh session running `cat` in `ns` (`ssh` is the command line up to the
+/// host): a thread writes a numbered line every 100 ms and every line that comes back lands in
+/// a file, so a test sees whether the session carries on through a change of path.
+struct EchoSession {
+    child: std::process::Child,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: std::thread::JoinHandle<std::io::Result<u32>>,
+    path: std::path::PathBuf,
+}
+
+impl EchoSession {
+    fn start(ns: &Netns, ssh: &str) -> EchoSession {
+        let path = ns.file(&format!("echo-{}.out", std::process::id()));
+        let out =
+            std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut child = ns
+            .sh(&format!("exec {ssh} cat"))
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn the interactive ssh: {e}"));
+        let mut stdin = child
+            .stdin
+            .take()
+            .unwrap_or_else(|| panic!("interactive ssh without stdin"));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_writer = stop.clone();
+        let writer = std::thread::spawn(move || -> std::io::Result<u32> {
+            let mut n = 0;
+            while !stop_writer.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                writeln!(stdin, "line {n}")?;
+                stdin.flush()?;
+                sleep(Duration::from_millis(100));
+            }
+            Ok(n) // stdin drops: EOF ends `cat` and the session
+        });
+        EchoSession {
+            child,
+            stop,
+            writer,
+            path,
+        }
+    }
+
+    /// Lines back so far.
+    fn echoed(&self) -> usize {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+
+    /// Ends the session (EOF) and waits for ssh: lines sent, its exit, what came back, its stderr.
+    fn finish(
+        mut self,
+        logs: &dyn Fn() -> String,
+    ) -> (u32, std::process::ExitStatus, String, String) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self
+            .writer
+            .join()
+            .unwrap_or_else(|_| panic!("the ssh writer panicked"))
+            .unwrap_or_else(|e| panic!("writing to the interactive ssh: {e}\n{}", logs()));
+        let status = live_wait(&mut self.child, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = self.child.kill();
+            panic!("the interactive ssh did not end after EOF\n{}", logs())
+        });
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        let got = std::fs::read_to_string(&self.path).unwrap_or_default();
+        (sent, status, got, err)
+    }
+}
+
 /// Waits for `child` to exit, at most `within`.
 fn live_wait(
     child: &mut std::process::Child,
@@ -1361,38 +1439,8 @@ fn mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct() {
     // A ping and an interactive ssh session (`cat`: every line sent comes back) that run
     // through the switch to the direct path.
     let gap = GapMonitor::start(&eng.ns, NAME, 0.1);
-    let echo_path = eng.ns.file("echo.out");
-    let echo_file = std::fs::File::create(&echo_path).unwrap_or_else(|e| panic!("echo.out: {e}"));
-    let mut live = eng
-        .ns
-        .sh(&format!("exec ssh {ssh_opts} root@{NAME} cat"))
-        .stdin(Stdio::piped())
-        .stdout(echo_file)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn the live ssh: {e}"));
-    let mut stdin = live
-        .stdin
-        .take()
-        .unwrap_or_else(|| panic!("live ssh without stdin"));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_writer = stop.clone();
-    let writer = std::thread::spawn(move || -> std::io::Result<u32> {
-        let mut n = 0;
-        while !stop_writer.load(std::sync::atomic::Ordering::Relaxed) {
-            n += 1;
-            writeln!(stdin, "line {n}")?;
-            stdin.flush()?;
-            sleep(Duration::from_millis(100));
-        }
-        Ok(n) // stdin drops: EOF ends `cat` and the session
-    });
-    let echoed = || {
-        std::fs::read_to_string(&echo_path)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let echo = EchoSession::start(&eng.ns, &format!("ssh {ssh_opts} root@{NAME}"));
+    let echoed = || echo.echoed();
     until(
         Duration::from_secs(60),
         "the interactive ssh session echoing",
@@ -1473,21 +1521,8 @@ fn mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct() {
         g.transmitted.saturating_sub(g.received),
         g.max_gap
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = writer
-        .join()
-        .unwrap_or_else(|_| panic!("the ssh writer panicked"))
-        .unwrap_or_else(|e| panic!("writing to the live ssh session: {e}\n{}", logs()));
-    let status = live_wait(&mut live, Duration::from_secs(60)).unwrap_or_else(|| {
-        let _ = live.kill();
-        panic!("the live ssh session did not end after EOF\n{}", logs())
-    });
-    let mut err = String::new();
-    if let Some(mut e) = live.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut err);
-    }
+    let (sent, status, got, err) = echo.finish(&logs);
     let want: String = (1..=sent).map(|n| format!("line {n}\n")).collect();
-    let got = std::fs::read_to_string(&echo_path).unwrap_or_default();
     assert!(
         status.success() && got == want,
         "the ssh session through the switch: {status}, {} of {sent} lines back intact; stderr: {err}",
@@ -1717,37 +1752,8 @@ fn udp_cut_mid_session_moves_the_worker_to_tcp_and_ssh_reconnects() {
     // worker moves back to QUIC (it tries every 2 s here, `WEFT_QUIC_RETRY`), the open session
     // keeps echoing on the old connection, which the relay closes once that session ends; new
     // sessions go over QUIC.
-    let echo_path = eng.file("echo.out");
-    let echo_file = std::fs::File::create(&echo_path).unwrap_or_else(|e| panic!("echo.out: {e}"));
-    let mut open = eng
-        .sh(&format!("exec ssh {} root@{WORKER} cat", alice.ssh_opts()))
-        .stdin(Stdio::piped())
-        .stdout(echo_file)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn the interactive ssh: {e}"));
-    let mut stdin = open
-        .stdin
-        .take()
-        .unwrap_or_else(|| panic!("interactive ssh without stdin"));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_writer = stop.clone();
-    let writer = std::thread::spawn(move || -> std::io::Result<u32> {
-        let mut n = 0;
-        while !stop_writer.load(std::sync::atomic::Ordering::Relaxed) {
-            n += 1;
-            writeln!(stdin, "line {n}")?;
-            stdin.flush()?;
-            sleep(Duration::from_millis(100));
-        }
-        Ok(n) // stdin drops: EOF ends `cat` and the session
-    });
-    let echoed = || {
-        std::fs::read_to_string(&echo_path)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let echo = EchoSession::start(&eng, &format!("ssh {} root@{WORKER}", alice.ssh_opts()));
+    let echoed = || echo.echoed();
     until(
         Duration::from_secs(60),
         "the interactive ssh echoing over TCP",
@@ -1816,18 +1822,13 @@ fn udp_cut_mid_session_moves_the_worker_to_tcp_and_ssh_reconnects() {
         ssh_once("after-the-move")
     });
     // The open session ends (EOF): every line came back, and then the old connection goes.
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = writer
-        .join()
-        .unwrap_or_else(|_| panic!("the ssh writer panicked"))
-        .unwrap_or_else(|e| panic!("writing to the interactive ssh: {e}\n{}", lab.logs()));
-    let status = live_wait(&mut open, Duration::from_secs(60)).unwrap_or_else(|| {
-        let _ = open.kill();
-        panic!("the interactive ssh did not end after EOF\n{}", lab.logs())
-    });
-    assert!(status.success(), "the interactive ssh ended with {status}");
+    let (sent, status, got, err) = echo.finish(&|| lab.logs());
+    assert!(
+        status.success(),
+        "the interactive ssh ended with {status}; stderr: {err}"
+    );
     assert_eq!(
-        echoed(),
+        got.lines().count(),
         sent as usize,
         "every line sent over the session open through the move came back"
     );
