@@ -48,6 +48,8 @@ const TUN_BUF_CAPACITY: usize = 65535 + 2 * VIRTIO_NET_HDR_LEN;
 const TUN_READ_BATCH: usize = 4 * IDEAL_BATCH_SIZE;
 /// Most segments one TSO super-packet splits into (64 KiB / a small MSS).
 const TUN_SPLIT_MAX: usize = 128;
+/// A direction quiet for this long (ns) sends a packet before reading more.
+const IDLE_NS: u64 = 1_000_000;
 /// How long a data-path thread waits before re-checking the stop flag.
 const POLL_MS: i32 = 200;
 
@@ -177,6 +179,17 @@ impl DataPath {
         self.epoch.elapsed().as_nanos() as u64
     }
 
+    /// Whether a pump of `dir` should read everything queued before it sends
+    /// (to batch under load), rather than send what its first read got at
+    /// once: only when `dir` handled packets in the last [`IDLE_NS`]. An idle
+    /// direction's packet is usually alone (a ping, a request), and the read
+    /// that would find the queue empty costs it a cold syscall before it leaves.
+    fn drain(&self, dir: Dir) -> bool {
+        self.now_ns()
+            .saturating_sub(self.last_work[dir as usize].load(Ordering::Relaxed))
+            < IDLE_NS
+    }
+
     /// Handles what is queued in `dir` with that direction's state held
     /// (waiting for it, or giving up at once with `wait = false`: `None`).
     fn pump(&self, dir: Dir, wait: bool) -> anyhow::Result<Option<usize>> {
@@ -189,7 +202,7 @@ impl DataPath {
         }
         let n = match dir {
             Dir::Out => match hold(&self.outbound, wait) {
-                Some(mut ob) => ob.pump(&self.device, &self.tun, &self.net)?,
+                Some(mut ob) => ob.pump(&self.device, &self.tun, &self.net, self.drain(Dir::Out))?,
                 None => return Ok(None),
             },
             Dir::In => match hold(&self.inbound, wait) {
@@ -522,9 +535,17 @@ impl Outbound {
         }
     }
 
-    /// Reads what the TUN device has queued (without waiting), encrypts it
-    /// and sends it. Returns how many packets were read.
-    fn pump(&mut self, device: &Device, tun: &SyncDevice, net: &Net) -> anyhow::Result<usize> {
+    /// Reads what the TUN device has queued (without waiting; with `drain`
+    /// false, only one read), encrypts it and sends it. Returns how many
+    /// packets were read. Without `drain`, whatever the first read left
+    /// stays queued: the poller's level-triggered wait sees it at once.
+    fn pump(
+        &mut self,
+        device: &Device,
+        tun: &SyncDevice,
+        net: &Net,
+        drain: bool,
+    ) -> anyhow::Result<usize> {
         let udp = &*net.udp;
         let filter = net.managed.as_ref().map(|m| &m.filter);
         let Outbound {
@@ -539,7 +560,12 @@ impl Outbound {
         let mut n = 0;
         while bufs.len() - n >= TUN_SPLIT_MAX {
             match tun.recv_multiple(original, &mut bufs[n..], &mut sizes[n..], 0) {
-                Ok(more) => n += more,
+                Ok(more) => {
+                    n += more;
+                    if !drain {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("reading from the TUN device"),
@@ -714,7 +740,9 @@ impl Inbound {
             // Send what the kernel answered during those writes, unless the
             // other thread is already at it.
             if let Some(mut ob) = dp.outbound.try_lock() {
-                ob.pump(device, tun, net)?;
+                if ob.pump(device, tun, net, dp.drain(Dir::Out))? > 0 {
+                    dp.last_work[Dir::Out as usize].store(dp.now_ns(), Ordering::Relaxed);
+                }
             }
         }
         for o in outq.drain(..) {
