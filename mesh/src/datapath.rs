@@ -202,7 +202,9 @@ impl DataPath {
         }
         let n = match dir {
             Dir::Out => match hold(&self.outbound, wait) {
-                Some(mut ob) => ob.pump(&self.device, &self.tun, &self.net, self.drain(Dir::Out))?,
+                Some(mut ob) => {
+                    ob.pump(&self.device, &self.tun, &self.net, self.drain(Dir::Out))?
+                }
                 None => return Ok(None),
             },
             Dir::In => match hold(&self.inbound, wait) {

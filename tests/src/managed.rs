@@ -170,12 +170,21 @@ impl ManagedNode {
 
     /// [`ManagedNode::start`] for a relay whose pool puts MagicDNS on `dns`.
     pub fn start_beside(ns: Netns, token: &str, name: &str, dns: &str) -> ManagedNode {
+        ManagedNode::start_env(ns, token, name, dns, "")
+    }
+
+    /// [`ManagedNode::start`] with more environment (`VAR=value ...`) for `mesh up`.
+    pub fn start_with_env(ns: Netns, token: &str, name: &str, env: &str) -> ManagedNode {
+        ManagedNode::start_env(ns, token, name, DEFAULT_DNS, env)
+    }
+
+    fn start_env(ns: Netns, token: &str, name: &str, dns: &str, env: &str) -> ManagedNode {
         let uapi = ns.file("uapi").display().to_string();
         let state = ns.file("state").display().to_string();
         let proc = ns.spawn_named(
             "mesh",
             &format!(
-                "env RUST_LOG=info,netlink_packet_route=error {} up --state-dir {state} --token {token} --name {name} --uapi-dir {uapi}",
+                "env RUST_LOG=info,netlink_packet_route=error {env} {} up --state-dir {state} --token {token} --name {name} --uapi-dir {uapi}",
                 mesh_bin()
             ),
         );

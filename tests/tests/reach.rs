@@ -1295,9 +1295,10 @@ fn peer_named(status: &Value, name: &str) -> Value {
 /// fast UDP channel to the relay, which hands them to gpu1 on its TCP link); `weft status`
 /// shows the same.
 /// Then the block lifts: the two go direct (peer to peer over UDP, probed apart from the relay
-/// session, which stays on TCP) within 10 s, while a ping and an interactive ssh session keep
-/// running through the switch (lost pings are printed, not asserted; the ssh session must
-/// carry every line and end cleanly).
+/// session) within 10 s, while a ping and an interactive ssh session keep running through the
+/// switch (lost pings are printed, not asserted; the ssh session must carry every line and end
+/// cleanly); gpu1's own relay session moves back to QUIC (it retries every 2 s here,
+/// `WEFT_QUIC_RETRY`) and stays online in alice's peer map through the move.
 #[test]
 fn mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct() {
     const NAME: &str = "gpu1.weft.internal";
@@ -1307,7 +1308,9 @@ fn mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct() {
     router.block_udp();
     let wns = Netns::new("rmb-wk");
     let worker_lan = router.attach(&wns, "eth0");
-    let worker = ManagedNode::start(wns, &relay.token("worker"), "gpu1");
+    // It tries QUIC again every 2 s here (3 min by default).
+    let worker =
+        ManagedNode::start_with_env(wns, &relay.token("worker"), "gpu1", "WEFT_QUIC_RETRY=2s");
     let ens = net.host("rmb-eng", "198.51.100.5");
     let _resolver = NetnsResolver::magic_dns(&ens);
     let eng = ManagedNode::start(ens, &relay.token("engineer"), "alice");
@@ -1488,10 +1491,35 @@ fn mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct() {
             && e["relay_transport"].is_null(),
         "alice's direct path to gpu1 should be its router's public address: {e}"
     );
-    let wst = worker.status();
+    // gpu1's own relay link moves back to QUIC (its control stream and relayed packets), and
+    // the relay keeps it online through the move: alice still has gpu1 in her peer map, direct.
+    let wst = until(
+        Duration::from_secs(30),
+        "gpu1's relay link back on quic after the block lifted",
+        || {
+            let st = worker.status();
+            if st["relay"]["state"] == "connected" && st["relay"]["transport"] == "quic" {
+                Ok(st)
+            } else {
+                Err(format!("{}\n{}", st["relay"], logs()))
+            }
+        },
+    );
     eprintln!(
-        "gpu1's relay link after the block lifted: {} (a session on TCP stays there until it ends)",
+        "gpu1's relay link back on QUIC {:?} after lifting the block: {}",
+        t0.elapsed(),
         wst["relay"]
+    );
+    assert!(
+        worker.proc.log().contains("mesh session back on QUIC"),
+        "gpu1's log should say it moved back to QUIC\n{}",
+        logs()
+    );
+    let e = peer_named(&eng.status(), "gpu1");
+    assert!(
+        e["path"] == "direct" && e["online"] == true,
+        "alice's view of gpu1 after gpu1's move back to QUIC: {e}\n{}",
+        logs()
     );
 
     // Traffic keeps flowing on the direct path; then the ping and the session end.

@@ -23,6 +23,10 @@
 //!   [`LinkState`]); [`MeshSession::link_info`]: the current relay
 //!   connection's [`RelayPath`] (WireGuard packets through the relay on the
 //!   same QUIC connection), the relay's STUN address and the overlay prefixes.
+//!
+//! A session that the race put on TCP/TLS moves its control stream back to
+//! QUIC when QUIC reaches the relay again (see `run`): the link info then
+//! changes and [`MeshEvent::Connected`] comes again without a `Disconnected`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,12 +41,16 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::client::{close_failure, connect, ClientState, ClientTiming, Session};
+use crate::client::{
+    close_failure, connect, connect_with, quic_retry, ClientState, ClientTiming, Session,
+};
 use crate::error::{ClientError, ProtoError};
 use crate::keys::PublicKey;
 use crate::link::{Admitted, Backoff, Failure, Link, LinkState, Next};
 use crate::relay_path::RelayPath;
+use crate::tcp::Choice;
 use crate::token::Token;
+use crate::transport::Kind;
 use crate::wire::{read_control, write_control, ControlIoError};
 use crate::wire::{read_message, write_message, Message};
 use weft_proto::control::{ControlMsg, MAX_CONTROL_FRAME};
@@ -208,6 +216,11 @@ impl MeshSession {
 
     /// [`MeshSession::connect`] with every option.
     pub async fn start(opts: MeshOptions) -> Result<MeshSession, ClientError> {
+        // Only when the race picks the transport: a forced one stays.
+        let retry = match Choice::from_env() {
+            Ok(Choice::Auto) => Some(quic_retry()?),
+            _ => None,
+        };
         let mut state = ClientState::open(&opts.state_dir)?;
         let key = state.public_key();
         let mut link = Link::new(opts.backoff, rand::random());
@@ -246,7 +259,19 @@ impl MeshSession {
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let span = tracing::info_span!("mesh", me = %key.short());
         let task = tokio::spawn(
-            run(inner.clone(), opts, state, link, live, cmd_rx, ev_tx).instrument(span),
+            run(
+                Task {
+                    inner: inner.clone(),
+                    opts,
+                    state,
+                    link,
+                    cmd: cmd_rx,
+                    events: ev_tx,
+                    retry,
+                },
+                live,
+            )
+            .instrument(span),
         );
         Ok(MeshSession {
             key,
@@ -449,15 +474,22 @@ enum StreamEnd {
 /// drive the control stream; its end goes to the core, which says when to
 /// try again (or to give up). A control stream that ended on a live
 /// connection is rejoined on that connection.
-async fn run(
-    inner: Arc<Inner>,
-    opts: MeshOptions,
-    mut state: ClientState,
-    mut link: Link,
-    first: Live,
-    mut cmd: mpsc::Receiver<Cmd>,
-    events: broadcast::Sender<MeshEvent>,
-) {
+///
+/// On the TCP/TLS fallback by choice of the race (not forced), it tries a
+/// QUIC session every `retry` meanwhile ([`back_to_quic`]); once one is
+/// admitted, the control stream moves to it (the relay supersedes the old
+/// stream, keeps the node online, and sends relayed packets to the new
+/// connection) and the TCP/TLS connection closes.
+async fn run(t: Task, first: Live) {
+    let Task {
+        inner,
+        opts,
+        mut state,
+        mut link,
+        mut cmd,
+        events,
+        retry,
+    } = t;
     let mut live = Some(first);
     loop {
         match link.poll(Instant::now()) {
@@ -470,7 +502,36 @@ async fn run(
                     );
                     continue;
                 };
-                let end = drive(&inner, l, &mut cmd, &events).await;
+                let retry = retry.filter(|_| l.session.connection().kind() == Kind::Tcp);
+                let end = tokio::select! {
+                    end = drive(&inner, l, &mut cmd, &events) => end,
+                    quic = back_to_quic(&mut state, &opts, retry) => {
+                        // The old stream is no longer read: the relay supersedes it
+                        // when the new one joins.
+                        let joined = tokio::select! {
+                            r = open_stream(&quic, &opts, &inner) => r,
+                            _ = wait_shutdown(&mut cmd) => {
+                                quic.close().await;
+                                break;
+                            }
+                        };
+                        match joined {
+                            Ok((send, recv, info)) => {
+                                let old = std::mem::replace(l, Live { session: quic, send, recv, info });
+                                old.session.close().await;
+                                info!(relay = %l.info.relay, "mesh session back on QUIC; the TCP/TLS connection is closed");
+                                up(&inner, &events, &mut link, l);
+                            }
+                            Err(e) => {
+                                // The old stream may have been superseded meanwhile: if so,
+                                // its end comes next and the core rejoins.
+                                debug!(error = %e, "joining the mesh over QUIC failed; staying on TCP/TLS");
+                                quic.close().await;
+                            }
+                        }
+                        continue;
+                    }
+                };
                 let conn_gone = l.session.connection().close_reason();
                 let failure = match end {
                     StreamEnd::Shutdown => break,
@@ -553,6 +614,49 @@ async fn run(
         link.stop();
     }
     inner.link.send_replace(link.state().clone());
+}
+
+/// What the background task owns besides the live control stream.
+struct Task {
+    inner: Arc<Inner>,
+    opts: MeshOptions,
+    state: ClientState,
+    link: Link,
+    cmd: mpsc::Receiver<Cmd>,
+    events: broadcast::Sender<MeshEvent>,
+    /// How often a session on TCP/TLS tries QUIC again; `None` with a forced transport.
+    retry: Option<Duration>,
+}
+
+/// With `every` set: waits `every`, then tries a QUIC session to the relay
+/// (a full admission), again and again until one is admitted. Without it:
+/// never resolves.
+async fn back_to_quic(
+    state: &mut ClientState,
+    opts: &MeshOptions,
+    every: Option<Duration>,
+) -> Session {
+    let Some(every) = every else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let tried = connect_with(
+            state,
+            opts.token.as_ref(),
+            &opts.name,
+            Vec::new(),
+            &opts.timing,
+            Some(Choice::Quic),
+        )
+        .await;
+        match tried {
+            Ok(s) => return s,
+            Err(e) => {
+                debug!(error = %e, retry_in_s = every.as_secs(), "QUIC still does not reach the relay")
+            }
+        }
+    }
 }
 
 /// A new control stream on the connection of `l`, whose stream ended.
