@@ -11,6 +11,11 @@
 //!   (coordinator) is killed mid-transfer on a direct path and every byte
 //!   still arrives; nodes reconnect when it is back.
 //! - A worker that moves to another network is reachable again quickly.
+//! - Policy reload without a restart: the operator edits the relay's config
+//!   (`[mesh.acl]`) and runs `tunnel-relay policy reload` (or sends SIGHUP):
+//!   workers that may now talk see each other and ping; a broken file is
+//!   refused with its line and changes nothing; taking the rule back out
+//!   removes them from each other's peer maps again.
 //! - A relay configured with its own pools (`10.200.0.0/16`, `fd00:7765:200::/48`)
 //!   gives nodes addresses, routes and a MagicDNS resolver inside them, and
 //!   ssh by name works there.
@@ -390,4 +395,143 @@ fn relay_pools_give_addresses_routes_and_dns_inside_them() {
         w.ip
     );
     let _sshd = ssh_by_name(&eng, &w, "gpu1.weft.internal", &w.ip);
+}
+
+/// The relay config of `policy_reload_reaches_every_peer_map_without_a_restart`:
+/// the default rule, plus `extra`.
+fn acl_config(extra: &str) -> String {
+    format!(
+        "[[mesh.acl.rule]]\nfrom = \"engineer\"\nto = \"worker\"\nproto = \"tcp\"\nports = [22, 7070]\n{extra}"
+    )
+}
+
+#[test]
+fn policy_reload_reaches_every_peer_map_without_a_restart() {
+    let _one_at_a_time = one_at_a_time();
+    let net = Internet::new("mmp");
+    let relay = Relay::start_with_config(&net, "mmp", Some(&acl_config("")));
+    let config = relay.ns.file("relay.toml");
+    let w1 = node(net.host("mmp-w1", "198.51.100.6"), &relay, "worker", "gpu1");
+    let w2 = node(net.host("mmp-w2", "198.51.100.7"), &relay, "worker", "gpu2");
+    let eng = node(
+        net.host("mmp-e", "198.51.100.5"),
+        &relay,
+        "engineer",
+        "alice",
+    );
+    let mut both = vec![w1.ip.clone(), w2.ip.clone()];
+    both.sort();
+    eng.wait_until(
+        Duration::from_secs(10),
+        "both workers in alice's peer map",
+        |n| n.peer_ips() == both,
+    );
+    w1.wait_until(
+        Duration::from_secs(10),
+        "only alice in gpu1's peer map",
+        |n| n.peer_ips() == vec![eng.ip.clone()],
+    );
+    assert!(
+        !traffic::ping(&w1.ns, &w2.ip, 1, 0.2, 1).all_ok(),
+        "a worker pinged a worker before any rule allowed it"
+    );
+    let reload = || {
+        relay.ns.output(&format!(
+            "{} policy reload --state-dir {}",
+            relay_bin(),
+            relay.state
+        ))
+    };
+
+    // Workers may ping each other now: `policy reload`, no restart.
+    std::fs::write(
+        &config,
+        acl_config("[[mesh.acl.rule]]\nfrom = \"worker\"\nto = \"worker\"\nproto = \"icmp\"\n"),
+    )
+    .expect("write the relay config");
+    let t0 = Instant::now();
+    let out = reload();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success()
+            && said.contains("mesh ACL changed")
+            && said.contains("tunnel policy unchanged"),
+        "policy reload: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (w, other) in [(&w1, &w2), (&w2, &w1)] {
+        let mut want = vec![eng.ip.clone(), other.ip.clone()];
+        want.sort();
+        w.wait_until(
+            Duration::from_secs(5),
+            "the other worker in the peer map after the reload",
+            |n| n.peer_ips() == want,
+        );
+    }
+    eprintln!(
+        "peer maps updated {:?} after `policy reload`: {}",
+        t0.elapsed(),
+        said.trim()
+    );
+    assert!(
+        traffic::wait_ping(&w1.ns, &w2.ip, Duration::from_secs(10)),
+        "gpu1 cannot ping gpu2 after the reload\n{}",
+        relay.proc.log_tail(20)
+    );
+    assert_eq!(
+        fetch(&w1.ns, &format!("{}:22", w2.ip)),
+        "",
+        "the new rule allows icmp only"
+    );
+    let _b = banner(&w2.ns, &w2.ip, 22, "w2-ssh");
+    assert_eq!(
+        fetch(&eng.ns, &format!("{}:22", w2.ip)),
+        "w2-ssh",
+        "alice's rule still holds"
+    );
+
+    // A broken file is refused with where and what, and changes nothing.
+    std::fs::write(
+        &config,
+        acl_config("[[mesh.acl.rule]]\nfrom = \"worker\"\nto = \"worker\"\nproto = \"icmpx\"\n"),
+    )
+    .expect("write the relay config");
+    let out = reload();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success()
+            && err.contains("policy not reloaded")
+            && err.contains("relay.toml")
+            && err.contains("icmpx"),
+        "a broken config must be refused, naming the file and the value: {err}"
+    );
+    assert!(
+        traffic::ping(&w1.ns, &w2.ip, 3, 0.2, 2).all_ok(),
+        "the running policy must stay after a refused reload"
+    );
+
+    // SIGHUP does the same: the worker rule goes, and with it each worker from the other's map.
+    std::fs::write(&config, acl_config("")).expect("write the relay config");
+    relay.ns.exec(&format!("kill -HUP {}", relay.proc.pid()));
+    for w in [&w1, &w2] {
+        w.wait_until(
+            Duration::from_secs(5),
+            "only alice in the peer map after SIGHUP",
+            |n| n.peer_ips() == vec![eng.ip.clone()],
+        );
+    }
+    assert!(
+        !traffic::ping(&w1.ns, &w2.ip, 2, 0.2, 1).all_ok(),
+        "gpu1 still pings gpu2 after the rule was taken out"
+    );
+    assert!(
+        relay.proc.log().contains("policy reloaded"),
+        "the relay logs each reload\n{}",
+        relay.proc.log_tail(20)
+    );
+    assert_eq!(
+        fetch(&eng.ns, &format!("{}:22", w2.ip)),
+        "w2-ssh",
+        "alice reaches gpu2 throughout"
+    );
 }

@@ -63,6 +63,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PoolCmd,
     },
+    /// Operator: the running relay's policies (`[policy]`, `[mesh.acl]` in its config file).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Provider: expose local services through the relay (keeps reconnecting).
     Expose {
         /// Join token (first run only; later runs use the identity in --state-dir).
@@ -152,6 +157,17 @@ enum NodesCmd {
 }
 
 #[derive(Subcommand)]
+enum PolicyCmd {
+    /// Read the running relay's configuration file again and apply its `[policy]` and
+    /// `[mesh.acl]` now (as SIGHUP does): nodes whose peers change get a peer-map delta;
+    /// open tunnels stay. A file with an error changes nothing.
+    Reload {
+        #[command(flatten)]
+        state: RelayState,
+    },
+}
+
+#[derive(Subcommand)]
 enum PoolCmd {
     /// Workers with every GPU (free, busy, health), and the queue with why each job waits.
     List(ListArgs),
@@ -234,7 +250,8 @@ async fn run(cli: Cli) -> Result<()> {
             metrics,
             tcp_listen,
         } => {
-            let mut config = load_config(config.as_deref())?;
+            let config_path = config;
+            let mut config = load_config(config_path.as_deref())?;
             config.tcp_listen.extend(tcp_listen);
             if metrics.is_some() {
                 config.metrics_listen = metrics;
@@ -243,6 +260,8 @@ async fn run(cli: Cli) -> Result<()> {
                 listen,
                 state_dir: state_dir.clone(),
                 config,
+                // Absolute: a reload reads the same file whatever the working directory.
+                config_path: config_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
             })
             .with_context(|| format!("start relay in {}", state_dir.display()))?;
             let tcp: Vec<String> = relay.tcp_addrs().iter().map(|a| a.to_string()).collect();
@@ -268,6 +287,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Token { cmd } => token_cmd(cmd)?,
         Cmd::Nodes { cmd } => nodes_cmd(cmd)?,
         Cmd::Pool { cmd } => pool_cmd(cmd)?,
+        Cmd::Policy {
+            cmd: PolicyCmd::Reload { state },
+        } => policy_reload(&state.dir)?,
         Cmd::Expose {
             token,
             state_dir,
@@ -424,6 +446,55 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
             Registry::open(&state.dir)?.revoke_node(&name)?;
             println!("revoked node {name}: its connections close within a second, it leaves every mesh peer map, and it is refused from then on");
         }
+    }
+    Ok(())
+}
+
+/// `policy reload`: asks the running relay (its admin socket) to read its
+/// configuration file again; prints what changed.
+fn policy_reload(dir: &Path) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let sock = dir.join(files::ADMIN_SOCKET);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "no relay running with state dir {} (its admin socket {} does not answer)",
+            dir.display(),
+            sock.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"reload\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .with_context(|| format!("read {}", sock.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("answer of {}", sock.display()))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("policy not reloaded (the running policy stays): {e}");
+    }
+    let yes = |k: &str| v.get(k).and_then(|b| b.as_bool()).unwrap_or(false);
+    println!(
+        "reloaded {}: tunnel policy {}, mesh ACL {} ({} peer-map updates sent)",
+        v["config"].as_str().unwrap_or("?"),
+        if yes("tunnel_policy_changed") {
+            "changed"
+        } else {
+            "unchanged"
+        },
+        if yes("mesh_acl_changed") {
+            "changed"
+        } else {
+            "unchanged"
+        },
+        v["peer_map_updates"].as_u64().unwrap_or(0)
+    );
+    if let Some(r) = v["restart_needed_for"].as_array().filter(|r| !r.is_empty()) {
+        let names: Vec<&str> = r.iter().filter_map(|x| x.as_str()).collect();
+        println!(
+            "also changed, applied only at a restart: {}",
+            names.join(", ")
+        );
     }
     Ok(())
 }

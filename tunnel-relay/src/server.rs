@@ -43,6 +43,7 @@ use crate::wire::{
 mod fastpath;
 mod mesh;
 mod pool;
+mod reload;
 
 pub use mesh::{MAX_NODE_FRAME, RESYNCS_PER_SEC, RESYNC_BURST, SESSION_QUEUE};
 
@@ -64,6 +65,9 @@ pub struct ServeOptions {
     pub state_dir: PathBuf,
     /// Configuration.
     pub config: RelayConfig,
+    /// The file `config` came from, read again on `SIGHUP` or `policy
+    /// reload` for its policies (`None`: defaults, nothing to reload).
+    pub config_path: Option<PathBuf>,
 }
 
 /// File names inside the relay's state directory.
@@ -89,7 +93,11 @@ struct NodeCtx {
 
 struct Shared {
     key: StaticKey,
+    /// As started; the policies in it are the first [`Shared::policies`].
     config: RelayConfig,
+    config_path: Option<PathBuf>,
+    /// The tunnel policy and mesh ACL in force (a reload swaps them).
+    policies: std::sync::RwLock<Arc<reload::Policies>>,
     registry: Mutex<Registry>,
     routes: Arc<Mutex<Routes<Connection>>>,
     rate: Mutex<RateLimiter>,
@@ -104,6 +112,16 @@ struct Shared {
     /// Places for TCP connections awaiting admission
     /// ([`crate::config::Limits::pending_tcp_cap`]).
     pending_tcp: Arc<tokio::sync::Semaphore>,
+}
+
+impl Shared {
+    /// The tunnel policy and mesh ACL in force now.
+    fn policies(&self) -> Arc<reload::Policies> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// A TCP connection's place among those awaiting admission; freed on drop
@@ -318,6 +336,10 @@ impl Relay {
             shared: Arc::new(Shared {
                 key,
                 config: opts.config.clone(),
+                config_path: opts.config_path.clone(),
+                policies: std::sync::RwLock::new(Arc::new(reload::Policies::from_config(
+                    &opts.config,
+                ))),
                 registry: Mutex::new(registry),
                 routes,
                 rate: Mutex::new(rate),
@@ -401,6 +423,7 @@ impl Relay {
                     .instrument(tracing::info_span!("tcp", me = %me)),
             ));
         }
+        let reload_task = tokio::spawn(reload_on_hangup(self.shared.clone()));
         info!(me = %me, addr = ?self.local_addr(), "relay listening");
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -437,6 +460,7 @@ impl Relay {
         );
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
+        reload_task.abort();
         pool_timer.abort();
         if let Some(t) = admin_task {
             t.abort();
@@ -447,6 +471,23 @@ impl Relay {
             t.abort();
         }
         Ok(())
+    }
+}
+
+/// `SIGHUP` reloads the policies from the configuration file (see `server/reload.rs`).
+async fn reload_on_hangup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot watch SIGHUP; `tunnel-relay policy reload` still works");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        if let Err(e) = reload::reload(&shared) {
+            warn!(error = %e, "SIGHUP: policy not reloaded; the running policy stays");
+        }
     }
 }
 
@@ -843,8 +884,8 @@ async fn forward_datagrams(shared: Arc<Shared>, ctx: NodeCtx) {
             m.datagrams_dropped.inc();
             continue;
         };
-        let route =
-            lock(&shared.routes).datagram_route(&ctx.key, &ctx.tags, &dst, &shared.config.mesh.acl);
+        let acl = &shared.policies().mesh_acl;
+        let route = lock(&shared.routes).datagram_route(&ctx.key, &ctx.tags, &dst, acl);
         let Some(conn) = route else {
             m.datagrams_dropped.inc();
             continue;
@@ -887,7 +928,7 @@ async fn control_loop(
 }
 
 fn targets_for(shared: &Shared, ctx: &NodeCtx) -> Vec<Target> {
-    lock(&shared.routes).targets_for(opener(ctx), &shared.config.policy)
+    lock(&shared.routes).targets_for(opener(ctx), &shared.policies().tunnels)
 }
 
 fn opener(ctx: &NodeCtx) -> Opener<'_> {
@@ -993,10 +1034,13 @@ async fn route(
             .filter(|k| revoked(shared, k))
             .collect()
     };
-    let decision =
-        lock(&shared.routes).decide(opener(ctx), target, service, &shared.config.policy, |k| {
-            revoked_now.contains(k)
-        });
+    let decision = lock(&shared.routes).decide(
+        opener(ctx),
+        target,
+        service,
+        &shared.policies().tunnels,
+        |k| revoked_now.contains(k),
+    );
     let grant = match decision {
         Ok(g) => g,
         Err((rej, close)) => {

@@ -691,6 +691,7 @@ async fn operator_certificate_is_served_and_a_wrong_key_is_refused() {
         listen: "127.0.0.1:0".parse().unwrap_or_else(|_| panic!()),
         state_dir: tmp().path().join("s"),
         config: config.clone(),
+        config_path: None,
     })
     .err()
     .map(|e| e.to_string())

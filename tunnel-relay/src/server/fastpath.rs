@@ -340,7 +340,7 @@ fn forward(shared: &Shared, io: &Io<'_>, from: SocketAddr, data: &mut [u8], stri
                                 &src.key,
                                 &src.tags,
                                 &c.key,
-                                &shared.config.mesh.acl,
+                                &shared.policies().mesh_acl,
                             )?;
                             Some(match c.fresh_addr() {
                                 Some(a) => (Some(a), None),

@@ -47,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::registry::{MeshWrite, Registry};
 use crate::routes::Routes;
 use crate::wire::{write_message, Message, Reason, Rejection};
+use weft_proto::acl::AclPolicy;
 use weft_proto::close::ResetCode;
 
 /// Messages queued per node before its session is dropped as too slow.
@@ -150,6 +151,24 @@ fn unix_ms() -> u64 {
 }
 
 impl Mesh {
+    /// Replaces the mesh ACL and sends every node whose peers or filter
+    /// changed its delta; returns how many updates went out. `then` runs
+    /// under the same lock (the relay path's copy of the ACL changes with it).
+    pub(super) fn set_acl(
+        &self,
+        acl: AclPolicy,
+        metrics: &Metrics,
+        then: impl FnOnce(),
+    ) -> Result<usize, CoordError> {
+        let mut hub = lock(&self.hub);
+        let out = hub.coord.set_policy(acl)?;
+        let n = out.len();
+        hub.deliver(out, metrics);
+        hub.gauges(metrics);
+        then();
+        Ok(n)
+    }
+
     /// Restores the coordinator from the registry (records of revoked or
     /// unknown nodes are dropped) with a fresh epoch, and starts the writer.
     pub(super) fn open(

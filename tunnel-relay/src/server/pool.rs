@@ -1960,8 +1960,10 @@ impl PoolShell {
 const ADMIN: &str = "@operator";
 
 /// The operator's live view on the relay host: `STATE_DIR/admin.sock` (mode 0600, so only
-/// the relay's user), one request line (`pool`), one JSON line back (the [`PoolView`] an
-/// operator sees). `tunnel-relay pool list` asks it, and reads the store when the relay is down.
+/// the relay's user), one request line, one JSON line back: `pool` → the [`PoolView`] an
+/// operator sees (`tunnel-relay pool list` asks it, and reads the store when the relay is
+/// down); `reload` → the policies read again from the configuration file (`tunnel-relay
+/// policy reload`; `server/reload.rs`), or `{"error": ...}`.
 pub(super) async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -1983,8 +1985,12 @@ pub(super) async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixL
             };
             let answer = match line.trim() {
                 "pool" => serde_json::to_string(&shared.pool.view_for(&op)),
+                "reload" => match super::reload::reload(&shared) {
+                    Ok(r) => serde_json::to_string(&r),
+                    Err(error) => serde_json::to_string(&ErrorBody { error }),
+                },
                 other => serde_json::to_string(&ErrorBody {
-                    error: format!("unknown admin request {other:?}; expected `pool`"),
+                    error: format!("unknown admin request {other:?}; expected `pool` or `reload`"),
                 }),
             };
             if let Ok(mut a) = answer {

@@ -48,6 +48,7 @@ pub(crate) async fn start_relay_in(
             listen,
             state_dir: dir.path().to_path_buf(),
             config: config.clone(),
+            config_path: None,
         }) {
             Ok(r) => break r,
             Err(e) if t0.elapsed() > Duration::from_secs(5) => panic!("bind relay: {e}"),
