@@ -68,7 +68,8 @@ pub struct Grant<C> {
 #[derive(Debug)]
 pub struct Routes<C> {
     workers: HashMap<String, WorkerRoute<C>>,
-    nodes: HashMap<u64, (PublicKey, C)>,
+    /// Every admitted connection: its key, the connection, the node's tags.
+    nodes: HashMap<u64, (PublicKey, C, Vec<String>)>,
     /// Newest connection of each key, with its tags (datagram routing).
     by_key: HashMap<PublicKey, (u64, C, Vec<String>)>,
     /// The connection holding each key's mesh (coordinator) session, with
@@ -110,8 +111,8 @@ impl<C: Clone> Routes<C> {
         tags: Vec<String>,
         worker: Option<(String, WorkerRoute<C>)>,
     ) -> Option<(u64, C)> {
-        self.by_key.insert(key, (id, conn.clone(), tags));
-        self.nodes.insert(id, (key, conn));
+        self.by_key.insert(key, (id, conn.clone(), tags.clone()));
+        self.nodes.insert(id, (key, conn, tags));
         let (name, route) = worker?;
         self.workers
             .insert(name, route)
@@ -124,10 +125,21 @@ impl<C: Clone> Routes<C> {
     }
 
     /// Forgets a connection (and its worker name, if it still holds it).
+    /// When it was its key's newest, the newest of that key's others (if
+    /// any is still connected) takes its place for datagrams.
     pub fn disconnect(&mut self, id: u64, name: &str) {
-        if let Some((key, _)) = self.nodes.remove(&id) {
+        if let Some((key, _, _)) = self.nodes.remove(&id) {
             if self.by_key.get(&key).is_some_and(|(i, _, _)| *i == id) {
                 self.by_key.remove(&key);
+                // Ids grow with each admission: the largest left is the newest.
+                if let Some((&i, (_, c, t))) = self
+                    .nodes
+                    .iter()
+                    .filter(|(_, (k, _, _))| *k == key)
+                    .max_by_key(|(i, _)| **i)
+                {
+                    self.by_key.insert(key, (i, c.clone(), t.clone()));
+                }
             }
             if self.mesh.get(&key).is_some_and(|(i, _, _)| *i == id) {
                 self.mesh.remove(&key);
@@ -143,7 +155,7 @@ impl<C: Clone> Routes<C> {
     /// keep a tunnel connection and a mesh connection under one key).
     /// Ignored if `id` is not connected.
     pub fn set_mesh_conn(&mut self, id: u64, tags: Vec<String>) {
-        if let Some((key, conn)) = self.nodes.get(&id) {
+        if let Some((key, conn, _)) = self.nodes.get(&id) {
             self.mesh.insert(*key, (id, conn.clone(), tags));
         }
     }
@@ -187,8 +199,8 @@ impl<C: Clone> Routes<C> {
     pub fn revoked(&self, revoked: &HashSet<PublicKey>) -> Vec<C> {
         self.nodes
             .values()
-            .filter(|(k, _)| revoked.contains(k))
-            .map(|(_, c)| c.clone())
+            .filter(|(k, _, _)| revoked.contains(k))
+            .map(|(_, c, _)| c.clone())
             .collect()
     }
 
@@ -595,6 +607,29 @@ mod tests {
             Some("w1-new")
         );
         f.routes.disconnect(6, "w1");
+        assert_eq!(f.routes.datagram_route(&NOBODY, &f.eng_tags, &w1, &p), None);
+    }
+
+    #[test]
+    fn the_newest_connection_ending_first_hands_datagrams_to_the_older_one() {
+        let mut f = fixture(8);
+        let p = AclPolicy::default();
+        let w1 = f.w1;
+        let worker = tags(&["worker"]);
+        // A second connection of the same key (a worker moving back to QUIC keeps
+        // its old one until its tunnels end), which ends first.
+        f.routes.connect(7, w1, "w1-quic", worker.clone(), None);
+        assert_eq!(
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &w1, &p),
+            Some("w1-quic")
+        );
+        f.routes.disconnect(7, "w1");
+        assert_eq!(
+            f.routes.datagram_route(&NOBODY, &f.eng_tags, &w1, &p),
+            Some("w1-conn"),
+            "the older connection is still up: datagrams go there"
+        );
+        f.routes.disconnect(2, "w1");
         assert_eq!(f.routes.datagram_route(&NOBODY, &f.eng_tags, &w1, &p), None);
     }
 
