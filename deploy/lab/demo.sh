@@ -678,9 +678,21 @@ engineer_sees() {
 # ---------------------------------------------------------------------------------------------------
 banner "relay tunnel path (1/7): the operator starts the relay on $RELAY_ADDR (QUIC on UDP, TLS on TCP)"
 
-print_cmd operator tunnel-relay serve --listen "$RELAY_ADDR" --state-dir "$RELAY_STATE" --metrics "$METRICS_ADDR" '&'
+# The mesh ACL as the defaults have it, written out so that the operator can edit it later (5/5).
+RELAY_CONFIG=$lab/relay.toml
+cat >"$RELAY_CONFIG" <<'TOML'
+# Engineers reach workers' ssh and agent API over the mesh; nothing else (the default, written out).
+[[mesh.acl.rule]]
+from = "engineer"
+to = "worker"
+proto = "tcp"
+ports = [22, 7070]
+TOML
+print_cmd operator tunnel-relay serve --listen "$RELAY_ADDR" --state-dir "$RELAY_STATE" --config "$RELAY_CONFIG" \
+    --metrics "$METRICS_ADDR" '&'
 start tunnel-relay-serve "$NS_RELAY" env WEFT_LOG="${WEFT_LOG:-info}" \
-    tunnel-relay serve --listen "$RELAY_ADDR" --state-dir "$RELAY_STATE" --metrics "$METRICS_ADDR"
+    tunnel-relay serve --listen "$RELAY_ADDR" --state-dir "$RELAY_STATE" --config "$RELAY_CONFIG" \
+    --metrics "$METRICS_ADDR"
 relay_pid=$last_pid
 wait_for "the relay on UDP $RELAY_ADDR" 10 "$relay_pid" \
     sh -c "ip netns exec '$NS_RELAY' ss -Hlun 'sport = :4433' | grep -q '$RELAY_ADDR'"
@@ -923,6 +935,21 @@ if in_ns "$NS_W1" ping -c 1 -W 1 "$G2" >/dev/null 2>&1; then
 fi
 note "(no reply: gpu2 is not even in gpu1's peer map; workers see only engineers)"
 show gpu1 "$NS_W1" "$mesh_bin" status --interface weft0 --uapi-dir "$lab/uapi-gpu1"
+
+note "the operator lets workers ping each other: one ACL rule, applied without restarting the relay"
+cp "$RELAY_CONFIG" "$lab/relay.toml.orig"
+printf '\n[[mesh.acl.rule]]\nfrom = "worker"\nto = "worker"\nproto = "icmp"\n' >>"$RELAY_CONFIG"
+print_cmd operator cat "$RELAY_CONFIG"
+sed 's/^/    /' "$RELAY_CONFIG"
+show operator "$NS_RELAY" tunnel-relay policy reload --state-dir "$RELAY_STATE"
+wait_for "gpu1 to reach gpu2 after the reload" 15 "$relay_pid" in_ns "$NS_W1" ping -c 1 -W 1 "$G2"
+show gpu1 "$NS_W1" ping -c 2 -i 0.2 "$G2"
+note "(the relay sent both workers a peer-map delta; SIGHUP or \`systemctl reload weft-relay\` does the same)"
+cp "$lab/relay.toml.orig" "$RELAY_CONFIG"
+show operator "$NS_RELAY" tunnel-relay policy reload --state-dir "$RELAY_STATE"
+wait_for "gpu2 out of gpu1's peer map again" 10 "$relay_pid" \
+    sh -c "! ip netns exec '$NS_W1' ping -c 1 -W 1 '$G2'"
+note "(rule taken out again: the workers are apart, as before)"
 
 # ---------------------------------------------------------------------------------------------------
 # The GPU pool: the relay is also the scheduler. These lab machines have no GPU, so each worker agent

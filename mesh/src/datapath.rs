@@ -736,9 +736,12 @@ impl Inbound {
             if let Err(e) = tun.send_multiple(gro, &mut tunbufs[..k], VIRTIO_NET_HDR_LEN) {
                 tracing::debug!(error = %e, "TUN write failed");
             }
-            // The buffers stay at their packets' lengths: the next datagram's
-            // decryption grows one only where it is longer (zeroing a whole
-            // 2 KiB buffer after each write touched 32 cache lines per packet).
+            // Back to full size: the next datagram may be a handshake response,
+            // after which boringtun encrypts a queued packet into the same
+            // buffer, which must hold any packet, not just the response.
+            for tb in tunbufs.iter_mut().take(k) {
+                tb.resize(VIRTIO_NET_HDR_LEN + TUN_BUF, 0);
+            }
             // Send what the kernel answered during those writes, unless the
             // other thread is already at it.
             if let Some(mut ob) = dp.outbound.try_lock() {

@@ -435,6 +435,12 @@ fn policy_reload_reaches_every_peer_map_without_a_restart() {
         !traffic::ping(&w1.ns, &w2.ip, 1, 0.2, 1).all_ok(),
         "a worker pinged a worker before any rule allowed it"
     );
+    // Small packets from alice (a TCP exchange with gpu1's port 22) go through gpu1's TUN write
+    // buffers first: gpu1's first handshake with gpu2 below must not depend on their size (a
+    // handshake response is decrypted into such a buffer, and the ping queued behind the
+    // handshake is encrypted into the same one).
+    let _b1 = banner(&w1.ns, &w1.ip, 22, "w1-ssh");
+    assert_eq!(fetch(&eng.ns, &format!("{}:22", w1.ip)), "w1-ssh");
     let reload = || {
         relay.ns.output(&format!(
             "{} policy reload --state-dir {}",
