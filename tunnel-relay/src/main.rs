@@ -453,23 +453,15 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
 /// `policy reload`: asks the running relay (its admin socket) to read its
 /// configuration file again; prints what changed.
 fn policy_reload(dir: &Path) -> Result<()> {
-    use std::io::{BufRead, Write};
     let sock = dir.join(files::ADMIN_SOCKET);
-    let mut s = std::os::unix::net::UnixStream::connect(&sock).with_context(|| {
+    let s = std::os::unix::net::UnixStream::connect(&sock).with_context(|| {
         format!(
             "no relay running with state dir {} (its admin socket {} does not answer)",
             dir.display(),
             sock.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"reload\n")?;
-    let mut line = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut line)
-        .with_context(|| format!("read {}", sock.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&line).with_context(|| format!("answer of {}", sock.display()))?;
+    let v: serde_json::Value = ask_admin(s, &sock, "reload")?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("policy not reloaded (the running policy stays): {e}");
     }
@@ -499,20 +491,28 @@ fn policy_reload(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// One request line to the running relay's admin socket `sock` (connected as
+/// `s`), one JSON line back.
+fn ask_admin<T: serde::de::DeserializeOwned>(
+    mut s: std::os::unix::net::UnixStream,
+    sock: &Path,
+    request: &str,
+) -> Result<T> {
+    use std::io::{BufRead, Write};
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("{request}\n").as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .with_context(|| format!("read {}", sock.display()))?;
+    serde_json::from_str(&line).with_context(|| format!("answer of {}", sock.display()))
+}
+
 /// The live view from the running relay's admin socket, else the last stored one.
 fn pool_view(dir: &Path) -> Result<(PoolView, bool)> {
-    use std::io::{BufRead, Write};
     let sock = dir.join(files::ADMIN_SOCKET);
-    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) {
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"pool\n")?;
-        let mut line = String::new();
-        std::io::BufReader::new(s)
-            .read_line(&mut line)
-            .with_context(|| format!("read {}", sock.display()))?;
-        let v =
-            serde_json::from_str(&line).with_context(|| format!("answer of {}", sock.display()))?;
-        return Ok((v, true));
+    if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+        return Ok((ask_admin(s, &sock, "pool")?, true));
     }
     let store = PoolStore::open(dir)?;
     let queue = store.jobs(true)?.into_iter().map(|j| j.view).collect();

@@ -42,7 +42,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::client::{
-    close_failure, connect, connect_with, quic_retry, ClientState, ClientTiming, Session,
+    close_failure, connect, quic_again, quic_retry, ClientState, ClientTiming, Session,
 };
 use crate::error::{ClientError, ProtoError};
 use crate::keys::PublicKey;
@@ -628,34 +628,25 @@ struct Task {
     retry: Option<Duration>,
 }
 
-/// With `every` set: waits `every`, then tries a QUIC session to the relay
-/// (a full admission), again and again until one is admitted. Without it:
-/// never resolves.
+/// With `every` set, [`quic_again`]; without it, never resolves.
 async fn back_to_quic(
     state: &mut ClientState,
     opts: &MeshOptions,
     every: Option<Duration>,
 ) -> Session {
-    let Some(every) = every else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(every).await;
-        let tried = connect_with(
-            state,
-            opts.token.as_ref(),
-            &opts.name,
-            Vec::new(),
-            &opts.timing,
-            Some(Choice::Quic),
-        )
-        .await;
-        match tried {
-            Ok(s) => return s,
-            Err(e) => {
-                debug!(error = %e, retry_in_s = every.as_secs(), "QUIC still does not reach the relay")
-            }
+    match every {
+        Some(every) => {
+            quic_again(
+                state,
+                opts.token.as_ref(),
+                &opts.name,
+                &[],
+                &opts.timing,
+                every,
+            )
+            .await
         }
+        None => std::future::pending().await,
     }
 }
 

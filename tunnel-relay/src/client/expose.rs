@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
-use super::session::{close_failure, connect, connect_with, quic_retry, ClientTiming, Session};
+use super::session::{close_failure, connect, quic_again, quic_retry, ClientTiming, Session};
 use super::state::ClientState;
 use crate::error::{ClientError, ProtoError};
 use crate::link::{Admitted, Backoff, Failure, Link, LinkState, Next};
@@ -201,7 +201,15 @@ async fn expose_inner(
                     // again now and then; open tunnels stay on TCP until they end.
                     let upgrade = async {
                         if session.conn.kind() == Kind::Tcp && retry.is_some() {
-                            back_to_quic(&mut state, opts, &names, retry.unwrap_or_default()).await
+                            quic_again(
+                                &mut state,
+                                None,
+                                &opts.name,
+                                &names,
+                                &opts.timing,
+                                retry.unwrap_or_default(),
+                            )
+                            .await
                         } else {
                             std::future::pending().await
                         }
@@ -263,36 +271,6 @@ async fn expose_inner(
             // Not reached: every connection's end is reported above, and a
             // final state returns there.
             Next::Idle | Next::Done => return Ok(()),
-        }
-    }
-}
-
-/// Waits `every`, then tries a QUIC session to the relay (a full admission:
-/// QUIC and Noise), again and again until one is admitted; the relay then
-/// sends new tunnels to it and closes the older connection once its tunnels
-/// have ended.
-async fn back_to_quic(
-    state: &mut ClientState,
-    opts: &ExposeOptions,
-    names: &[String],
-    every: Duration,
-) -> Session {
-    loop {
-        tokio::time::sleep(every).await;
-        let tried = connect_with(
-            state,
-            None,
-            &opts.name,
-            names.to_vec(),
-            &opts.timing,
-            Some(Choice::Quic),
-        )
-        .await;
-        match tried {
-            Ok(s) => return s,
-            Err(e) => {
-                debug!(error = %e, retry_in_s = every.as_secs(), "QUIC still does not reach the relay")
-            }
         }
     }
 }

@@ -111,6 +111,37 @@ pub async fn connect(
     connect_with(state, token, name, services, timing, None).await
 }
 
+/// Waits `every`, then tries a QUIC session to the relay (a full admission:
+/// QUIC and Noise), again and again until one is admitted. A client on the
+/// TCP/TLS fallback by choice of the race uses it to move back to QUIC.
+pub async fn quic_again(
+    state: &mut ClientState,
+    token: Option<&Token>,
+    name: &str,
+    services: &[String],
+    timing: &ClientTiming,
+    every: Duration,
+) -> Session {
+    loop {
+        tokio::time::sleep(every).await;
+        let tried = connect_with(
+            state,
+            token,
+            name,
+            services.to_vec(),
+            timing,
+            Some(tcp::Choice::Quic),
+        )
+        .await;
+        match tried {
+            Ok(s) => return s,
+            Err(e) => {
+                debug!(error = %e, retry_in_s = every.as_secs(), "QUIC still does not reach the relay")
+            }
+        }
+    }
+}
+
 /// [`connect`], over the transport `force` names instead of the one
 /// `WEFT_RELAY_TRANSPORT` asks for.
 pub async fn connect_with(
