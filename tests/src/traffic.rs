@@ -403,19 +403,70 @@ pub fn iperf3(ns: &Netns, server: &str, port: u16, args: &str, timeout: Duration
         .unwrap_or_else(|e| panic!("iperf3 from {} to {server}: {e}", ns.name()))
 }
 
-/// Longest interval between `started`, each reply time in `stamps` and
-/// `stopped`; returns (seconds, end of that interval). Times in unix seconds.
-pub fn longest_gap(started: f64, stamps: &[f64], stopped: f64) -> (f64, f64) {
-    let mut prev = started;
+/// One reply of a [`GapMonitor`]'s ping: unix time and `icmp_seq`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reply {
+    pub t: f64,
+    pub seq: u64,
+}
+
+/// Longest stretch without connectivity in a ping run that sent one request
+/// every `interval` seconds from `started` to `stopped` (`transmitted` requests
+/// in all when known), given its replies in order. Returns (seconds, end of
+/// that stretch) in unix seconds.
+///
+/// Between two replies the stretch is the time between them, but never more
+/// than the requests sent in between could span (`seq` difference x
+/// `interval`): a ping that itself was not scheduled for nine seconds (a
+/// starved CI machine) and lost nothing in between is not a gap in
+/// connectivity. A real outage loses the requests sent during it and counts
+/// in full. The start and the end count as replies with `seq` 0 and
+/// `transmitted + 1`.
+pub fn longest_gap(
+    started: f64,
+    replies: &[Reply],
+    stopped: f64,
+    interval: f64,
+    transmitted: Option<u64>,
+) -> (f64, f64) {
+    let first = Reply { t: started, seq: 0 };
+    let last = Reply {
+        t: stopped,
+        seq: transmitted.map_or(u64::MAX, |n| n + 1),
+    };
+    let mut prev = first;
     let (mut max_gap, mut max_end) = (0.0f64, started);
-    for &t in stamps.iter().chain(std::iter::once(&stopped)) {
-        if t - prev > max_gap {
-            max_gap = t - prev;
-            max_end = t;
+    for &r in replies.iter().chain(std::iter::once(&last)) {
+        let sent_between = r.seq.saturating_sub(prev.seq) as f64 * interval;
+        let gap = (r.t - prev.t).min(sent_between.max(interval));
+        if gap > max_gap {
+            max_gap = gap;
+            max_end = r.t;
         }
-        prev = prev.max(t);
+        if r.t >= prev.t {
+            prev = r;
+        }
     }
     (max_gap, max_end)
+}
+
+/// Unwraps ping's 16-bit `icmp_seq` into a count that keeps growing.
+fn unwrap_seqs(raw: &[(f64, u16)]) -> Vec<Reply> {
+    let mut out = Vec::with_capacity(raw.len());
+    let (mut base, mut last) = (0u64, None::<u16>);
+    for &(t, s) in raw {
+        if let Some(l) = last {
+            if s < l && l - s > u16::MAX / 2 {
+                base += 1 << 16;
+            }
+        }
+        last = Some(s);
+        out.push(Reply {
+            t,
+            seq: base + u64::from(s),
+        });
+    }
+    out
 }
 
 /// A continuous `ping -D -i INTERVAL` whose replies' timestamps give the longest
@@ -423,6 +474,7 @@ pub fn longest_gap(started: f64, stamps: &[f64], stopped: f64) -> (f64, f64) {
 pub struct GapMonitor {
     proc: Proc,
     started: f64,
+    interval: f64,
     dst: String,
 }
 
@@ -432,9 +484,13 @@ pub struct GapReport {
     pub dst: String,
     pub transmitted: u32,
     pub received: u32,
-    /// Longest time between consecutive replies, also counting from start to the
-    /// first reply and from the last reply to stop.
+    /// Longest stretch without connectivity: time between consecutive replies
+    /// (also from start to the first and from the last to stop), capped by
+    /// the requests lost in between (see [`longest_gap`]).
     pub max_gap: Duration,
+    /// Longest time between consecutive replies, uncapped: more than
+    /// `max_gap` when ping itself was stalled (a starved machine).
+    pub max_silence: Duration,
     /// Unix time at which the longest gap ended.
     pub max_gap_end_unix: f64,
     pub duration: Duration,
@@ -451,6 +507,7 @@ impl GapMonitor {
         GapMonitor {
             proc,
             started,
+            interval: interval_s,
             dst: dst.to_string(),
         }
     }
@@ -460,18 +517,32 @@ impl GapMonitor {
         let stopped = now_unix();
         self.proc.interrupt();
         let log = self.proc.log();
-        let stamps: Vec<f64> = log
+        let raw: Vec<(f64, u16)> = log
             .lines()
             .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .filter_map(|l| {
+                let t = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+                let seq = l.split("icmp_seq=").nth(1)?.split_whitespace().next()?;
+                Some((t, seq.parse().ok()?))
+            })
             .collect();
-        let (max_gap, max_end) = longest_gap(self.started, &stamps, stopped);
-        let (transmitted, received) = ping_summary(&log).unwrap_or((0, stamps.len() as u32));
+        let replies = unwrap_seqs(&raw);
+        let summary = ping_summary(&log);
+        let (max_gap, max_end) = longest_gap(
+            self.started,
+            &replies,
+            stopped,
+            self.interval,
+            summary.map(|(tx, _)| u64::from(tx)),
+        );
+        let (silence, _) = longest_gap(self.started, &replies, stopped, f64::INFINITY, None);
+        let (transmitted, received) = summary.unwrap_or((0, replies.len() as u32));
         GapReport {
             dst: self.dst,
             transmitted,
             received,
             max_gap: Duration::from_secs_f64(max_gap.max(0.0)),
+            max_silence: Duration::from_secs_f64(silence.clamp(0.0, 1e9)),
             max_gap_end_unix: max_end,
             duration: Duration::from_secs_f64((stopped - self.started).max(0.0)),
         }
@@ -500,10 +571,46 @@ mod tests {
 
     #[test]
     fn longest_gap_counts_start_middle_and_tail() {
-        assert_eq!(longest_gap(0.0, &[0.1, 0.2, 1.7, 1.8], 2.0), (1.5, 1.7));
-        assert_eq!(longest_gap(0.0, &[0.9, 1.0], 1.1), (0.9, 0.9));
-        assert_eq!(longest_gap(0.0, &[0.1], 3.0), (2.9, 3.0));
-        assert_eq!(longest_gap(5.0, &[], 6.0), (1.0, 6.0));
+        let r = |pairs: &[(f64, u64)]| -> Vec<Reply> {
+            pairs.iter().map(|&(t, seq)| Reply { t, seq }).collect()
+        };
+        // An outage loses the requests sent during it: counted in full.
+        let lost = r(&[(0.1, 1), (0.2, 2), (1.7, 17), (1.8, 18)]);
+        assert_eq!(longest_gap(0.0, &lost, 2.0, 0.1, Some(20)), (1.5, 1.7));
+        assert_eq!(
+            longest_gap(0.0, &r(&[(0.9, 9), (1.0, 10)]), 1.1, 0.1, Some(11)).1,
+            0.9
+        );
+        assert_eq!(
+            longest_gap(0.0, &r(&[(0.1, 1)]), 3.0, 0.1, Some(30)),
+            (2.9, 3.0)
+        );
+        assert_eq!(longest_gap(5.0, &[], 6.0, 0.1, Some(10)), (1.0, 6.0));
+        // Unknown transmitted count: the tail counts in full.
+        assert_eq!(
+            longest_gap(0.0, &r(&[(0.1, 1)]), 3.0, 0.1, None),
+            (2.9, 3.0)
+        );
+        // ping itself stalled 9 s and lost nothing: not a connectivity gap...
+        let stalled = r(&[(0.1, 1), (0.2, 2), (9.2, 3), (9.3, 4)]);
+        let (gap, _) = longest_gap(0.0, &stalled, 9.4, 0.1, Some(5));
+        assert!(gap < 0.11, "{gap}");
+        // ...but the uncapped silence shows it.
+        assert_eq!(
+            longest_gap(0.0, &stalled, 9.4, f64::INFINITY, None),
+            (9.0, 9.2)
+        );
+        // A stall that also lost requests counts what those requests spanned.
+        let both = r(&[(0.1, 1), (9.1, 12)]);
+        let (gap, end) = longest_gap(0.0, &both, 9.2, 0.1, Some(12));
+        assert!((gap - 1.1).abs() < 1e-9 && end == 9.1, "{gap} {end}");
+    }
+
+    #[test]
+    fn ping_sequence_numbers_unwrap_past_65535() {
+        let u = unwrap_seqs(&[(1.0, 65534), (1.1, 65535), (1.2, 0), (1.4, 2)]);
+        let seqs: Vec<u64> = u.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [65534, 65535, 65536, 65538]);
     }
 
     #[test]

@@ -61,18 +61,19 @@ fn rekeys_under_continuous_traffic_without_gaps() {
     for g in [&ab, &ba] {
         assert!(
             g.max_gap <= Duration::from_secs(1),
-            "connectivity gap {:?} toward {} (ended at unix {:.1}; {} of {} replies); handshakes at {theirs_seen:?}\nour log:\n{}",
+            "connectivity gap {:?} toward {} (ended at unix {:.1}; {} of {} replies; longest silence {:?}); handshakes at {theirs_seen:?}\nour log:\n{}",
             g.max_gap,
             g.dst,
             g.max_gap_end_unix,
             g.received,
             g.transmitted,
+            g.max_silence,
             ours.log_tail(40)
         );
     }
     eprintln!(
-        "soak: handshakes seen by wireguard-go {theirs_seen:?}, by ours {ours_seen:?}; max gaps {:?} / {:?}",
-        ab.max_gap, ba.max_gap
+        "soak: handshakes seen by wireguard-go {theirs_seen:?}, by ours {ours_seen:?}; max gaps {:?} / {:?} (longest silences {:?} / {:?})",
+        ab.max_gap, ba.max_gap, ab.max_silence, ba.max_silence
     );
     let iperf = iperf.unwrap_or_else(|e| panic!("continuous stream failed: {e}"));
     assert!(
