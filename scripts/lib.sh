@@ -8,7 +8,7 @@
 # Debian packages the lab, the demo and the namespace tests need.
 WEFT_APT_PACKAGES=(
     nftables iproute2 iputils-ping iperf3 socat curl python3 python3-venv procps gcc
-    wireguard-go wireguard-tools openssh-server openssh-client haproxy openssl
+    wireguard-go wireguard-tools openssh-server openssh-client haproxy openssl postgresql
 )
 
 # Every network namespace the project creates starts with this.

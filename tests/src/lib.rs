@@ -11,6 +11,7 @@ pub mod cleanup;
 pub mod managed;
 pub mod netns;
 pub mod node;
+pub mod postgres;
 pub mod proc;
 pub mod ray;
 pub mod router;

@@ -112,6 +112,19 @@ pub struct RelayConfig {
     pub mesh: CoordConfig,
     /// The pool scheduler. Default: [`PoolSettings::default`].
     pub pool: PoolSettings,
+    /// Where the registry lives: `sqlite` (default) or a `postgres://` URL
+    /// shared by a fleet of relays (`serve --store` overrides it).
+    #[serde(deserialize_with = "store")]
+    pub store: crate::registry::Store,
+    /// This relay's name in a fleet (the records it writes to a shared
+    /// store say which relay holds each node's session). Default: the
+    /// host name.
+    pub name: Option<String>,
+}
+
+fn store<'de, D: serde::Deserializer<'de>>(d: D) -> Result<crate::registry::Store, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::registry::Store::parse(&s).map_err(serde::de::Error::custom)
 }
 
 /// `[pool]`: how the coordinator schedules GPU jobs.
@@ -190,6 +203,8 @@ impl Default for RelayConfig {
             policy: Policy::default(),
             mesh: CoordConfig::default(),
             pool: PoolSettings::default(),
+            store: crate::registry::Store::Sqlite,
+            name: None,
         }
     }
 }
@@ -198,6 +213,15 @@ impl Default for RelayConfig {
 pub const STUN_PORT: u16 = 3478;
 
 impl RelayConfig {
+    /// This relay's fleet name: `name`, else the host name.
+    pub fn relay_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "relay".into())
+        })
+    }
+
     /// Where the STUN responder binds for a relay listening on `listen`.
     pub fn stun_addr(&self, listen: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
         if !self.stun {

@@ -72,6 +72,19 @@ pub use weft_proto::peermap::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId(pub u64);
 
+impl NodeId {
+    /// The id every relay of a fleet gives `key`: its first 8 bytes, below
+    /// 2^62 (a database BIGINT, and far above the sequential ids of a
+    /// single relay's store). Keys are X25519 public keys, so these are as
+    /// unlikely to collide as 62 random bits; a collision is refused as a
+    /// conflict, never merged.
+    pub fn of_key(key: &PublicKey) -> NodeId {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&key.0[..8]);
+        NodeId((u64::from_be_bytes(b) >> 2) | (1 << 61))
+    }
+}
+
 /// What survives a restart: one row per node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -305,6 +318,10 @@ pub struct Coordinator {
     /// `talk[i][j]`: members of tag set i may talk to members of j (symmetric).
     talk: Vec<Vec<bool>>,
     next_id: u64,
+    /// Ids derived from keys ([`NodeId::of_key`]) instead of sequential: set
+    /// when several relays share one store, so every replica gives a key
+    /// the same id without asking the others.
+    key_ids: bool,
 }
 
 fn normalize_tags(tags: &[String]) -> Result<Vec<String>, CoordError> {
@@ -362,7 +379,13 @@ impl Coordinator {
             tagset_ix: HashMap::new(),
             talk: Vec::new(),
             next_id: 1,
+            key_ids: false,
         })
+    }
+
+    /// New nodes get [`NodeId::of_key`] ids (a fleet on one shared store).
+    pub fn use_key_ids(&mut self) {
+        self.key_ids = true;
     }
 
     /// Rebuilds the core from persisted records; every node starts offline.
@@ -598,9 +621,22 @@ impl Coordinator {
                 id
             }
             None => {
+                let id = if self.key_ids {
+                    let id = NodeId::of_key(&req.key);
+                    if self.nodes.contains_key(&id) {
+                        return Err(CoordError::Conflict(format!(
+                            "key {} maps to the id of another node",
+                            req.key
+                        )));
+                    }
+                    id
+                } else {
+                    NodeId(self.next_id)
+                };
                 let ipv4 = self.pool.allocate(&req.key)?;
-                let id = NodeId(self.next_id);
-                self.next_id += 1;
+                if !self.key_ids {
+                    self.next_id += 1;
+                }
                 let ts = self.tagset_for(&tags);
                 self.tagsets[ts].members.insert(id);
                 self.by_key.insert(req.key, id);
@@ -769,6 +805,91 @@ impl Coordinator {
             self.broadcast_upsert(id, &mut out);
         }
         Ok(out)
+    }
+
+    /// Applies a record another relay of the fleet wrote (its node holds a
+    /// session there, `online`, or did): a new node is added with the
+    /// record's id and addresses, a known one takes the record's name, tags
+    /// (less group tags), endpoints and online state. Peers on this relay that see it get
+    /// their deltas. A record whose id, key, name or address clashes with a
+    /// different node here is refused as a conflict and changes nothing.
+    pub fn apply_remote(
+        &mut self,
+        mut rec: NodeRecord,
+        online: bool,
+    ) -> Result<Outbox, CoordError> {
+        validate_name(&rec.name).map_err(|source| CoordError::BadName {
+            name: rec.name.clone(),
+            source,
+        })?;
+        // Group tags belong to the gangs of the pool that gave them (as in `restore`).
+        rec.tags.retain(|t| !weft_proto::acl::is_group_tag(t));
+        let mut tags = normalize_tags(&rec.tags)?;
+        let endpoints = clean_candidates(&rec.endpoints);
+        let mut out = Outbox::new();
+        let clash = |what: &str| {
+            CoordError::Conflict(format!(
+                "another relay's record of {} ({}) has the {what} of a different node here",
+                rec.name, rec.key
+            ))
+        };
+        if let Some(&other) = self.by_name.get(&rec.name) {
+            if other != rec.id {
+                return Err(clash("name"));
+            }
+        }
+        match self.by_key.get(&rec.key).copied() {
+            Some(id) if id != rec.id => Err(clash("key")),
+            Some(id) => {
+                let Some(n) = self.nodes.get_mut(&id) else {
+                    return Err(CoordError::UnknownNode(id));
+                };
+                if n.rec.ipv4 != rec.ipv4 {
+                    return Err(clash("key (with another address)"));
+                }
+                // Group tags are this relay's pool's own.
+                if !n.extra.is_empty() {
+                    tags = normalize_tags(&[tags, n.extra.clone()].concat())?;
+                }
+                let changed =
+                    n.online != online || n.rec.endpoints != endpoints || n.rec.name != rec.name;
+                n.online = online;
+                n.rec.endpoints = endpoints;
+                if n.rec.name != rec.name {
+                    let old = std::mem::replace(&mut n.rec.name, rec.name.clone());
+                    self.by_name.remove(&old);
+                    self.by_name.insert(rec.name.clone(), id);
+                }
+                n.refresh();
+                let ts = n.tagset;
+                if n.rec.tags != tags {
+                    self.retag(id, ts, tags, &mut out);
+                } else if changed {
+                    self.broadcast_upsert(id, &mut out);
+                }
+                Ok(out)
+            }
+            None => {
+                if self.nodes.contains_key(&rec.id) {
+                    return Err(clash("id"));
+                }
+                self.pool.claim(rec.ipv4).map_err(|_| clash("address"))?;
+                let id = rec.id;
+                let ts = self.tagset_for(&tags);
+                self.tagsets[ts].members.insert(id);
+                self.by_key.insert(rec.key, id);
+                self.by_name.insert(rec.name.clone(), id);
+                let rec = NodeRecord {
+                    tags,
+                    ipv6: self.pool.v6_for(rec.ipv4),
+                    endpoints,
+                    ..rec
+                };
+                self.nodes.insert(id, Node::new(rec, online, ts));
+                self.broadcast_upsert(id, &mut out);
+                Ok(out)
+            }
+        }
     }
 
     /// Removes a node (left, or revoked): every peer that saw it forgets it;

@@ -32,6 +32,19 @@ pub enum StateError {
     #[cfg(feature = "server")]
     #[error("registry database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The PostgreSQL store failed (unreachable, or a statement failed).
+    #[cfg(feature = "server")]
+    #[error("store (PostgreSQL): {0}")]
+    Pg(String),
+    /// The PostgreSQL store's schema is newer than this relay.
+    #[cfg(feature = "server")]
+    #[error("store (PostgreSQL): schema version {found} is newer than this relay knows ({known}): upgrade this relay (a newer relay migrated the database)")]
+    SchemaTooNew {
+        /// The database's version.
+        found: i32,
+        /// The newest this build knows.
+        known: i32,
+    },
     /// No such token or node.
     #[error("{0}")]
     NotFound(String),

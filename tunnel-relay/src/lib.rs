@@ -39,6 +39,8 @@ pub mod metrics;
 pub mod mux;
 pub mod noise;
 #[cfg(feature = "server")]
+pub mod pg;
+#[cfg(feature = "server")]
 pub mod pool;
 #[cfg(feature = "server")]
 pub mod pool_store;

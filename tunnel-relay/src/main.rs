@@ -12,7 +12,7 @@ use tunnel_relay::cli;
 use tunnel_relay::client::{self, ExposeOptions};
 use tunnel_relay::keys::StaticKey;
 use tunnel_relay::pool_store::{Flags, PoolStore};
-use tunnel_relay::registry::{unix_now, Registry};
+use tunnel_relay::registry::{unix_now, Registry, Store};
 use tunnel_relay::rt::{self, shutdown_signal};
 use tunnel_relay::server::files;
 use tunnel_relay::{Relay, RelayConfig, ServeOptions, Token};
@@ -41,6 +41,8 @@ enum Cmd {
         tcp_listen: Vec<SocketAddr>,
         #[command(flatten)]
         state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
         /// Relay configuration (TOML); defaults apply without it.
         #[arg(long, env = "WEFT_RELAY_CONFIG")]
         config: Option<PathBuf>,
@@ -101,11 +103,36 @@ struct RelayState {
     dir: PathBuf,
 }
 
+/// Where the registry lives, for `serve`, `token` and `nodes`.
+#[derive(clap::Args)]
+struct StoreArg {
+    /// `sqlite` (registry.sqlite in the state directory; the default) or a
+    /// postgres://USER@HOST/DB URL shared by a fleet of relays (overrides
+    /// `store` in the config). The password may come from PGPASSWORD-style
+    /// URL parameters; it is never printed.
+    #[arg(long = "store", env = "WEFT_RELAY_STORE", hide_env_values = true)]
+    url: Option<String>,
+}
+
+impl StoreArg {
+    /// The registry: the given store, else `fallback` (the config's).
+    fn open(&self, dir: &Path, fallback: &Store) -> Result<Registry> {
+        let store = match &self.url {
+            Some(u) => Store::parse(u).map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+            None => fallback.clone(),
+        };
+        Registry::open_store(dir, &store, "")
+            .with_context(|| format!("open the registry ({})", store.describe()))
+    }
+}
+
 /// `token list`, `nodes list`.
 #[derive(clap::Args)]
 struct ListArgs {
     #[command(flatten)]
     state: RelayState,
+    #[command(flatten)]
+    store: StoreArg,
     /// JSON output.
     #[arg(long)]
     json: bool,
@@ -117,6 +144,8 @@ enum TokenCmd {
     Create {
         #[command(flatten)]
         state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
         /// Tag given to nodes that join with it (e.g. worker, engineer).
         #[arg(long)]
         tag: String,
@@ -140,6 +169,8 @@ enum TokenCmd {
     Revoke {
         #[command(flatten)]
         state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
         id: String,
     },
 }
@@ -152,6 +183,8 @@ enum NodesCmd {
     Revoke {
         #[command(flatten)]
         state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
         name: String,
     },
 }
@@ -246,12 +279,16 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Serve {
             listen,
             state: RelayState { dir: state_dir },
+            store,
             config,
             metrics,
             tcp_listen,
         } => {
             let config_path = config;
             let mut config = load_config(config_path.as_deref())?;
+            if let Some(u) = &store.url {
+                config.store = Store::parse(u).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+            }
             config.tcp_listen.extend(tcp_listen);
             if metrics.is_some() {
                 config.metrics_listen = metrics;
@@ -326,6 +363,7 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
     match cmd {
         TokenCmd::Create {
             state: RelayState { dir: state_dir },
+            store,
             tag,
             ttl,
             uses,
@@ -361,7 +399,7 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             if addrs.is_empty() {
                 bail!("no relay address for the token: pass --relay-addr HOST:PORT or set public_addrs in the config");
             }
-            let mut reg = Registry::open(&state_dir)?;
+            let mut reg = store.open(&state_dir, &config.store)?;
             let (secret, id) = reg.create_token(&tag, ttl, uses, unix_now())?;
             let token = Token {
                 relay_addrs: addrs,
@@ -376,8 +414,8 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             );
             println!("{}", token.encode());
         }
-        TokenCmd::List(ListArgs { state, json }) => {
-            let toks = Registry::open(&state.dir)?.list_tokens()?;
+        TokenCmd::List(ListArgs { state, store, json }) => {
+            let toks = store.open(&state.dir, &Store::Sqlite)?.list_tokens()?;
             let header = format!(
                 "{:<14} {:<10} {:<22} {:<10} REVOKED",
                 "ID", "TAG", "EXPIRES", "USES LEFT"
@@ -395,8 +433,8 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
                 )
             })?;
         }
-        TokenCmd::Revoke { state, id } => {
-            let id = Registry::open(&state.dir)?.revoke_token(&id)?;
+        TokenCmd::Revoke { state, store, id } => {
+            let id = store.open(&state.dir, &Store::Sqlite)?.revoke_token(&id)?;
             println!("revoked token {id}");
         }
     }
@@ -423,8 +461,8 @@ fn print_list<T: serde::Serialize>(
 
 fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
     match cmd {
-        NodesCmd::List(ListArgs { state, json }) => {
-            let nodes = Registry::open(&state.dir)?.list_nodes()?;
+        NodesCmd::List(ListArgs { state, store, json }) => {
+            let nodes = store.open(&state.dir, &Store::Sqlite)?.list_nodes()?;
             let header = format!(
                 "{:<24} {:<16} {:<46} {:<16} {:<12} REVOKED",
                 "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN"
@@ -442,8 +480,8 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
                 )
             })?;
         }
-        NodesCmd::Revoke { state, name } => {
-            Registry::open(&state.dir)?.revoke_node(&name)?;
+        NodesCmd::Revoke { state, store, name } => {
+            store.open(&state.dir, &Store::Sqlite)?.revoke_node(&name)?;
             println!("revoked node {name}: its connections close within a second, it leaves every mesh peer map, and it is refused from then on");
         }
     }
@@ -529,7 +567,12 @@ fn pool_view(dir: &Path) -> Result<(PoolView, bool)> {
 
 fn pool_cmd(cmd: PoolCmd) -> Result<()> {
     let (state, name, flags, what) = match cmd {
-        PoolCmd::List(ListArgs { state, json }) => {
+        PoolCmd::List(ListArgs { state, store, json }) => {
+            if store.url.is_some() {
+                bail!(
+                    "pool list asks the running relay (its admin socket); --store does not apply"
+                );
+            }
             let (v, live) = pool_view(&state.dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -66,17 +66,158 @@ pub struct TokenRecord {
     pub revoked: bool,
 }
 
-/// The registry database.
+/// The registry database: SQLite in the state directory (one relay), or
+/// PostgreSQL shared by a fleet of relays ([`crate::pg`]).
 pub struct Registry {
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(Sqlite),
+    Pg(crate::pg::PgRegistry),
+}
+
+/// The SQLite registry.
+struct Sqlite {
     db: Connection,
     path: PathBuf,
+}
+
+/// Where the registry lives: `serve --store`, `store` in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Store {
+    /// `registry.sqlite` in the state directory (the default).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database (`postgres://` or `postgresql://` URL) shared by
+    /// every relay of a fleet.
+    Postgres(String),
+}
+
+impl Store {
+    /// Parses `sqlite` or a `postgres://`/`postgresql://` URL.
+    pub fn parse(s: &str) -> Result<Store, String> {
+        let s = s.trim();
+        if s.is_empty() || s == "sqlite" {
+            return Ok(Store::Sqlite);
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return s
+                .parse::<postgres::Config>()
+                .map(|_| Store::Postgres(s.to_string()))
+                .map_err(|e| format!("store URL {}: {e}", crate::pg::redact(s)));
+        }
+        Err(format!(
+            "store {:?}: use `sqlite` or a postgres://USER@HOST/DB URL",
+            crate::pg::redact(s)
+        ))
+    }
+
+    /// The store as it may be printed (no password).
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Sqlite => "sqlite (registry.sqlite in the state directory)".into(),
+            Store::Postgres(url) => crate::pg::redact(url),
+        }
+    }
+}
+
+/// One row of the fleet's change feed of mesh records ([`Registry::mesh_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshChange {
+    /// Position in the feed.
+    pub seq: i64,
+    /// The relay that wrote it.
+    pub relay: String,
+    /// The record (its id also for a deletion).
+    pub rec: coord::NodeRecord,
+    /// Whether its node held a session on that relay.
+    pub online: bool,
+    /// The node left the mesh.
+    pub deleted: bool,
+}
+
+/// What the registry rows say about one admission: the known node of the
+/// key (name, tags, revoked), whether the asked-for name belongs to another
+/// key, and the token of the secret (id, tag, state).
+pub(crate) struct AdmitRows {
+    pub known: Option<(String, String, bool)>,
+    pub name_free: bool,
+    pub token: Option<(String, String, TokenState)>,
+}
+
+/// What to write for an admission both backends decide alike.
+pub(crate) enum AdmitWrite {
+    /// A known node: its (possibly new) name and last_seen.
+    Known { name: String, tags: Vec<String> },
+    /// A new node from token `token_id` with `tag`; the token loses a use.
+    New { token_id: String, tag: String },
+}
+
+/// The admission rule: a known, unrevoked key is accepted (name updated if
+/// free); an unknown key needs a valid token, which is used once.
+pub(crate) fn decide_admit(
+    key: &PublicKey,
+    name: &str,
+    has_secret: bool,
+    rows: AdmitRows,
+    now: u64,
+) -> Result<AdmitWrite, Rejection> {
+    if !name.is_empty() && !Registry::valid_name(name) {
+        return Err(Rejection::new(
+            Reason::BadRequest,
+            format!("name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"),
+        ));
+    }
+    if let Some((old_name, tags, revoked)) = rows.known {
+        if revoked {
+            return Err(Rejection::new(
+                Reason::NodeRevoked,
+                format!("node {old_name:?}"),
+            ));
+        }
+        let name = if name.is_empty() || name == old_name {
+            old_name
+        } else if rows.name_free {
+            name.to_string()
+        } else {
+            return Err(Rejection::new(Reason::NameTaken, format!("name {name:?}")));
+        };
+        return Ok(AdmitWrite::Known {
+            name,
+            tags: split_tags(&tags),
+        });
+    }
+    if !has_secret {
+        return Err(Rejection::new(
+            Reason::KeyUnknown,
+            format!("key {} is not registered", key.short()),
+        ));
+    }
+    let Some((id, tag, state)) = rows.token else {
+        return Err(Rejection::new(Reason::TokenUnknown, ""));
+    };
+    if let Err(reason) = check_token(&state, now) {
+        return Err(Rejection::new(reason, format!("token {id}")));
+    }
+    if name.is_empty() {
+        return Err(Rejection::new(
+            Reason::BadRequest,
+            "a name is required to join",
+        ));
+    }
+    if !rows.name_free {
+        return Err(Rejection::new(Reason::NameTaken, format!("name {name:?}")));
+    }
+    Ok(AdmitWrite::New { token_id: id, tag })
 }
 
 /// One change to the persisted mesh records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MeshWrite {
-    /// Insert or replace this node's record.
-    Upsert(coord::NodeRecord),
+    /// Insert or replace this node's record; `online`: it holds a control
+    /// session on this relay (what the other relays of a fleet show).
+    Upsert(coord::NodeRecord, bool),
     /// Forget this node (removed from the mesh).
     Delete(NodeId),
 }
@@ -87,20 +228,247 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-fn split_tags(s: &str) -> Vec<String> {
+pub(crate) fn split_tags(s: &str) -> Vec<String> {
     s.split(',')
         .filter(|t| !t.is_empty())
         .map(str::to_string)
         .collect()
 }
 
-fn opt_u64(v: Option<i64>) -> Option<u64> {
+pub(crate) fn opt_u64(v: Option<i64>) -> Option<u64> {
     v.map(|x| x.max(0) as u64)
 }
 
 impl Registry {
     /// Opens (creating) `DIR/registry.sqlite`.
     pub fn open(state_dir: &Path) -> Result<Registry, StateError> {
+        Ok(Registry {
+            backend: Backend::Sqlite(Sqlite::open(state_dir)?),
+        })
+    }
+
+    /// Opens the registry in `store`: SQLite in `state_dir`, or PostgreSQL
+    /// (connecting, and migrating its schema). `relay` names this relay in
+    /// the mesh records it writes to a shared store.
+    pub fn open_store(
+        state_dir: &Path,
+        store: &Store,
+        relay: &str,
+    ) -> Result<Registry, StateError> {
+        match store {
+            Store::Sqlite => Registry::open(state_dir),
+            Store::Postgres(url) => Ok(Registry {
+                backend: Backend::Pg(crate::pg::PgRegistry::connect(url, relay)?),
+            }),
+        }
+    }
+
+    /// Whether other relays share this registry (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Pg(_))
+    }
+
+    /// Every persisted mesh node record, by id (not deleted ones).
+    pub fn mesh_records(&self) -> Result<Vec<coord::NodeRecord>, StateError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.mesh_records(),
+            Backend::Pg(p) => Ok(p
+                .mesh_changes(0)?
+                .into_iter()
+                .filter(|c| !c.deleted)
+                .map(|c| c.rec)
+                .collect()),
+        }
+    }
+
+    /// Mesh records written after feed position `after` (a shared store;
+    /// empty for SQLite), in feed order, deletions included.
+    pub fn mesh_changes(&self, after: i64) -> Result<Vec<MeshChange>, StateError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Pg(p) => p.mesh_changes(after),
+        }
+    }
+
+    /// Applies mesh record changes in order, in one transaction.
+    pub fn save_mesh(&mut self, writes: &[MeshWrite]) -> Result<(), StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(s) => s.save_mesh(writes),
+            Backend::Pg(p) => p.save_mesh(writes),
+        }
+    }
+
+    /// Marks every record this relay wrote offline (a relay starting: its
+    /// sessions of a previous life are gone).
+    pub fn mesh_offline_mine(&mut self) -> Result<(), StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Pg(p) => p.offline_mine(),
+        }
+    }
+
+    /// Stores a new token's hash; returns the secret (shown once) and its id.
+    pub fn create_token(
+        &mut self,
+        tag: &str,
+        ttl: Option<Duration>,
+        uses: Option<u64>,
+        now: u64,
+    ) -> Result<(Secret, String), StateError> {
+        let secret = Secret::random();
+        let id = Registry::token_id(&secret);
+        let expires = ttl.map(|t| now.saturating_add(t.as_secs()) as i64);
+        let uses = uses.map(|u| u as i64);
+        match &mut self.backend {
+            Backend::Sqlite(s) => s.insert_token(&id, &secret.hash(), tag, now, expires, uses)?,
+            Backend::Pg(p) => p.insert_token(&id, &secret.hash(), tag, now, expires, uses)?,
+        }
+        Ok((secret, id))
+    }
+
+    /// A token's public id: the first 12 hex digits of its secret's hash.
+    pub fn token_id(secret: &Secret) -> String {
+        hex::encode(&secret.hash()[..6])
+    }
+
+    /// All tokens.
+    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.list_tokens(),
+            Backend::Pg(p) => p.list_tokens(),
+        }
+    }
+
+    /// Revokes a token by id (or unique id prefix).
+    pub fn revoke_token(&mut self, id: &str) -> Result<String, StateError> {
+        let ids: Vec<String> = self
+            .list_tokens()?
+            .into_iter()
+            .map(|t| t.id)
+            .filter(|t| t.starts_with(id))
+            .collect();
+        match ids.as_slice() {
+            [one] => {
+                match &mut self.backend {
+                    Backend::Sqlite(s) => s.revoke_token(one)?,
+                    Backend::Pg(p) => p.revoke_token(one)?,
+                }
+                Ok(one.clone())
+            }
+            [] => Err(StateError::NotFound(format!(
+                "no token with id {id:?} (see `token list`)"
+            ))),
+            _ => Err(StateError::NotFound(format!(
+                "token id {id:?} is ambiguous; give more digits"
+            ))),
+        }
+    }
+
+    /// All nodes, with their overlay addresses when they joined the mesh.
+    pub fn list_nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
+        let mut nodes = match &self.backend {
+            Backend::Sqlite(s) => s.list_nodes()?,
+            Backend::Pg(p) => p.list_nodes()?,
+        };
+        let mesh: std::collections::HashMap<String, coord::NodeRecord> = self
+            .mesh_records()?
+            .into_iter()
+            .map(|m| (m.key.to_base64(), m))
+            .collect();
+        for n in &mut nodes {
+            if let Some(m) = mesh.get(&n.key) {
+                n.mesh_ipv4 = Some(m.ipv4);
+                n.mesh_ipv6 = Some(m.ipv6);
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// Revokes a node by name.
+    pub fn revoke_node(&mut self, name: &str) -> Result<(), StateError> {
+        let found = match &mut self.backend {
+            Backend::Sqlite(s) => s.revoke_node(name)?,
+            Backend::Pg(p) => p.revoke_node(name)?,
+        };
+        if !found {
+            return Err(StateError::NotFound(format!(
+                "no node named {name:?} (see `nodes list`)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Changes whenever another connection (e.g. `nodes revoke` in another
+    /// process, or another relay of the fleet) commits a change: SQLite's
+    /// `PRAGMA data_version`; for PostgreSQL, the count of change
+    /// notifications (and reconnects) seen.
+    pub fn data_version(&self) -> Result<i64, StateError> {
+        match &self.backend {
+            Backend::Sqlite(s) => Ok(s.db.query_row("PRAGMA data_version", [], |r| r.get(0))?),
+            Backend::Pg(p) => Ok(p.data_version()),
+        }
+    }
+
+    /// Wakes when another relay or an operator command changes the shared
+    /// store (PostgreSQL's LISTEN/NOTIFY); `None` for SQLite (poll
+    /// [`Registry::data_version`]).
+    pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Pg(p) => Some(p.changes()),
+        }
+    }
+
+    /// Keys of every revoked node.
+    pub fn revoked_keys(&self) -> Result<std::collections::HashSet<PublicKey>, StateError> {
+        let keys = match &self.backend {
+            Backend::Sqlite(s) => s.revoked_keys()?,
+            Backend::Pg(p) => p.revoked_keys()?,
+        };
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| <[u8; 32]>::try_from(k.as_slice()).ok().map(PublicKey))
+            .collect())
+    }
+
+    /// Whether the node with this key is revoked (or unknown).
+    pub fn is_revoked(&self, key: &PublicKey) -> Result<bool, StateError> {
+        let r = match &self.backend {
+            Backend::Sqlite(s) => s.revoked_flag(key)?,
+            Backend::Pg(p) => p.revoked_flag(key)?,
+        };
+        Ok(r.is_none_or(|v| v))
+    }
+
+    /// Whether `name` is usable as a node name: 1–64 of `[A-Za-z0-9._-]`,
+    /// not starting with `-` or `.` (it becomes an ssh `Host` alias).
+    pub fn valid_name(name: &str) -> bool {
+        (1..=64).contains(&name.len())
+            && !name.starts_with(['-', '.'])
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    }
+
+    /// Admits a node: a known, unrevoked key is accepted (name updated if
+    /// free); an unknown key needs a valid token secret, which is used once.
+    /// Returns the registered name and tags, or the rejection to send.
+    pub fn admit(
+        &mut self,
+        key: &PublicKey,
+        name: &str,
+        secret: Option<&Secret>,
+        now: u64,
+    ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(s) => s.admit(key, name, secret, now),
+            Backend::Pg(p) => p.admit(key, name, secret, now),
+        }
+    }
+}
+
+impl Sqlite {
+    fn open(state_dir: &Path) -> Result<Sqlite, StateError> {
         crate::keys::create_private_dir(state_dir)?;
         let path = state_dir.join("registry.sqlite");
         let db = Connection::open(&path)?;
@@ -138,11 +506,10 @@ impl Registry {
                 revoked INTEGER NOT NULL DEFAULT 0
              );",
         )?;
-        Ok(Registry { db, path })
+        Ok(Sqlite { db, path })
     }
 
-    /// Every persisted mesh node record, by id.
-    pub fn mesh_records(&self) -> Result<Vec<coord::NodeRecord>, StateError> {
+    fn mesh_records(&self) -> Result<Vec<coord::NodeRecord>, StateError> {
         let mut st = self
             .db
             .prepare("SELECT id, record FROM mesh_nodes ORDER BY id")?;
@@ -150,28 +517,23 @@ impl Registry {
         let mut out = Vec::new();
         for row in rows {
             let (id, text) = row?;
-            let rec: coord::NodeRecord =
-                serde_json::from_str(&text).map_err(|e| StateError::BadFile {
-                    path: self.path.clone(),
-                    msg: format!("mesh_nodes row {id}: {e}"),
-                })?;
-            out.push(rec);
+            out.push(parse_mesh_record(
+                &self.path.display().to_string(),
+                id,
+                &text,
+            )?);
         }
         Ok(out)
     }
 
-    /// Applies mesh record changes in order, in one transaction.
-    pub fn save_mesh(&mut self, writes: &[MeshWrite]) -> Result<(), StateError> {
+    fn save_mesh(&mut self, writes: &[MeshWrite]) -> Result<(), StateError> {
         let tx = self
             .db
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for w in writes {
             match w {
-                MeshWrite::Upsert(rec) => {
-                    let text = serde_json::to_string(rec).map_err(|e| StateError::BadFile {
-                        path: self.path.clone(),
-                        msg: format!("mesh record of {}: {e}", rec.name),
-                    })?;
+                MeshWrite::Upsert(rec, _) => {
+                    let text = mesh_record_json(&self.path.display().to_string(), rec)?;
                     // The key is unique: a row of an older id for it goes.
                     tx.execute(
                         "DELETE FROM mesh_nodes WHERE key = ?1 AND id != ?2",
@@ -191,32 +553,23 @@ impl Registry {
         Ok(())
     }
 
-    /// Stores a new token's hash; returns the secret (shown once) and its id.
-    pub fn create_token(
+    fn insert_token(
         &mut self,
+        id: &str,
+        hash: &[u8],
         tag: &str,
-        ttl: Option<Duration>,
-        uses: Option<u64>,
         now: u64,
-    ) -> Result<(Secret, String), StateError> {
-        let secret = Secret::random();
-        let hash = secret.hash();
-        let id = Registry::token_id(&secret);
-        let expires = ttl.map(|t| now.saturating_add(t.as_secs()) as i64);
+        expires: Option<i64>,
+        uses: Option<i64>,
+    ) -> Result<(), StateError> {
         self.db.execute(
             "INSERT INTO tokens (id, hash, tag, created, expires_at, uses_left) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id, &hash[..], tag, now as i64, expires, uses.map(|u| u as i64)],
+            params![id, hash, tag, now as i64, expires, uses],
         )?;
-        Ok((secret, id))
+        Ok(())
     }
 
-    /// A token's public id: the first 12 hex digits of its secret's hash.
-    pub fn token_id(secret: &Secret) -> String {
-        hex::encode(&secret.hash()[..6])
-    }
-
-    /// All tokens.
-    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
         let mut st = self
             .db
             .prepare("SELECT id, tag, created, expires_at, uses_left, revoked FROM tokens ORDER BY created, id")?;
@@ -233,99 +586,46 @@ impl Registry {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Revokes a token by id (or unique id prefix).
-    pub fn revoke_token(&mut self, id: &str) -> Result<String, StateError> {
-        let ids: Vec<String> = self
-            .list_tokens()?
-            .into_iter()
-            .map(|t| t.id)
-            .filter(|t| t.starts_with(id))
-            .collect();
-        match ids.as_slice() {
-            [one] => {
-                self.db
-                    .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", params![one])?;
-                Ok(one.clone())
-            }
-            [] => Err(StateError::NotFound(format!(
-                "no token with id {id:?} (see `token list`)"
-            ))),
-            _ => Err(StateError::NotFound(format!(
-                "token id {id:?} is ambiguous; give more digits"
-            ))),
-        }
+    fn revoke_token(&mut self, id: &str) -> Result<(), StateError> {
+        self.db
+            .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", params![id])?;
+        Ok(())
     }
 
-    /// All nodes.
-    pub fn list_nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
         let mut st = self.db.prepare(
             "SELECT name, key, tags, first_seen, last_seen, revoked FROM nodes ORDER BY name",
         )?;
         let rows = st.query_map([], |r| {
             let key: Vec<u8> = r.get(1)?;
-            Ok(NodeRecord {
-                name: r.get(0)?,
-                key: PublicKey::from_slice(&key)
-                    .map(|k| k.to_base64())
-                    .unwrap_or_default(),
-                tags: split_tags(&r.get::<_, String>(2)?),
-                first_seen: r.get::<_, i64>(3)?.max(0) as u64,
-                last_seen: r.get::<_, i64>(4)?.max(0) as u64,
-                revoked: r.get::<_, i64>(5)? != 0,
-                mesh_ipv4: None,
-                mesh_ipv6: None,
-            })
+            Ok(node_record(
+                r.get(0)?,
+                &key,
+                &r.get::<_, String>(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get::<_, i64>(5)? != 0,
+            ))
         })?;
-        let mut nodes: Vec<NodeRecord> = rows.collect::<Result<_, _>>()?;
-        let mesh: std::collections::HashMap<String, coord::NodeRecord> = self
-            .mesh_records()?
-            .into_iter()
-            .map(|m| (m.key.to_base64(), m))
-            .collect();
-        for n in &mut nodes {
-            if let Some(m) = mesh.get(&n.key) {
-                n.mesh_ipv4 = Some(m.ipv4);
-                n.mesh_ipv6 = Some(m.ipv6);
-            }
-        }
-        Ok(nodes)
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Revokes a node by name.
-    pub fn revoke_node(&mut self, name: &str) -> Result<(), StateError> {
+    /// False when no node has that name.
+    fn revoke_node(&mut self, name: &str) -> Result<bool, StateError> {
         let n = self.db.execute(
             "UPDATE nodes SET revoked = 1 WHERE name = ?1",
             params![name],
         )?;
-        if n == 0 {
-            return Err(StateError::NotFound(format!(
-                "no node named {name:?} (see `nodes list`)"
-            )));
-        }
-        Ok(())
+        Ok(n > 0)
     }
 
-    /// Changes whenever another connection (e.g. `nodes revoke` in another
-    /// process) commits to the database (SQLite's `PRAGMA data_version`).
-    pub fn data_version(&self) -> Result<i64, StateError> {
-        Ok(self.db.query_row("PRAGMA data_version", [], |r| r.get(0))?)
-    }
-
-    /// Keys of every revoked node.
-    pub fn revoked_keys(&self) -> Result<std::collections::HashSet<PublicKey>, StateError> {
+    fn revoked_keys(&self) -> Result<Vec<Vec<u8>>, StateError> {
         let mut st = self.db.prepare("SELECT key FROM nodes WHERE revoked = 1")?;
         let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = std::collections::HashSet::new();
-        for k in rows {
-            if let Ok(k) = <[u8; 32]>::try_from(k?.as_slice()) {
-                out.insert(PublicKey(k));
-            }
-        }
-        Ok(out)
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Whether the node with this key is revoked (or unknown).
-    pub fn is_revoked(&self, key: &PublicKey) -> Result<bool, StateError> {
+    fn revoked_flag(&self, key: &PublicKey) -> Result<Option<bool>, StateError> {
         let r: Option<i64> = self
             .db
             .query_row(
@@ -334,23 +634,10 @@ impl Registry {
                 |r| r.get(0),
             )
             .optional()?;
-        Ok(r.is_none_or(|v| v != 0))
+        Ok(r.map(|v| v != 0))
     }
 
-    /// Whether `name` is usable as a node name: 1–64 of `[A-Za-z0-9._-]`,
-    /// not starting with `-` or `.` (it becomes an ssh `Host` alias).
-    pub fn valid_name(name: &str) -> bool {
-        (1..=64).contains(&name.len())
-            && !name.starts_with(['-', '.'])
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    }
-
-    /// Admits a node: a known, unrevoked key is accepted (name updated if
-    /// free); an unknown key needs a valid token secret, which is used once.
-    /// Returns the registered name and tags, or the rejection to send.
-    pub fn admit(
+    fn admit(
         &mut self,
         key: &PublicKey,
         name: &str,
@@ -374,85 +661,95 @@ impl Registry {
                 |r| r.get(0),
             )
             .optional()?;
-        let name_free = name_owner.as_deref().is_none_or(|k| k == key.0);
-        if !name.is_empty() && !Registry::valid_name(name) {
-            return Ok(Err(Rejection::new(
-                Reason::BadRequest,
-                format!("name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"),
-            )));
-        }
-        if let Some((old_name, tags, revoked)) = known {
-            if revoked != 0 {
-                return Ok(Err(Rejection::new(
-                    Reason::NodeRevoked,
-                    format!("node {old_name:?}"),
-                )));
-            }
-            let final_name = if name.is_empty() || name == old_name {
-                old_name
-            } else if name_free {
-                name.to_string()
-            } else {
-                return Ok(Err(Rejection::new(
-                    Reason::NameTaken,
-                    format!("name {name:?}"),
-                )));
-            };
-            tx.execute(
-                "UPDATE nodes SET name = ?1, last_seen = ?2 WHERE key = ?3",
-                params![final_name, now as i64, &key.0[..]],
-            )?;
-            tx.commit()?;
-            return Ok(Ok((final_name, split_tags(&tags))));
-        }
-        let Some(secret) = secret else {
-            return Ok(Err(Rejection::new(
-                Reason::KeyUnknown,
-                format!("key {} is not registered", key.short()),
-            )));
-        };
-        let hash = secret.hash();
         type Row = (String, String, Option<i64>, Option<i64>, i64);
-        let token: Option<Row> = tx
-            .query_row(
-                "SELECT id, tag, expires_at, uses_left, revoked FROM tokens WHERE hash = ?1",
-                params![&hash[..]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()?;
-        let Some((id, tag, expires_at, uses_left, revoked)) = token else {
-            return Ok(Err(Rejection::new(Reason::TokenUnknown, "")));
+        let token: Option<Row> = match (&known, secret) {
+            (None, Some(secret)) => tx
+                .query_row(
+                    "SELECT id, tag, expires_at, uses_left, revoked FROM tokens WHERE hash = ?1",
+                    params![&secret.hash()[..]],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?,
+            _ => None,
         };
-        let state = TokenState {
-            expires_at: opt_u64(expires_at),
-            uses_left: opt_u64(uses_left),
-            revoked: revoked != 0,
+        let rows = AdmitRows {
+            known: known.map(|(n, t, r)| (n, t, r != 0)),
+            name_free: name_owner.as_deref().is_none_or(|k| k == key.0),
+            token: token.map(|(id, tag, expires_at, uses_left, revoked)| {
+                let state = TokenState {
+                    expires_at: opt_u64(expires_at),
+                    uses_left: opt_u64(uses_left),
+                    revoked: revoked != 0,
+                };
+                (id, tag, state)
+            }),
         };
-        if let Err(reason) = check_token(&state, now) {
-            return Ok(Err(Rejection::new(reason, format!("token {id}"))));
+        match decide_admit(key, name, secret.is_some(), rows, now) {
+            Err(rej) => Ok(Err(rej)),
+            Ok(AdmitWrite::Known { name, tags }) => {
+                tx.execute(
+                    "UPDATE nodes SET name = ?1, last_seen = ?2 WHERE key = ?3",
+                    params![name, now as i64, &key.0[..]],
+                )?;
+                tx.commit()?;
+                Ok(Ok((name, tags)))
+            }
+            Ok(AdmitWrite::New { token_id, tag }) => {
+                tx.execute(
+                    "INSERT INTO nodes (key, name, tags, first_seen, last_seen, token_id) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+                    params![&key.0[..], name, tag, now as i64, token_id],
+                )?;
+                tx.execute(
+                    "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left IS NOT NULL",
+                    params![token_id],
+                )?;
+                tx.commit()?;
+                Ok(Ok((name.to_string(), vec![tag])))
+            }
         }
-        if name.is_empty() {
-            return Ok(Err(Rejection::new(
-                Reason::BadRequest,
-                "a name is required to join",
-            )));
-        }
-        if !name_free {
-            return Ok(Err(Rejection::new(
-                Reason::NameTaken,
-                format!("name {name:?}"),
-            )));
-        }
-        tx.execute(
-            "INSERT INTO nodes (key, name, tags, first_seen, last_seen, token_id) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-            params![&key.0[..], name, tag, now as i64, id],
-        )?;
-        tx.execute(
-            "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left IS NOT NULL",
-            params![id],
-        )?;
-        tx.commit()?;
-        Ok(Ok((name.to_string(), vec![tag])))
+    }
+}
+
+/// A mesh record as stored (JSON).
+pub(crate) fn mesh_record_json(store: &str, rec: &coord::NodeRecord) -> Result<String, StateError> {
+    serde_json::to_string(rec).map_err(|e| StateError::BadFile {
+        path: PathBuf::from(store),
+        msg: format!("mesh record of {}: {e}", rec.name),
+    })
+}
+
+/// A stored mesh record (row `id` of `store`, for the error).
+pub(crate) fn parse_mesh_record(
+    store: &str,
+    id: i64,
+    text: &str,
+) -> Result<coord::NodeRecord, StateError> {
+    serde_json::from_str(text).map_err(|e| StateError::BadFile {
+        path: PathBuf::from(store),
+        msg: format!("mesh_nodes row {id}: {e}"),
+    })
+}
+
+/// A `nodes` row as listed (mesh addresses filled in by the caller).
+pub(crate) fn node_record(
+    name: String,
+    key: &[u8],
+    tags: &str,
+    first_seen: i64,
+    last_seen: i64,
+    revoked: bool,
+) -> NodeRecord {
+    NodeRecord {
+        name,
+        key: PublicKey::from_slice(key)
+            .map(|k| k.to_base64())
+            .unwrap_or_default(),
+        tags: split_tags(tags),
+        first_seen: first_seen.max(0) as u64,
+        last_seen: last_seen.max(0) as u64,
+        revoked,
+        mesh_ipv4: None,
+        mesh_ipv6: None,
     }
 }
 
@@ -573,12 +870,18 @@ mod tests {
         let (a, b) = (StaticKey::generate(), StaticKey::generate());
         let (ra, rb) = (rec(1, &a, "a"), rec(2, &b, "b"));
         assert!(r
-            .save_mesh(&[MeshWrite::Upsert(ra.clone()), MeshWrite::Upsert(rb.clone())])
+            .save_mesh(&[
+                MeshWrite::Upsert(ra.clone(), true),
+                MeshWrite::Upsert(rb.clone(), true)
+            ])
             .is_ok());
         let mut ra2 = ra.clone();
         ra2.endpoints.clear();
         assert!(r
-            .save_mesh(&[MeshWrite::Upsert(ra2.clone()), MeshWrite::Delete(NodeId(2))])
+            .save_mesh(&[
+                MeshWrite::Upsert(ra2.clone(), false),
+                MeshWrite::Delete(NodeId(2))
+            ])
             .is_ok());
         drop(r);
         let Ok(r) = Registry::open(d.path()) else {

@@ -207,6 +207,8 @@ pub struct Relay {
     shared: Arc<Shared>,
     metrics_listener: Option<tokio::net::TcpListener>,
     admin: Option<std::os::unix::net::UnixListener>,
+    /// A shared store's own connection for [`mesh::Mesh::follow_fleet`].
+    fleet: Option<Registry>,
 }
 
 /// A stateless-reset key derived from the identity, so a restarted relay can
@@ -249,7 +251,8 @@ impl Relay {
         crate::keys::create_private_dir(dir)?;
         let key = StaticKey::load_or_create(&dir.join(files::IDENTITY))?;
         let (cert, cert_key) = tls::server_cert(dir, &opts.config.tls)?;
-        let registry = Registry::open(dir)?;
+        let relay_name = opts.config.relay_name();
+        let registry = Registry::open_store(dir, &opts.config.store, &relay_name)?;
         let limits = &opts.config.limits;
         // Few streams until admitted: quinn keeps per-stream state for every
         // stream a peer may open, so a large initial limit costs every idle
@@ -306,7 +309,19 @@ impl Relay {
             None => None,
         };
         let stun_bound = stun.as_ref().and_then(|s| s.local_addr().ok());
-        let mesh = mesh::Mesh::open(dir, &registry, &opts.config, stun_bound)?;
+        let mesh = mesh::Mesh::open(
+            dir,
+            &registry,
+            &opts.config,
+            stun_bound,
+            &opts.config.store,
+            &relay_name,
+        )?;
+        let fleet = if registry.is_shared() {
+            Some(Registry::open_store(dir, &opts.config.store, &relay_name)?)
+        } else {
+            None
+        };
         let routes = Arc::new(Mutex::new(Routes::new(limits.max_streams_per_node)));
         let metrics = Arc::new(Metrics::new());
         let pool = pool::PoolShell::open(
@@ -333,6 +348,7 @@ impl Relay {
             stun,
             metrics_listener,
             admin,
+            fleet,
             shared: Arc::new(Shared {
                 key,
                 config: opts.config.clone(),
@@ -384,6 +400,21 @@ impl Relay {
         self.shared.key.public()
     }
 
+    /// On a store shared by a fleet: the task applying the other relays'
+    /// mesh records (its own store connection, woken by the change feed).
+    fn fleet_feed(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let reg = self.fleet.take()?;
+        let changes = reg.changes()?;
+        let config = &self.shared.config;
+        let name = config.relay_name();
+        let shared = self.shared.clone();
+        info!(relay = %name, store = %config.store.describe(), "fleet: following the other relays' mesh records");
+        Some(tokio::spawn(async move {
+            let metrics = shared.metrics.clone();
+            shared.mesh.follow_fleet(reg, changes, name, metrics).await;
+        }))
+    }
+
     /// Serves until `shutdown` completes, then tells every client the relay
     /// is restarting and closes.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
@@ -393,6 +424,7 @@ impl Relay {
             tokio::spawn(metrics::serve(l, self.shared.metrics.clone()))
         });
         let revocations = tokio::spawn(watch_revocations(self.shared.clone()));
+        let fleet_task = self.fleet_feed();
         let pool_timer = tokio::spawn(pool::timer(self.shared.clone()));
         let admin_task = match self.admin.take().map(tokio::net::UnixListener::from_std) {
             Some(Ok(l)) => Some(tokio::spawn(pool::serve_admin(self.shared.clone(), l))),
@@ -460,6 +492,9 @@ impl Relay {
         );
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
+        if let Some(t) = fleet_task {
+            t.abort();
+        }
         reload_task.abort();
         pool_timer.abort();
         if let Some(t) = admin_task {
@@ -514,8 +549,20 @@ async fn watch_revocations(shared: Arc<Shared>) {
     let mut seen = None;
     let mut revoked_before: Option<HashSet<PublicKey>> = None;
     let mut tick = tokio::time::interval(REVOCATION_POLL);
+    // A shared store wakes us on every change (other relays, operator commands).
+    let mut changes = lock(&shared.registry).changes();
     loop {
-        tick.tick().await;
+        match changes.as_mut() {
+            Some(c) => {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    r = c.changed() => if r.is_err() { changes = None },
+                }
+            }
+            None => {
+                tick.tick().await;
+            }
+        }
         let revoked: Option<HashSet<PublicKey>> = {
             let reg = lock(&shared.registry);
             match reg.data_version() {

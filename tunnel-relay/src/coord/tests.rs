@@ -667,3 +667,58 @@ fn scale_10k_one_more_join_reaches_exactly_the_allowed_peers() {
         .collect();
     assert_eq!(arcs.len(), 1);
 }
+
+/// Two relays on one shared store: each runs a replica of the core, joins its
+/// own nodes and applies the records the other writes.
+#[test]
+fn two_replicas_share_nodes_by_record() {
+    let mut a = coord();
+    let mut b = coord();
+    a.use_key_ids();
+    b.use_key_ids();
+    let (w, _) = ok(a.join(req(1, "gpu1", &["worker"])));
+    assert_eq!(w, NodeId::of_key(&key(1)));
+    let (e, _) = ok(b.join(req(3, "alice", &["engineer"])));
+    // B learns gpu1 from A's record: alice (B's session) gets it.
+    let rec_w = a.record(w).cloned().unwrap_or_else(|| panic!("no record"));
+    let out = ok(b.apply_remote(rec_w.clone(), true));
+    let d = deltas(&out);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        matches!(&d[0], (to, PeerChange::Upsert(p)) if *to == e && p.key == key(1) && p.ipv4 == rec_w.ipv4)
+    );
+    // A learns alice: gpu1 gets her, the same id and address on both.
+    let rec_e = b.record(e).cloned().unwrap_or_else(|| panic!("no record"));
+    let out = ok(a.apply_remote(rec_e.clone(), true));
+    assert_eq!(deltas(&out).len(), 1);
+    assert_eq!(a.id_of(&key(3)), Some(e));
+    assert_eq!(a.record(e).map(|r| r.ipv4), Some(rec_e.ipv4));
+    // The same record again changes nothing; new endpoints and going offline do.
+    assert!(ok(b.apply_remote(rec_w.clone(), true)).is_empty());
+    let mut moved = rec_w.clone();
+    moved.endpoints = vec![cand(77, 4000)];
+    assert_eq!(deltas(&ok(b.apply_remote(moved.clone(), true))).len(), 1);
+    let d = deltas(&ok(b.apply_remote(moved, false)));
+    assert!(matches!(&d[..], [(to, PeerChange::Upsert(p))] if *to == e && !p.online));
+    // A clash (another key under gpu1's name, or an address taken here) is refused and changes nothing.
+    let mut clash = rec_w.clone();
+    clash.key = key(9);
+    clash.id = NodeId::of_key(&key(9));
+    assert!(matches!(
+        b.apply_remote(clash, true),
+        Err(CoordError::Conflict(_))
+    ));
+    let mut clash = rec_w.clone();
+    clash.key = key(9);
+    clash.id = NodeId::of_key(&key(9));
+    clash.name = "gpu9".into();
+    assert!(matches!(
+        b.apply_remote(clash, true),
+        Err(CoordError::Conflict(_))
+    ));
+    assert_eq!(b.len(), 2);
+    // Removal follows the record's deletion.
+    let (_, out) = ok(b.remove(w));
+    assert_eq!(deltas(&out).len(), 1);
+    assert_eq!(b.id_by_name("gpu1"), None);
+}

@@ -83,6 +83,8 @@ struct Hub {
     sessions: HashMap<NodeId, Slot>,
     next_sid: u64,
     persist: std_mpsc::Sender<Persist>,
+    /// Other relays share the store: they read our records, online state included.
+    shared: bool,
 }
 
 /// What the pool needs of the mesh: a node's overlay address (the gang variables), and
@@ -171,11 +173,16 @@ impl Mesh {
 
     /// Restores the coordinator from the registry (records of revoked or
     /// unknown nodes are dropped) with a fresh epoch, and starts the writer.
+    /// On a store shared by a fleet, ids come from keys, this relay's
+    /// records of a previous life are marked offline, and
+    /// [`Mesh::follow_fleet`] must run to apply the other relays' records.
     pub(super) fn open(
         dir: &std::path::Path,
         registry: &Registry,
         config: &RelayConfig,
         stun: Option<SocketAddr>,
+        store: &crate::registry::Store,
+        relay: &str,
     ) -> Result<Mesh, RelayError> {
         let mut records = Vec::new();
         let mut dropped = Vec::new();
@@ -188,9 +195,14 @@ impl Mesh {
         }
         let n = records.len();
         let epoch = unix_ms();
-        let coord = Coordinator::restore(config.mesh.clone(), epoch, records)
+        let mut coord = Coordinator::restore(config.mesh.clone(), epoch, records)
             .map_err(|source| RelayError::MeshRestore { source })?;
-        let mut writer = Registry::open(dir)?;
+        let shared = registry.is_shared();
+        let mut writer = Registry::open_store(dir, store, relay)?;
+        if shared {
+            coord.use_key_ids();
+            writer.mesh_offline_mine()?;
+        }
         let (tx, rx) = std_mpsc::channel::<Persist>();
         for id in dropped {
             let _ = tx.send(Persist::Write(MeshWrite::Delete(id)));
@@ -211,9 +223,44 @@ impl Mesh {
                 sessions: HashMap::new(),
                 next_sid: 1,
                 persist: tx,
+                shared,
             })),
             stun,
         })
+    }
+
+    /// Applies the mesh records other relays of the fleet write to the
+    /// shared store, woken by its change feed: their nodes join, change and
+    /// leave this relay's coordinator, and the peers holding sessions here
+    /// get the deltas. Records of this relay, and of nodes holding a session
+    /// here, are skipped (this relay's state is the truth for them).
+    pub(super) async fn follow_fleet(
+        &self,
+        reg: Registry,
+        mut changes: tokio::sync::watch::Receiver<i64>,
+        me: String,
+        metrics: Arc<Metrics>,
+    ) {
+        let mut after = 0i64;
+        loop {
+            let rows = tokio::task::block_in_place(|| reg.mesh_changes(after));
+            match rows {
+                Ok(rows) => {
+                    if let Some(last) = rows.last() {
+                        after = last.seq;
+                    }
+                    let mut hub = lock(&self.hub);
+                    for c in rows.into_iter().filter(|c| c.relay != me) {
+                        hub.apply_remote(c, &metrics);
+                    }
+                    hub.gauges(&metrics);
+                }
+                Err(e) => warn!(error = %e, "could not read the fleet's mesh records"),
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The pool's handle on the mesh (overlay addresses, gang group tags).
@@ -260,19 +307,52 @@ impl Mesh {
     }
 }
 
+/// Commits the hub's record changes in batches, in order. A shared store
+/// that fails (PostgreSQL restarting) keeps the batch and tries again every
+/// half second with what came since, so no change is lost; SQLite's
+/// failures are logged and the batch dropped, as before.
 fn persist_loop(reg: &mut Registry, rx: &std_mpsc::Receiver<Persist>) {
-    while let Ok(first) = rx.recv() {
-        let mut writes = Vec::new();
+    let mut pending: Vec<MeshWrite> = Vec::new();
+    let mut failing = false;
+    loop {
+        let first = if pending.is_empty() {
+            match rx.recv() {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+                Ok(p) => Some(p),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
         let mut acks = Vec::new();
-        for p in std::iter::once(first).chain(rx.try_iter()) {
+        for p in first.into_iter().chain(rx.try_iter()) {
             match p {
-                Persist::Write(w) => writes.push(w),
+                Persist::Write(w) => pending.push(w),
                 Persist::Flush(a) => acks.push(a),
             }
         }
-        if !writes.is_empty() {
-            if let Err(e) = reg.save_mesh(&writes) {
-                warn!(error = %e, changes = writes.len(), "could not persist mesh node records");
+        if !pending.is_empty() {
+            match reg.save_mesh(&pending) {
+                Ok(()) => {
+                    if failing {
+                        info!(changes = pending.len(), "mesh node records persisted again");
+                    }
+                    failing = false;
+                    pending.clear();
+                }
+                Err(e) if reg.is_shared() => {
+                    if !failing {
+                        warn!(error = %e, changes = pending.len(), "could not persist mesh node records; retrying");
+                    }
+                    failing = true;
+                }
+                Err(e) => {
+                    warn!(error = %e, changes = pending.len(), "could not persist mesh node records");
+                    pending.clear();
+                }
             }
         }
         for a in acks {
@@ -290,8 +370,38 @@ impl Hub {
 
     fn persist_record(&self, id: NodeId) {
         if let Some(rec) = self.coord.record(id) {
-            self.persist(MeshWrite::Upsert(rec.clone()));
+            self.persist(MeshWrite::Upsert(rec.clone(), self.coord.is_online(id)));
         }
+    }
+
+    /// One row of another relay's writes (see [`Mesh::follow_fleet`]).
+    fn apply_remote(&mut self, c: crate::registry::MeshChange, metrics: &Metrics) {
+        let id = c.rec.id;
+        if self.sessions.contains_key(&id) {
+            return;
+        }
+        let name = c.rec.name.clone();
+        let out = if c.deleted {
+            match self.coord.remove(id) {
+                Ok((_, out)) => {
+                    info!(node = %name, relay = %c.relay, "left the mesh on another relay");
+                    out
+                }
+                Err(_) => return,
+            }
+        } else {
+            match self.coord.apply_remote(c.rec, c.online) {
+                Ok(out) => {
+                    debug!(node = %name, relay = %c.relay, online = c.online, "record from another relay");
+                    out
+                }
+                Err(e) => {
+                    warn!(node = %name, relay = %c.relay, error = %e, "another relay's mesh record refused");
+                    return;
+                }
+            }
+        };
+        self.deliver(out, metrics);
     }
 
     /// Queues every update for its recipient if it holds a session; a full
@@ -534,6 +644,9 @@ pub(super) async fn serve_session(
         hub.sessions.remove(&id);
         if let Ok(out) = hub.coord.set_online(id, false) {
             hub.deliver(out, &metrics);
+            if hub.shared {
+                hub.persist_record(id);
+            }
         }
     }
     hub.gauges(&metrics);
@@ -623,6 +736,7 @@ mod tests {
             sessions: HashMap::new(),
             next_sid: 1,
             persist: tx,
+            shared: false,
         };
         (h, rx)
     }
@@ -743,6 +857,9 @@ mod tests {
                 Persist::Flush(_) => None,
             })
             .collect();
-        assert_eq!(got, vec![MeshWrite::Upsert(rec), MeshWrite::Delete(a)]);
+        assert_eq!(
+            got,
+            vec![MeshWrite::Upsert(rec, true), MeshWrite::Delete(a)]
+        );
     }
 }

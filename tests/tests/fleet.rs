@@ -1,0 +1,253 @@
+//! A fleet of relays on one PostgreSQL (issue 14): two relays sharing one
+//! network identity and one store, in namespaces, with Debian's PostgreSQL
+//! in its own.
+//!
+//! - A token created through relay A admits a node through relay B.
+//! - Nodes homed on different relays see each other in their peer maps (the
+//!   relays apply each other's records from the store's change feed) and
+//!   reach each other on a direct path: an engineer on A fetches a banner
+//!   from a worker on B.
+//! - A node revoked through B is cut off on A and leaves the peer maps there
+//!   (LISTEN/NOTIFY, no polling): the time is printed.
+//! - PostgreSQL restarted mid-way: relays reconnect; a node joining through
+//!   B afterwards reaches the engineer on A's peer map.
+//! - A database migrated by a newer relay is refused with a clear error; the
+//!   store's password never shows in logs or errors.
+//!
+//! Binaries: `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
+
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use weft_tests::managed::{relay_bin, ManagedNode};
+use weft_tests::postgres::{LabPostgres, PASSWORD};
+use weft_tests::{Internet, Netns, Proc};
+
+struct FleetRelay {
+    ns: Netns,
+    state: String,
+    config: String,
+    url: String,
+    addr: String,
+    proc: Proc,
+}
+
+impl FleetRelay {
+    /// A relay named `name` at `ip` on `url`; `identity`: the fleet's key file to copy in.
+    fn start(
+        net: &Internet,
+        tag: &str,
+        name: &str,
+        ip: &str,
+        url: &str,
+        identity: Option<&str>,
+    ) -> FleetRelay {
+        let ns = net.host(tag, ip);
+        let state = ns.file("relay").display().to_string();
+        let config = ns.file("relay.toml").display().to_string();
+        std::fs::write(&config, format!("store = \"{url}\"\nname = \"{name}\"\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(id) = identity {
+            ns.exec(&format!(
+                "mkdir -p -m 700 {state} && cp {id} {state}/identity.key && chmod 600 {state}/identity.key"
+            ));
+        }
+        let addr = format!("{ip}:4433");
+        let proc = ns.spawn_listening(
+            "relay",
+            &format!(
+                "env WEFT_LOG=info {} serve --listen {addr} --state-dir {state} --config {config}",
+                relay_bin()
+            ),
+            'u',
+            4433,
+            Duration::from_secs(10),
+        );
+        FleetRelay {
+            ns,
+            state,
+            config,
+            url: url.to_string(),
+            addr,
+            proc,
+        }
+    }
+
+    /// `tunnel-relay ARGS --state-dir S` in the relay's namespace, the store
+    /// given as the operator would (`WEFT_RELAY_STORE`, so not in `ps`).
+    fn cmd(&self, args: &str) -> std::process::Output {
+        self.ns.output(&format!(
+            "env WEFT_RELAY_STORE='{}' {} {args} --state-dir {}",
+            self.url,
+            relay_bin(),
+            self.state,
+        ))
+    }
+
+    /// A one-use token with `tag`, created through this relay, naming `dial` as the relay.
+    fn token(&self, tag: &str, dial: &str) -> String {
+        let out = self.ns.output(&format!(
+            "{} token create --state-dir {} --config {} --tag {tag} --uses 1 --ttl 10m --relay-addr {dial}",
+            relay_bin(),
+            self.state,
+            self.config
+        ));
+        let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            t.starts_with("wft1_"),
+            "token through {}: {t} {}",
+            self.addr,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t
+    }
+}
+
+fn fetch(ns: &Netns, target: &str) -> String {
+    let out = ns.output(&format!(
+        "timeout 5 socat -u TCP:{target},connect-timeout=3 -"
+    ));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn two_relays_on_one_postgres_are_one_network() {
+    let net = Internet::new("fl");
+    let mut pg = LabPostgres::start(net.host("fl-pg", "203.0.113.20"), "203.0.113.20");
+    let url = pg.url();
+    let a = FleetRelay::start(&net, "fl-ra", "relay-a", "203.0.113.2", &url, None);
+    let identity = format!("{}/identity.key", a.state);
+    let b = FleetRelay::start(
+        &net,
+        "fl-rb",
+        "relay-b",
+        "203.0.113.3",
+        &url,
+        Some(&identity),
+    );
+
+    // Homes: alice and gpu2 on A; gpu1 on B with a token created through A.
+    let alice = ManagedNode::start(
+        net.host("fl-e", "198.51.100.5"),
+        &a.token("engineer", &a.addr),
+        "alice",
+    );
+    let gpu2 = ManagedNode::start(
+        net.host("fl-w2", "198.51.100.7"),
+        &a.token("worker", &a.addr),
+        "gpu2",
+    );
+    let gpu1 = ManagedNode::start(
+        net.host("fl-w1", "198.51.100.6"),
+        &a.token("worker", &b.addr),
+        "gpu1",
+    );
+    assert!(
+        b.proc.log().contains("joined the mesh") && b.proc.log().contains("gpu1"),
+        "gpu1 did not join through relay B:\n{}",
+        b.proc.log_tail(20)
+    );
+
+    // One network: alice (on A) sees both workers; gpu1 (on B) sees alice.
+    alice.wait_until(
+        Duration::from_secs(10),
+        "gpu1 and gpu2 in alice's peer map",
+        |n| {
+            let ips = n.peer_ips();
+            ips.contains(&gpu1.ip) && ips.contains(&gpu2.ip)
+        },
+    );
+    gpu1.wait_until(Duration::from_secs(10), "alice in gpu1's peer map", |n| {
+        n.peer_ips().contains(&alice.ip)
+    });
+    alice.wait_until(
+        Duration::from_secs(15),
+        "a direct path to gpu1 (homed on B)",
+        |n| n.endpoint_of(&gpu1.ip).starts_with("198.51.100.6:"),
+    );
+    let _banner = gpu1.ns.spawn_listening(
+        "banner",
+        &format!(
+            "socat TCP-LISTEN:22,bind={},fork,reuseaddr EXEC:'echo across-the-fleet'",
+            gpu1.ip
+        ),
+        't',
+        22,
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        fetch(&alice.ns, &format!("{}:22", gpu1.ip)),
+        "across-the-fleet"
+    );
+    let listed = String::from_utf8_lossy(&b.cmd("nodes list --json").stdout).into_owned();
+    assert!(
+        listed.contains("\"gpu1\"") && listed.contains(&gpu1.ip) && listed.contains("\"alice\""),
+        "nodes list through B: {listed}"
+    );
+
+    // Revoked through B, cut off on A.
+    let t0 = Instant::now();
+    let out = b.cmd("nodes revoke gpu2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    alice.wait_until(
+        Duration::from_secs(5),
+        "gpu2 gone from alice's peer map",
+        |n| !n.peer_ips().contains(&gpu2.ip),
+    );
+    let gone = t0.elapsed();
+    let t = Instant::now();
+    while !a.proc.log().contains("closing a revoked node's connection") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "relay A kept gpu2's connection:\n{}",
+            a.proc.log_tail(20)
+        );
+        sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "fleet: gpu2 revoked through relay B, gone from alice's map on relay A after {gone:?}"
+    );
+
+    // PostgreSQL restarts; both relays reconnect; a node joining through B reaches alice on A.
+    pg.restart(Duration::from_secs(2));
+    let gpu3 = ManagedNode::start(
+        net.host("fl-w3", "198.51.100.8"),
+        &b.token("worker", &b.addr),
+        "gpu3",
+    );
+    alice.wait_until(
+        Duration::from_secs(15),
+        "gpu3 (joined through B after the restart) in alice's map",
+        |n| n.peer_ips().contains(&gpu3.ip),
+    );
+    assert!(
+        gpu1.peer_ips().contains(&alice.ip),
+        "gpu1 lost alice over the restart"
+    );
+
+    // A database a newer relay migrated is refused, clearly; no password anywhere.
+    pg.psql("INSERT INTO weft_schema (version) VALUES (99)");
+    let out = a.cmd("nodes list");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a newer schema was accepted");
+    assert!(err.contains("schema version 99 is newer"), "{err}");
+    assert!(
+        err.contains("weft:***@"),
+        "the store is not named (redacted): {err}"
+    );
+    for (what, text) in [
+        ("relay A", a.proc.log()),
+        ("relay B", b.proc.log()),
+        ("error", err),
+    ] {
+        assert!(
+            !text.contains(PASSWORD),
+            "{what} shows the store's password:\n{text}"
+        );
+    }
+    drop((gpu3, gpu1, gpu2, alice));
+}

@@ -1,0 +1,648 @@
+//! The registry on PostgreSQL: one database shared by a fleet of relays
+//! (`serve --store postgres://...`, `store` in the config; the operator's
+//! `token` and `nodes` commands take the same `--store`).
+//!
+//! Driver: tokio-postgres, through its blocking `postgres` wrapper. The
+//! registry API is synchronous (it is SQLite's), so each [`PgRegistry`] owns
+//! one thread holding one connection; calls are sent to it and waited for,
+//! from any thread or runtime (the `postgres` client runs its own runtime,
+//! which must not be entered from a tokio worker). A call on a broken
+//! connection fails with the error; the next call reconnects, so a restarted
+//! PostgreSQL costs the calls made while it was down.
+//!
+//! Schema: versioned migrations in [`MIGRATIONS`], applied at connect under
+//! an advisory lock (two relays starting at once migrate once); a database
+//! whose version is newer than this build is refused with a clear error.
+//!
+//! Change feed: every write that other relays must see commits a
+//! `NOTIFY weft_changes` (delivered at commit). A second connection per
+//! relay `LISTEN`s and bumps a `watch` counter: the revocation watcher and
+//! the mesh feed wake on it (no polling). Mesh records carry a feed position
+//! (`seq`, from a sequence) and deletions stay as tombstones, so a relay
+//! reads exactly the rows written after the last one it applied; after a
+//! lost connection it re-reads from there, missing nothing.
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::admission::TokenState;
+use crate::error::StateError;
+use crate::keys::PublicKey;
+use crate::registry::{
+    decide_admit, mesh_record_json, node_record, opt_u64, parse_mesh_record, AdmitRows, AdmitWrite,
+    MeshChange, MeshWrite, NodeRecord, TokenRecord,
+};
+use crate::secret::Secret;
+use crate::wire::Rejection;
+
+/// The notification channel.
+pub const CHANNEL: &str = "weft_changes";
+
+/// The schema, one migration per version (index + 1). Append only.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the registry (as SQLite's), mesh records with a feed position.
+    "CREATE TABLE nodes (
+        key BYTEA PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        tags TEXT NOT NULL,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        revoked BOOLEAN NOT NULL DEFAULT false,
+        token_id TEXT
+     );
+     CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        hash BYTEA NOT NULL UNIQUE,
+        tag TEXT NOT NULL,
+        created BIGINT NOT NULL,
+        expires_at BIGINT,
+        uses_left BIGINT,
+        revoked BOOLEAN NOT NULL DEFAULT false
+     );
+     CREATE SEQUENCE mesh_seq;
+     CREATE TABLE mesh_nodes (
+        id BIGINT PRIMARY KEY,
+        key BYTEA NOT NULL UNIQUE,
+        record TEXT NOT NULL,
+        relay TEXT NOT NULL,
+        online BOOLEAN NOT NULL,
+        deleted BOOLEAN NOT NULL DEFAULT false,
+        seq BIGINT NOT NULL
+     );
+     CREATE INDEX mesh_nodes_seq ON mesh_nodes (seq);",
+];
+
+/// Advisory lock key for migrations ("weft" in ASCII).
+const MIGRATE_LOCK: i64 = 0x7765_6674;
+
+/// A URL with any password replaced by `***` (for messages and logs).
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    let mut out = format!("{scheme}://");
+    if let Some(a) = auth {
+        match a.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@")),
+            None => out.push_str(&format!("{a}@")),
+        }
+    }
+    // A password may also come as a query parameter.
+    match host.split_once('?') {
+        Some((h, q)) => {
+            out.push_str(h);
+            out.push('?');
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out.push_str(&q.join("&"));
+        }
+        None => out.push_str(host),
+    }
+    out
+}
+
+fn pg_err(e: &postgres::Error) -> StateError {
+    // `Error`'s Display says "db error"; the server's message is in the source.
+    match e.as_db_error() {
+        Some(db) => StateError::Pg(format!("{}: {}", db.code().code(), db.message())),
+        None => StateError::Pg(match std::error::Error::source(e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        }),
+    }
+}
+
+/// Brings the schema to [`MIGRATIONS`]' version; refuses a newer one.
+fn migrate(c: &mut Client) -> Result<(), StateError> {
+    let known = MIGRATIONS.len() as i32;
+    let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+        .map_err(|e| pg_err(&e))?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS weft_schema (version INTEGER NOT NULL)")
+        .map_err(|e| pg_err(&e))?;
+    let found: Option<i32> = tx
+        .query_opt("SELECT max(version) FROM weft_schema", &[])
+        .map_err(|e| pg_err(&e))?
+        .and_then(|r| r.get(0));
+    let found = found.unwrap_or(0);
+    if found > known {
+        return Err(StateError::SchemaTooNew { found, known });
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let v = i as i32 + 1;
+        tx.batch_execute(m).map_err(|e| pg_err(&e))?;
+        tx.execute("INSERT INTO weft_schema (version) VALUES ($1)", &[&v])
+            .map_err(|e| pg_err(&e))?;
+        info!(version = v, "store schema migrated");
+    }
+    tx.commit().map_err(|e| pg_err(&e))
+}
+
+type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+
+/// The store thread's connection, made again after it breaks.
+struct Conn {
+    url: String,
+    client: Option<Client>,
+}
+
+impl Conn {
+    fn client(&mut self) -> Result<&mut Client, StateError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            let mut c = Client::connect(&self.url, NoTls).map_err(|e| pg_err(&e))?;
+            migrate(&mut c)?;
+            self.client = Some(c);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| StateError::Pg("not connected".into()))
+    }
+}
+
+/// The registry's PostgreSQL backend.
+pub struct PgRegistry {
+    jobs: std_mpsc::Sender<Job>,
+    relay: String,
+    changes: watch::Receiver<i64>,
+}
+
+impl PgRegistry {
+    /// Connects (and migrates the schema), failing now if the database is
+    /// unreachable or too new; starts the listener. `relay` names this
+    /// relay in the mesh records it writes.
+    pub fn connect(url: &str, relay: &str) -> Result<PgRegistry, StateError> {
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let mut conn = Conn {
+            url: url.to_string(),
+            client: None,
+        };
+        std::thread::Builder::new()
+            .name("registry-pg".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StateError::Pg(format!("store thread: {e}")))?;
+        let (tx, changes) = watch::channel(0i64);
+        let reg = PgRegistry {
+            jobs,
+            relay: relay.to_string(),
+            changes,
+        };
+        reg.call(|_| Ok(()))?;
+        let url = url.to_string();
+        std::thread::Builder::new()
+            .name("registry-listen".into())
+            .spawn(move || listen(&url, &tx))
+            .map_err(|e| StateError::Pg(format!("listener thread: {e}")))?;
+        Ok(reg)
+    }
+
+    /// Runs `f` on the store thread's connection and waits for it. A call
+    /// that finds the connection broken (PostgreSQL restarted since the
+    /// last call) reconnects and runs once more.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut Client) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let (tx, rx) = std_mpsc::sync_channel(1);
+        let job: Job = Box::new(move |conn: &mut Conn| {
+            let mut r = conn.client().and_then(&f);
+            if r.is_err() && conn.client.as_ref().is_some_and(Client::is_closed) {
+                r = conn.client().and_then(&f);
+            }
+            let _ = tx.send(r);
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| StateError::Pg("store thread is gone".into()))?;
+        rx.recv()
+            .map_err(|_| StateError::Pg("store thread is gone".into()))?
+    }
+
+    /// The change counter (bumped by each notification and reconnect).
+    pub fn data_version(&self) -> i64 {
+        *self.changes.borrow()
+    }
+
+    /// A receiver of the change counter.
+    pub fn changes(&self) -> watch::Receiver<i64> {
+        self.changes.clone()
+    }
+
+    /// Mesh rows after feed position `after`, in order.
+    pub fn mesh_changes(&self, after: i64) -> Result<Vec<MeshChange>, StateError> {
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT id, record, relay, online, deleted, seq FROM mesh_nodes WHERE seq > $1 ORDER BY seq",
+                    &[&after],
+                )
+                .map_err(|e| pg_err(&e))?;
+            rows.iter()
+                .map(|r| {
+                    let id: i64 = r.get(0);
+                    let text: String = r.get(1);
+                    Ok(MeshChange {
+                        rec: parse_mesh_record("postgres mesh_nodes", id, &text)?,
+                        relay: r.get(2),
+                        online: r.get(3),
+                        deleted: r.get(4),
+                        seq: r.get(5),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Applies mesh writes in order, in one transaction, and notifies.
+    pub fn save_mesh(&mut self, writes: &[MeshWrite]) -> Result<(), StateError> {
+        let mut rows = Vec::with_capacity(writes.len());
+        for w in writes {
+            rows.push(match w {
+                MeshWrite::Upsert(rec, online) => (
+                    rec.id,
+                    Some((
+                        rec.key.0.to_vec(),
+                        mesh_record_json("postgres", rec)?,
+                        *online,
+                    )),
+                ),
+                MeshWrite::Delete(id) => (*id, None),
+            });
+        }
+        let relay = self.relay.clone();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+            for (id, row) in &rows {
+                let id = id.0 as i64;
+                match row {
+                    Some((key, text, online)) => {
+                        // The key is unique: a row of another id for it goes.
+                        tx.execute(
+                            "DELETE FROM mesh_nodes WHERE key = $1 AND id != $2",
+                            &[key, &id],
+                        )
+                        .map_err(|e| pg_err(&e))?;
+                        tx.execute(
+                            "INSERT INTO mesh_nodes (id, key, record, relay, online, deleted, seq)
+                             VALUES ($1, $2, $3, $4, $5, false, nextval('mesh_seq'))
+                             ON CONFLICT (id) DO UPDATE SET key = $2, record = $3, relay = $4,
+                               online = $5, deleted = false, seq = nextval('mesh_seq')",
+                            &[&id, key, text, &relay, online],
+                        )
+                        .map_err(|e| pg_err(&e))?;
+                    }
+                    None => {
+                        tx.execute(
+                            "UPDATE mesh_nodes SET deleted = true, online = false, relay = $2,
+                               seq = nextval('mesh_seq') WHERE id = $1 AND NOT deleted",
+                            &[&id, &relay],
+                        )
+                        .map_err(|e| pg_err(&e))?;
+                    }
+                }
+            }
+            notify(&mut tx, "mesh")?;
+            tx.commit().map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// Marks the records this relay wrote offline (it starts with no sessions).
+    pub fn offline_mine(&mut self) -> Result<(), StateError> {
+        let relay = self.relay.clone();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+            let n = tx
+                .execute(
+                    "UPDATE mesh_nodes SET online = false, seq = nextval('mesh_seq')
+                     WHERE relay = $1 AND online AND NOT deleted",
+                    &[&relay],
+                )
+                .map_err(|e| pg_err(&e))?;
+            if n > 0 {
+                notify(&mut tx, "mesh")?;
+            }
+            tx.commit().map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// Inserts a token row.
+    pub fn insert_token(
+        &mut self,
+        id: &str,
+        hash: &[u8],
+        tag: &str,
+        now: u64,
+        expires: Option<i64>,
+        uses: Option<i64>,
+    ) -> Result<(), StateError> {
+        let (id, hash, tag) = (id.to_string(), hash.to_vec(), tag.to_string());
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO tokens (id, hash, tag, created, expires_at, uses_left) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id, &hash, &tag, &(now as i64), &expires, &uses],
+            )
+            .map(drop)
+            .map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// All tokens.
+    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
+        self.call(|c| {
+            let rows = c
+                .query(
+                    "SELECT id, tag, created, expires_at, uses_left, revoked FROM tokens ORDER BY created, id",
+                    &[],
+                )
+                .map_err(|e| pg_err(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| TokenRecord {
+                    id: r.get(0),
+                    tag: r.get(1),
+                    created: r.get::<_, i64>(2).max(0) as u64,
+                    expires_at: opt_u64(r.get(3)),
+                    uses_left: opt_u64(r.get(4)),
+                    revoked: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    /// Revokes token `id` (exact).
+    pub fn revoke_token(&mut self, id: &str) -> Result<(), StateError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            c.execute("UPDATE tokens SET revoked = true WHERE id = $1", &[&id])
+                .map(drop)
+                .map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// All nodes (mesh addresses not filled in).
+    pub fn list_nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
+        self.call(|c| {
+            let rows = c
+                .query(
+                    "SELECT name, key, tags, first_seen, last_seen, revoked FROM nodes ORDER BY name",
+                    &[],
+                )
+                .map_err(|e| pg_err(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let key: Vec<u8> = r.get(1);
+                    let tags: String = r.get(2);
+                    node_record(r.get(0), &key, &tags, r.get(3), r.get(4), r.get(5))
+                })
+                .collect())
+        })
+    }
+
+    /// Revokes a node by name and tells every relay; false if none has it.
+    pub fn revoke_node(&mut self, name: &str) -> Result<bool, StateError> {
+        let name = name.to_string();
+        self.call(move |c| {
+            let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+            let n = tx
+                .execute("UPDATE nodes SET revoked = true WHERE name = $1", &[&name])
+                .map_err(|e| pg_err(&e))?;
+            notify(&mut tx, "revoke")?;
+            tx.commit().map_err(|e| pg_err(&e))?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Keys of revoked nodes (raw bytes).
+    pub fn revoked_keys(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        self.call(|c| {
+            let rows = c
+                .query("SELECT key FROM nodes WHERE revoked", &[])
+                .map_err(|e| pg_err(&e))?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    /// The key's revoked flag (None: unknown key).
+    pub fn revoked_flag(&self, key: &PublicKey) -> Result<Option<bool>, StateError> {
+        let key = key.0.to_vec();
+        self.call(move |c| {
+            Ok(
+                c.query_opt("SELECT revoked FROM nodes WHERE key = $1", &[&key])
+                    .map_err(|e| pg_err(&e))?
+                    .map(|r| r.get(0)),
+            )
+        })
+    }
+
+    /// Admission (the rule is [`decide_admit`]), in one serializable
+    /// transaction: two relays admitting with the last use of a token at
+    /// once cannot both succeed (one is retried and then sees it used up).
+    pub fn admit(
+        &mut self,
+        key: &PublicKey,
+        name: &str,
+        secret: Option<&Secret>,
+        now: u64,
+    ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
+        let (key, name) = (*key, name.to_string());
+        let hash = secret.map(|s| s.hash().to_vec());
+        self.call(move |c| {
+            let mut last = None;
+            for _ in 0..5 {
+                match admit_tx(c, &key, &name, hash.as_deref(), now) {
+                    Ok(r) => return Ok(r),
+                    Err(e)
+                        if e.code()
+                            == Some(&postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) =>
+                    {
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(pg_err(&e)),
+                }
+            }
+            Err(last.map_or_else(
+                || StateError::Pg("admission retried out".into()),
+                |e| pg_err(&e),
+            ))
+        })
+    }
+}
+
+type AdmitResult = Result<(String, Vec<String>), Rejection>;
+
+fn admit_tx(
+    c: &mut Client,
+    key: &PublicKey,
+    name: &str,
+    hash: Option<&[u8]>,
+    now: u64,
+) -> Result<AdmitResult, postgres::Error> {
+    let mut tx = c
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::Serializable)
+        .start()?;
+    let k = key.0.to_vec();
+    let known = tx
+        .query_opt(
+            "SELECT name, tags, revoked FROM nodes WHERE key = $1",
+            &[&k],
+        )?
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, bool>(2),
+            )
+        });
+    let owner: Option<Vec<u8>> = tx
+        .query_opt("SELECT key FROM nodes WHERE name = $1", &[&name])?
+        .map(|r| r.get(0));
+    let token = match (&known, hash) {
+        (None, Some(h)) => tx
+            .query_opt(
+                "SELECT id, tag, expires_at, uses_left, revoked FROM tokens WHERE hash = $1",
+                &[&h],
+            )?
+            .map(|r| {
+                let state = TokenState {
+                    expires_at: opt_u64(r.get(2)),
+                    uses_left: opt_u64(r.get(3)),
+                    revoked: r.get(4),
+                };
+                (r.get::<_, String>(0), r.get::<_, String>(1), state)
+            }),
+        _ => None,
+    };
+    let rows = AdmitRows {
+        known,
+        name_free: owner.as_deref().is_none_or(|o| o == k.as_slice()),
+        token,
+    };
+    match decide_admit(key, name, hash.is_some(), rows, now) {
+        Err(rej) => Ok(Err(rej)),
+        Ok(AdmitWrite::Known { name, tags }) => {
+            tx.execute(
+                "UPDATE nodes SET name = $1, last_seen = $2 WHERE key = $3",
+                &[&name, &(now as i64), &k],
+            )?;
+            tx.commit()?;
+            Ok(Ok((name, tags)))
+        }
+        Ok(AdmitWrite::New { token_id, tag }) => {
+            tx.execute(
+                "INSERT INTO nodes (key, name, tags, first_seen, last_seen, token_id) VALUES ($1, $2, $3, $4, $4, $5)",
+                &[&k, &name, &tag, &(now as i64), &token_id],
+            )?;
+            tx.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = $1 AND uses_left IS NOT NULL",
+                &[&token_id],
+            )?;
+            tx.commit()?;
+            Ok(Ok((name.to_string(), vec![tag])))
+        }
+    }
+}
+
+fn notify(tx: &mut postgres::Transaction<'_>, what: &str) -> Result<(), StateError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &what])
+        .map(drop)
+        .map_err(|e| pg_err(&e))
+}
+
+/// The listener thread: `LISTEN weft_changes` on its own connection; each
+/// notification, and each (re)connect (notifications may have been missed),
+/// bumps the counter. Ends when every receiver is gone.
+fn listen(url: &str, tx: &watch::Sender<i64>) {
+    let mut down_since: Option<std::time::Instant> = None;
+    while !tx.is_closed() {
+        let mut c = match Client::connect(url, NoTls).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+            Ok(c)
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                if down_since.is_none() {
+                    warn!(error = %pg_err(&e), "store change feed lost; reconnecting");
+                    down_since = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        if let Some(t) = down_since.take() {
+            info!(
+                after_ms = t.elapsed().as_millis() as u64,
+                "store change feed back"
+            );
+        }
+        tx.send_modify(|v| *v += 1);
+        loop {
+            let got = {
+                let mut n = c.notifications();
+                let first = n.timeout_iter(Duration::from_secs(1)).next();
+                if matches!(first, Ok(Some(_))) {
+                    // Drain what else is queued, then wake the consumers once.
+                    while let Ok(Some(_)) = n.iter().next() {}
+                }
+                first
+            };
+            match got {
+                Ok(Some(_)) => tx.send_modify(|v| *v += 1),
+                Ok(None) if tx.is_closed() => return,
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %pg_err(&e), "store change feed lost; reconnecting");
+                    down_since = Some(std::time::Instant::now());
+                    break;
+                }
+            }
+            if c.is_closed() {
+                down_since.get_or_insert_with(std::time::Instant::now);
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords() {
+        assert_eq!(
+            redact("postgres://weft:s3cret@db.example:5432/weft"),
+            "postgres://weft:***@db.example:5432/weft"
+        );
+        assert_eq!(redact("postgres://weft@db/weft"), "postgres://weft@db/weft");
+        assert_eq!(
+            redact("postgresql://db/weft?user=w&password=x&sslmode=disable"),
+            "postgresql://db/weft?user=w&password=***&sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn node_ids_of_keys_fit_a_bigint() {
+        let id = crate::coord::NodeId::of_key(&PublicKey([0xff; 32]));
+        assert!(id.0 <= i64::MAX as u64 && id.0 >= 1 << 61);
+    }
+}
