@@ -231,6 +231,10 @@ pub enum Message {
         name: String,
         /// The node's tags.
         tags: Vec<String>,
+        /// The other live relays of the fleet (`host:port`), which share this
+        /// relay's key and store: where to go when this one is gone. Empty
+        /// for a single relay.
+        relays: Vec<String>,
     },
     /// A refusal (admission, open, or a worker's local connect).
     Rejected(Rejection),
@@ -301,10 +305,11 @@ impl Wire for Message {
                 w.option(h.join_secret.as_ref(), |w, s| w.bytes(s.expose()));
                 w.strs(&h.services, MAX_LIST);
             }
-            Message::Accepted { name, tags } => {
+            Message::Accepted { name, tags, relays } => {
                 w.u8(T_ACCEPTED);
                 w.str(name);
                 w.strs(tags, MAX_LIST);
+                w.strs(relays, MAX_LIST);
             }
             Message::Rejected(r) => {
                 w.u8(T_REJECTED);
@@ -362,6 +367,7 @@ impl Wire for Message {
             T_ACCEPTED => Message::Accepted {
                 name: r.str()?,
                 tags: r.strs("tags", MAX_LIST)?,
+                relays: r.strs("relays", MAX_LIST)?,
             },
             T_REJECTED => Message::Rejected(Rejection {
                 reason: Reason::from_code(r.u8()?)?,
@@ -452,7 +458,11 @@ mod tests {
                     services
                 })
             ),
-            (name(), names()).prop_map(|(name, tags)| Message::Accepted { name, tags }),
+            (name(), names(), names()).prop_map(|(name, tags, relays)| Message::Accepted {
+                name,
+                tags,
+                relays
+            }),
             (reason(), name())
                 .prop_map(|(reason, detail)| Message::Rejected(Rejection { reason, detail })),
             Just(Message::ListTargets),

@@ -126,6 +126,22 @@ fn two_relays_on_one_postgres_are_one_network() {
         Some(&identity),
     );
 
+    // Both relays beat: each announces the other to the nodes it admits.
+    let t = Instant::now();
+    loop {
+        let out = String::from_utf8_lossy(&a.cmd("relays list").stdout).into_owned();
+        if out.matches("up (beat").count() == 2 {
+            assert!(
+                out.contains("relay-a") && out.contains("relay-b") && out.contains(&b.addr),
+                "{out}"
+            );
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "relays list: {out}");
+        sleep(Duration::from_millis(200));
+    }
+    sleep(Duration::from_millis(1200));
+
     // Homes: alice and gpu2 on A; gpu1 on B with a token created through A.
     let alice = ManagedNode::start(
         net.host("fl-e", "198.51.100.5"),
@@ -228,6 +244,69 @@ fn two_relays_on_one_postgres_are_one_network() {
         gpu1.peer_ips().contains(&alice.ip),
         "gpu1 lost alice over the restart"
     );
+
+    // Relay B dies (kill -9): gpu1 moves to A, which B announced when it
+    // admitted it; alice's direct path to gpu1 carries on without a gap.
+    let gap = weft_tests::traffic::GapMonitor::start(&alice.ns, &gpu1.ip, 0.05);
+    sleep(Duration::from_secs(1));
+    let joins_on_a = |a: &FleetRelay| {
+        a.proc
+            .log()
+            .lines()
+            .filter(|l| l.contains("joined the mesh") && l.contains("gpu1"))
+            .count()
+    };
+    assert_eq!(joins_on_a(&a), 0, "gpu1 was on A already");
+    let mut b = b;
+    let t0 = Instant::now();
+    b.proc.signal(libc::SIGKILL);
+    while joins_on_a(&a) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "gpu1 did not move to relay A:\n{}",
+            gpu1.proc.log_tail(20)
+        );
+        sleep(Duration::from_millis(50));
+    }
+    let moved = t0.elapsed();
+    sleep(Duration::from_secs(1));
+    let g = gap.stop();
+    eprintln!(
+        "fleet: relay B killed; gpu1 re-joined through relay A after {moved:?}; alice -> gpu1 (direct) longest gap {:?} ({} of {} replies)",
+        g.max_gap, g.received, g.transmitted
+    );
+    assert!(
+        g.max_gap < Duration::from_secs(1),
+        "the direct path stalled: {g:?}"
+    );
+    assert!(alice.peer_ips().contains(&gpu1.ip), "alice lost gpu1");
+    assert_eq!(
+        fetch(&alice.ns, &format!("{}:22", gpu1.ip)),
+        "across-the-fleet"
+    );
+    let t = Instant::now();
+    loop {
+        let out = String::from_utf8_lossy(&a.cmd("relays list --json").stdout).into_owned();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let row = |n: &str| {
+            v.as_array()
+                .and_then(|a| a.iter().find(|r| r["name"] == n).cloned())
+        };
+        let b_age = row("relay-b")
+            .and_then(|r| r["beat_age_ms"].as_i64())
+            .unwrap_or(0);
+        let a_nodes = row("relay-a")
+            .and_then(|r| r["nodes"].as_i64())
+            .unwrap_or(0);
+        if b_age >= 3000 && a_nodes >= 3 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "relays list after B died: {out}"
+        );
+        sleep(Duration::from_millis(200));
+    }
 
     // A database a newer relay migrated is refused, clearly; no password anywhere.
     pg.psql("INSERT INTO weft_schema (version) VALUES (99)");

@@ -120,6 +120,8 @@ pub struct RelayConfig {
     /// store say which relay holds each node's session). Default: the
     /// host name.
     pub name: Option<String>,
+    /// This relay's region in a fleet (shown by `relays list`). Default: `default`.
+    pub region: Option<String>,
 }
 
 fn store<'de, D: serde::Deserializer<'de>>(d: D) -> Result<crate::registry::Store, D::Error> {
@@ -205,6 +207,7 @@ impl Default for RelayConfig {
             pool: PoolSettings::default(),
             store: crate::registry::Store::Sqlite,
             name: None,
+            region: None,
         }
     }
 }
@@ -213,6 +216,11 @@ impl Default for RelayConfig {
 pub const STUN_PORT: u16 = 3478;
 
 impl RelayConfig {
+    /// This relay's fleet region: `region`, else `default`.
+    pub fn region(&self) -> String {
+        self.region.clone().unwrap_or_else(|| "default".into())
+    }
+
     /// This relay's fleet name: `name`, else the host name.
     pub fn relay_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {

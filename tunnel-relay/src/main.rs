@@ -60,6 +60,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodesCmd,
     },
+    /// Operator: the fleet's relays (one PostgreSQL store).
+    Relays {
+        #[command(subcommand)]
+        cmd: RelaysCmd,
+    },
     /// Operator: the GPU pool (workers, their GPUs, the queue).
     Pool {
         #[command(subcommand)]
@@ -187,6 +192,12 @@ enum NodesCmd {
         store: StoreArg,
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum RelaysCmd {
+    /// Every relay of the fleet: region, addresses, nodes homed on it, health (its heartbeat).
+    List(ListArgs),
 }
 
 #[derive(Subcommand)]
@@ -323,6 +334,34 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Token { cmd } => token_cmd(cmd)?,
         Cmd::Nodes { cmd } => nodes_cmd(cmd)?,
+        Cmd::Relays {
+            cmd: RelaysCmd::List(ListArgs { state, store, json }),
+        } => {
+            let reg = store.open(&state.dir, &Store::Sqlite)?;
+            if !reg.is_shared() {
+                bail!("relays list needs the fleet's store: --store postgres://... (or WEFT_RELAY_STORE); a relay on SQLite is a fleet of one");
+            }
+            let relays = reg.relays()?;
+            let header = format!(
+                "{:<16} {:<12} {:<40} {:<6} HEALTH",
+                "NAME", "REGION", "ADDRESSES", "NODES"
+            );
+            print_list(json, &relays, &header, |r| {
+                let age = r.beat_age_ms as f64 / 1000.0;
+                let health = if r.beat_age_ms < tunnel_relay::pg::RELAY_DEAD_MS {
+                    format!("up (beat {age:.1}s ago)")
+                } else {
+                    format!("DOWN (last beat {age:.0}s ago)")
+                };
+                format!(
+                    "{:<16} {:<12} {:<40} {:<6} {health}",
+                    r.name,
+                    r.region,
+                    r.addrs.join(","),
+                    r.nodes
+                )
+            })?;
+        }
         Cmd::Pool { cmd } => pool_cmd(cmd)?,
         Cmd::Policy {
             cmd: PolicyCmd::Reload { state },

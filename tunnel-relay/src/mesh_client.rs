@@ -545,6 +545,7 @@ async fn run(t: Task, first: Live) {
                     },
                     StreamEnd::Connection(e) => close_failure(&e),
                 };
+                let remote = l.session.connection().remote_address();
                 if l.session.connection().close_reason().is_some() {
                     live = None;
                 }
@@ -556,7 +557,10 @@ async fn run(t: Task, first: Live) {
                     Failure::RelayRestarting(_) => {
                         info!(error = %failure, "relay restarting; reconnecting soon")
                     }
-                    _ if live.is_none() => warn!(error = %failure, "lost the relay; reconnecting"),
+                    _ if live.is_none() => {
+                        crate::client::relay_lost(remote);
+                        warn!(error = %failure, "lost the relay; reconnecting")
+                    }
                     _ => {}
                 }
                 disconnected(&inner, &events, &link);

@@ -75,7 +75,56 @@ pub const MIGRATIONS: &[&str] = &[
         seq BIGINT NOT NULL
      );
      CREATE INDEX mesh_nodes_seq ON mesh_nodes (seq);",
+    // 2: the fleet's relays and their heartbeats (the database's clock).
+    "CREATE TABLE relays (
+        name TEXT PRIMARY KEY,
+        region TEXT NOT NULL,
+        addrs TEXT NOT NULL,
+        started TIMESTAMPTZ NOT NULL DEFAULT now(),
+        beat TIMESTAMPTZ NOT NULL DEFAULT now()
+     );",
 ];
+
+/// A relay whose last heartbeat is older than this (ms) is down: the other
+/// relays take its nodes as offline and stop announcing it.
+pub const RELAY_DEAD_MS: i64 = 3000;
+
+/// One relay of the fleet as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayRow {
+    /// Its name (`name` in its config).
+    pub name: String,
+    /// Its region (`region` in its config).
+    pub region: String,
+    /// Where nodes reach it (`host:port`).
+    pub addrs: Vec<String>,
+    /// Milliseconds since its last heartbeat (the database's clock).
+    pub beat_age_ms: i64,
+    /// Nodes holding a session on it (their records say so).
+    pub nodes: i64,
+}
+
+const RELAYS_SQL: &str = "SELECT r.name, r.region, r.addrs,
+        (extract(epoch FROM now() - r.beat) * 1000)::BIGINT,
+        (SELECT count(*) FROM mesh_nodes m WHERE m.relay = r.name AND m.online AND NOT m.deleted)
+     FROM relays r ORDER BY r.name";
+
+fn relay_rows(rows: &[postgres::Row]) -> Vec<RelayRow> {
+    rows.iter()
+        .map(|r| RelayRow {
+            name: r.get(0),
+            region: r.get(1),
+            addrs: r
+                .get::<_, String>(2)
+                .split(',')
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect(),
+            beat_age_ms: r.get(3),
+            nodes: r.get(4),
+        })
+        .collect()
+}
 
 /// Advisory lock key for migrations ("weft" in ASCII).
 const MIGRATE_LOCK: i64 = 0x7765_6674;
@@ -300,11 +349,14 @@ impl PgRegistry {
                             &[key, &id],
                         )
                         .map_err(|e| pg_err(&e))?;
+                        // A relay whose session of the node ended does not take
+                        // the record back from the relay the node moved to.
                         tx.execute(
                             "INSERT INTO mesh_nodes (id, key, record, relay, online, deleted, seq)
                              VALUES ($1, $2, $3, $4, $5, false, nextval('mesh_seq'))
                              ON CONFLICT (id) DO UPDATE SET key = $2, record = $3, relay = $4,
-                               online = $5, deleted = false, seq = nextval('mesh_seq')",
+                               online = $5, deleted = false, seq = nextval('mesh_seq')
+                             WHERE $5 OR mesh_nodes.relay = $4 OR NOT mesh_nodes.online",
                             &[&id, key, text, &relay, online],
                         )
                         .map_err(|e| pg_err(&e))?;
@@ -340,6 +392,32 @@ impl PgRegistry {
                 notify(&mut tx, "mesh")?;
             }
             tx.commit().map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// This relay's heartbeat (its region and addresses with it); returns
+    /// every relay of the fleet.
+    pub fn beat(&mut self, region: &str, addrs: &[String]) -> Result<Vec<RelayRow>, StateError> {
+        let (name, region, addrs) = (self.relay.clone(), region.to_string(), addrs.join(","));
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO relays (name, region, addrs) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET region = $2, addrs = $3, beat = now()",
+                &[&name, &region, &addrs],
+            )
+            .map_err(|e| pg_err(&e))?;
+            Ok(relay_rows(
+                &c.query(RELAYS_SQL, &[]).map_err(|e| pg_err(&e))?,
+            ))
+        })
+    }
+
+    /// Every relay of the fleet.
+    pub fn relays(&self) -> Result<Vec<RelayRow>, StateError> {
+        self.call(|c| {
+            Ok(relay_rows(
+                &c.query(RELAYS_SQL, &[]).map_err(|e| pg_err(&e))?,
+            ))
         })
     }
 

@@ -307,6 +307,27 @@ impl Registry {
         }
     }
 
+    /// A fleet relay's heartbeat; returns every relay of the fleet (none
+    /// for SQLite: one relay).
+    pub fn beat(
+        &mut self,
+        region: &str,
+        addrs: &[String],
+    ) -> Result<Vec<crate::pg::RelayRow>, StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Pg(p) => p.beat(region, addrs),
+        }
+    }
+
+    /// The fleet's relays (none for SQLite).
+    pub fn relays(&self) -> Result<Vec<crate::pg::RelayRow>, StateError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Pg(p) => p.relays(),
+        }
+    }
+
     /// Stores a new token's hash; returns the secret (shown once) and its id.
     pub fn create_token(
         &mut self,

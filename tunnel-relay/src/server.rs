@@ -112,6 +112,8 @@ struct Shared {
     /// Places for TCP connections awaiting admission
     /// ([`crate::config::Limits::pending_tcp_cap`]).
     pending_tcp: Arc<tokio::sync::Semaphore>,
+    /// The fleet's other live relays (`host:port`), told to each admitted node.
+    fleet_relays: std::sync::RwLock<Vec<String>>,
 }
 
 impl Shared {
@@ -207,7 +209,7 @@ pub struct Relay {
     shared: Arc<Shared>,
     metrics_listener: Option<tokio::net::TcpListener>,
     admin: Option<std::os::unix::net::UnixListener>,
-    /// A shared store's own connection for [`mesh::Mesh::follow_fleet`].
+    /// A shared store's own connection for [`fleet_loop`].
     fleet: Option<Registry>,
 }
 
@@ -366,6 +368,7 @@ impl Relay {
                 stopping: tokio::sync::watch::channel(false).0,
                 channels: std::sync::RwLock::new(fastpath::Channels::default()),
                 pending_tcp: Arc::new(tokio::sync::Semaphore::new(pending_cap)),
+                fleet_relays: std::sync::RwLock::new(Vec::new()),
             }),
         })
     }
@@ -408,11 +411,14 @@ impl Relay {
         let config = &self.shared.config;
         let name = config.relay_name();
         let shared = self.shared.clone();
-        info!(relay = %name, store = %config.store.describe(), "fleet: following the other relays' mesh records");
-        Some(tokio::spawn(async move {
-            let metrics = shared.metrics.clone();
-            shared.mesh.follow_fleet(reg, changes, name, metrics).await;
-        }))
+        let mut addrs = config.public_addrs.clone();
+        if addrs.is_empty() {
+            if let Some(a) = self.local_addr().filter(|a| !a.ip().is_unspecified()) {
+                addrs.push(a.to_string());
+            }
+        }
+        info!(relay = %name, region = %config.region(), addrs = ?addrs, store = %config.store.describe(), "fleet: following the other relays");
+        Some(tokio::spawn(fleet_loop(shared, reg, changes, name, addrs)))
     }
 
     /// Serves until `shutdown` completes, then tells every client the relay
@@ -506,6 +512,74 @@ impl Relay {
             t.abort();
         }
         Ok(())
+    }
+}
+
+/// How often a fleet relay beats (and looks at the others' beats).
+const RELAY_BEAT: Duration = Duration::from_secs(1);
+
+/// A fleet relay's link to the others through the shared store: applies
+/// their mesh records as the change feed announces them; beats every
+/// [`RELAY_BEAT`] and reads the others' beats (down after [`crate::pg::RELAY_DEAD_MS`]): the live ones are what
+/// admissions announce to nodes (where to go when this relay is gone), the
+/// nodes of dead ones go offline here.
+async fn fleet_loop(
+    shared: Arc<Shared>,
+    mut reg: Registry,
+    mut changes: tokio::sync::watch::Receiver<i64>,
+    me: String,
+    addrs: Vec<String>,
+) {
+    let region = shared.config.region();
+    let mut after = 0i64;
+    let mut tick = tokio::time::interval(RELAY_BEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read_feed = true;
+    loop {
+        if read_feed {
+            match tokio::task::block_in_place(|| reg.mesh_changes(after)) {
+                Ok(rows) => {
+                    if let Some(last) = rows.last() {
+                        after = last.seq;
+                    }
+                    shared.mesh.apply_changes(rows, &me, &shared.metrics);
+                    read_feed = false;
+                }
+                Err(e) => warn!(error = %e, "could not read the fleet's mesh records"),
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                read_feed = true;
+            }
+            _ = tick.tick() => {
+                match tokio::task::block_in_place(|| reg.beat(&region, &addrs)) {
+                    Ok(rows) => {
+                        let dead_ms = crate::pg::RELAY_DEAD_MS;
+                        let live: Vec<String> = rows
+                            .iter()
+                            .filter(|r| r.name != me && r.beat_age_ms < dead_ms)
+                            .flat_map(|r| r.addrs.iter().cloned())
+                            .collect();
+                        *shared.fleet_relays.write().unwrap_or_else(|p| p.into_inner()) = live;
+                        let dead = rows
+                            .into_iter()
+                            .filter(|r| r.name != me && r.beat_age_ms >= dead_ms)
+                            .map(|r| r.name)
+                            .collect();
+                        if shared.mesh.set_dead_relays(dead, &shared.metrics) {
+                            // A relay came back: its nodes' records again, from the start.
+                            after = 0;
+                            read_feed = true;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "fleet heartbeat failed"),
+                }
+            }
+        }
     }
 }
 
@@ -763,12 +837,18 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
     };
     match verdict {
         Ok((name, tags)) => {
+            let relays = shared
+                .fleet_relays
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             noise::respond_write(
                 hs,
                 &mut send,
                 &Message::Accepted {
                     name: name.clone(),
                     tags: tags.clone(),
+                    relays,
                 },
             )
             .await?;

@@ -264,6 +264,7 @@ async fn expose_inner(
                         info!(me = %me, reason = %end, retry_in_ms = retry_in_ms(link), "relay restarting; reconnecting soon")
                     }
                     _ => {
+                        crate::client::relay_lost(session.conn.remote_address());
                         warn!(me = %me, reason = %end, retry_in_ms = retry_in_ms(link), "lost the relay; reconnecting")
                     }
                 }

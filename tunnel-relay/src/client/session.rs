@@ -73,6 +73,8 @@ pub struct Session {
     pub name: String,
     /// The node's tags.
     pub tags: Vec<String>,
+    /// The other relays of the fleet, as this one announced them.
+    pub relays: Vec<String>,
 }
 
 impl std::fmt::Debug for Session {
@@ -160,52 +162,86 @@ pub async fn connect_with(
         services,
     });
     let mut last = String::from("no address");
+    let mut targets: Vec<(String, SocketAddr)> = Vec::new();
     for a in &addrs {
-        let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(a.as_str()).await {
-            Ok(it) => it.collect(),
-            Err(e) => {
-                last = format!("{a}: {e}");
-                continue;
-            }
-        };
-        for addr in resolved {
-            // The network this connection leaves from: where TCP/TLS won
-            // before, it races at once.
-            let local = local_ip_for(addr);
-            let tcp_first = local.is_some_and(|l| state.tcp_first(l));
-            match timeout(
-                timing.handshake_timeout,
-                connect_one(
-                    &state.key, relay_key, addr, &hello, timing, force, tcp_first,
-                ),
-            )
-            .await
-            {
-                Ok(Ok(s)) => {
-                    if let Some(t) = token {
-                        state.remember(t)?;
-                    }
-                    // What a race decided (a forced TCP says nothing about QUIC); a QUIC
-                    // session, forced or not, says QUIC works from here.
-                    let tcp = s.conn.kind() == crate::transport::Kind::Tcp;
-                    let raced =
-                        force.is_none() && matches!(tcp::Choice::from_env(), Ok(tcp::Choice::Auto));
-                    if let Some(l) = local.filter(|_| raced || !tcp) {
-                        state.note_transport(l, tcp);
-                    }
-                    return Ok(s);
-                }
-                Ok(Err(ClientError::Rejected(r))) => return Err(ClientError::Rejected(r)),
-                Ok(Err(e)) => last = format!("{addr}: {e}"),
-                Err(_) => last = format!("{addr}: timed out"),
-            }
+        match tokio::net::lookup_host(a.as_str()).await {
+            Ok(it) => targets.extend(it.map(|sa| (a.clone(), sa))),
+            Err(e) => last = format!("{a}: {e}"),
         }
     }
-    Err(ClientError::Unreachable {
-        addrs: addrs.join(", "),
-        last,
-    })
+    // A relay whose connection was just lost (not restarting) goes last.
+    let suspect = *SUSPECT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(bad) = suspect {
+        targets.sort_by_key(|(_, a)| *a == bad);
+    }
+    // Relays in preference order (the one that last admitted us first), each
+    // started RELAY_STAGGER after the one before unless an earlier one is
+    // admitted first: a dead home relay costs a fleet's node that much, not a
+    // handshake timeout.
+    let mut tries = futures::stream::FuturesUnordered::new();
+    for (i, (name, addr)) in targets.iter().enumerate() {
+        // The network this connection leaves from: where TCP/TLS won
+        // before, it races at once.
+        let local = local_ip_for(*addr);
+        let tcp_first = local.is_some_and(|l| state.tcp_first(l));
+        let (key, hello) = (&state.key, &hello);
+        tries.push(async move {
+            tokio::time::sleep(RELAY_STAGGER * i as u32).await;
+            let r = timeout(
+                timing.handshake_timeout,
+                connect_one(key, relay_key, *addr, hello, timing, force, tcp_first),
+            )
+            .await;
+            (name, *addr, local, r)
+        });
+    }
+    let mut won = None;
+    while let Some((name, addr, local, r)) = futures::StreamExt::next(&mut tries).await {
+        match r {
+            Ok(Ok(s)) => {
+                won = Some((name.clone(), local, s));
+                break;
+            }
+            Ok(Err(ClientError::Rejected(r))) => return Err(ClientError::Rejected(r)),
+            Ok(Err(e)) => last = format!("{addr}: {e}"),
+            Err(_) => last = format!("{addr}: timed out"),
+        }
+    }
+    drop(tries);
+    if won.is_some() {
+        *SUSPECT.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    let Some((used, local, s)) = won else {
+        return Err(ClientError::Unreachable {
+            addrs: addrs.join(", "),
+            last,
+        });
+    };
+    if let Some(t) = token {
+        state.remember(t)?;
+    }
+    state.remember_fleet(&used, &s.relays);
+    // What a race decided (a forced TCP says nothing about QUIC); a QUIC
+    // session, forced or not, says QUIC works from here.
+    let tcp = s.conn.kind() == crate::transport::Kind::Tcp;
+    let raced = force.is_none() && matches!(tcp::Choice::from_env(), Ok(tcp::Choice::Auto));
+    if let Some(l) = local.filter(|_| raced || !tcp) {
+        state.note_transport(l, tcp);
+    }
+    Ok(s)
 }
+
+/// The relay address whose connection this process lost last (see [`relay_lost`]).
+static SUSPECT: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
+
+/// Tells the next [`connect`] that the connection to `addr` was lost (not
+/// closed for a restart): with a fleet, the other relays are tried first.
+pub fn relay_lost(addr: SocketAddr) {
+    *SUSPECT.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+}
+
+/// How long a node waits for one relay of its fleet before also trying the next.
+pub(super) const RELAY_STAGGER: Duration = Duration::from_millis(400);
 
 /// The local address the kernel would use to reach `addr` (no packet is sent).
 fn local_ip_for(addr: SocketAddr) -> Option<std::net::IpAddr> {
@@ -340,7 +376,7 @@ async fn connect_one(
     let prologue = noise::prologue(&conn)?;
     let answer = noise::initiate(key, &relay_key, &prologue, &mut send, &mut recv, hello).await?;
     match answer {
-        Message::Accepted { name, tags } => {
+        Message::Accepted { name, tags, relays } => {
             // Info for long-lived sessions (workers); debug for an engineer's
             // `connect`, whose stderr is ssh's ProxyCommand output.
             if timing.accept_streams > 0 {
@@ -354,6 +390,7 @@ async fn connect_one(
                 control: Mutex::new((send, recv)),
                 name,
                 tags,
+                relays,
             })
         }
         Message::Rejected(r) => Err(ClientError::Rejected(r)),

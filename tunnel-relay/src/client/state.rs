@@ -155,12 +155,54 @@ impl ClientState {
         Ok(())
     }
 
+    /// After an admission through `used`: it goes first in the remembered
+    /// addresses (the next connection tries it first), followed by the
+    /// others known and the fleet's relays `fleet` announced. Best effort:
+    /// a state directory that cannot be written only loses the ordering.
+    pub(super) fn remember_fleet(&mut self, used: &str, fleet: &[String]) {
+        let Some(info) = self.relay.as_mut() else {
+            return;
+        };
+        let mut addrs = vec![used.to_string()];
+        for a in info.addrs.iter().chain(fleet) {
+            if !addrs.contains(a) {
+                addrs.push(a.clone());
+            }
+        }
+        if addrs == info.addrs {
+            return;
+        }
+        info.addrs = addrs;
+        let path = self.dir.join("relay.json");
+        let written = serde_json::to_string_pretty(&*info)
+            .map_err(|e| e.to_string())
+            .and_then(|t| write_private(&path, &t).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "could not remember the fleet's relays");
+        }
+    }
+
     pub(super) fn relay_target(
         &self,
         token: Option<&Token>,
     ) -> Result<(Vec<String>, PublicKey), StateError> {
         if let Some(t) = token {
-            return Ok((t.relay_addrs.clone(), t.relay_key));
+            // The token's relays, and those of the same network the node
+            // learnt since (its fleet), the last one that admitted it first.
+            let mut addrs = Vec::new();
+            if let Some(info) = self
+                .relay
+                .as_ref()
+                .filter(|i| i.key == t.relay_key.to_base64())
+            {
+                addrs.extend(info.addrs.iter().cloned());
+            }
+            for a in &t.relay_addrs {
+                if !addrs.contains(a) {
+                    addrs.push(a.clone());
+                }
+            }
+            return Ok((addrs, t.relay_key));
         }
         let info = self
             .relay

@@ -85,6 +85,13 @@ struct Hub {
     persist: std_mpsc::Sender<Persist>,
     /// Other relays share the store: they read our records, online state included.
     shared: bool,
+    /// The relay holding each remote node's session (from its record).
+    homes: HashMap<NodeId, String>,
+    /// Relays whose heartbeat stopped: their nodes count as offline here.
+    dead: HashSet<String>,
+    /// Other relays' records of nodes holding a session here (the node
+    /// moved, or its old session lingers): applied when our session ends.
+    parked: HashMap<NodeId, crate::registry::MeshChange>,
 }
 
 /// What the pool needs of the mesh: a node's overlay address (the gang variables), and
@@ -175,7 +182,7 @@ impl Mesh {
     /// unknown nodes are dropped) with a fresh epoch, and starts the writer.
     /// On a store shared by a fleet, ids come from keys, this relay's
     /// records of a previous life are marked offline, and
-    /// [`Mesh::follow_fleet`] must run to apply the other relays' records.
+    /// `fleet_loop` (server.rs) must run to apply the other relays' records.
     pub(super) fn open(
         dir: &std::path::Path,
         registry: &Registry,
@@ -224,43 +231,60 @@ impl Mesh {
                 next_sid: 1,
                 persist: tx,
                 shared,
+                homes: HashMap::new(),
+                dead: HashSet::new(),
+                parked: HashMap::new(),
             })),
             stun,
         })
     }
 
-    /// Applies the mesh records other relays of the fleet write to the
-    /// shared store, woken by its change feed: their nodes join, change and
-    /// leave this relay's coordinator, and the peers holding sessions here
-    /// get the deltas. Records of this relay, and of nodes holding a session
-    /// here, are skipped (this relay's state is the truth for them).
-    pub(super) async fn follow_fleet(
+    /// Applies mesh records read from the shared store's feed: the other
+    /// relays' nodes join, change and leave this relay's coordinator, and
+    /// the peers holding sessions here get the deltas. Records this relay
+    /// (`me`) wrote are skipped; those of nodes holding a session here are
+    /// parked until that session ends.
+    pub(super) fn apply_changes(
         &self,
-        reg: Registry,
-        mut changes: tokio::sync::watch::Receiver<i64>,
-        me: String,
-        metrics: Arc<Metrics>,
+        rows: Vec<crate::registry::MeshChange>,
+        me: &str,
+        metrics: &Metrics,
     ) {
-        let mut after = 0i64;
-        loop {
-            let rows = tokio::task::block_in_place(|| reg.mesh_changes(after));
-            match rows {
-                Ok(rows) => {
-                    if let Some(last) = rows.last() {
-                        after = last.seq;
-                    }
-                    let mut hub = lock(&self.hub);
-                    for c in rows.into_iter().filter(|c| c.relay != me) {
-                        hub.apply_remote(c, &metrics);
-                    }
-                    hub.gauges(&metrics);
-                }
-                Err(e) => warn!(error = %e, "could not read the fleet's mesh records"),
+        let mut hub = lock(&self.hub);
+        for c in rows.into_iter().filter(|c| c.relay != me) {
+            hub.apply_remote(c, metrics);
+        }
+        hub.gauges(metrics);
+    }
+
+    /// The relays whose heartbeat stopped (`dead`): their nodes go offline
+    /// in every peer map here. Returns whether a relay came back (the
+    /// caller reads the feed again from the start: its nodes' records).
+    pub(super) fn set_dead_relays(&self, dead: HashSet<String>, metrics: &Metrics) -> bool {
+        let mut hub = lock(&self.hub);
+        if hub.dead == dead {
+            return false;
+        }
+        let revived = hub.dead.iter().any(|r| !dead.contains(r));
+        let newly: Vec<NodeId> = hub
+            .homes
+            .iter()
+            .filter(|(_, r)| dead.contains(*r) && !hub.dead.contains(*r))
+            .map(|(id, _)| *id)
+            .collect();
+        for r in dead.iter().filter(|r| !hub.dead.contains(*r)) {
+            warn!(relay = %r, "fleet relay stopped beating; its nodes count as offline");
+        }
+        for id in newly {
+            if hub.sessions.contains_key(&id) {
+                continue;
             }
-            if changes.changed().await.is_err() {
-                return;
+            if let Ok(out) = hub.coord.set_online(id, false) {
+                hub.deliver(out, metrics);
             }
         }
+        hub.dead = dead;
+        revived
     }
 
     /// The pool's handle on the mesh (overlay addresses, gang group tags).
@@ -374,14 +398,16 @@ impl Hub {
         }
     }
 
-    /// One row of another relay's writes (see [`Mesh::follow_fleet`]).
+    /// One row of another relay's writes (see `Mesh::apply_changes`).
     fn apply_remote(&mut self, c: crate::registry::MeshChange, metrics: &Metrics) {
         let id = c.rec.id;
         if self.sessions.contains_key(&id) {
+            self.parked.insert(id, c);
             return;
         }
         let name = c.rec.name.clone();
         let out = if c.deleted {
+            self.homes.remove(&id);
             match self.coord.remove(id) {
                 Ok((_, out)) => {
                     info!(node = %name, relay = %c.relay, "left the mesh on another relay");
@@ -390,7 +416,9 @@ impl Hub {
                 Err(_) => return,
             }
         } else {
-            match self.coord.apply_remote(c.rec, c.online) {
+            let online = c.online && !self.dead.contains(&c.relay);
+            self.homes.insert(id, c.relay.clone());
+            match self.coord.apply_remote(c.rec, online) {
                 Ok(out) => {
                     debug!(node = %name, relay = %c.relay, online = c.online, "record from another relay");
                     out
@@ -548,6 +576,8 @@ pub(super) async fn serve_session(
             };
             match hub.coord.join(req) {
                 Ok((id, out)) => {
+                    hub.homes.remove(&id);
+                    hub.parked.remove(&id);
                     let sid = hub.open_slot(id, tx, kill_tx, Instant::now());
                     hub.persist_record(id);
                     hub.deliver(out, &metrics);
@@ -648,6 +678,10 @@ pub(super) async fn serve_session(
                 hub.persist_record(id);
             }
         }
+        // The node's record from the relay it moved to, if one came meanwhile.
+        if let Some(c) = hub.parked.remove(&id) {
+            hub.apply_remote(c, &metrics);
+        }
     }
     hub.gauges(&metrics);
     info!(node = %ctx.name, superseded, "left the mesh session");
@@ -737,6 +771,9 @@ mod tests {
             next_sid: 1,
             persist: tx,
             shared: false,
+            homes: HashMap::new(),
+            dead: HashSet::new(),
+            parked: HashMap::new(),
         };
         (h, rx)
     }

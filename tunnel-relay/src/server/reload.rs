@@ -132,8 +132,8 @@ fn restart_needed(running: &RelayConfig, fresh: &RelayConfig) -> Vec<String> {
     if f.limits != running.limits {
         out.push("limits".into());
     }
-    if f.store != running.store || f.name != running.name {
-        out.push("store, name".into());
+    if f.store != running.store || f.name != running.name || f.region != running.region {
+        out.push("store, name, region".into());
     }
     if f != *running && out.is_empty() {
         out.push("listeners, tls or stun".into());
