@@ -271,6 +271,24 @@ pub enum Message {
         /// [`crate::peermap::MAX_CANDIDATES`]).
         endpoints: Vec<Candidate>,
     },
+    /// Relay → relay of the same fleet (a connection admitted with the
+    /// fleet's own key), first frame of a tunnel stream: open `service` on
+    /// `target`, a worker whose session is on the receiving relay, for the
+    /// engineer `from` (key, tags) that the sending relay admitted. The
+    /// receiving relay decides the policy with those; answers as for
+    /// [`Message::Open`].
+    PeerOpen {
+        /// The engineer's registered name.
+        from: String,
+        /// The engineer's key (the receiving relay checks its revocation).
+        from_key: crate::key::PublicKey,
+        /// The engineer's tags.
+        from_tags: Vec<String>,
+        /// The worker's name.
+        target: String,
+        /// The service name on it.
+        service: String,
+    },
     /// Relay → node: joined; coordinator control frames follow.
     MeshAccepted {
         /// Where the relay answers STUN binding requests, as it bound it (an
@@ -294,6 +312,7 @@ const T_OPEN_OK: u8 = 8;
 const T_API: u8 = 11;
 const T_MESH_JOIN: u8 = 9;
 const T_MESH_ACCEPTED: u8 = 10;
+const T_PEER_OPEN: u8 = 12;
 
 impl Wire for Message {
     fn put(&self, w: &mut Writer) {
@@ -336,6 +355,20 @@ impl Wire for Message {
             }
             Message::OpenOk => w.u8(T_OPEN_OK),
             Message::Api => w.u8(T_API),
+            Message::PeerOpen {
+                from,
+                from_key,
+                from_tags,
+                target,
+                service,
+            } => {
+                w.u8(T_PEER_OPEN);
+                w.str(from);
+                w.key(from_key);
+                w.strs(from_tags, MAX_LIST);
+                w.str(target);
+                w.str(service);
+            }
             Message::MeshJoin { since, endpoints } => {
                 w.u8(T_MESH_JOIN);
                 w.option(since.as_ref(), |w, v| v.encode(w));
@@ -390,6 +423,13 @@ impl Wire for Message {
             },
             T_OPEN_OK => Message::OpenOk,
             T_API => Message::Api,
+            T_PEER_OPEN => Message::PeerOpen {
+                from: r.str()?,
+                from_key: r.key()?,
+                from_tags: r.strs("tags", MAX_LIST)?,
+                target: r.str()?,
+                service: r.str()?,
+            },
             T_MESH_JOIN => Message::MeshJoin {
                 since: r.option(Version::decode)?,
                 endpoints: get_candidates(r)?,
@@ -475,6 +515,15 @@ mod tests {
             (name(), name()).prop_map(|(from, service)| Message::Incoming { from, service }),
             Just(Message::OpenOk),
             Just(Message::Api),
+            (name(), crate::codec::laws::key(), names(), name(), name()).prop_map(
+                |(from, from_key, from_tags, target, service)| Message::PeerOpen {
+                    from,
+                    from_key,
+                    from_tags,
+                    target,
+                    service
+                }
+            ),
             (
                 prop::option::of(version()),
                 prop::collection::vec(candidate(), 0..=MAX_CANDIDATES)

@@ -201,6 +201,66 @@ fn two_relays_on_one_postgres_are_one_network() {
         "nodes list through B: {listed}"
     );
 
+    // A reverse tunnel across relays: worker gpu9 exposes a service through
+    // B; engineer bob, admitted by A, opens it through A (A -> B peer link).
+    let w9 = net.host("fl-w9", "198.51.100.9");
+    let _svc = w9.spawn_listening(
+        "service",
+        "socat TCP-LISTEN:2222,bind=127.0.0.1,fork,reuseaddr EXEC:'echo tunnel-across-relays'",
+        't',
+        2222,
+        Duration::from_secs(5),
+    );
+    let expose = w9.spawn_named(
+        "expose",
+        &format!(
+            "env WEFT_LOG=info {} expose --token {} --state-dir {} --name gpu9 --service ssh=127.0.0.1:2222",
+            relay_bin(),
+            a.token("worker", &b.addr),
+            w9.file("state").display()
+        ),
+    );
+    let t = Instant::now();
+    while !b.proc.log().contains("services=[\"ssh\"]") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gpu9 did not connect to B:\n{}",
+            expose.log_tail(20)
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let bob = alice.ns.file("bob").display().to_string();
+    let out = alice.ns.output(&format!(
+        "{} login --token {} --state-dir {bob} --name bob",
+        relay_bin(),
+        a.token("engineer", &a.addr)
+    ));
+    assert!(
+        out.status.success(),
+        "bob login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let open = |what: &str| {
+        let out = alice.ns.output(&format!(
+            "timeout 20 {} connect gpu9 ssh --state-dir {bob} </dev/null",
+            relay_bin()
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(
+            text,
+            "tunnel-across-relays",
+            "{what}: {}\nrelay A:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            a.proc.log_tail(10)
+        );
+    };
+    open("bob (relay A) -> gpu9 (relay B)");
+    assert!(
+        a.proc.log().contains("connected to a fleet relay"),
+        "{}",
+        a.proc.log_tail(10)
+    );
+
     // Revoked through B, cut off on A.
     let t0 = Instant::now();
     let out = b.cmd("nodes revoke gpu2");
@@ -284,6 +344,21 @@ fn two_relays_on_one_postgres_are_one_network() {
         fetch(&alice.ns, &format!("{}:22", gpu1.ip)),
         "across-the-fleet"
     );
+    // gpu9's tunnel session moved to A too: bob's tunnel works again.
+    let t = Instant::now();
+    while !a.proc.log().contains("services=[\"ssh\"]") {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "gpu9 did not move to A:\n{}",
+            expose.log_tail(20)
+        );
+        sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "fleet: gpu9's tunnel session on relay A {:?} after B was killed",
+        t0.elapsed()
+    );
+    open("bob -> gpu9 after B died");
     let t = Instant::now();
     loop {
         let out = String::from_utf8_lossy(&a.cmd("relays list --json").stdout).into_owned();
@@ -303,7 +378,9 @@ fn two_relays_on_one_postgres_are_one_network() {
         }
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "relays list after B died: {out}"
+            "relays list after B died: {out}\ngpu3:\n{}\n{}",
+            gpu3.proc.log_tail(12),
+            std::fs::read_to_string(format!("{}/relay.json", gpu3.state)).unwrap_or_default()
         );
         sleep(Duration::from_millis(200));
     }

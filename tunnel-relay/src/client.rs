@@ -18,7 +18,7 @@ mod state;
 pub use engineer::{connect_stdio, forward, service_for_port, ssh_config};
 pub use expose::{expose, ExposeOptions, IncomingStream};
 pub use session::{
-    close_failure, connect, connect_with, is_rejected_close, quic_again, quic_retry, relay_lost,
-    session, ClientTiming, Session, QUIC_RETRY_DEFAULT,
+    close_failure, connect, connect_peer, connect_with, is_rejected_close, quic_again, quic_retry,
+    relay_lost, session, ClientTiming, Session, QUIC_RETRY_DEFAULT,
 };
 pub use state::{default_state_dir, login, ClientState, RelayInfo};

@@ -83,6 +83,13 @@ pub const MIGRATIONS: &[&str] = &[
         started TIMESTAMPTZ NOT NULL DEFAULT now(),
         beat TIMESTAMPTZ NOT NULL DEFAULT now()
      );",
+    // 3: which relay holds each worker's tunnel session (`expose`).
+    "CREATE TABLE tunnel_homes (
+        name TEXT PRIMARY KEY,
+        relay TEXT NOT NULL,
+        conn BIGINT NOT NULL,
+        updated TIMESTAMPTZ NOT NULL DEFAULT now()
+     );",
 ];
 
 /// A relay whose last heartbeat is older than this (ms) is down: the other
@@ -409,6 +416,50 @@ impl PgRegistry {
             Ok(relay_rows(
                 &c.query(RELAYS_SQL, &[]).map_err(|e| pg_err(&e))?,
             ))
+        })
+    }
+
+    /// Worker `name`'s tunnel session is on this relay (connection `conn`).
+    pub fn set_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
+        let (name, relay, conn) = (name.to_string(), self.relay.clone(), conn as i64);
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO tunnel_homes (name, relay, conn) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET relay = $2, conn = $3, updated = now()",
+                &[&name, &relay, &conn],
+            )
+            .map(drop)
+            .map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// That session ended (a newer one, here or on another relay, stays).
+    pub fn clear_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
+        let (name, relay, conn) = (name.to_string(), self.relay.clone(), conn as i64);
+        self.call(move |c| {
+            c.execute(
+                "DELETE FROM tunnel_homes WHERE name = $1 AND relay = $2 AND conn = $3",
+                &[&name, &relay, &conn],
+            )
+            .map(drop)
+            .map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// The relay holding worker `name`'s tunnel session, if it beats.
+    pub fn tunnel_home(&self, name: &str) -> Result<Option<RelayRow>, StateError> {
+        let name = name.to_string();
+        self.call(move |c| {
+            let rows = c.query(RELAYS_SQL, &[]).map_err(|e| pg_err(&e))?;
+            let home: Option<String> = c
+                .query_opt("SELECT relay FROM tunnel_homes WHERE name = $1", &[&name])
+                .map_err(|e| pg_err(&e))?
+                .map(|r| r.get(0));
+            Ok(home.and_then(|h| {
+                relay_rows(&rows)
+                    .into_iter()
+                    .find(|r| r.name == h && r.beat_age_ms < RELAY_DEAD_MS)
+            }))
         })
     }
 

@@ -320,6 +320,31 @@ impl Registry {
         }
     }
 
+    /// Records that worker `name`'s tunnel session (connection `conn`) is on
+    /// this relay, for the fleet's other relays (no-op for SQLite).
+    pub fn set_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Pg(p) => p.set_tunnel_home(name, conn),
+        }
+    }
+
+    /// That session ended.
+    pub fn clear_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Pg(p) => p.clear_tunnel_home(name, conn),
+        }
+    }
+
+    /// The live relay holding worker `name`'s tunnel session (None for SQLite).
+    pub fn tunnel_home(&self, name: &str) -> Result<Option<crate::pg::RelayRow>, StateError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Pg(p) => p.tunnel_home(name),
+        }
+    }
+
     /// The fleet's relays (none for SQLite).
     pub fn relays(&self) -> Result<Vec<crate::pg::RelayRow>, StateError> {
         match &self.backend {

@@ -114,6 +114,8 @@ struct Shared {
     pending_tcp: Arc<tokio::sync::Semaphore>,
     /// The fleet's other live relays (`host:port`), told to each admitted node.
     fleet_relays: std::sync::RwLock<Vec<String>>,
+    /// Connections to other relays of the fleet, by name (tunnels to their workers).
+    peers: tokio::sync::Mutex<std::collections::HashMap<String, Arc<crate::client::Session>>>,
 }
 
 impl Shared {
@@ -369,6 +371,7 @@ impl Relay {
                 channels: std::sync::RwLock::new(fastpath::Channels::default()),
                 pending_tcp: Arc::new(tokio::sync::Semaphore::new(pending_cap)),
                 fleet_relays: std::sync::RwLock::new(Vec::new()),
+                peers: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -517,6 +520,9 @@ impl Relay {
 
 /// How often a fleet relay beats (and looks at the others' beats).
 const RELAY_BEAT: Duration = Duration::from_secs(1);
+/// After its own beats failed (the store was out of reach), how long a relay
+/// beats again before it judges the others' (theirs failed too).
+const RELAY_SETTLE: Duration = Duration::from_millis(crate::pg::RELAY_DEAD_MS as u64 + 500);
 
 /// A fleet relay's link to the others through the shared store: applies
 /// their mesh records as the change feed announces them; beats every
@@ -535,6 +541,7 @@ async fn fleet_loop(
     let mut tick = tokio::time::interval(RELAY_BEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut read_feed = true;
+    let mut beating_since: Option<Instant> = Some(Instant::now() - RELAY_SETTLE);
     loop {
         if read_feed {
             match tokio::task::block_in_place(|| reg.mesh_changes(after)) {
@@ -557,6 +564,9 @@ async fn fleet_loop(
             }
             _ = tick.tick() => {
                 match tokio::task::block_in_place(|| reg.beat(&region, &addrs)) {
+                    // After the store was out of reach, every relay's last beat is old:
+                    // judge the others only once they all had time to beat again.
+                    Ok(_) if beating_since.get_or_insert_with(Instant::now).elapsed() < RELAY_SETTLE => {}
                     Ok(rows) => {
                         let dead_ms = crate::pg::RELAY_DEAD_MS;
                         let live: Vec<String> = rows
@@ -576,7 +586,10 @@ async fn fleet_loop(
                             read_feed = true;
                         }
                     }
-                    Err(e) => warn!(error = %e, "fleet heartbeat failed"),
+                    Err(e) => {
+                        beating_since = None;
+                        warn!(error = %e, "fleet heartbeat failed");
+                    }
                 }
             }
         }
@@ -804,10 +817,126 @@ async fn handle_connection(
         Ok(Ok(Some(a))) => a,
     };
     let (ctx, hello, control) = admitted;
+    if ctx.key == shared.key.public() && ctx.tags.iter().any(|t| t == PEER_TAG) {
+        let span = tracing::info_span!("peer", relay = %ctx.name);
+        return serve_peer(shared, ctx, control).instrument(span).await;
+    }
     let span = tracing::info_span!("node", name = %ctx.name, key = %ctx.key.short());
     serve_node(shared, ctx, hello, control)
         .instrument(span)
         .await;
+}
+
+/// The tag of a connection from another relay of the fleet.
+const PEER_TAG: &str = "weft-relay-peer";
+
+/// Another relay of the fleet: its streams open tunnels to workers whose
+/// session is here, for engineers it admitted ([`Message::PeerOpen`]).
+async fn serve_peer(shared: Arc<Shared>, ctx: NodeCtx, control: (SendStream, RecvStream)) {
+    info!(relay = %ctx.name, transport = %ctx.conn.kind(), "fleet relay connected");
+    let n = shared
+        .config
+        .limits
+        .max_streams_per_node
+        .saturating_add(STREAM_HEADROOM);
+    ctx.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
+    let _control = control;
+    let err = loop {
+        match ctx.conn.accept_bi().await {
+            Ok((mut send, mut recv)) => {
+                let shared = shared.clone();
+                let peer = ctx.clone();
+                tokio::spawn(async move {
+                    let hs = shared.config.limits.handshake_timeout();
+                    match timeout(hs, read_message(&mut recv)).await {
+                        Ok(Ok(Message::PeerOpen {
+                            from,
+                            from_key,
+                            from_tags,
+                            target,
+                            service,
+                        })) => {
+                            let engineer = NodeCtx {
+                                id: peer.id,
+                                key: from_key,
+                                name: from,
+                                tags: from_tags,
+                                conn: peer.conn.clone(),
+                            };
+                            let routed = route(&shared, &engineer, &target, &service)
+                                .await
+                                .map(|(s, r, slots)| (s, r, Some(slots)));
+                            splice_tunnel(
+                                &shared, &engineer, &target, &service, send, recv, routed,
+                            )
+                            .await;
+                        }
+                        _ => {
+                            let _ = send.reset(VarInt::from_u32(ResetCode::Failed.code()));
+                        }
+                    }
+                });
+            }
+            Err(e) => break e,
+        }
+    };
+    info!(relay = %ctx.name, reason = %err, "fleet relay disconnected");
+}
+
+/// A worker not connected here whose tunnel session is on another live
+/// relay of the fleet: the tunnel goes through that relay (a peer
+/// connection with the fleet's key, kept per relay), which decides the
+/// policy for the engineer in `ctx`. None: no such relay (not a fleet, or
+/// the worker is nowhere).
+async fn via_peer(
+    shared: &Arc<Shared>,
+    ctx: &NodeCtx,
+    target: &str,
+    service: &str,
+) -> Option<Result<(SendStream, RecvStream), Rejection>> {
+    let me = shared.config.relay_name();
+    let home = tokio::task::block_in_place(|| lock(&shared.registry).tunnel_home(target));
+    let home = match home {
+        Ok(Some(h)) if h.name != me => h,
+        Ok(_) => return None,
+        Err(e) => {
+            warn!(error = %e, %target, "could not look up the worker's relay");
+            return None;
+        }
+    };
+    let mut peers = shared.peers.lock().await;
+    let alive = peers
+        .get(&home.name)
+        .is_some_and(|s| s.connection().close_reason().is_none());
+    if !alive {
+        match crate::client::connect_peer(&shared.key, &home.addrs, &me).await {
+            Ok(s) => {
+                info!(relay = %home.name, addrs = ?home.addrs, "connected to a fleet relay");
+                peers.insert(home.name.clone(), Arc::new(s));
+            }
+            Err(e) => {
+                warn!(relay = %home.name, error = %e, "fleet relay unreachable");
+                return Some(Err(Rejection::new(
+                    Reason::ServiceUnavailable,
+                    format!("{target:?} is on relay {} which does not answer", home.name),
+                )));
+            }
+        }
+    }
+    let peer = peers.get(&home.name)?.clone();
+    drop(peers);
+    debug!(relay = %home.name, %target, %service, "tunnel through a fleet relay");
+    Some(
+        peer.open_for(&ctx.name, ctx.key, &ctx.tags, target, service)
+            .await
+            .map_err(|e| match e {
+                crate::error::ClientError::Rejected(r) => r,
+                other => Rejection::new(
+                    Reason::ServiceUnavailable,
+                    format!("{target:?} via relay {}: {other}", home.name),
+                ),
+            }),
+    )
 }
 
 type Admitted = (NodeCtx, Hello, (SendStream, RecvStream));
@@ -824,6 +953,9 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
             Reason::UnsupportedVersion,
             format!("client speaks {}, relay {PROTOCOL_VERSION}", hello.version),
         ))
+    } else if key == shared.key.public() && shared.config.store != crate::registry::Store::Sqlite {
+        // Another relay of the fleet (it holds this relay's own key): a peer, not a node.
+        Ok((hello.name.clone(), vec![PEER_TAG.to_string()]))
     } else {
         let r =
             lock(&shared.registry).admit(&key, &hello.name, hello.join_secret.as_ref(), unix_now());
@@ -951,6 +1083,14 @@ async fn serve_node(
             .unwrap_or_else(|p| p.into_inner())
             .register(ctx.key, ctx.tags.clone(), relay_path::bind_key(&e), ctx.id);
     }
+    if is_worker && shared.config.store != crate::registry::Store::Sqlite {
+        let r = tokio::task::block_in_place(|| {
+            lock(&shared.registry).set_tunnel_home(&ctx.name, ctx.id)
+        });
+        if let Err(e) = r {
+            warn!(error = %e, "could not tell the fleet where this worker's tunnels are");
+        }
+    }
     info!(node = %ctx.name, key = %ctx.key.short(), tags = ?ctx.tags, services = ?hello.services, transport = %ctx.conn.kind(), "node connected");
     shared.metrics.connected.inc();
     shared.metrics.admitted_over(ctx.conn.kind().as_str());
@@ -998,6 +1138,14 @@ async fn serve_node(
         .unwrap_or_else(|p| p.into_inner())
         .unregister(&ctx.key, ctx.id);
     lock(&shared.routes).disconnect(ctx.id, &ctx.name);
+    if is_worker && shared.config.store != crate::registry::Store::Sqlite {
+        let r = tokio::task::block_in_place(|| {
+            lock(&shared.registry).clear_tunnel_home(&ctx.name, ctx.id)
+        });
+        if let Err(e) = r {
+            debug!(error = %e, "could not clear this worker's tunnel home");
+        }
+    }
     info!(node = %ctx.name, reason = %err, "node disconnected");
 }
 
@@ -1109,7 +1257,29 @@ async fn handle_tunnel(
             return;
         }
     };
-    match route(&shared, &ctx, &target, &service).await {
+    let mut routed = route(&shared, &ctx, &target, &service)
+        .await
+        .map(|(s, r, slots)| (s, r, Some(slots)));
+    if matches!(&routed, Err(r) if r.reason == Reason::NoSuchNode) {
+        if let Some(r) = via_peer(&shared, &ctx, &target, &service).await {
+            routed = r.map(|(s, r)| (s, r, None));
+        }
+    }
+    splice_tunnel(&shared, &ctx, &target, &service, send, recv, routed).await;
+}
+
+/// Answers the opener of a tunnel (`OpenOk` or the refusal) and splices its
+/// stream with the worker's (here, or through a fleet relay) until both end.
+async fn splice_tunnel(
+    shared: &Arc<Shared>,
+    ctx: &NodeCtx,
+    target: &str,
+    service: &str,
+    mut send: SendStream,
+    recv: RecvStream,
+    routed: Result<(SendStream, RecvStream, Option<StreamSlots>), Rejection>,
+) {
+    match routed {
         Err(rej) => {
             info!(node = %ctx.name, %target, %service, reason = rej.reason.as_str(), "tunnel refused");
             shared.metrics.refused(rej.reason);

@@ -231,6 +231,78 @@ pub async fn connect_with(
     Ok(s)
 }
 
+/// A relay's connection to another relay of its fleet (`addrs`), admitted
+/// with the fleet's own key `key` (the other relay accepts its own key as a
+/// peer, not as a node), named `me`. Tunnels to workers whose session is on
+/// that relay are opened on it with [`Message::PeerOpen`].
+pub async fn connect_peer(
+    key: &StaticKey,
+    addrs: &[String],
+    me: &str,
+) -> Result<Session, ClientError> {
+    let timing = ClientTiming {
+        keepalive: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(4),
+        handshake_timeout: Duration::from_secs(5),
+        accept_streams: 0,
+    };
+    let hello = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        name: me.to_string(),
+        join_secret: None,
+        services: Vec::new(),
+    });
+    let mut last = String::from("no address");
+    for a in addrs {
+        let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(a.as_str()).await {
+            Ok(it) => it.collect(),
+            Err(e) => {
+                last = format!("{a}: {e}");
+                continue;
+            }
+        };
+        for addr in resolved {
+            let tried = timeout(
+                timing.handshake_timeout,
+                connect_one(key, key.public(), addr, &hello, &timing, None, false),
+            )
+            .await;
+            match tried {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(ClientError::Rejected(r))) => return Err(ClientError::Rejected(r)),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: timed out"),
+            }
+        }
+    }
+    Err(ClientError::Unreachable {
+        addrs: addrs.join(", "),
+        last,
+    })
+}
+
+impl Session {
+    /// Opens a tunnel on a peer relay of the fleet for the engineer
+    /// `from` (see [`connect_peer`]); the streams once the worker answered.
+    pub async fn open_for(
+        &self,
+        from: &str,
+        from_key: PublicKey,
+        from_tags: &[String],
+        target: &str,
+        service: &str,
+    ) -> Result<(SendStream, RecvStream), ClientError> {
+        self.open_with(&Message::PeerOpen {
+            from: from.to_string(),
+            from_key,
+            from_tags: from_tags.to_vec(),
+            target: target.to_string(),
+            service: service.to_string(),
+        })
+        .await
+    }
+}
+
 /// The relay address whose connection this process lost last (see [`relay_lost`]).
 static SUSPECT: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
 
