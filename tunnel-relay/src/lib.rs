@@ -46,6 +46,8 @@ pub mod pool;
 pub mod pool_store;
 pub mod pool_text;
 #[cfg(feature = "server")]
+pub mod records;
+#[cfg(feature = "server")]
 pub mod registry;
 pub mod relay_path;
 #[cfg(feature = "server")]

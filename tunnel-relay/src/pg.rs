@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::admission::TokenState;
 use crate::error::StateError;
 use crate::keys::PublicKey;
-use crate::registry::{
+use crate::records::{
     decide_admit, mesh_record_json, node_record, opt_u64, parse_mesh_record, AdmitRows, AdmitWrite,
     MeshChange, MeshWrite, NodeRecord, TokenRecord,
 };

@@ -894,6 +894,9 @@ async fn via_peer(
     target: &str,
     service: &str,
 ) -> Option<Result<(SendStream, RecvStream), Rejection>> {
+    if shared.config.store == crate::registry::Store::Sqlite {
+        return None;
+    }
     let me = shared.config.relay_name();
     let home = tokio::task::block_in_place(|| lock(&shared.registry).tunnel_home(target));
     let home = match home {

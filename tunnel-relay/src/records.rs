@@ -1,0 +1,214 @@
+//! The registry's records and its admission rule, shared by its two
+//! backends (SQLite in `registry.rs`, PostgreSQL in `pg.rs`).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::admission::{check_token, TokenState};
+use crate::coord::{self, NodeId};
+use crate::error::StateError;
+use crate::keys::PublicKey;
+use crate::wire::{Reason, Rejection};
+
+/// Whether `name` is usable as a node name: 1–64 of `[A-Za-z0-9._-]`,
+/// not starting with `-` or `.` (it becomes an ssh `Host` alias).
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A registered node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRecord {
+    /// Its name.
+    pub name: String,
+    /// Its public key (base64).
+    pub key: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Unix seconds of the first join.
+    pub first_seen: u64,
+    /// Unix seconds of the last admission.
+    pub last_seen: u64,
+    /// Revoked by the operator.
+    pub revoked: bool,
+    /// Overlay IPv4 address, if the node joined the mesh.
+    pub mesh_ipv4: Option<std::net::Ipv4Addr>,
+    /// Overlay IPv6 address, if the node joined the mesh.
+    pub mesh_ipv6: Option<std::net::Ipv6Addr>,
+}
+
+/// A token as listed (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    /// Short id (first 12 hex digits of the secret's hash).
+    pub id: String,
+    /// Tag given to nodes joining with it.
+    pub tag: String,
+    /// Unix seconds of creation.
+    pub created: u64,
+    /// Unix seconds of expiry.
+    pub expires_at: Option<u64>,
+    /// Uses left.
+    pub uses_left: Option<u64>,
+    /// Revoked.
+    pub revoked: bool,
+}
+
+/// One row of the fleet's change feed of mesh records (`Registry::mesh_changes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshChange {
+    /// Position in the feed.
+    pub seq: i64,
+    /// The relay that wrote it.
+    pub relay: String,
+    /// The record (its id also for a deletion).
+    pub rec: coord::NodeRecord,
+    /// Whether its node held a session on that relay.
+    pub online: bool,
+    /// The node left the mesh.
+    pub deleted: bool,
+}
+
+/// What the registry rows say about one admission: the known node of the
+/// key (name, tags, revoked), whether the asked-for name belongs to another
+/// key, and the token of the secret (id, tag, state).
+pub(crate) struct AdmitRows {
+    pub known: Option<(String, String, bool)>,
+    pub name_free: bool,
+    pub token: Option<(String, String, TokenState)>,
+}
+
+/// What to write for an admission both backends decide alike.
+pub(crate) enum AdmitWrite {
+    /// A known node: its (possibly new) name and last_seen.
+    Known { name: String, tags: Vec<String> },
+    /// A new node from token `token_id` with `tag`; the token loses a use.
+    New { token_id: String, tag: String },
+}
+
+/// The admission rule: a known, unrevoked key is accepted (name updated if
+/// free); an unknown key needs a valid token, which is used once.
+pub(crate) fn decide_admit(
+    key: &PublicKey,
+    name: &str,
+    has_secret: bool,
+    rows: AdmitRows,
+    now: u64,
+) -> Result<AdmitWrite, Rejection> {
+    if !name.is_empty() && !valid_name(name) {
+        return Err(Rejection::new(
+            Reason::BadRequest,
+            format!("name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"),
+        ));
+    }
+    if let Some((old_name, tags, revoked)) = rows.known {
+        if revoked {
+            return Err(Rejection::new(
+                Reason::NodeRevoked,
+                format!("node {old_name:?}"),
+            ));
+        }
+        let name = if name.is_empty() || name == old_name {
+            old_name
+        } else if rows.name_free {
+            name.to_string()
+        } else {
+            return Err(Rejection::new(Reason::NameTaken, format!("name {name:?}")));
+        };
+        return Ok(AdmitWrite::Known {
+            name,
+            tags: split_tags(&tags),
+        });
+    }
+    if !has_secret {
+        return Err(Rejection::new(
+            Reason::KeyUnknown,
+            format!("key {} is not registered", key.short()),
+        ));
+    }
+    let Some((id, tag, state)) = rows.token else {
+        return Err(Rejection::new(Reason::TokenUnknown, ""));
+    };
+    if let Err(reason) = check_token(&state, now) {
+        return Err(Rejection::new(reason, format!("token {id}")));
+    }
+    if name.is_empty() {
+        return Err(Rejection::new(
+            Reason::BadRequest,
+            "a name is required to join",
+        ));
+    }
+    if !rows.name_free {
+        return Err(Rejection::new(Reason::NameTaken, format!("name {name:?}")));
+    }
+    Ok(AdmitWrite::New { token_id: id, tag })
+}
+
+/// One change to the persisted mesh records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshWrite {
+    /// Insert or replace this node's record; `online`: it holds a control
+    /// session on this relay (what the other relays of a fleet show).
+    Upsert(coord::NodeRecord, bool),
+    /// Forget this node (removed from the mesh).
+    Delete(NodeId),
+}
+
+pub(crate) fn split_tags(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+pub(crate) fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|x| x.max(0) as u64)
+}
+
+/// A mesh record as stored (JSON).
+pub(crate) fn mesh_record_json(store: &str, rec: &coord::NodeRecord) -> Result<String, StateError> {
+    serde_json::to_string(rec).map_err(|e| StateError::BadFile {
+        path: PathBuf::from(store),
+        msg: format!("mesh record of {}: {e}", rec.name),
+    })
+}
+
+/// A stored mesh record (row `id` of `store`, for the error).
+pub(crate) fn parse_mesh_record(
+    store: &str,
+    id: i64,
+    text: &str,
+) -> Result<coord::NodeRecord, StateError> {
+    serde_json::from_str(text).map_err(|e| StateError::BadFile {
+        path: PathBuf::from(store),
+        msg: format!("mesh_nodes row {id}: {e}"),
+    })
+}
+
+/// A `nodes` row as listed (mesh addresses filled in by the caller).
+pub(crate) fn node_record(
+    name: String,
+    key: &[u8],
+    tags: &str,
+    first_seen: i64,
+    last_seen: i64,
+    revoked: bool,
+) -> NodeRecord {
+    NodeRecord {
+        name,
+        key: PublicKey::from_slice(key)
+            .map(|k| k.to_base64())
+            .unwrap_or_default(),
+        tags: split_tags(tags),
+        first_seen: first_seen.max(0) as u64,
+        last_seen: last_seen.max(0) as u64,
+        revoked,
+        mesh_ipv4: None,
+        mesh_ipv6: None,
+    }
+}
