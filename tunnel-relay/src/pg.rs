@@ -234,13 +234,15 @@ impl Conn {
 pub struct PgRegistry {
     jobs: std_mpsc::Sender<Job>,
     relay: String,
-    changes: watch::Receiver<i64>,
+    url: String,
+    /// The listener's counter, once someone asked for it ([`PgRegistry::changes`]).
+    changes: std::sync::OnceLock<watch::Receiver<i64>>,
 }
 
 impl PgRegistry {
     /// Connects (and migrates the schema), failing now if the database is
-    /// unreachable or too new; starts the listener. `relay` names this
-    /// relay in the mesh records it writes.
+    /// unreachable or too new. `relay` names this relay in the mesh records
+    /// it writes. The listener starts with the first [`PgRegistry::changes`].
     pub fn connect(url: &str, relay: &str) -> Result<PgRegistry, StateError> {
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let mut conn = Conn {
@@ -255,18 +257,13 @@ impl PgRegistry {
                 }
             })
             .map_err(|e| StateError::Pg(format!("store thread: {e}")))?;
-        let (tx, changes) = watch::channel(0i64);
         let reg = PgRegistry {
             jobs,
             relay: relay.to_string(),
-            changes,
+            url: url.to_string(),
+            changes: std::sync::OnceLock::new(),
         };
         reg.call(|_| Ok(()))?;
-        let url = url.to_string();
-        std::thread::Builder::new()
-            .name("registry-listen".into())
-            .spawn(move || listen(&url, &tx))
-            .map_err(|e| StateError::Pg(format!("listener thread: {e}")))?;
         Ok(reg)
     }
 
@@ -292,14 +289,30 @@ impl PgRegistry {
             .map_err(|_| StateError::Pg("store thread is gone".into()))?
     }
 
-    /// The change counter (bumped by each notification and reconnect).
+    /// The change counter (bumped by each notification and reconnect); 0
+    /// until [`PgRegistry::changes`] started the listener.
     pub fn data_version(&self) -> i64 {
-        *self.changes.borrow()
+        self.changes.get().map_or(0, |c| *c.borrow())
     }
 
-    /// A receiver of the change counter.
+    /// A receiver of the change counter; the first call starts the
+    /// listener (its own connection and thread: operator commands, which
+    /// never ask, open none). If the thread cannot start, the receiver ends
+    /// at once and callers fall back to their timers.
     pub fn changes(&self) -> watch::Receiver<i64> {
-        self.changes.clone()
+        self.changes
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(0i64);
+                let url = self.url.clone();
+                let started = std::thread::Builder::new()
+                    .name("registry-listen".into())
+                    .spawn(move || listen(&url, &tx));
+                if let Err(e) = started {
+                    warn!(error = %e, "store change feed: no listener thread");
+                }
+                rx
+            })
+            .clone()
     }
 
     /// Mesh rows after feed position `after`, in order.

@@ -119,6 +119,22 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether this relay is one of a fleet (its store is shared).
+    fn fleet(&self) -> bool {
+        self.config.store != crate::registry::Store::Sqlite
+    }
+
+    /// Lets a connection that opens tunnels (an engineer, a fleet relay)
+    /// open as many streams as the limits allow, not the pre-admission few.
+    fn raise_stream_limit(&self, conn: &Connection) {
+        let n = self
+            .config
+            .limits
+            .max_streams_per_node
+            .saturating_add(STREAM_HEADROOM);
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
+    }
+
     /// The tunnel policy and mesh ACL in force now.
     fn policies(&self) -> Arc<reload::Policies> {
         self.policies
@@ -410,7 +426,8 @@ impl Relay {
     /// mesh records (its own store connection, woken by the change feed).
     fn fleet_feed(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let reg = self.fleet.take()?;
-        let changes = reg.changes()?;
+        // One listener per relay: the registry's, which the revocation watcher wakes on too.
+        let changes = lock(&self.shared.registry).changes()?;
         let config = &self.shared.config;
         let name = config.relay_name();
         let shared = self.shared.clone();
@@ -834,12 +851,7 @@ const PEER_TAG: &str = "weft-relay-peer";
 /// session is here, for engineers it admitted ([`Message::PeerOpen`]).
 async fn serve_peer(shared: Arc<Shared>, ctx: NodeCtx, control: (SendStream, RecvStream)) {
     info!(relay = %ctx.name, transport = %ctx.conn.kind(), "fleet relay connected");
-    let n = shared
-        .config
-        .limits
-        .max_streams_per_node
-        .saturating_add(STREAM_HEADROOM);
-    ctx.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
+    shared.raise_stream_limit(&ctx.conn);
     let _control = control;
     let err = loop {
         match ctx.conn.accept_bi().await {
@@ -894,7 +906,7 @@ async fn via_peer(
     target: &str,
     service: &str,
 ) -> Option<Result<(SendStream, RecvStream), Rejection>> {
-    if shared.config.store == crate::registry::Store::Sqlite {
+    if !shared.fleet() {
         return None;
     }
     let me = shared.config.relay_name();
@@ -956,7 +968,7 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
             Reason::UnsupportedVersion,
             format!("client speaks {}, relay {PROTOCOL_VERSION}", hello.version),
         ))
-    } else if key == shared.key.public() && shared.config.store != crate::registry::Store::Sqlite {
+    } else if key == shared.key.public() && shared.fleet() {
         // Another relay of the fleet (it holds this relay's own key): a peer, not a node.
         Ok((hello.name.clone(), vec![PEER_TAG.to_string()]))
     } else {
@@ -1072,12 +1084,7 @@ async fn serve_node(
             .close(VarInt::from_u32(CloseCode::Revoked.code()), b"revoked");
     }
     if !is_worker {
-        let n = shared
-            .config
-            .limits
-            .max_streams_per_node
-            .saturating_add(STREAM_HEADROOM);
-        ctx.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
+        shared.raise_stream_limit(&ctx.conn);
     }
     if let Some(e) = ctx.conn.exporter() {
         shared
@@ -1086,7 +1093,7 @@ async fn serve_node(
             .unwrap_or_else(|p| p.into_inner())
             .register(ctx.key, ctx.tags.clone(), relay_path::bind_key(&e), ctx.id);
     }
-    if is_worker && shared.config.store != crate::registry::Store::Sqlite {
+    if is_worker && shared.fleet() {
         let r = tokio::task::block_in_place(|| {
             lock(&shared.registry).set_tunnel_home(&ctx.name, ctx.id)
         });
@@ -1141,7 +1148,7 @@ async fn serve_node(
         .unwrap_or_else(|p| p.into_inner())
         .unregister(&ctx.key, ctx.id);
     lock(&shared.routes).disconnect(ctx.id, &ctx.name);
-    if is_worker && shared.config.store != crate::registry::Store::Sqlite {
+    if is_worker && shared.fleet() {
         let r = tokio::task::block_in_place(|| {
             lock(&shared.registry).clear_tunnel_home(&ctx.name, ctx.id)
         });
