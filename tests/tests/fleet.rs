@@ -11,6 +11,11 @@
 //!   (LISTEN/NOTIFY, no polling): the time is printed.
 //! - PostgreSQL restarted mid-way: relays reconnect; a node joining through
 //!   B afterwards reaches the engineer on A's peer map.
+//! - Two nodes on different relays with no direct path (UDP between them
+//!   dropped) reach each other relayed: A hands their packets to B over the
+//!   relays' peer link.
+//! - Relay B killed: its nodes move to A; a direct path loses nothing and the
+//!   relayed path is back within 5 s (the gaps are printed).
 //! - A database migrated by a newer relay is refused with a clear error; the
 //!   store's password never shows in logs or errors.
 //!
@@ -289,16 +294,55 @@ fn two_relays_on_one_postgres_are_one_network() {
     );
 
     // PostgreSQL restarts; both relays reconnect; a node joining through B reaches alice on A.
+    // gpu3 drops UDP from alice: no direct path between them, so their packets
+    // go alice -> relay A -> relay B -> gpu3 (a relay-to-relay hop).
     pg.restart(Duration::from_secs(2));
-    let gpu3 = ManagedNode::start(
-        net.host("fl-w3", "198.51.100.8"),
-        &b.token("worker", &b.addr),
-        "gpu3",
+    let w3 = net.host("fl-w3", "198.51.100.8");
+    w3.exec(
+        "nft add table inet cut && \
+         nft add chain inet cut in '{ type filter hook input priority 0; policy accept; }' && \
+         nft add rule inet cut in ip saddr 198.51.100.5 meta l4proto udp drop",
     );
+    let gpu3 = ManagedNode::start(w3, &b.token("worker", &b.addr), "gpu3");
     alice.wait_until(
         Duration::from_secs(15),
         "gpu3 (joined through B after the restart) in alice's map",
         |n| n.peer_ips().contains(&gpu3.ip),
+    );
+    alice.wait_until(
+        Duration::from_secs(15),
+        "the relayed path to gpu3 (homed on B, UDP from alice dropped)",
+        |n| n.endpoint_of(&gpu3.ip) == "relay",
+    );
+    let _banner3 = gpu3.ns.spawn_listening(
+        "banner",
+        &format!(
+            "socat TCP-LISTEN:22,bind={},fork,reuseaddr EXEC:'echo relayed-across-the-fleet'",
+            gpu3.ip
+        ),
+        't',
+        22,
+        Duration::from_secs(5),
+    );
+    let t = Instant::now();
+    loop {
+        // The first packets may go while relay A dials its link to B.
+        let got = fetch(&alice.ns, &format!("{}:22", gpu3.ip));
+        if got == "relayed-across-the-fleet" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "alice (relay A) -> gpu3 (relay B) relayed: {got:?}\nrelay A:\n{}\nrelay B:\n{}",
+            a.proc.log_tail(15),
+            b.proc.log_tail(15)
+        );
+        sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        alice.endpoint_of(&gpu3.ip),
+        "relay",
+        "alice and gpu3 went direct: the test would not show the relay-to-relay hop"
     );
     assert!(
         gpu1.peer_ips().contains(&alice.ip),
@@ -308,6 +352,7 @@ fn two_relays_on_one_postgres_are_one_network() {
     // Relay B dies (kill -9): gpu1 moves to A, which B announced when it
     // admitted it; alice's direct path to gpu1 carries on without a gap.
     let gap = weft_tests::traffic::GapMonitor::start(&alice.ns, &gpu1.ip, 0.05);
+    let relayed = weft_tests::traffic::GapMonitor::start(&alice.ns, &gpu3.ip, 0.05);
     sleep(Duration::from_secs(1));
     let joins_on_a = |a: &FleetRelay| {
         a.proc
@@ -319,6 +364,7 @@ fn two_relays_on_one_postgres_are_one_network() {
     assert_eq!(joins_on_a(&a), 0, "gpu1 was on A already");
     let mut b = b;
     let t0 = Instant::now();
+    let killed = std::time::SystemTime::now();
     b.proc.signal(libc::SIGKILL);
     while joins_on_a(&a) == 0 {
         assert!(
@@ -339,6 +385,32 @@ fn two_relays_on_one_postgres_are_one_network() {
         g.max_gap < Duration::from_secs(1),
         "the direct path stalled: {g:?}"
     );
+    // gpu3 moved to A too: the relayed path alice -> gpu3 is back (one relay now).
+    let t = Instant::now();
+    while !a
+        .proc
+        .log()
+        .lines()
+        .any(|l| l.contains("joined the mesh") && l.contains("gpu3"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gpu3 did not move to relay A:\n{}",
+            gpu3.proc.log_tail(20)
+        );
+        sleep(Duration::from_millis(50));
+    }
+    sleep(Duration::from_secs(1));
+    let r = relayed.stop();
+    eprintln!(
+        "fleet: relay B killed; alice -> gpu3 (relayed) longest gap {:?} ({} of {} replies)",
+        r.max_gap, r.received, r.transmitted
+    );
+    assert!(
+        r.max_gap < Duration::from_secs(5),
+        "the relayed path took 5 s or more to come back: {r:?}"
+    );
+    assert_eq!(alice.endpoint_of(&gpu3.ip), "relay");
     assert!(alice.peer_ips().contains(&gpu1.ip), "alice lost gpu1");
     assert_eq!(
         fetch(&alice.ns, &format!("{}:22", gpu1.ip)),
@@ -354,10 +426,10 @@ fn two_relays_on_one_postgres_are_one_network() {
         );
         sleep(Duration::from_millis(50));
     }
-    eprintln!(
-        "fleet: gpu9's tunnel session on relay A {:?} after B was killed",
-        t0.elapsed()
-    );
+    let moved9 = weft_tests::logtime::logged_after(&a.proc.log(), killed, |l| {
+        l.contains("services=[\"ssh\"]")
+    });
+    eprintln!("fleet: gpu9's tunnel session on relay A {moved9:?} after B was killed");
     open("bob -> gpu9 after B died");
     let t = Instant::now();
     loop {

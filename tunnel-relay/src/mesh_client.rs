@@ -78,8 +78,8 @@ pub struct MeshOptions {
 }
 
 impl MeshOptions {
-    /// Defaults: keepalive 1 s, idle timeout 5 s (a dead relay is noticed
-    /// within seconds), the default backoff.
+    /// Defaults: keepalive 500 ms, idle timeout 2 s (a dead relay is noticed
+    /// within 2 s), the default backoff.
     pub fn new(state_dir: PathBuf, name: String) -> MeshOptions {
         MeshOptions {
             state_dir,

@@ -32,6 +32,10 @@
 //!   on the fast UDP path (channel header, GRO/GSO batches; also counted in
 //!   `datagrams_relayed_total`); dropped ones (unbound source, policy, bad
 //!   binds) count in `datagrams_dropped_total`.
+//! - `weft_relay_fleet_forwarded_total`, `weft_relay_fleet_delivered_total`
+//!   (counters): relay-path packets handed to another relay of the fleet (the
+//!   destination is homed there) and packets another relay handed here and
+//!   delivered.
 //! - `weft_relay_tcp_refused_total{cause="tls"|"http"|"framing"|"timeout"|"rate"|"busy"}`
 //!   (counter): TCP connections that never reached admission (not TLS, a cut
 //!   or bad handshake; no usable HTTP request; after the upgrade, bytes that
@@ -97,6 +101,10 @@ pub struct Metrics {
     pub tcp_pending: Gauge,
     /// Relay-path packets forwarded on the fast UDP path (also in `datagrams_relayed`).
     pub fast_relayed: Counter,
+    /// Relay-path packets handed to another relay of the fleet (the destination's home).
+    pub fleet_forwarded: Counter,
+    /// Relay-path packets another relay of the fleet handed here and delivered.
+    pub fleet_delivered: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -193,6 +201,16 @@ impl Metrics {
             "fast_relayed",
             "Mesh packets forwarded on the fast UDP relay path (also counted in datagrams_relayed)",
         );
+        let fleet_forwarded = registered(
+            r,
+            "fleet_forwarded",
+            "Mesh packets handed to another relay of the fleet, where the destination is homed (also in datagrams_relayed)",
+        );
+        let fleet_delivered = registered(
+            r,
+            "fleet_delivered",
+            "Mesh packets another relay of the fleet handed here, delivered to a node homed here",
+        );
         let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
         let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
         let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
@@ -220,6 +238,8 @@ impl Metrics {
             tcp_answered,
             tcp_pending,
             fast_relayed,
+            fleet_forwarded,
+            fleet_delivered,
         }
     }
 

@@ -76,6 +76,38 @@ pub fn decode(d: &Bytes) -> Result<(PublicKey, Bytes), DatagramError> {
     Ok((PublicKey(k), d.slice(OVERHEAD..)))
 }
 
+/// Kind byte of a packet one relay of a fleet hands another (its
+/// destination is homed there): `[2][source key][destination key][packet]`,
+/// on the relays' authenticated peer connection only.
+pub const KIND_FORWARD: u8 = 2;
+/// Bytes the relay-to-relay framing adds to each packet.
+pub const FORWARD_OVERHEAD: usize = 1 + 32 + 32;
+
+/// Frames `packet` from `src` to `dst` for another relay of the fleet.
+pub fn encode_forward(src: &PublicKey, dst: &PublicKey, packet: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(FORWARD_OVERHEAD + packet.len());
+    b.put_u8(KIND_FORWARD);
+    b.put_slice(&src.0);
+    b.put_slice(&dst.0);
+    b.put_slice(packet);
+    b.freeze()
+}
+
+/// Splits a relay-to-relay datagram into source, destination and packet.
+pub fn decode_forward(d: &Bytes) -> Result<(PublicKey, PublicKey, Bytes), DatagramError> {
+    if d.len() < FORWARD_OVERHEAD {
+        return Err(DatagramError::Short(d.len()));
+    }
+    if d[0] != KIND_FORWARD {
+        return Err(DatagramError::UnknownKind(d[0]));
+    }
+    let mut s = [0u8; 32];
+    s.copy_from_slice(&d[1..33]);
+    let mut t = [0u8; 32];
+    t.copy_from_slice(&d[33..FORWARD_OVERHEAD]);
+    Ok((PublicKey(s), PublicKey(t), d.slice(FORWARD_OVERHEAD..)))
+}
+
 /// A node's end of the relay path, over its admitted relay connection.
 #[derive(Debug, Clone)]
 pub struct RelayPath {
@@ -256,6 +288,29 @@ mod tests {
             let (k, p) = decode(&d).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(k, PublicKey(key));
             prop_assert_eq!(&p[..], &packet[..]);
+        }
+
+        #[test]
+        fn forward_roundtrip(src in any::<[u8; 32]>(), dst in any::<[u8; 32]>(), packet in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let d = encode_forward(&PublicKey(src), &PublicKey(dst), &packet);
+            prop_assert_eq!(d.len(), packet.len() + FORWARD_OVERHEAD);
+            let (s, t, p) = decode_forward(&d).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(s, PublicKey(src));
+            prop_assert_eq!(t, PublicKey(dst));
+            prop_assert_eq!(&p[..], &packet[..]);
+            // A node's framing is not a relay's, and the other way round.
+            prop_assert!(decode(&d).is_err());
+            prop_assert!(decode_forward(&encode(&PublicKey(src), &packet)).is_err());
+        }
+
+        #[test]
+        fn forward_garbage_never_panics(d in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let d = Bytes::from(d);
+            match decode_forward(&d) {
+                Ok((_, _, p)) => prop_assert_eq!(p.len() + FORWARD_OVERHEAD, d.len()),
+                Err(DatagramError::Short(n)) => prop_assert!(n < FORWARD_OVERHEAD),
+                Err(DatagramError::UnknownKind(k)) => prop_assert_ne!(k, KIND_FORWARD),
+            }
         }
 
         #[test]

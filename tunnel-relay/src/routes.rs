@@ -18,6 +18,7 @@
 //! refuses takes no stream slot.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::config::Policy;
 use crate::coord::AclPolicy;
@@ -81,7 +82,15 @@ pub struct Routes<C> {
     max_streams: u32,
     /// The pool's group tags per node (a running gang's members).
     groups: HashMap<PublicKey, Vec<String>>,
+    /// Mesh nodes whose session is on another relay of the fleet: that
+    /// relay's name and the node's tags ([`Routes::set_remote`]).
+    remote: HashMap<PublicKey, (Arc<str>, Vec<String>)>,
+    /// The same nodes by fast-path slot.
+    remote_slots: HashMap<u64, PublicKey>,
 }
+
+/// Where the mesh nodes homed on other relays are: key → (relay, tags).
+pub type RemoteNodes = HashMap<PublicKey, (Arc<str>, Vec<String>)>;
 
 impl<C: Clone> Routes<C> {
     /// An empty table; each node may hold `max_streams` tunnels.
@@ -94,8 +103,46 @@ impl<C: Clone> Routes<C> {
             streams: HashMap::new(),
             tunnels: HashMap::new(),
             groups: HashMap::new(),
+            remote: HashMap::new(),
+            remote_slots: HashMap::new(),
             max_streams,
         }
+    }
+
+    /// Replaces the table of mesh nodes homed on other relays (a fleet's
+    /// store feed, applied by the shell).
+    pub fn set_remote(&mut self, nodes: RemoteNodes) {
+        self.remote_slots = nodes
+            .keys()
+            .map(|k| (crate::relay_path::slot(k), *k))
+            .collect();
+        self.remote = nodes;
+    }
+
+    /// The relay to hand a datagram from `src_tags` to `dst` to: `dst` is
+    /// homed there and the mesh ACL lets the two talk. Only for keys not
+    /// connected here (the caller asks [`Routes::datagram_route`] first).
+    pub fn remote_route(
+        &self,
+        src_tags: &[String],
+        dst: &PublicKey,
+        acl: &AclPolicy,
+    ) -> Option<Arc<str>> {
+        let (relay, dst_tags) = self.remote.get(dst)?;
+        acl.may_talk(src_tags, dst_tags).then(|| relay.clone())
+    }
+
+    /// The key of a node homed on another relay, by its fast-path slot.
+    pub fn remote_slot(&self, slot: u64) -> Option<PublicKey> {
+        self.remote_slots.get(&slot).copied()
+    }
+
+    /// The tags of a node homed on relay `relay` (`None`: not known there).
+    pub fn remote_tags(&self, key: &PublicKey, relay: &str) -> Option<&[String]> {
+        self.remote
+            .get(key)
+            .filter(|(r, _)| &**r == relay)
+            .map(|(_, t)| t.as_slice())
     }
 
     /// Records an admitted connection with the node's tags. For a worker
@@ -417,6 +464,52 @@ mod tests {
             None,
             "gang over"
         );
+    }
+
+    #[test]
+    fn nodes_homed_on_other_relays_are_reached_through_their_relay_as_the_acl_allows() {
+        let mut f = fixture(8);
+        let acl = AclPolicy::default();
+        let far = StaticKey::generate().public();
+        let far_worker = StaticKey::generate().public();
+        let relay: Arc<str> = Arc::from("relay-b");
+        f.routes.set_remote(HashMap::from([
+            (far, (relay.clone(), tags(&["engineer"]))),
+            (far_worker, (relay.clone(), tags(&["worker"]))),
+        ]));
+        // Not connected here: no local route, the relay it is homed on instead.
+        assert_eq!(
+            f.routes
+                .datagram_route(&f.w1, &tags(&["worker"]), &far, &acl),
+            None
+        );
+        assert_eq!(
+            f.routes.remote_route(&tags(&["worker"]), &far, &acl),
+            Some(relay.clone())
+        );
+        // Default deny between workers holds across relays too.
+        assert_eq!(
+            f.routes.remote_route(&tags(&["worker"]), &far_worker, &acl),
+            None
+        );
+        assert_eq!(
+            f.routes.remote_slot(crate::relay_path::slot(&far)),
+            Some(far)
+        );
+        assert_eq!(
+            f.routes.remote_tags(&far, "relay-b"),
+            Some(&tags(&["engineer"])[..])
+        );
+        assert_eq!(
+            f.routes.remote_tags(&far, "relay-c"),
+            None,
+            "claimed by the wrong relay"
+        );
+        assert_eq!(f.routes.remote_tags(&f.w1, "relay-b"), None);
+        // It went offline (or its relay died): nothing routes there any more.
+        f.routes.set_remote(HashMap::new());
+        assert_eq!(f.routes.remote_route(&tags(&["worker"]), &far, &acl), None);
+        assert_eq!(f.routes.remote_slot(crate::relay_path::slot(&far)), None);
     }
 
     #[test]

@@ -116,6 +116,15 @@ struct Shared {
     fleet_relays: std::sync::RwLock<Vec<String>>,
     /// Connections to other relays of the fleet, by name (tunnels to their workers).
     peers: tokio::sync::Mutex<std::collections::HashMap<String, Arc<crate::client::Session>>>,
+    /// Live links to the fleet's other relays, by name, whichever side
+    /// dialled: relayed mesh packets for the nodes homed there go over them.
+    peer_links: std::sync::RwLock<std::collections::HashMap<String, Connection>>,
+    /// The fleet's live relays' addresses, by name (from their heartbeats).
+    fleet_addrs: std::sync::RwLock<std::collections::HashMap<String, Vec<String>>>,
+    /// Relays to dial a link to (a relayed packet found none); [`peer_dialer`].
+    dial: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Relays being dialled now (one attempt at a time each).
+    dialing: Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -229,6 +238,8 @@ pub struct Relay {
     admin: Option<std::os::unix::net::UnixListener>,
     /// A shared store's own connection for [`fleet_loop`].
     fleet: Option<Registry>,
+    /// Requests for links to other relays ([`peer_dialer`]).
+    dial_rx: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
 }
 
 /// A stateless-reset key derived from the identity, so a restarted relay can
@@ -361,7 +372,9 @@ impl Relay {
             }
             None => None,
         };
+        let (dial, dial_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Relay {
+            dial_rx: Some(dial_rx),
             endpoint,
             tcp,
             tcp_tls: Arc::new(tcp_tls),
@@ -388,6 +401,10 @@ impl Relay {
                 pending_tcp: Arc::new(tokio::sync::Semaphore::new(pending_cap)),
                 fleet_relays: std::sync::RwLock::new(Vec::new()),
                 peers: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+                peer_links: std::sync::RwLock::new(std::collections::HashMap::new()),
+                fleet_addrs: std::sync::RwLock::new(std::collections::HashMap::new()),
+                dial,
+                dialing: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -438,6 +455,9 @@ impl Relay {
             }
         }
         info!(relay = %name, region = %config.region(), addrs = ?addrs, store = %config.store.describe(), "fleet: following the other relays");
+        if let Some(rx) = self.dial_rx.take() {
+            tokio::spawn(peer_dialer(shared.clone(), rx));
+        }
         Some(tokio::spawn(fleet_loop(shared, reg, changes, name, addrs)))
     }
 
@@ -567,6 +587,7 @@ async fn fleet_loop(
                         after = last.seq;
                     }
                     shared.mesh.apply_changes(rows, &me, &shared.metrics);
+                    lock(&shared.routes).set_remote(shared.mesh.remote_nodes());
                     read_feed = false;
                 }
                 Err(e) => warn!(error = %e, "could not read the fleet's mesh records"),
@@ -592,6 +613,11 @@ async fn fleet_loop(
                             .flat_map(|r| r.addrs.iter().cloned())
                             .collect();
                         *shared.fleet_relays.write().unwrap_or_else(|p| p.into_inner()) = live;
+                        *shared.fleet_addrs.write().unwrap_or_else(|p| p.into_inner()) = rows
+                            .iter()
+                            .filter(|r| r.name != me && r.beat_age_ms < dead_ms)
+                            .map(|r| (r.name.clone(), r.addrs.clone()))
+                            .collect();
                         let dead = rows
                             .into_iter()
                             .filter(|r| r.name != me && r.beat_age_ms >= dead_ms)
@@ -602,6 +628,8 @@ async fn fleet_loop(
                             after = 0;
                             read_feed = true;
                         }
+                        // Also catches nodes whose session here ended (their records were parked).
+                        lock(&shared.routes).set_remote(shared.mesh.remote_nodes());
                     }
                     Err(e) => {
                         beating_since = None;
@@ -852,6 +880,7 @@ const PEER_TAG: &str = "weft-relay-peer";
 async fn serve_peer(shared: Arc<Shared>, ctx: NodeCtx, control: (SendStream, RecvStream)) {
     info!(relay = %ctx.name, transport = %ctx.conn.kind(), "fleet relay connected");
     shared.raise_stream_limit(&ctx.conn);
+    add_peer_link(&shared, &ctx.name, ctx.conn.clone());
     let _control = control;
     let err = loop {
         match ctx.conn.accept_bi().await {
@@ -919,27 +948,16 @@ async fn via_peer(
             return None;
         }
     };
-    let mut peers = shared.peers.lock().await;
-    let alive = peers
-        .get(&home.name)
-        .is_some_and(|s| s.connection().close_reason().is_none());
-    if !alive {
-        match crate::client::connect_peer(&shared.key, &home.addrs, &me).await {
-            Ok(s) => {
-                info!(relay = %home.name, addrs = ?home.addrs, "connected to a fleet relay");
-                peers.insert(home.name.clone(), Arc::new(s));
-            }
-            Err(e) => {
-                warn!(relay = %home.name, error = %e, "fleet relay unreachable");
-                return Some(Err(Rejection::new(
-                    Reason::ServiceUnavailable,
-                    format!("{target:?} is on relay {} which does not answer", home.name),
-                )));
-            }
+    let peer = match peer_session(shared, &home.name, &home.addrs).await {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(relay = %home.name, error = %e, "fleet relay unreachable");
+            return Some(Err(Rejection::new(
+                Reason::ServiceUnavailable,
+                format!("{target:?} is on relay {} which does not answer", home.name),
+            )));
         }
-    }
-    let peer = peers.get(&home.name)?.clone();
-    drop(peers);
+    };
     debug!(relay = %home.name, %target, %service, "tunnel through a fleet relay");
     Some(
         peer.open_for(&ctx.name, ctx.key, &ctx.tags, target, service)
@@ -952,6 +970,109 @@ async fn via_peer(
                 ),
             }),
     )
+}
+
+/// This relay's connection to relay `name` of the fleet (at `addrs`),
+/// dialled if there is none alive; its datagrams are read
+/// ([`peer_datagrams`]).
+async fn peer_session(
+    shared: &Arc<Shared>,
+    name: &str,
+    addrs: &[String],
+) -> Result<Arc<crate::client::Session>, crate::error::ClientError> {
+    let mut peers = shared.peers.lock().await;
+    if let Some(s) = peers
+        .get(name)
+        .filter(|s| s.connection().close_reason().is_none())
+    {
+        return Ok(s.clone());
+    }
+    let me = shared.config.relay_name();
+    let s = Arc::new(crate::client::connect_peer(&shared.key, addrs, &me).await?);
+    info!(relay = %name, addrs = ?addrs, "connected to a fleet relay");
+    peers.insert(name.to_string(), s.clone());
+    drop(peers);
+    add_peer_link(shared, name, s.connection().clone());
+    Ok(s)
+}
+
+/// Dials the links that relayed packets asked for ([`remote_hop`]), one
+/// attempt at a time per relay.
+async fn peer_dialer(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
+    while let Some(name) = rx.recv().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let addrs = shared
+                .fleet_addrs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .cloned()
+                .unwrap_or_default();
+            if let Err(e) = peer_session(&shared, &name, &addrs).await {
+                warn!(relay = %name, error = %e, "fleet relay unreachable for relayed packets");
+            }
+            lock(&shared.dialing).remove(&name);
+        });
+    }
+}
+
+/// Keeps `conn` (to or from relay `name`) as the link relayed packets for
+/// that relay's nodes take (replacing a closed one), and delivers what
+/// comes over it.
+fn add_peer_link(shared: &Arc<Shared>, name: &str, conn: Connection) {
+    {
+        let mut links = shared.peer_links.write().unwrap_or_else(|p| p.into_inner());
+        let alive = links.get(name).is_some_and(|c| c.close_reason().is_none());
+        if !alive {
+            links.insert(name.to_string(), conn.clone());
+        }
+    }
+    tokio::spawn(peer_datagrams(shared.clone(), name.to_string(), conn));
+}
+
+/// The link to the relay where `dst` (not connected here) is homed, if the
+/// mesh ACL lets `src_tags` talk to it. With no live link, one is dialled
+/// and `None` returned (this packet is lost, as on any path being set up).
+fn remote_hop(shared: &Shared, src_tags: &[String], dst: &PublicKey) -> Option<Connection> {
+    let relay = lock(&shared.routes).remote_route(src_tags, dst, &shared.policies().mesh_acl)?;
+    let link = shared
+        .peer_links
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&*relay)
+        .filter(|c| c.close_reason().is_none())
+        .cloned();
+    if link.is_none() && lock(&shared.dialing).insert(relay.to_string()) {
+        let _ = shared.dial.send(relay.to_string());
+    }
+    link
+}
+
+/// Packets another relay of the fleet hands here (`relay_path::KIND_FORWARD`)
+/// for nodes homed here: delivered if the source is a node homed on that
+/// relay and the mesh ACL lets the two talk; else dropped and counted.
+async fn peer_datagrams(shared: Arc<Shared>, relay: String, conn: Connection) {
+    let m = &shared.metrics;
+    while let Ok(d) = conn.read_datagram().await {
+        let Ok((src, dst, packet)) = relay_path::decode_forward(&d) else {
+            m.datagrams_dropped.inc();
+            continue;
+        };
+        let route = {
+            let routes = lock(&shared.routes);
+            routes.remote_tags(&src, &relay).and_then(|tags| {
+                routes.datagram_route(&src, tags, &dst, &shared.policies().mesh_acl)
+            })
+        };
+        let sent = route.map(|c| c.send_datagram(relay_path::encode(&src, &packet)));
+        if let Some(Ok(())) = sent {
+            m.fleet_delivered.inc();
+            m.datagram_bytes.inc_by(packet.len() as u64);
+        } else {
+            m.datagrams_dropped.inc();
+        }
+    }
 }
 
 type Admitted = (NodeCtx, Hello, (SendStream, RecvStream));
@@ -1171,14 +1292,24 @@ async fn forward_datagrams(shared: Arc<Shared>, ctx: NodeCtx) {
         };
         let acl = &shared.policies().mesh_acl;
         let route = lock(&shared.routes).datagram_route(&ctx.key, &ctx.tags, &dst, acl);
-        let Some(conn) = route else {
-            m.datagrams_dropped.inc();
-            continue;
+        let (conn, framed) = match route {
+            Some(conn) => (conn, relay_path::encode(&ctx.key, &packet)),
+            None => match remote_hop(&shared, &ctx.tags, &dst) {
+                Some(link) => (link, relay_path::encode_forward(&ctx.key, &dst, &packet)),
+                None => {
+                    m.datagrams_dropped.inc();
+                    continue;
+                }
+            },
         };
-        match conn.send_datagram(relay_path::encode(&ctx.key, &packet)) {
+        let far = framed[0] == relay_path::KIND_FORWARD;
+        match conn.send_datagram(framed) {
             Ok(()) => {
                 m.datagrams_relayed.inc();
                 m.datagram_bytes.inc_by(packet.len() as u64);
+                if far {
+                    m.fleet_forwarded.inc();
+                }
             }
             Err(_) => {
                 m.datagrams_dropped.inc();

@@ -44,10 +44,12 @@ impl ClientTiming {
     /// Workers: frequent keepalives so a dead relay is noticed fast.
     pub fn worker() -> ClientTiming {
         ClientTiming {
-            keepalive: Duration::from_secs(1),
-            // A path that stopped passing UDP is noticed in 4 s; with the back-off and the
-            // race, the worker is back over TCP/TLS within 5 s (tests/tests/reach.rs).
-            idle_timeout: Duration::from_secs(4),
+            // A dead relay (or a path that stopped passing UDP) is noticed in 2 s: four
+            // keepalives unanswered. With the back-off and the race, the worker is back
+            // through another relay of a fleet, or over TCP/TLS, in about 2.5 s
+            // (tests/tests/fleet.rs, tests/tests/reach.rs, tests/bench/fleet).
+            keepalive: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),
             accept_streams: 1024,
         }
@@ -241,8 +243,8 @@ pub async fn connect_peer(
     me: &str,
 ) -> Result<Session, ClientError> {
     let timing = ClientTiming {
-        keepalive: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(4),
+        keepalive: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(5),
         accept_streams: 0,
     };

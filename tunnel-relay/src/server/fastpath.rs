@@ -316,40 +316,48 @@ fn forward(shared: &Shared, io: &Io<'_>, from: SocketAddr, data: &mut [u8], stri
         return;
     };
     // Decisions for the destinations seen in this batch: its bound UDP address, or
-    // (not bound: UDP blocked on its side, or not acknowledged yet) its connection.
-    let mut last: Option<(
-        u64,
+    // (not bound: UDP blocked on its side, or not acknowledged yet) its connection,
+    // or (homed on another relay of the fleet) that relay's link and its key.
+    type Decision = (
         Option<SocketAddr>,
         Option<crate::transport::Connection>,
-    )> = None;
+        Option<PublicKey>,
+    );
+    let mut last: Option<(u64, Decision)> = None;
     let mut run: Option<(usize, usize, SocketAddr)> = None; // start, end, to
     let mut start = 0;
     while start < data.len() {
         let end = (start + stride).min(data.len());
         let seg = &mut data[start..end];
-        let (to, conn) = match fast_slot(seg) {
-            None => (None, None),
+        let (to, conn, fwd) = match fast_slot(seg) {
+            None => (None, None, None),
             Some(dst) => match &last {
-                Some((d, to, conn)) if *d == dst => (*to, conn.clone()),
+                Some((d, decided)) if *d == dst => decided.clone(),
                 _ => {
-                    let (to, conn) = t
-                        .by_slot
-                        .get(&dst)
-                        .and_then(|c| {
-                            let route = lock(&shared.routes).datagram_route(
+                    let decided: Decision = match t.by_slot.get(&dst) {
+                        Some(c) => lock(&shared.routes)
+                            .datagram_route(
                                 &src.key,
                                 &src.tags,
                                 &c.key,
                                 &shared.policies().mesh_acl,
-                            )?;
-                            Some(match c.fresh_addr() {
-                                Some(a) => (Some(a), None),
-                                None => (None, Some(route)),
+                            )
+                            .map(|route| match c.fresh_addr() {
+                                Some(a) => (Some(a), None, None),
+                                None => (None, Some(route), None),
                             })
-                        })
-                        .unwrap_or((None, None));
-                    last = Some((dst, to, conn.clone()));
-                    (to, conn)
+                            .unwrap_or((None, None, None)),
+                        None => {
+                            let far = lock(&shared.routes).remote_slot(dst);
+                            far.and_then(|k| {
+                                super::remote_hop(shared, &src.tags, &k)
+                                    .map(|l| (None, Some(l), Some(k)))
+                            })
+                            .unwrap_or((None, None, None))
+                        }
+                    };
+                    last = Some((dst, decided.clone()));
+                    decided
                 }
             },
         };
@@ -358,10 +366,17 @@ fn forward(shared: &Shared, io: &Io<'_>, from: SocketAddr, data: &mut [u8], stri
                 io.send(rto, &data[s..e], Some(stride));
             }
             let packet = &data[start + FAST_HEADER.min(end - start)..end];
-            match conn.send_datagram(crate::relay_path::encode(&src.key, packet)) {
+            let framed = match &fwd {
+                Some(dst) => crate::relay_path::encode_forward(&src.key, dst, packet),
+                None => crate::relay_path::encode(&src.key, packet),
+            };
+            match conn.send_datagram(framed) {
                 Ok(()) => {
                     m.datagrams_relayed.inc();
                     m.datagram_bytes.inc_by(packet.len() as u64);
+                    if fwd.is_some() {
+                        m.fleet_forwarded.inc();
+                    }
                 }
                 Err(_) => {
                     m.datagrams_dropped.inc();

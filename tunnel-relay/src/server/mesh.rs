@@ -257,6 +257,30 @@ impl Mesh {
         hub.gauges(metrics);
     }
 
+    /// The mesh nodes online on another live relay of the fleet, with that
+    /// relay and their tags: where relayed packets for them go
+    /// ([`crate::routes::Routes::set_remote`]).
+    pub(super) fn remote_nodes(&self) -> crate::routes::RemoteNodes {
+        let hub = lock(&self.hub);
+        let mut relays: HashMap<&str, std::sync::Arc<str>> = HashMap::new();
+        hub.homes
+            .iter()
+            .filter(|(id, r)| {
+                !hub.dead.contains(*r)
+                    && !hub.sessions.contains_key(*id)
+                    && hub.coord.is_online(**id)
+            })
+            .filter_map(|(id, r)| {
+                let rec = hub.coord.record(*id)?;
+                let relay = relays
+                    .entry(r.as_str())
+                    .or_insert_with(|| std::sync::Arc::from(r.as_str()))
+                    .clone();
+                Some((rec.key, (relay, rec.tags.clone())))
+            })
+            .collect()
+    }
+
     /// The relays whose heartbeat stopped (`dead`): their nodes go offline
     /// in every peer map here. Returns whether a relay came back (the
     /// caller reads the feed again from the start: its nodes' records).
