@@ -2,7 +2,7 @@
 # Every test of the project, as CI runs it (.ci/run execs this):
 #   apt packages -> stale lab namespaces -> fmt -> clippy -> release build -> all tests (unit + namespace
 #   end-to-end tests, which find the binaries in target/release) -> the loopback relay suite over the
-#   TCP/TLS fallback -> the Ray cluster benchmark -> stale lab
+#   TCP/TLS fallback -> the fleet benchmark -> the Ray cluster benchmark -> stale lab
 #   namespaces again.
 #
 # Run as root on a Debian machine with a Rust toolchain (rustfmt, clippy):
@@ -85,6 +85,10 @@ cargo test --locked --release --workspace -- "${test_args[@]}"
 
 banner "the loopback relay suite again, every client on the TCP/TLS fallback (WEFT_RELAY_TRANSPORT=tcp)"
 WEFT_RELAY_TRANSPORT=tcp cargo test --locked --release -p tunnel-relay --test loopback -- "${test_args[@]}"
+
+banner "fleet benchmark (tests/bench/fleet: 3 relays on PostgreSQL, 1,000 simulated nodes, a relay killed; ~40 s)"
+# It asserts only that everything worked; the table it prints is what BENCHMARKS.md records.
+tests/bench/fleet
 
 banner "Ray cluster benchmark (tests/bench/ray: cluster up and object transfer against Ray by hand over veth; ~70 s)"
 # It asserts only that everything worked; the table it prints is what BENCHMARKS.md records.

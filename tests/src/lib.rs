@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cleanup;
+pub mod fleet;
 pub mod logtime;
 pub mod managed;
 pub mod netns;

@@ -56,6 +56,19 @@ impl Netns {
         ns
     }
 
+    /// Moves the calling thread into this namespace; threads it starts from
+    /// then on are born there too (so an async runtime built on it afterwards
+    /// opens every socket here). For in-process clients of a daemon running
+    /// in the lab (a benchmark's simulated nodes). The thread stays there.
+    pub fn enter_current_thread(&self) {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.0.name);
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a namespace file we hold open; it changes only this thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+    }
+
     /// The namespace's name (as in `ip netns list`).
     pub fn name(&self) -> &str {
         &self.0.name

@@ -24,89 +24,10 @@
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use weft_tests::fleet::FleetRelay;
 use weft_tests::managed::{relay_bin, ManagedNode};
 use weft_tests::postgres::{LabPostgres, PASSWORD};
-use weft_tests::{Internet, Netns, Proc};
-
-struct FleetRelay {
-    ns: Netns,
-    state: String,
-    config: String,
-    url: String,
-    addr: String,
-    proc: Proc,
-}
-
-impl FleetRelay {
-    /// A relay named `name` at `ip` on `url`; `identity`: the fleet's key file to copy in.
-    fn start(
-        net: &Internet,
-        tag: &str,
-        name: &str,
-        ip: &str,
-        url: &str,
-        identity: Option<&str>,
-    ) -> FleetRelay {
-        let ns = net.host(tag, ip);
-        let state = ns.file("relay").display().to_string();
-        let config = ns.file("relay.toml").display().to_string();
-        std::fs::write(&config, format!("store = \"{url}\"\nname = \"{name}\"\n"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        if let Some(id) = identity {
-            ns.exec(&format!(
-                "mkdir -p -m 700 {state} && cp {id} {state}/identity.key && chmod 600 {state}/identity.key"
-            ));
-        }
-        let addr = format!("{ip}:4433");
-        let proc = ns.spawn_listening(
-            "relay",
-            &format!(
-                "env WEFT_LOG=info {} serve --listen {addr} --state-dir {state} --config {config}",
-                relay_bin()
-            ),
-            'u',
-            4433,
-            Duration::from_secs(10),
-        );
-        FleetRelay {
-            ns,
-            state,
-            config,
-            url: url.to_string(),
-            addr,
-            proc,
-        }
-    }
-
-    /// `tunnel-relay ARGS --state-dir S` in the relay's namespace, the store
-    /// given as the operator would (`WEFT_RELAY_STORE`, so not in `ps`).
-    fn cmd(&self, args: &str) -> std::process::Output {
-        self.ns.output(&format!(
-            "env WEFT_RELAY_STORE='{}' {} {args} --state-dir {}",
-            self.url,
-            relay_bin(),
-            self.state,
-        ))
-    }
-
-    /// A one-use token with `tag`, created through this relay, naming `dial` as the relay.
-    fn token(&self, tag: &str, dial: &str) -> String {
-        let out = self.ns.output(&format!(
-            "{} token create --state-dir {} --config {} --tag {tag} --uses 1 --ttl 10m --relay-addr {dial}",
-            relay_bin(),
-            self.state,
-            self.config
-        ));
-        let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            t.starts_with("wft1_"),
-            "token through {}: {t} {}",
-            self.addr,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t
-    }
-}
+use weft_tests::{Internet, Netns};
 
 fn fetch(ns: &Netns, target: &str) -> String {
     let out = ns.output(&format!(
@@ -120,7 +41,7 @@ fn two_relays_on_one_postgres_are_one_network() {
     let net = Internet::new("fl");
     let mut pg = LabPostgres::start(net.host("fl-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();
-    let a = FleetRelay::start(&net, "fl-ra", "relay-a", "203.0.113.2", &url, None);
+    let a = FleetRelay::start(&net, "fl-ra", "relay-a", "203.0.113.2", &url, None, "");
     let identity = format!("{}/identity.key", a.state);
     let b = FleetRelay::start(
         &net,
@@ -129,6 +50,7 @@ fn two_relays_on_one_postgres_are_one_network() {
         "203.0.113.3",
         &url,
         Some(&identity),
+        "",
     );
 
     // Both relays beat: each announces the other to the nodes it admits.

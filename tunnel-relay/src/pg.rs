@@ -20,7 +20,10 @@
 //! the mesh feed wake on it (no polling). Mesh records carry a feed position
 //! (`seq`, from a sequence) and deletions stay as tombstones, so a relay
 //! reads exactly the rows written after the last one it applied; after a
-//! lost connection it re-reads from there, missing nothing.
+//! lost connection it re-reads from there, missing nothing. Writers take
+//! [`FEED_LOCK`] (a transaction advisory lock) before drawing positions, so
+//! positions commit in order: a reader never sees position n+1 while n is
+//! still to commit (which it would then skip for good).
 
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
@@ -90,6 +93,10 @@ pub const MIGRATIONS: &[&str] = &[
         conn BIGINT NOT NULL,
         updated TIMESTAMPTZ NOT NULL DEFAULT now()
      );",
+    // 4: a worker's tunnel sessions on several relays at once (a reconnect race
+    // admits it on two; the loser's end must not erase the winner's row).
+    "ALTER TABLE tunnel_homes DROP CONSTRAINT tunnel_homes_pkey;
+     ALTER TABLE tunnel_homes ADD PRIMARY KEY (name, relay, conn);",
 ];
 
 /// A relay whose last heartbeat is older than this (ms) is down: the other
@@ -135,6 +142,15 @@ fn relay_rows(rows: &[postgres::Row]) -> Vec<RelayRow> {
 
 /// Advisory lock key for migrations ("weft" in ASCII).
 const MIGRATE_LOCK: i64 = 0x7765_6674;
+/// The advisory lock mesh writers hold from drawing feed positions to commit.
+pub const FEED_LOCK: i64 = 0x7765_6675;
+
+/// Takes [`FEED_LOCK`] for the rest of `tx`.
+fn feed_lock(tx: &mut postgres::Transaction<'_>) -> Result<(), StateError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FEED_LOCK])
+        .map(drop)
+        .map_err(|e| pg_err(&e))
+}
 
 /// A URL with any password replaced by `***` (for messages and logs).
 pub fn redact(url: &str) -> String {
@@ -359,6 +375,7 @@ impl PgRegistry {
         let relay = self.relay.clone();
         self.call(move |c| {
             let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+            feed_lock(&mut tx)?;
             for (id, row) in &rows {
                 let id = id.0 as i64;
                 match row {
@@ -396,11 +413,15 @@ impl PgRegistry {
         })
     }
 
-    /// Marks the records this relay wrote offline (it starts with no sessions).
+    /// Marks the records this relay wrote offline and forgets the tunnel
+    /// sessions it held (it starts with no sessions).
     pub fn offline_mine(&mut self) -> Result<(), StateError> {
         let relay = self.relay.clone();
         self.call(move |c| {
             let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+            tx.execute("DELETE FROM tunnel_homes WHERE relay = $1", &[&relay])
+                .map_err(|e| pg_err(&e))?;
+            feed_lock(&mut tx)?;
             let n = tx
                 .execute(
                     "UPDATE mesh_nodes SET online = false, seq = nextval('mesh_seq')
@@ -436,13 +457,20 @@ impl PgRegistry {
     pub fn set_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
         let (name, relay, conn) = (name.to_string(), self.relay.clone(), conn as i64);
         self.call(move |c| {
-            c.execute(
-                "INSERT INTO tunnel_homes (name, relay, conn) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO UPDATE SET relay = $2, conn = $3, updated = now()",
+            let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+            // This relay's older session of the worker was replaced by this one.
+            tx.execute(
+                "DELETE FROM tunnel_homes WHERE name = $1 AND relay = $2 AND conn <> $3",
                 &[&name, &relay, &conn],
             )
-            .map(drop)
-            .map_err(|e| pg_err(&e))
+            .map_err(|e| pg_err(&e))?;
+            tx.execute(
+                "INSERT INTO tunnel_homes (name, relay, conn) VALUES ($1, $2, $3)
+                 ON CONFLICT (name, relay, conn) DO UPDATE SET updated = now()",
+                &[&name, &relay, &conn],
+            )
+            .map_err(|e| pg_err(&e))?;
+            tx.commit().map_err(|e| pg_err(&e))
         })
     }
 
@@ -459,19 +487,24 @@ impl PgRegistry {
         })
     }
 
-    /// The relay holding worker `name`'s tunnel session, if it beats.
+    /// The relay holding worker `name`'s newest tunnel session, among the
+    /// relays that beat.
     pub fn tunnel_home(&self, name: &str) -> Result<Option<RelayRow>, StateError> {
         let name = name.to_string();
         self.call(move |c| {
-            let rows = c.query(RELAYS_SQL, &[]).map_err(|e| pg_err(&e))?;
-            let home: Option<String> = c
-                .query_opt("SELECT relay FROM tunnel_homes WHERE name = $1", &[&name])
-                .map_err(|e| pg_err(&e))?
-                .map(|r| r.get(0));
-            Ok(home.and_then(|h| {
-                relay_rows(&rows)
-                    .into_iter()
+            let relays = relay_rows(&c.query(RELAYS_SQL, &[]).map_err(|e| pg_err(&e))?);
+            let homes = c
+                .query(
+                    "SELECT relay FROM tunnel_homes WHERE name = $1 ORDER BY updated DESC",
+                    &[&name],
+                )
+                .map_err(|e| pg_err(&e))?;
+            Ok(homes.iter().find_map(|h| {
+                let h: String = h.get(0);
+                relays
+                    .iter()
                     .find(|r| r.name == h && r.beat_age_ms < RELAY_DEAD_MS)
+                    .cloned()
             }))
         })
     }
@@ -609,14 +642,17 @@ impl PgRegistry {
         let hash = secret.map(|s| s.hash().to_vec());
         self.call(move |c| {
             let mut last = None;
-            for _ in 0..5 {
+            for attempt in 0..ADMIT_ATTEMPTS {
                 match admit_tx(c, &key, &name, hash.as_deref(), now) {
                     Ok(r) => return Ok(r),
-                    Err(e)
-                        if e.code()
-                            == Some(&postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) =>
-                    {
+                    Err(e) if retryable(&e) => {
                         last = Some(e);
+                        // Relays admitting at once conflict; jittered, growing waits
+                        // let them take turns instead of colliding again.
+                        let cap = 2u64 << attempt.min(6);
+                        std::thread::sleep(std::time::Duration::from_millis(
+                            1 + rand::random::<u64>() % cap,
+                        ));
                     }
                     Err(e) => return Err(pg_err(&e)),
                 }
@@ -630,6 +666,17 @@ impl PgRegistry {
 }
 
 type AdmitResult = Result<(String, Vec<String>), Rejection>;
+
+/// Tries of one admission whose transaction conflicted with another relay's.
+const ADMIT_ATTEMPTS: u32 = 30;
+
+/// A transaction PostgreSQL rolled back for a conflict (run it again).
+fn retryable(e: &postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+    })
+}
 
 fn admit_tx(
     c: &mut Client,

@@ -114,8 +114,14 @@ struct Shared {
     pending_tcp: Arc<tokio::sync::Semaphore>,
     /// The fleet's other live relays (`host:port`), told to each admitted node.
     fleet_relays: std::sync::RwLock<Vec<String>>,
-    /// Connections to other relays of the fleet, by name (tunnels to their workers).
-    peers: tokio::sync::Mutex<std::collections::HashMap<String, Arc<crate::client::Session>>>,
+    /// Connections to other relays of the fleet, by name (tunnels to their
+    /// workers); each behind its own lock, so a slow dial to one relay holds
+    /// up no tunnel to another.
+    peers: Mutex<std::collections::HashMap<String, PeerSlot>>,
+    /// Relays of the fleet whose heartbeat stopped: not dialled.
+    dead_relays: std::sync::RwLock<HashSet<String>>,
+    /// Relays whose link timed out or dial failed, until when they are not dialled.
+    peer_down: Mutex<std::collections::HashMap<String, Instant>>,
     /// Live links to the fleet's other relays, by name, whichever side
     /// dialled: relayed mesh packets for the nodes homed there go over them.
     peer_links: std::sync::RwLock<std::collections::HashMap<String, Connection>>,
@@ -400,7 +406,9 @@ impl Relay {
                 channels: std::sync::RwLock::new(fastpath::Channels::default()),
                 pending_tcp: Arc::new(tokio::sync::Semaphore::new(pending_cap)),
                 fleet_relays: std::sync::RwLock::new(Vec::new()),
-                peers: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+                peers: Mutex::new(std::collections::HashMap::new()),
+                dead_relays: std::sync::RwLock::new(HashSet::new()),
+                peer_down: Mutex::new(std::collections::HashMap::new()),
                 peer_links: std::sync::RwLock::new(std::collections::HashMap::new()),
                 fleet_addrs: std::sync::RwLock::new(std::collections::HashMap::new()),
                 dial,
@@ -618,11 +626,16 @@ async fn fleet_loop(
                             .filter(|r| r.name != me && r.beat_age_ms < dead_ms)
                             .map(|r| (r.name.clone(), r.addrs.clone()))
                             .collect();
-                        let dead = rows
+                        let dead: HashSet<String> = rows
                             .into_iter()
                             .filter(|r| r.name != me && r.beat_age_ms >= dead_ms)
                             .map(|r| r.name)
                             .collect();
+                        shared
+                            .dead_relays
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone_from(&dead);
                         if shared.mesh.set_dead_relays(dead, &shared.metrics) {
                             // A relay came back: its nodes' records again, from the start.
                             after = 0;
@@ -980,18 +993,55 @@ async fn peer_session(
     name: &str,
     addrs: &[String],
 ) -> Result<Arc<crate::client::Session>, crate::error::ClientError> {
-    let mut peers = shared.peers.lock().await;
-    if let Some(s) = peers
-        .get(name)
-        .filter(|s| s.connection().close_reason().is_none())
+    if shared
+        .dead_relays
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(name)
     {
-        return Ok(s.clone());
+        return Err(crate::error::ClientError::Unreachable {
+            addrs: addrs.join(", "),
+            last: format!("relay {name} stopped beating"),
+        });
+    }
+    let slot = lock(&shared.peers)
+        .entry(name.to_string())
+        .or_default()
+        .clone();
+    let mut peer = slot.lock().await;
+    let down = |why: String| {
+        lock(&shared.peer_down).insert(name.to_string(), Instant::now() + PEER_HOLD_OFF);
+        crate::error::ClientError::Unreachable {
+            addrs: addrs.join(", "),
+            last: why,
+        }
+    };
+    match peer.as_ref().map(|s| s.connection().close_reason()) {
+        Some(None) => return peer.as_ref().cloned().ok_or_else(|| down("gone".into())),
+        Some(Some(quinn::ConnectionError::TimedOut)) => {
+            *peer = None;
+            return Err(down(format!("the link to relay {name} timed out")));
+        }
+        _ => {}
+    }
+    if lock(&shared.peer_down)
+        .get(name)
+        .is_some_and(|until| Instant::now() < *until)
+    {
+        return Err(crate::error::ClientError::Unreachable {
+            addrs: addrs.join(", "),
+            last: format!("relay {name} did not answer a moment ago"),
+        });
     }
     let me = shared.config.relay_name();
-    let s = Arc::new(crate::client::connect_peer(&shared.key, addrs, &me).await?);
+    let s = match crate::client::connect_peer(&shared.key, addrs, &me).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => return Err(down(e.to_string())),
+    };
+    lock(&shared.peer_down).remove(name);
     info!(relay = %name, addrs = ?addrs, "connected to a fleet relay");
-    peers.insert(name.to_string(), s.clone());
-    drop(peers);
+    *peer = Some(s.clone());
+    drop(peer);
     add_peer_link(shared, name, s.connection().clone());
     Ok(s)
 }
@@ -1074,6 +1124,19 @@ async fn peer_datagrams(shared: Arc<Shared>, relay: String, conn: Connection) {
         }
     }
 }
+
+/// How long a tunnel open waits for a worker whose relay stopped answering
+/// to come back through another (its failover takes about 2.5 s).
+const FAILOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// After a link to a fleet relay timed out or a dial failed, how long that
+/// relay is not dialled again (tunnel opens fail fast and wait for the worker
+/// to move instead of each waiting out a handshake).
+const PEER_HOLD_OFF: Duration = Duration::from_secs(3);
+
+/// This relay's own connection to one other relay of the fleet (none yet,
+/// or one that may have closed).
+type PeerSlot = Arc<tokio::sync::Mutex<Option<Arc<crate::client::Session>>>>;
 
 type Admitted = (NodeCtx, Hello, (SendStream, RecvStream));
 
@@ -1401,9 +1464,26 @@ async fn handle_tunnel(
     let mut routed = route(&shared, &ctx, &target, &service)
         .await
         .map(|(s, r, slots)| (s, r, Some(slots)));
-    if matches!(&routed, Err(r) if r.reason == Reason::NoSuchNode) {
-        if let Some(r) = via_peer(&shared, &ctx, &target, &service).await {
-            routed = r.map(|(s, r)| (s, r, None));
+    // Not here: on the relay that holds its session, if it is another of the
+    // fleet. While that relay is down (the worker is moving to another),
+    // wait up to FAILOVER_WAIT for the worker to come back somewhere.
+    let deadline = Instant::now() + FAILOVER_WAIT;
+    while matches!(&routed, Err(r) if r.reason == Reason::NoSuchNode) {
+        match via_peer(&shared, &ctx, &target, &service).await {
+            None => break,
+            Some(Err(rej))
+                if rej.reason == Reason::ServiceUnavailable && Instant::now() < deadline =>
+            {
+                debug!(%target, "waiting for the worker to leave a relay that does not answer");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                routed = route(&shared, &ctx, &target, &service)
+                    .await
+                    .map(|(s, r, slots)| (s, r, Some(slots)));
+            }
+            Some(other) => {
+                routed = other.map(|(s, r)| (s, r, None));
+                break;
+            }
         }
     }
     splice_tunnel(&shared, &ctx, &target, &service, send, recv, routed).await;

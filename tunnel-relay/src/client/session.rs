@@ -171,10 +171,16 @@ pub async fn connect_with(
             Err(e) => last = format!("{a}: {e}"),
         }
     }
-    // A relay whose connection was just lost (not restarting) goes last.
-    let suspect = *SUSPECT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(bad) = suspect {
-        targets.sort_by_key(|(_, a)| *a == bad);
+    // Relays whose connection was just lost (not restarting) go last. When the
+    // preferred one is among them (its nodes are failing over all at once), the
+    // others go in random order: the herd spreads over the fleet.
+    let failing_over = targets.first().is_some_and(|(_, a)| suspect(*a));
+    targets.sort_by_key(|(_, a)| suspect(*a));
+    if failing_over {
+        let n = targets.iter().take_while(|(_, a)| !suspect(*a)).count();
+        for i in (1..n).rev() {
+            targets.swap(i, (rand::random::<u64>() % (i as u64 + 1)) as usize);
+        }
     }
     // Relays in preference order (the one that last admitted us first), each
     // started RELAY_STAGGER after the one before unless an earlier one is
@@ -210,8 +216,12 @@ pub async fn connect_with(
         }
     }
     drop(tries);
-    if won.is_some() {
-        *SUSPECT.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    if let Some((_, _, s)) = &won {
+        let addr = s.conn.remote_address();
+        SUSPECTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(a, _)| *a != addr);
     }
     let Some((used, local, s)) = won else {
         return Err(ClientError::Unreachable {
@@ -245,7 +255,9 @@ pub async fn connect_peer(
     let timing = ClientTiming {
         keepalive: Duration::from_millis(500),
         idle_timeout: Duration::from_secs(2),
-        handshake_timeout: Duration::from_secs(5),
+        // A live relay answers within a round trip, even across the world;
+        // a tunnel to a worker on a dead one should fail fast, not wait.
+        handshake_timeout: Duration::from_secs(1),
         accept_streams: 0,
     };
     let hello = Message::Hello(Hello {
@@ -305,13 +317,29 @@ impl Session {
     }
 }
 
-/// The relay address whose connection this process lost last (see [`relay_lost`]).
-static SUSPECT: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
+/// Relay addresses whose connection this process lost, and when (see
+/// [`relay_lost`]). Every session of the process (an agent's tunnel and mesh
+/// sessions) lost the same relay, so one that reconnected does not clear
+/// it for the others; only a new session to that address does.
+static SUSPECTS: std::sync::Mutex<Vec<(SocketAddr, std::time::Instant)>> =
+    std::sync::Mutex::new(Vec::new());
 
-/// Tells the next [`connect`] that the connection to `addr` was lost (not
+/// How long a lost relay goes last in the race.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+
+/// Tells the next [`connect`]s that the connection to `addr` was lost (not
 /// closed for a restart): with a fleet, the other relays are tried first.
 pub fn relay_lost(addr: SocketAddr) {
-    *SUSPECT.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    let mut s = SUSPECTS.lock().unwrap_or_else(|p| p.into_inner());
+    s.retain(|(a, _)| *a != addr);
+    s.push((addr, std::time::Instant::now()));
+}
+
+/// Whether `addr` was lost lately.
+fn suspect(addr: SocketAddr) -> bool {
+    let mut s = SUSPECTS.lock().unwrap_or_else(|p| p.into_inner());
+    s.retain(|(_, at)| at.elapsed() < SUSPECT_FOR);
+    s.iter().any(|(a, _)| *a == addr)
 }
 
 /// How long a node waits for one relay of its fleet before also trying the next.
