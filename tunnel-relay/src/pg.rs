@@ -375,6 +375,11 @@ impl PgRegistry {
         let relay = self.relay.clone();
         self.call(move |c| {
             let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
+            // Mesh records are what the nodes tell their relay again when they rejoin:
+            // commits need not wait for the disk (the feed lock is held until commit,
+            // so every relay's writes would queue on each flush).
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .map_err(|e| pg_err(&e))?;
             feed_lock(&mut tx)?;
             for (id, row) in &rows {
                 let id = id.0 as i64;
@@ -729,6 +734,10 @@ fn admit_tx(
     match decide_admit(key, name, hash.is_some(), rows, now) {
         Err(rej) => Ok(Err(rej)),
         Ok(AdmitWrite::Known { name, tags }) => {
+            // Only `last_seen` (and a rename) changes: no need to wait for the WAL to
+            // reach the disk (a database crash could lose the last fraction of a
+            // second of these), which a herd of reconnecting nodes would queue on.
+            tx.batch_execute("SET LOCAL synchronous_commit = off")?;
             tx.execute(
                 "UPDATE nodes SET name = $1, last_seen = $2 WHERE key = $3",
                 &[&name, &(now as i64), &k],
