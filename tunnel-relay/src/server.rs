@@ -947,7 +947,7 @@ async fn via_peer(
     ctx: &NodeCtx,
     target: &str,
     service: &str,
-) -> Option<Result<(SendStream, RecvStream), Rejection>> {
+) -> Option<Result<(SendStream, RecvStream), PeerRefusal>> {
     if !shared.fleet() {
         return None;
     }
@@ -965,10 +965,10 @@ async fn via_peer(
         Ok(p) => p,
         Err(e) => {
             warn!(relay = %home.name, error = %e, "fleet relay unreachable");
-            return Some(Err(Rejection::new(
+            return Some(Err(PeerRefusal::Unreachable(Rejection::new(
                 Reason::ServiceUnavailable,
                 format!("{target:?} is on relay {} which does not answer", home.name),
-            )));
+            ))));
         }
     };
     debug!(relay = %home.name, %target, %service, "tunnel through a fleet relay");
@@ -976,11 +976,11 @@ async fn via_peer(
         peer.open_for(&ctx.name, ctx.key, &ctx.tags, target, service)
             .await
             .map_err(|e| match e {
-                crate::error::ClientError::Rejected(r) => r,
-                other => Rejection::new(
+                crate::error::ClientError::Rejected(r) => PeerRefusal::Refused(r),
+                other => PeerRefusal::Unreachable(Rejection::new(
                     Reason::ServiceUnavailable,
                     format!("{target:?} via relay {}: {other}", home.name),
-                ),
+                )),
             }),
     )
 }
@@ -1123,6 +1123,15 @@ async fn peer_datagrams(shared: Arc<Shared>, relay: String, conn: Connection) {
             m.datagrams_dropped.inc();
         }
     }
+}
+
+/// Why a tunnel through another relay of the fleet did not open.
+enum PeerRefusal {
+    /// That relay refused (its policy, the worker's answer): final.
+    Refused(Rejection),
+    /// That relay could not be reached or its link failed: the worker may be
+    /// moving to another relay.
+    Unreachable(Rejection),
 }
 
 /// How long a tunnel open waits for a worker whose relay stopped answering
@@ -1471,9 +1480,7 @@ async fn handle_tunnel(
     while matches!(&routed, Err(r) if r.reason == Reason::NoSuchNode) {
         match via_peer(&shared, &ctx, &target, &service).await {
             None => break,
-            Some(Err(rej))
-                if rej.reason == Reason::ServiceUnavailable && Instant::now() < deadline =>
-            {
+            Some(Err(PeerRefusal::Unreachable(_))) if Instant::now() < deadline => {
                 debug!(%target, "waiting for the worker to leave a relay that does not answer");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 routed = route(&shared, &ctx, &target, &service)
@@ -1481,7 +1488,9 @@ async fn handle_tunnel(
                     .map(|(s, r, slots)| (s, r, Some(slots)));
             }
             Some(other) => {
-                routed = other.map(|(s, r)| (s, r, None));
+                routed = other
+                    .map(|(s, r)| (s, r, None))
+                    .map_err(|(PeerRefusal::Refused(r) | PeerRefusal::Unreachable(r))| r);
                 break;
             }
         }
