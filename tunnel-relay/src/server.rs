@@ -112,8 +112,6 @@ struct Shared {
     /// Places for TCP connections awaiting admission
     /// ([`crate::config::Limits::pending_tcp_cap`]).
     pending_tcp: Arc<tokio::sync::Semaphore>,
-    /// The fleet's other live relays (`host:port`), told to each admitted node.
-    fleet_relays: std::sync::RwLock<Vec<String>>,
     /// Connections to other relays of the fleet, by name (tunnels to their
     /// workers); each behind its own lock, so a slow dial to one relay holds
     /// up no tunnel to another.
@@ -125,8 +123,9 @@ struct Shared {
     /// Live links to the fleet's other relays, by name, whichever side
     /// dialled: relayed mesh packets for the nodes homed there go over them.
     peer_links: std::sync::RwLock<std::collections::HashMap<String, Connection>>,
-    /// The fleet's live relays' addresses, by name (from their heartbeats).
-    fleet_addrs: std::sync::RwLock<std::collections::HashMap<String, Vec<String>>>,
+    /// The fleet's other live relays' addresses (`host:port`), by name, from
+    /// their heartbeats: told to each admitted node, dialled for relayed packets.
+    fleet_addrs: std::sync::RwLock<std::collections::BTreeMap<String, Vec<String>>>,
     /// Relays to dial a link to (a relayed packet found none); [`peer_dialer`].
     dial: tokio::sync::mpsc::UnboundedSender<String>,
     /// Relays being dialled now (one attempt at a time each).
@@ -405,12 +404,11 @@ impl Relay {
                 stopping: tokio::sync::watch::channel(false).0,
                 channels: std::sync::RwLock::new(fastpath::Channels::default()),
                 pending_tcp: Arc::new(tokio::sync::Semaphore::new(pending_cap)),
-                fleet_relays: std::sync::RwLock::new(Vec::new()),
                 peers: Mutex::new(std::collections::HashMap::new()),
                 dead_relays: std::sync::RwLock::new(HashSet::new()),
                 peer_down: Mutex::new(std::collections::HashMap::new()),
                 peer_links: std::sync::RwLock::new(std::collections::HashMap::new()),
-                fleet_addrs: std::sync::RwLock::new(std::collections::HashMap::new()),
+                fleet_addrs: std::sync::RwLock::new(std::collections::BTreeMap::new()),
                 dial,
                 dialing: Mutex::new(HashSet::new()),
             }),
@@ -615,12 +613,6 @@ async fn fleet_loop(
                     Ok(_) if beating_since.get_or_insert_with(Instant::now).elapsed() < RELAY_SETTLE => {}
                     Ok(rows) => {
                         let dead_ms = crate::pg::RELAY_DEAD_MS;
-                        let live: Vec<String> = rows
-                            .iter()
-                            .filter(|r| r.name != me && r.beat_age_ms < dead_ms)
-                            .flat_map(|r| r.addrs.iter().cloned())
-                            .collect();
-                        *shared.fleet_relays.write().unwrap_or_else(|p| p.into_inner()) = live;
                         *shared.fleet_addrs.write().unwrap_or_else(|p| p.into_inner()) = rows
                             .iter()
                             .filter(|r| r.name != me && r.beat_age_ms < dead_ms)
@@ -1178,10 +1170,13 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
     match verdict {
         Ok((name, tags)) => {
             let relays = shared
-                .fleet_relays
+                .fleet_addrs
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone();
+                .values()
+                .flatten()
+                .cloned()
+                .collect();
             noise::respond_write(
                 hs,
                 &mut send,
