@@ -2,7 +2,8 @@
 //! own namespace on the lab internet, all on one PostgreSQL
 //! ([`crate::postgres::LabPostgres`]), sharing the first relay's identity.
 
-use std::time::Duration;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
 use crate::managed::relay_bin;
 use crate::{Internet, Netns, Proc};
@@ -75,10 +76,46 @@ impl FleetRelay {
         ))
     }
 
+    /// Another relay of this one's fleet: same store, this relay's identity.
+    pub fn join(&self, net: &Internet, tag: &str, name: &str, ip: &str, extra: &str) -> FleetRelay {
+        let identity = format!("{}/identity.key", self.state);
+        FleetRelay::start(net, tag, name, ip, &self.url, Some(&identity), extra)
+    }
+
+    /// Waits until `relays list` through this relay shows `n` relays up.
+    pub fn wait_up(&self, n: usize, within: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            let out = String::from_utf8_lossy(&self.cmd("relays list").stdout).into_owned();
+            if out.matches("up (beat").count() == n {
+                return out;
+            }
+            assert!(t.elapsed() < within, "relays list: {out}");
+            sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until a line of this relay's log satisfies `pred`; panics with
+    /// `what` and the log's tail after `within`.
+    pub fn wait_logged(&self, within: Duration, what: &str, pred: impl Fn(&str) -> bool) {
+        let t = Instant::now();
+        while !self.proc.log().lines().any(&pred) {
+            assert!(t.elapsed() < within, "{what}:\n{}", self.proc.log_tail(20));
+            sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A one-use token with `tag`, created through this relay, naming `dial` as the relay.
     pub fn token(&self, tag: &str, dial: &str) -> String {
+        self.token_with(tag, dial, Some(1))
+    }
+
+    /// A token with `tag` for `uses` nodes (`None`: any number), valid 10
+    /// minutes, created through this relay, naming `dial` as the relay.
+    pub fn token_with(&self, tag: &str, dial: &str, uses: Option<u32>) -> String {
+        let uses = uses.map(|n| format!("--uses {n}")).unwrap_or_default();
         let out = self.ns.output(&format!(
-            "{} token create --state-dir {} --config {} --tag {tag} --uses 1 --ttl 10m --relay-addr {dial}",
+            "{} token create --state-dir {} --config {} --tag {tag} {uses} --ttl 10m --relay-addr {dial}",
             relay_bin(),
             self.state,
             self.config

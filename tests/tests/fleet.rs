@@ -42,31 +42,14 @@ fn two_relays_on_one_postgres_are_one_network() {
     let mut pg = LabPostgres::start(net.host("fl-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();
     let a = FleetRelay::start(&net, "fl-ra", "relay-a", "203.0.113.2", &url, None, "");
-    let identity = format!("{}/identity.key", a.state);
-    let b = FleetRelay::start(
-        &net,
-        "fl-rb",
-        "relay-b",
-        "203.0.113.3",
-        &url,
-        Some(&identity),
-        "",
-    );
+    let b = a.join(&net, "fl-rb", "relay-b", "203.0.113.3", "");
 
     // Both relays beat: each announces the other to the nodes it admits.
-    let t = Instant::now();
-    loop {
-        let out = String::from_utf8_lossy(&a.cmd("relays list").stdout).into_owned();
-        if out.matches("up (beat").count() == 2 {
-            assert!(
-                out.contains("relay-a") && out.contains("relay-b") && out.contains(&b.addr),
-                "{out}"
-            );
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "relays list: {out}");
-        sleep(Duration::from_millis(200));
-    }
+    let out = a.wait_up(2, Duration::from_secs(10));
+    assert!(
+        out.contains("relay-a") && out.contains("relay-b") && out.contains(&b.addr),
+        "{out}"
+    );
     sleep(Duration::from_millis(1200));
 
     // Homes: alice and gpu2 on A; gpu1 on B with a token created through A.
@@ -138,7 +121,7 @@ fn two_relays_on_one_postgres_are_one_network() {
         2222,
         Duration::from_secs(5),
     );
-    let expose = w9.spawn_named(
+    let _expose = w9.spawn_named(
         "expose",
         &format!(
             "env WEFT_LOG=info {} expose --token {} --state-dir {} --name gpu9 --service ssh=127.0.0.1:2222",
@@ -147,15 +130,9 @@ fn two_relays_on_one_postgres_are_one_network() {
             w9.file("state").display()
         ),
     );
-    let t = Instant::now();
-    while !b.proc.log().contains("services=[\"ssh\"]") {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "gpu9 did not connect to B:\n{}",
-            expose.log_tail(20)
-        );
-        sleep(Duration::from_millis(100));
-    }
+    b.wait_logged(Duration::from_secs(10), "gpu9 did not connect to B", |l| {
+        l.contains("services=[\"ssh\"]")
+    });
     let bob = alice.ns.file("bob").display().to_string();
     let out = alice.ns.output(&format!(
         "{} login --token {} --state-dir {bob} --name bob",
@@ -276,26 +253,21 @@ fn two_relays_on_one_postgres_are_one_network() {
     let gap = weft_tests::traffic::GapMonitor::start(&alice.ns, &gpu1.ip, 0.05);
     let relayed = weft_tests::traffic::GapMonitor::start(&alice.ns, &gpu3.ip, 0.05);
     sleep(Duration::from_secs(1));
-    let joins_on_a = |a: &FleetRelay| {
-        a.proc
-            .log()
-            .lines()
-            .filter(|l| l.contains("joined the mesh") && l.contains("gpu1"))
-            .count()
-    };
-    assert_eq!(joins_on_a(&a), 0, "gpu1 was on A already");
+    let joined =
+        |name: &'static str| move |l: &str| l.contains("joined the mesh") && l.contains(name);
+    assert!(
+        !a.proc.log().lines().any(joined("gpu1")),
+        "gpu1 was on A already"
+    );
     let mut b = b;
     let t0 = Instant::now();
     let killed = std::time::SystemTime::now();
     b.proc.signal(libc::SIGKILL);
-    while joins_on_a(&a) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "gpu1 did not move to relay A:\n{}",
-            gpu1.proc.log_tail(20)
-        );
-        sleep(Duration::from_millis(50));
-    }
+    a.wait_logged(
+        Duration::from_secs(15),
+        "gpu1 did not move to relay A",
+        joined("gpu1"),
+    );
     let moved = t0.elapsed();
     sleep(Duration::from_secs(1));
     let g = gap.stop();
@@ -308,20 +280,11 @@ fn two_relays_on_one_postgres_are_one_network() {
         "the direct path stalled: {g:?}"
     );
     // gpu3 moved to A too: the relayed path alice -> gpu3 is back (one relay now).
-    let t = Instant::now();
-    while !a
-        .proc
-        .log()
-        .lines()
-        .any(|l| l.contains("joined the mesh") && l.contains("gpu3"))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "gpu3 did not move to relay A:\n{}",
-            gpu3.proc.log_tail(20)
-        );
-        sleep(Duration::from_millis(50));
-    }
+    a.wait_logged(
+        Duration::from_secs(10),
+        "gpu3 did not move to relay A",
+        joined("gpu3"),
+    );
     sleep(Duration::from_secs(1));
     let r = relayed.stop();
     eprintln!(
@@ -339,15 +302,9 @@ fn two_relays_on_one_postgres_are_one_network() {
         "across-the-fleet"
     );
     // gpu9's tunnel session moved to A too: bob's tunnel works again.
-    let t = Instant::now();
-    while !a.proc.log().contains("services=[\"ssh\"]") {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "gpu9 did not move to A:\n{}",
-            expose.log_tail(20)
-        );
-        sleep(Duration::from_millis(50));
-    }
+    a.wait_logged(Duration::from_secs(15), "gpu9 did not move to A", |l| {
+        l.contains("services=[\"ssh\"]")
+    });
     let moved9 = weft_tests::logtime::logged_after(&a.proc.log(), killed, |l| {
         l.contains("services=[\"ssh\"]")
     });

@@ -39,22 +39,10 @@ const CONCURRENT_JOINS: usize = 8;
 const STEADY_JOINS: usize = 50;
 const FAILOVER_WORKERS: usize = 12;
 
+/// A token for any number of nodes with `tag`, through `relay`, dialling it.
 fn token(relay: &FleetRelay, tag: &str) -> Token {
-    let out = relay.ns.output(&format!(
-        "{} token create --state-dir {} --config {} --tag {tag} --ttl 1h --relay-addr {}",
-        relay_bin(),
-        relay.state,
-        relay.config,
-        relay.addr
-    ));
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Token::parse(&t).unwrap_or_else(|e| {
-        panic!(
-            "token through {}: {e}: {t} {}",
-            relay.addr,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    let t = relay.token_with(tag, &relay.addr, None);
+    Token::parse(&t).unwrap_or_else(|e| panic!("token through {}: {e}: {t}", relay.addr))
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -394,34 +382,9 @@ fn fleet_bench() {
     let url = pg.url();
     let extra = "[limits]\nnew_connections_per_ip_per_sec = 100000\n";
     let a = FleetRelay::start(&net, "fb-ra", "relay-a", "203.0.113.2", &url, None, extra);
-    let id = format!("{}/identity.key", a.state);
-    let b = FleetRelay::start(
-        &net,
-        "fb-rb",
-        "relay-b",
-        "203.0.113.3",
-        &url,
-        Some(&id),
-        extra,
-    );
-    let mut c = FleetRelay::start(
-        &net,
-        "fb-rc",
-        "relay-c",
-        "203.0.113.4",
-        &url,
-        Some(&id),
-        extra,
-    );
-    let t = Instant::now();
-    loop {
-        let out = String::from_utf8_lossy(&a.cmd("relays list").stdout).into_owned();
-        if out.matches("up (beat").count() == 3 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(15), "relays list: {out}");
-        sleep(Duration::from_millis(200));
-    }
+    let b = a.join(&net, "fb-rb", "relay-b", "203.0.113.3", extra);
+    let mut c = a.join(&net, "fb-rc", "relay-c", "203.0.113.4", extra);
+    a.wait_up(3, Duration::from_secs(15));
 
     // Part 3 first, while every relay is up and idle.
     let wn = net.host("fb-wn", "198.51.100.6");
