@@ -57,6 +57,10 @@ struct RelayReport {
     public_key: Option<String>,
     /// The relay's addresses, from the login.
     relay_addrs: Vec<String>,
+    /// In a fleet: its relays, the round trip to each (measured now) and
+    /// this identity's home (the nearest); absent for a relay alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<tunnel_relay::client::FleetView>,
     #[serde(flatten)]
     link: RelayLink,
 }
@@ -140,6 +144,7 @@ async fn gather(a: &StatusArgs) -> Result<Report> {
             identity: dir.clone(),
             public_key: None,
             relay_addrs: Vec::new(),
+            fleet: None,
             link: RelayLink::NotLoggedIn,
         },
         mesh,
@@ -150,7 +155,7 @@ async fn gather(a: &StatusArgs) -> Result<Report> {
     if !dir.join("relay.json").exists() {
         return Ok(report);
     }
-    let state = ClientState::open(&dir)?;
+    let mut state = ClientState::open(&dir)?;
     report.relay.public_key = Some(state.public_key().to_base64());
     report.relay.relay_addrs = state.relay().map(|r| r.addrs.clone()).unwrap_or_default();
     let session = match tokio::time::timeout(a.timeout, tunnel_relay::client::session(&dir)).await {
@@ -177,6 +182,15 @@ async fn gather(a: &StatusArgs) -> Result<Report> {
             return Ok(report);
         }
     };
+    if !session.relays.is_empty() {
+        // A relay that cannot list its fleet (an older one) only leaves the line out.
+        if tunnel_relay::client::measure_fleet(&mut state, &session.view())
+            .await
+            .is_ok()
+        {
+            report.relay.fleet = Some(state.fleet().clone());
+        }
+    }
     report.relay.link = RelayLink::Connected {
         address: session.connection().remote_address().to_string(),
         transport: session.connection().kind().as_str().to_string(),
@@ -343,6 +357,9 @@ fn render_human(r: &Report) -> String {
             r.relay.relay_addrs.join(", ")
         ),
     };
+    if let Some(f) = &r.relay.fleet {
+        out += &format!("relays: {}\n", mesh::status::fleet_text(f));
+    }
     if let Some(e) = &r.mesh_error {
         out += &format!("mesh: cannot read the local node: {e}\n");
     } else if r.mesh.is_empty() {
@@ -390,6 +407,9 @@ fn mesh_text(m: &ManagedStatus) -> String {
         LinkState::Stopped => "stopped".to_string(),
     };
     let mut out = format!("mesh: {}{me}, {relay}\n", m.interface);
+    if let Some(f) = &m.fleet {
+        out += &format!("  relays: {}\n", mesh::status::fleet_text(f));
+    }
     if m.peers.is_empty() {
         out += "  no peers\n";
         return out;
@@ -496,6 +516,26 @@ mod tests {
                 identity: "/home/eve/.config/weft".into(),
                 public_key: Some("k".into()),
                 relay_addrs: vec!["relay.example:4433".into()],
+                fleet: Some(tunnel_relay::client::FleetView {
+                    relays: ["ap", "eu", "us"]
+                        .iter()
+                        .map(|r| tunnel_relay::wire::RelayEntry {
+                            name: format!("relay-{r}"),
+                            region: r.to_string(),
+                            addrs: vec![format!("{r}.example:4433")],
+                            stun_port: 3478,
+                        })
+                        .collect(),
+                    home: Some("relay-eu".into()),
+                    rtt_ms: [
+                        ("relay-ap".to_string(), None),
+                        ("relay-eu".to_string(), Some(5.25)),
+                        ("relay-us".to_string(), Some(41.0)),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    measured_unix: 1,
+                }),
                 link: RelayLink::Connected {
                     address: "192.0.2.1:4433".into(),
                     transport: "tcp".into(),
@@ -519,6 +559,12 @@ mod tests {
             text.starts_with("relay: connected to 192.0.2.1:4433 (tcp) as eve (tags: engineer)"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "\nrelays: relay-eu (eu) 5.25 ms home, relay-us (us) 41 ms, relay-ap (ap) no answer\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("mesh: no managed node runs here"), "{text}");
         assert!(
             text.contains("  gpu1  agent,ssh  1× NVIDIA H200\n"),
@@ -532,6 +578,8 @@ mod tests {
         assert_eq!(json["relay"]["state"], "connected");
         assert_eq!(json["relay"]["name"], "eve");
         assert_eq!(json["relay"]["transport"], "tcp");
+        assert_eq!(json["relay"]["fleet"]["home"], "relay-eu");
+        assert_eq!(json["relay"]["fleet"]["rtt_ms"]["relay-us"], 41.0);
         assert_eq!(json["workers"][0]["gpus"][0]["name"], "NVIDIA H200");
         assert!(json["workers"][1]["gpus"].is_null());
     }
@@ -543,6 +591,7 @@ mod tests {
                 identity: "/x".into(),
                 public_key: None,
                 relay_addrs: Vec::new(),
+                fleet: None,
                 link: RelayLink::NotLoggedIn,
             },
             mesh: Vec::new(),
@@ -598,6 +647,7 @@ mod tests {
                 tags: vec!["engineer".into()],
                 transport: Some(Kind::Tcp),
             }),
+            fleet: None,
             candidates: Vec::new(),
             peers: vec![
                 peer("gpu1", 9, "relay", Some("tcp"), "relay"),

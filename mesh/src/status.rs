@@ -310,6 +310,10 @@ pub struct ManagedStatus {
     pub node: Option<NodeStatus>,
     /// The control session's link to the relay.
     pub relay: LinkState,
+    /// In a fleet of relays: the home relay and the round trip to each, as
+    /// last measured (absent for a relay alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<tunnel_relay::client::FleetView>,
     /// Our direct-path candidates as reported to the coordinator.
     pub candidates: Vec<Candidate>,
     /// Visible peers, sorted by name.
@@ -372,6 +376,7 @@ pub(crate) fn managed_status(
     ctl: &Controller,
     info: &DeviceInfo,
     relay: LinkState,
+    fleet: Option<tunnel_relay::client::FleetView>,
     fast_udp: bool,
     now: SystemTime,
 ) -> ManagedStatus {
@@ -422,6 +427,7 @@ pub(crate) fn managed_status(
             tags: o.me.tags.clone(),
         }),
         relay,
+        fleet,
         candidates: ctl.candidates(),
         peers,
     };
@@ -502,6 +508,43 @@ fn tags_text(tags: &[String]) -> String {
     }
 }
 
+/// A fleet's relays on one line, the home first: `relay-a (eu) 5.1 ms home,
+/// relay-b (us) 40.2 ms, relay-c (ap) no answer`.
+pub fn fleet_text(f: &tunnel_relay::client::FleetView) -> String {
+    let rtts = f.rtts();
+    let mut relays: Vec<&tunnel_relay::wire::RelayEntry> = f.relays.iter().collect();
+    relays.sort_by_key(|r| {
+        let rtt = rtts.get(&r.name).copied().flatten();
+        (
+            f.home.as_deref() != Some(r.name.as_str()),
+            rtt.is_none(),
+            rtt,
+            r.name.clone(),
+        )
+    });
+    relays
+        .iter()
+        .map(|r| {
+            let region = if r.region.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.region)
+            };
+            let rtt = match rtts.get(&r.name).copied().flatten() {
+                Some(d) => format!(" {}", fmt_ms(d.as_secs_f64() * 1000.0)),
+                None => " no answer".to_owned(),
+            };
+            let home = if f.home.as_deref() == Some(r.name.as_str()) {
+                " home"
+            } else {
+                ""
+            };
+            format!("{}{region}{rtt}{home}", r.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Renders a managed node's state: `wg show`'s layout with the mesh's view.
 pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
     let mut out = format!("interface: {} (managed)\n", s.interface);
@@ -531,6 +574,9 @@ pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
         LinkState::Stopped => "stopped".to_owned(),
     };
     out += &format!("  relay: {relay}\n");
+    if let Some(f) = &s.fleet {
+        out += &format!("  relays: {}\n", fleet_text(f));
+    }
     if !s.candidates.is_empty() {
         let c: Vec<String> = s
             .candidates
@@ -917,6 +963,7 @@ mod tests {
             &ctl,
             &info,
             relay,
+            None,
             false,
             now,
         );

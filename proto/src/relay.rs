@@ -220,6 +220,22 @@ pub struct Target {
     pub services: Vec<String>,
 }
 
+/// One relay of a fleet, as a relay lists them to its nodes
+/// ([`Message::Relays`]): what a node needs to measure its latency to it and
+/// to connect to it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RelayEntry {
+    /// Its name (`name` in its config): what peer maps and `weft status` call it.
+    pub name: String,
+    /// Its region (`region` in its config).
+    pub region: String,
+    /// Where nodes reach it (`host:port`).
+    pub addrs: Vec<String>,
+    /// The UDP port where it answers STUN at the host of each address (the
+    /// latency probe); 0 when it does not.
+    pub stun_port: u16,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -242,6 +258,17 @@ pub enum Message {
     ListTargets,
     /// Relay → engineer: the workers it may open.
     Targets(Vec<Target>),
+    /// Node → relay on the control stream: which relays does the fleet have?
+    /// Answered by [`Message::Relays`]. Sent only to a relay that announced
+    /// other relays in [`Message::Accepted`] (older single relays do not know it).
+    ListRelays,
+    /// Relay → node: the fleet's live relays, this one (`me`) among them.
+    Relays {
+        /// The answering relay's name.
+        me: String,
+        /// Every live relay, sorted by name.
+        relays: Vec<RelayEntry>,
+    },
     /// Engineer → relay, first frame of a tunnel stream.
     Open {
         /// The worker's name.
@@ -313,6 +340,8 @@ const T_API: u8 = 11;
 const T_MESH_JOIN: u8 = 9;
 const T_MESH_ACCEPTED: u8 = 10;
 const T_PEER_OPEN: u8 = 12;
+const T_LIST_RELAYS: u8 = 13;
+const T_RELAYS: u8 = 14;
 
 impl Wire for Message {
     fn put(&self, w: &mut Writer) {
@@ -352,6 +381,17 @@ impl Wire for Message {
                 w.u8(T_INCOMING);
                 w.str(from);
                 w.str(service);
+            }
+            Message::ListRelays => w.u8(T_LIST_RELAYS),
+            Message::Relays { me, relays } => {
+                w.u8(T_RELAYS);
+                w.str(me);
+                w.list(relays, MAX_LIST, |w, r| {
+                    w.str(&r.name);
+                    w.str(&r.region);
+                    w.strs(&r.addrs, MAX_LIST);
+                    w.u16(r.stun_port);
+                });
             }
             Message::OpenOk => w.u8(T_OPEN_OK),
             Message::Api => w.u8(T_API),
@@ -413,6 +453,18 @@ impl Wire for Message {
                     services: r.strs("services", MAX_LIST)?,
                 })
             })?),
+            T_LIST_RELAYS => Message::ListRelays,
+            T_RELAYS => Message::Relays {
+                me: r.str()?,
+                relays: r.list("relays", MAX_LIST, 8, |r| {
+                    Ok(RelayEntry {
+                        name: r.str()?,
+                        region: r.str()?,
+                        addrs: r.strs("addrs", MAX_LIST)?,
+                        stun_port: r.u16()?,
+                    })
+                })?,
+            },
             T_OPEN => Message::Open {
                 target: r.str()?,
                 service: r.str()?,
@@ -506,6 +558,22 @@ mod tests {
             (reason(), name())
                 .prop_map(|(reason, detail)| Message::Rejected(Rejection { reason, detail })),
             Just(Message::ListTargets),
+            Just(Message::ListRelays),
+            (
+                name(),
+                prop::collection::vec(
+                    (name(), name(), names(), any::<u16>()).prop_map(
+                        |(name, region, addrs, stun_port)| RelayEntry {
+                            name,
+                            region,
+                            addrs,
+                            stun_port
+                        }
+                    ),
+                    0..4
+                )
+            )
+                .prop_map(|(me, relays)| Message::Relays { me, relays }),
             prop::collection::vec(
                 (name(), names()).prop_map(|(name, services)| Target { name, services }),
                 0..5

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cleanup;
+pub mod delay;
 pub mod fleet;
 pub mod logtime;
 pub mod managed;
@@ -17,6 +18,7 @@ pub mod postgres;
 pub mod proc;
 pub mod ray;
 pub mod router;
+pub mod ssh;
 pub mod traffic;
 pub mod wgconf;
 pub mod wggo;

@@ -2,6 +2,8 @@
 //! - `state`: a node's identity and relay in its state directory, and the
 //!   engineer's `login` (first join with a token);
 //! - `session`: a session to the relay (QUIC + Noise IK admission);
+//! - `home`: the home relay of a fleet by latency (DERP's rule), and the
+//!   better session a long-lived one moves to;
 //! - `expose`: the provider, a shell of the link core ([`crate::link`]);
 //! - `engineer`: `connect`, `forward`, `ssh-config`.
 //!
@@ -12,13 +14,18 @@
 
 mod engineer;
 mod expose;
+mod home;
 mod session;
 mod state;
 
 pub use engineer::{connect_stdio, forward, service_for_port, ssh_config};
 pub use expose::{expose, ExposeOptions, IncomingStream};
+pub use home::{
+    better_session, choose_home, home_probe_every, measure, measure_fleet, FleetView,
+    HOME_PROBE_DEFAULT, PROBE_WAIT, SWITCH_MIN_GAIN,
+};
 pub use session::{
-    close_failure, connect, connect_peer, connect_with, is_rejected_close, quic_again, quic_retry,
-    relay_lost, session, ClientTiming, Session, QUIC_RETRY_DEFAULT,
+    close_failure, connect, connect_peer, connect_with, is_rejected_close, quic_retry, relay_lost,
+    session, ClientTiming, Session, SessionView, QUIC_RETRY_DEFAULT,
 };
 pub use state::{default_state_dir, login, ClientState, RelayInfo};

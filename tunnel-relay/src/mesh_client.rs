@@ -42,7 +42,8 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::client::{
-    close_failure, connect, quic_again, quic_retry, ClientState, ClientTiming, Session,
+    better_session, close_failure, connect, quic_retry, ClientState, ClientTiming, FleetView,
+    Session,
 };
 use crate::error::{ClientError, ProtoError};
 use crate::keys::PublicKey;
@@ -50,7 +51,6 @@ use crate::link::{Admitted, Backoff, Failure, Link, LinkState, Next};
 use crate::relay_path::RelayPath;
 use crate::tcp::Choice;
 use crate::token::Token;
-use crate::transport::Kind;
 use crate::wire::{read_control, write_control, ControlIoError};
 use crate::wire::{read_message, write_message, Message};
 use weft_proto::control::{ControlMsg, MAX_CONTROL_FRAME};
@@ -164,6 +164,8 @@ struct Inner {
 /// background task; [`MeshSession::close`] also says goodbye to the relay.
 pub struct MeshSession {
     key: PublicKey,
+    /// The fleet as the session's home watch last measured it.
+    fleet: watch::Receiver<FleetView>,
     inner: Arc<Inner>,
     events: broadcast::Receiver<MeshEvent>,
     cmd: mpsc::Sender<Cmd>,
@@ -221,7 +223,9 @@ impl MeshSession {
             Ok(Choice::Auto) => Some(quic_retry()?),
             _ => None,
         };
+        let home_every = crate::client::home_probe_every()?;
         let mut state = ClientState::open(&opts.state_dir)?;
+        let fleet = state.watch_fleet();
         let key = state.public_key();
         let mut link = Link::new(opts.backoff, rand::random());
         let (map, _) = watch::channel(PeerMap::default());
@@ -268,6 +272,7 @@ impl MeshSession {
                     cmd: cmd_rx,
                     events: ev_tx,
                     retry,
+                    home_every,
                 },
                 live,
             )
@@ -275,6 +280,7 @@ impl MeshSession {
         );
         Ok(MeshSession {
             key,
+            fleet,
             inner,
             events: ev_rx,
             cmd: cmd_tx,
@@ -301,6 +307,17 @@ impl MeshSession {
     /// A receiver that sees the peer map after every applied update.
     pub fn watch_peer_map(&self) -> watch::Receiver<PeerMap> {
         self.inner.map.subscribe()
+    }
+
+    /// What this node last measured of its fleet of relays (home, round
+    /// trips); empty for a relay alone.
+    pub fn fleet(&self) -> FleetView {
+        self.fleet.borrow().clone()
+    }
+
+    /// A receiver that sees every measurement of the fleet.
+    pub fn watch_fleet(&self) -> watch::Receiver<FleetView> {
+        self.fleet.clone()
     }
 
     /// The relay link now, as status commands show it.
@@ -489,6 +506,7 @@ async fn run(t: Task, first: Live) {
         mut cmd,
         events,
         retry,
+        home_every,
     } = t;
     let mut live = Some(first);
     loop {
@@ -502,31 +520,37 @@ async fn run(t: Task, first: Live) {
                     );
                     continue;
                 };
-                let retry = retry.filter(|_| l.session.connection().kind() == Kind::Tcp);
+                let current = l.session.view();
                 let end = tokio::select! {
                     end = drive(&inner, l, &mut cmd, &events) => end,
-                    quic = back_to_quic(&mut state, &opts, retry) => {
+                    better = better_session(&mut state, opts.token.as_ref(), &opts.name, &[], &opts.timing, &current, retry, home_every) => {
                         // The old stream is no longer read: the relay supersedes it
-                        // when the new one joins.
+                        // when the new one joins (or, after a move to a nearer relay,
+                        // the old relay sees it close).
+                        let moved = better.connection().remote_address() != current.connection().remote_address();
                         let joined = tokio::select! {
-                            r = open_stream(&quic, &opts, &inner) => r,
+                            r = open_stream(&better, &opts, &inner) => r,
                             _ = wait_shutdown(&mut cmd) => {
-                                quic.close().await;
+                                better.close().await;
                                 break;
                             }
                         };
                         match joined {
                             Ok((send, recv, info)) => {
-                                let old = std::mem::replace(l, Live { session: quic, send, recv, info });
+                                let old = std::mem::replace(l, Live { session: better, send, recv, info });
                                 old.session.close().await;
-                                info!(relay = %l.info.relay, "mesh session back on QUIC; the TCP/TLS connection is closed");
+                                if moved {
+                                    info!(relay = %l.info.relay, "mesh session moved home to a nearer relay");
+                                } else {
+                                    info!(relay = %l.info.relay, "mesh session back on QUIC; the TCP/TLS connection is closed");
+                                }
                                 up(&inner, &events, &mut link, l);
                             }
                             Err(e) => {
                                 // The old stream may have been superseded meanwhile: if so,
                                 // its end comes next and the core rejoins.
-                                debug!(error = %e, "joining the mesh over QUIC failed; staying on TCP/TLS");
-                                quic.close().await;
+                                debug!(error = %e, "joining the mesh on the better connection failed; staying");
+                                better.close().await;
                             }
                         }
                         continue;
@@ -630,28 +654,8 @@ struct Task {
     events: broadcast::Sender<MeshEvent>,
     /// How often a session on TCP/TLS tries QUIC again; `None` with a forced transport.
     retry: Option<Duration>,
-}
-
-/// With `every` set, [`quic_again`]; without it, never resolves.
-async fn back_to_quic(
-    state: &mut ClientState,
-    opts: &MeshOptions,
-    every: Option<Duration>,
-) -> Session {
-    match every {
-        Some(every) => {
-            quic_again(
-                state,
-                opts.token.as_ref(),
-                &opts.name,
-                &[],
-                &opts.timing,
-                every,
-            )
-            .await
-        }
-        None => std::future::pending().await,
-    }
+    /// How often the fleet's relays are measured (a nearer home); `None`: never.
+    home_every: Option<Duration>,
 }
 
 /// A new control stream on the connection of `l`, whose stream ended.

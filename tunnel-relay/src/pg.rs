@@ -97,6 +97,8 @@ pub const MIGRATIONS: &[&str] = &[
     // admits it on two; the loser's end must not erase the winner's row).
     "ALTER TABLE tunnel_homes DROP CONSTRAINT tunnel_homes_pkey;
      ALTER TABLE tunnel_homes ADD PRIMARY KEY (name, relay, conn);",
+    // 5: where each relay answers STUN (nodes measure their latency to it there).
+    "ALTER TABLE relays ADD COLUMN stun_port INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// A relay whose last heartbeat is older than this (ms) is down: the other
@@ -116,11 +118,14 @@ pub struct RelayRow {
     pub beat_age_ms: i64,
     /// Nodes holding a session on it (their records say so).
     pub nodes: i64,
+    /// The UDP port where it answers STUN at its addresses' hosts (0: none).
+    pub stun_port: u16,
 }
 
 const RELAYS_SQL: &str = "SELECT r.name, r.region, r.addrs,
         (extract(epoch FROM now() - r.beat) * 1000)::BIGINT,
-        (SELECT count(*) FROM mesh_nodes m WHERE m.relay = r.name AND m.online AND NOT m.deleted)
+        (SELECT count(*) FROM mesh_nodes m WHERE m.relay = r.name AND m.online AND NOT m.deleted),
+        r.stun_port
      FROM relays r ORDER BY r.name";
 
 fn relay_rows(rows: &[postgres::Row]) -> Vec<RelayRow> {
@@ -136,6 +141,7 @@ fn relay_rows(rows: &[postgres::Row]) -> Vec<RelayRow> {
                 .collect(),
             beat_age_ms: r.get(3),
             nodes: r.get(4),
+            stun_port: u16::try_from(r.get::<_, i32>(5)).unwrap_or(0),
         })
         .collect()
 }
@@ -441,15 +447,21 @@ impl PgRegistry {
         })
     }
 
-    /// This relay's heartbeat (its region and addresses with it); returns
-    /// every relay of the fleet.
-    pub fn beat(&mut self, region: &str, addrs: &[String]) -> Result<Vec<RelayRow>, StateError> {
+    /// This relay's heartbeat (its region, addresses and STUN port with
+    /// it); returns every relay of the fleet.
+    pub fn beat(
+        &mut self,
+        region: &str,
+        addrs: &[String],
+        stun_port: u16,
+    ) -> Result<Vec<RelayRow>, StateError> {
         let (name, region, addrs) = (self.relay.clone(), region.to_string(), addrs.join(","));
+        let stun_port = i32::from(stun_port);
         self.call(move |c| {
             c.execute(
-                "INSERT INTO relays (name, region, addrs) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO UPDATE SET region = $2, addrs = $3, beat = now()",
-                &[&name, &region, &addrs],
+                "INSERT INTO relays (name, region, addrs, stun_port) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET region = $2, addrs = $3, stun_port = $4, beat = now()",
+                &[&name, &region, &addrs, &stun_port],
             )
             .map_err(|e| pg_err(&e))?;
             Ok(relay_rows(

@@ -167,10 +167,11 @@ impl Registry {
         &mut self,
         region: &str,
         addrs: &[String],
+        stun_port: u16,
     ) -> Result<Vec<crate::pg::RelayRow>, StateError> {
         match &mut self.backend {
             Backend::Sqlite(_) => Ok(Vec::new()),
-            Backend::Pg(p) => p.beat(region, addrs),
+            Backend::Pg(p) => p.beat(region, addrs, stun_port),
         }
     }
 

@@ -37,7 +37,8 @@ use crate::splice::quic_to_quic;
 use crate::tls;
 use crate::transport::{Connection, RecvStream, SendStream};
 use crate::wire::{
-    read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
+    read_message, write_message, Hello, Message, Reason, Rejection, RelayEntry, Target,
+    PROTOCOL_VERSION,
 };
 
 mod fastpath;
@@ -123,9 +124,12 @@ struct Shared {
     /// Live links to the fleet's other relays, by name, whichever side
     /// dialled: relayed mesh packets for the nodes homed there go over them.
     peer_links: std::sync::RwLock<std::collections::HashMap<String, Connection>>,
-    /// The fleet's other live relays' addresses (`host:port`), by name, from
-    /// their heartbeats: told to each admitted node, dialled for relayed packets.
-    fleet_addrs: std::sync::RwLock<std::collections::BTreeMap<String, Vec<String>>>,
+    /// The fleet's other live relays, by name, from their heartbeats: their
+    /// addresses are told to each admitted node and dialled for relayed
+    /// packets; the entries answer `ListRelays`.
+    fleet_relays: std::sync::RwLock<std::collections::BTreeMap<String, RelayEntry>>,
+    /// This relay as `ListRelays` lists it (set when it starts serving).
+    own: std::sync::OnceLock<RelayEntry>,
     /// Relays to dial a link to (a relayed packet found none); [`peer_dialer`].
     dial: tokio::sync::mpsc::UnboundedSender<String>,
     /// Relays being dialled now (one attempt at a time each).
@@ -408,7 +412,8 @@ impl Relay {
                 dead_relays: std::sync::RwLock::new(HashSet::new()),
                 peer_down: Mutex::new(std::collections::HashMap::new()),
                 peer_links: std::sync::RwLock::new(std::collections::HashMap::new()),
-                fleet_addrs: std::sync::RwLock::new(std::collections::BTreeMap::new()),
+                fleet_relays: std::sync::RwLock::new(std::collections::BTreeMap::new()),
+                own: std::sync::OnceLock::new(),
                 dial,
                 dialing: Mutex::new(HashSet::new()),
             }),
@@ -452,19 +457,32 @@ impl Relay {
         // One listener per relay: the registry's, which the revocation watcher wakes on too.
         let changes = lock(&self.shared.registry).changes()?;
         let config = &self.shared.config;
-        let name = config.relay_name();
+        let own = self.own_entry();
+        info!(relay = %own.name, region = %own.region, addrs = ?own.addrs, stun_port = own.stun_port, store = %config.store.describe(), "fleet: following the other relays");
         let shared = self.shared.clone();
+        if let Some(rx) = self.dial_rx.take() {
+            tokio::spawn(peer_dialer(shared.clone(), rx));
+        }
+        Some(tokio::spawn(fleet_loop(shared, reg, changes, own)))
+    }
+
+    /// This relay as nodes see it in `ListRelays` (and as its heartbeat
+    /// announces it): its name, region, public addresses (else the bound
+    /// one), and its STUN port when it answers STUN.
+    fn own_entry(&self) -> RelayEntry {
+        let config = &self.shared.config;
         let mut addrs = config.public_addrs.clone();
         if addrs.is_empty() {
             if let Some(a) = self.local_addr().filter(|a| !a.ip().is_unspecified()) {
                 addrs.push(a.to_string());
             }
         }
-        info!(relay = %name, region = %config.region(), addrs = ?addrs, store = %config.store.describe(), "fleet: following the other relays");
-        if let Some(rx) = self.dial_rx.take() {
-            tokio::spawn(peer_dialer(shared.clone(), rx));
+        RelayEntry {
+            name: config.relay_name(),
+            region: config.region(),
+            addrs,
+            stun_port: self.stun_addr().map(|a| a.port()).unwrap_or(0),
         }
-        Some(tokio::spawn(fleet_loop(shared, reg, changes, name, addrs)))
     }
 
     /// Serves until `shutdown` completes, then tells every client the relay
@@ -476,6 +494,7 @@ impl Relay {
             tokio::spawn(metrics::serve(l, self.shared.metrics.clone()))
         });
         let revocations = tokio::spawn(watch_revocations(self.shared.clone()));
+        let _ = self.shared.own.set(self.own_entry());
         let fleet_task = self.fleet_feed();
         let pool_timer = tokio::spawn(pool::timer(self.shared.clone()));
         let admin_task = match self.admin.take().map(tokio::net::UnixListener::from_std) {
@@ -576,10 +595,9 @@ async fn fleet_loop(
     shared: Arc<Shared>,
     mut reg: Registry,
     mut changes: tokio::sync::watch::Receiver<i64>,
-    me: String,
-    addrs: Vec<String>,
+    own: RelayEntry,
 ) {
-    let region = shared.config.region();
+    let me = own.name.clone();
     let mut after = 0i64;
     let mut tick = tokio::time::interval(RELAY_BEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -607,16 +625,24 @@ async fn fleet_loop(
                 read_feed = true;
             }
             _ = tick.tick() => {
-                match tokio::task::block_in_place(|| reg.beat(&region, &addrs)) {
+                match tokio::task::block_in_place(|| reg.beat(&own.region, &own.addrs, own.stun_port)) {
                     // After the store was out of reach, every relay's last beat is old:
                     // judge the others only once they all had time to beat again.
                     Ok(_) if beating_since.get_or_insert_with(Instant::now).elapsed() < RELAY_SETTLE => {}
                     Ok(rows) => {
                         let dead_ms = crate::pg::RELAY_DEAD_MS;
-                        *shared.fleet_addrs.write().unwrap_or_else(|p| p.into_inner()) = rows
+                        *shared.fleet_relays.write().unwrap_or_else(|p| p.into_inner()) = rows
                             .iter()
                             .filter(|r| r.name != me && r.beat_age_ms < dead_ms)
-                            .map(|r| (r.name.clone(), r.addrs.clone()))
+                            .map(|r| {
+                                let entry = RelayEntry {
+                                    name: r.name.clone(),
+                                    region: r.region.clone(),
+                                    addrs: r.addrs.clone(),
+                                    stun_port: r.stun_port,
+                                };
+                                (r.name.clone(), entry)
+                            })
                             .collect();
                         let dead: HashSet<String> = rows
                             .into_iter()
@@ -1045,11 +1071,11 @@ async fn peer_dialer(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedRe
         let shared = shared.clone();
         tokio::spawn(async move {
             let addrs = shared
-                .fleet_addrs
+                .fleet_relays
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&name)
-                .cloned()
+                .map(|r| r.addrs.clone())
                 .unwrap_or_default();
             if let Err(e) = peer_session(&shared, &name, &addrs).await {
                 warn!(relay = %name, error = %e, "fleet relay unreachable for relayed packets");
@@ -1170,12 +1196,11 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
     match verdict {
         Ok((name, tags)) => {
             let relays = shared
-                .fleet_addrs
+                .fleet_relays
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
-                .flatten()
-                .cloned()
+                .flat_map(|r| r.addrs.iter().cloned())
                 .collect();
             noise::respond_write(
                 hs,
@@ -1401,6 +1426,14 @@ async fn control_loop(
                     return;
                 }
             }
+            Ok(Message::ListRelays) => {
+                if write_message(&mut send, &relays_for(&shared))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             Ok(other) => {
                 debug!(msg = ?other, "unexpected control message");
                 return;
@@ -1408,6 +1441,27 @@ async fn control_loop(
             Err(_) => return,
         }
     }
+}
+
+/// `Relays`: this relay and the fleet's other live ones, sorted by name.
+fn relays_for(shared: &Shared) -> Message {
+    let own = shared.own.get().cloned().unwrap_or_else(|| RelayEntry {
+        name: shared.config.relay_name(),
+        region: shared.config.region(),
+        addrs: Vec::new(),
+        stun_port: 0,
+    });
+    let mut relays: Vec<RelayEntry> = shared
+        .fleet_relays
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let me = own.name.clone();
+    relays.push(own);
+    relays.sort_by(|a, b| a.name.cmp(&b.name));
+    Message::Relays { me, relays }
 }
 
 fn targets_for(shared: &Shared, ctx: &NodeCtx) -> Vec<Target> {

@@ -51,6 +51,11 @@ pub(crate) trait Session: Send + 'static {
     fn relay_path(&self) -> Option<RelayPath>;
     /// The relay's STUN address.
     fn stun_addr(&self) -> Option<SocketAddr>;
+    /// The fleet of relays as last measured (home, round trips); none for a
+    /// relay alone.
+    fn fleet(&self) -> Option<tunnel_relay::client::FleetView> {
+        None
+    }
     /// Reports our direct-path candidates.
     fn report_endpoints(&self, endpoints: Vec<Candidate>);
     /// The relay link for `mesh status`.
@@ -321,6 +326,7 @@ impl<S: Session> ControlLoop<S> {
             &self.ctl,
             &h.device.info(now),
             self.session.link(),
+            self.session.fleet(),
             self.io.relay.fast.active().is_some(),
             now,
         )

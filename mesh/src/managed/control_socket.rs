@@ -432,6 +432,7 @@ mod tests {
             listen_port: 41641,
             node: None,
             relay: LinkState::Connecting { attempt: 1 },
+            fleet: None,
             candidates: Vec::new(),
             peers: vec![ManagedPeer {
                 name: "gpu1".into(),

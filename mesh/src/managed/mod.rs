@@ -72,6 +72,7 @@ pub struct MeshAdapter {
     session: MeshSession,
     map: watch::Receiver<PeerMap>,
     link: watch::Receiver<LinkState>,
+    fleet: watch::Receiver<tunnel_relay::client::FleetView>,
 }
 
 impl MeshAdapter {
@@ -79,7 +80,13 @@ impl MeshAdapter {
     pub fn new(session: MeshSession) -> MeshAdapter {
         let map = session.watch_peer_map();
         let link = session.watch_link();
-        MeshAdapter { session, map, link }
+        let fleet = session.watch_fleet();
+        MeshAdapter {
+            session,
+            map,
+            link,
+            fleet,
+        }
     }
 }
 
@@ -88,7 +95,10 @@ impl Session for MeshAdapter {
         let alive = tokio::select! {
             r = self.map.changed() => r.is_ok(),
             r = self.link.changed() => r.is_ok(),
+            // A new measurement of the fleet: only `mesh status` changes.
+            r = self.fleet.changed() => r.is_ok(),
         };
+        let _ = self.fleet.borrow_and_update();
         let link = self.link.borrow_and_update().clone();
         let _ = self.map.borrow_and_update();
         match link {
@@ -119,6 +129,10 @@ impl Session for MeshAdapter {
 
     fn stun_addr(&self) -> Option<SocketAddr> {
         self.session.link_info().and_then(|i| i.stun)
+    }
+
+    fn fleet(&self) -> Option<tunnel_relay::client::FleetView> {
+        Some(self.fleet.borrow().clone()).filter(|f| !f.relays.is_empty())
     }
 
     fn report_endpoints(&self, endpoints: Vec<Candidate>) {

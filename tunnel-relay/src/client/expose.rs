@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,14 +17,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
-use super::session::{close_failure, connect, quic_again, quic_retry, ClientTiming, Session};
+use super::home::better_session;
+use super::session::{close_failure, connect, quic_retry, ClientTiming, Session};
 use super::state::ClientState;
 use crate::error::{ClientError, ProtoError};
 use crate::link::{Admitted, Backoff, Failure, Link, LinkState, Next};
 use crate::splice::quic_tcp;
 use crate::tcp::Choice;
 use crate::token::Token;
-use crate::transport::Kind;
 use crate::wire::{read_message, write_message, Message, Reason, Rejection};
 
 /// A tunnel stream for an in-process service, handed over after `OpenOk`
@@ -138,6 +139,13 @@ async fn expose_inner(
     let mut names: Vec<String> = targets.keys().cloned().collect();
     names.sort();
     let services = Arc::new(targets);
+    let home_every = match super::home::home_probe_every() {
+        Ok(e) => e,
+        Err(e) => {
+            link.failed(Instant::now(), &e.failure());
+            return Err(e);
+        }
+    };
     // Only when the race picks the transport: a forced one stays.
     let retry = match Choice::from_env() {
         Ok(Choice::Auto) => match quic_retry() {
@@ -194,41 +202,40 @@ async fn expose_inner(
                 );
                 publish(link.state());
                 let mut session = Arc::new(session);
-                // Connections left behind by a move back to QUIC, until their tunnels end.
+                let mut open = Arc::new(AtomicUsize::new(0));
+                // Connections left behind by a move (back to QUIC, or to a nearer
+                // relay of the fleet), until their tunnels end.
                 let mut draining: Vec<Arc<Session>> = Vec::new();
                 let end = loop {
                     // On the TCP/TLS fallback by choice of the race (not forced), try QUIC
-                    // again now and then; open tunnels stay on TCP until they end.
-                    let upgrade = async {
-                        if session.conn.kind() == Kind::Tcp && retry.is_some() {
-                            quic_again(
-                                &mut state,
-                                None,
-                                &opts.name,
-                                &names,
-                                &opts.timing,
-                                retry.unwrap_or_default(),
-                            )
-                            .await
-                        } else {
-                            std::future::pending().await
-                        }
-                    };
+                    // again now and then; in a fleet, measure the relays now and then and
+                    // move to a clearly nearer one. Open tunnels stay where they are until
+                    // they end.
+                    let current = session.view();
+                    let upgrade = better_session(
+                        &mut state,
+                        None,
+                        &opts.name,
+                        &names,
+                        &opts.timing,
+                        &current,
+                        retry,
+                        home_every,
+                    );
                     tokio::select! {
-                        e = serve_worker(session.clone(), services.clone()) => break e,
-                        quic = upgrade => {
-                            let old = std::mem::replace(&mut session, Arc::new(quic));
+                        e = serve_worker(session.clone(), services.clone(), open.clone()) => break e,
+                        better = upgrade => {
+                            let moved = better.conn.remote_address() != session.conn.remote_address();
+                            let old = std::mem::replace(&mut session, Arc::new(better));
+                            let old_open = std::mem::replace(&mut open, Arc::new(AtomicUsize::new(0)));
                             draining.retain(|d: &Arc<Session>| d.conn.close_reason().is_none());
                             draining.push(old.clone());
-                            let services = services.clone();
-                            tokio::spawn(
-                                async move {
-                                    let end = serve_worker(old, services).await;
-                                    info!(reason = %end, "the TCP/TLS connection closed after its last tunnel");
-                                }
-                                .in_current_span(),
-                            );
-                            info!(me = %me, relay = %session.conn.remote_address(), "back on QUIC; tunnels open over TCP/TLS stay there until they end");
+                            tokio::spawn(drain(old, services.clone(), old_open, moved).in_current_span());
+                            if moved {
+                                info!(me = %me, relay = %session.conn.remote_address(), "moved home to a nearer relay; tunnels open on the old one stay there until they end");
+                            } else {
+                                info!(me = %me, relay = %session.conn.remote_address(), "back on QUIC; tunnels open over TCP/TLS stay there until they end");
+                            }
                             link.connected(
                                 Instant::now(),
                                 Admitted {
@@ -293,16 +300,52 @@ enum Local {
     InProcess(mpsc::Sender<IncomingStream>),
 }
 
+/// Serves a connection left behind by a move until it ends. The relay
+/// closes one replaced by a QUIC session to itself once its tunnels end; a
+/// connection to another relay (`moved` home) is closed here once its
+/// tunnels end.
+async fn drain(
+    old: Arc<Session>,
+    services: Arc<HashMap<String, Local>>,
+    open: Arc<AtomicUsize>,
+    moved: bool,
+) {
+    let closer = async {
+        if !moved {
+            return std::future::pending().await;
+        }
+        while open.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    tokio::select! {
+        end = serve_worker(old.clone(), services, open.clone()) => {
+            info!(reason = %end, "the old connection closed after its last tunnel");
+        }
+        () = closer => {
+            old.close_with(b"moved to a nearer relay", Duration::from_secs(1)).await;
+            info!(relay = %old.conn.remote_address(), "left the old relay after its last tunnel");
+        }
+    }
+}
+
 async fn serve_worker(
     session: Arc<Session>,
     services: Arc<HashMap<String, Local>>,
+    open: Arc<AtomicUsize>,
 ) -> ConnectionError {
     loop {
         match session.conn.accept_bi().await {
             Ok((send, recv)) => {
                 let services = services.clone();
+                let open = open.clone();
+                open.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(
-                    async move { worker_tunnel(send, recv, services).await }.in_current_span(),
+                    async move {
+                        worker_tunnel(send, recv, services).await;
+                        open.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    .in_current_span(),
                 );
             }
             Err(e) => return e,

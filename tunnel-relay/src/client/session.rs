@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::transport::{Connection, RecvStream, SendStream};
@@ -22,7 +23,8 @@ use crate::noise;
 use crate::tls;
 use crate::token::Token;
 use crate::wire::{
-    read_message, write_message, Hello, Message, Reason, Rejection, Target, PROTOCOL_VERSION,
+    read_message, write_message, Hello, Message, Reason, Rejection, RelayEntry, Target,
+    PROTOCOL_VERSION,
 };
 use crate::{mux, tcp};
 use weft_proto::close::CloseCode;
@@ -70,7 +72,7 @@ pub struct Session {
     /// The QUIC endpoint (none on the TCP/TLS fallback).
     pub(super) endpoint: Option<Endpoint>,
     pub(super) conn: Connection,
-    control: Mutex<(SendStream, RecvStream)>,
+    control: Arc<Mutex<(SendStream, RecvStream)>>,
     /// The registered name.
     pub name: String,
     /// The node's tags.
@@ -115,37 +117,6 @@ pub async fn connect(
     connect_with(state, token, name, services, timing, None).await
 }
 
-/// Waits `every`, then tries a QUIC session to the relay (a full admission:
-/// QUIC and Noise), again and again until one is admitted. A client on the
-/// TCP/TLS fallback by choice of the race uses it to move back to QUIC.
-pub async fn quic_again(
-    state: &mut ClientState,
-    token: Option<&Token>,
-    name: &str,
-    services: &[String],
-    timing: &ClientTiming,
-    every: Duration,
-) -> Session {
-    loop {
-        tokio::time::sleep(every).await;
-        let tried = connect_with(
-            state,
-            token,
-            name,
-            services.to_vec(),
-            timing,
-            Some(tcp::Choice::Quic),
-        )
-        .await;
-        match tried {
-            Ok(s) => return s,
-            Err(e) => {
-                debug!(error = %e, retry_in_s = every.as_secs(), "QUIC still does not reach the relay")
-            }
-        }
-    }
-}
-
 /// [`connect`], over the transport `force` names instead of the one
 /// `WEFT_RELAY_TRANSPORT` asks for.
 pub async fn connect_with(
@@ -157,6 +128,47 @@ pub async fn connect_with(
     force: Option<tcp::Choice>,
 ) -> Result<Session, ClientError> {
     let (addrs, relay_key) = state.relay_target(token)?;
+    connect_to(
+        state, token, &addrs, relay_key, name, services, timing, force,
+    )
+    .await
+}
+
+/// A session on one of `addrs` only (a relay of the node's fleet: a move to
+/// a nearer home), over the transport the race picks.
+pub(crate) async fn connect_addrs(
+    state: &mut ClientState,
+    token: Option<&Token>,
+    name: &str,
+    services: &[String],
+    timing: &ClientTiming,
+    addrs: &[String],
+) -> Result<Session, ClientError> {
+    let (_, relay_key) = state.relay_target(token)?;
+    connect_to(
+        state,
+        token,
+        addrs,
+        relay_key,
+        name,
+        services.to_vec(),
+        timing,
+        None,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connect_to(
+    state: &mut ClientState,
+    token: Option<&Token>,
+    addrs: &[String],
+    relay_key: PublicKey,
+    name: &str,
+    services: Vec<String>,
+    timing: &ClientTiming,
+    force: Option<tcp::Choice>,
+) -> Result<Session, ClientError> {
     let hello = Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         name: name.to_string(),
@@ -165,7 +177,7 @@ pub async fn connect_with(
     });
     let mut last = String::from("no address");
     let mut targets: Vec<(String, SocketAddr)> = Vec::new();
-    for a in &addrs {
+    for a in addrs {
         match tokio::net::lookup_host(a.as_str()).await {
             Ok(it) => targets.extend(it.map(|sa| (a.clone(), sa))),
             Err(e) => last = format!("{a}: {e}"),
@@ -180,6 +192,24 @@ pub async fn connect_with(
         let n = targets.iter().take_while(|(_, a)| !suspect(*a)).count();
         for i in (1..n).rev() {
             targets.swap(i, (rand::random::<u64>() % (i as u64 + 1)) as usize);
+        }
+        // Where the node measured its fleet: the nearest survivors first (those
+        // within SWITCH_MIN_GAIN of the nearest in random order), then by latency.
+        let fleet = state.fleet();
+        let rtts = fleet.rtts();
+        let rtt_of = |addr: &str| {
+            fleet
+                .relays
+                .iter()
+                .find(|r| r.addrs.iter().any(|a| a == addr))
+                .and_then(|r| rtts.get(&r.name).copied().flatten())
+        };
+        if let Some(best) = targets[..n].iter().filter_map(|(a, _)| rtt_of(a)).min() {
+            targets[..n].sort_by_key(|(a, _)| match rtt_of(a) {
+                Some(r) if r <= best + super::home::SWITCH_MIN_GAIN => Duration::ZERO,
+                Some(r) => r,
+                None => Duration::MAX,
+            });
         }
     }
     // Relays in preference order (the one that last admitted us first), each
@@ -489,7 +519,7 @@ async fn connect_one(
             Ok(Session {
                 endpoint,
                 conn,
-                control: Mutex::new((send, recv)),
+                control: Arc::new(Mutex::new((send, recv))),
                 name,
                 tags,
                 relays,
@@ -535,6 +565,22 @@ impl Session {
         }
     }
 
+    /// The fleet's live relays as this relay lists them: its own name and
+    /// every relay (itself included).
+    pub async fn list_relays(&self) -> Result<(String, Vec<RelayEntry>), ClientError> {
+        self.view().list_relays().await
+    }
+
+    /// What a task beside the session's owner may ask of it (the home
+    /// relay's watch: [`super::home::better_session`]).
+    pub fn view(&self) -> SessionView {
+        SessionView {
+            conn: self.conn.clone(),
+            control: self.control.clone(),
+            relays: self.relays.clone(),
+        }
+    }
+
     /// The workers (and services) this node may open.
     pub async fn list_targets(&self) -> Result<Vec<Target>, ClientError> {
         let mut c = self.control.lock().await;
@@ -575,6 +621,37 @@ impl Session {
             }
             // The close frame is queued behind what was written; give the writer a moment.
             None => tokio::time::sleep(wait.min(Duration::from_millis(10))).await,
+        }
+    }
+}
+
+/// A handle on an admitted session that another task may hold while the
+/// owner drives it: its connection, its control stream (requests take turns
+/// with the owner's) and the fleet it announced.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    conn: Connection,
+    control: Arc<Mutex<(SendStream, RecvStream)>>,
+    /// The other relays of the fleet, as this one announced them.
+    pub relays: Vec<String>,
+}
+
+impl SessionView {
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// [`Session::list_relays`].
+    pub async fn list_relays(&self) -> Result<(String, Vec<RelayEntry>), ClientError> {
+        let mut c = self.control.lock().await;
+        let (send, recv) = &mut *c;
+        write_message(send, &Message::ListRelays)
+            .await
+            .map_err(ProtoError::from)?;
+        match read_message(recv).await.map_err(ProtoError::from)? {
+            Message::Relays { me, relays } => Ok((me, relays)),
+            other => Err(ProtoError::Unexpected(format!("{other:?}")).into()),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::home::FleetView;
 use super::session::{connect, ClientTiming};
 use crate::error::{ClientError, StateError};
 use crate::keys::{write_private, PublicKey, StaticKey};
@@ -74,6 +75,9 @@ pub struct ClientState {
     pub(super) key: StaticKey,
     relay: Option<RelayInfo>,
     networks: Networks,
+    fleet: FleetView,
+    /// Every measurement, for a status to show (`watch_fleet`).
+    fleet_tx: tokio::sync::watch::Sender<FleetView>,
 }
 
 impl ClientState {
@@ -102,11 +106,19 @@ impl ClientState {
                 }
             })
             .unwrap_or_default();
+        // A hint too: a damaged file is measured again.
+        let fleet: FleetView = std::fs::read_to_string(dir.join("fleet.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let (fleet_tx, _) = tokio::sync::watch::channel(fleet.clone());
         Ok(ClientState {
             dir: dir.to_path_buf(),
             key,
             relay,
             networks,
+            fleet,
+            fleet_tx,
         })
     }
 
@@ -128,6 +140,58 @@ impl ClientState {
             .and_then(|t| write_private(&path, &t).map_err(|e| e.to_string()));
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), error = %e, "could not remember the network's transport");
+        }
+    }
+
+    /// What this node measured of its fleet (empty before the first
+    /// measurement, and for a relay alone).
+    pub fn fleet(&self) -> &FleetView {
+        &self.fleet
+    }
+
+    /// Sees every measurement of the fleet (the one held now first).
+    pub fn watch_fleet(&self) -> tokio::sync::watch::Receiver<FleetView> {
+        self.fleet_tx.subscribe()
+    }
+
+    /// Records a measurement of the fleet (`fleet.json`) and puts the
+    /// relays' addresses in order of preference in `relay.json`: the home
+    /// first, the others by latency, then any other address known (the
+    /// token's names). Best effort, as [`ClientState::remember_fleet`].
+    pub(crate) fn note_fleet(&mut self, view: FleetView) {
+        let path = self.dir.join("fleet.json");
+        let written = serde_json::to_string_pretty(&view)
+            .map_err(|e| e.to_string())
+            .and_then(|t| write_private(&path, &t).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "could not remember the fleet");
+        }
+        let mut addrs = view.preferred_addrs();
+        self.fleet_tx.send_replace(view.clone());
+        self.fleet = view;
+        let Some(info) = self.relay.as_mut() else {
+            return;
+        };
+        for a in &info.addrs {
+            if !addrs.contains(a) {
+                addrs.push(a.clone());
+            }
+        }
+        if addrs == info.addrs {
+            return;
+        }
+        info.addrs = addrs;
+        self.save_relay();
+    }
+
+    fn save_relay(&self) {
+        let Some(info) = &self.relay else { return };
+        let path = self.dir.join("relay.json");
+        let written = serde_json::to_string_pretty(info)
+            .map_err(|e| e.to_string())
+            .and_then(|t| write_private(&path, &t).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "could not remember the fleet's relays");
         }
     }
 
@@ -173,13 +237,7 @@ impl ClientState {
             return;
         }
         info.addrs = addrs;
-        let path = self.dir.join("relay.json");
-        let written = serde_json::to_string_pretty(&*info)
-            .map_err(|e| e.to_string())
-            .and_then(|t| write_private(&path, &t).map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            tracing::debug!(path = %path.display(), error = %e, "could not remember the fleet's relays");
-        }
+        self.save_relay();
     }
 
     pub(super) fn relay_target(
@@ -223,7 +281,7 @@ impl ClientState {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -257,6 +315,13 @@ pub async fn login(
         &ClientTiming::engineer(),
     )
     .await?;
+    // In a fleet: measure the relays now, so the engineer's connections go
+    // to the nearest from the first one.
+    if !s.relays.is_empty() {
+        if let Err(e) = super::home::measure_fleet(&mut state, &s.view()).await {
+            tracing::debug!(error = %e, "could not measure the fleet at login");
+        }
+    }
     let out = (s.name.clone(), s.tags.clone());
     s.close().await;
     Ok(out)

@@ -1,0 +1,272 @@
+//! A fleet of three relays in three "regions" (issue 14): relay-eu, relay-us
+//! and relay-ap on one PostgreSQL, an engineers' office and a worker's data
+//! centre behind NAT routers. Latency: the office is 5 ms from relay-eu, 40
+//! from relay-us, 120 from relay-ap; the worker the other way round (the
+//! lab's kernel has no netem: `weft_tests::delay` holds the hosts' packets
+//! to the relays in user space).
+//!
+//! - Both join with tokens that name relay-us only; each measures the
+//!   fleet's relays and moves its sessions home to its nearest relay
+//!   (alice to relay-eu, gpu-ap to relay-ap), which `mesh status` and
+//!   `weft status` show with the round trips.
+//! - alice (home relay-eu) reaches gpu-ap (home relay-ap) by mesh name with
+//!   real ssh; engineer bob (logged in through relay-us, home relay-eu by
+//!   latency) reaches gpu-ap's sshd through a reverse tunnel across relays.
+//! - relay-ap killed (`kill -9`): gpu-ap's tunnel session is back on another
+//!   relay within 5 s (printed) and bob's ssh works again; the direct mesh
+//!   path between alice and gpu-ap loses no more than a ping.
+//!
+//! Binaries: `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
+
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use weft_tests::delay::Delay;
+use weft_tests::fleet::FleetRelay;
+use weft_tests::managed::{relay_bin, ManagedNode, NetnsResolver};
+use weft_tests::postgres::LabPostgres;
+use weft_tests::ssh::{ssh_key, start_sshd};
+use weft_tests::{bin, Internet, Nat, Netns, Router};
+
+const EU: &str = "203.0.113.2";
+const US: &str = "203.0.113.3";
+const AP: &str = "203.0.113.4";
+
+/// Delays from a host to relay-eu, relay-us and relay-ap.
+fn far(eu: u64, us: u64, ap: u64) -> [(&'static str, Duration); 3] {
+    [
+        (EU, Duration::from_millis(eu)),
+        (US, Duration::from_millis(us)),
+        (AP, Duration::from_millis(ap)),
+    ]
+}
+
+fn home_of(n: &ManagedNode) -> String {
+    n.status()["fleet"]["home"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn rtt_ms(n: &ManagedNode, relay: &str) -> f64 {
+    n.status()["fleet"]["rtt_ms"][relay]
+        .as_f64()
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
+    let net = Internet::new("rg");
+    let _pg = LabPostgres::start(net.host("rg-pg", "203.0.113.20"), "203.0.113.20");
+    let url = _pg.url();
+    let eu = FleetRelay::start(&net, "rg-eu", "relay-eu", EU, &url, None, "region = \"eu\"");
+    let us = eu.join(&net, "rg-us", "relay-us", US, "region = \"us\"");
+    let ap = eu.join(&net, "rg-ap", "relay-ap", AP, "region = \"ap\"");
+    eu.wait_up(3, Duration::from_secs(10));
+    sleep(Duration::from_millis(1200));
+
+    let office = Router::new(&net, "rg-o", Nat::Easy, "198.51.100.10/24", "192.0.2.32/27");
+    let dc = Router::new(&net, "rg-d", Nat::Easy, "198.51.100.11/24", "192.0.2.64/27");
+    let e_ns = Netns::new("rg-e");
+    let e_ip = office.attach(&e_ns, "eth0");
+    let _e_delay = Delay::start(&e_ns, &e_ip, "192.0.2.33", &far(5, 40, 120));
+    let w_ns = Netns::new("rg-w");
+    let w_ip = dc.attach(&w_ns, "eth0");
+    let _w_delay = Delay::start(&w_ns, &w_ip, "192.0.2.65", &far(120, 40, 5));
+    let _resolver = NetnsResolver::magic_dns(&e_ns);
+
+    // Both join through relay-us (their tokens name only it), then move home.
+    let env = "WEFT_HOME_PROBE=2s";
+    let t0 = Instant::now();
+    let alice = ManagedNode::start_with_env(e_ns, &us.token("engineer", &us.addr), "alice", env);
+    let gpu = ManagedNode::start_with_env(w_ns, &us.token("worker", &us.addr), "gpu-ap", env);
+    let joined = |name: &'static str| {
+        move |l: &str| l.contains("joined the mesh") && l.contains(&format!("node={name}"))
+    };
+    assert!(
+        us.proc.log().lines().any(joined("alice")) && us.proc.log().lines().any(joined("gpu-ap")),
+        "the nodes did not join through relay-us first:\n{}",
+        us.proc.log_tail(20)
+    );
+    alice.wait_until(Duration::from_secs(20), "alice homed on relay-eu", |n| {
+        home_of(n) == "relay-eu"
+    });
+    eu.wait_logged(
+        Duration::from_secs(10),
+        "alice's mesh session did not move to relay-eu",
+        joined("alice"),
+    );
+    let alice_home = t0.elapsed();
+    gpu.wait_until(Duration::from_secs(20), "gpu-ap homed on relay-ap", |n| {
+        home_of(n) == "relay-ap"
+    });
+    ap.wait_logged(
+        Duration::from_secs(10),
+        "gpu-ap's mesh session did not move to relay-ap",
+        joined("gpu-ap"),
+    );
+    eprintln!(
+        "regions: alice home relay-eu after {alice_home:?}, gpu-ap home relay-ap after {:?}",
+        t0.elapsed()
+    );
+    // The round trips measured are the regions' (5 / 40 / 120 ms, plus the lab's own).
+    for (n, near, mid, far_) in [
+        (&alice, "relay-eu", "relay-us", "relay-ap"),
+        (&gpu, "relay-ap", "relay-us", "relay-eu"),
+    ] {
+        let (a, b, c) = (rtt_ms(n, near), rtt_ms(n, mid), rtt_ms(n, far_));
+        assert!(
+            (4.0..30.0).contains(&a) && (38.0..70.0).contains(&b) && (118.0..160.0).contains(&c),
+            "{}: measured {near} {a} ms, {mid} {b} ms, {far_} {c} ms\n{}",
+            n.ns.name(),
+            n.status()
+        );
+    }
+    let text = String::from_utf8_lossy(&alice.mesh("status --interface weft0").stdout).into_owned();
+    assert!(
+        text.contains("relays: relay-eu (eu) ") && text.contains(" home, relay-us (us) "),
+        "mesh status:\n{text}"
+    );
+    let listed = String::from_utf8_lossy(&eu.cmd("relays list --json").stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap_or_default();
+    let homed = |relay: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == relay))
+            .and_then(|r| r["nodes"].as_i64())
+            .unwrap_or(-1)
+    };
+    assert!(
+        homed("relay-eu") >= 1 && homed("relay-ap") >= 1,
+        "relays list: {listed}"
+    );
+
+    // alice (relay-eu) -> gpu-ap (relay-ap) by mesh name, real ssh.
+    alice.wait_until(Duration::from_secs(15), "gpu-ap in alice's peer map", |n| {
+        n.peer_ips().contains(&gpu.ip)
+    });
+    let _sshd = start_sshd(&gpu.ns, "0.0.0.0");
+    let key = alice.ns.file("id").display().to_string();
+    std::fs::copy(ssh_key(&gpu.ns), &key).unwrap_or_else(|e| panic!("{e}"));
+    let ssh_opts = format!(
+        "-F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=20"
+    );
+    let out = alice.ns.output(&format!(
+        "ssh {ssh_opts} root@gpu-ap.weft.internal 'echo over-the-mesh; hostname -I'"
+    ));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("over-the-mesh") && text.contains(&gpu.ip),
+        "ssh gpu-ap.weft.internal: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // gpu-ap exposes its sshd through the fleet; bob logs in through relay-us.
+    let _expose = gpu.ns.spawn_named(
+        "expose",
+        &format!(
+            "env WEFT_LOG=info {env} {} expose --token {} --state-dir {} --name gpu-ap-tunnel --service ssh=127.0.0.1:22",
+            relay_bin(),
+            us.token("worker", &us.addr),
+            gpu.ns.file("expose-state").display()
+        ),
+    );
+    let exposed = |l: &str| l.contains("services=[\"ssh\"]");
+    ap.wait_logged(
+        Duration::from_secs(20),
+        "gpu-ap's tunnel session did not move home to relay-ap",
+        exposed,
+    );
+    let bob = alice.ns.file("bob").display().to_string();
+    let out = alice.ns.output(&format!(
+        "{} login --token {} --state-dir {bob} --name bob",
+        bin("weft").display(),
+        us.token("engineer", &us.addr)
+    ));
+    assert!(
+        out.status.success(),
+        "bob login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fleet: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{bob}/fleet.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    assert_eq!(fleet["home"], "relay-eu", "bob's fleet.json: {fleet}");
+    let status = alice.ns.output(&format!(
+        "{} status --state-dir {bob} --uapi-dir {}",
+        bin("weft").display(),
+        alice.uapi
+    ));
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains("relays: relay-eu (eu) ") && status.contains("relay-ap (ap) "),
+        "weft status:\n{status}"
+    );
+    eprintln!("regions: weft status for bob:\n{status}");
+    let tunnel_ssh = |what: &str| {
+        let out = alice.ns.output(&format!(
+            "timeout 40 ssh {ssh_opts} -o ProxyCommand='{} connect --state-dir {bob} %h %p' \
+             root@gpu-ap-tunnel 'echo through-the-tunnel'",
+            bin("weft").display()
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && text.contains("through-the-tunnel"),
+            "{what}: {text}\n{}\nrelay-eu:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            eu.proc.log_tail(10)
+        );
+    };
+    tunnel_ssh("bob (home relay-eu) -> gpu-ap (home relay-ap) through a tunnel");
+    assert!(
+        eu.proc.log().contains("connected to a fleet relay") && eu.proc.log().contains("relay-ap"),
+        "relay-eu did not reach the worker through relay-ap:\n{}",
+        eu.proc.log_tail(15)
+    );
+
+    // relay-ap dies: the tunnel comes back through another relay; the direct
+    // mesh path does not notice.
+    alice.wait_until(Duration::from_secs(15), "a direct path to gpu-ap", |n| {
+        n.endpoint_of(&gpu.ip).starts_with("198.51.100.11:")
+    });
+    let gap = weft_tests::traffic::GapMonitor::start(&alice.ns, &gpu.ip, 0.05);
+    sleep(Duration::from_secs(1));
+    let mut ap = ap;
+    let killed = std::time::SystemTime::now();
+    ap.proc.signal(libc::SIGKILL);
+    // The next nearest, relay-us (40 ms), comes first; relay-eu (120 ms) would do.
+    let back = || {
+        [&us, &eu]
+            .iter()
+            .filter_map(|r| weft_tests::logtime::logged_after(&r.proc.log(), killed, exposed))
+            .min()
+    };
+    let t = Instant::now();
+    while back().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "gpu-ap's tunnel session is on no other relay:\nrelay-us:\n{}\nrelay-eu:\n{}",
+            us.proc.log_tail(10),
+            eu.proc.log_tail(10)
+        );
+        sleep(Duration::from_millis(100));
+    }
+    sleep(Duration::from_secs(1));
+    let moved = back().unwrap_or_default();
+    let g = gap.stop();
+    eprintln!(
+        "regions: relay-ap killed; gpu-ap's tunnel session on another relay {moved:?} later; alice -> gpu-ap (direct) longest gap {:?} ({} of {} replies)",
+        g.max_gap, g.received, g.transmitted
+    );
+    assert!(
+        moved < Duration::from_secs(5),
+        "the tunnel took {moved:?} to come back"
+    );
+    assert!(
+        g.max_gap < Duration::from_secs(1),
+        "the direct path stalled: {g:?}"
+    );
+    tunnel_ssh("bob -> gpu-ap after relay-ap died");
+    drop((alice, gpu));
+}
