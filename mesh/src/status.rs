@@ -376,7 +376,6 @@ pub(crate) fn managed_status(
     ctl: &Controller,
     info: &DeviceInfo,
     relay: LinkState,
-    fleet: Option<tunnel_relay::client::FleetView>,
     fast_udp: bool,
     now: SystemTime,
 ) -> ManagedStatus {
@@ -427,7 +426,7 @@ pub(crate) fn managed_status(
             tags: o.me.tags.clone(),
         }),
         relay,
-        fleet,
+        fleet: None,
         candidates: ctl.candidates(),
         peers,
     };
@@ -963,7 +962,6 @@ mod tests {
             &ctl,
             &info,
             relay,
-            None,
             false,
             now,
         );

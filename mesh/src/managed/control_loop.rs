@@ -320,16 +320,17 @@ impl<S: Session> ControlLoop<S> {
     /// The state `mesh status` shows, from the controller and the device.
     fn status(&self, h: &Handles) -> ManagedStatus {
         let now = std::time::SystemTime::now();
-        crate::status::managed_status(
+        let mut st = crate::status::managed_status(
             &self.interface,
             self.ctl.overlay().map(|o| &**o),
             &self.ctl,
             &h.device.info(now),
             self.session.link(),
-            self.session.fleet(),
             self.io.relay.fast.active().is_some(),
             now,
-        )
+        );
+        st.fleet = self.session.fleet();
+        st
     }
 
     /// Applies the controller's outputs; `true` when `mesh status` would
