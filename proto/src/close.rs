@@ -41,6 +41,9 @@ wire_codes! {
         Replaced = 0x12,
         /// Admission was refused (the reason travels in Noise message 2).
         Rejected = 0x13,
+        /// The relay is leaving its fleet (stopped by its operator): move to
+        /// another relay of the fleet now, not back to this one.
+        Draining = 0x14,
     }
 }
 

@@ -12,9 +12,13 @@
 //! - alice (home relay-eu) reaches gpu-ap (home relay-ap) by mesh name with
 //!   real ssh; engineer bob (logged in through relay-us, home relay-eu by
 //!   latency) reaches gpu-ap's sshd through a reverse tunnel across relays.
-//! - relay-ap killed (`kill -9`): gpu-ap's tunnel session is back on another
-//!   relay within 5 s (printed) and bob's ssh works again; the direct mesh
-//!   path between alice and gpu-ap loses no more than a ping.
+//! - relay-ap killed (`kill -9`): gpu-ap's tunnel session is back on the
+//!   next nearest relay (relay-us) within 5 s (printed) and bob's ssh works
+//!   again; the direct mesh path between alice and gpu-ap loses no more than
+//!   a ping.
+//! - relay-us drained (`SIGTERM`): it leaves the fleet (`relays list` shows
+//!   it down), tells its nodes to move, and exits cleanly; gpu-ap's tunnel is
+//!   on relay-eu at once (printed) and bob's ssh works again.
 //!
 //! Binaries: `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
@@ -268,5 +272,76 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
         "the direct path stalled: {g:?}"
     );
     tunnel_ssh("bob -> gpu-ap after relay-ap died");
+    assert!(
+        weft_tests::logtime::logged_after(&us.proc.log(), killed, exposed).is_some(),
+        "gpu-ap's tunnel did not fail over to the next nearest relay (relay-us, 40 ms)"
+    );
+
+    // relay-us drains (SIGTERM): it leaves the fleet, its nodes move to
+    // relay-eu at once (no idle timeout to wait for), and it exits cleanly.
+    let mut us = us;
+    let gap = weft_tests::traffic::GapMonitor::start(&alice.ns, &gpu.ip, 0.05);
+    sleep(Duration::from_secs(1));
+    let drained = std::time::SystemTime::now();
+    us.proc.signal(libc::SIGTERM);
+    let t = Instant::now();
+    let on_eu = || weft_tests::logtime::logged_after(&eu.proc.log(), drained, exposed);
+    while on_eu().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "gpu-ap's tunnel session did not move to relay-eu:\nrelay-us:\n{}\nrelay-eu:\n{}",
+            us.proc.log_tail(10),
+            eu.proc.log_tail(10)
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let status = loop {
+        if let Some(st) = us.proc.try_wait() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "relay-us did not exit after SIGTERM:\n{}",
+            us.proc.log_tail(10)
+        );
+        sleep(Duration::from_millis(100));
+    };
+    sleep(Duration::from_secs(1));
+    let g = gap.stop();
+    let moved = on_eu().unwrap_or_default();
+    eprintln!(
+        "regions: relay-us drained (SIGTERM); gpu-ap's tunnel session on relay-eu {moved:?} later; relay-us exited {status}; alice -> gpu-ap (direct) longest gap {:?} ({} of {} replies)",
+        g.max_gap, g.received, g.transmitted
+    );
+    assert!(
+        status.success(),
+        "relay-us: {status}\n{}",
+        us.proc.log_tail(10)
+    );
+    assert!(
+        us.proc.log().contains("relay draining"),
+        "{}",
+        us.proc.log_tail(10)
+    );
+    assert!(
+        moved < Duration::from_secs(5),
+        "the drained relay's worker took {moved:?} to move"
+    );
+    assert!(
+        g.max_gap < Duration::from_secs(1),
+        "the direct path stalled: {g:?}"
+    );
+    tunnel_ssh("bob -> gpu-ap after relay-us drained");
+    let listed = String::from_utf8_lossy(&eu.cmd("relays list --json").stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap_or_default();
+    let us_row = v
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == "relay-us"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        us_row["beat_age_ms"].as_i64().unwrap_or(0) > 3000,
+        "relay-us still counts as up after it drained: {listed}"
+    );
     drop((alice, gpu));
 }

@@ -25,7 +25,7 @@ pub use home::{
     HOME_PROBE_DEFAULT, PROBE_WAIT, SWITCH_MIN_GAIN,
 };
 pub use session::{
-    close_failure, connect, connect_peer, connect_with, is_rejected_close, quic_retry, relay_lost,
-    session, ClientTiming, Session, SessionView, QUIC_RETRY_DEFAULT,
+    close_failure, connect, connect_peer, connect_with, is_draining_close, is_rejected_close,
+    quic_retry, relay_lost, session, ClientTiming, Session, SessionView, QUIC_RETRY_DEFAULT,
 };
 pub use state::{default_state_dir, login, ClientState, RelayInfo};

@@ -570,7 +570,11 @@ async fn run(t: Task, first: Live) {
                     StreamEnd::Connection(e) => close_failure(&e),
                 };
                 let remote = l.session.connection().remote_address();
-                if l.session.connection().close_reason().is_some() {
+                let reason = l.session.connection().close_reason();
+                let draining = reason
+                    .as_ref()
+                    .is_some_and(crate::client::is_draining_close);
+                if reason.is_some() {
                     live = None;
                 }
                 inner.info.send_replace(None);
@@ -578,6 +582,10 @@ async fn run(t: Task, first: Live) {
                     break;
                 }
                 match &failure {
+                    Failure::RelayRestarting(_) if draining => {
+                        crate::client::relay_lost(remote);
+                        info!(error = %failure, "relay draining; moving to another relay of the fleet")
+                    }
                     Failure::RelayRestarting(_) => {
                         info!(error = %failure, "relay restarting; reconnecting soon")
                     }

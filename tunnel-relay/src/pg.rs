@@ -470,6 +470,21 @@ impl PgRegistry {
         })
     }
 
+    /// This relay leaves the fleet (it drains before it stops): its beat is
+    /// set in the past, so the others count it down at their next beat and
+    /// stop announcing it.
+    pub fn leave(&mut self) -> Result<(), StateError> {
+        let name = self.relay.clone();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE relays SET beat = now() - interval '1 day' WHERE name = $1",
+                &[&name],
+            )
+            .map(drop)
+            .map_err(|e| pg_err(&e))
+        })
+    }
+
     /// Worker `name`'s tunnel session is on this relay (connection `conn`).
     pub fn set_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
         let (name, relay, conn) = (name.to_string(), self.relay.clone(), conn as i64);

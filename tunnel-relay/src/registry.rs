@@ -175,6 +175,14 @@ impl Registry {
         }
     }
 
+    /// A fleet relay leaves before it stops (no-op for SQLite).
+    pub fn leave(&mut self) -> Result<(), StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Pg(p) => p.leave(),
+        }
+    }
+
     /// Records that worker `name`'s tunnel session (connection `conn`) is on
     /// this relay, for the fleet's other relays (no-op for SQLite).
     pub fn set_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {

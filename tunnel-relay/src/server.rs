@@ -137,6 +137,25 @@ struct Shared {
 }
 
 impl Shared {
+    /// How this relay closes its clients' connections when it stops: a
+    /// relay alone is restarting (come back soon); a fleet's relay drains
+    /// (move to another relay of the fleet now).
+    fn closing(&self) -> (CloseCode, &'static [u8]) {
+        if self.fleet_relays_known() {
+            (
+                CloseCode::Draining,
+                b"relay draining: move to another relay",
+            )
+        } else {
+            (CloseCode::Restarting, b"relay restarting")
+        }
+    }
+
+    /// Whether this relay is one of a fleet (a shared store).
+    fn fleet_relays_known(&self) -> bool {
+        lock(&self.registry).is_shared()
+    }
+
     /// Whether this relay is one of a fleet (its store is shared).
     fn fleet(&self) -> bool {
         self.config.store != crate::registry::Store::Sqlite
@@ -552,15 +571,28 @@ impl Relay {
                 .instrument(tracing::info_span!("conn", me = %me, %remote)),
             );
         }
-        info!("relay shutting down; telling clients to reconnect");
         for t in &tcp_tasks {
             t.abort();
         }
+        let (code, why) = self.shared.closing();
+        if code == CloseCode::Draining {
+            // Leave the fleet first: the others stop announcing this relay,
+            // and the nodes told to move next do not come back.
+            info!(
+                "relay draining: leaving the fleet and telling its nodes to move to another relay"
+            );
+            if let Some(t) = &fleet_task {
+                t.abort();
+            }
+            let left = tokio::task::block_in_place(|| lock(&self.shared.registry).leave());
+            if let Err(e) = left {
+                warn!(error = %e, "could not mark this relay as leaving in the store; the others will see its beats stop");
+            }
+        } else {
+            info!("relay shutting down; telling clients to reconnect");
+        }
         self.shared.stopping.send_replace(true);
-        self.endpoint.close(
-            VarInt::from_u32(CloseCode::Restarting.code()),
-            b"relay restarting",
-        );
+        self.endpoint.close(VarInt::from_u32(code.code()), why);
         let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         revocations.abort();
         if let Some(t) = fleet_task {
@@ -1335,7 +1367,8 @@ async fn serve_node(
         let next = tokio::select! {
             n = ctx.conn.accept_bi() => n,
             _ = stopping.wait_for(|s| *s) => {
-                ctx.conn.close(VarInt::from_u32(CloseCode::Restarting.code()), b"relay restarting");
+                let (code, why) = shared.closing();
+                ctx.conn.close(VarInt::from_u32(code.code()), why);
                 continue;
             }
         };

@@ -267,6 +267,10 @@ async fn expose_inner(
                     });
                 }
                 match failure {
+                    Failure::RelayRestarting(_) if super::session::is_draining_close(&end) => {
+                        crate::client::relay_lost(session.conn.remote_address());
+                        info!(me = %me, reason = %end, "relay draining; moving to another relay of the fleet")
+                    }
                     Failure::RelayRestarting(_) => {
                         info!(me = %me, reason = %end, retry_in_ms = retry_in_ms(link), "relay restarting; reconnecting soon")
                     }

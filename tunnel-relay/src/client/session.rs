@@ -662,6 +662,12 @@ pub async fn session(state_dir: &Path) -> Result<Session, ClientError> {
     connect(&mut state, None, "", Vec::new(), &ClientTiming::engineer()).await
 }
 
+/// Whether the relay closed this connection because it leaves its fleet
+/// (the node should move to another relay, not wait for this one).
+pub fn is_draining_close(e: &ConnectionError) -> bool {
+    matches!(e, ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CloseCode::Draining.code()))
+}
+
 /// Whether a close code means the relay refused this node at admission.
 pub fn is_rejected_close(e: &ConnectionError) -> bool {
     matches!(e, ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CloseCode::Rejected.code()))
@@ -682,6 +688,13 @@ pub fn close_failure(e: &ConnectionError) -> Failure {
             if c.error_code == VarInt::from_u32(CloseCode::Restarting.code()) =>
         {
             Failure::RelayRestarting(e.to_string())
+        }
+        // Come back at once, to another relay: the caller marks this one
+        // lost ([`is_draining_close`]), so the next connection avoids it.
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(CloseCode::Draining.code()) =>
+        {
+            Failure::RelayRestarting(format!("{e} (the relay is leaving its fleet)"))
         }
         ConnectionError::ApplicationClosed(c)
             if c.error_code == VarInt::from_u32(CloseCode::Replaced.code()) =>
