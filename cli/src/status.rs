@@ -182,15 +182,6 @@ async fn gather(a: &StatusArgs) -> Result<Report> {
             return Ok(report);
         }
     };
-    if !session.relays.is_empty() {
-        // A relay that cannot list its fleet (an older one) only leaves the line out.
-        if tunnel_relay::client::measure_fleet(&mut state, &session.view())
-            .await
-            .is_ok()
-        {
-            report.relay.fleet = Some(state.fleet().clone());
-        }
-    }
     report.relay.link = RelayLink::Connected {
         address: session.connection().remote_address().to_string(),
         transport: session.connection().kind().as_str().to_string(),
@@ -215,6 +206,15 @@ async fn gather(a: &StatusArgs) -> Result<Report> {
         }
     };
     targets.sort_by(|x, y| x.name.cmp(&y.name));
+    // After the listing: a relay too old to list its fleet ends the control
+    // stream on the question, which only leaves the relays line out.
+    if !session.relays.is_empty()
+        && tunnel_relay::client::measure_fleet(&mut state, &session.view())
+            .await
+            .is_ok()
+    {
+        report.relay.fleet = Some(state.fleet().clone());
+    }
     // Every agent at once, on the one session; each within the timeout.
     let asks = targets.iter().map(|t| {
         let (session, dir) = (&session, &dir);

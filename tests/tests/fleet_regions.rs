@@ -143,6 +143,18 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
         homed("relay-eu") >= 1 && homed("relay-ap") >= 1,
         "relays list: {listed}"
     );
+    let nodes = String::from_utf8_lossy(&us.cmd("nodes list --json").stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(&nodes).unwrap_or_default();
+    let home = |name: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == name))
+            .map(|n| n["home"].clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        home("alice") == "relay-eu" && home("gpu-ap") == "relay-ap",
+        "nodes list (through relay-us): {nodes}"
+    );
 
     // alice (relay-eu) -> gpu-ap (relay-ap) by mesh name, real ssh.
     alice.wait_until(Duration::from_secs(15), "gpu-ap in alice's peer map", |n| {
@@ -206,6 +218,11 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
     assert!(
         status.contains("relays: relay-eu (eu) ") && status.contains("relay-ap (ap) "),
         "weft status:\n{status}"
+    );
+    // The worker on relay-ap is listed to bob on relay-eu.
+    assert!(
+        status.contains("  gpu-ap-tunnel  ssh"),
+        "weft status does not list the worker homed on relay-ap:\n{status}"
     );
     eprintln!("regions: weft status for bob:\n{status}");
     let tunnel_ssh = |what: &str| {

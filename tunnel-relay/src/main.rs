@@ -502,20 +502,22 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
     match cmd {
         NodesCmd::List(ListArgs { state, store, json }) => {
             let nodes = store.open(&state.dir, &Store::Sqlite)?.list_nodes()?;
+            // HOME: the relay of a fleet holding the node's mesh session.
             let header = format!(
-                "{:<24} {:<16} {:<46} {:<16} {:<12} REVOKED",
-                "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN"
+                "{:<24} {:<16} {:<46} {:<16} {:<12} {:<8} HOME",
+                "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN", "REVOKED"
             );
             print_list(json, &nodes, &header, |n| {
                 format!(
-                    "{:<24} {:<16} {:<46} {:<16} {:<12} {}",
+                    "{:<24} {:<16} {:<46} {:<16} {:<12} {:<8} {}",
                     n.name,
                     n.tags.join(","),
                     n.key,
                     n.mesh_ipv4
                         .map_or_else(|| "-".to_string(), |a| a.to_string()),
                     format!("{}s ago", unix_now().saturating_sub(n.last_seen)),
-                    n.revoked
+                    n.revoked,
+                    n.home.as_deref().unwrap_or("-")
                 )
             })?;
         }

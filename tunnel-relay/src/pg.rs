@@ -97,8 +97,12 @@ pub const MIGRATIONS: &[&str] = &[
     // admits it on two; the loser's end must not erase the winner's row).
     "ALTER TABLE tunnel_homes DROP CONSTRAINT tunnel_homes_pkey;
      ALTER TABLE tunnel_homes ADD PRIMARY KEY (name, relay, conn);",
-    // 5: where each relay answers STUN (nodes measure their latency to it there).
-    "ALTER TABLE relays ADD COLUMN stun_port INTEGER NOT NULL DEFAULT 0;",
+    // 5: where each relay answers STUN (nodes measure their latency to it
+    // there); a worker's services and tags with its tunnel home (engineers on
+    // other relays list it).
+    "ALTER TABLE relays ADD COLUMN stun_port INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tunnel_homes ADD COLUMN services TEXT NOT NULL DEFAULT '';
+     ALTER TABLE tunnel_homes ADD COLUMN tags TEXT NOT NULL DEFAULT '';",
 ];
 
 /// A relay whose last heartbeat is older than this (ms) is down: the other
@@ -120,6 +124,17 @@ pub struct RelayRow {
     pub nodes: i64,
     /// The UDP port where it answers STUN at its addresses' hosts (0: none).
     pub stun_port: u16,
+}
+
+/// A worker whose tunnel session is on another relay of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteWorker {
+    /// Its registered name.
+    pub name: String,
+    /// The services it exposes.
+    pub services: Vec<String>,
+    /// Its tags.
+    pub tags: Vec<String>,
 }
 
 const RELAYS_SQL: &str = "SELECT r.name, r.region, r.addrs,
@@ -485,9 +500,17 @@ impl PgRegistry {
         })
     }
 
-    /// Worker `name`'s tunnel session is on this relay (connection `conn`).
-    pub fn set_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
+    /// Worker `name`'s tunnel session is on this relay (connection `conn`),
+    /// with its services and tags.
+    pub fn set_tunnel_home(
+        &mut self,
+        name: &str,
+        conn: u64,
+        services: &[String],
+        tags: &[String],
+    ) -> Result<(), StateError> {
         let (name, relay, conn) = (name.to_string(), self.relay.clone(), conn as i64);
+        let (services, tags) = (services.join(","), tags.join(","));
         self.call(move |c| {
             let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
             // This relay's older session of the worker was replaced by this one.
@@ -497,9 +520,9 @@ impl PgRegistry {
             )
             .map_err(|e| pg_err(&e))?;
             tx.execute(
-                "INSERT INTO tunnel_homes (name, relay, conn) VALUES ($1, $2, $3)
-                 ON CONFLICT (name, relay, conn) DO UPDATE SET updated = now()",
-                &[&name, &relay, &conn],
+                "INSERT INTO tunnel_homes (name, relay, conn, services, tags) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name, relay, conn) DO UPDATE SET updated = now(), services = $4, tags = $5",
+                &[&name, &relay, &conn, &services, &tags],
             )
             .map_err(|e| pg_err(&e))?;
             tx.commit().map_err(|e| pg_err(&e))
@@ -538,6 +561,57 @@ impl PgRegistry {
                     .find(|r| r.name == h && r.beat_age_ms < RELAY_DEAD_MS)
                     .cloned()
             }))
+        })
+    }
+
+    /// The workers whose newest tunnel session is on another live relay:
+    /// (name, services, tags), by name.
+    pub fn remote_workers(&self) -> Result<Vec<RemoteWorker>, StateError> {
+        let me = self.relay.clone();
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT DISTINCT ON (h.name) h.name, h.relay, h.services, h.tags
+                     FROM tunnel_homes h JOIN relays r ON r.name = h.relay
+                     WHERE r.beat > now() - make_interval(secs => $1::BIGINT / 1000.0)
+                     ORDER BY h.name, h.updated DESC",
+                    &[&RELAY_DEAD_MS],
+                )
+                .map_err(|e| pg_err(&e))?;
+            let list = |s: String| -> Vec<String> {
+                s.split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            Ok(rows
+                .into_iter()
+                .filter(|r| r.get::<_, String>(1) != me)
+                .map(|r| RemoteWorker {
+                    name: r.get(0),
+                    services: list(r.get(2)),
+                    tags: list(r.get(3)),
+                })
+                .collect())
+        })
+    }
+
+    /// The relay holding each online node's mesh session, by key.
+    pub fn mesh_homes(&self) -> Result<Vec<(PublicKey, String)>, StateError> {
+        self.call(|c| {
+            let rows = c
+                .query(
+                    "SELECT key, relay FROM mesh_nodes WHERE online AND NOT deleted",
+                    &[],
+                )
+                .map_err(|e| pg_err(&e))?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    let key: Vec<u8> = r.get(0);
+                    PublicKey::from_slice(&key).map(|k| (k, r.get(1)))
+                })
+                .collect())
         })
     }
 

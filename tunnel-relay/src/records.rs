@@ -40,6 +40,9 @@ pub struct NodeRecord {
     pub mesh_ipv4: Option<std::net::Ipv4Addr>,
     /// Overlay IPv6 address, if the node joined the mesh.
     pub mesh_ipv6: Option<std::net::Ipv6Addr>,
+    /// In a fleet: the relay holding its mesh session now (its home).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
 }
 
 /// A token as listed (never the secret).
@@ -210,5 +213,6 @@ pub(crate) fn node_record(
         revoked,
         mesh_ipv4: None,
         mesh_ipv6: None,
+        home: None,
     }
 }

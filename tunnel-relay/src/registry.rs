@@ -185,10 +185,24 @@ impl Registry {
 
     /// Records that worker `name`'s tunnel session (connection `conn`) is on
     /// this relay, for the fleet's other relays (no-op for SQLite).
-    pub fn set_tunnel_home(&mut self, name: &str, conn: u64) -> Result<(), StateError> {
+    pub fn set_tunnel_home(
+        &mut self,
+        name: &str,
+        conn: u64,
+        services: &[String],
+        tags: &[String],
+    ) -> Result<(), StateError> {
         match &mut self.backend {
             Backend::Sqlite(_) => Ok(()),
-            Backend::Pg(p) => p.set_tunnel_home(name, conn),
+            Backend::Pg(p) => p.set_tunnel_home(name, conn, services, tags),
+        }
+    }
+
+    /// Workers whose tunnel session is on another live relay (none for SQLite).
+    pub fn remote_workers(&self) -> Result<Vec<crate::pg::RemoteWorker>, StateError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Pg(p) => p.remote_workers(),
         }
     }
 
@@ -284,11 +298,20 @@ impl Registry {
             .into_iter()
             .map(|m| (m.key.to_base64(), m))
             .collect();
+        let homes: std::collections::HashMap<String, String> = match &self.backend {
+            Backend::Sqlite(_) => Default::default(),
+            Backend::Pg(p) => p
+                .mesh_homes()?
+                .into_iter()
+                .map(|(k, relay)| (k.to_base64(), relay))
+                .collect(),
+        };
         for n in &mut nodes {
             if let Some(m) = mesh.get(&n.key) {
                 n.mesh_ipv4 = Some(m.ipv4);
                 n.mesh_ipv6 = Some(m.ipv6);
             }
+            n.home = homes.get(&n.key).cloned();
         }
         Ok(nodes)
     }

@@ -258,18 +258,7 @@ impl<C: Clone> Routes<C> {
             .workers
             .iter()
             .filter(|(_, w)| w.id != opener.id)
-            .filter_map(|(name, w)| {
-                let services: Vec<String> = w
-                    .services
-                    .iter()
-                    .filter(|s| !is_internal(s) && policy.allows(opener.tags, &w.tags, s))
-                    .cloned()
-                    .collect();
-                (!services.is_empty()).then(|| Target {
-                    name: name.clone(),
-                    services,
-                })
-            })
+            .filter_map(|(name, w)| target_for(opener.tags, policy, name, &w.services, &w.tags))
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
@@ -375,6 +364,27 @@ impl<C: Clone> Routes<C> {
 
 /// A service only the relay itself opens (`@pool`, the agent's pool feed): `@` is
 /// not allowed in a node's name, so no engineer can be its caller either.
+/// Worker `name` (with its `services` and `tags`) as an opener with
+/// `opener_tags` may see it: the services the policy lets it open (internal
+/// ones never), or nothing.
+pub fn target_for(
+    opener_tags: &[String],
+    policy: &Policy,
+    name: &str,
+    services: &[String],
+    tags: &[String],
+) -> Option<Target> {
+    let services: Vec<String> = services
+        .iter()
+        .filter(|s| !is_internal(s) && policy.allows(opener_tags, tags, s))
+        .cloned()
+        .collect();
+    (!services.is_empty()).then(|| Target {
+        name: name.to_string(),
+        services,
+    })
+}
+
 pub fn is_internal(service: &str) -> bool {
     service.starts_with('@')
 }

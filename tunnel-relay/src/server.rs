@@ -141,7 +141,7 @@ impl Shared {
     /// relay alone is restarting (come back soon); a fleet's relay drains
     /// (move to another relay of the fleet now).
     fn closing(&self) -> (CloseCode, &'static [u8]) {
-        if self.fleet_relays_known() {
+        if self.fleet() {
             (
                 CloseCode::Draining,
                 b"relay draining: move to another relay",
@@ -149,11 +149,6 @@ impl Shared {
         } else {
             (CloseCode::Restarting, b"relay restarting")
         }
-    }
-
-    /// Whether this relay is one of a fleet (a shared store).
-    fn fleet_relays_known(&self) -> bool {
-        lock(&self.registry).is_shared()
     }
 
     /// Whether this relay is one of a fleet (its store is shared).
@@ -1340,7 +1335,7 @@ async fn serve_node(
     }
     if is_worker && shared.fleet() {
         let r = tokio::task::block_in_place(|| {
-            lock(&shared.registry).set_tunnel_home(&ctx.name, ctx.id)
+            lock(&shared.registry).set_tunnel_home(&ctx.name, ctx.id, &hello.services, &ctx.tags)
         });
         if let Err(e) = r {
             warn!(error = %e, "could not tell the fleet where this worker's tunnels are");
@@ -1497,8 +1492,32 @@ fn relays_for(shared: &Shared) -> Message {
     Message::Relays { me, relays }
 }
 
+/// The workers `ctx` may open: those connected here, and in a fleet those
+/// whose tunnel session is on another live relay (opened through it).
 fn targets_for(shared: &Shared, ctx: &NodeCtx) -> Vec<Target> {
-    lock(&shared.routes).targets_for(opener(ctx), &shared.policies().tunnels)
+    let policy = shared.policies().tunnels.clone();
+    let mut out = lock(&shared.routes).targets_for(opener(ctx), &policy);
+    if !shared.fleet() {
+        return out;
+    }
+    let remote = tokio::task::block_in_place(|| lock(&shared.registry).remote_workers());
+    match remote {
+        Ok(ws) => {
+            for w in ws {
+                if out.iter().any(|t| t.name == w.name) {
+                    continue;
+                }
+                if let Some(t) =
+                    crate::routes::target_for(&ctx.tags, &policy, &w.name, &w.services, &w.tags)
+                {
+                    out.push(t);
+                }
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Err(e) => warn!(error = %e, "could not list the workers on the fleet's other relays"),
+    }
+    out
 }
 
 fn opener(ctx: &NodeCtx) -> Opener<'_> {

@@ -46,9 +46,10 @@ pub const PROBE_WAIT: Duration = Duration::from_millis(1500);
 const PROBES_PER_RELAY: u32 = 3;
 
 /// The relay to move to, if any: the fastest measured relay when the node
-/// has no home yet or its home did not answer; otherwise the fastest only
-/// when it is at least [`SWITCH_MIN_GAIN`] faster than the home and below
-/// two thirds of its time. `None`: stay.
+/// has no home yet or its home is not among the fleet's live relays; none
+/// when the home did not answer this time; otherwise the fastest only when
+/// it is at least [`SWITCH_MIN_GAIN`] faster than the home and below two
+/// thirds of its time. `None`: stay.
 pub fn choose_home(
     current: Option<&str>,
     rtts: &BTreeMap<String, Option<Duration>>,
@@ -63,9 +64,15 @@ pub fn choose_home(
     if best == cur {
         return None;
     }
-    match rtts.get(cur).copied().flatten() {
+    match rtts.get(cur) {
+        // The home is no longer a live relay of the fleet: the fastest.
         None => Some(best.clone()),
-        Some(cur_rtt) => {
+        // Listed but unanswered (a lost or rate-limited probe): the session
+        // to it is up, so one silent measurement moves nothing. A home that
+        // is really gone ends the session, and failover picks the nearest.
+        Some(None) => None,
+        Some(Some(cur_rtt)) => {
+            let cur_rtt = *cur_rtt;
             let clearly = best_rtt + SWITCH_MIN_GAIN <= cur_rtt && best_rtt * 3 < cur_rtt * 2;
             clearly.then(|| best.clone())
         }
@@ -338,9 +345,10 @@ mod tests {
         // Both: move.
         let r = ms(&[("a", Some(20)), ("b", Some(31))]);
         assert_eq!(choose_home(Some("b"), &r).as_deref(), Some("a"));
-        // The home did not answer (or is gone): the fastest that did.
+        // The home did not answer this time: stay (its session is up). The
+        // home is gone from the fleet: the fastest that answered.
         let r = ms(&[("a", Some(30)), ("b", None), ("c", Some(20))]);
-        assert_eq!(choose_home(Some("b"), &r).as_deref(), Some("c"));
+        assert_eq!(choose_home(Some("b"), &r), None);
         assert_eq!(choose_home(Some("gone"), &r).as_deref(), Some("c"));
         // Nothing answered: stay.
         let r = ms(&[("a", None), ("b", None)]);
