@@ -267,7 +267,19 @@ pub async fn better_session(
     let home_every = home_every.filter(|_| !current.relays.is_empty());
     let start = tokio::time::Instant::now();
     let mut next_quic = quic_every.map(|e| start + e);
-    let mut next_home = home_every.map(|_| start + FIRST_PROBE);
+    // A node that measured its fleet lately (a reconnect: a relay failed or
+    // drained, and its nodes are all reconnecting now) measures again later,
+    // at a random point of the period, so the herd's probes do not land on
+    // the relays with the herd; a new node measures at once.
+    let next_home_in = |every: Duration| {
+        let age = super::state::unix_now().saturating_sub(state.fleet().measured_unix);
+        if age < every.as_secs().saturating_mul(2) {
+            every / 2 + every.mul_f64(rand::random::<f64>() / 2.0)
+        } else {
+            FIRST_PROBE
+        }
+    };
+    let mut next_home = home_every.map(|e| start + next_home_in(e));
     loop {
         let at = match (next_quic, next_home) {
             (Some(q), Some(h)) => q.min(h),

@@ -194,7 +194,8 @@ async fn connect_to(
             targets.swap(i, (rand::random::<u64>() % (i as u64 + 1)) as usize);
         }
         // Where the node measured its fleet: the nearest survivors first (those
-        // within SWITCH_MIN_GAIN of the nearest in random order), then by latency.
+        // within SWITCH_MIN_GAIN of the nearest, and those it could not measure,
+        // in random order), then the farther ones by latency.
         let fleet = state.fleet();
         let rtts = fleet.rtts();
         let rtt_of = |addr: &str| {
@@ -208,7 +209,7 @@ async fn connect_to(
             targets[..n].sort_by_key(|(a, _)| match rtt_of(a) {
                 Some(r) if r <= best + super::home::SWITCH_MIN_GAIN => Duration::ZERO,
                 Some(r) => r,
-                None => Duration::MAX,
+                None => Duration::ZERO,
             });
         }
     }
