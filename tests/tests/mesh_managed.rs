@@ -26,6 +26,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::managed::{relay_bin, LabRelay as Relay, ManagedNode, NetnsResolver};
+use weft_tests::ssh::{ssh_key, start_sshd};
 use weft_tests::traffic::{self, GapMonitor, GapReport, Pace};
 use weft_tests::{bin, Internet, Netns, Proc};
 
@@ -103,34 +104,13 @@ fn banner(ns: &Netns, ip: &str, port: u16, text: &str) -> Proc {
     )
 }
 
-fn start_sshd(ns: &Netns, listen: &str) -> (Proc, String) {
-    let d = ns.dir().display().to_string();
-    ns.exec(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f {d}/hostkey && ssh-keygen -q -t ed25519 -N '' -f {d}/id && \
-         cp {d}/id.pub {d}/authorized_keys && chmod 600 {d}/authorized_keys && mkdir -p /run/sshd"
-    ));
-    let cfg = format!(
-        "Port 22\nListenAddress {listen}\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
-         PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
-    );
-    std::fs::write(ns.file("sshd_config"), cfg).unwrap_or_else(|e| panic!("{e}"));
-    let p = ns.spawn_listening(
-        "sshd",
-        &format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"),
-        't',
-        22,
-        Duration::from_secs(5),
-    );
-    (p, format!("{d}/id"))
-}
-
 /// Starts sshd on `worker`'s overlay address and runs real OpenSSH from
 /// `eng` to `name`; asserts it answered and `hostname -I` shows `expect_ip`.
 /// The engineer's ssh uses the worker's key pair copied over (the worker
 /// authorized its own key). Returns the sshd to keep it running.
 fn ssh_by_name(eng: &ManagedNode, worker: &ManagedNode, name: &str, expect_ip: &str) -> Proc {
-    let (sshd, id) = start_sshd(&worker.ns, &worker.ip);
+    let sshd = start_sshd(&worker.ns, &worker.ip);
+    let id = ssh_key(&worker.ns);
     let eid = eng.ns.file("id").display().to_string();
     std::fs::copy(&id, &eid).unwrap_or_else(|e| panic!("{e}"));
     let out = eng.ns.output(&format!(

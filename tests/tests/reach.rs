@@ -63,6 +63,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use weft_tests::managed::{relay_bin, LabRelay, ManagedNode, NetnsResolver, RELAY_ADDR, RELAY_IP};
 use weft_tests::router::Router;
+use weft_tests::ssh::start_sshd;
 use weft_tests::traffic::{self, GapMonitor};
 use weft_tests::{retry, Internet, Nat, Netns, Proc};
 
@@ -240,31 +241,6 @@ fn admitted(relay: &LabRelay, transport: &str) -> f64 {
         &metrics(relay),
         CONNS,
         &format!("transport=\"{transport}\""),
-    )
-}
-
-/// Starts sshd on `listen` (the worker's loopback for `expose`, or its overlay address), with
-/// SFTP, which scp uses; the key pair it authorizes is `dir()/id`.
-fn start_sshd(ns: &Netns, listen: &str) -> Proc {
-    let d = ns.dir().display().to_string();
-    ns.exec(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f {d}/hostkey && ssh-keygen -q -t ed25519 -N '' -f {d}/id && \
-         cp {d}/id.pub {d}/authorized_keys && chmod 600 {d}/authorized_keys && mkdir -p /run/sshd"
-    ));
-    let cfg = format!(
-        "Port 22\nListenAddress {listen}\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
-         PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-         Subsystem sftp internal-sftp\nLogLevel VERBOSE\n"
-    );
-    std::fs::write(ns.file("sshd_config"), cfg)
-        .unwrap_or_else(|e| panic!("write sshd_config: {e}"));
-    ns.spawn_listening(
-        "sshd",
-        &format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"),
-        't',
-        22,
-        Duration::from_secs(5),
     )
 }
 

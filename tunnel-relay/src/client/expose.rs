@@ -324,7 +324,8 @@ async fn drain(
     };
     tokio::select! {
         end = serve_worker(old.clone(), services, open.clone()) => {
-            info!(reason = %end, "the old connection closed after its last tunnel");
+            // (Only a move back to QUIC ends here: the relay closes a replaced connection.)
+            info!(reason = %end, "the TCP/TLS connection closed after its last tunnel");
         }
         () = closer => {
             old.close_with(b"moved to a nearer relay", Duration::from_secs(1)).await;
