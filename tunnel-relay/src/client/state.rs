@@ -166,13 +166,19 @@ impl ClientState {
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), error = %e, "could not remember the fleet");
         }
-        let mut addrs = view.preferred_addrs();
+        let first = view.preferred_addrs();
         self.fleet_tx.send_replace(view.clone());
         self.fleet = view;
+        self.order_relays(first, &[]);
+    }
+
+    /// Puts `first` at the head of the remembered relay addresses, then the
+    /// others known, then `more`; saves `relay.json` if the order changed.
+    fn order_relays(&mut self, mut addrs: Vec<String>, more: &[String]) {
         let Some(info) = self.relay.as_mut() else {
             return;
         };
-        for a in &info.addrs {
+        for a in info.addrs.iter().chain(more) {
             if !addrs.contains(a) {
                 addrs.push(a.clone());
             }
@@ -224,20 +230,7 @@ impl ClientState {
     /// others known and the fleet's relays `fleet` announced. Best effort:
     /// a state directory that cannot be written only loses the ordering.
     pub(super) fn remember_fleet(&mut self, used: &str, fleet: &[String]) {
-        let Some(info) = self.relay.as_mut() else {
-            return;
-        };
-        let mut addrs = vec![used.to_string()];
-        for a in info.addrs.iter().chain(fleet) {
-            if !addrs.contains(a) {
-                addrs.push(a.clone());
-            }
-        }
-        if addrs == info.addrs {
-            return;
-        }
-        info.addrs = addrs;
-        self.save_relay();
+        self.order_relays(vec![used.to_string()], fleet);
     }
 
     pub(super) fn relay_target(
