@@ -316,6 +316,19 @@ pub enum Message {
         /// The service name on it.
         service: String,
     },
+    /// Relay → relay of the same fleet, first frame of a pool API stream:
+    /// the engineer `from` (key, tags), admitted by the sending relay, calls
+    /// the pool API of the receiving relay, which schedules the pool (holds
+    /// the fleet's lease). Answered as [`Message::Api`]: `OpenOk`, then
+    /// HTTP/1.1 served as that engineer, or a refusal.
+    PeerApi {
+        /// The engineer's registered name.
+        from: String,
+        /// The engineer's key.
+        from_key: crate::key::PublicKey,
+        /// The engineer's tags.
+        from_tags: Vec<String>,
+    },
     /// Relay → node: joined; coordinator control frames follow.
     MeshAccepted {
         /// Where the relay answers STUN binding requests, as it bound it (an
@@ -342,6 +355,7 @@ const T_MESH_ACCEPTED: u8 = 10;
 const T_PEER_OPEN: u8 = 12;
 const T_LIST_RELAYS: u8 = 13;
 const T_RELAYS: u8 = 14;
+const T_PEER_API: u8 = 15;
 
 impl Wire for Message {
     fn put(&self, w: &mut Writer) {
@@ -408,6 +422,16 @@ impl Wire for Message {
                 w.strs(from_tags, MAX_LIST);
                 w.str(target);
                 w.str(service);
+            }
+            Message::PeerApi {
+                from,
+                from_key,
+                from_tags,
+            } => {
+                w.u8(T_PEER_API);
+                w.str(from);
+                w.key(from_key);
+                w.strs(from_tags, MAX_LIST);
             }
             Message::MeshJoin { since, endpoints } => {
                 w.u8(T_MESH_JOIN);
@@ -481,6 +505,11 @@ impl Wire for Message {
                 from_tags: r.strs("tags", MAX_LIST)?,
                 target: r.str()?,
                 service: r.str()?,
+            },
+            T_PEER_API => Message::PeerApi {
+                from: r.str()?,
+                from_key: r.key()?,
+                from_tags: r.strs("tags", MAX_LIST)?,
             },
             T_MESH_JOIN => Message::MeshJoin {
                 since: r.option(Version::decode)?,
@@ -592,6 +621,13 @@ mod tests {
                     service
                 }
             ),
+            (name(), crate::codec::laws::key(), names()).prop_map(|(from, from_key, from_tags)| {
+                Message::PeerApi {
+                    from,
+                    from_key,
+                    from_tags,
+                }
+            }),
             (
                 prop::option::of(version()),
                 prop::collection::vec(candidate(), 0..=MAX_CANDIDATES)

@@ -19,11 +19,21 @@
 //! - A database migrated by a newer relay is refused with a clear error; the
 //!   store's password never shows in logs or errors.
 //!
+//! The pool on a fleet (a second scenario, `the_pool_has_one_scheduler...`):
+//! relay A holds the scheduling lease; a worker agent (stub NVML) and an
+//! engineer are homed on relay B. The engineer's `weft` calls reach A's
+//! scheduler through B, A feeds the worker through B; relay A is killed
+//! with a job running and one queued: B takes the lease over, restores the
+//! pool from PostgreSQL, and places the queued job once the running one
+//! ends; each job ran once and left one usage record.
+//!
 //! Binaries: `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+use weft_tests::agent::{agent_bin, build_nvml_stub, wait_agent_status};
 use weft_tests::fleet::FleetRelay;
 use weft_tests::managed::{relay_bin, ManagedNode};
 use weft_tests::postgres::{LabPostgres, PASSWORD};
@@ -36,8 +46,16 @@ fn fetch(ns: &Netns, target: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The two scenarios start relays, agents and PostgreSQL each and time
+/// failovers: run beside each other on two vCPUs they would starve each other.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn two_relays_on_one_postgres_are_one_network() {
+    let _turn = one_at_a_time();
     let net = Internet::new("fl");
     let mut pg = LabPostgres::start(net.host("fl-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();
@@ -357,4 +375,235 @@ fn two_relays_on_one_postgres_are_one_network() {
         );
     }
     drop((gpu3, gpu1, gpu2, alice));
+}
+
+/// `weft ARGS --state-dir DIR` in `ns`: (success, stdout, stderr).
+fn weft(ns: &Netns, dir: &str, args: &str) -> (bool, String, String) {
+    let (sub, rest) = match args.split_once(" -- ") {
+        Some((a, b)) => (a.to_string(), format!("-- {b}")),
+        None => (args.to_string(), String::new()),
+    };
+    let out = ns.output(&format!(
+        "{} {sub} --state-dir {dir} {rest}",
+        weft_tests::bin("weft").display()
+    ));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn weft_json(ns: &Netns, dir: &str, args: &str) -> Result<Value, String> {
+    let (ok, out, err) = weft(ns, dir, args);
+    if !ok {
+        return Err(format!("weft {args}: {err}{out}"));
+    }
+    serde_json::from_str(&out).map_err(|e| format!("weft {args}: {e}: {out}"))
+}
+
+fn until<T>(within: Duration, what: &str, f: impl FnMut() -> Result<T, String>) -> T {
+    weft_tests::retry(within, f)
+        .unwrap_or_else(|last| panic!("{what}: not within {within:?}; last: {last}"))
+}
+
+#[test]
+fn the_pool_has_one_scheduler_and_another_relay_takes_over() {
+    let _turn = one_at_a_time();
+    let net = Internet::new("fp");
+    let pg = LabPostgres::start(net.host("fp-pg", "203.0.113.20"), "203.0.113.20");
+    let url = pg.url();
+    // A starts first and takes the lease; B follows it.
+    let mut a = FleetRelay::start(&net, "fp-ra", "relay-a", "203.0.113.2", &url, None, "");
+    a.wait_logged(
+        Duration::from_secs(10),
+        "relay A never took the pool lease",
+        |l| l.contains("pool lease taken"),
+    );
+    let b = a.join(&net, "fp-rb", "relay-b", "203.0.113.3", "");
+    a.wait_up(2, Duration::from_secs(10));
+
+    // A worker (one simulated H100) and an engineer, both homed on relay B.
+    let wns = net.host("fp-w1", "198.51.100.6");
+    let stub = build_nvml_stub(wns.dir());
+    let stub_dir = wns.file("stub");
+    std::fs::create_dir_all(&stub_dir).unwrap_or_else(|e| panic!("{e}"));
+    let wstate = wns.file("agent").display().to_string();
+    let agent = wns.spawn_named(
+        "agent",
+        &format!(
+            "env WEFT_LOG=info,worker_agent=debug WEFT_NVML_STUB_DIR={} WEFT_NVML_STUB_GPUS=1 \
+             WEFT_NVML_STUB_UUID_SEED=7 {} run --state-dir {wstate} --name gpu1 --nvml-lib {} \
+             --kill-grace-s 1 --sample-ms 100 --uapi-dir {} --token {}",
+            stub_dir.display(),
+            agent_bin(),
+            stub.display(),
+            wns.file("uapi").display(),
+            a.token("worker", &b.addr)
+        ),
+    );
+    wait_agent_status(
+        &wns,
+        &wstate,
+        &agent,
+        Duration::from_secs(30),
+        "gpu1's agent never joined",
+        |v| v["relay"]["state"] == "connected" && v["mesh"]["state"] == "joined",
+    );
+    let ens = net.host("fp-e", "198.51.100.5");
+    let alice = ens.file("alice").display().to_string();
+    let out = ens.output(&format!(
+        "{} login --token {} --state-dir {alice} --name alice",
+        weft_tests::bin("weft").display(),
+        a.token("engineer", &b.addr)
+    ));
+    assert!(
+        out.status.success(),
+        "alice login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.wait_logged(
+        Duration::from_secs(5),
+        "gpu1 is not homed on relay B",
+        |l| l.contains("node connected") && l.contains("gpu1"),
+    );
+
+    // Through B, alice sees the pool A schedules; A feeds gpu1 through B.
+    let pool = until(
+        Duration::from_secs(20),
+        "gpu1 ready in the pool (alice on B, scheduler A)",
+        || {
+            let p = weft_json(&ens, &alice, "pool --json")?;
+            let ready = p["workers"].as_array().is_some_and(|w| {
+                w.iter()
+                    .any(|w| w["name"] == "gpu1" && w["state"] == "ready")
+            });
+            if ready {
+                Ok(p)
+            } else {
+                Err(format!("{p:#}\nrelay A:\n{}", a.proc.log_tail(10)))
+            }
+        },
+    );
+    assert!(pool.to_string().contains("NVIDIA H100"), "{pool:#}");
+    assert!(
+        a.proc
+            .log()
+            .lines()
+            .any(|l| l.contains("pool feed through a fleet relay") && l.contains("gpu1")),
+        "relay A does not feed gpu1 through relay B:\n{}",
+        a.proc.log_tail(20)
+    );
+    let listed = String::from_utf8_lossy(&b.cmd("relays list").stdout).into_owned();
+    let lead = |name: &str| {
+        listed
+            .lines()
+            .any(|l| l.starts_with(name) && l.contains("leads"))
+    };
+    assert!(lead("relay-a") && !lead("relay-b"), "relays list: {listed}");
+
+    // A job runs; a second waits for its GPU.
+    let submit = |args: &str| -> u64 {
+        let (ok, out, err) = weft(&ens, &alice, &format!("jobs submit {args}"));
+        assert!(ok, "submit {args}: {err}{out}");
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not a job id: {out:?}"))
+    };
+    let job = |id: u64| weft_json(&ens, &alice, &format!("jobs show {id} --json"));
+    let first = submit("--gpus 1 -- sleep 8");
+    until(
+        Duration::from_secs(15),
+        "the first job running on gpu1",
+        || {
+            let j = job(first)?;
+            if j["state"] == "running" {
+                Ok(())
+            } else {
+                Err(j.to_string())
+            }
+        },
+    );
+    let second = submit("--gpus 1 -- sh -c 'echo second-job'");
+    let j = job(second).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(j["state"], "pending", "{j:#}");
+
+    // Relay A (the scheduler) dies.
+    let killed = Instant::now();
+    a.proc.signal(libc::SIGKILL);
+    b.wait_logged(
+        Duration::from_secs(15),
+        "relay B never took the pool lease over",
+        |l| l.contains("pool lease taken"),
+    );
+    let took = killed.elapsed();
+    // B restored the queue and places the second job on gpu1 once the first ends.
+    let done = |j: &Value| {
+        matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "lost" | "cancelled")
+        )
+    };
+    let j2 = until(
+        Duration::from_secs(40),
+        "the queued job placed by relay B and finished",
+        || {
+            let j = job(second)?;
+            if done(&j) {
+                Ok(j)
+            } else {
+                Err(format!("{j:#}\nrelay B:\n{}", b.proc.log_tail(15)))
+            }
+        },
+    );
+    let placed = killed.elapsed();
+    eprintln!(
+        "fleet pool: relay A (scheduler) killed; relay B took the lease after {took:?}; the queued job finished {placed:?} after the kill"
+    );
+    assert_eq!(j2["state"], "succeeded", "{j2:#}");
+    assert_eq!(j2["members"][0]["worker"], "gpu1", "{j2:#}");
+    let j1 = job(first).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        j1["state"], "succeeded",
+        "the running job lost over the takeover: {j1:#}"
+    );
+    assert_eq!(j1["attempt"], 1, "the running job ran again: {j1:#}");
+    assert!(
+        b.proc
+            .log()
+            .lines()
+            .any(|l| l.contains("pool feed open") && l.contains("gpu1")),
+        "relay B did not feed gpu1 itself:\n{}",
+        b.proc.log_tail(20)
+    );
+    // One usage record per job, each kept once.
+    let usage = until(Duration::from_secs(10), "both jobs' usage records", || {
+        let u = weft_json(&ens, &alice, "usage --json")?;
+        let n = |id: u64| {
+            u.as_array()
+                .map_or(0, |a| a.iter().filter(|r| r["job"] == id).count())
+        };
+        if n(first) >= 1 && n(second) >= 1 {
+            Ok(u)
+        } else {
+            Err(u.to_string())
+        }
+    });
+    for id in [first, second] {
+        let recs: Vec<&Value> = usage
+            .as_array()
+            .map(|a| a.iter().filter(|r| r["job"] == id).collect())
+            .unwrap_or_default();
+        assert_eq!(recs.len(), 1, "job {id}: {usage:#}");
+        assert_eq!(recs[0]["outcome"], "succeeded", "{usage:#}");
+        assert_eq!(recs[0]["worker"], "gpu1", "{usage:#}");
+    }
+    let listed = String::from_utf8_lossy(&b.cmd("relays list").stdout).into_owned();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("relay-b") && l.contains("leads")),
+        "relays list after the takeover: {listed}"
+    );
+    drop(agent);
 }

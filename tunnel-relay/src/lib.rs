@@ -41,6 +41,8 @@ pub mod noise;
 #[cfg(feature = "server")]
 pub mod pg;
 #[cfg(feature = "server")]
+pub mod pg_pool;
+#[cfg(feature = "server")]
 pub mod pool;
 #[cfg(feature = "server")]
 pub mod pool_store;

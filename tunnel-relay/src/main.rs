@@ -219,18 +219,24 @@ enum PoolCmd {
     Drain {
         #[command(flatten)]
         state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
         name: String,
     },
     /// No new jobs on a worker (until uncordon).
     Cordon {
         #[command(flatten)]
         state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
         name: String,
     },
     /// Take new jobs again (ends a cordon or a drain).
     Uncordon {
         #[command(flatten)]
         state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
         name: String,
     },
 }
@@ -343,8 +349,8 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let relays = reg.relays()?;
             let header = format!(
-                "{:<16} {:<12} {:<40} {:<6} HEALTH",
-                "NAME", "REGION", "ADDRESSES", "NODES"
+                "{:<16} {:<12} {:<40} {:<6} {:<6} HEALTH",
+                "NAME", "REGION", "ADDRESSES", "NODES", "POOL"
             );
             print_list(json, &relays, &header, |r| {
                 let age = r.beat_age_ms as f64 / 1000.0;
@@ -354,11 +360,12 @@ async fn run(cli: Cli) -> Result<()> {
                     format!("DOWN (last beat {age:.0}s ago)")
                 };
                 format!(
-                    "{:<16} {:<12} {:<40} {:<6} {health}",
+                    "{:<16} {:<12} {:<40} {:<6} {:<6} {health}",
                     r.name,
                     r.region,
                     r.addrs.join(","),
-                    r.nodes
+                    r.nodes,
+                    if r.schedules_pool { "leads" } else { "-" }
                 )
             })?;
         }
@@ -607,7 +614,7 @@ fn pool_view(dir: &Path) -> Result<(PoolView, bool)> {
 }
 
 fn pool_cmd(cmd: PoolCmd) -> Result<()> {
-    let (state, name, flags, what) = match cmd {
+    let (state, store, name, flags, what) = match cmd {
         PoolCmd::List(ListArgs { state, store, json }) => {
             if store.url.is_some() {
                 bail!(
@@ -630,8 +637,9 @@ fn pool_cmd(cmd: PoolCmd) -> Result<()> {
             }
             return Ok(());
         }
-        PoolCmd::Drain { state, name } => (
+        PoolCmd::Drain { state, store, name } => (
             state,
+            store,
             name,
             Flags {
                 cordoned: false,
@@ -639,8 +647,9 @@ fn pool_cmd(cmd: PoolCmd) -> Result<()> {
             },
             "draining: no new jobs, running ones finish",
         ),
-        PoolCmd::Cordon { state, name } => (
+        PoolCmd::Cordon { state, store, name } => (
             state,
+            store,
             name,
             Flags {
                 cordoned: true,
@@ -648,11 +657,16 @@ fn pool_cmd(cmd: PoolCmd) -> Result<()> {
             },
             "cordoned: no new jobs",
         ),
-        PoolCmd::Uncordon { state, name } => {
-            (state, name, Flags::default(), "takes new jobs again")
+        PoolCmd::Uncordon { state, store, name } => {
+            (state, store, name, Flags::default(), "takes new jobs again")
         }
     };
-    let store = PoolStore::open(&state.dir)?;
+    let store = match &store.url {
+        Some(u) => Store::parse(u).map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+        None => Store::Sqlite,
+    };
+    let store = PoolStore::open_store(&state.dir, &store, "", 0)
+        .with_context(|| format!("open the pool's store ({})", store.describe()))?;
     let known: Vec<String> = store.workers()?.into_iter().map(|w| w.name).collect();
     if !known.contains(&name) {
         bail!(

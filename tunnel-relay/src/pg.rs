@@ -103,6 +103,38 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE relays ADD COLUMN stun_port INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE tunnel_homes ADD COLUMN services TEXT NOT NULL DEFAULT '';
      ALTER TABLE tunnel_homes ADD COLUMN tags TEXT NOT NULL DEFAULT '';",
+    // 6: the pool's records (as SQLite's pool tables) and its scheduling
+    // lease (`pg_pool.rs`): one relay of the fleet decides at a time.
+    "CREATE TABLE pool_jobs (
+        id BIGINT PRIMARY KEY,
+        finished BOOLEAN NOT NULL,
+        record TEXT NOT NULL
+     );
+     CREATE TABLE pool_workers (
+        name TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+     );
+     CREATE TABLE pool_flags (
+        name TEXT PRIMARY KEY,
+        cordoned BOOLEAN NOT NULL,
+        draining BOOLEAN NOT NULL
+     );
+     CREATE TABLE pool_usage (
+        job BIGINT NOT NULL,
+        attempt BIGINT NOT NULL,
+        worker TEXT NOT NULL,
+        end_ms BIGINT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (job, attempt, worker)
+     );
+     CREATE INDEX pool_usage_end ON pool_usage (end_ms);
+     CREATE TABLE pool_lease (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        expires TIMESTAMPTZ NOT NULL
+     );
+     INSERT INTO pool_lease (id, holder, epoch, expires) VALUES (1, '', 0, now());",
 ];
 
 /// A relay whose last heartbeat is older than this (ms) is down: the other
@@ -124,6 +156,8 @@ pub struct RelayRow {
     pub nodes: i64,
     /// The UDP port where it answers STUN at its addresses' hosts (0: none).
     pub stun_port: u16,
+    /// Whether it holds the pool's scheduling lease (it decides the queue and placements).
+    pub schedules_pool: bool,
 }
 
 /// A worker whose tunnel session is on another relay of the fleet.
@@ -131,6 +165,8 @@ pub struct RelayRow {
 pub struct RemoteWorker {
     /// Its registered name.
     pub name: String,
+    /// The relay holding its newest tunnel session.
+    pub relay: String,
     /// The services it exposes.
     pub services: Vec<String>,
     /// Its tags.
@@ -140,7 +176,8 @@ pub struct RemoteWorker {
 const RELAYS_SQL: &str = "SELECT r.name, r.region, r.addrs,
         (extract(epoch FROM now() - r.beat) * 1000)::BIGINT,
         (SELECT count(*) FROM mesh_nodes m WHERE m.relay = r.name AND m.online AND NOT m.deleted),
-        r.stun_port
+        r.stun_port,
+        EXISTS (SELECT 1 FROM pool_lease l WHERE l.holder = r.name AND l.expires > now())
      FROM relays r ORDER BY r.name";
 
 fn relay_rows(rows: &[postgres::Row]) -> Vec<RelayRow> {
@@ -157,6 +194,7 @@ fn relay_rows(rows: &[postgres::Row]) -> Vec<RelayRow> {
             beat_age_ms: r.get(3),
             nodes: r.get(4),
             stun_port: u16::try_from(r.get::<_, i32>(5)).unwrap_or(0),
+            schedules_pool: r.get(6),
         })
         .collect()
 }
@@ -208,7 +246,7 @@ pub fn redact(url: &str) -> String {
     out
 }
 
-fn pg_err(e: &postgres::Error) -> StateError {
+pub(crate) fn pg_err(e: &postgres::Error) -> StateError {
     // `Error`'s Display says "db error"; the server's message is in the source.
     match e.as_db_error() {
         Some(db) => StateError::Pg(format!("{}: {}", db.code().code(), db.message())),
@@ -307,7 +345,7 @@ impl PgRegistry {
     /// Runs `f` on the store thread's connection and waits for it. A call
     /// that finds the connection broken (PostgreSQL restarted since the
     /// last call) reconnects and runs once more.
-    fn call<T: Send + 'static>(
+    pub(crate) fn call<T: Send + 'static>(
         &self,
         f: impl Fn(&mut Client) -> Result<T, StateError> + Send + 'static,
     ) -> Result<T, StateError> {
@@ -324,6 +362,11 @@ impl PgRegistry {
             .map_err(|_| StateError::Pg("store thread is gone".into()))?;
         rx.recv()
             .map_err(|_| StateError::Pg("store thread is gone".into()))?
+    }
+
+    /// This relay's name (in the records it writes).
+    pub(crate) fn relay_name(&self) -> &str {
+        &self.relay
     }
 
     /// The change counter (bumped by each notification and reconnect); 0
@@ -589,6 +632,7 @@ impl PgRegistry {
                 .filter(|r| r.get::<_, String>(1) != me)
                 .map(|r| RemoteWorker {
                     name: r.get(0),
+                    relay: r.get(1),
                     services: list(r.get(2)),
                     tags: list(r.get(3)),
                 })

@@ -3,7 +3,8 @@
 //! ever reported ([`WorkerView`]: inventory and uptime record), the operator's cordon/drain
 //! flags, and the usage record of every finished copy. `serve` writes a job's row before it
 //! answers the submit and after every change, so `kill -9` loses no job; JSON per row keeps
-//! the schema to four tables.
+//! the schema to four tables. A fleet keeps the same tables in its PostgreSQL (`pg_pool.rs`),
+//! written only by the relay holding the scheduling lease.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use weft_proto::pool::{JobView, UsageRecord, WorkerView};
 
 use crate::error::StateError;
+use crate::pg::PgRegistry;
+pub use crate::pg_pool::LeaseHolder;
+use crate::registry::Store;
 
 /// A job as stored: what is shown, and what the scheduler must get back after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,10 +51,24 @@ pub struct Flags {
     pub draining: bool,
 }
 
-/// A connection to the pool tables.
+/// A connection to the pool tables: SQLite in the relay's `registry.sqlite`, or a fleet's
+/// PostgreSQL (`pg_pool.rs`), where the scheduler's writes are fenced by its lease's epoch.
 pub struct PoolStore {
-    db: Connection,
-    path: PathBuf,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite { db: Connection, path: PathBuf },
+    Pg { reg: PgRegistry, epoch: i64 },
+}
+
+/// The scheduling lease as this relay sees it ([`PoolStore::lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// This relay holds it, in this epoch (a relay alone: always, epoch 0).
+    Held(i64),
+    /// Another relay holds it.
+    Elsewhere,
 }
 
 impl PoolStore {
@@ -89,13 +107,68 @@ impl PoolStore {
                 PRIMARY KEY (job, attempt, worker)
              );",
         )?;
-        Ok(PoolStore { db, path })
+        Ok(PoolStore {
+            backend: Backend::Sqlite { db, path },
+        })
+    }
+
+    /// The pool tables in `store`: SQLite in `state_dir`, or PostgreSQL as relay `relay`
+    /// (its own connection), writing as the lease's holder in `epoch` (0: writes nothing
+    /// the lease fences, e.g. an operator command or a relay that does not schedule).
+    pub fn open_store(
+        state_dir: &Path,
+        store: &Store,
+        relay: &str,
+        epoch: i64,
+    ) -> Result<PoolStore, StateError> {
+        match store {
+            Store::Sqlite => PoolStore::open(state_dir),
+            Store::Postgres(url) => Ok(PoolStore {
+                backend: Backend::Pg {
+                    reg: PgRegistry::connect(url, relay)?,
+                    epoch,
+                },
+            }),
+        }
+    }
+
+    /// Whether the pool is shared by a fleet (PostgreSQL): then one relay at a time
+    /// schedules it, the holder of the lease.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Pg { .. })
+    }
+
+    /// Takes or renews the scheduling lease (a relay alone always holds it).
+    pub fn lease(&self) -> Result<Lease, StateError> {
+        match &self.backend {
+            Backend::Sqlite { .. } => Ok(Lease::Held(0)),
+            Backend::Pg { reg, .. } => Ok(reg.pool_lease()?.map_or(Lease::Elsewhere, Lease::Held)),
+        }
+    }
+
+    /// Gives the lease up now, if held (a fleet relay that drains).
+    pub fn release_lease(&self) -> Result<(), StateError> {
+        match &self.backend {
+            Backend::Sqlite { .. } => Ok(()),
+            Backend::Pg { reg, .. } => reg.pool_lease_release(),
+        }
+    }
+
+    /// Who holds the lease (None for a relay alone, or a lease never taken).
+    pub fn lease_holder(&self) -> Result<Option<LeaseHolder>, StateError> {
+        match &self.backend {
+            Backend::Sqlite { .. } => Ok(None),
+            Backend::Pg { reg, .. } => reg.pool_lease_holder(),
+        }
     }
 
     fn bad(&self, what: String) -> StateError {
-        StateError::BadFile {
-            path: self.path.clone(),
-            msg: what,
+        match &self.backend {
+            Backend::Sqlite { path, .. } => StateError::BadFile {
+                path: path.clone(),
+                msg: what,
+            },
+            Backend::Pg { .. } => StateError::Pg(format!("pool store: {what}")),
         }
     }
 
@@ -103,129 +176,180 @@ impl PoolStore {
         serde_json::to_string(v).map_err(|e| self.bad(format!("{what}: {e}")))
     }
 
+    fn parse<T: serde::de::DeserializeOwned>(
+        &self,
+        rows: Vec<(String, String)>,
+        what: &str,
+    ) -> Result<Vec<T>, StateError> {
+        rows.into_iter()
+            .map(|(key, text)| {
+                serde_json::from_str(&text).map_err(|e| self.bad(format!("{what} {key}: {e}")))
+            })
+            .collect()
+    }
+
     /// Writes a job's row.
     pub fn save_job(&self, job: &StoredJob) -> Result<(), StateError> {
         let text = self.json(&format!("pool job {}", job.view.id), job)?;
-        self.db.execute(
-            "INSERT INTO pool_jobs (id, finished, record) VALUES (?1, ?2, ?3)
-             ON CONFLICT(id) DO UPDATE SET finished = excluded.finished, record = excluded.record",
-            params![job.view.id as i64, job.finished(), text],
-        )?;
-        Ok(())
+        match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                db.execute(
+                    "INSERT INTO pool_jobs (id, finished, record) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(id) DO UPDATE SET finished = excluded.finished, record = excluded.record",
+                    params![job.view.id as i64, job.finished(), text],
+                )?;
+                Ok(())
+            }
+            Backend::Pg { reg, epoch } => {
+                reg.pool_save_job(*epoch, job.view.id, job.finished(), text)
+            }
+        }
     }
 
     /// Jobs, oldest first: the unfinished ones only, or all.
     pub fn jobs(&self, unfinished_only: bool) -> Result<Vec<StoredJob>, StateError> {
-        let sql = if unfinished_only {
-            "SELECT id, record FROM pool_jobs WHERE finished = 0 ORDER BY id"
-        } else {
-            "SELECT id, record FROM pool_jobs ORDER BY id"
+        let rows: Vec<(String, String)> = match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let sql = if unfinished_only {
+                    "SELECT id, record FROM pool_jobs WHERE finished = 0 ORDER BY id"
+                } else {
+                    "SELECT id, record FROM pool_jobs ORDER BY id"
+                };
+                let mut st = db.prepare(sql)?;
+                let rows =
+                    st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+                rows.map(|r| r.map(|(id, t)| (id.to_string(), t)))
+                    .collect::<Result<_, _>>()?
+            }
+            Backend::Pg { reg, .. } => reg
+                .pool_jobs(unfinished_only)?
+                .into_iter()
+                .map(|(id, t)| (id.to_string(), t))
+                .collect(),
         };
-        let mut st = self.db.prepare(sql)?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, text) = row?;
-            out.push(
-                serde_json::from_str(&text)
-                    .map_err(|e| self.bad(format!("pool_jobs row {id}: {e}")))?,
-            );
-        }
-        Ok(out)
+        self.parse(rows, "pool_jobs row")
     }
 
     /// The highest job id ever given (0 when none).
     pub fn max_job_id(&self) -> Result<u64, StateError> {
-        let v: Option<i64> = self
-            .db
-            .query_row("SELECT MAX(id) FROM pool_jobs", [], |r| r.get(0))?;
-        Ok(v.unwrap_or(0).max(0) as u64)
+        match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let v: Option<i64> =
+                    db.query_row("SELECT MAX(id) FROM pool_jobs", [], |r| r.get(0))?;
+                Ok(v.unwrap_or(0).max(0) as u64)
+            }
+            Backend::Pg { reg, .. } => reg.pool_max_job_id(),
+        }
     }
 
     /// Writes a worker's row.
     pub fn save_worker(&self, w: &WorkerView) -> Result<(), StateError> {
         let text = self.json(&format!("pool worker {}", w.name), w)?;
-        self.db.execute(
-            "INSERT INTO pool_workers (name, record) VALUES (?1, ?2)
-             ON CONFLICT(name) DO UPDATE SET record = excluded.record",
-            params![w.name, text],
-        )?;
-        Ok(())
+        match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                db.execute(
+                    "INSERT INTO pool_workers (name, record) VALUES (?1, ?2)
+                     ON CONFLICT(name) DO UPDATE SET record = excluded.record",
+                    params![w.name, text],
+                )?;
+                Ok(())
+            }
+            Backend::Pg { reg, epoch } => reg.pool_save_worker(*epoch, w.name.clone(), text),
+        }
     }
 
     /// Every worker that ever reported, by name.
     pub fn workers(&self) -> Result<Vec<WorkerView>, StateError> {
-        let mut st = self
-            .db
-            .prepare("SELECT name, record FROM pool_workers ORDER BY name")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (name, text) = row?;
-            out.push(
-                serde_json::from_str(&text)
-                    .map_err(|e| self.bad(format!("pool_workers row {name}: {e}")))?,
-            );
-        }
-        Ok(out)
+        let rows = match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let mut st = db.prepare("SELECT name, record FROM pool_workers ORDER BY name")?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            }
+            Backend::Pg { reg, .. } => reg.pool_workers()?,
+        };
+        self.parse(rows, "pool_workers row")
     }
 
     /// Sets a worker's flags (the operator's commands).
     pub fn set_flags(&self, name: &str, f: Flags) -> Result<(), StateError> {
-        self.db.execute(
-            "INSERT INTO pool_flags (name, cordoned, draining) VALUES (?1, ?2, ?3)
-             ON CONFLICT(name) DO UPDATE SET cordoned = excluded.cordoned, draining = excluded.draining",
-            params![name, f.cordoned, f.draining],
-        )?;
-        Ok(())
+        match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                db.execute(
+                    "INSERT INTO pool_flags (name, cordoned, draining) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET cordoned = excluded.cordoned, draining = excluded.draining",
+                    params![name, f.cordoned, f.draining],
+                )?;
+                Ok(())
+            }
+            Backend::Pg { reg, .. } => reg.pool_set_flags(name.to_string(), f.cordoned, f.draining),
+        }
     }
 
     /// Every worker's flags.
     pub fn flags(&self) -> Result<Vec<(String, Flags)>, StateError> {
-        let mut st = self
-            .db
-            .prepare("SELECT name, cordoned, draining FROM pool_flags ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Flags {
-                    cordoned: r.get(1)?,
-                    draining: r.get(2)?,
-                },
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let mut st =
+                    db.prepare("SELECT name, cordoned, draining FROM pool_flags ORDER BY name")?;
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        Flags {
+                            cordoned: r.get(1)?,
+                            draining: r.get(2)?,
+                        },
+                    ))
+                })?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }
+            Backend::Pg { reg, .. } => Ok(reg
+                .pool_flags()?
+                .into_iter()
+                .map(|(name, cordoned, draining)| (name, Flags { cordoned, draining }))
+                .collect()),
+        }
     }
 
     /// Stores a usage record; one per (job, attempt, worker): a repeat is ignored.
     /// True when it was new.
     pub fn save_usage(&self, u: &UsageRecord) -> Result<bool, StateError> {
         let text = self.json(&format!("usage of job {}", u.job), u)?;
-        let n = self.db.execute(
-            "INSERT OR IGNORE INTO pool_usage (job, attempt, worker, end_ms, record)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![u.job as i64, u.attempt, u.worker, u.end_ms as i64, text],
-        )?;
-        Ok(n == 1)
+        match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let n = db.execute(
+                    "INSERT OR IGNORE INTO pool_usage (job, attempt, worker, end_ms, record)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![u.job as i64, u.attempt, u.worker, u.end_ms as i64, text],
+                )?;
+                Ok(n == 1)
+            }
+            Backend::Pg { reg, epoch } => {
+                reg.pool_save_usage(*epoch, (u.job, u.attempt, u.worker.clone()), u.end_ms, text)
+            }
+        }
     }
 
     /// Usage records that ended at or after `since_ms`, in end order.
     pub fn usage_since(&self, since_ms: u64) -> Result<Vec<UsageRecord>, StateError> {
-        let mut st = self.db.prepare(
-            "SELECT job, record FROM pool_usage WHERE end_ms >= ?1 ORDER BY end_ms, job, worker",
-        )?;
-        let rows = st.query_map(params![since_ms as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (job, text) = row?;
-            out.push(
-                serde_json::from_str(&text)
-                    .map_err(|e| self.bad(format!("pool_usage row of job {job}: {e}")))?,
-            );
-        }
-        Ok(out)
+        let rows: Vec<(String, String)> = match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let mut st = db.prepare(
+                    "SELECT job, record FROM pool_usage WHERE end_ms >= ?1 ORDER BY end_ms, job, worker",
+                )?;
+                let rows = st.query_map(params![since_ms as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })?;
+                rows.map(|r| r.map(|(j, t)| (j.to_string(), t)))
+                    .collect::<Result<_, _>>()?
+            }
+            Backend::Pg { reg, .. } => reg
+                .pool_usage_since(since_ms)?
+                .into_iter()
+                .map(|(j, t)| (j.to_string(), t))
+                .collect(),
+        };
+        self.parse(rows, "pool_usage row of job")
     }
 }
 

@@ -356,6 +356,12 @@ impl<C: Clone> Routes<C> {
         self.workers.get(name).map(|w| w.key)
     }
 
+    /// The connection of the worker connected as `name` (the pool's feed
+    /// opened for the fleet's scheduler on another relay).
+    pub fn worker_conn(&self, name: &str) -> Option<C> {
+        self.workers.get(name).map(|w| w.conn.clone())
+    }
+
     /// Tunnels a node holds now.
     pub fn streams_of(&self, key: &PublicKey) -> u32 {
         self.streams.get(key).copied().unwrap_or(0)

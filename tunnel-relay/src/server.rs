@@ -382,6 +382,8 @@ impl Relay {
             dir,
             &opts.config.pool,
             mesh.handle(routes.clone(), metrics.clone()),
+            &opts.config.store,
+            &relay_name,
         )?;
         // Not fatal: `pool list` then reads the store (e.g. a path over the socket length limit).
         let admin = admin_socket(dir)
@@ -511,6 +513,9 @@ impl Relay {
         let _ = self.shared.own.set(self.own_entry());
         let fleet_task = self.fleet_feed();
         let pool_timer = tokio::spawn(pool::timer(self.shared.clone()));
+        // A fleet: the pool's scheduling lease, and the feeds of workers on other relays.
+        let pool_lease = tokio::spawn(pool::lease_loop(self.shared.clone()));
+        let remote_feeds = tokio::spawn(pool::remote_feeds(self.shared.clone()));
         let admin_task = match self.admin.take().map(tokio::net::UnixListener::from_std) {
             Some(Ok(l)) => Some(tokio::spawn(pool::serve_admin(self.shared.clone(), l))),
             Some(Err(e)) => {
@@ -579,6 +584,8 @@ impl Relay {
             if let Some(t) = &fleet_task {
                 t.abort();
             }
+            pool_lease.abort();
+            tokio::task::block_in_place(|| self.shared.pool.release_lease());
             let left = tokio::task::block_in_place(|| lock(&self.shared.registry).leave());
             if let Err(e) = left {
                 warn!(error = %e, "could not mark this relay as leaving in the store; the others will see its beats stop");
@@ -595,6 +602,8 @@ impl Relay {
         }
         reload_task.abort();
         pool_timer.abort();
+        pool_lease.abort();
+        remote_feeds.abort();
         if let Some(t) = admin_task {
             t.abort();
         }
@@ -948,6 +957,26 @@ async fn serve_peer(shared: Arc<Shared>, ctx: NodeCtx, control: (SendStream, Rec
                 tokio::spawn(async move {
                     let hs = shared.config.limits.handshake_timeout();
                     match timeout(hs, read_message(&mut recv)).await {
+                        Ok(Ok(Message::PeerOpen {
+                            from,
+                            target,
+                            service,
+                            ..
+                        })) if service == weft_proto::pool::POOL_SERVICE
+                            && from == weft_proto::pool::POOL_CALLER =>
+                        {
+                            // The fleet's scheduler asks for a worker's pool feed.
+                            pool::peer_feed(&shared, &target, send, recv).await;
+                        }
+                        Ok(Ok(Message::PeerApi {
+                            from, from_tags, ..
+                        })) => {
+                            let caller = pool::ApiCaller {
+                                name: from,
+                                tags: from_tags,
+                            };
+                            pool::peer_api(shared, caller, send, recv).await;
+                        }
                         Ok(Ok(Message::PeerOpen {
                             from,
                             from_key,
@@ -1552,14 +1581,11 @@ async fn handle_tunnel(
             return mesh::serve_session(shared, ctx, send, recv, since, endpoints).await;
         }
         Ok(Ok(Message::Api)) => {
-            if write_message(&mut send, &Message::OpenOk).await.is_err() {
-                return;
-            }
             let caller = pool::ApiCaller {
                 name: ctx.name.clone(),
                 tags: ctx.tags.clone(),
             };
-            return pool::serve_api(shared, caller, send, recv).await;
+            return pool::api(shared, caller, ctx.key, send, recv).await;
         }
         Ok(Ok(other)) => {
             debug!(node = %ctx.name, msg = ?other, "tunnel stream did not start with Open");

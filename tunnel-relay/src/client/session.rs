@@ -346,6 +346,22 @@ impl Session {
         })
         .await
     }
+
+    /// Opens a pool API stream on a peer relay of the fleet (the one that
+    /// schedules the pool) for the engineer `from`.
+    pub async fn open_api_for(
+        &self,
+        from: &str,
+        from_key: PublicKey,
+        from_tags: &[String],
+    ) -> Result<(SendStream, RecvStream), ClientError> {
+        self.open_with(&Message::PeerApi {
+            from: from.to_string(),
+            from_key,
+            from_tags: from_tags.to_vec(),
+        })
+        .await
+    }
 }
 
 /// Relay addresses whose connection this process lost, and when (see

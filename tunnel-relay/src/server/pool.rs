@@ -54,8 +54,9 @@ use super::mesh::MeshHandle;
 use super::{lock, Shared};
 use crate::config::{PoolPolicy, PoolSettings};
 use crate::pool::{self, Decisions, Outcome, Pool, PoolConfig};
-use crate::pool_store::{Flags, PoolStore, StoredJob};
-use crate::wire::{read_message, write_message, Message};
+use crate::pool_store::{Flags, Lease, PoolStore, StoredJob};
+use crate::splice::quic_to_quic;
+use crate::wire::{read_message, write_message, Message, Reason, Rejection};
 
 /// How long a current copy may be missing from its worker's inventory before it counts as ended.
 pub(super) const MISSING_GRACE: Duration = Duration::from_secs(5);
@@ -132,13 +133,43 @@ struct Hub {
     gangs: std::collections::BTreeSet<u64>,
     /// The group tags each worker holds now.
     groups: BTreeMap<String, Vec<String>>,
+    /// The lease's epoch this hub schedules in (0: a relay alone, or a fleet relay that
+    /// has not scheduled yet); feeds of another epoch do not register here.
+    epoch: i64,
 }
 
 /// The pool part of the relay's shared state.
 pub(super) struct PoolShell {
     hub: Mutex<Hub>,
     settings: PoolSettings,
+    overlay: MeshHandle,
+    /// The scheduling lease's epoch while this relay schedules the pool (a relay alone:
+    /// always, `Some(0)`); None while another relay of the fleet does.
+    leading: tokio::sync::watch::Sender<Option<i64>>,
+    /// A fleet's lease: its own store connection, and the pool's place in the fleet.
+    lease: Option<LeaseKeeper>,
 }
+
+/// What a fleet relay needs to hold, renew and take over the pool's scheduling lease.
+struct LeaseKeeper {
+    /// The lease loop's own connection (renewals never wait behind the scheduler's writes).
+    store: Mutex<PoolStore>,
+    dir: std::path::PathBuf,
+    store_cfg: crate::registry::Store,
+    relay: String,
+    /// Until when this relay may act as the holder: a renewal's send time plus
+    /// [`LEASE_TRUST`], shorter than the lease, so it stops before another may take over.
+    trusted_until: Mutex<Option<Instant>>,
+    /// The relay holding the lease, as last read (API calls are forwarded to it).
+    holder: std::sync::RwLock<Option<String>>,
+}
+
+/// How often a fleet relay takes or renews the scheduling lease.
+const LEASE_EVERY: Duration = Duration::from_secs(1);
+/// How long after sending a renewal that succeeded this relay still acts as the holder:
+/// 2 s less than the lease ([`crate::pg_pool::LEASE_TTL_MS`]), so a relay that can no longer
+/// renew stops scheduling before another relay may take over.
+const LEASE_TRUST: Duration = Duration::from_millis(crate::pg_pool::LEASE_TTL_MS as u64 - 2000);
 
 fn core_config(s: &PoolSettings) -> PoolConfig {
     PoolConfig {
@@ -213,16 +244,113 @@ impl MemberOf {
 }
 
 impl PoolShell {
-    /// Restores jobs and workers from the store: workers are away until they report again
-    /// (lost after `lost_after`), pending jobs queue in their order, running ones stay on
-    /// their workers, finished ones are kept for `jobs list|show` (all of them: pruning old
-    /// records is not done yet).
+    /// The pool of a relay: alone (SQLite), it schedules from the start, restored from its
+    /// store; in a fleet (PostgreSQL) it schedules once it holds the lease ([`lease_loop`]).
     pub(super) fn open(
         dir: &std::path::Path,
         settings: &PoolSettings,
         overlay: MeshHandle,
+        store_cfg: &crate::registry::Store,
+        relay: &str,
     ) -> Result<PoolShell, crate::error::StateError> {
-        let store = PoolStore::open(dir)?;
+        let store = PoolStore::open_store(dir, store_cfg, relay, 0)?;
+        if !store.is_shared() {
+            let hub = Hub::load(store, settings, overlay.clone(), 0)?;
+            return Ok(PoolShell {
+                hub: Mutex::new(hub),
+                settings: settings.clone(),
+                overlay,
+                leading: tokio::sync::watch::channel(Some(0)).0,
+                lease: None,
+            });
+        }
+        let lease = LeaseKeeper {
+            store: Mutex::new(PoolStore::open_store(dir, store_cfg, relay, 0)?),
+            dir: dir.to_path_buf(),
+            store_cfg: store_cfg.clone(),
+            relay: relay.to_string(),
+            trusted_until: Mutex::new(None),
+            holder: std::sync::RwLock::new(None),
+        };
+        Ok(PoolShell {
+            hub: Mutex::new(Hub::empty(store, overlay.clone())),
+            settings: settings.clone(),
+            overlay,
+            leading: tokio::sync::watch::channel(None).0,
+            lease: Some(lease),
+        })
+    }
+
+    /// The lease's epoch while this relay schedules the pool.
+    pub(super) fn leading(&self) -> Option<i64> {
+        *self.leading.borrow()
+    }
+
+    /// The relay of the fleet that schedules the pool, as last read (None: this relay, a
+    /// relay alone, or nobody right now).
+    pub(super) fn scheduler(&self) -> Option<String> {
+        let l = self.lease.as_ref()?;
+        if self.leading().is_some() {
+            return None;
+        }
+        l.holder.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// This relay stops scheduling (the lease was lost or could not be renewed in time):
+    /// its feeds end (the workers' agents keep running their jobs), the next holder
+    /// restores the pool from the store.
+    fn step_down(&self, why: &str) {
+        if self.leading().is_none() {
+            return;
+        }
+        self.leading.send_replace(None);
+        if let Some(l) = &self.lease {
+            *lock(&l.trusted_until) = None;
+        }
+        warn!(
+            reason = why,
+            "pool lease lost: this relay stops scheduling the pool"
+        );
+    }
+
+    /// A relay of a fleet that drains gives the lease up, so another takes over at its next
+    /// renewal (a second) rather than when the lease expires.
+    pub(super) fn release_lease(&self) {
+        let Some(l) = &self.lease else { return };
+        self.step_down("this relay is draining");
+        if let Err(e) = lock(&l.store).release_lease() {
+            warn!(error = %e, "could not release the pool lease; it expires on its own");
+        }
+    }
+}
+
+impl Hub {
+    /// A hub that schedules nothing yet (a fleet relay before it holds the lease).
+    fn empty(store: PoolStore, overlay: MeshHandle) -> Hub {
+        Hub {
+            pool: Pool::new(PoolConfig::default()),
+            jobs: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            store,
+            next_sid: 1,
+            flags: Vec::new(),
+            overlay,
+            gangs: std::collections::BTreeSet::new(),
+            groups: BTreeMap::new(),
+            epoch: 0,
+        }
+    }
+
+    /// Restores jobs and workers from the store: workers are away until they report again
+    /// (lost after `lost_after`), pending jobs queue in their order, running ones stay on
+    /// their workers, finished ones are kept for `jobs list|show` (all of them: pruning old
+    /// records is not done yet).
+    fn load(
+        store: PoolStore,
+        settings: &PoolSettings,
+        overlay: MeshHandle,
+        epoch: i64,
+    ) -> Result<Hub, crate::error::StateError> {
         let now = Instant::now();
         let mut core = Pool::new(core_config(settings));
         let mut workers = BTreeMap::new();
@@ -317,25 +445,29 @@ impl PoolShell {
             .filter(|j| j.stored.view.request.nodes > 1 || j.stored.view.cluster.is_some())
             .map(|j| j.stored.view.id)
             .collect();
-        Ok(PoolShell {
-            hub: Mutex::new(Hub {
-                pool: core,
-                jobs,
-                workers,
-                store,
-                next_sid: 1,
-                flags,
-                overlay,
-                gangs,
-                groups: BTreeMap::new(),
-            }),
-            settings: settings.clone(),
+        Ok(Hub {
+            pool: core,
+            jobs,
+            workers,
+            store,
+            next_sid: 1,
+            flags,
+            overlay,
+            gangs,
+            groups: BTreeMap::new(),
+            epoch,
         })
     }
+}
 
+impl PoolShell {
     /// Nodes revoked by the operator leave the pool: their jobs are requeued, their GPUs
     /// (and a duplicate-UUID flag they caused) are gone, their records stay for the history.
     pub(super) fn remove_workers(&self, names: &[String]) {
+        if self.leading().is_none() {
+            // The scheduler (another relay) sees the revocation in the store.
+            return;
+        }
         let mut hub = lock(&self.hub);
         let now = Instant::now();
         let mut any = false;
@@ -362,6 +494,9 @@ impl PoolShell {
 
     /// The operator's flags changed in the store (another process): apply them.
     pub(super) fn reload_flags(&self) {
+        if self.leading().is_none() {
+            return;
+        }
         let mut hub = lock(&self.hub);
         let flags = match hub.store.flags() {
             Ok(f) => f,
@@ -1290,11 +1425,17 @@ fn usage_record(
 // ---- the feed task ----
 
 /// Keeps the pool feed of one worker connection: opens it, reads it, and
-/// opens it again while the connection lives.
+/// opens it again while the connection lives; in a fleet, only while this
+/// relay holds the scheduling lease.
 pub(super) async fn feed(shared: Arc<Shared>, name: String, conn: Connection) {
+    let mut leading = shared.pool.leading.subscribe();
     loop {
+        let epoch = tokio::select! {
+            e = held_epoch(&mut leading) => e,
+            _ = conn.closed() => return,
+        };
         match open_feed(&conn).await {
-            Ok((send, recv)) => run_feed(&shared, &name, send, recv).await,
+            Ok((send, recv)) => run_feed(&shared, &name, send, recv, epoch).await,
             Err(e) => debug!(worker = %name, error = %e, "could not open the pool feed"),
         }
         if conn.close_reason().is_some() {
@@ -1307,7 +1448,32 @@ pub(super) async fn feed(shared: Arc<Shared>, name: String, conn: Connection) {
     }
 }
 
-async fn open_feed(conn: &Connection) -> Result<(SendStream, RecvStream), String> {
+/// Waits until this relay schedules the pool; the lease's epoch.
+async fn held_epoch(rx: &mut tokio::sync::watch::Receiver<Option<i64>>) -> i64 {
+    loop {
+        if let Some(e) = *rx.borrow_and_update() {
+            return e;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Returns when this relay no longer schedules the pool in `epoch`.
+async fn epoch_over(shared: &Shared, epoch: i64) {
+    let mut rx = shared.pool.leading.subscribe();
+    loop {
+        if *rx.borrow_and_update() != Some(epoch) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+pub(super) async fn open_feed(conn: &Connection) -> Result<(SendStream, RecvStream), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let incoming = Message::Incoming {
         from: POOL_CALLER.to_string(),
@@ -1324,10 +1490,20 @@ async fn open_feed(conn: &Connection) -> Result<(SendStream, RecvStream), String
     }
 }
 
-async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: RecvStream) {
+async fn run_feed(
+    shared: &Arc<Shared>,
+    name: &str,
+    mut send: SendStream,
+    recv: RecvStream,
+    epoch: i64,
+) {
     let (tx, mut rx) = mpsc::channel::<CoordMsg>(FEED_QUEUE);
     let sid = {
         let mut hub = lock(&shared.pool.hub);
+        if hub.epoch != epoch {
+            // The lease moved on since this feed was asked for.
+            return;
+        }
         let sid = hub.next_sid;
         hub.next_sid += 1;
         if let Some(w) = hub.workers.get_mut(name) {
@@ -1388,6 +1564,9 @@ async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: 
                 Ok(msg) => {
                     let now = Instant::now();
                     let mut hub = lock(&shared.pool.hub);
+                    if hub.epoch != epoch {
+                        break;
+                    }
                     hub.heard(name, now, matches!(msg, AgentMsg::Heartbeat));
                     match msg {
                         AgentMsg::Inventory(inv) => hub.on_inventory(name, inv, now),
@@ -1419,10 +1598,15 @@ async fn run_feed(shared: &Arc<Shared>, name: &str, mut send: SendStream, recv: 
     tokio::select! {
         () = reader => {},
         () = writer => {},
+        () = epoch_over(shared, epoch) => {
+            debug!(worker = %name, "pool feed closed: this relay no longer schedules the pool");
+        },
     }
     let mut hub = lock(&shared.pool.hub);
-    hub.feed_ended(name, sid, Instant::now());
-    hub.pump(Instant::now());
+    if hub.epoch == epoch {
+        hub.feed_ended(name, sid, Instant::now());
+        hub.pump(Instant::now());
+    }
 }
 
 /// Pumps the core for what only time decides, and the flags the operator changes.
@@ -1431,7 +1615,18 @@ pub(super) async fn timer(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        lock(&shared.pool.hub).pump(Instant::now());
+        let ps = &shared.pool;
+        if let Some(l) = &ps.lease {
+            // A renewal that hangs (the store out of reach) must not keep this relay
+            // scheduling past the lease.
+            let expired = lock(&l.trusted_until).is_some_and(|t| Instant::now() >= t);
+            if expired {
+                ps.step_down("the lease could not be renewed in time");
+            }
+        }
+        if ps.leading().is_some() {
+            lock(&ps.hub).pump(Instant::now());
+        }
     }
 }
 
@@ -1926,6 +2121,9 @@ async fn pool_view(
 impl PoolShell {
     /// Workers and the unfinished jobs, as `caller` may see them.
     fn view_for(&self, caller: &ApiCaller) -> PoolView {
+        if let (None, Some(l)) = (self.leading(), &self.lease) {
+            return self.stored_view(l);
+        }
         let all = self.is_operator(caller);
         let hub = lock(&self.hub);
         let queue = hub
@@ -1952,6 +2150,34 @@ impl PoolShell {
             workers,
             queue,
             policy: policy.into(),
+        }
+    }
+}
+
+impl PoolShell {
+    /// The pool as stored, for the operator of a fleet relay that does not schedule it
+    /// (no wait reasons: only the scheduler knows them).
+    fn stored_view(&self, l: &LeaseKeeper) -> PoolView {
+        let store = lock(&l.store);
+        let queue = store
+            .jobs(true)
+            .map(|j| j.into_iter().map(|j| j.view).collect())
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "could not read the pool's jobs");
+                Vec::new()
+            });
+        let workers = store.workers().unwrap_or_else(|e| {
+            warn!(error = %e, "could not read the pool's workers");
+            Vec::new()
+        });
+        let holder = l.holder.read().unwrap_or_else(|p| p.into_inner()).clone();
+        PoolView {
+            workers,
+            queue,
+            policy: match holder {
+                Some(h) => format!("(scheduled by relay {h}; stored state)"),
+                None => "(no relay of the fleet schedules the pool right now)".into(),
+            },
         }
     }
 }
@@ -1984,7 +2210,10 @@ pub(super) async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixL
                 tags: vec![ADMIN.into()],
             };
             let answer = match line.trim() {
-                "pool" => serde_json::to_string(&shared.pool.view_for(&op)),
+                "pool" => {
+                    let v = tokio::task::block_in_place(|| shared.pool.view_for(&op));
+                    serde_json::to_string(&v)
+                }
                 "reload" => match super::reload::reload(&shared) {
                     Ok(r) => serde_json::to_string(&r),
                     Err(error) => serde_json::to_string(&ErrorBody { error }),
@@ -2050,4 +2279,290 @@ pub(super) async fn serve_api(
     {
         debug!(error = %e, "pool API stream ended with an error");
     }
+}
+
+// ---- a fleet: one scheduler, the holder of the lease ----
+
+/// A fleet relay takes or renews the pool's scheduling lease every
+/// [`LEASE_EVERY`]; when it gets a new holding it restores the pool from the
+/// store and schedules it ([`take_over`]); when another relay holds it, it
+/// stops. The relay holding the lease is remembered (API calls go there).
+pub(super) async fn lease_loop(shared: Arc<Shared>) {
+    let ps = &shared.pool;
+    let Some(l) = &ps.lease else { return };
+    let mut tick = tokio::time::interval(LEASE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = shared.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            // A draining relay gave the lease up ([`PoolShell::release_lease`]): take no more.
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        let sent = Instant::now();
+        let (lease, holder) = tokio::task::block_in_place(|| {
+            let store = lock(&l.store);
+            (store.lease(), store.lease_holder())
+        });
+        match lease {
+            Ok(Lease::Held(epoch)) => {
+                *lock(&l.trusted_until) = Some(sent + LEASE_TRUST);
+                if ps.leading() != Some(epoch) {
+                    if let Err(e) = take_over(&shared, l, epoch) {
+                        warn!(error = %e, epoch, "could not restore the pool to schedule it; releasing the lease");
+                        *lock(&l.trusted_until) = None;
+                        let _ = tokio::task::block_in_place(|| lock(&l.store).release_lease());
+                    }
+                }
+            }
+            Ok(Lease::Elsewhere) => ps.step_down("another relay of the fleet holds the lease"),
+            Err(e) => warn!(error = %e, "could not renew the pool's scheduling lease"),
+        }
+        match holder {
+            Ok(h) => {
+                let h = h.filter(|h| h.live).map(|h| h.relay);
+                *l.holder.write().unwrap_or_else(|p| p.into_inner()) = h;
+            }
+            Err(e) => debug!(error = %e, "could not read the pool lease's holder"),
+        }
+    }
+}
+
+/// This relay holds the lease in `epoch`: the pool is restored from the
+/// store, as after a restart (workers away until their feed reports, placed
+/// and running jobs back on their workers, the queue in order), with a store
+/// connection whose writes are fenced by `epoch`; then the feeds open.
+fn take_over(
+    shared: &Arc<Shared>,
+    l: &LeaseKeeper,
+    epoch: i64,
+) -> Result<(), crate::error::StateError> {
+    let ps = &shared.pool;
+    let hub = tokio::task::block_in_place(|| {
+        let store = PoolStore::open_store(&l.dir, &l.store_cfg, &l.relay, epoch)?;
+        Hub::load(store, &ps.settings, ps.overlay.clone(), epoch)
+    })?;
+    {
+        let mut h = lock(&ps.hub);
+        *h = hub;
+        h.pump(Instant::now());
+    }
+    ps.leading.send_replace(Some(epoch));
+    info!(
+        epoch,
+        relay = %l.relay,
+        "pool lease taken: this relay schedules the pool"
+    );
+    Ok(())
+}
+
+/// On the relay that schedules the pool: keeps a pool feed open to every
+/// worker whose session is on another relay of the fleet (through the
+/// relays' peer link: that relay opens `@pool` on the worker's connection,
+/// [`peer_feed`]); a worker that moves gets a feed through its new relay.
+pub(super) async fn remote_feeds(shared: Arc<Shared>) {
+    if shared.pool.lease.is_none() {
+        return;
+    }
+    let mut tasks: HashMap<(String, String), tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(epoch) = shared.pool.leading() else {
+            for (_, t) in tasks.drain() {
+                t.abort();
+            }
+            continue;
+        };
+        let rows = tokio::task::block_in_place(|| lock(&shared.registry).remote_workers());
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "could not list the workers on the fleet's other relays");
+                continue;
+            }
+        };
+        tasks.retain(|_, t| !t.is_finished());
+        for w in rows {
+            if !w.services.iter().any(|s| s == POOL_SERVICE) {
+                continue;
+            }
+            let key = (w.name.clone(), w.relay.clone());
+            if tasks.contains_key(&key) {
+                continue;
+            }
+            let task = tokio::spawn(remote_feed(shared.clone(), w.name, w.relay, epoch));
+            tasks.insert(key, task);
+        }
+    }
+}
+
+/// One worker's pool feed through relay `relay` of the fleet.
+async fn remote_feed(shared: Arc<Shared>, worker: String, relay: String, epoch: i64) {
+    let addrs = shared
+        .fleet_relays
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&relay)
+        .map(|r| r.addrs.clone());
+    let Some(addrs) = addrs else { return };
+    let opened = match super::peer_session(&shared, &relay, &addrs).await {
+        Ok(peer) => peer
+            .open_for(POOL_CALLER, shared.key.public(), &[], &worker, POOL_SERVICE)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match opened {
+        Ok((send, recv)) => {
+            info!(worker = %worker, relay = %relay, "pool feed through a fleet relay");
+            run_feed(&shared, &worker, send, recv, epoch).await;
+        }
+        Err(e) => {
+            debug!(worker = %worker, relay = %relay, error = %e, "could not open the pool feed through a fleet relay");
+            // Asked again at the next round, not at once.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// The fleet's scheduler (another relay: the connection holds the fleet's
+/// key) asks for the pool feed of worker `target`, connected here: the feed
+/// is opened on the worker's connection as `@pool` (the agent serves the
+/// newest feed) and spliced to the asking relay.
+pub(super) async fn peer_feed(
+    shared: &Arc<Shared>,
+    target: &str,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
+    let conn = lock(&shared.routes).worker_conn(target);
+    let opened = match conn {
+        Some(c) => open_feed(&c).await.map_err(|e| {
+            Rejection::new(
+                Reason::ServiceUnavailable,
+                format!("{target}: pool feed: {e}"),
+            )
+        }),
+        None => Err(Rejection::new(
+            Reason::NoSuchNode,
+            format!("{target:?} is not connected to this relay"),
+        )),
+    };
+    match opened {
+        Ok((wsend, wrecv)) => {
+            if write_message(&mut send, &Message::OpenOk).await.is_err() {
+                return;
+            }
+            debug!(worker = %target, "pool feed for the fleet's scheduler");
+            let _ = tokio::join!(
+                quic_to_quic(recv, wsend, |_| {}),
+                quic_to_quic(wrecv, send, |_| {})
+            );
+        }
+        Err(rej) => {
+            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
+            let _ = send.finish();
+        }
+    }
+}
+
+/// How long an API call waits for a relay of the fleet to schedule the pool
+/// (a takeover: the lease expires, then the next relay restores the pool).
+const API_WAIT: Duration = Duration::from_secs(10);
+
+/// A pool API stream (`Message::Api`) from `caller`, admitted here: served
+/// here when this relay schedules the pool, else spliced to the relay that
+/// does (`Message::PeerApi` over the relays' peer link, the caller's
+/// identity with it). While nobody does, waits up to [`API_WAIT`].
+pub(super) async fn api(
+    shared: Arc<Shared>,
+    caller: ApiCaller,
+    caller_key: crate::keys::PublicKey,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
+    let deadline = Instant::now() + API_WAIT;
+    loop {
+        if shared.pool.leading().is_some() {
+            if write_message(&mut send, &Message::OpenOk).await.is_err() {
+                return;
+            }
+            return serve_api(shared, caller, send, recv).await;
+        }
+        if let Some(holder) = shared.pool.scheduler() {
+            match forward_api(&shared, &holder, &caller, caller_key).await {
+                Ok((psend, precv)) => {
+                    if write_message(&mut send, &Message::OpenOk).await.is_err() {
+                        return;
+                    }
+                    debug!(caller = %caller.name, relay = %holder, "pool API call to the scheduling relay");
+                    let _ = tokio::join!(
+                        quic_to_quic(recv, psend, |_| {}),
+                        quic_to_quic(precv, send, |_| {})
+                    );
+                    return;
+                }
+                Err(e) => {
+                    debug!(relay = %holder, error = %e, "pool API: the scheduling relay did not take the call")
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            let rej = Rejection::new(
+                Reason::ServiceUnavailable,
+                "no relay of the fleet schedules the pool right now (the lease is being taken over); try again in a few seconds",
+            );
+            let _ = write_message(&mut send, &Message::Rejected(rej)).await;
+            let _ = send.finish();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A pool API stream on relay `holder` for `caller`.
+async fn forward_api(
+    shared: &Arc<Shared>,
+    holder: &str,
+    caller: &ApiCaller,
+    caller_key: crate::keys::PublicKey,
+) -> Result<(SendStream, RecvStream), String> {
+    let addrs = shared
+        .fleet_relays
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(holder)
+        .map(|r| r.addrs.clone())
+        .ok_or_else(|| format!("relay {holder} is not among the fleet's live relays"))?;
+    let peer = super::peer_session(shared, holder, &addrs)
+        .await
+        .map_err(|e| e.to_string())?;
+    peer.open_api_for(&caller.name, caller_key, &caller.tags)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// `Message::PeerApi` from another relay of the fleet: its engineer's pool
+/// API call, served here if this relay schedules the pool.
+pub(super) async fn peer_api(
+    shared: Arc<Shared>,
+    caller: ApiCaller,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
+    if shared.pool.leading().is_none() {
+        let rej = Rejection::new(
+            Reason::ServiceUnavailable,
+            "this relay does not schedule the pool (it lost the lease)",
+        );
+        let _ = write_message(&mut send, &Message::Rejected(rej)).await;
+        let _ = send.finish();
+        return;
+    }
+    if write_message(&mut send, &Message::OpenOk).await.is_err() {
+        return;
+    }
+    serve_api(shared, caller, send, recv).await;
 }
