@@ -102,6 +102,9 @@ struct WorkerReport {
     services: Vec<String>,
     /// What its agent reports; `null` when unknown (see `error`).
     gpus: Option<Vec<GpuReport>>,
+    /// The relay holding the worker's session, as its agent reports it: the relay's name
+    /// in a fleet (its home), else the address; `null` when unknown.
+    relay: Option<String>,
     /// Running and queued job ids, from the agent.
     jobs_running: Option<usize>,
     jobs_queued: Option<usize>,
@@ -242,7 +245,7 @@ async fn gather(a: &StatusArgs) -> Result<Report> {
     report.workers = targets
         .into_iter()
         .zip(answers)
-        .map(|(t, answer)| worker_report(t.name, t.services, answer))
+        .map(|(t, answer)| worker_report(t.name, t.services, answer, report.relay.fleet.as_ref()))
         .collect();
     Ok(report)
 }
@@ -260,13 +263,30 @@ fn mesh_nodes(uapi_dir: &Path) -> Result<Vec<ManagedStatus>> {
     Ok(out)
 }
 
+/// The relay an agent reports its session on: its name in `fleet`, else its address.
+fn relay_of(s: &AgentStatus, fleet: Option<&tunnel_relay::client::FleetView>) -> Option<String> {
+    let Some(tunnel_relay::LinkState::Connected(a)) = &s.relay else {
+        return None;
+    };
+    let addr = a.address.to_string();
+    let named = fleet.and_then(|f| {
+        f.relays
+            .iter()
+            .find(|r| r.addrs.contains(&addr))
+            .map(|r| r.name.clone())
+    });
+    Some(named.unwrap_or(addr))
+}
+
 fn worker_report(
     name: String,
     services: Vec<String>,
     answer: Result<AgentStatus, String>,
+    fleet: Option<&tunnel_relay::client::FleetView>,
 ) -> WorkerReport {
     match answer {
         Ok(s) => WorkerReport {
+            relay: relay_of(&s, fleet),
             name,
             services,
             gpus: Some(
@@ -289,6 +309,7 @@ fn worker_report(
         Err(e) => WorkerReport {
             name,
             services,
+            relay: None,
             gpus: None,
             jobs_running: None,
             jobs_queued: None,
@@ -373,18 +394,32 @@ fn render_human(r: &Report) -> String {
             out += "workers: none reachable\n";
         } else {
             out += "workers:\n";
-            let rows: Vec<[String; 3]> = r
-                .workers
-                .iter()
-                .map(|w| {
-                    let mut gpus = gpus_text(w);
-                    if let (Some(e), true) = (&w.error, gpus == "?") {
-                        gpus += &format!("  ({e})");
-                    }
-                    [w.name.clone(), w.services.join(","), gpus]
-                })
-                .collect();
-            out += &table(&["NAME", "SERVICES", "GPUS"], &rows);
+            let gpus_of = |w: &WorkerReport| {
+                let mut gpus = gpus_text(w);
+                if let (Some(e), true) = (&w.error, gpus == "?") {
+                    gpus += &format!("  ({e})");
+                }
+                gpus
+            };
+            if r.relay.fleet.is_some() {
+                // A fleet: each worker's home relay too.
+                let rows: Vec<[String; 4]> = r
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        let relay = w.relay.clone().unwrap_or_else(|| "-".into());
+                        [w.name.clone(), w.services.join(","), relay, gpus_of(w)]
+                    })
+                    .collect();
+                out += &table(&["NAME", "SERVICES", "RELAY", "GPUS"], &rows);
+            } else {
+                let rows: Vec<[String; 3]> = r
+                    .workers
+                    .iter()
+                    .map(|w| [w.name.clone(), w.services.join(","), gpus_of(w)])
+                    .collect();
+                out += &table(&["NAME", "SERVICES", "GPUS"], &rows);
+            }
         }
     }
     out
@@ -482,6 +517,7 @@ mod tests {
         WorkerReport {
             name: name.into(),
             services: services.iter().map(|s| s.to_string()).collect(),
+            relay: None,
             jobs_running: gpus.as_ref().map(|_| 0),
             jobs_queued: gpus.as_ref().map(|_| 0),
             error: gpus.is_none().then(|| "no answer within 3s".to_string()),
@@ -546,11 +582,14 @@ mod tests {
             mesh: Vec::new(),
             mesh_error: None,
             workers: vec![
-                worker(
-                    "gpu1",
-                    &["agent", "ssh"],
-                    Some(vec![gpu(0, "NVIDIA H200", "healthy")]),
-                ),
+                WorkerReport {
+                    relay: Some("relay-ap".into()),
+                    ..worker(
+                        "gpu1",
+                        &["agent", "ssh"],
+                        Some(vec![gpu(0, "NVIDIA H200", "healthy")]),
+                    )
+                },
                 worker("gpu2", &["agent", "ssh"], None),
             ],
         };
@@ -566,12 +605,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("mesh: no managed node runs here"), "{text}");
+        // A fleet: each worker's relay (its agent's session) is a column.
         assert!(
-            text.contains("  gpu1  agent,ssh  1× NVIDIA H200\n"),
+            text.contains("  NAME  SERVICES   RELAY     GPUS\n"),
             "{text}"
         );
         assert!(
-            text.contains("  gpu2  agent,ssh  ?  (no answer within 3s)\n"),
+            text.contains("  gpu1  agent,ssh  relay-ap  1× NVIDIA H200\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  gpu2  agent,ssh  -         ?  (no answer within 3s)\n"),
             "{text}"
         );
         let json = serde_json::to_value(&r).unwrap();
@@ -582,6 +626,8 @@ mod tests {
         assert_eq!(json["relay"]["fleet"]["rtt_ms"]["relay-us"], 41.0);
         assert_eq!(json["workers"][0]["gpus"][0]["name"], "NVIDIA H200");
         assert!(json["workers"][1]["gpus"].is_null());
+        assert_eq!(json["workers"][0]["relay"], "relay-ap");
+        assert!(json["workers"][1]["relay"].is_null());
     }
 
     #[test]

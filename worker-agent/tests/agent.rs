@@ -242,7 +242,7 @@ fn gpu_job_sees_exactly_its_uuid_logs_stream_and_history() {
     });
     // A caller cannot claim an identity: the old interim `X-Weft-Caller` header is ignored and
     // loopback callers are recorded as `@local` (through the relay: the engineer's relay name,
-    // see tests/tests/agent_relay.rs).
+    // see tests/tests/lab/agent_relay.rs).
     let body = spec.to_string();
     let (code, out) = post_with_header(&a.url, "/v1/jobs", &body, "X-Weft-Caller: alice");
     assert_eq!(code, 201, "{out}");

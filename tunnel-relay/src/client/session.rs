@@ -49,7 +49,7 @@ impl ClientTiming {
             // A dead relay (or a path that stopped passing UDP) is noticed in 2 s: four
             // keepalives unanswered. With the back-off and the race, the worker is back
             // through another relay of a fleet, or over TCP/TLS, in about 2.5 s
-            // (tests/tests/fleet.rs, tests/tests/reach.rs, tests/bench/fleet).
+            // (tests/tests/lab/fleet.rs, tests/tests/lab/reach.rs, tests/bench/fleet).
             keepalive: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),

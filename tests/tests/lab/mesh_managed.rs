@@ -1,5 +1,5 @@
 //! Managed mesh nodes (`mesh up --token`) in network namespaces: what users
-//! rely on beyond the NAT grid (tests/tests/nat_grid.rs).
+//! rely on beyond the NAT grid (tests/tests/lab/nat_grid.rs).
 //!
 //! - MagicDNS: `gpu1.weft.internal` resolves through the system resolver
 //!   (the namespace's resolv.conf points at 100.64.0.1, as an engineer's
@@ -126,17 +126,9 @@ fn ssh_by_name(eng: &ManagedNode, worker: &ManagedNode, name: &str, expect_ip: &
     sshd
 }
 
-/// These tests time path switches and traffic gaps in seconds; run beside
-/// each other (cargo runs a file's tests in parallel) on two vCPUs they
-/// starve each other's nodes, so they take turns.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[test]
 fn magic_dns_ssh_by_name_acl_and_revocation() {
-    let _one_at_a_time = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let net = Internet::new("mma");
     let relay = Relay::start(&net, "mma");
     let w1 = node(net.host("mma-w1", "198.51.100.6"), &relay, "worker", "gpu1");
@@ -209,7 +201,7 @@ fn magic_dns_ssh_by_name_acl_and_revocation() {
 
 #[test]
 fn transfer_survives_the_coordinator_and_nodes_reconnect() {
-    let _one_at_a_time = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let mut pair = direct_pair("mmc");
     let (e, w, relay) = (&pair.e, &pair.w, &mut pair.relay);
     // 24 MiB at 4 MiB/s: the relay dies in the middle.
@@ -255,7 +247,7 @@ fn transfer_survives_the_coordinator_and_nodes_reconnect() {
 
 #[test]
 fn worker_moving_networks_is_reachable_again() {
-    let _one_at_a_time = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let pair = direct_pair("mmr");
     // The worker moves: new address on the other segment, old one gone.
     let g = gap_while(&pair, "the move", || {
@@ -288,7 +280,7 @@ fn worker_moving_networks_is_reachable_again() {
 
 #[test]
 fn direct_path_cut_falls_back_to_the_relay() {
-    let _one_at_a_time = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let pair = direct_pair("mmf");
     let (e, w) = (&pair.e, &pair.w);
     // Something between them starts dropping their direct UDP (the relay still gets through).
@@ -322,7 +314,7 @@ fn direct_path_cut_falls_back_to_the_relay() {
 
 #[test]
 fn relay_pools_give_addresses_routes_and_dns_inside_them() {
-    let _one_at_a_time = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let net = Internet::new("mmp");
     let relay = Relay::start_with_config(
         &net,
@@ -387,7 +379,7 @@ fn acl_config(extra: &str) -> String {
 
 #[test]
 fn policy_reload_reaches_every_peer_map_without_a_restart() {
-    let _one_at_a_time = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let net = Internet::new("mmp");
     let relay = Relay::start_with_config(&net, "mmp", Some(&acl_config("")));
     let config = relay.ns.file("relay.toml");

@@ -46,16 +46,9 @@ fn fetch(ns: &Netns, target: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The two scenarios start relays, agents and PostgreSQL each and time
-/// failovers: run beside each other on two vCPUs they would starve each other.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[test]
 fn two_relays_on_one_postgres_are_one_network() {
-    let _turn = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let net = Internet::new("fl");
     let mut pg = LabPostgres::start(net.host("fl-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();
@@ -409,7 +402,7 @@ fn until<T>(within: Duration, what: &str, f: impl FnMut() -> Result<T, String>) 
 
 #[test]
 fn the_pool_has_one_scheduler_and_another_relay_takes_over() {
-    let _turn = one_at_a_time();
+    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
     let net = Internet::new("fp");
     let pg = LabPostgres::start(net.host("fp-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();
@@ -493,6 +486,32 @@ fn the_pool_has_one_scheduler_and_another_relay_takes_over() {
             .any(|l| l.contains("pool feed through a fleet relay") && l.contains("gpu1")),
         "relay A does not feed gpu1 through relay B:\n{}",
         a.proc.log_tail(20)
+    );
+    // `weft status` names each worker's relay (its agent's session): gpu1 on relay-b.
+    let status = until(
+        Duration::from_secs(10),
+        "gpu1's relay in weft status",
+        || {
+            let v = weft_json(
+                &ens,
+                &alice,
+                &format!("status --json --uapi-dir {}", ens.file("uapi").display()),
+            )?;
+            let w = v["workers"]
+                .as_array()
+                .and_then(|w| w.iter().find(|w| w["name"] == "gpu1").cloned())
+                .unwrap_or_default();
+            if w["relay"] == "relay-b" {
+                Ok(v)
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
+    assert_eq!(
+        status["relay"]["fleet"]["relays"].as_array().map(Vec::len),
+        Some(2),
+        "{status:#}"
     );
     let listed = String::from_utf8_lossy(&b.cmd("relays list").stdout).into_owned();
     let lead = |name: &str| {
