@@ -99,7 +99,7 @@ banner "cargo test --locked --release --workspace (unit + network-namespace end-
 cargo test --locked --release --workspace -- "${test_args[@]}"
 
 banner "the loopback relay suite again, every client on the TCP/TLS fallback (WEFT_RELAY_TRANSPORT=tcp)"
-WEFT_RELAY_TRANSPORT=tcp cargo test --locked --release -p tunnel-relay --test loopback -- "${test_args[@]}"
+WEFT_RELAY_TRANSPORT=tcp cargo test --locked --release -p tunnel-relay --test relay loopback:: -- "${test_args[@]}"
 
 banner "the rekey soak's result"
 soak_rc=0

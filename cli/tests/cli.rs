@@ -19,7 +19,7 @@ use tunnel_relay::client::{self, ExposeOptions};
 use tunnel_relay::RelayConfig;
 
 /// The relay's own in-process test lab (a relay on 127.0.0.1, its tokens, an echo service).
-#[path = "../../tunnel-relay/tests/relay_lab/mod.rs"]
+#[path = "../../tunnel-relay/tests/relay/relay_lab/mod.rs"]
 mod relay_lab;
 use relay_lab::{echo_service, start_relay};
 

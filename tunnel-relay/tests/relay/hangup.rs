@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-mod relay_bin;
+use crate::relay_bin;
 use relay_bin::{create, echo_worker, ok, spawn_connect, start_serve};
 
 /// The value of one metric line `NAME VALUE` from the relay's /metrics.
@@ -32,6 +32,7 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn sighup_closes_the_session_at_once() {
+    let _turn = crate::turn(module_path!());
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("relay");
     let st = state.to_str().unwrap();

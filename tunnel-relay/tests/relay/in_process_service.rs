@@ -11,7 +11,7 @@ use tunnel_relay::client::{self, ExposeOptions, IncomingStream};
 use tunnel_relay::link::LinkState;
 use tunnel_relay::{ClientError, Reason, RelayConfig};
 
-mod relay_lab;
+use crate::relay_lab;
 use relay_lab::{start_relay, tmp};
 
 async fn wait_connected(link: &mut watch::Receiver<LinkState>) -> LinkState {
@@ -44,6 +44,7 @@ async fn open(eng: &Path, service: &str) -> Result<(Vec<u8>, String), ClientErro
 
 #[tokio::test]
 async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
+    let _turn = crate::turn(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let wdir = tmp();
     let (tx, mut rx) = mpsc::channel::<IncomingStream>(4);
@@ -115,6 +116,7 @@ async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
 
 #[tokio::test]
 async fn a_refused_worker_publishes_the_reason() {
+    let _turn = crate::turn(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let wdir = tmp();
     let (link_tx, link) = watch::channel(LinkState::Connecting { attempt: 1 });

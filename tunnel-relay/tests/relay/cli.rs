@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-mod relay_bin;
+use crate::relay_bin;
 use relay_bin::{create, echo_worker, ok, run, spawn_connect, start_serve};
 
 fn refused(args: &[&str], reason: &str) {
@@ -22,6 +22,7 @@ fn refused(args: &[&str], reason: &str) {
 
 #[test]
 fn operator_commands_and_refusal_reasons() {
+    let _turn = crate::turn(module_path!());
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let state = tmp.path().join("relay");
     let st = state.to_str().unwrap_or_else(|| panic!("utf-8 path"));

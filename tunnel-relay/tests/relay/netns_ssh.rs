@@ -69,6 +69,7 @@ fn wait_listed(eng: &Netns, estate: &str, name: &str, within: Duration) -> Optio
 
 #[test]
 fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
+    let _turn = crate::turn(module_path!());
     let lab = NattedWorker::new("trs", Nat::Easy);
     let relay_ns = lab.net.host("trs-relay", RELAY_IP);
     let (worker_ns, worker_ip, eng_ns) = (&lab.worker, &lab.worker_ip, &lab.engineer);
