@@ -247,9 +247,11 @@ pub enum Message {
         name: String,
         /// The node's tags.
         tags: Vec<String>,
-        /// The other live relays of the fleet (`host:port`), which share this
-        /// relay's key and store: where to go when this one is gone. Empty
-        /// for a single relay.
+        /// The live relays of the fleet (`host:port`), which share this
+        /// relay's key and store: where to go when this one is gone. The
+        /// others first, then (from a fleet relay that knows its own
+        /// addresses) this one's, so the list is never empty in a fleet.
+        /// Empty for a relay alone.
         relays: Vec<String>,
     },
     /// A refusal (admission, open, or a worker's local connect).

@@ -1251,13 +1251,21 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
     };
     match verdict {
         Ok((name, tags)) => {
-            let relays = shared
+            let mut relays: Vec<String> = shared
                 .fleet_relays
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
                 .flat_map(|r| r.addrs.iter().cloned())
                 .collect();
+            // A relay of a fleet names itself too (last): so a node admitted
+            // while it is the only live one still knows it is in a fleet, and
+            // asks for the relays that join later at its next home probe.
+            if shared.fleet() {
+                if let Some(own) = shared.own.get() {
+                    relays.extend(own.addrs.iter().cloned());
+                }
+            }
             noise::respond_write(
                 hs,
                 &mut send,
