@@ -87,7 +87,9 @@ note "$(scripts/ray-venv.sh)"
 banner "the rekey soak (tests/tests/rekey_soak.rs, 6.5 min) starts in the background"
 # It is one slow, light test (2 Mbit/s for 6.5 minutes): run alongside the rest,
 # it costs the command no time and shows rekeys survive a busy machine.
-soak_bin=$(cargo test --locked --release -p weft-tests --test rekey_soak --no-run --message-format=json \
+# --workspace: the features of the workspace build below, so what this builds is reused there
+# (with -p weft-tests the shared crates are compiled twice, a minute more).
+soak_bin=$(cargo test --locked --release --workspace --test rekey_soak --no-run --message-format=json \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 [[ -x $soak_bin ]] || die "could not build the rekey soak"
 soak_log=$(mktemp /tmp/weft-soak.XXXXXX)
@@ -99,7 +101,8 @@ banner "cargo test --locked --release --workspace (unit + network-namespace end-
 cargo test --locked --release --workspace -- "${test_args[@]}"
 
 banner "the loopback relay suite again, every client on the TCP/TLS fallback (WEFT_RELAY_TRANSPORT=tcp)"
-WEFT_RELAY_TRANSPORT=tcp cargo test --locked --release -p tunnel-relay --test relay loopback:: -- "${test_args[@]}"
+# --workspace: the workspace build's features, so nothing is compiled again.
+WEFT_RELAY_TRANSPORT=tcp cargo test --locked --release --workspace --test relay loopback:: -- "${test_args[@]}"
 
 banner "the rekey soak's result"
 soak_rc=0

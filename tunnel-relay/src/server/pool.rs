@@ -2211,7 +2211,12 @@ pub(super) async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixL
             };
             let answer = match line.trim() {
                 "pool" => {
-                    let v = tokio::task::block_in_place(|| shared.pool.view_for(&op));
+                    // A fleet relay that does not schedule reads the store (blocking).
+                    let v = if shared.pool.lease.is_some() {
+                        tokio::task::block_in_place(|| shared.pool.view_for(&op))
+                    } else {
+                        shared.pool.view_for(&op)
+                    };
                     serde_json::to_string(&v)
                 }
                 "reload" => match super::reload::reload(&shared) {
