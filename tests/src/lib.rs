@@ -20,6 +20,7 @@ pub mod ray;
 pub mod router;
 pub mod ssh;
 pub mod traffic;
+pub mod turn;
 pub mod wgconf;
 pub mod wggo;
 

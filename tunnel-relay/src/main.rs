@@ -600,17 +600,8 @@ fn pool_view(dir: &Path) -> Result<(PoolView, bool)> {
     if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
         return Ok((ask_admin(s, &sock, "pool")?, true));
     }
-    let store = PoolStore::open(dir)?;
-    let queue = store.jobs(true)?.into_iter().map(|j| j.view).collect();
-    let workers = store.workers()?;
-    Ok((
-        PoolView {
-            workers,
-            queue,
-            policy: "(relay not running)".into(),
-        },
-        false,
-    ))
+    let view = PoolStore::open(dir)?.view("(relay not running)".into())?;
+    Ok((view, false))
 }
 
 fn pool_cmd(cmd: PoolCmd) -> Result<()> {

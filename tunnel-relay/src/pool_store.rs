@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
-use weft_proto::pool::{JobView, UsageRecord, WorkerView};
+use weft_proto::pool::{JobView, PoolView, UsageRecord, WorkerView};
 
 use crate::error::StateError;
 use crate::pg::PgRegistry;
@@ -186,6 +186,16 @@ impl PoolStore {
                 serde_json::from_str(&text).map_err(|e| self.bad(format!("{what} {key}: {e}")))
             })
             .collect()
+    }
+
+    /// The pool as stored (the unfinished jobs and every worker), with `policy` in its
+    /// policy line: what an operator sees where no scheduler answers (no wait reasons).
+    pub fn view(&self, policy: String) -> Result<PoolView, StateError> {
+        Ok(PoolView {
+            queue: self.jobs(true)?.into_iter().map(|j| j.view).collect(),
+            workers: self.workers()?,
+            policy,
+        })
     }
 
     /// Writes a job's row.

@@ -66,7 +66,7 @@ fn wait_on_mesh(worker: &Netns, wstate: &str, agent: &Proc) -> Value {
 
 #[test]
 fn engineer_submits_over_the_mesh_as_its_mesh_name() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let lab = NattedWorker::new("wam", Nat::Easy);
     let relay = LabRelay::start(&lab.net, "wam");
     let (relay_ns, rstate) = (&relay.ns, relay.state.clone());
@@ -259,7 +259,7 @@ fn engineer_submits_over_the_mesh_as_its_mesh_name() {
 
 #[test]
 fn without_the_mesh_the_agent_runs_relay_only_and_says_why() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("wan");
     let relay = LabRelay::start(&net, "wan");
     let (relay_ns, rstate) = (&relay.ns, relay.state.clone());

@@ -72,7 +72,7 @@ fn wait_job(eng: &Netns, id: u64, via: &str, state: &str) {
 
 #[test]
 fn jobs_through_the_relay_carry_the_engineers_identity() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let lab = NattedWorker::new("war", Nat::Easy);
     let relay_ns = lab.net.host("war-relay", RELAY_IP);
     let (worker, eng) = (&lab.worker, &lab.engineer);

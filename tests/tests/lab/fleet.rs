@@ -48,7 +48,7 @@ fn fetch(ns: &Netns, target: &str) -> String {
 
 #[test]
 fn two_relays_on_one_postgres_are_one_network() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let net = Internet::new("fl");
     let mut pg = LabPostgres::start(net.host("fl-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();
@@ -402,7 +402,7 @@ fn until<T>(within: Duration, what: &str, f: impl FnMut() -> Result<T, String>) 
 
 #[test]
 fn the_pool_has_one_scheduler_and_another_relay_takes_over() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let net = Internet::new("fp");
     let pg = LabPostgres::start(net.host("fp-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();

@@ -60,7 +60,7 @@ fn rtt_ms(n: &ManagedNode, relay: &str) -> f64 {
 
 #[test]
 fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("rg");
     let _pg = LabPostgres::start(net.host("rg-pg", "203.0.113.20"), "203.0.113.20");
     let url = _pg.url();

@@ -11,7 +11,7 @@ use weft_tests::{
 
 #[test]
 fn namespaces_are_created_linked_and_deleted() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let name;
     {
         let a = Netns::new("hn");
@@ -48,7 +48,7 @@ fn namespaces_are_created_linked_and_deleted() {
 
 #[test]
 fn home_router_nats_out_and_drops_unsolicited_in() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("hr");
     let server = net.host("hr-srv", "198.51.100.50");
     for (nat, wan, lan) in [
@@ -75,7 +75,7 @@ fn home_router_nats_out_and_drops_unsolicited_in() {
 
 #[test]
 fn wireguard_go_pair_carries_traffic_and_probes_measure_it() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let pair = NodePair::start("hw", [51820, 51820], WgGo::start, WgGo::start);
     let (a, b, wa, wb) = (&pair.a, &pair.b, &pair.na, &pair.nb);
     assert!(traffic::wait_ping(
@@ -114,7 +114,7 @@ fn wireguard_go_pair_carries_traffic_and_probes_measure_it() {
 /// mac1 check and fails later ("invalid initiation"), never "invalid mac1".
 #[test]
 fn flood_initiations_pass_mac1_check() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("hf");
     let t = net.host("hf-t", "203.0.113.10");
     let atk = net.host("hf-x", "203.0.113.66");

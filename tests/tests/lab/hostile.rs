@@ -10,7 +10,7 @@ use weft_tests::{MeshNode, NodePair};
 
 #[test]
 fn node_survives_flood_during_transfer() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let mut pair = NodePair::start("ho", [51820, 51820], MeshNode::start, MeshNode::start);
     let attacker = pair.net.host("ho-x", "203.0.113.66");
     let (a, b, ifs) = (&pair.a, &pair.b, &pair.ifs);

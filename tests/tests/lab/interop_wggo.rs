@@ -74,14 +74,14 @@ fn check_both_ways(p: &mut Pair, first_from_ours: bool) {
 
 #[test]
 fn our_node_initiates() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let mut p = pair("iwo");
     check_both_ways(&mut p, true);
 }
 
 #[test]
 fn wireguard_go_initiates() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let mut p = pair("iwg");
     check_both_ways(&mut p, false);
 }

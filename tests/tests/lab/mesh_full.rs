@@ -12,7 +12,7 @@ const N: usize = 3;
 
 #[test]
 fn three_nodes_full_mesh_v4_and_v6() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("mf");
     let underlay: Vec<String> = (0..N).map(|i| format!("203.0.113.{}", 10 + i)).collect();
     let hosts: Vec<_> = underlay.iter().map(|ip| net.host("mf", ip)).collect();
@@ -62,7 +62,7 @@ fn three_nodes_full_mesh_v4_and_v6() {
 /// the dual-stack socket carries the tunnel, overlay v4 and v6 both work.
 #[test]
 fn ipv6_underlay_endpoints() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let a = weft_tests::Netns::new("m6a");
     let b = weft_tests::Netns::new("m6b");
     weft_tests::link(

@@ -128,7 +128,7 @@ fn ssh_by_name(eng: &ManagedNode, worker: &ManagedNode, name: &str, expect_ip: &
 
 #[test]
 fn magic_dns_ssh_by_name_acl_and_revocation() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let net = Internet::new("mma");
     let relay = Relay::start(&net, "mma");
     let w1 = node(net.host("mma-w1", "198.51.100.6"), &relay, "worker", "gpu1");
@@ -201,7 +201,7 @@ fn magic_dns_ssh_by_name_acl_and_revocation() {
 
 #[test]
 fn transfer_survives_the_coordinator_and_nodes_reconnect() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let mut pair = direct_pair("mmc");
     let (e, w, relay) = (&pair.e, &pair.w, &mut pair.relay);
     // 24 MiB at 4 MiB/s: the relay dies in the middle.
@@ -247,7 +247,7 @@ fn transfer_survives_the_coordinator_and_nodes_reconnect() {
 
 #[test]
 fn worker_moving_networks_is_reachable_again() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let pair = direct_pair("mmr");
     // The worker moves: new address on the other segment, old one gone.
     let g = gap_while(&pair, "the move", || {
@@ -280,7 +280,7 @@ fn worker_moving_networks_is_reachable_again() {
 
 #[test]
 fn direct_path_cut_falls_back_to_the_relay() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let pair = direct_pair("mmf");
     let (e, w) = (&pair.e, &pair.w);
     // Something between them starts dropping their direct UDP (the relay still gets through).
@@ -314,7 +314,7 @@ fn direct_path_cut_falls_back_to_the_relay() {
 
 #[test]
 fn relay_pools_give_addresses_routes_and_dns_inside_them() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let net = Internet::new("mmp");
     let relay = Relay::start_with_config(
         &net,
@@ -379,7 +379,7 @@ fn acl_config(extra: &str) -> String {
 
 #[test]
 fn policy_reload_reaches_every_peer_map_without_a_restart() {
-    let _lab = crate::lab_turn(concat!(module_path!(), ":", line!()));
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
     let net = Internet::new("mmp");
     let relay = Relay::start_with_config(&net, "mmp", Some(&acl_config("")));
     let config = relay.ns.file("relay.toml");

@@ -295,7 +295,7 @@ fn run_cell(cell: Cell, tag: &str) -> Result<(), String> {
 
 #[test]
 fn mesh_status_and_ping() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     run_cells(
         "mst",
         &[Cell::PublicPublic, Cell::HardHard],

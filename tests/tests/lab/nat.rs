@@ -10,7 +10,7 @@ use weft_tests::{overlay_node, Internet, MeshNode, Nat, Netns, Router};
 
 #[test]
 fn node_behind_nat_with_keepalive_is_reachable() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("nt");
     let public = net.host("nt-p", "203.0.113.10");
     let router = Router::new(&net, "nt", Nat::Hard, "203.0.113.60/24", "192.0.2.32/27");

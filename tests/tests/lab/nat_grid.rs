@@ -188,7 +188,7 @@ fn run_cell(c: &Cell, tag: &str) -> Result<(), String> {
 
 #[test]
 fn nat_grid_paths() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     use Place::*;
     let easy = Behind(Nat::Easy);
     let hard = Behind(Nat::Hard);

@@ -244,7 +244,7 @@ fn can_ping(ns: &Netns, ip: &str) -> bool {
 
 #[test]
 fn the_pool_places_by_requirement_across_natted_workers() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("pl");
     let mut relay = LabRelay::start(&net, "pl");
     let a100 = Worker::start(

@@ -227,7 +227,7 @@ print("RESULT " + json.dumps({"ips": sorted(ips), "made": made, "got": got, "siz
 
 #[test]
 fn weft_cluster_up_makes_one_ray_cluster_of_natted_workers() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let ray = weft_tests::ray::ray_bin();
     let ray = ray.display().to_string();
     let net = Internet::new("rc");

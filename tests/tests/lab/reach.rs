@@ -519,7 +519,7 @@ fn session_over(log: &str, transport: &str) -> bool {
 
 #[test]
 fn udp_block_drops_udp_but_passes_dns_tcp_and_icmp() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("rub");
     let server = net.host("rub-srv", "198.51.100.50");
     let router = Router::new(&net, "rub", Nat::Easy, "203.0.113.60/24", "192.0.2.32/27");
@@ -611,7 +611,7 @@ fn udp_block_drops_udp_but_passes_dns_tcp_and_icmp() {
 
 #[test]
 fn blocked_udp_falls_back_to_tls_over_tcp() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let mut lab = Lab::new("rch");
     let (worker, eng) = (lab.worker.clone(), lab.eng.clone());
     let (wd, ed) = (
@@ -1161,7 +1161,7 @@ fn haproxy_cfg(listen: &str, relay: &str, web_pem: &str) -> String {
 
 #[test]
 fn haproxy_routes_the_relays_sni_to_the_relay() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let lab = Lab::new("rhp");
     const HAPROXY_IP: &str = "198.51.100.80";
     let hap = lab.net.host("rhp-hap", HAPROXY_IP);
@@ -1280,7 +1280,7 @@ fn peer_named(status: &Value, name: &str) -> Value {
 /// `WEFT_QUIC_RETRY`) and stays online in alice's peer map through the move.
 #[test]
 fn mesh_node_behind_a_udp_block_is_relayed_over_tcp_then_goes_direct() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     const NAME: &str = "gpu1.weft.internal";
     let net = Internet::new("rmb");
     let relay = LabRelay::start(&net, "rmb");
@@ -1578,7 +1578,7 @@ fn epoch_now() -> f64 {
 /// nothing about it.
 #[test]
 fn udp_cut_mid_session_moves_the_worker_to_tcp_and_ssh_reconnects() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let lab = Lab::open("rcut");
     let eng = lab.eng.clone();
     assert!(!lab.wrouter.udp_blocked());

@@ -11,7 +11,7 @@ use weft_tests::{MeshNode, NodePair};
 
 #[test]
 fn transfer_survives_peer_address_change() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let mut pair = NodePair::start("ro", [51820, 51820], MeshNode::start, MeshNode::start);
     let (a, b, ifs) = (&pair.a, &pair.b, &pair.ifs);
     let (na, nb) = (&mut pair.na, &mut pair.nb);

@@ -26,7 +26,7 @@ fn set_of(csv: &str) -> BTreeSet<String> {
 
 #[test]
 fn show_dump_and_showconf_report_the_config() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let l = lab("wgs");
     let ifn = l.na.ifname();
     let (me, peer) = (&l.na.iface, &l.nb.iface);
@@ -104,7 +104,7 @@ fn show_dump_and_showconf_report_the_config() {
 
 #[test]
 fn status_json_reports_endpoint_handshake_and_counters() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let l = lab("wgj");
     let b_ip = l.nb.iface.ip(false);
     let before = l.na.status();
@@ -151,7 +151,7 @@ fn status_json_reports_endpoint_handshake_and_counters() {
 
 #[test]
 fn wg_set_adds_and_removes_a_peer_at_runtime() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let l = lab("wga");
     let ifn = l.na.ifname().to_string();
     // A wireguard-go peer C that already knows A; A learns C only through `wg set`.
@@ -232,7 +232,7 @@ fn wg_set_adds_and_removes_a_peer_at_runtime() {
 /// one is free, and the peer follows A to it (roaming on A's next packet).
 #[test]
 fn wg_set_listen_port_rebinds_the_running_socket() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     let l = lab("wgp");
     let ifn = l.na.ifname().to_string();
     let b_ip = l.nb.iface.ip(false);
@@ -289,7 +289,7 @@ fn wg_set_listen_port_rebinds_the_running_socket() {
 /// the tunnel; stopping the node removes the policy rules.
 #[test]
 fn allowed_ips_everything_is_a_full_tunnel_that_keeps_the_endpoints_reachable() {
-    let _lab = crate::lab_turn(module_path!());
+    let _lab = weft_tests::turn::take(module_path!());
     // A's one peer, B, takes everything.
     let full = |ns: &Netns, iface: &weft_tests::Interface| {
         let mut iface = iface.clone();

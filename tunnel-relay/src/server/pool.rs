@@ -2158,27 +2158,19 @@ impl PoolShell {
     /// The pool as stored, for the operator of a fleet relay that does not schedule it
     /// (no wait reasons: only the scheduler knows them).
     fn stored_view(&self, l: &LeaseKeeper) -> PoolView {
-        let store = lock(&l.store);
-        let queue = store
-            .jobs(true)
-            .map(|j| j.into_iter().map(|j| j.view).collect())
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "could not read the pool's jobs");
-                Vec::new()
-            });
-        let workers = store.workers().unwrap_or_else(|e| {
-            warn!(error = %e, "could not read the pool's workers");
-            Vec::new()
-        });
         let holder = l.holder.read().unwrap_or_else(|p| p.into_inner()).clone();
-        PoolView {
-            workers,
-            queue,
-            policy: match holder {
-                Some(h) => format!("(scheduled by relay {h}; stored state)"),
-                None => "(no relay of the fleet schedules the pool right now)".into(),
-            },
-        }
+        let policy = match holder {
+            Some(h) => format!("(scheduled by relay {h}; stored state)"),
+            None => "(no relay of the fleet schedules the pool right now)".into(),
+        };
+        lock(&l.store).view(policy.clone()).unwrap_or_else(|e| {
+            warn!(error = %e, "could not read the pool's store");
+            PoolView {
+                workers: Vec::new(),
+                queue: Vec::new(),
+                policy,
+            }
+        })
     }
 }
 
@@ -2305,10 +2297,7 @@ pub(super) async fn lease_loop(shared: Arc<Shared>) {
             _ = stopping.wait_for(|s| *s) => return,
         }
         let sent = Instant::now();
-        let (lease, holder) = tokio::task::block_in_place(|| {
-            let store = lock(&l.store);
-            (store.lease(), store.lease_holder())
-        });
+        let lease = tokio::task::block_in_place(|| lock(&l.store).lease());
         match lease {
             Ok(Lease::Held(epoch)) => {
                 *lock(&l.trusted_until) = Some(sent + LEASE_TRUST);
@@ -2320,15 +2309,18 @@ pub(super) async fn lease_loop(shared: Arc<Shared>) {
                     }
                 }
             }
-            Ok(Lease::Elsewhere) => ps.step_down("another relay of the fleet holds the lease"),
-            Err(e) => warn!(error = %e, "could not renew the pool's scheduling lease"),
-        }
-        match holder {
-            Ok(h) => {
-                let h = h.filter(|h| h.live).map(|h| h.relay);
-                *l.holder.write().unwrap_or_else(|p| p.into_inner()) = h;
+            Ok(Lease::Elsewhere) => {
+                ps.step_down("another relay of the fleet holds the lease");
+                // Who does (API calls go there).
+                match tokio::task::block_in_place(|| lock(&l.store).lease_holder()) {
+                    Ok(h) => {
+                        let h = h.filter(|h| h.live).map(|h| h.relay);
+                        *l.holder.write().unwrap_or_else(|p| p.into_inner()) = h;
+                    }
+                    Err(e) => debug!(error = %e, "could not read the pool lease's holder"),
+                }
             }
-            Err(e) => debug!(error = %e, "could not read the pool lease's holder"),
+            Err(e) => warn!(error = %e, "could not renew the pool's scheduling lease"),
         }
     }
 }

@@ -22,7 +22,7 @@ fn refused(args: &[&str], reason: &str) {
 
 #[test]
 fn operator_commands_and_refusal_reasons() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let state = tmp.path().join("relay");
     let st = state.to_str().unwrap_or_else(|| panic!("utf-8 path"));

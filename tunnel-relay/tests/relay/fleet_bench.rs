@@ -377,7 +377,7 @@ fn iperf(eng: &Netns, port: u16, secs: u32) -> f64 {
 #[test]
 #[ignore = "benchmark (about a minute): tests/bench/fleet runs it"]
 fn fleet_bench() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let net = Internet::new("fb");
     let pg = LabPostgres::start(net.host("fb-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();

@@ -32,7 +32,7 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn sighup_closes_the_session_at_once() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("relay");
     let st = state.to_str().unwrap();

@@ -26,7 +26,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_idle_workers_fit_in_64_mib() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let state = tmp.path().join("relay");
     let cfg = tmp.path().join("relay.toml");

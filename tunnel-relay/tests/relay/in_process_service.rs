@@ -44,7 +44,7 @@ async fn open(eng: &Path, service: &str) -> Result<(Vec<u8>, String), ClientErro
 
 #[tokio::test]
 async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let wdir = tmp();
     let (tx, mut rx) = mpsc::channel::<IncomingStream>(4);
@@ -116,7 +116,7 @@ async fn in_process_service_gets_the_stream_and_the_authenticated_caller() {
 
 #[tokio::test]
 async fn a_refused_worker_publishes_the_reason() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let wdir = tmp();
     let (link_tx, link) = watch::channel(LinkState::Connecting { attempt: 1 });

@@ -203,7 +203,7 @@ fn assert_refused<T>(r: Result<T, ClientError>, want: Reason) -> ClientError {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_carries_bytes_and_half_close_both_ways() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let echo = echo_service().await;
     let (banner, mut counts) = banner_then_count_service().await;
@@ -259,7 +259,7 @@ async fn tunnel_carries_bytes_and_half_close_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_propagates_to_the_other_side() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     // A service that accepts and then aborts the connection (RST) at once.
     let l = TcpListener::bind("127.0.0.1:0")
@@ -297,7 +297,7 @@ async fn reset_propagates_to_the_other_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_carry_their_reason() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let echo = echo_service().await;
 
@@ -400,7 +400,7 @@ async fn refusals_carry_their_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_refuses_a_relay_with_another_key() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let mut tok = lab.token("engineer", None, None);
     tok.relay_key = tunnel_relay::StaticKey::generate().public();
@@ -418,7 +418,7 @@ async fn client_refuses_a_relay_with_another_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_tunnels_echo_every_byte() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
     let s = std::sync::Arc::new(s);
@@ -448,7 +448,7 @@ async fn five_hundred_concurrent_tunnels_echo_every_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_returns_after_relay_restart_and_needs_no_token() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let addr = lab.addr;
     let echo = echo_service().await;
@@ -497,7 +497,7 @@ async fn worker_returns_after_relay_restart_and_needs_no_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let mut config = RelayConfig::default();
     config.limits.max_streams_per_node = 2;
     let lab = start_relay(config).await;
@@ -525,7 +525,7 @@ async fn stream_limit_per_node_refuses_with_reason_and_frees_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_dropped_after_the_handshake_timeout() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let mut config = with_metrics(RelayConfig::default());
     config.limits.handshake_timeout_ms = 300;
     let lab = start_relay(config).await;
@@ -561,7 +561,7 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(with_metrics(RelayConfig::default())).await;
     let maddr = lab.metrics.unwrap_or_else(|| panic!("metrics enabled"));
     let (_w, _eng, s) = echo_worker_and_engineer(&lab).await;
@@ -619,7 +619,7 @@ async fn metrics_count_nodes_tunnels_bytes_and_refusals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_connected_nodes_closes_them_without_waiting_for_an_open() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let (mut w, _eng, s) = echo_worker_and_engineer(&lab).await;
     // A tunnel open through the worker while it is revoked.
@@ -683,7 +683,7 @@ fn write_pem(path: &Path, label: &str, der: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_certificate_is_served_and_a_wrong_key_is_refused() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let dir = tmp();
     let op = rcgen::generate_simple_self_signed(vec!["relay.example.net".to_string()])
         .unwrap_or_else(|e| panic!("{e}"));
@@ -743,7 +743,7 @@ async fn node_session(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     use tunnel_relay::relay_path::RelayPath;
     let lab = start_relay(RelayConfig::default()).await;
     let (e, ek, _ed) = node_session(&lab, "engineer", "e").await;
@@ -809,7 +809,7 @@ async fn relay_path_carries_datagrams_between_allowed_nodes_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stun_binding_requests_get_the_observed_address() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     use tunnel_relay::stun;
     let lab = start_relay(RelayConfig::default()).await;
     let stun_addr = lab.stun.unwrap_or_else(|| panic!("STUN is on by default"));
@@ -856,7 +856,7 @@ async fn recv_within(s: &tokio::net::UdpSocket) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_relay_path_forwards_bound_nodes_by_policy_and_drops_the_rest() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     use tunnel_relay::relay_path::{
         bind_fields, bind_packet, bind_valid, fast_header, fast_slot, slot, RelayPath, FAST_ACK,
         FAST_BIND, FAST_HEADER,

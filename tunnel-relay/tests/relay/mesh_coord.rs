@@ -71,7 +71,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(with_metrics(RelayConfig::default())).await;
     let (w1, _d1) = node(&lab, "worker", "gpu1", vec![cand("192.0.2.1:51820")]).await;
     let (mut w2, _d2) = node(&lab, "worker", "gpu2", vec![]).await;
@@ -260,7 +260,7 @@ async fn next_call_me_maybe(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_node_leaves_every_peer_map_within_a_second() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let (w1, _d1) = node(&lab, "worker", "w1", vec![]).await;
     let (e, _de) = node(&lab, "engineer", "e", vec![]).await;
@@ -307,7 +307,7 @@ async fn revoked_node_leaves_every_peer_map_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_restart_resyncs_nodes_with_unchanged_addresses() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let listen = lab.addr;
     let (w1, _d1) = node(&lab, "worker", "w1", vec![cand("192.0.2.1:51820")]).await;
@@ -361,7 +361,7 @@ async fn relay_restart_resyncs_nodes_with_unchanged_addresses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_control_stream_closes_only_that_stream() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let dir = tmp();
     let tok = lab.token("engineer", None, None);
@@ -403,7 +403,7 @@ async fn garbage_on_the_control_stream_closes_only_that_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_that_are_not_dns_labels_are_refused_with_the_reason() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let dir = tmp();
     let tok = lab.token("GPU_Workers", None, None);
@@ -419,7 +419,7 @@ async fn tags_that_are_not_dns_labels_are_refused_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_stream_is_reset_rejoins_on_its_connection_from_its_version() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let (w1, _d1) = node(&lab, "worker", "w1", vec![]).await;
     let (mut e, de) = node(&lab, "engineer", "e", vec![]).await;

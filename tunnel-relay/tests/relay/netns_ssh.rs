@@ -21,29 +21,6 @@ fn sha256_file(p: &Path) -> String {
     hex::encode(Sha256::digest(&bytes))
 }
 
-fn start_sshd(ns: &Netns) -> Proc {
-    let d = ns.dir().display().to_string();
-    ns.exec(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f {d}/hostkey && ssh-keygen -q -t ed25519 -N '' -f {d}/id && \
-         cp {d}/id.pub {d}/authorized_keys && chmod 600 {d}/authorized_keys && mkdir -p /run/sshd"
-    ));
-    let cfg = format!(
-        "Port 22\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
-         PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-         Subsystem sftp internal-sftp\nLogLevel VERBOSE\n"
-    );
-    std::fs::write(ns.file("sshd_config"), cfg)
-        .unwrap_or_else(|e| panic!("write sshd_config: {e}"));
-    ns.spawn_listening(
-        "sshd",
-        &format!("/usr/sbin/sshd -D -e -f {d}/sshd_config"),
-        't',
-        22,
-        Duration::from_secs(5),
-    )
-}
-
 fn start_relay(ns: &Netns, state: &str) -> Proc {
     ns.spawn_listening(
         "relay",
@@ -69,7 +46,7 @@ fn wait_listed(eng: &Netns, estate: &str, name: &str, within: Duration) -> Optio
 
 #[test]
 fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = NattedWorker::new("trs", Nat::Easy);
     let relay_ns = lab.net.host("trs-relay", RELAY_IP);
     let (worker_ns, worker_ip, eng_ns) = (&lab.worker, &lab.worker_ip, &lab.engineer);
@@ -84,7 +61,7 @@ fn ssh_and_scp_through_the_relay_to_a_natted_worker() {
         "worker's sshd must not be reachable directly"
     );
 
-    let _sshd = start_sshd(worker_ns);
+    let _sshd = weft_tests::ssh::start_sshd(worker_ns, "127.0.0.1");
     let rstate = relay_ns.file("state").display().to_string();
     let mut relay = start_relay(&relay_ns, &rstate);
 

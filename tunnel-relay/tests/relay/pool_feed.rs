@@ -242,7 +242,7 @@ fn started(s: &Start, local_id: u64) -> AgentMsg {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let (d1, d2) = (tmp(), tmp());
     let mut a100 = agent(
@@ -457,7 +457,7 @@ async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gang_gets_ranks_and_a_failed_member_stops_and_requeues_it() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let (d1, d2) = (tmp(), tmp());
     let mut w1 = agent(
@@ -529,7 +529,7 @@ async fn a_gang_gets_ranks_and_a_failed_member_stops_and_requeues_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_survives_a_relay_restart_and_stale_copies_are_stopped() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let wdir = tmp();
     let mut w = agent(
@@ -628,7 +628,7 @@ async fn the_queue_survives_a_relay_restart_and_stale_copies_are_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_workers_job_moves_to_another_and_its_old_copy_is_stopped_on_return() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let mut config = RelayConfig::default();
     config.pool.lost_after = Duration::from_secs(1);
     let lab = start_relay(config).await;
@@ -684,7 +684,7 @@ async fn a_lost_workers_job_moves_to_another_and_its_old_copy_is_stopped_on_retu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_heartbeats_stop_is_lost_and_back_when_it_speaks() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let mut config = RelayConfig::default();
     config.pool.lost_after = Duration::from_secs(1);
     let lab = start_relay(config).await;
@@ -726,7 +726,7 @@ async fn a_worker_whose_heartbeats_stop_is_lost_and_back_when_it_speaks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloned_gpu_is_flagged_until_the_operator_revokes_the_clone() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let lab = start_relay(RelayConfig::default()).await;
     let (d1, d2) = (tmp(), tmp());
     let same = || inventory(gpus("x", "NVIDIA A100-SXM4-80GB", 81920, 1), vec![]);
@@ -774,7 +774,7 @@ async fn a_cloned_gpu_is_flagged_until_the_operator_revokes_the_clone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_limits_and_gpu_quotas_are_enforced_at_submit() {
-    let _turn = crate::turn(module_path!());
+    let _turn = weft_tests::turn::take(module_path!());
     let mut config = RelayConfig::default();
     config.pool.gpu_quota = Some(2);
     config.pool.priority_max.insert("engineer".into(), 50);
