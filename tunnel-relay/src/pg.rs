@@ -4,9 +4,11 @@
 //!
 //! Driver: tokio-postgres, through its blocking `postgres` wrapper. The
 //! registry API is synchronous (it is SQLite's), so each [`PgRegistry`] owns
-//! one thread holding one connection; calls are sent to it and waited for,
-//! from any thread or runtime (the `postgres` client runs its own runtime,
-//! which must not be entered from a tokio worker). A call on a broken
+//! store threads holding one connection each (one, or [`MAIN_CONNECTIONS`]
+//! for a relay's main registry); calls are queued to them and waited for,
+//! from any thread or runtime, or awaited through a [`PgHandle`] (the
+//! `postgres` client runs its own runtime, which must not be entered from a
+//! tokio worker). A call on a broken
 //! connection fails with the error; the next call reconnects, so a restarted
 //! PostgreSQL costs the calls made while it was down.
 //!
@@ -314,24 +316,50 @@ pub struct PgRegistry {
     changes: std::sync::OnceLock<watch::Receiver<i64>>,
 }
 
+/// Store connections of a relay's main registry: the admissions of a herd
+/// of nodes failing over from a dead relay run on them side by side.
+pub const MAIN_CONNECTIONS: usize = 4;
+
+/// A handle on a [`PgRegistry`]'s store threads that needs neither the
+/// registry's lock nor a blocked thread: a relay's admissions and their
+/// revocation checks are `await`ed through it, so a herd of them neither
+/// queues on the lock nor stalls the async runtime.
+#[derive(Clone)]
+pub struct PgHandle {
+    jobs: std_mpsc::Sender<Job>,
+}
+
 impl PgRegistry {
     /// Connects (and migrates the schema), failing now if the database is
     /// unreachable or too new. `relay` names this relay in the mesh records
     /// it writes. The listener starts with the first [`PgRegistry::changes`].
     pub fn connect(url: &str, relay: &str) -> Result<PgRegistry, StateError> {
+        PgRegistry::connect_pool(url, relay, 1)
+    }
+
+    /// As [`PgRegistry::connect`], with `threads` store connections taking
+    /// calls from one queue (each connects at its first call; one caller's
+    /// calls still run in order, since each waits for its answer).
+    pub fn connect_pool(url: &str, relay: &str, threads: usize) -> Result<PgRegistry, StateError> {
         let (jobs, rx) = std_mpsc::channel::<Job>();
-        let mut conn = Conn {
-            url: url.to_string(),
-            client: None,
-        };
-        std::thread::Builder::new()
-            .name("registry-pg".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job(&mut conn);
-                }
-            })
-            .map_err(|e| StateError::Pg(format!("store thread: {e}")))?;
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let mut conn = Conn {
+                url: url.to_string(),
+                client: None,
+            };
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("registry-pg-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(&mut conn),
+                        Err(_) => return,
+                    }
+                })
+                .map_err(|e| StateError::Pg(format!("store thread: {e}")))?;
+        }
         let reg = PgRegistry {
             jobs,
             relay: relay.to_string(),
@@ -342,24 +370,23 @@ impl PgRegistry {
         Ok(reg)
     }
 
-    /// Runs `f` on the store thread's connection and waits for it. A call
-    /// that finds the connection broken (PostgreSQL restarted since the
-    /// last call) reconnects and runs once more.
+    /// A handle for async callers ([`PgHandle`]).
+    pub fn handle(&self) -> PgHandle {
+        PgHandle {
+            jobs: self.jobs.clone(),
+        }
+    }
+
+    /// Runs `f` on a store thread's connection and waits for it
+    /// ([`submit`]).
     pub(crate) fn call<T: Send + 'static>(
         &self,
         f: impl Fn(&mut Client) -> Result<T, StateError> + Send + 'static,
     ) -> Result<T, StateError> {
         let (tx, rx) = std_mpsc::sync_channel(1);
-        let job: Job = Box::new(move |conn: &mut Conn| {
-            let mut r = conn.client().and_then(&f);
-            if r.is_err() && conn.client.as_ref().is_some_and(Client::is_closed) {
-                r = conn.client().and_then(&f);
-            }
+        submit(&self.jobs, f, move |r| {
             let _ = tx.send(r);
-        });
-        self.jobs
-            .send(job)
-            .map_err(|_| StateError::Pg("store thread is gone".into()))?;
+        })?;
         rx.recv()
             .map_err(|_| StateError::Pg("store thread is gone".into()))?
     }
@@ -768,14 +795,7 @@ impl PgRegistry {
 
     /// The key's revoked flag (None: unknown key).
     pub fn revoked_flag(&self, key: &PublicKey) -> Result<Option<bool>, StateError> {
-        let key = key.0.to_vec();
-        self.call(move |c| {
-            Ok(
-                c.query_opt("SELECT revoked FROM nodes WHERE key = $1", &[&key])
-                    .map_err(|e| pg_err(&e))?
-                    .map(|r| r.get(0)),
-            )
-        })
+        self.call(revoked_job(key))
     }
 
     /// Admission (the rule is [`decide_admit`]), in one serializable
@@ -787,31 +807,104 @@ impl PgRegistry {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
-    ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
-        let (key, name) = (*key, name.to_string());
-        let hash = secret.map(|s| s.hash().to_vec());
-        self.call(move |c| {
-            let mut last = None;
-            for attempt in 0..ADMIT_ATTEMPTS {
-                match admit_tx(c, &key, &name, hash.as_deref(), now) {
-                    Ok(r) => return Ok(r),
-                    Err(e) if retryable(&e) => {
-                        last = Some(e);
-                        // Relays admitting at once conflict; jittered, growing waits
-                        // let them take turns instead of colliding again.
-                        let cap = 2u64 << attempt.min(6);
-                        std::thread::sleep(std::time::Duration::from_millis(
-                            1 + rand::random::<u64>() % cap,
-                        ));
-                    }
-                    Err(e) => return Err(pg_err(&e)),
+    ) -> Result<AdmitResult, StateError> {
+        self.call(admit_job(key, name, secret, now))
+    }
+}
+
+/// Queues `f` for a store thread; `done` gets its result. A call that finds
+/// the connection broken (PostgreSQL restarted since the last call)
+/// reconnects and runs once more.
+fn submit<T: Send + 'static>(
+    jobs: &std_mpsc::Sender<Job>,
+    f: impl Fn(&mut Client) -> Result<T, StateError> + Send + 'static,
+    done: impl FnOnce(Result<T, StateError>) + Send + 'static,
+) -> Result<(), StateError> {
+    let job: Job = Box::new(move |conn: &mut Conn| {
+        let mut r = conn.client().and_then(&f);
+        if r.is_err() && conn.client.as_ref().is_some_and(Client::is_closed) {
+            r = conn.client().and_then(&f);
+        }
+        done(r);
+    });
+    jobs.send(job)
+        .map_err(|_| StateError::Pg("store thread is gone".into()))
+}
+
+impl PgHandle {
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut Client) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        submit(&self.jobs, f, move |r| {
+            let _ = tx.send(r);
+        })?;
+        rx.await
+            .map_err(|_| StateError::Pg("store thread is gone".into()))?
+    }
+
+    /// [`PgRegistry::admit`], awaited.
+    pub async fn admit(
+        &self,
+        key: &PublicKey,
+        name: &str,
+        secret: Option<&Secret>,
+        now: u64,
+    ) -> Result<AdmitResult, StateError> {
+        self.call(admit_job(key, name, secret, now)).await
+    }
+
+    /// Whether `key` is revoked (an unknown key counts as revoked), awaited.
+    pub async fn is_revoked(&self, key: &PublicKey) -> Result<bool, StateError> {
+        let r = self.call(revoked_job(key)).await?;
+        Ok(r.is_none_or(|v| v))
+    }
+}
+
+fn revoked_job(
+    key: &PublicKey,
+) -> impl Fn(&mut Client) -> Result<Option<bool>, StateError> + Send + 'static {
+    let key = key.0.to_vec();
+    move |c| {
+        Ok(
+            c.query_opt("SELECT revoked FROM nodes WHERE key = $1", &[&key])
+                .map_err(|e| pg_err(&e))?
+                .map(|r| r.get(0)),
+        )
+    }
+}
+
+/// The admission transaction with its retries ([`PgRegistry::admit`]).
+fn admit_job(
+    key: &PublicKey,
+    name: &str,
+    secret: Option<&Secret>,
+    now: u64,
+) -> impl Fn(&mut Client) -> Result<AdmitResult, StateError> + Send + 'static {
+    let (key, name) = (*key, name.to_string());
+    let hash = secret.map(|s| s.hash().to_vec());
+    move |c| {
+        let mut last = None;
+        for attempt in 0..ADMIT_ATTEMPTS {
+            match admit_tx(c, &key, &name, hash.as_deref(), now) {
+                Ok(r) => return Ok(r),
+                Err(e) if retryable(&e) => {
+                    last = Some(e);
+                    // Relays admitting at once conflict; jittered, growing waits
+                    // let them take turns instead of colliding again.
+                    let cap = 2u64 << attempt.min(6);
+                    std::thread::sleep(std::time::Duration::from_millis(
+                        1 + rand::random::<u64>() % cap,
+                    ));
                 }
+                Err(e) => return Err(pg_err(&e)),
             }
-            Err(last.map_or_else(
-                || StateError::Pg("admission retried out".into()),
-                |e| pg_err(&e),
-            ))
-        })
+        }
+        Err(last.map_or_else(
+            || StateError::Pg("admission retried out".into()),
+            |e| pg_err(&e),
+        ))
     }
 }
 

@@ -117,6 +117,29 @@ impl Registry {
         }
     }
 
+    /// A relay's main registry: as [`Registry::open_store`], with
+    /// [`crate::pg::MAIN_CONNECTIONS`] store connections on PostgreSQL.
+    pub fn open_main(state_dir: &Path, store: &Store, relay: &str) -> Result<Registry, StateError> {
+        match store {
+            Store::Sqlite => Registry::open(state_dir),
+            Store::Postgres(url) => Ok(Registry {
+                backend: Backend::Pg(crate::pg::PgRegistry::connect_pool(
+                    url,
+                    relay,
+                    crate::pg::MAIN_CONNECTIONS,
+                )?),
+            }),
+        }
+    }
+
+    /// The async handle of a PostgreSQL registry (None on SQLite).
+    pub fn pg_handle(&self) -> Option<crate::pg::PgHandle> {
+        match &self.backend {
+            Backend::Pg(p) => Some(p.handle()),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
     /// Whether other relays share this registry (PostgreSQL).
     pub fn is_shared(&self) -> bool {
         matches!(self.backend, Backend::Pg(_))

@@ -100,6 +100,9 @@ struct Shared {
     /// The tunnel policy and mesh ACL in force (a reload swaps them).
     policies: std::sync::RwLock<Arc<reload::Policies>>,
     registry: Mutex<Registry>,
+    /// The registry's async handle on PostgreSQL: admissions and their
+    /// revocation checks, awaited without its lock or a blocked thread.
+    pg: Option<crate::pg::PgHandle>,
     routes: Arc<Mutex<Routes<Connection>>>,
     rate: Mutex<RateLimiter>,
     next_id: AtomicU64,
@@ -306,7 +309,7 @@ impl Relay {
         let key = StaticKey::load_or_create(&dir.join(files::IDENTITY))?;
         let (cert, cert_key) = tls::server_cert(dir, &opts.config.tls)?;
         let relay_name = opts.config.relay_name();
-        let registry = Registry::open_store(dir, &opts.config.store, &relay_name)?;
+        let registry = Registry::open_main(dir, &opts.config.store, &relay_name)?;
         let limits = &opts.config.limits;
         // Few streams until admitted: quinn keeps per-stream state for every
         // stream a peer may open, so a large initial limit costs every idle
@@ -414,6 +417,7 @@ impl Relay {
                 policies: std::sync::RwLock::new(Arc::new(reload::Policies::from_config(
                     &opts.config,
                 ))),
+                pg: registry.pg_handle(),
                 registry: Mutex::new(registry),
                 routes,
                 rate: Mutex::new(rate),
@@ -1046,17 +1050,22 @@ async fn via_peer(
         }
     };
     debug!(relay = %home.name, %target, %service, "tunnel through a fleet relay");
-    Some(
-        peer.open_for(&ctx.name, ctx.key, &ctx.tags, target, service)
-            .await
-            .map_err(|e| match e {
-                crate::error::ClientError::Rejected(r) => PeerRefusal::Refused(r),
-                other => PeerRefusal::Unreachable(Rejection::new(
-                    Reason::ServiceUnavailable,
-                    format!("{target:?} via relay {}: {other}", home.name),
-                )),
-            }),
-    )
+    let opened = tokio::select! {
+        r = peer.open_for(&ctx.name, ctx.key, &ctx.tags, target, service) => r,
+        // A relay that stopped answering is not waited on until the link's
+        // idle timeout: the worker is moving to another relay.
+        () = peer.connection().went_silent(PEER_SILENT) => Err(crate::error::ClientError::Unreachable {
+            addrs: home.addrs.join(", "),
+            last: format!("relay {} went silent", home.name),
+        }),
+    };
+    Some(opened.map_err(|e| match e {
+        crate::error::ClientError::Rejected(r) => PeerRefusal::Refused(r),
+        other => PeerRefusal::Unreachable(Rejection::new(
+            Reason::ServiceUnavailable,
+            format!("{target:?} via relay {}: {other}", home.name),
+        )),
+    }))
 }
 
 /// This relay's connection to relay `name` of the fleet (at `addrs`),
@@ -1117,7 +1126,57 @@ async fn peer_session(
     *peer = Some(s.clone());
     drop(peer);
     add_peer_link(shared, name, s.connection().clone());
+    tokio::spawn(watch_peer(
+        shared.clone(),
+        name.to_string(),
+        slot,
+        s.clone(),
+    ));
     Ok(s)
+}
+
+/// How long a link to another relay may receive nothing before that relay is
+/// taken for gone (it sends keepalives every 500 ms): half the idle timeout.
+const PEER_SILENT: Duration = Duration::from_secs(1);
+
+/// Watches the link `s` in relay `name`'s `slot`: when it goes silent (the
+/// relay or the path is gone) it leaves the slot and the relay is held off,
+/// so new tunnels to that relay's workers wait for them on another relay
+/// instead of on this link's idle timeout; if the link is heard again (a
+/// stall, not a death), it goes back.
+async fn watch_peer(
+    shared: Arc<Shared>,
+    name: String,
+    slot: PeerSlot,
+    s: Arc<crate::client::Session>,
+) {
+    let conn = s.connection().clone();
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            () = conn.went_silent(PEER_SILENT) => {}
+        }
+        {
+            let mut p = slot.lock().await;
+            if !p.as_ref().is_some_and(|x| Arc::ptr_eq(x, &s)) {
+                return;
+            }
+            *p = None;
+        }
+        lock(&shared.peer_down).insert(name.clone(), Instant::now() + PEER_HOLD_OFF);
+        warn!(relay = %name, silent_ms = PEER_SILENT.as_millis() as u64, "fleet relay went silent; tunnels to its workers wait for them on another relay");
+        tokio::select! {
+            _ = conn.closed() => return,
+            () = conn.heard_again() => {}
+        }
+        let mut p = slot.lock().await;
+        if p.is_some() {
+            return;
+        }
+        *p = Some(s.clone());
+        lock(&shared.peer_down).remove(&name);
+        info!(relay = %name, "fleet relay answers again");
+    }
 }
 
 /// Dials the links that relayed packets asked for ([`remote_hop`]), one
@@ -1239,8 +1298,12 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
         // Another relay of the fleet (it holds this relay's own key): a peer, not a node.
         Ok((hello.name.clone(), vec![PEER_TAG.to_string()]))
     } else {
-        let r =
-            lock(&shared.registry).admit(&key, &hello.name, hello.join_secret.as_ref(), unix_now());
+        let secret = hello.join_secret.as_ref();
+        let r = match &shared.pg {
+            Some(pg) => pg.admit(&key, &hello.name, secret, unix_now()).await,
+            // SQLite: a local file, answered in well under a millisecond.
+            None => lock(&shared.registry).admit(&key, &hello.name, secret, unix_now()),
+        };
         match r {
             Ok(v) => v,
             Err(e) => {
@@ -1356,7 +1419,7 @@ async fn serve_node(
     }
     // Revoked between admission and registration in the table: the watcher
     // may have looked already.
-    if revoked(&shared, &ctx.key) {
+    if revoked_now(&shared, &ctx.key).await {
         ctx.conn
             .close(VarInt::from_u32(CloseCode::Revoked.code()), b"revoked");
     }
@@ -1563,6 +1626,21 @@ fn opener(ctx: &NodeCtx) -> Opener<'_> {
         key: &ctx.key,
         name: &ctx.name,
         tags: &ctx.tags,
+    }
+}
+
+/// [`revoked`] for async callers: awaited on PostgreSQL (no lock held, no
+/// thread blocked), on SQLite as before.
+async fn revoked_now(shared: &Shared, key: &PublicKey) -> bool {
+    let Some(pg) = &shared.pg else {
+        return revoked(shared, key);
+    };
+    match pg.is_revoked(key).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "registry failed during revocation check; refusing");
+            true
+        }
     }
 }
 

@@ -47,6 +47,9 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// How often [`Connection::went_silent`] reads the received-datagram count.
+const SILENCE_TICK: Duration = Duration::from_millis(100);
+
 /// One connection to or from the relay.
 #[derive(Debug, Clone)]
 pub enum Connection {
@@ -191,6 +194,54 @@ impl Connection {
                 .map(|b| *b)
                 .unwrap_or_default(),
             Connection::Tcp(c) => c.peer_certificates(),
+        }
+    }
+
+    /// UDP datagrams received on this connection so far (QUIC; `None` on
+    /// TCP/TLS): what tells a client that its relay went silent.
+    pub fn received_datagrams(&self) -> Option<u64> {
+        match self {
+            Connection::Quic(c) => Some(c.stats().udp_rx.datagrams),
+            Connection::Tcp(_) => None,
+        }
+    }
+
+    /// Resolves once this connection has received no datagram for
+    /// `silent` (QUIC; never on TCP/TLS). With keepalives every `silent / 2`
+    /// a live peer answers well within it: silence means its process or
+    /// host is gone, or the path stopped passing UDP, and is seen before the
+    /// idle timeout closes the connection.
+    pub async fn went_silent(&self, silent: Duration) {
+        let Some(mut last) = self.received_datagrams() else {
+            return std::future::pending().await;
+        };
+        let mut since = tokio::time::Instant::now();
+        let mut tick = since;
+        loop {
+            tokio::time::sleep(SILENCE_TICK).await;
+            let now = tokio::time::Instant::now();
+            let n = self.received_datagrams().unwrap_or(last);
+            // A late tick means this process was starved: what the peer sent
+            // may still wait in the socket, unread. Silence counts only while
+            // this side keeps time.
+            let late = now.duration_since(tick) > SILENCE_TICK * 3;
+            tick = now;
+            if n != last || late {
+                (last, since) = (n, now);
+            } else if now.duration_since(since) >= silent {
+                return;
+            }
+        }
+    }
+
+    /// Resolves once this connection receives a datagram again (never on
+    /// TCP/TLS).
+    pub async fn heard_again(&self) {
+        let Some(last) = self.received_datagrams() else {
+            return std::future::pending().await;
+        };
+        while self.received_datagrams() == Some(last) {
+            tokio::time::sleep(SILENCE_TICK).await;
         }
     }
 

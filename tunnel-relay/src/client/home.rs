@@ -250,10 +250,80 @@ pub async fn measure_fleet(
 /// Resolves to a better session than `current`: on the TCP/TLS fallback by
 /// choice of the race (`quic_every` set), a QUIC session once QUIC reaches
 /// the relay again; in a fleet (`home_every` set, and the relay announced
-/// other relays), a session on a clearly nearer relay. Never resolves when
-/// neither applies. The caller swaps the new session in.
+/// other relays), a session on a clearly nearer relay; in a fleet, when the
+/// relay went silent over QUIC (nothing received for two keepalive periods:
+/// its process or host is gone, or its path stopped), a session on another
+/// relay of the fleet, raced then, not after the idle timeout. Never
+/// resolves when none applies. The caller swaps the new session in (what
+/// was open on the old one stays there until it ends).
 #[allow(clippy::too_many_arguments)]
 pub async fn better_session(
+    state: &mut ClientState,
+    token: Option<&Token>,
+    name: &str,
+    services: &[String],
+    timing: &ClientTiming,
+    current: &SessionView,
+    quic_every: Option<Duration>,
+    home_every: Option<Duration>,
+) -> Session {
+    let conn = current.connection();
+    if current.relays.is_empty() || conn.received_datagrams().is_none() {
+        return periodic(
+            state, token, name, services, timing, current, quic_every, home_every,
+        )
+        .await;
+    }
+    let silent = (timing.keepalive * 2).max(SILENT_MIN);
+    loop {
+        tokio::select! {
+            s = periodic(state, token, name, services, timing, current, quic_every, home_every) => return s,
+            () = conn.went_silent(silent) => {}
+        }
+        let lost = conn.remote_address();
+        info!(relay = %lost, silent_ms = silent.as_millis() as u64, "the relay went silent; racing the other relays of the fleet");
+        // Lost: it goes last (should it answer after all, it still may
+        // admit us), the others nearest first, in random order among equals,
+        // so the herd from one relay spreads over the fleet.
+        super::session::relay_lost(lost);
+        let addrs = lost_first(&current.relays, lost).await;
+        match connect_addrs(state, token, name, services, timing, &addrs).await {
+            Ok(s) => return s,
+            Err(e) => {
+                debug!(error = %e, "no other relay of the fleet admitted us; waiting on this one");
+                conn.heard_again().await;
+            }
+        }
+    }
+}
+
+/// The shortest silence taken for a lost relay, whatever the keepalive.
+const SILENT_MIN: Duration = Duration::from_secs(1);
+
+/// `relays` with the one at `lost` first: the order a node failing over
+/// from its relay connects in (the lost one goes last, the others are
+/// shuffled among equals: `connect_to`).
+async fn lost_first(relays: &[String], lost: SocketAddr) -> Vec<String> {
+    let mut out = Vec::with_capacity(relays.len());
+    for a in relays {
+        let is_lost = tokio::net::lookup_host(a.as_str())
+            .await
+            .is_ok_and(|mut it| it.any(|sa| sa == lost));
+        if out.contains(a) {
+            continue;
+        }
+        if is_lost {
+            out.insert(0, a.clone());
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// [`better_session`]'s timed reasons: QUIC again, a nearer relay.
+#[allow(clippy::too_many_arguments)]
+async fn periodic(
     state: &mut ClientState,
     token: Option<&Token>,
     name: &str,
@@ -400,5 +470,22 @@ mod tests {
         assert_eq!(v.preferred_addrs(), ["c:1", "b:1", "a:1", "d:1"]);
         let text = serde_json::to_string(&v).unwrap_or_default();
         assert_eq!(serde_json::from_str::<FleetView>(&text).ok(), Some(v));
+    }
+
+    #[tokio::test]
+    async fn a_node_failing_over_names_its_lost_relay_first_and_once() {
+        let relays = vec![
+            "203.0.113.2:4433".to_string(),
+            "203.0.113.3:4433".to_string(),
+            "203.0.113.4:4433".to_string(),
+            "203.0.113.3:4433".to_string(),
+        ];
+        let lost: SocketAddr = "203.0.113.4:4433".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            lost_first(&relays, lost).await,
+            ["203.0.113.4:4433", "203.0.113.2:4433", "203.0.113.3:4433"]
+        );
+        let elsewhere: SocketAddr = "192.0.2.1:4433".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(lost_first(&relays, elsewhere).await, relays[..3]);
     }
 }

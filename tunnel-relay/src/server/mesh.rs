@@ -34,7 +34,7 @@ use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{lock, revoked, NodeCtx, Shared};
+use super::{lock, revoked_now, NodeCtx, Shared};
 use crate::admission::TokenBucket;
 use crate::config::RelayConfig;
 use crate::coord::wire::{read_control, write_control, ControlIoError, ControlMsg};
@@ -579,7 +579,7 @@ pub(super) async fn serve_session(
     // caught: the join's record write changes the registry's data_version,
     // so the revocation watcher re-reads the revoked keys within 0.5 s and
     // removes the node again.
-    let rejection = if revoked(&shared, &ctx.key) {
+    let rejection = if revoked_now(&shared, &ctx.key).await {
         Some(refuse(Reason::NodeRevoked, format!("node {:?}", ctx.name)))
     } else {
         None

@@ -58,6 +58,9 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// When relay C was killed (FLEET_DEBUG's timeline).
+static KILLED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 /// When each key first showed in an observer's peer map.
 type Seen = Arc<Mutex<HashMap<PublicKey, Instant>>>;
 
@@ -169,11 +172,27 @@ struct Results {
 fn simulated(host: Netns, relays: [&FleetRelay; 3], c_proc: &mut weft_tests::Proc) -> Results {
     let workers: Vec<Token> = relays.iter().map(|r| token(r, "worker")).collect();
     let engineers: Vec<Token> = relays.iter().map(|r| token(r, "engineer")).collect();
-    let root = host.file("nodes");
+    // The simulated nodes' state directories live on a tmpfs: each node
+    // rewrites its relay.json (with an fsync) when it moves, and 333 nodes
+    // doing so on this VM's one disk measured the disk (seconds of kernel
+    // writeback CPU in the failover window), not the fleet; on real nodes
+    // each write is on its own machine.
+    let tmp = tempfile::Builder::new()
+        .prefix("weft-fleet-bench-")
+        .tempdir_in("/dev/shm")
+        .unwrap_or_else(|e| panic!("a tmpfs directory in /dev/shm: {e}"));
+    let root = tmp.path().to_path_buf();
     let banner_addr = "127.0.0.1:7000";
     std::thread::scope(|scope| {
         let run = scope.spawn(move || {
             host.enter_current_thread();
+            if let Ok(filter) = std::env::var("FLEET_LOG") {
+                // The simulated nodes' own log (e.g. FLEET_LOG=tunnel_relay=info).
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                    .with_writer(std::io::stderr)
+                    .try_init();
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -225,6 +244,22 @@ fn simulated(host: Netns, relays: [&FleetRelay; 3], c_proc: &mut weft_tests::Pro
                         vec![("banner".to_string(), banner_addr.to_string())],
                     );
                     o.token = Some(workers[2].clone());
+                    if std::env::var("FLEET_DEBUG").is_ok() && i < 3 {
+                        // Each link state change of a few workers, timed from the kill.
+                        let (tx, mut rx) = tokio::sync::watch::channel(
+                            tunnel_relay::link::LinkState::Connecting { attempt: 1 },
+                        );
+                        o.link = Some(tx);
+                        let name = format!("fo{i}");
+                        tokio::spawn(async move {
+                            while rx.changed().await.is_ok() {
+                                let Some(k) = KILLED.get() else { continue };
+                                let st = serde_json::to_string(&*rx.borrow_and_update())
+                                    .unwrap_or_default();
+                                eprintln!("fleet bench: {name} +{:?}: {st}", k.elapsed());
+                            }
+                        });
+                    }
                     let mut stop = stop_rx.clone();
                     tokio::spawn(client::expose(o, async move {
                         let _ = stop.wait_for(|s| *s).await;
@@ -266,8 +301,9 @@ fn simulated(host: Netns, relays: [&FleetRelay; 3], c_proc: &mut weft_tests::Pro
                     }
                 }
                 let killed = Instant::now();
+                let _ = KILLED.set(killed);
                 let killed_at = std::time::SystemTime::now();
-                let cpu_before = cpu_by_command();
+                let cpu_before = cpu_by_pid();
                 c_proc.signal(libc::SIGKILL);
                 let mut set = tokio::task::JoinSet::new();
                 for i in 0..FAILOVER_WORKERS {
@@ -297,12 +333,9 @@ fn simulated(host: Netns, relays: [&FleetRelay; 3], c_proc: &mut weft_tests::Pro
                     failover.push(j.unwrap_or_else(|e| panic!("{e}")));
                 }
                 if std::env::var("FLEET_DEBUG").is_ok() {
-                    let after = cpu_by_command();
-                    for (k, v) in &after {
-                        let d = v - cpu_before.get(k).copied().unwrap_or(0.0);
-                        if d > 0.05 {
-                            eprintln!("fleet bench: CPU during the failover: {k}: {d:.2} s");
-                        }
+                    let after = cpu_by_pid();
+                    for (k, d) in cpu_between(&cpu_before, &after) {
+                        eprintln!("fleet bench: CPU during the failover: {k}: {d:.2} s");
                     }
                 }
                 let _ = stop_tx.send(true);
@@ -315,7 +348,25 @@ fn simulated(host: Netns, relays: [&FleetRelay; 3], c_proc: &mut weft_tests::Pro
                 }
             })
         });
-        run.join().unwrap_or_else(|_| {
+        let r = run.join();
+        if let (Ok(res), true) = (&r, std::env::var("FLEET_DEBUG").is_ok()) {
+            // The relays' side of the same few workers, timed from the kill.
+            for (i, relay) in relays.iter().enumerate().take(2) {
+                for l in relay.proc.log().lines() {
+                    let ours = ["node=fo0 ", "node=fo1 ", "node=fo2 "]
+                        .iter()
+                        .any(|n| l.contains(n));
+                    if !ours {
+                        continue;
+                    }
+                    let at = weft_tests::logtime::logged_after(l, res.killed_at, |_| true);
+                    if let Some(at) = at {
+                        eprintln!("fleet bench: relay {i} +{at:?}: {l}");
+                    }
+                }
+            }
+        }
+        r.unwrap_or_else(|_| {
             let logs: Vec<String> = relays
                 .iter()
                 .map(|r| {
@@ -335,28 +386,46 @@ fn simulated(host: Netns, relays: [&FleetRelay; 3], c_proc: &mut weft_tests::Pro
     })
 }
 
-/// CPU seconds used so far by each command name (all processes; debugging).
-fn cpu_by_command() -> HashMap<String, f64> {
+/// CPU seconds used so far by each process: pid -> (command, seconds)
+/// (all processes; debugging). Keyed by pid, not name: a kernel worker's
+/// name changes with the work it runs.
+fn cpu_by_pid() -> HashMap<u32, (String, f64)> {
     let tick = 100.0;
     let mut out = HashMap::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
             continue;
         };
         let Some((head, rest)) = stat.rsplit_once(") ") else {
             continue;
         };
-        let comm = head
-            .split_once(" (")
-            .map(|(_, c)| c)
-            .unwrap_or("")
-            .to_string();
+        let comm = head.split_once(" (").map(|(_, c)| c).unwrap_or("");
+        // kworker/u8:1-events -> kworker
+        let comm = comm.split(['/', '-']).next().unwrap_or(comm).to_string();
         let f: Vec<&str> = rest.split_whitespace().collect();
         let t = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
             + f.get(12).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0);
-        *out.entry(comm).or_insert(0.0) += t / tick;
+        out.insert(pid, (comm, t / tick));
     }
     out
+}
+
+/// CPU seconds each command used between two [`cpu_by_pid`] readings.
+fn cpu_between(
+    before: &HashMap<u32, (String, f64)>,
+    after: &HashMap<u32, (String, f64)>,
+) -> Vec<(String, f64)> {
+    let mut by: HashMap<String, f64> = HashMap::new();
+    for (pid, (comm, t)) in after {
+        let was = before.get(pid).map(|(_, b)| *b).unwrap_or(0.0);
+        *by.entry(comm.clone()).or_insert(0.0) += t - was;
+    }
+    let mut v: Vec<(String, f64)> = by.into_iter().filter(|(_, d)| *d > 0.05).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
 }
 
 /// iperf3 through `forward` for `secs`: Gbit/s.
