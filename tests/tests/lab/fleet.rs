@@ -27,6 +27,10 @@
 //! pool from PostgreSQL, and places the queued job once the running one
 //! ends; each job ran once and left one usage record.
 //!
+//! A relay that stalls (a third scenario, `a_relay_that_stalls...`): relay
+//! B stopped for 1.2 s; its worker takes it for gone after 1 s of silence
+//! and moves to A, and a tunnel open through B keeps its bytes intact.
+//!
 //! Binaries: `target/release` (or `$WEFT_BIN_DIR`): `cargo build --release --bins`.
 
 use std::thread::sleep;
@@ -625,4 +629,123 @@ fn the_pool_has_one_scheduler_and_another_relay_takes_over() {
         "relays list after the takeover: {listed}"
     );
     drop(agent);
+}
+
+/// Relay B stalls (SIGSTOP) for 1.2 s, under its 2 s idle timeout: its
+/// worker takes it for gone after 1 s of silence and races a session to A,
+/// but the tunnel open through B (engineer -> A -> B -> worker) is not cut:
+/// after B resumes, the same TCP connection carries bytes intact both ways.
+/// New tunnels go to the worker on A.
+#[test]
+fn a_relay_that_stalls_for_a_second_cuts_no_open_tunnel() {
+    use std::io::{Read, Write};
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
+    let net = Internet::new("fs");
+    let pg = LabPostgres::start(net.host("fs-pg", "203.0.113.20"), "203.0.113.20");
+    let url = pg.url();
+    let a = FleetRelay::start(&net, "fs-ra", "relay-a", "203.0.113.2", &url, None, "");
+    let mut b = a.join(&net, "fs-rb", "relay-b", "203.0.113.3", "");
+    a.wait_up(2, Duration::from_secs(10));
+    sleep(Duration::from_millis(1200));
+
+    // Worker gpu5 exposes an echo service through B.
+    let w = net.host("fs-w", "198.51.100.6");
+    let _echo = w.spawn_listening(
+        "echo",
+        "socat TCP-LISTEN:2222,bind=127.0.0.1,fork,reuseaddr EXEC:cat",
+        't',
+        2222,
+        Duration::from_secs(5),
+    );
+    let _expose = w.spawn_named(
+        "expose",
+        &format!(
+            "env WEFT_LOG=info {} expose --token {} --state-dir {} --name gpu5 --service echo=127.0.0.1:2222",
+            relay_bin(),
+            a.token("worker", &b.addr),
+            w.file("state").display()
+        ),
+    );
+    b.wait_logged(Duration::from_secs(10), "gpu5 did not connect to B", |l| {
+        l.contains("node connected node=gpu5")
+    });
+    // Engineer bob on A forwards a local port to gpu5's echo.
+    let e = net.host("fs-e", "198.51.100.5");
+    let bob = e.file("bob").display().to_string();
+    let out = e.output(&format!(
+        "{} login --token {} --state-dir {bob} --name bob",
+        relay_bin(),
+        a.token("engineer", &a.addr)
+    ));
+    assert!(
+        out.status.success(),
+        "bob login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _fwd = e.spawn_listening(
+        "forward",
+        &format!(
+            "env WEFT_LOG=info {} forward 7022:gpu5:echo --state-dir {bob}",
+            relay_bin()
+        ),
+        't',
+        7022,
+        Duration::from_secs(10),
+    );
+
+    let echo = |s: &mut std::net::TcpStream, what: &str, seed: u8| {
+        let data: Vec<u8> = (0..65_536u32)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        s.write_all(&data)
+            .unwrap_or_else(|err| panic!("{what}: write: {err}"));
+        let mut back = vec![0u8; data.len()];
+        s.read_exact(&mut back)
+            .unwrap_or_else(|err| panic!("{what}: read: {err}"));
+        assert!(back == data, "{what}: the echo came back changed");
+    };
+    let (stopped, stream) = std::thread::scope(|scope| {
+        let e = &e;
+        let b = &mut b;
+        scope
+            .spawn(move || {
+                e.enter_current_thread();
+                let mut s = std::net::TcpStream::connect("127.0.0.1:7022")
+                    .unwrap_or_else(|err| panic!("forward: {err}"));
+                s.set_read_timeout(Some(Duration::from_secs(15)))
+                    .unwrap_or_else(|err| panic!("{err}"));
+                echo(&mut s, "before the stall", 1);
+                let stopped = std::time::SystemTime::now();
+                b.proc.signal(libc::SIGSTOP);
+                sleep(Duration::from_millis(1200));
+                b.proc.signal(libc::SIGCONT);
+                echo(&mut s, "the tunnel open through B, after B's stall", 2);
+                (stopped, s)
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    });
+
+    // gpu5 raced a session to A while B was silent; new tunnels go there.
+    a.wait_logged(Duration::from_secs(5), "gpu5 did not move to A", |l| {
+        l.contains("node connected node=gpu5")
+    });
+    let moved = weft_tests::logtime::logged_after(&a.proc.log(), stopped, |l| {
+        l.contains("node connected node=gpu5")
+    });
+    eprintln!("fleet stall: relay B stopped for 1.2 s; gpu5's session on A {moved:?} after; the open tunnel kept its bytes");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                e.enter_current_thread();
+                let mut s = std::net::TcpStream::connect("127.0.0.1:7022")
+                    .unwrap_or_else(|err| panic!("forward: {err}"));
+                s.set_read_timeout(Some(Duration::from_secs(15)))
+                    .unwrap_or_else(|err| panic!("{err}"));
+                echo(&mut s, "a new tunnel after the stall", 3);
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    });
+    drop((stream, pg));
 }
