@@ -144,6 +144,14 @@ pub enum RelayError {
     /// TLS configuration.
     #[error("tls: {0}")]
     Tls(String),
+    /// Another live relay of the fleet goes by this relay's name.
+    #[error("relay name {name:?} is taken: a live relay of the fleet at {addrs} uses it; give each relay its own `name` in its config (a relay restarted with new addresses can start again 3 s after the old one stopped)")]
+    NameInUse {
+        /// The name.
+        name: String,
+        /// The other relay's addresses.
+        addrs: String,
+    },
     /// The persisted mesh records do not fit the `[mesh]` configuration.
     #[error("mesh node records in registry.sqlite do not fit the [mesh] config: {source}; restore the previous [mesh] pools, or delete the mesh_nodes table to renumber every node")]
     MeshRestore {

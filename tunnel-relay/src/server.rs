@@ -401,7 +401,7 @@ impl Relay {
             None => None,
         };
         let (dial, dial_rx) = tokio::sync::mpsc::unbounded_channel();
-        Ok(Relay {
+        let relay = Relay {
             dial_rx: Some(dial_rx),
             endpoint,
             tcp,
@@ -437,7 +437,21 @@ impl Relay {
                 dial,
                 dialing: Mutex::new(HashSet::new()),
             }),
-        })
+        };
+        if relay.shared.fleet() {
+            // Two relays under one name would share one heartbeat row, one
+            // set of tunnel homes and one pool lease (each would think it
+            // holds it): refuse the second.
+            let own = relay.own_entry();
+            let rows = lock(&relay.shared.registry).relays()?;
+            if let Some(other) = name_in_use(&own, &rows) {
+                return Err(RelayError::NameInUse {
+                    name: own.name,
+                    addrs: other.addrs.join(", "),
+                });
+            }
+        }
+        Ok(relay)
     }
 
     /// The bound TCP (TLS fallback) addresses.
@@ -1571,6 +1585,18 @@ async fn control_loop(
     }
 }
 
+/// The live relay of the fleet (its beat younger than
+/// [`crate::pg::RELAY_DEAD_MS`]) that already goes by `own`'s name at other
+/// addresses, if any. The same addresses are this relay restarted.
+fn name_in_use<'a>(
+    own: &RelayEntry,
+    rows: &'a [crate::pg::RelayRow],
+) -> Option<&'a crate::pg::RelayRow> {
+    rows.iter().find(|r| {
+        r.name == own.name && r.beat_age_ms < crate::pg::RELAY_DEAD_MS && r.addrs != own.addrs
+    })
+}
+
 /// `Relays`: this relay and the fleet's other live ones, sorted by name.
 fn relays_for(shared: &Shared) -> Message {
     let own = shared.own.get().cloned().unwrap_or_else(|| RelayEntry {
@@ -1825,5 +1851,44 @@ async fn route(
                 format!("{service}: worker stream failed"),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, addr: &str, beat_age_ms: i64) -> crate::pg::RelayRow {
+        crate::pg::RelayRow {
+            name: name.into(),
+            region: String::new(),
+            addrs: vec![addr.into()],
+            beat_age_ms,
+            nodes: 0,
+            stun_port: 0,
+            schedules_pool: false,
+        }
+    }
+
+    #[test]
+    fn a_live_relay_elsewhere_under_the_same_name_is_a_clash() {
+        let own = RelayEntry {
+            name: "relay-b".into(),
+            region: String::new(),
+            addrs: vec!["203.0.113.4:4433".into()],
+            stun_port: 0,
+        };
+        let live_elsewhere = [
+            row("relay-a", "203.0.113.2:4433", 100),
+            row("relay-b", "203.0.113.3:4433", 900),
+        ];
+        assert_eq!(
+            name_in_use(&own, &live_elsewhere).map(|r| r.addrs.clone()),
+            Some(vec!["203.0.113.3:4433".to_string()])
+        );
+        // Dead, or this relay itself restarted: no clash.
+        assert!(name_in_use(&own, &[row("relay-b", "203.0.113.3:4433", 3000)]).is_none());
+        assert!(name_in_use(&own, &[row("relay-b", "203.0.113.4:4433", 200)]).is_none());
+        assert!(name_in_use(&own, &[row("relay-c", "203.0.113.3:4433", 200)]).is_none());
     }
 }

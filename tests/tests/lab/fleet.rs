@@ -27,7 +27,8 @@
 //! pool from PostgreSQL, and places the queued job once the running one
 //! ends; each job ran once and left one usage record.
 //!
-//! A relay that stalls (a third scenario, `a_relay_that_stalls...`): relay
+//! A relay that stalls (a third scenario, `a_relay_that_stalls...`): a
+//! third relay configured with relay B's name is refused; relay
 //! B stopped for 1.2 s; its worker takes it for gone after 1 s of silence
 //! and moves to A, and a tunnel open through B keeps its bytes intact.
 //!
@@ -646,6 +647,25 @@ fn a_relay_that_stalls_for_a_second_cuts_no_open_tunnel() {
     let a = FleetRelay::start(&net, "fs-ra", "relay-a", "203.0.113.2", &url, None, "");
     let mut b = a.join(&net, "fs-rb", "relay-b", "203.0.113.3", "");
     a.wait_up(2, Duration::from_secs(10));
+
+    // A third relay configured with B's name is refused, clearly.
+    let c = net.host("fs-rc", "203.0.113.4");
+    let config = c.file("relay.toml").display().to_string();
+    std::fs::write(&config, format!("store = \"{url}\"\nname = \"relay-b\"\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = c.output(&format!(
+        "mkdir -p -m 700 {s} && cp {}/identity.key {s}/ && chmod 600 {s}/identity.key && \
+         timeout 20 {} serve --listen 203.0.113.4:4433 --state-dir {s} --config {config}",
+        a.state,
+        relay_bin(),
+        s = c.file("relay").display(),
+    ));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a second relay-b started:\n{err}");
+    assert!(
+        err.contains("relay name \"relay-b\" is taken") && err.contains("203.0.113.3:4433"),
+        "{err}"
+    );
     sleep(Duration::from_millis(1200));
 
     // Worker gpu5 exposes an echo service through B.
