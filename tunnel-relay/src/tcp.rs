@@ -214,6 +214,49 @@ pub async fn connect(addr: SocketAddr, opts: mux::Options) -> Result<MuxConn, Pr
     Ok(mux::spawn(stream, Side::Client, addr, info, opts))
 }
 
+/// A latency probe over TCP/TLS, for relays STUN does not reach (a network
+/// that blocks UDP): TCP (or the `HTTPS_PROXY`'s `CONNECT`), TLS, then
+/// `GET /weft/probe`, answered `204`. Both the TCP handshake and the
+/// request take one round trip; the faster counts (the handshake is the
+/// kernel's, the request also waits for the relay). Through a proxy only the
+/// request counts: the handshake is the proxy's.
+pub async fn probe_rtt(addr: SocketAddr) -> Result<Duration, ProtoError> {
+    let started = std::time::Instant::now();
+    let tcp = dial(addr).await?;
+    let handshake = proxy_for(addr).is_none().then(|| started.elapsed());
+    let config = tls::rustls_client(tls::TCP_ALPN).map_err(|e| tcp_err("tls config", e))?;
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
+        .map_err(|e| tcp_err("server name", e))?;
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tcp_err(&format!("tls with {addr}"), e))?;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: weft\r\n\r\n",
+        wire::PROBE_PATH,
+        tls::SERVER_NAME,
+    );
+    let sent = std::time::Instant::now();
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .and(stream.flush().await)
+        .map_err(|e| tcp_err("probe request", e))?;
+    let head = read_head(&mut stream)
+        .await
+        .map_err(|e| tcp_err("probe answer", e))?;
+    let request = sent.elapsed();
+    let status = status_of(&head).map_err(|e| tcp_err("probe answer", e))?;
+    if status != 204 {
+        return Err(tcp_err(
+            "probe",
+            format!("{addr} answered HTTP {status}, not 204 (not a Weft relay?)"),
+        ));
+    }
+    let _ = stream.shutdown().await;
+    Ok(handshake.map_or(request, |h| h.min(request)))
+}
+
 /// Why the relay did not upgrade a TCP connection (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {

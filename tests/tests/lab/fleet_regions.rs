@@ -8,7 +8,8 @@
 //! - Both join with tokens that name relay-us only; each measures the
 //!   fleet's relays and moves its sessions home to its nearest relay
 //!   (alice to relay-eu, gpu-ap to relay-ap), which `mesh status` and
-//!   `weft status` show with the round trips.
+//!   `weft status` show with the round trips. An engineer on a network that
+//!   drops UDP measures the relays over TCP/TLS and homes on the nearest too.
 //! - alice (home relay-eu) reaches gpu-ap (home relay-ap) by mesh name with
 //!   real ssh; engineer bob (logged in through relay-us, home relay-eu by
 //!   latency) reaches gpu-ap's sshd through a reverse tunnel across relays.
@@ -220,6 +221,51 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
         status.contains("relays: relay-eu (eu) ") && status.contains("relay-ap (ap) "),
         "weft status:\n{status}"
     );
+    // Carol, in the same office on a network that drops UDP (but DNS): STUN
+    // cannot reach the relays, so she measures them over TCP/TLS and still
+    // homes on the nearest.
+    let c_ns = Netns::new("rg-c");
+    let c_ip = office.attach(&c_ns, "eth0");
+    let _c_delay = Delay::start(&c_ns, &c_ip, "192.0.2.33", &far(5, 40, 120));
+    c_ns.exec(
+        "nft add table inet noudp && \
+         nft add chain inet noudp out '{ type filter hook output priority 0; }' && \
+         nft add rule inet noudp out udp dport != 53 drop",
+    );
+    let carol = c_ns.file("carol").display().to_string();
+    let out = c_ns.output(&format!(
+        "{} login --token {} --state-dir {carol} --name carol",
+        bin("weft").display(),
+        us.token("engineer", &us.addr)
+    ));
+    assert!(
+        out.status.success(),
+        "carol login (UDP blocked): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fleet: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{carol}/fleet.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let ms = |r: &str| fleet["rtt_ms"][r].as_f64().unwrap_or(-1.0);
+    assert!(
+        fleet["home"] == "relay-eu"
+            && (4.0..30.0).contains(&ms("relay-eu"))
+            && (38.0..70.0).contains(&ms("relay-us"))
+            && (118.0..160.0).contains(&ms("relay-ap")),
+        "carol's fleet.json (UDP blocked, measured over TCP/TLS): {fleet}"
+    );
+    let cstatus = c_ns.output(&format!(
+        "{} status --state-dir {carol}",
+        bin("weft").display()
+    ));
+    let cstatus = String::from_utf8_lossy(&cstatus.stdout).into_owned();
+    assert!(
+        cstatus.contains("(tcp)") && cstatus.contains("relay-eu (eu) "),
+        "weft status for carol (UDP blocked):\n{cstatus}"
+    );
+    eprintln!("regions: weft status for carol (UDP blocked):\n{cstatus}");
+
     // The worker on relay-ap is listed to bob on relay-eu.
     assert!(
         status.contains("  gpu-ap-tunnel  ssh"),

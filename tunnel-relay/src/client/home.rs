@@ -137,13 +137,19 @@ pub fn home_probe_every() -> Result<Option<Duration>, ClientError> {
 
 /// Round-trip time to each relay (by name): [`PROBES_PER_RELAY`] STUN
 /// binding requests to its STUN port at the host of its first address that
-/// resolves, the fastest answer within `wait`; `None` for a relay that does
-/// not answer STUN (or has no STUN port) in time.
+/// resolves, the fastest answer within `wait`; for a relay that does not
+/// answer STUN in time (UDP blocked on this network, or no STUN port), a
+/// probe over TCP/TLS ([`tcp::probe_rtt`]) within `wait` more; `None` when
+/// neither answered.
 pub async fn measure(relays: &[RelayEntry], wait: Duration) -> BTreeMap<String, Option<Duration>> {
     let probes = relays.iter().map(|r| async move {
         let rtt = match stun_target(r).await {
             Some(target) => stun_rtt(target, wait).await,
             None => None,
+        };
+        let rtt = match rtt {
+            Some(rtt) => Some(rtt),
+            None => tcp_rtt(r, wait).await,
         };
         (r.name.clone(), rtt)
     });
@@ -151,6 +157,29 @@ pub async fn measure(relays: &[RelayEntry], wait: Duration) -> BTreeMap<String, 
         .await
         .into_iter()
         .collect()
+}
+
+/// [`tcp::probe_rtt`] to the relay's first address that resolves (its TCP
+/// listener shares the QUIC port), within `wait`.
+async fn tcp_rtt(r: &RelayEntry, wait: Duration) -> Option<Duration> {
+    for a in &r.addrs {
+        let Some(addr) = tokio::net::lookup_host(a.as_str())
+            .await
+            .ok()
+            .and_then(|mut it| it.next())
+        else {
+            continue;
+        };
+        return match timeout(wait, tcp::probe_rtt(addr)).await {
+            Ok(Ok(rtt)) => Some(rtt),
+            Ok(Err(e)) => {
+                debug!(relay = %r.name, error = %e, "TCP/TLS latency probe failed");
+                None
+            }
+            Err(_) => None,
+        };
+    }
+    None
 }
 
 async fn stun_target(r: &RelayEntry) -> Option<SocketAddr> {
