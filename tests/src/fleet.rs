@@ -130,3 +130,33 @@ impl FleetRelay {
         t
     }
 }
+
+/// `weft login` in `ns` as engineer `name` with `token` (state in the
+/// namespace's directory, `name`); panics with stderr on failure. Returns
+/// the state directory.
+pub fn login(ns: &Netns, token: &str, name: &str) -> String {
+    let dir = ns.file(name).display().to_string();
+    let out = ns.output(&format!(
+        "{} login --token {token} --state-dir {dir} --name {name}",
+        crate::bin("weft").display()
+    ));
+    assert!(
+        out.status.success(),
+        "{name} login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// `tunnel-relay expose` in `ns` as worker `name` with `token`, one service
+/// (`NAME=HOST:PORT`), logging at info.
+pub fn expose(ns: &Netns, token: &str, name: &str, service: &str) -> Proc {
+    ns.spawn_named(
+        "expose",
+        &format!(
+            "env WEFT_LOG=info {} expose --token {token} --state-dir {} --name {name} --service {service}",
+            relay_bin(),
+            ns.file("state").display()
+        ),
+    )
+}

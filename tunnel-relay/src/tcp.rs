@@ -176,16 +176,23 @@ fn tls_info<C>(conn: &rustls::ConnectionCommon<C>) -> Result<mux::TlsInfo, Proto
     })
 }
 
-/// Client: TCP (or proxy), TLS, upgrade; the multiplexed connection.
-pub async fn connect(addr: SocketAddr, opts: mux::Options) -> Result<MuxConn, ProtoError> {
-    let tcp = dial(addr).await?;
+/// TLS as the relay's client over `tcp` (from [`dial`] to `addr`).
+async fn tls_to(
+    addr: SocketAddr,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProtoError> {
     let config = tls::rustls_client(tls::TCP_ALPN).map_err(|e| tcp_err("tls config", e))?;
     let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
         .map_err(|e| tcp_err("server name", e))?;
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| tcp_err(&format!("tls with {addr}"), e))?;
+        .map_err(|e| tcp_err(&format!("tls with {addr}"), e))
+}
+
+/// Client: TCP (or proxy), TLS, upgrade; the multiplexed connection.
+pub async fn connect(addr: SocketAddr, opts: mux::Options) -> Result<MuxConn, ProtoError> {
+    let mut stream = tls_to(addr, dial(addr).await?).await?;
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\nUser-Agent: weft\r\n\r\n",
         wire::UPGRADE_PATH,
@@ -224,13 +231,7 @@ pub async fn probe_rtt(addr: SocketAddr) -> Result<Duration, ProtoError> {
     let started = std::time::Instant::now();
     let tcp = dial(addr).await?;
     let handshake = proxy_for(addr).is_none().then(|| started.elapsed());
-    let config = tls::rustls_client(tls::TCP_ALPN).map_err(|e| tcp_err("tls config", e))?;
-    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
-        .map_err(|e| tcp_err("server name", e))?;
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| tcp_err(&format!("tls with {addr}"), e))?;
+    let mut stream = tls_to(addr, tcp).await?;
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: weft\r\n\r\n",
         wire::PROBE_PATH,

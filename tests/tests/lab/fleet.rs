@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use weft_tests::agent::{agent_bin, build_nvml_stub, wait_agent_status};
-use weft_tests::fleet::FleetRelay;
+use weft_tests::fleet::{self, FleetRelay};
 use weft_tests::managed::{relay_bin, ManagedNode};
 use weft_tests::postgres::{LabPostgres, PASSWORD};
 use weft_tests::{Internet, Netns};
@@ -137,29 +137,16 @@ fn two_relays_on_one_postgres_are_one_network() {
         2222,
         Duration::from_secs(5),
     );
-    let _expose = w9.spawn_named(
-        "expose",
-        &format!(
-            "env WEFT_LOG=info {} expose --token {} --state-dir {} --name gpu9 --service ssh=127.0.0.1:2222",
-            relay_bin(),
-            a.token("worker", &b.addr),
-            w9.file("state").display()
-        ),
+    let _expose = fleet::expose(
+        &w9,
+        &a.token("worker", &b.addr),
+        "gpu9",
+        "ssh=127.0.0.1:2222",
     );
     b.wait_logged(Duration::from_secs(10), "gpu9 did not connect to B", |l| {
         l.contains("services=[\"ssh\"]")
     });
-    let bob = alice.ns.file("bob").display().to_string();
-    let out = alice.ns.output(&format!(
-        "{} login --token {} --state-dir {bob} --name bob",
-        relay_bin(),
-        a.token("engineer", &a.addr)
-    ));
-    assert!(
-        out.status.success(),
-        "bob login: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let bob = fleet::login(&alice.ns, &a.token("engineer", &a.addr), "bob");
     let open = |what: &str| {
         let out = alice.ns.output(&format!(
             "timeout 20 {} connect gpu9 ssh --state-dir {bob} </dev/null",
@@ -449,17 +436,7 @@ fn the_pool_has_one_scheduler_and_another_relay_takes_over() {
         |v| v["relay"]["state"] == "connected" && v["mesh"]["state"] == "joined",
     );
     let ens = net.host("fp-e", "198.51.100.5");
-    let alice = ens.file("alice").display().to_string();
-    let out = ens.output(&format!(
-        "{} login --token {} --state-dir {alice} --name alice",
-        weft_tests::bin("weft").display(),
-        a.token("engineer", &b.addr)
-    ));
-    assert!(
-        out.status.success(),
-        "alice login: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let alice = fleet::login(&ens, &a.token("engineer", &b.addr), "alice");
     b.wait_logged(
         Duration::from_secs(5),
         "gpu1 is not homed on relay B",
@@ -677,31 +654,18 @@ fn a_relay_that_stalls_for_a_second_cuts_no_open_tunnel() {
         2222,
         Duration::from_secs(5),
     );
-    let _expose = w.spawn_named(
-        "expose",
-        &format!(
-            "env WEFT_LOG=info {} expose --token {} --state-dir {} --name gpu5 --service echo=127.0.0.1:2222",
-            relay_bin(),
-            a.token("worker", &b.addr),
-            w.file("state").display()
-        ),
+    let _expose = fleet::expose(
+        &w,
+        &a.token("worker", &b.addr),
+        "gpu5",
+        "echo=127.0.0.1:2222",
     );
     b.wait_logged(Duration::from_secs(10), "gpu5 did not connect to B", |l| {
         l.contains("node connected node=gpu5")
     });
     // Engineer bob on A forwards a local port to gpu5's echo.
     let e = net.host("fs-e", "198.51.100.5");
-    let bob = e.file("bob").display().to_string();
-    let out = e.output(&format!(
-        "{} login --token {} --state-dir {bob} --name bob",
-        relay_bin(),
-        a.token("engineer", &a.addr)
-    ));
-    assert!(
-        out.status.success(),
-        "bob login: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let bob = fleet::login(&e, &a.token("engineer", &a.addr), "bob");
     let _fwd = e.spawn_listening(
         "forward",
         &format!(

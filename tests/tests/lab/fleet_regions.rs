@@ -27,7 +27,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use weft_tests::delay::Delay;
-use weft_tests::fleet::FleetRelay;
+use weft_tests::fleet::{self, FleetRelay};
 use weft_tests::managed::{relay_bin, ManagedNode, NetnsResolver};
 use weft_tests::postgres::LabPostgres;
 use weft_tests::ssh::{ssh_key, start_sshd};
@@ -44,6 +44,12 @@ fn far(eu: u64, us: u64, ap: u64) -> [(&'static str, Duration); 3] {
         (US, Duration::from_millis(us)),
         (AP, Duration::from_millis(ap)),
     ]
+}
+
+/// A client's `fleet.json` (its last measurement of the fleet) in `dir`.
+fn fleet_json(dir: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("{dir}/fleet.json")).unwrap_or_default())
+        .unwrap_or_default()
 }
 
 fn home_of(n: &ManagedNode) -> String {
@@ -195,22 +201,9 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
         "gpu-ap's tunnel session did not move home to relay-ap",
         exposed,
     );
-    let bob = alice.ns.file("bob").display().to_string();
-    let out = alice.ns.output(&format!(
-        "{} login --token {} --state-dir {bob} --name bob",
-        bin("weft").display(),
-        us.token("engineer", &us.addr)
-    ));
-    assert!(
-        out.status.success(),
-        "bob login: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fleet: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{bob}/fleet.json")).unwrap_or_default(),
-    )
-    .unwrap_or_default();
-    assert_eq!(fleet["home"], "relay-eu", "bob's fleet.json: {fleet}");
+    let bob = fleet::login(&alice.ns, &us.token("engineer", &us.addr), "bob");
+    let measured = fleet_json(&bob);
+    assert_eq!(measured["home"], "relay-eu", "bob's fleet.json: {measured}");
     let status = alice.ns.output(&format!(
         "{} status --state-dir {bob} --uapi-dir {}",
         bin("weft").display(),
@@ -232,28 +225,15 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
          nft add chain inet noudp out '{ type filter hook output priority 0; }' && \
          nft add rule inet noudp out udp dport != 53 drop",
     );
-    let carol = c_ns.file("carol").display().to_string();
-    let out = c_ns.output(&format!(
-        "{} login --token {} --state-dir {carol} --name carol",
-        bin("weft").display(),
-        us.token("engineer", &us.addr)
-    ));
+    let carol = fleet::login(&c_ns, &us.token("engineer", &us.addr), "carol");
+    let measured = fleet_json(&carol);
+    let ms = |r: &str| measured["rtt_ms"][r].as_f64().unwrap_or(-1.0);
     assert!(
-        out.status.success(),
-        "carol login (UDP blocked): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fleet: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{carol}/fleet.json")).unwrap_or_default(),
-    )
-    .unwrap_or_default();
-    let ms = |r: &str| fleet["rtt_ms"][r].as_f64().unwrap_or(-1.0);
-    assert!(
-        fleet["home"] == "relay-eu"
+        measured["home"] == "relay-eu"
             && (4.0..30.0).contains(&ms("relay-eu"))
             && (38.0..70.0).contains(&ms("relay-us"))
             && (118.0..160.0).contains(&ms("relay-ap")),
-        "carol's fleet.json (UDP blocked, measured over TCP/TLS): {fleet}"
+        "carol's fleet.json (UDP blocked, measured over TCP/TLS): {measured}"
     );
     let cstatus = c_ns.output(&format!(
         "{} status --state-dir {carol}",
