@@ -449,24 +449,42 @@ fn mesh_text(m: &ManagedStatus) -> String {
         out += "  no peers\n";
         return out;
     }
-    let rows: Vec<[String; 4]> = m
-        .peers
-        .iter()
-        .map(|p| {
-            let path = p.path_text();
-            let latency = p
-                .latency_ms
-                .map(mesh::status::fmt_ms)
-                .unwrap_or_else(|| "-".into());
-            let online = if p.online {
-                path
-            } else {
-                format!("{path} (offline)")
-            };
-            [p.name.clone(), p.ipv4.to_string(), online, latency]
-        })
-        .collect();
-    for line in table(&["PEER", "ADDRESS", "PATH", "LATENCY"], &rows).lines() {
+    let row = |p: &mesh::status::ManagedPeer| {
+        let path = p.path_text();
+        let latency = p
+            .latency_ms
+            .map(mesh::status::fmt_ms)
+            .unwrap_or_else(|| "-".into());
+        let online = if p.online {
+            path
+        } else {
+            format!("{path} (offline)")
+        };
+        (p.name.clone(), p.ipv4.to_string(), online, latency)
+    };
+    let t = if m.fleet.is_some() {
+        // A fleet: each peer's home relay too (from its peer-map entry).
+        let rows: Vec<[String; 5]> = m
+            .peers
+            .iter()
+            .map(|p| {
+                let (n, a, o, l) = row(p);
+                [n, a, p.home.clone().unwrap_or_else(|| "-".into()), o, l]
+            })
+            .collect();
+        table(&["PEER", "ADDRESS", "HOME", "PATH", "LATENCY"], &rows)
+    } else {
+        let rows: Vec<[String; 4]> = m
+            .peers
+            .iter()
+            .map(|p| {
+                let (n, a, o, l) = row(p);
+                [n, a, o, l]
+            })
+            .collect();
+        table(&["PEER", "ADDRESS", "PATH", "LATENCY"], &rows)
+    };
+    for line in t.lines() {
         out += &format!("  {line}\n");
     }
     out
@@ -668,6 +686,7 @@ mod tests {
                 ipv6: format!("fd7a:7765:6674::6440:{n}").parse().unwrap(),
                 tags: vec!["worker".into()],
                 online: true,
+                home: Some(format!("relay-{}", if n == 9 { "ap" } else { "eu" })),
                 path: path.into(),
                 relay_transport: relay_transport.map(Into::into),
                 latency_ms: None,
@@ -709,6 +728,22 @@ mod tests {
             "mesh: weft0 as eve (100.64.0.7), coordinator connected (tcp)\n",
             "  gpu1  100.64.0.9   relay tcp",
             "  gpu2  100.64.0.10  direct 198.51.100.6:41641",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        // In a fleet each peer's home relay (its peer-map entry) is a column.
+        let mut m = mesh_node();
+        m.fleet = Some(tunnel_relay::client::FleetView {
+            relays: Vec::new(),
+            home: Some("relay-eu".into()),
+            rtt_ms: Default::default(),
+            measured_unix: 1,
+        });
+        let text = mesh_text(&m);
+        for want in [
+            "  PEER  ADDRESS      HOME      PATH",
+            "  gpu1  100.64.0.9   relay-ap  relay tcp",
+            "  gpu2  100.64.0.10  relay-eu  direct 198.51.100.6:41641",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

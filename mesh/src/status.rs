@@ -346,6 +346,10 @@ pub struct ManagedPeer {
     pub tags: Vec<String>,
     /// Connected to the coordinator.
     pub online: bool,
+    /// Its home relay (the fleet relay holding its control session), as its
+    /// peer-map entry announces it; `None` from relays that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
     /// `direct` or `relay`.
     pub path: String,
     /// On the relay path, how this node reaches the relay: `quic`, or `tcp`
@@ -400,6 +404,7 @@ pub(crate) fn managed_status(
                 ipv6: p.ipv6,
                 tags: p.tags.clone(),
                 online: p.online,
+                home: p.home.clone(),
                 path: path.to_owned(),
                 relay_transport: (path == "relay").then(|| transport.clone()).flatten(),
                 latency_ms: latency.map(ms),
@@ -600,6 +605,9 @@ pub fn render_managed_human(s: &ManagedStatus, now: SystemTime) -> String {
             .unwrap_or_default();
         out += &format!("  path: {}{latency}\n", p.path_text());
         out += &format!("  online: {}\n", if p.online { "yes" } else { "no" });
+        if let Some(h) = &p.home {
+            out += &format!("  home relay: {h}\n");
+        }
         if let Some(hs) = p.wg.latest_handshake_unix {
             out += &format!(
                 "  latest handshake: {}\n",
@@ -922,6 +930,7 @@ mod tests {
                 kind: CandidateKind::Local,
             }],
             online: true,
+            home: Some("relay-eu".into()),
         });
         let snap = Snapshot {
             version: Version { epoch: 1, seq: 0 },
@@ -1066,6 +1075,7 @@ mod tests {
             "\npeer: gpu1 (100.64.0.9, fd7a:7765:6674::6440:9)\n",
             "  path: direct 198.51.100.6:41641, latency 0.42 ms\n",
             "  online: yes\n",
+            "  home relay: relay-eu\n",
             "  latest handshake: 1 minute, 5 seconds ago\n",
             "  transfer: 2.00 KiB received, 100 B sent\n",
         ] {

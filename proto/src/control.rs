@@ -92,6 +92,18 @@ const T_DELTA: u8 = 2;
 const T_ENDPOINTS: u8 = 3;
 const T_CALL_ME_MAYBE: u8 = 4;
 const T_ACK: u8 = 5;
+/// A snapshot whose peers carry their home relay (peer codec 1).
+const T_SNAPSHOT_HOMES: u8 = 6;
+
+/// The newest peer-map codec this build reads and writes. A node names the
+/// newest it reads in its `MeshJoin` (`weft_proto::relay::Message::MeshJoin`'s
+/// `peer_codec`); the relay writes that session's frames with
+/// [`ControlMsg::encode_frame_at`] at the lower of the two. Decoding reads
+/// every codec (each has its own tags), so only the writer must know.
+/// - 0: the first.
+/// - 1: a peer entry ends with its home relay (an optional string): snapshots
+///   under tag 6, upserts under change tag 4.
+pub const PEER_CODEC: u8 = 1;
 
 /// A node's name, tags and overlay addresses (a peer's or the receiver's own).
 fn put_identity(w: &mut Writer, name: &str, tags: &[String], v4: Ipv4Addr, v6: Ipv6Addr) {
@@ -110,14 +122,18 @@ fn get_self(r: &mut Reader<'_>) -> Result<SelfInfo> {
     })
 }
 
-fn put_peer(w: &mut Writer, p: &Peer) {
+/// A peer entry; from codec 1 on with its home relay.
+fn put_peer(w: &mut Writer, p: &Peer, codec: u8) {
     w.key(&p.key);
     put_identity(w, &p.name, &p.tags, p.ipv4, p.ipv6);
     put_candidates(w, &p.endpoints);
     w.flag(p.online);
+    if codec >= 1 {
+        w.option(p.home.as_ref(), |w, h| w.str(h));
+    }
 }
 
-fn get_peer(r: &mut Reader<'_>) -> Result<Peer> {
+fn get_peer(r: &mut Reader<'_>, codec: u8) -> Result<Peer> {
     let key = r.key()?;
     let me = get_self(r)?;
     Ok(Peer {
@@ -128,6 +144,11 @@ fn get_peer(r: &mut Reader<'_>) -> Result<Peer> {
         ipv6: me.ipv6,
         endpoints: get_candidates(r)?,
         online: r.flag()?,
+        home: if codec >= 1 {
+            r.option(Reader::str)?
+        } else {
+            None
+        },
     })
 }
 
@@ -164,12 +185,14 @@ fn get_filter(r: &mut Reader<'_>) -> Result<FilterRules> {
 const C_UPSERT: u8 = 1;
 const C_REMOVE: u8 = 2;
 const C_FILTER: u8 = 3;
+/// An upsert whose peer carries its home relay (peer codec 1).
+const C_UPSERT_HOME: u8 = 4;
 
-fn put_change(w: &mut Writer, c: &PeerChange) {
+fn put_change(w: &mut Writer, c: &PeerChange, codec: u8) {
     match c {
         PeerChange::Upsert(p) => {
-            w.u8(C_UPSERT);
-            put_peer(w, p);
+            w.u8(if codec >= 1 { C_UPSERT_HOME } else { C_UPSERT });
+            put_peer(w, p, codec);
         }
         PeerChange::Remove(k) => {
             w.u8(C_REMOVE);
@@ -184,7 +207,8 @@ fn put_change(w: &mut Writer, c: &PeerChange) {
 
 fn get_change(r: &mut Reader<'_>) -> Result<PeerChange> {
     Ok(match r.u8()? {
-        C_UPSERT => PeerChange::Upsert(Arc::new(get_peer(r)?)),
+        C_UPSERT => PeerChange::Upsert(Arc::new(get_peer(r, 0)?)),
+        C_UPSERT_HOME => PeerChange::Upsert(Arc::new(get_peer(r, 1)?)),
         C_REMOVE => PeerChange::Remove(r.key()?),
         C_FILTER => PeerChange::Filter(get_filter(r)?),
         value => {
@@ -199,21 +223,27 @@ fn get_change(r: &mut Reader<'_>) -> Result<PeerChange> {
 /// Smallest encoded peer: key, name length, tag count, v4, v6, candidate count, online.
 const MIN_PEER: usize = 32 + 1 + 4 + 4 + 16 + 4 + 1;
 
-impl Wire for ControlMsg {
-    fn put(&self, w: &mut Writer) {
+impl ControlMsg {
+    /// Writes the message in peer codec `codec` (see [`PEER_CODEC`]; a
+    /// codec newer than this build's writes this build's newest).
+    pub fn put_at(&self, w: &mut Writer, codec: u8) {
         match self {
             ControlMsg::Snapshot(s) => {
-                w.u8(T_SNAPSHOT);
+                w.u8(if codec >= 1 {
+                    T_SNAPSHOT_HOMES
+                } else {
+                    T_SNAPSHOT
+                });
                 s.version.encode(w);
                 let me = &s.me;
                 put_identity(w, &me.name, &me.tags, me.ipv4, me.ipv6);
                 put_filter(w, &s.filter);
-                w.list(&s.peers, MAX_PEERS, |w, p| put_peer(w, p));
+                w.list(&s.peers, MAX_PEERS, |w, p| put_peer(w, p, codec));
             }
             ControlMsg::Delta(d) => {
                 w.u8(T_DELTA);
                 d.version.encode(w);
-                put_change(w, &d.change);
+                put_change(w, &d.change, codec);
             }
             ControlMsg::EndpointReport(c) => {
                 w.u8(T_ENDPOINTS);
@@ -231,14 +261,37 @@ impl Wire for ControlMsg {
         }
     }
 
+    /// Encodes as one frame in peer codec `codec`.
+    pub fn encode_frame_at(&self, codec: u8) -> Result<Vec<u8>> {
+        let mut w = Writer::new(FORMAT);
+        self.put_at(&mut w, codec);
+        CONTROL_FRAME.frame(&w.into_bytes())
+    }
+}
+
+fn get_snapshot(r: &mut Reader<'_>, codec: u8) -> Result<Snapshot> {
+    // A peer of codec 1 is one byte longer (the home flag).
+    let min = MIN_PEER + usize::from(codec >= 1);
+    Ok(Snapshot {
+        version: Version::decode(r)?,
+        me: get_self(r)?,
+        filter: get_filter(r)?,
+        peers: r.list("peers", MAX_PEERS, min, |r| {
+            get_peer(r, codec).map(Arc::new)
+        })?,
+    })
+}
+
+impl Wire for ControlMsg {
+    /// This build's newest codec ([`PEER_CODEC`]).
+    fn put(&self, w: &mut Writer) {
+        self.put_at(w, PEER_CODEC);
+    }
+
     fn get(r: &mut Reader<'_>) -> Result<ControlMsg> {
         Ok(match r.u8()? {
-            T_SNAPSHOT => ControlMsg::Snapshot(Snapshot {
-                version: Version::decode(r)?,
-                me: get_self(r)?,
-                filter: get_filter(r)?,
-                peers: r.list("peers", MAX_PEERS, MIN_PEER, |r| get_peer(r).map(Arc::new))?,
-            }),
+            T_SNAPSHOT => ControlMsg::Snapshot(get_snapshot(r, 0)?),
+            T_SNAPSHOT_HOMES => ControlMsg::Snapshot(get_snapshot(r, 1)?),
             T_DELTA => ControlMsg::Delta(Delta {
                 version: Version::decode(r)?,
                 change: Arc::new(get_change(r)?),
@@ -258,7 +311,7 @@ impl Wire for ControlMsg {
 }
 
 impl ControlMsg {
-    /// Encodes as one frame (length prefix + message).
+    /// Encodes as one frame (length prefix + message) in this build's newest codec.
     pub fn encode_frame(&self) -> Result<Vec<u8>> {
         CONTROL_FRAME.frame(&self.encode())
     }
@@ -299,8 +352,14 @@ mod tests {
     }
 
     fn peer() -> impl Strategy<Value = Peer> {
-        (key(), self_info(), candidates(), any::<bool>()).prop_map(
-            |(key, me, endpoints, online)| Peer {
+        (
+            key(),
+            self_info(),
+            candidates(),
+            any::<bool>(),
+            prop::option::of(label()),
+        )
+            .prop_map(|(key, me, endpoints, online, home)| Peer {
                 key,
                 name: me.name,
                 tags: me.tags,
@@ -308,8 +367,32 @@ mod tests {
                 ipv6: me.ipv6,
                 endpoints,
                 online,
+                home,
+            })
+    }
+
+    /// `m` as a node of peer codec 0 reads it: no homes.
+    fn without_homes(m: &ControlMsg) -> ControlMsg {
+        let strip = |p: &Arc<Peer>| {
+            Arc::new(Peer {
+                home: None,
+                ..(**p).clone()
+            })
+        };
+        match m {
+            ControlMsg::Snapshot(s) => ControlMsg::Snapshot(Snapshot {
+                peers: s.peers.iter().map(strip).collect(),
+                ..s.clone()
+            }),
+            ControlMsg::Delta(d) => match &*d.change {
+                PeerChange::Upsert(p) => ControlMsg::Delta(Delta {
+                    version: d.version,
+                    change: Arc::new(PeerChange::Upsert(strip(p))),
+                }),
+                _ => m.clone(),
             },
-        )
+            _ => m.clone(),
+        }
     }
 
     fn filter() -> impl Strategy<Value = FilterRules> {
@@ -373,6 +456,22 @@ mod tests {
             laws::check(&m, &p)?;
             let enc = m.encode();
             prop_assert_eq!(m.encode_frame().map(|f| f[4..] == enc[..]), Ok(true));
+            prop_assert_eq!(m.encode_frame_at(PEER_CODEC), m.encode_frame());
+        }
+
+        /// Codec 0 is what nodes before the home field read: the same
+        /// message less the homes, under the original tags.
+        #[test]
+        fn codec_0_is_the_original_form(m in msg()) {
+            let f = m.encode_frame_at(0).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let back = ControlMsg::decode(&f[4..]).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&back, &without_homes(&m));
+            prop_assert!(matches!(f[4], T_SNAPSHOT | T_DELTA | T_ENDPOINTS | T_CALL_ME_MAYBE | T_ACK));
+            if let ControlMsg::Delta(d) = &m {
+                if let PeerChange::Upsert(_) = &*d.change {
+                    prop_assert_eq!(f[4 + 1 + 16], C_UPSERT);
+                }
+            }
         }
     }
 

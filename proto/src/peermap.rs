@@ -69,6 +69,11 @@ pub struct Peer {
     pub endpoints: Vec<Candidate>,
     /// Whether it holds a control session now.
     pub online: bool,
+    /// The relay of the fleet that holds (or last held) its control
+    /// session: its home relay, by the relay's `name`. `None` from a
+    /// coordinator that predates the field (peer codec 0, see
+    /// [`crate::control::PEER_CODEC`]).
+    pub home: Option<String>,
 }
 
 /// The receiving node's own identity, as assigned by the coordinator.

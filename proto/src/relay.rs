@@ -299,6 +299,12 @@ pub enum Message {
         /// The node's current endpoint candidates (at most
         /// [`crate::peermap::MAX_CANDIDATES`]).
         endpoints: Vec<Candidate>,
+        /// The newest peer-map codec the node decodes
+        /// ([`crate::control::PEER_CODEC`]; 0: the first, whose peer entries
+        /// have no home relay). 0 travels as the original message (tag 9),
+        /// anything else under its own tag, which relays that predate it do
+        /// not know: they reset the stream and the node asks again with 0.
+        peer_codec: u8,
     },
     /// Relay → relay of the same fleet (a connection admitted with the
     /// fleet's own key), first frame of a tunnel stream: open `service` on
@@ -358,6 +364,7 @@ const T_PEER_OPEN: u8 = 12;
 const T_LIST_RELAYS: u8 = 13;
 const T_RELAYS: u8 = 14;
 const T_PEER_API: u8 = 15;
+const T_MESH_JOIN_CODEC: u8 = 16;
 
 impl Wire for Message {
     fn put(&self, w: &mut Writer) {
@@ -435,8 +442,17 @@ impl Wire for Message {
                 w.key(from_key);
                 w.strs(from_tags, MAX_LIST);
             }
-            Message::MeshJoin { since, endpoints } => {
-                w.u8(T_MESH_JOIN);
+            Message::MeshJoin {
+                since,
+                endpoints,
+                peer_codec,
+            } => {
+                if *peer_codec == 0 {
+                    w.u8(T_MESH_JOIN);
+                } else {
+                    w.u8(T_MESH_JOIN_CODEC);
+                    w.u8(*peer_codec);
+                }
                 w.option(since.as_ref(), |w, v| v.encode(w));
                 put_candidates(w, endpoints);
             }
@@ -516,7 +532,16 @@ impl Wire for Message {
             T_MESH_JOIN => Message::MeshJoin {
                 since: r.option(Version::decode)?,
                 endpoints: get_candidates(r)?,
+                peer_codec: 0,
             },
+            T_MESH_JOIN_CODEC => {
+                let peer_codec = r.u8()?;
+                Message::MeshJoin {
+                    since: r.option(Version::decode)?,
+                    endpoints: get_candidates(r)?,
+                    peer_codec,
+                }
+            }
             T_MESH_ACCEPTED => Message::MeshAccepted {
                 stun: r.option(Reader::addr)?,
                 ipv4_pool: get_net(r, "IPv4 prefix length", Ipv4Net::new)?,
@@ -632,9 +657,14 @@ mod tests {
             }),
             (
                 prop::option::of(version()),
-                prop::collection::vec(candidate(), 0..=MAX_CANDIDATES)
+                prop::collection::vec(candidate(), 0..=MAX_CANDIDATES),
+                any::<u8>()
             )
-                .prop_map(|(since, endpoints)| Message::MeshJoin { since, endpoints }),
+                .prop_map(|(since, endpoints, peer_codec)| Message::MeshJoin {
+                    since,
+                    endpoints,
+                    peer_codec
+                }),
             (
                 prop::option::of(addr()),
                 any::<[u8; 4]>(),
@@ -673,6 +703,7 @@ mod tests {
         let mut m = Message::MeshJoin {
             since: None,
             endpoints: vec![],
+            peer_codec: 0,
         }
         .encode();
         let n = m.len();
@@ -696,6 +727,30 @@ mod tests {
                 value: 33
             })
         );
+    }
+
+    #[test]
+    fn mesh_join_of_the_first_codec_is_the_original_message() {
+        let old = Message::MeshJoin {
+            since: Some(Version { epoch: 7, seq: 9 }),
+            endpoints: vec![],
+            peer_codec: 0,
+        }
+        .encode();
+        // Tag 9, since (flag, epoch, seq), no candidates: what relays before the codec field read.
+        let mut want = vec![9u8, 1];
+        want.extend(7u64.to_be_bytes());
+        want.extend(9u64.to_be_bytes());
+        want.extend([0, 0]);
+        assert_eq!(old, want);
+        let new = Message::MeshJoin {
+            since: Some(Version { epoch: 7, seq: 9 }),
+            endpoints: vec![],
+            peer_codec: 1,
+        }
+        .encode();
+        assert_eq!(&new[..2], &[16, 1]);
+        assert_eq!(&new[2..], &want[1..]);
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn req(i: u32, worker: bool) -> JoinRequest {
             },
         ],
         since: None,
+        home: None,
     }
 }
 

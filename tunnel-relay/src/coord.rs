@@ -43,7 +43,7 @@
 pub mod addr;
 /// The control codec ([`weft_proto::control`]) and its tokio stream helpers.
 pub mod wire {
-    pub use crate::wire::{read_control, write_control, ControlIoError};
+    pub use crate::wire::{read_control, write_control, write_control_at, ControlIoError};
     pub use weft_proto::control::*;
 }
 
@@ -121,6 +121,9 @@ pub struct JoinRequest {
     pub endpoints: Vec<Candidate>,
     /// The peer-map version it already holds (reconnect), if any.
     pub since: Option<Version>,
+    /// The relay it joins through (its home relay, announced in its peer
+    /// entry); `None` where there is no name to give.
+    pub home: Option<String>,
 }
 
 /// Coordinator settings (TOML section of the relay config).
@@ -248,6 +251,8 @@ struct Node {
     /// Group tags the pool gave it (`pool-job-N`, a running gang); part of `rec.tags`.
     extra: Vec<String>,
     online: bool,
+    /// The relay holding (or that last held) its session.
+    home: Option<String>,
     tagset: usize,
     seq: u64,
     log: VecDeque<(u64, Arc<PeerChange>)>,
@@ -261,6 +266,7 @@ impl Node {
             rec,
             extra: Vec::new(),
             online,
+            home: None,
             tagset,
             seq: 0,
             log: VecDeque::new(),
@@ -272,6 +278,7 @@ impl Node {
                 ipv6: Ipv6Addr::UNSPECIFIED,
                 endpoints: Vec::new(),
                 online: false,
+                home: None,
             }),
         };
         n.refresh();
@@ -291,6 +298,7 @@ impl Node {
             ipv6: self.rec.ipv6,
             endpoints: self.rec.endpoints.clone(),
             online: self.online,
+            home: self.home.clone(),
         });
     }
 }
@@ -614,7 +622,7 @@ impl Coordinator {
         let mut since = req.since;
         let id = match self.by_key.get(&req.key).copied() {
             Some(id) => {
-                if self.rejoin(id, req.name, tags, endpoints, &mut out) {
+                if self.rejoin(id, req.name, tags, endpoints, req.home, &mut out) {
                     // Its own name or tags changed: deltas cannot say that.
                     since = None;
                 }
@@ -650,7 +658,10 @@ impl Coordinator {
                     ipv6: self.pool.v6_for(ipv4),
                     endpoints,
                 };
-                self.nodes.insert(id, Node::new(rec, true, ts));
+                let mut n = Node::new(rec, true, ts);
+                n.home = req.home;
+                n.refresh();
+                self.nodes.insert(id, n);
                 self.broadcast_upsert(id, &mut out);
                 id
             }
@@ -669,14 +680,17 @@ impl Coordinator {
         name: String,
         tags: Vec<String>,
         endpoints: Vec<Candidate>,
+        home: Option<String>,
         out: &mut Outbox,
     ) -> bool {
         let Some(n) = self.nodes.get_mut(&id) else {
             return false;
         };
         let self_changed = n.rec.name != name || n.rec.tags != tags;
-        let mut changed = !n.online || n.rec.endpoints != endpoints || n.rec.name != name;
+        let mut changed =
+            !n.online || n.rec.endpoints != endpoints || n.rec.name != name || n.home != home;
         n.online = true;
+        n.home = home;
         n.rec.endpoints = endpoints;
         if n.rec.name != name {
             let old = std::mem::replace(&mut n.rec.name, name.clone());
@@ -813,11 +827,14 @@ impl Coordinator {
     /// (less group tags), endpoints and online state. Peers on this relay that see it get
     /// their deltas. A record whose id, key, name or address clashes with a
     /// different node here is refused as a conflict and changes nothing.
+    /// `home` is the relay whose record it is (the node's home relay).
     pub fn apply_remote(
         &mut self,
         mut rec: NodeRecord,
         online: bool,
+        home: Option<&str>,
     ) -> Result<Outbox, CoordError> {
+        let home = home.map(str::to_owned);
         validate_name(&rec.name).map_err(|source| CoordError::BadName {
             name: rec.name.clone(),
             source,
@@ -851,9 +868,12 @@ impl Coordinator {
                 if !n.extra.is_empty() {
                     tags = normalize_tags(&[tags, n.extra.clone()].concat())?;
                 }
-                let changed =
-                    n.online != online || n.rec.endpoints != endpoints || n.rec.name != rec.name;
+                let changed = n.online != online
+                    || n.rec.endpoints != endpoints
+                    || n.rec.name != rec.name
+                    || n.home != home;
                 n.online = online;
+                n.home = home;
                 n.rec.endpoints = endpoints;
                 if n.rec.name != rec.name {
                     let old = std::mem::replace(&mut n.rec.name, rec.name.clone());
@@ -885,7 +905,10 @@ impl Coordinator {
                     endpoints,
                     ..rec
                 };
-                self.nodes.insert(id, Node::new(rec, online, ts));
+                let mut n = Node::new(rec, online, ts);
+                n.home = home;
+                n.refresh();
+                self.nodes.insert(id, n);
                 self.broadcast_upsert(id, &mut out);
                 Ok(out)
             }

@@ -427,17 +427,41 @@ async fn join(
     }
 }
 
-/// `MeshJoin` → `MeshAccepted` on a new stream of an admitted connection.
+/// `MeshJoin` → `MeshAccepted` on a new stream of an admitted connection,
+/// asking for this build's peer codec. A relay that predates the codec field
+/// does not know the message and resets the stream (a framing error here, no
+/// answer): the node asks again on a new stream with codec 0 (peer entries
+/// without their home relay).
 async fn open_stream(
     session: &Session,
     opts: &MeshOptions,
     inner: &Inner,
 ) -> Result<(SendStream, RecvStream, LinkInfo), ClientError> {
+    match join_stream(session, opts, inner, weft_proto::control::PEER_CODEC).await {
+        Err(ClientError::Proto(ProtoError::Frame(e))) => {
+            debug!(error = %e, "mesh join with peer codec {} not answered; trying the first codec", weft_proto::control::PEER_CODEC);
+            join_stream(session, opts, inner, 0).await
+        }
+        other => other,
+    }
+}
+
+async fn join_stream(
+    session: &Session,
+    opts: &MeshOptions,
+    inner: &Inner,
+    peer_codec: u8,
+) -> Result<(SendStream, RecvStream, LinkInfo), ClientError> {
     let conn = session.connection();
     let (mut send, mut recv) = conn.open_bi().await.map_err(ProtoError::from)?;
     let since: Option<Version> = inner.map.borrow().version;
     let endpoints = inner.endpoints.borrow().clone();
-    write_message(&mut send, &Message::MeshJoin { since, endpoints })
+    let join = Message::MeshJoin {
+        since,
+        endpoints,
+        peer_codec,
+    };
+    write_message(&mut send, &join)
         .await
         .map_err(ProtoError::from)?;
     let answer = timeout(opts.timing.handshake_timeout, read_message(&mut recv))

@@ -1689,8 +1689,17 @@ async fn handle_tunnel(
     let hs_timeout = shared.config.limits.handshake_timeout();
     let (target, service) = match timeout(hs_timeout, read_message(&mut recv)).await {
         Ok(Ok(Message::Open { target, service })) => (target, service),
-        Ok(Ok(Message::MeshJoin { since, endpoints })) => {
-            return mesh::serve_session(shared, ctx, send, recv, since, endpoints).await;
+        Ok(Ok(Message::MeshJoin {
+            since,
+            endpoints,
+            peer_codec,
+        })) => {
+            let join = mesh::Join {
+                since,
+                endpoints,
+                peer_codec,
+            };
+            return mesh::serve_session(shared, ctx, send, recv, join).await;
         }
         Ok(Ok(Message::Api)) => {
             let caller = pool::ApiCaller {

@@ -99,12 +99,22 @@ pub async fn read_control<R: AsyncRead + Unpin>(
     Ok(ControlMsg::decode(&payload)?)
 }
 
-/// Encodes and writes one control frame.
+/// Encodes and writes one control frame (this build's newest peer codec).
 pub async fn write_control<W: AsyncWrite + Unpin>(
     w: &mut W,
     msg: &ControlMsg,
 ) -> Result<(), ControlIoError> {
-    let frame = msg.encode_frame()?;
+    write_control_at(w, msg, weft_proto::control::PEER_CODEC).await
+}
+
+/// Encodes one control frame in peer codec `codec` (what the node at the
+/// other end reads, from its `MeshJoin`) and writes it.
+pub async fn write_control_at<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &ControlMsg,
+    codec: u8,
+) -> Result<(), ControlIoError> {
+    let frame = msg.encode_frame_at(codec)?;
     w.write_all(&frame).await?;
     Ok(())
 }

@@ -434,6 +434,7 @@ mod tests {
             ipv6: "fd7a:7765:6674::6440:7".parse().unwrap(),
             endpoints: Vec::new(),
             online: true,
+            home: None,
         });
         let snap = Snapshot {
             version: Version { epoch: 1, seq: 0 },

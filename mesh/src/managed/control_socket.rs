@@ -440,6 +440,7 @@ mod tests {
                 ipv6: "fd7a:7765:6674::6440:9".parse().unwrap(),
                 tags: vec!["worker".into()],
                 online: true,
+                home: Some("relay-eu".into()),
                 path: "relay".into(),
                 relay_transport: Some("quic".into()),
                 latency_ms: None,

@@ -651,6 +651,7 @@ mod tests {
             ipv6: Ipv6Addr::new(0xfd7a, 0x7765, 0x6674, 0, 0, 0, 0x6440, u16::from(m)),
             endpoints: other.reported.clone(),
             online: true,
+            home: None,
         });
         let snap = Snapshot {
             version: Version { epoch: 1, seq: 0 },

@@ -192,6 +192,7 @@ mod tests {
                 },
             ],
             online: true,
+            home: None,
         })
     }
 

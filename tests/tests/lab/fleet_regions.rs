@@ -59,6 +59,16 @@ fn home_of(n: &ManagedNode) -> String {
         .to_string()
 }
 
+/// The home relay `n`'s peer map announces for its peer `peer` (`mesh status --json`).
+fn peer_home(n: &ManagedNode, peer: &str) -> String {
+    n.status()["peers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == peer))
+        .and_then(|p| p["home"].as_str())
+        .unwrap_or("-")
+        .to_string()
+}
+
 fn rtt_ms(n: &ManagedNode, relay: &str) -> f64 {
     n.status()["fleet"]["rtt_ms"][relay]
         .as_f64()
@@ -168,6 +178,22 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
     alice.wait_until(Duration::from_secs(15), "gpu-ap in alice's peer map", |n| {
         n.peer_ips().contains(&gpu.ip)
     });
+    // Each peer-map entry announces the peer's home relay.
+    alice.wait_until(
+        Duration::from_secs(10),
+        "alice's peer map: gpu-ap homed on relay-ap",
+        |n| peer_home(n, "gpu-ap") == "relay-ap",
+    );
+    gpu.wait_until(
+        Duration::from_secs(10),
+        "gpu-ap's peer map: alice homed on relay-eu",
+        |n| peer_home(n, "alice") == "relay-eu",
+    );
+    let text = String::from_utf8_lossy(&alice.mesh("status --interface weft0").stdout).into_owned();
+    assert!(
+        text.contains("\npeer: gpu-ap (") && text.contains("  home relay: relay-ap\n"),
+        "mesh status:\n{text}"
+    );
     let _sshd = start_sshd(&gpu.ns, "0.0.0.0");
     let key = alice.ns.file("id").display().to_string();
     std::fs::copy(ssh_key(&gpu.ns), &key).unwrap_or_else(|e| panic!("{e}"));
@@ -316,6 +342,12 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
         "the direct path stalled: {g:?}"
     );
     tunnel_ssh("bob -> gpu-ap after relay-ap died");
+    // gpu-ap's entry in alice's peer map follows it to its new home.
+    alice.wait_until(
+        Duration::from_secs(10),
+        "alice's peer map: gpu-ap homed on relay-us after relay-ap died",
+        |n| peer_home(n, "gpu-ap") == "relay-us",
+    );
     assert!(
         weft_tests::logtime::logged_after(&us.proc.log(), killed, exposed).is_some(),
         "gpu-ap's tunnel did not fail over to the next nearest relay (relay-us, 40 ms)"

@@ -32,6 +32,7 @@ fn req(i: u32, name: &str, t: &[&str]) -> JoinRequest {
         tags: tags(t),
         endpoints: vec![cand(i as u8, 41641)],
         since: None,
+        home: Some("relay-a".into()),
     }
 }
 
@@ -575,6 +576,7 @@ proptest! {
                         tags: tags(TAGSETS[t as usize]),
                         endpoints: eps[ep as usize].clone(),
                         since,
+                        home: None,
                     };
                     if let Ok((_, out)) = sim.c.join(r) { sim.deliver(out)?; }
                 }
@@ -681,31 +683,51 @@ fn two_replicas_share_nodes_by_record() {
     let (e, _) = ok(b.join(req(3, "alice", &["engineer"])));
     // B learns gpu1 from A's record: alice (B's session) gets it.
     let rec_w = a.record(w).cloned().unwrap_or_else(|| panic!("no record"));
-    let out = ok(b.apply_remote(rec_w.clone(), true));
+    let out = ok(b.apply_remote(rec_w.clone(), true, Some("relay-a")));
     let d = deltas(&out);
     assert_eq!(d.len(), 1, "{d:?}");
     assert!(
-        matches!(&d[0], (to, PeerChange::Upsert(p)) if *to == e && p.key == key(1) && p.ipv4 == rec_w.ipv4)
+        matches!(&d[0], (to, PeerChange::Upsert(p)) if *to == e && p.key == key(1) && p.ipv4 == rec_w.ipv4 && p.home.as_deref() == Some("relay-a"))
     );
     // A learns alice: gpu1 gets her, the same id and address on both.
     let rec_e = b.record(e).cloned().unwrap_or_else(|| panic!("no record"));
-    let out = ok(a.apply_remote(rec_e.clone(), true));
+    let out = ok(a.apply_remote(rec_e.clone(), true, Some("relay-b")));
     assert_eq!(deltas(&out).len(), 1);
     assert_eq!(a.id_of(&key(3)), Some(e));
     assert_eq!(a.record(e).map(|r| r.ipv4), Some(rec_e.ipv4));
     // The same record again changes nothing; new endpoints and going offline do.
-    assert!(ok(b.apply_remote(rec_w.clone(), true)).is_empty());
+    assert!(ok(b.apply_remote(rec_w.clone(), true, Some("relay-a"))).is_empty());
     let mut moved = rec_w.clone();
     moved.endpoints = vec![cand(77, 4000)];
-    assert_eq!(deltas(&ok(b.apply_remote(moved.clone(), true))).len(), 1);
-    let d = deltas(&ok(b.apply_remote(moved, false)));
+    assert_eq!(
+        deltas(&ok(b.apply_remote(moved.clone(), true, Some("relay-a")))).len(),
+        1
+    );
+    let d = deltas(&ok(b.apply_remote(moved.clone(), false, Some("relay-a"))));
     assert!(matches!(&d[..], [(to, PeerChange::Upsert(p))] if *to == e && !p.online));
+    // The node's home moves (it re-joined through relay C): its peers learn the new home.
+    let d = deltas(&ok(b.apply_remote(moved.clone(), true, Some("relay-c"))));
+    assert!(
+        matches!(&d[..], [(to, PeerChange::Upsert(p))] if *to == e && p.online && p.home.as_deref() == Some("relay-c")),
+        "{d:?}"
+    );
+    // ... and when it comes back here: this relay is its home.
+    let mut back = req(1, "gpu1", &["worker"]);
+    back.home = Some("relay-b".into());
+    back.endpoints = moved.endpoints.clone();
+    let (_, out) = ok(b.join(back));
+    let d = deltas(&out);
+    assert!(
+        matches!(&d[..], [(to, PeerChange::Upsert(p))] if *to == e && p.home.as_deref() == Some("relay-b")),
+        "{d:?}"
+    );
+
     // A clash (another key under gpu1's name, or an address taken here) is refused and changes nothing.
     let mut clash = rec_w.clone();
     clash.key = key(9);
     clash.id = NodeId::of_key(&key(9));
     assert!(matches!(
-        b.apply_remote(clash, true),
+        b.apply_remote(clash, true, Some("relay-a")),
         Err(CoordError::Conflict(_))
     ));
     let mut clash = rec_w.clone();
@@ -713,7 +735,7 @@ fn two_replicas_share_nodes_by_record() {
     clash.id = NodeId::of_key(&key(9));
     clash.name = "gpu9".into();
     assert!(matches!(
-        b.apply_remote(clash, true),
+        b.apply_remote(clash, true, Some("relay-a")),
         Err(CoordError::Conflict(_))
     ));
     assert_eq!(b.len(), 2);

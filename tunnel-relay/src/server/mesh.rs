@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 use super::{lock, revoked_now, NodeCtx, Shared};
 use crate::admission::TokenBucket;
 use crate::config::RelayConfig;
-use crate::coord::wire::{read_control, write_control, ControlIoError, ControlMsg};
+use crate::coord::wire::{read_control, write_control_at, ControlIoError, ControlMsg};
 use crate::coord::{
     clean_candidates, Candidate, CoordError, Coordinator, JoinRequest, NodeId, Outbox, Version,
 };
@@ -442,7 +442,7 @@ impl Hub {
         } else {
             let online = c.online && !self.dead.contains(&c.relay);
             self.homes.insert(id, c.relay.clone());
-            match self.coord.apply_remote(c.rec, online) {
+            match self.coord.apply_remote(c.rec, online, Some(&c.relay)) {
                 Ok(out) => {
                     debug!(node = %name, relay = %c.relay, online = c.online, "record from another relay");
                     out
@@ -563,15 +563,31 @@ enum End {
     Killed,
 }
 
+/// What a node's `MeshJoin` asked for.
+pub(super) struct Join {
+    /// The peer-map version it holds.
+    pub since: Option<Version>,
+    /// Its candidates.
+    pub endpoints: Vec<Candidate>,
+    /// The newest peer codec it reads: its frames are written in the lower
+    /// of that and ours.
+    pub peer_codec: u8,
+}
+
 /// Serves one mesh control stream whose `MeshJoin` was just read.
 pub(super) async fn serve_session(
     shared: Arc<Shared>,
     ctx: NodeCtx,
     mut send: SendStream,
     mut recv: RecvStream,
-    since: Option<Version>,
-    endpoints: Vec<Candidate>,
+    join: Join,
 ) {
+    let Join {
+        since,
+        endpoints,
+        peer_codec,
+    } = join;
+    let codec = peer_codec.min(weft_proto::control::PEER_CODEC);
     let metrics = shared.metrics.clone();
     let mesh = &shared.mesh;
     let refuse = |reason, detail: String| Rejection::new(reason, detail);
@@ -597,6 +613,7 @@ pub(super) async fn serve_session(
                 tags: ctx.tags.clone(),
                 endpoints,
                 since,
+                home: Some(shared.config.relay_name()),
             };
             match hub.coord.join(req) {
                 Ok((id, out)) => {
@@ -643,7 +660,7 @@ pub(super) async fn serve_session(
                 _ = &mut kill_rx => return End::Killed,
                 m = rx.recv() => match m {
                     Some(m) => {
-                        if let Err(e) = write_control(&mut send, &m).await {
+                        if let Err(e) = write_control_at(&mut send, &m, codec).await {
                             return End::Io(e);
                         }
                     }
@@ -809,6 +826,7 @@ mod tests {
             tags: vec![tag.into()],
             endpoints: vec![],
             since: None,
+            home: None,
         };
         match h.coord.join(req) {
             Ok(x) => x,

@@ -106,6 +106,11 @@ async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
     );
     assert_eq!(p1.endpoints, vec![cand("192.0.2.1:51820")]);
     assert_eq!(p1.tags, vec!["worker".to_string()]);
+    // Its entry names its home: the relay it joined through.
+    assert_eq!(
+        p1.home.as_deref(),
+        Some(RelayConfig::default().relay_name().as_str())
+    );
     for w in [&w1, &w2] {
         let m = until(w, "worker sees the engineer", 3 * SEC, |m| {
             m.peers.get(&e.public_key()).is_some_and(|p| p.online)
@@ -205,9 +210,20 @@ async fn peer_maps_follow_the_acl_and_changes_reach_only_who_sees_them() {
 }
 
 /// A mesh control stream opened by hand on `conn`: `MeshJoin` (no version, no
-/// endpoints) written, `MeshAccepted` read; the stream.
+/// endpoints, this build's peer codec) written, `MeshAccepted` read; the stream.
 async fn raw_mesh_join(
     conn: &tunnel_relay::transport::Connection,
+) -> (
+    tunnel_relay::transport::SendStream,
+    tunnel_relay::transport::RecvStream,
+) {
+    raw_mesh_join_at(conn, tunnel_relay::coord::wire::PEER_CODEC).await
+}
+
+/// [`raw_mesh_join`] naming peer codec `peer_codec`.
+async fn raw_mesh_join_at(
+    conn: &tunnel_relay::transport::Connection,
+    peer_codec: u8,
 ) -> (
     tunnel_relay::transport::SendStream,
     tunnel_relay::transport::RecvStream,
@@ -218,6 +234,7 @@ async fn raw_mesh_join(
         &Message::MeshJoin {
             since: None,
             endpoints: vec![],
+            peer_codec,
         },
     )
     .await
@@ -399,6 +416,47 @@ async fn garbage_on_the_control_stream_closes_only_that_stream() {
         .unwrap_or_else(|er| panic!("{er}"));
     let r = tokio::time::timeout(3 * SEC, read_control(&mut recv2, MAX_CONTROL_FRAME)).await;
     assert!(matches!(r, Ok(Ok(ControlMsg::Snapshot(_)))), "{r:?}");
+}
+
+/// A node that predates the home field (its `MeshJoin` is the original
+/// message, peer codec 0) gets frames it can read: the original tags, no
+/// homes; a node of this build gets homes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_the_first_peer_codec_gets_entries_without_homes() {
+    use tokio::io::AsyncReadExt;
+    use weft_proto::codec::Wire;
+    let _turn = weft_tests::turn::take(module_path!());
+    let lab = start_relay(RelayConfig::default()).await;
+    let (w, _dw) = node(&lab, "worker", "gpu1", vec![]).await;
+    let dir = tmp();
+    client::login(dir.path(), &lab.token("engineer", None, None), "e")
+        .await
+        .unwrap_or_else(|er| panic!("login: {er}"));
+    let s = client::session(dir.path())
+        .await
+        .unwrap_or_else(|er| panic!("session: {er}"));
+    for (codec, tag) in [(0u8, 1u8), (1, 6)] {
+        let (_send, mut recv) = raw_mesh_join_at(s.connection(), codec).await;
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len)
+            .await
+            .unwrap_or_else(|er| panic!("{er}"));
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        recv.read_exact(&mut frame)
+            .await
+            .unwrap_or_else(|er| panic!("{er}"));
+        assert_eq!(frame[0], tag, "peer codec {codec}: snapshot tag");
+        let Ok(ControlMsg::Snapshot(snap)) = ControlMsg::decode(&frame) else {
+            panic!("peer codec {codec}: not a snapshot")
+        };
+        let gpu = snap
+            .peers
+            .iter()
+            .find(|p| p.key == w.public_key())
+            .unwrap_or_else(|| panic!("no gpu1 in {snap:?}"));
+        let want = (codec > 0).then(|| RelayConfig::default().relay_name());
+        assert_eq!(gpu.home, want, "peer codec {codec}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
