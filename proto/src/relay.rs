@@ -12,7 +12,8 @@
 //!   [`Message::Accepted`] or [`Message::Rejected`]. Afterwards plain frames:
 //!   [`Message::ListTargets`] → [`Message::Targets`].
 //! - Tunnel stream engineer → relay: first frame [`Message::Open`], answered by
-//!   [`Message::OpenOk`] or [`Message::Rejected`], then raw bytes.
+//!   [`Message::OpenOk`] or [`Message::Rejected`], then raw bytes (or, to an
+//!   `Open` that allows it, [`Message::Redirect`] to the worker's relay).
 //! - Tunnel stream relay → worker: first frame [`Message::Incoming`], answered
 //!   by [`Message::OpenOk`] or [`Message::Rejected`], then raw bytes.
 //! - Mesh control stream node → relay: first frame [`Message::MeshJoin`],
@@ -277,6 +278,21 @@ pub enum Message {
         target: String,
         /// The service name on it.
         service: String,
+        /// The engineer would rather dial the worker's home relay itself: a
+        /// relay of a fleet whose worker is on another relay answers
+        /// [`Message::Redirect`] instead of carrying the tunnel over its link
+        /// to that relay. False travels as the original message (tag 6),
+        /// true under its own tag, which relays that predate it do not
+        /// know: they reset the stream and the engineer asks again with false.
+        redirect: bool,
+    },
+    /// Relay → engineer, the answer to an [`Message::Open`] with `redirect`:
+    /// the worker is on this other relay of the fleet; open it there.
+    Redirect {
+        /// That relay's name.
+        relay: String,
+        /// Where nodes reach it (`host:port`).
+        addrs: Vec<String>,
     },
     /// Relay → worker, first frame of a tunnel stream.
     Incoming {
@@ -365,6 +381,8 @@ const T_LIST_RELAYS: u8 = 13;
 const T_RELAYS: u8 = 14;
 const T_PEER_API: u8 = 15;
 const T_MESH_JOIN_CODEC: u8 = 16;
+const T_OPEN_REDIRECT: u8 = 17;
+const T_REDIRECT: u8 = 18;
 
 impl Wire for Message {
     fn put(&self, w: &mut Writer) {
@@ -395,10 +413,19 @@ impl Wire for Message {
                     w.strs(&t.services, MAX_LIST);
                 });
             }
-            Message::Open { target, service } => {
-                w.u8(T_OPEN);
+            Message::Open {
+                target,
+                service,
+                redirect,
+            } => {
+                w.u8(if *redirect { T_OPEN_REDIRECT } else { T_OPEN });
                 w.str(target);
                 w.str(service);
+            }
+            Message::Redirect { relay, addrs } => {
+                w.u8(T_REDIRECT);
+                w.str(relay);
+                w.strs(addrs, MAX_LIST);
             }
             Message::Incoming { from, service } => {
                 w.u8(T_INCOMING);
@@ -472,7 +499,8 @@ impl Wire for Message {
     }
 
     fn get(r: &mut Reader<'_>) -> Result<Message, WireError> {
-        Ok(match r.u8()? {
+        let tag = r.u8()?;
+        Ok(match tag {
             T_HELLO => Message::Hello(Hello {
                 version: r.u8()?,
                 name: r.str()?,
@@ -507,9 +535,14 @@ impl Wire for Message {
                     })
                 })?,
             },
-            T_OPEN => Message::Open {
+            T_OPEN | T_OPEN_REDIRECT => Message::Open {
                 target: r.str()?,
                 service: r.str()?,
+                redirect: tag == T_OPEN_REDIRECT,
+            },
+            T_REDIRECT => Message::Redirect {
+                relay: r.str()?,
+                addrs: r.strs("addrs", MAX_LIST)?,
             },
             T_INCOMING => Message::Incoming {
                 from: r.str()?,
@@ -635,7 +668,14 @@ mod tests {
                 0..5
             )
             .prop_map(Message::Targets),
-            (name(), name()).prop_map(|(target, service)| Message::Open { target, service }),
+            (name(), name(), any::<bool>()).prop_map(|(target, service, redirect)| {
+                Message::Open {
+                    target,
+                    service,
+                    redirect,
+                }
+            }),
+            (name(), names()).prop_map(|(relay, addrs)| Message::Redirect { relay, addrs }),
             (name(), name()).prop_map(|(from, service)| Message::Incoming { from, service }),
             Just(Message::OpenOk),
             Just(Message::Api),
@@ -751,6 +791,25 @@ mod tests {
         .encode();
         assert_eq!(&new[..2], &[16, 1]);
         assert_eq!(&new[2..], &want[1..]);
+    }
+
+    #[test]
+    fn open_without_redirect_is_the_original_message() {
+        let open = |redirect| {
+            Message::Open {
+                target: "gpu1".into(),
+                service: "ssh".into(),
+                redirect,
+            }
+            .encode()
+        };
+        let mut want = vec![6u8, 0, 4];
+        want.extend(b"gpu1");
+        want.extend([0, 3]);
+        want.extend(b"ssh");
+        assert_eq!(open(false), want);
+        want[0] = 17;
+        assert_eq!(open(true), want);
     }
 
     #[test]

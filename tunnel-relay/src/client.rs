@@ -18,14 +18,17 @@ mod home;
 mod session;
 mod state;
 
-pub use engineer::{connect_stdio, forward, service_for_port, ssh_config};
+pub use engineer::{
+    connect_stdio, forward, redirects_wanted, service_for_port, ssh_config, Tunnels, VISIT_TIMEOUT,
+};
 pub use expose::{expose, ExposeOptions, IncomingStream};
 pub use home::{
     better_session, choose_home, home_probe_every, measure, measure_fleet, FleetView,
     HOME_PROBE_DEFAULT, PROBE_WAIT, SWITCH_MIN_GAIN,
 };
 pub use session::{
-    close_failure, connect, connect_peer, connect_with, is_draining_close, is_rejected_close,
-    quic_retry, relay_lost, session, ClientTiming, Session, SessionView, QUIC_RETRY_DEFAULT,
+    close_failure, connect, connect_peer, connect_visit, connect_with, is_draining_close,
+    is_rejected_close, quic_retry, relay_lost, session, ClientTiming, Opened, Session, SessionView,
+    QUIC_RETRY_DEFAULT,
 };
 pub use state::{default_state_dir, login, ClientState, RelayInfo};

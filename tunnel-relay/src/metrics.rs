@@ -36,6 +36,8 @@
 //!   (counters): relay-path packets handed to another relay of the fleet (the
 //!   destination is homed there) and packets another relay handed here and
 //!   delivered.
+//! - `weft_relay_fleet_redirects_total` (counter): tunnel opens answered with
+//!   a redirect to the worker's home relay (the engineer opens it there).
 //! - `weft_relay_tcp_refused_total{cause="tls"|"http"|"framing"|"timeout"|"rate"|"busy"}`
 //!   (counter): TCP connections that never reached admission (not TLS, a cut
 //!   or bad handshake; no usable HTTP request; after the upgrade, bytes that
@@ -105,6 +107,8 @@ pub struct Metrics {
     pub fleet_forwarded: Counter,
     /// Relay-path packets another relay of the fleet handed here and delivered.
     pub fleet_delivered: Counter,
+    /// Tunnel opens redirected to the worker's home relay.
+    pub fleet_redirects: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -211,6 +215,11 @@ impl Metrics {
             "fleet_delivered",
             "Mesh packets another relay of the fleet handed here, delivered to a node homed here",
         );
+        let fleet_redirects = registered(
+            r,
+            "fleet_redirects",
+            "Tunnel opens answered with a redirect to the worker's home relay of the fleet",
+        );
         let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
         let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
         let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
@@ -240,6 +249,7 @@ impl Metrics {
             fast_relayed,
             fleet_forwarded,
             fleet_delivered,
+            fleet_redirects,
         }
     }
 

@@ -1082,6 +1082,35 @@ async fn via_peer(
     }))
 }
 
+/// Where an engineer that takes redirects should open a tunnel to `target`:
+/// the worker's home relay (name, addresses), when that is another relay of
+/// the fleet that beats and answered this one lately. `None`: carry it here
+/// (the worker is here, on no relay, or its relay is failing: the hop waits
+/// for the worker to come back somewhere).
+fn redirect_for(shared: &Shared, target: &str) -> Option<(String, Vec<String>)> {
+    if !shared.fleet() {
+        return None;
+    }
+    let me = shared.config.relay_name();
+    let home = match tokio::task::block_in_place(|| lock(&shared.registry).tunnel_home(target)) {
+        Ok(Some(h)) if h.name != me && !h.addrs.is_empty() => h,
+        Ok(_) => return None,
+        Err(e) => {
+            warn!(error = %e, %target, "could not look up the worker's relay");
+            return None;
+        }
+    };
+    let dead = shared
+        .dead_relays
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&home.name);
+    let held_off = lock(&shared.peer_down)
+        .get(&home.name)
+        .is_some_and(|until| Instant::now() < *until);
+    (!dead && !held_off).then_some((home.name, home.addrs))
+}
+
 /// This relay's connection to relay `name` of the fleet (at `addrs`),
 /// dialled if there is none alive; its datagrams are read
 /// ([`peer_datagrams`]).
@@ -1687,8 +1716,12 @@ async fn handle_tunnel(
     mut recv: RecvStream,
 ) {
     let hs_timeout = shared.config.limits.handshake_timeout();
-    let (target, service) = match timeout(hs_timeout, read_message(&mut recv)).await {
-        Ok(Ok(Message::Open { target, service })) => (target, service),
+    let (target, service, redirect) = match timeout(hs_timeout, read_message(&mut recv)).await {
+        Ok(Ok(Message::Open {
+            target,
+            service,
+            redirect,
+        })) => (target, service, redirect),
         Ok(Ok(Message::MeshJoin {
             since,
             endpoints,
@@ -1721,6 +1754,17 @@ async fn handle_tunnel(
     let mut routed = route(&shared, &ctx, &target, &service)
         .await
         .map(|(s, r, slots)| (s, r, Some(slots)));
+    // Not here, and the engineer takes redirects: it opens the tunnel on the
+    // worker's home relay itself (one relay on the path, not two).
+    if redirect && matches!(&routed, Err(r) if r.reason == Reason::NoSuchNode) {
+        if let Some((relay, addrs)) = redirect_for(&shared, &target) {
+            debug!(node = %ctx.name, %target, %service, %relay, "tunnel redirected to the worker's relay");
+            shared.metrics.fleet_redirects.inc();
+            let _ = write_message(&mut send, &Message::Redirect { relay, addrs }).await;
+            let _ = send.finish();
+            return;
+        }
+    }
     // Not here: on the relay that holds its session, if it is another of the
     // fleet. While that relay is down (the worker is moving to another),
     // wait up to FAILOVER_WAIT for the worker to come back somewhere.

@@ -147,21 +147,50 @@ fn two_relays_on_one_postgres_are_one_network() {
         l.contains("services=[\"ssh\"]")
     });
     let bob = fleet::login(&alice.ns, &a.token("engineer", &a.addr), "bob");
-    let open = |what: &str| {
+    let open = |what: &str, env: &str| {
         let out = alice.ns.output(&format!(
-            "timeout 20 {} connect gpu9 ssh --state-dir {bob} </dev/null",
+            "env {env} timeout 20 {} connect gpu9 ssh --state-dir {bob} </dev/null",
             relay_bin()
         ));
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(
             text,
             "tunnel-across-relays",
-            "{what}: {}\nrelay A:\n{}",
-            String::from_utf8_lossy(&out.stderr),
+            "{what}: {err}\nrelay A:\n{}",
             a.proc.log_tail(10)
         );
+        err
     };
-    open("bob (relay A) -> gpu9 (relay B)");
+    // By default A redirects bob to gpu9's home relay B: one relay on the path.
+    let err = open(
+        "bob (relay A) -> gpu9 (relay B), redirected to B",
+        "WEFT_LOG=tunnel_relay=debug",
+    );
+    assert!(
+        err.contains("session on the worker's relay"),
+        "bob was not redirected to B:\n{err}"
+    );
+    assert!(
+        !a.proc.log().contains("connected to a fleet relay"),
+        "A carried a redirected tunnel:\n{}",
+        a.proc.log_tail(10)
+    );
+    // The visit leaves bob's own relay first in his relay.json.
+    let info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{bob}/relay.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    assert_eq!(
+        info["addrs"][0].as_str(),
+        Some(a.addr.as_str()),
+        "bob's relay.json after a redirect: {info}"
+    );
+    // Without redirects, A carries it over its link to B.
+    open(
+        "bob (relay A) -> gpu9 (relay B) over A's link to B",
+        "WEFT_FLEET_REDIRECT=0",
+    );
     assert!(
         a.proc.log().contains("connected to a fleet relay"),
         "{}",
@@ -312,7 +341,7 @@ fn two_relays_on_one_postgres_are_one_network() {
         l.contains("services=[\"ssh\"]")
     });
     eprintln!("fleet: gpu9's tunnel session on relay A {moved9:?} after B was killed");
-    open("bob -> gpu9 after B died");
+    open("bob -> gpu9 after B died", "");
     let t = Instant::now();
     loop {
         let out = String::from_utf8_lossy(&a.cmd("relays list --json").stdout).into_owned();
@@ -663,13 +692,14 @@ fn a_relay_that_stalls_for_a_second_cuts_no_open_tunnel() {
     b.wait_logged(Duration::from_secs(10), "gpu5 did not connect to B", |l| {
         l.contains("node connected node=gpu5")
     });
-    // Engineer bob on A forwards a local port to gpu5's echo.
+    // Engineer bob on A forwards a local port to gpu5's echo, through A's
+    // link to B (no redirect to B: the link's stall is what this tests).
     let e = net.host("fs-e", "198.51.100.5");
     let bob = fleet::login(&e, &a.token("engineer", &a.addr), "bob");
     let _fwd = e.spawn_listening(
         "forward",
         &format!(
-            "env WEFT_LOG=info {} forward 7022:gpu5:echo --state-dir {bob}",
+            "env WEFT_LOG=info WEFT_FLEET_REDIRECT=0 {} forward 7022:gpu5:echo --state-dir {bob}",
             relay_bin()
         ),
         't',

@@ -12,7 +12,10 @@
 //!   drops UDP measures the relays over TCP/TLS and homes on the nearest too.
 //! - alice (home relay-eu) reaches gpu-ap (home relay-ap) by mesh name with
 //!   real ssh; engineer bob (logged in through relay-us, home relay-eu by
-//!   latency) reaches gpu-ap's sshd through a reverse tunnel across relays.
+//!   latency) reaches gpu-ap's sshd through a reverse tunnel across relays:
+//!   relay-eu redirects him to relay-ap, where he opens it (and, with
+//!   redirects off, relay-eu carries it over its link to relay-ap; both
+//!   ssh times are printed). Each peer-map entry names the peer's home relay.
 //! - relay-ap killed (`kill -9`): gpu-ap's tunnel session is back on the
 //!   next nearest relay (relay-us) within 5 s (printed) and bob's ssh works
 //!   again; the direct mesh path between alice and gpu-ap loses no more than
@@ -278,12 +281,14 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
         "weft status does not list the worker homed on relay-ap:\n{status}"
     );
     eprintln!("regions: weft status for bob:\n{status}");
-    let tunnel_ssh = |what: &str| {
+    let tunnel_ssh_env = |what: &str, env: &str| {
+        let t = Instant::now();
         let out = alice.ns.output(&format!(
-            "timeout 40 ssh {ssh_opts} -o ProxyCommand='{} connect --state-dir {bob} %h %p' \
+            "timeout 40 ssh {ssh_opts} -o ProxyCommand='env {env} {} connect --state-dir {bob} %h %p' \
              root@gpu-ap-tunnel 'echo through-the-tunnel'",
             bin("weft").display()
         ));
+        eprintln!("regions: {what}: ssh ran {:?}", t.elapsed());
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success() && text.contains("through-the-tunnel"),
@@ -292,10 +297,19 @@ fn nodes_home_on_the_nearest_relay_and_reach_each_other_across_regions() {
             eu.proc.log_tail(10)
         );
     };
+    let tunnel_ssh = |what: &str| tunnel_ssh_env(what, "");
     tunnel_ssh("bob (home relay-eu) -> gpu-ap (home relay-ap) through a tunnel");
+    // The same through relay-eu's link to relay-ap (no redirect), for the time it takes.
+    tunnel_ssh_env(
+        "bob -> gpu-ap through relay-eu's link to relay-ap",
+        "WEFT_FLEET_REDIRECT=0",
+    );
+    // relay-eu redirected bob to gpu-ap's home: bob's connect opened the
+    // tunnel on relay-ap itself (one relay on the path).
     assert!(
-        eu.proc.log().contains("connected to a fleet relay") && eu.proc.log().contains("relay-ap"),
-        "relay-eu did not reach the worker through relay-ap:\n{}",
+        ap.proc.log().contains("node connected node=bob "),
+        "bob was not redirected to relay-ap:\nrelay-ap:\n{}\nrelay-eu:\n{}",
+        ap.proc.log_tail(15),
         eu.proc.log_tail(15)
     );
 

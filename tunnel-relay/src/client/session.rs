@@ -79,6 +79,22 @@ pub struct Session {
     pub tags: Vec<String>,
     /// The other relays of the fleet, as this one announced them.
     pub relays: Vec<String>,
+    /// The relay reset an `Open` that asked for redirects (it predates
+    /// them): ask it without from now on.
+    no_redirect: AtomicBool,
+}
+
+/// What [`Session::open_or_redirect`] got.
+pub enum Opened {
+    /// The tunnel, on this session's relay.
+    Stream(SendStream, RecvStream),
+    /// The worker is on this other relay of the fleet: open it there.
+    Redirect {
+        /// Its name.
+        relay: String,
+        /// Where to reach it.
+        addrs: Vec<String>,
+    },
 }
 
 impl std::fmt::Debug for Session {
@@ -129,7 +145,7 @@ pub async fn connect_with(
 ) -> Result<Session, ClientError> {
     let (addrs, relay_key) = state.relay_target(token)?;
     connect_to(
-        state, token, &addrs, relay_key, name, services, timing, force,
+        state, token, &addrs, relay_key, name, services, timing, force, true,
     )
     .await
 }
@@ -154,10 +170,37 @@ pub(crate) async fn connect_addrs(
         services.to_vec(),
         timing,
         None,
+        true,
     )
     .await
 }
 
+/// An engineer's session on the relay of the fleet at `addrs` that a
+/// [`Message::Redirect`] named (the worker's home relay), for tunnels only:
+/// the node's own relay order (`relay.json`, its home first) is left as it
+/// was.
+pub async fn connect_visit(
+    state: &mut ClientState,
+    addrs: &[String],
+    timing: &ClientTiming,
+) -> Result<Session, ClientError> {
+    let (_, relay_key) = state.relay_target(None)?;
+    connect_to(
+        state,
+        None,
+        addrs,
+        relay_key,
+        "",
+        Vec::new(),
+        timing,
+        None,
+        false,
+    )
+    .await
+}
+
+/// A session on the first of `addrs` to admit the node. `remember`: the
+/// relay that did goes first in `relay.json` (and the token is saved).
 #[allow(clippy::too_many_arguments)]
 async fn connect_to(
     state: &mut ClientState,
@@ -168,6 +211,7 @@ async fn connect_to(
     services: Vec<String>,
     timing: &ClientTiming,
     force: Option<tcp::Choice>,
+    remember: bool,
 ) -> Result<Session, ClientError> {
     let hello = Message::Hello(Hello {
         version: PROTOCOL_VERSION,
@@ -260,10 +304,12 @@ async fn connect_to(
             last,
         });
     };
-    if let Some(t) = token {
-        state.remember(t)?;
+    if remember {
+        if let Some(t) = token {
+            state.remember(t)?;
+        }
+        state.remember_fleet(&used, &s.relays);
     }
-    state.remember_fleet(&used, &s.relays);
     // What a race decided (a forced TCP says nothing about QUIC); a QUIC
     // session, forced or not, says QUIC works from here.
     let tcp = s.conn.kind() == crate::transport::Kind::Tcp;
@@ -540,6 +586,7 @@ async fn connect_one(
                 name,
                 tags,
                 relays,
+                no_redirect: AtomicBool::new(false),
             })
         }
         Message::Rejected(r) => Err(ClientError::Rejected(r)),
@@ -558,8 +605,47 @@ impl Session {
         self.open_with(&Message::Open {
             target: target.to_string(),
             service: service.to_string(),
+            redirect: false,
         })
         .await
+    }
+
+    /// [`Session::open`], letting a relay of a fleet answer with the
+    /// worker's home relay instead of carrying the tunnel over its link to
+    /// that relay. A relay that predates redirects resets the stream: asked
+    /// again without (and never again on this session).
+    pub async fn open_or_redirect(
+        &self,
+        target: &str,
+        service: &str,
+    ) -> Result<Opened, ClientError> {
+        if self.relays.is_empty() || self.no_redirect.load(Ordering::Relaxed) {
+            let (send, recv) = self.open(target, service).await?;
+            return Ok(Opened::Stream(send, recv));
+        }
+        let first = Message::Open {
+            target: target.to_string(),
+            service: service.to_string(),
+            redirect: true,
+        };
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(ProtoError::from)?;
+        write_message(&mut send, &first)
+            .await
+            .map_err(ProtoError::from)?;
+        match read_message(&mut recv).await {
+            Ok(Message::OpenOk) => Ok(Opened::Stream(send, recv)),
+            Ok(Message::Redirect { relay, addrs }) => Ok(Opened::Redirect { relay, addrs }),
+            Ok(Message::Rejected(r)) => Err(ClientError::Rejected(r)),
+            Ok(other) => Err(ProtoError::Unexpected(format!("{other:?}")).into()),
+            // Reset before any answer on a live connection: the relay does not know the message.
+            Err(e) if self.conn.close_reason().is_none() => {
+                debug!(error = %e, "relay does not redirect; opening through it");
+                self.no_redirect.store(true, Ordering::Relaxed);
+                let (send, recv) = self.open(target, service).await?;
+                Ok(Opened::Stream(send, recv))
+            }
+            Err(e) => Err(ProtoError::from(e).into()),
+        }
     }
 
     /// Opens a stream to the relay's own pool API ([`Message::Api`]); returns it once the

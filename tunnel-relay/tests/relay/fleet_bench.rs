@@ -14,8 +14,10 @@
 //!    (`kill -9`, with its ~330 simulated nodes); for each of the 12, the time
 //!    from the kill to the first byte of a reopened tunnel.
 //! 3. **Relay-to-relay hop**: iperf3 through `tunnel-relay forward` from an
-//!    engineer on relay A to a worker on A (one relay) and to a worker on B
-//!    (A -> B peer link), alternately, twice each; the ratio.
+//!    engineer on relay A to a worker on A (one relay), to a worker on B
+//!    (A redirects the engineer to B: one relay) and to the same worker with
+//!    redirects off (`WEFT_FLEET_REDIRECT=0`: A -> B peer link, two relays),
+//!    in turn, twice each; the ratios.
 //!
 //! No timing assertions (the machines are noisy): it asserts that everything
 //! worked and prints the table BENCHMARKS.md records.
@@ -484,11 +486,15 @@ fn fleet_bench() {
         "login: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for (port, name) in [(5202, "near"), (5203, "far")] {
+    for (port, name, env) in [
+        (5202, "near", ""),
+        (5203, "far", ""),
+        (5204, "far", "WEFT_FLEET_REDIRECT=0"),
+    ] {
         procs.push(eng.spawn_named(
             "forward",
             &format!(
-                "env WEFT_LOG=warn {} forward {port}:{name}:iperf --state-dir {estate}",
+                "env WEFT_LOG=warn {env} {} forward {port}:{name}:iperf --state-dir {estate}",
                 relay_bin()
             ),
         ));
@@ -507,10 +513,11 @@ fn fleet_bench() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
-    let (mut near, mut far) = (0.0, 0.0);
+    let (mut near, mut far, mut hop) = (0.0, 0.0, 0.0);
     for _ in 0..2 {
         near += iperf(&eng, 5202, secs) / 2.0;
         far += iperf(&eng, 5203, secs) / 2.0;
+        hop += iperf(&eng, 5204, secs) / 2.0;
     }
     drop(procs);
 
@@ -571,9 +578,14 @@ fn fleet_bench() {
             "(idle timeout 2 s + reconnect)".to_string(),
         ),
         (
-            "tunnel throughput, engineer on A -> worker on B (A -> B peer link) vs worker on A".to_string(),
+            "tunnel throughput, engineer on A -> worker on B (redirected to B: one relay) vs worker on A".to_string(),
             format!("{far:.2} vs {near:.2} Gbit/s = {:.2}x", far / near),
             "must >= 0.7x".to_string(),
+        ),
+        (
+            "the same without redirects (A -> B peer link: two relays; old engineers, WEFT_FLEET_REDIRECT=0)".to_string(),
+            format!("{hop:.2} vs {near:.2} Gbit/s = {:.2}x", hop / near),
+            "(report)".to_string(),
         ),
     ];
     println!("\n| fleet: 3 relays on PostgreSQL, namespaces | measured | target |");
