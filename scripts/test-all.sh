@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every test of the project, as CI runs it (.ci/run execs this):
-#   apt packages -> stale lab namespaces -> fmt -> clippy -> release build -> all tests (unit + namespace
+#   apt packages -> stale lab namespaces -> fmt -> clippy -> release build -> the previous release's
+#   relay (scripts/previous-relay.sh, cached) -> all tests (unit + namespace
 #   end-to-end tests, which find the binaries in target/release; the rekey soak runs beside them in the
 #   background) -> the loopback relay suite over the
-#   TCP/TLS fallback -> the fleet benchmark -> the Ray cluster benchmark -> stale lab
+#   TCP/TLS fallback -> mixed versions (this build on the previous release's relays) -> the fleet benchmark -> the Ray cluster benchmark -> stale lab
 #   namespaces again.
 #
 # Run as root on a Debian machine with a Rust toolchain (rustfmt, clippy):
@@ -81,6 +82,15 @@ done
 banner "cargo build --locked --release --bins"
 cargo build --locked --release --bins
 
+banner "the previous release's relay, for the mixed-version test (cached under ~/.cache/weft-compat; ~3.5 min once)"
+previous_rc=0
+previous_relay=$(scripts/previous-relay.sh) || previous_rc=$?
+case $previous_rc in
+    0) note "previous relay: $previous_relay" ;;
+    3) note "no previous release in this clone (shallow): the mixed-version test is skipped" ;;
+    *) die "could not build the previous release's relay (exit $previous_rc)" ;;
+esac
+
 banner "Ray 2.60.0 for the cluster tests (cached virtualenv under ~/.cache/weft-ray)"
 note "$(scripts/ray-venv.sh)"
 
@@ -103,6 +113,12 @@ cargo test --locked --release --workspace -- "${test_args[@]}"
 banner "the loopback relay suite again, every client on the TCP/TLS fallback (WEFT_RELAY_TRANSPORT=tcp)"
 # --workspace: the workspace build's features, so nothing is compiled again.
 WEFT_RELAY_TRANSPORT=tcp cargo test --locked --release --workspace --test relay loopback:: -- "${test_args[@]}"
+
+if [[ $previous_rc -eq 0 ]]; then
+    banner "mixed versions: this build's nodes and engineers on the previous release's relays"
+    WEFT_PREVIOUS_RELAY=$previous_relay cargo test --locked --release --workspace --test lab \
+        fleet::relays_of_the_previous_release_serve_this_builds_nodes -- --ignored "${test_args[@]}"
+fi
 
 banner "the rekey soak's result"
 soak_rc=0

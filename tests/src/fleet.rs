@@ -31,6 +31,22 @@ impl FleetRelay {
         identity: Option<&str>,
         extra: &str,
     ) -> FleetRelay {
+        FleetRelay::start_bin(net, tag, name, ip, url, identity, extra, &relay_bin())
+    }
+
+    /// [`FleetRelay::start`] with the relay binary `bin` serving (another
+    /// version's: `crate::compat`); the operator commands stay this build's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_bin(
+        net: &Internet,
+        tag: &str,
+        name: &str,
+        ip: &str,
+        url: &str,
+        identity: Option<&str>,
+        extra: &str,
+        bin: &str,
+    ) -> FleetRelay {
         let ns = net.host(tag, ip);
         let state = ns.file("relay").display().to_string();
         let config = ns.file("relay.toml").display().to_string();
@@ -48,8 +64,7 @@ impl FleetRelay {
         let proc = ns.spawn_listening(
             "relay",
             &format!(
-                "env WEFT_LOG=info {} serve --listen {addr} --state-dir {state} --config {config}",
-                relay_bin()
+                "env WEFT_LOG=info {bin} serve --listen {addr} --state-dir {state} --config {config}",
             ),
             'u',
             4433,
@@ -78,8 +93,21 @@ impl FleetRelay {
 
     /// Another relay of this one's fleet: same store, this relay's identity.
     pub fn join(&self, net: &Internet, tag: &str, name: &str, ip: &str, extra: &str) -> FleetRelay {
+        self.join_bin(net, tag, name, ip, extra, &relay_bin())
+    }
+
+    /// [`FleetRelay::join`] with the relay binary `bin` serving.
+    pub fn join_bin(
+        &self,
+        net: &Internet,
+        tag: &str,
+        name: &str,
+        ip: &str,
+        extra: &str,
+        bin: &str,
+    ) -> FleetRelay {
         let identity = format!("{}/identity.key", self.state);
-        FleetRelay::start(net, tag, name, ip, &self.url, Some(&identity), extra)
+        FleetRelay::start_bin(net, tag, name, ip, &self.url, Some(&identity), extra, bin)
     }
 
     /// Waits until `relays list` through this relay shows `n` relays up.

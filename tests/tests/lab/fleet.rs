@@ -763,3 +763,118 @@ fn a_relay_that_stalls_for_a_second_cuts_no_open_tunnel() {
     });
     drop((stream, pg));
 }
+
+/// Relays of the previous release (`scripts/previous-relay.sh` builds the
+/// commit it pins; `WEFT_PREVIOUS_RELAY` names the binary) serve the nodes
+/// and engineers of this build, which ask for what those relays do not know
+/// and take the older answer: a mesh node's `MeshJoin` with a peer codec is
+/// reset, and it joins with the first (peer entries without homes); an
+/// engineer's `Open` that allows a redirect is reset, and it opens through
+/// its relay, over the link to the worker's relay.
+#[test]
+#[ignore = "needs the previous release's relay: scripts/test-all.sh builds it and runs this"]
+fn relays_of_the_previous_release_serve_this_builds_nodes() {
+    let old = std::env::var("WEFT_PREVIOUS_RELAY").unwrap_or_else(|_| {
+        panic!(
+            "WEFT_PREVIOUS_RELAY: the previous release's tunnel-relay (scripts/previous-relay.sh)"
+        )
+    });
+    let _lab = weft_tests::turn::take(concat!(module_path!(), ":", line!()));
+    let net = Internet::new("fv");
+    let pg = LabPostgres::start(net.host("fv-pg", "203.0.113.20"), "203.0.113.20");
+    let url = pg.url();
+    let a = FleetRelay::start_bin(
+        &net,
+        "fv-ra",
+        "relay-a",
+        "203.0.113.2",
+        &url,
+        None,
+        "",
+        &old,
+    );
+    let b = a.join_bin(&net, "fv-rb", "relay-b", "203.0.113.3", "", &old);
+    a.wait_up(2, Duration::from_secs(10));
+    sleep(Duration::from_millis(1200));
+
+    // Mesh: alice on A, gpu1 on B; one network, a direct path, no homes in the entries.
+    let alice = ManagedNode::start(
+        net.host("fv-e", "198.51.100.5"),
+        &a.token("engineer", &a.addr),
+        "alice",
+    );
+    let gpu1 = ManagedNode::start(
+        net.host("fv-w1", "198.51.100.6"),
+        &a.token("worker", &b.addr),
+        "gpu1",
+    );
+    alice.wait_until(Duration::from_secs(10), "gpu1 in alice's peer map", |n| {
+        n.peer_ips().contains(&gpu1.ip)
+    });
+    let st = alice.status();
+    let peer = st["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "gpu1"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        peer["name"] == "gpu1" && peer["home"].is_null(),
+        "gpu1 in alice's status: {peer}"
+    );
+    alice.wait_until(Duration::from_secs(15), "a direct path to gpu1", |n| {
+        n.endpoint_of(&gpu1.ip).starts_with("198.51.100.6:")
+    });
+    let _banner = gpu1.ns.spawn_listening(
+        "banner",
+        &format!(
+            "socat TCP-LISTEN:22,bind={},fork,reuseaddr EXEC:'echo old-relays'",
+            gpu1.ip
+        ),
+        't',
+        22,
+        Duration::from_secs(5),
+    );
+    assert_eq!(fetch(&alice.ns, &format!("{}:22", gpu1.ip)), "old-relays");
+
+    // Tunnels: gpu9 exposes through B; bob (on A) asks A for a redirect, is
+    // reset, and opens through A, which carries it to B.
+    let w9 = net.host("fv-w9", "198.51.100.9");
+    let _svc = w9.spawn_listening(
+        "service",
+        "socat TCP-LISTEN:2222,bind=127.0.0.1,fork,reuseaddr EXEC:'echo tunnel-via-old-relays'",
+        't',
+        2222,
+        Duration::from_secs(5),
+    );
+    let _expose = fleet::expose(
+        &w9,
+        &a.token("worker", &b.addr),
+        "gpu9",
+        "ssh=127.0.0.1:2222",
+    );
+    b.wait_logged(Duration::from_secs(10), "gpu9 did not connect to B", |l| {
+        l.contains("services=[\"ssh\"]")
+    });
+    let bob = fleet::login(&alice.ns, &a.token("engineer", &a.addr), "bob");
+    let out = alice.ns.output(&format!(
+        "env WEFT_LOG=tunnel_relay=debug timeout 20 {} connect gpu9 ssh --state-dir {bob} </dev/null",
+        relay_bin()
+    ));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "tunnel-via-old-relays",
+        "bob -> gpu9 through old relays: {err}\nrelay A:\n{}",
+        a.proc.log_tail(10)
+    );
+    assert!(
+        err.contains("relay does not redirect"),
+        "bob's connect did not fall back from the redirect: {err}"
+    );
+    assert!(
+        a.proc.log().contains("connected to a fleet relay"),
+        "{}",
+        a.proc.log_tail(10)
+    );
+    drop((alice, gpu1, a, b, pg));
+}
