@@ -99,7 +99,10 @@ banner "the rekey soak (tests/tests/rekey_soak.rs, 6.5 min) starts in the backgr
 # it costs the command no time and shows rekeys survive a busy machine.
 # --workspace: the features of the workspace build below, so what this builds is reused there
 # (with -p weft-tests the shared crates are compiled twice, a minute more).
+# The test's own artifact (kind "test", name rekey_soak): the crate's bins (weft-flood, ...) are
+# artifacts of the same build and come in any order.
 soak_bin=$(cargo test --locked --release --workspace --test rekey_soak --no-run --message-format=json \
+    | grep -F '"kind":["test"]' | grep -F '"name":"rekey_soak"' \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 [[ -x $soak_bin ]] || die "could not build the rekey soak"
 soak_log=$(mktemp /tmp/weft-soak.XXXXXX)
