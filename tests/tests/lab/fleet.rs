@@ -42,7 +42,51 @@ use weft_tests::agent::{agent_bin, build_nvml_stub, wait_agent_status};
 use weft_tests::fleet::{self, FleetRelay};
 use weft_tests::managed::{relay_bin, ManagedNode};
 use weft_tests::postgres::{LabPostgres, PASSWORD};
-use weft_tests::{Internet, Netns};
+use weft_tests::{Internet, Netns, Proc};
+
+/// Worker gpu9 (host `tag`, 198.51.100.9) exposing as `ssh` a service that
+/// answers `banner`, its tunnel session on relay `b` (token made through
+/// `a`); the processes and the host to keep while it is used (dropped in
+/// that order).
+fn gpu9_on(
+    net: &Internet,
+    tag: &str,
+    a: &FleetRelay,
+    b: &FleetRelay,
+    banner: &str,
+) -> ([Proc; 2], Netns) {
+    let w9 = net.host(tag, "198.51.100.9");
+    let svc = w9.spawn_listening(
+        "service",
+        &format!("socat TCP-LISTEN:2222,bind=127.0.0.1,fork,reuseaddr EXEC:'echo {banner}'"),
+        't',
+        2222,
+        Duration::from_secs(5),
+    );
+    let expose = fleet::expose(
+        &w9,
+        &a.token("worker", &b.addr),
+        "gpu9",
+        "ssh=127.0.0.1:2222",
+    );
+    b.wait_logged(Duration::from_secs(10), "gpu9 did not connect to B", |l| {
+        l.contains("services=[\"ssh\"]")
+    });
+    ([svc, expose], w9)
+}
+
+/// `tunnel-relay connect gpu9 ssh` in `ns` as the engineer whose state is
+/// `dir`, with `env` set: (stdout trimmed, stderr).
+fn connect_gpu9(ns: &Netns, dir: &str, env: &str) -> (String, String) {
+    let out = ns.output(&format!(
+        "env {env} timeout 20 {} connect gpu9 ssh --state-dir {dir} </dev/null",
+        relay_bin()
+    ));
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 fn fetch(ns: &Netns, target: &str) -> String {
     let out = ns.output(&format!(
@@ -129,31 +173,10 @@ fn two_relays_on_one_postgres_are_one_network() {
 
     // A reverse tunnel across relays: worker gpu9 exposes a service through
     // B; engineer bob, admitted by A, opens it through A (A -> B peer link).
-    let w9 = net.host("fl-w9", "198.51.100.9");
-    let _svc = w9.spawn_listening(
-        "service",
-        "socat TCP-LISTEN:2222,bind=127.0.0.1,fork,reuseaddr EXEC:'echo tunnel-across-relays'",
-        't',
-        2222,
-        Duration::from_secs(5),
-    );
-    let _expose = fleet::expose(
-        &w9,
-        &a.token("worker", &b.addr),
-        "gpu9",
-        "ssh=127.0.0.1:2222",
-    );
-    b.wait_logged(Duration::from_secs(10), "gpu9 did not connect to B", |l| {
-        l.contains("services=[\"ssh\"]")
-    });
+    let _gpu9 = gpu9_on(&net, "fl-w9", &a, &b, "tunnel-across-relays");
     let bob = fleet::login(&alice.ns, &a.token("engineer", &a.addr), "bob");
     let open = |what: &str, env: &str| {
-        let out = alice.ns.output(&format!(
-            "env {env} timeout 20 {} connect gpu9 ssh --state-dir {bob} </dev/null",
-            relay_bin()
-        ));
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let (text, err) = connect_gpu9(&alice.ns, &bob, env);
         assert_eq!(
             text,
             "tunnel-across-relays",
@@ -838,31 +861,11 @@ fn relays_of_the_previous_release_serve_this_builds_nodes() {
 
     // Tunnels: gpu9 exposes through B; bob (on A) asks A for a redirect, is
     // reset, and opens through A, which carries it to B.
-    let w9 = net.host("fv-w9", "198.51.100.9");
-    let _svc = w9.spawn_listening(
-        "service",
-        "socat TCP-LISTEN:2222,bind=127.0.0.1,fork,reuseaddr EXEC:'echo tunnel-via-old-relays'",
-        't',
-        2222,
-        Duration::from_secs(5),
-    );
-    let _expose = fleet::expose(
-        &w9,
-        &a.token("worker", &b.addr),
-        "gpu9",
-        "ssh=127.0.0.1:2222",
-    );
-    b.wait_logged(Duration::from_secs(10), "gpu9 did not connect to B", |l| {
-        l.contains("services=[\"ssh\"]")
-    });
+    let _gpu9 = gpu9_on(&net, "fv-w9", &a, &b, "tunnel-via-old-relays");
     let bob = fleet::login(&alice.ns, &a.token("engineer", &a.addr), "bob");
-    let out = alice.ns.output(&format!(
-        "env WEFT_LOG=tunnel_relay=debug timeout 20 {} connect gpu9 ssh --state-dir {bob} </dev/null",
-        relay_bin()
-    ));
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (text, err) = connect_gpu9(&alice.ns, &bob, "WEFT_LOG=tunnel_relay=debug");
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        text,
         "tunnel-via-old-relays",
         "bob -> gpu9 through old relays: {err}\nrelay A:\n{}",
         a.proc.log_tail(10)
