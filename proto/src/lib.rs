@@ -17,6 +17,7 @@
 //! | [`gpuspec`] | the `--gpu SPEC` grammar (dstack's), [`gpuspec::GpuSpec`] and the rule matching it to a worker's GPUs |
 //! | [`pool`] | the pool feed (coordinator ↔ agent, JSON lines) and the pool API types (engineer → coordinator) |
 //! | [`cluster`] | Ray clusters over the mesh: fixed ports, a member's `ray start` line, the head's report |
+//! | [`usage`] | signed usage records: the worker's signature, the coordinator's countersignature and sequence, export manifests, [`usage::verify`] |
 //! | [`close`] | QUIC connection-close and stream-reset codes |
 
 pub mod acl;
@@ -35,5 +36,6 @@ pub mod relay;
 pub mod secret;
 pub mod stun;
 pub mod token;
+pub mod usage;
 
 pub use key::PublicKey;

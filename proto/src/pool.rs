@@ -85,6 +85,10 @@ pub struct Inventory {
     /// For each cluster head running here, Ray's view of the nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ray_heads: Vec<crate::cluster::RayHeadReport>,
+    /// The public key this agent signs its usage records with (`ed25519:…`,
+    /// [`crate::usage`]); absent: an agent that does not sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_key: Option<String>,
 }
 
 /// How a copy ended, with what the usage record needs.
@@ -109,6 +113,9 @@ pub struct Ended {
     /// copy's owner itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The usage record as this worker computed it, signed with its usage key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::WorkerClaim>,
 }
 
 impl Ended {
@@ -359,6 +366,10 @@ pub struct WorkerView {
     pub last_seen_ms: u64,
     /// Total time connected, ms (its uptime record).
     pub uptime_ms: u64,
+    /// Every usage key it announced (`ed25519:…`), oldest first: its records are signed
+    /// with one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage_keys: Vec<String>,
 }
 
 /// `GET /v1/pool`: workers and the queue.
@@ -400,6 +411,41 @@ pub struct UsageRecord {
     pub outcome: String,
     /// Exit code.
     pub exit_code: Option<i32>,
+}
+
+impl UsageRecord {
+    /// The record of an end: the coordinator and the worker both compute it with this, from
+    /// what each knows (the worker: its own name, its GPUs' model, the job's rank and caller).
+    pub fn of_end(
+        e: &Ended,
+        rank: u32,
+        engineer: String,
+        worker: &str,
+        gpu_model: String,
+    ) -> UsageRecord {
+        let secs = e
+            .started_ms
+            .map(|s| e.ended_ms.saturating_sub(s) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        UsageRecord {
+            job: if e.per_worker() {
+                e.copy.local_id
+            } else {
+                e.copy.pool_job
+            },
+            attempt: e.copy.attempt,
+            rank,
+            engineer,
+            worker: worker.to_string(),
+            gpu_model,
+            gpus: e.gpus.clone(),
+            start_ms: e.started_ms,
+            end_ms: e.ended_ms,
+            gpu_seconds: secs * e.gpus.len() as f64,
+            outcome: e.state.clone(),
+            exit_code: e.exit_code,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -463,6 +509,7 @@ mod tests {
                         } else {
                             vec![]
                         },
+                        usage_key: (!simulated).then(|| format!("ed25519:{version}")),
                         version,
                         simulated,
                         running,
@@ -488,7 +535,7 @@ mod tests {
             )
                 .prop_map(|(copy, state, exit_code, started_ms, ended_ms, gpus)| {
                     let owner = (copy.pool_job == 0).then(|| state.clone());
-                    AgentMsg::Ended(Ended {
+                    let mut e = Ended {
                         copy,
                         state,
                         exit_code,
@@ -496,7 +543,18 @@ mod tests {
                         ended_ms,
                         gpus,
                         owner,
-                    })
+                        usage: None,
+                    };
+                    if exit_code.is_some() {
+                        let record =
+                            UsageRecord::of_end(&e, 1, "alice".into(), "gpu1", "H100".into());
+                        e.usage = Some(crate::usage::WorkerClaim {
+                            record,
+                            key: "ed25519:k".into(),
+                            sig: "s".into(),
+                        });
+                    }
+                    AgentMsg::Ended(e)
                 }),
         ]
     }

@@ -52,32 +52,7 @@ impl StaticKey {
     /// Loads the key from `path` (base64 of the private key), or creates it
     /// with mode 0600 if the file does not exist.
     pub fn load_or_create(path: &Path) -> Result<StaticKey, StateError> {
-        match fs::read_to_string(path) {
-            Ok(text) => {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(text.trim())
-                    .map_err(|_| StateError::BadKeyFile(path.to_path_buf()))?;
-                let private = <[u8; 32]>::try_from(bytes.as_slice())
-                    .map_err(|_| StateError::BadKeyFile(path.to_path_buf()))?;
-                let mode = fs::metadata(path)
-                    .map_err(|e| StateError::io(path, e))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "key file readable by others; chmod 600 it");
-                }
-                Ok(StaticKey::from_private(private))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = StaticKey::generate();
-                write_private(
-                    path,
-                    &base64::engine::general_purpose::STANDARD.encode(key.private),
-                )?;
-                Ok(key)
-            }
-            Err(e) => Err(StateError::io(path, e)),
-        }
+        Ok(StaticKey::from_private(secret_or_create(path)?))
     }
 
     /// Loads an existing key; `Ok(None)` if the file does not exist.
@@ -93,6 +68,48 @@ impl fmt::Debug for StaticKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "StaticKey(public {}, private ***)", self.public.short())
     }
+}
+
+/// The 32 secret bytes kept (base64) in `path`, or fresh random ones written there with mode
+/// 0600 if the file does not exist. A file readable by others is used, with a warning.
+fn secret_or_create(path: &Path) -> Result<[u8; 32], StateError> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|_| StateError::BadKeyFile(path.to_path_buf()))?;
+            let secret = <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| StateError::BadKeyFile(path.to_path_buf()))?;
+            let mode = fs::metadata(path)
+                .map_err(|e| StateError::io(path, e))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "key file readable by others; chmod 600 it");
+            }
+            Ok(secret)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; 32] = rand::random();
+            write_private(
+                path,
+                &base64::engine::general_purpose::STANDARD.encode(secret),
+            )?;
+            Ok(secret)
+        }
+        Err(e) => Err(StateError::io(path, e)),
+    }
+}
+
+/// The file name of the Ed25519 key that signs usage records, in a state dir: a worker's
+/// agent signs its records with it, a relay countersigns the records it stores.
+pub const USAGE_KEY_FILE: &str = "usage-signing.key";
+
+/// The usage-signing key kept in `path` (base64 of its seed, 0600), created on first use.
+pub fn usage_key(path: &Path) -> Result<weft_proto::usage::Signer, StateError> {
+    Ok(weft_proto::usage::Signer::from_seed(&secret_or_create(
+        path,
+    )?))
 }
 
 /// Writes a file readable only by its owner (created 0600, written via a temp file).

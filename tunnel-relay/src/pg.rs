@@ -137,6 +137,19 @@ pub const MIGRATIONS: &[&str] = &[
         expires TIMESTAMPTZ NOT NULL
      );
      INSERT INTO pool_lease (id, holder, epoch, expires) VALUES (1, '', 0, now());",
+    // 7: usage records numbered in one sequence (signed exports name the numbers they
+    // cover) with the time they were stored; older rows numbered in end order.
+    "ALTER TABLE pool_usage ADD COLUMN seq BIGINT;
+     ALTER TABLE pool_usage ADD COLUMN stored_ms BIGINT;
+     UPDATE pool_usage u SET seq = s.n, stored_ms = u.end_ms
+        FROM (SELECT job, attempt, worker,
+                     row_number() OVER (ORDER BY end_ms, job, attempt, worker) AS n
+              FROM pool_usage) s
+        WHERE u.job = s.job AND u.attempt = s.attempt AND u.worker = s.worker;
+     ALTER TABLE pool_usage ALTER COLUMN seq SET NOT NULL;
+     ALTER TABLE pool_usage ALTER COLUMN stored_ms SET NOT NULL;
+     CREATE UNIQUE INDEX pool_usage_seq ON pool_usage (seq);
+     CREATE INDEX pool_usage_stored ON pool_usage (stored_ms);",
 ];
 
 /// A relay whose last heartbeat is older than this (ms) is down: the other

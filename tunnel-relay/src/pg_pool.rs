@@ -212,44 +212,77 @@ impl PgRegistry {
         })
     }
 
-    /// Stores a usage record once per (job, attempt, worker) (fenced by
-    /// `epoch`); true when it was new.
+    /// Stores a usage record once per (job, attempt, worker) (fenced by `epoch`) as the next
+    /// number of the sequence; `seal(seq)` is the row's text. True when it was new.
     pub fn pool_save_usage(
         &self,
         epoch: i64,
         key: (u64, u32, String),
-        end_ms: u64,
-        record: String,
+        (end_ms, stored_ms): (u64, u64),
+        seal: crate::pool_store::Seal,
     ) -> Result<bool, StateError> {
         let me = self.relay_name().to_string();
         let (job, attempt, worker) = (key.0 as i64, i64::from(key.1), key.2);
-        let end_ms = end_ms as i64;
+        let (end_ms, stored_ms) = (end_ms as i64, stored_ms as i64);
         self.call(move |c| {
             let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
             fence(&mut tx, &me, epoch)?;
-            let n = tx
-                .execute(
-                    "INSERT INTO pool_usage (job, attempt, worker, end_ms, record)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[&job, &attempt, &worker, &end_ms, &record],
+            let known = tx
+                .query_opt(
+                    "SELECT 1 FROM pool_usage WHERE job = $1 AND attempt = $2 AND worker = $3",
+                    &[&job, &attempt, &worker],
                 )
                 .map_err(|e| pg_err(&e))?;
+            if known.is_some() {
+                return Ok(false);
+            }
+            let seq: i64 = tx
+                .query_one("SELECT COALESCE(MAX(seq), 0) + 1 FROM pool_usage", &[])
+                .map_err(|e| pg_err(&e))?
+                .get(0);
+            let record = seal(seq as u64);
+            tx.execute(
+                "INSERT INTO pool_usage (job, attempt, worker, end_ms, record, seq, stored_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&job, &attempt, &worker, &end_ms, &record, &seq, &stored_ms],
+            )
+            .map_err(|e| pg_err(&e))?;
             tx.commit().map_err(|e| pg_err(&e))?;
-            Ok(n == 1)
+            Ok(true)
         })
     }
 
-    /// Usage rows (job, record) that ended at or after `since_ms`, in end order.
-    pub fn pool_usage_since(&self, since_ms: u64) -> Result<Vec<(i64, String)>, StateError> {
+    /// Usage rows stored at or after `since_ms`, in sequence order.
+    pub fn pool_usage_export(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<crate::pool_store::UsageRow>, StateError> {
         let since = since_ms as i64;
         self.call(move |c| {
             let rows = c
                 .query(
-                    "SELECT job, record FROM pool_usage WHERE end_ms >= $1 ORDER BY end_ms, job, worker",
+                    "SELECT seq, stored_ms, record FROM pool_usage WHERE stored_ms >= $1 ORDER BY seq",
                     &[&since],
                 )
                 .map_err(|e| pg_err(&e))?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
+    }
+
+    /// Usage rows that ended at or after `since_ms`, in end order.
+    pub fn pool_usage_since(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<crate::pool_store::UsageRow>, StateError> {
+        let since = since_ms as i64;
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT seq, stored_ms, record FROM pool_usage WHERE end_ms >= $1 ORDER BY end_ms, job, worker",
+                    &[&since],
+                )
+                .map_err(|e| pg_err(&e))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
         })
     }
 }

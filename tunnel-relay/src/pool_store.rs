@@ -12,6 +12,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use weft_proto::pool::{JobView, PoolView, UsageRecord, WorkerView};
+use weft_proto::usage::SignedUsage;
 
 use crate::error::StateError;
 use crate::pg::PgRegistry;
@@ -107,6 +108,7 @@ impl PoolStore {
                 PRIMARY KEY (job, attempt, worker)
              );",
         )?;
+        migrate_usage(&db)?;
         Ok(PoolStore {
             backend: Backend::Sqlite { db, path },
         })
@@ -321,46 +323,148 @@ impl PoolStore {
         }
     }
 
-    /// Stores a usage record; one per (job, attempt, worker): a repeat is ignored.
-    /// True when it was new.
-    pub fn save_usage(&self, u: &UsageRecord) -> Result<bool, StateError> {
-        let text = self.json(&format!("usage of job {}", u.job), u)?;
+    /// Stores a usage record, once per (job, attempt, worker) (a repeat is ignored), as the
+    /// next number of the store's one sequence: `seal(seq)` is the stored row (the record
+    /// numbered and countersigned, [`SignedUsage`]). True when it was new.
+    pub fn save_usage(
+        &self,
+        u: &UsageRecord,
+        stored_ms: u64,
+        seal: Seal,
+    ) -> Result<bool, StateError> {
         match &self.backend {
             Backend::Sqlite { db, .. } => {
-                let n = db.execute(
-                    "INSERT OR IGNORE INTO pool_usage (job, attempt, worker, end_ms, record)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![u.job as i64, u.attempt, u.worker, u.end_ms as i64, text],
+                let tx = db.unchecked_transaction()?;
+                let known: i64 = tx.query_row(
+                    "SELECT count(*) FROM pool_usage WHERE job = ?1 AND attempt = ?2 AND worker = ?3",
+                    params![u.job as i64, u.attempt, u.worker],
+                    |r| r.get(0),
                 )?;
-                Ok(n == 1)
+                if known > 0 {
+                    return Ok(false);
+                }
+                let seq: i64 = tx.query_row(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM pool_usage",
+                    [],
+                    |r| r.get(0),
+                )?;
+                let text = seal(seq as u64);
+                tx.execute(
+                    "INSERT INTO pool_usage (job, attempt, worker, end_ms, record, seq, stored_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        u.job as i64,
+                        u.attempt,
+                        u.worker,
+                        u.end_ms as i64,
+                        text,
+                        seq,
+                        stored_ms as i64
+                    ],
+                )?;
+                tx.commit()?;
+                Ok(true)
             }
-            Backend::Pg { reg, epoch } => {
-                reg.pool_save_usage(*epoch, (u.job, u.attempt, u.worker.clone()), u.end_ms, text)
-            }
+            Backend::Pg { reg, epoch } => reg.pool_save_usage(
+                *epoch,
+                (u.job, u.attempt, u.worker.clone()),
+                (u.end_ms, stored_ms),
+                seal,
+            ),
         }
     }
 
     /// Usage records that ended at or after `since_ms`, in end order.
     pub fn usage_since(&self, since_ms: u64) -> Result<Vec<UsageRecord>, StateError> {
-        let rows: Vec<(String, String)> = match &self.backend {
+        let rows: Vec<UsageRow> = match &self.backend {
             Backend::Sqlite { db, .. } => {
                 let mut st = db.prepare(
-                    "SELECT job, record FROM pool_usage WHERE end_ms >= ?1 ORDER BY end_ms, job, worker",
+                    "SELECT seq, stored_ms, record FROM pool_usage WHERE end_ms >= ?1
+                     ORDER BY end_ms, job, worker",
                 )?;
-                let rows = st.query_map(params![since_ms as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                })?;
-                rows.map(|r| r.map(|(j, t)| (j.to_string(), t)))
-                    .collect::<Result<_, _>>()?
+                let rows = st.query_map(params![since_ms as i64], usage_row)?;
+                rows.collect::<Result<_, _>>()?
             }
-            Backend::Pg { reg, .. } => reg
-                .pool_usage_since(since_ms)?
-                .into_iter()
-                .map(|(j, t)| (j.to_string(), t))
-                .collect(),
+            Backend::Pg { reg, .. } => reg.pool_usage_since(since_ms)?,
         };
-        self.parse(rows, "pool_usage row of job")
+        rows.into_iter()
+            .map(|r| self.signed(r).map(|s| s.record))
+            .collect()
     }
+
+    /// The records stored at or after `since_ms`, numbered and signed, in sequence order.
+    pub fn usage_export(&self, since_ms: u64) -> Result<Vec<SignedUsage>, StateError> {
+        let rows: Vec<UsageRow> = match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let mut st = db.prepare(
+                    "SELECT seq, stored_ms, record FROM pool_usage WHERE stored_ms >= ?1 ORDER BY seq",
+                )?;
+                let rows = st.query_map(params![since_ms as i64], usage_row)?;
+                rows.collect::<Result<_, _>>()?
+            }
+            Backend::Pg { reg, .. } => reg.pool_usage_export(since_ms)?,
+        };
+        rows.into_iter().map(|r| self.signed(r)).collect()
+    }
+
+    /// A stored usage row: a [`SignedUsage`], or a plain record stored before records were
+    /// signed (numbered when the store was migrated).
+    fn signed(&self, (seq, stored_ms, text): UsageRow) -> Result<SignedUsage, StateError> {
+        let bad = |e: serde_json::Error| self.bad(format!("pool_usage row {seq}: {e}"));
+        match serde_json::from_str::<SignedUsage>(&text) {
+            Ok(s) => Ok(s),
+            Err(e) if text.contains("\"record\"") => Err(bad(e)),
+            Err(_) => Ok(SignedUsage::legacy(
+                seq as u64,
+                stored_ms as u64,
+                serde_json::from_str(&text).map_err(bad)?,
+            )),
+        }
+    }
+}
+
+/// Makes the stored text of a usage record from its sequence number (called again when a
+/// PostgreSQL transaction is retried).
+pub type Seal = Box<dyn Fn(u64) -> String + Send>;
+
+/// (seq, stored_ms, record text) of a `pool_usage` row.
+pub(crate) type UsageRow = (i64, i64, String);
+
+fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+/// Gives `pool_usage` its sequence (`seq`, unique) and store time (`stored_ms`, indexed):
+/// rows stored before them are numbered in end order, with their end as their store time.
+fn migrate_usage(db: &Connection) -> Result<(), StateError> {
+    let has_seq = db
+        .prepare("SELECT name FROM pragma_table_info('pool_usage') WHERE name = 'seq'")?
+        .exists([])?;
+    if !has_seq {
+        let tx = db.unchecked_transaction()?;
+        tx.execute_batch(
+            "ALTER TABLE pool_usage ADD COLUMN seq INTEGER;
+             ALTER TABLE pool_usage ADD COLUMN stored_ms INTEGER;",
+        )?;
+        let keys: Vec<i64> = {
+            let mut st =
+                tx.prepare("SELECT rowid FROM pool_usage ORDER BY end_ms, job, attempt, worker")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (i, rowid) in keys.iter().enumerate() {
+            tx.execute(
+                "UPDATE pool_usage SET seq = ?1, stored_ms = end_ms WHERE rowid = ?2",
+                params![i as i64 + 1, rowid],
+            )?;
+        }
+        tx.execute_batch(
+            "CREATE UNIQUE INDEX pool_usage_seq ON pool_usage (seq);
+             CREATE INDEX pool_usage_stored ON pool_usage (stored_ms);",
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -412,6 +516,7 @@ mod tests {
                     running: vec![],
                     ray: None,
                     ray_heads: vec![],
+                    usage_key: None,
                 },
                 holders: vec![],
                 flagged: vec![],
@@ -419,6 +524,7 @@ mod tests {
                 connected_since_ms: Some(1),
                 last_seen_ms: 2,
                 uptime_ms: 1,
+                usage_keys: vec![],
             })
             .expect("must succeed");
             s.set_flags(
@@ -443,11 +549,29 @@ mod tests {
                 outcome: "succeeded".into(),
                 exit_code: Some(0),
             };
-            assert!(s.save_usage(&u).expect("must succeed"));
+            let key = weft_proto::usage::Signer::from_seed(&[7; 32]);
+            let seal = |u: &UsageRecord| -> Seal {
+                let (u, key) = (u.clone(), weft_proto::usage::Signer::from_seed(&[7; 32]));
+                Box::new(move |seq| {
+                    let s =
+                        SignedUsage::countersign(seq, 30, "r", u.clone(), Err("x".into()), &key);
+                    serde_json::to_string(&s).expect("serializes")
+                })
+            };
+            assert!(s.save_usage(&u, 30, seal(&u)).expect("must succeed"));
             assert!(
-                !s.save_usage(&u).expect("must succeed"),
+                !s.save_usage(&u, 31, seal(&u)).expect("must succeed"),
                 "a replayed end is stored once"
             );
+            let v = UsageRecord {
+                job: 3,
+                ..u.clone()
+            };
+            assert!(s.save_usage(&v, 32, seal(&v)).expect("must succeed"));
+            let e = s.usage_export(0).expect("must succeed");
+            assert_eq!(e.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+            assert_eq!(e[1].record, v);
+            assert_eq!(e[0].coord_key.as_deref(), Some(key.public()));
         }
         let s = PoolStore::open(dir.path()).expect("must succeed");
         let unfinished = s.jobs(true).expect("must succeed");
@@ -457,7 +581,42 @@ mod tests {
         assert_eq!(s.max_job_id().expect("must succeed"), 2);
         assert_eq!(s.workers().expect("must succeed")[0].name, "gpu1");
         assert!(s.flags().expect("must succeed")[0].1.cordoned);
-        assert_eq!(s.usage_since(20).expect("must succeed").len(), 1);
+        assert_eq!(s.usage_since(20).expect("must succeed").len(), 2);
         assert_eq!(s.usage_since(21).expect("must succeed").len(), 0);
+        assert_eq!(s.usage_export(31).expect("must succeed").len(), 1);
+    }
+
+    #[test]
+    fn usage_rows_of_an_older_store_are_numbered_and_read_as_unsigned() {
+        let dir = tempfile::tempdir().expect("must succeed");
+        drop(crate::registry::Registry::open(dir.path()).expect("must succeed"));
+        {
+            let db = Connection::open(dir.path().join("registry.sqlite")).expect("must succeed");
+            db.execute_batch(
+                "CREATE TABLE pool_usage (job INTEGER NOT NULL, attempt INTEGER NOT NULL,
+                    worker TEXT NOT NULL, end_ms INTEGER NOT NULL, record TEXT NOT NULL,
+                    PRIMARY KEY (job, attempt, worker));",
+            )
+            .expect("must succeed");
+            for (job, end) in [(5, 50), (4, 40)] {
+                let u = serde_json::json!({"job": job, "attempt": 1, "rank": 0, "engineer": "a",
+                    "worker": "w", "gpu_model": "m", "gpus": [], "start_ms": null, "end_ms": end,
+                    "gpu_seconds": 0.0, "outcome": "lost", "exit_code": null});
+                db.execute(
+                    "INSERT INTO pool_usage VALUES (?1, 1, 'w', ?2, ?3)",
+                    params![job, end, u.to_string()],
+                )
+                .expect("must succeed");
+            }
+        }
+        let s = PoolStore::open(dir.path()).expect("must succeed");
+        let e = s.usage_export(0).expect("must succeed");
+        let got: Vec<(u64, u64, u64)> = e
+            .iter()
+            .map(|r| (r.seq, r.record.job, r.stored_ms))
+            .collect();
+        assert_eq!(got, vec![(1, 4, 40), (2, 5, 50)]);
+        assert!(e[0].coord_sig.is_none() && e[0].unsigned.is_some());
+        assert_eq!(s.usage_since(0).expect("must succeed").len(), 2);
     }
 }

@@ -95,6 +95,11 @@ pub enum RunError {
     Serve(std::io::Error),
     #[error(transparent)]
     Relay(#[from] relay::RelayError),
+    #[error("usage-signing key {path}: {source}")]
+    UsageKey {
+        path: PathBuf,
+        source: tunnel_relay::StateError,
+    },
 }
 
 /// Resolves once `stop` turns true (or its sender is gone): the agent's shutdown, as each of
@@ -198,11 +203,26 @@ pub async fn run(
             state.relay = Some(link_rx.clone());
             let mut rx3 = rx.clone();
             let ray = ray_context(&cfg).await;
+            let key_path = cfg.state_dir.join(tunnel_relay::keys::USAGE_KEY_FILE);
+            let usage = pool_feed::UsageSigning {
+                worker: opts.name.clone(),
+                signer: tunnel_relay::keys::usage_key(&key_path).map_err(|source| {
+                    RunError::UsageKey {
+                        path: key_path.clone(),
+                        source,
+                    }
+                })?,
+            };
             exposed = Some(relay::start(
                 cfg.state_dir.clone(),
                 opts,
                 api::router(state.clone()),
-                pool_feed::PoolFeed::with_ray(engine.clone(), state.snapshot.clone(), ray),
+                pool_feed::PoolFeed::with_ray(
+                    engine.clone(),
+                    state.snapshot.clone(),
+                    ray,
+                    Some(usage),
+                ),
                 link_tx,
                 async move { stopped(&mut rx3).await },
             )?);

@@ -1238,6 +1238,7 @@ mod tests {
             running: vec![],
             ray: None,
             ray_heads: vec![],
+            usage_key: None,
         };
         let mut gpu1 = gpu(a100, 81_920, "healthy");
         gpu1.uuid = "GPU-cloned".into();
@@ -1253,6 +1254,7 @@ mod tests {
                     connected_since_ms: Some(1_700_000_000_000),
                     last_seen_ms: 1_700_000_100_000,
                     uptime_ms: 3 * 3_600_000 + 12 * 60_000,
+                    usage_keys: vec![],
                 },
                 WorkerView {
                     name: "gpu2".into(),
@@ -1264,6 +1266,7 @@ mod tests {
                     connected_since_ms: None,
                     last_seen_ms: 1_700_000_000_000,
                     uptime_ms: 59_000,
+                    usage_keys: vec![],
                 },
             ],
             queue: some_jobs().into_iter().take(2).collect(),

@@ -37,8 +37,9 @@ use tracing::{debug, info, warn};
 use tunnel_relay::client::IncomingStream;
 use weft_proto::pool::{
     decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, Inventory, JobCopy, LineError,
-    Start, MAX_LINE, POOL_CALLER, POOL_SERVICE,
+    Start, UsageRecord, MAX_LINE, POOL_CALLER, POOL_SERVICE,
 };
+use weft_proto::usage::{Signer, WorkerClaim};
 
 use crate::agent::Engine;
 use crate::job::{Job, JobRequest, JobState};
@@ -81,6 +82,7 @@ fn ended_of(job: &Job, copy: JobCopy) -> Ended {
         ended_ms: job.ended_ms.unwrap_or(job.submitted_ms),
         gpus: job.gpu_uuids.clone(),
         owner: None,
+        usage: None,
     }
 }
 
@@ -205,6 +207,7 @@ pub fn inventory(
             .collect(),
         ray: None,
         ray_heads: Vec::new(),
+        usage_key: None,
     }
 }
 
@@ -299,6 +302,39 @@ pub struct RayContext {
     pub supervisor: Option<std::path::PathBuf>,
 }
 
+/// How this worker signs its usage records ([`weft_proto::usage`]): its name on the relay
+/// and its usage key (`STATE_DIR/usage-signing.key`).
+#[derive(Debug)]
+pub struct UsageSigning {
+    /// The worker's name, as the coordinator knows it.
+    pub worker: String,
+    /// Its key.
+    pub signer: Signer,
+}
+
+impl UsageSigning {
+    /// The record of `e` as this worker sees it (the job's rank and caller from its own
+    /// store, the GPUs' model from `gpus`, in NVML order), signed. None when the job is not
+    /// in the store (a start that never made a local job).
+    pub fn claim(&self, e: &Ended, job: Option<&Job>, gpus: &[GpuInfo]) -> Option<WorkerClaim> {
+        let job = job?;
+        let rank = job
+            .spec
+            .env
+            .get("WEFT_NODE_RANK")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        let engineer = e.owner.clone().unwrap_or_else(|| job.caller.clone());
+        let model = gpus
+            .iter()
+            .find(|g| e.gpus.contains(&g.uuid))
+            .map(|g| g.model.clone())
+            .unwrap_or_default();
+        let record = UsageRecord::of_end(e, rank, engineer, &self.worker, model);
+        Some(WorkerClaim::sign(record, &self.signer))
+    }
+}
+
 /// The pool feed of one agent: its state outlives the streams.
 #[derive(Debug)]
 pub struct PoolFeed {
@@ -314,6 +350,8 @@ pub struct PoolFeed {
     current: watch::Sender<u64>,
     /// A head's reading of Ray's nodes changed: send the inventory now, not at the next poll.
     ray_changed: tokio::sync::Notify,
+    /// Signs each end's usage record (None: ends go unsigned).
+    usage: Option<UsageSigning>,
 }
 
 /// What the reader task hands the session.
@@ -325,14 +363,15 @@ enum Line {
 impl PoolFeed {
     /// The feed over the engine's jobs (restoring what a previous run left unacked).
     pub fn new(engine: Arc<Engine>, snapshot: SharedSnapshot) -> Arc<PoolFeed> {
-        Self::with_ray(engine, snapshot, None)
+        Self::with_ray(engine, snapshot, None, None)
     }
 
-    /// The feed, running Ray cluster members with `ray`.
+    /// The feed, running Ray cluster members with `ray`, signing usage records with `usage`.
     pub fn with_ray(
         engine: Arc<Engine>,
         snapshot: SharedSnapshot,
         ray: Option<RayContext>,
+        usage: Option<UsageSigning>,
     ) -> Arc<PoolFeed> {
         let ledger = Ledger::restore(&engine.list(), unix_ms());
         Arc::new(PoolFeed {
@@ -345,7 +384,21 @@ impl PoolFeed {
             seen: Mutex::new(BTreeMap::new()),
             current: watch::Sender::new(0),
             ray_changed: tokio::sync::Notify::new(),
+            usage,
         })
+    }
+
+    /// `m` as sent: an end gets this worker's signed usage record (signed again at every
+    /// send; Ed25519 signatures are deterministic, so a replayed end is the same line).
+    fn seal(&self, m: AgentMsg) -> AgentMsg {
+        match (m, &self.usage) {
+            (AgentMsg::Ended(mut e), Some(u)) if e.usage.is_none() => {
+                let job = self.engine.get(e.copy.local_id);
+                e.usage = u.claim(&e, job.as_ref(), &self.inventory().gpus);
+                AgentMsg::Ended(e)
+            }
+            (m, _) => m,
+        }
     }
 
     /// Whether this agent runs Ray cluster members.
@@ -359,6 +412,7 @@ impl PoolFeed {
         let holders = self.engine.holders();
         let snap = self.snapshot.read();
         let mut inv = inventory(&snap, &holders, &jobs, &self.host, &mut self.seen.lock());
+        inv.usage_key = self.usage.as_ref().map(|u| u.signer.public().to_string());
         if let Some(r) = &self.ray {
             inv.ray = Some(r.ray.version.clone());
             let m = self.members.lock();
@@ -425,7 +479,8 @@ impl PoolFeed {
         info!(stream = me, "pool feed stream opened");
         let (rd, wr) = tokio::io::split(io);
         let (out_tx, out_rx) = mpsc::unbounded_channel::<AgentMsg>();
-        let writer = tokio::spawn(write_lines(wr, out_rx));
+        let sealer = self.clone();
+        let writer = tokio::spawn(write_lines(wr, out_rx, move |m| sealer.seal(m)));
         let (in_tx, mut in_rx) = mpsc::channel::<Line>(16);
         let reader = tokio::spawn(read_lines(rd, in_tx));
         let mut changes = self.engine.changes();
@@ -837,7 +892,11 @@ async fn read_lines<R: AsyncRead + Unpin>(rd: R, tx: mpsc::Sender<Line>) {
 }
 
 /// Writes each message as one line until the channel closes or the stream fails.
-async fn write_lines<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<AgentMsg>) {
+async fn write_lines<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<AgentMsg>,
+    seal: impl Fn(AgentMsg) -> AgentMsg,
+) {
     loop {
         // A quiet feed says it is alive every HEARTBEAT: the coordinator counts
         // `lost_after` from the last line it heard.
@@ -846,7 +905,7 @@ async fn write_lines<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRe
             Ok(None) => break,
             Err(_) => AgentMsg::Heartbeat,
         };
-        let line = encode_line(&m);
+        let line = encode_line(&seal(m));
         if let Err(e) = wr.write_all(&line).await {
             debug!(error = %e, "pool feed write failed");
             rx.close();
@@ -963,6 +1022,79 @@ mod tests {
         while !f() {
             assert!(t.elapsed() < LIMIT, "gave up waiting for {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ends_carry_the_usage_record_signed_by_the_worker_and_the_same_on_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = testutil::snapshot(vec![
+            testutil::gpu(0, "GPU-0", HealthState::Healthy),
+            testutil::gpu(1, "GPU-1", HealthState::Healthy),
+        ]);
+        let key = Signer::from_seed(&[5; 32]);
+        let public = key.public().to_string();
+        let usage = UsageSigning {
+            worker: "gpu7".into(),
+            signer: key,
+        };
+        let feed = PoolFeed::with_ray(
+            testutil::engine(dir.path(), snap.clone()).await,
+            snap,
+            None,
+            Some(usage),
+        );
+        let mut c = Coord::open(&feed, POOL_CALLER).await;
+        let Some(AgentMsg::Inventory(inv)) = c.next().await else {
+            panic!("the inventory comes first")
+        };
+        assert_eq!(inv.usage_key.as_deref(), Some(public.as_str()));
+        let CoordMsg::Start(mut s) = start(3, &["GPU-0", "GPU-1"], &["sh", "-c", "sleep 0.3"])
+        else {
+            unreachable!()
+        };
+        s.env.insert("WEFT_NODE_RANK".into(), "1".into());
+        c.send(&CoordMsg::Start(s)).await;
+        assert!(matches!(c.event().await, AgentMsg::Started { .. }));
+        let AgentMsg::Ended(e) = c.event().await else {
+            panic!("ended")
+        };
+        let claim = e.usage.clone().expect("a signed record");
+        assert!(claim.valid());
+        assert_eq!(claim.key, public);
+        let r = &claim.record;
+        assert_eq!((r.job, r.attempt, r.rank), (3, 1, 1));
+        assert_eq!((r.engineer.as_str(), r.worker.as_str()), ("alice", "gpu7"));
+        assert_eq!(r.gpu_model, "NVIDIA H100 80GB HBM3");
+        assert_eq!(r.gpus, ["GPU-0", "GPU-1"]);
+        assert_eq!(r.outcome, "succeeded");
+        let (start_ms, end_ms) = (e.started_ms.unwrap(), e.ended_ms);
+        assert_eq!(r.gpu_seconds, 2.0 * (end_ms - start_ms) as f64 / 1000.0);
+        // what the coordinator computes from the same end is the same record
+        let mut bare = e.clone();
+        bare.usage = None;
+        assert_eq!(
+            UsageRecord::of_end(
+                &bare,
+                1,
+                "alice".into(),
+                "gpu7",
+                "NVIDIA H100 80GB HBM3".into()
+            ),
+            *r
+        );
+        // unacked, it is sent again on a new stream: the same line
+        drop(c);
+        let mut c2 = Coord::open(&feed, POOL_CALLER).await;
+        loop {
+            match c2.next().await {
+                Some(AgentMsg::Ended(again)) => {
+                    assert_eq!(again, e);
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("no replay"),
+            }
         }
     }
 

@@ -49,6 +49,7 @@ use weft_proto::pool::{
     LineError, MemberView, PoolView, Start, SubmitRequest, UsageRecord, WorkerView, MAX_LINE,
     POOL_CALLER, POOL_SERVICE,
 };
+use weft_proto::usage::{self, Export, Manifest, SignedManifest, SignedUsage, Signer};
 
 use super::mesh::MeshHandle;
 use super::{lock, Shared};
@@ -102,6 +103,7 @@ impl WorkerRec {
                 connected_since_ms: None,
                 last_seen_ms: ms,
                 uptime_ms: 0,
+                usage_keys: vec![],
             },
             feed: None,
             heard: None,
@@ -136,6 +138,14 @@ struct Hub {
     /// The lease's epoch this hub schedules in (0: a relay alone, or a fleet relay that
     /// has not scheduled yet); feeds of another epoch do not register here.
     epoch: i64,
+    /// This relay's usage-signing key: it countersigns every record it stores.
+    usage: Arc<UsageSigning>,
+}
+
+/// The key a relay countersigns usage records and exports with, and the name it signs as.
+pub(super) struct UsageSigning {
+    signer: Signer,
+    relay: String,
 }
 
 /// The pool part of the relay's shared state.
@@ -148,6 +158,7 @@ pub(super) struct PoolShell {
     leading: tokio::sync::watch::Sender<Option<i64>>,
     /// A fleet's lease: its own store connection, and the pool's place in the fleet.
     lease: Option<LeaseKeeper>,
+    usage: Arc<UsageSigning>,
 }
 
 /// What a fleet relay needs to hold, renew and take over the pool's scheduling lease.
@@ -254,14 +265,19 @@ impl PoolShell {
         relay: &str,
     ) -> Result<PoolShell, crate::error::StateError> {
         let store = PoolStore::open_store(dir, store_cfg, relay, 0)?;
+        let usage = Arc::new(UsageSigning {
+            signer: crate::keys::usage_key(&dir.join(crate::keys::USAGE_KEY_FILE))?,
+            relay: relay.to_string(),
+        });
         if !store.is_shared() {
-            let hub = Hub::load(store, settings, overlay.clone(), 0)?;
+            let hub = Hub::load(store, settings, overlay.clone(), 0, usage.clone())?;
             return Ok(PoolShell {
                 hub: Mutex::new(hub),
                 settings: settings.clone(),
                 overlay,
                 leading: tokio::sync::watch::channel(Some(0)).0,
                 lease: None,
+                usage,
             });
         }
         let lease = LeaseKeeper {
@@ -273,11 +289,12 @@ impl PoolShell {
             holder: std::sync::RwLock::new(None),
         };
         Ok(PoolShell {
-            hub: Mutex::new(Hub::empty(store, overlay.clone())),
+            hub: Mutex::new(Hub::empty(store, overlay.clone(), usage.clone())),
             settings: settings.clone(),
             overlay,
             leading: tokio::sync::watch::channel(None).0,
             lease: Some(lease),
+            usage,
         })
     }
 
@@ -326,7 +343,7 @@ impl PoolShell {
 
 impl Hub {
     /// A hub that schedules nothing yet (a fleet relay before it holds the lease).
-    fn empty(store: PoolStore, overlay: MeshHandle) -> Hub {
+    fn empty(store: PoolStore, overlay: MeshHandle, usage: Arc<UsageSigning>) -> Hub {
         Hub {
             pool: Pool::new(PoolConfig::default()),
             jobs: BTreeMap::new(),
@@ -338,6 +355,7 @@ impl Hub {
             gangs: std::collections::BTreeSet::new(),
             groups: BTreeMap::new(),
             epoch: 0,
+            usage,
         }
     }
 
@@ -350,6 +368,7 @@ impl Hub {
         settings: &PoolSettings,
         overlay: MeshHandle,
         epoch: i64,
+        usage: Arc<UsageSigning>,
     ) -> Result<Hub, crate::error::StateError> {
         let now = Instant::now();
         let mut core = Pool::new(core_config(settings));
@@ -456,6 +475,7 @@ impl Hub {
             gangs,
             groups: BTreeMap::new(),
             epoch,
+            usage,
         })
     }
 }
@@ -1166,8 +1186,8 @@ impl Hub {
             ),
             None => (String::new(), 0),
         };
-        let usage = usage_record(&e, rank, engineer, worker, self.model_of(worker, &e.gpus));
-        match self.store.save_usage(&usage) {
+        let usage = UsageRecord::of_end(&e, rank, engineer, worker, self.model_of(worker, &e.gpus));
+        match self.store_usage(worker, &e, usage) {
             Ok(_) => {
                 self.send(
                     worker,
@@ -1330,14 +1350,14 @@ impl Hub {
     /// then the ack. The pool's queue is not involved.
     fn on_worker_job_ended(&mut self, worker: &str, e: Ended) {
         let local_id = e.copy.local_id;
-        let usage = usage_record(
+        let usage = UsageRecord::of_end(
             &e,
             0,
             e.owner.clone().unwrap_or_default(),
             worker,
             self.model_of(worker, &e.gpus),
         );
-        match self.store.save_usage(&usage) {
+        match self.store_usage(worker, &e, usage) {
             Ok(_) => {
                 self.send(
                     worker,
@@ -1351,6 +1371,101 @@ impl Hub {
             Err(err) => {
                 warn!(worker = %worker, local_id, error = %err, "could not store a usage record; not acked")
             }
+        }
+    }
+
+    /// Stores `record` (once), numbered and countersigned, with the worker's signature when
+    /// its claim in `e` is good, or the reason it is not.
+    fn store_usage(
+        &self,
+        worker: &str,
+        e: &Ended,
+        record: UsageRecord,
+    ) -> Result<bool, crate::error::StateError> {
+        let claim = self.check_claim(worker, e, &record);
+        if let Err(why) = &claim {
+            warn!(worker = %worker, job = record.job, attempt = record.attempt, reason = %why,
+                "usage record not signed by its worker; stored with the reason");
+        }
+        let u = self.usage.clone();
+        let stored_ms = unix_ms();
+        let sealed = record.clone();
+        self.store.save_usage(
+            &record,
+            stored_ms,
+            Box::new(move |seq| {
+                let s = SignedUsage::countersign(
+                    seq,
+                    stored_ms,
+                    &u.relay,
+                    sealed.clone(),
+                    claim.clone(),
+                    &u.signer,
+                );
+                serde_json::to_string(&s).expect("a usage record serializes")
+            }),
+        )
+    }
+
+    /// The worker's (key, signature) for `record`, or why they cannot be kept: none sent, a
+    /// key this worker never announced, a signature that does not match, or a record that
+    /// is not the coordinator's.
+    fn check_claim(
+        &self,
+        worker: &str,
+        e: &Ended,
+        record: &UsageRecord,
+    ) -> Result<(String, String), String> {
+        let Some(c) = &e.usage else {
+            return Err("its agent did not sign it (an agent older than signed records)".into());
+        };
+        let announced = self
+            .workers
+            .get(worker)
+            .is_some_and(|w| w.view.usage_keys.contains(&c.key));
+        if !announced {
+            return Err(format!(
+                "signed with {}, a key {worker} never announced",
+                usage::short(&c.key)
+            ));
+        }
+        if !c.valid() {
+            return Err("the worker's signature does not match its record".into());
+        }
+        if c.record != *record {
+            return Err(format!(
+                "the worker's record differs from the coordinator's in {}",
+                differing_fields(&c.record, record)
+            ));
+        }
+        Ok((c.key.clone(), c.sig.clone()))
+    }
+
+    /// A worker announced the key it signs usage records with: kept in its record (all keys
+    /// it ever announced), unless another worker announced the same key first.
+    fn register_usage_key(&mut self, worker: &str, key: Option<&str>) {
+        let Some(k) = key else { return };
+        if !usage::key_ok(k) {
+            warn!(worker = %worker, "malformed usage key in the inventory; ignored");
+            return;
+        }
+        if let Some(other) = self
+            .workers
+            .iter()
+            .find(|(n, w)| n.as_str() != worker && w.view.usage_keys.iter().any(|x| x == k))
+            .map(|(n, _)| n.clone())
+        {
+            warn!(worker = %worker, other = %other, key = %usage::short(k),
+                "usage key already announced by another worker; not registered");
+            return;
+        }
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if !w.view.usage_keys.iter().any(|x| x == k) {
+            w.view.usage_keys.push(k.to_string());
+            info!(worker = %worker, key = %usage::short(k), "usage key registered");
+            self.save_worker(worker);
         }
     }
 
@@ -1387,38 +1502,6 @@ impl Hub {
             v.reason = self.pool.why_pending(v.id).map(|r| r.to_string());
         }
         v
-    }
-}
-
-/// The usage record of a finished copy or per-worker job.
-fn usage_record(
-    e: &Ended,
-    rank: u32,
-    engineer: String,
-    worker: &str,
-    gpu_model: String,
-) -> UsageRecord {
-    let secs = e
-        .started_ms
-        .map(|s| e.ended_ms.saturating_sub(s) as f64 / 1000.0)
-        .unwrap_or(0.0);
-    UsageRecord {
-        job: if e.per_worker() {
-            e.copy.local_id
-        } else {
-            e.copy.pool_job
-        },
-        attempt: e.copy.attempt,
-        rank,
-        engineer,
-        worker: worker.to_string(),
-        gpu_model,
-        gpus: e.gpus.clone(),
-        start_ms: e.started_ms,
-        end_ms: e.ended_ms,
-        gpu_seconds: secs * e.gpus.len() as f64,
-        outcome: e.state.clone(),
-        exit_code: e.exit_code,
     }
 }
 
@@ -1522,6 +1605,7 @@ async fn run_feed(
                 running: vec![],
                 ray: None,
                 ray_heads: vec![],
+                usage_key: None,
             };
             let mut rec = WorkerRec::new(name, empty, unix_ms());
             rec.feed = Some(Feed {
@@ -1569,7 +1653,11 @@ async fn run_feed(
                     }
                     hub.heard(name, now, matches!(msg, AgentMsg::Heartbeat));
                     match msg {
-                        AgentMsg::Inventory(inv) => hub.on_inventory(name, inv, now),
+                        AgentMsg::Inventory(inv) => {
+                            let key = inv.usage_key.clone();
+                            hub.on_inventory(name, inv, now);
+                            hub.register_usage_key(name, key.as_deref());
+                        }
                         AgentMsg::Started { copy, started_ms } => hub.on_started(
                             name,
                             copy.pool_job,
@@ -1692,6 +1780,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/pool/jobs/{id}", get(show))
         .route("/v1/pool/jobs/{id}/cancel", post(cancel))
         .route("/v1/pool/usage", get(usage))
+        .route("/v1/pool/usage/export", get(usage_export))
         .route("/v1/clusters", post(cluster_up).get(cluster_list))
         .route(
             "/v1/clusters/{name}",
@@ -1700,7 +1789,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .fallback(|| async {
             err(
                 StatusCode::NOT_FOUND,
-                "no such endpoint; see /v1/pool, /v1/pool/jobs, /v1/pool/usage, /v1/clusters",
+                "no such endpoint; see /v1/pool, /v1/pool/jobs, /v1/pool/usage, /v1/pool/usage/export, /v1/clusters",
             )
         })
         .with_state(shared)
@@ -2258,6 +2347,77 @@ async fn usage(
     }
 }
 
+/// `GET /v1/pool/usage/export?since=MS`: the records stored since then, numbered and signed,
+/// with a manifest signed by this relay (an engineer's export has its own records only, and
+/// its manifest says so).
+async fn usage_export(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<ApiCaller>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let ps = &shared.pool;
+    if let Err(r) = ps.check_member(&caller) {
+        return r.into_response();
+    }
+    let Ok(Query(q)) = q else {
+        return err(StatusCode::BAD_REQUEST, "query must be `since=UNIX_MS`");
+    };
+    let all = ps.is_operator(&caller);
+    let hub = lock(&ps.hub);
+    let (records, workers) = match (hub.store.usage_export(q.since), hub.store.workers()) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(e), _) | (_, Err(e)) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let records: Vec<SignedUsage> = records
+        .into_iter()
+        .filter(|r| all || r.record.engineer == caller.name)
+        .collect();
+    let me = &hub.usage;
+    let mut relay_keys: BTreeMap<String, Vec<String>> =
+        BTreeMap::from([(me.relay.clone(), vec![me.signer.public().to_string()])]);
+    for r in &records {
+        if let Some(k) = &r.coord_key {
+            let keys = relay_keys.entry(r.relay.clone()).or_default();
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    let manifest = Manifest {
+        relay: me.relay.clone(),
+        exported_ms: unix_ms(),
+        since_ms: q.since,
+        engineer: (!all).then(|| caller.name.clone()),
+        seqs: Manifest::ranges(records.iter().map(|r| r.seq)),
+        worker_keys: workers
+            .into_iter()
+            .filter(|w| !w.usage_keys.is_empty())
+            .map(|w| (w.name, w.usage_keys))
+            .collect(),
+        relay_keys,
+    };
+    Json(Export {
+        manifest: SignedManifest::sign(manifest, &me.signer),
+        records,
+    })
+    .into_response()
+}
+
+/// The top-level fields in which two records differ, e.g. `rank, gpu_model`.
+fn differing_fields(a: &UsageRecord, b: &UsageRecord) -> String {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return "?".into();
+    };
+    let v: Vec<&str> = a
+        .iter()
+        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    v.join(", ")
+}
+
 /// Serves one pool API stream (HTTP/1.1) as `caller`.
 pub(super) async fn serve_api(
     shared: Arc<Shared>,
@@ -2337,7 +2497,13 @@ fn take_over(
     let ps = &shared.pool;
     let hub = tokio::task::block_in_place(|| {
         let store = PoolStore::open_store(&l.dir, &l.store_cfg, &l.relay, epoch)?;
-        Hub::load(store, &ps.settings, ps.overlay.clone(), epoch)
+        Hub::load(
+            store,
+            &ps.settings,
+            ps.overlay.clone(),
+            epoch,
+            ps.usage.clone(),
+        )
     })?;
     {
         let mut h = lock(&ps.hub);

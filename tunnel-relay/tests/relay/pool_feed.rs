@@ -18,8 +18,9 @@ use tunnel_relay::wire::{read_message, write_message, Message};
 use tunnel_relay::RelayConfig;
 use weft_proto::pool::{
     decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, Inventory, JobCopy, Start,
-    POOL_CALLER, POOL_SERVICE,
+    UsageRecord, POOL_CALLER, POOL_SERVICE,
 };
+use weft_proto::usage::{self, Export, Signer, WorkerClaim};
 
 use crate::relay_lab;
 use relay_lab::{start_relay, start_relay_in, tmp, RelayLab};
@@ -55,6 +56,7 @@ fn inventory(gpus: Vec<GpuInfo>, running: Vec<JobCopy>) -> Inventory {
         running,
         ray: None,
         ray_heads: vec![],
+        usage_key: None,
     }
 }
 
@@ -226,6 +228,7 @@ fn ended(s: &Start, local_id: u64, state: &str, exit_code: i32) -> AgentMsg {
         ended_ms: 3_000,
         gpus: s.gpus.clone(),
         owner: None,
+        usage: None,
     })
 }
 
@@ -406,6 +409,7 @@ async fn a_job_lands_where_its_gpus_fit_and_leaves_one_usage_record() {
         ended_ms: 13_000,
         gpus: vec!["GPU-a-1".into()],
         owner: Some("bob".into()),
+        usage: None,
     }))
     .await;
     loop {
@@ -797,4 +801,259 @@ async fn priority_limits_and_gpu_quotas_are_enforced_at_submit() {
     let (code, v) = submit(alice.path(), r#"{"command":["x"],"gpus":1}"#).await;
     assert_eq!(code, 403, "{v}");
     assert!(err_text(&v).contains("2 of 2 GPUs"), "{v}");
+}
+
+/// `e` with its usage record as `worker` computes it (rank, engineer, model), signed by `key`.
+fn signed(
+    mut e: Ended,
+    rank: u32,
+    engineer: &str,
+    worker: &str,
+    model: &str,
+    key: &Signer,
+) -> AgentMsg {
+    let record = UsageRecord::of_end(&e, rank, engineer.into(), worker, model.into());
+    e.usage = Some(WorkerClaim::sign(record, key));
+    AgentMsg::Ended(e)
+}
+
+fn local_end(local_id: u64, owner: &str, gpus: &[&str]) -> Ended {
+    Ended {
+        copy: JobCopy {
+            pool_job: 0,
+            attempt: 0,
+            local_id,
+        },
+        state: "succeeded".into(),
+        exit_code: Some(0),
+        started_ms: Some(10_000),
+        ended_ms: 12_500,
+        gpus: gpus.iter().map(|g| g.to_string()).collect(),
+        owner: Some(owner.into()),
+        usage: None,
+    }
+}
+
+async fn acked(a: &mut FakeAgent, local_id: u64) {
+    loop {
+        match a.next("ack").await {
+            CoordMsg::Ack {
+                local_id: Some(l), ..
+            } if l == local_id => return,
+            CoordMsg::Ack { .. } | CoordMsg::Start(_) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_records_are_signed_by_their_worker_countersigned_and_exported_with_a_manifest() {
+    let _turn = weft_tests::turn::take(module_path!());
+    let lab = start_relay(RelayConfig::default()).await;
+    let (k1, k2) = (Signer::from_seed(&[1; 32]), Signer::from_seed(&[2; 32]));
+    let (d1, d2) = (tmp(), tmp());
+    let a100 = "NVIDIA A100-SXM4-80GB";
+    let mut inv1 = inventory(gpus("a", a100, 81920, 2), vec![]);
+    inv1.usage_key = Some(k1.public().to_string());
+    let mut gpu1 = agent(&lab, "gpu1", d1.path(), false, inv1).await;
+    let mut inv2 = inventory(gpus("b", a100, 81920, 1), vec![]);
+    inv2.usage_key = Some(k2.public().to_string());
+    let mut gpu2 = agent(&lab, "gpu2", d2.path(), false, inv2).await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let bob = identity(&lab, "engineer", "bob").await;
+    let ops = identity(&lab, "operator", "ops").await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, v) = api(ops.path(), "GET", "/v1/pool", None).await;
+        let keys: Vec<Value> = v["workers"]
+            .as_array()
+            .map(|w| w.iter().map(|w| w["usage_keys"].clone()).collect())
+            .unwrap_or_default();
+        if keys.len() == 2
+            && keys
+                .iter()
+                .all(|k| k.as_array().is_some_and(|a| a.len() == 1))
+        {
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "usage keys never registered: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A pool job of alice's on gpu1, signed by gpu1: seq 1.
+    let (code, v) = submit(alice.path(), r#"{"command":["train"],"gpus":2}"#).await;
+    assert_eq!(code, 201, "{v}");
+    let s = gpu1.start().await;
+    let AgentMsg::Ended(e) = ended(&s, 41, "succeeded", 0) else {
+        unreachable!()
+    };
+    gpu1.send(signed(e, 0, "alice", "gpu1", a100, &k1)).await;
+    loop {
+        if let CoordMsg::Ack { pool_job, .. } = gpu1.next("ack").await {
+            assert_eq!(pool_job, s.pool_job);
+            break;
+        }
+    }
+    // seq 2: bob's per-worker job on gpu2, signed by gpu2.
+    gpu2.send(signed(
+        local_end(7, "bob", &["GPU-b-0"]),
+        0,
+        "bob",
+        "gpu2",
+        a100,
+        &k2,
+    ))
+    .await;
+    acked(&mut gpu2, 7).await;
+    // seq 3: gpu2 signs with gpu1's key (it announced another): kept, not as gpu2's.
+    gpu2.send(signed(
+        local_end(8, "alice", &["GPU-b-0"]),
+        0,
+        "alice",
+        "gpu2",
+        a100,
+        &k1,
+    ))
+    .await;
+    acked(&mut gpu2, 8).await;
+    // seq 4: gpu2's record says 10× the GPU-seconds: the coordinator's record is kept.
+    let AgentMsg::Ended(mut e) = signed(
+        local_end(9, "alice", &["GPU-b-0"]),
+        0,
+        "alice",
+        "gpu2",
+        a100,
+        &k2,
+    ) else {
+        unreachable!()
+    };
+    if let Some(c) = e.usage.as_mut() {
+        c.record.gpu_seconds *= 10.0;
+        *c = WorkerClaim::sign(c.record.clone(), &k2);
+    }
+    gpu2.send(AgentMsg::Ended(e)).await;
+    acked(&mut gpu2, 9).await;
+    // seq 5: an agent that does not sign.
+    gpu2.send(AgentMsg::Ended(local_end(10, "alice", &["GPU-b-0"])))
+        .await;
+    acked(&mut gpu2, 10).await;
+
+    let (code, v) = api(ops.path(), "GET", "/v1/pool/usage/export?since=0", None).await;
+    assert_eq!(code, 200, "{v}");
+    let export: Export = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+    let seqs: Vec<u64> = export.records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(export.manifest.manifest.seqs, vec![(1, 5)]);
+    assert_eq!(
+        export.manifest.manifest.worker_keys["gpu1"],
+        vec![k1.public().to_string()]
+    );
+    let r = &export.records;
+    assert_eq!(r[0].worker_key.as_deref(), Some(k1.public()));
+    assert_eq!(
+        (r[0].record.engineer.as_str(), r[0].record.gpu_seconds),
+        ("alice", 4.0)
+    );
+    assert_eq!(r[1].worker_key.as_deref(), Some(k2.public()));
+    assert!(
+        r[2].unsigned
+            .as_deref()
+            .is_some_and(|u| u.contains("a key gpu2 never announced")),
+        "{:?}",
+        r[2]
+    );
+    assert!(
+        r[3].unsigned
+            .as_deref()
+            .is_some_and(|u| u.contains("differs from the coordinator's in gpu_seconds")),
+        "{:?}",
+        r[3]
+    );
+    assert_eq!(
+        r[3].record.gpu_seconds, 2.5,
+        "the coordinator's figure is kept"
+    );
+    assert!(
+        r[4].unsigned
+            .as_deref()
+            .is_some_and(|u| u.contains("did not sign")),
+        "{:?}",
+        r[4]
+    );
+    let rep = usage::verify(Some(&export.manifest), &export.records, &[]);
+    assert_eq!(rep.good, 2, "{:?}", rep.problems);
+    let problems: Vec<Option<u64>> = rep.problems.iter().map(|p| p.seq).collect();
+    assert_eq!(
+        problems,
+        vec![Some(3), Some(4), Some(5)],
+        "{:?}",
+        rep.problems
+    );
+    // Both of alice's jobs were countersigned by this relay; dropping one from the file shows.
+    let mut dropped = export.records.clone();
+    dropped.remove(1);
+    let rep = usage::verify(Some(&export.manifest), &dropped, &[]);
+    assert!(
+        rep.problems
+            .iter()
+            .any(|p| p.to_string() == "record 2 was dropped (the manifest lists it)"),
+        "{:?}",
+        rep.problems
+    );
+
+    // bob's own export: his one record, a manifest that says it is his and lists only it.
+    let (_, v) = api(bob.path(), "GET", "/v1/pool/usage/export?since=0", None).await;
+    let mine: Export = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+    assert_eq!(mine.records.len(), 1);
+    assert_eq!(mine.manifest.manifest.engineer.as_deref(), Some("bob"));
+    assert_eq!(mine.manifest.manifest.seqs, vec![(2, 2)]);
+    assert_eq!(
+        usage::verify(Some(&mine.manifest), &mine.records, &[]).problems,
+        vec![]
+    );
+    // A bad query is refused.
+    let (code, _) = api(
+        alice.path(),
+        "GET",
+        "/v1/pool/usage/export?since=yesterday",
+        None,
+    )
+    .await;
+    assert_eq!(code, 400);
+
+    // After a restart the records, their numbers and signatures are the same, and the next
+    // record continues the sequence under the same key.
+    let addr = lab.addr;
+    drop((gpu1, gpu2));
+    let dir = lab.stop().await;
+    let lab = start_relay_in(dir, addr, RelayConfig::default()).await;
+    let mut inv2 = inventory(gpus("b", a100, 81920, 1), vec![]);
+    inv2.usage_key = Some(k2.public().to_string());
+    let mut gpu2 = agent(&lab, "gpu2", d2.path(), true, inv2).await;
+    gpu2.send(signed(
+        local_end(11, "bob", &["GPU-b-0"]),
+        0,
+        "bob",
+        "gpu2",
+        a100,
+        &k2,
+    ))
+    .await;
+    acked(&mut gpu2, 11).await;
+    let (_, v) = api(ops.path(), "GET", "/v1/pool/usage/export?since=0", None).await;
+    let again: Export = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+    assert_eq!(
+        again.records[..5],
+        export.records[..],
+        "stored records are unchanged"
+    );
+    assert_eq!(again.records[5].seq, 6);
+    assert_eq!(again.records[5].coord_key, export.records[0].coord_key);
+    assert_eq!(again.manifest.key, export.manifest.key);
+    let rep = usage::verify(
+        Some(&again.manifest),
+        &again.records,
+        std::slice::from_ref(&export.manifest.key),
+    );
+    assert_eq!(rep.good, 3, "{:?}", rep.problems);
 }
