@@ -75,6 +75,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Operator: print the key this relay countersigns usage records and exports with
+    /// (`ed25519:…`), for `weft usage verify --trust KEY`; created if the relay never ran.
+    UsageKey {
+        #[command(flatten)]
+        state: RelayState,
+    },
     /// Provider: expose local services through the relay (keeps reconnecting).
     Expose {
         /// Join token (first run only; later runs use the identity in --state-dir).
@@ -373,6 +379,10 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Policy {
             cmd: PolicyCmd::Reload { state },
         } => policy_reload(&state.dir)?,
+        Cmd::UsageKey { state } => {
+            let path = state.dir.join(tunnel_relay::keys::USAGE_KEY_FILE);
+            println!("{}", tunnel_relay::keys::usage_key(&path)?.public());
+        }
         Cmd::Expose {
             token,
             state_dir,

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tunnel_relay::cli::StateDirArg;
 use weft_proto::gpuspec::GpuSpec;
 use weft_proto::pool::{JobView, MemberView, PoolView, SubmitRequest, UsageRecord};
+use weft_proto::usage;
 
 use crate::cli::{check, check_from, kv, timeout_secs, JobsCmd, SubmitArgs};
 use crate::client::{self, Call, ClientError, POOL_HOST, POOL_LABEL};
@@ -58,6 +59,8 @@ pub struct PoolArgs {
 /// `weft usage`: the usage records of finished pool jobs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct UsageArgs {
+    #[command(subcommand)]
+    pub cmd: Option<UsageCmd>,
     /// Only records that ended at or after this: a UTC date (2025-01-31, 2025-01-31T12:00Z) or
     /// a duration back from now (2h, 7d). Default: all.
     #[arg(long, value_name = "DATE|DURATION")]
@@ -70,6 +73,53 @@ pub struct UsageArgs {
     pub csv: bool,
     #[command(flatten)]
     pub state: StateDirArg,
+}
+
+/// `weft usage export|verify`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum UsageCmd {
+    /// The signed records for a payment layer: each signed by the worker that ran it and
+    /// countersigned by the coordinator, numbered without gaps, with a manifest signed by the
+    /// relay (JSON lines, or CSV with the manifest as a last `# manifest` line).
+    Export(UsageExportArgs),
+    /// Checks an export: every signature, that each record was signed by the worker that ran
+    /// it, and that no record was dropped. Exits 1 when anything is wrong, naming each record.
+    Verify(UsageVerifyArgs),
+}
+
+/// `weft usage export`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UsageExportArgs {
+    /// Only records the coordinator stored at or after this: a UTC date (2025-01-31,
+    /// 2025-01-31T12:00Z) or a duration back from now (2h, 7d). Default: all.
+    #[arg(long, value_name = "DATE|DURATION")]
+    pub since: Option<String>,
+    /// `jsonl` (the manifest, then one record per line) or `csv`.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+    pub format: ExportFormat,
+    /// Write to this file (replaced whole once complete) instead of standard output.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+}
+
+/// The file format of `weft usage export`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// JSON lines.
+    Jsonl,
+    /// CSV.
+    Csv,
+}
+
+/// `weft usage verify`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UsageVerifyArgs {
+    /// The export (JSON lines or CSV, as `weft usage export` wrote it; `-`: standard input).
+    pub file: std::path::PathBuf,
+    /// Accept only an export signed with this relay key (`ed25519:…`, as `tunnel-relay
+    /// usage-key` prints it on the relay); may be repeated.
+    #[arg(long = "trust", value_name = "KEY")]
+    pub trust: Vec<String>,
 }
 
 /// Fresh byte streams to the pool API and to a worker's agent API.
@@ -176,6 +226,17 @@ pub fn pool(a: &PoolArgs) -> Result<()> {
 
 /// `weft usage`.
 pub fn usage(a: &UsageArgs) -> Result<()> {
+    if a.cmd.is_some() && (a.since.is_some() || a.json || a.csv) {
+        bail!(
+            "--since, --json and --csv before `export`/`verify` are the listing's flags; \
+             put the subcommand's own flags after it (`weft usage export --since 7d --format csv`)"
+        );
+    }
+    match &a.cmd {
+        Some(UsageCmd::Export(e)) => return usage_export(e, &a.state),
+        Some(UsageCmd::Verify(v)) => return usage_verify(v),
+        None => {}
+    }
     let since = match &a.since {
         Some(s) => since_ms(s, now_ms())?,
         None => 0,
@@ -189,6 +250,146 @@ pub fn usage(a: &UsageArgs) -> Result<()> {
     on_pool(&dir, async |f| {
         usage_on(f, since, format, &mut std::io::stdout()).await
     })
+}
+
+/// The pool API's signed usage export (`?since=UNIX_MS`, by the time records were stored).
+pub const USAGE_EXPORT_PATH: &str = "/v1/pool/usage/export";
+
+/// `weft usage export`.
+fn usage_export(a: &UsageExportArgs, state: &StateDirArg) -> Result<()> {
+    let since = match &a.since {
+        Some(s) => since_ms(s, now_ms())?,
+        None => 0,
+    };
+    let dir = state.dir()?;
+    let text = on_pool(&dir, async |f| export_text(f, since, a.format).await)?;
+    match &a.output {
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        Some(path) => {
+            let tmp = path.with_extension("part");
+            std::fs::write(&tmp, &text)
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The export as the file's text.
+async fn export_text(f: &impl Fabric, since_ms: u64, format: ExportFormat) -> Result<String> {
+    let raw = pool_bytes(
+        f,
+        Call::get(&format!("{USAGE_EXPORT_PATH}?since={since_ms}")),
+    )
+    .await?;
+    let e: usage::Export = parse(&raw, "usage export")?;
+    Ok(match format {
+        ExportFormat::Jsonl => usage::to_jsonl(&e),
+        ExportFormat::Csv => usage::to_csv(&e),
+    })
+}
+
+/// `weft usage verify`.
+fn usage_verify(a: &UsageVerifyArgs) -> Result<()> {
+    let (name, text) = if a.file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("cannot read standard input")?;
+        ("standard input".to_string(), s)
+    } else {
+        let s = std::fs::read_to_string(&a.file)
+            .with_context(|| format!("cannot read {}", a.file.display()))?;
+        (a.file.display().to_string(), s)
+    };
+    for k in &a.trust {
+        if !usage::key_ok(k) {
+            bail!("--trust {k:?}: not a usage key; expected ed25519: and 44 characters of base64");
+        }
+    }
+    let (report, problems) = verify_text(&name, &text, &a.trust)?;
+    print!("{report}");
+    if problems > 0 {
+        bail!("{name}: {problems} problem(s); the records above cannot be trusted as they are");
+    }
+    Ok(())
+}
+
+/// What `weft usage verify` prints for `text`, and how many problems it found. Pure.
+fn verify_text(name: &str, text: &str, trust: &[String]) -> Result<(String, usize)> {
+    let (manifest, records) =
+        usage::parse_export(text).with_context(|| format!("{name} is not a usage export"))?;
+    let rep = usage::verify(manifest.as_ref(), &records, trust);
+    let mut out = String::new();
+    let _ = write!(out, "{name}: {} record(s)", rep.records);
+    if let (Some(m), Some((relay, key))) = (&manifest, &rep.exported_by) {
+        let _ = write!(
+            out,
+            ", exported by {relay} (key {}) at {}",
+            usage::short(key),
+            rfc3339(m.manifest.exported_ms)
+        );
+        if let Some(e) = &m.manifest.engineer {
+            let _ = write!(out, ", {e}'s records only");
+        }
+    }
+    out.push('\n');
+    for p in &rep.problems {
+        let _ = writeln!(out, "  {p}");
+    }
+    if rep.problems.is_empty() {
+        let seqs = manifest
+            .as_ref()
+            .map(|m| {
+                m.manifest
+                    .seqs
+                    .iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "all {} verified: each signed by the worker that ran it and countersigned by the \
+             coordinator, none changed, none dropped (sequence {}); {} GPU-seconds",
+            rep.records,
+            if seqs.is_empty() {
+                "empty".into()
+            } else {
+                seqs
+            },
+            rep.gpu_seconds
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "{} of {} verified ({} GPU-seconds); {} problem(s)",
+            rep.good,
+            rep.records,
+            rep.gpu_seconds,
+            rep.problems.len()
+        );
+    }
+    if trust.is_empty() {
+        if let Some((_, key)) = &rep.exported_by {
+            let _ = writeln!(
+                out,
+                "note: the relay's key was not pinned; pass --trust {key} (what `tunnel-relay \
+                 usage-key` prints on the relay) to accept no other"
+            );
+        }
+    }
+    Ok((out, rep.problems.len()))
 }
 
 /// The pool's [`SubmitRequest`] for `jobs submit`'s flags; one agent's flags are refused, and
@@ -1474,6 +1675,108 @@ mod tests {
             outcome: outcome.into(),
             exit_code,
         }
+    }
+
+    /// An export of two records (gpu1's and gpu2's), each signed by its worker and countersigned.
+    fn signed_export() -> usage::Export {
+        let coord = usage::Signer::from_seed(&[9; 32]);
+        let mut worker_keys = std::collections::BTreeMap::new();
+        let records: Vec<usage::SignedUsage> = [(1u64, "gpu1"), (2, "gpu2")]
+            .into_iter()
+            .map(|(seq, w)| {
+                let k = usage::Signer::from_seed(&[seq as u8; 32]);
+                worker_keys.insert(w.to_string(), vec![k.public().to_string()]);
+                let mut r = record(seq, 0, "succeeded", Some(0));
+                r.worker = w.into();
+                let c = usage::WorkerClaim::sign(r, &k);
+                usage::SignedUsage::countersign(
+                    seq,
+                    5,
+                    "relay-a",
+                    c.record,
+                    Ok((c.key, c.sig)),
+                    &coord,
+                )
+            })
+            .collect();
+        let m = usage::Manifest {
+            relay: "relay-a".into(),
+            exported_ms: 1_699_000_000_000,
+            seqs: usage::Manifest::ranges([1, 2]),
+            worker_keys,
+            relay_keys: [("relay-a".to_string(), vec![coord.public().to_string()])].into(),
+            ..usage::Manifest::default()
+        };
+        usage::Export {
+            manifest: usage::SignedManifest::sign(m, &coord),
+            records,
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn export_asks_since_and_verify_names_what_was_changed_or_dropped() {
+        let e = signed_export();
+        let answer = e.clone();
+        let (f, seen) = pool_only(Arc::new(move |_: &Seen| Answer::json(200, &answer))).await;
+        let jsonl = export_text(&f, 1_699_000_000_000, ExportFormat::Jsonl)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.lock().unwrap()[0].path,
+            "/v1/pool/usage/export?since=1699000000000"
+        );
+        assert_eq!(jsonl.lines().count(), 3, "{jsonl}");
+        let csv = export_text(&f, 0, ExportFormat::Csv).await.unwrap();
+        assert!(csv.starts_with("seq,stored_ms,relay,job,"), "{csv}");
+        assert!(
+            csv.lines().last().unwrap().starts_with("# manifest {"),
+            "{csv}"
+        );
+
+        let coord = usage::Signer::from_seed(&[9; 32]).public().to_string();
+        for text in [&jsonl, &csv] {
+            let (out, n) = verify_text("u", text, &[]).unwrap();
+            assert_eq!(n, 0, "{out}");
+            assert!(
+                out.starts_with("u: 2 record(s), exported by relay-a (key ed25519:"),
+                "{out}"
+            );
+            assert!(out.contains("all 2 verified"), "{out}");
+            assert!(out.contains("(sequence 1-2); 1440 GPU-seconds"), "{out}");
+            assert!(out.contains(&format!("--trust {coord}")), "{out}");
+            let (out, n) = verify_text("u", text, std::slice::from_ref(&coord)).unwrap();
+            assert_eq!(n, 0, "{out}");
+            assert!(!out.contains("note:"), "{out}");
+        }
+        // The second record's GPU-seconds raised, the first dropped.
+        let lines: Vec<&str> = jsonl.lines().collect();
+        let tampered = format!(
+            "{}\n{}\n",
+            lines[0],
+            lines[2].replace("\"gpu_seconds\":720.0", "\"gpu_seconds\":7200.0")
+        );
+        assert_ne!(tampered.lines().nth(1), Some(lines[2]), "the edit applied");
+        let (out, n) = verify_text("u", &tampered, &[]).unwrap();
+        assert_eq!(n, 3, "{out}");
+        assert!(
+            out.contains("record 2: job 2 attempt 1 on gpu2: changed after it was stored"),
+            "{out}"
+        );
+        assert!(out.contains("record 1 was dropped"), "{out}");
+        assert!(out.contains("0 of 1 verified"), "{out}");
+        // A key that is not the relay's, and a file that is not an export.
+        let (_, n) = verify_text(
+            "u",
+            &jsonl,
+            &[usage::Signer::from_seed(&[3; 32]).public().to_string()],
+        )
+        .unwrap();
+        assert_eq!(n, 1);
+        let err = verify_text("u", "{\"seq\": 1}\n", &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("u is not a usage export: line 1: malformed usage record"),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]

@@ -618,6 +618,52 @@ fn the_pool_places_by_requirement_across_natted_workers() {
         serde_json::json!([]),
         "bob sees only his own records"
     );
+    // ---- signed usage: alice's export verifies against the relay's key; an edit is caught ----
+    let relay_key = relay
+        .ns
+        .exec(&format!(
+            "{} usage-key --state-dir {}",
+            weft_tests::managed::relay_bin(),
+            relay.state
+        ))
+        .trim()
+        .to_string();
+    assert!(relay_key.starts_with("ed25519:"), "{relay_key}");
+    let mine = json(&alice.ok("usage --json"))
+        .as_array()
+        .map_or(0, Vec::len);
+    for format in ["jsonl", "csv"] {
+        let file = alice.ns.file(&format!("alice-usage.{format}"));
+        alice.ok(&format!(
+            "usage export --format {format} --output {}",
+            file.display()
+        ));
+        let out = alice.ok(&format!(
+            "usage verify {} --trust {relay_key}",
+            file.display()
+        ));
+        assert!(
+            out.contains(&format!("all {mine} verified")) && out.contains("alice's records only"),
+            "every record alice has is signed by its worker and countersigned: {out}\n\
+             a100 agent:\n{}",
+            a100.agent.log_tail(20)
+        );
+    }
+    let file = alice.ns.file("alice-usage.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{e}"));
+    let forged = text.replacen("\"outcome\":\"succeeded\"", "\"outcome\":\"failed\"", 1);
+    assert_ne!(forged, text, "{text}");
+    let forged_file = alice.ns.file("forged.jsonl");
+    std::fs::write(&forged_file, forged).unwrap_or_else(|e| panic!("{e}"));
+    let err = alice.fails(&format!("usage verify {}", forged_file.display()));
+    assert!(err.contains("problem(s)"), "{err}");
+    let (_, out, _) = alice.run(&format!("usage verify {}", forged_file.display()));
+    assert!(out.contains("changed after it was stored"), "{out}");
+    assert!(
+        out.contains("signed it (its signature does not match)"),
+        "{out}"
+    );
+
     // The operator's view on the relay host lists the workers and their GPUs too.
     let op = relay.ns.exec(&format!(
         "{} pool list --state-dir {}",
