@@ -71,6 +71,8 @@ enum Cmd {
     Cluster(worker_agent::cluster_cli::ClusterArgs),
     /// Finished jobs on a worker with their GPU-seconds, and totals (--worker NAME).
     History(ReportArgs),
+    /// Log in to the relay's web view: a one-time link (a minute) bound to this identity (--print: only print it).
+    Web(relay_cli::WebArgs),
 }
 
 /// `weft up`: `mesh up`'s managed-mode flags, with the engineer's identity by default.
@@ -144,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Usage(a) => worker_agent::pool_cli::usage(&a),
         Cmd::Cluster(a) => worker_agent::cluster_cli::cluster(&a),
         Cmd::History(a) => worker_agent::cli::history(&a),
+        Cmd::Web(a) => block_on(relay_cli::web(a)),
     }
 }
 

@@ -294,6 +294,17 @@ pub enum Message {
         /// Where nodes reach it (`host:port`).
         addrs: Vec<String>,
     },
+    /// Node → relay, first frame of a stream: a one-time link to the relay's web view
+    /// (`weft web`), bound to this node's identity. Relays that predate it reset the stream.
+    WebLogin,
+    /// Relay → node, the answer to [`Message::WebLogin`]: the link (it works once, for
+    /// `expires_s` seconds), or `Rejected` when the relay serves no web view.
+    WebLink {
+        /// The whole URL, one-time token included.
+        url: String,
+        /// Seconds it stays valid.
+        expires_s: u32,
+    },
     /// Relay → worker, first frame of a tunnel stream.
     Incoming {
         /// The name of the engineer node.
@@ -383,6 +394,8 @@ const T_PEER_API: u8 = 15;
 const T_MESH_JOIN_CODEC: u8 = 16;
 const T_OPEN_REDIRECT: u8 = 17;
 const T_REDIRECT: u8 = 18;
+const T_WEB_LOGIN: u8 = 19;
+const T_WEB_LINK: u8 = 20;
 
 impl Wire for Message {
     fn put(&self, w: &mut Writer) {
@@ -426,6 +439,12 @@ impl Wire for Message {
                 w.u8(T_REDIRECT);
                 w.str(relay);
                 w.strs(addrs, MAX_LIST);
+            }
+            Message::WebLogin => w.u8(T_WEB_LOGIN),
+            Message::WebLink { url, expires_s } => {
+                w.u8(T_WEB_LINK);
+                w.str(url);
+                w.u32(*expires_s);
             }
             Message::Incoming { from, service } => {
                 w.u8(T_INCOMING);
@@ -543,6 +562,11 @@ impl Wire for Message {
             T_REDIRECT => Message::Redirect {
                 relay: r.str()?,
                 addrs: r.strs("addrs", MAX_LIST)?,
+            },
+            T_WEB_LOGIN => Message::WebLogin,
+            T_WEB_LINK => Message::WebLink {
+                url: r.str()?,
+                expires_s: r.u32()?,
             },
             T_INCOMING => Message::Incoming {
                 from: r.str()?,
@@ -676,6 +700,8 @@ mod tests {
                 }
             }),
             (name(), names()).prop_map(|(relay, addrs)| Message::Redirect { relay, addrs }),
+            Just(Message::WebLogin),
+            (name(), any::<u32>()).prop_map(|(url, expires_s)| Message::WebLink { url, expires_s }),
             (name(), name()).prop_map(|(from, service)| Message::Incoming { from, service }),
             Just(Message::OpenOk),
             Just(Message::Api),

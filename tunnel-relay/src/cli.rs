@@ -151,6 +151,44 @@ pub struct SshConfigArgs {
     pub state: StateDirArg,
 }
 
+/// `weft web`: a one-time link to the relay's web view.
+#[derive(clap::Args, Debug)]
+pub struct WebArgs {
+    /// Only print the link (default: also open it in a browser when there is a display).
+    #[arg(long)]
+    pub print: bool,
+    #[command(flatten)]
+    pub state: StateDirArg,
+}
+
+/// `weft web`: asks the relay for a one-time link (valid for a minute, bound to this
+/// identity), prints it, and opens it with `xdg-open` when a display is there (not with
+/// `--print`).
+pub async fn web(a: WebArgs) -> Result<()> {
+    let dir = a.state.dir()?;
+    let session = client::session(&dir)
+        .await
+        .with_context(|| format!("relay session as the identity in {}", dir.display()))?;
+    let (url, secs) = session.web_link().await.context("web login link")?;
+    session.close().await;
+    println!("{url}");
+    eprintln!("(a one-time link, valid for {secs} s; it logs this identity in)");
+    let display =
+        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    if !a.print && display {
+        match std::process::Command::new("xdg-open")
+            .arg(&url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(_) => eprintln!("opened in your browser"),
+            Err(e) => eprintln!("could not open a browser ({e}); open the link yourself"),
+        }
+    }
+    Ok(())
+}
+
 /// `ssh-config`: `Host` stanzas whose ProxyCommand is this executable's
 /// `connect` (every binary that offers `ssh-config` offers `connect`).
 pub async fn ssh_config(a: SshConfigArgs) -> Result<()> {

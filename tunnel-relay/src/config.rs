@@ -122,6 +122,19 @@ pub struct RelayConfig {
     pub name: Option<String>,
     /// This relay's region in a fleet (shown by `relays list`). Default: `default`.
     pub region: Option<String>,
+    /// Where to serve the web view (the explorer, `/api/v1`): HTTPS with `web_tls` or the
+    /// relay's certificate, or plain HTTP with `web_plain_http` (behind a TLS-terminating
+    /// reverse proxy). Default: off (`serve --web ADDR` turns it on).
+    pub web_listen: Option<std::net::SocketAddr>,
+    /// The web view's address as browsers reach it, e.g. `https://relay.example.com:8443`
+    /// (what `weft web` links to). Default: `https://` the first `public_addrs` host and the
+    /// `web_listen` port.
+    pub web_url: Option<String>,
+    /// Serve the web view over plain HTTP (only behind a reverse proxy that terminates TLS:
+    /// the session cookie is `Secure`). Default: false.
+    pub web_plain_http: bool,
+    /// The web view's certificate. Default: the relay's (`tls`).
+    pub web_tls: TlsFiles,
 }
 
 fn store<'de, D: serde::Deserializer<'de>>(d: D) -> Result<crate::registry::Store, D::Error> {
@@ -208,6 +221,10 @@ impl Default for RelayConfig {
             store: crate::registry::Store::Sqlite,
             name: None,
             region: None,
+            web_listen: None,
+            web_url: None,
+            web_plain_http: false,
+            web_tls: TlsFiles::default(),
         }
     }
 }
@@ -222,6 +239,33 @@ impl RelayConfig {
     }
 
     /// This relay's fleet name: `name`, else the host name.
+    /// The web view's base URL (no trailing `/`), when it is on; `bound` is where it
+    /// listens (its port replaces an ephemeral 0).
+    pub fn web_base(&self, bound: Option<std::net::SocketAddr>) -> Option<String> {
+        let listen = bound.or(self.web_listen)?;
+        if let Some(u) = &self.web_url {
+            return Some(u.trim_end_matches('/').to_string());
+        }
+        let host = self
+            .public_addrs
+            .first()
+            .map(|a| match a.rsplit_once(':') {
+                Some((h, p)) if p.parse::<u16>().is_ok() => h.to_string(),
+                _ => a.clone(),
+            })
+            .unwrap_or_else(|| {
+                if listen.ip().is_unspecified() {
+                    "localhost".into()
+                } else {
+                    match listen.ip() {
+                        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                        v4 => v4.to_string(),
+                    }
+                }
+            });
+        Some(format!("https://{host}:{}", listen.port()))
+    }
+
     pub fn relay_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")

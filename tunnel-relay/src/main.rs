@@ -49,6 +49,9 @@ enum Cmd {
         /// Serve Prometheus metrics on this address (overrides metrics_listen).
         #[arg(long, env = "WEFT_RELAY_METRICS")]
         metrics: Option<SocketAddr>,
+        /// Serve the web view (explorer and /api/v1) here, HTTPS (overrides web_listen), e.g. 0.0.0.0:8443.
+        #[arg(long, env = "WEFT_RELAY_WEB", value_name = "ADDR")]
+        web: Option<SocketAddr>,
     },
     /// Operator: join tokens.
     Token {
@@ -306,6 +309,7 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             metrics,
             tcp_listen,
+            web,
         } => {
             let config_path = config;
             let mut config = load_config(config_path.as_deref())?;
@@ -315,6 +319,9 @@ async fn run(cli: Cli) -> Result<()> {
             config.tcp_listen.extend(tcp_listen);
             if metrics.is_some() {
                 config.metrics_listen = metrics;
+            }
+            if web.is_some() {
+                config.web_listen = web;
             }
             let relay = Relay::bind(ServeOptions {
                 listen,

@@ -237,6 +237,11 @@ impl<C: Clone> Routes<C> {
         }
     }
 
+    /// The names of the workers (nodes that expose services) connected here.
+    pub fn worker_names(&self) -> impl Iterator<Item = &str> {
+        self.workers.keys().map(String::as_str)
+    }
+
     /// Connected nodes.
     pub fn connected(&self) -> usize {
         self.nodes.len()

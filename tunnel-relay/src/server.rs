@@ -45,6 +45,7 @@ mod fastpath;
 mod mesh;
 mod pool;
 mod reload;
+mod web;
 
 pub use mesh::{MAX_NODE_FRAME, RESYNCS_PER_SEC, RESYNC_BURST, SESSION_QUEUE};
 
@@ -137,6 +138,8 @@ struct Shared {
     dial: tokio::sync::mpsc::UnboundedSender<String>,
     /// Relays being dialled now (one attempt at a time each).
     dialing: Mutex<HashSet<String>>,
+    /// The web view's logins and sessions.
+    web: web::WebShell,
 }
 
 impl Shared {
@@ -266,6 +269,8 @@ pub struct Relay {
     fleet: Option<Registry>,
     /// Requests for links to other relays ([`peer_dialer`]).
     dial_rx: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    /// The web view's listener (`web_listen`).
+    web: Option<web::WebListener>,
 }
 
 /// A stateless-reset key derived from the identity, so a restarted relay can
@@ -401,8 +406,11 @@ impl Relay {
             None => None,
         };
         let (dial, dial_rx) = tokio::sync::mpsc::unbounded_channel();
+        let web_listener = web::WebListener::bind(&opts.config, dir)?;
+        let web_bound = web_listener.as_ref().and_then(|w| w.local_addr());
         let relay = Relay {
             dial_rx: Some(dial_rx),
+            web: web_listener,
             endpoint,
             tcp,
             tcp_tls: Arc::new(tcp_tls),
@@ -436,6 +444,7 @@ impl Relay {
                 own: std::sync::OnceLock::new(),
                 dial,
                 dialing: Mutex::new(HashSet::new()),
+                web: web::WebShell::new(&opts.config, web_bound),
             }),
         };
         if relay.shared.fleet() {
@@ -460,6 +469,11 @@ impl Relay {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+
+    /// The web view's bound address (`web_listen`), when it is on.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web.as_ref().and_then(|w| w.local_addr())
     }
 
     /// The bound UDP address.
@@ -527,6 +541,10 @@ impl Relay {
             info!(addr = ?l.local_addr().ok(), "metrics on /metrics");
             tokio::spawn(metrics::serve(l, self.shared.metrics.clone()))
         });
+        let web_task = self
+            .web
+            .take()
+            .map(|l| tokio::spawn(web::serve(self.shared.clone(), l)));
         let revocations = tokio::spawn(watch_revocations(self.shared.clone()));
         let _ = self.shared.own.set(self.own_entry());
         let fleet_task = self.fleet_feed();
@@ -628,6 +646,9 @@ impl Relay {
         self.shared.mesh.flush().await;
         drop(udp_stop);
         if let Some(t) = metrics_task {
+            t.abort();
+        }
+        if let Some(t) = web_task {
             t.abort();
         }
         Ok(())
@@ -797,6 +818,7 @@ async fn watch_revocations(shared: Arc<Shared>) {
             }
         };
         let Some(revoked) = revoked else { continue };
+        shared.web.revoked(&revoked);
         // The operator's `pool cordon|drain|uncordon` write the same database.
         shared.pool.reload_flags();
         if revoked_before.as_ref() != Some(&revoked) {
@@ -1733,6 +1755,9 @@ async fn handle_tunnel(
                 peer_codec,
             };
             return mesh::serve_session(shared, ctx, send, recv, join).await;
+        }
+        Ok(Ok(Message::WebLogin)) => {
+            return web::login(shared, ctx, send).await;
         }
         Ok(Ok(Message::Api)) => {
             let caller = pool::ApiCaller {

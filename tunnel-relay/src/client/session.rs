@@ -655,6 +655,27 @@ impl Session {
         self.open_with(&Message::Api).await
     }
 
+    /// A one-time link to the relay's web view, bound to this identity (`weft web`): the URL
+    /// and how many seconds it stays valid. A relay with no web view refuses
+    /// ([`ClientError::Rejected`]); one that predates the web view resets the stream.
+    pub async fn web_link(&self) -> Result<(String, u32), ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(ProtoError::from)?;
+        write_message(&mut send, &Message::WebLogin)
+            .await
+            .map_err(ProtoError::from)?;
+        let _ = send.finish();
+        match read_message(&mut recv).await {
+            Ok(Message::WebLink { url, expires_s }) => Ok((url, expires_s)),
+            Ok(Message::Rejected(r)) => Err(ClientError::Rejected(r)),
+            Ok(other) => Err(ProtoError::Unexpected(format!("{other:?}")).into()),
+            Err(_) if self.conn.close_reason().is_none() => Err(ProtoError::Unexpected(
+                "the relay does not know web logins (a relay older than the web view)".into(),
+            )
+            .into()),
+            Err(e) => Err(ProtoError::from(e).into()),
+        }
+    }
+
     /// A new bidirectional stream whose first frame is `first`, once the relay answered `OpenOk`.
     async fn open_with(&self, first: &Message) -> Result<(SendStream, RecvStream), ClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(ProtoError::from)?;

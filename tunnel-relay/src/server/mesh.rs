@@ -152,6 +152,18 @@ pub(super) struct Mesh {
     stun: Option<SocketAddr>,
 }
 
+impl Mesh {
+    /// The names of the mesh nodes online now (here, or on a live relay of the fleet).
+    pub(super) fn online_names(&self) -> Vec<String> {
+        let hub = lock(&self.hub);
+        hub.coord
+            .records()
+            .filter(|r| hub.coord.is_online(r.id))
+            .map(|r| r.name.clone())
+            .collect()
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

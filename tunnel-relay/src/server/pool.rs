@@ -1094,21 +1094,7 @@ impl Hub {
         }
         self.pool
             .worker_update(now, core_inventory(worker, &inv, &pool_held));
-        let holders: Vec<Option<u64>> = inv
-            .gpus
-            .iter()
-            .map(|g| {
-                self.jobs.iter().find_map(|(&id, j)| {
-                    (matches!(j.stored.view.state.as_str(), "placed" | "running")
-                        && j.stored
-                            .view
-                            .members
-                            .iter()
-                            .any(|m| m.worker == worker && m.gpus.contains(&g.uuid)))
-                    .then_some(id)
-                })
-            })
-            .collect();
+        let holders = self.holders(worker, &inv);
         let rec = self
             .workers
             .entry(worker.to_string())
@@ -1372,6 +1358,24 @@ impl Hub {
                 warn!(worker = %worker, local_id, error = %err, "could not store a usage record; not acked")
             }
         }
+    }
+
+    /// Per GPU of `inv` (same order): the placed or running pool job holding it on `worker`.
+    fn holders(&self, worker: &str, inv: &weft_proto::pool::Inventory) -> Vec<Option<u64>> {
+        inv.gpus
+            .iter()
+            .map(|g| {
+                self.jobs.iter().find_map(|(&id, j)| {
+                    (matches!(j.stored.view.state.as_str(), "placed" | "running")
+                        && j.stored
+                            .view
+                            .members
+                            .iter()
+                            .any(|m| m.worker == worker && m.gpus.contains(&g.uuid)))
+                    .then_some(id)
+                })
+            })
+            .collect()
     }
 
     /// Stores `record` (once), numbered and countersigned, with the worker's signature when
@@ -2244,6 +2248,94 @@ impl PoolShell {
 }
 
 impl PoolShell {
+    /// The signed export of the records stored since `since_ms`: all of them (`all`, an
+    /// operator), or `name`'s own (an engineer), with a manifest signed by this relay.
+    pub(super) fn export(&self, all: bool, name: &str, since_ms: u64) -> Result<Export, String> {
+        let hub = lock(&self.hub);
+        let records = hub
+            .store
+            .usage_export(since_ms)
+            .map_err(|e| e.to_string())?;
+        let workers = hub.store.workers().map_err(|e| e.to_string())?;
+        let records: Vec<SignedUsage> = records
+            .into_iter()
+            .filter(|r| all || r.record.engineer == name)
+            .collect();
+        let me = &self.usage;
+        let mut relay_keys: BTreeMap<String, Vec<String>> =
+            BTreeMap::from([(me.relay.clone(), vec![me.signer.public().to_string()])]);
+        for r in &records {
+            if let Some(k) = &r.coord_key {
+                let keys = relay_keys.entry(r.relay.clone()).or_default();
+                if !keys.contains(k) {
+                    keys.push(k.clone());
+                }
+            }
+        }
+        let manifest = Manifest {
+            relay: me.relay.clone(),
+            exported_ms: unix_ms(),
+            since_ms,
+            engineer: (!all).then(|| name.to_string()),
+            seqs: Manifest::ranges(records.iter().map(|r| r.seq)),
+            worker_keys: workers
+                .into_iter()
+                .filter(|w| !w.usage_keys.is_empty())
+                .map(|w| (w.name, w.usage_keys))
+                .collect(),
+            relay_keys,
+        };
+        Ok(Export {
+            manifest: SignedManifest::sign(manifest, &me.signer),
+            records,
+        })
+    }
+
+    /// Usage records that ended since `since_ms` (all of them; the caller filters).
+    pub(super) fn usage_records(&self, since_ms: u64) -> Result<Vec<UsageRecord>, String> {
+        lock(&self.hub)
+            .store
+            .usage_since(since_ms)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every worker and every job (finished too, with why the pending ones wait), for the
+    /// web view: the scheduler's own state, or the store's on a fleet relay that does not
+    /// schedule.
+    pub(super) fn web_state(&self) -> (Vec<WorkerView>, Vec<JobView>) {
+        if let (None, Some(l)) = (self.leading(), &self.lease) {
+            let store = lock(&l.store);
+            let workers = store.workers().unwrap_or_default();
+            let jobs = store
+                .jobs(false)
+                .map(|js| js.into_iter().map(|j| j.view).collect())
+                .unwrap_or_default();
+            return (workers, jobs);
+        }
+        let hub = lock(&self.hub);
+        let workers = hub
+            .workers
+            .values()
+            .map(|w| {
+                let mut v = w.view.clone();
+                v.holders = hub.holders(&v.name, &v.inventory);
+                v
+            })
+            .collect();
+        let jobs = hub.jobs.values().map(|j| hub.job_view(j)).collect();
+        (workers, jobs)
+    }
+
+    /// Whether a node with these tags is an operator of the pool (sees everything), and
+    /// whether it may submit jobs (an engineer).
+    pub(super) fn roles(&self, tags: &[String]) -> (bool, bool) {
+        let c = ApiCaller {
+            name: String::new(),
+            tags: tags.to_vec(),
+        };
+        (self.is_operator(&c), self.may_submit(&c))
+    }
+
     /// The pool as stored, for the operator of a fleet relay that does not schedule it
     /// (no wait reasons: only the scheduler knows them).
     fn stored_view(&self, l: &LeaseKeeper) -> PoolView {
@@ -2362,45 +2454,10 @@ async fn usage_export(
     let Ok(Query(q)) = q else {
         return err(StatusCode::BAD_REQUEST, "query must be `since=UNIX_MS`");
     };
-    let all = ps.is_operator(&caller);
-    let hub = lock(&ps.hub);
-    let (records, workers) = match (hub.store.usage_export(q.since), hub.store.workers()) {
-        (Ok(r), Ok(w)) => (r, w),
-        (Err(e), _) | (_, Err(e)) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let records: Vec<SignedUsage> = records
-        .into_iter()
-        .filter(|r| all || r.record.engineer == caller.name)
-        .collect();
-    let me = &hub.usage;
-    let mut relay_keys: BTreeMap<String, Vec<String>> =
-        BTreeMap::from([(me.relay.clone(), vec![me.signer.public().to_string()])]);
-    for r in &records {
-        if let Some(k) = &r.coord_key {
-            let keys = relay_keys.entry(r.relay.clone()).or_default();
-            if !keys.contains(k) {
-                keys.push(k.clone());
-            }
-        }
+    match ps.export(ps.is_operator(&caller), &caller.name, q.since) {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
-    let manifest = Manifest {
-        relay: me.relay.clone(),
-        exported_ms: unix_ms(),
-        since_ms: q.since,
-        engineer: (!all).then(|| caller.name.clone()),
-        seqs: Manifest::ranges(records.iter().map(|r| r.seq)),
-        worker_keys: workers
-            .into_iter()
-            .filter(|w| !w.usage_keys.is_empty())
-            .map(|w| (w.name, w.usage_keys))
-            .collect(),
-        relay_keys,
-    };
-    Json(Export {
-        manifest: SignedManifest::sign(manifest, &me.signer),
-        records,
-    })
-    .into_response()
 }
 
 /// The top-level fields in which two records differ, e.g. `rank, gpu_model`.

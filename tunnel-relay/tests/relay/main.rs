@@ -17,3 +17,4 @@ mod loopback;
 mod mesh_coord;
 mod netns_ssh;
 mod pool_feed;
+mod web;

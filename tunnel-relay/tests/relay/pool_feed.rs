@@ -28,13 +28,13 @@ use relay_lab::{start_relay, start_relay_in, tmp, RelayLab};
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A worker that speaks the pool feed by hand.
-struct FakeAgent {
+pub(crate) struct FakeAgent {
     from_relay: mpsc::Receiver<CoordMsg>,
     to_relay: mpsc::Sender<AgentMsg>,
     _stop: oneshot::Sender<()>,
 }
 
-fn gpus(prefix: &str, model: &str, mib: u64, n: usize) -> Vec<GpuInfo> {
+pub(crate) fn gpus(prefix: &str, model: &str, mib: u64, n: usize) -> Vec<GpuInfo> {
     (0..n)
         .map(|i| GpuInfo {
             uuid: format!("GPU-{prefix}-{i}"),
@@ -46,7 +46,7 @@ fn gpus(prefix: &str, model: &str, mib: u64, n: usize) -> Vec<GpuInfo> {
         .collect()
 }
 
-fn inventory(gpus: Vec<GpuInfo>, running: Vec<JobCopy>) -> Inventory {
+pub(crate) fn inventory(gpus: Vec<GpuInfo>, running: Vec<JobCopy>) -> Inventory {
     Inventory {
         gpus,
         cpus: 8,
@@ -62,7 +62,13 @@ fn inventory(gpus: Vec<GpuInfo>, running: Vec<JobCopy>) -> Inventory {
 
 /// A worker joined with a fresh identity in `dir` (a token is made for it), or the
 /// identity already there (`rejoin`).
-async fn agent(lab: &RelayLab, name: &str, dir: &Path, rejoin: bool, inv: Inventory) -> FakeAgent {
+pub(crate) async fn agent(
+    lab: &RelayLab,
+    name: &str,
+    dir: &Path,
+    rejoin: bool,
+    inv: Inventory,
+) -> FakeAgent {
     let (tx, mut rx) = mpsc::channel::<IncomingStream>(4);
     let mut opts = ExposeOptions::new(dir.to_path_buf(), name.into(), Vec::new());
     if !rejoin {
@@ -113,19 +119,19 @@ async fn agent(lab: &RelayLab, name: &str, dir: &Path, rejoin: bool, inv: Invent
 }
 
 impl FakeAgent {
-    async fn next(&mut self, what: &str) -> CoordMsg {
+    pub(crate) async fn next(&mut self, what: &str) -> CoordMsg {
         tokio::time::timeout(WAIT, self.from_relay.recv())
             .await
             .unwrap_or_else(|_| panic!("{what}: nothing from the relay"))
             .unwrap_or_else(|| panic!("{what}: feed closed"))
     }
-    async fn start(&mut self) -> Start {
+    pub(crate) async fn start(&mut self) -> Start {
         match self.next("start").await {
             CoordMsg::Start(s) => s,
             other => panic!("expected a start, got {other:?}"),
         }
     }
-    async fn send(&self, m: AgentMsg) {
+    pub(crate) async fn send(&self, m: AgentMsg) {
         self.to_relay
             .send(m)
             .await
@@ -134,7 +140,7 @@ impl FakeAgent {
 }
 
 /// An engineer (or any node) identity joined with a token of `tag`.
-async fn identity(lab: &RelayLab, tag: &str, name: &str) -> tempfile::TempDir {
+pub(crate) async fn identity(lab: &RelayLab, tag: &str, name: &str) -> tempfile::TempDir {
     let dir = tmp();
     let tok = lab.token(tag, None, Some(1));
     client::login(dir.path(), &tok, name)
@@ -144,7 +150,7 @@ async fn identity(lab: &RelayLab, tag: &str, name: &str) -> tempfile::TempDir {
 }
 
 /// One HTTP/1.1 exchange on a pool API stream: (status, JSON body).
-async fn api(dir: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+pub(crate) async fn api(dir: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let s = client::session(dir)
         .await
         .unwrap_or_else(|e| panic!("session: {e}"));
@@ -193,7 +199,7 @@ async fn api(dir: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, 
     (code, v)
 }
 
-async fn submit(dir: &Path, body: &str) -> (u16, Value) {
+pub(crate) async fn submit(dir: &Path, body: &str) -> (u16, Value) {
     api(dir, "POST", "/v1/pool/jobs", Some(body)).await
 }
 
@@ -215,7 +221,7 @@ async fn job_until(dir: &Path, id: u64, what: &str, f: impl Fn(&Value) -> bool) 
     }
 }
 
-fn ended(s: &Start, local_id: u64, state: &str, exit_code: i32) -> AgentMsg {
+pub(crate) fn ended(s: &Start, local_id: u64, state: &str, exit_code: i32) -> AgentMsg {
     AgentMsg::Ended(Ended {
         copy: JobCopy {
             pool_job: s.pool_job,
@@ -232,7 +238,7 @@ fn ended(s: &Start, local_id: u64, state: &str, exit_code: i32) -> AgentMsg {
     })
 }
 
-fn started(s: &Start, local_id: u64) -> AgentMsg {
+pub(crate) fn started(s: &Start, local_id: u64) -> AgentMsg {
     AgentMsg::Started {
         copy: JobCopy {
             pool_job: s.pool_job,

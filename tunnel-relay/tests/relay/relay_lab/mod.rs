@@ -24,6 +24,8 @@ pub(crate) struct RelayLab {
     pub(crate) addr: SocketAddr,
     pub(crate) metrics: Option<SocketAddr>,
     pub(crate) stun: Option<SocketAddr>,
+    /// The web view, when `web_listen` is set.
+    pub(crate) web: Option<SocketAddr>,
     pub(crate) key: PublicKey,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -61,6 +63,7 @@ pub(crate) async fn start_relay_in(
     let key = relay.public_key();
     let metrics = relay.metrics_addr();
     let stun = relay.stun_addr();
+    let web = relay.web_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let _ = relay
@@ -74,6 +77,7 @@ pub(crate) async fn start_relay_in(
         addr,
         metrics,
         stun,
+        web,
         key,
         stop: Some(tx),
         task: Some(task),

@@ -1,0 +1,738 @@
+//! The web view (issue 15): the explorer's pages and `/api/v1`, served by the relay on
+//! `web_listen` (`serve --web ADDR`; off by default), HTTPS with the relay's certificate (or
+//! `web_tls`), or plain HTTP behind a TLS-terminating proxy (`web_plain_http`).
+//!
+//! Login without passwords: `weft web` sends [`Message::WebLogin`] on its authenticated relay
+//! connection and gets a one-time link bound to its identity (`session.rs`); opening it sets a
+//! `weft_session` cookie (`HttpOnly; Secure; SameSite=Strict`). Every page and API call but
+//! the public summary needs that session (else 401 and no data); every state-changing request
+//! carries the session's CSRF token. What each identity sees is `model.rs`'s; the pages are
+//! `pages.rs`'s. Sessions live in this relay's memory: a restart logs everyone out, and in a
+//! fleet a link works on the relay that made it.
+
+mod model;
+mod pages;
+mod session;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tracing::{debug, info, warn};
+
+use super::{lock, NodeCtx, Shared};
+use crate::transport::SendStream;
+use crate::wire::{write_message, Message, Reason, Rejection};
+use model::{Inputs, Role, Viewer};
+use session::{Session, Sessions, Who};
+
+/// The session cookie's name.
+const COOKIE: &str = "weft_session";
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 512;
+
+/// The web view's state in the relay.
+pub(super) struct WebShell {
+    sessions: Mutex<Sessions>,
+    /// Where browsers reach it (None: off).
+    base: Option<String>,
+    started_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl WebShell {
+    pub(super) fn new(
+        config: &crate::config::RelayConfig,
+        bound: Option<std::net::SocketAddr>,
+    ) -> WebShell {
+        WebShell {
+            sessions: Mutex::new(Sessions::default()),
+            base: config.web_base(bound),
+            started_ms: unix_ms(),
+        }
+    }
+
+    /// Revoked nodes' sessions end now.
+    pub(super) fn revoked(&self, keys: &HashSet<crate::keys::PublicKey>) {
+        let n = lock(&self.sessions).end_for(keys);
+        if n > 0 {
+            info!(sessions = n, "web sessions of revoked nodes ended");
+        }
+    }
+}
+
+/// Answers `weft web`: a one-time link for this node, or why there is none.
+pub(super) async fn login(shared: Arc<Shared>, ctx: NodeCtx, mut send: SendStream) {
+    let msg = match &shared.web.base {
+        None => Message::Rejected(Rejection::new(
+            Reason::ServiceUnavailable,
+            "this relay serves no web view; its operator turns it on with `serve --web ADDR` \
+             (or web_listen in its config)",
+        )),
+        Some(base) => {
+            let who = Who {
+                name: ctx.name.clone(),
+                key: ctx.key,
+                tags: ctx.tags.clone(),
+            };
+            let token = lock(&shared.web.sessions).mint_link(who, rand::random(), Instant::now());
+            info!(node = %ctx.name, "web login link issued");
+            Message::WebLink {
+                url: format!("{base}/login?t={token}"),
+                expires_s: session::LINK_TTL.as_secs() as u32,
+            }
+        }
+    };
+    let _ = write_message(&mut send, &msg).await;
+    let _ = send.finish();
+}
+
+/// The listener and its TLS, bound with the relay (so a taken port fails `serve` at once).
+pub(super) struct WebListener {
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl WebListener {
+    /// Binds `web_listen`, if set.
+    pub(super) fn bind(
+        config: &crate::config::RelayConfig,
+        dir: &std::path::Path,
+    ) -> Result<Option<WebListener>, crate::error::RelayError> {
+        let Some(addr) = config.web_listen else {
+            return Ok(None);
+        };
+        let tls = if config.web_plain_http {
+            None
+        } else {
+            let files = if config.web_tls.cert_file.is_some() {
+                &config.web_tls
+            } else {
+                &config.tls
+            };
+            let (chain, key) = crate::tls::server_cert(dir, files)?;
+            let c = crate::tls::rustls_server(chain, key, b"http/1.1")
+                .map_err(crate::error::RelayError::Tls)?;
+            Some(Arc::new(c))
+        };
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| crate::error::RelayError::Bind { addr, source })?;
+        Ok(Some(WebListener { listener, tls }))
+    }
+
+    /// The bound address.
+    pub(super) fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+/// Serves the web view until the task is aborted.
+pub(super) async fn serve(shared: Arc<Shared>, l: WebListener) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(l.listener) else {
+        warn!("web listener could not be registered");
+        return;
+    };
+    let acceptor = l.tls.map(tokio_rustls::TlsAcceptor::from);
+    let app = router(shared.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    info!(addr = ?listener.local_addr().ok(), tls = acceptor.is_some(), "web view listening");
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "web accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match acceptor {
+                Some(a) => {
+                    match tokio::time::timeout(std::time::Duration::from_secs(10), a.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(tls)) => serve_conn(app, tls).await,
+                        _ => debug!(%peer, "web TLS handshake failed"),
+                    }
+                }
+                None => serve_conn(app, tcp).await,
+            }
+        });
+    }
+}
+
+async fn serve_conn<S>(app: Router, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let svc = TowerToHyperService::new(app);
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10))
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(network))
+        .route("/login", get(login_page))
+        .route("/logout", post(logout))
+        .route("/devices", get(devices))
+        .route("/devices/{name}", get(device))
+        .route("/jobs", get(jobs_page))
+        .route("/earnings", get(earnings_page))
+        .route("/earnings.csv", get(earnings_csv))
+        .route("/assets/weft.css", get(css))
+        .route("/assets/live.js", get(js))
+        .route("/api/v1/summary", get(api_summary))
+        .route("/api/v1/nodes", get(api_nodes))
+        .route("/api/v1/nodes/{name}", get(api_node))
+        .route("/api/v1/jobs", get(api_jobs))
+        .route("/api/v1/jobs/{id}", get(api_job))
+        .route("/api/v1/usage", get(api_usage))
+        .route("/api/v1/usage/export", get(api_export))
+        .route("/api/v1/earnings", get(api_earnings))
+        .fallback(|| async { not_found() })
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(shared)
+}
+
+/// Every answer: no framing by other sites, no sniffing, no referrer (links carry tokens),
+/// scripts and styles from this origin only.
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
+             frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    r
+}
+
+fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({"error": "not found"})),
+    )
+        .into_response()
+}
+
+fn api_error(code: StatusCode, msg: &str) -> Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+// ---- who is asking ----
+
+fn cookie_of(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == COOKIE).then_some(v)
+        })
+}
+
+fn session_of(shared: &Shared, headers: &HeaderMap) -> Option<Session> {
+    let c = cookie_of(headers)?;
+    lock(&shared.web.sessions).check(c, Instant::now()).cloned()
+}
+
+fn viewer_of(shared: &Shared, s: &Session) -> Viewer {
+    let (operator, engineer) = shared.pool.roles(&s.who.tags);
+    Viewer {
+        name: s.who.name.clone(),
+        role: if operator {
+            Role::Operator
+        } else if engineer {
+            Role::Engineer
+        } else {
+            Role::Worker
+        },
+    }
+}
+
+/// The viewer of a page (or the public page with 401).
+fn page_viewer(shared: &Shared, headers: &HeaderMap) -> Result<(Viewer, Session), Box<Response>> {
+    match session_of(shared, headers) {
+        Some(s) => Ok((viewer_of(shared, &s), s)),
+        None => {
+            let s = model::summary(&inputs(shared));
+            let note = "Log in with `weft web` to see this page.";
+            let page = Html(pages::public(&s, Some(note)));
+            Err(Box::new((StatusCode::UNAUTHORIZED, page).into_response()))
+        }
+    }
+}
+
+/// The viewer of an API call (or 401 with no data).
+fn api_viewer(shared: &Shared, headers: &HeaderMap) -> Result<Viewer, Box<Response>> {
+    session_of(shared, headers)
+        .map(|s| viewer_of(shared, &s))
+        .ok_or_else(|| {
+            Box::new(api_error(
+                StatusCode::UNAUTHORIZED,
+                "log in first: `weft web` opens a one-time link that starts a session",
+            ))
+        })
+}
+
+/// What the relay knows now.
+fn inputs(shared: &Shared) -> Inputs {
+    let nodes =
+        tokio::task::block_in_place(|| lock(&shared.registry).list_nodes()).unwrap_or_else(|e| {
+            warn!(error = %e, "web view: could not read the registry");
+            Vec::new()
+        });
+    let (workers, jobs) = shared.pool.web_state();
+    let mut online: HashSet<String> = shared
+        .mesh
+        .online_names()
+        .into_iter()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
+    online.extend(
+        lock(&shared.routes)
+            .worker_names()
+            .map(|n| n.to_ascii_lowercase()),
+    );
+    online.extend(
+        workers
+            .iter()
+            .filter(|w| matches!(w.state.as_str(), "ready" | "cordoned" | "draining"))
+            .map(|w| w.name.to_ascii_lowercase()),
+    );
+    Inputs {
+        nodes,
+        online,
+        workers,
+        jobs,
+        started_ms: shared.web.started_ms,
+        now_ms: unix_ms(),
+    }
+}
+
+/// A page, or only its `<main>` for the live update (`X-Weft-Live: 1`).
+fn page(
+    headers: &HeaderMap,
+    title: &str,
+    tab: pages::Tab,
+    v: &Viewer,
+    s: &Session,
+    main: maud::Markup,
+) -> Response {
+    if headers.get("x-weft-live").is_some() {
+        return Html(main.into_string()).into_response();
+    }
+    Html(pages::layout(title, tab, v, &s.csrf, main)).into_response()
+}
+
+// ---- pages ----
+
+async fn network(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let inp = inputs(&shared);
+    let s = model::summary(&inp);
+    let Some(sess) = session_of(&shared, &headers) else {
+        return Html(pages::public(&s, None)).into_response();
+    };
+    let v = viewer_of(&shared, &sess);
+    let nodes = model::nodes(&inp, &v);
+    page(
+        &headers,
+        "Network",
+        pages::Tab::Network,
+        &v,
+        &sess,
+        pages::network(&s, &nodes),
+    )
+}
+
+#[derive(Deserialize)]
+struct LinkQuery {
+    #[serde(default)]
+    t: String,
+}
+
+async fn login_page(
+    State(shared): State<Arc<Shared>>,
+    q: Result<Query<LinkQuery>, QueryRejection>,
+) -> Response {
+    let t = q.map(|Query(q)| q.t).unwrap_or_default();
+    let r = lock(&shared.web.sessions).redeem(&t, rand::random(), rand::random(), Instant::now());
+    match r {
+        Ok((cookie, s)) => {
+            info!(node = %s.who.name, "web session started");
+            let set = format!(
+                "{COOKIE}={cookie}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
+                session::SESSION_TTL.as_secs()
+            );
+            let mut r = Html(pages::go_to("/")).into_response();
+            if let Ok(v) = HeaderValue::from_str(&set) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => {
+            debug!(error = %e, "web login link refused");
+            (StatusCode::FORBIDDEN, Html(pages::error(&e.to_string()))).into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    form: Result<Form<CsrfForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Some(s) = session_of(&shared, &headers) else {
+        return api_error(StatusCode::UNAUTHORIZED, "no session");
+    };
+    let sent = form.map(|Form(f)| f.csrf).unwrap_or_default();
+    if !csrf_ok(&s, &sent, &headers) {
+        return api_error(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
+    }
+    if let Some(c) = cookie_of(&headers) {
+        lock(&shared.web.sessions).end(c);
+    }
+    info!(node = %s.who.name, "web session ended (logout)");
+    let mut r = Html(pages::go_to("/")).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "weft_session=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    r
+}
+
+/// The CSRF token of a state-changing request: the form's `csrf` field or the
+/// `X-CSRF-Token` header, compared in constant time.
+fn csrf_ok(s: &Session, form: &str, headers: &HeaderMap) -> bool {
+    let sent = if form.is_empty() {
+        headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    } else {
+        form
+    };
+    // Constant time over the token's length: no early exit on the first wrong byte.
+    sent.len() == s.csrf.len()
+        && !sent.is_empty()
+        && sent
+            .bytes()
+            .zip(s.csrf.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn devices(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    q: Result<Query<pages::DeviceQuery>, QueryRejection>,
+) -> Response {
+    let (v, s) = match page_viewer(&shared, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let q = q.map(|Query(q)| q).unwrap_or_default();
+    let inp = inputs(&shared);
+    let nodes = model::nodes(&inp, &v);
+    page(
+        &headers,
+        "Devices",
+        pages::Tab::Devices,
+        &v,
+        &s,
+        pages::devices(&nodes, &q, inp.now_ms),
+    )
+}
+
+async fn device(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    let (v, s) = match page_viewer(&shared, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let inp = inputs(&shared);
+    let Some(n) = model::nodes(&inp, &v).into_iter().find(|n| n.name == name) else {
+        return (StatusCode::NOT_FOUND, Html(pages::error("No such device."))).into_response();
+    };
+    let jobs: Vec<_> = model::jobs(&inp, &v)
+        .into_iter()
+        .filter(|j| j.members.iter().any(|m| m.worker == n.name))
+        .collect();
+    page(
+        &headers,
+        &n.name.clone(),
+        pages::Tab::Devices,
+        &v,
+        &s,
+        pages::device(&n, &jobs, inp.now_ms),
+    )
+}
+
+async fn jobs_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let (v, s) = match page_viewer(&shared, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let jobs = model::jobs(&inputs(&shared), &v);
+    page(
+        &headers,
+        "Jobs",
+        pages::Tab::Jobs,
+        &v,
+        &s,
+        pages::jobs(&jobs),
+    )
+}
+
+fn earnings_for(shared: &Shared, v: &Viewer) -> Result<Vec<model::Earning>, String> {
+    let records = shared.pool.usage_records(0)?;
+    Ok(model::earnings(
+        records.iter().filter(|r| model::sees_usage(v, r)),
+    ))
+}
+
+async fn earnings_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let (v, s) = match page_viewer(&shared, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    match earnings_for(&shared, &v) {
+        Ok(rows) => page(
+            &headers,
+            "Earnings",
+            pages::Tab::Earnings,
+            &v,
+            &s,
+            pages::earnings(&rows),
+        ),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Html(pages::error(&e))).into_response(),
+    }
+}
+
+fn csv_response(text: String, file: &str) -> Response {
+    let mut r = text.into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{file}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
+}
+
+async fn earnings_csv(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let v = match api_viewer(&shared, &headers) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    match earnings_for(&shared, &v) {
+        Ok(rows) => csv_response(model::earnings_csv(&rows), "weft-earnings.csv"),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+fn asset(body: &'static str, ty: &'static str) -> Response {
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ty));
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    r
+}
+
+async fn css() -> Response {
+    asset(pages::CSS, "text/css; charset=utf-8")
+}
+
+async fn js() -> Response {
+    asset(pages::JS, "text/javascript; charset=utf-8")
+}
+
+// ---- /api/v1 ----
+
+async fn api_summary(State(shared): State<Arc<Shared>>) -> Response {
+    Json(model::summary(&inputs(&shared))).into_response()
+}
+
+async fn api_nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match api_viewer(&shared, &headers) {
+        Ok(v) => Json(model::nodes(&inputs(&shared), &v)).into_response(),
+        Err(r) => *r,
+    }
+}
+
+async fn api_node(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    let v = match api_viewer(&shared, &headers) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    match model::nodes(&inputs(&shared), &v)
+        .into_iter()
+        .find(|n| n.name == name)
+    {
+        Some(n) => Json(n).into_response(),
+        None => api_error(StatusCode::NOT_FOUND, "no such node"),
+    }
+}
+
+async fn api_jobs(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match api_viewer(&shared, &headers) {
+        Ok(v) => Json(model::jobs(&inputs(&shared), &v)).into_response(),
+        Err(r) => *r,
+    }
+}
+
+async fn api_job(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    let v = match api_viewer(&shared, &headers) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    // Another engineer's job is not found, as one that does not exist.
+    match model::jobs(&inputs(&shared), &v)
+        .into_iter()
+        .find(|j| j.id == id)
+    {
+        Some(j) => Json(j).into_response(),
+        None => api_error(StatusCode::NOT_FOUND, "no such job"),
+    }
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+async fn api_usage(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    q: Result<Query<Since>, QueryRejection>,
+) -> Response {
+    let v = match api_viewer(&shared, &headers) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let Ok(Query(q)) = q else {
+        return api_error(StatusCode::BAD_REQUEST, "query must be `since=UNIX_MS`");
+    };
+    match shared.pool.usage_records(q.since) {
+        Ok(rs) => Json(
+            rs.into_iter()
+                .filter(|r| model::sees_usage(&v, r))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+async fn api_export(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    q: Result<Query<Since>, QueryRejection>,
+) -> Response {
+    let v = match api_viewer(&shared, &headers) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let Ok(Query(q)) = q else {
+        return api_error(StatusCode::BAD_REQUEST, "query must be `since=UNIX_MS`");
+    };
+    if v.role == Role::Worker {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "the signed export is an operator's (all records) or an engineer's (its own); a \
+             provider's earnings are at /api/v1/earnings",
+        );
+    }
+    match shared
+        .pool
+        .export(v.role == Role::Operator, &v.name, q.since)
+    {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+async fn api_earnings(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    q: Result<Query<Since>, QueryRejection>,
+) -> Response {
+    let v = match api_viewer(&shared, &headers) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let csv = q.ok().and_then(|Query(q)| q.format).as_deref() == Some("csv");
+    match earnings_for(&shared, &v) {
+        Ok(rows) if csv => csv_response(model::earnings_csv(&rows), "weft-earnings.csv"),
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}

@@ -1,0 +1,517 @@
+//! What the web view shows, built from what the relay knows, for one viewer (pure).
+//!
+//! Inputs: the registry's nodes, the names online now, the pool's workers and jobs, and usage
+//! records. Outputs: the JSON of `/api/v1/...` and what the pages render, the same structs.
+//! Who sees what ([`Role`]): an operator everything; an engineer every pool worker and itself,
+//! and its own jobs and usage; a worker (a provider's machine) itself, the jobs on it (without
+//! other engineers' command lines) and its earnings. The public summary names nothing.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Serialize;
+use weft_proto::pool::{JobView, UsageRecord, WorkerView};
+
+use crate::pool_text::civil_from_days;
+use crate::records::NodeRecord;
+
+/// What a viewer may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Role {
+    /// Everything.
+    Operator,
+    /// Pool workers and itself; its own jobs and usage.
+    Engineer,
+    /// Itself, the jobs on it, its earnings.
+    Worker,
+}
+
+/// One viewer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Viewer {
+    /// Its node name.
+    pub(crate) name: String,
+    /// Its role.
+    pub(crate) role: Role,
+}
+
+/// Everything the relay knows, as read for one request.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Inputs {
+    /// Registered nodes.
+    pub(crate) nodes: Vec<NodeRecord>,
+    /// Names online now (a relay session, a mesh session or a pool feed), lowercase (mesh
+    /// names are DNS labels).
+    pub(crate) online: HashSet<String>,
+    /// Pool workers.
+    pub(crate) workers: Vec<WorkerView>,
+    /// Pool jobs (all of them, finished too).
+    pub(crate) jobs: Vec<JobView>,
+    /// Unix ms the relay started.
+    pub(crate) started_ms: u64,
+    /// Unix ms now.
+    pub(crate) now_ms: u64,
+}
+
+/// `GET /api/v1/summary`: public, no names, addresses or keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Summary {
+    /// Nodes with a live session.
+    pub(crate) nodes_online: usize,
+    /// Registered nodes (not revoked).
+    pub(crate) nodes: usize,
+    /// Workers (pool members) online.
+    pub(crate) workers_online: usize,
+    /// GPUs of the workers online.
+    pub(crate) gpus: usize,
+    /// Those GPUs by model.
+    pub(crate) gpus_by_model: BTreeMap<String, usize>,
+    /// Pool jobs running.
+    pub(crate) jobs_running: usize,
+    /// Pool jobs waiting.
+    pub(crate) jobs_queued: usize,
+    /// Ray clusters up.
+    pub(crate) clusters: usize,
+    /// Seconds since the relay started.
+    pub(crate) uptime_s: u64,
+}
+
+/// One GPU as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct GpuView {
+    /// NVML UUID.
+    pub(crate) uuid: String,
+    /// Model.
+    pub(crate) model: String,
+    /// Memory, MiB.
+    pub(crate) memory_mib: u64,
+    /// `healthy`, `degraded`, `unhealthy`.
+    pub(crate) health: String,
+    /// The pool job holding it.
+    pub(crate) job: Option<u64>,
+}
+
+/// `GET /api/v1/nodes`: one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct NodeView {
+    /// Name.
+    pub(crate) name: String,
+    /// Tags.
+    pub(crate) tags: Vec<String>,
+    /// Online now.
+    pub(crate) online: bool,
+    /// `ready`, `cordoned`, `draining`, `disconnected`, `lost`, `revoked` for pool workers;
+    /// `online` / `offline` for other nodes.
+    pub(crate) state: String,
+    /// Overlay IPv4, once on the mesh.
+    pub(crate) ipv4: Option<String>,
+    /// Overlay IPv6.
+    pub(crate) ipv6: Option<String>,
+    /// The agent's version (workers).
+    pub(crate) version: Option<String>,
+    /// The relay holding its session (in a fleet).
+    pub(crate) home: Option<String>,
+    /// Unix ms it was first seen.
+    pub(crate) first_seen_ms: u64,
+    /// Unix ms it was last admitted or heard.
+    pub(crate) last_seen_ms: u64,
+    /// Time connected (workers), ms.
+    pub(crate) uptime_ms: u64,
+    /// Its GPUs.
+    pub(crate) gpus: Vec<GpuView>,
+    /// Simulated GPUs (the stub NVML).
+    pub(crate) simulated: bool,
+}
+
+/// The nodes `viewer` may see, sorted by name.
+pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
+    let workers: BTreeMap<&str, &WorkerView> =
+        inp.workers.iter().map(|w| (w.name.as_str(), w)).collect();
+    let mut out: Vec<NodeView> = inp
+        .nodes
+        .iter()
+        .filter(|n| !n.revoked || viewer.role == Role::Operator)
+        .filter(|n| match viewer.role {
+            Role::Operator => true,
+            Role::Engineer => n.name == viewer.name || workers.contains_key(n.name.as_str()),
+            Role::Worker => n.name == viewer.name,
+        })
+        .map(|n| {
+            let w = workers.get(n.name.as_str());
+            let online = inp.online.contains(&n.name.to_ascii_lowercase());
+            let state = match (n.revoked, w) {
+                (true, _) => "revoked".to_string(),
+                (false, Some(w)) if !online && w.state == "ready" => "disconnected".into(),
+                (false, Some(w)) => w.state.clone(),
+                (false, None) if online => "online".into(),
+                (false, None) => "offline".into(),
+            };
+            NodeView {
+                name: n.name.clone(),
+                tags: n.tags.clone(),
+                online,
+                state,
+                ipv4: n.mesh_ipv4.map(|a| a.to_string()),
+                ipv6: n.mesh_ipv6.map(|a| a.to_string()),
+                version: w.map(|w| w.inventory.version.clone()),
+                home: n.home.clone(),
+                first_seen_ms: n.first_seen * 1000,
+                last_seen_ms: (n.last_seen * 1000).max(w.map_or(0, |w| w.last_seen_ms)),
+                uptime_ms: w.map_or(0, |w| {
+                    w.uptime_ms
+                        + w.connected_since_ms
+                            .map_or(0, |s| inp.now_ms.saturating_sub(s))
+                }),
+                gpus: w.map_or_else(Vec::new, |w| {
+                    w.inventory
+                        .gpus
+                        .iter()
+                        .enumerate()
+                        .map(|(i, g)| GpuView {
+                            uuid: g.uuid.clone(),
+                            model: g.model.clone(),
+                            memory_mib: g.memory_mib,
+                            health: g.health.clone(),
+                            job: w.holders.get(i).copied().flatten(),
+                        })
+                        .collect()
+                }),
+                simulated: w.is_some_and(|w| w.inventory.simulated),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The public summary.
+pub(crate) fn summary(inp: &Inputs) -> Summary {
+    let everyone = Viewer {
+        name: String::new(),
+        role: Role::Operator,
+    };
+    let all = nodes(inp, &everyone);
+    let live: Vec<&NodeView> = all
+        .iter()
+        .filter(|n| n.online && n.state != "revoked")
+        .collect();
+    let mut by_model = BTreeMap::new();
+    let mut gpus = 0;
+    for n in live.iter().filter(|n| !n.gpus.is_empty()) {
+        for g in &n.gpus {
+            *by_model.entry(g.model.clone()).or_insert(0) += 1;
+            gpus += 1;
+        }
+    }
+    Summary {
+        nodes_online: live.len(),
+        nodes: all.iter().filter(|n| n.state != "revoked").count(),
+        workers_online: live
+            .iter()
+            .filter(|n| !n.gpus.is_empty() || n.version.is_some())
+            .count(),
+        gpus,
+        gpus_by_model: by_model,
+        jobs_running: inp
+            .jobs
+            .iter()
+            .filter(|j| matches!(j.state.as_str(), "placed" | "running"))
+            .count(),
+        jobs_queued: inp.jobs.iter().filter(|j| j.state == "pending").count(),
+        clusters: inp
+            .jobs
+            .iter()
+            .filter(|j| j.cluster.is_some() && matches!(j.state.as_str(), "placed" | "running"))
+            .count(),
+        uptime_s: inp.now_ms.saturating_sub(inp.started_ms) / 1000,
+    }
+}
+
+/// `GET /api/v1/jobs`: the jobs `viewer` may see, newest first. A worker sees the jobs that
+/// ran on it, without the command, environment or working directory of their engineers.
+pub(crate) fn jobs(inp: &Inputs, viewer: &Viewer) -> Vec<JobView> {
+    let mut out: Vec<JobView> = inp
+        .jobs
+        .iter()
+        .filter(|j| match viewer.role {
+            Role::Operator => true,
+            Role::Engineer => j.owner == viewer.name,
+            Role::Worker => j.members.iter().any(|m| m.worker == viewer.name),
+        })
+        .cloned()
+        .map(|mut j| {
+            if viewer.role == Role::Worker && j.owner != viewer.name {
+                j.request.command.clear();
+                j.request.env.clear();
+                j.request.workdir = None;
+            }
+            j
+        })
+        .collect();
+    out.sort_by_key(|j| std::cmp::Reverse(j.id));
+    out
+}
+
+/// Whether `viewer` may see usage record `r`.
+pub(crate) fn sees_usage(viewer: &Viewer, r: &UsageRecord) -> bool {
+    match viewer.role {
+        Role::Operator => true,
+        Role::Engineer => r.engineer == viewer.name,
+        Role::Worker => r.worker == viewer.name,
+    }
+}
+
+/// One row of the earnings view: GPU-seconds a device gave in one UTC day.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Earning {
+    /// The worker.
+    pub(crate) device: String,
+    /// `YYYY-MM-DD` (UTC) of the records' ends.
+    pub(crate) day: String,
+    /// GPU-seconds.
+    pub(crate) gpu_seconds: f64,
+    /// Usage records counted.
+    pub(crate) records: usize,
+}
+
+/// The UTC day of unix ms.
+pub(crate) fn day_of(ms: u64) -> String {
+    let (y, m, d) = civil_from_days((ms / 86_400_000) as i64);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// GPU-seconds per device per day, by device then day.
+pub(crate) fn earnings<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -> Vec<Earning> {
+    let mut m: BTreeMap<(String, String), (f64, usize)> = BTreeMap::new();
+    for r in records {
+        let e = m.entry((r.worker.clone(), day_of(r.end_ms))).or_default();
+        e.0 += r.gpu_seconds;
+        e.1 += 1;
+    }
+    m.into_iter()
+        .map(|((device, day), (gpu_seconds, records))| Earning {
+            device,
+            day,
+            gpu_seconds,
+            records,
+        })
+        .collect()
+}
+
+/// The earnings as CSV (`device,day,gpu_seconds,records`).
+pub(crate) fn earnings_csv(rows: &[Earning]) -> String {
+    let mut s = String::from("device,day,gpu_seconds,records\n");
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{:?},{}\n",
+            r.device, r.day, r.gpu_seconds, r.records
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::pool::{GpuInfo, Inventory, MemberView, SubmitRequest};
+
+    fn node(name: &str, tags: &[&str]) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            key: String::new(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            first_seen: 1,
+            last_seen: 2,
+            revoked: false,
+            mesh_ipv4: None,
+            mesh_ipv6: None,
+            home: None,
+        }
+    }
+
+    fn worker(name: &str, model: &str) -> WorkerView {
+        WorkerView {
+            name: name.into(),
+            state: "ready".into(),
+            inventory: Inventory {
+                gpus: vec![GpuInfo {
+                    uuid: format!("GPU-{name}"),
+                    model: model.into(),
+                    memory_mib: 1,
+                    health: "healthy".into(),
+                    job: None,
+                }],
+                cpus: 1,
+                memory_bytes: 1,
+                version: "0.1.0".into(),
+                simulated: true,
+                running: vec![],
+                ray: None,
+                ray_heads: vec![],
+                usage_key: None,
+            },
+            holders: vec![Some(7)],
+            flagged: vec![],
+            first_seen_ms: 1,
+            connected_since_ms: Some(1_000),
+            last_seen_ms: 5,
+            uptime_ms: 10,
+            usage_keys: vec![],
+        }
+    }
+
+    fn job(id: u64, owner: &str, worker: &str, state: &str) -> JobView {
+        JobView {
+            id,
+            owner: owner.into(),
+            state: state.into(),
+            request: SubmitRequest {
+                command: vec!["secret-command".into()],
+                ..SubmitRequest::default()
+            },
+            reason: None,
+            attempt: 1,
+            members: vec![MemberView {
+                rank: 0,
+                worker: worker.into(),
+                gpus: vec![],
+                local_id: None,
+                state: state.into(),
+                exit_code: None,
+            }],
+            submitted_ms: 1,
+            started_ms: None,
+            ended_ms: None,
+            cluster: None,
+        }
+    }
+
+    fn inputs() -> Inputs {
+        let mut revoked = node("old", &["worker"]);
+        revoked.revoked = true;
+        Inputs {
+            nodes: vec![
+                node("gpu1", &["worker"]),
+                node("gpu2", &["worker"]),
+                node("alice", &["engineer"]),
+                node("bob", &["engineer"]),
+                revoked,
+            ],
+            online: ["gpu1", "alice"].iter().map(|s| s.to_string()).collect(),
+            workers: vec![worker("gpu1", "H100"), worker("gpu2", "<img src=x>")],
+            jobs: vec![
+                job(1, "alice", "gpu1", "running"),
+                job(2, "bob", "gpu2", "pending"),
+            ],
+            started_ms: 0,
+            now_ms: 61_000,
+        }
+    }
+
+    fn v(name: &str, role: Role) -> Viewer {
+        Viewer {
+            name: name.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn each_role_sees_its_own_part() {
+        let inp = inputs();
+        let names = |vs: Vec<NodeView>| vs.into_iter().map(|n| n.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(nodes(&inp, &v("ops", Role::Operator))),
+            ["alice", "bob", "gpu1", "gpu2", "old"]
+        );
+        assert_eq!(
+            names(nodes(&inp, &v("alice", Role::Engineer))),
+            ["alice", "gpu1", "gpu2"]
+        );
+        assert_eq!(names(nodes(&inp, &v("gpu2", Role::Worker))), ["gpu2"]);
+        let ids = |js: Vec<JobView>| js.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(jobs(&inp, &v("ops", Role::Operator))), [2, 1]);
+        assert_eq!(ids(jobs(&inp, &v("alice", Role::Engineer))), [1]);
+        let on_gpu2 = jobs(&inp, &v("gpu2", Role::Worker));
+        assert_eq!(ids(on_gpu2.clone()), [2]);
+        assert!(
+            on_gpu2[0].request.command.is_empty(),
+            "no engineer's command line"
+        );
+    }
+
+    #[test]
+    fn node_states_and_the_public_summary() {
+        let inp = inputs();
+        let all = nodes(&inp, &v("ops", Role::Operator));
+        let state = |n: &str| all.iter().find(|x| x.name == n).map(|x| x.state.clone());
+        assert_eq!(state("gpu1").as_deref(), Some("ready"));
+        assert_eq!(state("gpu2").as_deref(), Some("disconnected"));
+        assert_eq!(state("alice").as_deref(), Some("online"));
+        assert_eq!(state("bob").as_deref(), Some("offline"));
+        assert_eq!(state("old").as_deref(), Some("revoked"));
+        let g1 = all
+            .iter()
+            .find(|x| x.name == "gpu1")
+            .cloned()
+            .unwrap_or_else(|| panic!());
+        assert_eq!(g1.gpus[0].job, Some(7));
+        assert_eq!(g1.uptime_ms, 10 + 60_000);
+        let s = summary(&inp);
+        assert_eq!(
+            (s.nodes_online, s.nodes, s.workers_online, s.gpus),
+            (2, 4, 1, 1)
+        );
+        assert_eq!(s.gpus_by_model, BTreeMap::from([("H100".to_string(), 1)]));
+        assert_eq!((s.jobs_running, s.jobs_queued, s.uptime_s), (1, 1, 61));
+        let json = serde_json::to_string(&s).unwrap_or_default();
+        for secret in ["gpu1", "alice", "GPU-"] {
+            assert!(!json.contains(secret), "{json}");
+        }
+    }
+
+    #[test]
+    fn earnings_sum_per_device_per_utc_day() {
+        let r = |w: &str, end_ms: u64, s: f64| UsageRecord {
+            job: 1,
+            attempt: 1,
+            rank: 0,
+            engineer: "alice".into(),
+            worker: w.into(),
+            gpu_model: "H100".into(),
+            gpus: vec![],
+            start_ms: None,
+            end_ms,
+            gpu_seconds: s,
+            outcome: "succeeded".into(),
+            exit_code: Some(0),
+        };
+        let day = 86_400_000;
+        let recs = [
+            r("gpu1", 10, 1.5),
+            r("gpu1", day - 1, 2.0),
+            r("gpu1", day, 4.0),
+            r("gpu0", 5, 1.0),
+        ];
+        let e = earnings(&recs);
+        let rows: Vec<(&str, &str, f64, usize)> = e
+            .iter()
+            .map(|x| (x.device.as_str(), x.day.as_str(), x.gpu_seconds, x.records))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("gpu0", "1970-01-01", 1.0, 1),
+                ("gpu1", "1970-01-01", 3.5, 2),
+                ("gpu1", "1970-01-02", 4.0, 1)
+            ]
+        );
+        assert_eq!(
+            earnings_csv(&e),
+            "device,day,gpu_seconds,records\ngpu0,1970-01-01,1.0,1\ngpu1,1970-01-01,3.5,2\ngpu1,1970-01-02,4.0,1\n"
+        );
+        assert!(sees_usage(&v("gpu1", Role::Worker), &recs[0]));
+        assert!(!sees_usage(&v("gpu2", Role::Worker), &recs[0]));
+        assert!(sees_usage(&v("alice", Role::Engineer), &recs[0]));
+        assert!(!sees_usage(&v("bob", Role::Engineer), &recs[0]));
+    }
+}

@@ -1,0 +1,472 @@
+//! The web view's pages: server-rendered HTML (maud escapes every value, so a node name or a
+//! GPU model string is text, never markup), one stylesheet and one small script, both embedded.
+//! Pure: each page is a function of the model's views.
+
+use maud::{html, Markup, DOCTYPE};
+
+use super::model::{Earning, NodeView, Role, Summary, Viewer};
+use crate::pool_text::utc;
+use weft_proto::pool::JobView;
+
+/// The stylesheet (`/assets/weft.css`).
+pub(crate) const CSS: &str = include_str!("weft.css");
+/// The live-update script (`/assets/live.js`).
+pub(crate) const JS: &str = include_str!("live.js");
+
+/// Devices per page.
+pub(crate) const PAGE_SIZE: usize = 50;
+
+/// Which page is open (the navigation marks it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tab {
+    /// `/`.
+    Network,
+    /// `/devices`.
+    Devices,
+    /// `/jobs`.
+    Jobs,
+    /// `/earnings`.
+    Earnings,
+}
+
+/// The logged-in frame around a page's `<main>`.
+pub(crate) fn layout(title: &str, tab: Tab, viewer: &Viewer, csrf: &str, main: Markup) -> String {
+    let role = match viewer.role {
+        Role::Operator => "operator",
+        Role::Engineer => "engineer",
+        Role::Worker => "provider",
+    };
+    let link = |t: Tab, href: &str, label: &str| {
+        html! {
+            a href=(href) aria-current=[(t == tab).then_some("page")] { (label) }
+        }
+    };
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Weft" }
+                link rel="stylesheet" href="/assets/weft.css";
+                script src="/assets/live.js" defer {}
+            }
+            body {
+                header {
+                    nav aria-label="Weft" {
+                        span.brand { "Weft" }
+                        (link(Tab::Network, "/", "Network"))
+                        (link(Tab::Devices, "/devices", "Devices"))
+                        (link(Tab::Jobs, "/jobs", "Jobs"))
+                        (link(Tab::Earnings, "/earnings", "Earnings"))
+                    }
+                    div.who {
+                        span { (viewer.name) " (" (role) ")" }
+                        form method="post" action="/logout" {
+                            input type="hidden" name="csrf" value=(csrf);
+                            button type="submit" { "Log out" }
+                        }
+                    }
+                }
+                main id="live" data-live="2000" { (main) }
+            }
+        }
+    }
+    .into_string()
+}
+
+/// The page for a visitor with no session: the public counters and how to log in.
+pub(crate) fn public(s: &Summary, note: Option<&str>) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "Weft" }
+                link rel="stylesheet" href="/assets/weft.css";
+            }
+            body {
+                header { nav { span.brand { "Weft" } } }
+                main {
+                    @if let Some(n) = note { p.notice role="alert" { (n) } }
+                    (counters(s))
+                    p { "To see devices, jobs and earnings, run " code { "weft web" } " on a machine logged in to this relay: it opens a one-time link." }
+                }
+            }
+        }
+    }
+    .into_string()
+}
+
+/// A page that only sends the browser on (the session cookie is `SameSite=Strict`, so it is
+/// not sent on a redirect that started on another site: this page is on ours).
+pub(crate) fn go_to(href: &str) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content={ "0; url=" (href) };
+                title { "Weft" }
+            }
+            body { p { "Logged in. " a href=(href) { "Continue" } } }
+        }
+    }
+    .into_string()
+}
+
+fn counters(s: &Summary) -> Markup {
+    html! {
+        section.counters aria-label="Summary" {
+            div { b data-k="nodes_online" { (s.nodes_online) } span { "nodes online (of " (s.nodes) ")" } }
+            div { b data-k="workers_online" { (s.workers_online) } span { "workers online" } }
+            div { b data-k="gpus" { (s.gpus) } span { "GPUs online" } }
+            div { b data-k="jobs_running" { (s.jobs_running) } span { "jobs running" } }
+            div { b data-k="jobs_queued" { (s.jobs_queued) } span { "jobs queued" } }
+            div { b data-k="clusters" { (s.clusters) } span { "clusters" } }
+            div { b { (duration(s.uptime_s * 1000)) } span { "relay uptime" } }
+        }
+        @if !s.gpus_by_model.is_empty() {
+            h2 { "GPUs by model" }
+            table.models {
+                thead { tr { th { "Model" } th.num { "Online" } } }
+                tbody {
+                    @for (m, n) in &s.gpus_by_model { tr { td { (m) } td.num { (n) } } }
+                }
+            }
+        }
+    }
+}
+
+/// A duration in ms as `3d 4h`, `2h 5m`, `4m 10s`, `12s`.
+pub(crate) fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{sec}s"),
+        (0, 0, _) => format!("{m}m {sec}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    if then_ms == 0 {
+        return "never".into();
+    }
+    format!("{} ago", duration(now_ms.saturating_sub(then_ms)))
+}
+
+fn state_badge(n: &NodeView) -> Markup {
+    let class = if n.online { "on" } else { "off" };
+    let text = if n.online { "online" } else { "offline" };
+    html! {
+        span class={ "badge " (class) } data-state=(n.state) { (text) }
+        @if n.state != "online" && n.state != "offline" && n.state != "ready" {
+            " " span.sub { (n.state) }
+        }
+    }
+}
+
+fn gpu_list(n: &NodeView) -> Markup {
+    html! {
+        @if n.gpus.is_empty() { span.sub { "no GPUs" } }
+        ul.gpus {
+            @for g in &n.gpus {
+                li {
+                    (g.model) " · " (g.memory_mib / 1024) " GB"
+                    @if g.health != "healthy" { " · " span.warn { (g.health) } }
+                    @if let Some(j) = g.job { " · job " (j) }
+                }
+            }
+        }
+        @if n.simulated { span.sub { "simulated" } }
+    }
+}
+
+/// The Network page: counters, GPUs by model, the devices online.
+pub(crate) fn network(s: &Summary, nodes: &[NodeView]) -> Markup {
+    html! {
+        h1 { "Network" }
+        (counters(s))
+        h2 { "Online now" }
+        table.devices {
+            thead { tr { th { "Device" } th { "GPUs" } th { "Home relay" } } }
+            tbody {
+                @for n in nodes.iter().filter(|n| n.online) {
+                    tr data-device=(n.name) {
+                        td { a href={ "/devices/" (n.name) } { (n.name) } }
+                        td { (gpu_list(n)) }
+                        td { (n.home.as_deref().unwrap_or("-")) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How the Devices list is cut: a filter, a sort key, a page.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct DeviceQuery {
+    /// Substring of the name, a tag, a GPU model or the state.
+    pub(crate) q: String,
+    /// `name` (default), `state`, `last_seen`, `gpus`.
+    pub(crate) sort: String,
+    /// 1-based page.
+    pub(crate) page: usize,
+}
+
+/// The Devices page.
+pub(crate) fn devices(all: &[NodeView], q: &DeviceQuery, now_ms: u64) -> Markup {
+    let needle = q.q.to_lowercase();
+    let mut rows: Vec<&NodeView> = all
+        .iter()
+        .filter(|n| {
+            needle.is_empty()
+                || n.name.to_lowercase().contains(&needle)
+                || n.state.contains(&needle)
+                || n.tags.iter().any(|t| t.to_lowercase().contains(&needle))
+                || n.gpus
+                    .iter()
+                    .any(|g| g.model.to_lowercase().contains(&needle))
+        })
+        .collect();
+    match q.sort.as_str() {
+        "state" => rows.sort_by_key(|n| (!n.online, n.state.clone())),
+        "last_seen" => rows.sort_by_key(|n| std::cmp::Reverse(n.last_seen_ms)),
+        "gpus" => rows.sort_by_key(|n| std::cmp::Reverse(n.gpus.len())),
+        _ => {}
+    }
+    let pages = rows.len().div_ceil(PAGE_SIZE).max(1);
+    let page = q.page.clamp(1, pages);
+    let shown = rows.iter().skip((page - 1) * PAGE_SIZE).take(PAGE_SIZE);
+    let href = |p: usize| {
+        format!(
+            "/devices?q={}&sort={}&page={p}",
+            urlencode(&q.q),
+            urlencode(&q.sort)
+        )
+    };
+    html! {
+        h1 { "Devices" }
+        form.filter method="get" action="/devices" role="search" {
+            label for="q" { "Filter" }
+            input id="q" name="q" type="search" value=(q.q) placeholder="name, tag, GPU model, state";
+            label for="sort" { "Sort" }
+            select id="sort" name="sort" {
+                @for (v, l) in [("name", "name"), ("state", "online first"), ("last_seen", "last seen"), ("gpus", "GPUs")] {
+                    option value=(v) selected[q.sort == v] { (l) }
+                }
+            }
+            button type="submit" { "Apply" }
+        }
+        p.sub { (rows.len()) " devices" @if pages > 1 { ", page " (page) " of " (pages) } }
+        div.scroll {
+            table.devices {
+                thead { tr {
+                    th { "Name" } th { "State" } th { "GPUs" } th { "Tags" } th { "Overlay" }
+                    th { "Version" } th { "Home relay" } th { "Last seen" }
+                } }
+                tbody {
+                    @for n in shown {
+                        tr data-device=(n.name) {
+                            td { a href={ "/devices/" (n.name) } { (n.name) } }
+                            td { (state_badge(n)) }
+                            td { (gpu_list(n)) }
+                            td { (n.tags.join(", ")) }
+                            td { (n.ipv4.as_deref().unwrap_or("-")) }
+                            td { (n.version.as_deref().unwrap_or("-")) }
+                            td { (n.home.as_deref().unwrap_or("-")) }
+                            td { @if n.online { "now" } @else { (ago(now_ms, n.last_seen_ms)) } }
+                        }
+                    }
+                }
+            }
+        }
+        @if pages > 1 {
+            nav.pages aria-label="Pages" {
+                @if page > 1 { a href=(href(page - 1)) rel="prev" { "← previous" } }
+                @if page < pages { a href=(href(page + 1)) rel="next" { "next →" } }
+            }
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One device: its details, GPUs and jobs.
+pub(crate) fn device(n: &NodeView, jobs: &[JobView], now_ms: u64) -> Markup {
+    html! {
+        h1 { (n.name) " " (state_badge(n)) }
+        dl.facts {
+            dt { "Tags" } dd { (n.tags.join(", ")) }
+            dt { "Overlay addresses" } dd { (n.ipv4.as_deref().unwrap_or("-")) " " (n.ipv6.as_deref().unwrap_or("")) }
+            dt { "Version" } dd { (n.version.as_deref().unwrap_or("-")) }
+            dt { "Home relay" } dd { (n.home.as_deref().unwrap_or("-")) }
+            dt { "First seen" } dd { (utc(n.first_seen_ms)) " UTC" }
+            dt { "Last seen" } dd { @if n.online { "now" } @else { (ago(now_ms, n.last_seen_ms)) } }
+            dt { "Connected in all" } dd { (duration(n.uptime_ms)) }
+        }
+        h2 { "GPUs" }
+        @if n.gpus.is_empty() { p.sub { "No GPUs." } } @else {
+            div.scroll { table {
+                thead { tr { th { "UUID" } th { "Model" } th.num { "Memory" } th { "Health" } th { "Job" } } }
+                tbody { @for g in &n.gpus { tr {
+                    td { code { (g.uuid) } } td { (g.model) } td.num { (g.memory_mib / 1024) " GB" }
+                    td { (g.health) } td { (g.job.map(|j| j.to_string()).unwrap_or_else(|| "free".into())) }
+                } } }
+            } }
+        }
+        h2 { "Jobs here" }
+        (job_table(jobs))
+    }
+}
+
+fn job_table(jobs: &[JobView]) -> Markup {
+    html! {
+        @if jobs.is_empty() { p.sub { "None." } } @else {
+            div.scroll { table.jobs {
+                thead { tr { th.num { "Job" } th { "Engineer" } th { "State" } th { "Command" } th { "Workers" } th { "Submitted" } th { "Why it waits" } } }
+                tbody { @for j in jobs { tr data-job=(j.id) {
+                    td.num { (j.id) } td { (j.owner) }
+                    td { span class={ "badge s-" (j.state) } { (j.state) } }
+                    td { code { (j.request.command.join(" ")) } }
+                    td { (j.members.iter().map(|m| m.worker.as_str()).collect::<Vec<_>>().join(", ")) }
+                    td { (utc(j.submitted_ms)) }
+                    td { (j.reason.as_deref().unwrap_or("")) }
+                } } }
+            } }
+        }
+    }
+}
+
+/// The Jobs page: waiting (with why), running, finished.
+pub(crate) fn jobs(all: &[JobView]) -> Markup {
+    let of = |states: &[&str]| -> Vec<JobView> {
+        all.iter()
+            .filter(|j| states.contains(&j.state.as_str()))
+            .cloned()
+            .collect()
+    };
+    let finished: Vec<JobView> = of(&["succeeded", "failed", "lost", "cancelled"])
+        .into_iter()
+        .take(100)
+        .collect();
+    html! {
+        h1 { "Jobs and clusters" }
+        h2 { "Queued" } (job_table(&of(&["pending"])))
+        h2 { "Running" } (job_table(&of(&["placed", "running"])))
+        h2 { "Finished (latest 100)" } (job_table(&finished))
+    }
+}
+
+/// The Earnings page.
+pub(crate) fn earnings(rows: &[Earning]) -> Markup {
+    let total: f64 = rows.iter().map(|r| r.gpu_seconds).sum();
+    html! {
+        h1 { "Earnings" }
+        p { "GPU-seconds each device gave, per UTC day, from the signed usage records. "
+            a href="/earnings.csv" download="weft-earnings.csv" { "Download CSV" } }
+        div.scroll { table.earnings {
+            thead { tr { th { "Device" } th { "Day" } th.num { "GPU-seconds" } th.num { "GPU-hours" } th.num { "Jobs" } } }
+            tbody { @for r in rows { tr {
+                td { (r.device) } td { (r.day) } td.num { (format!("{:.1}", r.gpu_seconds)) }
+                td.num { (format!("{:.2}", r.gpu_seconds / 3600.0)) } td.num { (r.records) }
+            } } }
+            tfoot { tr { th colspan="2" { "Total" } th.num { (format!("{total:.1}")) } th.num { (format!("{:.2}", total / 3600.0)) } th {} } }
+        } }
+    }
+}
+
+/// An error page (the status is the handler's).
+pub(crate) fn error(message: &str) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head { meta charset="utf-8"; title { "Weft" } link rel="stylesheet" href="/assets/weft.css"; }
+            body { main { p.notice role="alert" { (message) } p { a href="/" { "Weft" } } } }
+        }
+    }
+    .into_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::model::GpuView;
+    use super::*;
+
+    fn n(name: &str, model: &str) -> NodeView {
+        NodeView {
+            name: name.into(),
+            tags: vec!["worker".into()],
+            online: true,
+            state: "ready".into(),
+            ipv4: Some("100.64.0.2".into()),
+            ipv6: None,
+            version: Some("0.1.0".into()),
+            home: None,
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            uptime_ms: 0,
+            gpus: vec![GpuView {
+                uuid: "GPU-1".into(),
+                model: model.into(),
+                memory_mib: 81920,
+                health: "healthy".into(),
+                job: None,
+            }],
+            simulated: true,
+        }
+    }
+
+    #[test]
+    fn names_and_models_are_text_not_markup() {
+        let evil = "<img src=x onerror=alert(1)>";
+        let html = devices(&[n("gpu1", evil)], &DeviceQuery::default(), 0).into_string();
+        assert!(!html.contains("<img"), "{html}");
+        assert!(
+            html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn devices_filter_sort_and_page() {
+        let all: Vec<NodeView> = (0..120).map(|i| n(&format!("gpu{i:03}"), "H100")).collect();
+        let q = DeviceQuery {
+            q: "gpu1".into(),
+            sort: "name".into(),
+            page: 1,
+        };
+        let html = devices(&all, &q, 0).into_string();
+        assert!(html.contains("20 devices"), "gpu100..gpu119: {html}");
+        let q = DeviceQuery {
+            page: 3,
+            ..DeviceQuery::default()
+        };
+        let html = devices(&all, &q, 0).into_string();
+        assert!(
+            html.contains("page 3 of 3") && html.contains("gpu119") && !html.contains("gpu099")
+        );
+        assert!(html.contains("rel=\"prev\"") && !html.contains("rel=\"next\""));
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(12_000), "12s");
+        assert_eq!(duration(250_000), "4m 10s");
+        assert_eq!(duration(7_500_000), "2h 5m");
+        assert_eq!(duration(3 * 86_400_000 + 4 * 3_600_000), "3d 4h");
+    }
+}

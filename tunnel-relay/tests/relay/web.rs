@@ -1,0 +1,409 @@
+//! The web view on loopback (issue 15): a real relay with `web_listen`, identities that log
+//! in with `weft web`'s one-time link (`Session::web_link`), and HTTPS requests written by
+//! hand (so the test shares no client with the relay). What users rely on: the public
+//! summary names nobody; without a session nothing but it answers (401, no data); a link
+//! works once; each role sees its part (another engineer's job is 404); logout needs the CSRF
+//! token; a revoked node's session ends; a GPU model full of markup is shown as text.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel_relay::client;
+use tunnel_relay::RelayConfig;
+
+use crate::pool_feed::{agent, api, gpus, identity, inventory, submit};
+use crate::relay_lab::{start_relay, tmp};
+
+/// One answer: status, headers (lowercase names), body.
+struct Answer {
+    code: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// One HTTPS request to the web view (the relay's self-signed certificate is accepted: on
+/// loopback the test knows whom it talks to).
+async fn https(
+    web: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: &str,
+) -> Answer {
+    https_with(web, method, path, cookie, body, None).await
+}
+
+async fn https_with(
+    web: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: &str,
+    extra: Option<&str>,
+) -> Answer {
+    let tls = tunnel_relay::tls::rustls_client(b"http/1.1").unwrap_or_else(|e| panic!("{e}"));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(web)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    let mut s = connector
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("TLS to the web view: {e}"));
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(c) = cookie {
+        req.push_str(&format!("Cookie: weft_session={c}\r\n"));
+    }
+    if let Some(h) = extra {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        code,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// `weft web` as `dir`'s identity: the link's path and query.
+async fn link(dir: &Path) -> String {
+    let s = client::session(dir).await.unwrap_or_else(|e| panic!("{e}"));
+    let (url, secs) = s
+        .web_link()
+        .await
+        .unwrap_or_else(|e| panic!("web link: {e}"));
+    s.close().await;
+    assert_eq!(secs, 60);
+    let i = url.find("/login?t=").unwrap_or_else(|| panic!("{url}"));
+    url[i..].to_string()
+}
+
+/// Logs `dir`'s identity in: the session cookie's value.
+async fn log_in(web: SocketAddr, dir: &Path) -> String {
+    let a = https(web, "GET", &link(dir).await, None, "").await;
+    assert_eq!(a.code, 200, "{}", a.body);
+    let set = a
+        .header("set-cookie")
+        .unwrap_or_else(|| panic!("no cookie"));
+    set.strip_prefix("weft_session=")
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("{set}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_view_logs_in_by_link_and_shows_each_role_its_part() {
+    let _turn = weft_tests::turn::take(module_path!());
+    let cfg = RelayConfig {
+        web_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
+        ..RelayConfig::default()
+    };
+    let lab = start_relay(cfg).await;
+    let web = lab.web.unwrap_or_else(|| panic!("web view bound"));
+    let d1 = tmp();
+    let evil = "<img src=x onerror=alert(1)>";
+    let mut gpu1 = agent(
+        &lab,
+        "gpu1",
+        d1.path(),
+        false,
+        inventory(gpus("a", evil, 81920, 1), vec![]),
+    )
+    .await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let bob = identity(&lab, "engineer", "bob").await;
+    let ops = identity(&lab, "operator", "ops").await;
+
+    // The public summary: counts, no names, addresses or keys.
+    let t0 = std::time::Instant::now();
+    let s = loop {
+        let a = https(web, "GET", "/api/v1/summary", None, "").await;
+        assert_eq!(a.code, 200, "{}", a.body);
+        let v = a.json();
+        if v["gpus"] == 1 {
+            break a;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", a.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(s.json()["gpus_by_model"][evil], 1);
+    for secret in ["gpu1", "alice", "GPU-a", "127.0.0.1", &lab.key.to_base64()] {
+        assert!(!s.body.contains(secret), "{secret} in {}", s.body);
+    }
+    assert!(s
+        .header("content-security-policy")
+        .is_some_and(|c| c.contains("default-src 'self'")));
+    // Nothing else without a session, and no data in the refusal.
+    for path in [
+        "/api/v1/nodes",
+        "/api/v1/jobs",
+        "/api/v1/usage?since=0",
+        "/api/v1/earnings",
+        "/earnings.csv",
+    ] {
+        let a = https(web, "GET", path, None, "").await;
+        assert_eq!(a.code, 401, "{path}: {}", a.body);
+        assert!(!a.body.contains("gpu1"), "{path}: {}", a.body);
+    }
+    let a = https(web, "GET", "/devices", None, "").await;
+    assert_eq!(a.code, 401);
+    assert!(
+        a.body.contains("weft web") && !a.body.contains("gpu1"),
+        "{}",
+        a.body
+    );
+    let a = https(web, "GET", "/api/v1/nodes", Some("forged"), "").await;
+    assert_eq!(a.code, 401, "a forged cookie");
+
+    // A link works once, and sets a strict cookie.
+    let l = link(alice.path()).await;
+    let a = https(web, "GET", &l, None, "").await;
+    assert_eq!(a.code, 200);
+    let set = a.header("set-cookie").unwrap_or_default().to_string();
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    let again = https(web, "GET", &l, None, "").await;
+    assert_eq!(again.code, 403);
+    assert!(again.body.contains("already used"), "{}", again.body);
+    let forged = https(
+        web,
+        "GET",
+        "/login?t=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(forged.code, 403);
+    assert!(forged.body.contains("not valid"), "{}", forged.body);
+    let alice_c = set
+        .strip_prefix("weft_session=")
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_default()
+        .to_string();
+
+    // Jobs: alice's and bob's.
+    let (code, v) = submit(alice.path(), r#"{"command":["alice-secret"],"gpus":1}"#).await;
+    assert_eq!(code, 201, "{v}");
+    let mine = v["id"].as_u64().unwrap_or_default();
+    let _ = gpu1.start().await;
+    let (code, v) = submit(
+        bob.path(),
+        r#"{"command":["bob-secret"],"gpus":1,"wait_for_capacity":true}"#,
+    )
+    .await;
+    assert_eq!(code, 201, "{v}");
+    let bobs = v["id"].as_u64().unwrap_or_default();
+
+    // alice: the pool's workers and herself; her job; not bob's (404, as a job that does not exist).
+    let nodes = https(web, "GET", "/api/v1/nodes", Some(&alice_c), "")
+        .await
+        .json();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["alice", "gpu1"], "{nodes}");
+    let g = &nodes[1];
+    assert_eq!(
+        (g["online"].as_bool(), g["state"].as_str()),
+        (Some(true), Some("ready")),
+        "{g}"
+    );
+    assert_eq!(g["gpus"][0]["model"], evil);
+    assert_eq!(g["gpus"][0]["job"], mine);
+    assert_eq!(
+        https(
+            web,
+            "GET",
+            &format!("/api/v1/jobs/{mine}"),
+            Some(&alice_c),
+            ""
+        )
+        .await
+        .code,
+        200
+    );
+    let a = https(
+        web,
+        "GET",
+        &format!("/api/v1/jobs/{bobs}"),
+        Some(&alice_c),
+        "",
+    )
+    .await;
+    assert_eq!(a.code, 404, "{}", a.body);
+    assert!(!a.body.contains("bob-secret"));
+    let jobs = https(web, "GET", "/api/v1/jobs", Some(&alice_c), "").await;
+    assert!(
+        !jobs.body.contains("bob-secret") && jobs.body.contains("alice-secret"),
+        "{}",
+        jobs.body
+    );
+    // The pages: the model is text, not markup.
+    let page = https(web, "GET", "/devices", Some(&alice_c), "").await;
+    assert_eq!(page.code, 200);
+    assert!(!page.body.contains("<img src=x"), "{}", page.body);
+    assert!(page.body.contains("&lt;img src=x onerror=alert(1)&gt;"));
+    // The live update asks for <main>'s content only.
+    let mut frag_req = https(web, "GET", "/jobs", Some(&alice_c), "").await;
+    assert!(frag_req.body.contains("<nav"), "a whole page");
+    frag_req = https_live(web, "/jobs", &alice_c).await;
+    assert!(
+        !frag_req.body.contains("<nav") && frag_req.body.contains("alice-secret"),
+        "{}",
+        frag_req.body
+    );
+
+    // The operator sees everyone and every job; the worker itself only, and the jobs on it
+    // without their engineers' command lines.
+    let ops_c = log_in(web, ops.path()).await;
+    let all = https(web, "GET", "/api/v1/nodes", Some(&ops_c), "")
+        .await
+        .json();
+    assert_eq!(all.as_array().map(Vec::len), Some(4), "{all}");
+    assert!(https(
+        web,
+        "GET",
+        &format!("/api/v1/jobs/{bobs}"),
+        Some(&ops_c),
+        ""
+    )
+    .await
+    .body
+    .contains("bob-secret"));
+    let w_c = log_in(web, d1.path()).await;
+    let mine_only = https(web, "GET", "/api/v1/nodes", Some(&w_c), "")
+        .await
+        .json();
+    assert_eq!(mine_only.as_array().map(Vec::len), Some(1), "{mine_only}");
+    let on_it = https(web, "GET", "/api/v1/jobs", Some(&w_c), "").await;
+    assert!(
+        on_it.body.contains(&format!("\"id\":{mine}")) && !on_it.body.contains("alice-secret"),
+        "{}",
+        on_it.body
+    );
+    let a = https(web, "GET", "/api/v1/usage/export?since=0", Some(&w_c), "").await;
+    assert_eq!(a.code, 403);
+
+    // Logout needs the CSRF token of the session.
+    let a = https(web, "POST", "/logout", Some(&alice_c), "csrf=wrong").await;
+    assert_eq!(a.code, 403);
+    let a = https(web, "POST", "/logout", Some(&alice_c), "").await;
+    assert_eq!(a.code, 403);
+    let page = https(web, "GET", "/", Some(&alice_c), "").await;
+    let csrf = page
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no csrf field: {}", page.body))
+        .to_string();
+    let a = https(
+        web,
+        "POST",
+        "/logout",
+        Some(&alice_c),
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(a.code, 200, "{}", a.body);
+    assert_eq!(
+        https(web, "GET", "/api/v1/nodes", Some(&alice_c), "")
+            .await
+            .code,
+        401
+    );
+
+    // Revoking a node ends its sessions.
+    let bob_c = log_in(web, bob.path()).await;
+    assert_eq!(
+        https(web, "GET", "/api/v1/nodes", Some(&bob_c), "")
+            .await
+            .code,
+        200
+    );
+    let mut reg = lab.registry();
+    reg.revoke_node("bob").unwrap_or_else(|e| panic!("{e}"));
+    let t0 = std::time::Instant::now();
+    while https(web, "GET", "/api/v1/nodes", Some(&bob_c), "")
+        .await
+        .code
+        != 401
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "bob's session outlived his revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = api(ops.path(), "GET", "/v1/pool", None).await;
+}
+
+async fn https_live(web: SocketAddr, path: &str, cookie: &str) -> Answer {
+    https_with(web, "GET", path, Some(cookie), "", Some("X-Weft-Live: 1")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_a_web_view_says_so() {
+    let _turn = weft_tests::turn::take(module_path!());
+    let lab = start_relay(RelayConfig::default()).await;
+    assert!(lab.web.is_none());
+    let alice = identity(&lab, "engineer", "alice").await;
+    let s = client::session(alice.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = s
+        .web_link()
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("serves no web view") && err.contains("--web"),
+        "{err}"
+    );
+}
