@@ -9,6 +9,7 @@
 WEFT_APT_PACKAGES=(
     nftables iproute2 iputils-ping iperf3 socat curl python3 python3-venv procps gcc
     wireguard-go wireguard-tools openssh-server openssh-client haproxy openssl postgresql
+    chromium chromium-driver
 )
 
 # Every network namespace the project creates starts with this.

@@ -21,6 +21,7 @@ pub mod router;
 pub mod ssh;
 pub mod traffic;
 pub mod turn;
+pub mod webdriver;
 pub mod wgconf;
 pub mod wggo;
 

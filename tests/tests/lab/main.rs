@@ -13,6 +13,7 @@
 mod agent_mesh;
 mod agent_relay;
 mod bad_config;
+mod explorer;
 mod fleet;
 mod fleet_regions;
 mod harness;

@@ -26,7 +26,7 @@ use weft_tests::router::Router;
 use weft_tests::{retry, Internet, Nat, Netns, Proc};
 
 /// [`retry`] that panics with `what` and the last thing seen.
-fn until<T>(within: Duration, what: &str, f: impl FnMut() -> Result<T, String>) -> T {
+pub(crate) fn until<T>(within: Duration, what: &str, f: impl FnMut() -> Result<T, String>) -> T {
     retry(within, f).unwrap_or_else(|last| panic!("{what}: not within {within:?}; last: {last}"))
 }
 
@@ -34,23 +34,23 @@ fn until<T>(within: Duration, what: &str, f: impl FnMut() -> Result<T, String>) 
 const LOST_AFTER: Duration = Duration::from_secs(15);
 const SIGKILL: i32 = 9;
 
-fn weft_bin() -> String {
+pub(crate) fn weft_bin() -> String {
     weft_tests::bin("weft").display().to_string()
 }
 
 /// One worker: its namespace behind its router, its agent, its state.
-struct Worker {
-    name: &'static str,
-    ns: Netns,
+pub(crate) struct Worker {
+    pub(crate) name: &'static str,
+    pub(crate) ns: Netns,
     router: Router,
     state: String,
-    stub_dir: std::path::PathBuf,
+    pub(crate) stub_dir: std::path::PathBuf,
     env: String,
-    agent: Proc,
+    pub(crate) agent: Proc,
 }
 
 impl Worker {
-    fn start(
+    pub(crate) fn start(
         net: &Internet,
         relay: &LabRelay,
         (tag, name, nat, wan, lan): (&str, &'static str, Nat, &str, &str),
@@ -134,13 +134,13 @@ impl Worker {
 }
 
 /// An engineer identity (`weft login`) in `ns`.
-struct Engineer<'a> {
-    ns: &'a Netns,
+pub(crate) struct Engineer<'a> {
+    pub(crate) ns: &'a Netns,
     dir: String,
 }
 
 impl Engineer<'_> {
-    fn login<'a>(ns: &'a Netns, relay: &LabRelay, name: &str) -> Engineer<'a> {
+    pub(crate) fn login<'a>(ns: &'a Netns, relay: &LabRelay, name: &str) -> Engineer<'a> {
         let dir = ns.file(name).display().to_string();
         let token = relay_token(&relay.ns, &relay.state, "engineer");
         ns.exec(&format!(
@@ -151,7 +151,7 @@ impl Engineer<'_> {
     }
 
     /// `weft ARGS --state-dir DIR`: (success, stdout, stderr).
-    fn run(&self, args: &str) -> (bool, String, String) {
+    pub(crate) fn run(&self, args: &str) -> (bool, String, String) {
         let (cmd, rest) = args.split_once(' ').unwrap_or((args, ""));
         let (sub, rest) = match cmd {
             "jobs" => {
@@ -172,34 +172,40 @@ impl Engineer<'_> {
         )
     }
 
-    fn ok(&self, args: &str) -> String {
+    pub(crate) fn ok(&self, args: &str) -> String {
         let (ok, out, err) = self.run(args);
         assert!(ok, "weft {args} failed: {err}{out}");
         out
     }
 
-    fn fails(&self, args: &str) -> String {
+    pub(crate) fn fails(&self, args: &str) -> String {
         let (ok, out, err) = self.run(args);
         assert!(!ok, "weft {args} should fail: {out}");
         err
     }
 
-    fn submit(&self, args: &str) -> u64 {
+    pub(crate) fn submit(&self, args: &str) -> u64 {
         let out = self.ok(&format!("jobs submit {args}"));
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("submit {args}: not a job id: {out:?}"))
     }
 
-    fn job(&self, id: u64) -> Value {
+    pub(crate) fn job(&self, id: u64) -> Value {
         json(&self.ok(&format!("jobs show {id} --json")))
     }
 
-    fn pool(&self) -> Value {
+    pub(crate) fn pool(&self) -> Value {
         json(&self.ok("pool --json"))
     }
 
-    fn wait_job(&self, id: u64, within: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_job(
+        &self,
+        id: u64,
+        within: Duration,
+        what: &str,
+        f: impl Fn(&Value) -> bool,
+    ) -> Value {
         let t0 = Instant::now();
         loop {
             let j = self.job(id);

@@ -151,6 +151,11 @@ pub(crate) fn duration(ms: u64) -> String {
     }
 }
 
+/// MiB as whole GB, rounded (24564 MiB is a 24 GB card).
+fn gb(mib: u64) -> u64 {
+    (mib + 512) / 1024
+}
+
 fn ago(now_ms: u64, then_ms: u64) -> String {
     if then_ms == 0 {
         return "never".into();
@@ -175,7 +180,7 @@ fn gpu_list(n: &NodeView) -> Markup {
         ul.gpus {
             @for g in &n.gpus {
                 li {
-                    (g.model) " · " (g.memory_mib / 1024) " GB"
+                    (g.model) " · " (gb(g.memory_mib)) " GB"
                     @if g.health != "healthy" { " · " span.warn { (g.health) } }
                     @if let Some(j) = g.job { " · job " (j) }
                 }
@@ -323,7 +328,7 @@ pub(crate) fn device(n: &NodeView, jobs: &[JobView], now_ms: u64) -> Markup {
             div.scroll { table {
                 thead { tr { th { "UUID" } th { "Model" } th.num { "Memory" } th { "Health" } th { "Job" } } }
                 tbody { @for g in &n.gpus { tr {
-                    td { code { (g.uuid) } } td { (g.model) } td.num { (g.memory_mib / 1024) " GB" }
+                    td { code { (g.uuid) } } td { (g.model) } td.num { (gb(g.memory_mib)) " GB" }
                     td { (g.health) } td { (g.job.map(|j| j.to_string()).unwrap_or_else(|| "free".into())) }
                 } } }
             } }
@@ -382,9 +387,9 @@ pub(crate) fn earnings(rows: &[Earning]) -> Markup {
             thead { tr { th { "Device" } th { "Day" } th.num { "GPU-seconds" } th.num { "GPU-hours" } th.num { "Jobs" } } }
             tbody { @for r in rows { tr {
                 td { (r.device) } td { (r.day) } td.num { (format!("{:.1}", r.gpu_seconds)) }
-                td.num { (format!("{:.2}", r.gpu_seconds / 3600.0)) } td.num { (r.records) }
+                td.num { (format!("{:.3}", r.gpu_seconds / 3600.0)) } td.num { (r.records) }
             } } }
-            tfoot { tr { th colspan="2" { "Total" } th.num { (format!("{total:.1}")) } th.num { (format!("{:.2}", total / 3600.0)) } th {} } }
+            tfoot { tr { th colspan="2" { "Total" } th.num { (format!("{total:.1}")) } th.num { (format!("{:.3}", total / 3600.0)) } th {} } }
         } }
     }
 }

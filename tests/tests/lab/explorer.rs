@@ -1,0 +1,258 @@
+//! The explorer (issue 15) in a real browser: the relay serves its web view (`web_listen`);
+//! three `worker-agent` workers behind NAT report their stub GPUs (one of them named
+//! `<img src=x onerror=alert(1)>`); engineer alice, behind a NAT of her own, logs in with
+//! `weft web --print`'s one-time link in Debian's headless Chromium, driven over WebDriver
+//! (`weft_tests::webdriver`) from her namespace.
+//!
+//! What she relies on: the link logs her in; the Devices page names the three workers with
+//! their GPUs, and the odd model is text, not markup; a worker killed shows as offline within
+//! 10 s without a reload; a job submitted from the CLI appears queued, then running, on the
+//! Jobs page without a reload; the earnings CSV the page offers equals what `weft usage export`
+//! gives her; the pages fit a phone's width. Screenshots of each page go to
+//! `target/explorer-screenshots/` (or `$WEFT_SCREENSHOTS`) for a person to look at.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use weft_tests::managed::{LabRelay, RELAY_IP};
+use weft_tests::router::Router;
+use weft_tests::webdriver::Browser;
+use weft_tests::{Internet, Nat, Netns};
+
+use crate::pool::{until, Engineer, Worker};
+
+const SIGKILL: i32 = 9;
+const EVIL: &str = "<img src=x onerror=alert(1)>";
+
+fn shots() -> PathBuf {
+    std::env::var_os("WEFT_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| weft_tests::workspace_root().join("target/explorer-screenshots"))
+}
+
+/// `device,day,gpu_seconds,records` rows of the earnings CSV, with the seconds as numbers.
+fn rows(csv: &str) -> Vec<(String, String, f64, u64)> {
+    csv.lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            assert_eq!(f.len(), 4, "{l}");
+            (
+                f[0].to_string(),
+                f[1].to_string(),
+                f[2].parse().unwrap_or_else(|_| panic!("{l}")),
+                f[3].parse().unwrap_or_else(|_| panic!("{l}")),
+            )
+        })
+        .collect()
+}
+
+/// The UTC day of unix ms (`YYYY-MM-DD`; the civil-from-days algorithm, as the relay's).
+fn day(ms: u64) -> String {
+    let z = (ms / 86_400_000) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[test]
+fn the_explorer_in_a_real_browser() {
+    let _lab = weft_tests::turn::take(module_path!());
+    let net = Internet::new("ex");
+    let config = format!("web_listen = \"0.0.0.0:8443\"\nweb_url = \"https://{RELAY_IP}:8443\"\n");
+    let relay = LabRelay::start_with_config(&net, "ex", Some(&config));
+    let base = format!("https://{RELAY_IP}:8443");
+    let _a100 = Worker::start(
+        &net,
+        &relay,
+        ("exa", "a100", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27"),
+        "WEFT_NVML_STUB_GPUS=1 WEFT_NVML_STUB_MODEL='NVIDIA A100-SXM4-80GB' \
+         WEFT_NVML_STUB_MEMORY_MIB=81920 WEFT_NVML_STUB_UUID_SEED=11",
+    );
+    let mut rtx = Worker::start(
+        &net,
+        &relay,
+        ("exb", "rtx", Nat::Easy, "203.0.113.11/24", "192.0.2.64/27"),
+        "WEFT_NVML_STUB_GPUS=2 WEFT_NVML_STUB_MODEL='NVIDIA GeForce RTX 4090' \
+         WEFT_NVML_STUB_MEMORY_MIB=24564 WEFT_NVML_STUB_UUID_SEED=22",
+    );
+    let _odd = Worker::start(
+        &net,
+        &relay,
+        ("exc", "odd", Nat::Hard, "198.51.100.10/24", "192.0.2.96/27"),
+        &format!("WEFT_NVML_STUB_GPUS=1 WEFT_NVML_STUB_MODEL='{EVIL}' WEFT_NVML_STUB_UUID_SEED=33"),
+    );
+    let er = Router::new(&net, "exe", Nat::Easy, "198.51.100.11/24", "192.0.2.128/27");
+    let eng_ns = Netns::new("exe-eng");
+    er.attach(&eng_ns, "eth0");
+    let alice = Engineer::login(&eng_ns, &relay, "alice");
+    until(Duration::from_secs(20), "three workers ready", || {
+        let p = alice.pool();
+        let ready = p["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 3 && w.iter().all(|w| w["state"] == "ready"));
+        if ready {
+            Ok(())
+        } else {
+            Err(p.to_string())
+        }
+    });
+
+    // ---- log in with the one-time link ----
+    let link = alice.ok("web --print").trim().to_string();
+    assert!(link.starts_with(&format!("{base}/login?t=")), "{link}");
+    let b = Browser::start(&eng_ns, 1280, 900);
+    b.goto(&link);
+    b.wait_until(
+        Duration::from_secs(10),
+        "logged in, on the Network page",
+        "return location.pathname === '/' && !!document.querySelector('nav a[href=\"/devices\"]');",
+    );
+    b.wait_until(
+        Duration::from_secs(10),
+        "three workers and four GPUs online",
+        "const k = n => document.querySelector(`[data-k=${n}]`)?.textContent; \
+         return k('workers_online') === '3' && k('gpus') === '4';",
+    );
+    let text = b.main_text();
+    assert!(text.contains("NVIDIA GeForce RTX 4090"), "{text}");
+    b.screenshot(&shots().join("network.png"));
+    // The same link again: refused.
+    let again = Browser::start(&eng_ns, 800, 600);
+    again.goto(&link);
+    assert!(
+        again.main_text().contains("already used"),
+        "{}",
+        again.main_text()
+    );
+    drop(again);
+
+    // ---- Devices: the three workers with their GPUs; the odd model is text ----
+    b.goto(&format!("{base}/devices"));
+    for (w, model) in [
+        ("a100", "NVIDIA A100-SXM4-80GB"),
+        ("rtx", "NVIDIA GeForce RTX 4090"),
+        ("odd", EVIL),
+    ] {
+        let row: Value = b.script(&format!(
+            "const r = document.querySelector('tr[data-device=\"{w}\"]'); return r ? r.innerText : null;"
+        ));
+        let row = row
+            .as_str()
+            .unwrap_or_else(|| panic!("no row for {w}: {}", b.main_text()));
+        assert!(row.contains(model) && row.contains("online"), "{w}: {row}");
+    }
+    assert_eq!(
+        b.script("return document.querySelectorAll('main img').length;"),
+        0,
+        "a GPU model became markup"
+    );
+    b.screenshot(&shots().join("devices.png"));
+
+    // ---- a worker goes offline: the page says so without a reload ----
+    b.script("window.__weftMarker = 42; return true;");
+    rtx.agent.stop_with(SIGKILL);
+    let took = b.wait_until(
+        Duration::from_secs(10),
+        "rtx shown offline without a reload",
+        "const r = document.querySelector('tr[data-device=\"rtx\"] .badge'); \
+         return !!r && r.textContent === 'offline' && window.__weftMarker === 42;",
+    );
+    println!("rtx shown offline {took:?} after its agent was killed");
+
+    // ---- one device ----
+    b.goto(&format!("{base}/devices/a100"));
+    let text = b.main_text();
+    assert!(
+        text.contains("NVIDIA A100-SXM4-80GB") && text.contains("GPU-"),
+        "{text}"
+    );
+    b.screenshot(&shots().join("device.png"));
+
+    // ---- a job from the CLI: queued, then running, without a reload ----
+    b.goto(&format!("{base}/jobs"));
+    b.script("window.__weftMarker = 43; return true;");
+    let first = alice.submit("--gpu A100:1 -- sleep 4");
+    let second = alice.submit("--gpu A100:1 -- sleep 6");
+    let state = |id: u64| {
+        format!(
+            "const r = document.querySelector('tr[data-job=\"{id}\"] .badge'); \
+             return !!r && window.__weftMarker === 43 && "
+        )
+    };
+    b.wait_until(
+        Duration::from_secs(10),
+        "the second job shown queued",
+        &format!("{} r.textContent === 'pending';", state(second)),
+    );
+    b.screenshot(&shots().join("jobs.png"));
+    b.wait_until(
+        Duration::from_secs(20),
+        "the second job shown running",
+        &format!("{} r.textContent === 'running';", state(second)),
+    );
+    for id in [first, second] {
+        alice.wait_job(id, Duration::from_secs(30), "job done", |j| {
+            j["state"] == "succeeded"
+        });
+    }
+
+    // ---- earnings: the page's CSV is what `weft usage export` gives ----
+    let records: Vec<Value> = until(Duration::from_secs(10), "both usage records", || {
+        let text = alice.ok("usage export --format jsonl");
+        let recs: Vec<Value> = text
+            .lines()
+            .skip(1)
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        if recs.len() >= 2 {
+            Ok(recs)
+        } else {
+            Err(text)
+        }
+    });
+    let mut want: std::collections::BTreeMap<(String, String), (f64, u64)> = Default::default();
+    for r in &records {
+        let rec = &r["record"];
+        let key = (
+            rec["worker"].as_str().unwrap_or_default().to_string(),
+            day(rec["end_ms"].as_u64().unwrap_or_default()),
+        );
+        let e = want.entry(key).or_default();
+        e.0 += rec["gpu_seconds"].as_f64().unwrap_or_default();
+        e.1 += 1;
+    }
+    b.goto(&format!("{base}/earnings"));
+    let csv = b.script_async(
+        "const done = arguments[arguments.length - 1]; \
+         fetch(document.querySelector('a[href=\"/earnings.csv\"]').href, {credentials: 'same-origin'}) \
+           .then(r => r.text()).then(done, e => done('ERR ' + e));",
+    );
+    let csv = csv.as_str().unwrap_or_default().to_string();
+    assert!(csv.starts_with("device,day,gpu_seconds,records\n"), "{csv}");
+    let got = rows(&csv);
+    assert_eq!(got.len(), want.len(), "{csv} vs {want:?}");
+    for ((dev, d, secs, n), ((wdev, wd), (wsecs, wn))) in got.iter().zip(&want) {
+        assert_eq!((dev, d, n), (wdev, wd, wn), "{csv}");
+        assert!((secs - wsecs).abs() < 1e-6, "{csv} vs {want:?}");
+    }
+    b.screenshot(&shots().join("earnings.png"));
+
+    // ---- a phone's width: nothing wider than the screen but the tables' own scroll ----
+    b.resize(390, 844);
+    b.goto(&format!("{base}/devices"));
+    assert_eq!(
+        b.script("return document.documentElement.scrollWidth <= window.innerWidth + 1;"),
+        true,
+        "the Devices page is wider than a phone"
+    );
+    b.screenshot(&shots().join("devices-phone.png"));
+}
