@@ -681,6 +681,10 @@ banner "relay tunnel path (1/7): the operator starts the relay on $RELAY_ADDR (Q
 # The mesh ACL as the defaults have it, written out so that the operator can edit it later (5/5).
 RELAY_CONFIG=$lab/relay.toml
 cat >"$RELAY_CONFIG" <<'TOML'
+# The web view (explorer), for `weft web`'s links: on this host, 127.0.0.1:8443 reaches it (--keep).
+web_listen = "0.0.0.0:8443"
+web_url = "https://127.0.0.1:8443"
+
 # Engineers reach workers' ssh and agent API over the mesh; nothing else (the default, written out).
 [[mesh.acl.rule]]
 from = "engineer"
@@ -1027,6 +1031,30 @@ show alice "$NS_ENG" weft usage --state-dir "$ENG_STATE"
 show operator "$NS_RELAY" tunnel-relay pool list --state-dir "$RELAY_STATE"
 
 # ---------------------------------------------------------------------------------------------------
+banner "explorer: the relay's web view; alice logs in with a one-time link, no password"
+WEB_URL=https://127.0.0.1:8443
+show alice "$NS_ENG" weft web --print --state-dir "$ENG_STATE" | tee "$lab/web-link"
+link=$(tail -n 1 "$lab/web-link")
+[[ $link == "$WEB_URL/login?t="* ]] || die "weft web printed no login link"
+# The links name 127.0.0.1:8443, where a browser on this host reaches the web view with --keep; from
+# alice's namespace the relay is at $RELAY_IP, so curl is told where 127.0.0.1:8443 is.
+web_curl() { in_ns "$NS_ENG" curl -sk --connect-to "127.0.0.1:8443:$RELAY_IP:8443" "$@"; }
+code=$(web_curl -c "$lab/web-cookies" -o /dev/null -w '%{http_code}' "$link")
+[[ $code == 200 ]] || die "the login link answered HTTP $code"
+code=$(web_curl -o /dev/null -w '%{http_code}' "$link")
+[[ $code == 403 ]] || die "the login link worked twice (HTTP $code)"
+note "the link started a session (cookie HttpOnly, Secure, SameSite=Strict) and works only once"
+print_cmd alice curl -b cookies "$WEB_URL/api/v1/nodes"
+web_curl -b "$lab/web-cookies" "$WEB_URL/api/v1/nodes" | python3 -c '
+import json, sys
+for n in json.load(sys.stdin):
+    gpus = ", ".join(g["model"] for g in n["gpus"]) or "no GPUs"
+    print("    {:<16} {:<8} {}".format(n["name"], "online" if n["online"] else "offline", gpus))'
+code=$(web_curl -o /dev/null -w '%{http_code}' "$WEB_URL/api/v1/nodes")
+[[ $code == 401 ]] || die "the web API answered HTTP $code without a session"
+note "(the same session shows the Network, Devices, Jobs and Earnings pages; without one: 401)"
+
+# ---------------------------------------------------------------------------------------------------
 # Ray clusters on the pool (--ray): the relay reserves a gang of workers; each member's agent runs
 # `ray start` as a job on its overlay address; Ray's nodes reach each other over the mesh, through
 # both home routers' NATs. alice needs no mesh for this: every `weft cluster` command goes through
@@ -1121,6 +1149,14 @@ fi
 
 # ---------------------------------------------------------------------------------------------------
 if [[ $keep == 1 ]]; then
+    # The web view, for a browser on this host: 127.0.0.1:8443 (loopback only) into the relay's
+    # namespace, where it listens.
+    socat TCP-LISTEN:8443,bind=127.0.0.1,reuseaddr,fork \
+        EXEC:"ip netns exec $NS_RELAY socat STDIO TCP\:127.0.0.1\:8443" >"$lab/web-bridge.log" 2>&1 &
+    pids+=("$!")
+    pid_label[$!]=web-bridge
+    pid_log[$!]=$lab/web-bridge.log
+    explorer_link=$(in_ns "$NS_ENG" "$weft_bin" web --print --state-dir "$ENG_STATE" 2>/dev/null | tail -n 1)
     banner "the lab is up; Ctrl-C tears it down"
     cat <<EOF
     Get in (another terminal, as root):
@@ -1141,6 +1177,9 @@ EOF
       ip netns exec $NS_CAROL $weft_bin status --state-dir $CAROL_STATE
 EOF
     cat <<EOF
+    Explorer (the relay's web view; a self-signed certificate: accept it), alice's one-time link, for a
+    browser on this host, valid for a minute (another: ip netns exec $NS_ENG $weft_bin web --print --state-dir $ENG_STATE):
+      $explorer_link
     GPU pool (simulated GPUs):
       ip netns exec $NS_ENG $weft_bin pool --state-dir $ENG_STATE
       ip netns exec $NS_ENG $weft_bin jobs submit --state-dir $ENG_STATE --gpu RTX4090:2 -- sh -c 'echo \$CUDA_VISIBLE_DEVICES'
