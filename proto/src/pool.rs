@@ -154,6 +154,34 @@ pub enum AgentMsg {
     /// Nothing changed; the agent is alive. Sent every [`HEARTBEAT`] when the feed is
     /// otherwise quiet: the coordinator counts `lost_after` from the last line it heard.
     Heartbeat,
+    /// Every GPU's readings now (utilisation, memory, temperature, power), every
+    /// [`CoordMsg::Telemetry`] `every_ms` once the coordinator asked: for the web view, not the
+    /// scheduler.
+    Telemetry {
+        /// Unix ms of the readings.
+        at_ms: u64,
+        /// One per GPU, in NVML order.
+        gpus: Vec<GpuReading>,
+    },
+}
+
+/// One GPU's readings at one moment (absent: NVML did not answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuReading {
+    /// NVML UUID.
+    pub uuid: String,
+    /// GPU utilisation, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub util_pct: Option<u32>,
+    /// Memory in use, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_used_mib: Option<u64>,
+    /// Temperature, °C.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_c: Option<u32>,
+    /// Power draw, milliwatts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u32>,
 }
 
 /// How often an agent speaks on a quiet feed.
@@ -172,6 +200,12 @@ pub enum CoordMsg {
         /// Only this attempt; all when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         attempt: Option<u32>,
+    },
+    /// Send [`AgentMsg::Telemetry`] every `every_ms` on this feed (agents that predate it
+    /// skip the line; the coordinator asks once per feed).
+    Telemetry {
+        /// Milliseconds between readings (at least 1000).
+        every_ms: u64,
     },
     /// The coordinator stored this end; the agent need not send it again.
     Ack {
@@ -518,6 +552,22 @@ mod tests {
             (copy(), any::<u64>())
                 .prop_map(|(copy, started_ms)| AgentMsg::Started { copy, started_ms }),
             Just(AgentMsg::Heartbeat),
+            (
+                any::<u64>(),
+                s(),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(at_ms, uuid, util, mem)| AgentMsg::Telemetry {
+                    at_ms,
+                    gpus: vec![GpuReading {
+                        uuid,
+                        util_pct: util,
+                        mem_used_mib: mem,
+                        temp_c: util.map(|u| u / 2),
+                        power_mw: None,
+                    }],
+                }),
             (any::<u64>(), any::<u32>(), s()).prop_map(|(pool_job, attempt, reason)| {
                 AgentMsg::Refused {
                     pool_job,
@@ -606,6 +656,7 @@ mod tests {
                     attempt,
                     local_id,
                 }),
+            any::<u64>().prop_map(|every_ms| CoordMsg::Telemetry { every_ms }),
         ]
     }
 

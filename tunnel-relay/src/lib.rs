@@ -59,6 +59,8 @@ pub mod rt;
 pub mod server;
 pub mod splice;
 pub mod tcp;
+#[cfg(feature = "server")]
+pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod wire;

@@ -36,8 +36,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use tunnel_relay::client::IncomingStream;
 use weft_proto::pool::{
-    decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, Inventory, JobCopy, LineError,
-    Start, UsageRecord, MAX_LINE, POOL_CALLER, POOL_SERVICE,
+    decode_line, encode_line, AgentMsg, CoordMsg, Ended, GpuInfo, GpuReading, Inventory, JobCopy,
+    LineError, Start, UsageRecord, MAX_LINE, POOL_CALLER, POOL_SERVICE,
 };
 use weft_proto::usage::{Signer, WorkerClaim};
 
@@ -432,6 +432,22 @@ impl PoolFeed {
         inv
     }
 
+    /// Every GPU's readings from the last sample, in NVML order.
+    pub fn readings(&self) -> Vec<GpuReading> {
+        self.snapshot
+            .read()
+            .gpus
+            .iter()
+            .map(|g| GpuReading {
+                uuid: g.sample.uuid.clone(),
+                util_pct: g.sample.utilization_gpu_percent,
+                mem_used_mib: g.sample.memory_used_bytes.map(|b| b / MIB),
+                temp_c: g.sample.temperature_celsius,
+                power_mw: g.sample.power_draw_milliwatts,
+            })
+            .collect()
+    }
+
     /// Serves the `@pool` streams the relay hands over until the channel closes.
     pub async fn serve_incoming(self: Arc<Self>, mut rx: mpsc::Receiver<IncomingStream>) {
         while let Some(inc) = rx.recv().await {
@@ -571,6 +587,25 @@ impl PoolFeed {
                 }
             }
             CoordMsg::Stop { pool_job, attempt } => self.stop(pool_job, attempt).await,
+            CoordMsg::Telemetry { every_ms } => {
+                // Until this stream's writer is gone (a newer stream asks again).
+                let every = Duration::from_millis(every_ms.max(1000));
+                let (feed, out) = (self.clone(), out.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        let m = AgentMsg::Telemetry {
+                            at_ms: unix_ms(),
+                            gpus: feed.readings(),
+                        };
+                        if out.send(m).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
             CoordMsg::Ack {
                 pool_job,
                 attempt,

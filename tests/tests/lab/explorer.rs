@@ -155,6 +155,13 @@ fn the_explorer_in_a_real_browser() {
         0,
         "a GPU model became markup"
     );
+    // Live readings from the agents' NVML (the stub's): utilisation, temperature, power.
+    b.wait_until(
+        Duration::from_secs(15),
+        "the GPUs' live readings",
+        "const r = document.querySelector('tr[data-device=\"a100\"]'); \
+         return !!r && /\\d+%/.test(r.innerText) && r.innerText.includes('°C') && / W/.test(r.innerText);",
+    );
     b.screenshot(&shots().join("devices.png"));
 
     // ---- a worker goes offline: the page says so without a reload ----
@@ -173,6 +180,15 @@ fn the_explorer_in_a_real_browser() {
     let text = b.main_text();
     assert!(
         text.contains("NVIDIA A100-SXM4-80GB") && text.contains("GPU-"),
+        "{text}"
+    );
+    // The last hour's charts: utilisation, temperature, power, each with its readings so far.
+    assert_eq!(
+        b.script(
+            "return [...document.querySelectorAll('figure.chart svg')] \
+               .filter(s => s.querySelector('polyline, circle')).length;"
+        ),
+        3,
         "{text}"
     );
     b.screenshot(&shots().join("device.png"));

@@ -159,7 +159,12 @@ pub(super) struct PoolShell {
     /// A fleet's lease: its own store connection, and the pool's place in the fleet.
     lease: Option<LeaseKeeper>,
     usage: Arc<UsageSigning>,
+    /// The workers' GPU readings (the web view's; not the scheduler's).
+    pub(super) telemetry: Mutex<crate::telemetry::Telemetry>,
 }
+
+/// How often agents send GPU readings on the feed.
+const TELEMETRY_EVERY_MS: u64 = 5_000;
 
 /// What a fleet relay needs to hold, renew and take over the pool's scheduling lease.
 struct LeaseKeeper {
@@ -278,6 +283,7 @@ impl PoolShell {
                 leading: tokio::sync::watch::channel(Some(0)).0,
                 lease: None,
                 usage,
+                telemetry: Mutex::default(),
             });
         }
         let lease = LeaseKeeper {
@@ -295,6 +301,7 @@ impl PoolShell {
             leading: tokio::sync::watch::channel(None).0,
             lease: Some(lease),
             usage,
+            telemetry: Mutex::default(),
         })
     }
 
@@ -1621,6 +1628,9 @@ async fn run_feed(
         hub.pay_stops(name);
         sid
     };
+    let _ = tx.try_send(CoordMsg::Telemetry {
+        every_ms: TELEMETRY_EVERY_MS,
+    });
     drop(tx);
     info!(worker = %name, "pool feed open");
     let writer = async {
@@ -1649,6 +1659,16 @@ async fn run_feed(
             }
             let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
             match decode_line::<AgentMsg>(line) {
+                // Readings: the web view's, under their own lock; the scheduler only hears
+                // that the worker is alive.
+                Ok(AgentMsg::Telemetry { at_ms, gpus }) => {
+                    lock(&shared.pool.telemetry).record(name, at_ms, gpus);
+                    let mut hub = lock(&shared.pool.hub);
+                    if hub.epoch != epoch {
+                        break;
+                    }
+                    hub.heard(name, Instant::now(), true);
+                }
                 Ok(msg) => {
                     let now = Instant::now();
                     let mut hub = lock(&shared.pool.hub);
@@ -1675,7 +1695,7 @@ async fn run_feed(
                             reason,
                         } => hub.on_refused(name, pool_job, attempt, &reason, now),
                         AgentMsg::Ended(e) => hub.on_ended(name, e, now),
-                        AgentMsg::Heartbeat => {}
+                        AgentMsg::Heartbeat | AgentMsg::Telemetry { .. } => {}
                     }
                     hub.pump(now);
                 }

@@ -341,13 +341,31 @@ fn inputs(shared: &Shared) -> Inputs {
             .filter(|w| matches!(w.state.as_str(), "ready" | "cordoned" | "draining"))
             .map(|w| w.name.to_ascii_lowercase()),
     );
+    let now_ms = unix_ms();
+    let readings = {
+        let t = lock(&shared.pool.telemetry);
+        workers
+            .iter()
+            .flat_map(|w| {
+                w.inventory
+                    .gpus
+                    .iter()
+                    .map(move |g| (w.name.as_str(), g.uuid.as_str()))
+            })
+            .filter_map(|(w, u)| {
+                t.latest(w, u, now_ms)
+                    .map(|r| ((w.to_string(), u.to_string()), r.clone()))
+            })
+            .collect()
+    };
     Inputs {
         nodes,
         online,
         workers,
         jobs,
+        readings,
         started_ms: shared.web.started_ms,
-        now_ms: unix_ms(),
+        now_ms,
     }
 }
 
@@ -510,14 +528,22 @@ async fn device(
         .into_iter()
         .filter(|j| j.members.iter().any(|m| m.worker == n.name))
         .collect();
-    page(
-        &headers,
-        &n.name.clone(),
-        pages::Tab::Devices,
-        &v,
-        &s,
-        pages::device(&n, &jobs, inp.now_ms),
-    )
+    let history = history_of(&shared, &n, inp.now_ms);
+    let main = pages::device(&n, &jobs, &history, inp.now_ms);
+    page(&headers, &n.name.clone(), pages::Tab::Devices, &v, &s, main)
+}
+
+/// Each GPU's last hour.
+fn history_of(
+    shared: &Shared,
+    n: &model::NodeView,
+    now_ms: u64,
+) -> std::collections::BTreeMap<String, Vec<crate::telemetry::Point>> {
+    let t = lock(&shared.pool.telemetry);
+    n.gpus
+        .iter()
+        .map(|g| (g.uuid.clone(), t.history(&n.name, &g.uuid, now_ms)))
+        .collect()
 }
 
 async fn jobs_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -630,9 +656,20 @@ async fn api_node(
         .into_iter()
         .find(|n| n.name == name)
     {
-        Some(n) => Json(n).into_response(),
+        Some(n) => {
+            let history = history_of(&shared, &n, unix_ms());
+            Json(NodeDetail { node: n, history }).into_response()
+        }
         None => api_error(StatusCode::NOT_FOUND, "no such node"),
     }
+}
+
+/// `GET /api/v1/nodes/NAME`: the node and each GPU's last hour (one point a minute).
+#[derive(serde::Serialize)]
+struct NodeDetail {
+    #[serde(flatten)]
+    node: model::NodeView,
+    history: std::collections::BTreeMap<String, Vec<crate::telemetry::Point>>,
 }
 
 async fn api_jobs(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {

@@ -95,6 +95,11 @@ pub(crate) async fn agent(
         let mut lines = BufReader::new(recv).lines();
         while let Ok(Some(l)) = lines.next_line().await {
             let m: CoordMsg = decode_line(l.as_bytes()).unwrap_or_else(|e| panic!("{e}: {l}"));
+            if let CoordMsg::Telemetry { every_ms } = m {
+                // Asked once per feed; this fake agent sends no readings unless a test does.
+                assert_eq!(every_ms, 5_000);
+                continue;
+            }
             if in_tx.send(m).await.is_err() {
                 return;
             }

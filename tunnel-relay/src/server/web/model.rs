@@ -6,10 +6,10 @@
 //! and its own jobs and usage; a worker (a provider's machine) itself, the jobs on it (without
 //! other engineers' command lines) and its earnings. The public summary names nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
-use weft_proto::pool::{JobView, UsageRecord, WorkerView};
+use weft_proto::pool::{GpuReading, JobView, UsageRecord, WorkerView};
 
 use crate::pool_text::civil_from_days;
 use crate::records::NodeRecord;
@@ -47,6 +47,8 @@ pub(crate) struct Inputs {
     pub(crate) workers: Vec<WorkerView>,
     /// Pool jobs (all of them, finished too).
     pub(crate) jobs: Vec<JobView>,
+    /// Fresh GPU readings by (worker, GPU UUID).
+    pub(crate) readings: HashMap<(String, String), GpuReading>,
     /// Unix ms the relay started.
     pub(crate) started_ms: u64,
     /// Unix ms now.
@@ -77,7 +79,7 @@ pub(crate) struct Summary {
 }
 
 /// One GPU as shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct GpuView {
     /// NVML UUID.
     pub(crate) uuid: String,
@@ -89,10 +91,18 @@ pub(crate) struct GpuView {
     pub(crate) health: String,
     /// The pool job holding it.
     pub(crate) job: Option<u64>,
+    /// Utilisation now, percent (absent: no fresh reading).
+    pub(crate) util_pct: Option<u32>,
+    /// Memory in use now, MiB.
+    pub(crate) mem_used_mib: Option<u64>,
+    /// Temperature now, °C.
+    pub(crate) temp_c: Option<u32>,
+    /// Power draw now, watts.
+    pub(crate) power_w: Option<f64>,
 }
 
 /// `GET /api/v1/nodes`: one device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct NodeView {
     /// Name.
     pub(crate) name: String,
@@ -167,12 +177,21 @@ pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
                         .gpus
                         .iter()
                         .enumerate()
-                        .map(|(i, g)| GpuView {
-                            uuid: g.uuid.clone(),
-                            model: g.model.clone(),
-                            memory_mib: g.memory_mib,
-                            health: g.health.clone(),
-                            job: w.holders.get(i).copied().flatten(),
+                        .map(|(i, g)| {
+                            let r = inp.readings.get(&(w.name.clone(), g.uuid.clone()));
+                            GpuView {
+                                uuid: g.uuid.clone(),
+                                model: g.model.clone(),
+                                memory_mib: g.memory_mib,
+                                health: g.health.clone(),
+                                job: w.holders.get(i).copied().flatten(),
+                                util_pct: r.and_then(|r| r.util_pct),
+                                mem_used_mib: r.and_then(|r| r.mem_used_mib),
+                                temp_c: r.and_then(|r| r.temp_c),
+                                power_w: r
+                                    .and_then(|r| r.power_mw)
+                                    .map(|mw| f64::from(mw) / 1000.0),
+                            }
                         })
                         .collect()
                 }),
@@ -403,6 +422,16 @@ mod tests {
                 job(1, "alice", "gpu1", "running"),
                 job(2, "bob", "gpu2", "pending"),
             ],
+            readings: HashMap::from([(
+                ("gpu1".to_string(), "GPU-gpu1".to_string()),
+                GpuReading {
+                    uuid: "GPU-gpu1".into(),
+                    util_pct: Some(87),
+                    mem_used_mib: Some(1024),
+                    temp_c: Some(64),
+                    power_mw: Some(250_500),
+                },
+            )]),
             started_ms: 0,
             now_ms: 61_000,
         }
@@ -455,6 +484,16 @@ mod tests {
             .cloned()
             .unwrap_or_else(|| panic!());
         assert_eq!(g1.gpus[0].job, Some(7));
+        assert_eq!(
+            (g1.gpus[0].util_pct, g1.gpus[0].temp_c, g1.gpus[0].power_w),
+            (Some(87), Some(64), Some(250.5))
+        );
+        let g2 = all
+            .iter()
+            .find(|x| x.name == "gpu2")
+            .cloned()
+            .unwrap_or_else(|| panic!());
+        assert_eq!(g2.gpus[0].util_pct, None, "no reading, nothing made up");
         assert_eq!(g1.uptime_ms, 10 + 60_000);
         let s = summary(&inp);
         assert_eq!(

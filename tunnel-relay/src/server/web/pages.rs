@@ -183,6 +183,9 @@ fn gpu_list(n: &NodeView) -> Markup {
                     (g.model) " · " (gb(g.memory_mib)) " GB"
                     @if g.health != "healthy" { " · " span.warn { (g.health) } }
                     @if let Some(j) = g.job { " · job " (j) }
+                    @if let Some(u) = g.util_pct { " · " span.util { (u) "%" } }
+                    @if let Some(t) = g.temp_c { " · " (t) " °C" }
+                    @if let Some(p) = g.power_w { " · " (format!("{p:.0}")) " W" }
                 }
             }
         }
@@ -310,8 +313,44 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// One device: its details, GPUs and jobs.
-pub(crate) fn device(n: &NodeView, jobs: &[JobView], now_ms: u64) -> Markup {
+/// A line chart of the last hour (`points`: unix ms and value), scaled to `max`, as inline SVG.
+fn chart(label: &str, unit: &str, points: &[(u64, f64)], max: f64, now_ms: u64) -> Markup {
+    let (w, h) = (360.0, 64.0);
+    let hour = 3_600_000.0;
+    let from = now_ms as f64 - hour;
+    let max = if max > 0.0 { max } else { 1.0 };
+    let line: Vec<String> = points
+        .iter()
+        .map(|&(t, v)| {
+            let x = ((t as f64 - from) / hour * w).clamp(0.0, w);
+            let y = h - (v / max).clamp(0.0, 1.0) * (h - 4.0) - 2.0;
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    let last = points.last().map(|&(_, v)| v);
+    html! {
+        figure.chart {
+            figcaption { (label) ": " @if let Some(v) = last { (format!("{v:.0}")) " " (unit) } @else { "no readings" } span.sub { " (last hour)" } }
+            svg viewBox={ "0 0 " (w) " " (h) } width=(w) height=(h) role="img" aria-label={ (label) ", last hour" } {
+                rect x="0" y="0" width=(w) height=(h) fill="none" stroke="#d8dee4" {}
+                @if line.len() > 1 {
+                    polyline points=(line.join(" ")) fill="none" stroke="#0b5cad" stroke-width="2" {}
+                } @else if let Some(p) = line.first() {
+                    @let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+                    circle cx=(x) cy=(y) r="3" fill="#0b5cad" {}
+                }
+            }
+        }
+    }
+}
+
+/// One device: its details, GPUs (with their last hour) and jobs.
+pub(crate) fn device(
+    n: &NodeView,
+    jobs: &[JobView],
+    history: &std::collections::BTreeMap<String, Vec<crate::telemetry::Point>>,
+    now_ms: u64,
+) -> Markup {
     html! {
         h1 { (n.name) " " (state_badge(n)) }
         dl.facts {
@@ -326,12 +365,34 @@ pub(crate) fn device(n: &NodeView, jobs: &[JobView], now_ms: u64) -> Markup {
         h2 { "GPUs" }
         @if n.gpus.is_empty() { p.sub { "No GPUs." } } @else {
             div.scroll { table {
-                thead { tr { th { "UUID" } th { "Model" } th.num { "Memory" } th { "Health" } th { "Job" } } }
-                tbody { @for g in &n.gpus { tr {
+                thead { tr {
+                    th { "UUID" } th { "Model" } th.num { "Memory" } th { "Health" } th { "Job" }
+                    th.num { "Utilisation" } th.num { "Memory used" } th.num { "Temperature" } th.num { "Power" }
+                } }
+                tbody { @for g in &n.gpus { tr data-gpu=(g.uuid) {
                     td { code { (g.uuid) } } td { (g.model) } td.num { (gb(g.memory_mib)) " GB" }
                     td { (g.health) } td { (g.job.map(|j| j.to_string()).unwrap_or_else(|| "free".into())) }
+                    td.num { (g.util_pct.map(|u| format!("{u}%")).unwrap_or_else(|| "-".into())) }
+                    td.num { (g.mem_used_mib.map(|m| format!("{:.1} GB", m as f64 / 1024.0)).unwrap_or_else(|| "-".into())) }
+                    td.num { (g.temp_c.map(|t| format!("{t} °C")).unwrap_or_else(|| "-".into())) }
+                    td.num { (g.power_w.map(|p| format!("{p:.0} W")).unwrap_or_else(|| "-".into())) }
                 } } }
             } }
+            @for g in &n.gpus {
+                @let h = history.get(&g.uuid).map(Vec::as_slice).unwrap_or(&[]);
+                @let util: Vec<(u64, f64)> = h.iter().filter_map(|p| Some((p.minute_ms, p.util_pct?))).collect();
+                @let temp: Vec<(u64, f64)> = h.iter().filter_map(|p| Some((p.minute_ms, f64::from(p.temp_c?)))).collect();
+                @let power: Vec<(u64, f64)> = h.iter().filter_map(|p| Some((p.minute_ms, p.power_w?))).collect();
+                @let pmax = power.iter().map(|p| p.1).fold(0.0, f64::max).max(100.0);
+                section.gpu-charts aria-label={ "GPU " (g.uuid) } {
+                    h3 { code { (g.uuid) } }
+                    div.charts {
+                        (chart("Utilisation", "%", &util, 100.0, now_ms))
+                        (chart("Temperature", "°C", &temp, 100.0, now_ms))
+                        (chart("Power", "W", &power, pmax, now_ms))
+                    }
+                }
+            }
         }
         h2 { "Jobs here" }
         (job_table(jobs))
@@ -430,6 +491,10 @@ mod tests {
                 memory_mib: 81920,
                 health: "healthy".into(),
                 job: None,
+                util_pct: Some(42),
+                mem_used_mib: None,
+                temp_c: Some(61),
+                power_w: Some(212.4),
             }],
             simulated: true,
         }
@@ -465,6 +530,38 @@ mod tests {
             html.contains("page 3 of 3") && html.contains("gpu119") && !html.contains("gpu099")
         );
         assert!(html.contains("rel=\"prev\"") && !html.contains("rel=\"next\""));
+    }
+
+    #[test]
+    fn readings_and_charts_render() {
+        let node = n("gpu1", "H100");
+        let html = devices(std::slice::from_ref(&node), &DeviceQuery::default(), 0).into_string();
+        assert!(
+            html.contains("42%") && html.contains("61 °C") && html.contains("212 W"),
+            "{html}"
+        );
+        let pts = vec![
+            crate::telemetry::Point {
+                minute_ms: 3_540_000,
+                util_pct: Some(10.0),
+                power_w: Some(100.0),
+                temp_c: Some(50),
+                mem_used_mib: None,
+            },
+            crate::telemetry::Point {
+                minute_ms: 3_600_000,
+                util_pct: Some(90.0),
+                power_w: Some(300.0),
+                temp_c: Some(70),
+                mem_used_mib: None,
+            },
+        ];
+        let hist = std::collections::BTreeMap::from([("GPU-1".to_string(), pts)]);
+        let html = device(&node, &[], &hist, 3_600_000).into_string();
+        assert_eq!(html.matches("<polyline").count(), 3, "{html}");
+        assert!(html.contains("Utilisation: 90 %"), "{html}");
+        let empty = device(&node, &[], &Default::default(), 3_600_000).into_string();
+        assert!(empty.contains("no readings"), "{empty}");
     }
 
     #[test]
