@@ -569,11 +569,22 @@ fn earnings_for(shared: &Shared, v: &Viewer) -> Result<Vec<model::Earning>, Stri
     ))
 }
 
-async fn earnings_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+#[derive(Deserialize, Default)]
+struct PageQuery {
+    #[serde(default)]
+    page: usize,
+}
+
+async fn earnings_page(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    q: Result<Query<PageQuery>, QueryRejection>,
+) -> Response {
     let (v, s) = match page_viewer(&shared, &headers) {
         Ok(x) => x,
         Err(r) => return *r,
     };
+    let page_no = q.map(|Query(q)| q.page).unwrap_or(1);
     match earnings_for(&shared, &v) {
         Ok(rows) => page(
             &headers,
@@ -581,7 +592,7 @@ async fn earnings_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) ->
             pages::Tab::Earnings,
             &v,
             &s,
-            pages::earnings(&rows),
+            pages::earnings(&rows, page_no),
         ),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Html(pages::error(&e))).into_response(),
     }
@@ -636,11 +647,43 @@ async fn api_summary(State(shared): State<Arc<Shared>>) -> Response {
     Json(model::summary(&inputs(&shared))).into_response()
 }
 
-async fn api_nodes(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    match api_viewer(&shared, &headers) {
-        Ok(v) => Json(model::nodes(&inputs(&shared), &v)).into_response(),
-        Err(r) => *r,
-    }
+/// `?offset=N&limit=M` of a list (`limit` at most [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent).
+#[derive(Deserialize)]
+struct Window {
+    #[serde(default)]
+    offset: usize,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 10_000;
+
+/// `GET /api/v1/nodes?offset=&limit=`: a page of the nodes the viewer may see, sorted by name;
+/// `X-Total-Count` says how many there are.
+async fn api_nodes(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    w: Result<Query<Window>, QueryRejection>,
+) -> Response {
+    let v = match api_viewer(&shared, &headers) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let Ok(Query(w)) = w else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "query must be `offset=N&limit=M` (numbers)",
+        );
+    };
+    let all = model::nodes(&inputs(&shared), &v);
+    let total = all.len();
+    let limit = w.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
+    let page: Vec<_> = all.into_iter().skip(w.offset).take(limit).collect();
+    let mut r = Json(page).into_response();
+    r.headers_mut()
+        .insert("x-total-count", HeaderValue::from(total));
+    r
 }
 
 async fn api_node(

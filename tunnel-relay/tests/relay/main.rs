@@ -9,6 +9,7 @@ mod relay_bin;
 mod relay_lab;
 
 mod cli;
+mod explorer_bench;
 mod fleet_bench;
 mod hangup;
 mod idle_workers;

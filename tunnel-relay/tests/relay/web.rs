@@ -305,6 +305,19 @@ async fn the_web_view_logs_in_by_link_and_shows_each_role_its_part() {
         .await
         .json();
     assert_eq!(all.as_array().map(Vec::len), Some(4), "{all}");
+    // A page of it: the second node, and how many there are.
+    let a = https(
+        web,
+        "GET",
+        "/api/v1/nodes?offset=1&limit=1",
+        Some(&ops_c),
+        "",
+    )
+    .await;
+    assert_eq!(a.header("x-total-count"), Some("4"));
+    assert_eq!(a.json()[0]["name"], all[1]["name"]);
+    let a = https(web, "GET", "/api/v1/nodes?limit=lots", Some(&ops_c), "").await;
+    assert_eq!(a.code, 400, "{}", a.body);
     assert!(https(
         web,
         "GET",

@@ -438,20 +438,30 @@ pub(crate) fn jobs(all: &[JobView]) -> Markup {
 }
 
 /// The Earnings page.
-pub(crate) fn earnings(rows: &[Earning]) -> Markup {
+pub(crate) fn earnings(rows: &[Earning], page: usize) -> Markup {
     let total: f64 = rows.iter().map(|r| r.gpu_seconds).sum();
+    let pages = rows.len().div_ceil(PAGE_SIZE).max(1);
+    let page = page.clamp(1, pages);
+    let shown = rows.iter().skip((page - 1) * PAGE_SIZE).take(PAGE_SIZE);
     html! {
         h1 { "Earnings" }
         p { "GPU-seconds each device gave, per UTC day, from the signed usage records. "
             a href="/earnings.csv" download="weft-earnings.csv" { "Download CSV" } }
+        p.sub { (rows.len()) " rows" @if pages > 1 { ", page " (page) " of " (pages) } }
         div.scroll { table.earnings {
             thead { tr { th { "Device" } th { "Day" } th.num { "GPU-seconds" } th.num { "GPU-hours" } th.num { "Jobs" } } }
-            tbody { @for r in rows { tr {
+            tbody { @for r in shown { tr {
                 td { (r.device) } td { (r.day) } td.num { (format!("{:.1}", r.gpu_seconds)) }
                 td.num { (format!("{:.3}", r.gpu_seconds / 3600.0)) } td.num { (r.records) }
             } } }
             tfoot { tr { th colspan="2" { "Total" } th.num { (format!("{total:.1}")) } th.num { (format!("{:.3}", total / 3600.0)) } th {} } }
         } }
+        @if pages > 1 {
+            nav.pages aria-label="Pages" {
+                @if page > 1 { a href={ "/earnings?page=" (page - 1) } rel="prev" { "← previous" } }
+                @if page < pages { a href={ "/earnings?page=" (page + 1) } rel="next" { "next →" } }
+            }
+        }
     }
 }
 
