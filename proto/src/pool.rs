@@ -418,34 +418,7 @@ pub struct PoolView {
     pub policy: String,
 }
 
-/// A finished job's usage record: a pool copy's, or (attempt 0) a per-worker job's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageRecord {
-    /// Pool job; for a per-worker job (attempt 0) the agent's local job id.
-    pub job: u64,
-    /// Attempt (1, 2, …); 0 for a per-worker job (`weft jobs submit --worker`).
-    pub attempt: u32,
-    /// Rank in the job.
-    pub rank: u32,
-    /// Engineer.
-    pub engineer: String,
-    /// Provider node (worker name).
-    pub worker: String,
-    /// GPU model.
-    pub gpu_model: String,
-    /// GPU UUIDs.
-    pub gpus: Vec<String>,
-    /// Unix ms (absent if it never started).
-    pub start_ms: Option<u64>,
-    /// Unix ms.
-    pub end_ms: u64,
-    /// GPUs × seconds run.
-    pub gpu_seconds: f64,
-    /// The agent's end state.
-    pub outcome: String,
-    /// Exit code.
-    pub exit_code: Option<i32>,
-}
+pub use crate::usage::UsageRecord;
 
 impl UsageRecord {
     /// The record of an end: the coordinator and the worker both compute it with this, from

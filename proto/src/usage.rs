@@ -23,7 +23,35 @@ use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Format, Width, Writer};
-use crate::pool::UsageRecord;
+
+/// A finished job's usage record: a pool copy's, or (attempt 0) a per-worker job's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Pool job; for a per-worker job (attempt 0) the agent's local job id.
+    pub job: u64,
+    /// Attempt (1, 2, …); 0 for a per-worker job (`weft jobs submit --worker`).
+    pub attempt: u32,
+    /// Rank in the job.
+    pub rank: u32,
+    /// Engineer.
+    pub engineer: String,
+    /// Provider node (worker name).
+    pub worker: String,
+    /// GPU model.
+    pub gpu_model: String,
+    /// GPU UUIDs.
+    pub gpus: Vec<String>,
+    /// Unix ms (absent if it never started).
+    pub start_ms: Option<u64>,
+    /// Unix ms.
+    pub end_ms: u64,
+    /// GPUs × seconds run.
+    pub gpu_seconds: f64,
+    /// The agent's end state.
+    pub outcome: String,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+}
 
 /// How a usage key is written: `ed25519:` and the base64 of its 32 bytes.
 pub const KEY_PREFIX: &str = "ed25519:";

@@ -48,6 +48,13 @@ fn fence(tx: &mut postgres::Transaction<'_>, relay: &str, epoch: i64) -> Result<
     Ok(())
 }
 
+/// Makes the stored text of a usage record from its sequence number (called again when a
+/// PostgreSQL transaction is retried).
+pub type Seal = Box<dyn Fn(u64) -> String + Send>;
+
+/// (seq, stored_ms, record text) of a `pool_usage` row.
+pub(crate) type UsageRow = (i64, i64, String);
+
 impl PgRegistry {
     /// Takes or renews the scheduling lease for this relay; the epoch of its
     /// holding, or None while another relay holds it.
@@ -219,7 +226,7 @@ impl PgRegistry {
         epoch: i64,
         key: (u64, u32, String),
         (end_ms, stored_ms): (u64, u64),
-        seal: crate::pool_store::Seal,
+        seal: Seal,
     ) -> Result<bool, StateError> {
         let me = self.relay_name().to_string();
         let (job, attempt, worker) = (key.0 as i64, i64::from(key.1), key.2);
@@ -253,10 +260,7 @@ impl PgRegistry {
     }
 
     /// Usage rows stored at or after `since_ms`, in sequence order.
-    pub fn pool_usage_export(
-        &self,
-        since_ms: u64,
-    ) -> Result<Vec<crate::pool_store::UsageRow>, StateError> {
+    pub fn pool_usage_export(&self, since_ms: u64) -> Result<Vec<UsageRow>, StateError> {
         let since = since_ms as i64;
         self.call(move |c| {
             let rows = c
@@ -270,10 +274,7 @@ impl PgRegistry {
     }
 
     /// Usage rows that ended at or after `since_ms`, in end order.
-    pub fn pool_usage_since(
-        &self,
-        since_ms: u64,
-    ) -> Result<Vec<crate::pool_store::UsageRow>, StateError> {
+    pub fn pool_usage_since(&self, since_ms: u64) -> Result<Vec<UsageRow>, StateError> {
         let since = since_ms as i64;
         self.call(move |c| {
             let rows = c

@@ -16,7 +16,8 @@ use weft_proto::usage::SignedUsage;
 
 use crate::error::StateError;
 use crate::pg::PgRegistry;
-pub use crate::pg_pool::LeaseHolder;
+use crate::pg_pool::UsageRow;
+pub use crate::pg_pool::{LeaseHolder, Seal};
 use crate::registry::Store;
 
 /// A job as stored: what is shown, and what the scheduler must get back after a restart.
@@ -422,13 +423,6 @@ impl PoolStore {
         }
     }
 }
-
-/// Makes the stored text of a usage record from its sequence number (called again when a
-/// PostgreSQL transaction is retried).
-pub type Seal = Box<dyn Fn(u64) -> String + Send>;
-
-/// (seq, stored_ms, record text) of a `pool_usage` row.
-pub(crate) type UsageRow = (i64, i64, String);
 
 fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
