@@ -137,19 +137,6 @@ pub const MIGRATIONS: &[&str] = &[
         expires TIMESTAMPTZ NOT NULL
      );
      INSERT INTO pool_lease (id, holder, epoch, expires) VALUES (1, '', 0, now());",
-    // 7: usage records numbered in one sequence (signed exports name the numbers they
-    // cover) with the time they were stored; older rows numbered in end order.
-    "ALTER TABLE pool_usage ADD COLUMN seq BIGINT;
-     ALTER TABLE pool_usage ADD COLUMN stored_ms BIGINT;
-     UPDATE pool_usage u SET seq = s.n, stored_ms = u.end_ms
-        FROM (SELECT job, attempt, worker,
-                     row_number() OVER (ORDER BY end_ms, job, attempt, worker) AS n
-              FROM pool_usage) s
-        WHERE u.job = s.job AND u.attempt = s.attempt AND u.worker = s.worker;
-     ALTER TABLE pool_usage ALTER COLUMN seq SET NOT NULL;
-     ALTER TABLE pool_usage ALTER COLUMN stored_ms SET NOT NULL;
-     CREATE UNIQUE INDEX pool_usage_seq ON pool_usage (seq);
-     CREATE INDEX pool_usage_stored ON pool_usage (stored_ms);",
 ];
 
 /// A relay whose last heartbeat is older than this (ms) is down: the other
@@ -272,7 +259,17 @@ pub(crate) fn pg_err(e: &postgres::Error) -> StateError {
     }
 }
 
-/// Brings the schema to [`MIGRATIONS`]' version; refuses a newer one.
+/// Additions that relays of the previous schema version live with (they neither read nor
+/// require them), applied by every newer relay at connect without raising the version, so a
+/// fleet upgrades one relay at a time: the usage sequence (`seq`) and store time
+/// (`stored_ms`). Rows an older relay inserts have neither; the next holder of this version
+/// numbers them (`pg_pool`), as unsigned.
+const ADDITIVE: &str = "ALTER TABLE pool_usage ADD COLUMN IF NOT EXISTS seq BIGINT;
+     ALTER TABLE pool_usage ADD COLUMN IF NOT EXISTS stored_ms BIGINT;
+     CREATE UNIQUE INDEX IF NOT EXISTS pool_usage_seq ON pool_usage (seq);
+     CREATE INDEX IF NOT EXISTS pool_usage_stored ON pool_usage (stored_ms);";
+
+/// Brings the schema to [`MIGRATIONS`]' version (and [`ADDITIVE`]); refuses a newer one.
 fn migrate(c: &mut Client) -> Result<(), StateError> {
     let known = MIGRATIONS.len() as i32;
     let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
@@ -295,6 +292,7 @@ fn migrate(c: &mut Client) -> Result<(), StateError> {
             .map_err(|e| pg_err(&e))?;
         info!(version = v, "store schema migrated");
     }
+    tx.batch_execute(ADDITIVE).map_err(|e| pg_err(&e))?;
     tx.commit().map_err(|e| pg_err(&e))
 }
 

@@ -243,6 +243,17 @@ impl PgRegistry {
             if known.is_some() {
                 return Ok(false);
             }
+            // Rows an older relay of the fleet stored have no number yet: theirs come first.
+            tx.execute(
+                "UPDATE pool_usage u SET seq = m.base + s.n, stored_ms = COALESCE(u.stored_ms, u.end_ms)
+                 FROM (SELECT job, attempt, worker,
+                              row_number() OVER (ORDER BY end_ms, job, attempt, worker) AS n
+                       FROM pool_usage WHERE seq IS NULL) s,
+                      (SELECT COALESCE(MAX(seq), 0) AS base FROM pool_usage) m
+                 WHERE u.job = s.job AND u.attempt = s.attempt AND u.worker = s.worker",
+                &[],
+            )
+            .map_err(|e| pg_err(&e))?;
             let seq: i64 = tx
                 .query_one("SELECT COALESCE(MAX(seq), 0) + 1 FROM pool_usage", &[])
                 .map_err(|e| pg_err(&e))?
@@ -265,11 +276,15 @@ impl PgRegistry {
         self.call(move |c| {
             let rows = c
                 .query(
-                    "SELECT seq, stored_ms, record FROM pool_usage WHERE stored_ms >= $1 ORDER BY seq",
+                    "SELECT seq, COALESCE(stored_ms, end_ms), record FROM pool_usage
+                     WHERE seq IS NOT NULL AND COALESCE(stored_ms, end_ms) >= $1 ORDER BY seq",
                     &[&since],
                 )
                 .map_err(|e| pg_err(&e))?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         })
     }
 
@@ -279,11 +294,15 @@ impl PgRegistry {
         self.call(move |c| {
             let rows = c
                 .query(
-                    "SELECT seq, stored_ms, record FROM pool_usage WHERE end_ms >= $1 ORDER BY end_ms, job, worker",
+                    "SELECT COALESCE(seq, 0), COALESCE(stored_ms, end_ms), record FROM pool_usage
+                     WHERE end_ms >= $1 ORDER BY end_ms, job, worker",
                     &[&since],
                 )
                 .map_err(|e| pg_err(&e))?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         })
     }
 }
