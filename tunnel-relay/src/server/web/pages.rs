@@ -5,7 +5,7 @@
 use maud::{html, Markup, DOCTYPE};
 
 use super::model::{Earning, NodeView, Role, Summary, Viewer};
-use crate::pool_text::utc;
+use crate::pool_text::{gpu_gb, span, utc};
 use weft_proto::pool::JobView;
 
 /// The stylesheet (`/assets/weft.css`).
@@ -125,7 +125,7 @@ fn counters(s: &Summary) -> Markup {
             div { b data-k="jobs_running" { (s.jobs_running) } span { "jobs running" } }
             div { b data-k="jobs_queued" { (s.jobs_queued) } span { "jobs queued" } }
             div { b data-k="clusters" { (s.clusters) } span { "clusters" } }
-            div { b { (duration(s.uptime_s * 1000)) } span { "relay uptime" } }
+            div { b { (span(s.uptime_s * 1000)) } span { "relay uptime" } }
         }
         @if !s.gpus_by_model.is_empty() {
             h2 { "GPUs by model" }
@@ -139,28 +139,11 @@ fn counters(s: &Summary) -> Markup {
     }
 }
 
-/// A duration in ms as `3d 4h`, `2h 5m`, `4m 10s`, `12s`.
-pub(crate) fn duration(ms: u64) -> String {
-    let s = ms / 1000;
-    let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{sec}s"),
-        (0, 0, _) => format!("{m}m {sec}s"),
-        (0, _, _) => format!("{h}h {m}m"),
-        _ => format!("{d}d {h}h"),
-    }
-}
-
-/// MiB as whole GB, rounded (24564 MiB is a 24 GB card).
-fn gb(mib: u64) -> u64 {
-    (mib + 512) / 1024
-}
-
 fn ago(now_ms: u64, then_ms: u64) -> String {
     if then_ms == 0 {
         return "never".into();
     }
-    format!("{} ago", duration(now_ms.saturating_sub(then_ms)))
+    format!("{} ago", span(now_ms.saturating_sub(then_ms)))
 }
 
 fn state_badge(n: &NodeView) -> Markup {
@@ -180,7 +163,7 @@ fn gpu_list(n: &NodeView) -> Markup {
         ul.gpus {
             @for g in &n.gpus {
                 li {
-                    (g.model) " · " (gb(g.memory_mib)) " GB"
+                    (g.model) " · " (gpu_gb(g.memory_mib)) " GB"
                     @if g.health != "healthy" { " · " span.warn { (g.health) } }
                     @if let Some(j) = g.job { " · job " (j) }
                     @if let Some(u) = g.util_pct { " · " span.util { (u) "%" } }
@@ -360,7 +343,7 @@ pub(crate) fn device(
             dt { "Home relay" } dd { (n.home.as_deref().unwrap_or("-")) }
             dt { "First seen" } dd { (utc(n.first_seen_ms)) " UTC" }
             dt { "Last seen" } dd { @if n.online { "now" } @else { (ago(now_ms, n.last_seen_ms)) } }
-            dt { "Connected in all" } dd { (duration(n.uptime_ms)) }
+            dt { "Connected in all" } dd { (span(n.uptime_ms)) }
         }
         h2 { "GPUs" }
         @if n.gpus.is_empty() { p.sub { "No GPUs." } } @else {
@@ -370,7 +353,7 @@ pub(crate) fn device(
                     th.num { "Utilisation" } th.num { "Memory used" } th.num { "Temperature" } th.num { "Power" }
                 } }
                 tbody { @for g in &n.gpus { tr data-gpu=(g.uuid) {
-                    td { code { (g.uuid) } } td { (g.model) } td.num { (gb(g.memory_mib)) " GB" }
+                    td { code { (g.uuid) } } td { (g.model) } td.num { (gpu_gb(g.memory_mib)) " GB" }
                     td { (g.health) } td { (g.job.map(|j| j.to_string()).unwrap_or_else(|| "free".into())) }
                     td.num { (g.util_pct.map(|u| format!("{u}%")).unwrap_or_else(|| "-".into())) }
                     td.num { (g.mem_used_mib.map(|m| format!("{:.1} GB", m as f64 / 1024.0)).unwrap_or_else(|| "-".into())) }
@@ -576,9 +559,9 @@ mod tests {
 
     #[test]
     fn durations_read_well() {
-        assert_eq!(duration(12_000), "12s");
-        assert_eq!(duration(250_000), "4m 10s");
-        assert_eq!(duration(7_500_000), "2h 5m");
-        assert_eq!(duration(3 * 86_400_000 + 4 * 3_600_000), "3d 4h");
+        assert_eq!(span(12_000), "12s");
+        assert_eq!(span(250_000), "4m 10s");
+        assert_eq!(span(7_500_000), "2h 5m");
+        assert_eq!(span(3 * 86_400_000 + 4 * 3_600_000), "3d 4h");
     }
 }
