@@ -330,6 +330,9 @@ pub struct Coordinator {
     /// when several relays share one store, so every replica gives a key
     /// the same id without asking the others.
     key_ids: bool,
+    /// Counts the changes a viewer could see (joins, online, tags, removals, policy):
+    /// the web view's cue to rebuild.
+    changes: u64,
 }
 
 fn normalize_tags(tags: &[String]) -> Result<Vec<String>, CoordError> {
@@ -388,7 +391,13 @@ impl Coordinator {
             talk: Vec::new(),
             next_id: 1,
             key_ids: false,
+            changes: 0,
         })
+    }
+
+    /// How many changes a viewer could see have been made (never decreases).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// New nodes get [`NodeId::of_key`] ids (a fleet on one shared store).
@@ -601,6 +610,7 @@ impl Coordinator {
     /// updates to send: to every peer that sees it, and to the node itself
     /// (a snapshot, or the deltas since `req.since`).
     pub fn join(&mut self, req: JoinRequest) -> Result<(NodeId, Outbox), CoordError> {
+        self.changes += 1;
         validate_name(&req.name).map_err(|source| CoordError::BadName {
             name: req.name.clone(),
             source,
@@ -765,6 +775,7 @@ impl Coordinator {
     /// node's tags become its own plus these, and every peer whose visibility or filter
     /// changes is told (the same path as a change of tags). No-op if unchanged.
     pub fn set_extra_tags(&mut self, id: NodeId, extra: &[String]) -> Result<Outbox, CoordError> {
+        self.changes += 1;
         let n = self.nodes.get(&id).ok_or(CoordError::UnknownNode(id))?;
         let mut extra = extra.to_vec();
         extra.sort();
@@ -811,6 +822,7 @@ impl Coordinator {
 
     /// The node's control session came up or went down. No-op if unchanged.
     pub fn set_online(&mut self, id: NodeId, online: bool) -> Result<Outbox, CoordError> {
+        self.changes += 1;
         let n = self.nodes.get_mut(&id).ok_or(CoordError::UnknownNode(id))?;
         let mut out = Outbox::new();
         if n.online != online {
@@ -834,6 +846,7 @@ impl Coordinator {
         online: bool,
         home: Option<&str>,
     ) -> Result<Outbox, CoordError> {
+        self.changes += 1;
         let home = home.map(str::to_owned);
         validate_name(&rec.name).map_err(|source| CoordError::BadName {
             name: rec.name.clone(),
@@ -918,6 +931,7 @@ impl Coordinator {
     /// Removes a node (left, or revoked): every peer that saw it forgets it;
     /// its address and name become free. Returns its last record too.
     pub fn remove(&mut self, id: NodeId) -> Result<(NodeRecord, Outbox), CoordError> {
+        self.changes += 1;
         let n = self.nodes.get(&id).ok_or(CoordError::UnknownNode(id))?;
         let ts = n.tagset;
         let change = Arc::new(PeerChange::Remove(n.rec.key));
@@ -936,6 +950,7 @@ impl Coordinator {
     /// Replaces the ACL: sends upserts/removes for every node pair whose
     /// visibility flipped and the new filter to nodes whose filter changed.
     pub fn set_policy(&mut self, policy: AclPolicy) -> Result<Outbox, CoordError> {
+        self.changes += 1;
         policy.validate("acl")?;
         let t = self.tagsets.len();
         let new_talk: Vec<Vec<bool>> = (0..t)

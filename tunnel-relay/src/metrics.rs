@@ -46,6 +46,11 @@
 //!   `weft_relay_tcp_answered_total` (counter): plain HTTP requests answered
 //!   (`/`, the probe, errors); `weft_relay_tcp_pending` (gauge): TCP
 //!   connections accepted and not admitted yet (what that limit caps).
+//! - `weft_relay_info{relay=NAME,region=REGION,version=VERSION}` (gauge, always
+//!   1): who this relay is (`name`, `region` and the crate version), set once
+//!   at startup; dashboards join the unlabelled families to it on
+//!   `instance`/`job` to show them per relay and region
+//!   (`deploy/grafana/weft-dashboard.json`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -109,6 +114,7 @@ pub struct Metrics {
     pub fleet_delivered: Counter,
     /// Tunnel opens redirected to the worker's home relay.
     pub fleet_redirects: Counter,
+    info: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -220,6 +226,11 @@ impl Metrics {
             "fleet_redirects",
             "Tunnel opens answered with a redirect to the worker's home relay of the fleet",
         );
+        let info = registered(
+            r,
+            "info",
+            "This relay: its fleet name, region and version (always 1)",
+        );
         let dir = |d: &str| vec![("direction".to_string(), d.to_string())];
         let to_worker = bytes.get_or_create(&dir("to_worker")).clone();
         let to_engineer = bytes.get_or_create(&dir("to_engineer")).clone();
@@ -250,7 +261,21 @@ impl Metrics {
             fleet_forwarded,
             fleet_delivered,
             fleet_redirects,
+            info,
         }
+    }
+
+    /// Sets `weft_relay_info{relay, region, version}` to 1, replacing any
+    /// identity set before (so one relay is one series).
+    pub fn set_identity(&self, relay: &str, region: &str) {
+        self.info.clear();
+        let label = |k: &str, v: &str| (k.to_string(), label_value(v));
+        let labels = vec![
+            label("relay", relay),
+            label("region", region),
+            label("version", env!("CARGO_PKG_VERSION")),
+        ];
+        self.info.get_or_create(&labels).set(1);
     }
 
     /// Counts one admitted connection by transport.
@@ -291,6 +316,14 @@ impl Metrics {
     }
 }
 
+/// `v` escaped as an OpenMetrics label value (the text encoder writes label
+/// values as they are, and names and regions come from the config file).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// A new metric of type `M`, registered as `name` with `help`; the handle
 /// returned shares its value with the registry.
 fn registered<M>(registry: &mut Registry, name: &str, help: &str) -> M
@@ -328,4 +361,94 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let l = std::net::TcpListener::bind(addr)?;
     l.set_nonblocking(true)?;
     TcpListener::from_std(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The dashboard operators import (`deploy/grafana/README.md`).
+    const DASHBOARD: &str = include_str!("../../deploy/grafana/weft-dashboard.json");
+    /// The worker agent's exposition, which writes each family's name as one string literal.
+    const AGENT_METRICS: &str = include_str!("../../worker-agent/src/metrics.rs");
+
+    /// The relay's exposition with a sample in every family: the identity set and each
+    /// labelled family touched (an untouched family renders its `# HELP` and `# TYPE` only).
+    fn rendered() -> String {
+        let m = Metrics::new();
+        m.set_identity("fra", "eu-central");
+        m.refused(Reason::TokenExpired);
+        m.admitted_over("tcp");
+        m.tcp_refused("tls");
+        m.mesh_call_me_maybe("forwarded");
+        m.encode()
+    }
+
+    /// The series names in an exposition (what a PromQL selector names).
+    fn sample_names(text: &str) -> BTreeSet<&str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
+
+    /// Every `weft_…` identifier in `text` (no `:`: that is for recording rules, and the
+    /// dashboard's descriptions write `name: what it counts`).
+    fn weft_names(text: &str) -> BTreeSet<&str> {
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        text.split(|c: char| !ident(c))
+            .filter(|w| w.starts_with("weft_"))
+            .collect()
+    }
+
+    #[test]
+    fn info_names_the_relay_its_region_and_version_once() {
+        let m = Metrics::new();
+        assert!(!sample_names(&m.encode()).contains("weft_relay_info"));
+        m.set_identity("old-name", "eu");
+        m.set_identity("fra \"1\"", "eu-central");
+        let text = m.encode();
+        let want = format!(
+            r#"weft_relay_info{{relay="fra \"1\"",region="eu-central",version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(
+            text.lines().any(|l| l == want),
+            "{want:?} missing from\n{text}"
+        );
+        assert!(text.contains("# TYPE weft_relay_info gauge\n"), "{text}");
+        assert!(!text.contains("old-name"), "{text}");
+    }
+
+    #[test]
+    fn the_dashboard_queries_only_metrics_the_daemons_export() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(DASHBOARD).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(dashboard["schemaVersion"], 39);
+        let relay = rendered();
+        let exported = sample_names(&relay);
+        let names = weft_names(DASHBOARD);
+        assert!(
+            names.contains("weft_relay_info") && names.contains("weft_gpu_utilization_percent"),
+            "{names:?}"
+        );
+        for name in names {
+            if name.starts_with("weft_relay_") {
+                assert!(
+                    exported.contains(name),
+                    "{name} is not a series of the relay's /metrics:\n{relay}"
+                );
+            } else if name.starts_with("weft_gpu_") || name.starts_with("weft_agent_") {
+                assert!(
+                    AGENT_METRICS.contains(&format!("\"{name}\"")),
+                    "{name} is not a family in worker-agent/src/metrics.rs"
+                );
+            } else {
+                panic!("{name}: no daemon exports it (only the relay and the worker agent export weft_ metrics)");
+            }
+        }
+    }
 }

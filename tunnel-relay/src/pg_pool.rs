@@ -288,6 +288,24 @@ impl PgRegistry {
         })
     }
 
+    /// Usage rows numbered after `seq`, in sequence order.
+    pub fn pool_usage_after(&self, seq: u64) -> Result<Vec<UsageRow>, StateError> {
+        let after = seq as i64;
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT seq, COALESCE(stored_ms, end_ms), record FROM pool_usage
+                     WHERE seq > $1 ORDER BY seq",
+                    &[&after],
+                )
+                .map_err(|e| pg_err(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
+        })
+    }
+
     /// Usage rows that ended at or after `since_ms`, in end order.
     pub fn pool_usage_since(&self, since_ms: u64) -> Result<Vec<UsageRow>, StateError> {
         let since = since_ms as i64;

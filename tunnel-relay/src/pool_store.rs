@@ -57,6 +57,8 @@ pub struct Flags {
 /// PostgreSQL (`pg_pool.rs`), where the scheduler's writes are fenced by its lease's epoch.
 pub struct PoolStore {
     backend: Backend,
+    /// Writes made through this connection (see [`PoolStore::writes`]).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 enum Backend {
@@ -112,6 +114,7 @@ impl PoolStore {
         migrate_usage(&db)?;
         Ok(PoolStore {
             backend: Backend::Sqlite { db, path },
+            writes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -131,8 +134,15 @@ impl PoolStore {
                     reg: PgRegistry::connect(url, relay)?,
                     epoch,
                 },
+                writes: std::sync::atomic::AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Writes of jobs, workers, flags and usage made through this connection so far (never
+    /// decreases): the web view's cue that the pool changed.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the pool is shared by a fleet (PostgreSQL): then one relay at a time
@@ -203,6 +213,8 @@ impl PoolStore {
 
     /// Writes a job's row.
     pub fn save_job(&self, job: &StoredJob) -> Result<(), StateError> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let text = self.json(&format!("pool job {}", job.view.id), job)?;
         match &self.backend {
             Backend::Sqlite { db, .. } => {
@@ -257,6 +269,8 @@ impl PoolStore {
 
     /// Writes a worker's row.
     pub fn save_worker(&self, w: &WorkerView) -> Result<(), StateError> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let text = self.json(&format!("pool worker {}", w.name), w)?;
         match &self.backend {
             Backend::Sqlite { db, .. } => {
@@ -286,6 +300,8 @@ impl PoolStore {
 
     /// Sets a worker's flags (the operator's commands).
     pub fn set_flags(&self, name: &str, f: Flags) -> Result<(), StateError> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         match &self.backend {
             Backend::Sqlite { db, .. } => {
                 db.execute(
@@ -333,6 +349,8 @@ impl PoolStore {
         stored_ms: u64,
         seal: Seal,
     ) -> Result<bool, StateError> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         match &self.backend {
             Backend::Sqlite { db, .. } => {
                 let tx = db.unchecked_transaction()?;
@@ -404,6 +422,22 @@ impl PoolStore {
                 rows.collect::<Result<_, _>>()?
             }
             Backend::Pg { reg, .. } => reg.pool_usage_export(since_ms)?,
+        };
+        rows.into_iter().map(|r| self.signed(r)).collect()
+    }
+
+    /// The records numbered after `seq`, in sequence order (an index kept up to date by
+    /// asking for what is new: one indexed query that finds nothing while nothing was stored).
+    pub fn usage_after(&self, seq: u64) -> Result<Vec<SignedUsage>, StateError> {
+        let rows: Vec<UsageRow> = match &self.backend {
+            Backend::Sqlite { db, .. } => {
+                let mut st = db.prepare_cached(
+                    "SELECT seq, stored_ms, record FROM pool_usage WHERE seq > ?1 ORDER BY seq",
+                )?;
+                let rows = st.query_map(params![seq as i64], usage_row)?;
+                rows.collect::<Result<_, _>>()?
+            }
+            Backend::Pg { reg, .. } => reg.pool_usage_after(seq)?,
         };
         rows.into_iter().map(|r| self.signed(r)).collect()
     }

@@ -364,6 +364,22 @@ impl Registry {
         }
     }
 
+    /// A number that moves whenever what [`Registry::list_nodes`] answers may have changed:
+    /// SQLite's `data_version` (other connections' commits) plus this connection's own
+    /// changes. `None` for PostgreSQL, whose admissions other relays write without a
+    /// notification: callers there look again on a timer.
+    pub fn web_gen(&self) -> Option<u64> {
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let dv: i64 =
+                    s.db.query_row("PRAGMA data_version", [], |r| r.get(0))
+                        .ok()?;
+                Some((dv as u64).wrapping_add(s.db.total_changes()))
+            }
+            Backend::Pg(_) => None,
+        }
+    }
+
     /// Wakes when another relay or an operator command changes the shared
     /// store (PostgreSQL's LISTEN/NOTIFY); `None` for SQLite (poll
     /// [`Registry::data_version`]).

@@ -80,6 +80,8 @@ pub struct Routes<C> {
     /// Tunnels each worker connection carries (grants not yet released).
     tunnels: HashMap<u64, u32>,
     max_streams: u32,
+    /// Connections made and ended (see [`Routes::changes`]).
+    changes: u64,
     /// The pool's group tags per node (a running gang's members).
     groups: HashMap<PublicKey, Vec<String>>,
     /// Mesh nodes whose session is on another relay of the fleet: that
@@ -106,6 +108,7 @@ impl<C: Clone> Routes<C> {
             remote: HashMap::new(),
             remote_slots: HashMap::new(),
             max_streams,
+            changes: 0,
         }
     }
 
@@ -158,12 +161,19 @@ impl<C: Clone> Routes<C> {
         tags: Vec<String>,
         worker: Option<(String, WorkerRoute<C>)>,
     ) -> Option<(u64, C)> {
+        self.changes += 1;
         self.by_key.insert(key, (id, conn.clone(), tags.clone()));
         self.nodes.insert(id, (key, conn, tags));
         let (name, route) = worker?;
         self.workers
             .insert(name, route)
             .map(|old| (old.id, old.conn))
+    }
+
+    /// Connections made and ended so far (never decreases): the web view's cue that who
+    /// is online may have changed.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Tunnels worker connection `id` carries now.
@@ -175,6 +185,7 @@ impl<C: Clone> Routes<C> {
     /// When it was its key's newest, the newest of that key's others (if
     /// any is still connected) takes its place for datagrams.
     pub fn disconnect(&mut self, id: u64, name: &str) {
+        self.changes += 1;
         if let Some((key, _, _)) = self.nodes.remove(&id) {
             if self.by_key.get(&key).is_some_and(|(i, _, _)| *i == id) {
                 self.by_key.remove(&key);

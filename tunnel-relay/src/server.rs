@@ -386,6 +386,7 @@ impl Relay {
         };
         let routes = Arc::new(Mutex::new(Routes::new(limits.max_streams_per_node)));
         let metrics = Arc::new(Metrics::new());
+        metrics.set_identity(&relay_name, &opts.config.region());
         let pool = pool::PoolShell::open(
             dir,
             &opts.config.pool,

@@ -53,6 +53,8 @@ pub struct Telemetry {
     workers: HashMap<String, (u64, HashMap<String, Gpu>)>,
     /// Records since the last [`Telemetry::prune`].
     since_prune: u32,
+    /// Readings that differed from their GPU's previous one (see [`Telemetry::changes`]).
+    changes: u64,
 }
 
 impl Telemetry {
@@ -89,8 +91,17 @@ impl Telemetry {
                 m.temp_max = m.temp_max.max(r.temp_c);
                 m.mem_max = m.mem_max.max(r.mem_used_mib);
             }
+            if g.latest.as_ref().is_none_or(|(_, old)| *old != r) {
+                self.changes += 1;
+            }
             g.latest = Some((at_ms, r));
         }
+    }
+
+    /// How many readings differed from their GPU's previous one (never decreases): an idle
+    /// GPU reporting the same figures every few seconds is no change for the web view.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Forgets workers that sent nothing for an hour.

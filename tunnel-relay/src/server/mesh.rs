@@ -162,6 +162,11 @@ impl Mesh {
             .map(|r| r.name.clone())
             .collect()
     }
+
+    /// Moves whenever what [`Mesh::online_names`] or a node's record could show changes.
+    pub(super) fn web_gen(&self) -> u64 {
+        lock(&self.hub).coord.changes()
+    }
 }
 
 fn unix_ms() -> u64 {

@@ -2319,6 +2319,20 @@ impl PoolShell {
             .map_err(|e| e.to_string())
     }
 
+    /// The usage records numbered after `seq` (the web view's earnings index).
+    pub(super) fn usage_after(&self, seq: u64) -> Result<Vec<SignedUsage>, String> {
+        let store = match &self.lease {
+            Some(l) if self.leading().is_none() => lock(&l.store),
+            _ => {
+                return lock(&self.hub)
+                    .store
+                    .usage_after(seq)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        store.usage_after(seq).map_err(|e| e.to_string())
+    }
+
     /// Every worker and every job (finished too, with why the pending ones wait), for the
     /// web view: the scheduler's own state, or the store's on a fleet relay that does not
     /// schedule.
@@ -2344,6 +2358,17 @@ impl PoolShell {
             .collect();
         let jobs = hub.jobs.values().map(|j| hub.job_view(j)).collect();
         (workers, jobs)
+    }
+
+    /// A number that moves whenever what [`PoolShell::web_state`] answers may have changed
+    /// (the scheduler's writes, GPU readings that differ); `None` on a fleet relay that does
+    /// not schedule (the holder writes the store: look again on a timer).
+    pub(super) fn web_gen(&self) -> Option<u64> {
+        if let (None, Some(_)) = (self.leading(), &self.lease) {
+            return None;
+        }
+        let writes = lock(&self.hub).store.writes();
+        Some(writes.wrapping_add(lock(&self.telemetry).changes()))
     }
 
     /// Whether a node with these tags is an operator of the pool (sees everything), and

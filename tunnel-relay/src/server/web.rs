@@ -41,6 +41,8 @@ const MAX_CONNECTIONS: usize = 512;
 /// The web view's state in the relay.
 pub(super) struct WebShell {
     sessions: Mutex<Sessions>,
+    /// GPU-seconds per device and day, brought up to date at each Earnings request.
+    earnings: Mutex<model::EarningsIndex>,
     /// Where browsers reach it (None: off).
     base: Option<String>,
     started_ms: u64,
@@ -60,6 +62,7 @@ impl WebShell {
     ) -> WebShell {
         WebShell {
             sessions: Mutex::new(Sessions::default()),
+            earnings: Mutex::new(model::EarningsIndex::default()),
             base: config.web_base(bound),
             started_ms: unix_ms(),
         }
@@ -291,10 +294,76 @@ fn viewer_of(shared: &Shared, s: &Session) -> Viewer {
     }
 }
 
-/// The viewer of a page (or the public page with 401).
-fn page_viewer(shared: &Shared, headers: &HeaderMap) -> Result<(Viewer, Session), Box<Response>> {
+/// How long a page may go without being built again though nothing moved (its relative
+/// times, "relay uptime", readings going stale, the charts' minutes).
+const MAX_AGE_MS: u64 = 60_000;
+/// The same where the relay cannot see every change (a fleet's PostgreSQL registry, or a fleet
+/// relay that does not schedule the pool): the page is built again this often.
+const MAX_AGE_BLIND_MS: u64 = 5_000;
+
+/// The version of what the pages show, as an entity tag: it changes whenever the registry,
+/// the pool, the mesh's or the relay's sessions, or GPU readings change, when the relay
+/// restarts, and at least every [`MAX_AGE_MS`]. Costs a few counters and one SQLite pragma,
+/// no list: a live poll whose tag still matches is answered 304 without building anything.
+fn version_tag(shared: &Shared, now_ms: u64) -> String {
+    let registry = lock(&shared.registry).web_gen();
+    let pool = shared.pool.web_gen();
+    let mesh = shared.mesh.web_gen();
+    let routes = lock(&shared.routes).changes();
+    let every = if registry.is_some() && pool.is_some() {
+        MAX_AGE_MS
+    } else {
+        MAX_AGE_BLIND_MS
+    };
+    format!(
+        "\"{:x}.{:x}.{:x}.{:x}.{:x}.{:x}\"",
+        shared.web.started_ms,
+        registry.unwrap_or(0),
+        pool.unwrap_or(0),
+        mesh,
+        routes,
+        now_ms / every
+    )
+}
+
+/// A live poll (`X-Weft-Live`) whose `If-None-Match` is still the version: 304, nothing built.
+fn unchanged(headers: &HeaderMap, tag: &str) -> bool {
+    headers.get("x-weft-live").is_some()
+        && headers
+            .get(header::IF_NONE_MATCH)
+            .is_some_and(|v| v.as_bytes() == tag.as_bytes())
+}
+
+fn not_modified(tag: &str) -> Response {
+    let mut r = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(v) = HeaderValue::from_str(tag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+/// Who is asking for a page and the version it will show; the public page with 401 when
+/// nobody is logged in; 304 when a live poll already has this version.
+struct PageCtx {
+    v: Viewer,
+    s: Session,
+    tag: String,
+}
+
+/// The viewer of a page (or the public page with 401, or 304 for an unchanged live poll).
+fn page_viewer(shared: &Shared, headers: &HeaderMap) -> Result<PageCtx, Box<Response>> {
     match session_of(shared, headers) {
-        Some(s) => Ok((viewer_of(shared, &s), s)),
+        Some(s) => {
+            let tag = version_tag(shared, unix_ms());
+            if unchanged(headers, &tag) {
+                return Err(Box::new(not_modified(&tag)));
+            }
+            Ok(PageCtx {
+                v: viewer_of(shared, &s),
+                s,
+                tag,
+            })
+        }
         None => {
             let s = model::summary(&inputs(shared));
             let note = "Log in with `weft web` to see this page.";
@@ -369,37 +438,44 @@ fn inputs(shared: &Shared) -> Inputs {
     }
 }
 
-/// A page, or only its `<main>` for the live update (`X-Weft-Live: 1`).
+/// A page, or only its `<main>` for the live update (`X-Weft-Live: 1`), with its version.
 fn page(
     headers: &HeaderMap,
     title: &str,
     tab: pages::Tab,
-    v: &Viewer,
-    s: &Session,
+    c: &PageCtx,
     main: maud::Markup,
 ) -> Response {
-    if headers.get("x-weft-live").is_some() {
-        return Html(main.into_string()).into_response();
+    let mut r = if headers.get("x-weft-live").is_some() {
+        Html(main.into_string()).into_response()
+    } else {
+        Html(pages::layout(title, tab, &c.v, &c.s.csrf, &c.tag, main)).into_response()
+    };
+    if let Ok(v) = HeaderValue::from_str(&c.tag) {
+        r.headers_mut().insert(header::ETAG, v);
     }
-    Html(pages::layout(title, tab, v, &s.csrf, main)).into_response()
+    r
 }
 
 // ---- pages ----
 
 async fn network(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if session_of(&shared, &headers).is_none() {
+        let s = model::summary(&inputs(&shared));
+        return Html(pages::public(&s, None)).into_response();
+    }
+    let c = match page_viewer(&shared, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let inp = inputs(&shared);
     let s = model::summary(&inp);
-    let Some(sess) = session_of(&shared, &headers) else {
-        return Html(pages::public(&s, None)).into_response();
-    };
-    let v = viewer_of(&shared, &sess);
-    let nodes = model::nodes(&inp, &v);
+    let nodes = model::nodes(&inp, &c.v);
     page(
         &headers,
         "Network",
         pages::Tab::Network,
-        &v,
-        &sess,
+        &c,
         pages::network(&s, &nodes),
     )
 }
@@ -494,19 +570,19 @@ async fn devices(
     headers: HeaderMap,
     q: Result<Query<pages::DeviceQuery>, QueryRejection>,
 ) -> Response {
-    let (v, s) = match page_viewer(&shared, &headers) {
-        Ok(x) => x,
+    let c = match page_viewer(&shared, &headers) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
+    let v = &c.v;
     let q = q.map(|Query(q)| q).unwrap_or_default();
     let inp = inputs(&shared);
-    let nodes = model::nodes(&inp, &v);
+    let nodes = model::nodes(&inp, v);
     page(
         &headers,
         "Devices",
         pages::Tab::Devices,
-        &v,
-        &s,
+        &c,
         pages::devices(&nodes, &q, inp.now_ms),
     )
 }
@@ -516,21 +592,22 @@ async fn device(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    let (v, s) = match page_viewer(&shared, &headers) {
-        Ok(x) => x,
+    let c = match page_viewer(&shared, &headers) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
+    let v = &c.v;
     let inp = inputs(&shared);
-    let Some(n) = model::nodes(&inp, &v).into_iter().find(|n| n.name == name) else {
+    let Some(n) = model::nodes(&inp, v).into_iter().find(|n| n.name == name) else {
         return (StatusCode::NOT_FOUND, Html(pages::error("No such device."))).into_response();
     };
-    let jobs: Vec<_> = model::jobs(&inp, &v)
+    let jobs: Vec<_> = model::jobs(&inp, v)
         .into_iter()
         .filter(|j| j.members.iter().any(|m| m.worker == n.name))
         .collect();
     let history = history_of(&shared, &n, inp.now_ms);
     let main = pages::device(&n, &jobs, &history, inp.now_ms);
-    page(&headers, &n.name.clone(), pages::Tab::Devices, &v, &s, main)
+    page(&headers, &n.name.clone(), pages::Tab::Devices, &c, main)
 }
 
 /// Each GPU's last hour.
@@ -547,26 +624,23 @@ fn history_of(
 }
 
 async fn jobs_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let (v, s) = match page_viewer(&shared, &headers) {
-        Ok(x) => x,
+    let c = match page_viewer(&shared, &headers) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
-    let jobs = model::jobs(&inputs(&shared), &v);
-    page(
-        &headers,
-        "Jobs",
-        pages::Tab::Jobs,
-        &v,
-        &s,
-        pages::jobs(&jobs),
-    )
+    let v = &c.v;
+    let jobs = model::jobs(&inputs(&shared), v);
+    page(&headers, "Jobs", pages::Tab::Jobs, &c, pages::jobs(&jobs))
 }
 
+/// `v`'s earnings rows: the index brought up to date with what was stored since it last looked.
 fn earnings_for(shared: &Shared, v: &Viewer) -> Result<Vec<model::Earning>, String> {
-    let records = shared.pool.usage_records(0)?;
-    Ok(model::earnings(
-        records.iter().filter(|r| model::sees_usage(v, r)),
-    ))
+    let mut ix = lock(&shared.web.earnings);
+    let fresh = tokio::task::block_in_place(|| shared.pool.usage_after(ix.last_seq))?;
+    for s in &fresh {
+        ix.add(s.seq, &s.record);
+    }
+    Ok(ix.rows(v))
 }
 
 #[derive(Deserialize, Default)]
@@ -580,18 +654,18 @@ async fn earnings_page(
     headers: HeaderMap,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> Response {
-    let (v, s) = match page_viewer(&shared, &headers) {
-        Ok(x) => x,
+    let c = match page_viewer(&shared, &headers) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
+    let v = &c.v;
     let page_no = q.map(|Query(q)| q.page).unwrap_or(1);
-    match earnings_for(&shared, &v) {
+    match earnings_for(&shared, v) {
         Ok(rows) => page(
             &headers,
             "Earnings",
             pages::Tab::Earnings,
-            &v,
-            &s,
+            &c,
             pages::earnings(&rows, page_no),
         ),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Html(pages::error(&e))).into_response(),

@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel_relay::client;
 use tunnel_relay::RelayConfig;
 
+use weft_proto::pool::AgentMsg;
+
 use crate::pool_feed::{agent, api, gpus, identity, inventory, submit};
 use crate::relay_lab::{start_relay, tmp};
 
@@ -398,6 +400,156 @@ async fn the_web_view_logs_in_by_link_and_shows_each_role_its_part() {
 
 async fn https_live(web: SocketAddr, path: &str, cookie: &str) -> Answer {
     https_with(web, "GET", path, Some(cookie), "", Some("X-Weft-Live: 1")).await
+}
+
+/// A live poll that sends back the version it shows.
+async fn https_live_since(web: SocketAddr, path: &str, cookie: &str, tag: &str) -> Answer {
+    let h = format!("X-Weft-Live: 1\r\nIf-None-Match: {tag}");
+    https_with(web, "GET", path, Some(cookie), "", Some(&h)).await
+}
+
+/// Polls `path` with `tag` until the page changes (200): the new answer.
+async fn changed(web: SocketAddr, path: &str, cookie: &str, tag: &str, what: &str) -> Answer {
+    let t0 = std::time::Instant::now();
+    loop {
+        let a = https_live_since(web, path, cookie, tag).await;
+        if a.code == 200 {
+            return a;
+        }
+        assert_eq!(a.code, 304, "{what}: {}", a.body);
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: the page never changed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_poll_is_answered_304_until_something_changes() {
+    let _turn = weft_tests::turn::take(module_path!());
+    let cfg = RelayConfig {
+        web_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
+        ..RelayConfig::default()
+    };
+    let lab = start_relay(cfg).await;
+    let web = lab.web.unwrap_or_else(|| panic!("web view bound"));
+    let ops = identity(&lab, "operator", "ops").await;
+    let c = log_in(web, ops.path()).await;
+    let d1 = tmp();
+    let gpu1 = agent(
+        &lab,
+        "gpu1",
+        d1.path(),
+        false,
+        inventory(gpus("a", "H100", 81920, 1), vec![]),
+    )
+    .await;
+    // The full page carries its version for the script's first poll.
+    let full = https(web, "GET", "/devices", Some(&c), "").await;
+    assert_eq!(full.code, 200);
+    let tag = full
+        .header("etag")
+        .unwrap_or_else(|| panic!("no ETag"))
+        .to_string();
+    assert!(
+        full.body
+            .contains(&format!("data-version=\"{}\"", tag.replace('"', "&quot;"))),
+        "{}",
+        full.body
+    );
+    // Nothing moves: 304 with no body (at most one 200 where the minute turns).
+    let mut tag = tag;
+    let mut same = 0;
+    for _ in 0..4 {
+        let a = https_live_since(web, "/devices", &c, &tag).await;
+        match a.code {
+            304 => {
+                assert!(a.body.is_empty(), "{}", a.body);
+                same += 1;
+            }
+            200 => tag = a.header("etag").unwrap_or_default().to_string(),
+            other => panic!("{other}: {}", a.body),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(same >= 3, "only {same} of 4 quiet polls were 304");
+    // A stale or foreign version gets the page.
+    let a = https_live_since(web, "/devices", &c, "\"0.0.0.0.0.0\"").await;
+    assert_eq!(a.code, 200);
+    assert!(
+        a.body.contains("gpu1") && !a.body.contains("<html"),
+        "{}",
+        a.body
+    );
+
+    // A GPU reading is a change; the same reading again is not.
+    let reading = weft_proto::pool::GpuReading {
+        uuid: "GPU-a-0".into(),
+        util_pct: Some(87),
+        mem_used_mib: Some(1000),
+        temp_c: Some(61),
+        power_mw: Some(312_000),
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    gpu1.send(AgentMsg::Telemetry {
+        at_ms: now(),
+        gpus: vec![reading.clone()],
+    })
+    .await;
+    let a = changed(web, "/devices", &c, &tag, "a first reading").await;
+    assert!(a.body.contains("87%"), "{}", a.body);
+    tag = a.header("etag").unwrap_or_default().to_string();
+    gpu1.send(AgentMsg::Telemetry {
+        at_ms: now(),
+        gpus: vec![reading],
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a = https_live_since(web, "/devices", &c, &tag).await;
+    assert!(
+        a.code == 304 || a.header("etag") != Some(tag.as_str()),
+        "{}",
+        a.code
+    );
+
+    // A worker that joins, and one that goes away, are changes.
+    let d2 = tmp();
+    let gpu2 = agent(
+        &lab,
+        "gpu2",
+        d2.path(),
+        false,
+        inventory(gpus("b", "A100", 40960, 2), vec![]),
+    )
+    .await;
+    let a = changed(web, "/devices", &c, &tag, "gpu2 joined").await;
+    assert!(
+        a.body.contains("gpu2") && a.body.contains("A100"),
+        "{}",
+        a.body
+    );
+    tag = a.header("etag").unwrap_or_default().to_string();
+    drop(gpu2);
+    let t0 = std::time::Instant::now();
+    loop {
+        let a = changed(web, "/devices", &c, &tag, "gpu2 left").await;
+        tag = a.header("etag").unwrap_or_default().to_string();
+        let row = a.body.split("gpu2").nth(1).unwrap_or_default();
+        let row = row.split("</tr>").next().unwrap_or_default();
+        if !row.contains("data-state=\"ready\"") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "gpu2 still ready: {row}"
+        );
+    }
+    drop(gpu1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

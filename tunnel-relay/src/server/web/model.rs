@@ -299,22 +299,67 @@ pub(crate) fn day_of(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// GPU-seconds per device per day, by device then day.
-pub(crate) fn earnings<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -> Vec<Earning> {
-    let mut m: BTreeMap<(String, String), (f64, usize)> = BTreeMap::new();
-    for r in records {
-        let e = m.entry((r.worker.clone(), day_of(r.end_ms))).or_default();
+/// GPU-seconds per device, UTC day and engineer, kept up to date from the store's one
+/// sequence ([`EarningsIndex::add`] what was numbered after [`EarningsIndex::last_seq`]): the
+/// Earnings page sums a few rows per device and day instead of reading every record.
+#[derive(Debug, Default)]
+pub(crate) struct EarningsIndex {
+    /// The highest sequence number counted.
+    pub(crate) last_seq: u64,
+    /// (device, day) → engineer → (GPU-seconds, records).
+    sums: BTreeMap<(String, String), BTreeMap<String, (f64, usize)>>,
+}
+
+impl EarningsIndex {
+    /// Counts record `r`, numbered `seq`.
+    pub(crate) fn add(&mut self, seq: u64, r: &UsageRecord) {
+        self.last_seq = self.last_seq.max(seq);
+        let e = self
+            .sums
+            .entry((r.worker.clone(), day_of(r.end_ms)))
+            .or_default()
+            .entry(r.engineer.clone())
+            .or_default();
         e.0 += r.gpu_seconds;
         e.1 += 1;
     }
-    m.into_iter()
-        .map(|((device, day), (gpu_seconds, records))| Earning {
-            device,
-            day,
-            gpu_seconds,
-            records,
-        })
-        .collect()
+
+    /// What `viewer` earned or spent, by device then day (the records [`sees_usage`] lets
+    /// it see).
+    pub(crate) fn rows(&self, viewer: &Viewer) -> Vec<Earning> {
+        self.sums
+            .iter()
+            .filter_map(|((device, day), by)| {
+                let (gpu_seconds, records) = match viewer.role {
+                    Role::Operator => by.values().fold((0.0, 0), |(s, n), (a, b)| (s + a, n + b)),
+                    Role::Engineer => *by.get(&viewer.name)?,
+                    Role::Worker if *device == viewer.name => {
+                        by.values().fold((0.0, 0), |(s, n), (a, b)| (s + a, n + b))
+                    }
+                    Role::Worker => return None,
+                };
+                Some(Earning {
+                    device: device.clone(),
+                    day: day.clone(),
+                    gpu_seconds,
+                    records,
+                })
+            })
+            .collect()
+    }
+}
+
+/// GPU-seconds per device per day of these records, by device then day (all of them).
+#[cfg(test)]
+pub(crate) fn earnings<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -> Vec<Earning> {
+    let mut ix = EarningsIndex::default();
+    for (i, r) in records.into_iter().enumerate() {
+        ix.add(i as u64 + 1, r);
+    }
+    ix.rows(&Viewer {
+        name: String::new(),
+        role: Role::Operator,
+    })
 }
 
 /// The earnings as CSV (`device,day,gpu_seconds,records`).
@@ -548,6 +593,27 @@ mod tests {
             earnings_csv(&e),
             "device,day,gpu_seconds,records\ngpu0,1970-01-01,1.0,1\ngpu1,1970-01-01,3.5,2\ngpu1,1970-01-02,4.0,1\n"
         );
+        let mut ix = EarningsIndex::default();
+        let mut bobs = recs[3].clone();
+        bobs.engineer = "bob".into();
+        for (i, r) in recs[..3].iter().chain([&bobs]).enumerate() {
+            ix.add(i as u64 + 1, r);
+        }
+        assert_eq!(ix.last_seq, 4);
+        let of = |who: &str, role| {
+            ix.rows(&v(who, role))
+                .into_iter()
+                .map(|e| (e.device, e.day, e.records))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of("ops", Role::Operator).len(), 3);
+        assert_eq!(
+            of("bob", Role::Engineer),
+            [("gpu0".to_string(), "1970-01-01".to_string(), 1)]
+        );
+        assert_eq!(of("alice", Role::Engineer).len(), 2);
+        assert_eq!(of("gpu1", Role::Worker).len(), 2);
+        assert!(of("gpu9", Role::Worker).is_empty());
         assert!(sees_usage(&v("gpu1", Role::Worker), &recs[0]));
         assert!(!sees_usage(&v("gpu2", Role::Worker), &recs[0]));
         assert!(sees_usage(&v("alice", Role::Engineer), &recs[0]));

@@ -30,7 +30,14 @@ pub(crate) enum Tab {
 }
 
 /// The logged-in frame around a page's `<main>`.
-pub(crate) fn layout(title: &str, tab: Tab, viewer: &Viewer, csrf: &str, main: Markup) -> String {
+pub(crate) fn layout(
+    title: &str,
+    tab: Tab,
+    viewer: &Viewer,
+    csrf: &str,
+    version: &str,
+    main: Markup,
+) -> String {
     let role = match viewer.role {
         Role::Operator => "operator",
         Role::Engineer => "engineer",
@@ -68,7 +75,7 @@ pub(crate) fn layout(title: &str, tab: Tab, viewer: &Viewer, csrf: &str, main: M
                         }
                     }
                 }
-                main id="live" data-live="2000" { (main) }
+                main id="live" data-live="2000" data-version=(version) { (main) }
             }
         }
     }
