@@ -150,6 +150,13 @@ pub(super) async fn serve(shared: Arc<Shared>, l: WebListener) {
         return;
     };
     let acceptor = l.tls.map(tokio_rustls::TlsAcceptor::from);
+    // The earnings index reads every stored record once: now, not at the first visitor.
+    let warm = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = catch_up_earnings(&warm) {
+            warn!(error = %e, "web view: could not read the usage records");
+        }
+    });
     let app = router(shared.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     info!(addr = ?listener.local_addr().ok(), tls = acceptor.is_some(), "web view listening");
@@ -633,14 +640,20 @@ async fn jobs_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
     page(&headers, "Jobs", pages::Tab::Jobs, &c, pages::jobs(&jobs))
 }
 
-/// `v`'s earnings rows: the index brought up to date with what was stored since it last looked.
-fn earnings_for(shared: &Shared, v: &Viewer) -> Result<Vec<model::Earning>, String> {
+/// The earnings index brought up to date with what was stored since it last looked (blocks).
+fn catch_up_earnings(
+    shared: &Shared,
+) -> Result<std::sync::MutexGuard<'_, model::EarningsIndex>, String> {
     let mut ix = lock(&shared.web.earnings);
-    let fresh = tokio::task::block_in_place(|| shared.pool.usage_after(ix.last_seq))?;
-    for s in &fresh {
+    for s in shared.pool.usage_after(ix.last_seq)? {
         ix.add(s.seq, &s.record);
     }
-    Ok(ix.rows(v))
+    Ok(ix)
+}
+
+/// `v`'s earnings rows.
+fn earnings_for(shared: &Shared, v: &Viewer) -> Result<Vec<model::Earning>, String> {
+    tokio::task::block_in_place(|| catch_up_earnings(shared).map(|ix| ix.rows(v)))
 }
 
 #[derive(Deserialize, Default)]
