@@ -176,6 +176,10 @@ enum TokenCmd {
         /// Relay configuration (for public_addrs).
         #[arg(long, env = "WEFT_RELAY_CONFIG")]
         config: Option<PathBuf>,
+        /// The provider account the nodes joining with it belong to (a node name): that
+        /// account sees, renames and removes them in the web view, and their earnings.
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// List tokens (never their secrets).
     List(ListArgs),
@@ -432,7 +436,11 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
             uses,
             relay_addrs,
             config,
+            owner,
         } => {
+            if let Some(o) = owner.as_deref().filter(|o| !Registry::valid_name(o)) {
+                bail!("--owner {o:?}: a node name (letters, digits, '.', '_', '-'; up to 64)");
+            }
             if tag.is_empty() || tag.contains(',') {
                 bail!("--tag {tag:?}: one non-empty tag without commas");
             }
@@ -463,7 +471,8 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
                 bail!("no relay address for the token: pass --relay-addr HOST:PORT or set public_addrs in the config");
             }
             let mut reg = store.open(&state_dir, &config.store)?;
-            let (secret, id) = reg.create_token(&tag, ttl, uses, unix_now())?;
+            let (secret, id) =
+                reg.create_owned_token(&tag, ttl, uses, unix_now(), owner.as_deref())?;
             let token = Token {
                 relay_addrs: addrs,
                 relay_key: key.public(),

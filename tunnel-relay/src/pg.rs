@@ -267,7 +267,9 @@ pub(crate) fn pg_err(e: &postgres::Error) -> StateError {
 const ADDITIVE: &str = "ALTER TABLE pool_usage ADD COLUMN IF NOT EXISTS seq BIGINT;
      ALTER TABLE pool_usage ADD COLUMN IF NOT EXISTS stored_ms BIGINT;
      CREATE UNIQUE INDEX IF NOT EXISTS pool_usage_seq ON pool_usage (seq);
-     CREATE INDEX IF NOT EXISTS pool_usage_stored ON pool_usage (stored_ms);";
+     CREATE INDEX IF NOT EXISTS pool_usage_stored ON pool_usage (stored_ms);
+     ALTER TABLE tokens ADD COLUMN IF NOT EXISTS owner TEXT;
+     ALTER TABLE nodes ADD COLUMN IF NOT EXISTS label TEXT;";
 
 /// Brings the schema to [`MIGRATIONS`]' version (and [`ADDITIVE`]); refuses a newer one.
 fn migrate(c: &mut Client) -> Result<(), StateError> {
@@ -713,14 +715,15 @@ impl PgRegistry {
         hash: &[u8],
         tag: &str,
         now: u64,
-        expires: Option<i64>,
-        uses: Option<i64>,
+        (expires, uses): (Option<i64>, Option<i64>),
+        owner: Option<&str>,
     ) -> Result<(), StateError> {
         let (id, hash, tag) = (id.to_string(), hash.to_vec(), tag.to_string());
+        let owner = owner.map(str::to_string);
         self.call(move |c| {
             c.execute(
-                "INSERT INTO tokens (id, hash, tag, created, expires_at, uses_left) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&id, &hash, &tag, &(now as i64), &expires, &uses],
+                "INSERT INTO tokens (id, hash, tag, created, expires_at, uses_left, owner) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&id, &hash, &tag, &(now as i64), &expires, &uses, &owner],
             )
             .map(drop)
             .map_err(|e| pg_err(&e))
@@ -732,7 +735,7 @@ impl PgRegistry {
         self.call(|c| {
             let rows = c
                 .query(
-                    "SELECT id, tag, created, expires_at, uses_left, revoked FROM tokens ORDER BY created, id",
+                    "SELECT id, tag, created, expires_at, uses_left, revoked, owner FROM tokens ORDER BY created, id",
                     &[],
                 )
                 .map_err(|e| pg_err(&e))?;
@@ -745,6 +748,7 @@ impl PgRegistry {
                     expires_at: opt_u64(r.get(3)),
                     uses_left: opt_u64(r.get(4)),
                     revoked: r.get(5),
+                    owner: r.get(6),
                 })
                 .collect())
         })
@@ -765,7 +769,8 @@ impl PgRegistry {
         self.call(|c| {
             let rows = c
                 .query(
-                    "SELECT name, key, tags, first_seen, last_seen, revoked FROM nodes ORDER BY name",
+                    "SELECT n.name, n.key, n.tags, n.first_seen, n.last_seen, n.revoked, n.label, t.owner
+                     FROM nodes n LEFT JOIN tokens t ON t.id = n.token_id ORDER BY n.name",
                     &[],
                 )
                 .map_err(|e| pg_err(&e))?;
@@ -774,9 +779,25 @@ impl PgRegistry {
                 .map(|r| {
                     let key: Vec<u8> = r.get(1);
                     let tags: String = r.get(2);
-                    node_record(r.get(0), &key, &tags, r.get(3), r.get(4), r.get(5))
+                    let mut n = node_record(r.get(0), &key, &tags, r.get(3), r.get(4), r.get(5));
+                    n.label = r.get(6);
+                    n.owner = r.get(7);
+                    n
                 })
                 .collect())
+        })
+    }
+
+    /// Gives node `name` a label (none: its name again); false if no node has that name.
+    pub fn set_label(&mut self, name: &str, label: Option<&str>) -> Result<bool, StateError> {
+        let (name, label) = (name.to_string(), label.map(str::to_string));
+        self.call(move |c| {
+            c.execute(
+                "UPDATE nodes SET label = $1 WHERE name = $2",
+                &[&label, &name],
+            )
+            .map(|n| n > 0)
+            .map_err(|e| pg_err(&e))
         })
     }
 

@@ -43,6 +43,21 @@ pub struct NodeRecord {
     /// In a fleet: the relay holding its mesh session now (its home).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub home: Option<String>,
+    /// The provider account it belongs to: the owner of the token it joined with (a token
+    /// made by a provider's "add device", or `token create --owner`); none: it is its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The name its owner or an operator gave it in the web view (its node name, ssh alias
+    /// and DNS name stay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl NodeRecord {
+    /// The provider account it belongs to: its owner, else itself.
+    pub fn account(&self) -> &str {
+        self.owner.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A token as listed (never the secret).
@@ -60,6 +75,9 @@ pub struct TokenRecord {
     pub uses_left: Option<u64>,
     /// Revoked.
     pub revoked: bool,
+    /// The provider account the nodes joining with it belong to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// One row of the fleet's change feed of mesh records (`Registry::mesh_changes`).
@@ -214,5 +232,7 @@ pub(crate) fn node_record(
         mesh_ipv4: None,
         mesh_ipv6: None,
         home: None,
+        owner: None,
+        label: None,
     }
 }

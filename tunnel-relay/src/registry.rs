@@ -261,13 +261,30 @@ impl Registry {
         uses: Option<u64>,
         now: u64,
     ) -> Result<(Secret, String), StateError> {
+        self.create_owned_token(tag, ttl, uses, now, None)
+    }
+
+    /// [`Registry::create_token`] for provider account `owner`: the nodes that join with it
+    /// belong to that account ([`NodeRecord::owner`]).
+    pub fn create_owned_token(
+        &mut self,
+        tag: &str,
+        ttl: Option<Duration>,
+        uses: Option<u64>,
+        now: u64,
+        owner: Option<&str>,
+    ) -> Result<(Secret, String), StateError> {
         let secret = Secret::random();
         let id = Registry::token_id(&secret);
         let expires = ttl.map(|t| now.saturating_add(t.as_secs()) as i64);
         let uses = uses.map(|u| u as i64);
         match &mut self.backend {
-            Backend::Sqlite(s) => s.insert_token(&id, &secret.hash(), tag, now, expires, uses)?,
-            Backend::Pg(p) => p.insert_token(&id, &secret.hash(), tag, now, expires, uses)?,
+            Backend::Sqlite(s) => {
+                s.insert_token(&id, &secret.hash(), tag, now, (expires, uses), owner)?
+            }
+            Backend::Pg(p) => {
+                p.insert_token(&id, &secret.hash(), tag, now, (expires, uses), owner)?
+            }
         }
         Ok((secret, id))
     }
@@ -337,6 +354,18 @@ impl Registry {
             n.home = homes.get(&n.key).cloned();
         }
         Ok(nodes)
+    }
+
+    /// Gives node `name` the label `label` (none: its name again). False when no node has
+    /// that name.
+    pub fn set_label(&mut self, name: &str, label: Option<&str>) -> Result<bool, StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(s) => Ok(s.db.execute(
+                "UPDATE nodes SET label = ?1 WHERE name = ?2",
+                params![label, name],
+            )? > 0),
+            Backend::Pg(p) => p.set_label(name, label),
+        }
     }
 
     /// Revokes a node by name.
@@ -473,6 +502,18 @@ impl Sqlite {
                 revoked INTEGER NOT NULL DEFAULT 0
              );",
         )?;
+        // Added columns (older registries lack them): a token's provider account, a node's
+        // label.
+        for (table, column) in [("tokens", "owner"), ("nodes", "label")] {
+            let has: i64 = db.query_row(
+                &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                params![column],
+                |r| r.get(0),
+            )?;
+            if has == 0 {
+                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+            }
+        }
         Ok(Sqlite { db, path })
     }
 
@@ -526,12 +567,12 @@ impl Sqlite {
         hash: &[u8],
         tag: &str,
         now: u64,
-        expires: Option<i64>,
-        uses: Option<i64>,
+        (expires, uses): (Option<i64>, Option<i64>),
+        owner: Option<&str>,
     ) -> Result<(), StateError> {
         self.db.execute(
-            "INSERT INTO tokens (id, hash, tag, created, expires_at, uses_left) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id, hash, tag, now as i64, expires, uses],
+            "INSERT INTO tokens (id, hash, tag, created, expires_at, uses_left, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![id, hash, tag, now as i64, expires, uses, owner],
         )?;
         Ok(())
     }
@@ -539,7 +580,7 @@ impl Sqlite {
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
         let mut st = self
             .db
-            .prepare("SELECT id, tag, created, expires_at, uses_left, revoked FROM tokens ORDER BY created, id")?;
+            .prepare("SELECT id, tag, created, expires_at, uses_left, revoked, owner FROM tokens ORDER BY created, id")?;
         let rows = st.query_map([], |r| {
             Ok(TokenRecord {
                 id: r.get(0)?,
@@ -548,6 +589,7 @@ impl Sqlite {
                 expires_at: opt_u64(r.get(3)?),
                 uses_left: opt_u64(r.get(4)?),
                 revoked: r.get::<_, i64>(5)? != 0,
+                owner: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -560,19 +602,23 @@ impl Sqlite {
     }
 
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
-        let mut st = self.db.prepare(
-            "SELECT name, key, tags, first_seen, last_seen, revoked FROM nodes ORDER BY name",
+        let mut st = self.db.prepare_cached(
+            "SELECT n.name, n.key, n.tags, n.first_seen, n.last_seen, n.revoked, n.label, t.owner
+             FROM nodes n LEFT JOIN tokens t ON t.id = n.token_id ORDER BY n.name",
         )?;
         let rows = st.query_map([], |r| {
             let key: Vec<u8> = r.get(1)?;
-            Ok(node_record(
+            let mut n = node_record(
                 r.get(0)?,
                 &key,
                 &r.get::<_, String>(2)?,
                 r.get(3)?,
                 r.get(4)?,
                 r.get::<_, i64>(5)? != 0,
-            ))
+            );
+            n.label = r.get(6)?;
+            n.owner = r.get(7)?;
+            Ok(n)
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -139,6 +139,9 @@ struct Shared {
     /// Relays being dialled now (one attempt at a time each).
     dialing: Mutex<HashSet<String>>,
     /// The web view's logins and sessions.
+    /// Wakes the revocation watcher at once (a device removed in the web view: this
+    /// connection's own write, which `data_version` does not show).
+    revoked_here: tokio::sync::Notify,
     web: web::WebShell,
 }
 
@@ -445,7 +448,8 @@ impl Relay {
                 own: std::sync::OnceLock::new(),
                 dial,
                 dialing: Mutex::new(HashSet::new()),
-                web: web::WebShell::new(&opts.config, web_bound),
+                revoked_here: tokio::sync::Notify::new(),
+                web: web::WebShell::new(&opts.config, web_bound, local),
             }),
         };
         if relay.shared.fleet() {
@@ -796,10 +800,14 @@ async fn watch_revocations(shared: Arc<Shared>) {
                 tokio::select! {
                     _ = tick.tick() => {}
                     r = c.changed() => if r.is_err() { changes = None },
+                    () = shared.revoked_here.notified() => seen = None,
                 }
             }
             None => {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shared.revoked_here.notified() => seen = None,
+                }
             }
         }
         let revoked: Option<HashSet<PublicKey>> = {

@@ -7,7 +7,9 @@
 //! What she relies on: the link logs her in; the Devices page names the three workers with
 //! their GPUs, and the odd model is text, not markup; a worker killed shows as offline within
 //! 10 s without a reload; a job submitted from the CLI appears queued, then running, on the
-//! Jobs page without a reload; the earnings CSV the page offers equals what `weft usage export`
+//! Jobs page without a reload; the a100's provider (`weft web` with the worker's identity) renames
+//! it and makes a join token for another machine, and alice's page shows the new name without a
+//! reload (the label is text, not markup); the earnings CSV the page offers equals what `weft usage export`
 //! gives her; the pages fit a phone's width. Screenshots of each page go to
 //! `target/explorer-screenshots/` (or `$WEFT_SCREENSHOTS`) for a person to look at.
 
@@ -20,7 +22,7 @@ use weft_tests::router::Router;
 use weft_tests::webdriver::Browser;
 use weft_tests::{Internet, Nat, Netns};
 
-use crate::pool::{until, Engineer, Worker};
+use crate::pool::{until, weft_bin, Engineer, Worker};
 
 const SIGKILL: i32 = 9;
 const EVIL: &str = "<img src=x onerror=alert(1)>";
@@ -70,7 +72,7 @@ fn the_explorer_in_a_real_browser() {
     let config = format!("web_listen = \"0.0.0.0:8443\"\nweb_url = \"https://{RELAY_IP}:8443\"\n");
     let relay = LabRelay::start_with_config(&net, "ex", Some(&config));
     let base = format!("https://{RELAY_IP}:8443");
-    let _a100 = Worker::start(
+    let a100 = Worker::start(
         &net,
         &relay,
         ("exa", "a100", Nat::Easy, "203.0.113.10/24", "192.0.2.32/27"),
@@ -192,6 +194,64 @@ fn the_explorer_in_a_real_browser() {
         "{text}"
     );
     b.screenshot(&shots().join("device.png"));
+
+    // ---- the provider: renames its device, makes a token for another ----
+    // `weft web` on the worker machine, with the agent's identity: a provider's session.
+    let out = a100.ns.output(&format!(
+        "{} web --print --state-dir {}",
+        weft_bin(),
+        a100.state
+    ));
+    let plink = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        plink.starts_with(&format!("{base}/login?t=")),
+        "{plink} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = Browser::start(&eng_ns, 1280, 900);
+    p.goto(&plink);
+    p.wait_until(
+        Duration::from_secs(10),
+        "the provider logged in",
+        "return !!document.querySelector('.who') && document.querySelector('.who').innerText.includes('provider');",
+    );
+    p.goto(&format!("{base}/devices/a100"));
+    // An engineer has no such form; the provider does.
+    assert_eq!(
+        b.script("return !!document.querySelector('form.rename');"),
+        false,
+        "an engineer may rename a device"
+    );
+    p.script(
+        "const i = document.querySelector('form.rename input[name=label]');          i.value = 'Rack 7 <b>A100</b>'; return true;",
+    );
+    p.click("form.rename button");
+    p.wait_until(
+        Duration::from_secs(10),
+        "the device renamed",
+        "return location.pathname === '/devices/a100' &&            document.querySelector('main h1').innerText.includes('Rack 7 <b>A100</b>');",
+    );
+    p.script("document.querySelector('.manage').scrollIntoView(); return true;");
+    p.screenshot(&shots().join("device-provider.png"));
+    // Alice's Devices page shows the new name without a reload.
+    b.goto(&format!("{base}/devices"));
+    b.script("window.__weftMarker = 44; return true;");
+    p.goto(&format!("{base}/devices"));
+    p.script("document.querySelector('details.add').open = true;               document.querySelector('#new-name').value = 'a100-b'; return true;");
+    p.click("details.add button");
+    p.wait_until(
+        Duration::from_secs(10),
+        "the add-device command",
+        "const c = document.querySelector('#add-command');          return !!c && c.innerText.startsWith('sudo worker-agent run --token wft1_')            && c.innerText.endsWith('--name a100-b');",
+    );
+    p.screenshot(&shots().join("add-device.png"));
+    drop(p);
+    let took = b.wait_until(
+        Duration::from_secs(10),
+        "the new name on alice's page without a reload",
+        "const r = document.querySelector('tr[data-device=\"a100\"]');          return !!r && r.innerText.includes('Rack 7 <b>A100</b>') && window.__weftMarker === 44            && document.querySelectorAll('main b').length === 0;",
+    );
+    println!("the renamed device shown {took:?} later on another viewer's page");
 
     // ---- a job from the CLI: queued, then running, without a reload ----
     b.goto(&format!("{base}/jobs"));

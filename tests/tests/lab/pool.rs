@@ -43,7 +43,7 @@ pub(crate) struct Worker {
     pub(crate) name: &'static str,
     pub(crate) ns: Netns,
     router: Router,
-    state: String,
+    pub(crate) state: String,
     pub(crate) stub_dir: std::path::PathBuf,
     env: String,
     pub(crate) agent: Proc,

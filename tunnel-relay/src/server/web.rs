@@ -46,6 +46,8 @@ pub(super) struct WebShell {
     /// Where browsers reach it (None: off).
     base: Option<String>,
     started_ms: u64,
+    /// The relay addresses an "add device" token names (as `token create` does).
+    token_addrs: Vec<String>,
 }
 
 fn unix_ms() -> u64 {
@@ -59,8 +61,14 @@ impl WebShell {
     pub(super) fn new(
         config: &crate::config::RelayConfig,
         bound: Option<std::net::SocketAddr>,
+        relay: std::net::SocketAddr,
     ) -> WebShell {
+        let mut token_addrs = config.public_addrs.clone();
+        if token_addrs.is_empty() && !relay.ip().is_unspecified() {
+            token_addrs.push(relay.to_string());
+        }
         WebShell {
+            token_addrs,
             sessions: Mutex::new(Sessions::default()),
             earnings: Mutex::new(model::EarningsIndex::default()),
             base: config.web_base(bound),
@@ -211,7 +219,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/login", get(login_page))
         .route("/logout", post(logout))
         .route("/devices", get(devices))
+        .route("/devices/add", post(add_device))
         .route("/devices/{name}", get(device))
+        .route("/devices/{name}/label", post(rename_device))
+        .route("/devices/{name}/remove", post(remove_device))
         .route("/jobs", get(jobs_page))
         .route("/earnings", get(earnings_page))
         .route("/earnings.csv", get(earnings_csv))
@@ -289,16 +300,19 @@ fn session_of(shared: &Shared, headers: &HeaderMap) -> Option<Session> {
 
 fn viewer_of(shared: &Shared, s: &Session) -> Viewer {
     let (operator, engineer) = shared.pool.roles(&s.who.tags);
-    Viewer {
-        name: s.who.name.clone(),
-        role: if operator {
-            Role::Operator
-        } else if engineer {
-            Role::Engineer
-        } else {
-            Role::Worker
-        },
+    if operator {
+        return Viewer::new(&s.who.name, Role::Operator);
     }
+    if engineer {
+        return Viewer::new(&s.who.name, Role::Engineer);
+    }
+    // A provider's machine: its account's devices (the registry's nodes of that owner).
+    let nodes =
+        tokio::task::block_in_place(|| lock(&shared.registry).list_nodes()).unwrap_or_else(|e| {
+            warn!(error = %e, "web view: could not read the registry");
+            Vec::new()
+        });
+    Viewer::provider(&s.who.name, &nodes)
 }
 
 /// How long a page may go without being built again though nothing moved (its relative
@@ -458,7 +472,13 @@ fn page(
     } else {
         Html(pages::layout(title, tab, &c.v, &c.s.csrf, &c.tag, main)).into_response()
     };
-    if let Ok(v) = HeaderValue::from_str(&c.tag) {
+    if let Ok(v) = HeaderValue::from_str(&c.tag).map_err(drop).and_then(|v| {
+        if c.tag.is_empty() {
+            Err(())
+        } else {
+            Ok(v)
+        }
+    }) {
         r.headers_mut().insert(header::ETAG, v);
     }
     r
@@ -551,6 +571,271 @@ async fn logout(
     r
 }
 
+/// A form post's session and viewer, once its CSRF token checked out.
+fn form_viewer(
+    shared: &Shared,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<(Viewer, Session), Box<Response>> {
+    let Some(s) = session_of(shared, headers) else {
+        return Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                Html(pages::error("Log in first: run `weft web`.")),
+            )
+                .into_response(),
+        ));
+    };
+    if !csrf_ok(&s, csrf, headers) {
+        return Err(Box::new(
+            (
+                StatusCode::FORBIDDEN,
+                Html(pages::error(
+                    "This form is stale or was not sent by this site (missing or wrong CSRF \
+                     token): reload the page and try again.",
+                )),
+            )
+                .into_response(),
+        ));
+    }
+    Ok((viewer_of(shared, &s), s))
+}
+
+fn see_other(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+fn html_error(code: StatusCode, msg: &str) -> Response {
+    (code, Html(pages::error(msg))).into_response()
+}
+
+/// A device `v` may rename or remove: its own (a provider) or any (an operator); others are
+/// told there is no such device, as a page they cannot see says.
+fn owned(shared: &Shared, v: &Viewer, name: &str) -> Result<(), Box<Response>> {
+    let known = tokio::task::block_in_place(|| lock(&shared.registry).list_nodes())
+        .map_err(|e| {
+            Box::new(html_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &e.to_string(),
+            ))
+        })?
+        .iter()
+        .any(|n| n.name == name && !n.revoked);
+    if !known || !v.owns(name) {
+        return Err(Box::new(html_error(
+            StatusCode::NOT_FOUND,
+            "No such device (or not one of yours).",
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct LabelForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    label: String,
+}
+
+/// A device's display name: at most 64 characters, no control characters; empty: its node
+/// name again.
+fn valid_label(label: &str) -> Result<Option<&str>, String> {
+    let l = label.trim();
+    if l.is_empty() {
+        return Ok(None);
+    }
+    if l.chars().count() > 64 {
+        return Err(format!(
+            "The name is {} characters long; 64 at most.",
+            l.chars().count()
+        ));
+    }
+    if l.chars().any(char::is_control) {
+        return Err("The name may not hold control characters (tabs, line breaks).".into());
+    }
+    Ok(Some(l))
+}
+
+/// `POST /devices/NAME/label`: renames a device (its display name; the node name, ssh alias
+/// and DNS name stay).
+async fn rename_device(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    form: Result<Form<LabelForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let f = form.map(|Form(f)| f).unwrap_or(LabelForm {
+        csrf: String::new(),
+        label: String::new(),
+    });
+    let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if let Err(r) = owned(&shared, &v, &name) {
+        return *r;
+    }
+    let label = match valid_label(&f.label) {
+        Ok(l) => l,
+        Err(e) => return html_error(StatusCode::BAD_REQUEST, &e),
+    };
+    match tokio::task::block_in_place(|| lock(&shared.registry).set_label(&name, label)) {
+        Ok(true) => {
+            info!(device = %name, by = %v.name, label = ?label, "device renamed in the web view");
+            see_other(&format!("/devices/{name}"))
+        }
+        Ok(false) => html_error(StatusCode::NOT_FOUND, "No such device."),
+        Err(e) => html_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct RemoveForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// `POST /devices/NAME/remove`: revokes the device (as `nodes revoke`: its sessions end, it
+/// leaves the mesh and the pool, its identity is refused from now on). The form repeats the
+/// device's name.
+async fn remove_device(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    form: Result<Form<RemoveForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let f = form.map(|Form(f)| f).unwrap_or(RemoveForm {
+        csrf: String::new(),
+        confirm: String::new(),
+    });
+    let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if let Err(r) = owned(&shared, &v, &name) {
+        return *r;
+    }
+    if f.confirm.trim() != name {
+        return html_error(
+            StatusCode::BAD_REQUEST,
+            &format!("To remove {name}, type its name ({name}) in the box: nothing was removed."),
+        );
+    }
+    match tokio::task::block_in_place(|| lock(&shared.registry).revoke_node(&name)) {
+        Ok(()) => {
+            info!(device = %name, by = %v.name, "device removed (revoked) in the web view");
+            shared.revoked_here.notify_one();
+            see_other("/devices")
+        }
+        Err(e) => html_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct AddForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// How long an "add device" token lasts.
+const ADD_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `POST /devices/add`: a one-use join token for a new machine of the caller's account (a
+/// provider's; an operator's tokens belong to no account) and the exact command to run on it.
+async fn add_device(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    form: Result<Form<AddForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let f = form.map(|Form(f)| f).unwrap_or(AddForm {
+        csrf: String::new(),
+        name: String::new(),
+    });
+    let (v, s) = match form_viewer(&shared, &headers, &f.csrf) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let name = f.name.trim();
+    if !crate::registry::Registry::valid_name(name) {
+        return html_error(
+            StatusCode::BAD_REQUEST,
+            "A device name is 1 to 64 letters, digits, '.', '_' or '-', not starting with '-' or \
+             '.' (it becomes the machine's ssh alias and DNS name).",
+        );
+    }
+    let (owner, tag) = match v.role {
+        Role::Operator => (None, "worker".to_string()),
+        // The new machine gets the tag of the one the provider logged in from.
+        Role::Provider => (
+            Some(v.account.clone()),
+            s.who
+                .tags
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "worker".into()),
+        ),
+        Role::Engineer => {
+            return html_error(
+                StatusCode::FORBIDDEN,
+                "Engineers do not add devices: a provider adds one from a machine of theirs \
+                 (`weft web` there), an operator from anywhere.",
+            )
+        }
+    };
+    if shared.web.token_addrs.is_empty() {
+        return html_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "This relay does not know the address machines reach it at: its operator sets \
+             public_addrs in its config.",
+        );
+    }
+    let made = tokio::task::block_in_place(|| {
+        lock(&shared.registry).create_owned_token(
+            &tag,
+            Some(ADD_TOKEN_TTL),
+            Some(1),
+            crate::registry::unix_now(),
+            owner.as_deref(),
+        )
+    });
+    let (secret, id) = match made {
+        Ok(x) => x,
+        Err(e) => return html_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let token = crate::Token {
+        relay_addrs: shared.web.token_addrs.clone(),
+        relay_key: shared.key.public(),
+        secret,
+    }
+    .encode();
+    info!(by = %v.name, token = %id, owner = ?owner, "web view: add-device token made");
+    // No live updates on this page (its address takes posts only): no version.
+    let c = PageCtx {
+        tag: String::new(),
+        v,
+        s,
+    };
+    let main = pages::added(name, &token, &tag, ADD_TOKEN_TTL.as_secs() / 60);
+    let mut r = page(
+        &HeaderMap::new(),
+        "Add a device",
+        pages::Tab::Devices,
+        &c,
+        main,
+    );
+    *r.status_mut() = StatusCode::CREATED;
+    r
+}
+
 /// The CSRF token of a state-changing request: the form's `csrf` field or the
 /// `X-CSRF-Token` header, compared in constant time.
 fn csrf_ok(s: &Session, form: &str, headers: &HeaderMap) -> bool {
@@ -585,12 +870,13 @@ async fn devices(
     let q = q.map(|Query(q)| q).unwrap_or_default();
     let inp = inputs(&shared);
     let nodes = model::nodes(&inp, v);
+    let adds = v.role != Role::Engineer;
     page(
         &headers,
         "Devices",
         pages::Tab::Devices,
         &c,
-        pages::devices(&nodes, &q, inp.now_ms),
+        pages::devices(&nodes, &q, inp.now_ms, adds.then_some(c.s.csrf.as_str())),
     )
 }
 
@@ -613,7 +899,8 @@ async fn device(
         .filter(|j| j.members.iter().any(|m| m.worker == n.name))
         .collect();
     let history = history_of(&shared, &n, inp.now_ms);
-    let main = pages::device(&n, &jobs, &history, inp.now_ms);
+    let manage = (v.owns(&n.name) && n.state != "revoked").then_some(c.s.csrf.as_str());
+    let main = pages::device(&n, &jobs, &history, inp.now_ms, manage);
     page(&headers, &n.name.clone(), pages::Tab::Devices, &c, main)
 }
 
@@ -871,7 +1158,7 @@ async fn api_export(
     let Ok(Query(q)) = q else {
         return api_error(StatusCode::BAD_REQUEST, "query must be `since=UNIX_MS`");
     };
-    if v.role == Role::Worker {
+    if v.role == Role::Provider {
         return api_error(
             StatusCode::FORBIDDEN,
             "the signed export is an operator's (all records) or an engineer's (its own); a \

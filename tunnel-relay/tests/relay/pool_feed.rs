@@ -69,11 +69,20 @@ pub(crate) async fn agent(
     rejoin: bool,
     inv: Inventory,
 ) -> FakeAgent {
+    let token = (!rejoin).then(|| lab.token("worker", None, Some(1)));
+    agent_with(name, dir, token, inv).await
+}
+
+/// A worker joined with `token` (none: the identity already in `dir`).
+pub(crate) async fn agent_with(
+    name: &str,
+    dir: &Path,
+    token: Option<tunnel_relay::Token>,
+    inv: Inventory,
+) -> FakeAgent {
     let (tx, mut rx) = mpsc::channel::<IncomingStream>(4);
     let mut opts = ExposeOptions::new(dir.to_path_buf(), name.into(), Vec::new());
-    if !rejoin {
-        opts.token = Some(lab.token("worker", None, Some(1)));
-    }
+    opts.token = token;
     opts.handlers.insert(POOL_SERVICE.into(), tx);
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(client::expose(opts, async {

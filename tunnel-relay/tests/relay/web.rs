@@ -552,6 +552,264 @@ async fn a_live_poll_is_answered_304_until_something_changes() {
     drop(gpu1);
 }
 
+/// The page's CSRF token (its forms' hidden field).
+fn csrf_of(page: &Answer) -> String {
+    page.body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no csrf field: {}", page.body))
+        .to_string()
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let enc: String = v
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!("{k}={enc}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_adds_renames_and_removes_its_devices() {
+    let _turn = weft_tests::turn::take(module_path!());
+    let cfg = RelayConfig {
+        web_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
+        ..RelayConfig::default()
+    };
+    let lab = start_relay(cfg).await;
+    let web = lab.web.unwrap_or_else(|| panic!("web view bound"));
+    // A provider's first machine, joined with an operator's token.
+    let d1 = tmp();
+    let _gpu1 = agent(
+        &lab,
+        "gpu1",
+        d1.path(),
+        false,
+        inventory(gpus("a", "H100", 81920, 1), vec![]),
+    )
+    .await;
+    let alice = identity(&lab, "engineer", "alice").await;
+    let ops = identity(&lab, "operator", "ops").await;
+    let p = log_in(web, d1.path()).await;
+    let devices = https(web, "GET", "/devices", Some(&p), "").await;
+    assert!(devices.body.contains("Add a device"), "{}", devices.body);
+    let csrf = csrf_of(&devices);
+
+    // Add a device: refused without the CSRF token or with a bad name; then a token and the
+    // exact command.
+    let a = https(
+        web,
+        "POST",
+        "/devices/add",
+        Some(&p),
+        &form(&[("name", "gpu2")]),
+    )
+    .await;
+    assert_eq!(a.code, 403, "{}", a.body);
+    let a = https(
+        web,
+        "POST",
+        "/devices/add",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("name", "-bad name")]),
+    )
+    .await;
+    assert_eq!(a.code, 400, "{}", a.body);
+    assert!(a.body.contains("1 to 64 letters"), "{}", a.body);
+    let a = https(
+        web,
+        "POST",
+        "/devices/add",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("name", "gpu2")]),
+    )
+    .await;
+    assert_eq!(a.code, 201, "{}", a.body);
+    let cmd = a
+        .body
+        .split("id=\"add-command\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or_else(|| panic!("no command: {}", a.body))
+        .to_string();
+    assert!(
+        cmd.starts_with("sudo worker-agent run --token wft1_") && cmd.ends_with("--name gpu2"),
+        "{cmd}"
+    );
+    let token = cmd
+        .split_whitespace()
+        .find(|w| w.starts_with("wft1_"))
+        .unwrap_or_default();
+    let token = tunnel_relay::Token::parse(token).unwrap_or_else(|e| panic!("{e}: {token}"));
+    assert_eq!(token.relay_addrs, [lab.addr.to_string()]);
+    // An engineer adds nothing.
+    let e = log_in(web, alice.path()).await;
+    let ep = https(web, "GET", "/devices", Some(&e), "").await;
+    assert!(!ep.body.contains("Add a device"));
+    let a = https(
+        web,
+        "POST",
+        "/devices/add",
+        Some(&e),
+        &form(&[("csrf", &csrf_of(&ep)), ("name", "gpu9")]),
+    )
+    .await;
+    assert_eq!(a.code, 403, "{}", a.body);
+
+    // The new machine joins with that token: it is the provider's.
+    let d2 = tmp();
+    let gpu2 = crate::pool_feed::agent_with(
+        "gpu2",
+        d2.path(),
+        Some(token),
+        inventory(gpus("b", "A100", 40960, 2), vec![]),
+    )
+    .await;
+    let mine = https(web, "GET", "/api/v1/nodes", Some(&p), "")
+        .await
+        .json();
+    let names: Vec<&str> = mine
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["gpu1", "gpu2"], "{mine}");
+    assert_eq!(mine[1]["owner"], "gpu1", "{mine}");
+    // Logged in from the new machine, the provider sees the same account.
+    let p2 = log_in(web, d2.path()).await;
+    let theirs = https(web, "GET", "/api/v1/nodes", Some(&p2), "")
+        .await
+        .json();
+    assert_eq!(theirs.as_array().map(Vec::len), Some(2), "{theirs}");
+
+    // Rename: the owner may, with its CSRF token; the label is shown as text.
+    let label = "Rack 4 <b>left</b>";
+    let page = https(web, "GET", "/devices/gpu2", Some(&p), "").await;
+    assert!(page.body.contains("/devices/gpu2/label"), "{}", page.body);
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/label",
+        Some(&p),
+        &form(&[("label", label)]),
+    )
+    .await;
+    assert_eq!(a.code, 403);
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/label",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("label", label)]),
+    )
+    .await;
+    assert_eq!(a.code, 303, "{}", a.body);
+    assert_eq!(a.header("location"), Some("/devices/gpu2"));
+    let list = https(web, "GET", "/devices", Some(&p), "").await;
+    assert!(
+        list.body.contains("Rack 4 &lt;b&gt;left&lt;/b&gt;") && !list.body.contains("<b>left"),
+        "{}",
+        list.body
+    );
+    let long = "x".repeat(65);
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/label",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("label", &long)]),
+    )
+    .await;
+    assert_eq!(a.code, 400, "{}", a.body);
+    // Nobody else's: an engineer, or another provider's device, is "no such device".
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/label",
+        Some(&e),
+        &form(&[("csrf", &csrf_of(&ep)), ("label", "mine now")]),
+    )
+    .await;
+    assert_eq!(a.code, 404, "{}", a.body);
+    let nodes = https(web, "GET", "/api/v1/nodes/gpu2", Some(&p), "")
+        .await
+        .json();
+    assert_eq!(nodes["label"], label, "{nodes}");
+    // An operator renames any device.
+    let o = log_in(web, ops.path()).await;
+    let op = https(web, "GET", "/devices/gpu1", Some(&o), "").await;
+    assert!(op.body.contains("/devices/gpu1/remove"), "{}", op.body);
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu1/label",
+        Some(&o),
+        &form(&[("csrf", &csrf_of(&op)), ("label", "first box")]),
+    )
+    .await;
+    assert_eq!(a.code, 303, "{}", a.body);
+
+    // Remove: the name typed again, else nothing happens; then its identity is refused.
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/remove",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("confirm", "gpu1")]),
+    )
+    .await;
+    assert_eq!(a.code, 400, "{}", a.body);
+    assert!(!lab
+        .registry()
+        .list_nodes()
+        .unwrap_or_default()
+        .iter()
+        .any(|n| n.revoked));
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/remove",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("confirm", "gpu2")]),
+    )
+    .await;
+    assert_eq!(a.code, 303, "{}", a.body);
+    let revoked: Vec<String> = lab
+        .registry()
+        .list_nodes()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.revoked)
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(revoked, ["gpu2"]);
+    // Its sessions end at once (the web one included) and it leaves the provider's list.
+    let t0 = std::time::Instant::now();
+    while https(web, "GET", "/api/v1/nodes", Some(&p2), "").await.code != 401 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the removed device's web session outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mine = https(web, "GET", "/api/v1/nodes", Some(&p), "")
+        .await
+        .json();
+    assert_eq!(mine.as_array().map(Vec::len), Some(1), "{mine}");
+    drop(gpu2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_without_a_web_view_says_so() {
     let _turn = weft_tests::turn::take(module_path!());

@@ -5,7 +5,7 @@
 // or a focused control, holds the update back; a 401 sends the page to login.
 (function () {
   const main = document.getElementById("live");
-  if (!main) return;
+  if (!main || !main.dataset.version) return;
   const every = parseInt(main.dataset.live || "2000", 10);
   let last = main.innerHTML;
   let version = main.dataset.version || "";

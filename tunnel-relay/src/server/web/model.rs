@@ -6,7 +6,7 @@
 //! and its own jobs and usage; a worker (a provider's machine) itself, the jobs on it (without
 //! other engineers' command lines) and its earnings. The public summary names nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 use weft_proto::pool::{GpuReading, JobView, UsageRecord, WorkerView};
@@ -22,8 +22,8 @@ pub(crate) enum Role {
     Operator,
     /// Pool workers and itself; its own jobs and usage.
     Engineer,
-    /// Itself, the jobs on it, its earnings.
-    Worker,
+    /// A provider's machine: its account's devices, the jobs on them, their earnings.
+    Provider,
 }
 
 /// One viewer.
@@ -33,6 +33,53 @@ pub(crate) struct Viewer {
     pub(crate) name: String,
     /// Its role.
     pub(crate) role: Role,
+    /// A provider's account ([`NodeRecord::account`] of its node) and that account's devices
+    /// (itself included); empty for the other roles.
+    pub(crate) account: String,
+    /// The account's devices.
+    pub(crate) devices: BTreeSet<String>,
+}
+
+impl Viewer {
+    /// A viewer of `role` with no devices of its own.
+    pub(crate) fn new(name: &str, role: Role) -> Viewer {
+        Viewer {
+            name: name.to_string(),
+            role,
+            account: String::new(),
+            devices: BTreeSet::new(),
+        }
+    }
+
+    /// A provider of `account`, owning `nodes`' devices of that account.
+    pub(crate) fn provider(name: &str, nodes: &[NodeRecord]) -> Viewer {
+        let account = nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map_or(name, NodeRecord::account)
+            .to_string();
+        let devices = nodes
+            .iter()
+            .filter(|n| !n.revoked && n.account() == account)
+            .map(|n| n.name.clone())
+            .chain([name.to_string()])
+            .collect();
+        Viewer {
+            name: name.to_string(),
+            role: Role::Provider,
+            account,
+            devices,
+        }
+    }
+
+    /// Whether it may rename or remove `device` (an operator any, a provider its own).
+    pub(crate) fn owns(&self, device: &str) -> bool {
+        match self.role {
+            Role::Operator => true,
+            Role::Engineer => false,
+            Role::Provider => self.devices.contains(device),
+        }
+    }
 }
 
 /// Everything the relay knows, as read for one request.
@@ -131,6 +178,19 @@ pub(crate) struct NodeView {
     pub(crate) gpus: Vec<GpuView>,
     /// Simulated GPUs (the stub NVML).
     pub(crate) simulated: bool,
+    /// The display name its owner or an operator gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) label: Option<String>,
+    /// The provider account it belongs to (none: its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) owner: Option<String>,
+}
+
+impl NodeView {
+    /// What the pages call it: its label, else its name.
+    pub(crate) fn shown(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// The nodes `viewer` may see, sorted by name.
@@ -144,7 +204,7 @@ pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
         .filter(|n| match viewer.role {
             Role::Operator => true,
             Role::Engineer => n.name == viewer.name || workers.contains_key(n.name.as_str()),
-            Role::Worker => n.name == viewer.name,
+            Role::Provider => viewer.devices.contains(&n.name),
         })
         .map(|n| {
             let w = workers.get(n.name.as_str());
@@ -196,6 +256,8 @@ pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
                         .collect()
                 }),
                 simulated: w.is_some_and(|w| w.inventory.simulated),
+                label: n.label.clone(),
+                owner: n.owner.clone(),
             }
         })
         .collect();
@@ -205,10 +267,7 @@ pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
 
 /// The public summary.
 pub(crate) fn summary(inp: &Inputs) -> Summary {
-    let everyone = Viewer {
-        name: String::new(),
-        role: Role::Operator,
-    };
+    let everyone = Viewer::new("", Role::Operator);
     let all = nodes(inp, &everyone);
     let live: Vec<&NodeView> = all
         .iter()
@@ -255,11 +314,11 @@ pub(crate) fn jobs(inp: &Inputs, viewer: &Viewer) -> Vec<JobView> {
         .filter(|j| match viewer.role {
             Role::Operator => true,
             Role::Engineer => j.owner == viewer.name,
-            Role::Worker => j.members.iter().any(|m| m.worker == viewer.name),
+            Role::Provider => j.members.iter().any(|m| viewer.devices.contains(&m.worker)),
         })
         .cloned()
         .map(|mut j| {
-            if viewer.role == Role::Worker && j.owner != viewer.name {
+            if viewer.role == Role::Provider && j.owner != viewer.name {
                 j.request.command.clear();
                 j.request.env.clear();
                 j.request.workdir = None;
@@ -276,7 +335,7 @@ pub(crate) fn sees_usage(viewer: &Viewer, r: &UsageRecord) -> bool {
     match viewer.role {
         Role::Operator => true,
         Role::Engineer => r.engineer == viewer.name,
-        Role::Worker => r.worker == viewer.name,
+        Role::Provider => viewer.devices.contains(&r.worker),
     }
 }
 
@@ -333,10 +392,10 @@ impl EarningsIndex {
                 let (gpu_seconds, records) = match viewer.role {
                     Role::Operator => by.values().fold((0.0, 0), |(s, n), (a, b)| (s + a, n + b)),
                     Role::Engineer => *by.get(&viewer.name)?,
-                    Role::Worker if *device == viewer.name => {
+                    Role::Provider if viewer.devices.contains(device) => {
                         by.values().fold((0.0, 0), |(s, n), (a, b)| (s + a, n + b))
                     }
-                    Role::Worker => return None,
+                    Role::Provider => return None,
                 };
                 Some(Earning {
                     device: device.clone(),
@@ -356,10 +415,7 @@ pub(crate) fn earnings<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -
     for (i, r) in records.into_iter().enumerate() {
         ix.add(i as u64 + 1, r);
     }
-    ix.rows(&Viewer {
-        name: String::new(),
-        role: Role::Operator,
-    })
+    ix.rows(&Viewer::new("", Role::Operator))
 }
 
 /// The earnings as CSV (`device,day,gpu_seconds,records`).
@@ -390,6 +446,8 @@ mod tests {
             mesh_ipv4: None,
             mesh_ipv6: None,
             home: None,
+            owner: None,
+            label: None,
         }
     }
 
@@ -483,9 +541,9 @@ mod tests {
     }
 
     fn v(name: &str, role: Role) -> Viewer {
-        Viewer {
-            name: name.into(),
-            role,
+        match role {
+            Role::Provider => Viewer::provider(name, &[]),
+            _ => Viewer::new(name, role),
         }
     }
 
@@ -501,11 +559,11 @@ mod tests {
             names(nodes(&inp, &v("alice", Role::Engineer))),
             ["alice", "gpu1", "gpu2"]
         );
-        assert_eq!(names(nodes(&inp, &v("gpu2", Role::Worker))), ["gpu2"]);
+        assert_eq!(names(nodes(&inp, &v("gpu2", Role::Provider))), ["gpu2"]);
         let ids = |js: Vec<JobView>| js.into_iter().map(|j| j.id).collect::<Vec<_>>();
         assert_eq!(ids(jobs(&inp, &v("ops", Role::Operator))), [2, 1]);
         assert_eq!(ids(jobs(&inp, &v("alice", Role::Engineer))), [1]);
-        let on_gpu2 = jobs(&inp, &v("gpu2", Role::Worker));
+        let on_gpu2 = jobs(&inp, &v("gpu2", Role::Provider));
         assert_eq!(ids(on_gpu2.clone()), [2]);
         assert!(
             on_gpu2[0].request.command.is_empty(),
@@ -551,6 +609,30 @@ mod tests {
         for secret in ["gpu1", "alice", "GPU-"] {
             assert!(!json.contains(secret), "{json}");
         }
+    }
+
+    #[test]
+    fn a_provider_owns_its_accounts_devices() {
+        let mut gpu2 = node("gpu2", &["worker"]);
+        gpu2.owner = Some("gpu1".into());
+        let mut gone = node("gpu3", &["worker"]);
+        gone.owner = Some("gpu1".into());
+        gone.revoked = true;
+        let mut other = node("gpu4", &["worker"]);
+        other.owner = Some("carol".into());
+        let nodes = [node("gpu1", &["worker"]), gpu2, gone, other];
+        // From either machine: the same account, its live devices.
+        for me in ["gpu1", "gpu2"] {
+            let v = Viewer::provider(me, &nodes);
+            assert_eq!(v.account, "gpu1");
+            assert_eq!(v.devices.iter().collect::<Vec<_>>(), ["gpu1", "gpu2"]);
+            assert!(v.owns("gpu2") && !v.owns("gpu3") && !v.owns("gpu4"));
+        }
+        let carol = Viewer::provider("gpu4", &nodes);
+        assert_eq!(carol.account, "carol");
+        assert!(carol.owns("gpu4") && !carol.owns("gpu1"));
+        assert!(Viewer::new("ops", Role::Operator).owns("gpu4"));
+        assert!(!Viewer::new("alice", Role::Engineer).owns("gpu1"));
     }
 
     #[test]
@@ -612,10 +694,10 @@ mod tests {
             [("gpu0".to_string(), "1970-01-01".to_string(), 1)]
         );
         assert_eq!(of("alice", Role::Engineer).len(), 2);
-        assert_eq!(of("gpu1", Role::Worker).len(), 2);
-        assert!(of("gpu9", Role::Worker).is_empty());
-        assert!(sees_usage(&v("gpu1", Role::Worker), &recs[0]));
-        assert!(!sees_usage(&v("gpu2", Role::Worker), &recs[0]));
+        assert_eq!(of("gpu1", Role::Provider).len(), 2);
+        assert!(of("gpu9", Role::Provider).is_empty());
+        assert!(sees_usage(&v("gpu1", Role::Provider), &recs[0]));
+        assert!(!sees_usage(&v("gpu2", Role::Provider), &recs[0]));
         assert!(sees_usage(&v("alice", Role::Engineer), &recs[0]));
         assert!(!sees_usage(&v("bob", Role::Engineer), &recs[0]));
     }

@@ -41,7 +41,7 @@ pub(crate) fn layout(
     let role = match viewer.role {
         Role::Operator => "operator",
         Role::Engineer => "engineer",
-        Role::Worker => "provider",
+        Role::Provider => "provider",
     };
     let link = |t: Tab, href: &str, label: &str| {
         html! {
@@ -194,7 +194,7 @@ pub(crate) fn network(s: &Summary, nodes: &[NodeView]) -> Markup {
             tbody {
                 @for n in nodes.iter().filter(|n| n.online) {
                     tr data-device=(n.name) {
-                        td { a href={ "/devices/" (n.name) } { (n.name) } }
+                        td { (device_link(n)) }
                         td { (gpu_list(n)) }
                         td { (n.home.as_deref().unwrap_or("-")) }
                     }
@@ -217,13 +217,14 @@ pub(crate) struct DeviceQuery {
 }
 
 /// The Devices page.
-pub(crate) fn devices(all: &[NodeView], q: &DeviceQuery, now_ms: u64) -> Markup {
+pub(crate) fn devices(all: &[NodeView], q: &DeviceQuery, now_ms: u64, add: Option<&str>) -> Markup {
     let needle = q.q.to_lowercase();
     let mut rows: Vec<&NodeView> = all
         .iter()
         .filter(|n| {
             needle.is_empty()
                 || n.name.to_lowercase().contains(&needle)
+                || n.shown().to_lowercase().contains(&needle)
                 || n.state.contains(&needle)
                 || n.tags.iter().any(|t| t.to_lowercase().contains(&needle))
                 || n.gpus
@@ -249,6 +250,17 @@ pub(crate) fn devices(all: &[NodeView], q: &DeviceQuery, now_ms: u64) -> Markup 
     };
     html! {
         h1 { "Devices" }
+        @if let Some(csrf) = add {
+            details.add {
+                summary { "Add a device" }
+                form method="post" action="/devices/add" {
+                    input type="hidden" name="csrf" value=(csrf);
+                    label for="new-name" { "Name of the new machine" }
+                    input id="new-name" name="name" required maxlength="64" placeholder="gpu-worker-2";
+                    button type="submit" { "Make a join token" }
+                }
+            }
+        }
         form.filter method="get" action="/devices" role="search" {
             label for="q" { "Filter" }
             input id="q" name="q" type="search" value=(q.q) placeholder="name, tag, GPU model, state";
@@ -270,7 +282,7 @@ pub(crate) fn devices(all: &[NodeView], q: &DeviceQuery, now_ms: u64) -> Markup 
                 tbody {
                     @for n in shown {
                         tr data-device=(n.name) {
-                            td { a href={ "/devices/" (n.name) } { (n.name) } }
+                            td { (device_link(n)) }
                             td { (state_badge(n)) }
                             td { (gpu_list(n)) }
                             td { (n.tags.join(", ")) }
@@ -289,6 +301,14 @@ pub(crate) fn devices(all: &[NodeView], q: &DeviceQuery, now_ms: u64) -> Markup 
                 @if page < pages { a href=(href(page + 1)) rel="next" { "next →" } }
             }
         }
+    }
+}
+
+/// A link to a device's page: its display name, and its node name when it has a label.
+fn device_link(n: &NodeView) -> Markup {
+    html! {
+        a href={ "/devices/" (n.name) } { (n.shown()) }
+        @if n.label.is_some() { " " span.sub { (n.name) } }
     }
 }
 
@@ -340,10 +360,13 @@ pub(crate) fn device(
     jobs: &[JobView],
     history: &std::collections::BTreeMap<String, Vec<crate::telemetry::Point>>,
     now_ms: u64,
+    manage: Option<&str>,
 ) -> Markup {
     html! {
-        h1 { (n.name) " " (state_badge(n)) }
+        h1 { (n.shown()) " " (state_badge(n)) }
         dl.facts {
+            dt { "Node name" } dd { code { (n.name) } " (its ssh alias and DNS name)" }
+            @if let Some(o) = &n.owner { dt { "Provider account" } dd { (o) } }
             dt { "Tags" } dd { (n.tags.join(", ")) }
             dt { "Overlay addresses" } dd { (n.ipv4.as_deref().unwrap_or("-")) " " (n.ipv6.as_deref().unwrap_or("")) }
             dt { "Version" } dd { (n.version.as_deref().unwrap_or("-")) }
@@ -386,6 +409,40 @@ pub(crate) fn device(
         }
         h2 { "Jobs here" }
         (job_table(jobs))
+        @if let Some(csrf) = manage {
+            h2 { "Manage" }
+            div.manage {
+                form.rename method="post" action={ "/devices/" (n.name) "/label" } {
+                    input type="hidden" name="csrf" value=(csrf);
+                    label for="label" { "Display name" }
+                    input id="label" name="label" maxlength="64" value=(n.label.as_deref().unwrap_or("")) placeholder=(n.name);
+                    button type="submit" { "Rename" }
+                }
+                form.remove method="post" action={ "/devices/" (n.name) "/remove" } {
+                    input type="hidden" name="csrf" value=(csrf);
+                    label for="confirm" { "Type " code { (n.name) } " to remove it (its identity is refused from then on; its records stay)" }
+                    input id="confirm" name="confirm" required autocomplete="off";
+                    button.danger type="submit" { "Remove" }
+                }
+            }
+        }
+    }
+}
+
+/// After "add a device": the token (shown once) and the command to run on the new machine.
+pub(crate) fn added(name: &str, token: &str, tag: &str, minutes: u64) -> Markup {
+    let cmd = format!(
+        "sudo worker-agent run --token {token} --state-dir /var/lib/weft-agent --name {name}"
+    );
+    html! {
+        h1 { "Add " (name) }
+        p { "A join token for one machine, valid for " (minutes) " minutes, tagged " code { (tag) } ". It is shown only here, once." }
+        h2 { "On the new machine, as root" }
+        pre.command { code id="add-command" { (cmd) } }
+        p.sub {
+            "The agent joins with the token on its first run (later runs need none), reports its GPUs and "
+            "exposes its ssh; it then appears under " a href="/devices" { "Devices" } "."
+        }
     }
 }
 
@@ -497,13 +554,15 @@ mod tests {
                 power_w: Some(212.4),
             }],
             simulated: true,
+            label: None,
+            owner: None,
         }
     }
 
     #[test]
     fn names_and_models_are_text_not_markup() {
         let evil = "<img src=x onerror=alert(1)>";
-        let html = devices(&[n("gpu1", evil)], &DeviceQuery::default(), 0).into_string();
+        let html = devices(&[n("gpu1", evil)], &DeviceQuery::default(), 0, None).into_string();
         assert!(!html.contains("<img"), "{html}");
         assert!(
             html.contains("&lt;img src=x onerror=alert(1)&gt;"),
@@ -519,13 +578,13 @@ mod tests {
             sort: "name".into(),
             page: 1,
         };
-        let html = devices(&all, &q, 0).into_string();
+        let html = devices(&all, &q, 0, None).into_string();
         assert!(html.contains("20 devices"), "gpu100..gpu119: {html}");
         let q = DeviceQuery {
             page: 3,
             ..DeviceQuery::default()
         };
-        let html = devices(&all, &q, 0).into_string();
+        let html = devices(&all, &q, 0, None).into_string();
         assert!(
             html.contains("page 3 of 3") && html.contains("gpu119") && !html.contains("gpu099")
         );
@@ -535,7 +594,13 @@ mod tests {
     #[test]
     fn readings_and_charts_render() {
         let node = n("gpu1", "H100");
-        let html = devices(std::slice::from_ref(&node), &DeviceQuery::default(), 0).into_string();
+        let html = devices(
+            std::slice::from_ref(&node),
+            &DeviceQuery::default(),
+            0,
+            None,
+        )
+        .into_string();
         assert!(
             html.contains("42%") && html.contains("61 °C") && html.contains("212 W"),
             "{html}"
@@ -557,10 +622,10 @@ mod tests {
             },
         ];
         let hist = std::collections::BTreeMap::from([("GPU-1".to_string(), pts)]);
-        let html = device(&node, &[], &hist, 3_600_000).into_string();
+        let html = device(&node, &[], &hist, 3_600_000, Some("tok")).into_string();
         assert_eq!(html.matches("<polyline").count(), 3, "{html}");
         assert!(html.contains("Utilisation: 90 %"), "{html}");
-        let empty = device(&node, &[], &Default::default(), 3_600_000).into_string();
+        let empty = device(&node, &[], &Default::default(), 3_600_000, None).into_string();
         assert!(empty.contains("no readings"), "{empty}");
     }
 
