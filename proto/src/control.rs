@@ -76,7 +76,23 @@ pub enum ControlMsg {
     },
     /// The version the node holds (after applying, or to resync).
     Ack(Version),
+    /// Node → coordinator, only to a relay that announced peer codec 2 or later
+    /// (`MeshAccepted.peer_codec`): the peers it has a WireGuard session with now and
+    /// whether each runs direct or through the relay. The whole list, each time it changes.
+    PathReport(Vec<PeerPath>),
 }
+
+/// One peer in a [`ControlMsg::PathReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerPath {
+    /// The peer.
+    pub peer: PublicKey,
+    /// Straight to it over UDP (else through the relay).
+    pub direct: bool,
+}
+
+/// Most peers in one path report (a node talking to more reports these).
+pub const MAX_PATHS: usize = 4096;
 
 impl From<PeerMapUpdate> for ControlMsg {
     fn from(u: PeerMapUpdate) -> Self {
@@ -94,6 +110,8 @@ const T_CALL_ME_MAYBE: u8 = 4;
 const T_ACK: u8 = 5;
 /// A snapshot whose peers carry their home relay (peer codec 1).
 const T_SNAPSHOT_HOMES: u8 = 6;
+/// A node's paths (peer codec 2).
+const T_PATHS: u8 = 7;
 
 /// The newest peer-map codec this build reads and writes. A node names the
 /// newest it reads in its `MeshJoin` (`weft_proto::relay::Message::MeshJoin`'s
@@ -103,7 +121,10 @@ const T_SNAPSHOT_HOMES: u8 = 6;
 /// - 0: the first.
 /// - 1: a peer entry ends with its home relay (an optional string): snapshots
 ///   under tag 6, upserts under change tag 4.
-pub const PEER_CODEC: u8 = 1;
+/// - 2: the relay takes [`ControlMsg::PathReport`] (tag 7) from the node; frames to the
+///   node are codec 1's. The relay names the codec it writes in `MeshAccepted`
+///   (from 2 on), so a node never sends a report to a relay that would reset it.
+pub const PEER_CODEC: u8 = 2;
 
 /// A node's name, tags and overlay addresses (a peer's or the receiver's own).
 fn put_identity(w: &mut Writer, name: &str, tags: &[String], v4: Ipv4Addr, v6: Ipv6Addr) {
@@ -258,6 +279,13 @@ impl ControlMsg {
                 w.u8(T_ACK);
                 v.encode(w);
             }
+            ControlMsg::PathReport(paths) => {
+                w.u8(T_PATHS);
+                w.list(paths, MAX_PATHS, |w, p| {
+                    w.key(&p.peer);
+                    w.flag(p.direct);
+                });
+            }
         }
     }
 
@@ -302,6 +330,12 @@ impl Wire for ControlMsg {
                 endpoints: get_candidates(r)?,
             },
             T_ACK => ControlMsg::Ack(Version::decode(r)?),
+            T_PATHS => ControlMsg::PathReport(r.list("paths", MAX_PATHS, 33, |r| {
+                Ok(PeerPath {
+                    peer: r.key()?,
+                    direct: r.flag()?,
+                })
+            })?),
             t => return Err(DecodeError::UnknownTag(t)),
         })
     }
@@ -447,6 +481,11 @@ mod tests {
             (key(), candidates())
                 .prop_map(|(peer, endpoints)| ControlMsg::CallMeMaybe { peer, endpoints }),
             version().prop_map(ControlMsg::Ack),
+            prop::collection::vec(
+                (key(), any::<bool>()).prop_map(|(peer, direct)| PeerPath { peer, direct }),
+                0..5
+            )
+            .prop_map(ControlMsg::PathReport),
         ]
     }
 
@@ -462,7 +501,7 @@ mod tests {
         /// Codec 0 is what nodes before the home field read: the same
         /// message less the homes, under the original tags.
         #[test]
-        fn codec_0_is_the_original_form(m in msg()) {
+        fn codec_0_is_the_original_form(m in msg().prop_filter("sent to relays of codec 2 only", |m| !matches!(m, ControlMsg::PathReport(_)))) {
             let f = m.encode_frame_at(0).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let back = ControlMsg::decode(&f[4..]).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&back, &without_homes(&m));

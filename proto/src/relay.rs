@@ -373,6 +373,10 @@ pub enum Message {
         ipv4_pool: Ipv4Net,
         /// The overlay IPv6 prefix.
         ipv6_prefix: Ipv6Net,
+        /// The peer codec the relay writes this session in and reads the node's frames
+        /// of (`control::PEER_CODEC`), from 2 on (0: not said; written only to nodes that
+        /// asked for 2 or later, so older nodes read the message they know).
+        peer_codec: u8,
     },
 }
 
@@ -396,6 +400,8 @@ const T_OPEN_REDIRECT: u8 = 17;
 const T_REDIRECT: u8 = 18;
 const T_WEB_LOGIN: u8 = 19;
 const T_WEB_LINK: u8 = 20;
+/// `MeshAccepted` naming the relay's peer codec (2 or later; only to nodes that asked).
+const T_MESH_ACCEPTED_CODEC: u8 = 21;
 
 impl Wire for Message {
     fn put(&self, w: &mut Writer) {
@@ -506,13 +512,21 @@ impl Wire for Message {
                 stun,
                 ipv4_pool,
                 ipv6_prefix,
+                peer_codec,
             } => {
-                w.u8(T_MESH_ACCEPTED);
+                w.u8(if *peer_codec >= 2 {
+                    T_MESH_ACCEPTED_CODEC
+                } else {
+                    T_MESH_ACCEPTED
+                });
                 w.option(stun.as_ref(), |w, a| w.addr(*a));
                 w.bytes(&ipv4_pool.addr().octets());
                 w.u8(ipv4_pool.prefix_len());
                 w.bytes(&ipv6_prefix.addr().octets());
                 w.u8(ipv6_prefix.prefix_len());
+                if *peer_codec >= 2 {
+                    w.u8(*peer_codec);
+                }
             }
         }
     }
@@ -599,10 +613,23 @@ impl Wire for Message {
                     peer_codec,
                 }
             }
-            T_MESH_ACCEPTED => Message::MeshAccepted {
+            t @ (T_MESH_ACCEPTED | T_MESH_ACCEPTED_CODEC) => Message::MeshAccepted {
                 stun: r.option(Reader::addr)?,
                 ipv4_pool: get_net(r, "IPv4 prefix length", Ipv4Net::new)?,
                 ipv6_prefix: get_net(r, "IPv6 prefix length", Ipv6Net::new)?,
+                peer_codec: if t == T_MESH_ACCEPTED_CODEC {
+                    match r.u8()? {
+                        c @ 2.. => c,
+                        value => {
+                            return Err(WireError::BadValue {
+                                what: "peer codec",
+                                value,
+                            })
+                        }
+                    }
+                } else {
+                    0
+                },
             },
             t => return Err(WireError::UnknownTag(t)),
         })
@@ -736,12 +763,14 @@ mod tests {
                 any::<[u8; 4]>(),
                 0u8..=32,
                 any::<[u8; 16]>(),
-                0u8..=128
+                0u8..=128,
+                prop_oneof![Just(0u8), 2u8..]
             )
-                .prop_map(|(stun, a4, l4, a6, l6)| Message::MeshAccepted {
+                .prop_map(|(stun, a4, l4, a6, l6, c)| Message::MeshAccepted {
                     stun,
                     ipv4_pool: Ipv4Net::new(a4.into(), l4).unwrap_or_default(),
                     ipv6_prefix: Ipv6Net::new(a6.into(), l6).unwrap_or_default(),
+                    peer_codec: c,
                 }),
         ]
     }
@@ -751,6 +780,24 @@ mod tests {
         fn codec_laws(m in message(), p in probes()) {
             laws::check(&m, &p)?;
         }
+    }
+
+    #[test]
+    fn mesh_accepted_names_its_codec_only_from_2_on() {
+        let m = |c| Message::MeshAccepted {
+            stun: None,
+            ipv4_pool: Ipv4Net::default(),
+            ipv6_prefix: Ipv6Net::default(),
+            peer_codec: c,
+        };
+        // The form nodes before the field read: the old tag, no codec byte.
+        assert_eq!(m(0).encode().len() + 1, m(2).encode().len());
+        assert_eq!(m(0).encode()[0], T_MESH_ACCEPTED);
+        assert_eq!(Message::decode(&m(2).encode()), Ok(m(2)));
+        let mut bad = m(2).encode();
+        let n = bad.len();
+        bad[n - 1] = 1;
+        assert!(Message::decode(&bad).is_err());
     }
 
     #[test]
@@ -783,6 +830,7 @@ mod tests {
             stun: None,
             ipv4_pool: Ipv4Net::default(),
             ipv6_prefix: Ipv6Net::default(),
+            peer_codec: 0,
         }
         .encode();
         a[6] = 33;

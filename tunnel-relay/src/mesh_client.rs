@@ -53,7 +53,7 @@ use crate::tcp::Choice;
 use crate::token::Token;
 use crate::wire::{read_control, write_control, ControlIoError};
 use crate::wire::{read_message, write_message, Message};
-use weft_proto::control::{ControlMsg, MAX_CONTROL_FRAME};
+use weft_proto::control::{ControlMsg, PeerPath, MAX_CONTROL_FRAME};
 use weft_proto::peermap::{Candidate, PeerMap, PeerMapUpdate, SelfInfo, Version};
 
 /// Events kept for a slow consumer before it gets [`MeshEvent::Lagged`].
@@ -111,6 +111,9 @@ pub struct LinkInfo {
     pub ipv4_pool: Ipv4Net,
     /// The overlay IPv6 prefix.
     pub ipv6_prefix: Ipv6Net,
+    /// The peer codec the relay said it speaks (`MeshAccepted`; 0: not said, an older
+    /// relay): from 2 on it takes path reports.
+    pub relay_codec: u8,
 }
 
 /// What happened, in order.
@@ -158,6 +161,9 @@ struct Inner {
     /// before it leaves connected).
     info: watch::Sender<Option<LinkInfo>>,
     endpoints: watch::Sender<Vec<Candidate>>,
+    /// The peers this node has a WireGuard session with and whether each runs direct
+    /// (reported to relays of peer codec 2 or later).
+    paths: watch::Sender<Vec<PeerPath>>,
 }
 
 /// A live mesh session (see the module docs). Dropping it stops the
@@ -232,11 +238,13 @@ impl MeshSession {
         let (link_tx, _) = watch::channel(link.state().clone());
         let (info, _) = watch::channel(None);
         let (endpoints, _) = watch::channel(opts.endpoints.clone());
+        let (paths, _) = watch::channel(Vec::new());
         let inner = Arc::new(Inner {
             map,
             link: link_tx,
             info,
             endpoints,
+            paths,
         });
         // The first attempt is the caller's: its error comes back from here.
         let mut live = join(&mut state, &opts, &inner).await?;
@@ -361,6 +369,21 @@ impl MeshSession {
         self.inner.endpoints.send_replace(endpoints);
     }
 
+    /// Replaces the node's paths (its peers with a WireGuard session, direct or relayed):
+    /// sent to the coordinator when they change, if its relay takes them (peer codec 2);
+    /// the same list again sends nothing.
+    pub fn report_paths(&self, mut paths: Vec<PeerPath>) {
+        paths.sort();
+        paths.truncate(weft_proto::control::MAX_PATHS);
+        self.inner.paths.send_if_modified(|p| {
+            let changed = *p != paths;
+            if changed {
+                *p = paths;
+            }
+            changed
+        });
+    }
+
     /// Asks `peer` (through the relay) to probe `endpoints` now. Returns
     /// false when it could not be queued (session stopped or busy); the relay
     /// drops it silently when the two may not talk.
@@ -473,6 +496,7 @@ async fn join_stream(
             stun,
             ipv4_pool,
             ipv6_prefix,
+            peer_codec: relay_codec,
         } => {
             let relay = conn.remote_address();
             // A relay bound to 0.0.0.0 / [::] answers STUN at the address we reach it at.
@@ -493,6 +517,7 @@ async fn join_stream(
                     stun,
                     ipv4_pool,
                     ipv6_prefix,
+                    relay_codec,
                 },
             ))
         }
@@ -774,6 +799,18 @@ async fn drive(
     let mut resync_pending = false;
     let mut endpoints = inner.endpoints.subscribe();
     endpoints.mark_unchanged(); // MeshJoin carried the current ones
+                                // Paths go only to a relay that takes them; a new stream starts with the current ones.
+    let reports = l.info.relay_codec >= 2;
+    let mut paths = inner.paths.subscribe();
+    if reports && !paths.borrow_and_update().is_empty() {
+        let m = ControlMsg::PathReport(paths.borrow().clone());
+        if let Err(e) = write_control(&mut l.send, &m).await {
+            return match conn.close_reason() {
+                Some(c) => StreamEnd::Connection(c),
+                None => StreamEnd::Stream(e.to_string()),
+            };
+        }
+    }
     loop {
         let out: Option<ControlMsg> = tokio::select! {
             m = read_control(&mut l.recv, MAX_CONTROL_FRAME) => match m {
@@ -811,6 +848,10 @@ async fn drive(
             },
             c = endpoints.changed() => match c {
                 Ok(()) => Some(ControlMsg::EndpointReport(endpoints.borrow_and_update().clone())),
+                Err(_) => return StreamEnd::Shutdown,
+            },
+            c = paths.changed(), if reports => match c {
+                Ok(()) => Some(ControlMsg::PathReport(paths.borrow_and_update().clone())),
                 Err(_) => return StreamEnd::Shutdown,
             },
             c = cmd.recv() => match c {

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::VIRTIO_NET_HDR_LEN;
 use tunnel_relay::link::LinkState;
 use tunnel_relay::relay_path::RelayPath;
+use weft_proto::control::PeerPath;
 use weft_proto::peermap::{Candidate, OverlayPools, PeerMap};
 
 use crate::device::Outgoing;
@@ -58,6 +59,9 @@ pub(crate) trait Session: Send + 'static {
     }
     /// Reports our direct-path candidates.
     fn report_endpoints(&self, endpoints: Vec<Candidate>);
+    /// Reports the peers we have a WireGuard session with and whether each runs direct
+    /// (the relay's explorer shows the pairs); sessions that cannot carry it ignore it.
+    fn report_paths(&self, _paths: Vec<PeerPath>) {}
     /// The relay link for `mesh status`.
     fn link(&self) -> LinkState;
     /// The overlay's address plan as the relay announced it (both prefixes
@@ -294,7 +298,11 @@ impl<S: Session> ControlLoop<S> {
                     self.apply(&h, outs, &mut pings);
                     if ticks % 5 == 0 {
                         // Counters and handshakes for `mesh status`, once a second.
-                        status_tx.send_replace(Arc::new(self.status(&h)));
+                        let st = Arc::new(self.status(&h));
+                        if ticks % 25 == 0 {
+                            self.session.report_paths(paths_of(&st));
+                        }
+                        status_tx.send_replace(st);
                     }
                 }
             }
@@ -458,4 +466,26 @@ pub(crate) async fn serve_dns(
         .await
         .with_context(|| format!("MagicDNS on {addr}:53"))?;
     Ok(server)
+}
+
+/// How long after its last handshake a peer still counts as talked to (WireGuard
+/// renews a session's keys every 2 minutes while it carries traffic).
+const TALKED_WITHIN_S: u64 = 180;
+
+/// The peers with a recent WireGuard handshake and whether each runs direct: what the
+/// node reports to the coordinator every 5 s (sent only when it changed).
+fn paths_of(st: &ManagedStatus) -> Vec<PeerPath> {
+    st.peers
+        .iter()
+        .filter(|p| {
+            p.wg.latest_handshake_age_s
+                .is_some_and(|a| a <= TALKED_WITHIN_S)
+        })
+        .filter_map(|p| {
+            Some(PeerPath {
+                peer: weft_proto::PublicKey::from_base64(&p.wg.public_key).ok()?,
+                direct: p.path == "direct",
+            })
+        })
+        .collect()
 }

@@ -139,6 +139,10 @@ impl Session for MeshAdapter {
         self.session.report_endpoints(endpoints);
     }
 
+    fn report_paths(&self, paths: Vec<weft_proto::control::PeerPath>) {
+        self.session.report_paths(paths);
+    }
+
     fn link(&self) -> LinkState {
         self.session.link()
     }

@@ -9,7 +9,9 @@
 //! 10 s without a reload; a job submitted from the CLI appears queued, then running, on the
 //! Jobs page without a reload; the a100's provider (`weft web` with the worker's identity) renames
 //! it and makes a join token for another machine, and alice's page shows the new name without a
-//! reload (the label is text, not markup); the earnings CSV the page offers equals what `weft usage export`
+//! reload (the label is text, not markup); a gang's two workers that ping each other over the mesh
+//! appear as a pair on the Network page with their path (direct or relayed), as in
+//! `/api/v1/paths`; the earnings CSV the page offers equals what `weft usage export`
 //! gives her; the pages fit a phone's width. Screenshots of each page go to
 //! `target/explorer-screenshots/` (or `$WEFT_SCREENSHOTS`) for a person to look at.
 
@@ -86,7 +88,7 @@ fn the_explorer_in_a_real_browser() {
         "WEFT_NVML_STUB_GPUS=2 WEFT_NVML_STUB_MODEL='NVIDIA GeForce RTX 4090' \
          WEFT_NVML_STUB_MEMORY_MIB=24564 WEFT_NVML_STUB_UUID_SEED=22",
     );
-    let _odd = Worker::start(
+    let odd = Worker::start(
         &net,
         &relay,
         ("exc", "odd", Nat::Hard, "198.51.100.10/24", "192.0.2.96/27"),
@@ -321,6 +323,48 @@ fn the_explorer_in_a_real_browser() {
         assert!((secs - wsecs).abs() < 1e-6, "{csv} vs {want:?}");
     }
     b.screenshot(&shots().join("earnings.png"));
+
+    // ---- paths: a gang's two workers reach each other over the mesh; the Network page says how ----
+    let g = alice.submit("--nodes 2 --gpu 80GB..:1 -- sleep 40");
+    alice.wait_job(g, Duration::from_secs(20), "the gang runs", |j| {
+        j["state"] == "running"
+    });
+    let ip_odd = odd.overlay_ip();
+    until(
+        Duration::from_secs(20),
+        "a100 reaches odd over the mesh",
+        || {
+            a100.ns
+                .output(&format!("ping -c 1 -W 1 {ip_odd}"))
+                .status
+                .success()
+                .then_some(())
+                .ok_or_else(|| "no reply".to_string())
+        },
+    );
+    b.goto(&format!("{base}/"));
+    b.script("window.__weftMarker = 45; return true;");
+    let took = b.wait_until(
+        Duration::from_secs(20),
+        "the a100-odd pair and its path on the Network page, without a reload",
+        "const r = document.querySelector('tr[data-pair=\"a100 odd\"] .badge'); \
+         return !!r && ['direct', 'relayed', 'mixed'].includes(r.textContent) \
+           && window.__weftMarker === 45;",
+    );
+    let shown =
+        b.script("return document.querySelector('tr[data-pair=\"a100 odd\"] .badge').textContent;");
+    println!("a100-odd shown {shown} {took:?} after the ping");
+    let api = b.script_async(
+        "const done = arguments[arguments.length - 1]; \
+         fetch('/api/v1/paths', {credentials: 'same-origin'}).then(r => r.json()).then(done, e => done('ERR ' + e));",
+    );
+    let pair = api
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["a"] == "a100" && p["b"] == "odd"))
+        .unwrap_or_else(|| panic!("no a100-odd in /api/v1/paths: {api}"));
+    assert_eq!(pair["path"], shown, "{api}");
+    b.script("document.querySelector('table.paths').scrollIntoView(); return true;");
+    b.screenshot(&shots().join("network-paths.png"));
 
     // ---- a phone's width: nothing wider than the screen but the tables' own scroll ----
     b.resize(390, 844);

@@ -117,7 +117,7 @@ impl Worker {
         self.wait_joined();
     }
 
-    fn overlay_ip(&self) -> String {
+    pub(crate) fn overlay_ip(&self) -> String {
         let st = self.wait_joined();
         st["mesh"]["ipv4"].as_str().unwrap_or_default().to_string()
     }

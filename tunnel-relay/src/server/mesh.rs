@@ -92,6 +92,11 @@ struct Hub {
     /// Other relays' records of nodes holding a session here (the node
     /// moved, or its old session lingers): applied when our session ends.
     parked: HashMap<NodeId, crate::registry::MeshChange>,
+    /// Each node's last path report (peer codec 2): its peers with a WireGuard session and
+    /// whether each runs direct; forgotten when its session here ends.
+    paths: HashMap<NodeId, Vec<weft_proto::control::PeerPath>>,
+    /// Reports that changed something (the web view's cue).
+    path_changes: u64,
 }
 
 /// What the pool needs of the mesh: a node's overlay address (the gang variables), and
@@ -163,9 +168,21 @@ impl Mesh {
             .collect()
     }
 
-    /// Moves whenever what [`Mesh::online_names`] or a node's record could show changes.
+    /// Moves whenever what [`Mesh::online_names`], a node's record or [`Mesh::paths`]
+    /// could show changes.
     pub(super) fn web_gen(&self) -> u64 {
-        lock(&self.hub).coord.changes()
+        let hub = lock(&self.hub);
+        hub.coord.changes().wrapping_add(hub.path_changes)
+    }
+
+    /// The paths nodes with a session here reported: (node, peer, direct).
+    pub(super) fn paths(&self) -> Vec<(PublicKey, PublicKey, bool)> {
+        let hub = lock(&self.hub);
+        hub.paths
+            .iter()
+            .filter_map(|(id, ps)| Some((hub.coord.record(*id)?.key, ps)))
+            .flat_map(|(k, ps)| ps.iter().map(move |p| (k, p.peer, p.direct)))
+            .collect()
     }
 }
 
@@ -251,6 +268,8 @@ impl Mesh {
                 homes: HashMap::new(),
                 dead: HashSet::new(),
                 parked: HashMap::new(),
+                paths: HashMap::new(),
+                path_changes: 0,
             })),
             stun,
         })
@@ -666,6 +685,8 @@ pub(super) async fn serve_session(
         stun: mesh.stun,
         ipv4_pool: shared.config.mesh.ipv4_pool,
         ipv6_prefix: shared.config.mesh.ipv6_prefix,
+        // From 2 on the node may send path reports: say so (older nodes get the old form).
+        peer_codec: if codec >= 2 { codec } else { 0 },
     };
     let writer = async {
         if let Err(e) = write_message(&mut send, &accepted).await {
@@ -730,6 +751,9 @@ pub(super) async fn serve_session(
     let superseded = hub.sessions.get(&id).is_some_and(|s| s.sid != sid);
     if !superseded {
         hub.sessions.remove(&id);
+        if hub.paths.remove(&id).is_some() {
+            hub.path_changes += 1;
+        }
         if let Ok(out) = hub.coord.set_online(id, false) {
             hub.deliver(out, &metrics);
             if hub.shared {
@@ -803,6 +827,15 @@ fn handle_from_node(
                 }
             }
         }
+        ControlMsg::PathReport(mut paths) => {
+            paths.sort();
+            paths.dedup_by_key(|p| p.peer);
+            if hub.paths.get(&id) != Some(&paths) {
+                debug!(node = %ctx.name, peers = paths.len(), direct = paths.iter().filter(|p| p.direct).count(), "paths reported");
+                hub.paths.insert(id, paths);
+                hub.path_changes += 1;
+            }
+        }
         ControlMsg::Snapshot(_) | ControlMsg::Delta(_) => {
             return Err(End::Protocol("a node sent a peer-map update".into()));
         }
@@ -832,6 +865,8 @@ mod tests {
             homes: HashMap::new(),
             dead: HashSet::new(),
             parked: HashMap::new(),
+            paths: HashMap::new(),
+            path_changes: 0,
         };
         (h, rx)
     }

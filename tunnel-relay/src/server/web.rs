@@ -231,6 +231,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/summary", get(api_summary))
         .route("/api/v1/nodes", get(api_nodes))
         .route("/api/v1/nodes/{name}", get(api_node))
+        .route("/api/v1/paths", get(api_paths))
         .route("/api/v1/jobs", get(api_jobs))
         .route("/api/v1/jobs/{id}", get(api_job))
         .route("/api/v1/usage", get(api_usage))
@@ -448,6 +449,12 @@ fn inputs(shared: &Shared) -> Inputs {
             })
             .collect()
     };
+    let paths = shared
+        .mesh
+        .paths()
+        .into_iter()
+        .map(|(a, b, direct)| (a.to_base64(), b.to_base64(), direct))
+        .collect();
     Inputs {
         nodes,
         online,
@@ -456,6 +463,7 @@ fn inputs(shared: &Shared) -> Inputs {
         readings,
         started_ms: shared.web.started_ms,
         now_ms,
+        paths,
     }
 }
 
@@ -498,12 +506,13 @@ async fn network(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respo
     let inp = inputs(&shared);
     let s = model::summary(&inp);
     let nodes = model::nodes(&inp, &c.v);
+    let paths = model::paths(&inp, &c.v);
     page(
         &headers,
         "Network",
         pages::Tab::Network,
         &c,
-        pages::network(&s, &nodes),
+        pages::network(&s, &nodes, &paths),
     )
 }
 
@@ -1087,6 +1096,14 @@ struct NodeDetail {
     #[serde(flatten)]
     node: model::NodeView,
     history: std::collections::BTreeMap<String, Vec<crate::telemetry::Point>>,
+}
+
+/// `GET /api/v1/paths`: node pairs with a WireGuard session, direct or relayed.
+async fn api_paths(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match api_viewer(&shared, &headers) {
+        Ok(v) => Json(model::paths(&inputs(&shared), &v)).into_response(),
+        Err(r) => *r,
+    }
 }
 
 async fn api_jobs(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {

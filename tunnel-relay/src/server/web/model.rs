@@ -100,6 +100,68 @@ pub(crate) struct Inputs {
     pub(crate) started_ms: u64,
     /// Unix ms now.
     pub(crate) now_ms: u64,
+    /// Path reports: (node key, peer key, direct), keys in base64 as the registry has them.
+    pub(crate) paths: Vec<(String, String, bool)>,
+}
+
+/// `GET /api/v1/paths`: how two nodes reach each other now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PathView {
+    /// One node (the lower name).
+    pub(crate) a: String,
+    /// The other.
+    pub(crate) b: String,
+    /// `direct`, `relayed`, or `mixed` (one side direct, the other through the relay: a
+    /// path being set up or given up).
+    pub(crate) path: String,
+}
+
+/// The pairs with a WireGuard session that `viewer` may see (both ends visible to it),
+/// relayed first, then by name.
+pub(crate) fn paths(inp: &Inputs, viewer: &Viewer) -> Vec<PathView> {
+    let visible: HashMap<&str, &str> = inp
+        .nodes
+        .iter()
+        .filter(|n| !n.revoked)
+        .filter(|n| match viewer.role {
+            Role::Operator => true,
+            Role::Engineer => n.name == viewer.name || inp.workers.iter().any(|w| w.name == n.name),
+            Role::Provider => viewer.devices.contains(&n.name),
+        })
+        .map(|n| (n.key.as_str(), n.name.as_str()))
+        .collect();
+    // (a, b) with a < b → (a says direct, b says direct).
+    type Said = (Option<bool>, Option<bool>);
+    let mut pairs: BTreeMap<(&str, &str), Said> = BTreeMap::new();
+    for (from, to, direct) in &inp.paths {
+        let (Some(&x), Some(&y)) = (visible.get(from.as_str()), visible.get(to.as_str())) else {
+            continue;
+        };
+        if x == y {
+            continue;
+        }
+        let e = pairs.entry((x.min(y), x.max(y))).or_default();
+        if x < y {
+            e.0 = Some(*direct);
+        } else {
+            e.1 = Some(*direct);
+        }
+    }
+    let mut out: Vec<PathView> = pairs
+        .into_iter()
+        .map(|((a, b), said)| PathView {
+            a: a.to_string(),
+            b: b.to_string(),
+            path: match said {
+                (Some(true), Some(false)) | (Some(false), Some(true)) => "mixed",
+                (Some(true), _) | (_, Some(true)) => "direct",
+                _ => "relayed",
+            }
+            .to_string(),
+        })
+        .collect();
+    out.sort_by(|x, y| (x.path == "direct", &x.a, &x.b).cmp(&(y.path == "direct", &y.a, &y.b)));
+    out
 }
 
 /// `GET /api/v1/summary`: public, no names, addresses or keys.
@@ -123,6 +185,10 @@ pub(crate) struct Summary {
     pub(crate) clusters: usize,
     /// Seconds since the relay started.
     pub(crate) uptime_s: u64,
+    /// Node pairs with a WireGuard session running direct.
+    pub(crate) paths_direct: usize,
+    /// Node pairs whose session goes through a relay (or is changing path).
+    pub(crate) paths_relayed: usize,
 }
 
 /// One GPU as shown.
@@ -268,6 +334,7 @@ pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
 /// The public summary.
 pub(crate) fn summary(inp: &Inputs) -> Summary {
     let everyone = Viewer::new("", Role::Operator);
+    let pairs = paths(inp, &everyone);
     let all = nodes(inp, &everyone);
     let live: Vec<&NodeView> = all
         .iter()
@@ -302,6 +369,8 @@ pub(crate) fn summary(inp: &Inputs) -> Summary {
             .filter(|j| j.cluster.is_some() && matches!(j.state.as_str(), "placed" | "running"))
             .count(),
         uptime_s: inp.now_ms.saturating_sub(inp.started_ms) / 1000,
+        paths_direct: pairs.iter().filter(|p| p.path == "direct").count(),
+        paths_relayed: pairs.iter().filter(|p| p.path != "direct").count(),
     }
 }
 
@@ -438,7 +507,7 @@ mod tests {
     fn node(name: &str, tags: &[&str]) -> NodeRecord {
         NodeRecord {
             name: name.into(),
-            key: String::new(),
+            key: format!("k-{name}"),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             first_seen: 1,
             last_seen: 2,
@@ -537,6 +606,7 @@ mod tests {
             )]),
             started_ms: 0,
             now_ms: 61_000,
+            paths: vec![],
         }
     }
 
@@ -609,6 +679,40 @@ mod tests {
         for secret in ["gpu1", "alice", "GPU-"] {
             assert!(!json.contains(secret), "{json}");
         }
+    }
+
+    #[test]
+    fn paths_pair_both_sides_and_show_only_what_the_viewer_sees() {
+        let mut inp = inputs();
+        let k = |n: &str| format!("k-{n}");
+        inp.paths = vec![
+            (k("gpu1"), k("gpu2"), true),
+            (k("gpu2"), k("gpu1"), true),
+            (k("alice"), k("gpu1"), false),
+            (k("gpu1"), k("alice"), false),
+            (k("bob"), k("gpu2"), true),
+            (k("gpu2"), k("bob"), false),
+            (k("old"), k("gpu1"), true),
+            (k("stranger"), k("gpu1"), true),
+        ];
+        let show = |v: &Viewer| {
+            paths(&inp, v)
+                .into_iter()
+                .map(|p| format!("{}-{}:{}", p.a, p.b, p.path))
+                .collect::<Vec<_>>()
+        };
+        // Relayed first; the revoked and the unknown are left out.
+        assert_eq!(
+            show(&v("ops", Role::Operator)),
+            ["alice-gpu1:relayed", "bob-gpu2:mixed", "gpu1-gpu2:direct"]
+        );
+        assert_eq!(
+            show(&v("alice", Role::Engineer)),
+            ["alice-gpu1:relayed", "gpu1-gpu2:direct"]
+        );
+        assert_eq!(show(&v("gpu2", Role::Provider)), Vec::<String>::new());
+        let s = summary(&inp);
+        assert_eq!((s.paths_direct, s.paths_relayed), (1, 2));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use maud::{html, Markup, DOCTYPE};
 
-use super::model::{Earning, NodeView, Role, Summary, Viewer};
+use super::model::{Earning, NodeView, PathView, Role, Summary, Viewer};
 use crate::pool_text::{gpu_gb, span, utc};
 use weft_proto::pool::JobView;
 
@@ -132,6 +132,8 @@ fn counters(s: &Summary) -> Markup {
             div { b data-k="jobs_running" { (s.jobs_running) } span { "jobs running" } }
             div { b data-k="jobs_queued" { (s.jobs_queued) } span { "jobs queued" } }
             div { b data-k="clusters" { (s.clusters) } span { "clusters" } }
+            div { b data-k="paths_direct" { (s.paths_direct) } span { "pairs direct" } }
+            div { b data-k="paths_relayed" { (s.paths_relayed) } span { "pairs relayed" } }
             div { b { (span(s.uptime_s * 1000)) } span { "relay uptime" } }
         }
         @if !s.gpus_by_model.is_empty() {
@@ -184,7 +186,7 @@ fn gpu_list(n: &NodeView) -> Markup {
 }
 
 /// The Network page: counters, GPUs by model, the devices online.
-pub(crate) fn network(s: &Summary, nodes: &[NodeView]) -> Markup {
+pub(crate) fn network(s: &Summary, nodes: &[NodeView], paths: &[PathView]) -> Markup {
     html! {
         h1 { "Network" }
         (counters(s))
@@ -201,8 +203,33 @@ pub(crate) fn network(s: &Summary, nodes: &[NodeView]) -> Markup {
                 }
             }
         }
+        h2 { "Paths" }
+        @if paths.is_empty() {
+            p.sub { "No two nodes you can see have a WireGuard session now." }
+        } @else {
+            p.sub {
+                (paths.iter().filter(|p| p.path == "direct").count()) " pairs direct, "
+                (paths.iter().filter(|p| p.path != "direct").count()) " through a relay"
+                @if paths.len() > PATHS_SHOWN { " (the first " (PATHS_SHOWN) " shown, relayed first)" }
+            }
+            div.scroll { table.paths {
+                thead { tr { th { "Node" } th { "Node" } th { "Path" } } }
+                tbody {
+                    @for p in paths.iter().take(PATHS_SHOWN) {
+                        tr data-pair={ (p.a) " " (p.b) } {
+                            td { a href={ "/devices/" (p.a) } { (p.a) } }
+                            td { a href={ "/devices/" (p.b) } { (p.b) } }
+                            td { span class={ "badge p-" (p.path) } { (p.path) } }
+                        }
+                    }
+                }
+            } }
+        }
     }
 }
+
+/// Pairs the Network page lists (the API has them all).
+const PATHS_SHOWN: usize = 200;
 
 /// How the Devices list is cut: a filter, a sort key, a page.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
