@@ -232,6 +232,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/nodes", get(api_nodes))
         .route("/api/v1/nodes/{name}", get(api_node))
         .route("/api/v1/paths", get(api_paths))
+        .route("/api/v1/clusters", get(api_clusters))
         .route("/api/v1/jobs", get(api_jobs))
         .route("/api/v1/jobs/{id}", get(api_job))
         .route("/api/v1/usage", get(api_usage))
@@ -932,8 +933,10 @@ async fn jobs_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
         Err(r) => return *r,
     };
     let v = &c.v;
-    let jobs = model::jobs(&inputs(&shared), v);
-    page(&headers, "Jobs", pages::Tab::Jobs, &c, pages::jobs(&jobs))
+    let inp = inputs(&shared);
+    let jobs = model::jobs(&inp, v);
+    let clusters = model::clusters(&inp, v);
+    page(&headers, "Jobs", pages::Tab::Jobs, &c, pages::jobs(&jobs, &clusters))
 }
 
 /// The earnings index brought up to date with what was stored since it last looked (blocks).
@@ -1096,6 +1099,14 @@ struct NodeDetail {
     #[serde(flatten)]
     node: model::NodeView,
     history: std::collections::BTreeMap<String, Vec<crate::telemetry::Point>>,
+}
+
+/// `GET /api/v1/clusters`: the Ray clusters among the caller's jobs (an operator's: all).
+async fn api_clusters(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match api_viewer(&shared, &headers) {
+        Ok(v) => Json(model::clusters(&inputs(&shared), &v)).into_response(),
+        Err(r) => *r,
+    }
 }
 
 /// `GET /api/v1/paths`: node pairs with a WireGuard session, direct or relayed.

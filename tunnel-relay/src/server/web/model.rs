@@ -399,6 +399,55 @@ pub(crate) fn jobs(inp: &Inputs, viewer: &Viewer) -> Vec<JobView> {
     out
 }
 
+/// `GET /api/v1/clusters`: a Ray cluster (`weft cluster up`) as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ClusterView {
+    /// Its pool job.
+    pub(crate) job: u64,
+    /// Its name.
+    pub(crate) name: String,
+    /// The engineer who made it.
+    pub(crate) owner: String,
+    /// The job's state (`pending`, `placed`, `running`, or how it ended).
+    pub(crate) state: String,
+    /// The head's worker.
+    pub(crate) head: Option<String>,
+    /// The members' workers, in rank order.
+    pub(crate) workers: Vec<String>,
+    /// GPUs in all.
+    pub(crate) gpus: usize,
+    /// Ray nodes alive (as the head last said).
+    pub(crate) ray_alive: usize,
+    /// A rank lost its worker and nobody holds it now.
+    pub(crate) degraded: bool,
+}
+
+/// The clusters among the jobs `viewer` may see, unfinished first, newest first.
+pub(crate) fn clusters(inp: &Inputs, viewer: &Viewer) -> Vec<ClusterView> {
+    let mut out: Vec<ClusterView> = jobs(inp, viewer)
+        .into_iter()
+        .filter_map(|j| {
+            let c = j.cluster.as_ref()?;
+            let mut members = j.members.clone();
+            members.sort_by_key(|m| m.rank);
+            Some(ClusterView {
+                job: j.id,
+                name: c.name.clone(),
+                owner: j.owner.clone(),
+                state: j.state.clone(),
+                head: c.head_worker.clone(),
+                gpus: members.iter().map(|m| m.gpus.len()).sum(),
+                workers: members.into_iter().map(|m| m.worker).collect(),
+                ray_alive: c.alive(j.attempt),
+                degraded: c.degraded(),
+            })
+        })
+        .collect();
+    let done = |s: &str| !matches!(s, "pending" | "placed" | "running");
+    out.sort_by_key(|c| (done(&c.state), std::cmp::Reverse(c.job)));
+    out
+}
+
 /// Whether `viewer` may see usage record `r`.
 pub(crate) fn sees_usage(viewer: &Viewer, r: &UsageRecord) -> bool {
     match viewer.role {
@@ -713,6 +762,28 @@ mod tests {
         assert_eq!(show(&v("gpu2", Role::Provider)), Vec::<String>::new());
         let s = summary(&inp);
         assert_eq!((s.paths_direct, s.paths_relayed), (1, 2));
+    }
+
+    #[test]
+    fn clusters_are_their_jobs_seen_by_the_same_rules() {
+        let mut inp = inputs();
+        inp.jobs[0].cluster = Some(weft_proto::cluster::ClusterInfo {
+            name: "train".into(),
+            head_worker: Some("gpu1".into()),
+            vacant: vec![1],
+            ..Default::default()
+        });
+        let all = clusters(&inp, &v("ops", Role::Operator));
+        assert_eq!(all.len(), 1);
+        let c = &all[0];
+        assert_eq!(
+            (c.job, c.name.as_str(), c.owner.as_str(), c.head.as_deref()),
+            (1, "train", "alice", Some("gpu1"))
+        );
+        assert_eq!(c.workers, ["gpu1"]);
+        assert!(c.degraded);
+        assert_eq!(clusters(&inp, &v("alice", Role::Engineer)).len(), 1);
+        assert!(clusters(&inp, &v("bob", Role::Engineer)).is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use maud::{html, Markup, DOCTYPE};
 
-use super::model::{Earning, NodeView, PathView, Role, Summary, Viewer};
+use super::model::{ClusterView, Earning, NodeView, PathView, Role, Summary, Viewer};
 use crate::pool_text::{gpu_gb, span, utc};
 use weft_proto::pool::JobView;
 
@@ -492,7 +492,7 @@ fn job_table(jobs: &[JobView]) -> Markup {
 }
 
 /// The Jobs page: waiting (with why), running, finished.
-pub(crate) fn jobs(all: &[JobView]) -> Markup {
+pub(crate) fn jobs(all: &[JobView], clusters: &[ClusterView]) -> Markup {
     let of = |states: &[&str]| -> Vec<JobView> {
         all.iter()
             .filter(|j| states.contains(&j.state.as_str()))
@@ -505,6 +505,20 @@ pub(crate) fn jobs(all: &[JobView]) -> Markup {
         .collect();
     html! {
         h1 { "Jobs and clusters" }
+        h2 { "Clusters" }
+        @if clusters.is_empty() { p.sub { "None. " code { "weft cluster up NAME --nodes N" } " makes a Ray cluster over the mesh." } } @else {
+            div.scroll { table.clusters {
+                thead { tr { th { "Cluster" } th.num { "Job" } th { "Engineer" } th { "State" } th { "Head" } th { "Workers" } th.num { "GPUs" } th.num { "Ray nodes alive" } } }
+                tbody { @for c in clusters { tr data-cluster=(c.name) {
+                    td { (c.name) @if c.degraded { " " span.warn { "degraded" } } }
+                    td.num { (c.job) } td { (c.owner) }
+                    td { span class={ "badge s-" (c.state) } { (c.state) } }
+                    td { (c.head.as_deref().unwrap_or("-")) }
+                    td { (c.workers.join(", ")) }
+                    td.num { (c.gpus) } td.num { (c.ray_alive) "/" (c.workers.len()) }
+                } } }
+            } }
+        }
         h2 { "Queued" } (job_table(&of(&["pending"])))
         h2 { "Running" } (job_table(&of(&["placed", "running"])))
         h2 { "Finished (latest 100)" } (job_table(&finished))
