@@ -936,7 +936,13 @@ async fn jobs_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
     let inp = inputs(&shared);
     let jobs = model::jobs(&inp, v);
     let clusters = model::clusters(&inp, v);
-    page(&headers, "Jobs", pages::Tab::Jobs, &c, pages::jobs(&jobs, &clusters))
+    page(
+        &headers,
+        "Jobs",
+        pages::Tab::Jobs,
+        &c,
+        pages::jobs(&jobs, &clusters),
+    )
 }
 
 /// The earnings index brought up to date with what was stored since it last looked (blocks).
@@ -1216,5 +1222,43 @@ async fn api_earnings(
         Ok(rows) if csv => csv_response(model::earnings_csv(&rows), "weft-earnings.csv"),
         Ok(rows) => Json(rows).into_response(),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// docs/api.md names every `/api/v1` route the router serves, and no other.
+    #[test]
+    fn the_api_reference_lists_every_route() {
+        let code = include_str!("web.rs");
+        let docs = include_str!("../../../docs/api.md");
+        let routes: Vec<&str> = code
+            .split(".route(\"")
+            .skip(1)
+            .filter_map(|r| r.split('"').next())
+            .filter(|r| r.starts_with("/api/v1/"))
+            .collect();
+        assert!(routes.len() >= 10, "{routes:?}");
+        for r in &routes {
+            // `{name}` in the router is `NAME` (or `ID`) in the reference.
+            let shown = r.replace("{name}", "NAME").replace("{id}", "ID");
+            assert!(
+                docs.contains(&format!("`GET {shown}")),
+                "docs/api.md does not describe {r}"
+            );
+        }
+        for line in docs.lines().filter(|l| l.starts_with("| `GET /api/v1/")) {
+            let path = line
+                .trim_start_matches("| `GET ")
+                .split(['`', '?', '['])
+                .next()
+                .unwrap_or_default()
+                .replace("NAME", "{name}")
+                .replace("ID", "{id}");
+            assert!(
+                routes.contains(&path.as_str()),
+                "docs/api.md lists {path}, which is not served"
+            );
+        }
     }
 }
