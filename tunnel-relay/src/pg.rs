@@ -269,7 +269,13 @@ const ADDITIVE: &str = "ALTER TABLE pool_usage ADD COLUMN IF NOT EXISTS seq BIGI
      CREATE UNIQUE INDEX IF NOT EXISTS pool_usage_seq ON pool_usage (seq);
      CREATE INDEX IF NOT EXISTS pool_usage_stored ON pool_usage (stored_ms);
      ALTER TABLE tokens ADD COLUMN IF NOT EXISTS owner TEXT;
-     ALTER TABLE nodes ADD COLUMN IF NOT EXISTS label TEXT;";
+     ALTER TABLE nodes ADD COLUMN IF NOT EXISTS label TEXT;
+     CREATE TABLE IF NOT EXISTS mesh_paths (
+        key BYTEA PRIMARY KEY,
+        relay TEXT NOT NULL,
+        paths TEXT NOT NULL,
+        updated_ms BIGINT NOT NULL
+     );";
 
 /// Brings the schema to [`MIGRATIONS`]' version (and [`ADDITIVE`]); refuses a newer one.
 fn migrate(c: &mut Client) -> Result<(), StateError> {
@@ -530,6 +536,8 @@ impl PgRegistry {
             let mut tx = c.transaction().map_err(|e| pg_err(&e))?;
             tx.execute("DELETE FROM tunnel_homes WHERE relay = $1", &[&relay])
                 .map_err(|e| pg_err(&e))?;
+            tx.execute("DELETE FROM mesh_paths WHERE relay = $1", &[&relay])
+                .map_err(|e| pg_err(&e))?;
             feed_lock(&mut tx)?;
             let n = tx
                 .execute(
@@ -542,6 +550,47 @@ impl PgRegistry {
                 notify(&mut tx, "mesh")?;
             }
             tx.commit().map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// Node `key`'s path report as this relay holds it (`paths`, the text
+    /// [`crate::records::paths_text`] writes), or none: its session here ended (a row
+    /// another relay wrote since, the node having moved there, stays).
+    pub fn save_paths(&mut self, key: Vec<u8>, paths: Option<String>) -> Result<(), StateError> {
+        let relay = self.relay.clone();
+        self.call(move |c| {
+            match &paths {
+                Some(p) => c.execute(
+                    "INSERT INTO mesh_paths (key, relay, paths, updated_ms)
+                     VALUES ($1, $2, $3, (extract(epoch from now()) * 1000)::bigint)
+                     ON CONFLICT (key) DO UPDATE SET relay = $2, paths = $3,
+                       updated_ms = (extract(epoch from now()) * 1000)::bigint",
+                    &[&key, &relay, &p],
+                ),
+                None => c.execute(
+                    "DELETE FROM mesh_paths WHERE key = $1 AND relay = $2",
+                    &[&key, &relay],
+                ),
+            }
+            .map(drop)
+            .map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// The path reports other relays of the fleet hold: (node key, relay, paths text).
+    pub fn fleet_paths(&self) -> Result<Vec<(Vec<u8>, String, String)>, StateError> {
+        let relay = self.relay.clone();
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT key, relay, paths FROM mesh_paths WHERE relay <> $1",
+                    &[&relay],
+                )
+                .map_err(|e| pg_err(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         })
     }
 

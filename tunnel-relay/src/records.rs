@@ -236,3 +236,56 @@ pub(crate) fn node_record(
         label: None,
     }
 }
+
+/// A path report as the fleet's store keeps it: `KEY:1` (direct) or `KEY:0` (relayed) per
+/// peer, base64 keys, comma-separated.
+pub(crate) fn paths_text(paths: &[weft_proto::control::PeerPath]) -> String {
+    paths
+        .iter()
+        .map(|p| format!("{}:{}", p.peer.to_base64(), u8::from(p.direct)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// [`paths_text`] read back; entries that do not parse are left out.
+pub(crate) fn paths_of_text(text: &str) -> Vec<weft_proto::control::PeerPath> {
+    text.split(',')
+        .filter_map(|e| {
+            let (k, d) = e.split_once(':')?;
+            Some(weft_proto::control::PeerPath {
+                peer: PublicKey::from_base64(k).ok()?,
+                direct: match d {
+                    "1" => true,
+                    "0" => false,
+                    _ => return None,
+                },
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod path_text_tests {
+    use super::*;
+    use weft_proto::control::PeerPath;
+
+    #[test]
+    fn path_reports_round_trip_through_the_store_text() {
+        let k = |b: u8| PublicKey([b; 32]);
+        let ps = vec![
+            PeerPath {
+                peer: k(1),
+                direct: true,
+            },
+            PeerPath {
+                peer: k(2),
+                direct: false,
+            },
+        ];
+        assert_eq!(paths_of_text(&paths_text(&ps)), ps);
+        assert!(paths_of_text("").is_empty());
+        // Garbage is left out, the rest kept.
+        let text = format!("{},nonsense:1,{}:7", paths_text(&ps[..1]), k(3).to_base64());
+        assert_eq!(paths_of_text(&text), ps[..1]);
+    }
+}

@@ -184,6 +184,39 @@ impl Registry {
         }
     }
 
+    /// Keeps node `key`'s path report for the fleet (none: its session here ended);
+    /// nothing for SQLite (one relay: the web view has its own reports).
+    pub fn save_paths(
+        &mut self,
+        key: &PublicKey,
+        paths: Option<&[weft_proto::control::PeerPath]>,
+    ) -> Result<(), StateError> {
+        match &mut self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Pg(p) => p.save_paths(key.0.to_vec(), paths.map(crate::records::paths_text)),
+        }
+    }
+
+    /// The path reports the fleet's other relays hold: (node, its relay, its paths).
+    pub fn fleet_paths(
+        &self,
+    ) -> Result<Vec<(PublicKey, String, Vec<weft_proto::control::PeerPath>)>, StateError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Pg(p) => Ok(p
+                .fleet_paths()?
+                .into_iter()
+                .filter_map(|(k, relay, text)| {
+                    Some((
+                        PublicKey::from_slice(&k)?,
+                        relay,
+                        crate::records::paths_of_text(&text),
+                    ))
+                })
+                .collect()),
+        }
+    }
+
     /// A fleet relay's heartbeat; returns every relay of the fleet (none
     /// for SQLite: one relay).
     pub fn beat(

@@ -101,7 +101,16 @@ fn two_relays_on_one_postgres_are_one_network() {
     let net = Internet::new("fl");
     let mut pg = LabPostgres::start(net.host("fl-pg", "203.0.113.20"), "203.0.113.20");
     let url = pg.url();
-    let a = FleetRelay::start(&net, "fl-ra", "relay-a", "203.0.113.2", &url, None, "");
+    // Relay A serves the web view (the explorer's path map across the fleet, below).
+    let a = FleetRelay::start(
+        &net,
+        "fl-ra",
+        "relay-a",
+        "203.0.113.2",
+        &url,
+        None,
+        "web_listen = \"203.0.113.2:8443\"\nweb_url = \"https://203.0.113.2:8443\"",
+    );
     let b = a.join(&net, "fl-rb", "relay-b", "203.0.113.3", "");
 
     // Both relays beat: each announces the other to the nodes it admits.
@@ -302,6 +311,51 @@ fn two_relays_on_one_postgres_are_one_network() {
         gpu1.peer_ips().contains(&alice.ip),
         "gpu1 lost alice over the restart"
     );
+
+    // The explorer on relay A maps the fleet's paths: alice (on A) reports hers, gpu1 and
+    // gpu3 (on B) theirs through the store; an operator sees both sides of each pair.
+    let ops = fleet::login(&alice.ns, &a.token("operator", &a.addr), "ops");
+    let (ok, link, err) = weft(&alice.ns, &ops, "web --print");
+    assert!(ok, "weft web: {err}");
+    let jar = alice.ns.file("web-jar").display().to_string();
+    let login = alice.ns.output(&format!(
+        "curl -sk --max-time 5 -c {jar} -o /dev/null -w '%{{http_code}}' '{}'",
+        link.trim()
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&login.stdout),
+        "200",
+        "the login link"
+    );
+    let want = [("alice", "gpu1", "direct"), ("alice", "gpu3", "relayed")];
+    let paths: Value = until(
+        Duration::from_secs(30),
+        "both pairs reported by both sides",
+        || {
+            let out = alice.ns.output(&format!(
+                "curl -sk --max-time 5 -b {jar} https://203.0.113.2:8443/api/v1/paths"
+            ));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let v: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+            let both = want.iter().all(|(x, y, path)| {
+                v.as_array().is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["a"] == *x
+                            && p["b"] == *y
+                            && p["path"] == *path
+                            && p["a_says"] == *path
+                            && p["b_says"] == *path
+                    })
+                })
+            });
+            if both {
+                Ok(v)
+            } else {
+                Err(text)
+            }
+        },
+    );
+    eprintln!("fleet: relay A's path map: {paths}");
 
     // Relay B dies (kill -9): gpu1 moves to A, which B announced when it
     // admitted it; alice's direct path to gpu1 carries on without a gap.

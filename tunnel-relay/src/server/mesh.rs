@@ -75,6 +75,8 @@ struct Slot {
 enum Persist {
     Write(MeshWrite),
     Flush(oneshot::Sender<()>),
+    /// A node's path report for the fleet's store (none: its session here ended).
+    Paths(PublicKey, Option<Vec<weft_proto::control::PeerPath>>),
 }
 
 /// The coordinator and the sessions, under one lock.
@@ -416,6 +418,12 @@ fn persist_loop(reg: &mut Registry, rx: &std_mpsc::Receiver<Persist>) {
             match p {
                 Persist::Write(w) => pending.push(w),
                 Persist::Flush(a) => acks.push(a),
+                // The next report replaces a lost one: no retry.
+                Persist::Paths(key, paths) => {
+                    if let Err(e) = reg.save_paths(&key, paths.as_deref()) {
+                        debug!(error = %e, node = %key.short(), "could not store a path report");
+                    }
+                }
             }
         }
         if !pending.is_empty() {
@@ -753,6 +761,9 @@ pub(super) async fn serve_session(
         hub.sessions.remove(&id);
         if hub.paths.remove(&id).is_some() {
             hub.path_changes += 1;
+            if hub.shared {
+                let _ = hub.persist.send(Persist::Paths(ctx.key, None));
+            }
         }
         if let Ok(out) = hub.coord.set_online(id, false) {
             hub.deliver(out, &metrics);
@@ -832,6 +843,11 @@ fn handle_from_node(
             paths.dedup_by_key(|p| p.peer);
             if hub.paths.get(&id) != Some(&paths) {
                 debug!(node = %ctx.name, peers = paths.len(), direct = paths.iter().filter(|p| p.direct).count(), "paths reported");
+                if hub.shared {
+                    let _ = hub
+                        .persist
+                        .send(Persist::Paths(ctx.key, Some(paths.clone())));
+                }
                 hub.paths.insert(id, paths);
                 hub.path_changes += 1;
             }
@@ -985,7 +1001,7 @@ mod tests {
             .try_iter()
             .filter_map(|p| match p {
                 Persist::Write(w) => Some(w),
-                Persist::Flush(_) => None,
+                Persist::Flush(_) | Persist::Paths(..) => None,
             })
             .collect();
         assert_eq!(

@@ -450,12 +450,35 @@ fn inputs(shared: &Shared) -> Inputs {
             })
             .collect()
     };
-    let paths = shared
+    let mut paths: Vec<(String, String, bool)> = shared
         .mesh
         .paths()
         .into_iter()
         .map(|(a, b, direct)| (a.to_base64(), b.to_base64(), direct))
         .collect();
+    // In a fleet, the reports of nodes homed on the other live relays (from the store); a
+    // node's own report here wins over a stale row.
+    if shared.fleet() {
+        let here: HashSet<String> = paths.iter().map(|p| p.0.clone()).collect();
+        let dead = shared
+            .dead_relays
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match tokio::task::block_in_place(|| lock(&shared.registry).fleet_paths()) {
+            Ok(rows) => paths.extend(
+                rows.into_iter()
+                    .filter(|(_, relay, _)| !dead.contains(relay))
+                    .map(|(k, _, ps)| (k.to_base64(), ps))
+                    .filter(|(k, _)| !here.contains(k))
+                    .flat_map(|(k, ps)| {
+                        ps.into_iter()
+                            .map(move |p| (k.clone(), p.peer.to_base64(), p.direct))
+                    }),
+            ),
+            Err(e) => warn!(error = %e, "web view: could not read the fleet's path reports"),
+        }
+    }
     Inputs {
         nodes,
         online,

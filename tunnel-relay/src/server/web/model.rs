@@ -114,6 +114,18 @@ pub(crate) struct PathView {
     /// `direct`, `relayed`, or `mixed` (one side direct, the other through the relay: a
     /// path being set up or given up).
     pub(crate) path: String,
+    /// What `a` reported (`direct` / `relayed`), if it did.
+    pub(crate) a_says: Option<&'static str>,
+    /// What `b` reported.
+    pub(crate) b_says: Option<&'static str>,
+}
+
+fn says(direct: bool) -> &'static str {
+    if direct {
+        "direct"
+    } else {
+        "relayed"
+    }
 }
 
 /// The pairs with a WireGuard session that `viewer` may see (both ends visible to it),
@@ -152,6 +164,8 @@ pub(crate) fn paths(inp: &Inputs, viewer: &Viewer) -> Vec<PathView> {
         .map(|((a, b), said)| PathView {
             a: a.to_string(),
             b: b.to_string(),
+            a_says: said.0.map(says),
+            b_says: said.1.map(says),
             path: match said {
                 (Some(true), Some(false)) | (Some(false), Some(true)) => "mixed",
                 (Some(true), _) | (_, Some(true)) => "direct",
@@ -762,6 +776,11 @@ mod tests {
         assert_eq!(show(&v("gpu2", Role::Provider)), Vec::<String>::new());
         let s = summary(&inp);
         assert_eq!((s.paths_direct, s.paths_relayed), (1, 2));
+        let bob_gpu2 = paths(&inp, &v("ops", Role::Operator)).remove(1);
+        assert_eq!(
+            (bob_gpu2.a_says, bob_gpu2.b_says),
+            (Some("direct"), Some("relayed"))
+        );
     }
 
     #[test]
