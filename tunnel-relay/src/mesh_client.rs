@@ -799,7 +799,8 @@ async fn drive(
     let mut resync_pending = false;
     let mut endpoints = inner.endpoints.subscribe();
     endpoints.mark_unchanged(); // MeshJoin carried the current ones
-                                // Paths go only to a relay that takes them; a new stream starts with the current ones.
+
+    // Paths go only to a relay that takes them; a new stream starts with the current ones.
     let reports = l.info.relay_codec >= 2;
     let mut paths = inner.paths.subscribe();
     if reports && !paths.borrow_and_update().is_empty() {

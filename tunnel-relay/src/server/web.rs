@@ -306,7 +306,10 @@ fn viewer_of(shared: &Shared, s: &Session) -> Viewer {
         return Viewer::new(&s.who.name, Role::Operator);
     }
     if engineer {
-        return Viewer::new(&s.who.name, Role::Engineer);
+        let mut v = Viewer::new(&s.who.name, Role::Engineer);
+        let p = shared.policies();
+        v.reach = model::Reach::of(&s.who.tags, &p.tunnels, &p.mesh_acl);
+        return v;
     }
     // A provider's machine: its account's devices (the registry's nodes of that owner).
     let nodes =

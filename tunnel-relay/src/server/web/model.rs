@@ -38,6 +38,44 @@ pub(crate) struct Viewer {
     pub(crate) account: String,
     /// The account's devices.
     pub(crate) devices: BTreeSet<String>,
+    /// Which workers an engineer may reach (the other roles: no limit).
+    pub(crate) reach: Reach,
+}
+
+/// What an engineer may reach: the workers whose tags the tunnel policy (`[policy]`) or the
+/// mesh ACL (`[mesh.acl]`) lets its own tags open. `None`: no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Reach(
+    Option<(
+        Vec<String>,
+        crate::config::Policy,
+        weft_proto::acl::AclPolicy,
+    )>,
+);
+
+impl Reach {
+    /// An engineer tagged `tags` under these policies.
+    pub(crate) fn of(
+        tags: &[String],
+        tunnels: &crate::config::Policy,
+        mesh: &weft_proto::acl::AclPolicy,
+    ) -> Reach {
+        Reach(Some((tags.to_vec(), tunnels.clone(), mesh.clone())))
+    }
+
+    /// Whether a node tagged `dst` is reachable.
+    pub(crate) fn reaches(&self, dst: &[String]) -> bool {
+        match &self.0 {
+            None => true,
+            Some((tags, tunnels, mesh)) => {
+                tunnels
+                    .allow
+                    .iter()
+                    .any(|r| tags.contains(&r.from) && dst.contains(&r.to))
+                    || mesh.may_initiate(tags, dst)
+            }
+        }
+    }
 }
 
 impl Viewer {
@@ -48,6 +86,7 @@ impl Viewer {
             role,
             account: String::new(),
             devices: BTreeSet::new(),
+            reach: Reach::default(),
         }
     }
 
@@ -69,6 +108,7 @@ impl Viewer {
             role: Role::Provider,
             account,
             devices,
+            reach: Reach::default(),
         }
     }
 
@@ -137,7 +177,11 @@ pub(crate) fn paths(inp: &Inputs, viewer: &Viewer) -> Vec<PathView> {
         .filter(|n| !n.revoked)
         .filter(|n| match viewer.role {
             Role::Operator => true,
-            Role::Engineer => n.name == viewer.name || inp.workers.iter().any(|w| w.name == n.name),
+            Role::Engineer => {
+                n.name == viewer.name
+                    || (inp.workers.iter().any(|w| w.name == n.name)
+                        && viewer.reach.reaches(&n.tags))
+            }
             Role::Provider => viewer.devices.contains(&n.name),
         })
         .map(|n| (n.key.as_str(), n.name.as_str()))
@@ -283,7 +327,10 @@ pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
         .filter(|n| !n.revoked || viewer.role == Role::Operator)
         .filter(|n| match viewer.role {
             Role::Operator => true,
-            Role::Engineer => n.name == viewer.name || workers.contains_key(n.name.as_str()),
+            Role::Engineer => {
+                n.name == viewer.name
+                    || (workers.contains_key(n.name.as_str()) && viewer.reach.reaches(&n.tags))
+            }
             Role::Provider => viewer.devices.contains(&n.name),
         })
         .map(|n| {
@@ -781,6 +828,33 @@ mod tests {
             (bob_gpu2.a_says, bob_gpu2.b_says),
             (Some("direct"), Some("relayed"))
         );
+    }
+
+    #[test]
+    fn an_engineer_sees_the_workers_the_policy_lets_it_reach() {
+        let names = |vs: Vec<NodeView>| vs.into_iter().map(|n| n.name).collect::<Vec<_>>();
+        let mut inp = inputs();
+        inp.nodes[1].tags = vec!["private".into()];
+        let mut alice = v("alice", Role::Engineer);
+        let none = weft_proto::acl::AclPolicy::parse("", "acl").unwrap_or_else(|e| panic!("{e}"));
+        alice.reach = Reach::of(
+            &["engineer".to_string()],
+            &crate::config::Policy::default(),
+            &none,
+        );
+        // engineer -> worker by the default tunnel policy; nothing reaches "private".
+        assert_eq!(names(nodes(&inp, &alice)), ["alice", "gpu1"]);
+        let mesh = weft_proto::acl::AclPolicy::parse(
+            "[[rule]]\nfrom = \"engineer\"\nto = \"private\"\n",
+            "acl",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        alice.reach = Reach::of(
+            &["engineer".to_string()],
+            &crate::config::Policy { allow: vec![] },
+            &mesh,
+        );
+        assert_eq!(names(nodes(&inp, &alice)), ["alice", "gpu2"]);
     }
 
     #[test]
