@@ -433,10 +433,8 @@ impl Registry {
     pub fn web_gen(&self) -> Option<u64> {
         match &self.backend {
             Backend::Sqlite(s) => {
-                let dv: i64 =
-                    s.db.query_row("PRAGMA data_version", [], |r| r.get(0))
-                        .ok()?;
-                Some((dv as u64).wrapping_add(s.db.total_changes()))
+                let dv = self.data_version().ok()? as u64;
+                Some(dv.wrapping_add(s.db.total_changes()))
             }
             Backend::Pg(_) => None,
         }

@@ -307,8 +307,7 @@ fn viewer_of(shared: &Shared, s: &Session) -> Viewer {
     }
     if engineer {
         let mut v = Viewer::new(&s.who.name, Role::Engineer);
-        let p = shared.policies();
-        v.reach = model::Reach::of(&s.who.tags, &p.tunnels, &p.mesh_acl);
+        v.reach = model::Reach::of(&s.who.tags, shared.policies());
         return v;
     }
     // A provider's machine: its account's devices (the registry's nodes of that owner).
@@ -507,13 +506,11 @@ fn page(
     } else {
         Html(pages::layout(title, tab, &c.v, &c.s.csrf, &c.tag, main)).into_response()
     };
-    if let Ok(v) = HeaderValue::from_str(&c.tag).map_err(drop).and_then(|v| {
-        if c.tag.is_empty() {
-            Err(())
-        } else {
-            Ok(v)
-        }
-    }) {
+    // The add-device answer has no version (it is not polled).
+    if let Some(v) = Some(&c.tag)
+        .filter(|t| !t.is_empty())
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
         r.headers_mut().insert(header::ETAG, v);
     }
     r
@@ -649,28 +646,21 @@ fn html_error(code: StatusCode, msg: &str) -> Response {
     (code, Html(pages::error(msg))).into_response()
 }
 
-/// A device `v` may rename or remove: its own (a provider) or any (an operator); others are
-/// told there is no such device, as a page they cannot see says.
-fn owned(shared: &Shared, v: &Viewer, name: &str) -> Result<(), Box<Response>> {
-    let known = tokio::task::block_in_place(|| lock(&shared.registry).list_nodes())
-        .map_err(|e| {
-            Box::new(html_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &e.to_string(),
-            ))
-        })?
-        .iter()
-        .any(|n| n.name == name && !n.revoked);
-    if !known || !v.owns(name) {
-        return Err(Box::new(html_error(
+/// A device `v` may rename or remove: its own (a provider's account lists only live
+/// devices) or any (an operator: the registry then says whether it exists); others are told
+/// there is no such device, as a page they cannot see says.
+fn owned(v: &Viewer, name: &str) -> Result<(), Box<Response>> {
+    if v.owns(name) {
+        Ok(())
+    } else {
+        Err(Box::new(html_error(
             StatusCode::NOT_FOUND,
             "No such device (or not one of yours).",
-        )));
+        )))
     }
-    Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct LabelForm {
     #[serde(default)]
     csrf: String,
@@ -705,15 +695,12 @@ async fn rename_device(
     Path(name): Path<String>,
     form: Result<Form<LabelForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let f = form.map(|Form(f)| f).unwrap_or(LabelForm {
-        csrf: String::new(),
-        label: String::new(),
-    });
+    let f = form.map(|Form(f)| f).unwrap_or_default();
     let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if let Err(r) = owned(&shared, &v, &name) {
+    if let Err(r) = owned(&v, &name) {
         return *r;
     }
     let label = match valid_label(&f.label) {
@@ -730,7 +717,7 @@ async fn rename_device(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RemoveForm {
     #[serde(default)]
     csrf: String,
@@ -747,15 +734,12 @@ async fn remove_device(
     Path(name): Path<String>,
     form: Result<Form<RemoveForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let f = form.map(|Form(f)| f).unwrap_or(RemoveForm {
-        csrf: String::new(),
-        confirm: String::new(),
-    });
+    let f = form.map(|Form(f)| f).unwrap_or_default();
     let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if let Err(r) = owned(&shared, &v, &name) {
+    if let Err(r) = owned(&v, &name) {
         return *r;
     }
     if f.confirm.trim() != name {
@@ -770,11 +754,14 @@ async fn remove_device(
             shared.revoked_here.notify_one();
             see_other("/devices")
         }
+        Err(crate::error::StateError::NotFound(_)) => {
+            html_error(StatusCode::NOT_FOUND, "No such device.")
+        }
         Err(e) => html_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct AddForm {
     #[serde(default)]
     csrf: String,
@@ -792,10 +779,7 @@ async fn add_device(
     headers: HeaderMap,
     form: Result<Form<AddForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let f = form.map(|Form(f)| f).unwrap_or(AddForm {
-        csrf: String::new(),
-        name: String::new(),
-    });
+    let f = form.map(|Form(f)| f).unwrap_or_default();
     let (v, s) = match form_viewer(&shared, &headers, &f.csrf) {
         Ok(x) => x,
         Err(r) => return *r,

@@ -7,7 +7,6 @@
 //! BENCHMARKS.md records; asserts only that everything answered.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::params;
@@ -26,17 +25,7 @@ const REQUESTS: usize = 200;
 
 /// One request; (time to the first byte of the answer, whole answer's bytes, status).
 async fn get(web: SocketAddr, path: &str, cookie: &str, extra: &str) -> (Duration, usize, u16) {
-    let tls = tunnel_relay::tls::rustls_client(b"http/1.1").unwrap_or_else(|e| panic!("{e}"));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(web)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let name =
-        rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
-    let mut s = connector
-        .connect(name, tcp)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut s = crate::web::tls_to(web).await;
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: weft_session={cookie}\r\n{extra}\r\n"
     );
@@ -207,17 +196,7 @@ async fn explorer_bench() {
     let (url, _) = s.web_link().await.unwrap_or_else(|e| panic!("{e}"));
     s.close().await;
     let path = &url[url.find("/login").unwrap_or(0)..];
-    let tls = tunnel_relay::tls::rustls_client(b"http/1.1").unwrap_or_else(|e| panic!("{e}"));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(web)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let name =
-        rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = connector
-        .connect(name, tcp)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = crate::web::tls_to(web).await;
     c.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -336,18 +315,9 @@ struct KeepAlive {
 
 impl KeepAlive {
     async fn open(web: SocketAddr) -> KeepAlive {
-        let tls = tunnel_relay::tls::rustls_client(b"http/1.1").unwrap_or_else(|e| panic!("{e}"));
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let tcp = tokio::net::TcpStream::connect(web)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let name =
-            rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
-        let s = connector
-            .connect(name, tcp)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        KeepAlive { s }
+        KeepAlive {
+            s: crate::web::tls_to(web).await,
+        }
     }
 
     /// One request: (status, ETag, body bytes).

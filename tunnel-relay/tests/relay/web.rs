@@ -39,6 +39,24 @@ impl Answer {
     }
 }
 
+/// A TLS connection to the web view (the relay's self-signed certificate is accepted: on
+/// loopback the test knows whom it talks to).
+pub(crate) async fn tls_to(
+    web: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = tunnel_relay::tls::rustls_client(b"http/1.1").unwrap_or_else(|e| panic!("{e}"));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(web)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
+    connector
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("TLS to the web view: {e}"))
+}
+
 /// One HTTPS request to the web view (the relay's self-signed certificate is accepted: on
 /// loopback the test knows whom it talks to).
 async fn https(
@@ -59,17 +77,7 @@ async fn https_with(
     body: &str,
     extra: Option<&str>,
 ) -> Answer {
-    let tls = tunnel_relay::tls::rustls_client(b"http/1.1").unwrap_or_else(|e| panic!("{e}"));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(web)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let name =
-        rustls::pki_types::ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}"));
-    let mut s = connector
-        .connect(name, tcp)
-        .await
-        .unwrap_or_else(|e| panic!("TLS to the web view: {e}"));
+    let mut s = tls_to(web).await;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(c) = cookie {
         req.push_str(&format!("Cookie: weft_session={c}\r\n"));

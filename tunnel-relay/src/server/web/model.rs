@@ -7,10 +7,12 @@
 //! other engineers' command lines) and its earnings. The public summary names nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::Serialize;
 use weft_proto::pool::{GpuReading, JobView, UsageRecord, WorkerView};
 
+use super::super::reload::Policies;
 use crate::pool_text::civil_from_days;
 use crate::records::NodeRecord;
 
@@ -27,7 +29,7 @@ pub(crate) enum Role {
 }
 
 /// One viewer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Viewer {
     /// Its node name.
     pub(crate) name: String,
@@ -44,35 +46,25 @@ pub(crate) struct Viewer {
 
 /// What an engineer may reach: the workers whose tags the tunnel policy (`[policy]`) or the
 /// mesh ACL (`[mesh.acl]`) lets its own tags open. `None`: no limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Reach(
-    Option<(
-        Vec<String>,
-        crate::config::Policy,
-        weft_proto::acl::AclPolicy,
-    )>,
-);
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Reach(Option<(Vec<String>, Arc<Policies>)>);
 
 impl Reach {
-    /// An engineer tagged `tags` under these policies.
-    pub(crate) fn of(
-        tags: &[String],
-        tunnels: &crate::config::Policy,
-        mesh: &weft_proto::acl::AclPolicy,
-    ) -> Reach {
-        Reach(Some((tags.to_vec(), tunnels.clone(), mesh.clone())))
+    /// An engineer tagged `tags` under the relay's current policies.
+    pub(crate) fn of(tags: &[String], policies: Arc<Policies>) -> Reach {
+        Reach(Some((tags.to_vec(), policies)))
     }
 
     /// Whether a node tagged `dst` is reachable.
     pub(crate) fn reaches(&self, dst: &[String]) -> bool {
         match &self.0 {
             None => true,
-            Some((tags, tunnels, mesh)) => {
-                tunnels
+            Some((tags, p)) => {
+                p.tunnels
                     .allow
                     .iter()
                     .any(|r| tags.contains(&r.from) && dst.contains(&r.to))
-                    || mesh.may_initiate(tags, dst)
+                    || p.mesh_acl.may_initiate(tags, dst)
             }
         }
     }
@@ -839,8 +831,10 @@ mod tests {
         let none = weft_proto::acl::AclPolicy::parse("", "acl").unwrap_or_else(|e| panic!("{e}"));
         alice.reach = Reach::of(
             &["engineer".to_string()],
-            &crate::config::Policy::default(),
-            &none,
+            Arc::new(Policies {
+                tunnels: crate::config::Policy::default(),
+                mesh_acl: none,
+            }),
         );
         // engineer -> worker by the default tunnel policy; nothing reaches "private".
         assert_eq!(names(nodes(&inp, &alice)), ["alice", "gpu1"]);
@@ -851,8 +845,10 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         alice.reach = Reach::of(
             &["engineer".to_string()],
-            &crate::config::Policy { allow: vec![] },
-            &mesh,
+            Arc::new(Policies {
+                tunnels: crate::config::Policy { allow: vec![] },
+                mesh_acl: mesh,
+            }),
         );
         assert_eq!(names(nodes(&inp, &alice)), ["alice", "gpu2"]);
     }
