@@ -331,7 +331,8 @@ const MAX_AGE_BLIND_MS: u64 = 5_000;
 /// restarts, and at least every [`MAX_AGE_MS`]. Costs a few counters and one SQLite pragma,
 /// no list: a live poll whose tag still matches is answered 304 without building anything.
 fn version_tag(shared: &Shared, now_ms: u64) -> String {
-    let registry = lock(&shared.registry).web_gen();
+    // The registry's mutex may be held by a long admission (PostgreSQL): wait off the runtime.
+    let registry = tokio::task::block_in_place(|| lock(&shared.registry).web_gen());
     let pool = shared.pool.web_gen();
     let mesh = shared.mesh.web_gen();
     let routes = lock(&shared.routes).changes();
@@ -707,7 +708,34 @@ async fn rename_device(
         Ok(l) => l,
         Err(e) => return html_error(StatusCode::BAD_REQUEST, &e),
     };
-    match tokio::task::block_in_place(|| lock(&shared.registry).set_label(&name, label)) {
+    let renamed = tokio::task::block_in_place(|| {
+        let mut reg = lock(&shared.registry);
+        if let Some(l) = label {
+            // A display name that is another device's name would read as that device.
+            let other = reg
+                .list_nodes()?
+                .into_iter()
+                .find(|n| n.name != name && n.name.eq_ignore_ascii_case(l));
+            if let Some(n) = other {
+                return Ok(Err(n.name));
+            }
+        }
+        reg.set_label(&name, label).map(Ok)
+    });
+    let renamed = match renamed {
+        Ok(Err(other)) => {
+            return html_error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "{other} is the name of another device: a display name may not be one. \
+                     Nothing was renamed."
+                ),
+            )
+        }
+        Ok(Ok(done)) => Ok(done),
+        Err(e) => Err(e),
+    };
+    match renamed {
         Ok(true) => {
             info!(device = %name, by = %v.name, label = ?label, "device renamed in the web view");
             see_other(&format!("/devices/{name}"))
@@ -771,6 +799,22 @@ struct AddForm {
 
 /// How long an "add device" token lasts.
 const ADD_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Most add-device tokens a provider account may hold unused at once: a provider adds machines
+/// as fast as it runs the commands, but cannot stockpile tokens.
+const MAX_OPEN_ADD_TOKENS: usize = 10;
+
+/// Why an add-device request made no token.
+enum AddRefused {
+    /// A node already has the name.
+    NameTaken(String),
+    /// The account holds this many unused, unexpired add-device tokens.
+    TooManyOpen(usize),
+}
+
+/// Whether token `t` can still admit a node at `now` (unix seconds).
+fn usable(t: &crate::records::TokenRecord, now: u64) -> bool {
+    !t.revoked && t.uses_left != Some(0) && t.expires_at.is_none_or(|e| e > now)
+}
 
 /// `POST /devices/add`: a one-use join token for a new machine of the caller's account (a
 /// provider's; an operator's tokens belong to no account) and the exact command to run on it.
@@ -819,16 +863,42 @@ async fn add_device(
         );
     }
     let made = tokio::task::block_in_place(|| {
-        lock(&shared.registry).create_owned_token(
-            &tag,
-            Some(ADD_TOKEN_TTL),
-            Some(1),
-            crate::registry::unix_now(),
-            owner.as_deref(),
-        )
+        let mut reg = lock(&shared.registry);
+        let now = crate::registry::unix_now();
+        if let Some(n) = reg.list_nodes()?.into_iter().find(|n| n.name == name) {
+            return Ok(Err(AddRefused::NameTaken(n.name)));
+        }
+        if let Some(acct) = owner.as_deref() {
+            let open = reg
+                .list_tokens()?
+                .iter()
+                .filter(|t| t.owner.as_deref() == Some(acct) && usable(t, now))
+                .count();
+            if open >= MAX_OPEN_ADD_TOKENS {
+                return Ok(Err(AddRefused::TooManyOpen(open)));
+            }
+        }
+        reg.create_owned_token(&tag, Some(ADD_TOKEN_TTL), Some(1), now, owner.as_deref())
+            .map(Ok)
     });
     let (secret, id) = match made {
-        Ok(x) => x,
+        Ok(Ok(x)) => x,
+        Ok(Err(AddRefused::NameTaken(n))) => {
+            return html_error(
+                StatusCode::CONFLICT,
+                &format!("A device named {n} already exists: pick another name."),
+            )
+        }
+        Ok(Err(AddRefused::TooManyOpen(open))) => {
+            return html_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "{open} add-device commands of this account are still unused (each lasts \
+                     {} minutes): run one of them on its machine, or wait for them to expire.",
+                    ADD_TOKEN_TTL.as_secs() / 60
+                ),
+            )
+        }
         Err(e) => return html_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
     let token = crate::Token {

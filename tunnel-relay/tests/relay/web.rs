@@ -700,6 +700,52 @@ async fn a_provider_adds_renames_and_removes_its_devices() {
         .await
         .json();
     assert_eq!(theirs.as_array().map(Vec::len), Some(2), "{theirs}");
+    // A name a device already has is refused at once, not when the new machine joins.
+    let a = https(
+        web,
+        "POST",
+        "/devices/add",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("name", "gpu1")]),
+    )
+    .await;
+    assert_eq!(a.code, 409, "{}", a.body);
+    assert!(
+        a.body.contains("A device named gpu1 already exists"),
+        "{}",
+        a.body
+    );
+    // An account holds at most ten unused add-device tokens (gpu2's, used, does not count).
+    for i in 0..10 {
+        let name = format!("spare{i}");
+        let a = https(
+            web,
+            "POST",
+            "/devices/add",
+            Some(&p),
+            &form(&[("csrf", &csrf), ("name", &name)]),
+        )
+        .await;
+        assert_eq!(a.code, 201, "{name}: {}", a.body);
+    }
+    let a = https(
+        web,
+        "POST",
+        "/devices/add",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("name", "spare10")]),
+    )
+    .await;
+    assert_eq!(a.code, 429, "{}", a.body);
+    assert!(a.body.contains("10 add-device commands"), "{}", a.body);
+    let open = lab
+        .registry()
+        .list_tokens()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.owner.as_deref() == Some("gpu1"))
+        .count();
+    assert_eq!(open, 11, "gpu2's token and ten spares");
 
     // Rename: the owner may, with its CSRF token; the label is shown as text.
     let label = "Rack 4 <b>left</b>";
@@ -729,6 +775,21 @@ async fn a_provider_adds_renames_and_removes_its_devices() {
         list.body.contains("Rack 4 &lt;b&gt;left&lt;/b&gt;") && !list.body.contains("<b>left"),
         "{}",
         list.body
+    );
+    // A display name may not be another device's name (it would read as that device).
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/label",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("label", "GPU1")]),
+    )
+    .await;
+    assert_eq!(a.code, 400, "{}", a.body);
+    assert!(
+        a.body.contains("gpu1 is the name of another device"),
+        "{}",
+        a.body
     );
     let long = "x".repeat(65);
     let a = https(
