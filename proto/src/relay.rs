@@ -84,10 +84,13 @@ pub enum Reason {
     UnsupportedVersion,
     /// Something failed inside the relay.
     Internal,
+    /// The node joined, and waits for an operator to approve it (a provider's machine on a
+    /// relay with `approve_devices`): it is admitted once approved.
+    AwaitingApproval,
 }
 
 impl Reason {
-    const ALL: [Reason; 15] = [
+    const ALL: [Reason; 16] = [
         Reason::TokenExpired,
         Reason::TokenUsedUp,
         Reason::TokenRevoked,
@@ -103,6 +106,7 @@ impl Reason {
         Reason::BadRequest,
         Reason::UnsupportedVersion,
         Reason::Internal,
+        Reason::AwaitingApproval,
     ];
 
     /// The wire code (1-based, stable).
@@ -143,6 +147,7 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::UnsupportedVersion => "unsupported_version",
             Reason::Internal => "internal",
+            Reason::AwaitingApproval => "awaiting_approval",
         }
     }
 }
@@ -165,6 +170,7 @@ impl fmt::Display for Reason {
             Reason::BadRequest => "bad request",
             Reason::UnsupportedVersion => "unsupported protocol version",
             Reason::Internal => "internal relay error",
+            Reason::AwaitingApproval => "waiting for an operator to approve this node",
         };
         f.write_str(s)
     }

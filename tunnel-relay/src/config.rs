@@ -9,6 +9,13 @@
 //! # Prometheus metrics (GET /metrics). Default: off.
 //! metrics_listen = "127.0.0.1:9464"
 //!
+//! # Machines that providers add themselves (with a web view "Add a device"
+//! # token or `token create --owner`) wait for an operator's approval
+//! # (`nodes approve NAME` or the web view) before they are admitted. Tokens an
+//! # operator hands out directly are approval enough. Default: false. Applies
+//! # at a reload (SIGHUP).
+//! approve_devices = true
+//!
 //! # STUN binding responder (UDP) for the mesh's endpoint discovery. Default:
 //! # the listen address's IP, port 3478 (an ephemeral port when `serve
 //! # --listen` has port 0). `stun = false` turns it off.
@@ -135,6 +142,9 @@ pub struct RelayConfig {
     pub web_plain_http: bool,
     /// The web view's certificate. Default: the relay's (`tls`).
     pub web_tls: TlsFiles,
+    /// Nodes joining with a token a provider account owns wait for an operator's approval.
+    /// Default: false.
+    pub approve_devices: bool,
 }
 
 fn store<'de, D: serde::Deserializer<'de>>(d: D) -> Result<crate::registry::Store, D::Error> {
@@ -225,6 +235,7 @@ impl Default for RelayConfig {
             web_url: None,
             web_plain_http: false,
             web_tls: TlsFiles::default(),
+            approve_devices: false,
         }
     }
 }

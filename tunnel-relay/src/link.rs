@@ -60,8 +60,10 @@ pub fn is_permanent(reason: Reason) -> bool {
         | Reason::BadRequest
         | Reason::UnsupportedVersion
         | Reason::NoSuchService => true,
+        // Approval comes from an operator, but the node is told at its next try: keep trying.
         Reason::LimitExceeded
         | Reason::Internal
+        | Reason::AwaitingApproval
         | Reason::ServiceUnavailable
         | Reason::NoSuchNode => false,
     }
@@ -705,12 +707,13 @@ mod tests {
             (BadRequest, true),
             (UnsupportedVersion, true),
             (Internal, false),
+            (AwaitingApproval, false),
         ];
         assert_eq!(every_reason(), verdicts.map(|(r, _)| r));
         for (r, permanent) in verdicts {
             assert_eq!(is_permanent(r), permanent, "{r:?}");
         }
-        assert_eq!(every_reason().len(), 15);
+        assert_eq!(every_reason().len(), 16);
         assert!(!Failure::RelayRestarting("relay restarting".into()).is_permanent());
         assert!(!down().is_permanent());
     }

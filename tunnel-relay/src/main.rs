@@ -205,6 +205,15 @@ enum NodesCmd {
         store: StoreArg,
         name: String,
     },
+    /// Approve a node waiting for it (a provider's new machine on a relay with
+    /// `approve_devices`): admitted at its next try, within seconds.
+    Approve {
+        #[command(flatten)]
+        state: RelayState,
+        #[command(flatten)]
+        store: StoreArg,
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -538,9 +547,16 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
             // HOME: the relay of a fleet holding the node's mesh session.
             let header = format!(
                 "{:<24} {:<16} {:<46} {:<16} {:<12} {:<8} HOME",
-                "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN", "REVOKED"
+                "NAME", "TAGS", "KEY", "MESH IPV4", "LAST SEEN", "STATE"
             );
             print_list(json, &nodes, &header, |n| {
+                let state = if n.revoked {
+                    "revoked"
+                } else if n.pending {
+                    "pending"
+                } else {
+                    "active"
+                };
                 format!(
                     "{:<24} {:<16} {:<46} {:<16} {:<12} {:<8} {}",
                     n.name,
@@ -549,10 +565,26 @@ fn nodes_cmd(cmd: NodesCmd) -> Result<()> {
                     n.mesh_ipv4
                         .map_or_else(|| "-".to_string(), |a| a.to_string()),
                     format!("{}s ago", unix_now().saturating_sub(n.last_seen)),
-                    n.revoked,
+                    state,
                     n.home.as_deref().unwrap_or("-")
                 )
             })?;
+            let waiting = nodes.iter().filter(|n| n.pending && !n.revoked).count();
+            if waiting > 0 && !json {
+                println!(
+                    "{waiting} node(s) wait for approval: `tunnel-relay nodes approve NAME` (or `nodes revoke NAME`)"
+                );
+            }
+        }
+        NodesCmd::Approve { state, store, name } => {
+            if store
+                .open(&state.dir, &Store::Sqlite)?
+                .approve_node(&name)?
+            {
+                println!("approved node {name}: it is admitted at its next try (within seconds)");
+            } else {
+                println!("node {name} was not waiting for approval (already approved, or revoked): nothing changed");
+            }
         }
         NodesCmd::Revoke { state, store, name } => {
             store.open(&state.dir, &Store::Sqlite)?.revoke_node(&name)?;

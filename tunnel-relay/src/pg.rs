@@ -270,6 +270,7 @@ const ADDITIVE: &str = "ALTER TABLE pool_usage ADD COLUMN IF NOT EXISTS seq BIGI
      CREATE INDEX IF NOT EXISTS pool_usage_stored ON pool_usage (stored_ms);
      ALTER TABLE tokens ADD COLUMN IF NOT EXISTS owner TEXT;
      ALTER TABLE nodes ADD COLUMN IF NOT EXISTS label TEXT;
+     ALTER TABLE nodes ADD COLUMN IF NOT EXISTS pending BOOLEAN NOT NULL DEFAULT FALSE;
      CREATE TABLE IF NOT EXISTS mesh_paths (
         key BYTEA PRIMARY KEY,
         relay TEXT NOT NULL,
@@ -818,7 +819,7 @@ impl PgRegistry {
         self.call(|c| {
             let rows = c
                 .query(
-                    "SELECT n.name, n.key, n.tags, n.first_seen, n.last_seen, n.revoked, n.label, t.owner
+                    "SELECT n.name, n.key, n.tags, n.first_seen, n.last_seen, n.revoked, n.label, t.owner, n.pending
                      FROM nodes n LEFT JOIN tokens t ON t.id = n.token_id ORDER BY n.name",
                     &[],
                 )
@@ -831,6 +832,7 @@ impl PgRegistry {
                     let mut n = node_record(r.get(0), &key, &tags, r.get(3), r.get(4), r.get(5));
                     n.label = r.get(6);
                     n.owner = r.get(7);
+                    n.pending = r.get(8);
                     n
                 })
                 .collect())
@@ -844,6 +846,19 @@ impl PgRegistry {
             c.execute(
                 "UPDATE nodes SET label = $1 WHERE name = $2",
                 &[&label, &name],
+            )
+            .map(|n| n > 0)
+            .map_err(|e| pg_err(&e))
+        })
+    }
+
+    /// Approves a node waiting for it; false if none was waiting under that name.
+    pub fn approve_node(&mut self, name: &str) -> Result<bool, StateError> {
+        let name = name.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE nodes SET pending = false WHERE name = $1 AND pending AND NOT revoked",
+                &[&name],
             )
             .map(|n| n > 0)
             .map_err(|e| pg_err(&e))
@@ -888,8 +903,9 @@ impl PgRegistry {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
+        approval: bool,
     ) -> Result<AdmitResult, StateError> {
-        self.call(admit_job(key, name, secret, now))
+        self.call(admit_job(key, name, secret, now, approval))
     }
 }
 
@@ -932,8 +948,9 @@ impl PgHandle {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
+        approval: bool,
     ) -> Result<AdmitResult, StateError> {
-        self.call(admit_job(key, name, secret, now)).await
+        self.call(admit_job(key, name, secret, now, approval)).await
     }
 
     /// Whether `key` is revoked (an unknown key counts as revoked), awaited.
@@ -962,13 +979,14 @@ fn admit_job(
     name: &str,
     secret: Option<&Secret>,
     now: u64,
+    approval: bool,
 ) -> impl Fn(&mut Client) -> Result<AdmitResult, StateError> + Send + 'static {
     let (key, name) = (*key, name.to_string());
     let hash = secret.map(|s| s.hash().to_vec());
     move |c| {
         let mut last = None;
         for attempt in 0..ADMIT_ATTEMPTS {
-            match admit_tx(c, &key, &name, hash.as_deref(), now) {
+            match admit_tx(c, &key, &name, hash.as_deref(), now, approval) {
                 Ok(r) => return Ok(r),
                 Err(e) if retryable(&e) => {
                     last = Some(e);
@@ -1008,6 +1026,7 @@ fn admit_tx(
     name: &str,
     hash: Option<&[u8]>,
     now: u64,
+    approval: bool,
 ) -> Result<AdmitResult, postgres::Error> {
     let mut tx = c
         .build_transaction()
@@ -1016,7 +1035,7 @@ fn admit_tx(
     let k = key.0.to_vec();
     let known = tx
         .query_opt(
-            "SELECT name, tags, revoked FROM nodes WHERE key = $1",
+            "SELECT name, tags, revoked, pending FROM nodes WHERE key = $1",
             &[&k],
         )?
         .map(|r| {
@@ -1024,6 +1043,7 @@ fn admit_tx(
                 r.get::<_, String>(0),
                 r.get::<_, String>(1),
                 r.get::<_, bool>(2),
+                r.get::<_, bool>(3),
             )
         });
     let owner: Option<Vec<u8>> = tx
@@ -1032,7 +1052,7 @@ fn admit_tx(
     let token = match (&known, hash) {
         (None, Some(h)) => tx
             .query_opt(
-                "SELECT id, tag, expires_at, uses_left, revoked FROM tokens WHERE hash = $1",
+                "SELECT id, tag, expires_at, uses_left, revoked, owner FROM tokens WHERE hash = $1",
                 &[&h],
             )?
             .map(|r| {
@@ -1041,7 +1061,8 @@ fn admit_tx(
                     uses_left: opt_u64(r.get(3)),
                     revoked: r.get(4),
                 };
-                (r.get::<_, String>(0), r.get::<_, String>(1), state)
+                let owned = r.get::<_, Option<String>>(5).is_some();
+                (r.get::<_, String>(0), r.get::<_, String>(1), state, owned)
             }),
         _ => None,
     };
@@ -1049,6 +1070,7 @@ fn admit_tx(
         known,
         name_free: owner.as_deref().is_none_or(|o| o == k.as_slice()),
         token,
+        approval,
     };
     match decide_admit(key, name, hash.is_some(), rows, now) {
         Err(rej) => Ok(Err(rej)),
@@ -1064,16 +1086,23 @@ fn admit_tx(
             tx.commit()?;
             Ok(Ok((name, tags)))
         }
-        Ok(AdmitWrite::New { token_id, tag }) => {
+        Ok(AdmitWrite::New {
+            token_id,
+            tag,
+            pending,
+        }) => {
             tx.execute(
-                "INSERT INTO nodes (key, name, tags, first_seen, last_seen, token_id) VALUES ($1, $2, $3, $4, $4, $5)",
-                &[&k, &name, &tag, &(now as i64), &token_id],
+                "INSERT INTO nodes (key, name, tags, first_seen, last_seen, token_id, pending) VALUES ($1, $2, $3, $4, $4, $5, $6)",
+                &[&k, &name, &tag, &(now as i64), &token_id, &pending],
             )?;
             tx.execute(
                 "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = $1 AND uses_left IS NOT NULL",
                 &[&token_id],
             )?;
             tx.commit()?;
+            if pending {
+                return Ok(Err(crate::records::awaiting_approval(name)));
+            }
             Ok(Ok((name.to_string(), vec![tag])))
         }
     }

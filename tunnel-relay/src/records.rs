@@ -51,6 +51,10 @@ pub struct NodeRecord {
     /// and DNS name stay).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// Joined with a provider's token on a relay with `approve_devices`, and not approved yet:
+    /// refused (`awaiting_approval`) until an operator approves it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 impl NodeRecord {
@@ -96,20 +100,42 @@ pub struct MeshChange {
 }
 
 /// What the registry rows say about one admission: the known node of the
-/// key (name, tags, revoked), whether the asked-for name belongs to another
-/// key, and the token of the secret (id, tag, state).
+/// key (name, tags, revoked, pending approval), whether the asked-for name
+/// belongs to another key, the token of the secret (id, tag, state, whether a
+/// provider account owns it), and whether this relay holds providers'
+/// machines for an operator's approval (`approve_devices`).
 pub(crate) struct AdmitRows {
-    pub known: Option<(String, String, bool)>,
+    pub known: Option<KnownRow>,
     pub name_free: bool,
-    pub token: Option<(String, String, TokenState)>,
+    pub token: Option<(String, String, TokenState, bool)>,
+    pub approval: bool,
 }
+
+/// A known node's row: name, tags, revoked, pending approval.
+pub(crate) type KnownRow = (String, String, bool, bool);
 
 /// What to write for an admission both backends decide alike.
 pub(crate) enum AdmitWrite {
     /// A known node: its (possibly new) name and last_seen.
     Known { name: String, tags: Vec<String> },
-    /// A new node from token `token_id` with `tag`; the token loses a use.
-    New { token_id: String, tag: String },
+    /// A new node from token `token_id` with `tag`; the token loses a use. A `pending` node
+    /// is stored and then refused ([`awaiting_approval`]) until an operator approves it.
+    New {
+        token_id: String,
+        tag: String,
+        pending: bool,
+    },
+}
+
+/// The refusal of a node that waits for an operator's approval.
+pub(crate) fn awaiting_approval(name: &str) -> Rejection {
+    Rejection::new(
+        Reason::AwaitingApproval,
+        format!(
+            "node {name:?}: an operator approves it with `tunnel-relay nodes approve {name}` or \
+             on its page in the web view; it keeps trying until then"
+        ),
+    )
 }
 
 /// The admission rule: a known, unrevoked key is accepted (name updated if
@@ -127,12 +153,15 @@ pub(crate) fn decide_admit(
             format!("name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"),
         ));
     }
-    if let Some((old_name, tags, revoked)) = rows.known {
+    if let Some((old_name, tags, revoked, pending)) = rows.known {
         if revoked {
             return Err(Rejection::new(
                 Reason::NodeRevoked,
                 format!("node {old_name:?}"),
             ));
+        }
+        if pending {
+            return Err(awaiting_approval(&old_name));
         }
         let name = if name.is_empty() || name == old_name {
             old_name
@@ -152,7 +181,7 @@ pub(crate) fn decide_admit(
             format!("key {} is not registered", key.short()),
         ));
     }
-    let Some((id, tag, state)) = rows.token else {
+    let Some((id, tag, state, owned)) = rows.token else {
         return Err(Rejection::new(Reason::TokenUnknown, ""));
     };
     if let Err(reason) = check_token(&state, now) {
@@ -167,7 +196,11 @@ pub(crate) fn decide_admit(
     if !rows.name_free {
         return Err(Rejection::new(Reason::NameTaken, format!("name {name:?}")));
     }
-    Ok(AdmitWrite::New { token_id: id, tag })
+    Ok(AdmitWrite::New {
+        token_id: id,
+        tag,
+        pending: owned && rows.approval,
+    })
 }
 
 /// One change to the persisted mesh records.
@@ -234,6 +267,7 @@ pub(crate) fn node_record(
         home: None,
         owner: None,
         label: None,
+        pending: false,
     }
 }
 

@@ -401,6 +401,25 @@ impl Registry {
         }
     }
 
+    /// Approves node `name`, which waits for it (joined with a provider's token on a relay
+    /// with `approve_devices`): it is admitted at its next try. False when it was not waiting.
+    pub fn approve_node(&mut self, name: &str) -> Result<bool, StateError> {
+        let done =
+            match &mut self.backend {
+                Backend::Sqlite(s) => s.db.execute(
+                    "UPDATE nodes SET pending = 0 WHERE name = ?1 AND pending != 0 AND revoked = 0",
+                    params![name],
+                )? > 0,
+                Backend::Pg(p) => p.approve_node(name)?,
+            };
+        if !done && !self.list_nodes()?.iter().any(|n| n.name == name) {
+            return Err(StateError::NotFound(format!(
+                "no node named {name:?} (see `nodes list`)"
+            )));
+        }
+        Ok(done)
+    }
+
     /// Revokes a node by name.
     pub fn revoke_node(&mut self, name: &str) -> Result<(), StateError> {
         let found = match &mut self.backend {
@@ -477,19 +496,23 @@ impl Registry {
         crate::records::valid_name(name)
     }
 
-    /// Admits a node: a known, unrevoked key is accepted (name updated if
-    /// free); an unknown key needs a valid token secret, which is used once.
-    /// Returns the registered name and tags, or the rejection to send.
+    /// Admits a node: a known, unrevoked, approved key is accepted (name updated if
+    /// free); an unknown key needs a valid token secret, which is used once. With
+    /// `approval` (the relay's `approve_devices`), a node joining with a token a provider
+    /// account owns is stored pending and refused until an operator approves it
+    /// ([`Registry::approve_node`]). Returns the registered name and tags, or the rejection
+    /// to send.
     pub fn admit(
         &mut self,
         key: &PublicKey,
         name: &str,
         secret: Option<&Secret>,
         now: u64,
+        approval: bool,
     ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
         match &mut self.backend {
-            Backend::Sqlite(s) => s.admit(key, name, secret, now),
-            Backend::Pg(p) => p.admit(key, name, secret, now),
+            Backend::Sqlite(s) => s.admit(key, name, secret, now, approval),
+            Backend::Pg(p) => p.admit(key, name, secret, now, approval),
         }
     }
 }
@@ -535,14 +558,19 @@ impl Sqlite {
         )?;
         // Added columns (older registries lack them): a token's provider account, a node's
         // label.
-        for (table, column) in [("tokens", "owner"), ("nodes", "label")] {
+        // A node's approval: 1 while it waits for an operator's.
+        for (table, column, kind) in [
+            ("tokens", "owner", "TEXT"),
+            ("nodes", "label", "TEXT"),
+            ("nodes", "pending", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
             let has: i64 = db.query_row(
                 &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
                 params![column],
                 |r| r.get(0),
             )?;
             if has == 0 {
-                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
             }
         }
         Ok(Sqlite { db, path })
@@ -634,7 +662,7 @@ impl Sqlite {
 
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
         let mut st = self.db.prepare_cached(
-            "SELECT n.name, n.key, n.tags, n.first_seen, n.last_seen, n.revoked, n.label, t.owner
+            "SELECT n.name, n.key, n.tags, n.first_seen, n.last_seen, n.revoked, n.label, t.owner, n.pending
              FROM nodes n LEFT JOIN tokens t ON t.id = n.token_id ORDER BY n.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -649,6 +677,7 @@ impl Sqlite {
             );
             n.label = r.get(6)?;
             n.owner = r.get(7)?;
+            n.pending = r.get::<_, i64>(8)? != 0;
             Ok(n)
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -687,15 +716,16 @@ impl Sqlite {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
+        approval: bool,
     ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
         let tx = self
             .db
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let known: Option<(String, String, i64)> = tx
+        let known: Option<(String, String, i64, i64)> = tx
             .query_row(
-                "SELECT name, tags, revoked FROM nodes WHERE key = ?1",
+                "SELECT name, tags, revoked, pending FROM nodes WHERE key = ?1",
                 params![&key.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
         let name_owner: Option<Vec<u8>> = tx
@@ -705,28 +735,36 @@ impl Sqlite {
                 |r| r.get(0),
             )
             .optional()?;
-        type Row = (String, String, Option<i64>, Option<i64>, i64);
+        type Row = (
+            String,
+            String,
+            Option<i64>,
+            Option<i64>,
+            i64,
+            Option<String>,
+        );
         let token: Option<Row> = match (&known, secret) {
             (None, Some(secret)) => tx
                 .query_row(
-                    "SELECT id, tag, expires_at, uses_left, revoked FROM tokens WHERE hash = ?1",
+                    "SELECT id, tag, expires_at, uses_left, revoked, owner FROM tokens WHERE hash = ?1",
                     params![&secret.hash()[..]],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
                 )
                 .optional()?,
             _ => None,
         };
         let rows = AdmitRows {
-            known: known.map(|(n, t, r)| (n, t, r != 0)),
+            known: known.map(|(n, t, r, p)| (n, t, r != 0, p != 0)),
             name_free: name_owner.as_deref().is_none_or(|k| k == key.0),
-            token: token.map(|(id, tag, expires_at, uses_left, revoked)| {
+            token: token.map(|(id, tag, expires_at, uses_left, revoked, owner)| {
                 let state = TokenState {
                     expires_at: opt_u64(expires_at),
                     uses_left: opt_u64(uses_left),
                     revoked: revoked != 0,
                 };
-                (id, tag, state)
+                (id, tag, state, owner.is_some())
             }),
+            approval,
         };
         match decide_admit(key, name, secret.is_some(), rows, now) {
             Err(rej) => Ok(Err(rej)),
@@ -738,16 +776,23 @@ impl Sqlite {
                 tx.commit()?;
                 Ok(Ok((name, tags)))
             }
-            Ok(AdmitWrite::New { token_id, tag }) => {
+            Ok(AdmitWrite::New {
+                token_id,
+                tag,
+                pending,
+            }) => {
                 tx.execute(
-                    "INSERT INTO nodes (key, name, tags, first_seen, last_seen, token_id) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-                    params![&key.0[..], name, tag, now as i64, token_id],
+                    "INSERT INTO nodes (key, name, tags, first_seen, last_seen, token_id, pending) VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)",
+                    params![&key.0[..], name, tag, now as i64, token_id, pending as i64],
                 )?;
                 tx.execute(
                     "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left IS NOT NULL",
                     params![token_id],
                 )?;
                 tx.commit()?;
+                if pending {
+                    return Ok(Err(crate::records::awaiting_approval(name)));
+                }
                 Ok(Ok((name.to_string(), vec![tag])))
             }
         }
@@ -778,10 +823,82 @@ mod tests {
         s: Option<&Secret>,
         now: u64,
     ) -> Result<(String, Vec<String>), Reason> {
-        match r.admit(&k.public(), name, s, now) {
+        match r.admit(&k.public(), name, s, now, false) {
             Ok(x) => x.map_err(|rej| rej.reason),
             Err(e) => panic!("db: {e}"),
         }
+    }
+
+    #[test]
+    fn a_providers_new_machine_waits_for_an_operators_approval() {
+        let (d, mut r) = reg();
+        let Ok((owned, _)) = r.create_owned_token("worker", None, Some(1), 1000, Some("gpu1"))
+        else {
+            panic!()
+        };
+        let Ok((plain, _)) = r.create_token("worker", None, None, 1000) else {
+            panic!()
+        };
+        let approving = |r: &mut Registry, k: &StaticKey, name: &str, s: Option<&Secret>| match r
+            .admit(&k.public(), name, s, 1001, true)
+        {
+            Ok(x) => x.map_err(|rej| (rej.reason, rej.detail)),
+            Err(e) => panic!("db: {e}"),
+        };
+        let (a, b) = (StaticKey::generate(), StaticKey::generate());
+        // An operator's token (no owner) admits at once, approval or not.
+        assert!(approving(&mut r, &b, "op-box", Some(&plain)).is_ok());
+        // A provider's token: stored, its use spent, refused until approved.
+        let Err((reason, detail)) = approving(&mut r, &a, "gpu2", Some(&owned)) else {
+            panic!("admitted without approval")
+        };
+        assert_eq!(reason, Reason::AwaitingApproval);
+        assert!(
+            detail.contains("tunnel-relay nodes approve gpu2"),
+            "{detail}"
+        );
+        let pending = |r: &Registry| {
+            r.list_nodes()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| n.pending)
+                .map(|n| n.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pending(&r), ["gpu2"]);
+        // Its next tries (key known, token again or not) wait too; the relay restarting
+        // (the registry opened again) changes nothing.
+        drop(r);
+        let Ok(mut r) = Registry::open(d.path()) else {
+            panic!("reopen")
+        };
+        assert_eq!(
+            approving(&mut r, &a, "gpu2", Some(&owned)).map_err(|e| e.0),
+            Err(Reason::AwaitingApproval)
+        );
+        assert_eq!(
+            admit(&mut r, &a, "gpu2", None, 1002),
+            Err(Reason::AwaitingApproval)
+        );
+        // Approved: admitted with its token's tag; approving again says it was not waiting.
+        assert_eq!(r.approve_node("gpu2").ok(), Some(true));
+        assert_eq!(r.approve_node("gpu2").ok(), Some(false));
+        assert!(matches!(
+            r.approve_node("nope"),
+            Err(StateError::NotFound(_))
+        ));
+        assert_eq!(
+            approving(&mut r, &a, "gpu2", None),
+            Ok(("gpu2".into(), vec!["worker".into()]))
+        );
+        assert!(pending(&r).is_empty());
+        // Without approval on, a provider's token admits at once.
+        let Ok((owned2, _)) = r.create_owned_token("worker", None, Some(1), 1000, Some("gpu1"))
+        else {
+            panic!()
+        };
+        let c = StaticKey::generate();
+        assert!(admit(&mut r, &c, "gpu3", Some(&owned2), 1003).is_ok());
     }
 
     #[test]

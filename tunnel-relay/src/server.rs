@@ -1373,10 +1373,14 @@ async fn admit(shared: &Arc<Shared>, conn: Connection) -> Result<Option<Admitted
         Ok((hello.name.clone(), vec![PEER_TAG.to_string()]))
     } else {
         let secret = hello.join_secret.as_ref();
+        let approval = shared.policies().approve_devices;
         let r = match &shared.pg {
-            Some(pg) => pg.admit(&key, &hello.name, secret, unix_now()).await,
+            Some(pg) => {
+                pg.admit(&key, &hello.name, secret, unix_now(), approval)
+                    .await
+            }
             // SQLite: a local file, answered in well under a millisecond.
-            None => lock(&shared.registry).admit(&key, &hello.name, secret, unix_now()),
+            None => lock(&shared.registry).admit(&key, &hello.name, secret, unix_now(), approval),
         };
         match r {
             Ok(v) => v,

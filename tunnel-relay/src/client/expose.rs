@@ -185,7 +185,17 @@ async fn expose_inner(
                             warn!(me = %me, error = %e, "the relay refused this node; not retrying");
                             return Err(e);
                         }
-                        warn!(me = %me, error = %e, retry_in_ms = retry_in_ms(link), "relay unreachable");
+                        if matches!(
+                            e.failure(),
+                            crate::link::Failure::Refused {
+                                reason: Reason::AwaitingApproval,
+                                ..
+                            }
+                        ) {
+                            info!(me = %me, error = %e, retry_in_ms = retry_in_ms(link), "waiting for an operator of the relay to approve this node");
+                        } else {
+                            warn!(me = %me, error = %e, retry_in_ms = retry_in_ms(link), "relay unreachable");
+                        }
                         continue;
                     }
                 };

@@ -6,7 +6,9 @@
 //! - `[mesh.acl]`: the coordinator recomputes peer visibility and inbound
 //!   filters and sends every node whose view changed a peer-map delta (peers
 //!   added or removed, a new filter), and relay-path datagrams are checked
-//!   against it from then on.
+//!   against it from then on;
+//! - `approve_devices`: new admissions follow it (nodes already waiting stay
+//!   waiting until approved).
 //!
 //! A file that does not parse or validate changes nothing: the error (file,
 //! line, what) goes back to the operator and the running policy stays.
@@ -30,6 +32,8 @@ pub(crate) struct Policies {
     pub tunnels: Policy,
     /// Mesh traffic (`[mesh.acl]`).
     pub mesh_acl: AclPolicy,
+    /// Providers' new machines wait for an operator's approval (`approve_devices`).
+    pub approve_devices: bool,
 }
 
 impl Policies {
@@ -37,6 +41,7 @@ impl Policies {
         Policies {
             tunnels: c.policy.clone(),
             mesh_acl: c.mesh.acl.clone(),
+            approve_devices: c.approve_devices,
         }
     }
 }
@@ -116,6 +121,7 @@ fn restart_needed(running: &RelayConfig, fresh: &RelayConfig) -> Vec<String> {
     let mut f = fresh.clone();
     f.policy = running.policy.clone();
     f.mesh.acl = running.mesh.acl.clone();
+    f.approve_devices = running.approve_devices;
     // `serve --tcp-listen` and `--metrics` add to the file's values at start.
     f.tcp_listen = running.tcp_listen.clone();
     f.metrics_listen = running.metrics_listen;

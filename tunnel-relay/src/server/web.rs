@@ -223,6 +223,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/devices/{name}", get(device))
         .route("/devices/{name}/label", post(rename_device))
         .route("/devices/{name}/remove", post(remove_device))
+        .route("/devices/{name}/approve", post(approve_device))
         .route("/jobs", get(jobs_page))
         .route("/earnings", get(earnings_page))
         .route("/earnings.csv", get(earnings_csv))
@@ -573,7 +574,7 @@ async fn login_page(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct CsrfForm {
     #[serde(default)]
     csrf: String,
@@ -789,6 +790,44 @@ async fn remove_device(
     }
 }
 
+/// `POST /devices/NAME/approve`: an operator approves a provider's machine that waits for it
+/// (as `nodes approve`); it is admitted at its next try.
+async fn approve_device(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    form: Result<Form<CsrfForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let f = form.map(|Form(f)| f).unwrap_or_default();
+    let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if let Err(r) = owned(&v, &name) {
+        return *r;
+    }
+    if v.role != Role::Operator {
+        return html_error(
+            StatusCode::FORBIDDEN,
+            "An operator of this relay approves new machines; yours comes online once one has.",
+        );
+    }
+    match tokio::task::block_in_place(|| lock(&shared.registry).approve_node(&name)) {
+        Ok(true) => {
+            info!(device = %name, by = %v.name, "device approved in the web view");
+            see_other(&format!("/devices/{name}"))
+        }
+        Ok(false) => html_error(
+            StatusCode::CONFLICT,
+            &format!("{name} is not waiting for approval (already approved, or removed)."),
+        ),
+        Err(crate::error::StateError::NotFound(_)) => {
+            html_error(StatusCode::NOT_FOUND, "No such device.")
+        }
+        Err(e) => html_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
 #[derive(Deserialize, Default)]
 struct AddForm {
     #[serde(default)]
@@ -990,7 +1029,8 @@ async fn device(
         .collect();
     let history = history_of(&shared, &n, inp.now_ms);
     let manage = (v.owns(&n.name) && n.state != "revoked").then_some(c.s.csrf.as_str());
-    let main = pages::device(&n, &jobs, &history, inp.now_ms, manage);
+    let approve = v.role == Role::Operator && n.state == model::AWAITING_APPROVAL;
+    let main = pages::device(&n, &jobs, &history, inp.now_ms, manage, approve);
     page(&headers, &n.name.clone(), pages::Tab::Devices, &c, main)
 }
 

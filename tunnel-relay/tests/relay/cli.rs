@@ -153,6 +153,13 @@ fn operator_commands_and_refusal_reasons() {
         &["nodes", "revoke", "nobody", "--state-dir", st],
         "no node named",
     );
+    // Approval: a node that is not waiting for it is left as it is; an unknown one is named.
+    let out = ok(&["nodes", "approve", "w", "--state-dir", st]);
+    assert!(out.contains("node w was not waiting for approval"), "{out}");
+    refused(
+        &["nodes", "approve", "nobody", "--state-dir", st],
+        "no node named",
+    );
 
     // A bad config file names the file, line and field.
     let cfg = tmp.path().join("relay.toml");

@@ -79,6 +79,7 @@ fn seed(dir: &std::path::Path) {
                 &format!("gpu{i:05}"),
                 Some(&secret),
                 unix_now(),
+                false,
             )
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(r.is_ok(), "{r:?}");

@@ -899,3 +899,132 @@ async fn a_relay_without_a_web_view_says_so() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_approves_a_providers_new_machine() {
+    let _turn = weft_tests::turn::take(module_path!());
+    let cfg = RelayConfig {
+        web_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
+        approve_devices: true,
+        ..RelayConfig::default()
+    };
+    let lab = start_relay(cfg).await;
+    let web = lab.web.unwrap_or_else(|| panic!("web view bound"));
+    // The provider's first machine joined with an operator's token: approved by that.
+    let d1 = tmp();
+    let _gpu1 = agent(
+        &lab,
+        "gpu1",
+        d1.path(),
+        false,
+        inventory(gpus("a", "H100", 81920, 1), vec![]),
+    )
+    .await;
+    let ops = identity(&lab, "operator", "ops").await;
+    let p = log_in(web, d1.path()).await;
+    let csrf = csrf_of(&https(web, "GET", "/devices", Some(&p), "").await);
+    let a = https(
+        web,
+        "POST",
+        "/devices/add",
+        Some(&p),
+        &form(&[("csrf", &csrf), ("name", "gpu2")]),
+    )
+    .await;
+    assert_eq!(a.code, 201, "{}", a.body);
+    let token = a
+        .body
+        .split_whitespace()
+        .find(|w| w.starts_with("wft1_"))
+        .unwrap_or_else(|| panic!("no token: {}", a.body));
+    let token = tunnel_relay::Token::parse(token).unwrap_or_else(|e| panic!("{e}: {token}"));
+
+    // The new machine joins with it: it is stored, and refused until an operator approves.
+    let d2 = tmp();
+    let dir2 = d2.path().to_path_buf();
+    let join = tokio::spawn(async move {
+        crate::pool_feed::agent_with(
+            "gpu2",
+            &dir2,
+            Some(token),
+            inventory(gpus("b", "A100", 40960, 2), vec![]),
+        )
+        .await
+    });
+    let pending = || {
+        lab.registry()
+            .list_nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.pending)
+            .map(|n| n.name)
+            .collect::<Vec<_>>()
+    };
+    let t0 = std::time::Instant::now();
+    while pending().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "gpu2 never tried to join"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending(), ["gpu2"]);
+    // Its provider sees it waiting, and cannot approve it.
+    let page = https(web, "GET", "/devices/gpu2", Some(&p), "").await;
+    assert!(
+        page.body.contains("Waiting for an operator to approve") && !page.body.contains("/approve"),
+        "{}",
+        page.body
+    );
+    let node = https(web, "GET", "/api/v1/nodes/gpu2", Some(&p), "")
+        .await
+        .json();
+    assert_eq!(node["state"], "awaiting approval", "{node}");
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/approve",
+        Some(&p),
+        &form(&[("csrf", &csrf)]),
+    )
+    .await;
+    assert_eq!(a.code, 403, "{}", a.body);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!join.is_finished(), "gpu2 was admitted without approval");
+
+    // An operator approves it (with the CSRF token): it is admitted at its next try.
+    let o = log_in(web, ops.path()).await;
+    let op = https(web, "GET", "/devices/gpu2", Some(&o), "").await;
+    assert!(op.body.contains("/devices/gpu2/approve"), "{}", op.body);
+    let a = https(web, "POST", "/devices/gpu2/approve", Some(&o), "").await;
+    assert_eq!(a.code, 403, "{}", a.body);
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/approve",
+        Some(&o),
+        &form(&[("csrf", &csrf_of(&op))]),
+    )
+    .await;
+    assert_eq!(a.code, 303, "{}", a.body);
+    let gpu2 = tokio::time::timeout(Duration::from_secs(15), join)
+        .await
+        .unwrap_or_else(|_| panic!("gpu2 was not admitted after the approval"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(pending().is_empty());
+    let node = https(web, "GET", "/api/v1/nodes/gpu2", Some(&p), "")
+        .await
+        .json();
+    assert_eq!(node["owner"], "gpu1", "{node}");
+    assert_ne!(node["state"], "awaiting approval", "{node}");
+    let a = https(
+        web,
+        "POST",
+        "/devices/gpu2/approve",
+        Some(&o),
+        &form(&[("csrf", &csrf_of(&op))]),
+    )
+    .await;
+    assert_eq!(a.code, 409, "{}", a.body);
+    drop((gpu2, d2));
+}

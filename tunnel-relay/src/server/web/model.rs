@@ -274,7 +274,8 @@ pub(crate) struct NodeView {
     /// Online now.
     pub(crate) online: bool,
     /// `ready`, `cordoned`, `draining`, `disconnected`, `lost`, `revoked` for pool workers;
-    /// `online` / `offline` for other nodes.
+    /// `online` / `offline` for other nodes; [`AWAITING_APPROVAL`] for a provider's machine
+    /// an operator has not approved yet.
     pub(crate) state: String,
     /// Overlay IPv4, once on the mesh.
     pub(crate) ipv4: Option<String>,
@@ -310,6 +311,9 @@ impl NodeView {
 }
 
 /// The nodes `viewer` may see, sorted by name.
+/// The state of a provider's machine that waits for an operator's approval.
+pub(crate) const AWAITING_APPROVAL: &str = "awaiting approval";
+
 pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
     let workers: BTreeMap<&str, &WorkerView> =
         inp.workers.iter().map(|w| (w.name.as_str(), w)).collect();
@@ -330,6 +334,7 @@ pub(crate) fn nodes(inp: &Inputs, viewer: &Viewer) -> Vec<NodeView> {
             let online = inp.online.contains(&n.name.to_ascii_lowercase());
             let state = match (n.revoked, w) {
                 (true, _) => "revoked".to_string(),
+                (false, _) if n.pending => AWAITING_APPROVAL.into(),
                 (false, Some(w)) if !online && w.state == "ready" => "disconnected".into(),
                 (false, Some(w)) => w.state.clone(),
                 (false, None) if online => "online".into(),
@@ -619,6 +624,7 @@ mod tests {
             home: None,
             owner: None,
             label: None,
+            pending: false,
         }
     }
 
@@ -834,6 +840,7 @@ mod tests {
             Arc::new(Policies {
                 tunnels: crate::config::Policy::default(),
                 mesh_acl: none,
+                approve_devices: false,
             }),
         );
         // engineer -> worker by the default tunnel policy; nothing reaches "private".
@@ -848,6 +855,7 @@ mod tests {
             Arc::new(Policies {
                 tunnels: crate::config::Policy { allow: vec![] },
                 mesh_acl: mesh,
+                approve_devices: false,
             }),
         );
         assert_eq!(names(nodes(&inp, &alice)), ["alice", "gpu2"]);

@@ -388,9 +388,22 @@ pub(crate) fn device(
     history: &std::collections::BTreeMap<String, Vec<crate::telemetry::Point>>,
     now_ms: u64,
     manage: Option<&str>,
+    approve: bool,
 ) -> Markup {
     html! {
         h1 { (n.shown()) " " (state_badge(n)) }
+        @if let (true, Some(csrf)) = (approve, manage) {
+            form.approve method="post" action={ "/devices/" (n.name) "/approve" } {
+                input type="hidden" name="csrf" value=(csrf);
+                p {
+                    "This machine joined with its provider's token and waits for an operator's approval; "
+                    "it keeps trying and is admitted within seconds of it. Not yours to run? Remove it below."
+                }
+                button type="submit" { "Approve" }
+            }
+        } @else if n.state == super::model::AWAITING_APPROVAL {
+            p.sub { "Waiting for an operator to approve this machine: it keeps trying and comes online within seconds of the approval." }
+        }
         dl.facts {
             dt { "Node name" } dd { code { (n.name) } " (its ssh alias and DNS name)" }
             @if let Some(o) = &n.owner { dt { "Provider account" } dd { (o) } }
@@ -663,10 +676,10 @@ mod tests {
             },
         ];
         let hist = std::collections::BTreeMap::from([("GPU-1".to_string(), pts)]);
-        let html = device(&node, &[], &hist, 3_600_000, Some("tok")).into_string();
+        let html = device(&node, &[], &hist, 3_600_000, Some("tok"), false).into_string();
         assert_eq!(html.matches("<polyline").count(), 3, "{html}");
         assert!(html.contains("Utilisation: 90 %"), "{html}");
-        let empty = device(&node, &[], &Default::default(), 3_600_000, None).into_string();
+        let empty = device(&node, &[], &Default::default(), 3_600_000, None, false).into_string();
         assert!(empty.contains("no readings"), "{empty}");
     }
 
