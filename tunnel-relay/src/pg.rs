@@ -1086,6 +1086,15 @@ fn admit_tx(
             tx.commit()?;
             Ok(Ok((name, tags)))
         }
+        Ok(AdmitWrite::Waiting { name }) => {
+            tx.batch_execute("SET LOCAL synchronous_commit = off")?;
+            tx.execute(
+                "UPDATE nodes SET last_seen = $1 WHERE key = $2",
+                &[&(now as i64), &k],
+            )?;
+            tx.commit()?;
+            Ok(Err(crate::records::awaiting_approval(&name)))
+        }
         Ok(AdmitWrite::New {
             token_id,
             tag,

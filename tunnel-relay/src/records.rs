@@ -118,6 +118,9 @@ pub(crate) type KnownRow = (String, String, bool, bool);
 pub(crate) enum AdmitWrite {
     /// A known node: its (possibly new) name and last_seen.
     Known { name: String, tags: Vec<String> },
+    /// A known node that waits for an operator's approval: its last_seen (so the operator
+    /// sees it still trying), then the refusal ([`awaiting_approval`]).
+    Waiting { name: String },
     /// A new node from token `token_id` with `tag`; the token loses a use. A `pending` node
     /// is stored and then refused ([`awaiting_approval`]) until an operator approves it.
     New {
@@ -161,7 +164,7 @@ pub(crate) fn decide_admit(
             ));
         }
         if pending {
-            return Err(awaiting_approval(&old_name));
+            return Ok(AdmitWrite::Waiting { name: old_name });
         }
         let name = if name.is_empty() || name == old_name {
             old_name

@@ -776,6 +776,14 @@ impl Sqlite {
                 tx.commit()?;
                 Ok(Ok((name, tags)))
             }
+            Ok(AdmitWrite::Waiting { name }) => {
+                tx.execute(
+                    "UPDATE nodes SET last_seen = ?1 WHERE key = ?2",
+                    params![now as i64, &key.0[..]],
+                )?;
+                tx.commit()?;
+                Ok(Err(crate::records::awaiting_approval(&name)))
+            }
             Ok(AdmitWrite::New {
                 token_id,
                 tag,
@@ -880,6 +888,15 @@ mod tests {
             admit(&mut r, &a, "gpu2", None, 1002),
             Err(Reason::AwaitingApproval)
         );
+        // Each try shows: the operator sees it still trying.
+        let seen = |r: &Registry| {
+            r.list_nodes()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|n| n.name == "gpu2")
+                .map(|n| n.last_seen)
+        };
+        assert_eq!(seen(&r), Some(1002));
         // Approved: admitted with its token's tag; approving again says it was not waiting.
         assert_eq!(r.approve_node("gpu2").ok(), Some(true));
         assert_eq!(r.approve_node("gpu2").ok(), Some(false));

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use weft_tests::managed::{LabRelay, RELAY_IP};
+use weft_tests::managed::{relay_bin, LabRelay, RELAY_IP};
 use weft_tests::router::Router;
 use weft_tests::webdriver::Browser;
 use weft_tests::{Internet, Nat, Netns};
@@ -71,7 +71,9 @@ fn day(ms: u64) -> String {
 fn the_explorer_in_a_real_browser() {
     let _lab = weft_tests::turn::take(module_path!());
     let net = Internet::new("ex");
-    let config = format!("web_listen = \"0.0.0.0:8443\"\nweb_url = \"https://{RELAY_IP}:8443\"\n");
+    let config = format!(
+        "web_listen = \"0.0.0.0:8443\"\nweb_url = \"https://{RELAY_IP}:8443\"\napprove_devices = true\n"
+    );
     let relay = LabRelay::start_with_config(&net, "ex", Some(&config));
     let base = format!("https://{RELAY_IP}:8443");
     let a100 = Worker::start(
@@ -247,6 +249,94 @@ fn the_explorer_in_a_real_browser() {
         "const c = document.querySelector('#add-command');          return !!c && c.innerText.startsWith('sudo worker-agent run --token wft1_')            && c.innerText.endsWith('--name a100-b');",
     );
     p.screenshot(&shots().join("add-device.png"));
+
+    // ---- approval: the new machine joins with that token and waits for an operator ----
+    let cmd = p.script("return document.querySelector('#add-command').innerText;");
+    let token = cmd
+        .as_str()
+        .and_then(|c| c.split_whitespace().find(|w| w.starts_with("wft1_")))
+        .unwrap_or_else(|| panic!("no token in {cmd}"))
+        .to_string();
+    // The machine: a plain `tunnel-relay expose` beside the a100's agent (its own identity).
+    let newbox = a100.ns.spawn(&format!(
+        "{} expose --token {token} --state-dir {} --name a100-b --service ssh=127.0.0.1:22",
+        relay_bin(),
+        a100.ns.file("a100-b").display()
+    ));
+    let list = || {
+        let out = relay.ns.output(&format!(
+            "{} nodes list --state-dir {}",
+            relay_bin(),
+            relay.state
+        ));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    until(
+        Duration::from_secs(10),
+        "a100-b waiting for approval",
+        || {
+            let l = list();
+            if l.lines()
+                .any(|r| r.starts_with("a100-b ") && r.contains(" pending "))
+            {
+                Ok(())
+            } else {
+                Err(l)
+            }
+        },
+    );
+    p.goto(&format!("{base}/devices/a100-b"));
+    let text = p.main_text();
+    assert!(
+        text.contains("Waiting for an operator to approve this machine"),
+        "{text}"
+    );
+    assert_eq!(
+        p.script("return !!document.querySelector('form.approve');"),
+        false,
+        "a provider may approve its own machine"
+    );
+    // An operator (its own `weft web` link) approves it on the device's page.
+    let ops = eng_ns.file("ops").display().to_string();
+    let t = weft_tests::managed::relay_token(&relay.ns, &relay.state, "operator");
+    eng_ns.exec(&format!(
+        "{} login --token {t} --state-dir {ops} --name ops",
+        weft_bin()
+    ));
+    let olink = eng_ns
+        .exec(&format!("{} web --print --state-dir {ops}", weft_bin()))
+        .trim()
+        .to_string();
+    let o = Browser::start(&eng_ns, 1280, 900);
+    o.goto(&olink);
+    o.wait_until(
+        Duration::from_secs(10),
+        "the operator logged in",
+        "return !!document.querySelector('.who') && document.querySelector('.who').innerText.includes('operator');",
+    );
+    o.goto(&format!("{base}/devices/a100-b"));
+    o.wait_until(
+        Duration::from_secs(10),
+        "the Approve button",
+        "return !!document.querySelector('form.approve button');",
+    );
+    o.screenshot(&shots().join("device-approve.png"));
+    o.click("form.approve button");
+    // The provider's page (no reload) shows the machine online within seconds.
+    let took = p.wait_until(
+        Duration::from_secs(20),
+        "a100-b online after the approval, on its provider's page",
+        "const b = document.querySelector('main h1 .badge');          return !!b && b.dataset.state === 'online';",
+    );
+    println!("a100-b online {took:?} after the approval");
+    assert!(
+        list()
+            .lines()
+            .any(|r| r.starts_with("a100-b ") && r.contains(" active ")),
+        "{}",
+        list()
+    );
+    drop((o, newbox));
     drop(p);
     let took = b.wait_until(
         Duration::from_secs(10),
