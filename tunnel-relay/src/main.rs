@@ -625,6 +625,16 @@ fn policy_reload(dir: &Path) -> Result<()> {
         },
         v["peer_map_updates"].as_u64().unwrap_or(0)
     );
+    if yes("approve_devices_changed") {
+        println!(
+            "device approval is now {}",
+            if yes("approve_devices") {
+                "on: providers' new machines wait for `nodes approve`"
+            } else {
+                "off"
+            }
+        );
+    }
     if let Some(r) = v["restart_needed_for"].as_array().filter(|r| !r.is_empty()) {
         let names: Vec<&str> = r.iter().filter_map(|x| x.as_str()).collect();
         println!(

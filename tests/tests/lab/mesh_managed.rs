@@ -422,9 +422,13 @@ fn policy_reload_reaches_every_peer_map_without_a_restart() {
     };
 
     // Workers may ping each other now: `policy reload`, no restart.
+    // (Device approval, a top-level key, goes live in the same reload.)
     std::fs::write(
         &config,
-        acl_config("[[mesh.acl.rule]]\nfrom = \"worker\"\nto = \"worker\"\nproto = \"icmp\"\n"),
+        format!(
+            "approve_devices = true\n{}",
+            acl_config("[[mesh.acl.rule]]\nfrom = \"worker\"\nto = \"worker\"\nproto = \"icmp\"\n")
+        ),
     )
     .expect("write the relay config");
     let t0 = Instant::now();
@@ -433,7 +437,9 @@ fn policy_reload_reaches_every_peer_map_without_a_restart() {
     assert!(
         out.status.success()
             && said.contains("mesh ACL changed")
-            && said.contains("tunnel policy unchanged"),
+            && said.contains("tunnel policy unchanged")
+            && said.contains("device approval is now on")
+            && !said.contains("restart"),
         "policy reload: {said}{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -55,6 +55,10 @@ pub(crate) struct Reloaded {
     pub tunnel_policy_changed: bool,
     /// Whether `[mesh.acl]` changed.
     pub mesh_acl_changed: bool,
+    /// `approve_devices` as it applies now.
+    pub approve_devices: bool,
+    /// Whether `approve_devices` changed.
+    pub approve_devices_changed: bool,
     /// Peer-map deltas sent to nodes because of it.
     pub peer_map_updates: usize,
     /// Settings that differ from the running ones but apply only at a restart.
@@ -76,6 +80,8 @@ pub(crate) fn reload(shared: &Shared) -> Result<Reloaded, String> {
         config = %path.display(),
         tunnel_policy_changed = applied.tunnel_policy_changed,
         mesh_acl_changed = applied.mesh_acl_changed,
+        approve_devices = applied.approve_devices,
+        approve_devices_changed = applied.approve_devices_changed,
         peer_map_updates = applied.peer_map_updates,
         restart_needed_for = ?applied.restart_needed_for,
         "policy reloaded"
@@ -91,6 +97,8 @@ fn apply(shared: &Shared, path: &Path, fresh: &RelayConfig) -> Result<Reloaded, 
     let old = shared.policies();
     let tunnel_policy_changed = old.tunnels != new.tunnels;
     let mesh_acl_changed = old.mesh_acl != new.mesh_acl;
+    let approve_devices = new.approve_devices;
+    let approve_devices_changed = old.approve_devices != approve_devices;
     let acl = new.mesh_acl.clone();
     let swap = move || {
         *shared.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
@@ -109,6 +117,8 @@ fn apply(shared: &Shared, path: &Path, fresh: &RelayConfig) -> Result<Reloaded, 
         config: path.display().to_string(),
         tunnel_policy_changed,
         mesh_acl_changed,
+        approve_devices,
+        approve_devices_changed,
         peer_map_updates,
         restart_needed_for: restart_needed(&shared.config, fresh),
     })
@@ -161,6 +171,9 @@ mod tests {
         )
         .expect("parses");
         assert!(restart_needed(&running, &same_but_policies).is_empty());
+        // Device approval applies live too.
+        let approval = RelayConfig::parse("approve_devices = true\n", "t").expect("parses");
+        assert!(restart_needed(&running, &approval).is_empty());
         let more = RelayConfig::parse(
             "public_addrs = [\"203.0.113.2:4433\"]\n[limits]\nmax_streams_per_node = 8\n",
             "t",

@@ -723,25 +723,19 @@ async fn rename_device(
         }
         reg.set_label(&name, label).map(Ok)
     });
-    let renamed = match renamed {
-        Ok(Err(other)) => {
-            return html_error(
-                StatusCode::BAD_REQUEST,
-                &format!(
-                    "{other} is the name of another device: a display name may not be one. \
-                     Nothing was renamed."
-                ),
-            )
-        }
-        Ok(Ok(done)) => Ok(done),
-        Err(e) => Err(e),
-    };
     match renamed {
-        Ok(true) => {
+        Ok(Ok(true)) => {
             info!(device = %name, by = %v.name, label = ?label, "device renamed in the web view");
             see_other(&format!("/devices/{name}"))
         }
-        Ok(false) => html_error(StatusCode::NOT_FOUND, "No such device."),
+        Ok(Ok(false)) => html_error(StatusCode::NOT_FOUND, "No such device."),
+        Ok(Err(other)) => html_error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "{other} is the name of another device: a display name may not be one. \
+                 Nothing was renamed."
+            ),
+        ),
         Err(e) => html_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
