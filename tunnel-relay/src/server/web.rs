@@ -648,12 +648,19 @@ fn html_error(code: StatusCode, msg: &str) -> Response {
     (code, Html(pages::error(msg))).into_response()
 }
 
-/// A device `v` may rename or remove: its own (a provider's account lists only live
-/// devices) or any (an operator: the registry then says whether it exists); others are told
-/// there is no such device, as a page they cannot see says.
-fn owned(v: &Viewer, name: &str) -> Result<(), Box<Response>> {
+/// The viewer of a form posted about device `name` ([`form_viewer`]), if it may act on it:
+/// its own (a provider's account lists only live devices) or any (an operator: the registry
+/// then says whether it exists); others are told there is no such device, as a page they
+/// cannot see says.
+fn device_form(
+    shared: &Shared,
+    headers: &HeaderMap,
+    csrf: &str,
+    name: &str,
+) -> Result<Viewer, Box<Response>> {
+    let (v, _) = form_viewer(shared, headers, csrf)?;
     if v.owns(name) {
-        Ok(())
+        Ok(v)
     } else {
         Err(Box::new(html_error(
             StatusCode::NOT_FOUND,
@@ -698,13 +705,10 @@ async fn rename_device(
     form: Result<Form<LabelForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let f = form.map(|Form(f)| f).unwrap_or_default();
-    let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
-        Ok(x) => x,
+    let v = match device_form(&shared, &headers, &f.csrf, &name) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
-    if let Err(r) = owned(&v, &name) {
-        return *r;
-    }
     let label = match valid_label(&f.label) {
         Ok(l) => l,
         Err(e) => return html_error(StatusCode::BAD_REQUEST, &e),
@@ -758,13 +762,10 @@ async fn remove_device(
     form: Result<Form<RemoveForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let f = form.map(|Form(f)| f).unwrap_or_default();
-    let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
-        Ok(x) => x,
+    let v = match device_form(&shared, &headers, &f.csrf, &name) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
-    if let Err(r) = owned(&v, &name) {
-        return *r;
-    }
     if f.confirm.trim() != name {
         return html_error(
             StatusCode::BAD_REQUEST,
@@ -793,13 +794,10 @@ async fn approve_device(
     form: Result<Form<CsrfForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let f = form.map(|Form(f)| f).unwrap_or_default();
-    let (v, _) = match form_viewer(&shared, &headers, &f.csrf) {
-        Ok(x) => x,
+    let v = match device_form(&shared, &headers, &f.csrf, &name) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
-    if let Err(r) = owned(&v, &name) {
-        return *r;
-    }
     if v.role != Role::Operator {
         return html_error(
             StatusCode::FORBIDDEN,
