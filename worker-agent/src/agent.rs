@@ -18,9 +18,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::job::{Capabilities, ExitInfo, Job, JobRequest, JobState, SpecError};
+use crate::job::{Capabilities, ExitInfo, Job, JobRequest, JobState, SpecError, StartMark};
 use crate::queue::{Effect, Found, Queue, QueueConfig, Sig, Spawned, StartRefused};
 use crate::sampler::{unix_ms, SharedSnapshot};
 use crate::store::{Store, StoreError, Writer};
@@ -92,6 +92,45 @@ fn log_dir(state: &Path) -> PathBuf {
 
 fn status_path(state: &Path, id: u64) -> PathBuf {
     log_dir(state).join(format!("{id}.exit"))
+}
+
+fn start_mark_path(state: &Path, id: u64) -> PathBuf {
+    log_dir(state).join(format!("{id}.start"))
+}
+
+/// Writes the job's [`StartMark`] (to a temporary name, then renamed: a reader sees all of
+/// it or none).
+fn write_start_mark(state: &Path, id: u64, mark: &StartMark) -> std::io::Result<()> {
+    let path = start_mark_path(state, id);
+    let tmp = path.with_extension("start.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(mark).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
+fn read_start_mark(state: &Path, id: u64) -> Option<StartMark> {
+    let s = std::fs::read(start_mark_path(state, id)).ok()?;
+    serde_json::from_slice(&s).ok()
+}
+
+/// Queued records whose process had started (a start mark says so) become running records,
+/// as the write the agent did not live to make would have left them. Returns their ids.
+fn recover_starts(jobs: &mut [Job], mark: impl Fn(u64) -> Option<StartMark>) -> Vec<u64> {
+    let mut recovered = Vec::new();
+    for job in jobs.iter_mut().filter(|j| j.state == JobState::Queued) {
+        let Some(m) = mark(job.id) else { continue };
+        if job.recover_start(&m).is_ok() {
+            info!(
+                job = job.id,
+                pid = m.pid,
+                "job had started when the agent stopped; its start is recovered from its start mark"
+            );
+            recovered.push(job.id);
+        }
+    }
+    recovered
 }
 
 fn read_status(path: &Path) -> Option<ExitInfo> {
@@ -226,14 +265,15 @@ impl Engine {
         let state_dir = cfg.state_dir.clone();
         let want_cgroups = cfg.cgroups;
         // Everything that touches the disk at startup, on the blocking pool.
-        let (store, jobs, found, cgroups) = tokio::task::spawn_blocking(move || {
+        let (store, jobs, found, cgroups, recovered) = tokio::task::spawn_blocking(move || {
             let logs = log_dir(&state_dir);
             std::fs::create_dir_all(&logs).map_err(|source| AgentError::StateDir {
                 path: logs.clone(),
                 source,
             })?;
             let store = Store::open(&state_dir.join("jobs.sqlite"))?;
-            let jobs = store.all()?;
+            let mut jobs = store.all()?;
+            let recovered = recover_starts(&mut jobs, |id| read_start_mark(&state_dir, id));
             let found: Vec<Found> = jobs
                 .iter()
                 .filter(|j| j.state == JobState::Running)
@@ -252,7 +292,7 @@ impl Engine {
             } else {
                 None
             };
-            Ok::<_, AgentError>((store, jobs, found, cgroups))
+            Ok::<_, AgentError>((store, jobs, found, cgroups, recovered))
         })
         .await??;
         let store = Writer::start(store).map_err(AgentError::Writer)?;
@@ -265,6 +305,16 @@ impl Engine {
         );
         let healthy = snapshot.read().healthy_uuids();
         let mut effects = queue.reconcile(unix_ms(), &found);
+        // A recovered start the reconcile kept running (re-adopted) is written as running
+        // now; one it ended comes with its own record.
+        for id in recovered {
+            let persisted = effects
+                .iter()
+                .any(|e| matches!(e, Effect::Persist(j) if j.id == id));
+            if let (false, Some(job)) = (persisted, queue.get(id)) {
+                effects.push(Effect::Persist(job.clone()));
+            }
+        }
         effects.extend(queue.set_healthy(healthy));
         let engine = Arc::new(Self {
             cfg,
@@ -568,6 +618,17 @@ impl Engine {
             pid_start: proc_start_time(pid),
             cgroup: cg.map(|d| d.to_string_lossy().into_owned()),
         };
+        let mark = StartMark {
+            pid,
+            pid_start: sp.pid_start,
+            gpus: gpus.to_vec(),
+            cgroup: sp.cgroup.clone(),
+            started_ms: unix_ms(),
+        };
+        if let Err(e) = write_start_mark(&self.cfg.state_dir, job.id, &mark) {
+            // The job runs; only a crash before its record is written would start it again.
+            warn!(job = job.id, error = %e, "cannot write the job's start mark");
+        }
         Ok((child, sp))
     }
 
@@ -763,7 +824,39 @@ pub fn run_shim(status_file: &Path, cgroup: Option<&Path>, argv: &[OsString]) ->
 
 #[cfg(test)]
 mod tests {
-    use super::foreign_groups;
+    #![allow(clippy::unwrap_used)]
+    use super::{foreign_groups, recover_starts};
+    use crate::job::{Job, JobSpec, JobState, StartMark};
+
+    #[test]
+    fn a_start_the_store_missed_is_recovered_from_its_mark_and_only_for_queued_jobs() {
+        let spec: JobSpec =
+            serde_json::from_value(serde_json::json!({"command": ["true"], "gpus": 1})).unwrap();
+        let job = |id| Job::new(id, "alice".into(), spec.clone(), 10, format!("/l/{id}.log"));
+        let mark = |pid| StartMark {
+            pid,
+            pid_start: Some(77),
+            gpus: vec!["GPU-a".into()],
+            cgroup: Some("/sys/fs/cgroup/weft/job-1".into()),
+            started_ms: 20,
+        };
+        // 1: queued with a mark (started, record not written); 2: queued, no mark (never
+        // started); 3: already running with a stale mark (the record wins).
+        let mut running = job(3);
+        running.start(15, 300, vec!["GPU-b".into()]).unwrap();
+        let mut jobs = vec![job(1), job(2), running.clone()];
+        let got = recover_starts(&mut jobs, |id| (id != 2).then(|| mark(100 + id as u32)));
+        assert_eq!(got, vec![1]);
+        assert_eq!(jobs[0].state, JobState::Running);
+        assert_eq!(
+            (jobs[0].pid, jobs[0].pid_start, jobs[0].started_ms),
+            (Some(101), Some(77), Some(20))
+        );
+        assert_eq!(jobs[0].gpu_uuids, vec!["GPU-a".to_string()]);
+        assert_eq!(jobs[0].cgroup.as_deref(), Some("/sys/fs/cgroup/weft/job-1"));
+        assert_eq!(jobs[1].state, JobState::Queued);
+        assert_eq!(jobs[2], running);
+    }
 
     #[test]
     fn groups_a_jobs_processes_made_are_found_and_others_are_not() {

@@ -231,6 +231,20 @@ pub struct Job {
     pub cgroup: Option<String>,
 }
 
+/// What the agent writes beside a job's log the moment its process exists, before the queue
+/// marks it running: the record of that start survives an agent that dies before the store
+/// has written it, so a restart supervises the job instead of starting it a second time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartMark {
+    pub pid: u32,
+    #[serde(default)]
+    pub pid_start: Option<u64>,
+    pub gpus: Vec<String>,
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    pub started_ms: u64,
+}
+
 /// A transition that does not apply to the current state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("job {id} is {state}; cannot {action}")]
@@ -291,6 +305,17 @@ impl Job {
         self.started_ms = Some(now);
         self.pid = Some(pid);
         self.gpu_uuids = gpus;
+        Ok(())
+    }
+
+    /// Recovers a start the store never heard of: the agent stopped after the job's process
+    /// existed but before the record saying so was written (the store writes behind). The
+    /// start mark written beside the log at the fork says what the record would have.
+    /// Only a queued job takes one (a job is queued once, before its only start).
+    pub fn recover_start(&mut self, mark: &StartMark) -> Result<(), InvalidTransition> {
+        self.start(mark.started_ms, mark.pid, mark.gpus.clone())?;
+        self.pid_start = mark.pid_start;
+        self.cgroup = mark.cgroup.clone();
         Ok(())
     }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use worker_agent::agent::alive;
 use worker_agent::client;
+use worker_agent::job::JobState;
+use worker_agent::store::Store;
 
 const GPU0: &str = "GPU-977652fe-01d3-44cc-d3b3-996721563657";
 const GPU1: &str = "GPU-5a3c1e2b-7d44-4c1d-9f00-0000000000b1";
@@ -183,6 +185,11 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The temporary directory goes with the agent: show its log while it is there.
+            let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
+            eprintln!("--- the agent's log ---\n{log}--- end of the agent's log ---");
+        }
         // Leave nothing behind: kill every job group the store knows, then the agent.
         if let Ok(conn) = rusqlite::Connection::open(self.dir.join("state/jobs.sqlite")) {
             if let Ok(mut st) = conn.prepare("SELECT record FROM jobs") {
@@ -412,12 +419,31 @@ fn kill9_and_restart_accounts_for_every_record() {
     let j3 = a.submit(json!({"command": ["sh", "-c", "echo ran-after-restart"], "gpus": 1}));
     // 4: CPU job whose processes die without a trace while the agent is down
     let j4 = a.submit(json!({"command": ["sleep", "1000"]}));
+    // 5: CPU job still running, whose "running" record the agent did not live to write
+    let starts5 = a.file("starts5");
+    let j5 = a.submit(
+        json!({"command": ["sh", "-c", format!("echo started >> {starts5}; exec sleep 1000")]}),
+    );
     a.wait_state(j1, "running");
     a.wait_state(j2, "running");
     let p4 = a.wait_state(j4, "running")["pid"].as_u64().unwrap() as u32;
+    let p5 = a.wait_state(j5, "running")["pid"].as_u64().unwrap();
+    wait_until("job 5's command starts", || {
+        std::fs::read_to_string(&starts5).is_ok_and(|s| s == "started\n")
+    });
     assert_eq!(a.job(j3)["state"], "queued");
 
     a.kill9();
+    // The store writes behind: an agent killed just after a start may leave the record as it
+    // was at the submit. Job 5's is rewound to that, as such a crash would leave it.
+    {
+        let store = Store::open(&a.dir.join("state/jobs.sqlite")).unwrap();
+        let mut r5 = store.get(j5).unwrap().unwrap();
+        assert_eq!(r5.state, JobState::Running);
+        r5.state = JobState::Queued;
+        (r5.pid, r5.pid_start, r5.started_ms) = (None, None, None);
+        store.put(&r5).unwrap();
+    }
     std::fs::write(a.file("go1"), "").unwrap();
     let exit1 = a.dir.join(format!("state/logs/{j1}.exit"));
     wait_until("job 1 finishes while the agent is down", || exit1.exists());
@@ -434,13 +460,25 @@ fn kill9_and_restart_accounts_for_every_record() {
         "{r4}"
     );
     assert_eq!(a.job(j2)["state"], "running");
+    // Job 5 is supervised again, not started a second time.
+    let r5 = a.job(j5);
+    assert_eq!(
+        (&r5["state"], r5["pid"].as_u64()),
+        (&json!("running"), Some(p5)),
+        "{r5}"
+    );
     a.wait_state(j3, "succeeded");
     let (_, log3) = client::request(&a.url, "GET", &format!("/v1/jobs/{j3}/logs"), None).unwrap();
     assert_eq!(String::from_utf8(log3).unwrap(), "ran-after-restart\n");
     std::fs::write(a.file("go2"), "").unwrap();
     a.wait_state(j2, "succeeded");
+    let (code, _) = a.req("POST", &format!("/v1/jobs/{j5}/cancel"), None);
+    assert_eq!(code, 200);
+    a.wait_state(j5, "cancelled");
+    assert!(!alive(p5 as u32));
+    assert_eq!(std::fs::read_to_string(&starts5).unwrap(), "started\n");
     let all = a.req("GET", "/v1/jobs", None).1;
-    assert_eq!(all.as_array().unwrap().len(), 4);
+    assert_eq!(all.as_array().unwrap().len(), 5);
 }
 
 #[test]
