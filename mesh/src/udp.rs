@@ -71,9 +71,8 @@ impl UdpIo {
                 (s, false)
             }
         };
-        // Best effort: larger buffers absorb bursts; the kernel caps them.
-        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+        // Best effort: larger buffers absorb bursts (past the sysctl cap where we may).
+        tunnel_relay::tls::grow_udp_buffers(&socket, SOCKET_BUFFER, "mesh");
         if let Some(mark) = fwmark.filter(|m| *m != 0) {
             socket.set_mark(mark).map_err(BindError::Setup)?;
         }

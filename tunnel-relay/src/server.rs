@@ -361,7 +361,9 @@ impl Relay {
         std::fs::write(&la, local.to_string()).map_err(|e| StateError::io(&la, e))?;
         let stun = match opts.config.stun_addr(opts.listen) {
             Some(addr) => {
-                let sock = std::net::UdpSocket::bind(addr)
+                // The fast relay path's port: large buffers, as QUIC's (with the default
+                // 208 KiB a burst of GRO batches overflowed it and relayed TCP retransmitted).
+                let sock = crate::tls::udp_socket(addr)
                     .and_then(|s| s.set_nonblocking(true).map(|()| s))
                     .map_err(|source| RelayError::Bind { addr, source })?;
                 let bound = sock

@@ -37,17 +37,62 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// room for bursts at multi-Gbit/s so the kernel does not drop datagrams.
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
-/// A UDP socket for a QUIC endpoint, with large buffers.
+/// A UDP socket for a QUIC endpoint (or the relay's UDP port), with large buffers.
 pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         let _ = sock.set_only_v6(false);
     }
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    grow_udp_buffers(&sock, SOCKET_BUFFER, "relay");
     sock.bind(&addr.into())?;
     Ok(sock.into())
+}
+
+/// Asks for `want` bytes of receive and of send buffer on a UDP socket, best effort. A plain
+/// request is capped at `net.core.{r,w}mem_max` (208 KiB on a stock Debian: a burst of GRO
+/// batches at Gbit/s overflows that, and every datagram lost there is a TCP retransmission
+/// inside the tunnel); with `CAP_NET_ADMIN` (a relay or a mesh node run as root) the
+/// `SO_*BUFFORCE` options go past the cap. Where the receive buffer stays smaller, says so
+/// once per process, with the sysctl that fixes it. `what` names the socket's owner.
+pub fn grow_udp_buffers(sock: &socket2::Socket, want: usize, what: &'static str) {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    // getsockopt reports twice what was set (the kernel's bookkeeping share).
+    let granted = |v: std::io::Result<usize>| v.map_or(0, |n| n / 2);
+    let force = |opt: libc::c_int| {
+        let v = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt on a descriptor `sock` owns, with a pointer to a c_int and its size.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    };
+    let _ = sock.set_recv_buffer_size(want);
+    if granted(sock.recv_buffer_size()) < want {
+        force(libc::SO_RCVBUFFORCE);
+    }
+    let _ = sock.set_send_buffer_size(want);
+    if granted(sock.send_buffer_size()) < want {
+        force(libc::SO_SNDBUFFORCE);
+    }
+    let got = granted(sock.recv_buffer_size());
+    if got < want && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            socket = what,
+            receive_buffer_kib = got / 1024,
+            wanted_kib = want / 1024,
+            "UDP receive buffer smaller than asked: bursts at Gbit/s may be dropped; run as root \
+             or raise it with `sysctl -w net.core.rmem_max={want}`"
+        );
+    }
 }
 
 /// A client endpoint on `bind` (port 0) with large socket buffers.
@@ -252,5 +297,27 @@ impl ServerCertVerifier for NoiseAuthenticated {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn udp_buffers_grow_past_the_sysctl_cap_when_privileged() {
+        let want = 8 << 20;
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        super::grow_udp_buffers(&sock, want, "test");
+        let got = sock.recv_buffer_size().unwrap() / 2;
+        // SAFETY: no arguments.
+        #[allow(unsafe_code)]
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            assert!(got >= want, "receive buffer {got} < {want}");
+            assert!(sock.send_buffer_size().unwrap() / 2 >= want);
+        } else {
+            assert!(got > 0);
+        }
     }
 }
