@@ -75,6 +75,28 @@ pub(crate) fn linger_max_from_env() -> Duration {
     }
 }
 
+/// How long the poller keeps polling without sleeping after the last packet, from
+/// `WEFT_MESH_BUSY_POLL_MS` (unset or 0: never; at most 60 s). A value that is not a number is
+/// reported and ignored.
+///
+/// Busy-polling trades a CPU for latency, as the kernel's `net.core.busy_poll` does: while
+/// packets come at least this often, one data-path thread per node never sleeps (it polls with
+/// a zero timeout and `sched_yield`s between polls, so anything else runnable on its CPU goes
+/// first), so a packet finds it awake with the path's code and data in the caches. A node
+/// quiet for longer sleeps as without it.
+pub(crate) fn busy_poll_from_env() -> Duration {
+    match std::env::var("WEFT_MESH_BUSY_POLL_MS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) => Duration::from_millis(ms.min(60_000)),
+            Err(_) => {
+                tracing::warn!(value = %v, "WEFT_MESH_BUSY_POLL_MS is not a number of milliseconds; busy-polling stays off");
+                Duration::ZERO
+            }
+        },
+        Err(_) => Duration::ZERO,
+    }
+}
+
 /// One direction of the data path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dir {
@@ -133,6 +155,8 @@ pub(crate) struct DataPath {
     last_work: [AtomicU64; 2],
     epoch: Instant,
     linger_max: Duration,
+    /// Poll without sleeping while a packet came less than this long ago (ns; 0: never).
+    busy_poll_ns: u64,
 }
 
 impl DataPath {
@@ -142,6 +166,7 @@ impl DataPath {
         net: Arc<Net>,
         stop: Arc<AtomicBool>,
         linger_max: Duration,
+        busy_poll: Duration,
     ) -> std::io::Result<DataPath> {
         // SAFETY: plain syscall; the descriptor is owned right away.
         let kick = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -162,6 +187,7 @@ impl DataPath {
             last_work: [AtomicU64::new(0), AtomicU64::new(0)],
             epoch: Instant::now(),
             linger_max,
+            busy_poll_ns: u64::try_from(busy_poll.as_nanos()).unwrap_or(u64::MAX),
         })
     }
 
@@ -188,6 +214,18 @@ impl DataPath {
         self.now_ns()
             .saturating_sub(self.last_work[dir as usize].load(Ordering::Relaxed))
             < IDLE_NS
+    }
+
+    /// Whether the poller should poll without sleeping: busy-polling is on and either
+    /// direction handled a packet within its window.
+    fn busy(&self) -> bool {
+        if self.busy_poll_ns == 0 {
+            return false;
+        }
+        let last = self.last_work[0]
+            .load(Ordering::Relaxed)
+            .max(self.last_work[1].load(Ordering::Relaxed));
+        last != 0 && self.now_ns().saturating_sub(last) < self.busy_poll_ns
     }
 
     /// Handles what is queued in `dir` with that direction's state held
@@ -270,7 +308,14 @@ impl DataPath {
                 pollfd(if watch[0] { self.fd(Dir::Out) } else { -1 }),
                 pollfd(if watch[1] { self.fd(Dir::In) } else { -1 }),
             ];
-            if !poll(&mut fds, POLL_MS).context("waiting on the TUN device and the UDP socket")? {
+            let busy = self.busy();
+            if !poll(&mut fds, if busy { 0 } else { POLL_MS })
+                .context("waiting on the TUN device and the UDP socket")?
+            {
+                if busy {
+                    // SAFETY: no arguments; cannot fail on Linux.
+                    unsafe { libc::sched_yield() };
+                }
                 continue;
             }
             if fds[0].revents != 0 {

@@ -186,6 +186,14 @@ async fn serve(
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    let busy_poll = crate::datapath::busy_poll_from_env();
+    if !busy_poll.is_zero() {
+        tracing::info!(
+            interface = %link.name,
+            busy_poll_ms = busy_poll.as_millis() as u64,
+            "busy-polling: a data-path thread stays awake while packets came within this window"
+        );
+    }
     let dp = Arc::new(
         DataPath::new(
             device.clone(),
@@ -193,6 +201,7 @@ async fn serve(
             net.clone(),
             stop.clone(),
             crate::datapath::linger_max_from_env(),
+            busy_poll,
         )
         .context("setting up the data path")?,
     );

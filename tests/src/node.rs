@@ -51,15 +51,22 @@ impl MeshNode {
 
     /// As `start` with a given interface name.
     pub fn start_named(ns: &Netns, iface: &Interface, ifname: &str) -> MeshNode {
+        Self::start_full(ns, iface, ifname, &[])
+    }
+
+    /// As `start`, with these environment variables set for the node.
+    pub fn start_with_env(ns: &Netns, iface: &Interface, env: &[(&str, &str)]) -> MeshNode {
+        Self::start_full(ns, iface, &unique_ifname(), env)
+    }
+
+    fn start_full(ns: &Netns, iface: &Interface, ifname: &str, env: &[(&str, &str)]) -> MeshNode {
         let config = ns.file(&format!("{ifname}.conf"));
         std::fs::write(&config, iface.to_wg_quick())
             .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         let log = ns.file(&format!("mesh-{ifname}.log"));
-        let proc = ns.spawn_command(
-            &format!("mesh {ifname}"),
-            mesh_up_command(ns, &config, ifname),
-            &log,
-        );
+        let mut cmd = mesh_up_command(ns, &config, ifname);
+        cmd.envs(env.iter().copied());
+        let proc = ns.spawn_command(&format!("mesh {ifname}"), cmd, &log);
         let mut node = MeshNode {
             ns: ns.clone(),
             ifname: ifname.to_string(),
@@ -129,6 +136,25 @@ impl MeshNode {
 
     pub fn log_tail(&self, n: usize) -> String {
         self.proc.log_tail(n)
+    }
+
+    /// CPU time (user + system) the node's process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.proc.pid())).unwrap_or_default();
+        // Fields after the command name: utime and stime are fields 14 and 15.
+        let ticks: u64 = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
     }
 
     pub fn proc_mut(&mut self) -> &mut Proc {
