@@ -12,8 +12,8 @@
 //! # Machines that providers add themselves (with a web view "Add a device"
 //! # token or `token create --owner`) wait for an operator's approval
 //! # (`nodes approve NAME` or the web view) before they are admitted. Tokens an
-//! # operator hands out directly are approval enough. Default: false. Applies
-//! # at a reload (SIGHUP).
+//! # operator hands out directly are approval enough; `"all"` holds every new
+//! # node, whatever its token. Default: false. Applies at a reload (SIGHUP).
 //! approve_devices = true
 //!
 //! # STUN binding responder (UDP) for the mesh's endpoint discovery. Default:
@@ -142,9 +142,9 @@ pub struct RelayConfig {
     pub web_plain_http: bool,
     /// The web view's certificate. Default: the relay's (`tls`).
     pub web_tls: TlsFiles,
-    /// Nodes joining with a token a provider account owns wait for an operator's approval.
-    /// Default: false.
-    pub approve_devices: bool,
+    /// Which new nodes wait for an operator's approval: `true` those joining with a token a
+    /// provider account owns, `"all"` every new node. Default: false.
+    pub approve_devices: crate::records::Approval,
 }
 
 fn store<'de, D: serde::Deserializer<'de>>(d: D) -> Result<crate::registry::Store, D::Error> {
@@ -235,7 +235,7 @@ impl Default for RelayConfig {
             web_url: None,
             web_plain_http: false,
             web_tls: TlsFiles::default(),
-            approve_devices: false,
+            approve_devices: crate::records::Approval::Off,
         }
     }
 }

@@ -628,10 +628,10 @@ fn policy_reload(dir: &Path) -> Result<()> {
     if yes("approve_devices_changed") {
         println!(
             "device approval is now {}",
-            if yes("approve_devices") {
-                "on: providers' new machines wait for `nodes approve`"
-            } else {
-                "off"
+            match v["approve_devices"].as_str() {
+                Some("providers") => "on: providers' new machines wait for `nodes approve`",
+                Some("all") => "on for every new node: each waits for `nodes approve`",
+                _ => "off",
             }
         );
     }

@@ -903,7 +903,7 @@ impl PgRegistry {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
-        approval: bool,
+        approval: crate::records::Approval,
     ) -> Result<AdmitResult, StateError> {
         self.call(admit_job(key, name, secret, now, approval))
     }
@@ -948,7 +948,7 @@ impl PgHandle {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
-        approval: bool,
+        approval: crate::records::Approval,
     ) -> Result<AdmitResult, StateError> {
         self.call(admit_job(key, name, secret, now, approval)).await
     }
@@ -979,7 +979,7 @@ fn admit_job(
     name: &str,
     secret: Option<&Secret>,
     now: u64,
-    approval: bool,
+    approval: crate::records::Approval,
 ) -> impl Fn(&mut Client) -> Result<AdmitResult, StateError> + Send + 'static {
     let (key, name) = (*key, name.to_string());
     let hash = secret.map(|s| s.hash().to_vec());
@@ -1026,7 +1026,7 @@ fn admit_tx(
     name: &str,
     hash: Option<&[u8]>,
     now: u64,
-    approval: bool,
+    approval: crate::records::Approval,
 ) -> Result<AdmitResult, postgres::Error> {
     let mut tx = c
         .build_transaction()

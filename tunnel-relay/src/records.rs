@@ -108,7 +108,63 @@ pub(crate) struct AdmitRows {
     pub known: Option<KnownRow>,
     pub name_free: bool,
     pub token: Option<(String, String, TokenState, bool)>,
-    pub approval: bool,
+    pub approval: Approval,
+}
+
+/// Which new nodes wait for an operator's approval (the relay's `approve_devices`): none;
+/// those joining with a token a provider account owns (`true`: the web view's "Add a device",
+/// `token create --owner`); or every new node, operators' tokens included (`"all"`, as
+/// Tailscale's device approval: a leaked reusable token then admits nobody on its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Approval {
+    #[default]
+    Off,
+    Providers,
+    All,
+}
+
+impl Approval {
+    /// Whether a new node joining with a token (owned by a provider account or not) waits.
+    pub fn holds(self, provider_owned: bool) -> bool {
+        match self {
+            Approval::Off => false,
+            Approval::Providers => provider_owned,
+            Approval::All => true,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Approval::Off => "off",
+            Approval::Providers => "providers",
+            Approval::All => "all",
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Approval {
+    /// `true` (providers' tokens), `false`, or one of `"off"`, `"providers"`, `"all"`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Approval, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Flag(true) => Ok(Approval::Providers),
+            Raw::Flag(false) => Ok(Approval::Off),
+            Raw::Word(w) => match w.as_str() {
+                "off" => Ok(Approval::Off),
+                "providers" => Ok(Approval::Providers),
+                "all" => Ok(Approval::All),
+                other => Err(serde::de::Error::custom(format!(
+                    "approve_devices = {other:?}: use true (providers' machines), \"all\" (every new node) or false"
+                ))),
+            },
+        }
+    }
 }
 
 /// A known node's row: name, tags, revoked, pending approval.
@@ -202,7 +258,7 @@ pub(crate) fn decide_admit(
     Ok(AdmitWrite::New {
         token_id: id,
         tag,
-        pending: owned && rows.approval,
+        pending: rows.approval.holds(owned),
     })
 }
 

@@ -508,7 +508,7 @@ impl Registry {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
-        approval: bool,
+        approval: crate::records::Approval,
     ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
         match &mut self.backend {
             Backend::Sqlite(s) => s.admit(key, name, secret, now, approval),
@@ -716,7 +716,7 @@ impl Sqlite {
         name: &str,
         secret: Option<&Secret>,
         now: u64,
-        approval: bool,
+        approval: crate::records::Approval,
     ) -> Result<Result<(String, Vec<String>), Rejection>, StateError> {
         let tx = self
             .db
@@ -812,6 +812,7 @@ mod tests {
     use super::*;
     use crate::coord::NodeId;
     use crate::keys::StaticKey;
+    use crate::records::Approval;
     use crate::wire::Reason;
 
     fn reg() -> (tempfile::TempDir, Registry) {
@@ -831,7 +832,7 @@ mod tests {
         s: Option<&Secret>,
         now: u64,
     ) -> Result<(String, Vec<String>), Reason> {
-        match r.admit(&k.public(), name, s, now, false) {
+        match r.admit(&k.public(), name, s, now, Approval::Off) {
             Ok(x) => x.map_err(|rej| rej.reason),
             Err(e) => panic!("db: {e}"),
         }
@@ -848,7 +849,7 @@ mod tests {
             panic!()
         };
         let approving = |r: &mut Registry, k: &StaticKey, name: &str, s: Option<&Secret>| match r
-            .admit(&k.public(), name, s, 1001, true)
+            .admit(&k.public(), name, s, 1001, Approval::Providers)
         {
             Ok(x) => x.map_err(|rej| (rej.reason, rej.detail)),
             Err(e) => panic!("db: {e}"),
@@ -916,6 +917,59 @@ mod tests {
         };
         let c = StaticKey::generate();
         assert!(admit(&mut r, &c, "gpu3", Some(&owned2), 1003).is_ok());
+    }
+
+    #[test]
+    fn with_approval_for_all_an_operators_token_waits_too() {
+        let (_d, mut r) = reg();
+        let Ok((plain, _)) = r.create_token("worker", None, Some(5), 1000) else {
+            panic!()
+        };
+        let all = |r: &mut Registry, k: &StaticKey, name: &str, s: Option<&Secret>| match r.admit(
+            &k.public(),
+            name,
+            s,
+            1001,
+            Approval::All,
+        ) {
+            Ok(x) => x.map_err(|rej| rej.reason),
+            Err(e) => panic!("db: {e}"),
+        };
+        let (a, b) = (StaticKey::generate(), StaticKey::generate());
+        assert_eq!(
+            all(&mut r, &a, "leaked-1", Some(&plain)),
+            Err(Reason::AwaitingApproval)
+        );
+        assert_eq!(
+            all(&mut r, &a, "leaked-1", None),
+            Err(Reason::AwaitingApproval)
+        );
+        // A node admitted before approval was switched on stays admitted.
+        assert!(admit(&mut r, &b, "old-box", Some(&plain), 1000).is_ok());
+        assert!(all(&mut r, &b, "old-box", None).is_ok());
+        assert_eq!(r.approve_node("leaked-1").ok(), Some(true));
+        assert_eq!(
+            all(&mut r, &a, "leaked-1", None),
+            Ok(("leaked-1".into(), vec!["worker".into()]))
+        );
+    }
+
+    #[test]
+    fn approve_devices_reads_true_false_and_words() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            a: Approval,
+        }
+        let read = |v: &str| toml::from_str::<C>(&format!("a = {v}")).map(|c| c.a);
+        assert_eq!(read("true").ok(), Some(Approval::Providers));
+        assert_eq!(read("false").ok(), Some(Approval::Off));
+        assert_eq!(read("\"all\"").ok(), Some(Approval::All));
+        assert_eq!(read("\"providers\"").ok(), Some(Approval::Providers));
+        assert_eq!(read("\"off\"").ok(), Some(Approval::Off));
+        let Err(e) = read("\"everyone\"") else {
+            panic!("accepted")
+        };
+        assert!(e.to_string().contains("\"all\" (every new node)"), "{e}");
     }
 
     #[test]

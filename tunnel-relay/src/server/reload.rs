@@ -32,8 +32,8 @@ pub(crate) struct Policies {
     pub tunnels: Policy,
     /// Mesh traffic (`[mesh.acl]`).
     pub mesh_acl: AclPolicy,
-    /// Providers' new machines wait for an operator's approval (`approve_devices`).
-    pub approve_devices: bool,
+    /// Which new nodes wait for an operator's approval (`approve_devices`).
+    pub approve_devices: crate::records::Approval,
 }
 
 impl Policies {
@@ -55,8 +55,8 @@ pub(crate) struct Reloaded {
     pub tunnel_policy_changed: bool,
     /// Whether `[mesh.acl]` changed.
     pub mesh_acl_changed: bool,
-    /// `approve_devices` as it applies now.
-    pub approve_devices: bool,
+    /// `approve_devices` as it applies now: `off`, `providers` or `all`.
+    pub approve_devices: crate::records::Approval,
     /// Whether `approve_devices` changed.
     pub approve_devices_changed: bool,
     /// Peer-map deltas sent to nodes because of it.
@@ -80,7 +80,7 @@ pub(crate) fn reload(shared: &Shared) -> Result<Reloaded, String> {
         config = %path.display(),
         tunnel_policy_changed = applied.tunnel_policy_changed,
         mesh_acl_changed = applied.mesh_acl_changed,
-        approve_devices = applied.approve_devices,
+        approve_devices = applied.approve_devices.as_str(),
         approve_devices_changed = applied.approve_devices_changed,
         peer_map_updates = applied.peer_map_updates,
         restart_needed_for = ?applied.restart_needed_for,

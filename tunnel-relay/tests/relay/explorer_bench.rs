@@ -79,7 +79,7 @@ fn seed(dir: &std::path::Path) {
                 &format!("gpu{i:05}"),
                 Some(&secret),
                 unix_now(),
-                false,
+                tunnel_relay::records::Approval::Off,
             )
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(r.is_ok(), "{r:?}");

@@ -905,7 +905,7 @@ async fn an_operator_approves_a_providers_new_machine() {
     let _turn = weft_tests::turn::take(module_path!());
     let cfg = RelayConfig {
         web_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|_| panic!())),
-        approve_devices: true,
+        approve_devices: tunnel_relay::records::Approval::Providers,
         ..RelayConfig::default()
     };
     let lab = start_relay(cfg).await;
@@ -1027,4 +1027,54 @@ async fn an_operator_approves_a_providers_new_machine() {
     .await;
     assert_eq!(a.code, 409, "{}", a.body);
     drop((gpu2, d2));
+}
+
+/// `approve_devices = "all"`: a machine joining with an operator's own token waits too, and is
+/// admitted at its next try once approved (here with `nodes approve`'s registry call).
+#[tokio::test]
+async fn with_approval_for_all_an_operators_token_waits_too() {
+    let _turn = weft_tests::turn::take(module_path!());
+    let cfg = RelayConfig {
+        approve_devices: tunnel_relay::records::Approval::All,
+        ..RelayConfig::default()
+    };
+    let lab = start_relay(cfg).await;
+    let token = lab.token("worker", None, Some(1));
+    let d = tmp();
+    let dir = d.path().to_path_buf();
+    let join = tokio::spawn(async move {
+        crate::pool_feed::agent_with(
+            "box1",
+            &dir,
+            Some(token),
+            inventory(gpus("c", "L4", 24576, 1), vec![]),
+        )
+        .await
+    });
+    let pending = || {
+        lab.registry()
+            .list_nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.pending)
+            .map(|n| n.name)
+            .collect::<Vec<_>>()
+    };
+    let t0 = std::time::Instant::now();
+    while pending().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "box1 never tried to join"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!join.is_finished(), "box1 was admitted without approval");
+    assert_eq!(lab.registry().approve_node("box1").ok(), Some(true));
+    let b = tokio::time::timeout(Duration::from_secs(15), join)
+        .await
+        .unwrap_or_else(|_| panic!("box1 was not admitted after the approval"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(pending().is_empty());
+    drop((b, d));
 }

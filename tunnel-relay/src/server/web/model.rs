@@ -840,7 +840,7 @@ mod tests {
             Arc::new(Policies {
                 tunnels: crate::config::Policy::default(),
                 mesh_acl: none,
-                approve_devices: false,
+                approve_devices: crate::records::Approval::Off,
             }),
         );
         // engineer -> worker by the default tunnel policy; nothing reaches "private".
@@ -855,7 +855,7 @@ mod tests {
             Arc::new(Policies {
                 tunnels: crate::config::Policy { allow: vec![] },
                 mesh_acl: mesh,
-                approve_devices: false,
+                approve_devices: crate::records::Approval::Off,
             }),
         );
         assert_eq!(names(nodes(&inp, &alice)), ["alice", "gpu2"]);
