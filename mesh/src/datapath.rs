@@ -60,24 +60,29 @@ pub(crate) const LINGER_MAX_DEFAULT: Duration = Duration::from_micros(400);
 /// Shortest linger worth a spin.
 const LINGER_MIN: Duration = Duration::from_micros(20);
 
-/// The longest linger from the environment (`WEFT_MESH_LINGER_US`), else
-/// [`LINGER_MAX_DEFAULT`]. A value that is not a number is reported and ignored.
-pub(crate) fn linger_max_from_env() -> Duration {
-    match std::env::var("WEFT_MESH_LINGER_US") {
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(us) => Duration::from_micros(us.min(10_000)),
-            Err(_) => {
-                tracing::warn!(value = %v, "WEFT_MESH_LINGER_US is not a number of microseconds; using the default");
-                LINGER_MAX_DEFAULT
-            }
-        },
-        Err(_) => LINGER_MAX_DEFAULT,
+/// A whole number from environment variable `name`, if set; one that is not a number is
+/// reported (naming `unit`) and ignored.
+fn env_number(name: &str, unit: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse::<u64>() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            tracing::warn!(variable = name, value = %v, "not a number of {unit}; ignored");
+            None
+        }
     }
 }
 
+/// The longest linger from the environment (`WEFT_MESH_LINGER_US`, at most 10 ms), else
+/// [`LINGER_MAX_DEFAULT`].
+pub(crate) fn linger_max_from_env() -> Duration {
+    env_number("WEFT_MESH_LINGER_US", "microseconds").map_or(LINGER_MAX_DEFAULT, |us| {
+        Duration::from_micros(us.min(10_000))
+    })
+}
+
 /// How long the poller keeps polling without sleeping after the last packet, from
-/// `WEFT_MESH_BUSY_POLL_MS` (unset or 0: never; at most 60 s). A value that is not a number is
-/// reported and ignored.
+/// `WEFT_MESH_BUSY_POLL_MS` (unset or 0: never; at most 60 s).
 ///
 /// Busy-polling trades a CPU for latency, as the kernel's `net.core.busy_poll` does: while
 /// packets come at least this often, one data-path thread per node never sleeps (it polls with
@@ -85,16 +90,8 @@ pub(crate) fn linger_max_from_env() -> Duration {
 /// first), so a packet finds it awake with the path's code and data in the caches. A node
 /// quiet for longer sleeps as without it.
 pub(crate) fn busy_poll_from_env() -> Duration {
-    match std::env::var("WEFT_MESH_BUSY_POLL_MS") {
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(ms) => Duration::from_millis(ms.min(60_000)),
-            Err(_) => {
-                tracing::warn!(value = %v, "WEFT_MESH_BUSY_POLL_MS is not a number of milliseconds; busy-polling stays off");
-                Duration::ZERO
-            }
-        },
-        Err(_) => Duration::ZERO,
-    }
+    env_number("WEFT_MESH_BUSY_POLL_MS", "milliseconds")
+        .map_or(Duration::ZERO, |ms| Duration::from_millis(ms.min(60_000)))
 }
 
 /// One direction of the data path.

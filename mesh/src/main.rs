@@ -22,6 +22,12 @@ enum Command {
     /// Run the node in the foreground: from a wg-quick config file
     /// (`--wg-config`), or joined to the mesh through a relay (`--state-dir`,
     /// with `--token` on the first run).
+    #[command(
+        after_help = "Data-path tuning (environment): WEFT_MESH_LINGER_US (how long a thread \
+polls for the answer after its work, default 400, 0 = off); WEFT_MESH_BUSY_POLL_MS (keep a thread \
+polling without sleeping while packets came in the last N ms: lower latency for a CPU per node \
+while traffic flows; default 0 = off). Logs: WEFT_LOG (or RUST_LOG)."
+    )]
     Up {
         /// wg-quick format config ([Interface] and [Peer] sections).
         #[arg(long, env = "WEFT_WG_CONFIG", conflicts_with_all = ["token", "state_dir", "name"])]

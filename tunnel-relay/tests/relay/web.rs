@@ -951,24 +951,8 @@ async fn an_operator_approves_a_providers_new_machine() {
         )
         .await
     });
-    let pending = || {
-        lab.registry()
-            .list_nodes()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|n| n.pending)
-            .map(|n| n.name)
-            .collect::<Vec<_>>()
-    };
-    let t0 = std::time::Instant::now();
-    while pending().is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "gpu2 never tried to join"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(pending(), ["gpu2"]);
+    let pending = || pending_nodes(&lab);
+    wait_pending(&lab, "gpu2").await;
     // Its provider sees it waiting, and cannot approve it.
     let page = https(web, "GET", "/devices/gpu2", Some(&p), "").await;
     assert!(
@@ -1051,23 +1035,7 @@ async fn with_approval_for_all_an_operators_token_waits_too() {
         )
         .await
     });
-    let pending = || {
-        lab.registry()
-            .list_nodes()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|n| n.pending)
-            .map(|n| n.name)
-            .collect::<Vec<_>>()
-    };
-    let t0 = std::time::Instant::now();
-    while pending().is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "box1 never tried to join"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_pending(&lab, "box1").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!join.is_finished(), "box1 was admitted without approval");
     assert_eq!(lab.registry().approve_node("box1").ok(), Some(true));
@@ -1075,6 +1043,30 @@ async fn with_approval_for_all_an_operators_token_waits_too() {
         .await
         .unwrap_or_else(|_| panic!("box1 was not admitted after the approval"))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(pending().is_empty());
+    assert!(pending_nodes(&lab).is_empty());
     drop((b, d));
+}
+
+/// The names of the nodes waiting for approval.
+fn pending_nodes(lab: &crate::relay_lab::RelayLab) -> Vec<String> {
+    lab.registry()
+        .list_nodes()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.pending)
+        .map(|n| n.name)
+        .collect()
+}
+
+/// Waits (up to 5 s) until `name` has tried to join and is the only node waiting.
+async fn wait_pending(lab: &crate::relay_lab::RelayLab, name: &str) {
+    let t0 = std::time::Instant::now();
+    while pending_nodes(lab).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{name} never tried to join"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending_nodes(lab), [name]);
 }
